@@ -1,0 +1,165 @@
+"""Engine configuration: small frozen dataclasses per concern, built and validated once.
+
+`EngineConfig.create(**llm_kwargs)` takes the `LLM` arguments (the CLI flags map 1:1 onto them),
+resolves the model, and fails with a ValueError that says what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "auto": None, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # what the user named: path, repo id, shipped config name, or "default"
+    hf_config: Any  # transformers.PretrainedConfig
+    dtype: torch.dtype
+    load_format: str  # safetensors | gguf | dummy
+    path: str | None  # checkpoint directory or .gguf file (None for dummy from a shipped config)
+    tokenizer_path: str | None
+    max_model_len: int
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    @property
+    def architecture(self) -> str:
+        return (getattr(self.hf_config, "architectures", None) or ["?"])[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def head_dim(self) -> int:
+        c = self.hf_config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def total_num_kv_heads(self) -> int:
+        c = self.hf_config
+        return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    pp_partition: tuple[int, ...] | None = None
+    distributed_executor_backend: str | None = None  # None: uni for one rank, mp for several on one host
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_free_gpu_memory_fraction: float = 0.9
+    cpu_kv_cache_gb: float = 1.0  # KV cache budget on CPU, where free memory says little
+    enable_prefix_caching: bool = True
+    num_blocks: int | None = None  # override the sizing (tests)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 8192
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_config: ModelConfig
+    parallel_config: ParallelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device: str  # "cuda" | "cpu"
+    enforce_eager: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @staticmethod
+    def create(model: str | None = None, *, dtype: str = "auto", tensor_parallel_size: int = 1,
+               pipeline_parallel_size: int = 1, expert_parallel_size: int = 1,
+               moe_expert_parallel_size: int | None = None, pp_partition: list[int] | None = None,
+               max_batch_size: int = 256, max_num_tokens: int = 8192, max_seq_len: int | None = None,
+               kv_cache_free_gpu_memory_fraction: float = 0.9, cpu_kv_cache_gb: float = 1.0,
+               enable_prefix_caching: bool = True, block_size: int = 16, num_kv_blocks: int | None = None,
+               load_format: str = "auto", device: str = "auto", seed: int = 0, enforce_eager: bool = False,
+               trust_remote_code: bool = False, tokenizer: str | None = None,
+               distributed_executor_backend: str | None = None) -> EngineConfig:
+        from shardllm.model_loader.resolve import resolve_model
+
+        if moe_expert_parallel_size is not None:
+            expert_parallel_size = moe_expert_parallel_size
+        for name, v in [("tensor_parallel_size", tensor_parallel_size),
+                        ("pipeline_parallel_size", pipeline_parallel_size),
+                        ("expert_parallel_size", expert_parallel_size), ("max_batch_size", max_batch_size),
+                        ("max_num_tokens", max_num_tokens), ("block_size", block_size)]:
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not 0.0 < kv_cache_free_gpu_memory_fraction <= 1.0:
+            raise ValueError("kv_cache_free_gpu_memory_fraction must be in (0, 1], got "
+                             f"{kv_cache_free_gpu_memory_fraction}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA GPU is visible: use device='cpu' or check the driver")
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
+
+        resolved = resolve_model(model, load_format, trust_remote_code=trust_remote_code)
+        hf_config = resolved.hf_config
+        torch_dtype = _DTYPES[dtype]
+        if torch_dtype is None:
+            torch_dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        if device == "cpu" and torch_dtype == torch.float16:
+            raise ValueError("fp16 is not supported on CPU: use dtype='float32' or 'bfloat16'")
+
+        model_max = _model_max_len(hf_config)
+        if max_seq_len is None:
+            max_seq_len = model_max
+        elif not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
+        elif max_seq_len > model_max:
+            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {model_max} tokens: "
+                             f"lower max_seq_len to at most {model_max}")
+
+        model_config = ModelConfig(
+            model=resolved.name, hf_config=hf_config, dtype=torch_dtype, load_format=resolved.load_format,
+            path=resolved.path, tokenizer_path=tokenizer or resolved.tokenizer_path, max_model_len=max_seq_len,
+            seed=seed, trust_remote_code=trust_remote_code)
+        from shardllm.models.registry import check_architecture
+        check_architecture(model_config.architecture)
+
+        parallel_config = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
+                                         tuple(pp_partition) if pp_partition else None,
+                                         distributed_executor_backend)
+        if parallel_config.world_size > 1 or expert_parallel_size > 1:
+            raise NotImplementedError("tensor/pipeline/expert parallelism is not implemented yet: "
+                                      "use tensor_parallel_size=1, pipeline_parallel_size=1")
+        cache_config = CacheConfig(block_size, kv_cache_free_gpu_memory_fraction, cpu_kv_cache_gb,
+                                   enable_prefix_caching, num_kv_blocks)
+        scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len)
+        return EngineConfig(model_config, parallel_config, cache_config, scheduler_config, device, enforce_eager)
+
+
+def _model_max_len(hf_config) -> int:
+    n = getattr(hf_config, "max_position_embeddings", None) or 4096
+    window = getattr(hf_config, "sliding_window", None)
+    if window and getattr(hf_config, "use_sliding_window", True):
+        n = min(n, window)  # we do not implement sliding-window attention; stay inside the window
+    return int(n)

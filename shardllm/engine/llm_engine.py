@@ -1,0 +1,205 @@
+"""The engine: requests in, tokens out, one step at a time (schedule -> execute -> update)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from shardllm.config import EngineConfig
+from shardllm.engine.detokenizer import (detokenize_incrementally, find_stop_string, init_offsets, load_tokenizer,
+                                         make_logprobs, visible_text)
+from shardllm.engine.kv_cache_manager import KVCacheManager
+from shardllm.engine.request import Request, RequestStatus
+from shardllm.engine.scheduler import Scheduler
+from shardllm.executor.base import Executor
+from shardllm.outputs import CompletionOutput, RequestOutput
+from shardllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_EXTRA_EOS_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>")
+
+
+@dataclass
+class EngineStats:
+    """Counters since start; the server's metrics read them."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    finished: dict[str, int] = field(default_factory=dict)
+    preemptions: int = 0
+    steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        mc = config.model_config
+        self.tokenizer = load_tokenizer(mc.tokenizer_path, mc.trust_remote_code)
+        self.eos_token_ids = self._eos_token_ids()
+        self.executor = Executor.create(config)
+        num_blocks = self.executor.initialize()
+        cc, sc = config.cache_config, config.scheduler_config
+        capacity = (num_blocks - 1) * cc.block_size
+        if capacity < sc.max_model_len:
+            self.executor.shutdown()
+            raise ValueError(
+                f"the KV cache holds {max(capacity, 0)} tokens but max_seq_len is {sc.max_model_len}: lower "
+                "max_seq_len, raise kv_cache_free_gpu_memory_fraction (or cpu_kv_cache_gb on CPU), "
+                "use a smaller dtype, or add GPUs with tensor_parallel_size")
+        self.num_blocks = num_blocks
+        self.kv_cache_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(sc, self.kv_cache_manager)
+        self.stats = EngineStats()
+        self._parents: dict[str, list[Request]] = {}
+        self._counter = 0
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> LLMEngine:
+        return cls(EngineConfig.create(**kwargs))
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        ids: set[int] = set()
+
+        def add(v):
+            if isinstance(v, int):
+                ids.add(v)
+            elif isinstance(v, (list, tuple)):
+                ids.update(x for x in v if isinstance(x, int))
+
+        mc = self.config.model_config
+        add(getattr(mc.hf_config, "eos_token_id", None))
+        if mc.path and os.path.isdir(mc.path):
+            try:
+                from transformers import GenerationConfig
+
+                add(GenerationConfig.from_pretrained(mc.path).eos_token_id)
+            except Exception:
+                pass
+        tok = self.tokenizer
+        if tok is not None:
+            add(tok.eos_token_id)
+            if mc.load_format == "gguf":  # GGUF files often name only one of the chat's end tokens
+                vocab = tok.get_vocab()
+                add([vocab[t] for t in _EXTRA_EOS_TOKENS if t in vocab])
+        return tuple(sorted(ids))
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer (dummy weights from a shipped config): "
+                             "pass prompts as lists of token ids")
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def add_request(self, request_id: str | None, prompt: str | list[int] | None,
+                    params: SamplingParams | None = None, arrival_time: float | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises ValueError for input that cannot run."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if request_id is None:
+            request_id = str(self._counter)
+            self._counter += 1
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else prompt
+        if not isinstance(token_ids, (list, tuple)) or not all(isinstance(t, int) for t in token_ids):
+            raise TypeError("a prompt must be a string or a list of token ids")
+        if not token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.config.model_config.hf_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        max_len = self.config.scheduler_config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens but max_seq_len is {max_len}: shorten the "
+                             f"prompt to at most {max_len - 1} tokens or raise max_seq_len")
+        eos = () if params.ignore_eos else self.eos_token_ids
+        children = []
+        for i in range(params.n):
+            p = params.clone(eos_token_ids=eos, n=1,
+                             seed=None if params.seed is None else params.seed + i)
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, token_ids, p, arrival_time, prompt=text, parent_id=request_id, index=i)
+            init_offsets(req)
+            children.append(req)
+        self._parents[request_id] = children
+        for req in children:
+            self.scheduler.add_request(req)
+        return request_id
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            for req in self._parents.pop(rid, []):
+                if not req.is_finished:
+                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
+                    self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return the outputs of the requests that progressed."""
+        so = self.scheduler.schedule()
+        self.stats.preemptions += so.num_preempted
+        if so.is_empty:
+            return []
+        now = time.time()
+        for s in so.scheduled:
+            req = self.scheduler.requests.get(s.req_id)
+            if req is not None and req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        ro = self.executor.execute_model(so)
+        self.stats.steps += 1
+        updated = self.scheduler.update_from_output(so, ro)
+        now = time.time()
+        parents: dict[str, None] = {}
+        for req in updated:
+            self._process_token(req, now)
+            parents[req.parent_id] = None
+        self.stats.generation_tokens += len(updated)
+        return [out for pid in parents if (out := self._make_output(pid)) is not None]
+
+    def _process_token(self, req: Request, now: float) -> None:
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+            self.stats.prompt_tokens += req.num_prompt_tokens
+        entry = getattr(req, "pending_logprobs", None)
+        if entry is not None and req.logprobs is not None:
+            req.logprobs.append(make_logprobs(self.tokenizer, entry, req.token_ids[-1]))
+            req.pending_logprobs = None
+        if self.tokenizer is not None and req.sampling_params.detokenize:
+            delta = detokenize_incrementally(self.tokenizer, req)
+            stop = find_stop_string(req, len(delta))
+            if stop is not None and not req.is_finished:
+                req.stop_reason = stop
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+        if req.is_finished:
+            req.metrics.finished_time = now
+            reason = req.status.finish_reason
+            self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    def _make_output(self, parent_id: str) -> RequestOutput | None:
+        children = self._parents.get(parent_id)
+        if not children:
+            return None
+        finished = all(c.is_finished for c in children)
+        if finished:
+            del self._parents[parent_id]
+        first = children[0]
+        outs = [CompletionOutput(c.index, visible_text(c), c.output_token_ids, c.status.finish_reason,
+                                 c.stop_reason, c.logprobs) for c in children]
+        metrics = first.metrics
+        return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outs, finished, metrics,
+                             first.num_cached_tokens)
+
+    def memory_in_use(self) -> list[int]:
+        return self.executor.memory_in_use()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

@@ -1,0 +1,84 @@
+"""A request as the scheduler sees it: token ids, how many are computed, and why it finished."""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from shardllm.outputs import Logprob, RequestMetrics
+from shardllm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self.value >= RequestStatus.FINISHED_STOPPED.value
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
+
+
+class Request:
+    """One sequence. `token_ids` is the prompt followed by the generated tokens.
+
+    The scheduler advances `num_computed_tokens` (tokens whose KV is in the cache); the sampled token
+    of a step is appended by `append_token`. `is_in_flight` marks a request inside a batch that has not
+    come back yet (pipeline parallelism keeps several batches in flight; a request joins only one).
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
+                 arrival_time: float | None = None, prompt: str | None = None, parent_id: str | None = None,
+                 index: int = 0):
+        self.request_id = request_id
+        self.parent_id = parent_id if parent_id is not None else request_id
+        self.index = index
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first schedule
+        self.num_preemptions = 0
+        self.is_in_flight = False
+        self.block_hashes: list[int] = []
+        self.stop_reason: str | int | None = None
+        # detokenizer state
+        self.output_text = ""
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
+        self.metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time())
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+                f"{self.status.name})")

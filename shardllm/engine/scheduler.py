@@ -1,0 +1,216 @@
+"""The scheduler: picks each step's requests under a token budget (no prefill/decode phases).
+
+Every request chases `num_computed_tokens` towards `num_tokens`; a step gives each one a chunk of up
+to the remaining budget, so chunked prefill, prefix-cache hits and decode are the same loop. Running
+requests go first; when the KV cache is full the newest running request is preempted (its blocks
+freed, recomputed later). Waiting requests are admitted while budget, batch slots and blocks last.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from shardllm.config import SchedulerConfig
+from shardllm.engine.kv_cache_manager import KVCacheManager
+from shardllm.engine.request import Request, RequestStatus
+from shardllm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """Sent to the workers the first time a request is scheduled."""
+
+    req_id: str
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    req_id: str
+    token_ids: list[int]  # the tokens whose KV this step computes
+    num_computed_tokens: int  # position of token_ids[0]
+    block_ids: list[int]
+    do_sample: bool  # the chunk reaches the end of the known tokens: sample the next one
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)  # workers drop their state for these
+    num_batched_tokens: int = 0
+    num_preempted: int = 0
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class ModelRunnerOutput:
+    """The sampled tokens of a step, in the order of the scheduled requests that sampled."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[int]
+    # Per sampled request: (logprob of the chosen token, [(token id, logprob) of the top k]) or None.
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager):
+        self.config = config
+        self.kv = kv_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._sent: set[str] = set()  # requests whose NewRequestData the workers have
+        self._finished_ids: list[str] = []
+        self.num_preemptions_total = 0
+
+    # ---- queue management ----------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(r.is_in_flight for r in self.running)
+
+    def finish_request(self, req_id: str, status: RequestStatus) -> Request | None:
+        """End a request (abort, or a stop string found by the detokenizer) and free its blocks."""
+        req = self.requests.pop(req_id, None)
+        if req is None:
+            return None
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+        self.kv.free(req)
+        if req_id in self._sent:
+            self._sent.discard(req_id)
+            self._finished_ids.append(req_id)
+        return req
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        out = SchedulerOutput(finished_req_ids=self._finished_ids)
+        self._finished_ids = []
+        chosen: list[tuple[Request, int]] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.is_in_flight or num_new <= 0:
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self._pick_victim(i)
+                self._preempt(victim)
+                out.num_preempted += 1
+                if victim is req:
+                    break
+            else:
+                chosen.append((req, num_new))
+                budget -= num_new
+                i += 1
+
+        if out.num_preempted == 0:
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                req = self.waiting[0]
+                computed_blocks, num_cached = [], 0
+                if req.num_computed_tokens == 0:
+                    computed_blocks, num_cached = self.kv.get_computed_blocks(req)
+                num_new = req.num_tokens - num_cached
+                if not cfg.enable_chunked_prefill and num_new > budget:
+                    break
+                num_new = min(num_new, budget)
+                if not self.kv.allocate_slots(req, num_new, computed_blocks):
+                    break
+                self.waiting.popleft()
+                if req.status == RequestStatus.WAITING:
+                    req.num_cached_tokens = num_cached
+                req.num_computed_tokens = num_cached
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+                chosen.append((req, num_new))
+                budget -= num_new
+
+        for req, num_new in chosen:
+            if req.request_id not in self._sent:
+                self._sent.add(req.request_id)
+                out.new_requests.append(NewRequestData(req.request_id, req.num_prompt_tokens, req.sampling_params))
+            start = req.num_computed_tokens
+            end = start + num_new
+            out.scheduled.append(ScheduledRequest(
+                req_id=req.request_id, token_ids=req.token_ids[start:end], num_computed_tokens=start,
+                block_ids=self.kv.get_block_ids(req.request_id), do_sample=end == req.num_tokens))
+            req.num_computed_tokens = end
+            req.is_in_flight = True
+        out.num_batched_tokens = cfg.max_num_batched_tokens - budget
+        self.num_preemptions_total += out.num_preempted
+        return out
+
+    def _pick_victim(self, current: int) -> Request:
+        """The newest running request that is not in flight (possibly the current one)."""
+        for j in range(len(self.running) - 1, current - 1, -1):
+            if not self.running[j].is_in_flight:
+                return self.running[j]
+        raise AssertionError("no request to preempt")
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ---- results -------------------------------------------------------------------------------------------
+    def update_from_output(self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput) -> list[Request]:
+        """Append sampled tokens, apply token-level stops, free finished requests.
+
+        Returns the requests that got a new token (finished ones included).
+        """
+        sampled = dict(zip(runner_out.req_ids, range(len(runner_out.req_ids))))
+        updated: list[Request] = []
+        for s in sched_out.scheduled:
+            req = self.requests.get(s.req_id)
+            if req is None:  # aborted while in flight
+                continue
+            req.is_in_flight = False
+            self.kv.cache_full_blocks(req)
+            k = sampled.get(s.req_id)
+            if k is None:
+                continue
+            token = runner_out.sampled_token_ids[k]
+            req.append_token(token)
+            if runner_out.logprobs is not None and runner_out.logprobs[k] is not None:
+                req.pending_logprobs = runner_out.logprobs[k]
+            updated.append(req)
+            status = self._check_stop(req, token)
+            if status is not None:
+                self.finish_request(req.request_id, status)
+        return updated
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        p = req.sampling_params
+        if req.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in p.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in p.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None

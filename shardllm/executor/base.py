@@ -1,0 +1,44 @@
+"""The executor interface: hand a step's plan to every worker, return the sampled tokens.
+
+The engine never knows which executor it has: uniproc (in-process), multiproc (a process per rank on
+this host) or Ray (actors on any number of nodes).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from shardllm.config import EngineConfig
+from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
+
+
+class Executor(ABC):
+    def __init__(self, config: EngineConfig):
+        self.config = config
+
+    @staticmethod
+    def create(config: EngineConfig) -> Executor:
+        backend = config.parallel_config.distributed_executor_backend
+        if backend in (None, "uni") and config.parallel_config.world_size == 1:
+            from shardllm.executor.uniproc import UniprocExecutor
+
+            return UniprocExecutor(config)
+        raise NotImplementedError(f"executor backend {backend!r} for world size "
+                                  f"{config.parallel_config.world_size} is not available yet")
+
+    @abstractmethod
+    def initialize(self) -> int:
+        """Start the workers, load the model, allocate the KV cache; return the number of KV blocks."""
+
+    @abstractmethod
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    @abstractmethod
+    def memory_in_use(self) -> list[int]:
+        """Bytes of device memory in use, per rank."""
+
+    def check_health(self) -> None:
+        """Raise if a worker is gone."""
+
+    def shutdown(self) -> None:
+        pass

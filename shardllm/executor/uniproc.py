@@ -1,0 +1,26 @@
+"""One rank, in this process."""
+
+from __future__ import annotations
+
+from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
+from shardllm.executor.base import Executor
+from shardllm.worker.worker import Worker
+
+
+class UniprocExecutor(Executor):
+    def initialize(self) -> int:
+        self.worker = Worker(self.config)
+        self.worker.init_device()
+        self.worker.load_model()
+        num_blocks = self.worker.determine_num_blocks()
+        self.worker.initialize_kv_cache(num_blocks)
+        return num_blocks
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def memory_in_use(self) -> list[int]:
+        return [self.worker.memory_in_use()]
+
+    def shutdown(self) -> None:
+        self.worker = None

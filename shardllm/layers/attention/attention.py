@@ -1,0 +1,83 @@
+"""Attention over the paged KV cache, for a flat batch of variable-length sequences.
+
+A step's tokens are laid out sequence after sequence (N tokens in all); sequence b owns tokens
+[query_start_loc[b], query_start_loc[b+1]) and, counting those, seq_lens[b] tokens of context whose
+KV sits in the blocks block_tables[b]. The torch reference below is the oracle for faster backends.
+
+    cache slot of position p of sequence b = block_tables[b, p // block_size] * block_size + p % block_size
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (N,) cache slot of each new token
+    query_start_loc: torch.Tensor  # (B + 1,) cu_seqlens_q
+    seq_lens: torch.Tensor  # (B,) context length after this step
+    block_tables: torch.Tensor  # (B, max_blocks)
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    # Per-step tensors of the torch reference, built once and shared by all layers.
+    _ref: dict = field(default_factory=dict, repr=False)
+
+    def reference_indices(self) -> dict:
+        if self._ref:
+            return self._ref
+        dev = self.seq_lens.device
+        qsl = self.query_start_loc.long()
+        q_lens = qsl[1:] - qsl[:-1]  # (B,)
+        seq_lens = self.seq_lens.long()
+        i = torch.arange(self.max_query_len, device=dev)
+        q_valid = i[None, :] < q_lens[:, None]  # (B, Tq)
+        q_index = torch.where(q_valid, qsl[:-1, None] + i[None, :], 0)  # (B, Tq)
+        j = torch.arange(self.max_seq_len, device=dev)
+        blocks = self.block_tables.long()[:, j // self.block_size]  # (B, Tk)
+        kv_slots = blocks * self.block_size + j % self.block_size  # (B, Tk)
+        q_pos = (seq_lens - q_lens)[:, None] + i[None, :]  # (B, Tq) position of each query
+        mask = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < seq_lens[:, None, None])
+        mask |= ~q_valid[:, :, None] & (j == 0)[None, None, :]  # padded query rows see one key: no NaN
+        self._ref.update(q_valid=q_valid, q_index=q_index, kv_slots=kv_slots, mask=mask.unsqueeze(1))
+        return self._ref
+
+
+class Attention(nn.Module):
+    """Writes this step's k, v into the cache, then attends q over the cached context."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.kv_cache: torch.Tensor | None = None  # (2, num_blocks, block_size, nkv, D), bound by the runner
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: (N, nh * D), k, v: (N, nkv * D) -> (N, nh * D)."""
+        n = q.shape[0]
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        k_cache = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (slots, nkv, D)
+        v_cache = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
+        out = paged_attention_reference(q, k_cache, v_cache, meta, self.scale)
+        return out.reshape(n, self.num_heads * self.head_dim)
+
+
+def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Plain torch: gather each sequence's context from the cache, pad, run masked SDPA, unpad."""
+    ref = meta.reference_indices()
+    qp = q[ref["q_index"]].transpose(1, 2)  # (B, nh, Tq, D)
+    kp = k_cache[ref["kv_slots"]].transpose(1, 2)  # (B, nkv, Tk, D)
+    vp = v_cache[ref["kv_slots"]].transpose(1, 2)
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=ref["mask"], scale=scale,
+                                         enable_gqa=qp.shape[1] != kp.shape[1])  # (B, nh, Tq, D)
+    return out.transpose(1, 2)[ref["q_valid"]]  # (N, nh, D)

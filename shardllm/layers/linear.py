@@ -1,0 +1,145 @@
+"""Linear layers that split their weight over the tensor-parallel group.
+
+Column-parallel layers split the output features (no communication); row-parallel layers split the
+input features and all-reduce the partial sums. Each parameter carries a `weight_loader` that cuts
+this rank's slice out of a checkpoint tensor. The matmul itself is delegated to a quantization
+method object (unquantized here), so a new weight format is a new method, not a branch in here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardllm.distributed.communication import tp_all_reduce
+from shardllm.distributed.parallel_state import get_parallel_context
+from shardllm.model_loader.weight_utils import copy_weight, narrow
+
+
+def divide(a: int, b: int, what: str = "size") -> int:
+    if a % b:
+        raise ValueError(f"{what} {a} is not divisible by tensor_parallel_size {b}")
+    return a // b
+
+
+class UnquantizedLinearMethod:
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype | None,
+                 quant_method: Any = None):
+        super().__init__()
+        ctx = get_parallel_context()
+        self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
+        self.input_size, self.output_size = input_size, output_size  # this rank's sizes
+        dtype = dtype or torch.get_default_dtype()
+        self.quant_method = quant_method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, input_size, output_size, dtype)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, w: Any, shard_id: Any = None) -> None:
+        copy_weight(param, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    pass
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x W^T with W's rows (output features) split over tp ranks; output stays split."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, dtype=None, quant_method=None):
+        tp = get_parallel_context().tp_size
+        super().__init__(input_size, divide(output_size, tp, "output size"), bias, dtype, quant_method)
+
+    def weight_loader(self, param: nn.Parameter, w: Any, shard_id: Any = None) -> None:
+        n = param.shape[0]
+        copy_weight(param, narrow(w, 0, self.tp_rank * n, n))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs fused into one matmul (gate_up_proj = [gate; up])."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, dtype=None, quant_method=None):
+        self.output_sizes = list(output_sizes)
+        super().__init__(input_size, sum(output_sizes), bias, dtype, quant_method)
+
+    def weight_loader(self, param: nn.Parameter, w: Any, shard_id: int | None = None) -> None:
+        if shard_id is None:
+            return super().weight_loader(param, w)
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        size = self.output_sizes[shard_id] // self.tp_size
+        copy_weight(param.data.narrow(0, offset, size), narrow(w, 0, self.tp_rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections fused; heads split over tp ranks.
+
+    When tp exceeds the number of kv heads, each kv head is replicated so that every rank holds the
+    one its query heads attend with: rank r holds kv head r // (tp / total_num_kv_heads).
+    """
+
+    def __init__(self, hidden_size: int, head_size: int, total_num_heads: int, total_num_kv_heads: int,
+                 bias: bool = False, dtype=None, quant_method=None):
+        tp = get_parallel_context().tp_size
+        self.head_size = head_size
+        self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
+        self.num_heads = divide(total_num_heads, tp, "number of attention heads")
+        if tp >= total_num_kv_heads:
+            divide(tp, total_num_kv_heads, "tensor_parallel_size must be a multiple of the kv heads;")
+            self.num_kv_heads, self.num_kv_head_replicas = 1, tp // total_num_kv_heads
+        else:
+            self.num_kv_heads, self.num_kv_head_replicas = divide(total_num_kv_heads, tp, "number of kv heads"), 1
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_size * tp
+        super().__init__(hidden_size, out, bias, dtype, quant_method)
+
+    def weight_loader(self, param: nn.Parameter, w: Any, shard_id: str | None = None) -> None:
+        if shard_id is None:
+            raise ValueError("QKVParallelLinear loads q, k and v separately")
+        hq, hkv = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
+        offset, size, src = {
+            "q": (0, hq, self.tp_rank * hq),
+            "k": (hq, hkv, (self.tp_rank // self.num_kv_head_replicas) * hkv),
+            "v": (hq + hkv, hkv, (self.tp_rank // self.num_kv_head_replicas) * hkv),
+        }[shard_id]
+        copy_weight(param.data.narrow(0, offset, size), narrow(w, 0, src, size))
+
+
+class RowParallelLinear(LinearBase):
+    """y = x W^T with W's columns (input features) split; partial sums all-reduced over tp."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, dtype=None, quant_method=None,
+                 reduce_results: bool = True):
+        tp = get_parallel_context().tp_size
+        self.reduce_results = reduce_results
+        super().__init__(divide(input_size, tp, "input size"), output_size, bias, dtype, quant_method)
+
+    def weight_loader(self, param: nn.Parameter, w: Any, shard_id: Any = None) -> None:
+        if param.dim() == 1:  # bias: whole, added once after the reduce
+            return copy_weight(param, w)
+        n = param.shape[1]
+        copy_weight(param, narrow(w, 1, self.tp_rank * n, n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.quant_method.apply(self, x, None)
+        if self.reduce_results:
+            y = tp_all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

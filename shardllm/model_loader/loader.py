@@ -1,0 +1,105 @@
+"""Build the model for this rank and fill its weights: safetensors, GGUF or dummy (random, real shapes)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardllm.config import ModelConfig
+from shardllm.models.registry import get_model_class
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(model_config: ModelConfig, device: torch.device, show_progress: bool = True) -> nn.Module:
+    cls = get_model_class(model_config.architecture)
+    with torch.device(device), _default_dtype(model_config.dtype):
+        model = cls(model_config.hf_config, model_config.max_model_len)
+    fmt = model_config.load_format
+    if fmt == "dummy":
+        init_dummy_weights(model, model_config.seed)
+    elif fmt == "gguf":
+        from shardllm.model_loader.gguf import GGUFFile, iter_hf_weights
+
+        gguf = GGUFFile(model_config.path)
+        model.load_weights(_progress(iter_hf_weights(gguf), len(gguf.tensor_names), "Loading GGUF", show_progress))
+    else:
+        model.load_weights(iter_safetensors(model_config.path, show_progress))
+    return model.eval()
+
+
+def _progress(it, total: int, desc: str, show: bool):
+    if not show:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="tensor", leave=False)
+
+
+def safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"corrupt checkpoint index {index}: {e}") from e
+        files = [os.path.join(path, n) for n in names]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise ValueError(f"checkpoint files listed in {index} are missing: {missing}")
+        return files
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {path!r}")
+    return files
+
+
+def iter_safetensors(path: str, show_progress: bool = True) -> Iterator[tuple[str, Any]]:
+    """Yield (name, lazy slice) for every tensor; loaders narrow the slice, so only this rank's part is read."""
+    from safetensors import safe_open
+
+    files = safetensors_files(path)
+    for file in _progress(files, len(files), "Loading safetensors", show_progress and len(files) > 1):
+        try:
+            f = safe_open(file, framework="pt")
+            keys = list(f.keys())
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint file {file}: {e}") from e
+        for name in _progress(keys, len(keys), os.path.basename(file), show_progress and len(files) == 1):
+            try:
+                w = f.get_slice(name)
+            except Exception as e:
+                raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from e
+            yield name, w
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Random weights of the real shapes: norms 1, everything else N(0, 0.02). Each rank fills its shard."""
+    seen = set()
+    for i, (name, p) in enumerate(model.named_parameters()):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+            continue
+        g = torch.Generator(device=p.device)
+        g.manual_seed(seed * 100003 + i)
+        if p.dtype.is_floating_point:
+            p.normal_(0.0, 0.02, generator=g)

@@ -1,0 +1,202 @@
+"""The model runner: owns the model and its KV cache on one device, turns a step's plan into tensors,
+runs the forward and samples. The only part of the engine that touches a device."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shardllm.config import EngineConfig
+from shardllm.distributed.parallel_state import get_parallel_context
+from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
+from shardllm.layers.attention import Attention, AttentionMetadata
+from shardllm.model_loader.loader import load_model
+from shardllm.sampling_params import SamplingParams
+from shardllm.worker.sampler import Sampler, SamplingBatch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CachedRequestState:
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    generator: torch.Generator | None
+    token_ids: list[int] = field(default_factory=list)  # every token fed so far, in order
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # (N,)
+    positions: torch.Tensor  # (N,)
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # (S,) rows of the hidden states that sample
+    sample_req_ids: list[str]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, device: torch.device):
+        self.config = config
+        self.device = device
+        self.model_config = config.model_config
+        self.block_size = config.cache_config.block_size
+        self.model = load_model(self.model_config, device, show_progress=get_parallel_context().is_driver)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.kv_caches: list[torch.Tensor] = []
+        self.requests: dict[str, CachedRequestState] = {}
+        self.sampler = Sampler()
+        self.vocab_size = self.model_config.hf_config.vocab_size
+
+    # ---- KV cache --------------------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        a = self.attn_layers[0] if self.attn_layers else None
+        if a is None:
+            return 1
+        elem = torch.empty((), dtype=self.model_config.dtype).element_size()
+        return 2 * self.block_size * a.num_kv_heads * a.head_dim * elem * len(self.attn_layers)
+
+    @torch.inference_mode()
+    def determine_num_blocks(self) -> int:
+        cc = self.config.cache_config
+        if cc.num_blocks is not None:
+            return cc.num_blocks
+        per_block = self.kv_bytes_per_block()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            self.profile_run()
+            torch.cuda.synchronize(self.device)
+            activation = torch.cuda.max_memory_allocated(self.device) - before
+            torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * cc.kv_cache_free_gpu_memory_fraction - activation
+        else:
+            budget = cc.cpu_kv_cache_gb * (1 << 30)
+        return max(int(budget // per_block), 0)
+
+    def profile_run(self) -> None:
+        """A forward of a full token budget (one long prompt) to measure peak activation memory."""
+        sc = self.config.scheduler_config
+        n = min(sc.max_num_batched_tokens, sc.max_model_len)
+        blocks = -(-n // self.block_size)
+        meta = AttentionMetadata(
+            slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(1, blocks, dtype=torch.int32, device=self.device),
+            max_query_len=n, max_seq_len=n, block_size=self.block_size)
+        self._bind_kv_caches(1)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        pos = torch.arange(n, device=self.device)
+        hidden = self.model(ids, pos, meta)
+        self.model.compute_logits(hidden[-sc.max_num_seqs:])
+        self.kv_caches = []
+        for a in self.attn_layers:
+            a.kv_cache = None
+
+    def _bind_kv_caches(self, num_blocks: int) -> None:
+        self.kv_caches = []
+        for a in self.attn_layers:
+            cache = torch.zeros(2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
+                                dtype=self.model_config.dtype, device=self.device)
+            a.kv_cache = cache
+            self.kv_caches.append(cache)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self._bind_kv_caches(num_blocks)
+
+    # ---- one step --------------------------------------------------------------------------------------------
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids:
+            self.requests.pop(rid, None)
+        for new in so.new_requests:
+            p = new.sampling_params
+            gen = None
+            if p.seed is not None and not p.is_greedy:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(p.seed)
+            self.requests[new.req_id] = CachedRequestState(new.num_prompt_tokens, p, gen)
+        for s in so.scheduled:
+            st = self.requests[s.req_id]
+            if len(st.token_ids) != s.num_computed_tokens:
+                del st.token_ids[s.num_computed_tokens:]  # recompute after preemption
+            st.token_ids.extend(s.token_ids)
+
+    def prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        q_lens = np.fromiter((len(s.token_ids) for s in so.scheduled), dtype=np.int64, count=len(so.scheduled))
+        starts = np.fromiter((s.num_computed_tokens for s in so.scheduled), dtype=np.int64,
+                             count=len(so.scheduled))
+        seq_lens = starts + q_lens
+        qsl = np.zeros(len(q_lens) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=qsl[1:])
+        input_ids = np.fromiter((t for s in so.scheduled for t in s.token_ids), dtype=np.int64, count=int(qsl[-1]))
+        # position of each token: its sequence's start plus its offset inside the chunk
+        seq_of_token = np.repeat(np.arange(len(q_lens)), q_lens)
+        positions = starts[seq_of_token] + (np.arange(qsl[-1]) - qsl[:-1][seq_of_token])
+        max_blocks = int(-(-seq_lens.max() // bs))
+        block_tables = np.zeros((len(q_lens), max_blocks), dtype=np.int64)
+        for i, s in enumerate(so.scheduled):
+            n = min(len(s.block_ids), max_blocks)
+            block_tables[i, :n] = s.block_ids[:n]
+        slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
+        sample_rows = [i for i, s in enumerate(so.scheduled) if s.do_sample]
+        logits_indices = qsl[1:][sample_rows] - 1
+
+        def t(a, dtype=torch.long):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=t(slot_mapping), query_start_loc=t(qsl, torch.int32), seq_lens=t(seq_lens, torch.int32),
+            block_tables=t(block_tables, torch.int32), max_query_len=int(q_lens.max()),
+            max_seq_len=int(seq_lens.max()), block_size=bs)
+        return StepInputs(t(input_ids), t(positions), meta, t(logits_indices),
+                          [so.scheduled[i].req_id for i in sample_rows])
+
+    def _sampling_batch(self, req_ids: list[str]) -> SamplingBatch:
+        states = [self.requests[r] for r in req_ids]
+        params = [s.sampling_params for s in states]
+        dev = self.device
+
+        def col(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        batch = SamplingBatch(
+            temperature=col([p.temperature for p in params]), top_p=col([p.top_p for p in params]),
+            top_k=col([max(p.top_k, 0) for p in params], torch.long), min_p=col([p.min_p for p in params]),
+            all_greedy=all(p.is_greedy for p in params),
+            generators={i: s.generator for i, s in enumerate(states) if s.generator is not None})
+        if any(p.needs_penalties for p in params):
+            batch.presence = col([p.presence_penalty for p in params])
+            batch.frequency = col([p.frequency_penalty for p in params])
+            batch.repetition = col([p.repetition_penalty for p in params])
+            batch.prompt_token_ids = [s.token_ids[: s.num_prompt_tokens] for s in states]
+            batch.output_token_ids = [s.token_ids[s.num_prompt_tokens:] for s in states]
+        for i, (s, p) in enumerate(zip(states, params)):
+            if p.min_tokens and len(s.token_ids) - s.num_prompt_tokens < p.min_tokens:
+                banned = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else p.eos_token_ids))
+                          if t < self.vocab_size]
+                if banned:
+                    batch.banned_tokens[i] = banned
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        batch.max_num_logprobs = max(asked) if asked else None
+        return batch
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(so)
+        if not so.scheduled:
+            return ModelRunnerOutput([], [])
+        inputs = self.prepare_inputs(so)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # (N, H)
+        if not inputs.sample_req_ids:
+            return ModelRunnerOutput([], [])
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V)
+        batch = self._sampling_batch(inputs.sample_req_ids)
+        nlp = [self.requests[r].sampling_params.logprobs for r in inputs.sample_req_ids]
+        out = self.sampler(logits, batch, nlp)
+        return ModelRunnerOutput(inputs.sample_req_ids, out.token_ids.tolist(), out.logprobs)

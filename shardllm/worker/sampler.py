@@ -1,0 +1,122 @@
+"""Turn a step's logits into tokens: penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs.
+
+Sampling uses the exponential race (argmax of p / Exp(1) draws a token with probability p), which needs
+no sort and runs on the GPU without a host sync; seeded requests draw their noise from their own generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings of the rows that sample this step (B rows)."""
+
+    temperature: torch.Tensor  # (B,) float, 0 for greedy rows
+    top_p: torch.Tensor  # (B,)
+    top_k: torch.Tensor  # (B,) long, 0 = off
+    min_p: torch.Tensor  # (B,)
+    all_greedy: bool
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    # penalties: None when no row uses them
+    presence: torch.Tensor | None = None  # (B,)
+    frequency: torch.Tensor | None = None
+    repetition: torch.Tensor | None = None
+    prompt_token_ids: list[list[int]] | None = None
+    output_token_ids: list[list[int]] | None = None
+    # rows that may not end yet (min_tokens): row -> token ids to forbid
+    banned_tokens: dict[int, list[int]] = field(default_factory=dict)
+    max_num_logprobs: int | None = None  # largest `logprobs` asked for, None when nobody asked
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # (B,)
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, num_logprobs: list[int | None] | None = None
+                 ) -> SamplerOutput:
+        logits = logits.float()  # (B, V)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
+        if batch.presence is not None:
+            logits = apply_penalties(logits, batch)
+        for row, ids in batch.banned_tokens.items():
+            logits[row, ids] = float("-inf")
+        greedy = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            tokens = greedy
+        else:
+            tokens = torch.where(batch.temperature < 1e-5, greedy, self._random(logits, batch))
+        out = SamplerOutput(tokens)
+        if raw_logprobs is not None:
+            out.logprobs = gather_logprobs(raw_logprobs, tokens, batch.max_num_logprobs, num_logprobs)
+        return out
+
+    def _random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        temp = torch.where(batch.temperature < 1e-5, torch.ones_like(batch.temperature), batch.temperature)
+        logits = logits / temp[:, None]
+        if bool((batch.top_k > 0).any()) or bool((batch.top_p < 1.0).any()):
+            logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        if bool((batch.min_p > 0).any()):
+            keep = probs >= batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+            probs = torch.where(keep, probs, torch.zeros_like(probs))
+        q = torch.empty_like(probs).exponential_()
+        for row, g in batch.generators.items():
+            q[row].exponential_(generator=g)
+        return (probs / q).argmax(dim=-1)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    drop = ranks >= k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above
+    drop |= before >= top_p[:, None]  # the top token always survives (before = 0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    b, vocab = logits.shape
+    dev = logits.device
+
+    def counts(seqs: list[list[int]]) -> torch.Tensor:
+        c = torch.zeros(b, vocab + 1, device=dev)
+        width = max((len(s) for s in seqs), default=0)
+        if width:
+            idx = torch.tensor([s + [vocab] * (width - len(s)) for s in seqs], device=dev)
+            c.scatter_add_(1, idx, torch.ones_like(idx, dtype=c.dtype))
+        return c[:, :vocab]
+
+    out_counts = counts(batch.output_token_ids)
+    seen = (counts(batch.prompt_token_ids) + out_counts) > 0
+    rep = batch.repetition[:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - batch.frequency[:, None] * out_counts
+    return logits - batch.presence[:, None] * (out_counts > 0).to(logits.dtype)
+
+
+def gather_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, k_max: int,
+                    num_logprobs: list[int | None] | None):
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    top_vals, top_ids = logprobs.topk(max(k_max, 1), dim=-1) if k_max > 0 else (None, None)
+    top_vals = top_vals.tolist() if top_vals is not None else None
+    top_ids = top_ids.tolist() if top_ids is not None else None
+    out = []
+    for row, lp in enumerate(chosen):
+        k = num_logprobs[row] if num_logprobs is not None else k_max
+        if k is None:
+            out.append(None)
+            continue
+        top = list(zip(top_ids[row][:k], top_vals[row][:k])) if k > 0 else []
+        out.append((lp, top))
+    return out

@@ -1,0 +1,45 @@
+"""A worker owns one rank: its device, its parallel context, its model shard and KV cache."""
+
+from __future__ import annotations
+
+import torch
+
+from shardllm.config import EngineConfig
+from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
+from shardllm.worker.model_runner import ModelRunner
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0):
+        self.config = config
+        self.rank, self.local_rank = rank, local_rank
+        self.model_runner: ModelRunner | None = None
+
+    def init_device(self) -> None:
+        if self.config.device == "cuda":
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        torch.manual_seed(self.config.model_config.seed)
+
+    def load_model(self) -> None:
+        self.model_runner = ModelRunner(self.config, self.device)
+
+    def determine_num_blocks(self) -> int:
+        return self.model_runner.determine_num_blocks()
+
+    def kv_bytes_per_block(self) -> int:
+        return self.model_runner.kv_bytes_per_block()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.model_runner.initialize_kv_cache(num_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(scheduler_output)
+
+    def memory_in_use(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters()) + sum(
+            c.numel() * c.element_size() for c in self.model_runner.kv_caches)

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random checkpoints written with transformers, one per supported architecture."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
+            eos_token_id=2, tie_word_embeddings=False)
+
+ARCH_CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM",
+              dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                   rope_theta=50000.0)),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+}
+
+
+def write_tiny_checkpoint(path: str, arch: str, seed: int = 0, **overrides) -> str:
+    """A random HF checkpoint (safetensors) of a tiny config; returns the directory."""
+    import transformers
+
+    cfg_name, model_name, extra = ARCH_CONFIGS[arch]
+    kw = {**TINY, **extra, **overrides}
+    config = getattr(transformers, cfg_name)(**kw)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    with torch.no_grad():  # larger weights than the default init, so that logits are not all near zero
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.15)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {arch: write_tiny_checkpoint(os.path.join(root, arch), arch) for arch in ARCH_CONFIGS}
