@@ -8,8 +8,14 @@ import time
 from dataclasses import dataclass, field
 
 from shardllm.config import EngineConfig
-from shardllm.engine.detokenizer import (detokenize_incrementally, find_stop_string, init_offsets, load_tokenizer,
-                                         make_logprobs, visible_text)
+from shardllm.engine.detokenizer import (
+    detokenize_incrementally,
+    find_stop_string,
+    init_offsets,
+    load_tokenizer,
+    make_logprobs,
+    visible_text,
+)
 from shardllm.engine.kv_cache_manager import KVCacheManager
 from shardllm.engine.request import Request, RequestStatus
 from shardllm.engine.scheduler import Scheduler

@@ -1,0 +1,43 @@
+import pytest
+
+from shardllm import LLM
+from shardllm.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_checkpoints):
+    llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=100, block_size=4)
+    return llm.engine.executor.worker.model_runner
+
+
+def test_prepare_inputs_positions_slots_and_sequence_starts(runner):
+    so = SchedulerOutput(scheduled=[
+        ScheduledRequest("a", [11, 12, 13], 5, [7, 3, 9], True),  # positions 5, 6, 7: block 3 then 9? no: 5//4=1
+        ScheduledRequest("b", [21], 0, [2], True),
+        ScheduledRequest("c", [31, 32, 33, 34, 35], 2, [4, 6], False),
+    ])
+    x = runner.prepare_inputs(so)
+    assert x.input_ids.tolist() == [11, 12, 13, 21, 31, 32, 33, 34, 35]
+    assert x.positions.tolist() == [5, 6, 7, 0, 2, 3, 4, 5, 6]
+    # slot = block_table[pos // 4] * 4 + pos % 4
+    assert x.meta.slot_mapping.tolist() == [3 * 4 + 1, 3 * 4 + 2, 3 * 4 + 3, 2 * 4 + 0,
+                                            4 * 4 + 2, 4 * 4 + 3, 6 * 4 + 0, 6 * 4 + 1, 6 * 4 + 2]
+    assert x.meta.query_start_loc.tolist() == [0, 3, 4, 9]
+    assert x.meta.seq_lens.tolist() == [8, 1, 7]
+    assert x.meta.max_query_len == 5 and x.meta.max_seq_len == 8
+    assert x.meta.block_tables.tolist() == [[7, 3], [2, 0], [4, 6]]
+    # only requests whose chunk reaches the end of their tokens sample, from their last token
+    assert x.logits_indices.tolist() == [2, 3] and x.sample_req_ids == ["a", "b"]
+
+
+def test_reference_attention_mask_is_causal_with_cached_context(runner):
+    so = SchedulerOutput(scheduled=[ScheduledRequest("a", [1, 2], 3, [1, 2], True),
+                                    ScheduledRequest("b", [5], 0, [3], True)])
+    ref = runner.prepare_inputs(so).meta.reference_indices()
+    mask = ref["mask"][:, 0]  # (B, Tq, Tk)
+    # a: queries at positions 3 and 4 see keys 0..3 and 0..4
+    assert mask[0, 0].tolist() == [True] * 4 + [False]
+    assert mask[0, 1].tolist() == [True] * 5
+    # b: one query at position 0 sees key 0 only; its padded second row is not valid
+    assert mask[1, 0].tolist() == [True, False, False, False, False]
+    assert ref["q_valid"].tolist() == [[True, True], [True, False]]
