@@ -180,7 +180,7 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path, path):
     sd = load_file(os.path.join(path, "model.safetensors"))
     cfg = open(os.path.join(path, "config.json")).read()
     for name, change in [("missing", lambda d: d.pop("model.layers.1.mlp.down_proj.weight")),
-                         ("extra", lambda d: d.__setitem__("model.layers.0.mlp.bogus.weight", torch.zeros(2)))]:
+                         ("extra", lambda d: d.update({"model.layers.0.mlp.bogus.weight": torch.zeros(2)}))]:
         d = dict(sd)
         change(d)
         (tmp_path / name).mkdir()

@@ -46,11 +46,11 @@ def load_weights_strict(model: nn.Module, weights: Iterable[tuple[str, Any]],
     {"q_proj": ("qkv_proj", "q")}. Tensors of layers other stages hold (`skip_layer`) are skipped.
     """
     params = dict(model.named_parameters())
-    shards_of: dict[str, set] = {}
-    for part, (fused, shard) in packed.items():
+    expected_shards: dict[str, set] = {}  # fused parameter -> the shard ids it must receive
+    for fused, sid in packed.values():
         for name in params:
             if f".{fused}." in name:
-                shards_of.setdefault(name, set())
+                expected_shards.setdefault(name, set()).add(sid)
     loaded: dict[str, set] = {}
     unexpected: list[str] = []
     ignored = tuple(ignored)
@@ -80,11 +80,6 @@ def load_weights_strict(model: nn.Module, weights: Iterable[tuple[str, Any]],
         except ValueError as e:
             raise ValueError(f"cannot load checkpoint tensor {name!r}: {e}") from e
         loaded.setdefault(target, set()).add(shard)
-    expected_shards = {}
-    for part, (fused, sid) in packed.items():
-        for name in shards_of:
-            if f".{fused}." in name:
-                expected_shards.setdefault(name, set()).add(sid)
     missing = [n for n in params if n not in loaded or not expected_shards.get(n, {None}) <= loaded[n]]
     if unexpected or missing:
         raise ValueError("checkpoint does not match the model: "

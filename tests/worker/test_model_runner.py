@@ -12,7 +12,7 @@ def runner(tiny_checkpoints):
 
 def test_prepare_inputs_positions_slots_and_sequence_starts(runner):
     so = SchedulerOutput(scheduled=[
-        ScheduledRequest("a", [11, 12, 13], 5, [7, 3, 9], True),  # positions 5, 6, 7: block 3 then 9? no: 5//4=1
+        ScheduledRequest("a", [11, 12, 13], 5, [7, 3, 9], True),  # positions 5..7: block index 1
         ScheduledRequest("b", [21], 0, [2], True),
         ScheduledRequest("c", [31, 32, 33, 34, 35], 2, [4, 6], False),
     ])
