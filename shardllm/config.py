@@ -148,9 +148,7 @@ class EngineConfig:
         parallel_config = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
                                          tuple(pp_partition) if pp_partition else None,
                                          distributed_executor_backend)
-        if parallel_config.world_size > 1 or expert_parallel_size > 1:
-            raise NotImplementedError("tensor/pipeline/expert parallelism is not implemented yet: "
-                                      "use tensor_parallel_size=1, pipeline_parallel_size=1")
+        _check_parallel(parallel_config, model_config, device)
         cache_config = CacheConfig(block_size, kv_cache_free_gpu_memory_fraction, cpu_kv_cache_gb,
                                    enable_prefix_caching, num_kv_blocks)
         scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len)
@@ -163,3 +161,29 @@ def _model_max_len(hf_config) -> int:
     if window and getattr(hf_config, "use_sliding_window", True):
         n = min(n, window)  # we do not implement sliding-window attention; stay inside the window
     return int(n)
+
+
+def valid_tp_sizes(hf_config) -> list[int]:
+    """tp sizes that split the attention heads evenly (kv heads split, or replicated a whole number of times)."""
+    heads = hf_config.num_attention_heads
+    kv = getattr(hf_config, "num_key_value_heads", None) or heads
+    return [t for t in range(1, heads + 1) if heads % t == 0 and (kv % t == 0 if t < kv else t % kv == 0)]
+
+
+def _check_parallel(pc: ParallelConfig, mc: ModelConfig, device: str) -> None:
+    tp = pc.tensor_parallel_size
+    valid = valid_tp_sizes(mc.hf_config)
+    if tp not in valid:
+        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {mc.hf_config.num_attention_heads} "
+                         f"attention heads ({mc.total_num_kv_heads} kv heads): valid sizes are {valid}")
+    if pc.pipeline_parallel_size > 1:
+        raise NotImplementedError("pipeline parallelism is not implemented yet: use pipeline_parallel_size=1")
+    if pc.expert_parallel_size > 1:
+        raise NotImplementedError("expert parallelism is not implemented yet: use expert_parallel_size=1")
+    if device == "cuda":
+        visible = torch.cuda.device_count()
+        if pc.world_size > visible:
+            raise ValueError(f"{visible} GPUs visible, tp_size={tp} x pp_size={pc.pipeline_parallel_size} needs "
+                             f"{pc.world_size}: lower tp_size or set CUDA_VISIBLE_DEVICES")
+    if pc.distributed_executor_backend == "uni" and pc.world_size > 1:
+        raise ValueError("distributed_executor_backend='uni' runs one rank: use 'mp' for several")

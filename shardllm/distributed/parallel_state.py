@@ -24,6 +24,12 @@ class ParallelContext:
     ep_size: int = 1
     tp_group: Any = None  # torch.distributed ProcessGroup, None for size 1
     pp_group: Any = None
+    pp_partition: tuple[int, ...] | None = None  # layers per stage; None: even split
+
+    @property
+    def is_output_rank(self) -> bool:
+        """The rank that samples and returns tokens: tp rank 0 of the last stage."""
+        return self.tp_rank == 0 and self.is_last_stage
 
     @property
     def is_first_stage(self) -> bool:
@@ -60,3 +66,38 @@ def rank_layout(tp_size: int, pp_size: int) -> tuple[list[list[int]], list[list[
     tp_groups = grid
     pp_groups = [[grid[s][t] for s in range(pp_size)] for t in range(tp_size)]
     return tp_groups, pp_groups
+
+
+def init_distributed(rank: int, world_size: int, tp_size: int, pp_size: int, ep_size: int, backend: str,
+                     init_method: str, device=None, pp_partition=None, timeout_s: float = 600.0) -> ParallelContext:
+    """Join the process group and build this rank's tp and pp groups (every rank must call this)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    kwargs = {"device_id": device} if backend == "nccl" and device is not None else {}
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    tp_groups, pp_groups = rank_layout(tp_size, pp_size)
+    tp_group = pp_group = None
+    for ranks in tp_groups:  # new_group must be called by every rank for every group
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            tp_group = g
+    for ranks in pp_groups:
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            pp_group = g
+    ctx = ParallelContext(rank=rank, world_size=world_size, tp_rank=rank % tp_size, tp_size=tp_size,
+                          pp_rank=rank // tp_size, pp_size=pp_size, ep_size=ep_size, tp_group=tp_group,
+                          pp_group=pp_group, pp_partition=tuple(pp_partition) if pp_partition else None)
+    set_parallel_context(ctx)
+    return ctx
+
+
+def destroy_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    set_parallel_context(ParallelContext())

@@ -23,8 +23,11 @@ class Executor(ABC):
             from shardllm.executor.uniproc import UniprocExecutor
 
             return UniprocExecutor(config)
-        raise NotImplementedError(f"executor backend {backend!r} for world size "
-                                  f"{config.parallel_config.world_size} is not available yet")
+        if backend in (None, "mp"):
+            from shardllm.executor.multiproc import MultiprocExecutor
+
+            return MultiprocExecutor(config)
+        raise ValueError(f"unknown distributed_executor_backend {backend!r}: use 'uni', 'mp' or 'ray'")
 
     @abstractmethod
     def initialize(self) -> int:

@@ -187,7 +187,8 @@ class ModelRunner:
         return batch
 
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run one step; the output rank returns the sampled tokens, the others None."""
         self._update_states(so)
         if not so.scheduled:
             return ModelRunnerOutput([], [])
@@ -195,7 +196,9 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # (N, H)
         if not inputs.sample_req_ids:
             return ModelRunnerOutput([], [])
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V), on every tp rank
+        if not get_parallel_context().is_output_rank:
+            return None
         batch = self._sampling_batch(inputs.sample_req_ids)
         nlp = [self.requests[r].sampling_params.logprobs for r in inputs.sample_req_ids]
         out = self.sampler(logits, batch, nlp)

@@ -24,7 +24,24 @@ class Worker:
         torch.manual_seed(self.config.model_config.seed)
 
     def load_model(self) -> None:
+        if self.device.type == "cuda":
+            self._check_fits()
         self.model_runner = ModelRunner(self.config, self.device)
+
+    def _check_fits(self) -> None:
+        """Fail before loading when this rank's share of the weights cannot fit in free GPU memory."""
+        from shardllm.model_loader.size import weight_bytes
+
+        mc, pc = self.config.model_config, self.config.parallel_config
+        elem = torch.empty((), dtype=mc.dtype).element_size()
+        need = weight_bytes(mc.hf_config, elem) / pc.world_size
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if need > 0.95 * free:
+            raise ValueError(
+                f"{mc.model} needs about {need / 2**30:.1f} GiB of weights per GPU at tp_size="
+                f"{pc.tensor_parallel_size}, pp_size={pc.pipeline_parallel_size}, but GPU {self.local_rank} has "
+                f"{free / 2**30:.1f} GiB free: raise tp_size, use dtype='fp8', lower max_batch_size, or add "
+                "pipeline stages (pp_size)")
 
     def determine_num_blocks(self) -> int:
         return self.model_runner.determine_num_blocks()

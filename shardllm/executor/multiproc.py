@@ -1,0 +1,240 @@
+"""One worker process per rank on this host; the driver (scheduler) process runs no rank itself.
+
+Each step the driver pickles the plan once and writes it to every worker's pipe; the output rank
+(tp rank 0 of the last stage) answers with the sampled tokens. The driver never blocks inside a
+collective, so a worker that dies (its process sentinel fires) or hangs (no answer within the step
+timeout) turns into an error here within seconds, and the other workers are stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection, wait
+
+import torch
+
+from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
+from shardllm.executor.base import Executor
+
+logger = logging.getLogger(__name__)
+
+STEP_TIMEOUT_S = float(os.environ.get("SHARDLLM_STEP_TIMEOUT", "300"))  # debugging knob
+INIT_TIMEOUT_S = float(os.environ.get("SHARDLLM_INIT_TIMEOUT", "1800"))
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed, died or stopped answering; the executor is unusable afterwards."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MultiprocExecutor(Executor):
+    def initialize(self) -> int:
+        pc = self.config.parallel_config
+        self.world_size = pc.world_size
+        self.output_rank = (pc.pipeline_parallel_size - 1) * pc.tensor_parallel_size
+        self.dead: str | None = None
+        self.plan_send_s = 0.0  # time spent pickling and writing plans, for the overhead measurement
+        self.num_steps = 0
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        threads = 0
+        if self.config.device == "cpu":
+            threads = max(1, (os.cpu_count() or 1) // self.world_size)
+        # Workers are fresh interpreters (`python -m`), not multiprocessing children: nothing of the user's
+        # __main__ is re-imported, and CUDA is never initialised before a fork. A socket pair is the pipe.
+        self.conns, self.procs = [], []
+        self._inbox: list[list] = [[] for _ in range(self.world_size)]
+        for rank in range(self.world_size):
+            ours, theirs = socket.socketpair()
+            fd = theirs.fileno()
+            p = subprocess.Popen([sys.executable, "-m", "shardllm.executor.multiproc", "--fd", str(fd),
+                                  "--parent_pid", str(os.getpid())], pass_fds=(fd,))
+            theirs.close()
+            conn = Connection(ours.detach())
+            conn.send((self.config, rank, rank, init_method, threads))
+            self.conns.append(conn)
+            self.procs.append(p)
+        self._collect_all(INIT_TIMEOUT_S)  # model loaded on every rank
+        num_blocks = min(self._call_all("determine_num_blocks", timeout=INIT_TIMEOUT_S))
+        self._call_all("initialize_kv_cache", num_blocks)
+        return num_blocks
+
+    # ---- messaging -------------------------------------------------------------------------------------------
+    def _send_all(self, method: str, *args) -> None:
+        self._check_alive()
+        data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            for c in self.conns:
+                c.send_bytes(data)
+        except (BrokenPipeError, OSError) as e:
+            self._fail(f"cannot reach a worker: {e}")
+
+    def _call_all(self, method: str, *args, timeout: float = STEP_TIMEOUT_S) -> list:
+        self._send_all(method, *args)
+        return self._collect_all(timeout)
+
+    def _collect_all(self, timeout: float) -> list:
+        return [self._receive(rank, timeout) for rank in range(self.world_size)]
+
+    def _receive(self, rank: int, timeout: float):
+        """Wait for `rank`'s answer while watching every worker for an error or an exit."""
+        if self._inbox[rank]:
+            return self._inbox[rank].pop(0)
+        deadline = time.monotonic() + timeout
+        watched = {self.conns[rank]: rank}
+        for r, c in enumerate(self.conns):
+            watched.setdefault(c, r)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._fail(f"worker rank {rank} did not answer within {timeout:.0f}s (hung?)")
+            ready = wait(list(watched), timeout=min(left, 0.25))
+            if not ready:
+                for r, p in enumerate(self.procs):
+                    if p.poll() is not None:
+                        self._fail(f"worker rank {r} died (exit code {p.returncode})")
+            for obj in ready:
+                if obj in watched:
+                    r = watched[obj]
+                    try:
+                        status, payload = obj.recv()
+                    except (EOFError, OSError):
+                        self._fail(f"worker rank {r} died (exit code {self.procs[r].poll()})")
+                    if status == "err":
+                        exc, tb = payload
+                        self._fail(f"worker rank {r} failed:\n{tb}", exc)
+                    if r == rank:
+                        return payload
+                    self._inbox[r].append(payload)  # another rank's answer: keep it for its turn
+
+    def _check_alive(self) -> None:
+        if self.dead is not None:
+            raise WorkerError(self.dead)
+
+    def _fail(self, reason: str, exc: BaseException | None = None):
+        self.dead = reason
+        self.shutdown()
+        if isinstance(exc, ValueError):  # configuration errors keep their type and message
+            raise exc
+        raise WorkerError(reason)
+
+    # ---- the executor interface ------------------------------------------------------------------------------
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        t = time.perf_counter()
+        self._send_all("execute_model", scheduler_output)
+        self.plan_send_s += time.perf_counter() - t
+        self.num_steps += 1
+        return self._receive(self.output_rank, STEP_TIMEOUT_S)
+
+    def memory_in_use(self) -> list[int]:
+        return self._call_all("memory_in_use")
+
+    def check_health(self) -> None:
+        self._check_alive()
+        for r, p in enumerate(self.procs):
+            if p.poll() is not None:
+                self._fail(f"worker rank {r} died (exit code {p.returncode})")
+
+    def shutdown(self) -> None:
+        procs = getattr(self, "procs", [])
+        for c in getattr(self, "conns", []):
+            try:
+                c.send_bytes(pickle.dumps(("shutdown", ())))
+            except Exception:
+                pass
+        deadline = time.monotonic() + 5
+        for p in procs:
+            try:
+                p.wait(max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(2)
+        for c in getattr(self, "conns", []):
+            c.close()
+        self.procs, self.conns = [], []
+        if self.dead is None:
+            self.dead = "the executor was shut down"
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the driver is gone, even if the main thread is stuck in a collective."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _worker_main(conn: Connection, parent_pid: int) -> None:
+    from shardllm.distributed.parallel_state import destroy_distributed, init_distributed
+    from shardllm.worker.worker import Worker
+
+    config, rank, local_rank, init_method, threads = conn.recv()
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    if threads:
+        torch.set_num_threads(threads)
+    pc = config.parallel_config
+
+    def reply_error(e: BaseException) -> None:
+        try:
+            pickle.dumps(e)
+        except Exception:
+            e = RuntimeError(str(e))
+        conn.send(("err", (e, traceback.format_exc())))
+
+    try:
+        worker = Worker(config, rank, local_rank)
+        worker.init_device()
+        backend = "nccl" if config.device == "cuda" else "gloo"
+        init_distributed(rank, pc.world_size, pc.tensor_parallel_size, pc.pipeline_parallel_size,
+                         pc.expert_parallel_size, backend, init_method,
+                         worker.device if backend == "nccl" else None, pc.pp_partition)
+        worker.load_model()
+        conn.send(("ok", None))
+    except BaseException as e:
+        reply_error(e)
+        return
+    from shardllm.distributed.parallel_state import get_parallel_context
+
+    is_output = get_parallel_context().is_output_rank
+    try:
+        while True:
+            try:
+                method, args = pickle.loads(conn.recv_bytes())
+            except (EOFError, OSError):
+                break
+            if method == "shutdown":
+                break
+            try:
+                result = getattr(worker, method)(*args)
+            except BaseException as e:
+                reply_error(e)
+                break
+            if method != "execute_model" or is_output:
+                conn.send(("ok", result))
+    finally:
+        try:
+            destroy_distributed()
+        except Exception:
+            pass
+        conn.close()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="a shardllm worker process (started by the multiproc executor)")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--parent_pid", type=int, required=True)
+    a = ap.parse_args()
+    _worker_main(Connection(a.fd), a.parent_pid)
