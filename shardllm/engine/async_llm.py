@@ -1,0 +1,295 @@
+"""AsyncLLM: the engine stepping in its own thread, driven from asyncio (the server's front end).
+
+    event loop (HTTP)                               engine thread
+    generate() ── Add/Abort ──> inbox (SimpleQueue) ──> applied between steps
+    per-request asyncio.Queue <── call_soon_threadsafe ── step() outputs
+
+Only the engine thread touches the LLMEngine, so the engine needs no locks; the event loop never
+waits on a step. Readers in other threads see the engine's gauges and counters through `snapshot`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from shardllm.config import EngineConfig
+from shardllm.engine.llm_engine import LLMEngine
+from shardllm.metrics import EngineSnapshot, LatencyHistograms
+from shardllm.outputs import RequestOutput
+from shardllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_MEMORY_POLL_S = 1.0  # how often the snapshot re-reads device memory (a call into every worker)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (an exception in a step, or shutdown); no request can run."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted through `AsyncLLM.abort` while a consumer still waited on it."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+class _Stop:
+    pass
+
+
+class AsyncLLM:
+    """Runs an LLMEngine in a background thread; `generate` streams one request's outputs to asyncio.
+
+    Args:
+        engine: a built LLMEngine; the AsyncLLM owns it from now on (only its thread may touch it).
+        idle_wait_s: how long the idle engine thread sleeps on its inbox before refreshing the snapshot.
+    """
+
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 1.0):
+        self.engine = engine
+        self.config = engine.config
+        self.tokenizer = engine.tokenizer
+        self.latency = LatencyHistograms()
+        self.snapshot = EngineSnapshot(num_kv_blocks=engine.num_blocks)
+        self._idle_wait_s = idle_wait_s
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}  # touched by the event loop only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._memory: tuple[int, ...] = ()
+        self._memory_time = 0.0
+        self._thread = threading.Thread(target=self._run, name="shardllm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncLLM:
+        return cls(LLMEngine(config))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> AsyncLLM:
+        """Build from the `LLM` arguments (see EngineConfig.create)."""
+        return cls.from_config(EngineConfig.create(**kwargs))
+
+    # ---- front end (event loop) ----------------------------------------------------------------------------
+    @property
+    def is_healthy(self) -> bool:
+        return self._error is None and not self._stopping and self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.scheduler_config.max_model_len
+
+    @property
+    def num_requests_in_flight(self) -> int:
+        return len(self._streams)
+
+    def tokenize(self, text: str) -> list[int]:
+        """The prompt's token ids, as the engine would make them (safe to call beside the engine thread)."""
+        return self.engine.tokenize(text)
+
+    def apply_chat_template(self, messages: list[dict], chat_template: str | None = None) -> list[int]:
+        """Render a conversation with the model's chat template and tokenize it (no special tokens added)."""
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError("this model has no tokenizer, so it cannot chat: use completions with token ids")
+        if chat_template is None and not getattr(tok, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template: use completions instead")
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                       chat_template=chat_template)
+        return tok.encode(text, add_special_tokens=False)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[RequestOutput]:
+        """Run one request; yield its RequestOutput each time it progresses, the last one finished.
+
+        Outputs carry the whole text so far, so a consumer slower than the engine skips to the newest.
+        Leaving the loop early, or cancelling the task (a client that disconnects), aborts the request
+        and frees its KV blocks at the engine's next step boundary. Raises what add_request raises
+        (ValueError/TypeError for bad input) and EngineDeadError when the engine fails.
+        """
+        self._check_alive()
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._streams:
+                raise RuntimeError("an AsyncLLM serves one event loop at a time")
+            self._loop = loop  # idle: follow the caller to its loop (asyncio.run in scripts and tests)
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        self._inbox.put(_Add(request_id, prompt, params, time.time()))
+        done = False
+        try:
+            while True:
+                item = await q.get()
+                while not isinstance(item, BaseException) and not item.finished and not q.empty():
+                    item = q.get_nowait()
+                if isinstance(item, BaseException):
+                    done = True  # the engine has already dropped it (add failed, or the engine died)
+                    raise item
+                done = item.finished
+                yield item
+                if done:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not done:
+                self._inbox.put(_Abort([request_id]))
+
+    def abort(self, request_id: str, reason: str = "the request was aborted") -> None:
+        """Abort a request; a consumer still waiting on it gets RequestAbortedError(reason). A no-op for
+        requests that finished."""
+        q = self._streams.pop(request_id, None)
+        if q is not None:
+            self._inbox.put(_Abort([request_id]))
+            q.put_nowait(RequestAbortedError(reason))
+
+    def abort_all(self, reason: str) -> None:
+        """Abort every request in flight (the end of a graceful shutdown's grace period)."""
+        for request_id in list(self._streams):
+            self.abort(request_id, reason)
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Abort what is still running, stop the engine thread and free the devices. Blocking."""
+        self._stopping = True
+        if self._thread.is_alive():
+            self._inbox.put(_Stop())
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                logger.error("the engine thread did not stop within %s s", timeout)
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"the engine failed and is not serving: {self._error!r}") from self._error
+        if self._stopping or not self._thread.is_alive():
+            raise EngineDeadError("the engine is shutting down")
+
+    # ---- delivery (event loop side of call_soon_threadsafe) ------------------------------------------------
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._streams.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+            elif not out.finished:  # nobody listens any more: do not spend steps on it
+                self._inbox.put(_Abort([out.request_id]))
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for q in self._streams.values():
+            q.put_nowait(exc)
+
+    def _post(self, fn, *args) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            pass
+
+    # ---- engine thread -------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            self._publish()
+            while True:
+                if not self._apply_commands(block=not engine.has_unfinished_requests()):
+                    break
+                if engine.has_unfinished_requests():
+                    outputs = engine.step()
+                    for out in outputs:
+                        if out.finished:
+                            self.latency.observe(out)
+                    if outputs:
+                        self._post(self._dispatch, outputs)
+                self._publish()
+        except BaseException as e:  # noqa: BLE001 - any failure of a step ends the engine
+            logger.exception("engine step failed; failing every request in flight")
+            self._error = e
+        reason = (f"the engine failed: {self._error!r}" if self._error is not None
+                  else "the server is shutting down")
+        try:  # gauges first, so that a client told of the failure sees it in the metrics too
+            self._abort_all()
+            self._publish()
+        except Exception:
+            logger.exception("cleaning up the engine failed")
+        self._post(self._fail_all, EngineDeadError(reason))
+        try:
+            engine.shutdown()
+        except Exception:
+            logger.exception("engine shutdown failed")
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply the inbox's commands; wait for one first when the engine is idle. False on stop."""
+        commands = []
+        try:
+            if block:
+                commands.append(self._inbox.get(timeout=self._idle_wait_s))
+            while True:
+                commands.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        for cmd in commands:
+            if isinstance(cmd, _Add):
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, cmd.arrival_time)
+                except Exception as e:  # bad input: fail this request only
+                    self._post(self._fail, cmd.request_id, e)
+            elif isinstance(cmd, _Abort):
+                self.engine.abort_request(cmd.request_ids)
+            elif isinstance(cmd, _Stop):
+                return False
+        return True
+
+    def _abort_all(self) -> None:
+        engine = self.engine
+        ids = {r.parent_id for r in (*engine.scheduler.running, *engine.scheduler.waiting)}
+        if ids:
+            logger.info("aborting %d unfinished requests", len(ids))
+            engine.abort_request(list(ids))
+
+    def _publish(self) -> None:
+        engine = self.engine
+        now = time.monotonic()
+        if now - self._memory_time >= _MEMORY_POLL_S and self._error is None:
+            try:
+                self._memory = tuple(engine.memory_in_use())
+            except Exception:
+                logger.debug("memory_in_use failed", exc_info=True)
+            self._memory_time = now
+        stats, kv = engine.stats, engine.kv_cache_manager
+        self.snapshot = EngineSnapshot(
+            num_requests_running=len(engine.scheduler.running),
+            num_requests_waiting=len(engine.scheduler.waiting),
+            kv_cache_usage=kv.usage, num_kv_blocks=kv.num_blocks, prompt_tokens=stats.prompt_tokens,
+            generation_tokens=stats.generation_tokens, finished=dict(stats.finished),
+            preemptions=stats.preemptions, prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits, memory_in_use=self._memory,
+            is_healthy=self._error is None and not self._stopping)

@@ -1,0 +1,1 @@
+"""User-facing entry points: the `shardllm` CLI and the OpenAI-compatible server."""

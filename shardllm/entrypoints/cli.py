@@ -1,0 +1,231 @@
+"""The `shardllm` command: `serve` (the OpenAI-compatible server) and `generate` (offline, one shot).
+
+Engine flags map 1:1 onto the `LLM` arguments; `--config FILE.yaml` holds the same arguments by their
+`LLM` names, and flags given on the command line override it. `shardllm-serve` is `shardllm serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "log_level", "shutdown_timeout")
+SERVER_DEFAULTS = {"host": "localhost", "port": 8000, "log_level": "info", "shutdown_timeout": 30.0}
+# The deployment guide's short names, accepted in YAML too.
+YAML_SYNONYMS = {"tp_size": "tensor_parallel_size", "pp_size": "pipeline_parallel_size",
+                 "ep_size": "expert_parallel_size"}
+
+
+def _names(*names: str) -> list[str]:
+    """Each --snake_case flag also answers to --kebab-case."""
+    out = []
+    for n in names:
+        out.append(n)
+        if n.startswith("--") and "_" in n and n.replace("_", "-") not in names:
+            out.append(n.replace("_", "-"))
+    return out
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=argparse.SUPPRESS,
+                   help="checkpoint dir, .gguf file or Hugging Face repo id (default: the embedded model)")
+    g = p.add_argument_group("engine (the LLM arguments)")
+
+    def add(*names: str, **kw: Any) -> None:
+        if "dest" in kw and f"--{kw['dest']}" not in names:
+            names = (*names, f"--{kw['dest']}")  # the LLM argument's own name works too
+        if kw.get("type") in (int, float):
+            kw.setdefault("metavar", "N" if kw["type"] is int else "F")
+        g.add_argument(*_names(*names), default=argparse.SUPPRESS, **kw)
+
+    add("--model", dest="model", help="the model, as a flag (same as the positional MODEL)")
+    add("--config", dest="config", metavar="FILE.yaml", help="YAML of LLM arguments; flags override it")
+    add("--tp_size", "--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=int,
+        help="tensor parallel size (GPUs per pipeline stage)")
+    add("--pp_size", "--pipeline-parallel-size", "-pp", dest="pipeline_parallel_size", type=int,
+        help="pipeline parallel size (stages)")
+    add("--ep_size", "--expert-parallel-size", "-ep", dest="expert_parallel_size", type=int,
+        help="expert parallel size (MoE; divides tp_size)")
+    add("--max_batch_size", "--max-num-seqs", dest="max_batch_size", type=int, help="most sequences in a step")
+    add("--max_num_tokens", "--max-num-batched-tokens", dest="max_num_tokens", type=int,
+        help="token budget of one step")
+    add("--max_seq_len", "--max-model-len", dest="max_seq_len", type=int, help="longest prompt + output")
+    add("--dtype", help="auto | bfloat16 | float16 | float32")
+    add("--kv_cache_free_gpu_memory_fraction", type=float, help="share of free GPU memory for the KV cache")
+    add("--cpu_kv_cache_gb", type=float, help="KV cache size on CPU, in GiB")
+    add("--device", choices=("auto", "cuda", "cpu"), help="where to run (auto: cuda when there is a GPU)")
+    add("--load_format", help="auto | safetensors | gguf | dummy")
+    add("--tokenizer", help="tokenizer path or repo id, when not the model's")
+    add("--seed", type=int, help="base random seed")
+    add("--block_size", type=int, help="tokens per KV cache block")
+    add("--enable_prefix_caching", action=argparse.BooleanOptionalAction, help="reuse KV of shared prefixes")
+    add("--enforce_eager", action="store_const", const=True, help="no CUDA graphs")
+    add("--trust_remote_code", action="store_const", const=True, help="allow model code from the hub")
+    add("--log_level", choices=LOG_LEVELS, help="logging level (default info)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardllm", description="shardllm: serve one LLM across many GPUs.",
+                                     allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate}")
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server", allow_abbrev=False,
+                           description="Run the OpenAI-compatible server (no MODEL: the embedded default).")
+    _add_engine_args(serve)
+    g = serve.add_argument_group("server")
+    for names, kw in [(("--host",), dict(help="address to bind (default localhost)")),
+                      (("--port",), dict(type=int, help="port (default 8000)")),
+                      (("--served_model_name",), dict(help="the model's name in the API (default: MODEL)")),
+                      (("--api_key",), dict(help="require 'Authorization: Bearer KEY' on /v1/* "
+                                                 "(or set SHARDLLM_API_KEY)")),
+                      (("--shutdown_timeout",), dict(type=float, help="seconds running requests get to "
+                                                                      "finish on SIGTERM (default 30)"))]:
+        g.add_argument(*_names(*names), default=argparse.SUPPRESS, **kw)
+
+    gen = sub.add_parser("generate", help="generate text offline and print it", allow_abbrev=False,
+                         description="Generate for each --prompt (or each line of stdin) and print the text.")
+    _add_engine_args(gen)
+    g = gen.add_argument_group("sampling")
+    g.add_argument("-p", "--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    g.add_argument(*_names("--max_tokens"), type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument(*_names("--top_p"), type=float, default=1.0)
+    g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    return parser
+
+
+def _engine_keys() -> set[str]:
+    from shardllm.config import EngineConfig
+
+    return set(inspect.signature(EngineConfig.create).parameters)
+
+
+def load_yaml_config(path: str, allowed: set[str]) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"cannot read --config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must be a mapping of LLM arguments, got {type(data).__name__}")
+    data = {YAML_SYNONYMS.get(k, k): v for k, v in data.items()}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} in {path}: use the LLM argument names {sorted(allowed)}")
+    return data
+
+
+def resolve_settings(args: argparse.Namespace, server: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(engine kwargs, server settings): the YAML file first, the flags given over it."""
+    engine_keys = _engine_keys()
+    allowed = engine_keys | {"log_level"} | (set(SERVER_KEYS) if server else set())
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    settings = load_yaml_config(args.config, allowed) if getattr(args, "config", None) else {}
+    settings.update({k: v for k, v in given.items() if k in allowed})
+    engine = {k: v for k, v in settings.items() if k in engine_keys}
+    rest = {k: v for k, v in settings.items() if k not in engine_keys}
+    if server:
+        for k, v in SERVER_DEFAULTS.items():
+            rest.setdefault(k, v)
+    if server and not rest.get("api_key"):
+        rest["api_key"] = os.environ.get("SHARDLLM_API_KEY") or None
+    return engine, rest
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str) -> int:
+    print(f"shardllm: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        engine_kwargs, opts = resolve_settings(args, server=True)
+    except ValueError as e:
+        return _fail(str(e))
+    _setup_logging(opts["log_level"])
+    try:
+        from shardllm.engine.async_llm import AsyncLLM
+        from shardllm.entrypoints.openai.server import run_server
+    except ImportError as e:
+        return _fail(f"{e}: the server needs its extras, `pip install 'shardllm[server]'`")
+    # A signal while the model loads stops the start cleanly; uvicorn takes the signals over once it runs.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        llm = AsyncLLM.from_kwargs(**engine_kwargs)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        logging.getLogger(__name__).info("interrupted while loading the model")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    run_server(llm, host=opts["host"], port=opts["port"], served_model_name=opts.get("served_model_name"),
+               api_key=opts["api_key"], log_level=opts["log_level"], shutdown_timeout=opts["shutdown_timeout"])
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    try:
+        engine_kwargs, opts = resolve_settings(args, server=False)
+    except ValueError as e:
+        return _fail(str(e))
+    _setup_logging(opts.get("log_level", "warning"))
+    prompts = list(args.prompt)
+    if not prompts:
+        if sys.stdin.isatty():
+            return _fail("give at least one --prompt, or prompts on stdin (one per line)")
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    from shardllm import LLM, SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+        llm = LLM(**engine_kwargs)
+    except (ValueError, TypeError, NotImplementedError) as e:
+        return _fail(str(e))
+    try:
+        if args.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
+        else:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+    except (ValueError, TypeError) as e:
+        return _fail(str(e))
+    finally:
+        llm.shutdown()
+    for prompt, out in zip(prompts, outs):
+        print(f"### {prompt}\n{out.outputs[0].text}\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"serve": serve, "generate": generate}[args.command](args)
+    except KeyboardInterrupt:
+        return 0
+
+
+def serve_main() -> None:
+    """`shardllm-serve ...` is `shardllm serve ...`."""
+    sys.exit(main(["serve", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over an AsyncLLM, served by uvicorn.
+
+Every bad input is answered with a 4xx in OpenAI's error shape before it reaches the engine; a client
+that disconnects aborts its requests (their KV blocks are freed at the engine's next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shardllm import __version__
+from shardllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
+from shardllm.entrypoints.openai.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    usage,
+    validation_error,
+)
+from shardllm.metrics.prometheus import make_registry, render
+from shardllm.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class OpenAIServer:
+    """The routes of one served model. `app` is the ASGI application."""
+
+    def __init__(self, llm: AsyncLLM, served_model_name: str, api_key: str | None = None):
+        self.llm = llm
+        self.model_name = served_model_name
+        self.api_key = api_key or None
+        self.created = int(time.time())
+        self.vocab_size = llm.config.model_config.hf_config.vocab_size
+        self.registry = make_registry(lambda: llm.snapshot, llm.latency, served_model_name)
+        self.app = self._build_app()
+
+    # ---- app -----------------------------------------------------------------------------------------------
+    def _build_app(self) -> FastAPI:
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            yield
+            logger.info("stopping the engine")
+            await asyncio.to_thread(self.llm.shutdown)
+
+        app = FastAPI(title="shardllm", version=__version__, lifespan=lifespan)
+        app.add_exception_handler(APIError, _api_error_response)
+        app.add_exception_handler(StarletteHTTPException, _http_error_response)
+        app.add_exception_handler(RequestValidationError, _request_validation_response)
+        app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/version", self.version, methods=["GET"])
+        app.add_api_route("/metrics", self.metrics, methods=["GET"])
+        v1 = APIRouter(prefix="/v1", dependencies=[Depends(self._check_api_key)])
+        v1.add_api_route("/models", self.list_models, methods=["GET"])
+        v1.add_api_route("/models/{model:path}", self.get_model, methods=["GET"])
+        v1.add_api_route("/completions", _internal_errors(self.completions), methods=["POST"])
+        v1.add_api_route("/chat/completions", _internal_errors(self.chat_completions), methods=["POST"])
+        app.include_router(v1)
+        return app
+
+    async def _check_api_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError("Missing or incorrect API key: send the header 'Authorization: Bearer <key>'.",
+                           401, param=None, code="invalid_api_key")
+
+    # ---- small endpoints -----------------------------------------------------------------------------------
+    async def health(self) -> Response:
+        if self.llm.is_healthy:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse(error_body(self._unhealthy_message(), "service_unavailable"), status_code=503)
+
+    async def version(self) -> dict:
+        return {"version": __version__}
+
+    async def metrics(self) -> Response:
+        return Response(render(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "shardllm",
+                "root": self.llm.config.model_config.model, "max_model_len": self.llm.max_model_len}
+
+    async def list_models(self) -> dict:
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def get_model(self, model: str) -> dict:
+        self._check_model(model)
+        return self._model_card()
+
+    def _unhealthy_message(self) -> str:
+        err = self.llm.error
+        return f"the engine failed: {err!r}" if err is not None else "the engine is not serving (shutting down)"
+
+    # ---- request parsing -----------------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
+                           404, param="model", code="model_not_found")
+
+    async def _parse(self, request: Request, model_cls):
+        body = await request.body()
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(f"The request body is not valid JSON ({e}).", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError("The request body must be a JSON object.", code="invalid_json")
+        try:
+            req = model_cls.model_validate(data)
+        except ValidationError as e:
+            raise validation_error(e, data) from None
+        self._check_model(req.model)
+        if not self.llm.is_healthy:
+            raise APIError(self._unhealthy_message(), 503, type="service_unavailable")
+        return req
+
+    def _check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+        """Refuse what cannot fit the context; returns the max_tokens to use (the rest of it by default)."""
+        max_len = self.llm.max_model_len
+        if num_prompt_tokens >= max_len:
+            what = "the messages make" if param == "messages" else f"the {param} has"
+            raise APIError(f"This model's maximum context length is {max_len} tokens, but {what} "
+                           f"{num_prompt_tokens} tokens: shorten it to at most {max_len - 1} tokens.",
+                           param=param, code="context_length_exceeded")
+        if max_tokens is None:
+            return max_len - num_prompt_tokens
+        if num_prompt_tokens + max_tokens > max_len:
+            raise APIError(f"This model's maximum context length is {max_len} tokens. However, you requested "
+                           f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {param}, "
+                           f"{max_tokens} for the completion). Reduce the {param} or max_tokens.",
+                           param="max_tokens", code="context_length_exceeded")
+        return max_tokens
+
+    def _prompt_ids(self, prompt) -> list[tuple[str | None, list[int]]]:
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        if not prompts:
+            raise APIError("'prompt' must not be empty.", param="prompt")
+        result = []
+        for p in prompts:
+            if isinstance(p, str):
+                try:
+                    ids = self.llm.tokenize(p)
+                except ValueError as e:
+                    raise APIError(str(e), param="prompt") from None
+                result.append((p, ids))
+            else:
+                bad = [t for t in p if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise APIError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}).",
+                                   param="prompt")
+                result.append((None, list(p)))
+            if not result[-1][1]:
+                raise APIError("'prompt' must not be empty: give at least one token.", param="prompt")
+        return result
+
+    # ---- completions ---------------------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        req: CompletionRequest = await self._parse(request, CompletionRequest)
+        if req.suffix:
+            raise APIError("'suffix' is not supported.", param="suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError("'best_of' other than n is not supported.", param="best_of")
+        if req.echo and req.logprobs is not None:
+            raise APIError("'echo' together with 'logprobs' is not supported (no prompt logprobs).", param="echo")
+        prompts = self._prompt_ids(req.prompt)
+        params = [req.sampling_params(self._check_length(len(ids), req.max_tokens, "prompt"), req.logprobs)
+                  for _, ids in prompts]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        sub_ids = [f"{rid}-{i}" for i in range(len(prompts))]
+        gens = [self.llm.generate(ids, p, sid) for (_, ids), p, sid in zip(prompts, params, sub_ids)]
+        echo = [self._echo_text(text, ids) if req.echo else "" for text, ids in prompts]
+        num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+        if req.stream:
+            return self._sse(self._stream_completion(req, rid, gens, echo, num_prompt_tokens), sub_ids)
+        finals = await self._collect(request, gens)
+        choices, num_completion_tokens = [], 0
+        for p_idx, out in enumerate(finals):
+            for o in out.outputs:
+                num_completion_tokens += len(o.token_ids)
+                lp = completion_logprobs(o, 0, len(o.token_ids), req.logprobs, 0) if req.logprobs is not None \
+                    else None
+                choices.append({"index": p_idx * req.n + o.index, "text": echo[p_idx] + o.text, "logprobs": lp,
+                                "finish_reason": o.finish_reason})
+        return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
+                             "model": self.model_name, "choices": choices,
+                             "usage": usage(num_prompt_tokens, num_completion_tokens)})
+
+    def _echo_text(self, text: str | None, ids: list[int]) -> str:
+        if text is not None:
+            return text
+        return self.llm.tokenizer.decode(ids) if self.llm.tokenizer is not None else ""
+
+    async def _stream_completion(self, req: CompletionRequest, rid: str, gens: list, echo: list[str],
+                                 num_prompt_tokens: int) -> AsyncIterator[str]:
+        created, include_usage = int(time.time()), bool(req.stream_options and req.stream_options.include_usage)
+        sent_chars: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        done: set[int] = set()
+        num_completion_tokens = 0
+
+        def chunk(index: int, text: str, logprobs, finish_reason) -> str:
+            c = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                 "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+            if include_usage:
+                c["usage"] = None
+            return _sse_event(c)
+
+        try:
+            async for p_idx, out in _merge(gens):
+                for o in out.outputs:
+                    key = p_idx * req.n + o.index
+                    if key in done:
+                        continue
+                    n_chars, n_tok = sent_chars.get(key), sent_tokens.get(key, 0)
+                    prefix = echo[p_idx] if n_chars is None else ""
+                    delta = o.text[n_chars or 0:]
+                    lp = None
+                    if req.logprobs is not None and len(o.token_ids) > n_tok:
+                        lp = completion_logprobs(o, n_tok, len(o.token_ids), req.logprobs, n_chars or 0)
+                    if prefix or delta or lp or o.finish_reason:
+                        yield chunk(key, prefix + delta, lp, o.finish_reason)
+                    sent_chars[key], sent_tokens[key] = len(o.text), len(o.token_ids)
+                    if o.finish_reason is not None:
+                        done.add(key)
+                        num_completion_tokens += len(o.token_ids)
+            if include_usage:
+                yield _sse_event({"id": rid, "object": "text_completion", "created": created,
+                                  "model": self.model_name, "choices": [],
+                                  "usage": usage(num_prompt_tokens, num_completion_tokens)})
+        except Exception as e:
+            yield _sse_event(_stream_error(e))
+        yield "data: [DONE]\n\n"
+
+    # ---- chat ----------------------------------------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
+        try:
+            ids = self.llm.apply_chat_template([m.template_dict() for m in req.messages])
+        except ValueError as e:
+            raise APIError(str(e), param="messages") from None
+        except Exception as e:  # a template that raises on these messages (jinja's TemplateError and kin)
+            raise APIError(f"the chat template failed on these messages: {e}", param="messages") from None
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens = self._check_length(len(ids), max_tokens, "messages")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = req.sampling_params(max_tokens, k)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        gen = self.llm.generate(ids, params, rid)
+        if req.stream:
+            return self._sse(self._stream_chat(req, rid, gen, len(ids)), [rid])
+        (out,) = await self._collect(request, [gen])
+        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                    "logprobs": chat_logprobs(o, 0, len(o.token_ids), k) if k is not None else None,
+                    "finish_reason": o.finish_reason} for o in out.outputs]
+        return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
+                             "model": self.model_name, "choices": choices,
+                             "usage": usage(len(ids), sum(len(o.token_ids) for o in out.outputs))})
+
+    async def _stream_chat(self, req: ChatCompletionRequest, rid: str, gen, num_prompt_tokens: int
+                           ) -> AsyncIterator[str]:
+        created, include_usage = int(time.time()), bool(req.stream_options and req.stream_options.include_usage)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        sent_chars = [0] * req.n
+        sent_tokens = [0] * req.n
+        done: set[int] = set()
+        num_completion_tokens = 0
+
+        def chunk(index: int, delta: dict, logprobs, finish_reason) -> str:
+            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                              "finish_reason": finish_reason}]}
+            if include_usage:
+                c["usage"] = None
+            return _sse_event(c)
+
+        try:
+            for i in range(req.n):
+                yield chunk(i, {"role": "assistant", "content": ""}, None, None)
+            async for out in gen:
+                for o in out.outputs:
+                    i = o.index
+                    if i in done:
+                        continue
+                    delta = o.text[sent_chars[i]:]
+                    lp = None
+                    if k is not None and len(o.token_ids) > sent_tokens[i]:
+                        lp = chat_logprobs(o, sent_tokens[i], len(o.token_ids), k)
+                    if delta or lp or o.finish_reason:
+                        yield chunk(i, {"content": delta} if delta else {}, lp, o.finish_reason)
+                    sent_chars[i], sent_tokens[i] = len(o.text), len(o.token_ids)
+                    if o.finish_reason is not None:
+                        done.add(i)
+                        num_completion_tokens += len(o.token_ids)
+            if include_usage:
+                yield _sse_event({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                  "model": self.model_name, "choices": [],
+                                  "usage": usage(num_prompt_tokens, num_completion_tokens)})
+        except Exception as e:
+            yield _sse_event(_stream_error(e))
+        yield "data: [DONE]\n\n"
+
+    # ---- running requests ----------------------------------------------------------------------------------
+    def _sse(self, body: AsyncIterator[str], request_ids: list[str]) -> StreamingResponse:
+        # After the stream ends (a disconnect included) abort whatever is still running: the body
+        # generator may be left suspended rather than closed when the client goes away.
+        abort = BackgroundTask(lambda: [self.llm.abort(r) for r in request_ids])
+        return StreamingResponse(body, media_type="text/event-stream", background=abort,
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _collect(self, request: Request, gens: list) -> list[RequestOutput]:
+        """Run generators to their last output; cancel them all if one fails or the client disconnects."""
+
+        async def last(gen) -> RequestOutput:
+            final = None
+            async for out in gen:
+                final = out
+            return final
+
+        tasks = [asyncio.ensure_future(last(g)) for g in gens]
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            pending = set(tasks)
+            while pending:
+                done, _ = await asyncio.wait(pending | {watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if watcher in done:
+                    raise _ClientGone()
+                for t in done:
+                    if t.exception() is not None:
+                        raise t.exception()
+                pending -= done
+            return [t.result() for t in tasks]
+        finally:
+            watcher.cancel()
+            for t in tasks:
+                t.cancel()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _merge(gens: list) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(index of the generator, output) from several generators as they come."""
+    if len(gens) == 1:
+        async for out in gens[0]:
+            yield 0, out
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen) -> None:
+        try:
+            async for out in gen:
+                q.put_nowait((i, out))
+            q.put_nowait((i, None))
+        except Exception as e:
+            q.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            i, item = await q.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is None:
+                remaining -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _sse_event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _stream_error(e: Exception) -> dict:
+    if isinstance(e, APIError):
+        return e.body()
+    if isinstance(e, (EngineDeadError, RequestAbortedError)):
+        return error_body(str(e), "service_unavailable")
+    if isinstance(e, (ValueError, TypeError)):
+        return error_body(str(e))
+    logger.exception("error while streaming")
+    return error_body(f"internal error: {e!r}", "server_error")
+
+
+# ---- errors as OpenAI JSON --------------------------------------------------------------------------------------
+async def _api_error_response(request: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status_code)
+
+
+async def _http_error_response(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
+                        headers=getattr(e, "headers", None))
+
+
+async def _request_validation_response(request: Request, e: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body(str(e.errors()[:1])), status_code=400)
+
+
+def _internal_errors(handler):
+    """Map what escapes a route to OpenAI's shape: bad input 400, a dead engine 503, the rest 500."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except APIError:
+            raise
+        except _ClientGone:
+            return Response(status_code=499)
+        except (EngineDeadError, RequestAbortedError) as e:
+            raise APIError(str(e), 503, type="service_unavailable") from None
+        except (ValueError, TypeError) as e:
+            raise APIError(str(e)) from None
+        except Exception as e:
+            logger.exception("request failed")
+            raise APIError(f"internal error: {e!r}", 500, type="server_error") from None
+
+    return wrapped
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn, with a grace period: on the first SIGINT/SIGTERM it stops accepting at once, and what is
+    still running `grace_s` later is aborted, so that every stream ends with an error event and [DONE]."""
+
+    def __init__(self, config: uvicorn.Config, on_grace_end, grace_s: float):
+        super().__init__(config)
+        self._on_grace_end, self._grace_s = on_grace_end, grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self.should_exit and self._loop is not None:
+            logger.info("signal %d: shutting down (running requests get %.0f s)", sig, self._grace_s)
+            self._loop.call_soon_threadsafe(self._loop.call_later, self._grace_s, self._on_grace_end)
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises a caught signal once it has shut down, so the process would die by it; a
+        # server that shut down gracefully should exit 0 instead.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_server(llm: AsyncLLM, *, host: str = "localhost", port: int = 8000, served_model_name: str | None = None,
+               api_key: str | None = None, log_level: str = "info", shutdown_timeout: float = 30.0) -> None:
+    """Serve until SIGINT/SIGTERM: then stop accepting, let running requests finish for up to
+    `shutdown_timeout` seconds, abort the rest, stop the engine and return."""
+    server = OpenAIServer(llm, served_model_name or llm.config.model_config.model, api_key)
+    # uvicorn's own deadline is a backstop behind ours: by then every aborted stream has ended.
+    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level.lower(),
+                            timeout_graceful_shutdown=shutdown_timeout + 5, lifespan="on")
+    on_grace_end = lambda: llm.abort_all("the server is shutting down; the request was aborted")
+    try:
+        _UvicornServer(config, on_grace_end, shutdown_timeout).run()
+    finally:
+        llm.shutdown()

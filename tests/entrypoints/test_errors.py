@@ -1,0 +1,156 @@
+"""Bad input gets a 4xx in OpenAI's error shape and the server keeps serving; the API key guards /v1/*."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import httpx
+import openai
+import pytest
+
+from tests.entrypoints.conftest import MAX_SEQ_LEN, MODEL, RemoteServer
+
+KEY = "test-secret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+LONG_PROMPT = "hello " * (MAX_SEQ_LEN + 10)  # more tokens than the context
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = RemoteServer(env={"SHARDLLM_API_KEY": KEY})  # the key from the environment, not the flag
+    yield srv
+    rc = srv.stop(signal.SIGTERM)
+    assert rc == 0, srv.log_tail()
+
+
+def completion(**kw):
+    return {"model": MODEL, "prompt": "Hello", "max_tokens": 2, **kw}
+
+
+def chat(**kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **kw}
+
+
+def assert_error_shape(r: httpx.Response, status: int, param: str | None = None, code: str | None = None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+
+
+# (endpoint, raw body or JSON, status, param, code)
+BAD = [
+    ("completions", b"{not json", 400, None, None),
+    ("completions", b"[1, 2]", 400, None, None),
+    ("chat/completions", b"", 400, None, None),
+    ("completions", completion(max_tokens="5"), 400, "max_tokens", None),
+    ("completions", completion(temperature="hot"), 400, "temperature", None),
+    ("completions", completion(prompt=5), 400, "prompt", None),
+    ("completions", completion(stream="yes"), 400, "stream", None),
+    ("completions", completion(stop=3), 400, "stop", None),
+    ("chat/completions", chat(messages="hi"), 400, "messages", None),
+    ("chat/completions", chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages", None),
+    ("chat/completions", chat(messages=[{"content": "no role"}]), 400, "messages", None),
+    ("chat/completions", chat(messages=[]), 400, "messages", None),
+    ("completions", {"model": MODEL}, 400, "prompt", None),
+    ("completions", {"prompt": "no model"}, 400, "model", None),
+    ("chat/completions", {"model": MODEL}, 400, "messages", None),
+    ("completions", completion(max_tokens=0), 400, "max_tokens", None),
+    ("completions", completion(max_tokens=-3), 400, "max_tokens", None),
+    ("chat/completions", chat(max_completion_tokens=0), 400, "max_completion_tokens", None),
+    ("completions", completion(temperature=2.5), 400, "temperature", None),
+    ("chat/completions", chat(temperature=-0.1), 400, "temperature", None),
+    ("completions", completion(top_p=0), 400, "top_p", None),
+    ("completions", completion(n=0), 400, "n", None),
+    ("completions", completion(logprobs=99), 400, "logprobs", None),
+    ("chat/completions", chat(top_logprobs=2), 400, "top_logprobs", None),
+    ("completions", completion(prompt=[]), 400, "prompt", None),
+    ("completions", completion(prompt=[1, 10**9]), 400, "prompt", None),
+    ("completions", completion(prompt=LONG_PROMPT), 400, None, "context_length_exceeded"),
+    ("chat/completions", chat(messages=[{"role": "user", "content": LONG_PROMPT}]), 400, None,
+     "context_length_exceeded"),
+    ("completions", completion(max_tokens=MAX_SEQ_LEN), 400, "max_tokens", "context_length_exceeded"),
+    ("completions", completion(model="gpt-9"), 404, "model", "model_not_found"),
+    ("chat/completions", chat(model="gpt-9"), 404, "model", "model_not_found"),
+]
+
+
+def _post(server, endpoint, body, headers=AUTH, timeout=60):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    return httpx.post(server.url(f"/v1/{endpoint}"), headers=headers, timeout=timeout, **kw)
+
+
+@pytest.mark.parametrize("endpoint,body,status,param,code", BAD,
+                         ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
+def test_bad_input(server, endpoint, body, status, param, code):
+    assert_error_shape(_post(server, endpoint, body), status, param, code)
+
+
+def test_server_keeps_serving_after_bad_input(server):
+    r = _post(server, "completions", completion(max_tokens=3, temperature=0))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert httpx.get(server.url("/health")).status_code == 200
+
+
+def test_unknown_route_and_method(server):
+    assert_error_shape(httpx.get(server.url("/v1/nothing"), headers=AUTH), 404)
+    assert_error_shape(httpx.get(server.url("/v1/completions"), headers=AUTH), 405)
+
+
+def test_api_key(server):
+    assert_error_shape(_post(server, "completions", completion(), headers={}), 401, code="invalid_api_key")
+    bad = {"Authorization": "Bearer wrong"}
+    assert_error_shape(_post(server, "chat/completions", chat(), headers=bad), 401, code="invalid_api_key")
+    assert_error_shape(httpx.get(server.url("/v1/models")), 401)
+    assert httpx.get(server.url("/health")).status_code == 200  # open without a key
+    assert httpx.get(server.url("/metrics")).status_code == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url("/v1"), api_key="wrong", max_retries=0).models.list()
+    ok = openai.OpenAI(base_url=server.url("/v1"), api_key=KEY, max_retries=0)
+    assert ok.completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_openai_client_sees_bad_request(server):
+    client = openai.OpenAI(base_url=server.url("/v1"), api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=0)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_mixed_burst_of_bad_and_good_requests(server):
+    """Bad requests fired together with good ones, streaming and not: every good one completes."""
+    good = [("completions", completion(max_tokens=4, ignore_eos=True, temperature=0), False),
+            ("chat/completions", chat(max_tokens=4, ignore_eos=True), False),
+            ("completions", completion(max_tokens=4, ignore_eos=True, stream=True), True),
+            ("chat/completions", chat(max_tokens=4, ignore_eos=True, stream=True), True)] * 3
+    bad = [(endpoint, body, status) for endpoint, body, status, _, _ in BAD]
+
+    async def send(client, endpoint, body, stream):
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        if not stream:
+            r = await client.post(f"/v1/{endpoint}", **kw)
+            return r.status_code, r.json()
+        async with client.stream("POST", f"/v1/{endpoint}", **kw) as r:
+            lines = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+            return r.status_code, lines
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.base_url, headers=AUTH, timeout=120) as client:
+            jobs = [send(client, e, b, s) for e, b, s in good] + [send(client, e, b, False) for e, b, _ in bad]
+            return await asyncio.gather(*jobs)
+
+    results = asyncio.run(burst())
+    for (_, _, stream), (status, payload) in zip(good, results[:len(good)]):
+        assert status == 200, payload
+        if stream:
+            assert payload[-1] == "data: [DONE]" and not any('"error"' in line for line in payload)
+        else:
+            assert payload["usage"]["completion_tokens"] == 4
+    for (_, _, status), (got, payload) in zip(bad, results[len(good):]):
+        assert got == status and set(payload["error"]) == {"message", "type", "param", "code"}
