@@ -40,6 +40,10 @@ class Executor(ABC):
     def memory_in_use(self) -> list[int]:
         """Bytes of device memory in use, per rank."""
 
+    def memory_report(self) -> list[dict[str, int]]:
+        """Per rank: bytes of weights, KV cache, allocated and peak device memory."""
+        return []
+
     def check_health(self) -> None:
         """Raise if a worker is gone."""
 

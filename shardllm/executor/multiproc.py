@@ -142,6 +142,9 @@ class MultiprocExecutor(Executor):
     def memory_in_use(self) -> list[int]:
         return self._call_all("memory_in_use")
 
+    def memory_report(self) -> list[dict[str, int]]:
+        return self._call_all("memory_report")
+
     def check_health(self) -> None:
         self._check_alive()
         for r, p in enumerate(self.procs):

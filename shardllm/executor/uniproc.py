@@ -22,5 +22,8 @@ class UniprocExecutor(Executor):
     def memory_in_use(self) -> list[int]:
         return [self.worker.memory_in_use()]
 
+    def memory_report(self) -> list[dict[str, int]]:
+        return [self.worker.memory_report()]
+
     def shutdown(self) -> None:
         self.worker = None

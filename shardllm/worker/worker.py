@@ -27,6 +27,7 @@ class Worker:
         if self.device.type == "cuda":
             self._check_fits()
         self.model_runner = ModelRunner(self.config, self.device)
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model_runner.model.parameters())
 
     def _check_fits(self) -> None:
         """Fail before loading when this rank's share of the weights cannot fit in free GPU memory."""
@@ -54,6 +55,15 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes on this rank's device: weights, KV cache, and (GPU) allocated now and at peak."""
+        kv = sum(c.numel() * c.element_size() for c in self.model_runner.kv_caches)
+        rep = {"weights": self.weights_bytes, "kv_cache": kv}
+        if self.device.type == "cuda":
+            rep["allocated"] = torch.cuda.memory_allocated(self.device)
+            rep["peak"] = torch.cuda.max_memory_allocated(self.device)
+        return rep
 
     def memory_in_use(self) -> int:
         if self.device.type == "cuda":

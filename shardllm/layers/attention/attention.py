@@ -78,6 +78,9 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     qp = q[ref["q_index"]].transpose(1, 2)  # (B, nh, Tq, D)
     kp = k_cache[ref["kv_slots"]].transpose(1, 2)  # (B, nkv, Tk, D)
     vp = v_cache[ref["kv_slots"]].transpose(1, 2)
+    group = qp.shape[1] // kp.shape[1]
+    if q.is_cuda and group > 1:  # CUDA's memory-efficient kernel takes a mask but not GQA: expand kv heads
+        kp, vp = kp.repeat_interleave(group, dim=1), vp.repeat_interleave(group, dim=1)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=ref["mask"], scale=scale,
                                          enable_gqa=qp.shape[1] != kp.shape[1])  # (B, nh, Tq, D)
     return out.transpose(1, 2)[ref["q_valid"]]  # (N, nh, D)

@@ -1,0 +1,148 @@
+"""Offline throughput benchmark, in the manner of trtllm-bench: random prompts of exact lengths, ignore_eos.
+
+    python -m shardllm.bench.throughput --model llama-3-8b --load_format dummy --input_len 128 \
+        --output_len 128 --num_requests 1000 --tp_size 1
+    ... --batch_size 1 --output_len 256      # per-token decode latency and the bandwidth roofline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--load_format", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tp_size", "--tensor-parallel-size", "-tp", dest="tp_size", type=int, default=1)
+    ap.add_argument("--pp_size", "--pipeline-parallel-size", "-pp", dest="pp_size", type=int, default=1)
+    ap.add_argument("--ep_size", dest="ep_size", type=int, default=1)
+    ap.add_argument("--max_batch_size", type=int, default=256)
+    ap.add_argument("--max_num_tokens", type=int, default=8192)
+    ap.add_argument("--max_seq_len", type=int, default=None)
+    ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--enforce_eager", action="store_true")
+
+
+def engine_kwargs(a: argparse.Namespace) -> dict:
+    return dict(model=a.model, load_format=a.load_format, dtype=a.dtype, tensor_parallel_size=a.tp_size,
+                pipeline_parallel_size=a.pp_size, expert_parallel_size=a.ep_size, max_batch_size=a.max_batch_size,
+                max_num_tokens=a.max_num_tokens, max_seq_len=a.max_seq_len,
+                kv_cache_free_gpu_memory_fraction=a.kv_cache_free_gpu_memory_fraction, device=a.device,
+                enforce_eager=a.enforce_eager)
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted once each, like the roofline's reads)."""
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    return 2 * nbytes * n / (time.perf_counter() - t)
+
+
+def run(a: argparse.Namespace) -> dict:
+    from shardllm import LLM, SamplingParams
+    from shardllm.model_loader.size import weight_bytes
+
+    max_len = a.max_seq_len or (a.input_len + a.output_len + 8)
+    kw = engine_kwargs(a)
+    kw["max_seq_len"] = max_len
+    if a.batch_size:
+        kw["max_batch_size"] = a.batch_size
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    load_s = time.perf_counter() - t0
+    eng = llm.engine
+    vocab = llm.config.model_config.hf_config.vocab_size
+    rng = random.Random(a.seed)
+    prompts = [[rng.randrange(100, vocab - 100) for _ in range(a.input_len)] for _ in range(a.num_requests)]
+    sp = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True, detokenize=False)
+    warm = [[rng.randrange(100, vocab - 100) for _ in range(a.input_len)] for _ in range(min(a.num_requests, 4))]
+    llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
+    mem_before = eng.executor.memory_report()
+    steps0 = eng.stats.steps
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    elapsed = time.perf_counter() - t
+    steps = eng.stats.steps - steps0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
+    tpot = [(o.metrics.finished_time - o.metrics.first_token_time) / max(len(o.outputs[0].token_ids) - 1, 1)
+            for o in outs]
+    world = a.tp_size * a.pp_size
+    mem = eng.executor.memory_report()
+    res = {
+        "model": a.model, "dtype": str(llm.config.model_config.dtype).replace("torch.", ""), "tp": a.tp_size,
+        "pp": a.pp_size, "ep": a.ep_size, "gpus": world, "input_len": a.input_len, "output_len": a.output_len,
+        "num_requests": a.num_requests, "batch_size": a.batch_size or a.max_batch_size, "load_s": round(load_s, 1),
+        "elapsed_s": round(elapsed, 3), "output_tok_s": round(out_tokens / elapsed, 1),
+        "output_tok_s_per_gpu": round(out_tokens / elapsed / world, 1),
+        "total_tok_s": round((out_tokens + a.input_len * a.num_requests) / elapsed, 1),
+        "req_s": round(a.num_requests / elapsed, 3), "steps": steps,
+        "ttft_ms_p50": round(pct(ttft, 50) * 1e3, 2), "ttft_ms_p99": round(pct(ttft, 99) * 1e3, 2),
+        "tpot_ms_p50": round(pct(tpot, 50) * 1e3, 3), "tpot_ms_p99": round(pct(tpot, 99) * 1e3, 3),
+        "weights_gib_per_rank": [round(m["weights"] / 2**30, 2) for m in mem_before],
+        "kv_cache_gib_per_rank": [round(m["kv_cache"] / 2**30, 2) for m in mem_before],
+        "peak_gib_per_rank": [round(m.get("peak", 0) / 2**30, 2) for m in mem],
+        "kv_blocks": eng.num_blocks,
+    }
+    ex = eng.executor
+    if hasattr(ex, "plan_send_s") and ex.num_steps:
+        res["plan_send_us_per_step"] = round(ex.plan_send_s / ex.num_steps * 1e6, 1)
+    if a.batch_size == 1 and llm.config.device == "cuda":
+        # roofline: every decode step reads all weights (this rank's share) and the KV cache so far
+        bw = measure_copy_bandwidth(torch.device("cuda", 0))
+        elem = torch.empty((), dtype=llm.config.model_config.dtype).element_size()
+        mc = llm.config.model_config
+        kv_per_token = 2 * mc.hf_config.num_hidden_layers * mc.total_num_kv_heads * mc.head_dim * elem
+        avg_ctx = a.input_len + a.output_len / 2
+        step_bytes = weight_bytes(mc.hf_config, elem) / world + kv_per_token * avg_ctx / a.tp_size
+        roof_ms = step_bytes / bw * 1e3
+        res.update(copy_bandwidth_tb_s=round(bw / 1e12, 3), roofline_ms_per_token=round(roof_ms, 3),
+                   decode_ms_per_token=res["tpot_ms_p50"],
+                   fraction_of_roofline=round(roof_ms / res["tpot_ms_p50"], 3),
+                   roofline_tok_s=round(1e3 / roof_ms, 1))
+    llm.shutdown()
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="shardllm offline throughput benchmark")
+    add_engine_args(ap)
+    ap.add_argument("--input_len", type=int, default=128)
+    ap.add_argument("--output_len", type=int, default=128)
+    ap.add_argument("--num_requests", type=int, default=1000)
+    ap.add_argument("--batch_size", type=int, default=0, help="cap on concurrent sequences (1: latency mode)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    res = run(a)
+    if a.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k:>24}: {v}")
+
+
+if __name__ == "__main__":
+    main()
