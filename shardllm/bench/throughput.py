@@ -127,7 +127,7 @@ def run(a: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="shardllm offline throughput benchmark")
+    ap = argparse.ArgumentParser(prog="shardllm bench", description="shardllm offline throughput benchmark")
     add_engine_args(ap)
     ap.add_argument("--input_len", type=int, default=128)
     ap.add_argument("--output_len", type=int, default=128)

@@ -73,7 +73,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardllm", description="shardllm: serve one LLM across many GPUs.",
                                      allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench}")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server", allow_abbrev=False,
                            description="Run the OpenAI-compatible server (no MODEL: the embedded default).")
@@ -215,6 +215,12 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the benchmark keeps its own flags (trtllm-bench style)
+        from shardllm.bench.throughput import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     try:
         return {"serve": serve, "generate": generate}[args.command](args)
