@@ -9,6 +9,9 @@ _MODELS = {
     "MistralForCausalLM": ("shardllm.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("shardllm.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("shardllm.models.llama", "Qwen3ForCausalLM"),
+    "MixtralForCausalLM": ("shardllm.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("shardllm.models.qwen_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("shardllm.models.qwen_moe", "Qwen3MoeForCausalLM"),
 }
 
 
