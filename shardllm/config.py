@@ -77,6 +77,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
+    num_microbatches: int = 1  # batches kept in flight: the number of pipeline stages
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,8 @@ class EngineConfig:
         _check_parallel(parallel_config, model_config, device)
         cache_config = CacheConfig(block_size, kv_cache_free_gpu_memory_fraction, cpu_kv_cache_gb,
                                    enable_prefix_caching, num_kv_blocks)
-        scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len)
+        scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len,
+                                           num_microbatches=pipeline_parallel_size)
         return EngineConfig(model_config, parallel_config, cache_config, scheduler_config, device, enforce_eager)
 
 
@@ -170,16 +172,53 @@ def valid_tp_sizes(hf_config) -> list[int]:
     return [t for t in range(1, heads + 1) if heads % t == 0 and (kv % t == 0 if t < kv else t % kv == 0)]
 
 
+def num_experts(hf_config) -> int:
+    """Routed experts per MoE layer (Mixtral: num_local_experts, Qwen MoE: num_experts); 0 for a dense model."""
+    return int(getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None) or 0)
+
+
+def moe_intermediate_size(hf_config) -> int:
+    return int(getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size)
+
+
+def _check_expert_parallel(pc: ParallelConfig, mc: ModelConfig) -> None:
+    """EP is carved out of the tp group: ep x moe_tp = tp, ep dividing the experts, moe_tp the expert width."""
+    tp, ep, experts = pc.tensor_parallel_size, pc.expert_parallel_size, num_experts(mc.hf_config)
+    if experts == 0:
+        if ep == 1:
+            return
+        raise ValueError(f"expert_parallel_size={ep} applies to mixture-of-experts models only and "
+                         f"{mc.architecture} is dense: use expert_parallel_size=1 (tensor_parallel_size splits it)")
+    valid = [e for e in range(1, tp + 1) if tp % e == 0 and experts % e == 0]
+    if tp % ep:
+        raise ValueError(f"expert_parallel_size={ep} does not divide tensor_parallel_size={tp}: expert "
+                         f"parallelism is carved out of the tp group, so use an ep_size in {valid} "
+                         f"or raise tensor_parallel_size to a multiple of {ep}")
+    if experts % ep:
+        raise ValueError(f"expert_parallel_size={ep} does not divide the model's {experts} experts: "
+                         f"use an ep_size in {valid}")
+    inter = moe_intermediate_size(mc.hf_config)
+    if inter % (tp // ep):
+        raise ValueError(f"each expert is split over tp_size / ep_size = {tp // ep} ranks, which does not divide "
+                         f"its intermediate size {inter}: raise expert_parallel_size or lower tensor_parallel_size")
+
+
 def _check_parallel(pc: ParallelConfig, mc: ModelConfig, device: str) -> None:
     tp = pc.tensor_parallel_size
     valid = valid_tp_sizes(mc.hf_config)
     if tp not in valid:
         raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {mc.hf_config.num_attention_heads} "
                          f"attention heads ({mc.total_num_kv_heads} kv heads): valid sizes are {valid}")
-    if pc.pipeline_parallel_size > 1:
-        raise NotImplementedError("pipeline parallelism is not implemented yet: use pipeline_parallel_size=1")
-    if pc.expert_parallel_size > 1:
-        raise NotImplementedError("expert parallelism is not implemented yet: use expert_parallel_size=1")
+    pp, layers = pc.pipeline_parallel_size, mc.num_layers
+    if pp > layers:
+        raise ValueError(f"pipeline_parallel_size={pp} exceeds the model's {layers} layers: "
+                         f"use at most {layers} stages")
+    if pc.pp_partition is not None:
+        part = list(pc.pp_partition)
+        if len(part) != pp or sum(part) != layers or min(part) < 1:
+            raise ValueError(f"pp_partition={part} must give {pp} stages (pp_size) of at least 1 layer each, "
+                             f"summing to the model's {layers} layers")
+    _check_expert_parallel(pc, mc)
     if device == "cuda":
         visible = torch.cuda.device_count()
         if pc.world_size > visible:

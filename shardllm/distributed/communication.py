@@ -27,3 +27,27 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(ctx.tp_size)]
     dist.all_gather(parts, x.contiguous(), group=ctx.tp_group)
     return torch.cat(parts, dim=dim)
+
+
+def pp_send(tensors: dict[str, torch.Tensor]) -> None:
+    """Send activations to the same tp rank of the next pipeline stage (keys sent in sorted order)."""
+    import torch.distributed as dist
+
+    ctx = get_parallel_context()
+    dst = ctx.rank + ctx.tp_size
+    for key in sorted(tensors):
+        dist.send(tensors[key].contiguous(), dst=dst)
+
+
+def pp_recv(keys: list[str], shape: tuple[int, ...], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Receive what the previous stage's `pp_send` sent (every tensor of `shape`)."""
+    import torch.distributed as dist
+
+    ctx = get_parallel_context()
+    src = ctx.rank - ctx.tp_size
+    out = {}
+    for key in sorted(keys):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(t, src=src)
+        out[key] = t
+    return out

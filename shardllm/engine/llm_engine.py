@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from shardllm.config import EngineConfig
@@ -37,6 +38,7 @@ class EngineStats:
     finished: dict[str, int] = field(default_factory=dict)
     preemptions: int = 0
     steps: int = 0
+    max_in_flight: int = 0  # most batches in the pipeline at once
 
 
 class LLMEngine:
@@ -60,6 +62,8 @@ class LLMEngine:
         self.scheduler = Scheduler(sc, self.kv_cache_manager)
         self.stats = EngineStats()
         self._parents: dict[str, list[Request]] = {}
+        self._in_flight: deque = deque()  # submitted SchedulerOutputs, oldest first
+        self._max_in_flight = config.parallel_config.pipeline_parallel_size
         self._counter = 0
 
     @classmethod
@@ -146,21 +150,34 @@ class LLMEngine:
                     self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     # ---- one step ------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the outputs of the requests that progressed."""
-        so = self.scheduler.schedule()
-        self.stats.preemptions += so.num_preempted
-        if so.is_empty:
+        """Advance by one batch; return the outputs of the requests that progressed.
+
+        With pipeline parallelism up to pp batches are in flight: a step submits a new batch when one
+        can be formed and a slot is free, and collects the oldest batch when the pipeline is full or
+        nothing new can start. With pp = 1 that is submit-then-collect.
+        """
+        if len(self._in_flight) < self._max_in_flight:
+            so = self.scheduler.schedule()
+            self.stats.preemptions += so.num_preempted
+            if not so.is_empty:
+                now = time.time()
+                for s in so.scheduled:
+                    req = self.scheduler.requests.get(s.req_id)
+                    if req is not None and req.metrics.first_scheduled_time is None:
+                        req.metrics.first_scheduled_time = now
+                self.executor.submit(so)
+                self._in_flight.append(so)
+                self.stats.max_in_flight = max(self.stats.max_in_flight, len(self._in_flight))
+                if len(self._in_flight) < self._max_in_flight and self.scheduler.has_schedulable():
+                    return []
+        if not self._in_flight:
             return []
-        now = time.time()
-        for s in so.scheduled:
-            req = self.scheduler.requests.get(s.req_id)
-            if req is not None and req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
-        ro = self.executor.execute_model(so)
+        so = self._in_flight.popleft()
+        ro = self.executor.collect()
         self.stats.steps += 1
         updated = self.scheduler.update_from_output(so, ro)
         now = time.time()

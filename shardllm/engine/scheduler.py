@@ -77,6 +77,10 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_schedulable(self) -> bool:
+        """Is there a request that a new batch could take (not already in flight)?"""
+        return bool(self.waiting) or any(not r.is_in_flight for r in self.running)
+
     @property
     def num_in_flight(self) -> int:
         return sum(r.is_in_flight for r in self.running)
@@ -104,9 +108,13 @@ class Scheduler:
         out = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = []
         chosen: list[tuple[Request, int]] = []
+        # With a pipeline of several stages, split the requests into as many batches as there are
+        # stages, so that every stage has a batch to work on.
+        active = len(self.running) + len(self.waiting)
+        cap = min(cfg.max_num_seqs, -(-active // cfg.num_microbatches)) if cfg.num_microbatches > 1 else None
 
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and (cap is None or len(chosen) < cap):
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             if req.is_in_flight or num_new <= 0:
@@ -124,7 +132,8 @@ class Scheduler:
                 i += 1
 
         if out.num_preempted == 0:
-            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            while (self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs
+                   and (cap is None or len(chosen) < cap)):
                 req = self.waiting[0]
                 computed_blocks, num_cached = [], 0
                 if req.num_computed_tokens == 0:

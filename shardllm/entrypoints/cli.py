@@ -52,6 +52,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="pipeline parallel size (stages)")
     add("--ep_size", "--expert-parallel-size", "-ep", dest="expert_parallel_size", type=int,
         help="expert parallel size (MoE; divides tp_size)")
+    add("--pp_partition", dest="pp_partition", type=lambda v: [int(x) for x in v.split(",")], metavar="N,N,...",
+        help="layers per pipeline stage, e.g. 40,40 (default: even split)")
     add("--max_batch_size", "--max-num-seqs", dest="max_batch_size", type=int, help="most sequences in a step")
     add("--max_num_tokens", "--max-num-batched-tokens", dest="max_num_tokens", type=int,
         help="token budget of one step")

@@ -33,8 +33,18 @@ class Executor(ABC):
     def initialize(self) -> int:
         """Start the workers, load the model, allocate the KV cache; return the number of KV blocks."""
 
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step and wait for its tokens."""
+        self.submit(scheduler_output)
+        return self.collect()
+
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def submit(self, scheduler_output: SchedulerOutput) -> None:
+        """Start a step without waiting (pipeline parallelism keeps pp steps in flight)."""
+
+    @abstractmethod
+    def collect(self) -> ModelRunnerOutput:
+        """The tokens of the oldest step submitted and not yet collected."""
 
     @abstractmethod
     def memory_in_use(self) -> list[int]:

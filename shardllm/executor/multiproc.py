@@ -132,11 +132,14 @@ class MultiprocExecutor(Executor):
         raise WorkerError(reason)
 
     # ---- the executor interface ------------------------------------------------------------------------------
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def submit(self, scheduler_output: SchedulerOutput) -> None:
         t = time.perf_counter()
         self._send_all("execute_model", scheduler_output)
         self.plan_send_s += time.perf_counter() - t
         self.num_steps += 1
+
+    def collect(self) -> ModelRunnerOutput:
+        # the output rank answers steps in the order they were sent
         return self._receive(self.output_rank, STEP_TIMEOUT_S)
 
     def memory_in_use(self) -> list[int]:

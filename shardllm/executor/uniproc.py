@@ -9,6 +9,7 @@ from shardllm.worker.worker import Worker
 
 class UniprocExecutor(Executor):
     def initialize(self) -> int:
+        self._pending: list[ModelRunnerOutput] = []
         self.worker = Worker(self.config)
         self.worker.init_device()
         self.worker.load_model()
@@ -16,8 +17,11 @@ class UniprocExecutor(Executor):
         self.worker.initialize_kv_cache(num_blocks)
         return num_blocks
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def submit(self, scheduler_output: SchedulerOutput) -> None:
+        self._pending.append(self.worker.execute_model(scheduler_output))
+
+    def collect(self) -> ModelRunnerOutput:
+        return self._pending.pop(0)
 
     def memory_in_use(self) -> list[int]:
         return [self.worker.memory_in_use()]

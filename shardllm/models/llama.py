@@ -142,10 +142,13 @@ class LlamaForCausalLM(nn.Module):
             ignored.append("embed_tokens.")
         if not self.is_last_stage:
             ignored.append("model.norm.")
+        if self.tie_word_embeddings and self.is_last_stage and not self.is_first_stage:
+            # the last stage holds its own copy of the tied matrix: read the embedding as the LM head
+            ignored.remove("lm_head.")
+            weights = (("lm_head.weight" if n == "model.embed_tokens.weight" else n, w)
+                       for n, w in weights if n != "lm_head.weight")
         load_weights_strict(self, weights, self.packed, ignored,
                             skip_layer=lambda i: not self.start_layer <= i < self.end_layer)
-        if self.tie_word_embeddings and self.is_last_stage and not self.is_first_stage:
-            raise NotImplementedError("tied embeddings across pipeline stages are not supported yet")
 
 
 class MistralForCausalLM(LlamaForCausalLM):

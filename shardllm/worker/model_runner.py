@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from shardllm.config import EngineConfig
+from shardllm.distributed.communication import pp_recv, pp_send
 from shardllm.distributed.parallel_state import get_parallel_context
 from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from shardllm.layers.attention import Attention, AttentionMetadata
@@ -92,8 +93,14 @@ class ModelRunner:
         self._bind_kv_caches(1)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)
-        hidden = self.model(ids, pos, meta)
-        self.model.compute_logits(hidden[-sc.max_num_seqs:])
+        intermediate = None
+        if not self.model.is_first_stage:
+            h = self.model_config.hf_config.hidden_size
+            intermediate = {k: torch.zeros(n, h, dtype=self.model_config.dtype, device=self.device)
+                            for k in ("hidden_states", "residual")}
+        hidden = self.model(ids, pos, meta, intermediate)
+        if self.model.is_last_stage:
+            self.model.compute_logits(hidden[-sc.max_num_seqs:])
         self.kv_caches = []
         for a in self.attn_layers:
             a.kv_cache = None
@@ -193,7 +200,14 @@ class ModelRunner:
         if not so.scheduled:
             return ModelRunnerOutput([], [])
         inputs = self.prepare_inputs(so)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # (N, H)
+        intermediate = None
+        if not self.model.is_first_stage:  # activations of the stage before, (N, H) each
+            n, h = inputs.positions.shape[0], self.model_config.hf_config.hidden_size
+            intermediate = pp_recv(["hidden_states", "residual"], (n, h), self.model_config.dtype, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, intermediate)  # (N, H)
+        if not self.model.is_last_stage:
+            pp_send(hidden)
+            return None
         if not inputs.sample_req_ids:
             return ModelRunnerOutput([], [])
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V), on every tp rank

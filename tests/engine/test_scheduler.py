@@ -130,3 +130,14 @@ def test_abort_frees_blocks_and_tells_workers():
     s.finish_request("a", RequestStatus.FINISHED_ABORTED)
     assert s.kv.num_free_blocks == s.kv.num_blocks - 1
     assert s.schedule().finished_req_ids == ["a"]
+
+
+def test_pipeline_splits_requests_over_microbatches():
+    kv = KVCacheManager(64, 4)
+    s = Scheduler(SchedulerConfig(8, 64, 128, True, num_microbatches=2), kv)
+    for i in range(4):
+        s.add_request(req(str(i), 2, first=10 * i + 1))
+    first, second = s.schedule(), s.schedule()
+    assert [x.req_id for x in first.scheduled] == ["0", "1"]
+    assert [x.req_id for x in second.scheduled] == ["2", "3"]
+    assert s.schedule().is_empty  # both batches in flight
