@@ -281,6 +281,7 @@ class AsyncLLM:
         if now - self._memory_time >= _MEMORY_POLL_S and self._error is None:
             try:
                 self._memory = tuple(engine.memory_in_use())
+                self._expert_load = engine.executor.expert_load()
             except Exception:
                 logger.debug("memory_in_use failed", exc_info=True)
             self._memory_time = now
@@ -292,4 +293,5 @@ class AsyncLLM:
             generation_tokens=stats.generation_tokens, finished=dict(stats.finished),
             preemptions=stats.preemptions, prefix_cache_queries=kv.prefix_queries,
             prefix_cache_hits=kv.prefix_hits, memory_in_use=self._memory,
+            expert_load=getattr(self, "_expert_load", {}),
             is_healthy=self._error is None and not self._stopping)

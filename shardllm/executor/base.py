@@ -54,6 +54,10 @@ class Executor(ABC):
         """Per rank: bytes of weights, KV cache, allocated and peak device memory."""
         return []
 
+    def expert_load(self) -> dict[tuple[int, int], int]:
+        """MoE models: tokens routed per (layer, expert); every tp rank routes all tokens, so rank 0 tells."""
+        return {}
+
     def check_health(self) -> None:
         """Raise if a worker is gone."""
 

@@ -148,6 +148,9 @@ class MultiprocExecutor(Executor):
     def memory_report(self) -> list[dict[str, int]]:
         return self._call_all("memory_report")
 
+    def expert_load(self) -> dict[tuple[int, int], int]:
+        return self._call_all("expert_load")[0]
+
     def check_health(self) -> None:
         self._check_alive()
         for r, p in enumerate(self.procs):

@@ -29,5 +29,8 @@ class UniprocExecutor(Executor):
     def memory_report(self) -> list[dict[str, int]]:
         return [self.worker.memory_report()]
 
+    def expert_load(self) -> dict[tuple[int, int], int]:
+        return self.worker.expert_load()
+
     def shutdown(self) -> None:
         self.worker = None

@@ -36,6 +36,7 @@ class EngineSnapshot:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
     memory_in_use: tuple[int, ...] = ()  # bytes per rank
+    expert_load: dict = field(default_factory=dict)  # MoE: (layer, expert) -> tokens routed
     is_healthy: bool = True
 
 

@@ -77,6 +77,14 @@ class EngineCollector(Collector):
             memory.add_metric([*self._labels.values(), str(rank)], used)
         yield memory
 
+        if s.expert_load:
+            experts = CounterMetricFamily(PREFIX + "moe_expert_tokens",
+                                          "Tokens routed to each expert of each MoE layer (imbalance shows here).",
+                                          labels=[*names, "layer", "expert"])
+            for (layer, expert), n in sorted(s.expert_load.items()):
+                experts.add_metric([*self._labels.values(), str(layer), str(expert)], n)
+            yield experts
+
         lat = self._latency
         yield self._histogram("time_to_first_token_seconds", "Time from arrival to the first token.",
                               lat.time_to_first_token)

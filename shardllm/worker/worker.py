@@ -45,7 +45,17 @@ class Worker:
                 "pipeline stages (pp_size)")
 
     def determine_num_blocks(self) -> int:
-        return self.model_runner.determine_num_blocks()
+        n = self.model_runner.determine_num_blocks()
+        from shardllm.layers.moe import reset_expert_load
+
+        reset_expert_load(self.model_runner.model)  # the profiling forward routed dummy tokens
+        return n
+
+    def expert_load(self) -> dict[tuple[int, int], int]:
+        """Tokens routed per (layer, expert) since start; empty for dense models."""
+        from shardllm.layers.moe import collect_expert_load
+
+        return collect_expert_load(self.model_runner.model)
 
     def kv_bytes_per_block(self) -> int:
         return self.model_runner.kv_bytes_per_block()
