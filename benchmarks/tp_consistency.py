@@ -1,9 +1,10 @@
-"""Same tokens across tensor-parallel sizes on real (random, written here) weights.
+"""Same tokens across parallel layouts on real (random, written here) weights.
 
-fp32: greedy tokens must be equal at every tp. bf16: equal up to the first near-tie, where each side's
-token must be among the other's top 2. Writes a tiny Llama checkpoint (4 heads, 2 kv heads) first.
+fp32: greedy tokens must be equal in every layout. bf16: equal up to the first near-tie, where each side's
+token must be among the other's top 2. Writes a tiny checkpoint (Llama: 8 heads, 4 kv heads) first.
 
-    python benchmarks/tp_consistency.py --tp 1 2 4 --device cuda
+    python benchmarks/tp_consistency.py --layouts 1,1,1 2,1,1 4,1,1 --device cuda      # tp,pp,ep
+    python benchmarks/tp_consistency.py --arch mixtral --layouts 2,1,1 2,1,2 4,1,1 4,1,4 --dtypes float32
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ def main() -> None:
     from shardllm import LLM, SamplingParams
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--layouts", nargs="+", default=["1,1,1", "2,1,1", "4,1,1"], help="tp,pp,ep; first is the reference")
+    ap.add_argument("--arch", default="llama")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     a = ap.parse_args()
-    path = write_tiny_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"), "llama", hidden_size=256,
+    layouts = [tuple(int(x) for x in spec.split(",")) for spec in a.layouts]
+    path = write_tiny_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"), a.arch, hidden_size=256,
                                  intermediate_size=512, num_attention_heads=8, num_key_value_heads=4,
                                  num_hidden_layers=4, vocab_size=1000, max_position_embeddings=512)
     prompts = [[(13 * i + 7 * j) % 990 + 5 for j in range(5 + 11 * i)] for i in range(8)]
@@ -45,8 +48,9 @@ def main() -> None:
     report = {}
     for dtype in a.dtypes:
         ref = None
-        for tp in a.tp:
-            llm = LLM(path, dtype=dtype, tensor_parallel_size=tp, device=a.device, max_seq_len=512)
+        for tp, pp, ep in layouts:
+            llm = LLM(path, dtype=dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
+                      device=a.device, max_seq_len=512)
             outs = llm.generate(prompts, sp, use_tqdm=False)
             llm.shutdown()
             if ref is None:
@@ -54,7 +58,7 @@ def main() -> None:
                 continue
             res = [compare(r, o) for r, o in zip(ref, outs)]
             ok = all(x["equal"] for x in res) if dtype == "float32" else all(x["equal"] or x["near_tie"] for x in res)
-            report[f"{dtype} tp={tp} vs tp={a.tp[0]}"] = {"pass": ok, "equal": sum(x["equal"] for x in res),
+            report[f"{dtype} tp={tp} pp={pp} ep={ep} vs {layouts[0]}"] = {"pass": ok, "equal": sum(x["equal"] for x in res),
                                                           "of": len(res), "details": res}
     print(json.dumps(report, indent=1))
     if not all(v["pass"] for v in report.values()):
