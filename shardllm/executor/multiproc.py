@@ -27,7 +27,7 @@ from shardllm.executor.base import Executor
 
 logger = logging.getLogger(__name__)
 
-STEP_TIMEOUT_S = float(os.environ.get("SHARDLLM_STEP_TIMEOUT", "300"))  # debugging knob
+STEP_TIMEOUT_S = float(os.environ.get("SHARDLLM_STEP_TIMEOUT", "60"))  # debugging knob
 INIT_TIMEOUT_S = float(os.environ.get("SHARDLLM_INIT_TIMEOUT", "1800"))
 
 
@@ -112,13 +112,19 @@ class MultiprocExecutor(Executor):
                     try:
                         status, payload = obj.recv()
                     except (EOFError, OSError):
-                        self._fail(f"worker rank {r} died (exit code {self.procs[r].poll()})")
+                        self._fail(f"worker rank {r} died (exit code {self._exit_code(r)})")
                     if status == "err":
                         exc, tb = payload
                         self._fail(f"worker rank {r} failed:\n{tb}", exc)
                     if r == rank:
                         return payload
                     self._inbox[r].append(payload)  # another rank's answer: keep it for its turn
+
+    def _exit_code(self, rank: int) -> int | None:
+        try:
+            return self.procs[rank].wait(1.0)
+        except subprocess.TimeoutExpired:
+            return None
 
     def _check_alive(self) -> None:
         if self.dead is not None:

@@ -81,11 +81,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, dtype, quant_method)
 
     def weight_loader(self, param: nn.Parameter, w: Any, shard_id: int | None = None) -> None:
-        if shard_id is None:
-            return super().weight_loader(param, w)
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        if shard_id is None:  # a checkpoint that stores the parts fused: load each part's slice
+            for i in range(len(self.output_sizes)):
+                src = sum(self.output_sizes[:i]) + self.tp_rank * (self.output_sizes[i] // self.tp_size)
+                self._load_part(param, narrow(w, 0, src, self.output_sizes[i] // self.tp_size), i)
+            return
         size = self.output_sizes[shard_id] // self.tp_size
-        copy_weight(param.data.narrow(0, offset, size), narrow(w, 0, self.tp_rank * size, size))
+        self._load_part(param, narrow(w, 0, self.tp_rank * size, size), shard_id)
+
+    def _load_part(self, param: nn.Parameter, w: Any, part: int) -> None:
+        offset = sum(self.output_sizes[:part]) // self.tp_size
+        size = self.output_sizes[part] // self.tp_size
+        copy_weight(param.data.narrow(0, offset, size), w)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
