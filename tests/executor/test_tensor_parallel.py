@@ -115,7 +115,7 @@ def test_default_model_at_tp3_equals_tp1(pool, capsys):
     _print_plan_send_overhead(capsys, llm, "default model, tp=3")
 
 
-@pytest.mark.parametrize("model, tp", [("llama", 2), 
+@pytest.mark.parametrize("model, tp", [("llama", 2),
                                        ("qwen2", 2), ("qwen2", 4)])
 def test_tiny_checkpoint_equals_tp1(pool, model, tp):
     """A batch of prompts of different lengths; at tp=4 each rank holds a copy of one of the 2 kv heads."""
