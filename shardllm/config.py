@@ -88,6 +88,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     device: str  # "cuda" | "cpu"
     enforce_eager: bool = False
+    attention_backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch (the reference)
     extra: dict = field(default_factory=dict)
 
     @staticmethod
@@ -99,7 +100,7 @@ class EngineConfig:
                enable_prefix_caching: bool = True, block_size: int = 16, num_kv_blocks: int | None = None,
                load_format: str = "auto", device: str = "auto", seed: int = 0, enforce_eager: bool = False,
                trust_remote_code: bool = False, tokenizer: str | None = None,
-               distributed_executor_backend: str | None = None) -> EngineConfig:
+               distributed_executor_backend: str | None = None, attention_backend: str = "auto") -> EngineConfig:
         from shardllm.model_loader.resolve import resolve_model
 
         if moe_expert_parallel_size is not None:
@@ -154,7 +155,10 @@ class EngineConfig:
                                    enable_prefix_caching, num_kv_blocks)
         scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len,
                                            num_microbatches=pipeline_parallel_size)
-        return EngineConfig(model_config, parallel_config, cache_config, scheduler_config, device, enforce_eager)
+        if attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
+        return EngineConfig(model_config, parallel_config, cache_config, scheduler_config, device, enforce_eager,
+                            attention_backend)
 
 
 def _model_max_len(hf_config) -> int:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run under the interpreter on CPU (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,

@@ -46,6 +46,8 @@ class ModelRunner:
         self.block_size = config.cache_config.block_size
         self.model = load_model(self.model_config, device, show_progress=get_parallel_context().is_driver)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for a in self.attn_layers:
+            a.use_triton = config.attention_backend != "torch"
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
@@ -115,6 +117,21 @@ class ModelRunner:
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._bind_kv_caches(num_blocks)
+        self.graph_runner = None
+        if self._use_cuda_graphs():
+            from shardllm.worker.cuda_graph import CudaGraphRunner
+
+            sc = self.config.scheduler_config
+            self.graph_runner = CudaGraphRunner(self.model, self.device, sc.max_num_seqs, sc.max_model_len,
+                                                self.block_size)
+            self.graph_runner.capture(log=get_parallel_context().is_driver)
+
+    def _use_cuda_graphs(self) -> bool:
+        from shardllm.layers.attention import triton_paged
+
+        pc = self.config.parallel_config
+        return (self.device.type == "cuda" and not self.config.enforce_eager and triton_paged.HAS_TRITON
+                and self.config.attention_backend != "torch" and pc.pipeline_parallel_size == 1)
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -204,7 +221,12 @@ class ModelRunner:
         if not self.model.is_first_stage:  # activations of the stage before, (N, H) each
             n, h = inputs.positions.shape[0], self.model_config.hf_config.hidden_size
             intermediate = pp_recv(["hidden_states", "residual"], (n, h), self.model_config.dtype, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, intermediate)  # (N, H)
+        meta = inputs.meta
+        g = getattr(self, "graph_runner", None)
+        if g is not None and g.can_run(len(so.scheduled), meta.max_query_len, meta.max_seq_len):
+            hidden = g.run(inputs.input_ids, inputs.positions, meta)  # (N, H), a replayed decode graph
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
         if not self.model.is_last_stage:
             pp_send(hidden)
             return None

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardllm.layers.attention import triton_paged
+
 
 @dataclass
 class AttentionMetadata:
@@ -56,6 +58,7 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.scale = scale if scale is not None else head_dim**-0.5
         self.kv_cache: torch.Tensor | None = None  # (2, num_blocks, block_size, nkv, D), bound by the runner
+        self.use_triton = True  # the runner turns it off for attention_backend="torch"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: (N, nh * D), k, v: (N, nkv * D) -> (N, nh * D)."""
@@ -67,7 +70,15 @@ class Attention(nn.Module):
         v_cache = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         k_cache.index_copy_(0, meta.slot_mapping, k)
         v_cache.index_copy_(0, meta.slot_mapping, v)
-        out = paged_attention_reference(q, k_cache, v_cache, meta, self.scale)
+        if q.is_cuda and self.use_triton and triton_paged.HAS_TRITON:
+            paged = self.kv_cache[0], self.kv_cache[1]  # (num_blocks, block_size, nkv, D) each
+            if meta.max_query_len == 1:  # decode only: split over the KV length, graph-capturable
+                out = triton_paged.paged_decode_attention(q, *paged, meta.block_tables, meta.seq_lens, self.scale)
+            else:
+                out = triton_paged.paged_prefill_attention(q, *paged, meta.query_start_loc, meta.seq_lens,
+                                                           meta.block_tables, meta.max_query_len, self.scale)
+        else:
+            out = paged_attention_reference(q, k_cache, v_cache, meta, self.scale)
         return out.reshape(n, self.num_heads * self.head_dim)
 
 

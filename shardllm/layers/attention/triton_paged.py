@@ -1,0 +1,360 @@
+"""Triton attention over the paged KV cache: decode (split over the KV length), varlen causal prefill, KV write.
+
+Backends beside `paged_attention_reference` (the oracle). No host syncs: lengths are read from device memory
+and launch grids depend only on host ints (batch size, token count, heads), so decode can be graph-captured.
+Triton is optional: without it this module still imports and HAS_TRITON is False.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    triton = tl = None
+    HAS_TRITON = False
+
+
+def _jit(fn=None, **kwargs):
+    """triton.jit, or a no-op without triton (annotations are strings, so the kernels still parse)."""
+    if HAS_TRITON:
+        return triton.jit(fn, **kwargs) if fn is not None else triton.jit(**kwargs)
+    return fn if fn is not None else (lambda f: f)
+
+
+_LOG2E = 1.4426950408889634
+MAX_NUM_SPLITS = 32  # decode partitions per sequence; the grid is (B, nkv, num_splits) whatever the lengths
+
+
+@_jit
+def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens per decode partition: seq_len / NUM_SPLITS rounded up to whole tiles (at least one tile)."""
+    tiles = (seq_len + NUM_SPLITS * BLOCK_N - 1) // (NUM_SPLITS * BLOCK_N)
+    return tl.maximum(tiles, 1) * BLOCK_N
+
+
+@_jit(do_not_specialize=["num_seqs", "stride_bt"])  # they vary step to step: one compile, not three
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    qk_scale, num_heads, num_seqs,
+    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_bt, stride_ob, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (sequence, kv head, partition): all GROUP query heads of the kv head at once.
+
+    Partitions split the context evenly in whole tiles; those past the end idle (the reduce skips them):
+
+        seq_len 300, NUM_SPLITS 4, BLOCK_N 64  ->  split_len 128
+        tokens  [0 ....... 128) [128 ...... 256) [256 .. 300)  (none)
+        split          0               1              2          3
+    """
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    head = kvh * GROUP + g  # (G,)
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # (G, D)
+
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    for tok0 in range(start, end, BLOCK_N):
+        tok = tok0 + tl.arange(0, BLOCK_N)  # (N,)
+        tok_mask = tok < end
+        page = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+        in_page = tok % BLOCK_SIZE
+        k_t = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_ks + kvh * stride_kh)[None, :] + d[:, None],
+                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0)  # (D, N)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (G, N), log2 domain
+        s = tl.where(tok_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
+                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0)  # (N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    hd_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # an empty sequence (graph padding) gives zeros
+        tl.store(out_ptr + b * stride_ob + head[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=hd_mask)
+    else:
+        row = (b * num_heads + head) * NUM_SPLITS + split  # (G,) row of the (B, nh, S) partials
+        tl.store(part_acc_ptr + row[:, None].to(tl.int64) * HEAD_DIM + d[None, :], acc, mask=hd_mask)
+        tl.store(part_ml_ptr + row, m, mask=g_mask)
+        tl.store(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + row, l_sum, mask=g_mask)
+
+
+@_jit(do_not_specialize=["num_seqs"])
+def _decode_reduce_kernel(
+    part_acc_ptr, part_ml_ptr, seq_lens_ptr, out_ptr, num_heads, num_seqs, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """One program per (sequence, query head): merge the partitions' (max, sum, acc) by their maxima."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_N)
+    num_valid = (seq_len + split_len - 1) // split_len
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    valid = s < num_valid
+    row = (b * num_heads + h) * NUM_SPLITS + s  # (S,)
+    m = tl.load(part_ml_ptr + row, mask=valid, other=float("-inf"))
+    l_sum = tl.load(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + row, mask=valid, other=0.0)
+    acc = tl.load(part_acc_ptr + row[:, None].to(tl.int64) * HEAD_DIM + d[None, :],
+                  mask=valid[:, None] & (d < HEAD_DIM)[None, :], other=0.0)  # (S, D)
+    m_max = tl.max(m, 0)
+    w = tl.where(valid, tl.exp2(m - tl.where(num_valid > 0, m_max, 0.0)), 0.0)  # (S,)
+    denom = tl.sum(w * l_sum, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(denom > 0, denom, 1.0)  # (D,)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@_jit(do_not_specialize=["num_seqs", "stride_bt"])
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
+    qk_scale, num_seqs,
+    stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_bt, stride_on, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (query tile, kv head); a tile is BLOCK_Q tokens of one sequence x its GROUP heads.
+
+    Tiles are numbered without a prefix sum over the host: sequence b's tiles start at
+    qsl[b] // BLOCK_Q + b, which leaves room for cdiv(q_len_b, BLOCK_Q) tiles, so N // BLOCK_Q + B
+    programs cover any batch; a program finds its sequence by binary search and idles past its end.
+
+        rows of the tile:  r = t * GROUP_PAD + g  ->  token qsl[b] + tile * BLOCK_Q + t, head kvh * GROUP + g
+    """
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    lo = pid * 0
+    hi = lo + num_seqs - 1
+    while lo < hi:  # largest b with qsl[b] // BLOCK_Q + b <= pid
+        mid = (lo + hi + 1) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(first <= pid, mid, lo)
+        hi = tl.where(first <= pid, hi, mid - 1)
+    b = lo
+    q_start = tl.load(query_start_loc_ptr + b)
+    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    tile = pid - (q_start // BLOCK_Q + b)
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_len = seq_len - q_len  # cached context before this chunk
+
+    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    t = tile * BLOCK_Q + r // GROUP_PAD  # (M,) token index inside the chunk
+    head = kvh * GROUP + r % GROUP_PAD
+    row_mask = (t < q_len) & (r % GROUP_PAD < GROUP)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = d < HEAD_DIM
+    q_row = (q_start + t).to(tl.int64)
+    q = tl.load(q_ptr + q_row[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # (M, D)
+    q_pos = ctx_len + t  # (M,) causal: row sees keys 0..q_pos
+
+    kv_end = tl.minimum(seq_len, ctx_len + (tile + 1) * BLOCK_Q)
+    kv_end = tl.where(tile * BLOCK_Q < q_len, kv_end, 0)  # idle program
+    m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    for tok0 in range(0, kv_end, BLOCK_N):  # the first tile holds key 0, so every row's max is finite after it
+        tok = tok0 + tl.arange(0, BLOCK_N)
+        tok_mask = tok < kv_end
+        page = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+        in_page = tok % BLOCK_SIZE
+        k_t = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_ks + kvh * stride_kh)[None, :] + d[:, None],
+                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0)  # (D, N)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 domain
+        s = tl.where((tok[None, :] <= q_pos[:, None]) & tok_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
+                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0)  # (N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    tl.store(out_ptr + q_row[:, None] * stride_on + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+@_jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_kn, stride_kh, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One program per new token: its k and v, all kv heads, into the cache slot; slots < 0 are skipped."""
+    n = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + n).to(tl.int64)
+    h = tl.arange(0, HEADS_PAD)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    mask = ((h < NUM_KV_HEADS) & (h * 0 + slot >= 0))[:, None] & (d < HEAD_DIM)[None, :]  # the interpreter
+    # wants the slot test as a vector, not a scalar
+    page = slot // BLOCK_SIZE
+    in_page = slot % BLOCK_SIZE
+    k = tl.load(k_ptr + n * stride_kn + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(v_ptr + n * stride_vn + h[:, None] * stride_vh + d[None, :], mask=mask)
+    tl.store(k_cache_ptr + page * stride_kcb + in_page * stride_kcs + h[:, None] * stride_kch + d[None, :], k,
+             mask=mask)
+    tl.store(v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + d[None, :], v,
+             mask=mask)
+
+
+# ---- launchers ---------------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    return max(1 << (n - 1).bit_length(), at_least)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few partitions, so that CPU tests go through the reduce
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Partitions per sequence so that (B x nkv x splits) programs fill the GPU about twice; a power of two.
+
+    Depends only on the batch size, heads and device, never on seq_lens, so a captured graph stays valid.
+    """
+    want = -(-2 * _num_sms(device) // (num_seqs * num_kv_heads))
+    return min(_pow2(want), MAX_NUM_SPLITS)
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches are (num_blocks, block_size, nkv, D)"
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Attention of one new token per sequence over its paged context (this token's k/v already written).
+
+    Args:
+        q: (B, nh, D), last dim contiguous.
+        k_cache, v_cache: (num_blocks, block_size, nkv, D).
+        block_tables: (B, max_blocks) int32; seq_lens: (B,) int32 context length including this token
+            (0 for padding rows, which give zeros).
+        num_splits: partitions per sequence, a power of two <= MAX_NUM_SPLITS; default from B and nkv.
+    Returns:
+        (B, nh, D), `out` if given.
+    """
+    _check_cache(k_cache, v_cache)
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = default_num_splits(num_seqs, num_kv_heads, q.device)
+    assert num_splits == _pow2(num_splits) and num_splits <= MAX_NUM_SPLITS
+    out = torch.empty_like(q) if out is None else out
+    if num_seqs == 0:
+        return out
+    part_acc = part_ml = out  # unused placeholders when there is a single partition
+    if num_splits > 1:
+        part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(2, num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    head_dim_pad = _pow2(head_dim, 16)
+    block_n = 64 if head_dim_pad <= 128 else 32
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml,
+        scale * _LOG2E, num_heads, num_seqs,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4)
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_acc, part_ml, seq_lens, out, num_heads, num_seqs, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4)
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            max_query_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of variable-length chunks over their paged context (this step's k/v already written).
+
+    Serves prefill, chunked prefill over cached context, prefix hits and decode rows in one launch.
+
+    Args:
+        q: (N, nh, D), last dim contiguous; sequence b owns rows [query_start_loc[b], query_start_loc[b+1]).
+        query_start_loc: (B + 1,) int32; seq_lens: (B,) int32 context length including the chunk.
+        max_query_len: host bound on the chunk lengths, only used to size the query tile.
+    Returns:
+        (N, nh, D), `out` if given.
+    """
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
+    group = num_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    out = torch.empty_like(q) if out is None else out
+    if num_tokens == 0:
+        return out
+    group_pad = _pow2(group)
+    head_dim_pad = _pow2(head_dim, 16)
+    rows = 128  # of a tile: tokens x group heads
+    block_q = min(max(rows // group_pad, 1), _pow2(max(max_query_len, 1)))  # short chunks: smaller tiles
+    block_q = max(block_q, _pow2(max(16 // group_pad, 1)))  # tl.dot wants >= 16 rows
+    num_tiles = num_tokens // block_q + num_seqs
+    _prefill_kernel[(num_tiles, num_kv_heads)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+        scale * _LOG2E, num_seqs,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=64, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=8 if block_q * group_pad >= 128 else 4)
+    return out
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """k, v: (N, nkv, D) into slots of (num_blocks, block_size, nkv, D) caches, one launch for both."""
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.shape[2:] == k.shape[1:]
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3],
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PAD=_pow2(num_kv_heads),
+        HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1], num_warps=4)
