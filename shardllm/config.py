@@ -78,6 +78,9 @@ class SchedulerConfig:
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
     num_microbatches: int = 1  # batches kept in flight: the number of pipeline stages
+    # Schedule step k+1 while step k runs on the device: a decoding request joins the next batch before its
+    # token is known (a placeholder the worker fills on the device from step k's sampled tokens).
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,7 +103,8 @@ class EngineConfig:
                enable_prefix_caching: bool = True, block_size: int = 16, num_kv_blocks: int | None = None,
                load_format: str = "auto", device: str = "auto", seed: int = 0, enforce_eager: bool = False,
                trust_remote_code: bool = False, tokenizer: str | None = None,
-               distributed_executor_backend: str | None = None, attention_backend: str = "auto") -> EngineConfig:
+               distributed_executor_backend: str | None = None, attention_backend: str = "auto",
+               async_scheduling: bool | None = None) -> EngineConfig:
         from shardllm.model_loader.resolve import resolve_model
 
         if moe_expert_parallel_size is not None:
@@ -153,8 +157,15 @@ class EngineConfig:
         _check_parallel(parallel_config, model_config, device)
         cache_config = CacheConfig(block_size, kv_cache_free_gpu_memory_fraction, cpu_kv_cache_gb,
                                    enable_prefix_caching, num_kv_blocks)
+        single = parallel_config.world_size == 1
+        if async_scheduling is None:
+            async_scheduling = single
+        elif async_scheduling and not single:
+            raise ValueError("async_scheduling runs on one rank so far (tp_size = pp_size = 1); with pipeline "
+                             "parallelism the pipeline already keeps pp batches in flight: drop async_scheduling")
         scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len,
-                                           num_microbatches=pipeline_parallel_size)
+                                           num_microbatches=pipeline_parallel_size,
+                                           async_scheduling=bool(async_scheduling))
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
         return EngineConfig(model_config, parallel_config, cache_config, scheduler_config, device, enforce_eager,

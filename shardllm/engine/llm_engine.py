@@ -63,7 +63,9 @@ class LLMEngine:
         self.stats = EngineStats()
         self._parents: dict[str, list[Request]] = {}
         self._in_flight: deque = deque()  # submitted SchedulerOutputs, oldest first
-        self._max_in_flight = config.parallel_config.pipeline_parallel_size
+        # pp batches in flight fill the pipeline; async scheduling keeps 2, so that the host schedules and
+        # prepares step k+1 (and digests step k's tokens) while the device runs step k
+        self._max_in_flight = 2 if sc.async_scheduling else config.parallel_config.pipeline_parallel_size
         self._counter = 0
 
     @classmethod
@@ -156,9 +158,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Advance by one batch; return the outputs of the requests that progressed.
 
-        With pipeline parallelism up to pp batches are in flight: a step submits a new batch when one
-        can be formed and a slot is free, and collects the oldest batch when the pipeline is full or
-        nothing new can start. With pp = 1 that is submit-then-collect.
+        With pipeline parallelism up to pp batches are in flight (2 with async scheduling): a step submits a
+        new batch when one can be formed and a slot is free, and collects the oldest batch when the pipeline
+        is full or nothing new can start. With one batch in flight that is submit-then-collect.
         """
         if len(self._in_flight) < self._max_in_flight:
             so = self.scheduler.schedule()

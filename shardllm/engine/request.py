@@ -31,8 +31,10 @@ class Request:
     """One sequence. `token_ids` is the prompt followed by the generated tokens.
 
     The scheduler advances `num_computed_tokens` (tokens whose KV is in the cache); the sampled token
-    of a step is appended by `append_token`. `is_in_flight` marks a request inside a batch that has not
-    come back yet (pipeline parallelism keeps several batches in flight; a request joins only one).
+    of a step is appended by `append_token`. `num_in_flight` counts the batches holding the request that
+    have not come back yet: pipeline parallelism keeps several batches in flight but a request joins only
+    one; async scheduling lets a decoding request join the next batch too, with `num_pending` = 1 token
+    sampled on the device but not yet known here (the next batch feeds it as a placeholder).
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -50,7 +52,8 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first schedule
         self.num_preemptions = 0
-        self.is_in_flight = False
+        self.num_in_flight = 0
+        self.num_pending = 0
         self.block_hashes: list[int] = []
         self.stop_reason: str | int | None = None
         # detokenizer state
@@ -75,6 +78,10 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def is_in_flight(self) -> bool:
+        return self.num_in_flight > 0
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -26,10 +26,13 @@ class NewRequestData:
     sampling_params: SamplingParams
 
 
+PLACEHOLDER = -1  # a token sampled by the step before, not yet known to the scheduler (async scheduling)
+
+
 @dataclass
 class ScheduledRequest:
     req_id: str
-    token_ids: list[int]  # the tokens whose KV this step computes
+    token_ids: list[int]  # the tokens whose KV this step computes; a last PLACEHOLDER is filled on the device
     num_computed_tokens: int  # position of token_ids[0]
     block_ids: list[int]
     do_sample: bool  # the chunk reaches the end of the known tokens: sample the next one
@@ -79,7 +82,18 @@ class Scheduler:
 
     def has_schedulable(self) -> bool:
         """Is there a request that a new batch could take (not already in flight)?"""
-        return bool(self.waiting) or any(not r.is_in_flight for r in self.running)
+        return bool(self.waiting) or any(self._num_schedulable(r) > 0 for r in self.running)
+
+    def _num_schedulable(self, req: Request) -> int:
+        """Tokens of `req` a new batch could take now (0: none, e.g. it is in flight and may not overlap)."""
+        if req.num_in_flight:
+            p = req.sampling_params
+            if not self.config.async_scheduling or req.num_in_flight > 1 or p.needs_penalties:
+                return 0  # penalties read the tokens before: they wait for them
+            if req.num_pending and (req.num_output_tokens + req.num_pending >= (p.max_tokens or 1 << 62)
+                                    or req.num_tokens + req.num_pending >= self.config.max_model_len):
+                return 0  # the pending token ends it by length: do not compute past it
+        return req.num_tokens + req.num_pending - req.num_computed_tokens
 
     @property
     def num_in_flight(self) -> int:
@@ -116,12 +130,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and (cap is None or len(chosen) < cap):
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if req.is_in_flight or num_new <= 0:
+            num_new = min(self._num_schedulable(req), budget)
+            if num_new <= 0:
                 i += 1
                 continue
             while not self.kv.allocate_slots(req, num_new):
                 victim = self._pick_victim(i)
+                if victim is None:  # every candidate is in flight: wait for a batch to come back
+                    break
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is req:
@@ -130,6 +146,9 @@ class Scheduler:
                 chosen.append((req, num_new))
                 budget -= num_new
                 i += 1
+                continue
+            if victim is None:
+                break
 
         if out.num_preempted == 0:
             while (self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs
@@ -159,21 +178,26 @@ class Scheduler:
                 out.new_requests.append(NewRequestData(req.request_id, req.num_prompt_tokens, req.sampling_params))
             start = req.num_computed_tokens
             end = start + num_new
+            token_ids = req.token_ids[start:end]
+            if end > req.num_tokens:  # async scheduling: the pending token is fed as a placeholder
+                token_ids.append(PLACEHOLDER)
+            do_sample = end == req.num_tokens + req.num_pending
             out.scheduled.append(ScheduledRequest(
-                req_id=req.request_id, token_ids=req.token_ids[start:end], num_computed_tokens=start,
-                block_ids=self.kv.get_block_ids(req.request_id), do_sample=end == req.num_tokens))
+                req_id=req.request_id, token_ids=token_ids, num_computed_tokens=start,
+                block_ids=self.kv.get_block_ids(req.request_id), do_sample=do_sample))
             req.num_computed_tokens = end
-            req.is_in_flight = True
+            req.num_in_flight += 1
+            req.num_pending += do_sample
         out.num_batched_tokens = cfg.max_num_batched_tokens - budget
         self.num_preemptions_total += out.num_preempted
         return out
 
-    def _pick_victim(self, current: int) -> Request:
-        """The newest running request that is not in flight (possibly the current one)."""
+    def _pick_victim(self, current: int) -> Request | None:
+        """The newest running request that is not in flight (possibly the current one); None if all are."""
         for j in range(len(self.running) - 1, current - 1, -1):
             if not self.running[j].is_in_flight:
                 return self.running[j]
-        raise AssertionError("no request to preempt")
+        return None
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -195,13 +219,15 @@ class Scheduler:
             req = self.requests.get(s.req_id)
             if req is None:  # aborted while in flight
                 continue
-            req.is_in_flight = False
-            self.kv.cache_full_blocks(req)
+            req.num_in_flight -= 1
             k = sampled.get(s.req_id)
             if k is None:
+                self.kv.cache_full_blocks(req)
                 continue
             token = runner_out.sampled_token_ids[k]
+            req.num_pending -= 1
             req.append_token(token)
+            self.kv.cache_full_blocks(req)
             if runner_out.logprobs is not None and runner_out.logprobs[k] is not None:
                 req.pending_logprobs = runner_out.logprobs[k]
             updated.append(req)

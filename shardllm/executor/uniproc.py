@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from shardllm.executor.base import Executor
+from shardllm.worker.model_runner import resolve
 from shardllm.worker.worker import Worker
 
 
 class UniprocExecutor(Executor):
     def initialize(self) -> int:
-        self._pending: list[ModelRunnerOutput] = []
+        self._pending: list = []  # PendingOutputs, oldest first
         self.worker = Worker(self.config)
         self.worker.init_device()
         self.worker.load_model()
@@ -18,10 +19,10 @@ class UniprocExecutor(Executor):
         return num_blocks
 
     def submit(self, scheduler_output: SchedulerOutput) -> None:
-        self._pending.append(self.worker.execute_model(scheduler_output))
+        self._pending.append(self.worker.execute_model(scheduler_output, wait=False))
 
     def collect(self) -> ModelRunnerOutput:
-        return self._pending.pop(0)
+        return resolve(self._pending.pop(0))
 
     def memory_in_use(self) -> list[int]:
         return [self.worker.memory_in_use()]

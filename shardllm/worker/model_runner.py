@@ -3,7 +3,9 @@ runs the forward and samples. The only part of the engine that touches a device.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch
 from shardllm.config import EngineConfig
 from shardllm.distributed.communication import pp_recv, pp_send
 from shardllm.distributed.parallel_state import get_parallel_context
-from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
+from shardllm.engine.scheduler import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from shardllm.layers.attention import Attention, AttentionMetadata
 from shardllm.model_loader.loader import load_model
 from shardllm.sampling_params import SamplingParams
@@ -36,6 +38,40 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # (S,) rows of the hidden states that sample
     sample_req_ids: list[str]
+    sample_positions: list[int] = field(default_factory=list)  # position each sampled token will take
+
+
+@dataclass
+class PendingOutput:
+    """A launched step's sampled tokens on their way to the host; `get` waits for them (the step's one sync)."""
+
+    req_ids: list[str]
+    tokens: torch.Tensor  # (S,) on the device, or the host copy
+    logprobs: list | None
+    event: torch.cuda.Event | None = None
+    on_get: Callable[[ModelRunnerOutput], None] | None = None
+
+    @staticmethod
+    def launch(req_ids: list[str], tokens: torch.Tensor, logprobs, pin: bool) -> PendingOutput:
+        if not pin:
+            return PendingOutput(req_ids, tokens, logprobs)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingOutput(req_ids, host, logprobs, event)
+
+    def get(self) -> ModelRunnerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        out = ModelRunnerOutput(self.req_ids, self.tokens.tolist(), self.logprobs)
+        if self.on_get is not None:
+            self.on_get(out)
+        return out
+
+
+def resolve(out: PendingOutput | ModelRunnerOutput | None) -> ModelRunnerOutput | None:
+    return out.get() if isinstance(out, PendingOutput) else out
 
 
 class ModelRunner:
@@ -52,6 +88,9 @@ class ModelRunner:
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
         self.vocab_size = self.model_config.hf_config.vocab_size
+        self._pin = device.type == "cuda"  # host buffers of the step's copies are pinned on a GPU
+        self._prev_tokens = torch.empty(0, dtype=torch.long, device=device)  # the last step's sampled tokens
+        self._prev_rows: dict[str, int] = {}  # request -> row of _prev_tokens
 
     # ---- KV cache --------------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -151,53 +190,80 @@ class ModelRunner:
             st.token_ids.extend(s.token_ids)
 
     def prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
+        """The step's tensors, built with numpy and sent in two host-to-device copies from pinned memory.
+
+        No host sync: a placeholder token (async scheduling) is filled on the device from the tokens the
+        step before sampled.
+        """
         bs = self.block_size
-        q_lens = np.fromiter((len(s.token_ids) for s in so.scheduled), dtype=np.int64, count=len(so.scheduled))
-        starts = np.fromiter((s.num_computed_tokens for s in so.scheduled), dtype=np.int64,
-                             count=len(so.scheduled))
+        n_seqs = len(so.scheduled)
+        q_lens = np.fromiter((len(s.token_ids) for s in so.scheduled), dtype=np.int64, count=n_seqs)
+        starts = np.fromiter((s.num_computed_tokens for s in so.scheduled), dtype=np.int64, count=n_seqs)
         seq_lens = starts + q_lens
-        qsl = np.zeros(len(q_lens) + 1, dtype=np.int64)
+        qsl = np.zeros(n_seqs + 1, dtype=np.int64)
         np.cumsum(q_lens, out=qsl[1:])
-        input_ids = np.fromiter((t for s in so.scheduled for t in s.token_ids), dtype=np.int64, count=int(qsl[-1]))
+        num_tokens = int(qsl[-1])
+        input_ids = np.fromiter((t for s in so.scheduled for t in s.token_ids), dtype=np.int64, count=num_tokens)
         # position of each token: its sequence's start plus its offset inside the chunk
-        seq_of_token = np.repeat(np.arange(len(q_lens)), q_lens)
-        positions = starts[seq_of_token] + (np.arange(qsl[-1]) - qsl[:-1][seq_of_token])
+        seq_of_token = np.repeat(np.arange(n_seqs), q_lens)
+        positions = starts[seq_of_token] + (np.arange(num_tokens) - qsl[:-1][seq_of_token])
         max_blocks = int(-(-seq_lens.max() // bs))
-        block_tables = np.zeros((len(q_lens), max_blocks), dtype=np.int64)
+        block_tables = np.zeros((n_seqs, max_blocks), dtype=np.int64)
         for i, s in enumerate(so.scheduled):
             n = min(len(s.block_ids), max_blocks)
             block_tables[i, :n] = s.block_ids[:n]
         slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
         sample_rows = [i for i, s in enumerate(so.scheduled) if s.do_sample]
         logits_indices = qsl[1:][sample_rows] - 1
-
-        def t(a, dtype=torch.long):
-            return torch.from_numpy(np.ascontiguousarray(a)).to(dtype=dtype).to(self.device, non_blocking=True)
-
+        holes = np.flatnonzero(input_ids == PLACEHOLDER)
+        hole_rows = np.fromiter((self._prev_rows[so.scheduled[j].req_id] for j in seq_of_token[holes]),
+                                dtype=np.int64, count=len(holes))
+        i64 = self._to_device([input_ids, positions, slot_mapping, logits_indices, holes, hole_rows], torch.long)
+        i32 = self._to_device([qsl, seq_lens, block_tables.reshape(-1)], torch.int32)
+        ids, pos, slots, logits_idx, holes_t, rows_t = i64
+        if len(holes):
+            ids[holes_t] = self._prev_tokens[rows_t]
         meta = AttentionMetadata(
-            slot_mapping=t(slot_mapping), query_start_loc=t(qsl, torch.int32), seq_lens=t(seq_lens, torch.int32),
-            block_tables=t(block_tables, torch.int32), max_query_len=int(q_lens.max()),
+            slot_mapping=slots, query_start_loc=i32[0], seq_lens=i32[1],
+            block_tables=i32[2].view(n_seqs, max_blocks), max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()), block_size=bs)
-        return StepInputs(t(input_ids), t(positions), meta, t(logits_indices),
-                          [so.scheduled[i].req_id for i in sample_rows])
+        return StepInputs(ids, pos, meta, logits_idx, [so.scheduled[i].req_id for i in sample_rows],
+                          seq_lens[sample_rows].tolist())
+
+    def _to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Concatenate into one pinned host buffer, copy once without blocking, split on the device.
+
+        A fresh buffer per step: the caching host allocator keeps it until its copy has run.
+        """
+        sizes = [a.size for a in arrays]
+        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=self._pin)
+        if sizes:
+            host.numpy()[:] = np.concatenate(arrays)
+        return list(host.to(self.device, non_blocking=True).split(sizes))
 
     def _sampling_batch(self, req_ids: list[str]) -> SamplingBatch:
         states = [self.requests[r] for r in req_ids]
         params = [s.sampling_params for s in states]
-        dev = self.device
-
-        def col(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=dev)
-
-        batch = SamplingBatch(
-            temperature=col([p.temperature for p in params]), top_p=col([p.top_p for p in params]),
-            top_k=col([max(p.top_k, 0) for p in params], torch.long), min_p=col([p.min_p for p in params]),
-            all_greedy=all(p.is_greedy for p in params),
-            generators={i: s.generator for i, s in enumerate(states) if s.generator is not None})
+        batch = SamplingBatch(all_greedy=all(p.is_greedy for p in params),
+                              generators={i: s.generator for i, s in enumerate(states) if s.generator is not None})
+        if not batch.all_greedy:  # greedy rows need none of these: no copy at all for an all-greedy batch
+            cols = [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params],
+                    [max(p.top_k, 0) for p in params]]
+            batch.temperature, batch.top_p, batch.min_p, top_k = self._to_device(
+                [np.asarray(c, dtype=np.float32) for c in cols], torch.float32)
+            batch.top_k = top_k.long()
+            batch.any_top_k_top_p = any(p.top_k > 0 or p.top_p < 1.0 for p in params)
+            batch.any_min_p = any(p.min_p > 0 for p in params)
         if any(p.needs_penalties for p in params):
-            batch.presence = col([p.presence_penalty for p in params])
-            batch.frequency = col([p.frequency_penalty for p in params])
-            batch.repetition = col([p.repetition_penalty for p in params])
+            dev = self.device
+            if any(s.token_ids[-1] == PLACEHOLDER for s in states):  # fed this step, sampled by the last one:
+                prev = self._prev_tokens.tolist()  # a sync, only when penalties share the batch with them
+                for r, s in zip(req_ids, states):
+                    if s.token_ids[-1] == PLACEHOLDER:
+                        s.token_ids[-1] = prev[self._prev_rows[r]]
+            batch.presence = torch.tensor([p.presence_penalty for p in params], device=dev)
+            batch.frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)
+            batch.repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)
             batch.prompt_token_ids = [s.token_ids[: s.num_prompt_tokens] for s in states]
             batch.output_token_ids = [s.token_ids[s.num_prompt_tokens:] for s in states]
         for i, (s, p) in enumerate(zip(states, params)):
@@ -211,8 +277,8 @@ class ModelRunner:
         return batch
 
     @torch.inference_mode()
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
-        """Run one step; the output rank returns the sampled tokens, the others None."""
+    def execute_model(self, so: SchedulerOutput) -> PendingOutput | ModelRunnerOutput | None:
+        """Launch one step; the output rank returns its tokens (`PendingOutput.get` waits), the others None."""
         self._update_states(so)
         if not so.scheduled:
             return ModelRunnerOutput([], [])
@@ -238,4 +304,15 @@ class ModelRunner:
         batch = self._sampling_batch(inputs.sample_req_ids)
         nlp = [self.requests[r].sampling_params.logprobs for r in inputs.sample_req_ids]
         out = self.sampler(logits, batch, nlp)
-        return ModelRunnerOutput(inputs.sample_req_ids, out.token_ids.tolist(), out.logprobs)
+        self._prev_tokens = out.token_ids  # placeholders of the next step read these on the device
+        self._prev_rows = {r: i for i, r in enumerate(inputs.sample_req_ids)}
+        pending = PendingOutput.launch(inputs.sample_req_ids, out.token_ids, out.logprobs, self._pin)
+        pending.on_get = functools.partial(self._fill_placeholders, inputs.sample_positions)
+        return pending
+
+    def _fill_placeholders(self, positions: list[int], out: ModelRunnerOutput) -> None:
+        """A step's tokens are known: write them over the placeholders the next step fed for them."""
+        for r, pos, t in zip(out.req_ids, positions, out.sampled_token_ids):
+            st = self.requests.get(r)
+            if st is not None and pos < len(st.token_ids) and st.token_ids[pos] == PLACEHOLDER:
+                st.token_ids[pos] = t

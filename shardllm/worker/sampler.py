@@ -15,11 +15,14 @@ import torch
 class SamplingBatch:
     """Per-row sampling settings of the rows that sample this step (B rows)."""
 
-    temperature: torch.Tensor  # (B,) float, 0 for greedy rows
-    top_p: torch.Tensor  # (B,)
-    top_k: torch.Tensor  # (B,) long, 0 = off
-    min_p: torch.Tensor  # (B,)
     all_greedy: bool
+    # None when all_greedy (greedy rows need none of them)
+    temperature: torch.Tensor | None = None  # (B,) float, 0 for greedy rows
+    top_p: torch.Tensor | None = None  # (B,)
+    top_k: torch.Tensor | None = None  # (B,) long, 0 = off
+    min_p: torch.Tensor | None = None  # (B,)
+    any_top_k_top_p: bool = True  # known on the host, so that the sampler needs no sync to skip the sort
+    any_min_p: bool = True
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     # penalties: None when no row uses them
     presence: torch.Tensor | None = None  # (B,)
@@ -60,10 +63,10 @@ class Sampler:
     def _random(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         temp = torch.where(batch.temperature < 1e-5, torch.ones_like(batch.temperature), batch.temperature)
         logits = logits / temp[:, None]
-        if bool((batch.top_k > 0).any()) or bool((batch.top_p < 1.0).any()):
+        if batch.any_top_k_top_p:
             logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p)
         probs = torch.softmax(logits, dim=-1)
-        if bool((batch.min_p > 0).any()):
+        if batch.any_min_p:
             keep = probs >= batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
             probs = torch.where(keep, probs, torch.zeros_like(probs))
         q = torch.empty_like(probs).exponential_()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from shardllm.config import EngineConfig
-from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
-from shardllm.worker.model_runner import ModelRunner
+from shardllm.engine.scheduler import SchedulerOutput
+from shardllm.worker.model_runner import ModelRunner, resolve
 
 
 class Worker:
@@ -63,8 +63,10 @@ class Worker:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_kv_cache(num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput, wait: bool = True):
+        """Run a step; with wait=False return a PendingOutput (or None) without waiting for the device."""
+        out = self.model_runner.execute_model(scheduler_output)
+        return resolve(out) if wait else out
 
     def memory_report(self) -> dict[str, int]:
         """Bytes on this rank's device: weights, KV cache, and (GPU) allocated now and at peak."""
