@@ -95,7 +95,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="Generating", unit="req", leave=False)
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                for out in self.engine.step(final_only=True):
                     if out.finished:
                         done[out.request_id] = out
                         if bar is not None:

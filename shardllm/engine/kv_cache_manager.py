@@ -42,6 +42,7 @@ class KVCacheManager:
         self.cached: dict[int, KVCacheBlock] = {}
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_hashes: dict[str, int] = {}  # how many of a request's blocks were offered to the cache
+        self._block_ids: dict[str, list[int]] = {}  # get_block_ids' lists
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
 
@@ -56,7 +57,14 @@ class KVCacheManager:
         return 1.0 - self.num_free_blocks / (self.num_blocks - 1)
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+        """The request's block ids (a list kept up to date as blocks are added; do not modify it)."""
+        held = self.req_to_blocks.get(request_id)
+        if not held:
+            return []
+        ids = self._block_ids.get(request_id)
+        if ids is None or len(ids) != len(held):
+            ids = self._block_ids[request_id] = [b.block_id for b in held]
+        return ids
 
     def _update_hashes(self, req: Request) -> None:
         """Extend req.block_hashes over every full block of its known tokens."""
@@ -94,8 +102,10 @@ class KVCacheManager:
         `computed_blocks` (from get_computed_blocks, first schedule only) are shared into the request.
         Returns False, changing nothing, when there are not enough free blocks; the caller preempts.
         """
-        computed_blocks = computed_blocks or []
         held = self.req_to_blocks.setdefault(req.request_id, [])
+        if not computed_blocks and req.num_computed_tokens + num_new_tokens <= len(held) * self.block_size:
+            return True  # fits in the blocks it holds (most decode steps)
+        computed_blocks = computed_blocks or []
         num_computed = req.num_computed_tokens + len(computed_blocks) * self.block_size
         needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(held) - len(computed_blocks)
         num_reused_free = sum(1 for b in computed_blocks if b.ref_cnt == 0)
@@ -144,6 +154,7 @@ class KVCacheManager:
         """Release a request's blocks. Tail blocks go to the free queue first, so they are evicted first."""
         held = self.req_to_blocks.pop(req.request_id, [])
         self.num_cached_hashes.pop(req.request_id, None)
+        self._block_ids.pop(req.request_id, None)
         for b in reversed(held):
             b.ref_cnt -= 1
             assert b.ref_cnt >= 0, b

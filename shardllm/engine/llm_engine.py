@@ -155,8 +155,8 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     # ---- one step ------------------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """Advance by one batch; return the outputs of the requests that progressed.
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """Advance by one batch; return the outputs of the requests that progressed (final_only: that ended).
 
         With pipeline parallelism up to pp batches are in flight (2 with async scheduling): a step submits a
         new batch when one can be formed and a slot is free, and collects the oldest batch when the pipeline
@@ -188,6 +188,8 @@ class LLMEngine:
             self._process_token(req, now)
             parents[req.parent_id] = None
         self.stats.generation_tokens += len(updated)
+        if final_only:
+            parents = {p: None for p in parents if all(c.is_finished for c in self._parents.get(p, ()))}
         return [out for pid in parents if (out := self._make_output(pid)) is not None]
 
     def _process_token(self, req: Request, now: float) -> None:
