@@ -18,12 +18,14 @@ import sys
 import threading
 import time
 import traceback
+from collections import defaultdict, deque
 from multiprocessing.connection import Connection, wait
 
 import torch
 
 from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from shardllm.executor.base import Executor
+from shardllm.worker.model_runner import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,7 @@ class MultiprocExecutor(Executor):
         # Workers are fresh interpreters (`python -m`), not multiprocessing children: nothing of the user's
         # __main__ is re-imported, and CUDA is never initialised before a fork. A socket pair is the pipe.
         self.conns, self.procs = [], []
-        self._inbox: list[list] = [[] for _ in range(self.world_size)]
+        self._inbox: defaultdict[tuple[int, str], list] = defaultdict(list)  # (rank, kind) -> answers
         for rank in range(self.world_size):
             ours, theirs = socket.socketpair()
             fd = theirs.fileno()
@@ -89,10 +91,11 @@ class MultiprocExecutor(Executor):
     def _collect_all(self, timeout: float) -> list:
         return [self._receive(rank, timeout) for rank in range(self.world_size)]
 
-    def _receive(self, rank: int, timeout: float):
-        """Wait for `rank`'s answer while watching every worker for an error or an exit."""
-        if self._inbox[rank]:
-            return self._inbox[rank].pop(0)
+    def _receive(self, rank: int, timeout: float, kind: str = "ok"):
+        """Wait for `rank`'s answer of `kind` ("step": a step's tokens, "ok": any other call's result) while
+        watching every worker for an error or an exit; answers that come first wait in an inbox."""
+        if self._inbox[(rank, kind)]:
+            return self._inbox[(rank, kind)].pop(0)
         deadline = time.monotonic() + timeout
         watched = {self.conns[rank]: rank}
         for r, c in enumerate(self.conns):
@@ -116,9 +119,9 @@ class MultiprocExecutor(Executor):
                     if status == "err":
                         exc, tb = payload
                         self._fail(f"worker rank {r} failed:\n{tb}", exc)
-                    if r == rank:
+                    if r == rank and status == kind:
                         return payload
-                    self._inbox[r].append(payload)  # another rank's answer: keep it for its turn
+                    self._inbox[(r, status)].append(payload)  # another answer: keep it for its turn
 
     def _exit_code(self, rank: int) -> int | None:
         try:
@@ -146,7 +149,7 @@ class MultiprocExecutor(Executor):
 
     def collect(self) -> ModelRunnerOutput:
         # the output rank answers steps in the order they were sent
-        return self._receive(self.output_rank, STEP_TIMEOUT_S)
+        return self._receive(self.output_rank, STEP_TIMEOUT_S, kind="step")
 
     def memory_in_use(self) -> list[int]:
         return self._call_all("memory_in_use")
@@ -224,8 +227,17 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
     from shardllm.distributed.parallel_state import get_parallel_context
 
     is_output = get_parallel_context().is_output_rank
+    overlap = config.scheduler_config.async_scheduling
+    launched: deque = deque()  # output rank, async scheduling: steps launched whose tokens are not yet sent
     try:
         while True:
+            if launched and not conn.poll(0):  # no next step to launch first: wait for the oldest, send it
+                try:
+                    conn.send(("step", resolve(launched.popleft())))
+                except BaseException as e:
+                    reply_error(e)
+                    break
+                continue
             try:
                 method, args = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):
@@ -233,12 +245,19 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
             if method == "shutdown":
                 break
             try:
-                result = getattr(worker, method)(*args)
+                if method == "execute_model":
+                    result = worker.execute_model(*args, wait=not overlap)
+                else:
+                    result = getattr(worker, method)(*args)
             except BaseException as e:
                 reply_error(e)
                 break
-            if method != "execute_model" or is_output:
+            if method != "execute_model":
                 conn.send(("ok", result))
+            elif is_output and overlap:
+                launched.append(result)
+            elif is_output:
+                conn.send(("step", result))
     finally:
         try:
             destroy_distributed()

@@ -3,9 +3,7 @@ runs the forward and samples. The only part of the engine that touches a device.
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +36,6 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # (S,) rows of the hidden states that sample
     sample_req_ids: list[str]
-    sample_positions: list[int] = field(default_factory=list)  # position each sampled token will take
 
 
 @dataclass
@@ -49,7 +46,6 @@ class PendingOutput:
     tokens: torch.Tensor  # (S,) on the device, or the host copy
     logprobs: list | None
     event: torch.cuda.Event | None = None
-    on_get: Callable[[ModelRunnerOutput], None] | None = None
 
     @staticmethod
     def launch(req_ids: list[str], tokens: torch.Tensor, logprobs, pin: bool) -> PendingOutput:
@@ -64,10 +60,7 @@ class PendingOutput:
     def get(self) -> ModelRunnerOutput:
         if self.event is not None:
             self.event.synchronize()
-        out = ModelRunnerOutput(self.req_ids, self.tokens.tolist(), self.logprobs)
-        if self.on_get is not None:
-            self.on_get(out)
-        return out
+        return ModelRunnerOutput(self.req_ids, self.tokens.tolist(), self.logprobs)
 
 
 def resolve(out: PendingOutput | ModelRunnerOutput | None) -> ModelRunnerOutput | None:
@@ -227,8 +220,7 @@ class ModelRunner:
             slot_mapping=slots, query_start_loc=i32[0], seq_lens=i32[1],
             block_tables=i32[2].view(n_seqs, max_blocks), max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()), block_size=bs)
-        return StepInputs(ids, pos, meta, logits_idx, [so.scheduled[i].req_id for i in sample_rows],
-                          seq_lens[sample_rows].tolist())
+        return StepInputs(ids, pos, meta, logits_idx, [so.scheduled[i].req_id for i in sample_rows])
 
     def _to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         """Concatenate into one pinned host buffer, copy once without blocking, split on the device.
@@ -256,16 +248,15 @@ class ModelRunner:
             batch.any_min_p = any(p.min_p > 0 for p in params)
         if any(p.needs_penalties for p in params):
             dev = self.device
-            if any(s.token_ids[-1] == PLACEHOLDER for s in states):  # fed this step, sampled by the last one:
-                prev = self._prev_tokens.tolist()  # a sync, only when penalties share the batch with them
-                for r, s in zip(req_ids, states):
-                    if s.token_ids[-1] == PLACEHOLDER:
-                        s.token_ids[-1] = prev[self._prev_rows[r]]
             batch.presence = torch.tensor([p.presence_penalty for p in params], device=dev)
             batch.frequency = torch.tensor([p.frequency_penalty for p in params], device=dev)
             batch.repetition = torch.tensor([p.repetition_penalty for p in params], device=dev)
-            batch.prompt_token_ids = [s.token_ids[: s.num_prompt_tokens] for s in states]
-            batch.output_token_ids = [s.token_ids[s.num_prompt_tokens:] for s in states]
+            # only rows with penalties read their tokens (the others' penalties are neutral); those rows are
+            # never scheduled ahead of their tokens, so their lists hold no placeholder
+            batch.prompt_token_ids = [s.token_ids[: s.num_prompt_tokens] if p.needs_penalties else []
+                                      for s, p in zip(states, params)]
+            batch.output_token_ids = [s.token_ids[s.num_prompt_tokens:] if p.needs_penalties else []
+                                      for s, p in zip(states, params)]
         for i, (s, p) in enumerate(zip(states, params)):
             if p.min_tokens and len(s.token_ids) - s.num_prompt_tokens < p.min_tokens:
                 banned = [t for t in (*p.stop_token_ids, *(() if p.ignore_eos else p.eos_token_ids))
@@ -299,20 +290,16 @@ class ModelRunner:
         if not inputs.sample_req_ids:
             return ModelRunnerOutput([], [])
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V), on every tp rank
-        if not get_parallel_context().is_output_rank:
+        is_output = get_parallel_context().is_output_rank
+        if not is_output and not self.config.scheduler_config.async_scheduling:
             return None
+        # With async scheduling every tp rank samples (the same logits, the same seeds: the same tokens), so
+        # that each can fill the next step's placeholders on its own device; the output rank returns them.
         batch = self._sampling_batch(inputs.sample_req_ids)
         nlp = [self.requests[r].sampling_params.logprobs for r in inputs.sample_req_ids]
         out = self.sampler(logits, batch, nlp)
         self._prev_tokens = out.token_ids  # placeholders of the next step read these on the device
         self._prev_rows = {r: i for i, r in enumerate(inputs.sample_req_ids)}
-        pending = PendingOutput.launch(inputs.sample_req_ids, out.token_ids, out.logprobs, self._pin)
-        pending.on_get = functools.partial(self._fill_placeholders, inputs.sample_positions)
-        return pending
-
-    def _fill_placeholders(self, positions: list[int], out: ModelRunnerOutput) -> None:
-        """A step's tokens are known: write them over the placeholders the next step fed for them."""
-        for r, pos, t in zip(out.req_ids, positions, out.sampled_token_ids):
-            st = self.requests.get(r)
-            if st is not None and pos < len(st.token_ids) and st.token_ids[pos] == PLACEHOLDER:
-                st.token_ids[pos] = t
+        if not is_output:
+            return None
+        return PendingOutput.launch(inputs.sample_req_ids, out.token_ids, out.logprobs, self._pin)

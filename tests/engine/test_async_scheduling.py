@@ -160,3 +160,29 @@ def test_abort_in_flight_frees_blocks_and_others_finish(path):
 def test_async_scheduling_needs_one_rank(path):
     with pytest.raises(ValueError, match="async_scheduling"):
         LLM(path, device="cpu", pipeline_parallel_size=2, async_scheduling=True)
+
+
+def test_tensor_parallel_overlaps_and_calls_between_steps_get_their_own_answers(path):
+    """tp = 2 worker processes: every rank samples to fill its placeholders; a call made while a step is in
+    flight (the server's memory poll) gets its own answer, not the step's tokens."""
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ref = tokens(make(path, False).generate(PROMPTS, greedy, use_tqdm=False))
+    llm = make(path, True, tensor_parallel_size=2)
+    try:
+        engine = llm.engine
+        rec = Recorder(engine)
+        for i, p in enumerate(PROMPTS):
+            engine.add_request(str(i), p, greedy)
+        done, polls = {}, 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[int(out.request_id)] = out.outputs[0].token_ids
+            if engine._in_flight:
+                mem = engine.memory_in_use()
+                assert len(mem) == 2 and all(isinstance(m, int) for m in mem)
+                polls += 1
+        assert [done[i] for i in range(len(PROMPTS))] == ref
+        assert polls > 0 and rec.placeholders() > 0 and engine.stats.max_in_flight == 2
+    finally:
+        llm.shutdown()
