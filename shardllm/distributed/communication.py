@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from shardllm.distributed.parallel_state import get_parallel_context
 
+# Profiling only: skip the tensor-parallel all-reduce (wrong results!) so that a benchmark can measure the
+# share of a step spent in it as 1 - t(skipped) / t. Never set in serving.
+_SKIP_ALL_REDUCE = os.environ.get("SHARDLLM_PROFILE_SKIP_ALL_REDUCE") == "1"
+
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     ctx = get_parallel_context()
-    if ctx.tp_size == 1:
+    if ctx.tp_size == 1 or _SKIP_ALL_REDUCE:
         return x
     import torch.distributed as dist
 

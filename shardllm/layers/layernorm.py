@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from shardllm.layers import triton_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype | None = None):
@@ -18,6 +20,11 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x: (N, H), or (N, heads, D) with any row strides (q/k norm); the Triton kernels on CUDA."""
+        if triton_ops.use_triton(x):
+            if residual is None:
+                return triton_ops.rms_norm(x, self.weight, self.eps)
+            return triton_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from shardllm.layers import triton_ops
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -47,7 +49,13 @@ class RotaryEmbedding(nn.Module):
                              persistent=False)  # (P, D)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: (N, nh, D), k: (N, nkv, D), positions: (N,)."""
+        """q: (N, nh, D), k: (N, nkv, D), positions: (N,).
+
+        The Triton path (CUDA) rotates q and k in place and returns them; the torch reference returns new
+        tensors. Callers must use the returned pair.
+        """
+        if triton_ops.use_triton(q):
+            return triton_ops.rotary_embedding_(positions, q, k, self.cos_sin_cache)
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # (N, 1, D/2) each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
-    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs] + list(range(16, min(max_num_seqs, 256), 16))
+    sizes += list(range(256, max_num_seqs, 64))  # coarser past 256: padding costs little next to the batch
     return sorted(set(sizes + [max_num_seqs]))
 
 
@@ -39,7 +40,12 @@ class CudaGraphRunner:
         self.block_tables = torch.zeros(n, self.max_blocks, **i32)
         self.query_start_loc = torch.arange(n + 1, **i32)
         self.max_model_len = max_model_len
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.intermediate = None  # a later pipeline stage's inputs: the activations of the stage before
+        if not model.is_first_stage:
+            h, dtype = model.config.hidden_size, next(model.parameters()).dtype
+            self.intermediate = {k: torch.zeros(n, h, dtype=dtype, device=device)
+                                 for k in ("hidden_states", "residual")}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | dict[str, torch.Tensor]]] = {}
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(self.slot_mapping[:bs], self.query_start_loc[: bs + 1], self.seq_lens[:bs],
@@ -53,11 +59,12 @@ class CudaGraphRunner:
         self.seq_lens.fill_(1)  # capture with a real context of one token in the padding block
         for bs in reversed(self.buckets):  # largest first, so smaller graphs reuse its memory pool
             meta = self._meta(bs)
-            self.model(self.input_ids[:bs], self.positions[:bs], meta)  # warm-up: kernels compiled, cuBLAS ready
+            inter = None if self.intermediate is None else {k: v[:bs] for k, v in self.intermediate.items()}
+            self.model(self.input_ids[:bs], self.positions[:bs], meta, inter)  # warm-up: kernels compiled
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.model(self.input_ids[:bs], self.positions[:bs], meta)
+                out = self.model(self.input_ids[:bs], self.positions[:bs], meta, inter)
             self.graphs[bs] = (graph, out)
         torch.cuda.synchronize(self.device)
         self.seq_lens.zero_()
@@ -68,11 +75,17 @@ class CudaGraphRunner:
     def can_run(self, num_seqs: int, max_query_len: int, max_seq_len: int) -> bool:
         return max_query_len == 1 and num_seqs <= self.buckets[-1] and max_seq_len <= self.max_model_len
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Replay the smallest bucket that holds the batch; returns the hidden states of the real rows."""
-        n = input_ids.shape[0]
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            intermediate: dict[str, torch.Tensor] | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Replay the smallest bucket that holds the batch; returns the outputs of the real rows (hidden
+        states on the last pipeline stage, the activations for the next stage elsewhere)."""
+        n = positions.shape[0]
         bs = next(b for b in self.buckets if b >= n)
-        self.input_ids[:n].copy_(input_ids)
+        if self.intermediate is None:
+            self.input_ids[:n].copy_(input_ids)
+        else:
+            for k, v in self.intermediate.items():
+                v[:n].copy_(intermediate[k])
         self.positions[:n].copy_(positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.seq_lens[:n].copy_(meta.seq_lens)
@@ -83,4 +96,6 @@ class CudaGraphRunner:
             self.slot_mapping[n:bs].zero_()
         graph, out = self.graphs[bs]
         graph.replay()
+        if isinstance(out, dict):
+            return {k: v[:n] for k, v in out.items()}
         return out[:n]

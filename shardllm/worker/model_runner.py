@@ -77,6 +77,10 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for a in self.attn_layers:
             a.use_triton = config.attention_backend != "torch"
+        if config.attention_backend == "torch":  # the all-torch reference path: no fused kernels either
+            from shardllm.layers import triton_ops
+
+            triton_ops.USE_TRITON = False
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()
@@ -154,16 +158,19 @@ class ModelRunner:
             from shardllm.worker.cuda_graph import CudaGraphRunner
 
             sc = self.config.scheduler_config
-            self.graph_runner = CudaGraphRunner(self.model, self.device, sc.max_num_seqs, sc.max_model_len,
-                                                self.block_size)
-            self.graph_runner.capture(log=get_parallel_context().is_driver)
+            runner = CudaGraphRunner(self.model, self.device, sc.max_num_seqs, sc.max_model_len, self.block_size)
+            try:
+                runner.capture(log=get_parallel_context().is_driver)
+                self.graph_runner = runner
+            except Exception as e:  # a layer that cannot be captured: serve eagerly rather than not at all
+                logger.warning("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e)
+                torch.cuda.synchronize(self.device)
 
     def _use_cuda_graphs(self) -> bool:
         from shardllm.layers.attention import triton_paged
 
-        pc = self.config.parallel_config
         return (self.device.type == "cuda" and not self.config.enforce_eager and triton_paged.HAS_TRITON
-                and self.config.attention_backend != "torch" and pc.pipeline_parallel_size == 1)
+                and self.config.attention_backend != "torch")
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -281,7 +288,7 @@ class ModelRunner:
         meta = inputs.meta
         g = getattr(self, "graph_runner", None)
         if g is not None and g.can_run(len(so.scheduled), meta.max_query_len, meta.max_seq_len):
-            hidden = g.run(inputs.input_ids, inputs.positions, meta)  # (N, H), a replayed decode graph
+            hidden = g.run(inputs.input_ids, inputs.positions, meta, intermediate)  # a replayed decode graph
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
         if not self.model.is_last_stage:

@@ -1,0 +1,252 @@
+"""Fused Triton kernels for the small elementwise ops of a decoder layer: RMSNorm (with the residual add),
+SiluAndMul and rotary embedding (q and k in place, one launch).
+
+Each replaces a handful of tiny torch kernels, which matters most in a CUDA-graph-replayed decode step. The
+torch code in layernorm.py / activation.py / rotary.py stays the reference; the kernels follow its rounding:
+
+    rms_norm      fp32 normalise, round to x.dtype, multiply by the weight in fp32, round once to the out dtype
+    silu_and_mul  silu in fp32 rounded to x.dtype, then the product in fp32 rounded once (as F.silu(g) * u)
+    rotary        fp32 rotation of the x.dtype values, rounded once
+
+Only the fp32 math differs (reduction order, rsqrt, exp), so each rounded value equals torch's or is its
+neighbour: x + residual is exact, rotary within 1 ulp, and where an intermediate is rounded (the normalised
+x, silu(gate)) a 1-ulp flip there gives at most 2 ulps after the multiply (rare: about 1e-5 of the elements
+on an H200 in bf16/fp16). fp32 agrees to ~1e-6. No host syncs, and grids depend only on shapes: all of them
+can be graph-captured.
+
+Triton is optional: without it this module still imports and HAS_TRITON is False. Under TRITON_INTERPRET=1
+(set before triton is imported) the wrappers also run on CPU tensors, which is how the tests check them
+(the interpreter truncates fp32 -> bf16 instead of rounding to nearest, so bf16 is a little off there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    triton = tl = None
+    HAS_TRITON = False
+
+# Which path the layers take: None picks the kernels for CUDA tensors when triton is there; True / False force
+# the kernels / the torch reference (tests; True on CPU needs TRITON_INTERPRET=1).
+USE_TRITON: bool | None = None
+RMS_MAX_BLOCK = 8192  # rows wider than this are normalised in two passes over chunks of this size
+SILU_BLOCK = 1024  # columns of `d` per silu_and_mul program
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether a layer should run its op on `x` with the kernels of this module."""
+    if not HAS_TRITON:
+        return False
+    return x.is_cuda if USE_TRITON is None else USE_TRITON
+
+
+def _jit(fn):
+    """triton.jit, or a no-op without triton (annotations are strings, so the kernels still parse)."""
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
+# Kernel names are unique in the package: the interpreter re-executes kernel sources by name.
+
+
+@_jit
+def _fused_rmsnorm_row_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, hidden, heads,
+    stride_xn, stride_xh, stride_rn, stride_on, stride_oh, stride_ron,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+):
+    """One program per row (token, or token x head): out = w * round(norm(s)), s = x (+ residual).
+
+    With HAS_RESIDUAL, s is rounded to its dtype and stored to res_out first, as torch's `x + residual`.
+    Rows wider than BLOCK take two passes; the second recomputes s from the inputs (never rereads res_out).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    n = row // heads
+    h = row % heads
+    x_row = x_ptr + n * stride_xn + h * stride_xh
+    o_row = out_ptr + n * stride_on + h * stride_oh
+    cols = tl.arange(0, BLOCK)
+    if NUM_CHUNKS == 1:
+        mask = cols < hidden
+        s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + n * stride_rn + cols, mask=mask, other=0.0).to(tl.float32)
+            s_rounded = (s + r).to(res_out_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + n * stride_ron + cols, s_rounded, mask=mask)
+            s = s_rounded.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(s * s, 0) / hidden + eps)
+        normed = (s * rstd).to(res_out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_row + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        sum_sq = tl.zeros([BLOCK], tl.float32)
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK + cols
+            mask = offs < hidden
+            s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r = tl.load(res_ptr + n * stride_rn + offs, mask=mask, other=0.0).to(tl.float32)
+                s_rounded = (s + r).to(res_out_ptr.dtype.element_ty)
+                tl.store(res_out_ptr + n * stride_ron + offs, s_rounded, mask=mask)
+                s = s_rounded.to(tl.float32)
+            sum_sq += s * s
+        rstd = tl.rsqrt(tl.sum(sum_sq, 0) / hidden + eps)
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK + cols
+            mask = offs < hidden
+            s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r = tl.load(res_ptr + n * stride_rn + offs, mask=mask, other=0.0).to(tl.float32)
+                s = (s + r).to(res_out_ptr.dtype.element_ty).to(tl.float32)
+            normed = (s * rstd).to(res_out_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(o_row + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _fused_silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xn, stride_on, BLOCK: tl.constexpr):
+    """Grid (rows, cdiv(d, BLOCK)): out[n, j] = round(silu(x[n, j])) * x[n, d + j], fp32 math."""
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + n * stride_xn + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + n * stride_xn + d + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + n * stride_on + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _rotate_heads_inplace(ptr, row_off, stride_h, num_heads, cos, sin,
+                          HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+    """Rotates heads [0, num_heads) of one token, (HEADS_PAD, HALF_PAD) tiles of both halves, in place."""
+    h = tl.arange(0, HEADS_PAD)
+    j = tl.arange(0, HALF_PAD)
+    mask = (h < num_heads)[:, None] & (j < HALF)[None, :]
+    p1 = ptr + row_off + h[:, None] * stride_h + j[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p1, (x1 * cos - x2 * sin).to(ptr.dtype.element_ty), mask=mask)
+    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _fused_rotary_qk_kernel(
+    pos_ptr, q_ptr, k_ptr, cache_ptr, num_q_heads, num_k_heads,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_cache,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
+):
+    """One program per token: neox rotation of all its q and k heads with cos/sin of its position."""
+    n = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + n).to(tl.int64)
+    j = tl.arange(0, HALF_PAD)
+    jm = j < HALF
+    cos = tl.load(cache_ptr + pos * stride_cache + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads_inplace(q_ptr, n * stride_qn, stride_qh, num_q_heads, cos, sin, HALF, Q_HEADS_PAD, HALF_PAD)
+    _rotate_heads_inplace(k_ptr, n * stride_kn, stride_kh, num_k_heads, cos, sin, HALF, K_HEADS_PAD, HALF_PAD)
+
+
+if HAS_TRITON and hasattr(_fused_rmsnorm_row_kernel, "rewrite"):  # the interpreter (TRITON_INTERPRET=1)
+    # It reads a kernel's source from this file at its first launch, by line number: an edit of the file since
+    # the import (a long test run beside an editor) then yields the wrong function, KeyError: '<kernel name>'.
+    for _kernel in (_fused_rmsnorm_row_kernel, _fused_silu_and_mul_kernel, _rotate_heads_inplace,
+                    _fused_rotary_qk_kernel):
+        _kernel.rewrite()
+
+
+# ---- launchers ---------------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """x as (N, heads, D) rows: (tensor, heads, stride over N, stride over heads); last dim contiguous."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if x.dim() == 3:
+        return x, x.shape[1], x.stride(0), x.stride(1)
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
+    return x, 1, x.stride(0), 0
+
+
+def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    hidden = x.shape[-1]
+    assert weight.shape == (hidden,) and weight.stride(0) == 1
+    sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty(x.shape, dtype=torch.promote_types(sum_dtype, weight.dtype), device=x.device)
+    res_out = None if residual is None else torch.empty(x.shape, dtype=sum_dtype, device=x.device)
+    if x.numel() == 0:
+        return out, res_out
+    if residual is None:
+        xr, heads, sxn, sxh = _rows(x)
+        res, res_o, srn, sron = x, x, 0, 0  # unused: HAS_RESIDUAL is off (res_o gives the sum dtype)
+    else:
+        assert x.shape == residual.shape
+        xr, heads, sxn, sxh = _rows(x.reshape(-1, hidden))
+        res, _, srn, _ = _rows(residual.reshape(-1, hidden))
+        res_o, _, sron, _ = _rows(res_out.view(-1, hidden))
+    o, _, son, soh = _rows(out if residual is None else out.view(-1, hidden))
+    block = min(_pow2(hidden), RMS_MAX_BLOCK)
+    _fused_rmsnorm_row_kernel[(xr.shape[0] * heads,)](
+        xr, res, weight, o, res_o, eps, hidden, heads, sxn, sxh, srn, son, soh, sron,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, NUM_CHUNKS=triton.cdiv(hidden, block),
+        num_warps=min(max(block // 256, 1), 8))
+    return out, res_out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x (N, H) or (N, heads, D), any row strides; a new contiguous tensor."""
+    return _rms_norm(x, None, weight, eps)[0]
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one launch, out of place; x, residual (N, H)."""
+    return _rms_norm(x, residual, weight, eps)  # type: ignore[return-value]
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:] for x (..., 2d) -> (..., d)."""
+    assert x.shape[-1] % 2 == 0
+    d = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], d, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    xr, _, sxn, _ = _rows(x.reshape(-1, 2 * d))
+    block = min(_pow2(d), SILU_BLOCK)
+    _fused_silu_and_mul_kernel[(xr.shape[0], triton.cdiv(d, block))](
+        xr, out.view(-1, d), d, sxn, d, BLOCK=block, num_warps=4 if block >= 512 else 1)
+    return out
+
+
+def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                      cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q (N, nh, D) and k (N, nkv, D) in place (neox half split); returns them.
+
+    q, k may be strided views (e.g. of a fused qkv output) with a contiguous last dim; positions (N,);
+    cos_sin_cache (P, D) = [cos | sin].
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_k_heads = k.shape[1]
+    assert k.shape[0] == num_tokens and k.shape[2] == head_dim and head_dim % 2 == 0
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1
+    assert cos_sin_cache.shape[-1] == head_dim
+    if num_tokens == 0:
+        return q, k
+    half = head_dim // 2
+    heads_pad = _pow2(max(num_q_heads, num_k_heads))
+    _fused_rotary_qk_kernel[(num_tokens,)](
+        positions, q, k, cos_sin_cache, num_q_heads, num_k_heads,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), K_HEADS_PAD=_pow2(num_k_heads),
+        num_warps=4 if heads_pad * half >= 1024 else 1)
+    return q, k
