@@ -19,15 +19,15 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 case "${1:-speed}" in
 speed)
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  CUDA_VISIBLE_DEVICES=0 timeout 200 python -m pytest -q -m gpu -p no:cacheprovider tests/layers tests/worker tests/models 2>&1 | tail -4
+  CUDA_VISIBLE_DEVICES=0 timeout 150 python -m pytest -q -m gpu -p no:cacheprovider ${GPU_TESTS:-tests/worker tests/models} 2>&1 | tail -4
+  unset CUDA_VISIBLE_DEVICES
+  bench probe_tp2_graphs 120 --model llama-3-8b --tp_size 2 --batch_size 1 --num_requests 2 --input_len 128 --output_len 64
   export CUDA_VISIBLE_DEVICES=0
   bench b1 120 --model llama-3-8b --batch_size 1 --num_requests 2 --input_len 128 --output_len 256
   bench t128 150 --model llama-3-8b --num_requests 1000 --input_len 128 --output_len 128
   bench t128_512 150 --model llama-3-8b --num_requests 1000 --input_len 128 --output_len 128 --max_batch_size 512
   bench t1000 200 --model llama-3-8b --num_requests 500 --input_len 1000 --output_len 1000 --max_batch_size 512
   timeout 120 python benchmarks/peer_transformers.py --batch_sizes 1 64 --input_len 128 --output_len 128 2>&1 | grep peer
-  unset CUDA_VISIBLE_DEVICES
-  bench probe_tp2_graphs 120 --model llama-3-8b --tp_size 2 --batch_size 1 --num_requests 2 --input_len 128 --output_len 64
   ;;
 layouts)
   timeout 150 python benchmarks/tp_consistency.py --arch mixtral --layouts 1,1,1 2,1,1 2,1,2 4,1,1 4,1,4 2,2,2 --device cuda \
