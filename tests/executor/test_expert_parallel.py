@@ -42,7 +42,6 @@ def test_greedy_tokens_equal_a_single_rank(tiny_checkpoints, single_rank_tokens,
     assert tokens == single_rank_tokens(arch)
 
 
-@pytest.mark.skip(reason="pipeline parallelism is not implemented yet (config refuses pp > 1); enable with it")
 def test_expert_and_pipeline_parallel_greedy_tokens_equal_a_single_rank(tiny_checkpoints, single_rank_tokens):
     tokens = greedy_tokens(tiny_checkpoints["mixtral"], tensor_parallel_size=2, expert_parallel_size=2,
                            pipeline_parallel_size=2)
