@@ -36,13 +36,13 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def pp_send(tensors: dict[str, torch.Tensor]) -> None:
-    """Send activations to the same tp rank of the next pipeline stage: one message, keys in sorted order,
-    over this rank's pipeline group (not the world group, whose point-to-point calls NCCL serialises)."""
+    """Send activations to the same tp rank of the next pipeline stage (keys sent in sorted order)."""
     import torch.distributed as dist
 
     ctx = get_parallel_context()
-    packed = torch.stack([tensors[k] for k in sorted(tensors)])  # (K, *shape): one send, not K
-    dist.send(packed, dst=ctx.rank + ctx.tp_size, group=ctx.pp_group)
+    dst = ctx.rank + ctx.tp_size
+    for key in sorted(tensors):
+        dist.send(tensors[key].contiguous(), dst=dst)
 
 
 def pp_recv(keys: list[str], shape: tuple[int, ...], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
@@ -50,7 +50,10 @@ def pp_recv(keys: list[str], shape: tuple[int, ...], dtype: torch.dtype, device)
     import torch.distributed as dist
 
     ctx = get_parallel_context()
-    keys = sorted(keys)
-    packed = torch.empty((len(keys), *shape), dtype=dtype, device=device)
-    dist.recv(packed, src=ctx.rank - ctx.tp_size, group=ctx.pp_group)
-    return dict(zip(keys, packed.unbind(0)))
+    src = ctx.rank - ctx.tp_size
+    out = {}
+    for key in sorted(keys):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(t, src=src)
+        out[key] = t
+    return out
