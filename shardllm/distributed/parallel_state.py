@@ -76,8 +76,13 @@ def init_distributed(rank: int, world_size: int, tp_size: int, pp_size: int, ep_
     import torch.distributed as dist
 
     kwargs = {"device_id": device} if backend == "nccl" and device is not None else {}
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if init_method.startswith("store://"):  # a TCPStore another process hosts (the multiproc driver)
+        host, port = init_method[len("store://"):].rsplit(":", 1)
+        kwargs["store"] = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+    else:
+        kwargs["init_method"] = init_method
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     tp_groups, pp_groups = rank_layout(tp_size, pp_size)
     tp_group = pp_group = None
     for ranks in tp_groups:  # new_group must be called by every rank for every group

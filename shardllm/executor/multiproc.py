@@ -37,12 +37,6 @@ class WorkerError(RuntimeError):
     """A worker process failed, died or stopped answering; the executor is unusable afterwards."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class MultiprocExecutor(Executor):
     def initialize(self) -> int:
         pc = self.config.parallel_config
@@ -51,7 +45,12 @@ class MultiprocExecutor(Executor):
         self.dead: str | None = None
         self.plan_send_s = 0.0  # time spent pickling and writing plans, for the overhead measurement
         self.num_steps = 0
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        # The rendezvous store lives in this process, which outlives the workers: a rank that exits first never
+        # pulls it from under the others (NCCL's watchdog polls it until its process group is destroyed).
+        import torch.distributed as dist
+
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        init_method = f"store://127.0.0.1:{self._store.port}"
         threads = 0
         if self.config.device == "cpu":
             threads = max(1, (os.cpu_count() or 1) // self.world_size)
@@ -183,6 +182,7 @@ class MultiprocExecutor(Executor):
         for c in getattr(self, "conns", []):
             c.close()
         self.procs, self.conns = [], []
+        self._store = None  # the workers are gone: the rendezvous store may close
         if self.dead is None:
             self.dead = "the executor was shut down"
 
