@@ -157,12 +157,8 @@ class EngineConfig:
         _check_parallel(parallel_config, model_config, device)
         cache_config = CacheConfig(block_size, kv_cache_free_gpu_memory_fraction, cpu_kv_cache_gb,
                                    enable_prefix_caching, num_kv_blocks)
-        no_pipeline = parallel_config.pipeline_parallel_size == 1
-        if async_scheduling is None:
-            async_scheduling = no_pipeline
-        elif async_scheduling and not no_pipeline:
-            raise ValueError("async_scheduling needs pp_size = 1: with pipeline parallelism the pipeline already "
-                             "keeps pp batches in flight; drop async_scheduling")
+        if async_scheduling is None:  # with a pipeline: opt in (not yet measured on GPUs against the default)
+            async_scheduling = parallel_config.pipeline_parallel_size == 1
         scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len,
                                            num_microbatches=pipeline_parallel_size,
                                            async_scheduling=bool(async_scheduling))

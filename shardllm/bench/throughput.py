@@ -28,6 +28,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--enforce_eager", action="store_true")
+    ap.add_argument("--async_scheduling", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--attention_backend", default="auto", choices=("auto", "torch", "triton"))
 
 
@@ -36,7 +37,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 pipeline_parallel_size=a.pp_size, expert_parallel_size=a.ep_size, max_batch_size=a.max_batch_size,
                 max_num_tokens=a.max_num_tokens, max_seq_len=a.max_seq_len,
                 kv_cache_free_gpu_memory_fraction=a.kv_cache_free_gpu_memory_fraction, device=a.device,
-                enforce_eager=a.enforce_eager, attention_backend=a.attention_backend)
+                enforce_eager=a.enforce_eager, attention_backend=a.attention_backend,
+                async_scheduling=a.async_scheduling)
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -57,3 +57,22 @@ def pp_recv(keys: list[str], shape: tuple[int, ...], dtype: torch.dtype, device)
         dist.recv(t, src=src)
         out[key] = t
     return out
+
+
+def send_tokens_to_first_stage(tokens: torch.Tensor):
+    """Last stage, async scheduling: send a step's sampled tokens to the same tp rank of the first stage, without
+    waiting (the first stage fills the placeholders of a later step with them). Returns the work handle."""
+    import torch.distributed as dist
+
+    ctx = get_parallel_context()
+    dst = ctx.rank - (ctx.pp_size - 1) * ctx.tp_size
+    return dist.isend(tokens, dst=dst, group=ctx.token_group)
+
+
+def recv_tokens_from_last_stage(buf: torch.Tensor):
+    """First stage: post the receive of a step's sampled tokens into `buf`; `wait()` the handle before use."""
+    import torch.distributed as dist
+
+    ctx = get_parallel_context()
+    src = ctx.rank + (ctx.pp_size - 1) * ctx.tp_size
+    return dist.irecv(buf, src=src, group=ctx.token_group)

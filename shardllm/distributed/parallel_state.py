@@ -24,6 +24,7 @@ class ParallelContext:
     ep_size: int = 1
     tp_group: Any = None  # torch.distributed ProcessGroup, None for size 1
     pp_group: Any = None
+    token_group: Any = None  # the pp group again, a separate communicator: sampled tokens, last -> first stage
     pp_partition: tuple[int, ...] | None = None  # layers per stage; None: even split
 
     @property
@@ -89,13 +90,16 @@ def init_distributed(rank: int, world_size: int, tp_size: int, pp_size: int, ep_
         g = dist.new_group(ranks)
         if rank in ranks:
             tp_group = g
+    token_group = None
     for ranks in pp_groups:
         g = dist.new_group(ranks)
+        t = dist.new_group(ranks) if pp_size > 1 else None  # its own communicator: never queued behind activations
         if rank in ranks:
-            pp_group = g
+            pp_group, token_group = g, t
     ctx = ParallelContext(rank=rank, world_size=world_size, tp_rank=rank % tp_size, tp_size=tp_size,
                           pp_rank=rank // tp_size, pp_size=pp_size, ep_size=ep_size, tp_group=tp_group,
-                          pp_group=pp_group, pp_partition=tuple(pp_partition) if pp_partition else None)
+                          pp_group=pp_group, token_group=token_group,
+                          pp_partition=tuple(pp_partition) if pp_partition else None)
     set_parallel_context(ctx)
     return ctx
 

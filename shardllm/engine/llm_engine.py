@@ -63,9 +63,9 @@ class LLMEngine:
         self.stats = EngineStats()
         self._parents: dict[str, list[Request]] = {}
         self._in_flight: deque = deque()  # submitted SchedulerOutputs, oldest first
-        # pp batches in flight fill the pipeline; async scheduling keeps 2, so that the host schedules and
-        # prepares step k+1 (and digests step k's tokens) while the device runs step k
-        self._max_in_flight = 2 if sc.async_scheduling else config.parallel_config.pipeline_parallel_size
+        # pp batches in flight fill the pipeline; async scheduling keeps one more, so that the host schedules
+        # and sends step k+1 (and digests step k's tokens) while the devices run step k
+        self._max_in_flight = config.parallel_config.pipeline_parallel_size + bool(sc.async_scheduling)
         self._counter = 0
 
     @classmethod

@@ -127,11 +127,14 @@ class Scheduler:
         active = len(self.running) + len(self.waiting)
         cap = min(cfg.max_num_seqs, -(-active // cfg.num_microbatches)) if cfg.num_microbatches > 1 else None
 
+        # A pipeline with async scheduling fills a batch with requests that are not in flight (and new ones)
+        # first, and only then runs in-flight ones ahead: else one micro-batch would chase itself.
+        ahead_last = cap is not None and cfg.async_scheduling
         i = 0
         while i < len(self.running) and budget > 0 and (cap is None or len(chosen) < cap):
             req = self.running[i]
             num_new = min(self._num_schedulable(req), budget)
-            if num_new <= 0:
+            if num_new <= 0 or (ahead_last and req.is_in_flight):
                 i += 1
                 continue
             while not self.kv.allocate_slots(req, num_new):
@@ -171,6 +174,15 @@ class Scheduler:
                 self.running.append(req)
                 chosen.append((req, num_new))
                 budget -= num_new
+
+        if ahead_last and out.num_preempted == 0:
+            for req in self.running:
+                if budget <= 0 or len(chosen) >= cap:
+                    break
+                num_new = min(self._num_schedulable(req), budget) if req.is_in_flight else 0
+                if num_new > 0 and self.kv.allocate_slots(req, num_new):
+                    chosen.append((req, num_new))
+                    budget -= num_new
 
         for req, num_new in chosen:
             if req.request_id not in self._sent:

@@ -68,6 +68,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     add("--block_size", type=int, help="tokens per KV cache block")
     add("--enable_prefix_caching", action=argparse.BooleanOptionalAction, help="reuse KV of shared prefixes")
     add("--enforce_eager", action="store_const", const=True, help="no CUDA graphs")
+    add("--async_scheduling", action=argparse.BooleanOptionalAction,
+        help="schedule step k+1 while step k runs (default: on without a pipeline, off with one)")
     add("--trust_remote_code", action="store_const", const=True, help="allow model code from the hub")
     add("--log_level", choices=LOG_LEVELS, help="logging level (default info)")
 

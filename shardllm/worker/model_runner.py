@@ -86,8 +86,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self.vocab_size = self.model_config.hf_config.vocab_size
         self._pin = device.type == "cuda"  # host buffers of the step's copies are pinned on a GPU
-        self._prev_tokens = torch.empty(0, dtype=torch.long, device=device)  # the last step's sampled tokens
-        self._prev_rows: dict[str, int] = {}  # request -> row of _prev_tokens
+        # Async scheduling: a placeholder of step m is the token request r sampled at an earlier step j.
+        self._step = 0  # steps run so far (every rank runs every step, so the count agrees across ranks)
+        self._sampled_at: dict[str, tuple[int, int]] = {}  # first stage: request -> (step, row) of its last sample
+        self._step_tokens: dict[int, list] = {}  # first stage: step -> [tokens (S,) on the device, pending recv]
+        self._sends: list = []  # last stage of a pipeline: token sends in flight (kept until done)
 
     # ---- KV cache --------------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -176,6 +179,7 @@ class ModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
+            self._sampled_at.pop(rid, None)
         for new in so.new_requests:
             p = new.sampling_params
             gen = None
@@ -215,19 +219,53 @@ class ModelRunner:
         slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
         sample_rows = [i for i, s in enumerate(so.scheduled) if s.do_sample]
         logits_indices = qsl[1:][sample_rows] - 1
-        holes = np.flatnonzero(input_ids == PLACEHOLDER)
-        hole_rows = np.fromiter((self._prev_rows[so.scheduled[j].req_id] for j in seq_of_token[holes]),
-                                dtype=np.int64, count=len(holes))
+        # placeholders (async scheduling): only the first stage reads token ids; later stages leave them be
+        holes = np.flatnonzero(input_ids == PLACEHOLDER) if self.model.is_first_stage else np.zeros(0, np.int64)
+        where = [self._sampled_at[so.scheduled[j].req_id] for j in seq_of_token[holes]]  # (step, row) each
+        hole_steps = np.fromiter((w[0] for w in where), dtype=np.int64, count=len(holes))
+        order = np.argsort(hole_steps, kind="stable")  # one gather per source step
+        holes, hole_steps = holes[order], hole_steps[order]
+        hole_rows = np.fromiter((where[i][1] for i in order), dtype=np.int64, count=len(holes))
         i64 = self._to_device([input_ids, positions, slot_mapping, logits_indices, holes, hole_rows], torch.long)
         i32 = self._to_device([qsl, seq_lens, block_tables.reshape(-1)], torch.int32)
         ids, pos, slots, logits_idx, holes_t, rows_t = i64
         if len(holes):
-            ids[holes_t] = self._prev_tokens[rows_t]
+            cuts = np.flatnonzero(np.diff(hole_steps)) + 1
+            for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(holes)]):
+                ids[holes_t[a:b]] = self._tokens_of_step(int(hole_steps[a]))[rows_t[a:b]]
+        if self.model.is_first_stage and self.config.scheduler_config.async_scheduling:
+            for k, i in enumerate(sample_rows):  # row k of this step's sampled tokens
+                self._sampled_at[so.scheduled[i].req_id] = (self._step, k)
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=i32[0], seq_lens=i32[1],
             block_tables=i32[2].view(n_seqs, max_blocks), max_query_len=int(q_lens.max()),
             max_seq_len=int(seq_lens.max()), block_size=bs)
         return StepInputs(ids, pos, meta, logits_idx, [so.scheduled[i].req_id for i in sample_rows])
+
+    def _tokens_of_step(self, step: int) -> torch.Tensor:
+        """The tokens step `step` sampled, on this device (a pipeline's first stage waits for their arrival:
+        on a GPU that is a wait of the stream, not of the host)."""
+        entry = self._step_tokens[step]
+        if entry[1] is not None:
+            entry[1].wait()
+            entry[1] = None
+        return entry[0]
+
+    def _keep_step_tokens(self, step: int, tokens: torch.Tensor | None, num_sampled: int) -> None:
+        """First stage, async scheduling: keep this step's sampled tokens (or post their receive from the last
+        stage) for the placeholders of later steps; forget steps too old to be referenced."""
+        if tokens is not None:
+            self._step_tokens[step] = [tokens, None]
+        else:
+            from shardllm.distributed.communication import recv_tokens_from_last_stage
+
+            buf = torch.empty(num_sampled, dtype=torch.long, device=self.device)
+            self._step_tokens[step] = [buf, recv_tokens_from_last_stage(buf)]
+        # a placeholder refers to its request's previous step, which is still in flight: at most pp + 1 back
+        horizon = step - self.config.parallel_config.pipeline_parallel_size - 2
+        for old in [j for j in self._step_tokens if j < horizon]:
+            self._tokens_of_step(old)  # a receive completes before its buffer goes
+            del self._step_tokens[old]
 
     def _to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         """Concatenate into one pinned host buffer, copy once without blocking, split on the device.
@@ -280,7 +318,8 @@ class ModelRunner:
         self._update_states(so)
         if not so.scheduled:
             return ModelRunnerOutput([], [])
-        inputs = self.prepare_inputs(so)
+        inputs = self.prepare_inputs(so)  # this step is number self._step
+        step, self._step = self._step, self._step + 1
         intermediate = None
         if not self.model.is_first_stage:  # activations of the stage before, (N, H) each
             n, h = inputs.positions.shape[0], self.model_config.hf_config.hidden_size
@@ -291,8 +330,11 @@ class ModelRunner:
             hidden = g.run(inputs.input_ids, inputs.positions, meta, intermediate)  # a replayed decode graph
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
+        overlap = self.config.scheduler_config.async_scheduling
         if not self.model.is_last_stage:
             pp_send(hidden)
+            if overlap and self.model.is_first_stage and inputs.sample_req_ids:
+                self._keep_step_tokens(step, None, len(inputs.sample_req_ids))  # from the last stage, later
             return None
         if not inputs.sample_req_ids:
             return ModelRunnerOutput([], [])
@@ -305,8 +347,14 @@ class ModelRunner:
         batch = self._sampling_batch(inputs.sample_req_ids)
         nlp = [self.requests[r].sampling_params.logprobs for r in inputs.sample_req_ids]
         out = self.sampler(logits, batch, nlp)
-        self._prev_tokens = out.token_ids  # placeholders of the next step read these on the device
-        self._prev_rows = {r: i for i, r in enumerate(inputs.sample_req_ids)}
+        if overlap:  # later steps' placeholders read these on the device
+            if self.model.is_first_stage:
+                self._keep_step_tokens(step, out.token_ids, len(inputs.sample_req_ids))
+            else:
+                from shardllm.distributed.communication import send_tokens_to_first_stage
+
+                self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+                self._sends.append((send_tokens_to_first_stage(out.token_ids), out.token_ids))  # alive until sent
         if not is_output:
             return None
         return PendingOutput.launch(inputs.sample_req_ids, out.token_ids, out.logprobs, self._pin)

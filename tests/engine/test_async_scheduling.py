@@ -157,32 +157,26 @@ def test_abort_in_flight_frees_blocks_and_others_finish(path):
     assert engine.kv_cache_manager.usage == 0.0
 
 
-def test_async_scheduling_needs_one_rank(path):
-    with pytest.raises(ValueError, match="async_scheduling"):
-        LLM(path, device="cpu", pipeline_parallel_size=2, async_scheduling=True)
-
-
-def test_tensor_parallel_overlaps_and_calls_between_steps_get_their_own_answers(path):
-    """tp = 2 worker processes: every rank samples to fill its placeholders; a call made while a step is in
-    flight (the server's memory poll) gets its own answer, not the step's tokens."""
+@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
+def test_pipeline_runs_ahead_with_tokens_sent_device_to_device(path, tp, pp):
+    """With a pipeline, async scheduling is opt-in: a micro-batch's next step is queued before its tokens reach
+    the host, and the first stage takes them from the last stage directly. Same tokens as one rank."""
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     ref = tokens(make(path, False).generate(PROMPTS, greedy, use_tqdm=False))
-    llm = make(path, True, tensor_parallel_size=2)
+    default = make(path, None, pipeline_parallel_size=pp)
     try:
-        engine = llm.engine
-        rec = Recorder(engine)
-        for i, p in enumerate(PROMPTS):
-            engine.add_request(str(i), p, greedy)
-        done, polls = {}, 0
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    done[int(out.request_id)] = out.outputs[0].token_ids
-            if engine._in_flight:
-                mem = engine.memory_in_use()
-                assert len(mem) == 2 and all(isinstance(m, int) for m in mem)
-                polls += 1
-        assert [done[i] for i in range(len(PROMPTS))] == ref
-        assert polls > 0 and rec.placeholders() > 0 and engine.stats.max_in_flight == 2
+        assert not default.config.scheduler_config.async_scheduling  # off unless asked for
+    finally:
+        default.shutdown()
+    llm = make(path, True, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    try:
+        rec = Recorder(llm.engine)
+        assert tokens(llm.generate(PROMPTS, greedy, use_tqdm=False)) == ref
+        assert rec.placeholders() > 0
+        assert llm.engine.stats.max_in_flight == pp + 1
+        for so in rec.plans:  # a request is in a batch at most once
+            ids = [s.req_id for s in so.scheduled]
+            assert len(ids) == len(set(ids))
+        assert llm.engine.kv_cache_manager.usage == 0.0
     finally:
         llm.shutdown()

@@ -25,12 +25,14 @@ def test_engine_and_server_flags():
     engine, opts = settings(["serve", "some/model", "-pp", "2", "--ep_size", "2", "--max_batch_size", "8",
                              "--max_num_tokens", "512", "--max_seq_len", "1024", "--dtype", "bf16",
                              "--kv_cache_free_gpu_memory_fraction", "0.5", "--device", "cpu",
-                             "--cpu_kv_cache_gb", "0.5", "--no-enable_prefix_caching", "--host", "0.0.0.0",
+                             "--cpu_kv_cache_gb", "0.5", "--no-enable_prefix_caching", "--async_scheduling",
+                             "--enforce_eager", "--host", "0.0.0.0",
                              "--port", "9001", "--served_model_name", "m", "--api_key", "k", "--log_level", "debug"])
     assert engine == {"model": "some/model", "pipeline_parallel_size": 2, "expert_parallel_size": 2,
                       "max_batch_size": 8, "max_num_tokens": 512, "max_seq_len": 1024, "dtype": "bf16",
                       "kv_cache_free_gpu_memory_fraction": 0.5, "device": "cpu", "cpu_kv_cache_gb": 0.5,
-                      "enable_prefix_caching": False}
+                      "enable_prefix_caching": False, "async_scheduling": True, "enforce_eager": True}
+    assert settings(["serve", "--no-async_scheduling"])[0] == {"async_scheduling": False}
     assert opts == {"host": "0.0.0.0", "port": 9001, "served_model_name": "m", "api_key": "k",
                     "log_level": "debug", "shutdown_timeout": 30.0}
 
