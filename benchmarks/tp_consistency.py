@@ -34,10 +34,12 @@ def main() -> None:
     from shardllm import LLM, SamplingParams
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layouts", nargs="+", default=["1,1,1", "2,1,1", "4,1,1"], help="tp,pp,ep; first is the reference")
+    ap.add_argument("--layouts", nargs="+", default=["1,1,1", "2,1,1", "4,1,1"],
+                    help="tp,pp,ep; first is the reference")
     ap.add_argument("--arch", default="llama")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--async_scheduling", action=argparse.BooleanOptionalAction, default=None)
     a = ap.parse_args()
     layouts = [tuple(int(x) for x in spec.split(",")) for spec in a.layouts]
     path = write_tiny_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"), a.arch, hidden_size=256,
@@ -50,7 +52,7 @@ def main() -> None:
         ref = None
         for tp, pp, ep in layouts:
             llm = LLM(path, dtype=dtype, tensor_parallel_size=tp, pipeline_parallel_size=pp, expert_parallel_size=ep,
-                      device=a.device, max_seq_len=512)
+                      device=a.device, max_seq_len=512, async_scheduling=a.async_scheduling)
             outs = llm.generate(prompts, sp, use_tqdm=False)
             llm.shutdown()
             if ref is None:
@@ -58,8 +60,8 @@ def main() -> None:
                 continue
             res = [compare(r, o) for r, o in zip(ref, outs)]
             ok = all(x["equal"] for x in res) if dtype == "float32" else all(x["equal"] or x["near_tie"] for x in res)
-            report[f"{dtype} tp={tp} pp={pp} ep={ep} vs {layouts[0]}"] = {"pass": ok, "equal": sum(x["equal"] for x in res),
-                                                          "of": len(res), "details": res}
+            report[f"{dtype} tp={tp} pp={pp} ep={ep} vs {layouts[0]}"] = {
+                "pass": ok, "equal": sum(x["equal"] for x in res), "of": len(res), "details": res}
     print(json.dumps(report, indent=1))
     if not all(v["pass"] for v in report.values()):
         sys.exit(1)
