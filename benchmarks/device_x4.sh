@@ -3,6 +3,7 @@
 #   bash benchmarks/device_x4.sh speed   # GPU tests, one-GPU speed (GPU 0) beside transformers, TP graph probe
 #   bash benchmarks/device_x4.sh layouts # Llama-3-8B pp/tp layouts, Mixtral-8x7B tp/ep layouts, consistency
 #   bash benchmarks/device_x4.sh big     # Llama-3-70B at tp 4 and tp 2 x pp 2, batch-1 decode and all-reduce share
+#   bash benchmarks/device_x4.sh profile # where a decode step's time goes (batch 1 and 256, GPU 0)
 #   bash benchmarks/device_x4.sh pp      # pipelines with and without async scheduling, on one host (A/B)
 # Results: JSON lines under $OUT (or ./bench_out). EAGER_TP=1 adds --enforce_eager to runs with tp > 1.
 set -u
@@ -50,6 +51,10 @@ big)
     SHARDLLM_PROFILE_SKIP_ALL_REDUCE=1 bench b1_tp_noar 120 --model $1 --tp_size $2 --batch_size 1 \
       --num_requests 2 --input_len 128 --output_len 64 $(eager)
   done
+  ;;
+profile)
+  export CUDA_VISIBLE_DEVICES=0
+  for bs in 1 256; do timeout 150 python benchmarks/profile_decode.py --model llama-3-8b --batch_size $bs 2>/dev/null | tail -1; done
   ;;
 pp)
   timeout 120 python benchmarks/tp_consistency.py --layouts 1,1,1 1,2,1 2,2,1 --device cuda --dtypes float32 \
