@@ -137,7 +137,8 @@ class KVCacheManager:
         held = self.req_to_blocks.get(req.request_id)
         if not held:
             return
-        num_full = min(req.num_computed_tokens // self.block_size, len(held))
+        # only blocks of known tokens (async scheduling may have computed past them with a placeholder)
+        num_full = min(min(req.num_computed_tokens, req.num_tokens) // self.block_size, len(held))
         start = self.num_cached_hashes.get(req.request_id, 0)
         if num_full <= start:
             return
