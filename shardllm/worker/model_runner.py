@@ -77,10 +77,10 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for a in self.attn_layers:
             a.use_triton = config.attention_backend != "torch"
-        if config.attention_backend == "torch":  # the all-torch reference path: no fused kernels either
-            from shardllm.layers import triton_ops
+        from shardllm.layers import triton_ops
 
-            triton_ops.USE_TRITON = False
+        # the all-torch reference path has no fused kernels either (a process-wide switch: set it both ways)
+        triton_ops.USE_TRITON = False if config.attention_backend == "torch" else None
         self.kv_caches: list[torch.Tensor] = []
         self.requests: dict[str, CachedRequestState] = {}
         self.sampler = Sampler()

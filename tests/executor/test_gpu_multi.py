@@ -1,0 +1,41 @@
+"""On 2+ GPUs: tensor and pipeline parallel runs (NCCL, kernels, CUDA graphs, async scheduling on and off)
+give one GPU's greedy tokens in fp32, and shutdown is quiet (no NCCL watchdog errors about the store)."""
+
+import pytest
+import torch
+
+from shardllm import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+    pytest.skip("needs 2 CUDA GPUs", allow_module_level=True)
+
+PROMPTS = [[(7 * i + 3 * j) % 300 + 3 for j in range(3 + 9 * i)] for i in range(9)]
+SP = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+def tokens(path, **kw):
+    llm = LLM(path, dtype="float32", device="cuda", max_seq_len=256, max_batch_size=32, **kw)
+    try:
+        return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP, use_tqdm=False)]
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_gpu(tiny_checkpoints):
+    return tokens(tiny_checkpoints["llama"])
+
+
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2),
+                                    dict(tensor_parallel_size=2, async_scheduling=False),
+                                    dict(pipeline_parallel_size=2),
+                                    dict(pipeline_parallel_size=2, async_scheduling=True)])
+def test_layouts_equal_one_gpu(tiny_checkpoints, one_gpu, layout):
+    assert tokens(tiny_checkpoints["llama"], **layout) == one_gpu
+
+
+def test_shutdown_is_quiet(tiny_checkpoints, capfd):
+    tokens(tiny_checkpoints["llama"], tensor_parallel_size=2)
+    err = capfd.readouterr().err
+    assert "TCPStore" not in err and "Traceback" not in err
