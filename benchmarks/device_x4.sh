@@ -57,6 +57,7 @@ profile)
   for bs in 1 256; do timeout 150 python benchmarks/profile_decode.py --model llama-3-8b --batch_size $bs 2>/dev/null | tail -1; done
   ;;
 pp)
+  timeout 200 python -m pytest -q -m gpu -p no:cacheprovider tests/executor/test_gpu_multi.py 2>&1 | tail -3
   timeout 120 python benchmarks/tp_consistency.py --layouts 1,1,1 1,2,1 2,2,1 --device cuda --dtypes float32 \
     --async_scheduling 2>/dev/null | grep -E '"pass"|vs'
   for n in 256 1000; do
