@@ -108,6 +108,9 @@ def run(a: argparse.Namespace) -> dict:
         "kv_cache_gib_per_rank": [round(m["kv_cache"] / 2**30, 2) for m in mem_before],
         "peak_gib_per_rank": [round(m.get("peak", 0) / 2**30, 2) for m in mem],
         "kv_blocks": eng.num_blocks,
+        "async_scheduling": llm.config.scheduler_config.async_scheduling,
+        "cuda_graphs": llm.config.device == "cuda" and not llm.config.enforce_eager,
+        "attention_backend": llm.config.attention_backend,
     }
     ex = eng.executor
     if hasattr(ex, "plan_send_s") and ex.num_steps:
