@@ -196,8 +196,8 @@ class ModelRunner:
     def prepare_inputs(self, so: SchedulerOutput) -> StepInputs:
         """The step's tensors, built with numpy and sent in two host-to-device copies from pinned memory.
 
-        No host sync: a placeholder token (async scheduling) is filled on the device from the tokens the
-        step before sampled.
+        No host sync: a placeholder token (async scheduling) is filled on the device from the tokens an
+        earlier step sampled (with a pipeline, the last stage sends them to the first).
         """
         bs = self.block_size
         n_seqs = len(so.scheduled)
