@@ -180,3 +180,19 @@ def test_pipeline_runs_ahead_with_tokens_sent_device_to_device(path, tp, pp):
         assert llm.engine.kv_cache_manager.usage == 0.0
     finally:
         llm.shutdown()
+
+
+def test_tensor_parallel_random_sampling_every_rank_feeds_the_same_token(path):
+    """Every tp rank samples its own copy of each token to fill its placeholders; with seeded random sampling
+    the outputs equal synchronous scheduling's, so every rank fed the token the output rank returned."""
+    params = [SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=7 + i, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    outs = {}
+    for overlap in (False, True):
+        llm = make(path, overlap, tensor_parallel_size=2)
+        try:
+            outs[overlap] = tokens(llm.generate(PROMPTS, params, use_tqdm=False))
+        finally:
+            llm.shutdown()
+    assert outs[True] == outs[False]
+    assert len({tuple(t) for t in outs[True]}) > 1  # really sampled, not one degenerate sequence
