@@ -3,6 +3,7 @@
 #   bash benchmarks/device_x4.sh speed   # GPU tests, one-GPU speed (GPU 0) beside transformers, TP graph probe
 #   bash benchmarks/device_x4.sh layouts # Llama-3-8B pp/tp layouts, Mixtral-8x7B tp/ep layouts, consistency
 #   bash benchmarks/device_x4.sh big     # Llama-3-70B at tp 4 and tp 2 x pp 2, batch-1 decode and all-reduce share
+#   bash benchmarks/device_x4.sh peer    # shardllm beside transformers eager (batch 1/64/256) and compiled static cache
 #   bash benchmarks/device_x4.sh profile # where a decode step's time goes (batch 1 and 256, GPU 0)
 #   bash benchmarks/device_x4.sh pp      # pipelines with and without async scheduling, on one host (A/B)
 # Results: JSON lines under $OUT (or ./bench_out). EAGER_TP=1 adds --enforce_eager to runs with tp > 1.
@@ -51,6 +52,14 @@ big)
     SHARDLLM_PROFILE_SKIP_ALL_REDUCE=1 bench b1_tp_noar 120 --model $1 --tp_size $2 --batch_size 1 \
       --num_requests 2 --input_len 128 --output_len 64 $(eager)
   done
+  ;;
+peer)
+  export CUDA_VISIBLE_DEVICES=0
+  bench b1 120 --model llama-3-8b --batch_size 1 --num_requests 2 --input_len 128 --output_len 128
+  bench t128_512 150 --model llama-3-8b --num_requests 1000 --input_len 128 --output_len 128 --max_batch_size 512
+  timeout 200 python benchmarks/peer_transformers.py --batch_sizes 1 64 256 --input_len 128 --output_len 128 2>&1 | grep peer
+  timeout 240 python benchmarks/peer_transformers.py --compile --batch_sizes 1 64 --input_len 128 --output_len 128 2>&1 \
+    | grep peer | grep compile
   ;;
 profile)
   export CUDA_VISIBLE_DEVICES=0
