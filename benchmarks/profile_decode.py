@@ -35,7 +35,7 @@ def busy_time(intervals: list[tuple[float, float]]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--model", default="llama-3-8b", help="'default': the embedded default model (GGUF)")
     ap.add_argument("--batch_size", type=int, default=1)
     ap.add_argument("--input_len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from shardllm import LLM, SamplingParams
 
-    llm = LLM(a.model, load_format=a.load_format, dtype=a.dtype, tensor_parallel_size=a.tp_size,
+    model, load_format = (None, "auto") if a.model == "default" else (a.model, a.load_format)
+    llm = LLM(model, load_format=load_format, dtype=a.dtype, tensor_parallel_size=a.tp_size,
               max_batch_size=a.batch_size, max_seq_len=a.input_len + 4 * a.steps + 16, device=a.device,
               enforce_eager=a.enforce_eager)
     eng = llm.engine
