@@ -87,9 +87,13 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Plain torch: gather each sequence's context from the cache, pad, run masked SDPA, unpad."""
     ref = meta.reference_indices()
-    qp = q[ref["q_index"]].transpose(1, 2)  # (B, nh, Tq, D)
-    kp = k_cache[ref["kv_slots"]].transpose(1, 2)  # (B, nkv, Tk, D)
-    vp = v_cache[ref["kv_slots"]].transpose(1, 2)
+
+    def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # x[index], index (B, T): (B, T, ...)
+        return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])  # ~7x aten::index on CPU
+
+    qp = gather(q, ref["q_index"]).transpose(1, 2)  # (B, nh, Tq, D)
+    kp = gather(k_cache, ref["kv_slots"]).transpose(1, 2)  # (B, nkv, Tk, D)
+    vp = gather(v_cache, ref["kv_slots"]).transpose(1, 2)
     group = qp.shape[1] // kp.shape[1]
     if q.is_cuda and group > 1:  # CUDA's memory-efficient kernel takes a mask but not GQA: expand kv heads
         kp, vp = kp.repeat_interleave(group, dim=1), vp.repeat_interleave(group, dim=1)
