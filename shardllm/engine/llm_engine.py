@@ -158,8 +158,8 @@ class LLMEngine:
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """Advance by one batch; return the outputs of the requests that progressed (final_only: that ended).
 
-        With pipeline parallelism up to pp batches are in flight (2 with async scheduling): a step submits a
-        new batch when one can be formed and a slot is free, and collects the oldest batch when the pipeline
+        With pipeline parallelism up to pp batches are in flight (one more with async scheduling): a step
+        submits a new batch when one can be formed and a slot is free, and collects the oldest batch when the pipeline
         is full or nothing new can start. With one batch in flight that is submit-then-collect.
         """
         if len(self._in_flight) < self._max_in_flight:

@@ -36,8 +36,8 @@ class Request:
     The scheduler advances `num_computed_tokens` (tokens whose KV is in the cache); the sampled token
     of a step is appended by `append_token`. `num_in_flight` counts the batches holding the request that
     have not come back yet: pipeline parallelism keeps several batches in flight but a request joins only
-    one; async scheduling lets a decoding request join the next batch too, with `num_pending` = 1 token
-    sampled on the device but not yet known here (the next batch feeds it as a placeholder).
+    one; async scheduling lets a decoding request join the next batch too. `num_pending` counts the tokens
+    its in-flight batches will sample that are not known here yet (a later batch feeds one as a placeholder).
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,

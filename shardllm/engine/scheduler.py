@@ -26,7 +26,7 @@ class NewRequestData:
     sampling_params: SamplingParams
 
 
-PLACEHOLDER = -1  # a token sampled by the step before, not yet known to the scheduler (async scheduling)
+PLACEHOLDER = -1  # a token an in-flight step samples, not yet known to the scheduler (async scheduling)
 
 
 @dataclass
@@ -233,13 +233,13 @@ class Scheduler:
                 continue
             req.num_in_flight -= 1
             k = sampled.get(s.req_id)
-            if k is None:
-                self.kv.cache_full_blocks(req)
-                continue
-            token = runner_out.sampled_token_ids[k]
-            req.num_pending -= 1
-            req.append_token(token)
+            if k is not None:
+                req.num_pending -= 1
+                req.append_token(runner_out.sampled_token_ids[k])
             self.kv.cache_full_blocks(req)
+            if k is None:
+                continue
+            token = req.token_ids[-1]
             if runner_out.logprobs is not None and runner_out.logprobs[k] is not None:
                 req.pending_logprobs = runner_out.logprobs[k]
             updated.append(req)

@@ -66,8 +66,6 @@ class Attention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        k_cache = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (slots, nkv, D)
-        v_cache = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         if q.is_cuda and self.use_triton and triton_paged.HAS_TRITON:
             paged = self.kv_cache[0], self.kv_cache[1]  # (num_blocks, block_size, nkv, D) each
             triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping)  # one launch for k and v
@@ -77,6 +75,8 @@ class Attention(nn.Module):
                 out = triton_paged.paged_prefill_attention(q, *paged, meta.query_start_loc, meta.seq_lens,
                                                            meta.block_tables, meta.max_query_len, self.scale)
         else:
+            k_cache = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (slots, nkv, D)
+            v_cache = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
             k_cache.index_copy_(0, meta.slot_mapping, k)
             v_cache.index_copy_(0, meta.slot_mapping, v)
             out = paged_attention_reference(q, k_cache, v_cache, meta, self.scale)
