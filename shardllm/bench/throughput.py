@@ -98,7 +98,7 @@ def run(a: argparse.Namespace) -> dict:
         "model": a.model, "dtype": str(llm.config.model_config.dtype).replace("torch.", ""), "tp": a.tp_size,
         "pp": a.pp_size, "ep": a.ep_size, "gpus": world, "input_len": a.input_len, "output_len": a.output_len,
         "num_requests": a.num_requests, "batch_size": a.batch_size or a.max_batch_size, "load_s": round(load_s, 1),
-        "elapsed_s": round(elapsed, 3), "output_tok_s": round(out_tokens / elapsed, 1),
+        "elapsed_s": round(elapsed, 4), "output_tokens": out_tokens, "output_tok_s": round(out_tokens / elapsed, 1),
         "output_tok_s_per_gpu": round(out_tokens / elapsed / world, 1),
         "total_tok_s": round((out_tokens + a.input_len * a.num_requests) / elapsed, 1),
         "req_s": round(a.num_requests / elapsed, 3), "steps": steps,
