@@ -127,7 +127,7 @@ class KVCacheManager:
             b.ref_cnt = 1
             held.append(b)
         if computed_blocks:
-            self.num_cached_hashes[req.request_id] = len(computed_blocks)
+            self.num_cached_hashes[req.request_id] = req.num_blocks_offered = len(computed_blocks)
         return True
 
     def cache_full_blocks(self, req: Request) -> None:
@@ -141,6 +141,7 @@ class KVCacheManager:
         num_full = min(min(req.num_computed_tokens, req.num_tokens) // self.block_size, len(held))
         start = self.num_cached_hashes.get(req.request_id, 0)
         if num_full <= start:
+            req.num_blocks_offered = start
             return
         self._update_hashes(req)
         for i in range(start, num_full):
@@ -149,12 +150,13 @@ class KVCacheManager:
             if b.block_hash is None and h not in self.cached:
                 b.block_hash = h
                 self.cached[h] = b
-        self.num_cached_hashes[req.request_id] = num_full
+        self.num_cached_hashes[req.request_id] = req.num_blocks_offered = num_full
 
     def free(self, req: Request) -> None:
         """Release a request's blocks. Tail blocks go to the free queue first, so they are evicted first."""
         held = self.req_to_blocks.pop(req.request_id, [])
         self.num_cached_hashes.pop(req.request_id, None)
+        req.num_blocks_offered = 0
         self._block_ids.pop(req.request_id, None)
         for b in reversed(held):
             b.ref_cnt -= 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import time
@@ -41,6 +43,20 @@ class EngineStats:
     max_in_flight: int = 0  # most batches in the pipeline at once
 
 
+def freeze_startup_objects() -> None:
+    """Exclude what start-up built (modules, the model, the tokenizer) from the cyclic garbage collector: a
+    full collection would walk them all, a pause of milliseconds between two steps."""
+    global _unfreeze_registered
+    gc.collect()
+    gc.freeze()
+    if not _unfreeze_registered:  # at exit, let the last collection free them (extension types check for leaks)
+        atexit.register(gc.unfreeze)
+        _unfreeze_registered = True
+
+
+_unfreeze_registered = False
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -67,6 +83,7 @@ class LLMEngine:
         # and sends step k+1 (and digests step k's tokens) while the devices run step k
         self._max_in_flight = config.parallel_config.pipeline_parallel_size + bool(sc.async_scheduling)
         self._counter = 0
+        freeze_startup_objects()
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> LLMEngine:

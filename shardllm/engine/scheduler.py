@@ -29,17 +29,21 @@ class NewRequestData:
 PLACEHOLDER = -1  # a token an in-flight step samples, not yet known to the scheduler (async scheduling)
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     req_id: str
     token_ids: list[int]  # the tokens whose KV this step computes; a last PLACEHOLDER is filled on the device
     num_computed_tokens: int  # position of token_ids[0]
-    block_ids: list[int]
+    block_ids: list[int]  # the request's block table from index block_start on (the blocks new to the workers)
     do_sample: bool  # the chunk reaches the end of the known tokens: sample the next one
+    block_start: int = 0  # workers cut their copy of the table here, then append block_ids (0: the whole table)
 
 
 @dataclass
 class SchedulerOutput:
+    """One step's plan. It travels to every worker each step, so it pickles as columns of plain lists
+    (several times faster to load than one object per request) and block tables travel as deltas."""
+
     new_requests: list[NewRequestData] = field(default_factory=list)
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)  # workers drop their state for these
@@ -49,6 +53,16 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    def __getstate__(self):
+        sc = self.scheduled
+        cols = ([s.req_id for s in sc], [s.token_ids for s in sc], [s.num_computed_tokens for s in sc],
+                [s.block_ids for s in sc], [s.do_sample for s in sc], [s.block_start for s in sc])
+        return self.new_requests, self.finished_req_ids, self.num_batched_tokens, self.num_preempted, cols
+
+    def __setstate__(self, state) -> None:
+        self.new_requests, self.finished_req_ids, self.num_batched_tokens, self.num_preempted, cols = state
+        self.scheduled = list(map(ScheduledRequest, *cols))
 
 
 @dataclass
@@ -194,9 +208,11 @@ class Scheduler:
             if end > req.num_tokens:  # async scheduling: the pending token is fed as a placeholder
                 token_ids.append(PLACEHOLDER)
             do_sample = end == req.num_tokens + req.num_pending
-            out.scheduled.append(ScheduledRequest(
-                req_id=req.request_id, token_ids=token_ids, num_computed_tokens=start,
-                block_ids=self.kv.get_block_ids(req.request_id), do_sample=do_sample))
+            held = self.kv.req_to_blocks[req.request_id]
+            block_start = req.num_blocks_sent  # the workers hold the table up to here
+            new_ids = [b.block_id for b in held[block_start:]] if len(held) != block_start else []
+            req.num_blocks_sent = len(held)
+            out.scheduled.append(ScheduledRequest(req.request_id, token_ids, start, new_ids, do_sample, block_start))
             req.num_computed_tokens = end
             req.num_in_flight += 1
             req.num_pending += do_sample
@@ -216,6 +232,7 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.num_blocks_sent = 0  # its blocks are gone: the next schedule sends a whole new table
         req.num_preemptions += 1
         self.waiting.appendleft(req)
 
@@ -227,6 +244,7 @@ class Scheduler:
         """
         sampled = dict(zip(runner_out.req_ids, range(len(runner_out.req_ids))))
         updated: list[Request] = []
+        block_size, prefix_caching = self.kv.block_size, self.kv.enable_prefix_caching
         for s in sched_out.scheduled:
             req = self.requests.get(s.req_id)
             if req is None:  # aborted while in flight
@@ -236,7 +254,9 @@ class Scheduler:
             if k is not None:
                 req.num_pending -= 1
                 req.append_token(runner_out.sampled_token_ids[k])
-            self.kv.cache_full_blocks(req)
+            if (min(req.num_computed_tokens, req.num_tokens) >= (req.num_blocks_offered + 1) * block_size
+                    and prefix_caching):  # a block filled up: offer it to the prefix cache
+                self.kv.cache_full_blocks(req)
             if k is None:
                 continue
             token = req.token_ids[-1]

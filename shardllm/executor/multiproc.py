@@ -229,6 +229,7 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
     is_output = get_parallel_context().is_output_rank
     overlap = config.scheduler_config.async_scheduling
     launched: deque = deque()  # output rank, async scheduling: steps launched whose tokens are not yet sent
+    frozen = False
     try:
         while True:
             if launched and not conn.poll(0):  # no next step to launch first: wait for the oldest, send it
@@ -244,6 +245,11 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
                 break
             if method == "shutdown":
                 break
+            if method == "execute_model" and not frozen:  # start-up is over: keep its objects out of GC passes
+                from shardllm.engine.llm_engine import freeze_startup_objects
+
+                freeze_startup_objects()
+                frozen = True
             try:
                 if method == "execute_model":
                     result = worker.execute_model(*args, wait=not overlap)

@@ -16,6 +16,7 @@ from shardllm.engine.scheduler import PLACEHOLDER, ModelRunnerOutput, SchedulerO
 from shardllm.layers.attention import Attention, AttentionMetadata
 from shardllm.model_loader.loader import load_model
 from shardllm.sampling_params import SamplingParams
+from shardllm.worker.block_table import BlockTables
 from shardllm.worker.sampler import Sampler, SamplingBatch
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class ModelRunner:
         self._sampled_at: dict[str, tuple[int, int]] = {}  # first stage: request -> (step, row) of its last sample
         self._step_tokens: dict[int, list] = {}  # first stage: step -> [tokens (S,) on the device, pending recv]
         self._sends: list = []  # last stage of a pipeline: token sends in flight (kept until done)
+        self._tables = BlockTables()  # every request's block table (plans carry the changes only)
 
     # ---- KV cache --------------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -180,6 +182,7 @@ class ModelRunner:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
             self._sampled_at.pop(rid, None)
+            self._tables.drop(rid)
         for new in so.new_requests:
             p = new.sampling_params
             gen = None
@@ -211,11 +214,12 @@ class ModelRunner:
         # position of each token: its sequence's start plus its offset inside the chunk
         seq_of_token = np.repeat(np.arange(n_seqs), q_lens)
         positions = starts[seq_of_token] + (np.arange(num_tokens) - qsl[:-1][seq_of_token])
+        # block tables: apply the plan's changes, then copy the step's rows out in one go
+        tables = self._tables
+        rows = np.fromiter((tables.update(s.req_id, s.block_start, s.block_ids) for s in so.scheduled),
+                           dtype=np.int64, count=n_seqs)
         max_blocks = int(-(-seq_lens.max() // bs))
-        block_tables = np.zeros((n_seqs, max_blocks), dtype=np.int64)
-        for i, s in enumerate(so.scheduled):
-            n = min(len(s.block_ids), max_blocks)
-            block_tables[i, :n] = s.block_ids[:n]
+        block_tables = tables.gather(rows, max_blocks)
         slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
         sample_rows = [i for i, s in enumerate(so.scheduled) if s.do_sample]
         logits_indices = qsl[1:][sample_rows] - 1

@@ -4,7 +4,8 @@ model whose token at each position is a fixed function of (request, position).
 Requests arrive, get aborted, run out of KV blocks and get preempted at random. Whatever happens: every
 placeholder stands for exactly the token later sampled at its position, every request's output is the
 fake model's sequence cut by its max_tokens or its stop token, nothing is computed past a length limit and
-at most one token past a stop, no request is in a batch twice, and every block is free at the end.
+at most one token past a stop, no request is in a batch twice, every block is free at the end, and a
+worker's block tables, rebuilt from the plans' deltas, equal the scheduler's tables.
 """
 
 import random
@@ -17,6 +18,7 @@ from shardllm.engine.kv_cache_manager import KVCacheManager
 from shardllm.engine.request import Request, RequestStatus
 from shardllm.engine.scheduler import PLACEHOLDER, ModelRunnerOutput, Scheduler
 from shardllm.sampling_params import SamplingParams
+from shardllm.worker.block_table import BlockTables
 
 STOP = 13
 
@@ -52,6 +54,7 @@ def test_random_runs_keep_every_invariant(seed, pp, overlap):
     placeholders: dict[tuple[str, int], int] = {}  # (request, position) fed as a placeholder, per occurrence
     in_flight: deque = deque()
     aborted: set[str] = set()
+    worker_tables = BlockTables(rows=2, cols=2)  # what every worker rebuilds from the plans, in plan order
     n_added, steps = 0, 0
 
     def add():
@@ -84,6 +87,11 @@ def test_random_runs_keep_every_invariant(seed, pp, overlap):
             if not so.is_empty:
                 ids = [x.req_id for x in so.scheduled]
                 assert len(ids) == len(set(ids)), "a request twice in one batch"
+                for rid in so.finished_req_ids:
+                    worker_tables.drop(rid)
+                for x in so.scheduled:
+                    worker_tables.update(x.req_id, x.block_start, x.block_ids)
+                    assert worker_tables.row_ids(x.req_id) == kv.get_block_ids(x.req_id)
                 for x in so.scheduled:
                     computed[x.req_id] += len(x.token_ids)
                     assert PLACEHOLDER not in x.token_ids[:-1]  # only the last token may be unknown
