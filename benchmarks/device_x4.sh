@@ -6,6 +6,7 @@
 #   bash benchmarks/device_x4.sh peer    # shardllm beside transformers eager (batch 1/64/256) and compiled static cache
 #   bash benchmarks/device_x4.sh profile # where a decode step's time goes (batch 1 and 256, GPU 0)
 #   bash benchmarks/device_x4.sh pp      # pipelines with and without async scheduling, on one host (A/B)
+#   bash benchmarks/device_x4.sh ar      # symmetric-memory all-reduce: GPU tests, latency beside NCCL, tp runs A/B
 # Results: JSON lines under $OUT (or ./bench_out). EAGER_TP=1 adds --enforce_eager to runs with tp > 1.
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -75,5 +76,18 @@ pp)
     bench pp 150 --model llama-3-8b --pp_size 2 --num_requests $n --input_len 128 --output_len 128 --async_scheduling
   done
   bench pp 150 --model llama-3-8b --tp_size 2 --pp_size 2 --num_requests 1000 --input_len 128 --output_len 128 --async_scheduling
+  ;;
+ar)
+  timeout 300 python -m pytest -q -m gpu -p no:cacheprovider tests/distributed/test_fast_all_reduce.py \
+    tests/executor/test_gpu_multi.py 2>&1 | tail -3
+  for w in 2 4; do timeout 120 python benchmarks/all_reduce.py --world $w > "$out/all_reduce_$w.jsonl" \
+    2> "$out/all_reduce_$w.err"; echo "all_reduce world=$w rc=$?"; cat "$out/all_reduce_$w.jsonl"; done
+  for mt in llama-3-8b:2 llama-3-8b:4 llama-3-70b:4; do set -- ${mt//:/ }
+    for ar in nccl symm_mem; do
+      bench b1_ar 120 --model $1 --tp_size $2 --batch_size 1 --num_requests 2 --input_len 128 --output_len 64 --all_reduce $ar
+    done
+  done
+  bench llama70b_tp4_ar 240 --model llama-3-70b --tp_size 4 --num_requests 1000 --input_len 128 --output_len 128 \
+    --all_reduce symm_mem
   ;;
 esac

@@ -56,6 +56,7 @@ class ParallelConfig:
     expert_parallel_size: int = 1
     pp_partition: tuple[int, ...] | None = None
     distributed_executor_backend: str | None = None  # None: uni for one rank, mp for several on one host
+    all_reduce: str = "nccl"  # tp all-reduce: nccl | symm_mem (PyTorch's P2P kernels, small tensors; GPUs only)
 
     @property
     def world_size(self) -> int:
@@ -104,7 +105,7 @@ class EngineConfig:
                load_format: str = "auto", device: str = "auto", seed: int = 0, enforce_eager: bool = False,
                trust_remote_code: bool = False, tokenizer: str | None = None,
                distributed_executor_backend: str | None = None, attention_backend: str = "auto",
-               async_scheduling: bool | None = None) -> EngineConfig:
+               async_scheduling: bool | None = None, all_reduce: str = "nccl") -> EngineConfig:
         from shardllm.model_loader.resolve import resolve_model
 
         if moe_expert_parallel_size is not None:
@@ -153,8 +154,13 @@ class EngineConfig:
 
         parallel_config = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
                                          tuple(pp_partition) if pp_partition else None,
-                                         distributed_executor_backend)
+                                         distributed_executor_backend, all_reduce)
         _check_parallel(parallel_config, model_config, device)
+        if all_reduce not in ("nccl", "symm_mem"):
+            raise ValueError(f"all_reduce must be 'nccl' or 'symm_mem', got {all_reduce!r}")
+        if all_reduce == "symm_mem" and device != "cuda":
+            raise ValueError("all_reduce='symm_mem' runs on CUDA GPUs only: use all_reduce='nccl' (the default) on "
+                             "CPU")
         cache_config = CacheConfig(block_size, kv_cache_free_gpu_memory_fraction, cpu_kv_cache_gb,
                                    enable_prefix_caching, num_kv_blocks)
         if async_scheduling is None:  # with a pipeline: opt in (not yet measured on GPUs against the default)

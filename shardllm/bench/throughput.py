@@ -30,6 +30,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--enforce_eager", action="store_true")
     ap.add_argument("--async_scheduling", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--attention_backend", default="auto", choices=("auto", "torch", "triton"))
+    ap.add_argument("--all_reduce", default="nccl", choices=("nccl", "symm_mem"))
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -38,7 +39,7 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_tokens=a.max_num_tokens, max_seq_len=a.max_seq_len,
                 kv_cache_free_gpu_memory_fraction=a.kv_cache_free_gpu_memory_fraction, device=a.device,
                 enforce_eager=a.enforce_eager, attention_backend=a.attention_backend,
-                async_scheduling=a.async_scheduling)
+                async_scheduling=a.async_scheduling, all_reduce=a.all_reduce)
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -111,6 +112,7 @@ def run(a: argparse.Namespace) -> dict:
         "async_scheduling": llm.config.scheduler_config.async_scheduling,
         "cuda_graphs": llm.config.device == "cuda" and not llm.config.enforce_eager,
         "attention_backend": llm.config.attention_backend,
+        "all_reduce": llm.config.parallel_config.all_reduce,
     }
     ex = eng.executor
     if hasattr(ex, "plan_send_s") and ex.num_steps:

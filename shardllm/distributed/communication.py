@@ -13,10 +13,23 @@ from shardllm.distributed.parallel_state import get_parallel_context
 _SKIP_ALL_REDUCE = os.environ.get("SHARDLLM_PROFILE_SKIP_ALL_REDUCE") == "1"
 
 
+_fast_all_reduce = None  # a SymmMemAllReduce when the config asks for it (see fast_all_reduce.py)
+
+
+def set_fast_all_reduce(fast) -> None:
+    global _fast_all_reduce
+    _fast_all_reduce = fast
+
+
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the tp group. Use the result: it is `x` itself (NCCL, in place) or a new tensor (fast path)."""
     ctx = get_parallel_context()
     if ctx.tp_size == 1 or _SKIP_ALL_REDUCE:
         return x
+    if _fast_all_reduce is not None:
+        out = _fast_all_reduce(x)
+        if out is not None:
+            return out
     import torch.distributed as dist
 
     dist.all_reduce(x, group=ctx.tp_group)

@@ -70,6 +70,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     add("--enforce_eager", action="store_const", const=True, help="no CUDA graphs")
     add("--async_scheduling", action=argparse.BooleanOptionalAction,
         help="schedule step k+1 while step k runs (default: on without a pipeline, off with one)")
+    add("--all_reduce", choices=("nccl", "symm_mem"),
+        help="tensor-parallel all-reduce: nccl (default) or symm_mem (PyTorch's P2P kernels for small tensors)")
     add("--trust_remote_code", action="store_const", const=True, help="allow model code from the hub")
     add("--log_level", choices=LOG_LEVELS, help="logging level (default info)")
 

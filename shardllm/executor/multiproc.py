@@ -219,6 +219,7 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
         init_distributed(rank, pc.world_size, pc.tensor_parallel_size, pc.pipeline_parallel_size,
                          pc.expert_parallel_size, backend, init_method,
                          worker.device if backend == "nccl" else None, pc.pp_partition)
+        worker.init_fast_all_reduce()
         worker.load_model()
         conn.send(("ok", None))
     except BaseException as e:

@@ -23,6 +23,16 @@ class Worker:
             self.device = torch.device("cpu")
         torch.manual_seed(self.config.model_config.seed)
 
+    def init_fast_all_reduce(self) -> None:
+        """After the process groups, before any forward: the tp all-reduce the config asks for (every tp rank)."""
+        from shardllm.distributed import communication, fast_all_reduce
+        from shardllm.distributed.parallel_state import get_parallel_context
+
+        ctx = get_parallel_context()
+        if ctx.tp_size > 1:
+            communication.set_fast_all_reduce(fast_all_reduce.create(
+                self.config.parallel_config.all_reduce, ctx.tp_group, self.device, self.config.model_config.dtype))
+
     def load_model(self) -> None:
         if self.device.type == "cuda":
             self._check_fits()

@@ -1,5 +1,6 @@
-"""On 2+ GPUs: tensor and pipeline parallel runs (NCCL, kernels, CUDA graphs, async scheduling on and off)
-give one GPU's greedy tokens in fp32, and shutdown is quiet (no NCCL watchdog errors about the store)."""
+"""On 2+ GPUs: tensor and pipeline parallel runs (NCCL or the symmetric-memory all-reduce, kernels, CUDA graphs,
+async scheduling on and off) give one GPU's greedy tokens in fp32, and shutdown is quiet (no NCCL watchdog
+errors about the store)."""
 
 import pytest
 import torch
@@ -29,6 +30,8 @@ def one_gpu(tiny_checkpoints):
 
 @pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2),
                                     dict(tensor_parallel_size=2, async_scheduling=False),
+                                    dict(tensor_parallel_size=2, all_reduce="symm_mem"),
+                                    dict(tensor_parallel_size=2, all_reduce="symm_mem", enforce_eager=True),
                                     dict(pipeline_parallel_size=2),
                                     dict(pipeline_parallel_size=2, async_scheduling=True)])
 def test_layouts_equal_one_gpu(tiny_checkpoints, one_gpu, layout):
