@@ -48,13 +48,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], -1).float(),
                              persistent=False)  # (P, D)
 
+    def uses_kernel(self, q: torch.Tensor) -> bool:
+        """Whether forward rotates q with `triton_ops.rotary_embedding_` (neox, `cos_sin_cache`): where it does,
+        a kernel fused with that rotation (`triton_ops.rotary_embedding_and_write_kv_`) may stand in for it."""
+        return triton_ops.use_triton(q)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (N, nh, D), k: (N, nkv, D), positions: (N,).
 
         The Triton path (CUDA) rotates q and k in place and returns them; the torch reference returns new
         tensors. Callers must use the returned pair.
         """
-        if triton_ops.use_triton(q):
+        if self.uses_kernel(q):
             return triton_ops.rotary_embedding_(positions, q, k, self.cos_sin_cache)
         cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)  # (N, 1, D/2) each
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -1,5 +1,5 @@
 """Fused Triton kernels for the small elementwise ops of a decoder layer: RMSNorm (with the residual add),
-SiluAndMul and rotary embedding (q and k in place, one launch).
+SiluAndMul and rotary embedding (q and k in place, one launch; or with the paged KV-cache write of k and v).
 
 Each replaces a handful of tiny torch kernels, which matters most in a CUDA-graph-replayed decode step. The
 torch code in layernorm.py / activation.py / rotary.py stays the reference; the kernels follow its rounding:
@@ -123,15 +123,21 @@ def _fused_silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xn, stride_on, BLOCK: t
 @_jit
 def _rotate_heads_inplace(ptr, row_off, stride_h, num_heads, cos, sin,
                           HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
-    """Rotates heads [0, num_heads) of one token, (HEADS_PAD, HALF_PAD) tiles of both halves, in place."""
+    """Rotates heads [0, num_heads) of one token, (HEADS_PAD, HALF_PAD) tiles of both halves, in place.
+
+    Returns the stored (rounded) halves, for a caller that writes them elsewhere too.
+    """
     h = tl.arange(0, HEADS_PAD)
     j = tl.arange(0, HALF_PAD)
     mask = (h < num_heads)[:, None] & (j < HALF)[None, :]
     p1 = ptr + row_off + h[:, None] * stride_h + j[None, :]
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(p1, (x1 * cos - x2 * sin).to(ptr.dtype.element_ty), mask=mask)
-    tl.store(p1 + HALF, (x2 * cos + x1 * sin).to(ptr.dtype.element_ty), mask=mask)
+    y1 = (x1 * cos - x2 * sin).to(ptr.dtype.element_ty)
+    y2 = (x2 * cos + x1 * sin).to(ptr.dtype.element_ty)
+    tl.store(p1, y1, mask=mask)
+    tl.store(p1 + HALF, y2, mask=mask)
+    return y1, y2
 
 
 @_jit
@@ -151,11 +157,50 @@ def _fused_rotary_qk_kernel(
     _rotate_heads_inplace(k_ptr, n * stride_kn, stride_kh, num_k_heads, cos, sin, HALF, K_HEADS_PAD, HALF_PAD)
 
 
+@_jit
+def _fused_rotary_write_kv_kernel(
+    pos_ptr, q_ptr, k_ptr, v_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_q_heads, num_kv_heads,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cache,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One program per token: `_fused_rotary_qk_kernel`, then its rotated k and its v into its cache slot.
+
+    q and k are rotated in place whatever the slot; slots < 0 (padding) only skip the cache write.
+    """
+    n = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + n).to(tl.int64)
+    j = tl.arange(0, HALF_PAD)
+    jm = j < HALF
+    cos = tl.load(cache_ptr + pos * stride_cache + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads_inplace(q_ptr, n * stride_qn, stride_qh, num_q_heads, cos, sin, HALF, Q_HEADS_PAD, HALF_PAD)
+    k1, k2 = _rotate_heads_inplace(k_ptr, n * stride_kn, stride_kh, num_kv_heads, cos, sin,
+                                   HALF, KV_HEADS_PAD, HALF_PAD)
+
+    slot = tl.load(slot_mapping_ptr + n).to(tl.int64)
+    h = tl.arange(0, KV_HEADS_PAD)
+    # the slot test as a vector, not a scalar, for the interpreter (as in triton_paged._write_kv_kernel)
+    mask = ((h < num_kv_heads) & (h * 0 + slot >= 0))[:, None] & jm[None, :]
+    page = slot // BLOCK_SIZE
+    in_page = slot % BLOCK_SIZE
+    v1_ptr = v_ptr + n * stride_vn + h[:, None] * stride_vh + j[None, :]
+    v1 = tl.load(v1_ptr, mask=mask)
+    v2 = tl.load(v1_ptr + HALF, mask=mask)
+    kc = k_cache_ptr + page * stride_kcb + in_page * stride_kcs + h[:, None] * stride_kch + j[None, :]
+    vc = v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + j[None, :]
+    tl.store(kc, k1, mask=mask)
+    tl.store(kc + HALF, k2, mask=mask)
+    tl.store(vc, v1, mask=mask)
+    tl.store(vc + HALF, v2, mask=mask)
+
+
 if HAS_TRITON and hasattr(_fused_rmsnorm_row_kernel, "rewrite"):  # the interpreter (TRITON_INTERPRET=1)
     # It reads a kernel's source from this file at its first launch, by line number: an edit of the file since
     # the import (a long test run beside an editor) then yields the wrong function, KeyError: '<kernel name>'.
     for _kernel in (_fused_rmsnorm_row_kernel, _fused_silu_and_mul_kernel, _rotate_heads_inplace,
-                    _fused_rotary_qk_kernel):
+                    _fused_rotary_qk_kernel, _fused_rotary_write_kv_kernel):
         _kernel.rewrite()
 
 
@@ -243,10 +288,45 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if num_tokens == 0:
         return q, k
     half = head_dim // 2
-    heads_pad = _pow2(max(num_q_heads, num_k_heads))
     _fused_rotary_qk_kernel[(num_tokens,)](
         positions, q, k, cos_sin_cache, num_q_heads, num_k_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), K_HEADS_PAD=_pow2(num_k_heads),
-        num_warps=4 if heads_pad * half >= 1024 else 1)
+        num_warps=_rotary_num_warps(num_q_heads, num_k_heads, half))
+    return q, k
+
+
+def _rotary_num_warps(num_q_heads: int, num_k_heads: int, half: int) -> int:
+    return 4 if _pow2(max(num_q_heads, num_k_heads)) * half >= 1024 else 1
+
+
+def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                   slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_embedding_(positions, q, k, cos_sin_cache)`, then the rotated k and v into the paged caches.
+
+    One launch for what `rotary_embedding_` + `triton_paged.write_kv_cache` do in two. q (N, nh, D) and
+    k (N, nkv, D) are rotated in place and returned; v (N, nkv, D) is only read. k_cache, v_cache are
+    (num_blocks, block_size, nkv, D) of k's dtype; token n goes to slot_mapping[n] (block * block_size +
+    offset), none where that is < 0. q, k, v may be strided views with a contiguous last dim.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert k.shape == v.shape and k.shape[0] == num_tokens and k.shape[2] == head_dim and head_dim % 2 == 0
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1 and cos_sin_cache.stride(-1) == 1
+    assert cos_sin_cache.shape[-1] == head_dim
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:], \
+        "caches are (num_blocks, block_size, nkv, D)"
+    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert k_cache.dtype == k.dtype and v_cache.dtype == v.dtype
+    assert slot_mapping.shape == (num_tokens,)
+    if num_tokens == 0:
+        return q, k
+    half = head_dim // 2
+    _fused_rotary_write_kv_kernel[(num_tokens,)](
+        positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride()[:3],
+        HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), KV_HEADS_PAD=_pow2(num_kv_heads),
+        BLOCK_SIZE=k_cache.shape[1], num_warps=_rotary_num_warps(num_q_heads, num_kv_heads, half))
     return q, k

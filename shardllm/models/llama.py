@@ -44,13 +44,11 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)  # (N, nh, D)
-        k = k.view(n, self.num_kv_heads, self.head_dim)  # (N, nkv, D)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q.reshape(n, -1), k.reshape(n, -1), v, meta)  # (N, nh * D)
-        return self.o_proj(o)
+        if self.qk_norm:  # over each head, before the rotary
+            q = self.q_norm(q.view(n, self.num_heads, self.head_dim)).reshape(n, self.q_size)
+            k = self.k_norm(k.view(n, self.num_kv_heads, self.head_dim)).reshape(n, self.kv_size)
+        o = self.attn(q, k, v, meta, self.rotary_emb, positions)  # rotates q, k (with the KV write on Triton)
+        return self.o_proj(o)  # o: (N, nh * D)
 
 
 class LlamaMLP(nn.Module):

@@ -1,4 +1,5 @@
-"""Fused Triton RMSNorm / SiluAndMul / rotary against the torch layers: CPU under the interpreter, CUDA (gpu)."""
+"""Fused Triton RMSNorm / SiluAndMul / rotary (alone, or with the KV-cache write) against the torch layers: CPU
+under the interpreter, CUDA (gpu)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from shardllm.layers import triton_ops  # noqa: E402
 from shardllm.layers.activation import SiluAndMul  # noqa: E402
+from shardllm.layers.attention import Attention, triton_paged  # noqa: E402
 from shardllm.layers.layernorm import RMSNorm  # noqa: E402
 from shardllm.layers.rotary import RotaryEmbedding  # noqa: E402
+from tests.layers.test_triton_attention import make_case  # noqa: E402
 
 # The kernels run on CPU tensors only if TRITON_INTERPRET=1 was set before triton_ops' import (tests/conftest.py).
 INTERPRET = isinstance(triton_ops._fused_rmsnorm_row_kernel, InterpretedFunction)
@@ -139,6 +142,100 @@ def _torch_rotary(rope: RotaryEmbedding, positions, q, k):
         triton_ops.USE_TRITON = old
 
 
+def paged_slots(n: int, num_blocks: int, block_size: int, g: torch.Generator) -> torch.Tensor:
+    """n distinct cache slots in random order: both sides of a block boundary, the last slot, every 4th -1."""
+    total = num_blocks * block_size
+    edges = torch.tensor([block_size - 1, block_size, total - 1])
+    rest = torch.randperm(total, generator=g)
+    slots = torch.cat([edges, rest[~torch.isin(rest, edges)]])[:n]
+    slots[torch.arange(n) % 4 == 3] = -1  # padding tokens: rotated, but not written
+    return slots[torch.randperm(n, generator=g)]
+
+
+def check_rotary_and_write_kv(n: int, nh: int, nkv: int, d: int, dtype: torch.dtype, device: str, seed: int = 0,
+                              block_size: int = 16, max_position: int = 512) -> None:
+    """The fused launcher against the torch rotary + index_copy_ into the caches (slots >= 0)."""
+    g = torch.Generator().manual_seed(seed)
+    rope = RotaryEmbedding(d, max_position, 10000.0).to(device)
+    qkv, q, k, v = qkv_views(n, nh, nkv, d, dtype, device, g)
+    positions = torch.randint(0, max_position, (n,), generator=g).to(device)
+    num_blocks = n // block_size + 3
+    kv_cache = torch.randn(2, num_blocks, block_size, nkv, d, generator=g).to(device, dtype)  # as the runner's
+    slots = paged_slots(n, num_blocks, block_size, g).to(device)
+    keep = slots >= 0
+    ref_q, ref_k = _torch_rotary(rope, positions, q, k)
+    ref_cache = kv_cache.clone().view(2, -1, nkv, d)  # (2, slots, nkv, D)
+    ref_cache[0].index_copy_(0, slots[keep], ref_k[keep])
+    ref_cache[1].index_copy_(0, slots[keep], v[keep])
+    untouched = torch.ones(ref_cache.shape[1], dtype=torch.bool, device=device)
+    untouched[slots[keep]] = False
+    q0, v0 = q.clone(), v.clone()
+
+    out_q, out_k = triton_ops.rotary_embedding_and_write_kv_(positions, q, k, v, rope.cos_sin_cache,
+                                                             kv_cache[0], kv_cache[1], slots)
+    assert out_q is q and out_k is k  # rotated in place
+    assert not torch.equal(q, q0)
+    torch.testing.assert_close(q, ref_q, **tol(dtype, device, roundings=1))
+    torch.testing.assert_close(k, ref_k, **tol(dtype, device, roundings=1))
+    assert torch.equal(v, v0)
+    cache = kv_cache.view(2, -1, nkv, d)
+    assert torch.equal(cache[0, slots[keep]], k[keep])  # the very values written back to k
+    torch.testing.assert_close(cache[0], ref_cache[0], **tol(dtype, device, roundings=1))
+    assert torch.equal(cache[0, untouched], ref_cache[0, untouched])  # slots of no token (or of a -1) unchanged
+    assert torch.equal(cache[1], ref_cache[1])  # v copied exactly, nothing else changed
+
+
+def spy(monkeypatch, *targets) -> dict[str, int]:
+    """Counts the calls of each (module, function name) in a dict, by name."""
+    calls = {}
+
+    def counted(fn, name):
+        def call(*a, **kw):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*a, **kw)
+        return call
+
+    for mod, name in targets:
+        monkeypatch.setattr(mod, name, counted(getattr(mod, name), name))
+    return calls
+
+
+def check_attention_with_rotary(monkeypatch, q_lens, seq_lens, nkv: int, group: int, d: int, dtype: torch.dtype,
+                                device: str, seed: int = 0) -> None:
+    """Attention.forward given the rotary: its Triton path with the fused launch (or, with the torch rotary, the
+    separate KV write) equals the torch path: output and both caches. On CPU, uses_triton_kernels is patched."""
+    g = torch.Generator().manual_seed(seed)
+    _, k_cache, v_cache, meta = make_case(q_lens, seq_lens, nkv, group, d, dtype, device, seed)
+    nh, n = nkv * group, sum(q_lens)
+    attn, rope = Attention(nh, d, nkv), RotaryEmbedding(d, 4096, 10000.0).to(device)
+    positions = torch.cat([torch.arange(s - q, s) for q, s in zip(q_lens, seq_lens)]).to(device)
+    qkv = (2 * torch.randn(n, (nh + 2 * nkv) * d, generator=g)).to(device, dtype)
+    calls = spy(monkeypatch, (triton_ops, "rotary_embedding_and_write_kv_"), (triton_ops, "rotary_embedding_"),
+                (triton_paged, "write_kv_cache"))
+
+    def forward(attention_kernels: bool, rotary_kernel: bool | None):
+        attn.use_triton = attention_kernels
+        monkeypatch.setattr(triton_ops, "USE_TRITON", rotary_kernel)
+        attn.kv_cache = torch.stack([k_cache, v_cache])
+        calls.clear()
+        q, k, v = qkv.clone().split([nh * d, nkv * d, nkv * d], dim=-1)
+        out = attn(q, k, v, meta, rope, positions)
+        return out, attn.kv_cache, dict(calls)
+
+    ref_out, ref_cache, ref_calls = forward(False, False)
+    out, cache, fused_calls = forward(True, True if device == "cpu" else None)
+    sep_out, sep_cache, sep_calls = forward(True, False)
+    assert ref_calls == {}
+    assert fused_calls == {"rotary_embedding_and_write_kv_": 1}
+    assert sep_calls == {"write_kv_cache": 1}  # a rotary that does not take the kernel is not fused
+    out_tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for o, c in ((out, cache), (sep_out, sep_cache)):
+        torch.testing.assert_close(o, ref_out, **out_tol)
+        torch.testing.assert_close(c[0], ref_cache[0], **tol(dtype, device, roundings=1))
+        assert torch.equal(c[1], ref_cache[1])
+    assert not torch.equal(cache[0], k_cache)  # this step's k were written
+
+
 # ---- CPU, Triton interpreter -------------------------------------------------------------------------------------
 
 ALL_DTYPES = [torch.float32, *HALF_DTYPES]
@@ -219,6 +316,46 @@ def test_rotary_odd_head_counts_and_llama3_scaling():
 
 
 @cpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize(("n", "heads"), [(1, (32, 8, 128)), (7, (32, 8, 128)), (9, (4, 4, 64)), (6, (6, 2, 64))],
+                         ids=["decode-32/8-d128", "32/8-d128", "mha-4/4-d64", "6/2-d64"])
+def test_rotary_and_write_kv(n, heads, dtype):
+    check_rotary_and_write_kv(n, *heads, dtype, "cpu", seed=n, block_size=4)  # 4: several block boundaries
+
+
+@pytest.fixture
+def attention_kernels_on_cpu(monkeypatch):
+    """Attention's Triton path on CPU tensors (the kernels run interpreted), where the runner would choose it."""
+    monkeypatch.setattr(Attention, "uses_triton_kernels", lambda self, q: self.use_triton)
+
+
+@cpu
+@pytest.mark.parametrize(("q_lens", "seq_lens"), [([1, 1], [17, 5]), ([3, 6], [3, 21])], ids=["decode", "prefill"])
+def test_attention_fuses_rotary_with_the_kv_write(monkeypatch, attention_kernels_on_cpu, q_lens, seq_lens):
+    check_attention_with_rotary(monkeypatch, q_lens, seq_lens, 2, 3, 64, torch.float32, "cpu", seed=len(q_lens))
+
+
+@cpu
+def test_attention_applies_another_rotary_first(monkeypatch, attention_kernels_on_cpu):
+    """A rotary module that is not a RotaryEmbedding is called as given, then the separate KV write."""
+    _, k_cache, v_cache, meta = make_case([2], [2], 1, 2, 32)
+    attn = Attention(2, 32, 1)
+    attn.kv_cache = torch.stack([k_cache, v_cache])
+    monkeypatch.setattr(triton_ops, "USE_TRITON", True)
+    calls = spy(monkeypatch, (triton_ops, "rotary_embedding_and_write_kv_"), (triton_paged, "write_kv_cache"))
+
+    class Negate(torch.nn.Module):
+        def forward(self, positions, q, k):
+            return -q, -k
+
+    qkv = torch.randn(2, 4 * 32)
+    q, k, v = qkv.split([64, 32, 32], dim=-1)
+    attn(q, k, v, meta, Negate(), torch.zeros(2, dtype=torch.long))
+    assert calls == {"write_kv_cache": 1}
+    assert torch.equal(attn.kv_cache[0].view(-1, 32)[meta.slot_mapping], -k)
+
+
+@cpu
 def test_empty_batch():
     w = torch.ones(64)
     x = torch.empty(0, 64)
@@ -229,6 +366,10 @@ def test_empty_batch():
     q, k = torch.empty(0, 4, 64), torch.empty(0, 2, 64)
     out_q, out_k = triton_ops.rotary_embedding_(torch.empty(0, dtype=torch.long), q, k, torch.ones(8, 64))
     assert out_q is q and out_k is k
+    caches, no_pos = torch.zeros(2, 3, 4, 2, 64), torch.empty(0, dtype=torch.long)
+    out_q, out_k = triton_ops.rotary_embedding_and_write_kv_(no_pos, q, k, k.clone(), torch.ones(8, 64), *caches,
+                                                             no_pos)
+    assert out_q is q and out_k is k and not caches.any()
 
 
 @cpu
@@ -258,8 +399,9 @@ def test_layers_take_the_kernels_when_forced(monkeypatch):
 
 
 @cpu
+@pytest.mark.parametrize("attention", ["torch", "triton"])  # triton: paged kernels, rotary fused with the KV write
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: q/k norm on the strided views, then rotary
-def test_tiny_model_with_the_kernels_equals_the_torch_path(tiny_checkpoints, monkeypatch, arch):
+def test_tiny_model_with_the_kernels_equals_the_torch_path(tiny_checkpoints, monkeypatch, arch, attention):
     from shardllm import LLM
     from tests.helpers import chunked_logits
 
@@ -268,8 +410,13 @@ def test_tiny_model_with_the_kernels_equals_the_torch_path(tiny_checkpoints, mon
     prompts = [[1, 17, 33, 5, 9, 101, 7], [3, 4, 250]]
     ref = chunked_logits(runner, prompts, 4)  # a prefill step, then chunks with cached context
     monkeypatch.setattr(triton_ops, "USE_TRITON", True)
+    if attention == "triton":
+        monkeypatch.setattr(Attention, "uses_triton_kernels", lambda self, q: self.use_triton)
+    calls = spy(monkeypatch, (triton_ops, "rotary_embedding_and_write_kv_"), (triton_ops, "rotary_embedding_"))
     for o, r in zip(chunked_logits(runner, prompts, 4), ref):
         torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
+    layer_steps = runner.model.config.num_hidden_layers * 2  # two steps of chunks
+    assert calls == {"rotary_embedding_and_write_kv_" if attention == "triton" else "rotary_embedding_": layer_steps}
 
 
 # ---- CUDA, bf16 / fp16 -------------------------------------------------------------------------------------------
@@ -305,6 +452,21 @@ def test_gpu_silu_and_mul(n, d, dtype, torch_path):
 @pytest.mark.parametrize("n", [1, 17, 300])
 def test_gpu_rotary(n, heads, dtype, torch_path):
     check_rotary(n, *heads, dtype, "cuda", seed=n, max_position=8192)
+
+
+@gpu
+@pytest.mark.parametrize("heads", [(32, 8, 128), (4, 4, 64), (6, 2, 64), (28, 4, 128), (64, 8, 128)])
+@pytest.mark.parametrize("n", [1, 17, 300])
+def test_gpu_rotary_and_write_kv_bf16(n, heads, torch_path):
+    check_rotary_and_write_kv(n, *heads, torch.bfloat16, "cuda", seed=n, max_position=8192)
+
+
+@gpu
+@pytest.mark.parametrize(("q_lens", "seq_lens"), [([1] * 8, [1, 16, 17, 100, 700, 33, 2, 1000]),
+                                                  ([300, 1, 37], [300, 90, 53])], ids=["decode", "prefill"])
+@pytest.mark.parametrize("heads", [(8, 4, 128), (2, 3, 64)])
+def test_gpu_attention_fuses_rotary_with_the_kv_write_bf16(monkeypatch, q_lens, seq_lens, heads):
+    check_attention_with_rotary(monkeypatch, q_lens, seq_lens, *heads, torch.bfloat16, "cuda")
 
 
 @gpu

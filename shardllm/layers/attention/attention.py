@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardllm.layers import triton_ops
 from shardllm.layers.attention import triton_paged
+from shardllm.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -51,7 +53,11 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """Writes this step's k, v into the cache, then attends q over the cached context."""
+    """Writes this step's k, v into the cache, then attends q over the cached context.
+
+    Given the rotary embedding, it rotates q and k first; on the Triton path that rotation and the cache write
+    are one launch.
+    """
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None):
         super().__init__()
@@ -60,15 +66,33 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None  # (2, num_blocks, block_size, nkv, D), bound by the runner
         self.use_triton = True  # the runner turns it off for attention_backend="torch"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: (N, nh * D), k, v: (N, nkv * D) -> (N, nh * D)."""
+    def uses_triton_kernels(self, q: torch.Tensor) -> bool:
+        """Whether forward takes the Triton kernels (CUDA only; the tests patch it to run them on CPU)."""
+        return q.is_cuda and self.use_triton and triton_paged.HAS_TRITON
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                rotary: nn.Module | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """q: (N, nh * D), k, v: (N, nkv * D) -> (N, nh * D).
+
+        With `rotary` (q, k = rotary(positions, q, k), as RotaryEmbedding), q and k are rotated first, in place
+        where the kernels do it. A RotaryEmbedding that would take its Triton kernel is fused with the cache write.
+        """
         n = q.shape[0]
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        if q.is_cuda and self.use_triton and triton_paged.HAS_TRITON:
+        assert rotary is None or positions is not None
+        kernels = self.uses_triton_kernels(q)
+        fuse_rotary = kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
+        if rotary is not None and not fuse_rotary:
+            q, k = rotary(positions, q, k)
+        if kernels:
             paged = self.kv_cache[0], self.kv_cache[1]  # (num_blocks, block_size, nkv, D) each
-            triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping)  # one launch for k and v
+            if fuse_rotary:  # rotary and the cache write of k and v in one launch
+                triton_ops.rotary_embedding_and_write_kv_(positions, q, k, v, rotary.cos_sin_cache, *paged,
+                                                          meta.slot_mapping)
+            else:
+                triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping)  # one launch for k and v
             if meta.max_query_len == 1:  # decode only: split over the KV length, graph-capturable
                 out = triton_paged.paged_decode_attention(q, *paged, meta.block_tables, meta.seq_lens, self.scale)
             else:
