@@ -141,33 +141,15 @@ def _rotate_heads_inplace(ptr, row_off, stride_h, num_heads, cos, sin,
 
 
 @_jit
-def _fused_rotary_qk_kernel(
-    pos_ptr, q_ptr, k_ptr, cache_ptr, num_q_heads, num_k_heads,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_cache,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, K_HEADS_PAD: tl.constexpr,
-):
-    """One program per token: neox rotation of all its q and k heads with cos/sin of its position."""
-    n = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + n).to(tl.int64)
-    j = tl.arange(0, HALF_PAD)
-    jm = j < HALF
-    cos = tl.load(cache_ptr + pos * stride_cache + j, mask=jm, other=0.0).to(tl.float32)[None, :]
-    sin = tl.load(cache_ptr + pos * stride_cache + HALF + j, mask=jm, other=0.0).to(tl.float32)[None, :]
-    _rotate_heads_inplace(q_ptr, n * stride_qn, stride_qh, num_q_heads, cos, sin, HALF, Q_HEADS_PAD, HALF_PAD)
-    _rotate_heads_inplace(k_ptr, n * stride_kn, stride_kh, num_k_heads, cos, sin, HALF, K_HEADS_PAD, HALF_PAD)
-
-
-@_jit
-def _fused_rotary_write_kv_kernel(
+def _fused_rotary_kernel(
     pos_ptr, q_ptr, k_ptr, v_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_q_heads, num_kv_heads,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cache,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr,
 ):
-    """One program per token: `_fused_rotary_qk_kernel`, then its rotated k and its v into its cache slot.
-
-    q and k are rotated in place whatever the slot; slots < 0 (padding) only skip the cache write.
+    """One program per token: neox rotation of all its q and k heads with cos/sin of its position, in place;
+    with WRITE_KV, then its rotated k and its v into its cache slot (slots < 0, padding, skip only the write).
     """
     n = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + n).to(tl.int64)
@@ -178,7 +160,20 @@ def _fused_rotary_write_kv_kernel(
     _rotate_heads_inplace(q_ptr, n * stride_qn, stride_qh, num_q_heads, cos, sin, HALF, Q_HEADS_PAD, HALF_PAD)
     k1, k2 = _rotate_heads_inplace(k_ptr, n * stride_kn, stride_kh, num_kv_heads, cos, sin,
                                    HALF, KV_HEADS_PAD, HALF_PAD)
+    if WRITE_KV:
+        _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_kv_heads,
+                          stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
+                          stride_vch, HALF, HALF_PAD, KV_HEADS_PAD, BLOCK_SIZE)
 
+
+@_jit
+def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_kv_heads,
+                      stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                      HALF: tl.constexpr, HALF_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr):
+    """Token n's rotated k (halves k1, k2) and its v into its cache slot, unless the slot is < 0."""
+    j = tl.arange(0, HALF_PAD)
+    jm = j < HALF
     slot = tl.load(slot_mapping_ptr + n).to(tl.int64)
     h = tl.arange(0, KV_HEADS_PAD)
     # the slot test as a vector, not a scalar, for the interpreter (as in triton_paged._write_kv_kernel)
@@ -200,7 +195,7 @@ if HAS_TRITON and hasattr(_fused_rmsnorm_row_kernel, "rewrite"):  # the interpre
     # It reads a kernel's source from this file at its first launch, by line number: an edit of the file since
     # the import (a long test run beside an editor) then yields the wrong function, KeyError: '<kernel name>'.
     for _kernel in (_fused_rmsnorm_row_kernel, _fused_silu_and_mul_kernel, _rotate_heads_inplace,
-                    _fused_rotary_qk_kernel, _fused_rotary_write_kv_kernel):
+                    _fused_rotary_kernel, _write_rotated_kv):
         _kernel.rewrite()
 
 
@@ -288,11 +283,11 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     if num_tokens == 0:
         return q, k
     half = head_dim // 2
-    _fused_rotary_qk_kernel[(num_tokens,)](
-        positions, q, k, cos_sin_cache, num_q_heads, num_k_heads,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-        HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), K_HEADS_PAD=_pow2(num_k_heads),
-        num_warps=_rotary_num_warps(num_q_heads, num_k_heads, half))
+    _fused_rotary_kernel[(num_tokens,)](  # no cache write: k stands in for the unused pointers
+        positions, q, k, k, cos_sin_cache, k, k, positions, num_q_heads, num_k_heads,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0, cos_sin_cache.stride(0), 0, 0, 0, 0, 0, 0,
+        HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), KV_HEADS_PAD=_pow2(num_k_heads),
+        BLOCK_SIZE=1, WRITE_KV=False, num_warps=_rotary_num_warps(num_q_heads, num_k_heads, half))
     return q, k
 
 
@@ -323,10 +318,10 @@ def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: 
     if num_tokens == 0:
         return q, k
     half = head_dim // 2
-    _fused_rotary_write_kv_kernel[(num_tokens,)](
+    _fused_rotary_kernel[(num_tokens,)](
         positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), KV_HEADS_PAD=_pow2(num_kv_heads),
-        BLOCK_SIZE=k_cache.shape[1], num_warps=_rotary_num_warps(num_q_heads, num_kv_heads, half))
+        BLOCK_SIZE=k_cache.shape[1], WRITE_KV=True, num_warps=_rotary_num_warps(num_q_heads, num_kv_heads, half))
     return q, k
