@@ -39,6 +39,9 @@ class SymmMemAllReduce:
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
+        for op in ("one_shot_all_reduce_copy", "two_shot_all_reduce_out"):
+            if not hasattr(torch.ops.symm_mem, op):
+                raise RuntimeError(f"this PyTorch ({torch.__version__}) has no torch.ops.symm_mem.{op}")
         self.world_size = dist.get_world_size(group)
         self.group_name = group.group_name
         self.dtype = dtype
