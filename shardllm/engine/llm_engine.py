@@ -203,7 +203,8 @@ class LLMEngine:
         parents: dict[str, None] = {}
         for req in updated:
             self._process_token(req, now)
-            parents[req.parent_id] = None
+            if not final_only or req.is_finished:  # final_only: only a finished child can finish its parent
+                parents[req.parent_id] = None
         self.stats.generation_tokens += len(updated)
         if final_only:
             parents = {p: None for p in parents if all(c.is_finished for c in self._parents.get(p, ()))}
