@@ -336,6 +336,44 @@ def test_attention_fuses_rotary_with_the_kv_write(monkeypatch, attention_kernels
 
 
 @cpu
+def test_a_fused_kernel_that_fails_to_launch_falls_back_to_two(monkeypatch, attention_kernels_on_cpu, caplog):
+    """If the fused launch raises (a Triton that cannot compile it), the step still gets the right answer from
+    the separate kernels, with a warning, and later steps do not try the fused one again."""
+    from shardllm.layers.attention import attention as attention_mod
+
+    monkeypatch.setattr(attention_mod, "_fused_rotary_ok", [True])
+    _, k_cache, v_cache, meta = make_case([1, 1], [9, 4], 2, 2, 32)
+    attn, rope = Attention(4, 32, 2), RotaryEmbedding(32, 512, 10000.0)
+    positions = torch.tensor([8, 3])
+    qkv = torch.randn(2, 8 * 32)
+
+    def run(use_triton: bool):
+        attn.use_triton = use_triton
+        monkeypatch.setattr(triton_ops, "USE_TRITON", use_triton)
+        attn.kv_cache = torch.stack([k_cache, v_cache])
+        q, k, v = qkv.clone().split([128, 64, 64], dim=-1)
+        return attn(q, k, v, meta, rope, positions), attn.kv_cache
+
+    ref_out, ref_cache = run(False)
+
+    def broken(*a, **kw):
+        raise RuntimeError("cannot compile")
+
+    monkeypatch.setattr(triton_ops, "rotary_embedding_and_write_kv_", broken)
+    calls = spy(monkeypatch, (triton_ops, "rotary_embedding_and_write_kv_"), (triton_ops, "rotary_embedding_"),
+                (triton_paged, "write_kv_cache"))
+    with caplog.at_level("WARNING"):
+        out, cache = run(True)
+    assert "fused rotary + KV write failed" in caplog.text
+    assert calls == {"rotary_embedding_and_write_kv_": 1, "rotary_embedding_": 1, "write_kv_cache": 1}
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(cache, ref_cache, atol=2e-5, rtol=1e-4)
+    calls.clear()
+    run(True)
+    assert calls == {"rotary_embedding_": 1, "write_kv_cache": 1}  # not tried again
+
+
+@cpu
 def test_attention_applies_another_rotary_first(monkeypatch, attention_kernels_on_cpu):
     """A rotary module that is not a RotaryEmbedding is called as given, then the separate KV write."""
     _, k_cache, v_cache, meta = make_case([2], [2], 1, 2, 32)

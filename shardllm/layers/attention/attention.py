@@ -9,6 +9,7 @@ KV sits in the blocks block_tables[b]. The torch reference below is the oracle f
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,9 @@ from torch import nn
 from shardllm.layers import triton_ops
 from shardllm.layers.attention import triton_paged
 from shardllm.layers.rotary import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
+_fused_rotary_ok = [True]  # cleared, for the process, if the fused rotary + KV-write kernel fails to launch
 
 
 @dataclass
@@ -83,15 +87,22 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         assert rotary is None or positions is not None
         kernels = self.uses_triton_kernels(q)
-        fuse_rotary = kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
+        fuse_rotary = (kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
+                       and _fused_rotary_ok[0])
+        if fuse_rotary:  # rotary and the cache write of k and v in one launch
+            paged = self.kv_cache[0], self.kv_cache[1]
+            try:
+                triton_ops.rotary_embedding_and_write_kv_(positions, q, k, v, rotary.cos_sin_cache, *paged,
+                                                          meta.slot_mapping)
+            except Exception as e:  # a Triton build that cannot compile it: the two kernels it replaces
+                logger.warning("fused rotary + KV write failed (%s: %s); using separate kernels",
+                               type(e).__name__, e)
+                _fused_rotary_ok[0] = fuse_rotary = False
         if rotary is not None and not fuse_rotary:
             q, k = rotary(positions, q, k)
         if kernels:
             paged = self.kv_cache[0], self.kv_cache[1]  # (num_blocks, block_size, nkv, D) each
-            if fuse_rotary:  # rotary and the cache write of k and v in one launch
-                triton_ops.rotary_embedding_and_write_kv_(positions, q, k, v, rotary.cos_sin_cache, *paged,
-                                                          meta.slot_mapping)
-            else:
+            if not fuse_rotary:
                 triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping)  # one launch for k and v
             if meta.max_query_len == 1:  # decode only: split over the KV length, graph-capturable
                 out = triton_paged.paged_decode_attention(q, *paged, meta.block_tables, meta.seq_lens, self.scale)
