@@ -156,7 +156,9 @@ class EngineConfig:
                                          tuple(pp_partition) if pp_partition else None,
                                          distributed_executor_backend, all_reduce)
         _check_parallel(parallel_config, model_config, device)
-        if all_reduce not in ("nccl", "symm_mem"):
+        from shardllm.distributed.fast_all_reduce import BACKENDS
+
+        if all_reduce not in BACKENDS:
             raise ValueError(f"all_reduce must be 'nccl' or 'symm_mem', got {all_reduce!r}")
         if all_reduce == "symm_mem" and device != "cuda":
             raise ValueError("all_reduce='symm_mem' runs on CUDA GPUs only: use all_reduce='nccl' (the default) on "

@@ -41,7 +41,6 @@ class KVCacheManager:
         self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks[1:])
         self.cached: dict[int, KVCacheBlock] = {}
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
-        self.num_cached_hashes: dict[str, int] = {}  # how many of a request's blocks were offered to the cache
         self._block_ids: dict[str, list[int]] = {}  # get_block_ids' lists
         self.prefix_queries = 0  # tokens looked up in the prefix cache
         self.prefix_hits = 0  # tokens found there
@@ -127,7 +126,7 @@ class KVCacheManager:
             b.ref_cnt = 1
             held.append(b)
         if computed_blocks:
-            self.num_cached_hashes[req.request_id] = req.num_blocks_offered = len(computed_blocks)
+            req.num_blocks_offered = len(computed_blocks)
         return True
 
     def cache_full_blocks(self, req: Request) -> None:
@@ -139,9 +138,8 @@ class KVCacheManager:
             return
         # only blocks of known tokens (async scheduling may have computed past them with a placeholder)
         num_full = min(min(req.num_computed_tokens, req.num_tokens) // self.block_size, len(held))
-        start = self.num_cached_hashes.get(req.request_id, 0)
+        start = req.num_blocks_offered
         if num_full <= start:
-            req.num_blocks_offered = start
             return
         self._update_hashes(req)
         for i in range(start, num_full):
@@ -150,12 +148,11 @@ class KVCacheManager:
             if b.block_hash is None and h not in self.cached:
                 b.block_hash = h
                 self.cached[h] = b
-        self.num_cached_hashes[req.request_id] = req.num_blocks_offered = num_full
+        req.num_blocks_offered = num_full
 
     def free(self, req: Request) -> None:
         """Release a request's blocks. Tail blocks go to the free queue first, so they are evicted first."""
         held = self.req_to_blocks.pop(req.request_id, [])
-        self.num_cached_hashes.pop(req.request_id, None)
         req.num_blocks_offered = 0
         self._block_ids.pop(req.request_id, None)
         for b in reversed(held):

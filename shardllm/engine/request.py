@@ -58,7 +58,7 @@ class Request:
         self.num_in_flight = 0
         self.num_pending = 0
         self.num_blocks_sent = 0  # block ids of its table the workers already hold (tables travel as deltas)
-        self.num_blocks_offered = 0  # full blocks offered to the prefix cache (a lower bound; the KV manager's)
+        self.num_blocks_offered = 0  # its full blocks the KV manager has offered to the prefix cache
         self.block_hashes: list[int] = []
         self.stop_reason: str | int | None = None
         # detokenizer state

@@ -208,11 +208,11 @@ class Scheduler:
             if end > req.num_tokens:  # async scheduling: the pending token is fed as a placeholder
                 token_ids.append(PLACEHOLDER)
             do_sample = end == req.num_tokens + req.num_pending
-            held = self.kv.req_to_blocks[req.request_id]
+            table = self.kv.get_block_ids(req.request_id)
             block_start = req.num_blocks_sent  # the workers hold the table up to here
-            new_ids = [b.block_id for b in held[block_start:]] if len(held) != block_start else []
-            req.num_blocks_sent = len(held)
-            out.scheduled.append(ScheduledRequest(req.request_id, token_ids, start, new_ids, do_sample, block_start))
+            req.num_blocks_sent = len(table)
+            out.scheduled.append(ScheduledRequest(req.request_id, token_ids, start, table[block_start:], do_sample,
+                                                  block_start))
             req.num_computed_tokens = end
             req.num_in_flight += 1
             req.num_pending += do_sample
