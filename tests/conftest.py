@@ -53,6 +53,16 @@ def write_tiny_checkpoint(path: str, arch: str, seed: int = 0, **overrides) -> s
     return path
 
 
+GPU_TEST_TIMEOUT_S = 180
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every GPU test has its own timeout (a hung NCCL call fails that test, not the whole run)."""
+    for item in items:
+        if item.get_closest_marker("gpu") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(GPU_TEST_TIMEOUT_S))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("ckpt")
