@@ -90,7 +90,7 @@ def decode_plan(path: str, n: int, ctx: int) -> dict:
 
     from shardllm import LLM, SamplingParams
     from shardllm.engine.request import Request
-    from shardllm.engine.scheduler import ModelRunnerOutput
+    from shardllm.step_io import ModelRunnerOutput
 
     llm = LLM(path, device="cpu", dtype="float32", max_batch_size=n, max_num_tokens=8192,
               num_kv_blocks=n * (ctx + 64) // 16 + 64, block_size=16, max_seq_len=ctx + 64)

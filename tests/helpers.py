@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from shardllm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from shardllm.step_io import ScheduledRequest, SchedulerOutput
 
 
 def chunked_logits(runner, prompts: list[list[int]], chunk: int) -> list[torch.Tensor]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
 import logging
 import os
 import time
@@ -25,6 +23,7 @@ from shardllm.engine.scheduler import Scheduler
 from shardllm.executor.base import Executor
 from shardllm.outputs import CompletionOutput, RequestOutput
 from shardllm.sampling_params import SamplingParams
+from shardllm.utils import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +40,6 @@ class EngineStats:
     preemptions: int = 0
     steps: int = 0
     max_in_flight: int = 0  # most batches in the pipeline at once
-
-
-def freeze_startup_objects() -> None:
-    """Exclude what start-up built (modules, the model, the tokenizer) from the cyclic garbage collector: a
-    full collection would walk them all, a pause of milliseconds between two steps."""
-    global _unfreeze_registered
-    gc.collect()
-    gc.freeze()
-    if not _unfreeze_registered:  # at exit, let the last collection free them (extension types check for leaks)
-        atexit.register(gc.unfreeze)
-        _unfreeze_registered = True
-
-
-_unfreeze_registered = False
 
 
 class LLMEngine:

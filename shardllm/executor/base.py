@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from shardllm.config import EngineConfig
-from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
+from shardllm.step_io import ModelRunnerOutput, SchedulerOutput
 
 
 class Executor(ABC):

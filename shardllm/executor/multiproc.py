@@ -23,8 +23,8 @@ from multiprocessing.connection import Connection, wait
 
 import torch
 
-from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from shardllm.executor.base import Executor
+from shardllm.step_io import ModelRunnerOutput, SchedulerOutput
 from shardllm.worker.model_runner import resolve
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
             if method == "shutdown":
                 break
             if method == "execute_model" and not frozen:  # start-up is over: keep its objects out of GC passes
-                from shardllm.engine.llm_engine import freeze_startup_objects
+                from shardllm.utils import freeze_startup_objects
 
                 freeze_startup_objects()
                 frozen = True

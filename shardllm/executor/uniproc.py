@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from shardllm.engine.scheduler import ModelRunnerOutput, SchedulerOutput
 from shardllm.executor.base import Executor
+from shardllm.step_io import ModelRunnerOutput, SchedulerOutput
 from shardllm.worker.model_runner import resolve
 from shardllm.worker.worker import Worker
 

@@ -12,10 +12,10 @@ import torch
 from shardllm.config import EngineConfig
 from shardllm.distributed.communication import pp_recv, pp_send
 from shardllm.distributed.parallel_state import get_parallel_context
-from shardllm.engine.scheduler import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from shardllm.layers.attention import Attention, AttentionMetadata
 from shardllm.model_loader.loader import load_model
 from shardllm.sampling_params import SamplingParams
+from shardllm.step_io import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from shardllm.worker.block_table import BlockTables
 from shardllm.worker.sampler import Sampler, SamplingBatch
 

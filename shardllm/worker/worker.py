@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from shardllm.config import EngineConfig
-from shardllm.engine.scheduler import SchedulerOutput
+from shardllm.step_io import SchedulerOutput
 from shardllm.worker.model_runner import ModelRunner, resolve
 
 

@@ -8,7 +8,7 @@ its end, and a request stopped by EOS or a stop string computes at most one toke
 import pytest
 
 from shardllm import LLM, SamplingParams
-from shardllm.engine.scheduler import PLACEHOLDER
+from shardllm.step_io import PLACEHOLDER
 
 PROMPTS = [[5, 9, 13, 200, 17, 4, 4, 81], [7, 3], [250, 14, 88, 19, 201, 6, 6, 6, 42, 71, 300, 12, 9],
            [11] * 5, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [99, 98]]

@@ -1,8 +1,9 @@
 from shardllm.config import SchedulerConfig
 from shardllm.engine.kv_cache_manager import KVCacheManager
 from shardllm.engine.request import Request, RequestStatus
-from shardllm.engine.scheduler import ModelRunnerOutput, Scheduler
+from shardllm.engine.scheduler import Scheduler
 from shardllm.sampling_params import SamplingParams
+from shardllm.step_io import ModelRunnerOutput
 
 
 def make(num_blocks=64, block_size=4, budget=16, max_seqs=8, max_len=128, chunked=True):

@@ -16,8 +16,9 @@ import pytest
 from shardllm.config import SchedulerConfig
 from shardllm.engine.kv_cache_manager import KVCacheManager
 from shardllm.engine.request import Request, RequestStatus
-from shardllm.engine.scheduler import PLACEHOLDER, ModelRunnerOutput, Scheduler
+from shardllm.engine.scheduler import Scheduler
 from shardllm.sampling_params import SamplingParams
+from shardllm.step_io import PLACEHOLDER, ModelRunnerOutput
 from shardllm.worker.block_table import BlockTables
 
 STOP = 13

@@ -6,8 +6,8 @@ import torch
 from shardllm import LLM, SamplingParams
 from shardllm.config import EngineConfig
 from shardllm.engine.llm_engine import LLMEngine
-from shardllm.engine.scheduler import ModelRunnerOutput
 from shardllm.executor.base import Executor
+from shardllm.step_io import ModelRunnerOutput
 from tests.conftest import write_tiny_checkpoint
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)

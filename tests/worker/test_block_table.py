@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from shardllm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from shardllm.step_io import ScheduledRequest, SchedulerOutput
 from shardllm.worker.block_table import BlockTables
 
 

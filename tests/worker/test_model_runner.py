@@ -1,7 +1,7 @@
 import pytest
 
 from shardllm import LLM
-from shardllm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from shardllm.step_io import ScheduledRequest, SchedulerOutput
 
 
 @pytest.fixture(scope="module")
