@@ -56,6 +56,8 @@ class ParallelConfig:
     expert_parallel_size: int = 1
     pp_partition: tuple[int, ...] | None = None
     distributed_executor_backend: str | None = None  # None: uni for one rank, mp for several on one host
+    num_workers: int | None = None  # Ray: nodes to spread the ranks over (tp x pp / num_workers ranks each)
+    ray_address: str | None = None  # Ray: the cluster to attach to (None: $RAY_ADDRESS, else a local one)
     all_reduce: str = "nccl"  # tp all-reduce: nccl | symm_mem (PyTorch's P2P kernels, small tensors; GPUs only)
 
     @property
@@ -105,7 +107,8 @@ class EngineConfig:
                load_format: str = "auto", device: str = "auto", seed: int = 0, enforce_eager: bool = False,
                trust_remote_code: bool = False, tokenizer: str | None = None,
                distributed_executor_backend: str | None = None, attention_backend: str = "auto",
-               async_scheduling: bool | None = None, all_reduce: str = "nccl") -> EngineConfig:
+               async_scheduling: bool | None = None, all_reduce: str = "nccl", num_workers: int | None = None,
+               ray_address: str | None = None) -> EngineConfig:
         from shardllm.model_loader.resolve import resolve_model
 
         if moe_expert_parallel_size is not None:
@@ -154,7 +157,8 @@ class EngineConfig:
 
         parallel_config = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
                                          tuple(pp_partition) if pp_partition else None,
-                                         distributed_executor_backend, all_reduce)
+                                         _executor_backend(distributed_executor_backend, num_workers, ray_address),
+                                         all_reduce, num_workers, ray_address)
         _check_parallel(parallel_config, model_config, device)
         from shardllm.distributed.fast_all_reduce import BACKENDS
 
@@ -238,10 +242,28 @@ def _check_parallel(pc: ParallelConfig, mc: ModelConfig, device: str) -> None:
             raise ValueError(f"pp_partition={part} must give {pp} stages (pp_size) of at least 1 layer each, "
                              f"summing to the model's {layers} layers")
     _check_expert_parallel(pc, mc)
-    if device == "cuda":
+    if pc.num_workers is not None and pc.world_size % pc.num_workers:
+        raise ValueError(f"num_workers={pc.num_workers} nodes do not divide tp_size={tp} x pp_size="
+                         f"{pc.pipeline_parallel_size} = {pc.world_size} ranks: use a num_workers that divides "
+                         f"{pc.world_size} (e.g. num_workers = pp_size, tp_size = GPUs per node)")
+    if device == "cuda" and pc.distributed_executor_backend != "ray":  # Ray's GPUs may be on other nodes
         visible = torch.cuda.device_count()
         if pc.world_size > visible:
             raise ValueError(f"{visible} GPUs visible, tp_size={tp} x pp_size={pc.pipeline_parallel_size} needs "
                              f"{pc.world_size}: lower tp_size or set CUDA_VISIBLE_DEVICES")
     if pc.distributed_executor_backend == "uni" and pc.world_size > 1:
         raise ValueError("distributed_executor_backend='uni' runs one rank: use 'mp' for several")
+
+
+def _executor_backend(backend: str | None, num_workers: int | None, ray_address: str | None) -> str | None:
+    """The executor the settings ask for: `num_workers` or `ray_address` imply Ray."""
+    if backend not in (None, "uni", "mp", "ray"):
+        raise ValueError(f"unknown distributed_executor_backend {backend!r}: use 'uni', 'mp' or 'ray'")
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
+        raise ValueError(f"num_workers must be an integer >= 1 (nodes of the Ray cluster), got {num_workers!r}")
+    if num_workers is not None or ray_address is not None:
+        if backend in ("uni", "mp"):
+            raise ValueError(f"num_workers / ray_address place ranks on a Ray cluster, but "
+                             f"distributed_executor_backend={backend!r}: drop one, or use 'ray'")
+        return "ray"
+    return backend

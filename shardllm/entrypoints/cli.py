@@ -72,6 +72,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="schedule step k+1 while step k runs (default: on without a pipeline, off with one)")
     add("--all_reduce", choices=("nccl", "symm_mem"),
         help="tensor-parallel all-reduce: nccl (default) or symm_mem (PyTorch's P2P kernels for small tensors)")
+    add("--distributed_executor_backend", choices=("uni", "mp", "ray"),
+        help="uni (one rank in-process), mp (a process per GPU on this host) or ray (actors on a Ray cluster)")
+    add("--num_workers", type=int,
+        help="nodes of the Ray cluster to spread tp_size x pp_size over (implies the ray backend)")
+    add("--ray_address", help="the Ray cluster to attach to (default $RAY_ADDRESS, else a local one)")
     add("--trust_remote_code", action="store_const", const=True, help="allow model code from the hub")
     add("--log_level", choices=LOG_LEVELS, help="logging level (default info)")
 
@@ -79,13 +84,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardllm", description="shardllm: serve one LLM across many GPUs.",
                                      allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench,deploy}")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server", allow_abbrev=False,
                            description="Run the OpenAI-compatible server (no MODEL: the embedded default).")
     _add_engine_args(serve)
     g = serve.add_argument_group("server")
-    for names, kw in [(("--host",), dict(help="address to bind (default localhost)")),
+    for names, kw in [(("--host",), dict(help="address to bind (default $SHARDLLM_HOST, else localhost)")),
                       (("--port",), dict(type=int, help="port (default 8000)")),
                       (("--served_model_name",), dict(help="the model's name in the API (default: MODEL)")),
                       (("--api_key",), dict(help="require 'Authorization: Bearer KEY' on /v1/* "
@@ -141,6 +146,8 @@ def resolve_settings(args: argparse.Namespace, server: bool) -> tuple[dict[str, 
     engine = {k: v for k, v in settings.items() if k in engine_keys}
     rest = {k: v for k, v in settings.items() if k not in engine_keys}
     if server:
+        if os.environ.get("SHARDLLM_HOST"):  # set by the container image (deploy/docker): bind 0.0.0.0 there
+            rest.setdefault("host", os.environ["SHARDLLM_HOST"])
         for k, v in SERVER_DEFAULTS.items():
             rest.setdefault(k, v)
     if server and not rest.get("api_key"):
@@ -227,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
 
         bench_main(argv[1:])
         return 0
+    if argv[:1] == ["deploy"]:  # `shardllm deploy kubernetes MODEL [serve's flags]`: manifests on stdout
+        from shardllm.entrypoints.deploy import main as deploy_main
+
+        return deploy_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return {"serve": serve, "generate": generate}[args.command](args)
