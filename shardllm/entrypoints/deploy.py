@@ -1,0 +1,169 @@
+"""`shardllm deploy kubernetes MODEL [serve's flags] [deploy flags]`: print manifests that run that server.
+
+The serve flags go through serve's own parser and settings resolution (cli.build_parser, resolve_settings),
+so a flag or value that `shardllm serve` rejects is rejected here with the same message. The container
+args are rebuilt from the resolved settings, one flag per setting (a --config file's keys become flags;
+keys that have no flag travel in a ConfigMap), so they parse back to the same engine arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import re
+import sys
+from typing import Any
+
+import yaml
+
+from shardllm.deploy.kubernetes import CONFIG_MOUNT, DeploySpec, render
+from shardllm.entrypoints.cli import build_parser, resolve_settings
+
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# Server settings that do not travel as flags: the pod binds 0.0.0.0 through SHARDLLM_HOST, and an API key
+# comes from a Secret (--api_key_secret), never from the manifest's text.
+NOT_RENDERED = ("host", "api_key")
+ALL_ADDRESSES = ("0.0.0.0", "::")
+
+
+def _default_image() -> str:
+    try:
+        return f"shardllm:{importlib.metadata.version('shardllm')}"
+    except importlib.metadata.PackageNotFoundError:
+        return "shardllm:latest"
+
+
+def build_deploy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardllm deploy", allow_abbrev=False,
+        description="Print Kubernetes manifests for `shardllm serve`; every serve flag is accepted "
+                    "(see `shardllm serve --help`) and checked by serve's own parser.")
+    sub = parser.add_subparsers(dest="target", required=True)
+    k = sub.add_parser("kubernetes", allow_abbrev=False, help="Deployment/LeaderWorkerSet + Service YAML on stdout",
+                       description="Print Kubernetes manifests; MODEL and every `shardllm serve` flag are accepted "
+                                   "and passed to the server. One node: a Deployment; --num_workers N > 1: a "
+                                   "LeaderWorkerSet of N pods on a Ray cluster (or a KubeRay RayCluster).")
+    k.add_argument("--name", default="shardllm", help="name of the objects (a DNS label; default shardllm)")
+    k.add_argument("--namespace", help="namespace of the objects (default: kubectl's current one)")
+    k.add_argument("--image", default=_default_image(), help="container image (default %(default)s)")
+    k.add_argument("--replicas", type=int, default=1, help="copies of the server (each with all its GPUs)")
+    k.add_argument("--hf_token_secret", metavar="NAME[:KEY]", help="Secret holding HF_TOKEN (key default 'token')")
+    k.add_argument("--api_key_secret", metavar="NAME[:KEY]",
+                   help="Secret holding the server's API key (key default 'api_key')")
+    k.add_argument("--cache_pvc", metavar="CLAIM",
+                   help="an existing PersistentVolumeClaim for the Hugging Face cache (default: one is rendered)")
+    k.add_argument("--cache_size", default="500Gi", help="size of a rendered cache claim (default %(default)s)")
+    k.add_argument("--shm_size", default="16Gi", help="size of /dev/shm, a RAM emptyDir (default %(default)s)")
+    k.add_argument("--startup_timeout", type=int, default=1800, metavar="S",
+                   help="seconds the pod gets to load the model before the kubelet restarts it (default 1800)")
+    k.add_argument("--service_monitor", action="store_true", help="add a Prometheus Operator ServiceMonitor")
+    k.add_argument("--ray_operator", choices=("lws", "kuberay"), default="lws",
+                   help="multi-node only: a LeaderWorkerSet (default) or a KubeRay RayCluster")
+    k.add_argument("--ray_token_secret", metavar="NAME[:KEY]",
+                   help="multi-node only: Secret with a Ray auth token (default: RAY_AUTH_MODE=disabled)")
+    return parser
+
+
+def _serve_actions() -> dict[str, argparse.Action]:
+    """serve's options by destination (the LLM argument name or server setting)."""
+    parser = build_parser()
+    serve = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    return {a.dest: a for a in serve._actions if a.option_strings}
+
+
+def settings_to_args(settings: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """(serve argv, the settings that have no flag). MODEL comes first, as serve's positional."""
+    actions = _serve_actions()
+    argv: list[str] = [str(settings["model"])] if settings.get("model") is not None else []
+    no_flag: dict[str, Any] = {}
+    for key, value in settings.items():
+        action = actions.get(key)
+        if key == "model" or value is None:
+            continue
+        if action is None or key == "config":
+            no_flag[key] = value
+            continue
+        flag = next(o for o in action.option_strings if o.startswith("--"))  # the guide's name: --tp_size
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif isinstance(action, argparse._StoreConstAction):
+            if value == action.const:
+                argv.append(flag)
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, ",".join(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv, no_flag
+
+
+def build_spec(argv: list[str]) -> DeploySpec:
+    """Parse `kubernetes MODEL [flags]`; serve's parser exits 2 on a flag serve rejects, ValueError otherwise."""
+    opts, rest = build_deploy_parser().parse_known_args(argv)
+    args = build_parser().parse_args(["serve", *rest])  # serve's own checks and messages
+    engine, server = resolve_settings(args, server=True)
+    if not DNS_LABEL.match(opts.name) or len(opts.name) > 40:
+        raise ValueError(f"--name {opts.name!r} must be a DNS label of at most 40 characters: lowercase letters, "
+                         "digits and '-', starting with a letter (pod names add suffixes to it)")
+    if opts.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {opts.replicas}")
+    if server.get("host") not in (None, "localhost", *ALL_ADDRESSES) and "host" in vars(args):
+        raise ValueError(f"--host {server['host']} would hide the server from its probes and Service: "
+                         "leave --host out (the pod binds 0.0.0.0)")
+    if "api_key" in vars(args):
+        raise ValueError("--api_key would be written into the manifest: put it in a Secret and pass "
+                         "--api_key_secret NAME[:KEY]")
+    tp = int(engine.get("tensor_parallel_size", 1))
+    pp = int(engine.get("pipeline_parallel_size", 1))
+    num_workers = int(engine.get("num_workers", server.get("num_workers", 1)) or 1)
+    if num_workers < 1 or (tp * pp) % num_workers:
+        raise ValueError(f"tp_size x pp_size = {tp * pp} GPUs cannot be split evenly over --num_workers "
+                         f"{num_workers} nodes: make num_workers divide tp_size x pp_size")
+    settings = {**engine, **{k: v for k, v in server.items() if k not in NOT_RENDERED}}
+    serve_args, no_flag = settings_to_args(settings)
+    config_yaml = None
+    if no_flag:
+        config_yaml = yaml.safe_dump(no_flag, sort_keys=True)
+        serve_args += ["--config", f"{CONFIG_MOUNT}/config.yaml"]
+    return DeploySpec(
+        name=opts.name, serve_args=serve_args, world_size=tp * pp, num_workers=num_workers,
+        namespace=opts.namespace, image=opts.image, replicas=opts.replicas, port=int(server["port"]),
+        shutdown_timeout=float(server["shutdown_timeout"]), startup_timeout=opts.startup_timeout,
+        hf_token_secret=opts.hf_token_secret, api_key_secret=opts.api_key_secret, cache_pvc=opts.cache_pvc,
+        cache_size=opts.cache_size, shm_size=opts.shm_size, service_monitor=opts.service_monitor,
+        ray_operator=opts.ray_operator, ray_token_secret=opts.ray_token_secret, config_yaml=config_yaml)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style; multi-line strings (the Ray start scripts) as literal blocks; lists indented under keys."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(objects: list[dict[str, Any]], header: str = "") -> str:
+    body = yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, explicit_start=True, width=110)
+    return header + body
+
+
+def render_yaml(argv: list[str]) -> str:
+    """The manifests for `shardllm deploy` argv (without the leading 'deploy'), as multi-document YAML."""
+    spec = build_spec(argv)
+    return to_yaml(render(spec), header=f"# shardllm deploy {' '.join(argv)}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        sys.stdout.write(render_yaml(argv))
+    except ValueError as e:
+        print(f"shardllm deploy: error: {e}", file=sys.stderr)
+        return 1
+    return 0
