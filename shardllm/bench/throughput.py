@@ -31,6 +31,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--async_scheduling", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--attention_backend", default="auto", choices=("auto", "torch", "triton"))
     ap.add_argument("--all_reduce", default="nccl", choices=("nccl", "symm_mem"))
+    ap.add_argument("--cpu_kv_cache_gb", type=float, default=None, help="KV cache size per rank on CPU, in GiB")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -39,7 +40,17 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_tokens=a.max_num_tokens, max_seq_len=a.max_seq_len,
                 kv_cache_free_gpu_memory_fraction=a.kv_cache_free_gpu_memory_fraction, device=a.device,
                 enforce_eager=a.enforce_eager, attention_backend=a.attention_backend,
-                async_scheduling=a.async_scheduling, all_reduce=a.all_reduce)
+                async_scheduling=a.async_scheduling, all_reduce=a.all_reduce,
+                **({} if a.cpu_kv_cache_gb is None else {"cpu_kv_cache_gb": a.cpu_kv_cache_gb}))
+
+
+def llm_kwargs(a: argparse.Namespace) -> dict:
+    """The `LLM` arguments of one benchmark run: the engine flags, a context just long enough, the batch cap."""
+    kw = engine_kwargs(a)
+    kw["max_seq_len"] = a.max_seq_len or (a.input_len + a.output_len + 8)
+    if a.batch_size:
+        kw["max_batch_size"] = a.batch_size
+    return kw
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -68,11 +79,7 @@ def run(a: argparse.Namespace) -> dict:
     from shardllm import LLM, SamplingParams
     from shardllm.model_loader.size import weight_bytes
 
-    max_len = a.max_seq_len or (a.input_len + a.output_len + 8)
-    kw = engine_kwargs(a)
-    kw["max_seq_len"] = max_len
-    if a.batch_size:
-        kw["max_batch_size"] = a.batch_size
+    kw = llm_kwargs(a)
     t0 = time.perf_counter()
     llm = LLM(**kw)
     load_s = time.perf_counter() - t0
@@ -134,8 +141,12 @@ def run(a: argparse.Namespace) -> dict:
     return res
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="shardllm bench", description="shardllm offline throughput benchmark")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="shardllm bench", description="shardllm offline throughput benchmark: one layout, or a sweep of "
+        "layouts (--sweep) with a scaling table; `shardllm bench serve` load-tests a running server.",
+        epilog='sweep: --sweep "tp=1,2,4" runs tp=1, tp=2 and tp=4 in turn; --sweep "tp=4,pp=2" is one layout; '
+        "keys tp, pp, ep, dtype (several keys: every combination); repeat --sweep to add layouts.")
     add_engine_args(ap)
     ap.add_argument("--input_len", type=int, default=128)
     ap.add_argument("--output_len", type=int, default=128)
@@ -143,14 +154,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch_size", type=int, default=0, help="cap on concurrent sequences (1: latency mode)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V,V,...",
+                    help="layouts to run one after the other, each in its own engine (see below)")
+    ap.add_argument("--plot", default=None, metavar="FILE.png",
+                    help="draw output tok/s and scaling efficiency against GPUs (needs matplotlib)")
+    ap.add_argument("--layout_timeout", type=float, default=3600.0,
+                    help="seconds one layout of a sweep may take before it is stopped (its row says timeout)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
+    for name in ("input_len", "output_len", "num_requests"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(a, name)}")
+    if a.sweep or a.plot:
+        from shardllm.bench.sweep import run_sweep_cli
+
+        return run_sweep_cli(a, ap)
     res = run(a)
     if a.json:
         print(json.dumps(res))
     else:
         for k, v in res.items():
             print(f"{k:>24}: {v}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

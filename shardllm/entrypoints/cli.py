@@ -229,11 +229,10 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the benchmark keeps its own flags (trtllm-bench style)
-        from shardllm.bench.throughput import main as bench_main
+    if argv[:1] == ["bench"]:  # the benchmarks keep their own flags (trtllm-bench style); `bench serve` too
+        from shardllm.bench import main as bench_main
 
-        bench_main(argv[1:])
-        return 0
+        return bench_main(argv[1:])
     if argv[:1] == ["deploy"]:  # `shardllm deploy kubernetes MODEL [serve's flags]`: manifests on stdout
         from shardllm.entrypoints.deploy import main as deploy_main
 
