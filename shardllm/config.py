@@ -15,7 +15,9 @@ _DTYPES = {
     "auto": None, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "fp8": None,  # = quantization="fp8": FP8 linears (online W8A8), everything else in auto's dtype
 }
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,7 @@ class ModelConfig:
     max_model_len: int
     seed: int = 0
     trust_remote_code: bool = False
+    quantization: Any = None  # layers.quantization.QuantizationConfig, or None (unquantized)
 
     @property
     def architecture(self) -> str:
@@ -72,6 +75,7 @@ class CacheConfig:
     cpu_kv_cache_gb: float = 1.0  # KV cache budget on CPU, where free memory says little
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # override the sizing (tests)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 (= fp8_e4m3) | fp8_e4m3 | fp8_e5m2
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,9 @@ class EngineConfig:
                trust_remote_code: bool = False, tokenizer: str | None = None,
                distributed_executor_backend: str | None = None, attention_backend: str = "auto",
                async_scheduling: bool | None = None, all_reduce: str = "nccl", num_workers: int | None = None,
-               ray_address: str | None = None) -> EngineConfig:
+               ray_address: str | None = None, quantization: str | None = None,
+               kv_cache_dtype: str = "auto") -> EngineConfig:
+        from shardllm.layers.quantization.formats import detect_quantization
         from shardllm.model_loader.resolve import resolve_model
 
         if moe_expert_parallel_size is not None:
@@ -130,6 +136,10 @@ class EngineConfig:
             raise ValueError("device='cuda' but no CUDA GPU is visible: use device='cpu' or check the driver")
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}: choose one of {list(KV_CACHE_DTYPES)}")
+        if dtype == "fp8":
+            quantization = quantization or "fp8"
 
         resolved = resolve_model(model, load_format, trust_remote_code=trust_remote_code)
         hf_config = resolved.hf_config
@@ -151,14 +161,16 @@ class EngineConfig:
         model_config = ModelConfig(
             model=resolved.name, hf_config=hf_config, dtype=torch_dtype, load_format=resolved.load_format,
             path=resolved.path, tokenizer_path=tokenizer or resolved.tokenizer_path, max_model_len=max_seq_len,
-            seed=seed, trust_remote_code=trust_remote_code)
+            seed=seed, trust_remote_code=trust_remote_code,
+            quantization=detect_quantization(hf_config, resolved.path, quantization))
         from shardllm.models.registry import check_architecture
         check_architecture(model_config.architecture)
 
         parallel_config = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
                                          tuple(pp_partition) if pp_partition else None,
                                          _executor_backend(distributed_executor_backend, num_workers, ray_address),
-                                         all_reduce, num_workers, ray_address)
+                                         num_workers=num_workers, ray_address=ray_address,
+                                         all_reduce=all_reduce)
         _check_parallel(parallel_config, model_config, device)
         from shardllm.distributed.fast_all_reduce import BACKENDS
 
@@ -168,7 +180,7 @@ class EngineConfig:
             raise ValueError("all_reduce='symm_mem' runs on CUDA GPUs only: use all_reduce='nccl' (the default) on "
                              "CPU")
         cache_config = CacheConfig(block_size, kv_cache_free_gpu_memory_fraction, cpu_kv_cache_gb,
-                                   enable_prefix_caching, num_kv_blocks)
+                                   enable_prefix_caching, num_kv_blocks, kv_cache_dtype=kv_cache_dtype)
         if async_scheduling is None:  # with a pipeline: opt in (not yet measured on GPUs against the default)
             async_scheduling = parallel_config.pipeline_parallel_size == 1
         scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len,
@@ -242,10 +254,7 @@ def _check_parallel(pc: ParallelConfig, mc: ModelConfig, device: str) -> None:
             raise ValueError(f"pp_partition={part} must give {pp} stages (pp_size) of at least 1 layer each, "
                              f"summing to the model's {layers} layers")
     _check_expert_parallel(pc, mc)
-    if pc.num_workers is not None and pc.world_size % pc.num_workers:
-        raise ValueError(f"num_workers={pc.num_workers} nodes do not divide tp_size={tp} x pp_size="
-                         f"{pc.pipeline_parallel_size} = {pc.world_size} ranks: use a num_workers that divides "
-                         f"{pc.world_size} (e.g. num_workers = pp_size, tp_size = GPUs per node)")
+    check_num_workers(pc)
     if device == "cuda" and pc.distributed_executor_backend != "ray":  # Ray's GPUs may be on other nodes
         visible = torch.cuda.device_count()
         if pc.world_size > visible:
@@ -253,6 +262,14 @@ def _check_parallel(pc: ParallelConfig, mc: ModelConfig, device: str) -> None:
                              f"{pc.world_size}: lower tp_size or set CUDA_VISIBLE_DEVICES")
     if pc.distributed_executor_backend == "uni" and pc.world_size > 1:
         raise ValueError("distributed_executor_backend='uni' runs one rank: use 'mp' for several")
+
+
+def check_num_workers(pc: ParallelConfig) -> None:
+    """The ranks split evenly over the nodes (also checked by `shardllm deploy` before a model is at hand)."""
+    if pc.num_workers is not None and pc.world_size % pc.num_workers:
+        raise ValueError(f"num_workers={pc.num_workers} nodes do not divide tp_size={pc.tensor_parallel_size} x "
+                         f"pp_size={pc.pipeline_parallel_size} = {pc.world_size} ranks: use a num_workers that "
+                         f"divides {pc.world_size} (e.g. num_workers = pp_size, tp_size = GPUs per node)")
 
 
 def _executor_backend(backend: str | None, num_workers: int | None, ray_address: str | None) -> str | None:

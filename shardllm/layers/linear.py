@@ -16,6 +16,7 @@ from torch import nn
 
 from shardllm.distributed.communication import tp_all_reduce
 from shardllm.distributed.parallel_state import get_parallel_context
+from shardllm.layers.quantization import get_linear_method
 from shardllm.model_loader.weight_utils import copy_weight, narrow
 
 
@@ -26,32 +27,63 @@ def divide(a: int, b: int, what: str = "size") -> int:
 
 
 class UnquantizedLinearMethod:
+    """Weights in the model's dtype, F.linear. The interface every quantization method implements."""
+
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
         layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+
+    def load(self, layer: nn.Module, param: nn.Parameter, w: Any, dim: int, dst: int, src: int, size: int,
+             shard: int) -> None:
+        """Copy rows (dim 0) or columns (dim 1) [src, src + size) of checkpoint tensor `w` (logical part
+        `shard` of a fused layer) into [dst, dst + size) of `param`."""
+        copy_weight(param.data.narrow(dim, dst, size), narrow(w, dim, src, size))
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):
+    """`shard_sizes`: this rank's output rows of each logical part ([q, k, v], [gate, up], or one part)."""
+
     def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype | None,
                  quant_method: Any = None):
         super().__init__()
         ctx = get_parallel_context()
         self.tp_rank, self.tp_size = ctx.tp_rank, ctx.tp_size
         self.input_size, self.output_size = input_size, output_size  # this rank's sizes
-        dtype = dtype or torch.get_default_dtype()
-        self.quant_method = quant_method or UnquantizedLinearMethod()
-        self.quant_method.create_weights(self, input_size, output_size, dtype)
-        self.weight.weight_loader = self.weight_loader
+        if not hasattr(self, "shard_sizes"):
+            self.shard_sizes = [output_size]
+        self.params_dtype = dtype or torch.get_default_dtype()
+        self.quant_method = quant_method or get_linear_method() or UnquantizedLinearMethod()
+        self._create_weights()
         if bias:
-            self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False)
+            self.bias = nn.Parameter(torch.empty(output_size, dtype=self.params_dtype), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
+    def _create_weights(self) -> None:
+        self.quant_method.create_weights(self, self.input_size, self.output_size, self.params_dtype)
+        for name, p in self.named_parameters(recurse=False):
+            if name != "bias":
+                p.weight_loader = self.weight_loader
+
+    def unquantize(self) -> None:
+        """Back to weights in the model's dtype (a module a quantized checkpoint leaves unquantized)."""
+        for name, _ in list(self.named_parameters(recurse=False)):
+            if name != "bias":
+                delattr(self, name)
+        self.quant_method = UnquantizedLinearMethod()
+        self._create_weights()
+
+    def _load(self, param: nn.Parameter, w: Any, dim: int, dst: int, src: int, size: int, shard: int = 0) -> None:
+        self.quant_method.load(self, param, w, dim, dst, src, size, shard)
+
     def weight_loader(self, param: nn.Parameter, w: Any, shard_id: Any = None) -> None:
-        copy_weight(param, w)
+        self._load(param, w, 0, 0, 0, param.shape[0] if param.dim() else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
@@ -69,8 +101,8 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(input_size, divide(output_size, tp, "output size"), bias, dtype, quant_method)
 
     def weight_loader(self, param: nn.Parameter, w: Any, shard_id: Any = None) -> None:
-        n = param.shape[0]
-        copy_weight(param, narrow(w, 0, self.tp_rank * n, n))
+        n = self.output_size
+        self._load(param, w, 0, 0, self.tp_rank * n, n)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -78,6 +110,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, dtype=None, quant_method=None):
         self.output_sizes = list(output_sizes)
+        self.shard_sizes = [divide(s, get_parallel_context().tp_size, "output size") for s in output_sizes]
         super().__init__(input_size, sum(output_sizes), bias, dtype, quant_method)
 
     def weight_loader(self, param: nn.Parameter, w: Any, shard_id: int | None = None) -> None:
@@ -92,7 +125,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def _load_part(self, param: nn.Parameter, w: Any, part: int) -> None:
         offset = sum(self.output_sizes[:part]) // self.tp_size
         size = self.output_sizes[part] // self.tp_size
-        copy_weight(param.data.narrow(0, offset, size), w)
+        self._load(param, w, 0, offset, 0, size, part)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -114,18 +147,19 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             self.num_kv_heads, self.num_kv_head_replicas = divide(total_num_kv_heads, tp, "number of kv heads"), 1
         out = (self.num_heads + 2 * self.num_kv_heads) * head_size * tp
+        self.shard_sizes = [self.num_heads * head_size] + [self.num_kv_heads * head_size] * 2
         super().__init__(hidden_size, out, bias, dtype, quant_method)
 
     def weight_loader(self, param: nn.Parameter, w: Any, shard_id: str | None = None) -> None:
         if shard_id is None:
             raise ValueError("QKVParallelLinear loads q, k and v separately")
         hq, hkv = self.num_heads * self.head_size, self.num_kv_heads * self.head_size
-        offset, size, src = {
-            "q": (0, hq, self.tp_rank * hq),
-            "k": (hq, hkv, (self.tp_rank // self.num_kv_head_replicas) * hkv),
-            "v": (hq + hkv, hkv, (self.tp_rank // self.num_kv_head_replicas) * hkv),
+        offset, size, src, part = {
+            "q": (0, hq, self.tp_rank * hq, 0),
+            "k": (hq, hkv, (self.tp_rank // self.num_kv_head_replicas) * hkv, 1),
+            "v": (hq + hkv, hkv, (self.tp_rank // self.num_kv_head_replicas) * hkv, 2),
         }[shard_id]
-        copy_weight(param.data.narrow(0, offset, size), narrow(w, 0, src, size))
+        self._load(param, w, 0, offset, src, size, part)
 
 
 class RowParallelLinear(LinearBase):
@@ -138,10 +172,10 @@ class RowParallelLinear(LinearBase):
         super().__init__(divide(input_size, tp, "input size"), output_size, bias, dtype, quant_method)
 
     def weight_loader(self, param: nn.Parameter, w: Any, shard_id: Any = None) -> None:
-        if param.dim() == 1:  # bias: whole, added once after the reduce
+        if param is self.bias:  # whole, added once after the reduce
             return copy_weight(param, w)
-        n = param.shape[1]
-        copy_weight(param, narrow(w, 1, self.tp_rank * n, n))
+        n = self.input_size
+        self._load(param, w, 1, 0, self.tp_rank * n, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.quant_method.apply(self, x, None)

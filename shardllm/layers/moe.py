@@ -18,7 +18,13 @@ from torch import nn
 from shardllm.distributed.communication import tp_all_reduce
 from shardllm.distributed.parallel_state import get_parallel_context
 from shardllm.layers.activation import SiluAndMul
-from shardllm.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from shardllm.layers.linear import (
+    MergedColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
+from shardllm.layers.quantization import get_moe_method
 from shardllm.model_loader.weight_utils import copy_weight, narrow
 
 
@@ -153,17 +159,15 @@ class FusedMoE(nn.Module):
         self.expert_start = self.ep_rank * self.num_local_experts
         self.intermediate_size = intermediate_size // self.moe_tp_size  # this rank's slice
         self.reduce_results = reduce_results
-        dtype = torch.get_default_dtype()
+        self.params_dtype = torch.get_default_dtype()
+        self.quant_method = get_moe_method()  # None: experts in the model's dtype
 
-        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, dtype=None)
+        # the router stays in the model's dtype (checkpoints never quantize it)
+        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, dtype=None,
+                                     quant_method=UnquantizedLinearMethod())
         # one level down (w13.weight), so that load_weights_strict's packed names can target them
         self.w13, self.w2 = nn.Module(), nn.Module()
-        self.w13.weight = nn.Parameter(torch.empty(self.num_local_experts, 2 * self.intermediate_size,
-                                                   hidden_size, dtype=dtype), requires_grad=False)
-        self.w2.weight = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, self.intermediate_size,
-                                                  dtype=dtype), requires_grad=False)
-        self.w13.weight.weight_loader = self.w13_loader
-        self.w2.weight.weight_loader = self.w2_loader
+        self._create_weights(hidden_size)
         self.shared_expert = None
         if shared_expert_intermediate_size:
             self.shared_expert = nn.Module()
@@ -171,12 +175,39 @@ class FusedMoE(nn.Module):
                 hidden_size, [shared_expert_intermediate_size] * 2)
             self.shared_expert.down_proj = RowParallelLinear(shared_expert_intermediate_size, hidden_size,
                                                              reduce_results=False)
-            self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, bias=False, dtype=None)
+            self.shared_expert_gate = ReplicatedLinear(hidden_size, 1, bias=False, dtype=None,
+                                                       quant_method=UnquantizedLinearMethod())
             self.act_fn = SiluAndMul()
         self.register_buffer("expert_token_counts", torch.zeros(num_experts, dtype=torch.long), persistent=False)
 
     def is_local_expert(self, expert_id: int) -> bool:
         return self.expert_start <= expert_id < self.expert_start + self.num_local_experts
+
+    def _create_weights(self, hidden_size: int) -> None:
+        e, i = self.num_local_experts, self.intermediate_size
+        if self.quant_method is not None:
+            self.quant_method.create_weights(self, e, hidden_size, i)
+        else:
+            dtype = self.params_dtype
+            self.w13.weight = nn.Parameter(torch.empty(e, 2 * i, hidden_size, dtype=dtype), requires_grad=False)
+            self.w2.weight = nn.Parameter(torch.empty(e, hidden_size, i, dtype=dtype), requires_grad=False)
+        for p in self.w13.parameters():
+            p.weight_loader = self.w13_loader
+        for p in self.w2.parameters():
+            p.weight_loader = self.w2_loader
+
+    def unquantize(self) -> None:
+        """Experts back in the model's dtype (a quantized checkpoint that leaves them unquantized)."""
+        self.quant_method = None
+        hidden_size = self.w2.weight.shape[1]
+        self.w13, self.w2 = nn.Module(), nn.Module()
+        self._create_weights(hidden_size)
+
+    def _load(self, param: nn.Parameter, w: Any, expert: int, dim: int, dst: int, src: int, size: int,
+              part: int) -> None:
+        if self.quant_method is not None:
+            return self.quant_method.load(self, param, w, expert, dim, dst, src, size, part)
+        copy_weight(param.data[expert].narrow(dim, dst, size), narrow(w, dim, src, size))
 
     def w13_loader(self, param: nn.Parameter, w: Any, shard_id: tuple[int, int] | None = None) -> None:
         """Checkpoint gate_proj (shard (e, 0)) or up_proj ((e, 1)) of expert e, (I, H); other groups' skipped."""
@@ -186,8 +217,7 @@ class FusedMoE(nn.Module):
         if not self.is_local_expert(expert_id):
             return
         n = self.intermediate_size
-        dst = param.data[expert_id - self.expert_start].narrow(0, part * n, n)
-        copy_weight(dst, narrow(w, 0, self.moe_tp_rank * n, n))
+        self._load(param, w, expert_id - self.expert_start, 0, part * n, self.moe_tp_rank * n, n, part)
 
     def w2_loader(self, param: nn.Parameter, w: Any, shard_id: int | None = None) -> None:
         """Checkpoint down_proj of expert `shard_id`, (H, I): this rank's columns of I."""
@@ -196,7 +226,7 @@ class FusedMoE(nn.Module):
         if not self.is_local_expert(shard_id):
             return
         n = self.intermediate_size
-        copy_weight(param.data[shard_id - self.expert_start], narrow(w, 1, self.moe_tp_rank * n, n))
+        self._load(param, w, shard_id - self.expert_start, 1, 0, self.moe_tp_rank * n, n, 0)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states (N, H), the same on every tp rank; returns the block's output (N, H)."""
@@ -204,8 +234,11 @@ class FusedMoE(nn.Module):
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)  # (N, k)
         ids = topk_ids.reshape(-1)
         self.expert_token_counts.index_add_(0, ids, torch.ones_like(ids))  # no host sync
-        out = fused_experts(hidden_states, self.w13.weight, self.w2.weight, topk_weights, topk_ids,
-                            self.expert_start)  # (N, H), this rank's partial sum
+        if self.quant_method is not None:
+            out = self.quant_method.apply(self, hidden_states, topk_weights, topk_ids)  # (N, H) partial sum
+        else:
+            out = fused_experts(hidden_states, self.w13.weight, self.w2.weight, topk_weights, topk_ids,
+                                self.expert_start)  # (N, H), this rank's partial sum
         if self.shared_expert is not None:
             shared = self.shared_expert.down_proj(self.act_fn(self.shared_expert.gate_up_proj(hidden_states)))
             # the gate is a per-token scalar of replicated inputs, so it may scale the partial sums

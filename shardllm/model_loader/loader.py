@@ -26,19 +26,29 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def load_model(model_config: ModelConfig, device: torch.device, show_progress: bool = True) -> nn.Module:
+    from shardllm.layers import quantization
+
     cls = get_model_class(model_config.architecture)
-    with torch.device(device), _default_dtype(model_config.dtype):
+    qc = getattr(model_config, "quantization", None)
+    with torch.device(device), _default_dtype(model_config.dtype), quantization.quant_config_scope(qc):
         model = cls(model_config.hf_config, model_config.max_model_len)
+        if qc is not None:
+            quantization.prepare_quantized_model(model, qc)
     fmt = model_config.load_format
     if fmt == "dummy":
         init_dummy_weights(model, model_config.seed)
-    elif fmt == "gguf":
-        from shardllm.model_loader.gguf import GGUFFile, iter_hf_weights
-
-        gguf = GGUFFile(model_config.path)
-        model.load_weights(_progress(iter_hf_weights(gguf), len(gguf.tensor_names), "Loading GGUF", show_progress))
     else:
-        model.load_weights(iter_safetensors(model_config.path, show_progress))
+        if fmt == "gguf":
+            from shardllm.model_loader.gguf import GGUFFile, iter_hf_weights
+
+            gguf = GGUFFile(model_config.path)
+            weights = _progress(iter_hf_weights(gguf), len(gguf.tensor_names), "Loading GGUF", show_progress)
+        else:
+            weights = iter_safetensors(model_config.path, show_progress)
+        if qc is not None:
+            weights = quantization.drop_unused_scales(weights, qc)
+        model.load_weights(weights)
+    quantization.process_weights_after_loading(model)
     return model.eval()
 
 
@@ -101,5 +111,11 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             continue
         g = torch.Generator(device=p.device)
         g.manual_seed(seed * 100003 + i)
-        if p.dtype.is_floating_point:
+        if p.dtype == torch.float8_e4m3fn:  # FP8 weights N(0, 1) with their scales (below) at 0.02
+            p.copy_(torch.empty(p.shape, device=p.device).normal_(0.0, 1.0, generator=g))
+        elif "weight_scale" in name:
+            p.fill_(0.02)
+        elif name.endswith("input_scale"):
+            p.fill_(1.0 / 448)
+        elif p.dtype.is_floating_point:
             p.normal_(0.0, 0.02, generator=g)

@@ -23,7 +23,9 @@ def narrow(w: Any, dim: int, start: int, length: int) -> torch.Tensor | Any:
 
 
 def materialize(w: Any) -> torch.Tensor:
-    return w if isinstance(w, torch.Tensor) else w[:]
+    if isinstance(w, torch.Tensor):
+        return w
+    return w[()] if len(w.get_shape()) == 0 else w[:]  # a 0-dim slice (per-tensor scales) refuses [:]
 
 
 def copy_weight(param: torch.Tensor, w: Any) -> None:

@@ -80,7 +80,8 @@ def load_weights_strict(model: nn.Module, weights: Iterable[tuple[str, Any]],
         except ValueError as e:
             raise ValueError(f"cannot load checkpoint tensor {name!r}: {e}") from e
         loaded.setdefault(target, set()).add(shard)
-    missing = [n for n in params if n not in loaded or not expected_shards.get(n, {None}) <= loaded[n]]
+    missing = [n for n in params if not getattr(params[n], "is_derived", False)  # filled by another (fp8 scales)
+               and (n not in loaded or not expected_shards.get(n, {None}) <= loaded[n])]
     if unexpected or missing:
         raise ValueError("checkpoint does not match the model: "
                          f"missing tensors {missing[:20]}{' ...' if len(missing) > 20 else ''}; "

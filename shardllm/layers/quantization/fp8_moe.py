@@ -1,0 +1,149 @@
+"""FP8 experts for FusedMoE: e4m3fn expert weights with fp32 scales per expert (per channel online; per
+tensor, per channel or per block from a checkpoint), activations quantized per token (or 1 x bk group).
+
+Parameters (E = this rank's experts, I = its slice of the intermediate size):
+    w13.weight (E, 2I, H) e4m3fn, w13.weight_scale (E, 2I) | (E, 2) per tensor of gate and up, expanded to rows
+        after loading | block: w13.<scale name> (E, ceil(2I / bn), ceil(H / bk))
+    w2.weight (E, H, I), w2.weight_scale (E, H) | (E, 1) | block (E, ceil(H / bn), ceil(I / bk))
+    w13.input_scale, w2.input_scale (E, parts): static activation scales (their max is used)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shardllm.layers.quantization import QuantizationConfig
+from shardllm.layers.quantization.fp8_utils import (
+    FP8_DTYPE,
+    dequantize,
+    quantize_per_block,
+    quantize_per_row,
+    quantize_per_token_group,
+    quantize_with_scale,
+    scaled_mm_block,
+    scaled_mm_rowwise,
+    weight_only_fallback,
+)
+from shardllm.model_loader.weight_utils import copy_weight, materialize, narrow
+
+logger = logging.getLogger(__name__)
+
+
+class Fp8MoEMethod:
+    def __init__(self, cfg: QuantizationConfig):
+        self.cfg = cfg
+        self.block = tuple(cfg.weight_block_size) if cfg.weight_strategy == "block" else None
+        self.per_tensor = cfg.is_checkpoint_fp8 and cfg.weight_strategy == "tensor"
+        self.static_input = cfg.activation_scheme == "static"
+        self.scale_name = cfg.weight_scale_name if self.block else "weight_scale"
+        self.weight_only = cfg.weight_only
+
+    def create_weights(self, moe: nn.Module, num_experts: int, hidden_size: int, intermediate: int) -> None:
+        shapes = {"w13": (2 * intermediate, hidden_size, 2), "w2": (hidden_size, intermediate, 1)}
+        for name, (n, k, parts) in shapes.items():
+            holder = getattr(moe, name)
+            holder.weight = nn.Parameter(torch.empty(num_experts, n, k, dtype=FP8_DTYPE), requires_grad=False)
+            if self.block:
+                bn, bk = self.block
+                if moe.moe_tp_size > 1 and (intermediate % (bk if name == "w2" else bn)):
+                    raise ValueError(f"{name} experts: block-quantized FP8 ({bn} x {bk}) cannot be split over "
+                                     f"tp_size / ep_size = {moe.moe_tp_size} ranks, the intermediate size per rank "
+                                     f"{intermediate} is not whole blocks: raise expert_parallel_size so each "
+                                     "expert stays whole, or lower tensor_parallel_size")
+                shape = (num_experts, -(-n // bn), -(-k // bk))
+            else:
+                shape = (num_experts, parts if self.per_tensor else n)
+            scale = nn.Parameter(torch.ones(shape), requires_grad=False)
+            scale.is_derived = not self.cfg.is_checkpoint_fp8  # online: written by the weight's loader
+            setattr(holder, self.scale_name, scale)
+            if self.static_input:
+                holder.input_scale = nn.Parameter(torch.zeros(num_experts, parts), requires_grad=False)
+
+    def load(self, moe: nn.Module, param: nn.Parameter, w: Any, expert: int, dim: int, dst: int, src: int,
+             size: int, part: int) -> None:
+        """Rows (dim 0) or columns (dim 1) [src, src + size) of expert `expert`'s checkpoint tensor (part 0 gate,
+        1 up of w13; 0 for w2) into local expert `expert` at [dst, dst + size)."""
+        holder = moe.w13 if any(param is p for p in moe.w13.parameters(recurse=False)) else moe.w2
+        scale = getattr(holder, self.scale_name)
+        if param is holder.weight:
+            if not self.cfg.is_checkpoint_fp8:  # online, per channel (or per block in tests)
+                x = materialize(narrow(w, dim, src, size)).to(param.device)
+                if self.block:
+                    q, s = quantize_per_block(x, self.block)
+                    b = self.block[dim]
+                    copy_weight(scale.data[expert].narrow(dim, dst // b, s.shape[dim]), s)
+                else:
+                    if dim == 1:
+                        dst = 0
+                    q, s = quantize_per_row(x)
+                    copy_weight(scale.data[expert].narrow(0, dst, q.shape[0]), s.view(-1))
+                copy_weight(param.data[expert].narrow(dim, dst, size), q)
+                return
+            x = materialize(narrow(w, dim, src, size))
+            if x.dtype != FP8_DTYPE:
+                raise ValueError(f"the quantization config says FP8 weights, the checkpoint tensor is {x.dtype}")
+            copy_weight(param.data[expert].narrow(dim, dst, size), x)
+        elif param is scale:
+            if self.block:
+                b = self.block[dim]
+                n_blocks = -(-size // b)
+                copy_weight(param.data[expert].narrow(dim, dst // b, n_blocks), narrow(w, dim, src // b, n_blocks))
+            elif self.per_tensor:
+                param.data[expert, part] = materialize(w).float().reshape(())
+            else:
+                x = materialize(w).float().reshape(-1)
+                if dim == 0:
+                    copy_weight(param.data[expert].narrow(0, dst, size), x.narrow(0, src, size))
+                else:
+                    copy_weight(param.data[expert], x)
+        else:  # input_scale
+            param.data[expert, part] = materialize(w).float().reshape(())
+
+    def process_weights_after_loading(self, moe: nn.Module) -> None:
+        self.weight_only = self.weight_only or weight_only_fallback(moe.w13.weight.device, self.cfg)
+        for holder in (moe.w13, moe.w2):
+            if self.per_tensor:  # (E, parts) -> (E, rows)
+                rows = holder.weight.shape[1] // holder.weight_scale.shape[1]
+                holder.weight_scale = nn.Parameter(holder.weight_scale.data.repeat_interleave(rows, dim=1),
+                                                   requires_grad=False)
+            if self.static_input:
+                holder.input_scale = nn.Parameter(holder.input_scale.data.max().reshape(()), requires_grad=False)
+
+    def _linear(self, holder: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) through expert e's weight of `holder`: (M, N) in x's dtype."""
+        w, scale = holder.weight[e], getattr(holder, self.scale_name)[e]
+        if self.weight_only:
+            return F.linear(x, dequantize(w, scale if self.block else scale[:, None], self.block).to(x.dtype))
+        if self.block:
+            bk = self.block[1]
+            k = x.shape[1]
+            pad = -k % bk
+            x_q, x_scale = quantize_per_token_group(F.pad(x, (0, pad)) if pad else x, bk)
+            return scaled_mm_block(x_q[:, :k], w, x_scale, scale, self.block, x.dtype)
+        if self.static_input:
+            x_q = quantize_with_scale(x, holder.input_scale)
+            x_scale = holder.input_scale.expand(x.shape[0], 1).contiguous()
+        else:
+            x_q, x_scale = quantize_per_row(x)
+        return scaled_mm_rowwise(x_q, w, x_scale, scale.view(1, -1), x.dtype)
+
+    def apply(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        """x (N, H); topk_* (N, k) over global expert ids -> this rank's partial sum (N, H).
+
+        A loop over the local experts (the same order of operations as `fused_experts_reference`)."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        local_ids = topk_ids - moe.expert_start
+        for e in range(moe.num_local_experts):
+            token, slot = torch.where(local_ids == e)
+            if token.numel() == 0:
+                continue
+            gate, up = self._linear(moe.w13, e, x.index_select(0, token)).chunk(2, dim=-1)
+            y = self._linear(moe.w2, e, F.silu(gate) * up)
+            out.index_add_(0, token, y.float() * topk_weights[token, slot, None])
+        return out.to(x.dtype)

@@ -1,0 +1,159 @@
+"""FP8 (e4m3fn) quantization math and the scaled GEMM, with a plain torch reference beside each fast path.
+
+Scales are fp32 dequantization multipliers ("inverse scales"): x ~= q.float() * scale. A dynamic scale is
+amax / 448, floored at 1 / (448 * 512) so that an all-zero row or block gets a finite scale (vLLM's floor).
+GEMM contract (torch._scaled_mm): out = (A_q * scale_a) @ (W_q * scale_b)^T, A (M, K) row-major, W (N, K).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+
+
+def _scale_of(amax: torch.Tensor) -> torch.Tensor:
+    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q = clamp(x / scale, +-448) in e4m3fn; `scale` broadcasts against x (fp32)."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., K) -> (q (..., K) e4m3fn, scale (..., 1) fp32), one scale per row: per output channel for a
+    weight (N, K), per token for activations (M, K)."""
+    scale = _scale_of(x.abs().amax(dim=-1, keepdim=True))
+    return quantize_with_scale(x, scale), scale
+
+
+def quantize_per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (q e4m3fn, scale () fp32), one scale for the whole tensor."""
+    scale = _scale_of(x.abs().amax())
+    return quantize_with_scale(x, scale), scale
+
+
+def quantize_per_block(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> (q (N, K) e4m3fn, scale (ceil(N/bn), ceil(K/bk)) fp32), one scale per bn x bk block; edge
+    blocks are zero-padded for their amax (the DeepSeek-V3 / HF "fp8" checkpoint layout)."""
+    bn, bk = block
+    n, k = w.shape
+    pn, pk = -(-n // bn) * bn, -(-k // bk) * bk
+    padded = F.pad(w.float(), (0, pk - k, 0, pn - n))
+    blocks = padded.view(pn // bn, bn, pk // bk, bk)
+    scale = _scale_of(blocks.abs().amax(dim=(1, 3)))  # (N/bn, K/bk)
+    return quantize_with_scale(w, expand_block_scale(scale, (n, k), block)), scale
+
+
+def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
+    """Block scales (ceil(N/bn), ceil(K/bk)) -> one scale per element (N, K)."""
+    n, k = shape
+    bn, bk = block
+    return scale.repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]
+
+
+def quantize_per_token_group(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), K % group == 0 -> (q (M, K), scale (M, K / group)): the 1 x 128 activation groups of the
+    block recipe (DeepSeek-V3 report, arXiv 2412.19437 sec 3.3.1)."""
+    m, k = x.shape
+    xg = x.float().view(m, k // group, group)
+    scale = _scale_of(xg.abs().amax(dim=-1))  # (M, K / group)
+    return quantize_with_scale(xg, scale[..., None]).view(m, k), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """fp32 values of an e4m3fn tensor: per-row/per-tensor `scale` broadcasts, block scales expand first."""
+    if block is not None:
+        scale = expand_block_scale(scale, tuple(q.shape[-2:]), block)
+    return q.float() * scale
+
+
+# ---- GEMM backends ---------------------------------------------------------------------------------------------
+_PROBED: dict[tuple, frozenset] = {}
+
+
+def fp8_recipes(device: torch.device) -> frozenset:
+    """Which torch._scaled_mm recipes run on `device`: a subset of {"tensorwise", "rowwise", "block"}.
+
+    Probed once per device with tiny calls (rowwise and block need cuBLASLt/CUTLASS support that depends on
+    the GPU and the build); the CPU's emulated _scaled_mm does tensorwise and rowwise.
+    """
+    key = (device.type, device.index)
+    if key in _PROBED:
+        return _PROBED[key]
+    ok = set()
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        _PROBED[key] = frozenset()
+        return _PROBED[key]
+    m, n, k = 32, 128, 256
+    a = torch.ones(m, k, device=device).to(FP8_DTYPE)
+    b = torch.ones(n, k, device=device).to(FP8_DTYPE)
+    out_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    trials = {
+        "tensorwise": (torch.ones((), device=device), torch.ones((), device=device)),
+        "rowwise": (torch.ones(m, 1, device=device), torch.ones(1, n, device=device)),
+        "block": (torch.ones(k // 128, m, device=device).t(), torch.ones(n // 128, k // 128, device=device).t()),
+    }
+    for name, (sa, sb) in trials.items():
+        try:
+            y = torch._scaled_mm(a, b.t(), sa, sb, out_dtype=out_dtype)
+            if float(y[0, 0]) == float(k):
+                ok.add(name)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+            logger.debug("_scaled_mm %s recipe unavailable on %s: %s", name, device, e)
+    _PROBED[key] = frozenset(ok)
+    logger.info("FP8 GEMM recipes on %s: %s", device, sorted(ok) or "none")
+    return _PROBED[key]
+
+
+_WARNED = [False]
+
+
+def weight_only_fallback(device: torch.device, cfg) -> bool:
+    """True where the device has no FP8 GEMM: an FP8 checkpoint then runs weight-only (dequantized in the
+    matmul, with a warning); online dtype='fp8' there is refused, since it would only lose accuracy."""
+    if device.type != "cuda" or fp8_recipes(device):
+        return False
+    if not cfg.is_checkpoint_fp8:
+        raise ValueError("dtype='fp8' needs a GPU with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper "
+                         "or later): use dtype='bfloat16' on this GPU")
+    if not _WARNED[0]:
+        _WARNED[0] = True
+        logger.warning("this GPU has no FP8 GEMM: the FP8 checkpoint runs weight-only (weights dequantized to "
+                       "%s in each matmul), slower than bf16 weights", "the model's dtype")
+    return True
+
+
+def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """x_q (M, K), w_q (N, K) e4m3fn; x_scale (M, 1), w_scale (1, N) fp32 -> (M, N) out_dtype.
+
+    torch._scaled_mm's row-wise recipe where the device has it; else the same product unfused (fp8 x fp8 in
+    fp32, then both scales): what a build without the recipe, or a pre-Hopper GPU, can run.
+    """
+    if "rowwise" in fp8_recipes(x_q.device):
+        return torch._scaled_mm(x_q, w_q.t(), x_scale, w_scale, out_dtype=out_dtype)
+    y = torch.mm(x_q.to(out_dtype), w_q.to(out_dtype).t()).float()
+    return (y * x_scale * w_scale).to(out_dtype)
+
+
+def scaled_mm_block(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                    block: tuple[int, int], out_dtype: torch.dtype) -> torch.Tensor:
+    """Block recipe: x_q (M, K) with x_scale (M, K / bk) per 1 x bk group; w_q (N, K) with w_scale
+    (ceil(N / bn), ceil(K / bk)) per bn x bk block. cuBLASLt's 1x128 x 128x128 recipe where probed to run
+    (bn = bk = 128, N and K multiples of 128), else the dequantized product in fp32 (the reference)."""
+    bn, bk = block
+    n, k = w_q.shape
+    if ("block" in fp8_recipes(x_q.device) and bn == bk == 128 and n % 128 == 0 and k % 128 == 0):
+        # scale_a outer-dim-major (column-major (M, K/128)), scale_b the transpose of (N/128, K/128)
+        return torch._scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), w_scale.t(), out_dtype=out_dtype)
+    x = x_q.float() * x_scale.repeat_interleave(bk, dim=1)[:, :k]
+    return (x @ dequantize(w_q, w_scale, block).t()).to(out_dtype)
