@@ -32,15 +32,15 @@ RAY_PORT = 6379
 LEADER_SCRIPT = """\
 set -eu
 ray start --head --port={port} --include-dashboard=false --disable-usage-stats
-export RAY_ADDRESS=auto  # this node's Ray, for the check below and for the server's executor
+export RAY_ADDRESS=auto  # this node's Ray, for the check below and the server
 python3 - <<'EOF'
 import os, sys, time
 import ray
 ray.init(logging_level="ERROR")
 want, deadline = int(os.environ["{size_var}"]), time.monotonic() + {timeout}
-while sum(n["Alive"] for n in ray.nodes()) < want:
+while (alive := sum(n["Alive"] for n in ray.nodes())) < want:
     if time.monotonic() > deadline:
-        sys.exit(f"only {{sum(n['Alive'] for n in ray.nodes())}} of {{want}} Ray nodes joined in {timeout} s")
+        sys.exit(f"only {{alive}} of {{want}} Ray nodes joined in {timeout} s")
     time.sleep(5)
 EOF
 exec shardllm-serve "$@"
@@ -50,7 +50,10 @@ WORKER_SCRIPT = """\
 set -u
 deadline=$((SECONDS + {timeout}))
 until ray health-check --address="{head}:{port}" >/dev/null 2>&1; do
-  if [ "$SECONDS" -ge "$deadline" ]; then echo "no Ray head at {head}:{port} after {timeout} s" >&2; exit 1; fi
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    echo "no Ray head at {head}:{port} after {timeout} s" >&2
+    exit 1
+  fi
   sleep 5
 done
 exec ray start --address="{head}:{port}" --block --disable-usage-stats
@@ -68,7 +71,7 @@ def ray_env(spec: DeploySpec) -> list[dict[str, Any]]:
 def leader_container(spec: DeploySpec, size_var: str) -> dict[str, Any]:
     c = server_container(spec)
     script = LEADER_SCRIPT.format(port=RAY_PORT, size_var=size_var, timeout=spec.startup_timeout // 2)
-    c["command"] = ["bash", "-c", script, "shardllm-leader"]
+    c = {"name": c.pop("name"), "command": ["bash", "-c", script, "shardllm-leader"], **c}
     c["env"] = [*c["env"], *ray_env(spec)]
     c["ports"] = [*c["ports"], {"name": "ray-gcs", "containerPort": RAY_PORT, "protocol": "TCP"}]
     return c

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import re
+import shlex
 import sys
 from typing import Any
 
 import yaml
 
+from shardllm.config import ParallelConfig, _executor_backend, check_num_workers
 from shardllm.deploy.kubernetes import CONFIG_MOUNT, DeploySpec, render
 from shardllm.entrypoints.cli import build_parser, resolve_settings
 
@@ -114,10 +116,12 @@ def build_spec(argv: list[str]) -> DeploySpec:
                          "--api_key_secret NAME[:KEY]")
     tp = int(engine.get("tensor_parallel_size", 1))
     pp = int(engine.get("pipeline_parallel_size", 1))
-    num_workers = int(engine.get("num_workers", server.get("num_workers", 1)) or 1)
-    if num_workers < 1 or (tp * pp) % num_workers:
-        raise ValueError(f"tp_size x pp_size = {tp * pp} GPUs cannot be split evenly over --num_workers "
-                         f"{num_workers} nodes: make num_workers divide tp_size x pp_size")
+    # serve's own checks of the Ray settings (EngineConfig.create runs them again in the pod, with the model)
+    backend = _executor_backend(engine.get("distributed_executor_backend"), engine.get("num_workers"),
+                                engine.get("ray_address"))
+    check_num_workers(ParallelConfig(tp, pp, distributed_executor_backend=backend,
+                                     num_workers=engine.get("num_workers")))
+    num_workers = engine.get("num_workers") or 1
     settings = {**engine, **{k: v for k, v in server.items() if k not in NOT_RENDERED}}
     serve_args, no_flag = settings_to_args(settings)
     config_yaml = None
@@ -153,10 +157,21 @@ def to_yaml(objects: list[dict[str, Any]], header: str = "") -> str:
     return header + body
 
 
+def command_header(argv: list[str], width: int = 100) -> str:
+    """`# shardllm deploy ARGV`, as comment lines of at most ~width characters joined by ` \\`."""
+    lines, line = [], "# shardllm deploy"
+    for word in map(shlex.quote, argv):
+        if len(line) + len(word) + 3 > width:
+            lines.append(line + " \\")
+            line = "#  "
+        line += " " + word
+    return "\n".join([*lines, line]) + "\n"
+
+
 def render_yaml(argv: list[str]) -> str:
     """The manifests for `shardllm deploy` argv (without the leading 'deploy'), as multi-document YAML."""
     spec = build_spec(argv)
-    return to_yaml(render(spec), header=f"# shardllm deploy {' '.join(argv)}\n")
+    return to_yaml(render(spec), header=command_header(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
