@@ -297,10 +297,12 @@ def test_num_workers_must_divide_world_size(capsys):
     assert rc == 1 and "num_workers=3 nodes do not divide tp_size=8 x pp_size=2 = 16 ranks" in err
 
 
+KUBERAY_TWO = ["-tp", "2", "--num_workers", "2", "--ray_operator", "kuberay", "--replicas", "2"]
+
+
 @pytest.mark.parametrize("bad,fix", [(["--name", "My_Server"], "DNS label"), (["--host", "127.0.0.1"], "leave --host"),
                                      (["--api_key", "s3cret"], "--api_key_secret"), (["--replicas", "0"], ">= 1"),
-                                     (["-tp", "2", "--num_workers", "2", "--ray_operator", "kuberay", "--replicas", "2"],
-                                      "one RayCluster")])
+                                     (KUBERAY_TWO, "one RayCluster")])
 def test_deploy_flags_fail_with_the_fix(bad, fix, capsys):
     rc = main(["kubernetes", *bad])
     err = capsys.readouterr().err
