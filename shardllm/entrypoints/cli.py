@@ -15,7 +15,17 @@ import sys
 from typing import Any
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "log_level", "shutdown_timeout")
+SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "log_level", "shutdown_timeout", "api_key_file",
+               "max_request_body_bytes", "max_seqs_per_request", "timeout_keep_alive", "request_read_timeout")
+# Operator limits of the server (run_server's keyword arguments), passed on when given.
+LIMIT_KEYS = ("max_request_body_bytes", "max_seqs_per_request", "timeout_keep_alive", "request_read_timeout")
+# Commands with flags of their own, dispatched in main() before argparse; listed in `shardllm --help`.
+OWN_FLAG_COMMANDS = {
+    "bench": "offline throughput benchmark, layout sweeps, `bench serve` load generator (shardllm bench --help)",
+    "plan": "which tp x pp x replicas to run on these GPUs, and why (shardllm plan --help)",
+    "doctor": "check this host's GPU set-up and a running server's metrics (shardllm doctor --help)",
+    "deploy": "print Kubernetes manifests that run `shardllm serve` (shardllm deploy --help)",
+}
 SERVER_DEFAULTS = {"host": "localhost", "port": 8000, "log_level": "info", "shutdown_timeout": 30.0}
 # The deployment guide's short names, accepted in YAML too.
 YAML_SYNONYMS = {"tp_size": "tensor_parallel_size", "pp_size": "pipeline_parallel_size",
@@ -84,7 +94,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardllm", description="shardllm: serve one LLM across many GPUs.",
                                      allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench,deploy}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench,deploy,plan,doctor}")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server", allow_abbrev=False,
                            description="Run the OpenAI-compatible server (no MODEL: the embedded default).")
@@ -96,7 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
                       (("--api_key",), dict(help="require 'Authorization: Bearer KEY' on /v1/* "
                                                  "(or set SHARDLLM_API_KEY)")),
                       (("--shutdown_timeout",), dict(type=float, help="seconds running requests get to "
-                                                                      "finish on SIGTERM (default 30)"))]:
+                                                                      "finish on SIGTERM (default 30)")),
+                      (("--api_key_file",), dict(metavar="PATH", help="read the API key from this file (keeps it "
+                                                                      "out of `ps`)")),
+                      (("--max_request_body_bytes",), dict(type=int, metavar="N", help="larger bodies get 413 "
+                                                                                       "(default 4 MiB)")),
+                      (("--max_seqs_per_request",), dict(type=int, metavar="N", help="most sequences (prompts x n) "
+                                                                                     "in one request (default 256)")),
+                      (("--timeout_keep_alive",), dict(type=float, metavar="S", help="close a connection idle "
+                                                                                     "this long (default 5)")),
+                      (("--request_read_timeout",), dict(type=float, metavar="S", help="close a connection whose "
+                                                         "request has not fully arrived in this time (default 30)"))]:
         g.add_argument(*_names(*names), default=argparse.SUPPRESS, **kw)
 
     gen = sub.add_parser("generate", help="generate text offline and print it", allow_abbrev=False,
@@ -108,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument(*_names("--top_p"), type=float, default=1.0)
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    for name, text in OWN_FLAG_COMMANDS.items():  # for --help only: main() runs them before this parser
+        if name not in sub.choices:
+            sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -150,9 +173,25 @@ def resolve_settings(args: argparse.Namespace, server: bool) -> tuple[dict[str, 
             rest.setdefault("host", os.environ["SHARDLLM_HOST"])
         for k, v in SERVER_DEFAULTS.items():
             rest.setdefault(k, v)
+    if server and rest.get("api_key_file"):
+        if rest.get("api_key"):
+            raise ValueError("give --api_key or --api_key_file, not both")
+        rest["api_key"] = read_api_key_file(rest["api_key_file"])
     if server and not rest.get("api_key"):
         rest["api_key"] = os.environ.get("SHARDLLM_API_KEY") or None
     return engine, rest
+
+
+def read_api_key_file(path: str) -> str:
+    """The key in `path`: its text without surrounding whitespace. ValueError if unreadable or empty."""
+    try:
+        with open(path) as f:
+            key = f.read().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read --api_key_file {path}: {e.strerror}") from None
+    if not key:
+        raise ValueError(f"--api_key_file {path} is empty: put the key in it")
+    return key
 
 
 def _setup_logging(level: str) -> None:
@@ -190,9 +229,14 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, previous)
-    run_server(llm, host=opts["host"], port=opts["port"], served_model_name=opts.get("served_model_name"),
-               api_key=opts["api_key"], log_level=opts["log_level"], shutdown_timeout=opts["shutdown_timeout"])
-    return 0
+    limits = {k: opts[k] for k in LIMIT_KEYS if k in opts}
+    try:
+        return run_server(llm, host=opts["host"], port=opts["port"], served_model_name=opts.get("served_model_name"),
+                          api_key=opts["api_key"], log_level=opts["log_level"],
+                          shutdown_timeout=opts["shutdown_timeout"], **limits)
+    except ValueError as e:  # a limit out of range
+        llm.shutdown()
+        return _fail(str(e))
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -232,7 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["bench"]:  # the benchmarks keep their own flags (trtllm-bench style); `bench serve` too
         from shardllm.bench import main as bench_main
 
-        return bench_main(argv[1:])
+        try:
+            return bench_main(argv[1:])
+        except (ValueError, TypeError, NotImplementedError) as e:  # a flag the engine refuses: its message
+            return _fail(str(e))
+    if argv[:1] in (["plan"], ["doctor"]):  # operator tools with their own flags: no engine, no model load
+        from shardllm.entrypoints import doctor, plan
+
+        return {"plan": plan.main, "doctor": doctor.main}[argv[0]](argv[1:])
     if argv[:1] == ["deploy"]:  # `shardllm deploy kubernetes MODEL [serve's flags]`: manifests on stdout
         from shardllm.entrypoints.deploy import main as deploy_main
 

@@ -101,11 +101,47 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
+class GPUCollector(Collector):
+    """A GPUMonitor's last poll as metric families (docs/metrics.md, "GPU metrics"); never calls NVML itself."""
+
+    def __init__(self, monitor, model_name: str):
+        self._monitor = monitor
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Metric]:
+        from shardllm.metrics.gpu_monitor import GPU_METRICS
+
+        snap = self._monitor.snapshot
+        available = GaugeMetricFamily(PREFIX + "gpu_monitoring_available",
+                                      "1 when GPU metrics come from NVML, 0 when NVML is missing or failed.",
+                                      labels=["model_name"])
+        available.add_metric([self._model_name], 1.0 if snap.available else 0.0)
+        yield available
+        if not snap.available or not snap.devices:
+            return
+        names = ["model_name", *snap.devices[0].labels]
+        for key, (name, kind, doc) in GPU_METRICS.items():
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(PREFIX + name, doc, labels=names)
+            for d in snap.devices:
+                if key in d.values:
+                    family.add_metric([self._model_name, *d.labels.values()], d.values[key])
+            if family.samples:
+                yield family
+        if snap.memory_imbalance_ratio is not None:
+            ratio = GaugeMetricFamily(PREFIX + "gpu_memory_imbalance_ratio",
+                                      "Most / least GPU memory used across the ranks (1 = balanced).",
+                                      labels=["model_name"])
+            ratio.add_metric([self._model_name], snap.memory_imbalance_ratio)
+            yield ratio
+
+
 def make_registry(get_snapshot: Callable[[], EngineSnapshot], latency: LatencyHistograms,
-                  model_name: str) -> CollectorRegistry:
-    """A fresh registry holding the engine's metrics."""
+                  model_name: str, gpu_monitor=None) -> CollectorRegistry:
+    """A fresh registry holding the engine's metrics, and a GPUMonitor's when one is given."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EngineCollector(get_snapshot, latency, model_name))
+    if gpu_monitor is not None:
+        registry.register(GPUCollector(gpu_monitor, model_name))
     return registry
 
 

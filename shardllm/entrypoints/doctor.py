@@ -1,0 +1,298 @@
+"""`shardllm doctor [--url URL] [--json]`: this host's GPU set-up checked, and a running server's /metrics read for
+the guide's common issues (imbalanced memory, low NVLink traffic / PCIe fallback, idle GPUs while requests wait,
+KV cache full). Each finding says what was seen, why it matters and the fix. Exit 0 when healthy, 1 on a problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+SEVERITIES = ("ok", "info", "warning", "problem")
+# Set on machines where NVLink multicast (NVLS) is unavailable, e.g. VMs and containers without the fabric manager:
+# NCCL's NVLS algorithms and PyTorch's symmetric-memory multicast then fail at start-up.
+MULTICAST_VARS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+IMBALANCE_RATIO = 1.2  # the guide: memory "should be balanced across GPUs"; 20% apart is a finding
+LOW_UTILIZATION_PERCENT = 80  # the guide's target is 80-95%
+LOW_NVLINK_BYTES_PER_S = 1e9  # per GPU, while tokens are being generated with tp > 1 [ours]
+KV_FULL_RATIO = 0.95
+
+
+@dataclass
+class Finding:
+    severity: str  # ok | info | warning | problem
+    check: str
+    seen: str
+    why: str = ""
+    fix: str = ""
+
+
+# ---- this host ------------------------------------------------------------------------------------------------------
+def check_versions() -> list[Finding]:
+    import torch
+
+    seen = f"torch {torch.__version__}, CUDA runtime {torch.version.cuda or 'none (CPU build)'}"
+    if torch.cuda.is_available():
+        nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else "none"
+        seen += f", NCCL {nccl}"
+    return [Finding("info", "versions", seen)]
+
+
+def check_gpus(host: dict) -> list[Finding]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not host.get("available"):
+        if cuda:
+            return [Finding("warning", "gpus", f"torch sees {torch.cuda.device_count()} GPUs but NVML does not "
+                            f"answer: {host.get('reason')}", "GPU metrics and the topology checks need NVML",
+                            "pip install 'shardllm[gpu]' (nvidia-ml-py) and check the driver with nvidia-smi")]
+        return [Finding("info", "gpus", f"no NVIDIA GPU ({host.get('reason')})",
+                        "shardllm runs on CPU here (gloo instead of NCCL); the GPU checks are skipped")]
+    gpus = host["gpus"]
+    out = [Finding("info", "driver", f"driver {host.get('driver_version')}, CUDA driver API "
+                   f"{host.get('cuda_driver_version')}")]
+    names = ", ".join(f"{g['index']}: {g['name']} {(g['memory_total'] or 0) / 2**30:.0f} GiB" for g in gpus)
+    if not gpus:
+        return out + [Finding("problem", "gpus", "NVML lists no visible GPU", "nothing to run on",
+                              "check CUDA_VISIBLE_DEVICES and nvidia-smi")]
+    if not cuda:
+        out.append(Finding("problem", "gpus", f"NVML sees {len(gpus)} GPUs ({names}) but torch cannot use them",
+                           "the engine would fall back to CPU",
+                           "install a CUDA build of torch that the driver supports (torch.version.cuda <= the "
+                           "driver's CUDA version)"))
+    else:
+        out.append(Finding("ok", "gpus", f"{len(gpus)} GPUs visible: {names}"))
+    return out
+
+
+def check_topology(host: dict) -> list[Finding]:
+    if not host.get("available") or len(host.get("gpus", [])) < 2:
+        return []
+    pcie = [p for p in host["pairs"] if not p["nvlink"]]
+    if not pcie:
+        return [Finding("ok", "topology", f"NVLink between every pair of the {len(host['gpus'])} GPUs")]
+    pairs = ", ".join(f"{a}-{b} ({p['pcie']})" for p in pcie for a, b in [p["gpus"]])
+    return [Finding("warning", "topology", f"no NVLink between GPUs {pairs}",
+                    "tensor parallelism does two all-reduces per layer: over PCIe they cost ~10x NVLink's time",
+                    "keep tp inside NVLink-connected GPUs, use pipeline parallelism across the others "
+                    "(`shardllm plan --topology pcie`); compare `nvidia-smi topo -m`")]
+
+
+def check_devices(host: dict) -> list[Finding]:
+    out = []
+    for g in host.get("gpus", []) if host.get("available") else []:
+        if g["nvlink_down"] and g["nvlink_up"]:
+            out.append(Finding("problem", "nvlink", f"GPU {g['index']}: NVLink links {g['nvlink_down']} down, "
+                               f"{len(g['nvlink_up'])} up", "less NVLink bandwidth for tp all-reduces",
+                               "check `nvidia-smi nvlink --status` and `-e` (errors); reset or service the GPU"))
+        hard = [r for r in g["throttle"] if r != "software power cap"]
+        if hard:
+            out.append(Finding("problem", "clocks", f"GPU {g['index']} slows its clocks: {', '.join(hard)}",
+                               "a throttled GPU slows every rank of its tp group",
+                               "check cooling and power (`nvidia-smi -q -d PERFORMANCE`)"))
+        total, used = g["memory_total"] or 0, g["memory_used"] or 0
+        if total and used > 0.1 * total:
+            out.append(Finding("warning", "memory", f"GPU {g['index']}: {used / 2**30:.1f} of "
+                               f"{total / 2**30:.0f} GiB already in use",
+                               "the KV cache is sized from free memory: another process shrinks it, and "
+                               "unequal free memory across ranks leaves GPUs imbalanced",
+                               "stop the other process (nvidia-smi lists it) or choose other GPUs"))
+        if g["mig"]:
+            out.append(Finding("warning", "mig", f"GPU {g['index']} is in MIG mode",
+                               "MIG slices have no NVLink and no utilisation counters",
+                               "disable MIG (`nvidia-smi -mig 0`) for tensor parallelism"))
+    return out
+
+
+def check_settings(host: dict) -> list[Finding]:
+    if not host.get("available") or len(host.get("gpus", [])) < 2:
+        return []
+    unset = [f"{k}={v}" for k, v in MULTICAST_VARS.items() if os.environ.get(k) != v]
+    if not unset:
+        return [Finding("ok", "settings", "NVLink multicast turned off for NCCL, PyTorch and NVSHMEM")]
+    return [Finding("warning", "settings", f"not set: {' '.join(unset)}",
+                    "where NVLink multicast is unavailable (VMs, containers without the fabric manager), NCCL's NVLS "
+                    "and symmetric-memory multicast fail at start-up; harmless to set elsewhere",
+                    f"export {' '.join(unset)}")]
+
+
+def check_infiniband(root: str = "/sys/class/infiniband") -> list[Finding]:
+    try:
+        devices = sorted(os.listdir(root))
+    except OSError:
+        devices = []
+    if not devices:
+        return [Finding("info", "infiniband", "no InfiniBand devices",
+                        "multi-node runs would send pipeline traffic over TCP sockets",
+                        "for several nodes use InfiniBand (the guide: essential for 405B+)")]
+    states = []
+    for d in devices:
+        for port in sorted(os.listdir(os.path.join(root, d, "ports")) if os.path.isdir(
+                os.path.join(root, d, "ports")) else []):
+            try:
+                with open(os.path.join(root, d, "ports", port, "state")) as f:
+                    states.append(f"{d}/{port} {f.read().strip()}")
+            except OSError:
+                pass
+    down = [s for s in states if "ACTIVE" not in s]
+    return [Finding("warning" if down else "ok", "infiniband", "; ".join(states) or ", ".join(devices),
+                    "a port that is not ACTIVE carries no traffic" if down else "",
+                    "check the cable and the subnet manager (ibstat)" if down else "")]
+
+
+# ---- a running server ----------------------------------------------------------------------------------------------
+def scrape(url: str, timeout: float = 10.0) -> dict[str, list[tuple[dict, float]]]:
+    """/metrics as {sample name: [(labels, value)]}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def _one(m: dict, name: str, default: float = 0.0) -> float:
+    return m[name][0][1] if m.get(name) else default
+
+
+def _by_rank(m: dict, name: str) -> dict[str, float]:
+    return {labels.get("rank", "?"): v for labels, v in m.get(name, [])}
+
+
+def diagnose_metrics(before: dict, after: dict, seconds: float) -> list[Finding]:
+    """The guide's common issues, from two scrapes `seconds` apart."""
+    out = []
+    if _one(after, "shardllm_engine_healthy", 1.0) == 0:
+        out.append(Finding("problem", "engine", "shardllm_engine_healthy is 0", "the engine failed or is stopping",
+                           "read the server log; restart the server"))
+    gen_rate = (_one(after, "shardllm_generation_tokens_total") - _one(before, "shardllm_generation_tokens_total")) \
+        / seconds
+    waiting, running = _one(after, "shardllm_num_requests_waiting"), _one(after, "shardllm_num_requests_running")
+    preempted = _one(after, "shardllm_num_preemptions_total") - _one(before, "shardllm_num_preemptions_total")
+    usage = _one(after, "shardllm_kv_cache_usage_ratio")
+    if preempted > 0 or usage >= KV_FULL_RATIO:
+        out.append(Finding("problem", "kv cache", f"KV cache {usage:.0%} full, {preempted:.0f} preemptions in "
+                           f"{seconds:.0f} s", "requests wait and are recomputed: the memory is too small for the load",
+                           "the guide's OOM advice: raise tp_size (more GPUs), lower max_batch_size, use dtype fp8 "
+                           "(and kv_cache_dtype fp8), or add pipeline stages"))
+    gpu = _one(after, "shardllm_gpu_monitoring_available") == 1
+    if not gpu:
+        out.append(Finding("info", "gpu metrics", "the server exports no GPU metrics "
+                           "(shardllm_gpu_monitoring_available 0: CPU, or NVML missing)",
+                           "the GPU checks (balance, NVLink, utilisation) are skipped",
+                           "install nvidia-ml-py on the server (`shardllm[gpu]`)"))
+        return out
+    used = _by_rank(after, "shardllm_gpu_fb_used_bytes")
+    if len(used) > 1 and min(used.values()) > 0 and max(used.values()) / min(used.values()) > IMBALANCE_RATIO:
+        out.append(Finding("problem", "memory balance", "memory used per rank: " + ", ".join(
+            f"{r}: {v / 2**30:.1f} GiB" for r, v in sorted(used.items())),
+            "the guide: memory should be balanced across GPUs; an imbalance points at a wrong tp/pp layout or "
+            "another process on one GPU", "verify tp_size/pp_size (and pp_partition), check nvidia-smi for other "
+            "processes, restart the server"))
+    tp = len({labels.get("tp_rank") for labels, _ in after.get("shardllm_gpu_utilization_percent", [])})
+    links = _by_rank(after, "shardllm_gpu_nvlink_links_active")
+    if tp > 1 and links and min(links.values()) == 0:
+        out.append(Finding("problem", "nvlink", f"tensor parallel size {tp} but ranks "
+                           f"{[r for r, v in links.items() if v == 0]} have no active NVLink",
+                           "the all-reduces fall back to PCIe", "check `nvidia-smi topo -m`; keep tp on NVLink GPUs"))
+    elif tp > 1 and gen_rate > 0:
+        tx0, tx1 = _by_rank(before, "shardllm_gpu_nvlink_tx_bytes_total"), _by_rank(after,
+                                                                                   "shardllm_gpu_nvlink_tx_bytes_total")
+        rates = {r: (tx1[r] - tx0.get(r, 0)) / seconds for r in tx1}
+        if rates and max(rates.values()) < LOW_NVLINK_BYTES_PER_S:
+            out.append(Finding("warning", "nvlink", f"NVLink tx {max(rates.values()) / 1e9:.2f} GB/s per GPU while "
+                               f"generating {gen_rate:.0f} tok/s at tp {tp}",
+                               "the guide: NVLink traffic is high under TP; little traffic suggests a PCIe fallback",
+                               "verify `nvidia-smi topo -m` and that the GPUs share an NVSwitch"))
+    util = _by_rank(after, "shardllm_gpu_utilization_percent")
+    if waiting > 0 and util and min(util.values()) < LOW_UTILIZATION_PERCENT:
+        out.append(Finding("warning", "utilisation", f"{waiting:.0f} requests waiting, {running:.0f} running, GPU "
+                           f"utilisation {min(util.values()):.0f}% on the least busy rank",
+                           "the guide's target is 80-95%: requests queue while GPUs idle",
+                           "raise max_batch_size / max_num_tokens, or look for a host-side bottleneck"))
+    return out
+
+
+# ---- the command ---------------------------------------------------------------------------------------------------
+def _guard(name: str, fn: Callable[[], list[Finding]]) -> list[Finding]:
+    try:
+        return fn()
+    except Exception as e:  # a check that breaks is a finding, never a traceback
+        return [Finding("warning", name, f"the check could not run: {type(e).__name__}: {e}")]
+
+
+def run_checks(url: str | None = None, interval: float = 2.0) -> list[Finding]:
+    from shardllm.metrics.gpu_monitor import inspect_host
+
+    host = inspect_host()
+    findings = []
+    for name, fn in [("versions", check_versions), ("gpus", lambda: check_gpus(host)),
+                     ("topology", lambda: check_topology(host)), ("devices", lambda: check_devices(host)),
+                     ("settings", lambda: check_settings(host)), ("infiniband", check_infiniband)]:
+        findings += _guard(name, fn)
+    if url:
+        findings += _guard("server", lambda: _check_server(url, interval))
+    return findings
+
+
+def _check_server(url: str, interval: float) -> list[Finding]:
+    try:
+        before = scrape(url)
+        time.sleep(interval)
+        after = scrape(url)
+    except ImportError:
+        return [Finding("problem", "server", "prometheus-client is not installed", "needed to read /metrics",
+                        "pip install 'shardllm[server]'")]
+    except OSError as e:
+        return [Finding("problem", "server", f"cannot read {url}/metrics: {e}", "the server is down or unreachable",
+                        "check the URL and that `shardllm serve` runs")]
+    found = diagnose_metrics(before, after, interval)
+    if not any(f.severity in ("warning", "problem") for f in found):
+        found.append(Finding("ok", "server", f"{url}: no common issue in /metrics"))
+    return found
+
+
+def format_report(findings: list[Finding]) -> str:
+    lines = []
+    for f in findings:
+        lines.append(f"[{f.severity.upper():7}] {f.check}: {f.seen}")
+        if f.why:
+            lines.append(f"           why: {f.why}")
+        if f.fix:
+            lines.append(f"           fix: {f.fix}")
+    problems = sum(f.severity == "problem" for f in findings)
+    lines.append(f"{problems} problem(s), {sum(f.severity == 'warning' for f in findings)} warning(s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="shardllm doctor", allow_abbrev=False,
+                                description="Check this host's GPUs and, with --url, a running server's metrics.")
+    p.add_argument("--url", help="a running server, e.g. http://localhost:8000 (reads its /metrics twice)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes (rates)")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    args = p.parse_args(argv)
+    try:
+        findings = run_checks(args.url, max(args.interval, 0.1))
+    except Exception as e:  # import failures and the like: still a report, never a traceback
+        findings = [Finding("problem", "doctor", f"{type(e).__name__}: {e}")]
+    healthy = not any(f.severity == "problem" for f in findings)
+    if args.json:
+        print(json.dumps({"healthy": healthy, "findings": [asdict(f) for f in findings]}, indent=2))
+    else:
+        print(format_report(findings))
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,126 @@
+"""`shardllm plan MODEL`: which tp x pp x replicas to run on these GPUs, and why (shardllm/planner.py).
+
+MODEL is a checkpoint directory, a Hugging Face repo id (its config.json from the cache, or downloaded alone) or
+a shipped config name (`llama-3-70b`). Without --gpus or --gpus_per_node the local GPUs are read through NVML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from shardllm.planner import KV_DTYPES, WEIGHT_DTYPES, GiB, Plan, gpu_spec, plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardllm plan", allow_abbrev=False,
+                                description="Rank the tp x pp x replicas layouts of a model on a set of GPUs.")
+    p.add_argument("model", help="checkpoint dir, Hugging Face repo id, or a shipped config (llama-3-70b, ...)")
+    add = lambda *names, **kw: p.add_argument(*names, *[n.replace("_", "-") for n in names if "_" in n], **kw)  # noqa: E731
+    add("--gpus", type=int, help="GPUs on one node (default: the local GPUs, through NVML)")
+    add("--gpus_per_node", type=int, help="GPUs per node, with --nodes")
+    add("--nodes", type=int, default=1, help="nodes (pipeline stages go across them)")
+    add("--gpu_memory_gib", type=float, help="memory of one GPU in GiB (default: the local GPUs', else 80)")
+    add("--gpu", help="GPU model for the bandwidth figures: H100, H200, A100 (default: from the memory size)")
+    add("--dtype", default="bf16", choices=sorted(WEIGHT_DTYPES), help="weight dtype (fp8: online W8A8)")
+    add("--kv_cache_dtype", default="auto", choices=KV_DTYPES, help="KV cache dtype (auto: the activations')")
+    add("--max_seq_len", type=int, help="longest prompt + output (default: the model's context)")
+    add("--input_len", type=int, help="typical prompt tokens, for the throughput estimate")
+    add("--output_len", type=int, help="typical output tokens, for the throughput estimate")
+    add("--max_batch_size", type=int, default=256, help="most sequences in a step")
+    add("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, help="as for `serve`")
+    add("--topology", choices=("nvlink", "pcie"), help="GPU interconnect (default: the local GPUs', else nvlink)")
+    add("--json", action="store_true", help="print the plan as JSON")
+    return p
+
+
+def load_config(model: str):
+    """The transformers config of a checkpoint dir, a shipped config name, or a repo id's config.json alone."""
+    from transformers import AutoConfig
+
+    from shardllm.model_loader.resolve import load_shipped_config, shipped_config_name
+
+    if os.path.isdir(model):
+        return AutoConfig.from_pretrained(model)
+    shipped = shipped_config_name(model)
+    if shipped:
+        return load_shipped_config(shipped)
+    if model.count("/") != 1:
+        raise ValueError(f"unknown model {model!r}: pass a checkpoint directory, a Hugging Face repo id or a shipped "
+                         "config name (llama-3-8b, llama-3-70b, llama-3-405b, mixtral-8x7b, mixtral-8x22b)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(model, "config.json", local_files_only=True)
+    except Exception:
+        try:
+            path = hf_hub_download(model, "config.json")
+        except Exception as e:
+            raise ValueError(f"cannot find the config of {model!r} in the Hugging Face cache nor download it: {e}") \
+                from None
+    return AutoConfig.from_pretrained(os.path.dirname(path))
+
+
+def local_gpus() -> dict:
+    """{"count", "memory_bytes", "name", "topology"} of this host's visible GPUs, from NVML."""
+    from shardllm.metrics.gpu_monitor import inspect_host
+
+    host = inspect_host()
+    if not host.get("available") or not host["gpus"]:
+        raise ValueError(f"no local GPUs found ({host.get('reason') or 'NVML lists none'}): pass --gpus N "
+                         "(and --gpu_memory_gib M) to plan for another machine")
+    gpus = host["gpus"]
+    nvlink = all(p["nvlink"] for p in host["pairs"])
+    return {"count": len(gpus), "memory_bytes": min(g["memory_total"] or 0 for g in gpus), "name": gpus[0]["name"],
+            "topology": "nvlink" if nvlink else "pcie"}
+
+
+def format_plan(p: Plan) -> str:
+    gb = lambda b: f"{b / GiB:.1f}"  # noqa: E731
+    best = p.recommended
+    lines = [f"{p.model}: {p.num_gpus} x {p.gpu} ({p.gpu_memory_bytes / GiB:.0f} GiB) on {p.nodes} node(s), "
+             f"{p.topology}, weights {p.weight_dtype}, KV {p.kv_cache_dtype}, max_seq_len {p.max_seq_len}"]
+    if best:
+        lines.append(f"recommended: tp {best.tensor_parallel_size} x pp {best.pipeline_parallel_size} x "
+                     f"{best.replicas} replicas ({best.gpus_used} GPUs): --tp_size {best.tensor_parallel_size} "
+                     f"--pp_size {best.pipeline_parallel_size}")
+    else:
+        lines.append("nothing fits: use --dtype fp8, a lower --max_seq_len, or more GPUs")
+    lines.append(f"{'tp':>3} {'pp':>3} {'rep':>4} {'weights/GPU':>12} {'KV/tok/GPU':>11} {'KV tokens':>10} "
+                 f"{'max conc':>9} {'tok/s b=1':>10} {'tok/s max':>10}  verdict")
+    for c in p.candidates:
+        lines.append(f"{c.tensor_parallel_size:>3} {c.pipeline_parallel_size:>3} {c.replicas:>4} "
+                     f"{gb(c.weights_bytes_per_gpu) + ' GiB':>12} {c.kv_bytes_per_token_per_gpu / 1024:>7.0f} KiB "
+                     f"{c.kv_tokens:>10} {c.max_concurrency:>9.1f} {c.decode_tok_s_batch1:>10.0f} "
+                     f"{c.throughput_tok_s:>10.0f}  {c.reason}")
+    lines.append("tok/s: a decode roofline (weights and KV read at 70% of HBM peak, plus all-reduce and send times), "
+                 "an upper bound to compare layouts, not a measurement")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        hf_config = load_config(args.model)
+        gpn, nodes, name, topology = args.gpus_per_node or args.gpus, args.nodes, args.gpu, args.topology
+        memory = int(args.gpu_memory_gib * GiB) if args.gpu_memory_gib else None
+        if gpn is None:
+            local = local_gpus()
+            gpn, nodes, name = local["count"], 1, name or local["name"]
+            memory = memory or local["memory_bytes"]
+            topology = topology or local["topology"]
+        if gpn < 1 or nodes < 1:
+            raise ValueError(f"--gpus / --gpus_per_node and --nodes must be >= 1, got {gpn} and {nodes}")
+        result = plan(hf_config, model=args.model, gpus_per_node=gpn, nodes=nodes,
+                      gpu_memory_bytes=memory or gpu_spec(name).memory_bytes, gpu_name=name,
+                      topology=topology or "nvlink", weight_dtype=args.dtype,
+                      kv_cache_dtype=args.kv_cache_dtype, max_seq_len=args.max_seq_len, input_len=args.input_len,
+                      output_len=args.output_len, max_num_seqs=args.max_batch_size,
+                      kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
+    except ValueError as e:
+        print(f"shardllm plan: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0

@@ -1,0 +1,157 @@
+"""The planner's arithmetic, pinned to numbers worked out by hand in each test (shipped configs, no weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shardllm.model_loader.resolve import load_shipped_config
+from shardllm.planner import (
+    CONTEXT_BYTES,
+    GiB,
+    auto_tensor_parallel_size,
+    estimate,
+    plan,
+    pp_layer_split,
+)
+
+L8, L70, L405 = (load_shipped_config(n) for n in ("llama-3-8b", "llama-3-70b", "llama-3-405b"))
+
+
+def layout(p):
+    best = p.recommended
+    return best.tensor_parallel_size, best.pipeline_parallel_size, best.replicas, best.gpus_used
+
+
+def test_llama3_8b_tp1():
+    s = estimate(L8, 1, 1).stages[0]
+    # KV: K and V x 32 layers x 8 kv heads x 128 head_dim x 2 bytes = 131,072 B = 128 KiB per token
+    assert s.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 128 * 1024
+    # weights: per layer q,k,v,o = 4096 x (32 + 8 + 8) x 128 + 32 x 128 x 4096 = 41,943,040; MLP 3 x 4096 x 14336 =
+    # 176,160,768; 2 norms 8,192 -> 218,112,000 x 32 = 6,979,584,000; embed + LM head 2 x 128,256 x 4096 =
+    # 1,050,673,152; final norm 4,096 -> 8,030,261,248 params x 2 bytes
+    assert s.weights == 8_030_261_248 * 2 == 16_060_522_496
+    # profile forward of 8192 tokens: 8192 x (3 x 4096 + 3 x 14336) x 2 B + fp32 logits 256 x 128,256 x 4 B
+    assert s.activations == 8192 * 55296 * 2 + 256 * 128256 * 4
+    # KV budget (engine semantics): (80 GiB - weights - overhead) x 0.9 - activations; tokens in 16-token blocks
+    budget = int((80 * GiB - s.weights - CONTEXT_BYTES) * 0.9 - s.activations)
+    assert s.kv_budget == budget
+    assert s.kv_tokens == (budget // (128 * 1024 * 16) - 1) * 16 == 467_184  # ~57 requests of 8192 tokens
+
+
+def test_llama3_70b_tp4():
+    s = estimate(L70, 4, 1).stages[0]
+    # KV per GPU: 2 x 80 layers x (8 / 4) kv heads x 128 x 2 bytes = 81,920 B = 80 KiB per token
+    assert s.kv_bytes_per_token == 2 * 80 * 2 * 128 * 2 == 80 * 1024
+    # per rank: q + o = 2 x 16 heads x 128 x 8192, k + v = 2 x 2 x 128 x 8192, MLP 3 x 8192 x 28672 / 4, norms 2 x 8192
+    # = 213,925,888 x 80 layers; embed and head 2 x 32,064 x 8192; final norm 8192 -> 17,639,415,808 params x 2 B
+    per_layer = 2 * 16 * 128 * 8192 + 2 * 2 * 128 * 8192 + 3 * 8192 * 7168 + 2 * 8192
+    assert s.weights == (80 * per_layer + 2 * 32064 * 8192 + 8192) * 2 == 35_278_831_616
+    assert s.weights == pytest.approx(70.55e9 * 2 / 4, rel=1e-3)  # ~35.3 GB: 70.55 B params, bf16, over 4 GPUs
+
+
+def test_fp8_weights_and_kv():
+    bf16, fp8 = estimate(L8, 1, 1).stages[0], estimate(L8, 1, 1, weight_dtype="fp8", kv_cache_dtype="fp8").stages[0]
+    assert fp8.kv_bytes_per_token == bf16.kv_bytes_per_token // 2 == 64 * 1024
+    # decoder linears 1 byte (6,979,584,000 - 32 x 8192 norm params) + a 4 B scale per output row (43,008 rows per
+    # layer: 4096 + 2 x 1024 + 4096 + 2 x 14336 + 4096); embeddings, head and norms stay at 2 bytes
+    linears = 32 * (41_943_040 + 176_160_768)
+    rows = 32 * (6144 + 4096 + 28672 + 4096)
+    assert fp8.weights == linears + 4 * rows + 2 * (1_050_673_152 + 32 * 8192 + 4096)
+    assert 9.0e9 < fp8.weights < 9.5e9  # the note's ~9.1 GB for Llama-3-8B FP8
+
+
+def test_pp_split_and_embeddings():
+    assert pp_layer_split(32, 3) == [11, 11, 10] and pp_layer_split(80, 3) == [27, 27, 26]
+    assert pp_layer_split(80, 2, [50, 30]) == [50, 30]
+    one, two = estimate(L70, 1, 1), estimate(L70, 1, 2)
+    # the embedding only on stage 0, the LM head and final norm only on the last: the stages add up to one GPU
+    assert sum(s.weights for s in two.stages) == one.stages[0].weights
+    # 40 + 40 layers; the embedding and the LM head are the same size, the final norm (8192 x 2 B) is extra
+    assert two.stages[0].weights - two.stages[1].weights == -8192 * 2
+    tied = L8.__class__(**{**L8.to_dict(), "tie_word_embeddings": True})
+    t1, t2 = estimate(tied, 1, 1), estimate(tied, 1, 2)
+    assert sum(s.weights for s in t2.stages) == t1.stages[0].weights + 128256 * 4096 * 2  # a copy on each end
+    assert [s.kv_bytes_per_token for s in estimate(L70, 4, 3).stages] == [2 * n * 2 * 128 * 2 for n in (27, 27, 26)]
+
+
+def test_validation_errors_name_the_rule():
+    with pytest.raises(ValueError, match=r"divide the 32 attention heads.*\[1, 2, 4, 8, 16, 32\]"):
+        estimate(L8, 3, 1)
+    with pytest.raises(ValueError, match="between 1 and the model's 32 layers"):
+        estimate(L8, 1, 33)
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        estimate(L8, 1, 1, kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match="topology"):
+        plan(L8, gpus_per_node=2, topology="ethernet")
+
+
+def test_70b_fp8_on_four_80gb_gpus_uses_tp_without_pp():
+    p = plan(L70, gpus_per_node=4, weight_dtype="fp8")
+    tp, pp, replicas, used = layout(p)
+    assert pp == 1 and tp > 1 and tp * replicas == used == 4
+    # one GPU holds the 72.7 GB of fp8 weights, but (85.9 GB - 72.7 - 0.64 overhead) x 0.9 - 1.9 GB activations =
+    # 9.4 GB = 11% of the GPU is left for the KV cache (28,576 tokens at 320 KiB): dropped, with the reason
+    tp1 = next(c for c in p.candidates if (c.tensor_parallel_size, c.pipeline_parallel_size) == (1, 1))
+    assert 72.6e9 < tp1.weights_bytes_per_gpu < 72.8e9 and tp1.kv_tokens == 28_576
+    assert not tp1.fits and "KV cache gets 11%" in tp1.reason
+
+
+def test_405b_fp8_on_two_nodes_of_eight():
+    p = plan(L405, gpus_per_node=8, nodes=2, weight_dtype="fp8")
+    assert layout(p) == (8, 2, 1, 16)
+    # tp 8 on one node: 51.3 GB of fp8 weights per 80 GiB GPU leave the KV cache 34% (29.0 GB): below 40%
+    tp8 = next(c for c in p.candidates if (c.tensor_parallel_size, c.pipeline_parallel_size) == (8, 1))
+    assert not tp8.fits and tp8.weights_bytes_per_gpu > 50e9
+    assert all("cross nodes" in c.reason for c in p.candidates if c.tensor_parallel_size > 8)
+
+
+def test_8b_bf16_on_four_gpus_is_four_replicas():
+    assert layout(plan(L8, gpus_per_node=4)) == (1, 1, 4, 4)
+
+
+def test_pcie_ranks_pp_before_tp():
+    nvlink, pcie = plan(L70, gpus_per_node=4), plan(L70, gpus_per_node=4, topology="pcie")
+    assert layout(nvlink) == (4, 1, 1, 4)
+    assert layout(pcie) == (1, 4, 1, 4)
+    fitting = [(c.tensor_parallel_size, c.pipeline_parallel_size) for c in pcie.candidates if c.fits]
+    assert fitting.index((1, 4)) < fitting.index((2, 2)) < fitting.index((4, 1))
+
+
+def test_decode_estimate_is_the_weight_roofline_at_batch_one():
+    p = plan(L8, gpus_per_node=1, gpu_memory_bytes=141 * 10**9, gpu_name="NVIDIA H200", input_len=128, output_len=128)
+    best = p.recommended
+    # 16.06 GB of weights + 192 tokens x 128 KiB of KV per step at 70% of 4.8 TB/s -> ~4.8 ms per token
+    step = (16_060_522_496 + 192 * 128 * 1024) / (4.8e12 * 0.7)
+    assert best.decode_tok_s_batch1 == pytest.approx(1 / step, rel=1e-3)
+    assert best.throughput_tok_s > 50 * best.decode_tok_s_batch1  # batching amortises the weight reads
+
+
+def test_auto_tensor_parallel_size():
+    assert auto_tensor_parallel_size(L70, 4, 80 * GiB) == 4
+    assert auto_tensor_parallel_size(L70, 4, 80 * GiB, weight_dtype="fp8") == 2
+    assert auto_tensor_parallel_size(L8, 8, 80 * GiB) == 1
+    with pytest.raises(ValueError, match="no tp up to 2 GPUs"):
+        auto_tensor_parallel_size(L405, 2, 80 * GiB)
+
+
+def test_plan_command_json(capsys):
+    from shardllm.entrypoints.cli import main
+
+    assert main(["plan", "llama-3-405b", "--gpus_per_node", "8", "--nodes", "2", "--dtype", "fp8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["tensor_parallel_size"], out["pipeline_parallel_size"], out["replicas"], out["gpus_used"]) == (8, 2, 1,
+                                                                                                               16)
+    assert out["candidates"][0]["fits"] and out["candidates"][0]["reason"].startswith("fits")
+
+
+def test_plan_command_text_and_errors(capsys):
+    from shardllm.entrypoints.cli import main
+
+    assert main(["plan", "llama-3-8b", "--gpus", "4", "--input_len", "128", "--output_len", "128"]) == 0
+    text = capsys.readouterr().out
+    assert "recommended: tp 1 x pp 1 x 4 replicas" in text and "KV" in text
+    assert main(["plan", "no-such-model", "--gpus", "2"]) == 1
+    assert "no-such-model" in capsys.readouterr().err
+    assert main(["plan", "llama-3-8b", "--gpus", "0"]) == 1
