@@ -149,11 +149,15 @@ def check_infiniband(root: str = "/sys/class/infiniband") -> list[Finding]:
 
 # ---- a running server ----------------------------------------------------------------------------------------------
 def scrape(url: str, timeout: float = 10.0) -> dict[str, list[tuple[dict, float]]]:
-    """/metrics as {sample name: [(labels, value)]}."""
+    """A server's /metrics, parsed."""
+    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as r:
+        return parse_metrics(r.read().decode())
+
+
+def parse_metrics(text: str) -> dict[str, list[tuple[dict, float]]]:
+    """Prometheus text as {sample name: [(labels, value)]}."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as r:
-        text = r.read().decode()
     out: dict[str, list] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:

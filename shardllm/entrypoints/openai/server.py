@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -26,23 +27,29 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from shardllm import __version__
-from shardllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
+from shardllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError, RequestFailedError
+from shardllm.engine.detokenizer import TokenBytes
+from shardllm.entrypoints.openai import limits, validation
+from shardllm.entrypoints.openai.lifecycle import EXIT_ENGINE_DEAD, log_client_gone, watch_engine
+from shardllm.entrypoints.openai.logprobs import CompletionLogprobs, chat_logprobs, join_completion_logprobs
 from shardllm.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
-    chat_logprobs,
-    completion_logprobs,
     error_body,
     usage,
     validation_error,
 )
+from shardllm.metrics.gpu_monitor import GPUMonitor
 from shardllm.metrics.prometheus import make_registry, render
 from shardllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
+
+_PARSE_INLINE_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
 
 
 class _ClientGone(Exception):
@@ -52,26 +59,38 @@ class _ClientGone(Exception):
 class OpenAIServer:
     """The routes of one served model. `app` is the ASGI application."""
 
-    def __init__(self, llm: AsyncLLM, served_model_name: str, api_key: str | None = None):
+    def __init__(self, llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
+                 max_seqs_per_request: int = validation.DEFAULT_MAX_SEQS_PER_REQUEST):
         self.llm = llm
+        self.max_seqs_per_request = max_seqs_per_request
+        self.on_engine_dead = None  # run_server: stop uvicorn; the process then exits EXIT_ENGINE_DEAD
+        self.engine_died = False
+        # tokenization and chat templates run off the event loop, in one thread (a tokenizer is not re-entrant)
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="shardllm-tokenize")
         self.model_name = served_model_name
         self.api_key = api_key or None
         self.created = int(time.time())
         self.vocab_size = llm.config.model_config.hf_config.vocab_size
-        self.registry = make_registry(lambda: llm.snapshot, llm.latency, served_model_name)
+        self.gpu_monitor = GPUMonitor.for_engine(llm.config)  # NVML polled in a thread from start-up to shutdown
+        self.registry = make_registry(lambda: llm.snapshot, llm.latency, served_model_name, self.gpu_monitor)
         self.app = self._build_app()
 
     # ---- app -----------------------------------------------------------------------------------------------
     def _build_app(self) -> FastAPI:
         @asynccontextmanager
         async def lifespan(app: FastAPI):
+            watchdog = asyncio.ensure_future(watch_engine(self.llm, self._engine_dead))
+            self.gpu_monitor.start()
             yield
+            watchdog.cancel()
+            self.gpu_monitor.stop()
+            self._tokenize_pool.shutdown(wait=False)
             logger.info("stopping the engine")
             await asyncio.to_thread(self.llm.shutdown)
 
         app = FastAPI(title="shardllm", version=__version__, lifespan=lifespan)
         app.add_exception_handler(APIError, _api_error_response)
-        app.add_exception_handler(StarletteHTTPException, _http_error_response)
+        app.add_exception_handler(StarletteHTTPException, self._http_error)
         app.add_exception_handler(RequestValidationError, _request_validation_response)
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/version", self.version, methods=["GET"])
@@ -83,6 +102,19 @@ class OpenAIServer:
         v1.add_api_route("/chat/completions", _internal_errors(self.chat_completions), methods=["POST"])
         app.include_router(v1)
         return app
+
+    def _engine_dead(self) -> None:
+        self.engine_died = True
+        if self.on_engine_dead is not None:
+            self.on_engine_dead()
+
+    async def _http_error(self, request: Request, e: StarletteHTTPException) -> JSONResponse:
+        if request.url.path.startswith("/v1/") and e.status_code in (404, 405):
+            try:  # an unknown /v1 path asks for the key first: without it, nothing about the API is told
+                await self._check_api_key(request)
+            except APIError as auth:
+                return await _api_error_response(request, auth)
+        return await _http_error_response(request, e)
 
     async def _check_api_key(self, request: Request) -> None:
         if self.api_key is None:
@@ -127,17 +159,17 @@ class OpenAIServer:
 
     async def _parse(self, request: Request, model_cls):
         body = await request.body()
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(f"The request body is not valid JSON ({e}).", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError("The request body must be a JSON object.", code="invalid_json")
+        if len(body) > _PARSE_INLINE_BYTES:  # a large body parses off the event loop
+            data = await asyncio.to_thread(validation.parse_json_object, body)
+        else:
+            data = validation.parse_json_object(body)
+        validation.check_supported_fields(data, model_cls)
         try:
             req = model_cls.model_validate(data)
         except ValidationError as e:
             raise validation_error(e, data) from None
         self._check_model(req.model)
+        req.token_logit_bias(self.vocab_size)  # token ids of this vocabulary, checked before anything runs
         if not self.llm.is_healthy:
             raise APIError(self._unhealthy_message(), 503, type="service_unavailable")
         return req
@@ -188,11 +220,12 @@ class OpenAIServer:
             raise APIError("'suffix' is not supported.", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError("'best_of' other than n is not supported.", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise APIError("'echo' together with 'logprobs' is not supported (no prompt logprobs).", param="echo")
-        prompts = self._prompt_ids(req.prompt)
+        validation.check_num_seqs(validation.num_prompts(req.prompt), req.n, self.max_seqs_per_request)
+        prompts = await self._off_loop(self._prompt_ids, req.prompt)
         params = [req.sampling_params(self._check_length(len(ids), req.max_tokens, "prompt"), req.logprobs)
                   for _, ids in prompts]
+        if req.echo and req.logprobs is not None:  # echo + logprobs: the prompt tokens' logprobs lead the lists
+            params = [p.clone(prompt_logprobs=req.logprobs) for p in params]
         rid = f"cmpl-{uuid.uuid4().hex}"
         sub_ids = [f"{rid}-{i}" for i in range(len(prompts))]
         gens = [self.llm.generate(ids, p, sid) for (_, ids), p, sid in zip(prompts, params, sub_ids)]
@@ -205,13 +238,30 @@ class OpenAIServer:
         for p_idx, out in enumerate(finals):
             for o in out.outputs:
                 num_completion_tokens += len(o.token_ids)
-                lp = completion_logprobs(o, 0, len(o.token_ids), req.logprobs, 0) if req.logprobs is not None \
-                    else None
+                lp = None
+                if req.logprobs is not None:
+                    builder = CompletionLogprobs(req.logprobs, self._token_bytes)
+                    parts = [self._echo_logprobs(builder, out)] if req.echo else []
+                    lp = join_completion_logprobs([*parts, builder.add(o.token_ids, o.logprobs or [])])
                 choices.append({"index": p_idx * req.n + o.index, "text": echo[p_idx] + o.text, "logprobs": lp,
                                 "finish_reason": o.finish_reason})
         return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
                              "model": self.model_name, "choices": choices,
                              "usage": usage(num_prompt_tokens, num_completion_tokens)})
+
+    @property
+    def _token_bytes(self) -> TokenBytes | None:
+        """Each token's own bytes, for logprobs (built on first use: it reads the tokenizer's decoder)."""
+        if self._token_bytes_fn is None and self.llm.tokenizer is not None:
+            self._token_bytes_fn = TokenBytes(self.llm.tokenizer)
+        return self._token_bytes_fn
+
+    _token_bytes_fn: TokenBytes | None = None
+
+    @staticmethod
+    def _echo_logprobs(builder: CompletionLogprobs, out: RequestOutput) -> dict:
+        ids = out.prompt_token_ids
+        return builder.add(ids, out.prompt_logprobs or [None] * len(ids))
 
     def _echo_text(self, text: str | None, ids: list[int]) -> str:
         if text is not None:
@@ -222,7 +272,8 @@ class OpenAIServer:
                                  num_prompt_tokens: int) -> AsyncIterator[str]:
         created, include_usage = int(time.time()), bool(req.stream_options and req.stream_options.include_usage)
         sent_chars: dict[int, int] = {}
-        sent_tokens: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}  # logprob entries sent, per choice
+        builders: dict[int, CompletionLogprobs] = {}  # text offsets carry on from chunk to chunk
         done: set[int] = set()
         num_completion_tokens = 0
 
@@ -241,13 +292,18 @@ class OpenAIServer:
                         continue
                     n_chars, n_tok = sent_chars.get(key), sent_tokens.get(key, 0)
                     prefix = echo[p_idx] if n_chars is None else ""
-                    delta = o.text[n_chars or 0:]
-                    lp = None
-                    if req.logprobs is not None and len(o.token_ids) > n_tok:
-                        lp = completion_logprobs(o, n_tok, len(o.token_ids), req.logprobs, n_chars or 0)
-                    if prefix or delta or lp or o.finish_reason:
+                    delta = o.text[n_chars or 0:]  # the engine's text only grows (stop-string tails held back)
+                    lp, entries = None, o.logprobs or []
+                    if req.logprobs is not None and (len(entries) > n_tok or n_chars is None):
+                        # every token's logprobs as soon as it exists, whatever text is held back: the chunks'
+                        # lists join into the non-streamed ones
+                        builder = builders.setdefault(key, CompletionLogprobs(req.logprobs, self._token_bytes))
+                        parts = [self._echo_logprobs(builder, out)] if req.echo and n_chars is None else []
+                        lp = join_completion_logprobs(
+                            [*parts, builder.add(o.token_ids[n_tok:len(entries)], entries[n_tok:])])
+                    if prefix or delta or (lp and lp["tokens"]) or o.finish_reason:
                         yield chunk(key, prefix + delta, lp, o.finish_reason)
-                    sent_chars[key], sent_tokens[key] = len(o.text), len(o.token_ids)
+                    sent_chars[key], sent_tokens[key] = len(o.text), len(entries)
                     if o.finish_reason is not None:
                         done.add(key)
                         num_completion_tokens += len(o.token_ids)
@@ -265,7 +321,7 @@ class OpenAIServer:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
         try:
-            ids = self.llm.apply_chat_template([m.template_dict() for m in req.messages])
+            ids = await self._off_loop(self.llm.apply_chat_template, [m.template_dict() for m in req.messages])
         except ValueError as e:
             raise APIError(str(e), param="messages") from None
         except Exception as e:  # a template that raises on these messages (jinja's TemplateError and kin)
@@ -279,9 +335,10 @@ class OpenAIServer:
         if req.stream:
             return self._sse(self._stream_chat(req, rid, gen, len(ids)), [rid])
         (out,) = await self._collect(request, [gen])
-        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "logprobs": chat_logprobs(o, 0, len(o.token_ids), k) if k is not None else None,
-                    "finish_reason": o.finish_reason} for o in out.outputs]
+        # `refusal` is required (nullable) on the message and on logprobs in OpenAI's schema
+        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text, "refusal": None},
+                    "logprobs": chat_logprobs(o, 0, len(o.token_ids), k, self._token_bytes) if k is not None
+                    else None, "finish_reason": o.finish_reason} for o in out.outputs]
         return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
                              "model": self.model_name, "choices": choices,
                              "usage": usage(len(ids), sum(len(o.token_ids) for o in out.outputs))})
@@ -311,13 +368,13 @@ class OpenAIServer:
                     i = o.index
                     if i in done:
                         continue
-                    delta = o.text[sent_chars[i]:]
-                    lp = None
-                    if k is not None and len(o.token_ids) > sent_tokens[i]:
-                        lp = chat_logprobs(o, sent_tokens[i], len(o.token_ids), k)
+                    delta = o.text[sent_chars[i]:]  # the engine's text only grows (stop-string tails held back)
+                    lp, num_entries = None, len(o.logprobs or ())
+                    if k is not None and num_entries > sent_tokens[i]:
+                        lp = chat_logprobs(o, sent_tokens[i], num_entries, k, self._token_bytes)
                     if delta or lp or o.finish_reason:
                         yield chunk(i, {"content": delta} if delta else {}, lp, o.finish_reason)
-                    sent_chars[i], sent_tokens[i] = len(o.text), len(o.token_ids)
+                    sent_chars[i], sent_tokens[i] = len(o.text), num_entries
                     if o.finish_reason is not None:
                         done.add(i)
                         num_completion_tokens += len(o.token_ids)
@@ -328,6 +385,9 @@ class OpenAIServer:
         except Exception as e:
             yield _sse_event(_stream_error(e))
         yield "data: [DONE]\n\n"
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, fn, *args)
 
     # ---- running requests ----------------------------------------------------------------------------------
     def _sse(self, body: AsyncIterator[str], request_ids: list[str]) -> StreamingResponse:
@@ -411,6 +471,8 @@ def _stream_error(e: Exception) -> dict:
         return e.body()
     if isinstance(e, (EngineDeadError, RequestAbortedError)):
         return error_body(str(e), "service_unavailable")
+    if isinstance(e, RequestFailedError):
+        return error_body(str(e), "server_error")
     if isinstance(e, (ValueError, TypeError)):
         return error_body(str(e))
     logger.exception("error while streaming")
@@ -440,9 +502,15 @@ def _internal_errors(handler):
         except APIError:
             raise
         except _ClientGone:
+            log_client_gone(request, "while waiting for its answer")
+            return Response(status_code=499)
+        except ClientDisconnect:
+            log_client_gone(request, "while sending its request")
             return Response(status_code=499)
         except (EngineDeadError, RequestAbortedError) as e:
             raise APIError(str(e), 503, type="service_unavailable") from None
+        except RequestFailedError as e:  # this request alone failed in the engine; it is logged there
+            raise APIError(str(e), 500, type="server_error") from None
         except (ValueError, TypeError) as e:
             raise APIError(str(e)) from None
         except Exception as e:
@@ -487,15 +555,33 @@ class _UvicornServer(uvicorn.Server):
 
 
 def run_server(llm: AsyncLLM, *, host: str = "localhost", port: int = 8000, served_model_name: str | None = None,
-               api_key: str | None = None, log_level: str = "info", shutdown_timeout: float = 30.0) -> None:
+               api_key: str | None = None, log_level: str = "info", shutdown_timeout: float = 30.0,
+               max_request_body_bytes: int = limits.DEFAULT_MAX_REQUEST_BODY_BYTES,
+               max_seqs_per_request: int = validation.DEFAULT_MAX_SEQS_PER_REQUEST,
+               timeout_keep_alive: float = limits.DEFAULT_TIMEOUT_KEEP_ALIVE_S,
+               request_read_timeout: float = limits.DEFAULT_REQUEST_READ_TIMEOUT_S) -> int:
     """Serve until SIGINT/SIGTERM: then stop accepting, let running requests finish for up to
-    `shutdown_timeout` seconds, abort the rest, stop the engine and return."""
-    server = OpenAIServer(llm, served_model_name or llm.config.model_config.model, api_key)
+    `shutdown_timeout` seconds, abort the rest, stop the engine and return 0. If the engine dies (a worker lost, a
+    failed step) the server shuts down at once and returns EXIT_ENGINE_DEAD (1), for an orchestrator to restart it.
+
+    Limits: bodies over `max_request_body_bytes` get 413; a request of more than `max_seqs_per_request` sequences
+    (prompts x n) gets 400; a connection idle for `timeout_keep_alive` s, or whose request has not fully arrived
+    `request_read_timeout` s after its first byte, is closed.
+    """
+    if max_seqs_per_request < 1:
+        raise ValueError(f"max_seqs_per_request must be >= 1, got {max_seqs_per_request}")
+    server = OpenAIServer(llm, served_model_name or llm.config.model_config.model, api_key, max_seqs_per_request)
+    app = limits.BodySizeLimitMiddleware(server.app, max_request_body_bytes)
     # uvicorn's own deadline is a backstop behind ours: by then every aborted stream has ended.
-    config = uvicorn.Config(server.app, host=host, port=port, log_level=log_level.lower(),
-                            timeout_graceful_shutdown=shutdown_timeout + 5, lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
+                            timeout_graceful_shutdown=shutdown_timeout + 5, lifespan="on",
+                            timeout_keep_alive=timeout_keep_alive,
+                            http=limits.ReadTimeoutH11Protocol.with_read_timeout(request_read_timeout))
     on_grace_end = lambda: llm.abort_all("the server is shutting down; the request was aborted")
+    uv = _UvicornServer(config, on_grace_end, shutdown_timeout)
+    server.on_engine_dead = lambda: setattr(uv, "should_exit", True)
     try:
-        _UvicornServer(config, on_grace_end, shutdown_timeout).run()
+        uv.run()
     finally:
         llm.shutdown()
+    return EXIT_ENGINE_DEAD if server.engine_died else 0

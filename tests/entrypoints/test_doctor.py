@@ -1,0 +1,111 @@
+"""`shardllm doctor`: a report and an exit code on a CPU machine, a real CPU server's /metrics read over HTTP,
+and the guide's common issues flagged from a real exposition of fake-NVML GPUs (the only mock)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import httpx
+import pytest
+import torch
+
+from shardllm.entrypoints import doctor
+from shardllm.entrypoints.cli import main
+from shardllm.metrics import EngineSnapshot, LatencyHistograms
+from shardllm.metrics.gpu_monitor import GPUMonitor, RankDevice
+from shardllm.metrics.prometheus import make_registry, render
+from tests.entrypoints.conftest import free_port
+from tests.metrics.fake_nvml import FakeGPU, FakeNVML
+
+GiB = 1 << 30
+
+
+def test_doctor_on_a_cpu_machine_reports_and_exits_cleanly(capsys):
+    rc = main(["doctor", "--json"])  # any exception would fail this test: doctor must turn it into a finding
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    report = json.loads(out)
+    assert rc == (0 if report["healthy"] else 1)
+    checks = {f["check"]: f for f in report["findings"]}
+    assert "versions" in checks and torch.__version__ in checks["versions"]["seen"]
+    assert all(f["severity"] in doctor.SEVERITIES for f in report["findings"])
+    if not torch.cuda.is_available():
+        assert checks["gpus"]["severity"] == "info" and "no NVIDIA GPU" in checks["gpus"]["seen"]
+        assert rc == 0
+    assert main(["doctor"]) == rc  # the text report too
+    assert "problem(s)" in capsys.readouterr().out
+
+
+def test_doctor_reads_a_real_server(server, capsys):
+    for _ in range(2):
+        r = httpx.post(server.url("/v1/completions"), json={"model": "SmolLM2-135M-Instruct", "prompt": "Hi",
+                                                             "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+    assert server.metrics()[("shardllm_gpu_monitoring_available", ())] == 0  # a CPU server: no NVML
+    rc = main(["doctor", "--url", server.base_url, "--json", "--interval", "0.2"])
+    report = json.loads(capsys.readouterr().out)
+    findings = {f["check"]: f for f in report["findings"]}
+    assert findings["gpu metrics"]["severity"] == "info"
+    assert findings["server"]["severity"] == "ok" and server.base_url in findings["server"]["seen"]
+    assert rc == 0 and report["healthy"]
+
+
+def test_doctor_flags_an_unreachable_server(capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["doctor", "--url", url, "--interval", "0.1"]) == 1
+    out = capsys.readouterr().out
+    assert "[PROBLEM] server: cannot read" in out and "fix:" in out
+
+
+def exposition(fake: FakeNVML, snap: EngineSnapshot, monkeypatch) -> tuple:
+    """Two scrapes of a real registry over fake-NVML GPUs, the second after `fake` changes (see callers)."""
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    mon = GPUMonitor([RankDevice(r, r, 0, r) for r in range(len(fake.gpus))]).start()
+    registry = make_registry(lambda: snap, LatencyHistograms(), "m", gpu_monitor=mon)
+    return mon, lambda: doctor.parse_metrics(render(registry).decode())
+
+
+def test_diagnose_flags_the_guides_common_issues(monkeypatch):
+    gpus = [FakeGPU("GPU-a", "0:1", used=90 * GiB, util=40), FakeGPU("GPU-b", "0:2", used=40 * GiB, util=45)]
+    snap = EngineSnapshot(num_requests_running=8, num_requests_waiting=5, kv_cache_usage=0.99, preemptions=3)
+    mon, scrape = exposition(FakeNVML(gpus), snap, monkeypatch)
+    before = scrape()
+    mon.poll()
+    findings = {f.check: f for f in doctor.diagnose_metrics(before, scrape(), 2.0)}
+    assert findings["memory balance"].severity == "problem" and "90.0 GiB" in findings["memory balance"].seen
+    assert findings["nvlink"].severity == "problem" and "no active NVLink" in findings["nvlink"].seen  # tp 2 on PCIe
+    assert findings["utilisation"].severity == "warning" and "40%" in findings["utilisation"].seen
+    assert findings["kv cache"].severity == "problem" and "fp8" in findings["kv cache"].fix
+    mon.stop()
+
+
+def test_diagnose_nvlink_traffic_under_tp(monkeypatch):
+    gpus = [FakeGPU(f"GPU-{i}", f"0:{i}", util=90, links=(0, 1), tx_kib={0: 0, 1: 0}) for i in range(2)]
+    fake = FakeNVML(gpus)
+    mon, scrape = exposition(fake, EngineSnapshot(num_requests_running=4), monkeypatch)
+    for g in gpus:
+        g.tx_kib = {0: 100, 1: 100}  # 200 KiB in 2 s while generating: a PCIe fallback's signature
+    mon.poll()
+    before = scrape()
+    for g in gpus:
+        g.tx_kib = {0: 200, 1: 200}
+    mon.poll()
+    after = scrape()
+    after["shardllm_generation_tokens_total"] = [({}, 1000.0)]  # 500 tok/s between the two scrapes
+    low = {f.check: f for f in doctor.diagnose_metrics(before, after, 2.0)}
+    assert low["nvlink"].severity == "warning" and "0.00 GB/s" in low["nvlink"].seen
+    for g in gpus:
+        g.tx_kib = {0: 200 + 4 * 2**20, 1: 200 + 4 * 2**20}  # 8 GiB more in 2 s: healthy TP traffic
+    mon.poll()
+    busy = doctor.diagnose_metrics(after, {**scrape(), "shardllm_generation_tokens_total": [({}, 2000.0)]}, 2.0)
+    assert not [f for f in busy if f.severity in ("warning", "problem")]
+    mon.stop()
+
+
+@pytest.mark.parametrize("argv", [["doctor", "--bogus"]])
+def test_doctor_bad_flag_is_a_usage_error(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
