@@ -29,7 +29,7 @@ FLAG_SETS = [
       "--no-enable_prefix_caching", "--enforce_eager", "--pp_partition", "16,16", "--port", "9000",
       "--shutdown_timeout", "90", "--name", "llama8b"], 4, 1),
     (["kubernetes", "llama-3-405b", "--tp_size", "8", "--pp_size", "2", "--num_workers", "2", "--dtype", "bf16",
-      "--service_monitor", "--ray_token_secret", "ray-token"], 16, 2),
+      "--load_format", "dummy", "--service_monitor", "--ray_token_secret", "ray-token"], 16, 2),
     (["kubernetes", "mixtral-8x22b", "--tp_size", "8", "--ep_size", "4", "--num_workers", "4", "--replicas", "2",
       "--cache_pvc", "models"], 8, 4),
     (["kubernetes", "llama-3-405b", "--tp_size", "8", "--pp_size", "2", "--num_workers", "2",
@@ -317,3 +317,21 @@ def test_shardllm_host_env_sets_the_default_bind_address(monkeypatch):
     assert cli.resolve_settings(args, server=True)[1]["host"] == "0.0.0.0"  # the image sets it
     explicit = cli.build_parser().parse_args(["serve", "--host", "127.0.0.1"])
     assert cli.resolve_settings(explicit, server=True)[1]["host"] == "127.0.0.1"  # a flag wins
+
+
+@pytest.mark.parametrize("name", ["tp2-pp2-x3", "405b-lws"])
+def test_container_args_give_the_same_engine_config(rendered, name, monkeypatch):
+    """For shipped model configs the whole EngineConfig (model, parallel, cache, scheduler) is built both ways."""
+    from shardllm.config import EngineConfig
+
+    monkeypatch.delenv("SHARDLLM_HOST", raising=False)
+    argv = FLAG_SETS[IDS.index(name)][0]
+    user_args = [a for a in argv[1:] if a not in ("--service_monitor",)]
+    for flag in ("--replicas", "--name", "--ray_token_secret"):
+        if flag in user_args:
+            i = user_args.index(flag)
+            del user_args[i:i + 2]
+    (pod,) = server_pods(rendered[name][1])
+    from_pod = _serve_settings(pod["containers"][0]["args"])[0]
+    from_user = _serve_settings(user_args)[0]
+    assert EngineConfig.create(**from_pod, device="cpu") == EngineConfig.create(**from_user, device="cpu")
