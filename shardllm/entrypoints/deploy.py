@@ -42,6 +42,7 @@ def build_deploy_parser() -> argparse.ArgumentParser:
                     "(see `shardllm serve --help`) and checked by serve's own parser.")
     sub = parser.add_subparsers(dest="target", required=True)
     k = sub.add_parser("kubernetes", allow_abbrev=False, help="Deployment/LeaderWorkerSet + Service YAML on stdout",
+                       usage="shardllm deploy kubernetes [MODEL] [serve's flags] [--name NAME] [--image IMAGE] ...",
                        description="Print Kubernetes manifests; MODEL and every `shardllm serve` flag are accepted "
                                    "and passed to the server. One node: a Deployment; --num_workers N > 1: a "
                                    "LeaderWorkerSet of N pods on a Ray cluster (or a KubeRay RayCluster).")
