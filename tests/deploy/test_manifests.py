@@ -173,7 +173,7 @@ def test_probes_and_service_target_the_server(rendered, name):
     (port,) = service["spec"]["ports"]
     assert port["port"] == spec.port and port["targetPort"] == "http"
     template_labels = _server_template(docs)["metadata"]["labels"]
-    if docs[-1]["kind"] != "ServiceMonitor" and any(d["kind"] == "RayCluster" for d in docs):
+    if any(d["kind"] == "RayCluster" for d in docs):
         assert service["spec"]["selector"]["ray.io/node-type"] == "head"  # KubeRay's own pod labels
     else:
         own = {k: v for k, v in service["spec"]["selector"].items() if not k.startswith("leaderworkerset")}
