@@ -117,15 +117,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if shard_id is None:  # a checkpoint that stores the parts fused: load each part's slice
             for i in range(len(self.output_sizes)):
                 src = sum(self.output_sizes[:i]) + self.tp_rank * (self.output_sizes[i] // self.tp_size)
-                self._load_part(param, narrow(w, 0, src, self.output_sizes[i] // self.tp_size), i)
+                self._load_part(param, w, i, src)
             return
-        size = self.output_sizes[shard_id] // self.tp_size
-        self._load_part(param, narrow(w, 0, self.tp_rank * size, size), shard_id)
+        self._load_part(param, w, shard_id, self.tp_rank * (self.output_sizes[shard_id] // self.tp_size))
 
-    def _load_part(self, param: nn.Parameter, w: Any, part: int) -> None:
+    def _load_part(self, param: nn.Parameter, w: Any, part: int, src: int) -> None:
         offset = sum(self.output_sizes[:part]) // self.tp_size
         size = self.output_sizes[part] // self.tp_size
-        self._load(param, w, 0, offset, 0, size, part)
+        self._load(param, w, 0, offset, src, size, part)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
