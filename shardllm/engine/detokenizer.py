@@ -7,6 +7,8 @@ held back while it ends in an incomplete UTF-8 character.
 
 from __future__ import annotations
 
+import re
+
 from shardllm.engine.request import Request
 from shardllm.outputs import Logprob
 
@@ -15,9 +17,9 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False):
     if path is None:
         return None
     if path.endswith(".gguf"):
-        from shardllm.model_loader.gguf import GGUFFile, build_tokenizer
+        from shardllm.model_loader.gguf import build_tokenizer, open_gguf
 
-        return build_tokenizer(GGUFFile(path))
+        return build_tokenizer(open_gguf(path))
     from transformers import AutoTokenizer
 
     try:
@@ -46,13 +48,16 @@ def detokenize_incrementally(tokenizer, req: Request) -> str:
 
 
 def find_stop_string(req: Request, new_chars: int) -> str | None:
-    """If a stop string appears in the text that includes the newest `new_chars`, cut the text before it."""
+    """If a stop string ends in the newest `new_chars` characters, cut the text before it; return the string.
+
+    Before `min_tokens` tokens no stop string counts (vLLM's rule): one that ended earlier stays in the text.
+    """
     stops = req.sampling_params.stop
-    if not stops or not new_chars:
+    if not stops or not new_chars or req.num_output_tokens < req.sampling_params.min_tokens:
         return None
     text = req.output_text
     for s in stops:
-        start = max(0, len(text) - new_chars - len(s) + 1)
+        start = max(0, len(text) - new_chars - len(s) + 1)  # a match starting here or later ends in new text
         idx = text.find(s, start)
         if idx != -1:
             req.output_text = text[:idx]
@@ -60,13 +65,29 @@ def find_stop_string(req: Request, new_chars: int) -> str | None:
     return None
 
 
+def num_held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string (0: none).
+
+    Streaming shows text[:len(text) - num_held_back]: a stop string found later starts inside the held-back
+    tail (it ends in text that did not exist yet, so its start is within its own length of the end), hence
+    nothing shown is ever cut, and the stream stays append-only and equal to the final text.
+    """
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:n]):
+                hold = n
+                break
+    return hold
+
+
 def visible_text(req: Request) -> str:
-    """Text safe to show a streaming client: hold back a tail that could still grow into a stop string."""
+    """Text safe to show a streaming client: all of it once finished, else less the tail that could still
+    grow into a stop string."""
     stops = req.sampling_params.stop
     if req.is_finished or not stops:
         return req.output_text
-    hold = max(len(s) for s in stops) - 1
-    return req.output_text[: len(req.output_text) - hold] if hold else req.output_text
+    return req.output_text[: len(req.output_text) - num_held_back(req.output_text, stops)]
 
 
 def make_logprobs(tokenizer, entry: tuple[float, list[tuple[int, float]]], token: int) -> dict[int, Logprob]:
@@ -79,3 +100,63 @@ def make_logprobs(tokenizer, entry: tuple[float, list[tuple[int, float]]], token
     if token not in d:
         d[token] = Logprob(lp, text(token))
     return d
+
+
+def make_prompt_logprobs(tokenizer, req: Request) -> list[dict[int, Logprob] | None] | None:
+    """RequestOutput.prompt_logprobs of `req` (None if it did not ask): built once, when the prompt is done."""
+    if req.prompt_logprobs is None or (not req.output_token_ids and not req.is_finished):
+        return None
+    built = getattr(req, "prompt_logprobs_out", None)
+    if built is None:
+        ids = req.prompt_token_ids
+        built = req.prompt_logprobs_out = [None if e is None else make_logprobs(tokenizer, e, ids[i])
+                                           for i, e in enumerate(req.prompt_logprobs)]
+    return built
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenBytes:
+    """A token's own bytes (OpenAI's logprob `bytes`): decoding one token of a character split over several
+    gives U+FFFD, so the bytes come from the vocabulary instead. Byte-level BPE (GPT-2, Llama 3, Qwen) spells
+    each byte as one printable character (the table of GPT-2's `bytes_to_unicode`, inverted here);
+    SentencePiece spells bytes `<0xNN>` and spaces U+2581. Other tokens: the UTF-8 of their decoded text.
+
+    `tb(token_id) -> bytes`; results are cached per id.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, bytes] = {}
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        try:  # the decoder's JSON names its parts (ByteLevel; Metaspace or Replace of U+2581 for SentencePiece)
+            decoder = backend.decoder.__getstate__().decode()
+        except Exception:
+            decoder = ""
+        self._byte_level = '"ByteLevel"' in decoder
+        self._metaspace = '"Metaspace"' in decoder or "\u2581" in decoder
+        self._special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+        from shardllm.model_loader.gguf import _bytes_to_unicode  # GPT-2's byte alphabet
+
+        self._unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+
+    def __call__(self, token_id: int) -> bytes:
+        b = self._cache.get(token_id)
+        if b is None:
+            b = self._cache[token_id] = self._bytes(token_id)
+        return b
+
+    def _bytes(self, token_id: int) -> bytes:
+        tok = self.tokenizer
+        piece = tok.convert_ids_to_tokens(token_id) if token_id not in self._special else None
+        if isinstance(piece, str):
+            m = _BYTE_FALLBACK.fullmatch(piece)
+            if m:
+                return bytes([int(m.group(1), 16)])
+            if self._byte_level and all(c in self._unicode_to_byte for c in piece):
+                return bytes(self._unicode_to_byte[c] for c in piece)
+            if self._metaspace:
+                return piece.replace("\u2581", " ").encode()
+        return tok.decode([token_id]).encode()
+
