@@ -1,10 +1,15 @@
-"""deploy/grafana/shardllm-dashboard.json: every metric and label its queries name is in a real server's
-/metrics (a CPU server with the embedded model, after one request so that labelled counters have series)."""
+"""deploy/grafana/shardllm-dashboard.json: every metric and label its queries name is served.
+
+Engine names: a real CPU server's /metrics (the embedded model, after one request so that labelled counters
+have series). GPU names (`shardllm_gpu_*`, which a CPU server reports only as monitoring unavailable): the same
+exposition code (make_registry + GPUMonitor) over the fake pynvml of tests/metrics, the hardware boundary.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +31,35 @@ def queries(dashboard: dict) -> list[str]:
     return exprs
 
 
+def is_gpu_query(expr: str) -> bool:
+    """Queries of the NVML monitor's series (shardllm_gpu_memory_used_bytes is the engine's, served on CPU)."""
+    return any(n.startswith("shardllm_gpu_") and n != "shardllm_gpu_memory_used_bytes" for n in METRIC.findall(expr))
+
+
+def served_labels(text: str) -> dict[str, set[str]]:
+    """sample name -> the label names it carries, from Prometheus text."""
+    labels: dict[str, set[str]] = {}
+    for family in parser.text_string_to_metric_families(text):
+        for s in family.samples:
+            labels.setdefault(s.name, set()).update(s.labels)
+    return labels
+
+
+def unserved(exprs: list[str], labels: dict[str, set[str]]) -> list[str]:
+    """The metric names, `by (...)` labels and model_name filters of `exprs` that `labels` lacks."""
+    missing = []
+    for expr in exprs:
+        names = METRIC.findall(expr)
+        missing += [n for n in names if n not in labels]
+        for group in BY.findall(expr):
+            for label in (x.strip() for x in group.split(",")):
+                if label != "le" and not any(label in labels.get(n, ()) for n in names):
+                    missing.append(f"label {label} in {expr}")
+        if "model_name" in expr:
+            missing += [f"model_name on {n}" for n in names if n in labels and "model_name" not in labels[n]]
+    return missing
+
+
 def test_dashboard_is_well_formed():
     d = json.loads(DASHBOARD.read_text())
     ids = [p["id"] for p in d["panels"]]
@@ -42,7 +76,7 @@ def test_dashboard_is_well_formed():
 
 
 @pytest.mark.timeout(300)
-def test_every_queried_metric_and_label_is_served():
+def test_every_queried_engine_metric_and_label_is_served():
     server = RemoteServer()
     try:
         r = httpx.post(server.url("/v1/completions"), timeout=120,
@@ -51,19 +85,28 @@ def test_every_queried_metric_and_label_is_served():
         text = httpx.get(server.url("/metrics"), timeout=10).text
     finally:
         assert server.stop() == 0
-    labels: dict[str, set[str]] = {}
-    for family in parser.text_string_to_metric_families(text):
-        for s in family.samples:
-            labels.setdefault(s.name, set()).update(s.labels)
-    d = json.loads(DASHBOARD.read_text())
-    missing = []
-    for expr in queries(d):
-        names = METRIC.findall(expr)
-        missing += [n for n in names if n not in labels]
-        for group in BY.findall(expr):
-            for label in (x.strip() for x in group.split(",")):
-                if label != "le" and not any(label in labels.get(n, ()) for n in names):
-                    missing.append(f"label {label} in {expr}")
-        if "model_name" in expr:
-            assert all("model_name" in labels.get(n, ()) for n in names if n in labels)
-    assert missing == [], f"the dashboard queries names /metrics does not serve: {missing}"
+    exprs = [e for e in queries(json.loads(DASHBOARD.read_text())) if not is_gpu_query(e)]
+    assert len(exprs) >= 12
+    labels = served_labels(text)
+    assert unserved(exprs, labels) == []
+    assert unserved(["sum by (rank) (shardllm_bogus_total)"], labels)  # the check can fail
+
+
+def test_every_queried_gpu_metric_is_exported_by_the_gpu_monitor(monkeypatch):
+    from shardllm.metrics import EngineSnapshot, LatencyHistograms
+    from shardllm.metrics.gpu_monitor import GPUMonitor, RankDevice
+    from shardllm.metrics.prometheus import make_registry, render
+    from tests.metrics.fake_nvml import FakeGPU, FakeNVML
+
+    gpus = [FakeGPU(f"GPU-{i}", f"00000000:1{i}:00.0", links=(0, 1), tx_kib={0: 1, 1: 1}, rx_kib={0: 1, 1: 1})
+            for i in range(2)]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(gpus))
+    monitor = GPUMonitor([RankDevice(r, r, 0, r) for r in range(2)]).start()
+    try:
+        text = render(make_registry(EngineSnapshot, LatencyHistograms(), "m", gpu_monitor=monitor)).decode()
+    finally:
+        monitor.stop()
+    exprs = [e for e in queries(json.loads(DASHBOARD.read_text())) if is_gpu_query(e)]
+    assert len(exprs) >= 4
+    assert unserved(exprs, served_labels(text)) == []
