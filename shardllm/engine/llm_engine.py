@@ -15,17 +15,24 @@ from shardllm.engine.detokenizer import (
     init_offsets,
     load_tokenizer,
     make_logprobs,
+    make_prompt_logprobs,
     visible_text,
 )
 from shardllm.engine.kv_cache_manager import KVCacheManager
 from shardllm.engine.request import Request, RequestStatus
 from shardllm.engine.scheduler import Scheduler
+from shardllm.engine.startup_summary import log_startup_summary
 from shardllm.executor.base import Executor
 from shardllm.outputs import CompletionOutput, RequestOutput
 from shardllm.sampling_params import SamplingParams
 from shardllm.utils import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
+
+
+class _RequestFailed(Exception):
+    """A request's sampling failed on the workers (the message says why)."""
+
 
 _EXTRA_EOS_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|eom_id|>")
 
@@ -59,6 +66,7 @@ class LLMEngine:
                 "max_seq_len, raise kv_cache_free_gpu_memory_fraction (or cpu_kv_cache_gb on CPU), "
                 "use a smaller dtype, or add GPUs with tensor_parallel_size")
         self.num_blocks = num_blocks
+        log_startup_summary(config, num_blocks, self.executor)
         self.kv_cache_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(sc, self.kv_cache_manager)
         self.stats = EngineStats()
@@ -128,6 +136,9 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        bad = [t for t in params.logit_bias or () if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         max_len = self.config.scheduler_config.max_model_len
         if len(token_ids) >= max_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens but max_seq_len is {max_len}: shorten the "
@@ -135,8 +146,8 @@ class LLMEngine:
         eos = () if params.ignore_eos else self.eos_token_ids
         children = []
         for i in range(params.n):
-            p = params.clone(eos_token_ids=eos, n=1,
-                             seed=None if params.seed is None else params.seed + i)
+            p = params.clone(eos_token_ids=eos, n=1, seed=params.child_seed(i),
+                             prompt_logprobs=params.prompt_logprobs if i == 0 else None)  # the prompt's, once
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(rid, token_ids, p, arrival_time, prompt=text, parent_id=request_id, index=i)
             init_offsets(req)
@@ -187,7 +198,12 @@ class LLMEngine:
         now = time.time()
         parents: dict[str, None] = {}
         for req in updated:
-            self._process_token(req, now)
+            try:
+                if req.status is RequestStatus.FINISHED_ERROR:  # its sampling failed on the workers
+                    raise _RequestFailed(req.error)
+                self._process_token(req, now)
+            except Exception as e:  # this request's outputs cannot be processed: it fails, the others run on
+                self._fail_request(req, e, now)
             if not final_only or req.is_finished:  # final_only: only a finished child can finish its parent
                 parents[req.parent_id] = None
         self.stats.generation_tokens += len(updated)
@@ -206,13 +222,28 @@ class LLMEngine:
         if self.tokenizer is not None and req.sampling_params.detokenize:
             delta = detokenize_incrementally(self.tokenizer, req)
             stop = find_stop_string(req, len(delta))
-            if stop is not None and not req.is_finished:
+            if stop is not None:
                 req.stop_reason = stop
-                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+                if req.is_finished:  # it also hit max_tokens (or a stop token) this step: the string is why
+                    req.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
         if req.is_finished:
             req.metrics.finished_time = now
             reason = req.status.finish_reason
             self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+
+    def _fail_request(self, req: Request, e: Exception, now: float) -> None:
+        """End `req` with finish reason "error" and its siblings (n > 1) as aborted; log it briefly."""
+        req.error = str(e) if isinstance(e, _RequestFailed) else f"processing the output failed: {e!r}"
+        logger.warning("request %s failed: %s", req.parent_id, req.error)
+        for c in self._parents.get(req.parent_id, [req]):
+            if not c.is_finished or c is req:
+                status = RequestStatus.FINISHED_ERROR if c is req else RequestStatus.FINISHED_ABORTED
+                self.scheduler.finish_request(c.request_id, status)
+                c.status = status  # one the scheduler already finished (a sampling error) keeps its error
+                c.metrics.finished_time = now
+                self.stats.finished[status.finish_reason] = self.stats.finished.get(status.finish_reason, 0) + 1
 
     def _make_output(self, parent_id: str) -> RequestOutput | None:
         children = self._parents.get(parent_id)
@@ -223,10 +254,10 @@ class LLMEngine:
             del self._parents[parent_id]
         first = children[0]
         outs = [CompletionOutput(c.index, visible_text(c), c.output_token_ids, c.status.finish_reason,
-                                 c.stop_reason, c.logprobs) for c in children]
+                                 c.stop_reason, c.logprobs, c.error) for c in children]
         metrics = first.metrics
         return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outs, finished, metrics,
-                             first.num_cached_tokens)
+                             first.num_cached_tokens, make_prompt_logprobs(self.tokenizer, first))
 
     def memory_in_use(self) -> list[int]:
         return self.executor.memory_in_use()

@@ -79,12 +79,13 @@ class Worker:
         return resolve(out) if wait else out
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes on this rank's device: weights, KV cache, and (GPU) allocated now and at peak."""
+        """Bytes on this rank's device: weights, KV cache, and (GPU) allocated now and at peak, and its total."""
         kv = sum(c.numel() * c.element_size() for c in self.model_runner.kv_caches)
         rep = {"weights": self.weights_bytes, "kv_cache": kv}
         if self.device.type == "cuda":
             rep["allocated"] = torch.cuda.memory_allocated(self.device)
             rep["peak"] = torch.cuda.max_memory_allocated(self.device)
+            rep["total"] = torch.cuda.mem_get_info(self.device)[1]  # the GPU's memory (start-up summary, planner)
         return rep
 
     def memory_in_use(self) -> int:
