@@ -13,13 +13,19 @@ from shardllm.config import EngineConfig
 from shardllm.distributed.communication import pp_recv, pp_send
 from shardllm.distributed.parallel_state import get_parallel_context
 from shardllm.layers.attention import Attention, AttentionMetadata
+from shardllm.layers.quantization.kv_cache import kv_cache_torch_dtype
 from shardllm.model_loader.loader import load_model
 from shardllm.sampling_params import SamplingParams
 from shardllm.step_io import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from shardllm.worker.block_table import BlockTables
-from shardllm.worker.sampler import Sampler, SamplingBatch
+from shardllm.worker.prompt_logprobs import compute_prompt_logprobs
+from shardllm.worker.sampler import Sampler, SamplerOutput, SamplingBatch
 
 logger = logging.getLogger(__name__)
+
+
+class _Faulty(Exception):
+    """A request of the batch is known to have failed: sample row by row."""
 
 
 @dataclass
@@ -28,6 +34,7 @@ class CachedRequestState:
     sampling_params: SamplingParams
     generator: torch.Generator | None
     token_ids: list[int] = field(default_factory=list)  # every token fed so far, in order
+    prompt_token_ids: list[int] | None = None  # only with prompt_logprobs
 
 
 @dataclass
@@ -47,21 +54,25 @@ class PendingOutput:
     tokens: torch.Tensor  # (S,) on the device, or the host copy
     logprobs: list | None
     event: torch.cuda.Event | None = None
+    errors: dict[str, str] | None = None
+    prompt_logprobs: dict | None = None
 
     @staticmethod
-    def launch(req_ids: list[str], tokens: torch.Tensor, logprobs, pin: bool) -> PendingOutput:
+    def launch(req_ids: list[str], tokens: torch.Tensor, logprobs, pin: bool,
+               errors: dict[str, str] | None = None) -> PendingOutput:
         if not pin:
-            return PendingOutput(req_ids, tokens, logprobs)
+            return PendingOutput(req_ids, tokens, logprobs, errors=errors)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingOutput(req_ids, host, logprobs, event)
+        return PendingOutput(req_ids, host, logprobs, event, errors)
 
     def get(self) -> ModelRunnerOutput:
         if self.event is not None:
             self.event.synchronize()
-        return ModelRunnerOutput(self.req_ids, self.tokens.tolist(), self.logprobs)
+        return ModelRunnerOutput(self.req_ids, self.tokens.tolist(), self.logprobs, self.errors,
+                                 prompt_logprobs=self.prompt_logprobs)
 
 
 def resolve(out: PendingOutput | ModelRunnerOutput | None) -> ModelRunnerOutput | None:
@@ -74,6 +85,7 @@ class ModelRunner:
         self.device = device
         self.model_config = config.model_config
         self.block_size = config.cache_config.block_size
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.cache_config.kv_cache_dtype, self.model_config.dtype)
         self.model = load_model(self.model_config, device, show_progress=get_parallel_context().is_driver)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for a in self.attn_layers:
@@ -93,13 +105,14 @@ class ModelRunner:
         self._step_tokens: dict[int, list] = {}  # first stage: step -> [tokens (S,) on the device, pending recv]
         self._sends: list = []  # last stage of a pipeline: token sends in flight (kept until done)
         self._tables = BlockTables()  # every request's block table (plans carry the changes only)
+        self._failed: dict[str, str | None] = {}  # request -> why its sampling failed (None: already reported)
 
     # ---- KV cache --------------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         a = self.attn_layers[0] if self.attn_layers else None
         if a is None:
             return 1
-        elem = torch.empty((), dtype=self.model_config.dtype).element_size()
+        elem = torch.empty((), dtype=self.kv_cache_dtype).element_size()
         return 2 * self.block_size * a.num_kv_heads * a.head_dim * elem * len(self.attn_layers)
 
     @torch.inference_mode()
@@ -152,7 +165,7 @@ class ModelRunner:
         self.kv_caches = []
         for a in self.attn_layers:
             cache = torch.zeros(2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
-                                dtype=self.model_config.dtype, device=self.device)
+                                dtype=self.kv_cache_dtype, device=self.device)
             a.kv_cache = cache
             self.kv_caches.append(cache)
 
@@ -181,6 +194,7 @@ class ModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
+            self._failed.pop(rid, None)
             self._sampled_at.pop(rid, None)
             self._tables.drop(rid)
         for new in so.new_requests:
@@ -188,8 +202,13 @@ class ModelRunner:
             gen = None
             if p.seed is not None and not p.is_greedy:
                 gen = torch.Generator(device=self.device)
-                gen.manual_seed(p.seed)
+                try:
+                    gen.manual_seed(p.seed)
+                except Exception as e:  # a seed out of range fails this request only
+                    self._failed[new.req_id] = f"cannot seed the sampler with {p.seed!r}: {e}"
+                    gen = None
             self.requests[new.req_id] = CachedRequestState(new.num_prompt_tokens, p, gen)
+            self.requests[new.req_id].prompt_token_ids = new.prompt_token_ids
         for s in so.scheduled:
             st = self.requests[s.req_id]
             if len(st.token_ids) != s.num_computed_tokens:
@@ -289,7 +308,7 @@ class ModelRunner:
                               generators={i: s.generator for i, s in enumerate(states) if s.generator is not None})
         if not batch.all_greedy:  # greedy rows need none of these: no copy at all for an all-greedy batch
             cols = [[p.temperature for p in params], [p.top_p for p in params], [p.min_p for p in params],
-                    [max(p.top_k, 0) for p in params]]
+                    [min(max(p.top_k, 0), self.vocab_size) for p in params]]
             batch.temperature, batch.top_p, batch.min_p, top_k = self._to_device(
                 [np.asarray(c, dtype=np.float32) for c in cols], torch.float32)
             batch.top_k = top_k.long()
@@ -314,7 +333,53 @@ class ModelRunner:
                     batch.banned_tokens[i] = banned
         asked = [p.logprobs for p in params if p.logprobs is not None]
         batch.max_num_logprobs = max(asked) if asked else None
+        if any(p.logit_bias for p in params):
+            rows, ids, bias = zip(*((i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()))
+            batch.logit_bias = (torch.tensor(rows, device=self.device), torch.tensor(ids, device=self.device),
+                                torch.tensor(bias, dtype=torch.float32, device=self.device))
+        for i, (s, p) in enumerate(zip(states, params)):
+            if p.logits_processors:
+                batch.logits_processors[i] = (p.logits_processors, s.token_ids[s.num_prompt_tokens:])
         return batch
+
+    def _sample(self, logits: torch.Tensor, req_ids: list[str]):
+        """Sample every row; a row whose settings fail (a raising logits processor, a value out of range) fails its
+        request alone: it gets a filler token (0) and an entry in the returned errors.
+
+        Returns (SamplerOutput, errors: request id -> message, or None).
+        """
+        failed = [i for i, r in enumerate(req_ids) if r in self._failed]
+        try:
+            if failed:
+                raise _Faulty()
+            return self.sampler(logits, self._sampling_batch(req_ids), self._num_logprobs(req_ids)), None
+        except Exception:
+            pass
+        # something in the batch fails: sample row by row to find the rows at fault (a rare, slow path)
+        tokens = torch.zeros(len(req_ids), dtype=torch.long, device=self.device)
+        logprobs: list | None = None
+        errors: dict[str, str] = {}
+        for i, rid in enumerate(req_ids):
+            if rid in self._failed:
+                reason = self._failed[rid]
+                if reason is not None:  # report once; later rows of the request are fillers until it is dropped
+                    errors[rid], self._failed[rid] = reason, None
+                continue
+            try:
+                out = self.sampler(logits[i:i + 1], self._sampling_batch([rid]), self._num_logprobs([rid]))
+            except Exception as e:
+                logger.warning("sampling failed for request %s: %s: %s", rid, type(e).__name__, e)
+                errors[rid] = f"sampling failed: {type(e).__name__}: {e}"
+                self._failed[rid] = None
+                continue
+            tokens[i] = out.token_ids[0]
+            if out.logprobs is not None:
+                logprobs = logprobs or [None] * len(req_ids)
+                logprobs[i] = out.logprobs[0]
+        return SamplerOutput(tokens, logprobs), errors or None
+
+    def _num_logprobs(self, req_ids: list[str]) -> list[int | None]:
+        return [self.requests[r].sampling_params.logprobs for r in req_ids]
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> PendingOutput | ModelRunnerOutput | None:
@@ -340,17 +405,16 @@ class ModelRunner:
             if overlap and self.model.is_first_stage and inputs.sample_req_ids:
                 self._keep_step_tokens(step, None, len(inputs.sample_req_ids))  # from the last stage, later
             return None
+        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, so, self.requests)  # every tp rank
         if not inputs.sample_req_ids:
-            return ModelRunnerOutput([], [])
+            return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V), on every tp rank
         is_output = get_parallel_context().is_output_rank
         if not is_output and not self.config.scheduler_config.async_scheduling:
             return None
         # With async scheduling every tp rank samples (the same logits, the same seeds: the same tokens), so
         # that each can fill the next step's placeholders on its own device; the output rank returns them.
-        batch = self._sampling_batch(inputs.sample_req_ids)
-        nlp = [self.requests[r].sampling_params.logprobs for r in inputs.sample_req_ids]
-        out = self.sampler(logits, batch, nlp)
+        out, errors = self._sample(logits, inputs.sample_req_ids)
         if overlap:  # later steps' placeholders read these on the device
             if self.model.is_first_stage:
                 self._keep_step_tokens(step, out.token_ids, len(inputs.sample_req_ids))
@@ -361,4 +425,6 @@ class ModelRunner:
                 self._sends.append((send_tokens_to_first_stage(out.token_ids), out.token_ids))  # alive until sent
         if not is_output:
             return None
-        return PendingOutput.launch(inputs.sample_req_ids, out.token_ids, out.logprobs, self._pin)
+        pending = PendingOutput.launch(inputs.sample_req_ids, out.token_ids, out.logprobs, self._pin, errors)
+        pending.prompt_logprobs = prompt_logprobs
+        return pending

@@ -112,8 +112,11 @@ class Attention(nn.Module):
         else:
             k_cache = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (slots, nkv, D)
             v_cache = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
-            k_cache.index_copy_(0, meta.slot_mapping, k)
-            v_cache.index_copy_(0, meta.slot_mapping, v)
+            for cache, x in ((k_cache, k), (v_cache, v)):  # an FP8 cache stores x.to(fp8): a scale of 1.0
+                x = x.to(cache.dtype)
+                if cache.element_size() == 1:  # CPU kernels lack FP8 index_copy_: copy the bytes
+                    cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+                cache.index_copy_(0, meta.slot_mapping, x)
             out = paged_attention_reference(q, k_cache, v_cache, meta, self.scale)
         return out.reshape(n, self.num_heads * self.head_dim)
 
@@ -124,11 +127,13 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     ref = meta.reference_indices()
 
     def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # x[index], index (B, T): (B, T, ...)
-        return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])  # ~7x aten::index on CPU
+        raw = x.view(torch.uint8) if x.element_size() == 1 and x.dtype.is_floating_point else x  # FP8: bytes
+        out = raw.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])  # ~7x aten::index on CPU
+        return out.view(x.dtype)
 
     qp = gather(q, ref["q_index"]).transpose(1, 2)  # (B, nh, Tq, D)
-    kp = gather(k_cache, ref["kv_slots"]).transpose(1, 2)  # (B, nkv, Tk, D)
-    vp = gather(v_cache, ref["kv_slots"]).transpose(1, 2)
+    kp = gather(k_cache, ref["kv_slots"]).transpose(1, 2).to(q.dtype)  # (B, nkv, Tk, D); FP8 cache read back
+    vp = gather(v_cache, ref["kv_slots"]).transpose(1, 2).to(q.dtype)
     group = qp.shape[1] // kp.shape[1]
     if q.is_cuda and group > 1:  # CUDA's memory-efficient kernel takes a mask but not GQA: expand kv heads
         kp, vp = kp.repeat_interleave(group, dim=1), vp.repeat_interleave(group, dim=1)

@@ -81,7 +81,7 @@ def _decode_kernel(
         page = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
         in_page = tok % BLOCK_SIZE
         k_t = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_ks + kvh * stride_kh)[None, :] + d[:, None],
-                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0)  # (D, N)
+                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # (D, N); fp8 cache: 1.0 scale
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (G, N), log2 domain
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -89,7 +89,7 @@ def _decode_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
-                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0)  # (N, D)
+                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # (N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
@@ -186,7 +186,7 @@ def _prefill_kernel(
         page = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
         in_page = tok % BLOCK_SIZE
         k_t = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_ks + kvh * stride_kh)[None, :] + d[:, None],
-                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0)  # (D, N)
+                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # (D, N); fp8 cache: 1.0 scale
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 domain
         s = tl.where((tok[None, :] <= q_pos[:, None]) & tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -194,7 +194,7 @@ def _prefill_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
-                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0)  # (N, D)
+                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # (N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
