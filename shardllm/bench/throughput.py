@@ -19,6 +19,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--load_format", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None, help="fp8 (FP8 linears; same as --dtype fp8)")
+    ap.add_argument("--kv_cache_dtype", default="auto", help="auto | fp8 | fp8_e4m3 | fp8_e5m2")
     ap.add_argument("--tp_size", "--tensor-parallel-size", "-tp", dest="tp_size", type=int, default=1)
     ap.add_argument("--pp_size", "--pipeline-parallel-size", "-pp", dest="pp_size", type=int, default=1)
     ap.add_argument("--ep_size", dest="ep_size", type=int, default=1)
@@ -40,7 +42,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 max_num_tokens=a.max_num_tokens, max_seq_len=a.max_seq_len,
                 kv_cache_free_gpu_memory_fraction=a.kv_cache_free_gpu_memory_fraction, device=a.device,
                 enforce_eager=a.enforce_eager, attention_backend=a.attention_backend,
-                async_scheduling=a.async_scheduling, all_reduce=a.all_reduce,
+                async_scheduling=a.async_scheduling, all_reduce=a.all_reduce, quantization=a.quantization,
+                kv_cache_dtype=a.kv_cache_dtype,
                 **({} if a.cpu_kv_cache_gb is None else {"cpu_kv_cache_gb": a.cpu_kv_cache_gb}))
 
 
@@ -104,6 +107,8 @@ def run(a: argparse.Namespace) -> dict:
     mem = eng.executor.memory_report()
     res = {
         "model": a.model, "dtype": str(llm.config.model_config.dtype).replace("torch.", ""), "tp": a.tp_size,
+        "quantization": getattr(llm.config.model_config.quantization, "source", None),
+        "kv_cache_dtype": llm.config.cache_config.kv_cache_dtype,
         "pp": a.pp_size, "ep": a.ep_size, "gpus": world, "input_len": a.input_len, "output_len": a.output_len,
         "num_requests": a.num_requests, "batch_size": a.batch_size or a.max_batch_size, "load_s": round(load_s, 1),
         "elapsed_s": round(elapsed, 4), "output_tokens": out_tokens, "output_tok_s": round(out_tokens / elapsed, 1),
@@ -127,7 +132,8 @@ def run(a: argparse.Namespace) -> dict:
     if a.batch_size == 1 and llm.config.device == "cuda":
         # roofline: every decode step reads all weights (this rank's share) and the KV cache so far
         bw = measure_copy_bandwidth(torch.device("cuda", 0))
-        elem = torch.empty((), dtype=llm.config.model_config.dtype).element_size()
+        elem = 1 if llm.config.model_config.quantization is not None else torch.empty(
+            (), dtype=llm.config.model_config.dtype).element_size()  # weight bytes (embeddings counted as 1 too)
         mc = llm.config.model_config
         kv_per_token = 2 * mc.hf_config.num_hidden_layers * mc.total_num_kv_heads * mc.head_dim * elem
         avg_ctx = a.input_len + a.output_len / 2
