@@ -102,7 +102,7 @@ class EngineConfig:
     extra: dict = field(default_factory=dict)
 
     @staticmethod
-    def create(model: str | None = None, *, dtype: str = "auto", tensor_parallel_size: int = 1,
+    def create(model: str | None = None, *, dtype: str = "auto", tensor_parallel_size: int | str = 1,
                pipeline_parallel_size: int = 1, expert_parallel_size: int = 1,
                moe_expert_parallel_size: int | None = None, pp_partition: list[int] | None = None,
                max_batch_size: int = 256, max_num_tokens: int = 8192, max_seq_len: int | None = None,
@@ -119,7 +119,7 @@ class EngineConfig:
 
         if moe_expert_parallel_size is not None:
             expert_parallel_size = moe_expert_parallel_size
-        for name, v in [("tensor_parallel_size", tensor_parallel_size),
+        for name, v in [("tensor_parallel_size", 1 if tensor_parallel_size == "auto" else tensor_parallel_size),
                         ("pipeline_parallel_size", pipeline_parallel_size),
                         ("expert_parallel_size", expert_parallel_size), ("max_batch_size", max_batch_size),
                         ("max_num_tokens", max_num_tokens), ("block_size", block_size)]:
@@ -166,6 +166,11 @@ class EngineConfig:
         from shardllm.models.registry import check_architecture
         check_architecture(model_config.architecture)
 
+        if tensor_parallel_size == "auto":  # the planner's smallest tp for these GPUs (shardllm/planner.py)
+            from shardllm.planner import resolve_auto_tp
+
+            tensor_parallel_size = resolve_auto_tp(model_config, pipeline_parallel_size, device, kv_cache_dtype,
+                                                   kv_cache_free_gpu_memory_fraction)
         parallel_config = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
                                          tuple(pp_partition) if pp_partition else None,
                                          _executor_backend(distributed_executor_backend, num_workers, ray_address),

@@ -19,7 +19,8 @@ class LLM:
         model: a checkpoint directory, a `.gguf` file, a Hugging Face repo id, a shipped config name
             (`llama-3-70b`, with load_format="dummy"), or None for the embedded default model.
         dtype: auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU).
-        tensor_parallel_size, pipeline_parallel_size, expert_parallel_size: the parallel layout.
+        tensor_parallel_size, pipeline_parallel_size, expert_parallel_size: the parallel layout
+            (tensor_parallel_size="auto": the smallest tp the planner says fits the visible GPUs).
         max_batch_size: most sequences in one step. max_num_tokens: the token budget of one step.
         max_seq_len: longest prompt + output (default: the model's context).
         kv_cache_free_gpu_memory_fraction: share of free GPU memory, after the model and activations,
@@ -27,7 +28,7 @@ class LLM:
         load_format: auto | safetensors | gguf | dummy.
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "auto", tensor_parallel_size: int = 1,
+    def __init__(self, model: str | None = None, dtype: str = "auto", tensor_parallel_size: int | str = 1,
                  pipeline_parallel_size: int = 1, expert_parallel_size: int = 1, max_batch_size: int = 256,
                  max_num_tokens: int = 8192, max_seq_len: int | None = None,
                  kv_cache_free_gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True,

@@ -401,3 +401,31 @@ def auto_tensor_parallel_size(hf_config, num_gpus: int, gpu_memory_bytes: int, *
                          f"{gpu_memory_bytes / GiB:.0f} GiB fits this model with pp_size={pipeline_parallel_size}: "
                          "use dtype='fp8', lower max_seq_len, raise pp_size, or add GPUs")
     return min(cand.tensor_parallel_size for cand in fitting)
+
+
+def resolve_auto_tp(model_config, pipeline_parallel_size: int, device: str, kv_cache_dtype: str = "auto",
+                    kv_cache_free_gpu_memory_fraction: float = 0.9) -> int:
+    """`LLM(..., tensor_parallel_size="auto")`: 1 on CPU; on GPUs the planner's smallest tp for the visible GPUs
+    (their count and memory from NVML, else torch), with `pipeline_parallel_size` stages."""
+    import logging
+
+    if device != "cuda":
+        return 1
+    from shardllm.metrics.gpu_monitor import inspect_host
+
+    host = inspect_host()
+    if host.get("available") and host["gpus"]:
+        count, memory = len(host["gpus"]), min(g["memory_total"] or 0 for g in host["gpus"])
+    else:
+        import torch
+
+        count, memory = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory
+    weight = "fp8" if getattr(model_config, "quantization", None) is not None else {
+        2: "bf16", 4: "fp32"}.get(model_config.dtype.itemsize, "bf16")
+    tp = auto_tensor_parallel_size(model_config.hf_config, count, memory, pipeline_parallel_size=pipeline_parallel_size,
+                                   weight_dtype=weight, kv_cache_dtype=kv_cache_dtype,
+                                   max_seq_len=model_config.max_model_len,
+                                   kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+    logging.getLogger(__name__).info("tensor_parallel_size='auto': tp %d on %d GPUs of %.0f GiB (pp %d, weights %s)",
+                                     tp, count, memory / GiB, pipeline_parallel_size, weight)
+    return tp

@@ -155,3 +155,25 @@ def test_plan_command_text_and_errors(capsys):
     assert main(["plan", "no-such-model", "--gpus", "2"]) == 1
     assert "no-such-model" in capsys.readouterr().err
     assert main(["plan", "llama-3-8b", "--gpus", "0"]) == 1
+
+
+def test_tensor_parallel_size_auto(monkeypatch):
+    import sys
+
+    from shardllm.config import EngineConfig
+    from shardllm.planner import resolve_auto_tp
+    from tests.metrics.fake_nvml import FakeGPU, FakeNVML
+
+    cfg = EngineConfig.create("llama-3-70b", load_format="dummy", device="cpu", tensor_parallel_size="auto")
+    assert cfg.parallel_config.tensor_parallel_size == 1  # CPU: one rank
+    # on GPUs, the count and memory come from NVML (a fake at the boundary): 4 x 80 GiB -> tp 4 for 70B bf16
+    bf16 = EngineConfig.create("llama-3-70b", load_format="dummy", device="cpu", dtype="bf16").model_config
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU(f"GPU-{i}", f"0:{i}", total=80 * GiB)
+                                                        for i in range(4)]))
+    assert resolve_auto_tp(bf16, 1, "cuda") == 4
+    assert resolve_auto_tp(bf16, 2, "cuda") == 2  # two stages of 40 layers: tp 2 each
+    with pytest.raises(SystemExit):
+        from shardllm.entrypoints.cli import build_parser
+
+        build_parser().parse_args(["serve", "--tp_size", "many"])

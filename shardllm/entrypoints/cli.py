@@ -42,6 +42,15 @@ def _names(*names: str) -> list[str]:
     return out
 
 
+def _int_or_auto(v: str) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {v!r}") from None
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=argparse.SUPPRESS,
                    help="checkpoint dir, .gguf file or Hugging Face repo id (default: the embedded model)")
@@ -56,8 +65,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
     add("--model", dest="model", help="the model, as a flag (same as the positional MODEL)")
     add("--config", dest="config", metavar="FILE.yaml", help="YAML of LLM arguments; flags override it")
-    add("--tp_size", "--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=int,
-        help="tensor parallel size (GPUs per pipeline stage)")
+    add("--tp_size", "--tensor-parallel-size", "-tp", dest="tensor_parallel_size", type=_int_or_auto, metavar="N|auto",
+        help="tensor parallel size (GPUs per pipeline stage); auto: the smallest that fits (`shardllm plan`)")
     add("--pp_size", "--pipeline-parallel-size", "-pp", dest="pipeline_parallel_size", type=int,
         help="pipeline parallel size (stages)")
     add("--ep_size", "--expert-parallel-size", "-ep", dest="expert_parallel_size", type=int,

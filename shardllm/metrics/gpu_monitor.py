@@ -366,11 +366,11 @@ def inspect_host(cuda_visible_devices: str | None = None) -> dict:
     except Exception as e:
         return {"available": False, "reason": f"NVML failed: {e}"}
     finally:
-        _safe(nvml.nvmlShutdown)
+        _safe(lambda: nvml.nvmlShutdown())
 
 
 def _inspect(nvml, cuda_visible_devices: str | None) -> dict:
-    cuda = _safe(nvml.nvmlSystemGetCudaDriverVersion)
+    cuda = _safe(lambda: nvml.nvmlSystemGetCudaDriverVersion())
     out = {"available": True, "driver_version": _safe(lambda: _text(nvml.nvmlSystemGetDriverVersion())),
            "cuda_driver_version": f"{cuda // 1000}.{cuda % 1000 // 10}" if cuda else None, "gpus": [], "pairs": []}
     gpus = visible_gpus(nvml, cuda_visible_devices)

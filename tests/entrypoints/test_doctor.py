@@ -37,6 +37,29 @@ def test_doctor_on_a_cpu_machine_reports_and_exits_cleanly(capsys):
     assert "problem(s)" in capsys.readouterr().out
 
 
+def test_host_checks_read_nvml(monkeypatch, capsys):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for k in doctor.MULTICAST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    gpus = [FakeGPU("GPU-a", "0:1", links=(0, 1)), FakeGPU("GPU-b", "0:2", links=(0,), links_down=(1,)),
+            FakeGPU("GPU-c", "0:3", used=0, clock_reasons=0x40 | 0x4)]  # thermal slowdown + software power cap
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(gpus))
+    from shardllm.metrics.gpu_monitor import inspect_host
+
+    host = inspect_host()
+    assert host["driver_version"] == "580.65.06" and host["cuda_driver_version"] == "13.0"
+    assert [(p["gpus"], p["nvlink"], p["pcie"]) for p in host["pairs"]] == [
+        ([0, 1], True, "PHB"), ([0, 2], False, "PHB"), ([1, 2], False, "PHB")]
+    found = doctor.check_topology(host) + doctor.check_devices(host) + doctor.check_settings(host)
+    by = {(f.check, f.severity): f for f in found}
+    assert "0-2 (PHB), 1-2 (PHB)" in by[("topology", "warning")].seen
+    assert "links [1] down" in by[("nvlink", "problem")].seen
+    assert by[("clocks", "problem")].seen == "GPU 2 slows its clocks: hardware thermal slowdown"
+    assert "NCCL_NVLS_ENABLE=0" in by[("settings", "warning")].fix
+    assert main(["doctor"]) == 1  # problems found: exit 1, with the report
+    assert "[PROBLEM] nvlink" in capsys.readouterr().out
+
+
 def test_doctor_reads_a_real_server(server, capsys):
     for _ in range(2):
         r = httpx.post(server.url("/v1/completions"), json={"model": "SmolLM2-135M-Instruct", "prompt": "Hi",

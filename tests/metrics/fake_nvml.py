@@ -36,6 +36,8 @@ class FakeGPU:
     rx_kib: dict[int, int] = field(default_factory=dict)
     pcie_kbps: tuple[int, int] = (1000, 2000)  # tx, rx in KB/s
     failing: dict[str, int] = field(default_factory=dict)  # call name -> NVML error code it raises
+    links_down: tuple[int, ...] = ()  # NVLink ids present but down
+    clock_reasons: int = 0  # nvmlClocksEventReason* bits
 
 
 class FakeNVML:
@@ -103,7 +105,24 @@ class FakeNVML:
     def nvmlDeviceGetNvLinkState(self, h, link):
         if link in h.links:
             return 1
+        if link in h.links_down:
+            return 0
         raise FakeNVMLError(NOT_SUPPORTED)
+
+    def nvmlSystemGetDriverVersion(self):
+        return "580.65.06"
+
+    def nvmlSystemGetCudaDriverVersion(self):
+        return 13000
+
+    def nvmlDeviceGetCurrentClocksEventReasons(self, h):
+        return h.clock_reasons
+
+    def nvmlDeviceGetP2PStatus(self, a, b, index):
+        return 0 if a.links and b.links else 5  # NVML_P2P_STATUS_OK, else NOT_SUPPORTED (a status, not an error)
+
+    def nvmlDeviceGetTopologyCommonAncestor(self, a, b):
+        return 30  # NVML_TOPOLOGY_HOSTBRIDGE
 
     def nvmlDeviceGetFieldValues(self, h, ids):
         self._call("nvmlDeviceGetFieldValues", h)
