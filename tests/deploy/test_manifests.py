@@ -335,3 +335,12 @@ def test_container_args_give_the_same_engine_config(rendered, name, monkeypatch)
     from_pod = _serve_settings(pod["containers"][0]["args"])[0]
     from_user = _serve_settings(user_args)[0]
     assert EngineConfig.create(**from_pod, device="cpu") == EngineConfig.create(**from_user, device="cpu")
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_pods_meet_the_restricted_pod_security_standard(rendered, name):
+    for pod, _ in all_pods(rendered[name][1]):
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for c in pod["containers"]:
+            assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
