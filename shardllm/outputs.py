@@ -16,10 +16,11 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None = None  # the stop string or token that ended it
     # One dict per generated token: token id -> Logprob (the chosen token and the top-k).
     logprobs: list[dict[int, Logprob]] | None = None
+    error: str | None = None  # finish_reason "error": what failed (this request alone; the engine runs on)
 
     @property
     def finished(self) -> bool:
@@ -43,3 +44,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     num_cached_tokens: int = 0
+    # SamplingParams.prompt_logprobs: one dict per prompt token (None for the first), as `logprobs` has.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

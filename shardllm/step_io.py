@@ -17,6 +17,7 @@ class NewRequestData:
     req_id: str
     num_prompt_tokens: int
     sampling_params: SamplingParams
+    prompt_token_ids: list[int] | None = None  # only with prompt_logprobs (the targets of the prompt's logits)
 
 
 PLACEHOLDER = -1  # a token an in-flight step samples, not yet known to the scheduler (async scheduling)
@@ -66,3 +67,9 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     # Per sampled request: (logprob of the chosen token, [(token id, logprob) of the top k]) or None.
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    # Requests whose sampling failed this step (a bad parameter, a raising logits processor): id -> message.
+    # Their entry in sampled_token_ids is a filler; the engine fails those requests alone.
+    errors: dict[str, str] | None = None
+    # prompt_logprobs: request id -> one (logprob, top k) per prompt token this step's chunk predicts, the first
+    # being the token after the chunk's first position (scheduled num_computed_tokens + 1).
+    prompt_logprobs: dict[str, list[tuple[float, list[tuple[int, float]]]]] | None = None

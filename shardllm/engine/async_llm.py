@@ -38,6 +38,11 @@ class RequestAbortedError(RuntimeError):
     """The request was aborted through `AsyncLLM.abort` while a consumer still waited on it."""
 
 
+class RequestFailedError(RuntimeError):
+    """Processing this request's inputs or outputs failed in the engine (e.g. a logits processor raised); the
+    engine and the other requests run on."""
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -92,7 +97,8 @@ class AsyncLLM:
     # ---- front end (event loop) ----------------------------------------------------------------------------
     @property
     def is_healthy(self) -> bool:
-        return self._error is None and not self._stopping and self._thread.is_alive()
+        return (self._error is None and not self._stopping and self._thread.is_alive()
+                and getattr(self.engine.executor, "dead", None) is None)
 
     @property
     def error(self) -> BaseException | None:
@@ -191,7 +197,10 @@ class AsyncLLM:
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             q = self._streams.get(out.request_id)
-            if q is not None:
+            failed = [o.error for o in out.outputs if o.finish_reason == "error"] if out.finished else []
+            if q is not None and failed:
+                q.put_nowait(RequestFailedError(f"the request failed in the engine: {failed[0]}"))
+            elif q is not None:
                 q.put_nowait(out)
             elif not out.finished:  # nobody listens any more: do not spend steps on it
                 self._inbox.put(_Abort([out.request_id]))
@@ -222,6 +231,7 @@ class AsyncLLM:
             while True:
                 if not self._apply_commands(block=not engine.has_unfinished_requests()):
                     break
+                engine.executor.check_health()  # a worker that died while idle is noticed within idle_wait_s
                 if engine.has_unfinished_requests():
                     outputs = engine.step()
                     for out in outputs:

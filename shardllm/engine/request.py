@@ -16,6 +16,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()
     FINISHED_LENGTH = enum.auto()
     FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()  # processing this request's inputs or outputs raised: it alone fails
 
     @property
     def is_finished(self) -> bool:
@@ -27,7 +28,7 @@ class RequestStatus(enum.Enum):
 
 
 _FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                   RequestStatus.FINISHED_ABORTED: "abort"}
+                   RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}
 
 
 class Request:
@@ -61,11 +62,16 @@ class Request:
         self.num_blocks_offered = 0  # its full blocks the KV manager has offered to the prefix cache
         self.block_hashes: list[int] = []
         self.stop_reason: str | int | None = None
+        self.error: str | None = None  # why it finished with FINISHED_ERROR
         # detokenizer state
         self.output_text = ""
         self.prefix_offset = 0
         self.read_offset = 0
         self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
+        # prompt_logprobs: per prompt position, (logprob, top k) as the workers send it (None: the first, or not
+        # computed yet); the engine turns it into RequestOutput.prompt_logprobs
+        self.prompt_logprobs: list | None = ([None] * self.num_prompt_tokens
+                                             if sampling_params.prompt_logprobs is not None else None)
         self.metrics = RequestMetrics(arrival_time=arrival_time if arrival_time is not None else time.time())
 
     @property

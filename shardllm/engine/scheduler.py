@@ -43,8 +43,8 @@ class Scheduler:
         """Tokens of `req` a new batch could take now (0: none, e.g. it is in flight and may not overlap)."""
         if req.num_in_flight:
             p = req.sampling_params
-            if not self.config.async_scheduling or req.num_in_flight > 1 or p.needs_penalties:
-                return 0  # penalties read the tokens before: they wait for them
+            if not self.config.async_scheduling or req.num_in_flight > 1 or p.needs_output_tokens:
+                return 0  # penalties and logits processors read the tokens before: they wait for them
             if req.num_pending and (req.num_output_tokens + req.num_pending >= (p.max_tokens or 1 << 62)
                                     or req.num_tokens + req.num_pending >= self.config.max_model_len):
                 return 0  # the pending token ends it by length: do not compute past it
@@ -113,7 +113,8 @@ class Scheduler:
                    and (cap is None or len(chosen) < cap)):
                 req = self.waiting[0]
                 computed_blocks, num_cached = [], 0
-                if req.num_computed_tokens == 0:
+                if req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None:
+                    # (prompt logprobs come from the prompt's positions: a cache hit would skip them, as in vLLM)
                     computed_blocks, num_cached = self.kv.get_computed_blocks(req)
                 num_new = req.num_tokens - num_cached
                 if not cfg.enable_chunked_prefill and num_new > budget:
@@ -142,7 +143,9 @@ class Scheduler:
         for req, num_new in chosen:
             if req.request_id not in self._sent:
                 self._sent.add(req.request_id)
-                out.new_requests.append(NewRequestData(req.request_id, req.num_prompt_tokens, req.sampling_params))
+                prompt = req.prompt_token_ids if req.sampling_params.prompt_logprobs is not None else None
+                out.new_requests.append(NewRequestData(req.request_id, req.num_prompt_tokens, req.sampling_params,
+                                                       prompt))
             start = req.num_computed_tokens
             end = start + num_new
             token_ids = req.token_ids[start:end]
@@ -191,7 +194,17 @@ class Scheduler:
             if req is None:  # aborted while in flight
                 continue
             req.num_in_flight -= 1
+            if runner_out.prompt_logprobs and s.req_id in runner_out.prompt_logprobs:
+                first = s.num_computed_tokens + 1  # the chunk's first position predicts the token after it
+                entries = runner_out.prompt_logprobs[s.req_id]
+                req.prompt_logprobs[first:first + len(entries)] = entries  # a recompute writes the same again
             k = sampled.get(s.req_id)
+            if k is not None and runner_out.errors and s.req_id in runner_out.errors:
+                req.num_pending -= 1  # its sampling failed on the workers: it ends here, alone
+                req.error = runner_out.errors[s.req_id]
+                self.finish_request(s.req_id, RequestStatus.FINISHED_ERROR)
+                updated.append(req)
+                continue
             if k is not None:
                 req.num_pending -= 1
                 req.append_token(runner_out.sampled_token_ids[k])

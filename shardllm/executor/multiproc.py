@@ -160,10 +160,14 @@ class MultiprocExecutor(Executor):
         return self._call_all("expert_load")[0]
 
     def check_health(self) -> None:
+        """Raise WorkerError if a worker process has exited (cheap: one waitpid each). The AsyncLLM calls it every
+        engine-loop turn, idle or not, so a worker killed while idle is noticed within a second; the caller then
+        shuts the executor down (after telling its clients: that wait is up to 5 s)."""
         self._check_alive()
         for r, p in enumerate(self.procs):
             if p.poll() is not None:
-                self._fail(f"worker rank {r} died (exit code {p.returncode})")
+                self.dead = f"worker rank {r} died (exit code {p.returncode})"
+                raise WorkerError(self.dead)
 
     def shutdown(self) -> None:
         procs = getattr(self, "procs", [])

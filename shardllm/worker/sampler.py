@@ -2,13 +2,19 @@
 
 Sampling uses the exponential race (argmax of p / Exp(1) draws a token with probability p), which needs
 no sort and runs on the GPU without a host sync; seeded requests draw their noise from their own generator.
+Whatever the settings, the most likely token (after penalties and biases) always stays a candidate.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+# float32 rounds a repetition penalty below ~1.2e-38 to 0 and a logit divided by less than this overflows
+# to inf (ties that greedy breaks by token id); penalties below it act as it.
+MIN_REPETITION_PENALTY = 1e-30
 
 
 @dataclass
@@ -33,6 +39,10 @@ class SamplingBatch:
     # rows that may not end yet (min_tokens): row -> token ids to forbid
     banned_tokens: dict[int, list[int]] = field(default_factory=dict)
     max_num_logprobs: int | None = None  # largest `logprobs` asked for, None when nobody asked
+    # logit_bias of every row, flattened: (rows, token ids, biases), each (K,); None when nobody asked
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # row -> (the row's logits processors, its output token ids so far)
+    logits_processors: dict[int, tuple[list[Callable], list[int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,10 +54,19 @@ class SamplerOutput:
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, num_logprobs: list[int | None] | None = None
                  ) -> SamplerOutput:
+        given = logits
         logits = logits.float()  # (B, V)
+        if (batch.logits_processors or batch.banned_tokens) and logits is given:
+            logits = logits.clone()  # written in place below: leave the caller's logits as they were
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.max_num_logprobs is not None else None
         if batch.presence is not None:
             logits = apply_penalties(logits, batch)
+        if batch.logit_bias is not None:
+            rows, ids, bias = batch.logit_bias
+            logits = logits.index_put((rows, ids), bias, accumulate=True)
+        for row, (procs, output_ids) in batch.logits_processors.items():
+            for proc in procs:
+                logits[row] = proc(output_ids, logits[row])
         for row, ids in batch.banned_tokens.items():
             logits[row, ids] = float("-inf")
         greedy = logits.argmax(dim=-1)
@@ -72,7 +91,8 @@ class Sampler:
         q = torch.empty_like(probs).exponential_()
         for row, g in batch.generators.items():
             q[row].exponential_(generator=g)
-        return (probs / q).argmax(dim=-1)
+        # a draw of exactly 0 would make a masked token 0/0 = NaN, which argmax takes
+        return (probs / q.clamp_(min=torch.finfo(q.dtype).tiny)).argmax(dim=-1)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -83,7 +103,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     drop = ranks >= k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above
-    drop |= before >= top_p[:, None]  # the top token always survives (before = 0)
+    drop |= before >= top_p[:, None]
+    drop[:, 0] = False  # the top token always survives, even a top_p that rounds to 0 in float32
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
@@ -102,7 +123,7 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
     out_counts = counts(batch.output_token_ids)
     seen = (counts(batch.prompt_token_ids) + out_counts) > 0
-    rep = batch.repetition[:, None]
+    rep = batch.repetition.clamp(min=MIN_REPETITION_PENALTY)[:, None]
     logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     logits = logits - batch.frequency[:, None] * out_counts
     return logits - batch.presence[:, None] * (out_counts > 0).to(logits.dtype)

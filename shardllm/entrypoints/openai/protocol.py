@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shardllm.outputs import CompletionOutput, Logprob
-from shardllm.sampling_params import SamplingParams
+from shardllm.sampling_params import LOGIT_BIAS_MAX, SEED_MAX, SEED_MIN, SamplingParams
 
 
 class APIError(Exception):
@@ -66,11 +65,13 @@ def _short(value: Any) -> str:
 
 
 class _Strict(BaseModel):
-    # Strict: "5" is not an integer, 1 is not a boolean. Unknown fields are ignored, as vLLM does.
+    # Strict: "5" is not an integer, 1 is not a boolean. Unknown top-level fields are refused before validation
+    # (validation.check_supported_fields, which lets a null through), so here they are ignored.
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
 class StreamOptions(_Strict):
+    model_config = ConfigDict(strict=True, extra="forbid")
     include_usage: bool = False
 
 
@@ -84,7 +85,8 @@ class _SamplingFields(_Strict):
     stop: str | list[str] | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)  # signed 64-bit, as vLLM
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string, as JSON keys are) -> [-100, 100]
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = None
@@ -105,9 +107,26 @@ class _SamplingFields(_Strict):
                 min_p=self.min_p or 0.0, seed=self.seed, n=self.n, stop=self.stop,
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
                 presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-                repetition_penalty=self.repetition_penalty or 1.0, skip_special_tokens=self.skip_special_tokens)
+                repetition_penalty=self.repetition_penalty or 1.0, skip_special_tokens=self.skip_special_tokens,
+                logit_bias=self.token_logit_bias())
         except (ValueError, TypeError) as e:
             raise APIError(str(e), param=str(e).split(" ", 1)[0]) from e
+
+    def token_logit_bias(self, vocab_size: int | None = None) -> dict[int, float] | None:
+        """logit_bias with integer keys; APIError for a key that is not a token id (of the vocabulary, if given)
+        or a bias outside [-100, 100]."""
+        if not self.logit_bias:
+            return None
+        out = {}
+        for key, bias in self.logit_bias.items():
+            if not (key.isascii() and key.isdigit()) or (vocab_size is not None and int(key) >= vocab_size):
+                raise APIError(f"logit_bias keys must be token ids in [0, {vocab_size or 'vocab size'}), got {key!r}",
+                               param="logit_bias")
+            if not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX:
+                raise APIError(f"logit_bias values must be in [-100, 100], got {bias!r} for token {key}",
+                               param="logit_bias")
+            out[int(key)] = bias
+        return out
 
 
 class CompletionRequest(_SamplingFields):
@@ -149,47 +168,3 @@ class ChatCompletionRequest(_SamplingFields):
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _token_text(entry: dict[int, Logprob], token: int) -> str:
-    lp = entry.get(token)
-    return lp.decoded_token if lp is not None and lp.decoded_token is not None else f"<{token}>"
-
-
-def _top(entry: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
-    return sorted(entry.items(), key=lambda kv: -kv[1].logprob)[:k]
-
-
-def completion_logprobs(out: CompletionOutput, start: int, end: int, k: int, text_offset: int) -> dict:
-    """OpenAI's legacy completions logprobs for tokens [start, end) of `out`."""
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    entries = out.logprobs or []
-    for i in range(start, min(end, len(entries))):
-        token = out.token_ids[i]
-        entry = entries[i]
-        text = _token_text(entry, token)
-        tokens.append(text)
-        token_logprobs.append(entry[token].logprob if token in entry else None)
-        top = dict(_top(entry, k))
-        if token in entry:  # as OpenAI: the k most likely tokens and the chosen one
-            top.setdefault(token, entry[token])
-        top_logprobs.append({_token_text(entry, t): lp.logprob for t, lp in top.items()})
-        offsets.append(text_offset)
-        text_offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": offsets}
-
-
-def chat_logprobs(out: CompletionOutput, start: int, end: int, k: int) -> dict:
-    """OpenAI's chat logprobs ({"content": [...]}) for tokens [start, end) of `out`."""
-    content = []
-    entries = out.logprobs or []
-    for i in range(start, min(end, len(entries))):
-        token = out.token_ids[i]
-        entry = entries[i]
-        text = _token_text(entry, token)
-        top = [{"token": _token_text(entry, t), "logprob": lp.logprob,
-                "bytes": list(_token_text(entry, t).encode())} for t, lp in _top(entry, k)]
-        content.append({"token": text, "logprob": entry[token].logprob if token in entry else None,
-                        "bytes": list(text.encode()), "top_logprobs": top})
-    return {"content": content}

@@ -293,7 +293,8 @@ class OpenAIServer:
                     n_chars, n_tok = sent_chars.get(key), sent_tokens.get(key, 0)
                     prefix = echo[p_idx] if n_chars is None else ""
                     delta = o.text[n_chars or 0:]  # the engine's text only grows (stop-string tails held back)
-                    lp, entries = None, o.logprobs or []
+                    # o.logprobs is the engine's list, which its thread may have grown past o.token_ids
+                    lp, entries = None, (o.logprobs or [])[:len(o.token_ids)]
                     if req.logprobs is not None and (len(entries) > n_tok or n_chars is None):
                         # every token's logprobs as soon as it exists, whatever text is held back: the chunks'
                         # lists join into the non-streamed ones
@@ -320,6 +321,7 @@ class OpenAIServer:
         req: ChatCompletionRequest = await self._parse(request, ChatCompletionRequest)
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
+        validation.check_num_seqs(1, req.n, self.max_seqs_per_request)
         try:
             ids = await self._off_loop(self.llm.apply_chat_template, [m.template_dict() for m in req.messages])
         except ValueError as e:
@@ -369,7 +371,7 @@ class OpenAIServer:
                     if i in done:
                         continue
                     delta = o.text[sent_chars[i]:]  # the engine's text only grows (stop-string tails held back)
-                    lp, num_entries = None, len(o.logprobs or ())
+                    lp, num_entries = None, min(len(o.logprobs or ()), len(o.token_ids))  # (see completions)
                     if k is not None and num_entries > sent_tokens[i]:
                         lp = chat_logprobs(o, sent_tokens[i], num_entries, k, self._token_bytes)
                     if delta or lp or o.finish_reason:

@@ -1,0 +1,38 @@
+"""The server's life beside its engine: a watchdog that shuts the server down (exit code 1) once the engine is
+dead, so that an orchestrator restarts it, as vLLM's and TGI's launchers do; and client disconnects logged as the
+client events they are (one INFO line, no traceback)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from starlette.requests import Request
+
+logger = logging.getLogger(__name__)
+
+ENGINE_WATCH_INTERVAL_S = 0.5
+# After the engine died the server answers 503 (on /health too) this long before it stops listening, so that a
+# probe or load balancer sees the failure rather than a refused connection.
+ENGINE_DEAD_DRAIN_S = 2.0
+EXIT_ENGINE_DEAD = 1  # the process exit code after the engine died
+
+
+async def watch_engine(llm, on_dead: Callable[[], None], interval_s: float = ENGINE_WATCH_INTERVAL_S,
+                       drain_s: float = ENGINE_DEAD_DRAIN_S) -> None:
+    """Call `on_dead` once, `drain_s` after `llm.error` is set (the engine thread ended by a failure: a dead worker,
+    a failed step). A shutdown that was asked for is not a death."""
+    while llm.error is None:
+        await asyncio.sleep(interval_s)
+    logger.error("the engine is dead (%r): the server stops in %.0f s and exits with code %d, to be restarted",
+                 llm.error, drain_s, EXIT_ENGINE_DEAD)
+    await asyncio.sleep(drain_s)
+    on_dead()
+
+
+def log_client_gone(request: Request, when: str) -> None:
+    """One line for a client that went away before its answer was complete."""
+    client = request.client
+    who = f"{client.host}:{client.port}" if client else "a client"
+    logger.info("client %s disconnected %s (%s %s)", who, when, request.method, request.url.path)
