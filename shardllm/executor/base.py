@@ -27,6 +27,10 @@ class Executor(ABC):
             from shardllm.executor.multiproc import MultiprocExecutor
 
             return MultiprocExecutor(config)
+        if backend == "ray":
+            from shardllm.executor.ray import RayExecutor
+
+            return RayExecutor(config)
         raise ValueError(f"unknown distributed_executor_backend {backend!r}: use 'uni', 'mp' or 'ray'")
 
     @abstractmethod
