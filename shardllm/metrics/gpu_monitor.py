@@ -264,11 +264,14 @@ class GPUMonitor:
 
     @classmethod
     def for_engine(cls, config, interval_s: float = 1.0) -> GPUMonitor:
-        """The ranks of an EngineConfig, all on this host (rank r on CUDA device r; stages of tp consecutive ranks)."""
+        """The ranks of an EngineConfig on this host (rank r on CUDA device r; stages of tp consecutive ranks); with
+        the Ray executor the ranks may live elsewhere, so the monitor reports itself unavailable."""
         pc = config.parallel_config
         tp = pc.tensor_parallel_size
         ranks = [RankDevice(r, r % tp, r // tp, r) for r in range(pc.world_size)]
         reason = None if config.device == "cuda" else f"the engine runs on {config.device}, not on GPUs"
+        if reason is None and pc.distributed_executor_backend == "ray":
+            reason = "the ranks run in Ray actors, possibly on other nodes: run DCGM-exporter on each node instead"
         return cls(ranks, interval_s, reason=reason)
 
     @property

@@ -75,12 +75,22 @@ def test_real_library_without_a_driver_degrades():
     mon.stop()
 
 
-def test_engine_on_cpu_is_unavailable_without_touching_nvml(nvml):
-    cfg = type("C", (), {"device": "cpu", "parallel_config": type("P", (), {"tensor_parallel_size": 1,
-                                                                             "world_size": 1})()})()
-    mon = GPUMonitor.for_engine(cfg).start()
+def test_for_engine_ranks_and_where_it_stays_off(nvml):
+    from types import SimpleNamespace
+
+    from shardllm.config import ParallelConfig
+
+    cpu = SimpleNamespace(device="cpu", parallel_config=ParallelConfig(1, 1))
+    mon = GPUMonitor.for_engine(cpu).start()
     assert not mon.snapshot.available and "cpu" in mon.snapshot.reason
+    ray = SimpleNamespace(device="cuda", parallel_config=ParallelConfig(2, 1, distributed_executor_backend="ray"))
+    assert "Ray" in GPUMonitor.for_engine(ray).start().snapshot.reason
     assert nvml.calls == []
+    nvml.gpus += [FakeGPU(f"GPU-cccc-{i}", f"00000000:{40 + i}:00.0") for i in range(2)]
+    mon = GPUMonitor.for_engine(SimpleNamespace(device="cuda", parallel_config=ParallelConfig(2, 2))).start()
+    assert [(d.labels["rank"], d.labels["tp_rank"], d.labels["pp_rank"]) for d in mon.snapshot.devices] == [
+        ("0", "0", "0"), ("1", "1", "0"), ("2", "0", "1"), ("3", "1", "1")]  # stages of consecutive ranks
+    mon.stop()
 
 
 def test_every_series_with_dcgm_labels(nvml):
