@@ -83,7 +83,8 @@ def layout_name(tp: int, pp: int, ep: int) -> str:
 
 def check_layouts(layouts: list[argparse.Namespace]) -> list[str | None]:
     """For each layout, None when it can be tried, or why this host cannot run it (more GPUs than visible).
-    Sets `dtype_name` on each layout: the dtype asked for, or the one "auto" resolves to.
+    Sets `dtype_name` on each layout, which names its rows' group: the dtype asked for (or the one "auto"
+    resolves to), with a quantization or KV-cache dtype that differs from it ("bf16+fp8", "fp8+kv:fp8").
 
     Raises ValueError when the model cannot be split that way (or another setting is wrong): that is the
     user's to fix before anything runs, and the message names the layout and the fix.
@@ -109,6 +110,11 @@ def check_layouts(layouts: list[argparse.Namespace]) -> list[str | None]:
                              f"{e}") from None
         if la.dtype == "auto":
             la.dtype_name = str(config.model_config.dtype).removeprefix("torch.")
+        quantization, kv_dtype = getattr(la, "quantization", None), getattr(la, "kv_cache_dtype", "auto")
+        if quantization and quantization != la.dtype:  # e.g. bf16+fp8: fp8 linears, bf16 elsewhere
+            la.dtype_name += f"+{quantization}"
+        if kv_dtype and kv_dtype != "auto":
+            la.dtype_name += f"+kv:{kv_dtype}"
         out.append(None)
     return out
 
