@@ -39,15 +39,18 @@ def load_model(model_config: ModelConfig, device: torch.device, show_progress: b
         init_dummy_weights(model, model_config.seed)
     else:
         if fmt == "gguf":
-            from shardllm.model_loader.gguf import GGUFFile, iter_hf_weights
+            from shardllm.model_loader.gguf import iter_hf_weights, open_gguf
 
-            gguf = GGUFFile(model_config.path)
-            weights = _progress(iter_hf_weights(gguf), len(gguf.tensor_names), "Loading GGUF", show_progress)
+            gguf = open_gguf(model_config.path)  # lazy slices: each rank dequantizes only its own part
+            weights = _progress(iter_hf_weights(gguf, lazy=True), len(gguf.tensor_names), "Loading GGUF",
+                                show_progress)
         else:
             weights = iter_safetensors(model_config.path, show_progress)
         if qc is not None:
             weights = quantization.drop_unused_scales(weights, qc)
         model.load_weights(weights)
+        if fmt == "gguf":
+            open_gguf.cache_clear()  # unmap the file: the weights are copied out
     quantization.process_weights_after_loading(model)
     return model.eval()
 

@@ -130,10 +130,10 @@ def _resolve_dir(path: str, name: str, load_format: str, trust_remote_code: bool
 def _resolve_gguf(path: str, name: str, load_format: str) -> ResolvedModel:
     from transformers import AutoConfig
 
-    from shardllm.model_loader.gguf import GGUFFile, gguf_to_hf_config
+    from shardllm.model_loader.gguf import gguf_to_hf_config, open_gguf
 
     if load_format == "safetensors":
         raise ValueError(f"{path!r} is a GGUF file: use load_format='gguf' or 'auto'")
-    d = gguf_to_hf_config(GGUFFile(path))
+    d = gguf_to_hf_config(open_gguf(path))
     hf_config = AutoConfig.for_model(d.pop("model_type"), **d)
     return ResolvedModel(name, hf_config, "dummy" if load_format == "dummy" else "gguf", path, path)
