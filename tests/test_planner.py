@@ -177,3 +177,20 @@ def test_tensor_parallel_size_auto(monkeypatch):
         from shardllm.entrypoints.cli import build_parser
 
         build_parser().parse_args(["serve", "--tp_size", "many"])
+
+
+def test_plan_reads_the_local_gpus_through_nvml(monkeypatch, capsys):
+    import sys
+
+    from shardllm.entrypoints.cli import main
+    from tests.metrics.fake_nvml import FakeGPU, FakeNVML
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for links, topology in [((0, 1), "nvlink"), ((), "pcie")]:
+        gpus = [FakeGPU(f"GPU-{i}", f"0:{i}", total=141 * 10**9, links=links) for i in range(2)]
+        monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(gpus))
+        assert main(["plan", "llama-3-8b", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert (out["num_gpus"], out["gpu"], out["gpu_memory_bytes"], out["topology"]) == (2, "H200", 141 * 10**9,
+                                                                                            topology)
+        assert (out["tensor_parallel_size"], out["replicas"]) == (1, 2)
