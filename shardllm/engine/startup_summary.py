@@ -39,9 +39,11 @@ def summary_lines(config, num_blocks: int, reports: list[dict]) -> list[str]:
     tp, pp = pc.tensor_parallel_size, pc.pipeline_parallel_size
     tokens = max(num_blocks - 1, 0) * cc.block_size
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    lines = [f"layout: tp {tp} x pp {pp} x ep {pc.expert_parallel_size} = {pc.world_size} ranks on 1 node "
-             f"({socket.gethostname()}), weights {_weight_dtype(config)}, KV cache "
-             f"{getattr(cc, 'kv_cache_dtype', 'auto')}, device {config.device}"]
+    nodes = getattr(pc, "num_workers", None) or 1
+    where = f"{nodes} nodes (Ray)" if nodes > 1 else f"1 node ({socket.gethostname()})"
+    lines = [f"layout: tp {tp} x pp {pp} x ep {pc.expert_parallel_size} = {pc.world_size} ranks on {where}, "
+             f"weights {_weight_dtype(config)}, KV cache {getattr(cc, 'kv_cache_dtype', 'auto')}, "
+             f"device {config.device}"]
     total = min((r.get("total", 0) for r in reports), default=0)
     est = predict(config, total) if config.device == "cuda" and total else None
     for rank, rep in enumerate(reports):

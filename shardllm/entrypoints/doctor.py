@@ -58,7 +58,8 @@ def check_gpus(host: dict) -> list[Finding]:
     gpus = host["gpus"]
     out = [Finding("info", "driver", f"driver {host.get('driver_version')}, CUDA driver API "
                    f"{host.get('cuda_driver_version')}")]
-    names = ", ".join(f"{g['index']}: {g['name']} {(g['memory_total'] or 0) / 2**30:.0f} GiB" for g in gpus)
+    names = ", ".join(f"{g['index']}: {g['name']} {(g['memory_total'] or 0) / 2**30:.0f} GiB "
+                      f"({(g['memory_free'] or 0) / 2**30:.0f} free)" for g in gpus)
     if not gpus:
         return out + [Finding("problem", "gpus", "NVML lists no visible GPU", "nothing to run on",
                               "check CUDA_VISIBLE_DEVICES and nvidia-smi")]
@@ -78,9 +79,11 @@ def check_topology(host: dict) -> list[Finding]:
     pcie = [p for p in host["pairs"] if not p["nvlink"]]
     if not pcie:
         return [Finding("ok", "topology", f"NVLink between every pair of the {len(host['gpus'])} GPUs")]
-    pairs = ", ".join(f"{a}-{b} ({p['pcie']})" for p in pcie for a, b in [p["gpus"]])
+    pairs = ", ".join(f"{a}-{b} ({p['pcie']}{'' if p.get('p2p') else ', no P2P'})" for p in pcie
+                      for a, b in [p["gpus"]])
     return [Finding("warning", "topology", f"no NVLink between GPUs {pairs}",
-                    "tensor parallelism does two all-reduces per layer: over PCIe they cost ~10x NVLink's time",
+                    "tensor parallelism does two all-reduces per layer: over PCIe they cost ~10x NVLink's time, "
+                    "and without P2P access NCCL copies through host memory",
                     "keep tp inside NVLink-connected GPUs, use pipeline parallelism across the others "
                     "(`shardllm plan --topology pcie`); compare `nvidia-smi topo -m`")]
 

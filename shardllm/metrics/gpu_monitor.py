@@ -359,7 +359,8 @@ def _safe(fn, default=None):
 
 def inspect_host(cuda_visible_devices: str | None = None) -> dict:
     """What NVML says about this host's GPUs: versions, each GPU (memory, NVLink links up and down, clock
-    slowdown reasons) and each pair (NVLink P2P, PCIe distance). {"available": False, "reason": ...} without NVML.
+    slowdown reasons) and each pair (NVLink P2P, any P2P read access, PCIe distance).
+    {"available": False, "reason": ...} without NVML.
     """
     nvml, why = load_nvml()
     if nvml is None:
@@ -398,7 +399,8 @@ def _inspect(nvml, cuda_visible_devices: str | None) -> dict:
     for i, (hi, a) in enumerate(gpus):
         for hj, b in gpus[i + 1:]:
             status = _safe(lambda hi=hi, hj=hj: nvml.nvmlDeviceGetP2PStatus(hi, hj, 2))  # NVML_P2P_CAPS_INDEX_NVLINK
+            read = _safe(lambda hi=hi, hj=hj: nvml.nvmlDeviceGetP2PStatus(hi, hj, 0))  # NVML_P2P_CAPS_INDEX_READ
             level = _safe(lambda hi=hi, hj=hj: nvml.nvmlDeviceGetTopologyCommonAncestor(hi, hj))
-            out["pairs"].append({"gpus": [a.index, b.index], "nvlink": status == 0,
+            out["pairs"].append({"gpus": [a.index, b.index], "nvlink": status == 0, "p2p": read == 0,
                                  "pcie": TOPOLOGY_NAMES.get(level, str(level) if level is not None else None)})
     return out

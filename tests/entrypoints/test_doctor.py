@@ -42,17 +42,17 @@ def test_host_checks_read_nvml(monkeypatch, capsys):
     for k in doctor.MULTICAST_VARS:
         monkeypatch.delenv(k, raising=False)
     gpus = [FakeGPU("GPU-a", "0:1", links=(0, 1)), FakeGPU("GPU-b", "0:2", links=(0,), links_down=(1,)),
-            FakeGPU("GPU-c", "0:3", used=0, clock_reasons=0x40 | 0x4)]  # thermal slowdown + software power cap
+            FakeGPU("GPU-c", "0:3", used=0, clock_reasons=0x40 | 0x4, p2p=False)]  # thermal slowdown, power cap
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(gpus))
     from shardllm.metrics.gpu_monitor import inspect_host
 
     host = inspect_host()
     assert host["driver_version"] == "580.65.06" and host["cuda_driver_version"] == "13.0"
-    assert [(p["gpus"], p["nvlink"], p["pcie"]) for p in host["pairs"]] == [
-        ([0, 1], True, "PHB"), ([0, 2], False, "PHB"), ([1, 2], False, "PHB")]
+    assert [(p["gpus"], p["nvlink"], p["p2p"], p["pcie"]) for p in host["pairs"]] == [
+        ([0, 1], True, True, "PHB"), ([0, 2], False, False, "PHB"), ([1, 2], False, False, "PHB")]
     found = doctor.check_topology(host) + doctor.check_devices(host) + doctor.check_settings(host)
     by = {(f.check, f.severity): f for f in found}
-    assert "0-2 (PHB), 1-2 (PHB)" in by[("topology", "warning")].seen
+    assert "0-2 (PHB, no P2P), 1-2 (PHB, no P2P)" in by[("topology", "warning")].seen
     assert "links [1] down" in by[("nvlink", "problem")].seen
     assert by[("clocks", "problem")].seen == "GPU 2 slows its clocks: hardware thermal slowdown"
     assert "NCCL_NVLS_ENABLE=0" in by[("settings", "warning")].fix

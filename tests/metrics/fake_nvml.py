@@ -38,6 +38,7 @@ class FakeGPU:
     failing: dict[str, int] = field(default_factory=dict)  # call name -> NVML error code it raises
     links_down: tuple[int, ...] = ()  # NVLink ids present but down
     clock_reasons: int = 0  # nvmlClocksEventReason* bits
+    p2p: bool = True  # P2P read access to the other GPUs
 
 
 class FakeNVML:
@@ -119,6 +120,8 @@ class FakeNVML:
         return h.clock_reasons
 
     def nvmlDeviceGetP2PStatus(self, a, b, index):
+        if index == 0:  # NVML_P2P_CAPS_INDEX_READ: over PCIe too, unless a GPU says otherwise
+            return 0 if a.p2p and b.p2p else 5
         return 0 if a.links and b.links else 5  # NVML_P2P_STATUS_OK, else NOT_SUPPORTED (a status, not an error)
 
     def nvmlDeviceGetTopologyCommonAncestor(self, a, b):
