@@ -351,8 +351,8 @@ class RayExecutor(MultiprocExecutor):
                 return
 
     def check_health(self) -> None:
+        """Raise WorkerError once the watcher saw an actor end (no Ray call here: the engine calls it every step)."""
         self._check_alive()
-        super().check_health()
 
     def worker_env(self, name: str) -> list[str | None]:
         """The value of environment variable `name` in each rank's process (what travelled with the workers)."""

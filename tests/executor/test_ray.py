@@ -18,6 +18,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -219,8 +220,9 @@ def test_unreachable_ray_address_is_a_clear_error(llama):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "shardllm.entrypoints.cli", "generate", llama, "--device", "cpu",
-                        "--tp_size", "2", "--distributed_executor_backend", "ray", "-p", "hi"], capture_output=True, text=True, timeout=120,
+    cmd = [sys.executable, "-m", "shardllm.entrypoints.cli", "generate", llama, "--device", "cpu", "--tp_size", "2",
+           "--distributed_executor_backend", "ray", "-p", "hi"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "disabled"})
     assert r.returncode == 1, r.stderr[-2000:]
     assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in r.stderr and "ray start --head" in r.stderr
@@ -231,7 +233,7 @@ def test_serve_num_workers_then_a_dead_actor_ends_the_server(ray_cluster, llama)
     from tests.entrypoints.conftest import RemoteServer
 
     srv = RemoteServer([llama, "--tp_size", "2", "--pp_size", "2", "--num_workers", "2",
-                        "--ray_address", ray_cluster.address, "--log_level", "info"])
+                        "--ray_address", ray_cluster.address, "--log_level", "info", "--max_seq_len", "256"])
     try:
         from openai import OpenAI
 
@@ -246,24 +248,27 @@ def test_serve_num_workers_then_a_dead_actor_ends_the_server(ray_cluster, llama)
         workers = ray_processes("ray::RayWorker")
         assert len(workers) == 4, workers
 
-        # a long stream; kill one actor (SIGKILL, as the OOM killer would) once tokens flow
-        body = {"model": llama, "prompt": PROMPTS[2], "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+        # a long stream (tokens only, no text: the tiny model has no tokenizer, so its chunks may come late); kill
+        # one actor (SIGKILL, as the OOM killer would) once the request runs
+        body = {"model": llama, "prompt": PROMPTS[2], "max_tokens": 240, "temperature": 0, "ignore_eos": True,
                 "stream": True}
-        events, killed_at, error_at = [], None, None
-        with httpx.stream("POST", srv.url("/v1/completions"), json=body, timeout=30) as resp:
-            assert resp.status_code == 200
-            for line in resp.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                events.append(event)
-                if "error" in event:
-                    error_at = time.monotonic()
-                    break
-                if killed_at is None and len(events) >= 3:
-                    os.kill(workers[-1], signal.SIGKILL)
-                    killed_at = time.monotonic()
-        assert killed_at is not None and error_at is not None, events[-3:]
+        events, ended = [], []
+
+        def consume() -> None:
+            with httpx.stream("POST", srv.url("/v1/completions"), json=body, timeout=60) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        events.append(json.loads(line[6:]))
+            ended.append(time.monotonic())
+
+        stream = threading.Thread(target=consume, daemon=True)
+        stream.start()
+        assert wait_until(lambda: srv.metrics()[("shardllm_generation_tokens_total", ())] > 5, 30)
+        os.kill(workers[-1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        stream.join(30)
+        assert ended and "error" in events[-1], events[-2:]
+        error_at = ended[0]
         assert error_at - killed_at < 10
         assert events[-1]["error"]["type"] == "service_unavailable", events[-1]
         # unhealthy, then the process exits non-zero so that an orchestrator restarts it
