@@ -259,6 +259,7 @@ class GPUMonitor:
         self._devices: list[_Device] = []
         self._nvml = None
         self._stop = threading.Event()
+        self._poll_lock = threading.Lock()  # one poll at a time: the counters' baselines are not shared safely
         self._thread: threading.Thread | None = None
         self._warned = False
 
@@ -310,6 +311,10 @@ class GPUMonitor:
 
     def poll(self) -> GPUSnapshot:
         """Query every GPU once and publish the result (the background thread calls this)."""
+        with self._poll_lock:
+            return self._poll()
+
+    def _poll(self) -> GPUSnapshot:
         samples = [d.sample() for d in self._devices]
         used = [s.values["fb_used"] for s in samples if "fb_used" in s.values]
         ratio = max(used) / min(used) if len(used) > 1 and min(used) > 0 else None
