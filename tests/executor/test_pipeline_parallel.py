@@ -25,6 +25,14 @@ def reference(ckpt):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
+PROMPT_LOGPROBS = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+
+
+@pytest.fixture(scope="module")
+def reference_prompt_logprobs(ckpt):
+    return LLM(ckpt, device="cpu", num_kv_blocks=100).generate(PROMPTS[4], PROMPT_LOGPROBS, use_tqdm=False)[0]
+
+
 def staggered(engine, prompts, every: int = 2) -> list[list[int]]:
     """Add one request every `every` steps, so that batches of different make-up meet in the pipeline."""
     results, pending, step = {}, list(enumerate(prompts)), 0
@@ -40,12 +48,18 @@ def staggered(engine, prompts, every: int = 2) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("tp, pp, partition", [(1, 2, None), (1, 3, [1, 3, 1]), (2, 2, None)])
-def test_pipeline_equals_one_rank(ckpt, reference, tp, pp, partition):
+def test_pipeline_equals_one_rank(ckpt, reference, reference_prompt_logprobs, tp, pp, partition):
     llm = LLM(ckpt, device="cpu", num_kv_blocks=100, tensor_parallel_size=tp, pipeline_parallel_size=pp,
               pp_partition=partition, max_num_tokens=16)
     try:
         assert staggered(llm.engine, PROMPTS) == reference
         assert llm.engine.kv_cache_manager.usage == 0.0
+        # prompt logprobs come from the last stage, over chunks of 16 tokens
+        got = llm.generate(PROMPTS[4], PROMPT_LOGPROBS, use_tqdm=False)[0].prompt_logprobs
+        ref = reference_prompt_logprobs.prompt_logprobs
+        assert len(got) == len(ref) == len(PROMPTS[4]) and got[0] is None
+        for g, r in zip(got[1:], ref[1:]):
+            assert sorted(g) == sorted(r) and max(abs(g[t].logprob - r[t].logprob) for t in r) <= 1e-4
     finally:
         llm.shutdown()
 

@@ -141,6 +141,17 @@ def test_continuous_batching_with_requests_joining_later(pool):
     _assert_same_generation([results[f"join-{i}"] for i in range(len(PROMPTS))], ref, "llama, tp=2, joining")
 
 
+def test_prompt_logprobs_equal_tp1(pool):
+    sp = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2)
+    ref = pool.get("llama", 1).generate(PROMPTS, sp, use_tqdm=False)
+    got = pool.get("llama", 2).generate(PROMPTS, sp, use_tqdm=False)
+    for g, r in zip(got, ref):
+        assert len(g.prompt_logprobs) == len(r.prompt_logprobs) and g.prompt_logprobs[0] is None
+        for ge, re_ in zip(g.prompt_logprobs[1:], r.prompt_logprobs[1:]):
+            assert sorted(ge) == sorted(re_)
+            assert max(abs(ge[t].logprob - re_[t].logprob) for t in re_) <= LOGPROB_ATOL
+
+
 @pytest.mark.parametrize("model, tp, valid", [(None, 2, "[1, 3, 9]"), ("llama", 3, "[1, 2, 4]")])
 def test_tp_that_does_not_divide_the_heads_fails_at_start(tiny_checkpoints, model, tp, valid):
     path = tiny_checkpoints[model] if model else None
