@@ -191,6 +191,12 @@ def resolve_settings(args: argparse.Namespace, server: bool) -> tuple[dict[str, 
         rest["api_key"] = read_api_key_file(rest["api_key_file"])
     if server and not rest.get("api_key"):
         rest["api_key"] = os.environ.get("SHARDLLM_API_KEY") or None
+    for k in LIMIT_KEYS:  # checked before the model loads
+        v = rest.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
+                              or (k.startswith("max_") and not isinstance(v, int))):
+            kind = "an integer >= 1" if k.startswith("max_") else "a number of seconds > 0"
+            raise ValueError(f"{k} must be {kind}, got {v!r}")
     return engine, rest
 
 
