@@ -55,6 +55,7 @@ class DeploySpec:
     ray_operator: str = "lws"  # lws | kuberay (num_workers > 1 only)
     ray_token_secret: str | None = None  # NAME or NAME:KEY: Ray token auth; None: RAY_AUTH_MODE=disabled
     config_yaml: str | None = None  # settings that have no serve flag, shipped as a ConfigMap
+    cpu_only: bool = False  # `--device cpu`: the pods ask for no GPU
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -117,6 +118,8 @@ def probes(spec: DeploySpec) -> dict[str, Any]:
 
 
 def gpu_resources(spec: DeploySpec) -> dict[str, Any]:
+    if spec.cpu_only:
+        return {}
     gpus = {GPU_RESOURCE: spec.gpus_per_pod}
     return {"limits": dict(gpus), "requests": dict(gpus)}
 
@@ -144,6 +147,8 @@ def pod_spec(spec: DeploySpec, container: dict[str, Any], cache_claim: str | Non
     container = {"name": container["name"], "image": spec.image, "imagePullPolicy": "IfNotPresent", **container,
                  "resources": gpu_resources(spec), "volumeMounts": volume_mounts(spec),
                  "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}
+    if not container["resources"]:
+        del container["resources"]
     return {"terminationGracePeriodSeconds": math.ceil(spec.shutdown_timeout) + 5 + TERMINATION_MARGIN_S,
             # Meets the "restricted" Pod Security Standard (non-root, no privilege escalation, no capabilities,
             # the runtime's seccomp profile); group 0 owns the image's HOME and cache.

@@ -135,7 +135,8 @@ def build_spec(argv: list[str]) -> DeploySpec:
         shutdown_timeout=float(server["shutdown_timeout"]), startup_timeout=opts.startup_timeout,
         hf_token_secret=opts.hf_token_secret, api_key_secret=opts.api_key_secret, cache_pvc=opts.cache_pvc,
         cache_size=opts.cache_size, shm_size=opts.shm_size, service_monitor=opts.service_monitor,
-        ray_operator=opts.ray_operator, ray_token_secret=opts.ray_token_secret, config_yaml=config_yaml)
+        ray_operator=opts.ray_operator, ray_token_secret=opts.ray_token_secret, config_yaml=config_yaml,
+        cpu_only=engine.get("device") == "cpu")
 
 
 class _Dumper(yaml.SafeDumper):

@@ -344,3 +344,10 @@ def test_pods_meet_the_restricted_pod_security_standard(rendered, name):
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         for c in pod["containers"]:
             assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def test_cpu_device_asks_for_no_gpu():
+    docs = list(yaml.safe_load_all(render_yaml(["kubernetes", "--device", "cpu", "--cpu_kv_cache_gb", "2"])))
+    (pod,) = server_pods(docs)
+    assert "resources" not in pod["containers"][0]
+    assert [e for d in docs for e in manifest_errors(d)] == []
