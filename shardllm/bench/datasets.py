@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -15,10 +16,12 @@ class RequestSpec:
     output_len: int  # max_tokens
 
 
-def load_bench_tokenizer(name: str):
+@functools.lru_cache(maxsize=4)
+def load_bench_tokenizer(name: str, need_tokenizer: bool = True):
     """(tokenizer or None, vocabulary size or None) for a model name: the embedded default, a checkpoint dir
-    or .gguf (as the engine resolves them), a Hugging Face tokenizer (cache or download, tokenizer files only),
-    or a shipped config (llama-3-8b, meta-llama/Meta-Llama-3-8B, ...: a dummy server) for its vocabulary size."""
+    or .gguf (as the engine resolves them), a Hugging Face repo id (its tokenizer files: the cache first, then
+    a download), or a shipped config (llama-3-8b, ...: what a dummy server runs) for its vocabulary size only.
+    need_tokenizer=False: a shipped config's vocabulary is enough, without looking for its tokenizer."""
     from shardllm.engine.detokenizer import load_tokenizer
     from shardllm.model_loader.default_model import DEFAULT_MODEL_NAME
     from shardllm.model_loader.resolve import resolve_model, shipped_config_name
@@ -31,12 +34,18 @@ def load_bench_tokenizer(name: str):
         tok = load_tokenizer(resolved.tokenizer_path) if resolved.tokenizer_path else None
         vocab = resolved.hf_config.vocab_size
         return tok, min(len(tok), vocab) if tok is not None else vocab
-    try:
-        tok = load_tokenizer(name)
-        return tok, len(tok)
-    except ValueError:
-        pass
-    if shipped_config_name(name) is not None:
+    shipped = shipped_config_name(name)
+    if shipped is None or need_tokenizer:
+        if name.count("/") == 1:  # a repo id
+            from transformers import AutoTokenizer
+
+            for local_files_only in (True, False):
+                try:
+                    tok = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
+                    return tok, len(tok)
+                except Exception:  # not cached / not reachable: try the next way
+                    continue
+    if shipped is not None:
         return None, resolve_model(name, "dummy").hf_config.vocab_size
     return None, None
 
@@ -45,7 +54,7 @@ def random_requests(n: int, input_len: int, output_len: int, tokenizer_name: str
     """`n` prompts of exactly `input_len` token ids, drawn uniformly from the vocabulary without its special
     tokens and its first 100 ids (byte and control tokens in most vocabularies). Raises ValueError when the
     vocabulary size cannot be found (the fix: --tokenizer)."""
-    tok, vocab = load_bench_tokenizer(tokenizer_name)
+    tok, vocab = load_bench_tokenizer(tokenizer_name, need_tokenizer=False)
     if not vocab:
         raise ValueError(f"cannot find the vocabulary of {tokenizer_name!r} for random prompts: give "
                          "--tokenizer (a checkpoint directory, a .gguf file or a Hugging Face repo id)")

@@ -84,3 +84,25 @@ def test_poisson_arrivals():
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert times[0] == 0 and min(gaps) >= 0 and times == arrival_times(2000, 10.0, seed=1)
     assert sum(gaps) / len(gaps) == pytest.approx(0.1, rel=0.1)  # mean gap 1 / rate
+
+
+def test_datasets_exact_lengths_and_sharegpt_replies(tmp_path):
+    from shardllm.bench.datasets import load_bench_tokenizer, load_sharegpt, random_requests
+
+    tok, vocab = load_bench_tokenizer("SmolLM2-135M-Instruct")
+    specs = random_requests(5, 33, 7, "SmolLM2-135M-Instruct", seed=3)
+    assert [(len(s.prompt), s.prompt_len, s.output_len) for s in specs] == [(33, 33, 7)] * 5
+    ids = {t for s in specs for t in s.prompt}
+    assert max(ids) < vocab and not ids & set(tok.all_special_ids)
+    assert specs == random_requests(5, 33, 7, "SmolLM2-135M-Instruct", seed=3) != random_requests(
+        5, 33, 7, "SmolLM2-135M-Instruct", seed=4)
+    assert load_bench_tokenizer("llama-3-8b") == (None, 128256)  # a dummy server: the shipped config's vocabulary
+    replies = ["Paris is the capital of France.", "Blue."]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps([{"conversations": [{"from": "human", "value": f"Question {i}?"},
+                                                   {"from": "gpt", "value": r}]} for i, r in enumerate(replies)]
+                               + [{"conversations": [{"from": "human", "value": "one turn only"}]}]))
+    specs = load_sharegpt(str(path), 4, None, "SmolLM2-135M-Instruct", seed=0)
+    by_prompt = {s.prompt: s.output_len for s in specs}
+    assert by_prompt == {f"Question {i}?": len(tok.encode(r, add_special_tokens=False)) for i, r in enumerate(replies)}
+    assert len(specs) == 4 and all(s.prompt_len == len(tok.encode(s.prompt)) for s in specs)
