@@ -139,3 +139,65 @@ def test_batched_prompts_and_token_ids(client, tokenizer):
     echo = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0, echo=True)
     assert echo.choices[0].text.startswith(PROMPT)
 
+
+
+# ---- issue 12's field reports, on the default model -----------------------------------------------------------
+ALPHABET = "Here is the English alphabet: ABC"
+
+
+def _stream_text(chunks, chat: bool = False) -> str:
+    return "".join((c.choices[0].delta.content or "") if chat else c.choices[0].text for c in chunks if c.choices)
+
+
+def test_stream_with_stop_strings_equals_the_text(client):
+    kw = dict(model=MODEL, prompt=ALPHABET, stop=["DEFGHIJ"], temperature=0, max_tokens=20)
+    full = client.completions.create(**kw).choices[0]
+    assert (full.text, full.finish_reason) == ("", "stop")
+    assert _stream_text(client.completions.create(**kw, stream=True)) == ""  # it once sent "DEFG"
+    msgs = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}]
+    kw = dict(model=MODEL, messages=msgs, stop=["Observation:"], temperature=0, max_tokens=16)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    assert _stream_text(client.chat.completions.create(**kw, stream=True), chat=True) == full
+
+
+def test_min_tokens_holds_back_a_stop_string(client):
+    kw = dict(model=MODEL, prompt=ALPHABET, temperature=0, max_tokens=10, stop=["G"], extra_body={"min_tokens": 6})
+    out = client.completions.create(**kw)
+    assert out.usage.completion_tokens >= 6 and out.choices[0].text.startswith("DEFG")  # once "DEF" after 2 tokens
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert _stream_text(chunks) == out.choices[0].text and chunks[-1].usage.completion_tokens >= 6
+
+
+def test_streamed_completion_logprobs_match_the_lists(client):
+    kw = dict(model=MODEL, prompt="Hello, my name is", max_tokens=8, logprobs=0, stop=["XYZXYZ"], temperature=0)
+    lp = client.completions.create(**kw).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**kw, stream=True) if c.choices[0].logprobs]
+    assert [t for c in chunks for t in c.tokens] == lp.tokens
+    assert [o for c in chunks for o in c.text_offset] == lp.text_offset  # once [0],[0],[1],[5],...
+    assert [x for c in chunks for x in c.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
+def _token_bytes(token: str) -> bytes:
+    """A completions token back to bytes: `bytes:\\xf0\\x9f` for a partial character, else its UTF-8."""
+    if token.startswith("bytes:"):
+        return bytes(int(h, 16) for h in token[len("bytes:"):].split("\\x")[1:])
+    return token.encode()
+
+
+def test_logprob_bytes_rebuild_split_characters(client):
+    msgs = [{"role": "user", "content": "Continue the pattern: 😀😀😀😀"}]
+    out = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                         top_logprobs=2).choices[0]
+    content = out.logprobs.content
+    assert any(len(t.bytes) < 4 and t.bytes[0] >= 0xF0 for t in content)  # an emoji split over tokens
+    assert all(t.bytes != [0xEF, 0xBF, 0xBD] for t in content)  # never the bytes of U+FFFD
+    joined = b"".join(bytes(t.bytes) for t in content)
+    assert joined.decode("utf-8", errors="ignore") == out.message.content  # a cut-off last character is dropped
+    # completions: prompt tokens (echo) and generated ones spell partial characters as bytes:\xNN
+    prompt = "Smileys: 😀😀"
+    lp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                   logprobs=1).choices[0].logprobs
+    assert any(t.startswith("bytes:") for t in lp.tokens)
+    assert b"".join(_token_bytes(t) for t in lp.tokens).decode("utf-8", errors="ignore").startswith(prompt)
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
