@@ -130,8 +130,8 @@ def classify_failure(e: BaseException) -> str:
 
 def _row_base(la: argparse.Namespace) -> dict[str, Any]:
     return {"model": la.model or "default", "dtype": getattr(la, "dtype_name", la.dtype), "tp": la.tp_size,
-            "pp": la.pp_size, "ep": la.ep_size,
-            "gpus": la.tp_size * la.pp_size, "layout": layout_name(la.tp_size, la.pp_size, la.ep_size)}
+            "pp": la.pp_size, "ep": la.ep_size, "gpus": la.tp_size * la.pp_size,
+            "layout": layout_name(la.tp_size, la.pp_size, la.ep_size)}
 
 
 def _last_line(text: str, limit: int = 300) -> str:
