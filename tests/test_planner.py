@@ -199,7 +199,7 @@ def test_plan_reads_the_local_gpus_through_nvml(monkeypatch, capsys):
 def test_plan_reads_a_checkpoint_directory(tiny_checkpoints, capsys):
     from shardllm.entrypoints.cli import main
 
-    assert main(["plan", tiny_checkpoints["llama"], "--gpus", "2", "--gpu_memory_gib", "1", "--json"]) == 0
+    assert main(["plan", tiny_checkpoints["llama"], "--gpus", "2", "--gpu_memory_gib", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["model"] == tiny_checkpoints["llama"] and out["gpu_memory_bytes"] == GiB
+    assert out["model"] == tiny_checkpoints["llama"] and out["gpu_memory_bytes"] == 2 * GiB
     assert out["tensor_parallel_size"] == 1 and out["replicas"] == 2  # a tiny model: one GPU each
