@@ -217,7 +217,7 @@ class _Device:
         try:
             m = n.nvmlDeviceGetMemoryInfo(self.handle, version=n.nvmlMemory_v2)
             out["fb_reserved"] = m.reserved
-        except (TypeError, AttributeError):  # an older binding: version 1, whose `used` includes the reserved
+        except Exception:  # an older binding or driver: version 1, whose `used` includes the reserved memory
             m = n.nvmlDeviceGetMemoryInfo(self.handle)
         out.update(fb_used=m.used, fb_free=m.free, fb_total=m.total)
         return out
