@@ -1,18 +1,11 @@
 #!/usr/bin/env bash
-# Issue 13 on one H200: FP8 GEMM micro-benchmark, default model in fp8, Llama-3-8B (dummy weights) bf16 beside fp8.
+# Issue 13 on one H200: FP8 GPU tests, GEMM micro-benchmark, Llama-3-8B (dummy weights) bf16 beside fp8 (+ fp8 KV).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-bench_out}; mkdir -p "$out"
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader; date -u
-timeout 120 python benchmarks/fp8_gemm.py 2>&1 | tail -30
-timeout 100 python - <<'PY' 2>&1 | grep -v Warn | tail -6
-from shardllm import LLM, SamplingParams
-for dt in ("bf16", "fp8"):
-    llm = LLM(dtype=dt, max_seq_len=1024)
-    o = llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=16, temperature=0))
-    print(dt, repr(o[0].outputs[0].text))
-    llm.shutdown()
-PY
+timeout 150 python -m pytest -q -m gpu -p no:cacheprovider tests/layers/test_fp8_gpu.py tests/layers/test_fp8_kv_cache.py 2>&1 | tail -8
+timeout 120 python benchmarks/fp8_gemm.py 2>&1 | tail -30 | tee "$out/gemm.jsonl"
 b() { timeout ${T:-120} python -m shardllm.bench.throughput --model llama-3-8b --load_format dummy "$@" --json \
       2> "$out/err_$#_$RANDOM.txt" | tail -1 | tee -a "$out/fp8.jsonl"; }
 for dt in bf16 fp8; do
@@ -20,4 +13,4 @@ for dt in bf16 fp8; do
   b --dtype $dt --num_requests 1000 --input_len 128 --output_len 128 --max_batch_size 512
 done
 b --dtype fp8 --kv_cache_dtype fp8 --num_requests 1000 --input_len 128 --output_len 128 --max_batch_size 512
-grep -h -i -E "error|Traceback" "$out"/err_*.txt | head -8
+grep -h -i -E "error|Traceback|fail" "$out"/err_*.txt | head -8

@@ -9,6 +9,12 @@ import json
 import torch
 import torch.nn.functional as F
 
+from shardllm.layers.quantization.fp8_triton import (
+    GEMV_MAX_M,
+    fp8_small_m_linear,
+    quantize_per_token_triton,
+    triton_fp8_ok,
+)
 from shardllm.layers.quantization.fp8_utils import dequantize, fp8_recipes, quantize_per_row, scaled_mm_rowwise
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -33,7 +39,7 @@ def timed(fn, iters: int = 50) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ms", type=int, nargs="+", default=[1, 8, 32, 128, 512, 4096])
+    ap.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16, 32, 128, 512, 4096])
     a = ap.parse_args()
     dev = torch.device("cuda")
     print("recipes", sorted(fp8_recipes(dev)), torch.cuda.get_device_name(), torch.__version__)
@@ -52,13 +58,23 @@ def main() -> None:
                 return scaled_mm_rowwise(q, wq, s, wsr, torch.bfloat16)
 
             full = timed(full_fn)
+            row = {}
+            if triton_fp8_ok(dev):
+                def kernels_fn(x=x, wq=wq, ws=ws, wsr=wsr):
+                    if x.shape[0] <= GEMV_MAX_M:
+                        return fp8_small_m_linear(x, wq, ws.view(-1))
+                    q, s = quantize_per_token_triton(x)
+                    return scaled_mm_rowwise(q, wq, s, wsr, torch.bfloat16)
+
+                row["fp8_triton_us"] = round(timed(kernels_fn), 1)
+                row["speedup_triton"] = round(bf16 / row["fp8_triton_us"], 2)
             y = scaled_mm_rowwise(xq, wq, xs, wsr, torch.bfloat16).float()
             twin = dequantize(xq, xs) @ dequantize(wq, ws).t()
             err = float((y - twin).abs().max() / twin.abs().max())
             weight_gb_s = n * k / (gemm * 1e-6) / 1e9  # fp8 weight bytes streamed per second
             print(json.dumps(dict(layer=name, m=m, bf16_us=round(bf16, 1), fp8_gemm_us=round(gemm, 1),
                                   fp8_with_act_quant_us=round(full, 1), speedup=round(bf16 / full, 2),
-                                  fp8_weight_GB_s=round(weight_gb_s), rel_err_vs_twin=f"{err:.1e}")))
+                                  fp8_weight_GB_s=round(weight_gb_s), rel_err_vs_twin=f"{err:.1e}", **row)))
 
 
 if __name__ == "__main__":

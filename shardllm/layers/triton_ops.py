@@ -313,7 +313,8 @@ def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: 
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:], \
         "caches are (num_blocks, block_size, nkv, D)"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    assert k_cache.dtype == k.dtype and v_cache.dtype == v.dtype
+    fp8_cache = k_cache.element_size() == 1  # an FP8 cache: the store casts (a scale of 1.0)
+    assert (k_cache.dtype == k.dtype or fp8_cache) and v_cache.dtype == k_cache.dtype
     assert slot_mapping.shape == (num_tokens,)
     if num_tokens == 0:
         return q, k

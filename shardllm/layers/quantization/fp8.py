@@ -19,6 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardllm.layers.quantization import QuantizationConfig
+from shardllm.layers.quantization.fp8_triton import (
+    GEMV_MAX_M,
+    fp8_small_m_linear,
+    quantize_per_token_triton,
+    triton_fp8_ok,
+)
 from shardllm.layers.quantization.fp8_utils import (
     FP8_DTYPE,
     quantize_per_row,
@@ -104,9 +110,17 @@ class Fp8LinearMethod:
             return F.linear(x, (layer.weight.to(x.dtype) * layer.weight_scale.to(x.dtype)[:, None]), bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, K)
+        kernels = x.is_cuda and x.dtype != torch.float32 and triton_fp8_ok(x.device)
         if self.static_input:
             x_scale = layer.input_scale.expand(x2.shape[0], 1).contiguous()
             x_q = quantize_with_scale(x2, layer.input_scale)
+        elif kernels and x2.shape[0] <= GEMV_MAX_M:  # decode: stream the FP8 weights, activations unquantized
+            y = fp8_small_m_linear(x2.contiguous(), layer.weight, layer.weight_scale)
+            if bias is not None:
+                y = y + bias
+            return y.view(*shape[:-1], y.shape[-1])
+        elif kernels:
+            x_q, x_scale = quantize_per_token_triton(x2.contiguous())
         else:
             x_q, x_scale = quantize_per_row(x2)  # per token, (M, 1)
         y = scaled_mm_rowwise(x_q, layer.weight, x_scale, layer.weight_scale.view(1, -1), x.dtype)  # (M, N)

@@ -1,0 +1,120 @@
+"""Triton kernels of the FP8 linear: per-token activation quantization in one launch, and a small-M GEMM that
+streams e4m3 weights (dequantized in registers, bf16 tensor-core dot) for decode, where cuBLAS's FP8 GEMM plus
+a separate activation quantization lose to bf16 (benchmarks/fp8_gemm.py, H200). The torch functions in
+fp8_utils are their references.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - CPU images without triton use the torch path
+    HAS_TRITON = False
+
+from shardllm.layers.quantization.fp8_utils import FP8_MAX, MIN_SCALE
+
+GEMV_MAX_M = 16  # rows up to which fp8_small_m_linear is used (padded to one 16-row tensor-core tile)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
+                                FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        amax = tl.zeros((BLOCK,), tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_C, MIN_SCALE_C)
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):
+            x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)
+            tl.store(q_ptr + row * stride_q + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=k0 + cols < K)
+
+    @triton.jit
+    def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, BLOCK_M)
+        kk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + kk
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K),
+                        other=0.0)  # (BM, BK) bf16
+            w = tl.load(w_ptr + n[None, :].to(tl.int64) * stride_wn + k[:, None],
+                        mask=(n[None, :] < N) & (k[:, None] < K), other=0.0)  # (BK, BN) e4m3
+            acc = tl.dot(x, w.to(x.dtype), acc)
+        s = tl.load(s_ptr + n, mask=n < N, other=0.0)  # (BN,) per-channel weight scales
+        y = acc * s[None, :]
+        tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=(m[:, None] < M) & (n[None, :] < N))
+
+
+def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of fp8_utils.quantize_per_row for x (M, K): (q (M, K) e4m3fn, scale (M, 1) fp32)."""
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    block = min(triton.next_power_of_2(k), 4096)
+    _quant_per_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, FP8_MAX_C=FP8_MAX,
+                                  MIN_SCALE_C=MIN_SCALE, num_warps=8 if block >= 2048 else 4)
+    return q, s
+
+
+def fp8_small_m_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                       block_n: int = 32, block_k: int = 256) -> torch.Tensor:
+    """y = x @ (w * w_scale[:, None])^T for x (M <= 16, K) bf16/fp16, w (N, K) e4m3fn, w_scale (N,) fp32.
+
+    Weight-streaming (W8A16 numerics: the activations stay in x's dtype, more accurate than W8A8)."""
+    m, k = x.shape
+    n = w.shape[0]
+    assert m <= GEMV_MAX_M and x.stride(1) == 1 and w.stride(1) == 1
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _small_m_kernel[(triton.cdiv(n, block_n),)](x, w, w_scale, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+                                                BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+                                                num_stages=4)
+    return y
+
+
+_PROBED: dict[int | None, bool] = {}
+
+
+def triton_fp8_ok(device: torch.device) -> bool:
+    """Whether both kernels run on `device` and match their torch references (probed once per device, so a
+    Triton build that miscompiles them falls back to torch + cuBLAS instead of serving wrong numbers)."""
+    if device.type != "cuda" or not HAS_TRITON:
+        return False
+    if device.index in _PROBED:
+        return _PROBED[device.index]
+    import logging
+
+    from shardllm.layers.quantization.fp8_utils import dequantize, quantize_per_row
+
+    ok = False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(5, 512, device=device, generator=g).to(torch.bfloat16)
+        w = torch.randn(96, 512, device=device, generator=g)
+        wq, ws = quantize_per_row(w)
+        q, s = quantize_per_token_triton(x)
+        q_ref, s_ref = quantize_per_row(x)
+        y = fp8_small_m_linear(x, wq, ws.view(-1)).float()
+        y_ref = x.float() @ dequantize(wq, ws).t()
+        ok = (torch.allclose(s, s_ref) and torch.equal(q.float(), q_ref.float())
+              and bool(((y - y_ref).abs().max() <= 2e-2 * y_ref.abs().max()).item()))
+    except Exception as e:  # a Triton that cannot compile them
+        logging.getLogger(__name__).warning("FP8 Triton kernels unavailable (%s: %s)", type(e).__name__, e)
+    if not ok:
+        logging.getLogger(__name__).warning("FP8 Triton kernels disagree with their torch references on %s: using "
+                                            "torch activation quantization and cuBLAS for every M", device)
+    _PROBED[device.index] = ok
+    return ok

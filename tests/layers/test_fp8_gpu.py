@@ -1,0 +1,87 @@
+"""FP8 on a GPU with FP8 tensor cores: the Triton kernels and cuBLAS recipes against their torch references,
+every linear path against its dequantized twin, and a tiny FP8 model's tokens with and without CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shardllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from shardllm.layers.quantization import QuantizationConfig, quant_config_scope
+from shardllm.layers.quantization.fp8_utils import (
+    dequantize,
+    fp8_recipes,
+    quantize_per_block,
+    quantize_per_row,
+    quantize_per_token_group,
+)
+
+fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                             reason="needs a GPU with FP8 (sm89+)")
+pytestmark = [pytest.mark.gpu, fp8_gpu, pytest.mark.timeout(300)]
+
+
+def test_probe_finds_rowwise_and_the_triton_kernels_agree():
+    from shardllm.layers.quantization.fp8_triton import triton_fp8_ok
+
+    dev = torch.device("cuda")
+    assert "rowwise" in fp8_recipes(dev)
+    assert triton_fp8_ok(dev)
+
+
+@pytest.mark.parametrize("m", [1, 7, 16, 17, 300])  # the Triton small-M path, its edge, and the cuBLAS path
+def test_online_linear_on_gpu_equals_its_dequantized_twin(m):
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    w_gate, w_up = torch.randn(512, 1024, device=dev) * 0.05, torch.randn(256, 1024, device=dev) * 0.05
+    with torch.device(dev), quant_config_scope(QuantizationConfig()):
+        layer = MergedColumnParallelLinear(1024, [512, 256], dtype=torch.bfloat16)
+    layer.weight_loader(layer.weight, w_gate, 0)
+    layer.weight_loader(layer.weight, w_up, 1)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(m, 1024, device=dev).to(torch.bfloat16)
+    wq, ws = quantize_per_row(torch.cat([w_gate, w_up]))
+    w_deq = dequantize(wq, ws)
+    if m <= 16:  # weight-streaming: activations unquantized
+        twin = x.float() @ w_deq.t()
+    else:
+        xq, xs = quantize_per_row(x)
+        twin = dequantize(xq, xs) @ w_deq.t()
+    y = layer(x).float()
+    assert float((y - twin).abs().max()) <= 1e-2 * float(twin.abs().max())
+
+
+def test_block_linear_uses_the_cublas_block_recipe_and_equals_its_twin():
+    torch.manual_seed(1)
+    dev = torch.device("cuda")
+    cfg = QuantizationConfig(source="fp8", weight_strategy="block", is_checkpoint_fp8=True,
+                             weight_block_size=(128, 128), weight_scale_name="weight_scale_inv")
+    with torch.device(dev), quant_config_scope(cfg):
+        layer = RowParallelLinear(1024, 768, dtype=torch.bfloat16)
+    w = torch.randn(768, 1024, device=dev) * 0.05
+    q, s = quantize_per_block(w, (128, 128))
+    layer.weight_loader(layer.weight, q)
+    layer.weight_loader(layer.weight_scale_inv, s)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(33, 1024, device=dev).to(torch.bfloat16)
+    xq, xs = quantize_per_token_group(x, 128)
+    twin = (xq.float() * xs.repeat_interleave(128, dim=1)) @ dequantize(q, s, (128, 128)).t()
+    y = layer(x).float()
+    assert float((y - twin).abs().max()) <= 1e-2 * float(twin.abs().max())
+    assert F.cosine_similarity(y.flatten(), (x.float() @ w.t()).flatten(), dim=0) >= 0.999
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_tiny_fp8_model_graphs_equal_eager(tiny_checkpoints, kv):
+    from shardllm import LLM, SamplingParams
+
+    prompts = [[1, 17, 33, 5, 9, 101, 7], [3, 4], [250, 14, 88, 19, 201, 6, 6, 6, 42, 71, 300, 12, 9]]
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    out = {}
+    for eager in (False, True):
+        llm = LLM(tiny_checkpoints["llama"], dtype="fp8", kv_cache_dtype=kv, enforce_eager=eager,
+                  kv_cache_free_gpu_memory_fraction=0.05, max_batch_size=8)
+        out[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        llm.shutdown()
+    assert out[False] == out[True]
