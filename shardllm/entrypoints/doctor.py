@@ -103,10 +103,11 @@ def check_devices(host: dict) -> list[Finding]:
         total, used = g["memory_total"] or 0, g["memory_used"] or 0
         if total and used > 0.1 * total:
             out.append(Finding("warning", "memory", f"GPU {g['index']}: {used / 2**30:.1f} of "
-                               f"{total / 2**30:.0f} GiB already in use",
-                               "the KV cache is sized from free memory: another process shrinks it, and "
-                               "unequal free memory across ranks leaves GPUs imbalanced",
-                               "stop the other process (nvidia-smi lists it) or choose other GPUs"))
+                               f"{total / 2**30:.0f} GiB already in use (a running server's included)",
+                               "a server starting now sizes its KV cache from free memory: another process "
+                               "shrinks it, and unequal free memory across ranks leaves GPUs imbalanced",
+                               "expected if shardllm already serves on these GPUs; otherwise stop the other "
+                               "process (nvidia-smi lists it) or choose other GPUs"))
         if g["mig"]:
             out.append(Finding("warning", "mig", f"GPU {g['index']} is in MIG mode",
                                "MIG slices have no NVLink and no utilisation counters",
