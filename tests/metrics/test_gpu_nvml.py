@@ -39,7 +39,8 @@ def test_memory_gauges_match_cuda_and_uuid_matches_torch():
         print(json.dumps({"nvml": v.values, "cuda_free": free, "cuda_total": total}))
         assert abs(v.values["fb_free"] - free) <= 0.01 * total
         assert abs(v.values["fb_used"] - (total - free)) <= 0.01 * total
-        assert v.labels["UUID"] == f"GPU-{torch.cuda.get_device_properties(0).uuid}"
+        uuid = str(torch.cuda.get_device_properties(0).uuid)  # torch prints it without NVML's "GPU-" prefix
+        assert v.labels["UUID"] == (uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
         for key in ("utilization", "power", "sm_clock", "temperature", "fb_total"):
             assert key in v.values, key
     finally:
