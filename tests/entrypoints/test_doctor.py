@@ -15,10 +15,18 @@ from shardllm.entrypoints.cli import main
 from shardllm.metrics import EngineSnapshot, LatencyHistograms
 from shardllm.metrics.gpu_monitor import GPUMonitor, RankDevice
 from shardllm.metrics.prometheus import make_registry, render
-from tests.entrypoints.conftest import free_port
+from tests.entrypoints.conftest import RemoteServer, free_port
 from tests.metrics.fake_nvml import FakeGPU, FakeNVML
 
 GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real CPU server with a short context: its start-up profile forward is 256 tokens, not 1024."""
+    srv = RemoteServer(["--max_seq_len", "256", "--max_num_tokens", "256", "--cpu_kv_cache_gb", "0.05"])
+    yield srv
+    assert srv.stop() == 0, srv.log_tail()
 
 
 def test_doctor_on_a_cpu_machine_reports_and_exits_cleanly(capsys):
