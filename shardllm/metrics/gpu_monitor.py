@@ -62,6 +62,14 @@ def _text(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+# nvmlValueType_t -> the member of the nvmlValue_t union that holds the value
+_VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
+def _field_value(fv) -> int:
+    return int(getattr(fv.value, _VALUE_MEMBERS.get(getattr(fv, "valueType", 3), "ullVal")))
+
+
 def _is_not_supported(e: Exception) -> bool:
     return getattr(e, "value", None) == NOT_SUPPORTED
 
@@ -231,7 +239,7 @@ class _Device:
             if fv.nvmlReturn != 0:
                 continue
             key = "nvlink_tx" if fid == FI_NVLINK_THROUGHPUT_DATA_TX else "nvlink_rx"
-            self.counters[key].update(link, int(fv.value.ullVal))
+            self.counters[key].update(link, _field_value(fv))
             ok += 1
         if not ok:
             raise RuntimeError("no NVLink throughput field answered")

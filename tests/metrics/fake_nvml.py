@@ -134,7 +134,7 @@ class FakeNVML:
             counters = h.tx_kib if fid == 138 else h.rx_kib
             ok = link in counters
             out.append(SimpleNamespace(fieldId=fid, scopeId=link, nvmlReturn=0 if ok else NOT_SUPPORTED,
-                                       value=SimpleNamespace(ullVal=counters.get(link, 0))))
+                                       valueType=3, value=SimpleNamespace(ullVal=counters.get(link, 0))))
         return out
 
     def nvmlDeviceGetPcieThroughput(self, h, counter):
