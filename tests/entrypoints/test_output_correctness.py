@@ -162,36 +162,34 @@ CHAT_SHAPES = SHAPES + [{"logprobs": True}, {"logprobs": True, "top_logprobs": 3
                         {"stream": True, "logprobs": True, "top_logprobs": 2, "n": 2, "temperature": 1.0}]
 
 
-def test_every_completion_body_and_chunk_conforms(srv):
+CASES = {"completions": (COMPLETION_SHAPES, S.CreateCompletionResponse, S.CreateCompletionStreamResponse),
+         "chat/completions": (CHAT_SHAPES, S.CreateChatCompletionResponse, S.CreateChatCompletionStreamResponse)}
+
+
+def _logprobs_asked(body: dict) -> bool:
+    return body.get("logprobs") not in (None, False)
+
+
+@pytest.mark.parametrize("endpoint", list(CASES))
+def test_every_body_and_chunk_conforms(srv, endpoint):
+    shapes, schema, stream_schema = CASES[endpoint]
     rng = random.Random(11)
-    bodies = [{**inputs("completions", rng), "max_tokens": 5, **shape} for shape in COMPLETION_SHAPES]
-    for body, res in zip(bodies, post_all(srv, "completions", bodies)):
+    bodies = [{**inputs(endpoint, rng), "max_tokens": 5, **shape} for shape in shapes]
+    for body, res in zip(bodies, post_all(srv, endpoint, bodies)):
+        n = body.get("n", 1)
         if body.get("stream"):
             for chunk in res:
-                S.check(chunk, S.CreateCompletionStreamResponse)
+                S.check(chunk, stream_schema)
+            assert {c["index"] for ch in res for c in ch["choices"]} == set(range(n))
             assert res[-1]["usage"] is not None if "stream_options" in body else "usage" not in res[-1]
-        else:
-            assert res.pop("status") == 200
-            S.check(res, S.CreateCompletionResponse)
-            assert len(res["choices"]) == body.get("n", 1)
-            assert (res["choices"][0]["logprobs"] is None) == ("logprobs" not in body)
-
-
-def test_every_chat_body_and_chunk_conforms(srv):
-    rng = random.Random(12)
-    bodies = [{**inputs("chat/completions", rng), "max_tokens": 5, **shape} for shape in CHAT_SHAPES]
-    for body, res in zip(bodies, post_all(srv, "chat/completions", bodies)):
-        if body.get("stream"):
-            for chunk in res:
-                S.check(chunk, S.CreateChatCompletionStreamResponse)
-            assert {c["index"] for ch in res for c in ch["choices"]} == set(range(body.get("n", 1)))
-        else:
-            assert res.pop("status") == 200
-            S.check(res, S.CreateChatCompletionResponse)
-            lp = res["choices"][0]["logprobs"]
-            assert (lp is None) == (not body.get("logprobs"))
-            if body.get("top_logprobs"):
-                assert all(len(t["top_logprobs"]) == body["top_logprobs"] for t in lp["content"])
+            continue
+        assert res.pop("status") == 200
+        S.check(res, schema)
+        assert sorted(c["index"] for c in res["choices"]) == list(range(n))
+        lp = res["choices"][0]["logprobs"]
+        assert (lp is None) == (not _logprobs_asked(body))
+        if body.get("top_logprobs"):
+            assert all(len(t["top_logprobs"]) == body["top_logprobs"] for t in lp["content"])
 
 
 def test_models_and_errors_conform(srv):
