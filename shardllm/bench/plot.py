@@ -63,10 +63,13 @@ def plot_scaling(rows: list[dict[str, Any]], path: str) -> dict[str, Any]:
     failed = [(f"{r['layout']} {r['dtype']}", r["gpus"], r["status"]) for r in rows if r.get("status", "ok") != "ok"]
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_tput, ax_eff = fig.subplots(1, 2)
+    named = set()  # a one-GPU point starts several lines: name it once
     for label, s in series.items():
         ax_tput.plot(s["gpus"], s["output_tok_s"], marker="o", label=label)
         for x, y, name in zip(s["gpus"], s["output_tok_s"], s["layouts"]):
-            ax_tput.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            if (x, y, name) not in named:
+                named.add((x, y, name))
+                ax_tput.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if any(e is not None for e in s["efficiency"]):
             ax_eff.plot(s["gpus"], [100 * e if e is not None else float("nan") for e in s["efficiency"]],
                         marker="o", label=label)

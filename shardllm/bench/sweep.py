@@ -222,9 +222,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for c in cells:
         text.append("  ".join(x.ljust(w) if i < 2 else x.rjust(w) for i, (x, w) in enumerate(zip(c, widths))))
     notes = [f"{r['layout']} {r['dtype']}: {r['status']}: {r['error']}" for r in rows if r.get("error")]
-    bases = sorted({r["base_layout"] for r in rows if r.get("base_layout")})
+    bases = {(os.path.basename(str(r["model"]).rstrip("/")), r["dtype"]): r["base_layout"] for r in rows
+             if r.get("base_layout")}
     if bases:
-        notes.append(f"efficiency: output tok/s per GPU relative to {', '.join(bases)} (fewest GPUs that fit)")
+        notes.append("efficiency: output tok/s per GPU relative to the fewest GPUs that fit: "
+                     + "; ".join(f"{m} {d} {layout}" for (m, d), layout in bases.items()))
     return "\n".join(text + notes)
 
 
