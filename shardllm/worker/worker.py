@@ -44,7 +44,7 @@ class Worker:
         from shardllm.model_loader.size import weight_bytes
 
         mc, pc = self.config.model_config, self.config.parallel_config
-        elem = torch.empty((), dtype=mc.dtype).element_size()
+        elem = 1 if mc.quantization is not None else torch.empty((), dtype=mc.dtype).element_size()  # FP8: 1 byte
         need = weight_bytes(mc.hf_config, elem) / pc.world_size
         free, _ = torch.cuda.mem_get_info(self.device)
         if need > 0.95 * free:
