@@ -53,6 +53,13 @@ def test_sweep_tp_pp_with_an_oom_layout(tiny_checkpoints, tmp_path, capsys):
     assert table[2].split()[-1] == "100%" and table[3].split()[-1] == f"{pp2['efficiency']:.0%}"
 
 
+def test_a_layout_past_its_timeout_is_stopped_and_reported(tiny_checkpoints, capsys):
+    rc = cli.main(["bench", "--model", tiny_checkpoints["llama"], "--device", "cpu", "--input_len", "5",
+                   "--output_len", "7", "--sweep", "tp=2", "--layout_timeout", "0.5", "--json"])
+    [row] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert rc == 1 and row["status"] == "timeout" and "--layout_timeout" in row["error"] and row["efficiency"] is None
+
+
 def test_sweep_bad_input_is_a_clear_error(tiny_checkpoints, capsys):
     base = ["bench", "--model", tiny_checkpoints["llama"], "--device", "cpu", "--input_len", "5", "--output_len", "7"]
     cases = [(["--sweep", "tq=1,2"], "unknown key 'tq'; use tp, pp, ep or dtype"),
