@@ -253,8 +253,11 @@ class LLMEngine:
         if finished:
             del self._parents[parent_id]
         first = children[0]
+        # copies (the token ids' slice, the logprobs' list): AsyncLLM hands outputs to another thread while this
+        # one goes on appending to the request's lists
         outs = [CompletionOutput(c.index, visible_text(c), c.output_token_ids, c.status.finish_reason,
-                                 c.stop_reason, c.logprobs, c.error) for c in children]
+                                 c.stop_reason, None if c.logprobs is None else list(c.logprobs), c.error)
+                for c in children]
         metrics = first.metrics
         return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outs, finished, metrics,
                              first.num_cached_tokens, make_prompt_logprobs(self.tokenizer, first))
