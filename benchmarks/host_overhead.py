@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--async_scheduling", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--backend", choices=("mp", "ray"), default=None,
+                    help="executor for tp x pp > 1 (ray: a local Ray instance, or $RAY_ADDRESS)")
     ap.add_argument("--profile", type=int, default=0, help="print the driver's N top functions")
     ap.add_argument("--decode_plan", type=int, default=0, metavar="L", help="time one decode step's plan at context L")
     ap.add_argument("--json", action="store_true")
@@ -153,6 +155,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         path = write_tiny(os.path.join(d, "tiny"), layers=max(2, a.pp))
         kw = {} if a.async_scheduling is None else {"async_scheduling": a.async_scheduling}
+        if a.backend:
+            kw["distributed_executor_backend"] = a.backend
         llm = LLM(path, device="cpu", dtype="float32", tensor_parallel_size=a.tp, pipeline_parallel_size=a.pp,
                   max_batch_size=a.num_requests, num_kv_blocks=a.num_requests * (a.input_len + a.output_len) // 16 + 64,
                   block_size=16, **kw)
@@ -163,6 +167,7 @@ def main() -> None:
         llm.generate(prompts[:4], sp, use_tqdm=False)  # warm-up
         eng = llm.engine
         steps0 = eng.stats.steps
+        send0 = getattr(eng.executor, "plan_send_s", 0.0)
         parts = instrument(eng) if a.tp * a.pp == 1 else {}
         prof = cProfile.Profile() if a.profile else None
         t = time.perf_counter()
@@ -178,6 +183,9 @@ def main() -> None:
                "num_requests": a.num_requests, "steps": steps, "ms_per_step": round(wall / steps * 1e3, 3),
                "us_per_request_step": round(wall / (a.num_requests * a.output_len) * 1e6, 2)}
         res.update({f"{k}_ms_per_step": round(v / steps * 1e3, 3) for k, v in parts.items()})
+        if hasattr(eng.executor, "plan_send_s"):  # pickling the plan and writing it to every worker
+            res["executor"] = type(eng.executor).__name__
+            res["plan_send_ms_per_step"] = round((eng.executor.plan_send_s - send0) / steps * 1e3, 3)
         llm.shutdown() if hasattr(llm, "shutdown") else None
     print(json.dumps(res) if a.json else res)
     if prof:
