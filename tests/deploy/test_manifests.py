@@ -282,13 +282,23 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("bad", [["--bogus_flag", "1"], ["--tp_size", "four"], ["--device", "tpu"],
-                                 ["--num_workers", "0"]])
+                                 ["--num_workers", "two"]])
 def test_bad_serve_flags_fail_with_serves_message(bad, capsys):
     serve_rc, serve_err = _run(["serve", *bad], capsys)
     deploy_rc, deploy_err = _run(["deploy", "kubernetes", *bad], capsys)
     assert serve_rc != 0 and deploy_rc != 0
     message = serve_err.strip().splitlines()[-1].split("error: ", 1)[1]
     assert message in deploy_err
+
+
+def test_bad_num_workers_fails_with_the_engine_configs_message(capsys):
+    """serve reports EngineConfig.create's ValueError; deploy reports the same text before any model is loaded."""
+    from shardllm.config import EngineConfig
+
+    with pytest.raises(ValueError) as serve_error:
+        EngineConfig.create("llama-3-8b", load_format="dummy", device="cpu", num_workers=0)
+    assert main(["kubernetes", "--num_workers", "0"]) == 1
+    assert str(serve_error.value) in capsys.readouterr().err
 
 
 def test_num_workers_must_divide_world_size(capsys):
