@@ -10,10 +10,13 @@ Whose code does what:
   dequantizes only the blocks holding its rows and columns); the config keys transformers' table lacks
   (rope scaling, head_dim from attention.key_length, architectures, attention bias, tied embeddings);
   and the byte-level BPE tokenizer (GPT-2, Llama 3, Qwen, SmolLM vocabularies). Two reasons for that one:
-  transformers' GGUF entry points re-parse the whole file, twice per call (about 5 s each on the default
-  model, against 0.04 s from the metadata we already hold), and its byte-level tokenizer drops the digit
-  split of llama.cpp's "smollm"/"starcoder"/"refact" pre-tokenizers, so " ½" tokenizes differently from
-  SmolLM2's own tokenizer.json (tests/model_loader/test_gguf.py::test_tokenizer_matches_transformers).
+  its byte-level tokenizer drops the digit split of llama.cpp's "smollm"/"starcoder"/"refact"
+  pre-tokenizers, so the default model's " ½" comes out as ["ĠÂ", "½"] where SmolLM2's own
+  tokenizer.json gives ["Ġ", "Â½"] (transformers 5.24); and transformers' GGUF entry points
+  (`AutoConfig`/`AutoTokenizer` with `gguf_file=`) parse the file again, twice each: 6-10 s apiece on the
+  default model on a 2-core machine, where our one parse (`open_gguf`, 0.7 s) serves config, tokenizer
+  and weights alike. Two small speed-ups sit on the library's calls: a plain-array view of the reader's
+  memory map (`_reader_class`) and long rows for whole-tensor dequantization (`_long_rows`).
 """
 
 from __future__ import annotations
@@ -258,7 +261,7 @@ def gguf_to_hf_config(gguf_file: GGUFFile) -> dict:
 
     # ours: what transformers' table leaves out or gets only for some architectures
     num_heads = config["num_attention_heads"]
-    config.setdefault("num_key_value_heads", num_heads)
+    config.setdefault("num_key_value_heads", meta.get(f"{arch}.attention.head_count_kv", num_heads))
     head_dim = meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
     config["head_dim"] = head_dim or config["hidden_size"] // num_heads
     config["rms_norm_eps"] = _f32_to_decimal(config["rms_norm_eps"])
