@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from shardllm.config import ModelConfig
+from shardllm.layers.quantization.kv_cache import apply_kv_scales, split_kv_scales
 from shardllm.models.registry import get_model_class
 
 
@@ -48,7 +49,9 @@ def load_model(model_config: ModelConfig, device: torch.device, show_progress: b
             weights = iter_safetensors(model_config.path, show_progress)
         if qc is not None:
             weights = quantization.drop_unused_scales(weights, qc)
-        model.load_weights(weights)
+        kv_scales: dict = {}
+        model.load_weights(split_kv_scales(weights, kv_scales))  # KV-cache scales go to the Attention modules
+        model.num_kv_scales_loaded = apply_kv_scales(model, kv_scales)
         if fmt == "gguf":
             open_gguf.cache_clear()  # unmap the file: the weights are copied out
     quantization.process_weights_after_loading(model)

@@ -85,9 +85,13 @@ class ModelRunner:
         self.device = device
         self.model_config = config.model_config
         self.block_size = config.cache_config.block_size
-        self.kv_cache_dtype = kv_cache_torch_dtype(config.cache_config.kv_cache_dtype, self.model_config.dtype)
         self.model = load_model(self.model_config, device, show_progress=get_parallel_context().is_driver)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.cache_config.kv_cache_dtype, self.model_config.dtype)
+        if (self.kv_cache_dtype.itemsize == 1 and not getattr(self.model, "num_kv_scales_loaded", 0)
+                and get_parallel_context().is_driver):
+            logger.warning("kv_cache_dtype=%s without k/v scales in the checkpoint: every layer uses 1.0 (values "
+                           "beyond the FP8 range saturate)", config.cache_config.kv_cache_dtype)
         for a in self.attn_layers:
             a.use_triton = config.attention_backend != "torch"
         from shardllm.layers import triton_ops

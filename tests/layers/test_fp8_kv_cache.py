@@ -45,3 +45,72 @@ def test_fp8_cache_doubles_capacity_and_keeps_greedy_tokens_close(tiny_checkpoin
 def test_unknown_kv_cache_dtype_names_the_choices():
     with pytest.raises(ValueError, match=r"kv_cache_dtype 'int8'.*fp8_e5m2"):
         LLM(None, device="cpu", kv_cache_dtype="int8")
+
+
+@pytest.mark.parametrize("name,target", [
+    ("model.layers.3.self_attn.k_scale", ("model.layers.3.self_attn", ("k",))),
+    ("model.layers.3.self_attn.v_scale", ("model.layers.3.self_attn", ("v",))),
+    ("model.layers.3.self_attn.kv_scale", ("model.layers.3.self_attn", ("k", "v"))),
+    ("model.layers.3.self_attn.k_proj.k_scale", ("model.layers.3.self_attn", ("k",))),  # ModelOpt
+    ("model.layers.3.self_attn.v_proj.v_scale", ("model.layers.3.self_attn", ("v",))),
+    ("model.layers.3.self_attn.k_proj.output_scale", ("model.layers.3.self_attn", ("k",))),  # older CT
+    ("model.layers.3.self_attn.attn.v_scale", ("model.layers.3.self_attn", ("v",))),
+    ("model.layers.3.self_attn.k_proj.weight_scale", None),
+    ("model.layers.3.self_attn.k_proj.input_scale", None),
+    ("model.layers.3.self_attn.q_proj.weight", None),
+])
+def test_kv_scale_names(name, target):
+    from shardllm.layers.quantization.kv_cache import kv_scale_target
+
+    assert kv_scale_target(name) == target
+
+
+def test_scaled_fp8_cache_equals_attention_over_the_dequantized_cache():
+    """k/v stored as (k / k_scale).to(fp8), read back times the scale: the torch path against that math."""
+    import torch.nn.functional as F
+
+    from shardllm.layers.attention import Attention
+    from shardllm.layers.attention.attention import AttentionMetadata
+
+    torch.manual_seed(0)
+    n, nh, nkv, d = 6, 4, 2, 16
+    attn = Attention(nh, d, nkv)
+    attn.use_triton = False
+    attn.kv_cache = torch.zeros(2, 4, 4, nkv, d, dtype=torch.float8_e4m3fn)
+    attn.k_scale, attn.v_scale = 4.0, 0.25
+    q, k, v = torch.randn(n, nh * d), torch.randn(n, nkv * d) * 8, torch.randn(n, nkv * d) / 8
+    meta = AttentionMetadata(slot_mapping=torch.arange(n), query_start_loc=torch.tensor([0, n]),
+                             seq_lens=torch.tensor([n]), block_tables=torch.tensor([[0, 1, 2, 3]]),
+                             max_query_len=n, max_seq_len=n, block_size=4)
+    out = attn(q, k, v, meta)
+    kd = (k / 4.0).to(torch.float8_e4m3fn).float() * 4.0
+    vd = (v / 0.25).to(torch.float8_e4m3fn).float() * 0.25
+    heads = lambda x, h: x.view(n, h, d).transpose(0, 1)  # noqa: E731
+    ref = F.scaled_dot_product_attention(heads(q, nh), heads(kd, nkv), heads(vd, nkv), is_causal=True,
+                                         scale=d**-0.5, enable_gqa=True).transpose(0, 1).reshape(n, nh * d)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert float(attn.kv_cache[0].float().abs().max()) <= 448  # stored pre-divided, inside the FP8 range
+
+
+def test_checkpoint_kv_scales_reach_every_layer(tiny_checkpoints, tmp_path):
+    import json
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_checkpoints["llama"]
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    tensors["model.layers.0.self_attn.k_proj.k_scale"] = torch.tensor(0.5)  # ModelOpt's names
+    tensors["model.layers.0.self_attn.v_proj.v_scale"] = torch.tensor(0.25)
+    tensors["model.layers.1.self_attn.kv_scale"] = torch.tensor([2.0])  # AutoFP8's one scale
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        (tmp_path / "config.json").write_text(json.dumps(json.load(f)))
+    llm = LLM(str(tmp_path), device="cpu", num_kv_blocks=100, block_size=4, kv_cache_dtype="fp8")
+    try:
+        layers = [a for a in llm.engine.executor.worker.model_runner.attn_layers]
+        assert [(a.k_scale, a.v_scale) for a in layers] == [(0.5, 0.25), (2.0, 2.0)]
+        out = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 8 for o in out)
+    finally:
+        llm.shutdown()

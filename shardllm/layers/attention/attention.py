@@ -69,6 +69,8 @@ class Attention(nn.Module):
         self.scale = scale if scale is not None else head_dim**-0.5
         self.kv_cache: torch.Tensor | None = None  # (2, num_blocks, block_size, nkv, D), bound by the runner
         self.use_triton = True  # the runner turns it off for attention_backend="torch"
+        # An FP8 cache holds k / k_scale and v / v_scale (checkpoint scales, see quantization/kv_cache.py)
+        self.k_scale, self.v_scale = 1.0, 1.0
 
     def uses_triton_kernels(self, q: torch.Tensor) -> bool:
         """Whether forward takes the Triton kernels (CUDA only; the tests patch it to run them on CPU)."""
@@ -86,6 +88,10 @@ class Attention(nn.Module):
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         assert rotary is None or positions is not None
+        scaled = self.kv_cache.element_size() == 1 and (self.k_scale != 1.0 or self.v_scale != 1.0)
+        if scaled:  # stored pre-divided (rotation is linear, so k may be scaled before it); read back below
+            k, v = k * (1.0 / self.k_scale), v * (1.0 / self.v_scale)
+        softmax_scale = self.scale * self.k_scale if scaled else self.scale
         kernels = self.uses_triton_kernels(q)
         fuse_rotary = (kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
                        and _fused_rotary_ok[0])
@@ -105,10 +111,11 @@ class Attention(nn.Module):
             if not fuse_rotary:
                 triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping)  # one launch for k and v
             if meta.max_query_len == 1:  # decode only: split over the KV length, graph-capturable
-                out = triton_paged.paged_decode_attention(q, *paged, meta.block_tables, meta.seq_lens, self.scale)
+                out = triton_paged.paged_decode_attention(q, *paged, meta.block_tables, meta.seq_lens,
+                                                          softmax_scale)
             else:
                 out = triton_paged.paged_prefill_attention(q, *paged, meta.query_start_loc, meta.seq_lens,
-                                                           meta.block_tables, meta.max_query_len, self.scale)
+                                                           meta.block_tables, meta.max_query_len, softmax_scale)
         else:
             k_cache = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (slots, nkv, D)
             v_cache = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
@@ -117,7 +124,9 @@ class Attention(nn.Module):
                 if cache.element_size() == 1:  # CPU kernels lack FP8 index_copy_: copy the bytes
                     cache, x = cache.view(torch.uint8), x.view(torch.uint8)
                 cache.index_copy_(0, meta.slot_mapping, x)
-            out = paged_attention_reference(q, k_cache, v_cache, meta, self.scale)
+            out = paged_attention_reference(q, k_cache, v_cache, meta, softmax_scale)
+        if scaled and self.v_scale != 1.0:
+            out = out * self.v_scale
         return out.reshape(n, self.num_heads * self.head_dim)
 
 

@@ -146,11 +146,8 @@ def process_weights_after_loading(model: nn.Module) -> None:
 
 
 def drop_unused_scales(weights, cfg: QuantizationConfig):
-    """Checkpoint tensors a layer of this config has no parameter for: input scales under a dynamic scheme,
-    KV-cache scales (see kv_cache.py)."""
-    from shardllm.layers.quantization.kv_cache import drop_kv_scales
-
-    for name, w in drop_kv_scales(weights):
+    """Checkpoint tensors a layer of this config has no parameter for: input scales under a dynamic scheme."""
+    for name, w in weights:
         if cfg.activation_scheme == "dynamic" and name.endswith(".input_scale"):
             continue
         yield name, w

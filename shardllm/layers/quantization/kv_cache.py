@@ -1,20 +1,33 @@
-"""The KV cache's storage dtype: `kv_cache_dtype` auto (the model's dtype) or FP8 (e4m3 / e5m2).
+"""The KV cache's storage dtype (`kv_cache_dtype`: auto = the model's dtype, or FP8 e4m3 / e5m2) and the
+per-layer k/v scales of an FP8 cache.
 
-FP8 entries are stored as k.to(fp8) and read back as fp8.to(q.dtype): a scale of 1.0 for every layer. Per-layer
-k/v scales from checkpoints (`k_scale`, `v_scale`, `kv_scale`, `k_proj.k_scale`) are not applied yet.
+An FP8 cache stores k / k_scale and v / v_scale (scaled before the write kernels, so they need no scale
+argument) and reads them back through the attention's softmax scale (q.k * k_scale) and its output (* v_scale).
+Scales come from the checkpoint under any of the names producers use (vLLM's
+`weight_utils.maybe_remap_kv_scale_name` lists the same), else 1.0 with a warning:
+    <attn>.k_scale, <attn>.v_scale             compressed-tensors kv_cache_scheme, vLLM
+    <attn>.kv_scale                            older AutoFP8 (one scale for both)
+    <attn>.k_proj.k_scale, <attn>.v_proj.v_scale   NVIDIA ModelOpt
+    <attn>.k_proj.output_scale, <attn>.v_proj.output_scale   older compressed-tensors
+    <attn>.attn.k_scale, <attn>.attn.v_scale   our own module path
+where <attn> is the decoder layer's attention module, e.g. model.layers.3.self_attn.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
+from torch import nn
+
+from shardllm.model_loader.weight_utils import materialize
 
 logger = logging.getLogger(__name__)
 
 KV_CACHE_TORCH_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
                          "fp8_e5m2": torch.float8_e5m2}
-KV_SCALE_SUFFIXES = (".k_scale", ".v_scale", ".kv_scale")
+_KV_SCALE_RE = re.compile(r"^(.*?)\.(?:attn\.)?(?:(k_scale|v_scale|kv_scale)|(k|v)_proj\.(?:\3_scale|output_scale))$")
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -23,14 +36,40 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     return KV_CACHE_TORCH_DTYPES[kv_cache_dtype]
 
 
-def drop_kv_scales(weights):
-    """Skip checkpoint k/v cache scales (not applied: the FP8 cache uses 1.0), saying so once."""
-    warned = False
+def kv_scale_target(name: str) -> tuple[str, tuple[str, ...]] | None:
+    """('model.layers.3.self_attn', ('k',)) for a checkpoint KV-scale name, ('...', ('k', 'v')) for kv_scale;
+    None for any other tensor."""
+    m = _KV_SCALE_RE.match(name)
+    if m is None:
+        return None
+    prefix, direct, proj = m.group(1), m.group(2), m.group(3)
+    if direct == "kv_scale":
+        return prefix, ("k", "v")
+    return prefix, ((direct[0],) if direct else (proj,))
+
+
+def split_kv_scales(weights, scales: dict[str, dict[str, float]]):
+    """Pass every tensor but the KV-cache scales through; collect those into scales[attn prefix]['k'|'v']."""
     for name, w in weights:
-        if name.endswith(KV_SCALE_SUFFIXES):
-            if not warned:
-                logger.warning("the checkpoint has KV-cache scales (%s ...); shardllm's FP8 KV cache uses a "
-                               "scale of 1.0 and ignores them", name)
-                warned = True
+        target = kv_scale_target(name)
+        if target is None:
+            yield name, w
             continue
-        yield name, w
+        prefix, which = target
+        value = float(materialize(w).float().reshape(-1).max())
+        for kv in which:
+            scales.setdefault(prefix, {})[kv] = value
+
+
+def apply_kv_scales(model: nn.Module, scales: dict[str, dict[str, float]]) -> int:
+    """Give each Attention its checkpoint k/v scales (python floats); returns how many layers got one."""
+    from shardllm.layers.attention import Attention
+
+    found = 0
+    for name, m in model.named_modules():
+        if isinstance(m, Attention):
+            s = scales.get(name.rsplit(".", 1)[0]) if "." in name else None
+            if s:
+                m.k_scale, m.v_scale = s.get("k", 1.0), s.get("v", 1.0)
+                found += 1
+    return found
