@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+import torch
+
 from shardllm import LLM, SamplingParams
 from shardllm.engine.async_llm import AsyncLLM, RequestFailedError
 
@@ -74,3 +77,22 @@ def test_async_llm_fails_the_request_and_keeps_serving(tiny_checkpoints):
         assert engine.is_healthy and engine.snapshot.finished.get("error") == 1
     finally:
         engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fault_isolation_and_logit_bias_on_gpus(tiny_checkpoints):
+    """On GPUs, with CUDA graphs and async scheduling (every tp rank samples): the same as on CPU."""
+    tp = 2 if torch.cuda.device_count() >= 2 else 1
+    llm = LLM(tiny_checkpoints["llama"], device="cuda", tensor_parallel_size=tp)
+    try:
+        ref = llm.generate([PROMPTS[0], PROMPTS[2]], [_greedy(), _seeded(3)], use_tqdm=False)
+        outs = llm.generate(PROMPTS, [_greedy(), _greedy(logits_processors=[explode_after_two]), _seeded(3)],
+                            use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in (outs[0], outs[2])] == [o.outputs[0].token_ids for o in ref]
+        assert outs[1].outputs[0].finish_reason == "error"
+        forced = llm.generate([PROMPTS[1]], _seeded(5, logit_bias={42: 100.0}), use_tqdm=False)
+        assert forced[0].outputs[0].token_ids == [42] * 6
+    finally:
+        llm.shutdown()

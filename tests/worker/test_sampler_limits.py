@@ -72,3 +72,26 @@ def test_logits_processor_runs_per_row_and_leaves_the_callers_logits_alone():
     batch = SamplingBatch(all_greedy=True, logits_processors={1: ([only_token_7], [4, 5])})
     assert Sampler()(logits, batch).token_ids.tolist() == [1, 7]
     assert seen == [[4, 5]] and torch.equal(logits, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_edges_on_the_gpu():
+    """The same edges on CUDA: tiny top_p and an underflowing repetition penalty keep the top token; logit_bias."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 1000) * 3).to(dev)
+    batch = _random_batch(64, top_p=1e-46)
+    for name in ("temperature", "top_p", "top_k", "min_p"):
+        setattr(batch, name, getattr(batch, name).to(dev))
+    batch.generators = {}
+    assert Sampler()(logits, batch).token_ids.tolist() == logits.argmax(-1).tolist()
+    seen = SamplingBatch(all_greedy=True, presence=torch.zeros(1, device=dev), frequency=torch.zeros(1, device=dev),
+                         repetition=torch.tensor([1e-46], device=dev), prompt_token_ids=[[0, 3]],
+                         output_token_ids=[[]])
+    row = torch.tensor([[5.0, 1.0, 0.5, 8.0] + [0.0] * 996], device=dev)
+    assert Sampler()(row, seen).token_ids.tolist() == [3]
+    biased = SamplingBatch(all_greedy=True, logit_bias=(torch.tensor([0], device=dev), torch.tensor([999], device=dev),
+                                                        torch.tensor([100.0], device=dev)))
+    assert Sampler()(row, biased).token_ids.tolist() == [999]
