@@ -4,6 +4,7 @@ at decode (small M) and prefill sizes of Llama-3-8B's linears; also checks each 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -13,6 +14,7 @@ from shardllm.layers.quantization.fp8_triton import (
     GEMV_MAX_M,
     fp8_small_m_linear,
     quantize_per_token_triton,
+    small_m_config,
     triton_fp8_ok,
 )
 from shardllm.layers.quantization.fp8_utils import dequantize, fp8_recipes, quantize_per_row, scaled_mm_rowwise
@@ -40,9 +42,23 @@ def timed(fn, iters: int = 50) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16, 32, 128, 512, 4096])
+    ap.add_argument("--sweep_small_m", action="store_true", help="time every small-M kernel config at M=1")
     a = ap.parse_args()
     dev = torch.device("cuda")
     print("recipes", sorted(fp8_recipes(dev)), torch.cuda.get_device_name(), torch.__version__)
+    if a.sweep_small_m:
+        for name, (n, k) in SHAPES.items():
+            wq, ws = quantize_per_row(torch.randn(n, k, device=dev) * 0.02)
+            x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+            row = {"layer": name, "default": small_m_config(n, k)}
+            for cfg in itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4)):
+                us = timed(lambda cfg=cfg, x=x, wq=wq, ws=ws: fp8_small_m_linear(x, wq, ws.view(-1), cfg))
+                row["/".join(map(str, cfg))] = round(us, 1)
+            best = min((v, c) for c, v in row.items() if "/" in c)
+            row["best"] = best[1]
+            row["best_GB_s"] = round(n * k / (best[0] * 1e-6) / 1e9)
+            print(json.dumps(row))
+        return
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         wq, ws = quantize_per_row(w)

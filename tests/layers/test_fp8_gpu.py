@@ -85,3 +85,26 @@ def test_tiny_fp8_model_graphs_equal_eager(tiny_checkpoints, kv):
         out[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
         llm.shutdown()
     assert out[False] == out[True]
+
+
+def test_fp8_experts_grouped_gemm_equals_the_expert_loop():
+    from shardllm.layers.moe import FusedMoE, select_experts
+
+    torch.manual_seed(2)
+    dev = torch.device("cuda")
+    with torch.device(dev), quant_config_scope(QuantizationConfig()):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            moe = FusedMoE(8, 2, 256, 512, renormalize=True)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    for e in range(8):
+        for part in (0, 1):
+            moe.w13_loader(moe.w13.weight, torch.randn(512, 256, device=dev) * 0.05, (e, part))
+        moe.w2_loader(moe.w2.weight, torch.randn(256, 512, device=dev) * 0.05, e)
+    x = torch.randn(37, 256, device=dev).to(torch.bfloat16)
+    weights, ids = select_experts(torch.randn(37, 8, device=dev), 2, True)
+    method = moe.quant_method
+    ref = method.apply_reference(moe, x, weights, ids).float()
+    got = method.apply_grouped(moe, x, weights, ids).float()
+    assert float((got - ref).abs().max()) <= 2e-2 * float(ref.abs().max())

@@ -32,6 +32,7 @@ from shardllm.layers.quantization.fp8_utils import (
 from shardllm.model_loader.weight_utils import copy_weight, materialize, narrow
 
 logger = logging.getLogger(__name__)
+_GROUPED_OK = [True]  # cleared for the process when torch._scaled_grouped_mm refuses
 
 
 class Fp8MoEMethod:
@@ -136,7 +137,43 @@ class Fp8MoEMethod:
               topk_ids: torch.Tensor) -> torch.Tensor:
         """x (N, H); topk_* (N, k) over global expert ids -> this rank's partial sum (N, H).
 
-        A loop over the local experts (the same order of operations as `fused_experts_reference`)."""
+        On CUDA (channel scales, dynamic activations): one row-wise FP8 grouped GEMM per projection, no host
+        sync (graph-capturable); else `apply_reference`, a loop over the local experts."""
+        if (x.is_cuda and not self.block and not self.static_input and not self.weight_only and _GROUPED_OK[0]
+                and hasattr(torch, "_scaled_grouped_mm")):
+            try:
+                return self.apply_grouped(moe, x, topk_weights, topk_ids)
+            except (RuntimeError, NotImplementedError) as e:  # a build or GPU without the FP8 grouped GEMM
+                _GROUPED_OK[0] = False
+                logger.warning("FP8 grouped GEMM unavailable (%s: %s); experts run one by one", type(e).__name__, e)
+        return self.apply_reference(moe, x, topk_weights, topk_ids)
+
+    def apply_grouped(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor) -> torch.Tensor:
+        """As fused_experts_grouped (layers/moe.py), with torch._scaled_grouped_mm and per-token scales."""
+        n, k = topk_ids.shape
+        num_local = moe.num_local_experts
+        local_ids = topk_ids.reshape(-1) - moe.expert_start  # (N * k,)
+        key = torch.where((local_ids >= 0) & (local_ids < num_local), local_ids, num_local)
+        key_sorted, order = torch.sort(key, stable=True)
+        offs = torch.searchsorted(key_sorted, torch.arange(num_local, device=x.device), right=True).to(torch.int32)
+
+        def grouped(a: torch.Tensor, holder: nn.Module) -> torch.Tensor:  # a (R, K) -> (R, N) in x's dtype
+            a_q, a_s = quantize_per_row(a)
+            return torch._scaled_grouped_mm(a_q, holder.weight.transpose(1, 2), a_s.view(-1), holder.weight_scale,
+                                            offs=offs, out_dtype=x.dtype)
+
+        rows = x.index_select(0, order // k)  # (N * k, H)
+        gate, up = grouped(rows, moe.w13).chunk(2, dim=-1)
+        y = grouped(F.silu(gate) * up, moe.w2)  # (N * k, H)
+        w = topk_weights.reshape(-1)[order]
+        y = torch.where((key_sorted < num_local)[:, None], y.float() * w[:, None], 0)
+        out = torch.empty_like(y).index_copy_(0, order, y)
+        return out.view(n, k, -1).sum(dim=1).to(x.dtype)
+
+    def apply_reference(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
+                        topk_ids: torch.Tensor) -> torch.Tensor:
+        """A loop over the local experts (the order of operations of `fused_experts_reference`)."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         local_ids = topk_ids - moe.expert_start
         for e in range(moe.num_local_experts):

@@ -39,24 +39,36 @@ if HAS_TRITON:
             tl.store(q_ptr + row * stride_q + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=k0 + cols < K)
 
     @triton.jit
-    def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_ys,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Program (n tile, k split): y[split] = x[:, ks] @ (w[n, ks] * s[n])^T over its K range."""
         pid = tl.program_id(0)
+        split = tl.program_id(1)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         kk = tl.arange(0, BLOCK_K)
+        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = split * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + kk
-            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & (k[None, :] < K),
+            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & (k[None, :] < k_end),
                         other=0.0)  # (BM, BK) bf16
             w = tl.load(w_ptr + n[None, :].to(tl.int64) * stride_wn + k[:, None],
-                        mask=(n[None, :] < N) & (k[:, None] < K), other=0.0)  # (BK, BN) e4m3
+                        mask=(n[None, :] < N) & (k[:, None] < k_end), other=0.0)  # (BK, BN) e4m3
             acc = tl.dot(x, w.to(x.dtype), acc)
         s = tl.load(s_ptr + n, mask=n < N, other=0.0)  # (BN,) per-channel weight scales
         y = acc * s[None, :]
-        tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + split * stride_ys + m[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=(m[:, None] < M) & (n[None, :] < N))
+
+
+def small_m_config(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K) for an (N, K) weight: enough programs to keep every SM streaming."""
+    block_n = 16 if n <= 8192 else 32
+    split_k = 2 if k >= 8192 and n <= 8192 else 1
+    return block_n, 256, split_k
 
 
 def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,18 +83,20 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def fp8_small_m_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                       block_n: int = 32, block_k: int = 256) -> torch.Tensor:
+                       config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """y = x @ (w * w_scale[:, None])^T for x (M <= 16, K) bf16/fp16, w (N, K) e4m3fn, w_scale (N,) fp32.
 
-    Weight-streaming (W8A16 numerics: the activations stay in x's dtype, more accurate than W8A8)."""
+    Weight-streaming (W8A16 numerics: the activations stay in x's dtype, more accurate than W8A8); with
+    SPLIT_K > 1 the fp32 partial sums of the K splits are added after the kernel."""
     m, k = x.shape
     n = w.shape[0]
     assert m <= GEMV_MAX_M and x.stride(1) == 1 and w.stride(1) == 1
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _small_m_kernel[(triton.cdiv(n, block_n),)](x, w, w_scale, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-                                                BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
-                                                num_stages=4)
-    return y
+    block_n, block_k, split_k = config or small_m_config(n, k)
+    y = torch.empty((split_k, m, n), dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
+    _small_m_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, w, w_scale, y, m, n, k, x.stride(0), w.stride(0), y.stride(1), y.stride(0),
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=4)
+    return y[0] if split_k == 1 else y.sum(0).to(x.dtype)
 
 
 _PROBED: dict[int | None, bool] = {}
