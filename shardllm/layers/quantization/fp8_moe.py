@@ -59,11 +59,12 @@ class Fp8MoEMethod:
                 shape = (num_experts, -(-n // bn), -(-k // bk))
             else:
                 shape = (num_experts, parts if self.per_tensor else n)
-            scale = nn.Parameter(torch.ones(shape), requires_grad=False)
+            scale = nn.Parameter(torch.ones(shape, dtype=torch.float32), requires_grad=False)
             scale.is_derived = not self.cfg.is_checkpoint_fp8  # online: written by the weight's loader
             setattr(holder, self.scale_name, scale)
             if self.static_input:
-                holder.input_scale = nn.Parameter(torch.zeros(num_experts, parts), requires_grad=False)
+                holder.input_scale = nn.Parameter(torch.zeros(num_experts, parts, dtype=torch.float32),
+                                                  requires_grad=False)
 
     def load(self, moe: nn.Module, param: nn.Parameter, w: Any, expert: int, dim: int, dst: int, src: int,
              size: int, part: int) -> None:
