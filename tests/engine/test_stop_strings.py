@@ -8,6 +8,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 
 from shardllm import LLM, SamplingParams
 from shardllm.engine.async_llm import AsyncLLM
@@ -28,9 +29,12 @@ def path(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def llm(path) -> LLM:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matmuls of a 64-wide model: more threads only contend on a small CI machine
     llm = LLM(path, tokenizer=default_model_path(), **ENGINE_ARGS)
     yield llm
     llm.shutdown()
+    torch.set_num_threads(threads)
 
 
 def test_num_held_back():
