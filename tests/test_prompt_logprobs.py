@@ -17,6 +17,14 @@ def path(tiny_checkpoints):
     return tiny_checkpoints["llama"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: more intra-op threads only contend on a small CI machine
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def hf_logprobs(path) -> list[torch.Tensor]:
     """Per prompt, (T - 1, V): log_softmax of the logits at positions 0..T-2 (those predict tokens 1..T-1)."""
