@@ -132,7 +132,9 @@ class EngineConfig:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cuda", "cpu"):
             raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
-        if device == "cuda" and not torch.cuda.is_available():
+        # With Ray the GPUs are the workers' (a CPU-only head may drive them with device='cuda')
+        on_ray = _executor_backend(distributed_executor_backend, num_workers, ray_address) == "ray"
+        if device == "cuda" and not torch.cuda.is_available() and not on_ray:
             raise ValueError("device='cuda' but no CUDA GPU is visible: use device='cpu' or check the driver")
         if dtype not in _DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
