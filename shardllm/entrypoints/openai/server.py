@@ -293,7 +293,7 @@ class OpenAIServer:
                     n_chars, n_tok = sent_chars.get(key), sent_tokens.get(key, 0)
                     prefix = echo[p_idx] if n_chars is None else ""
                     delta = o.text[n_chars or 0:]  # the engine's text only grows (stop-string tails held back)
-                    # o.logprobs is the engine's list, which its thread may have grown past o.token_ids
+                    # one entry per token of this output (never more: the lists are zipped below)
                     lp, entries = None, (o.logprobs or [])[:len(o.token_ids)]
                     if req.logprobs is not None and (len(entries) > n_tok or n_chars is None):
                         # every token's logprobs as soon as it exists, whatever text is held back: the chunks'
@@ -371,7 +371,7 @@ class OpenAIServer:
                     if i in done:
                         continue
                     delta = o.text[sent_chars[i]:]  # the engine's text only grows (stop-string tails held back)
-                    lp, num_entries = None, min(len(o.logprobs or ()), len(o.token_ids))  # (see completions)
+                    lp, num_entries = None, min(len(o.logprobs or ()), len(o.token_ids))
                     if k is not None and num_entries > sent_tokens[i]:
                         lp = chat_logprobs(o, sent_tokens[i], num_entries, k, self._token_bytes)
                     if delta or lp or o.finish_reason:
