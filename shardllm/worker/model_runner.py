@@ -335,15 +335,14 @@ class ModelRunner:
                           if t < self.vocab_size]
                 if banned:
                     batch.banned_tokens[i] = banned
+            if p.logits_processors:  # like penalties, never scheduled ahead of its tokens: no placeholder here
+                batch.logits_processors[i] = (p.logits_processors, s.token_ids[s.num_prompt_tokens:])
         asked = [p.logprobs for p in params if p.logprobs is not None]
         batch.max_num_logprobs = max(asked) if asked else None
         if any(p.logit_bias for p in params):
             rows, ids, bias = zip(*((i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()))
             batch.logit_bias = (torch.tensor(rows, device=self.device), torch.tensor(ids, device=self.device),
                                 torch.tensor(bias, dtype=torch.float32, device=self.device))
-        for i, (s, p) in enumerate(zip(states, params)):
-            if p.logits_processors:
-                batch.logits_processors[i] = (p.logits_processors, s.token_ids[s.num_prompt_tokens:])
         return batch
 
     def _sample(self, logits: torch.Tensor, req_ids: list[str]):
@@ -352,9 +351,8 @@ class ModelRunner:
 
         Returns (SamplerOutput, errors: request id -> message, or None).
         """
-        failed = [i for i, r in enumerate(req_ids) if r in self._failed]
         try:
-            if failed:
+            if self._failed and any(r in self._failed for r in req_ids):
                 raise _Faulty()
             return self.sampler(logits, self._sampling_batch(req_ids), self._num_logprobs(req_ids)), None
         except Exception:
