@@ -169,6 +169,15 @@ def test_num_workers_must_divide_the_ranks(llama):
         LLM(llama, device="cpu", tensor_parallel_size=2, pipeline_parallel_size=2, num_workers=3)
 
 
+def test_a_driver_without_gpus_may_drive_gpu_workers_over_ray():
+    from shardllm.config import EngineConfig
+
+    cfg = EngineConfig.create("llama-3-8b", load_format="dummy", device="cuda", tensor_parallel_size=2,
+                              pipeline_parallel_size=2, num_workers=2)
+    assert cfg.device == "cuda" and cfg.parallel_config.distributed_executor_backend == "ray"
+    assert cfg.parallel_config.num_workers == 2
+
+
 # ---- on the cluster -----------------------------------------------------------------------------------------------
 def test_tp2_pp2_over_two_nodes_equals_one_rank(ray_cluster, llama, monkeypatch):
     expected = generate(llama)
