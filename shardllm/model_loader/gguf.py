@@ -336,6 +336,8 @@ def iter_hf_weights(gguf_file: GGUFFile, lazy: bool = False) -> Iterator[tuple[s
 # ---- tokenizer
 
 _CONTROL, _USER_DEFINED = 3, 4
+_SPECIAL_TOKEN_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                      "pad_token": "padding_token_id"}  # fmt: skip
 # tokenizer.ggml.pre -> how text is split before byte-level BPE
 _GPT2_PRE = ("default", "gpt2", None)
 _DIGITS_PRE = ("smollm", "starcoder", "refact")  # each digit on its own, then GPT-2's split
@@ -416,10 +418,7 @@ def build_tokenizer(gguf_file: GGUFFile):
 
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token=token("bos_token_id"),
-        eos_token=token("eos_token_id"),
-        unk_token=token("unknown_token_id"),
-        pad_token=token("padding_token_id"),
+        **{attr: token(key) for attr, key in _SPECIAL_TOKEN_IDS.items()},
         # llama.cpp's flags; byte-level vocabularies add no BOS unless the file says so
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
@@ -430,12 +429,25 @@ def build_tokenizer(gguf_file: GGUFFile):
 def _transformers_tokenizer(gguf_file: GGUFFile):
     from transformers import AutoTokenizer
 
-    path = os.path.abspath(gguf_file.path)
+    meta, path = gguf_file.metadata, os.path.abspath(gguf_file.path)
+    kind = meta.get("tokenizer.ggml.model")
     try:
-        return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+        tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     except Exception as e:
-        kind = gguf_file.metadata.get("tokenizer.ggml.model")
         raise ValueError(
             f"{gguf_file.path}: transformers cannot build the GGUF tokenizer {kind!r} ({type(e).__name__}: {e}); "
             "load the model's tokenizer from its Hugging Face repo instead"
         ) from e
+    # The file's special tokens and flags, and llama.cpp's default for SentencePiece (a BOS): transformers
+    # 5.17 names the BOS as EOS too and adds no BOS.
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    for attr, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        if token_id is not None and 0 <= token_id < len(tokens) and getattr(tokenizer, attr, None) != tokens[token_id]:
+            setattr(tokenizer, attr, tokens[token_id])
+    flags = {"add_bos_token": meta.get("tokenizer.ggml.add_bos_token", True if kind == "llama" else None),
+             "add_eos_token": meta.get("tokenizer.ggml.add_eos_token")}  # fmt: skip
+    for attr, value in flags.items():
+        if value is not None and getattr(tokenizer, attr, None) != bool(value):
+            setattr(tokenizer, attr, bool(value))
+    return tokenizer

@@ -478,6 +478,9 @@ def test_sentencepiece_vocab_goes_through_transformers(tmp_path):
     assert tok.decode(tok.encode("ab a"), skip_special_tokens=True) == "ab a"
     assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
     assert tok.apply_chat_template([{"role": "user", "content": "a"}], tokenize=False) == "[a]"
+    kv["tokenizer.ggml.add_bos_token"] = False  # the file's flag wins
+    tok = build_tokenizer(GGUFFile(_write_gguf(tmp_path / "spm2.gguf", kv=kv)))
+    assert tok.convert_ids_to_tokens(tok.encode("ab ab")) == ["\u2581ab", "\u2581ab"]
 
 
 def test_tokenizer_transformers_cannot_build_is_a_value_error(tmp_path):
