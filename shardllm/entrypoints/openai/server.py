@@ -564,7 +564,8 @@ def run_server(llm: AsyncLLM, *, host: str = "localhost", port: int = 8000, serv
                request_read_timeout: float = limits.DEFAULT_REQUEST_READ_TIMEOUT_S) -> int:
     """Serve until SIGINT/SIGTERM: then stop accepting, let running requests finish for up to
     `shutdown_timeout` seconds, abort the rest, stop the engine and return 0. If the engine dies (a worker lost, a
-    failed step) the server shuts down at once and returns EXIT_ENGINE_DEAD (1), for an orchestrator to restart it.
+    failed step) /health says 503 and ~2 s later the server shuts down and returns EXIT_ENGINE_DEAD (1), for an
+    orchestrator to restart it.
 
     Limits: bodies over `max_request_body_bytes` get 413; a request of more than `max_seqs_per_request` sequences
     (prompts x n) gets 400; a connection idle for `timeout_keep_alive` s, or whose request has not fully arrived
