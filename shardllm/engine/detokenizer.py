@@ -50,19 +50,23 @@ def detokenize_incrementally(tokenizer, req: Request) -> str:
 def find_stop_string(req: Request, new_chars: int) -> str | None:
     """If a stop string ends in the newest `new_chars` characters, cut the text before it; return the string.
 
-    Before `min_tokens` tokens no stop string counts (vLLM's rule): one that ended earlier stays in the text.
+    Of several, the one that ends first wins (the one a character-by-character reader meets first), the longer
+    at a tie. Before `min_tokens` tokens no stop string counts (vLLM's rule): one that ended earlier stays.
     """
     stops = req.sampling_params.stop
     if not stops or not new_chars or req.num_output_tokens < req.sampling_params.min_tokens:
         return None
     text = req.output_text
+    best: tuple[int, int, str] | None = None  # (end, start, stop string)
     for s in stops:
         start = max(0, len(text) - new_chars - len(s) + 1)  # a match starting here or later ends in new text
         idx = text.find(s, start)
-        if idx != -1:
-            req.output_text = text[:idx]
-            return s
-    return None
+        if idx != -1 and (best is None or (idx + len(s), idx) < best[:2]):
+            best = (idx + len(s), idx, s)
+    if best is None:
+        return None
+    req.output_text = text[:best[1]]
+    return best[2]
 
 
 def num_held_back(text: str, stops: list[str]) -> int:

@@ -12,7 +12,8 @@ import torch
 
 from shardllm import LLM, SamplingParams
 from shardllm.engine.async_llm import AsyncLLM
-from shardllm.engine.detokenizer import num_held_back
+from shardllm.engine.detokenizer import find_stop_string, num_held_back
+from shardllm.engine.request import Request
 from shardllm.model_loader.default_model import default_model_path
 from tests.conftest import write_tiny_checkpoint
 
@@ -44,6 +45,20 @@ def test_num_held_back():
     assert num_held_back("ab", ["abcdef"]) == 2  # shorter than the stop string: all of it
     assert num_held_back("abcDEFGH", ["DEFGH"]) == 0  # a whole stop string is no prefix: the engine cut it
     assert num_held_back("", ["x"]) == 0
+
+
+@pytest.mark.parametrize("stops, new_chars, text, stop", [
+    (["BC", "AB"], 3, "xyz", "AB"),  # both in one step's new text "ABC": the one that ends first
+    (["ABC", "B"], 3, "xyzA", "B"),
+    (["C", "ABC"], 3, "xyz", "ABC"),  # the same end: the longer (it started first)
+    (["A"], 2, "xyzABC", None),  # an "A" that ended before this step's text ("BC") is not looked for again
+])
+def test_find_stop_string_takes_the_first_to_end(stops, new_chars, text, stop):
+    req = Request("r", [1, 2], SamplingParams(stop=stops))
+    req.append_token(3)
+    req.output_text = "xyzABC"
+    assert find_stop_string(req, new_chars) == stop
+    assert req.output_text == text
 
 
 def stop_candidates(text: str, rng: random.Random) -> list[list[str]]:
