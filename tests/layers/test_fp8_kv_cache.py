@@ -114,3 +114,16 @@ def test_checkpoint_kv_scales_reach_every_layer(tiny_checkpoints, tmp_path):
         assert all(len(o.outputs[0].token_ids) == 8 for o in out)
     finally:
         llm.shutdown()
+
+
+def test_metrics_report_the_cache_capacity_in_tokens():
+    pytest.importorskip("prometheus_client")
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from shardllm.metrics import EngineSnapshot, LatencyHistograms
+    from shardllm.metrics.prometheus import EngineCollector
+
+    reg = CollectorRegistry()
+    reg.register(EngineCollector(lambda: EngineSnapshot(num_kv_blocks=10, kv_cache_capacity_tokens=160),
+                                 LatencyHistograms(), "m"))
+    assert 'shardllm_kv_cache_capacity_tokens{model_name="m"} 160.0' in generate_latest(reg).decode()
