@@ -40,14 +40,18 @@ def _token_text(entry: dict[int, Logprob] | None, token: int, token_bytes: Token
 def chat_logprobs(out, start: int, end: int, k: int, token_bytes: TokenBytesFn | None = None) -> dict:
     """OpenAI's chat `logprobs` object for generated tokens [start, end) of `out` (a CompletionOutput).
 
-    `token` is the token's decoded text (U+FFFD where it holds part of a character); `bytes` its own UTF-8
-    bytes when `token_bytes` is given (else the bytes of `token`).
+    `bytes` are the token's own bytes when `token_bytes` is given, and `token` their text (leading space
+    included; U+FFFD where the token holds part of a character); without it, the decoded text and its bytes.
     """
 
     def item(entry: dict[int, Logprob], t: int) -> dict:
-        text = _decoded(entry, t)
-        return {"token": text, "logprob": entry[t].logprob if t in entry else None,
-                "bytes": list(token_bytes(t) if token_bytes is not None else text.encode())}
+        if token_bytes is not None:
+            b = token_bytes(t)
+            text = b.decode("utf-8", errors="replace")
+        else:
+            text = _decoded(entry, t)
+            b = text.encode()
+        return {"token": text, "logprob": entry[t].logprob if t in entry else None, "bytes": list(b)}
 
     content = []
     entries = out.logprobs or []
