@@ -1,13 +1,17 @@
-"""The server's life beside its engine: a watchdog that shuts the server down (exit code 1) once the engine is
-dead, so that an orchestrator restarts it, as vLLM's and TGI's launchers do; and client disconnects logged as the
-client events they are (one INFO line, no traceback)."""
+"""The server's life beside its engine: uvicorn with a grace period on SIGTERM; a watchdog that shuts the server
+down (exit code 1) once the engine is dead, so that an orchestrator restarts it, as vLLM's and TGI's launchers do;
+and client disconnects logged as the client events they are (one INFO line, no traceback)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Callable
 
+import uvicorn
 from starlette.requests import Request
 
 logger = logging.getLogger(__name__)
@@ -36,3 +40,37 @@ def log_client_gone(request: Request, when: str) -> None:
     client = request.client
     who = f"{client.host}:{client.port}" if client else "a client"
     logger.info("client %s disconnected %s (%s %s)", who, when, request.method, request.url.path)
+
+
+class GracefulUvicornServer(uvicorn.Server):
+    """uvicorn, with a grace period: on the first SIGINT/SIGTERM it stops accepting at once, and what is
+    still running `grace_s` later is aborted, so that every stream ends with an error event and [DONE]."""
+
+    def __init__(self, config: uvicorn.Config, on_grace_end, grace_s: float):
+        super().__init__(config)
+        self._on_grace_end, self._grace_s = on_grace_end, grace_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if not self.should_exit and self._loop is not None:
+            logger.info("signal %d: shutting down (running requests get %.0f s)", sig, self._grace_s)
+            self._loop.call_soon_threadsafe(self._loop.call_later, self._grace_s, self._on_grace_end)
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises a caught signal once it has shut down, so the process would die by it; a
+        # server that shut down gracefully should exit 0 instead.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

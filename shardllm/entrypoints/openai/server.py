@@ -7,12 +7,9 @@ that disconnects aborts its requests (their KV blocks are freed at the engine's 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
-import signal
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,13 +24,20 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from shardllm import __version__
-from shardllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError, RequestFailedError
+from shardllm.engine.async_llm import AsyncLLM
 from shardllm.engine.detokenizer import TokenBytes
 from shardllm.entrypoints.openai import limits, validation
-from shardllm.entrypoints.openai.lifecycle import EXIT_ENGINE_DEAD, log_client_gone, watch_engine
+from shardllm.entrypoints.openai.errors import (
+    ClientGone,
+    api_error_response,
+    http_error_response,
+    internal_errors,
+    request_validation_response,
+    stream_error,
+)
+from shardllm.entrypoints.openai.lifecycle import EXIT_ENGINE_DEAD, GracefulUvicornServer, watch_engine
 from shardllm.entrypoints.openai.logprobs import CompletionLogprobs, chat_logprobs, join_completion_logprobs
 from shardllm.entrypoints.openai.protocol import (
     APIError,
@@ -50,10 +54,6 @@ from shardllm.outputs import RequestOutput
 logger = logging.getLogger(__name__)
 
 _PARSE_INLINE_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread
-
-
-class _ClientGone(Exception):
-    pass
 
 
 class OpenAIServer:
@@ -89,17 +89,17 @@ class OpenAIServer:
             await asyncio.to_thread(self.llm.shutdown)
 
         app = FastAPI(title="shardllm", version=__version__, lifespan=lifespan)
-        app.add_exception_handler(APIError, _api_error_response)
+        app.add_exception_handler(APIError, api_error_response)
         app.add_exception_handler(StarletteHTTPException, self._http_error)
-        app.add_exception_handler(RequestValidationError, _request_validation_response)
+        app.add_exception_handler(RequestValidationError, request_validation_response)
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/version", self.version, methods=["GET"])
         app.add_api_route("/metrics", self.metrics, methods=["GET"])
         v1 = APIRouter(prefix="/v1", dependencies=[Depends(self._check_api_key)])
         v1.add_api_route("/models", self.list_models, methods=["GET"])
         v1.add_api_route("/models/{model:path}", self.get_model, methods=["GET"])
-        v1.add_api_route("/completions", _internal_errors(self.completions), methods=["POST"])
-        v1.add_api_route("/chat/completions", _internal_errors(self.chat_completions), methods=["POST"])
+        v1.add_api_route("/completions", internal_errors(self.completions), methods=["POST"])
+        v1.add_api_route("/chat/completions", internal_errors(self.chat_completions), methods=["POST"])
         app.include_router(v1)
         return app
 
@@ -113,8 +113,8 @@ class OpenAIServer:
             try:  # an unknown /v1 path asks for the key first: without it, nothing about the API is told
                 await self._check_api_key(request)
             except APIError as auth:
-                return await _api_error_response(request, auth)
-        return await _http_error_response(request, e)
+                return await api_error_response(request, auth)
+        return await http_error_response(request, e)
 
     async def _check_api_key(self, request: Request) -> None:
         if self.api_key is None:
@@ -313,7 +313,7 @@ class OpenAIServer:
                                   "model": self.model_name, "choices": [],
                                   "usage": usage(num_prompt_tokens, num_completion_tokens)})
         except Exception as e:
-            yield _sse_event(_stream_error(e))
+            yield _sse_event(stream_error(e))
         yield "data: [DONE]\n\n"
 
     # ---- chat ----------------------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ class OpenAIServer:
                                   "model": self.model_name, "choices": [],
                                   "usage": usage(num_prompt_tokens, num_completion_tokens)})
         except Exception as e:
-            yield _sse_event(_stream_error(e))
+            yield _sse_event(stream_error(e))
         yield "data: [DONE]\n\n"
 
     async def _off_loop(self, fn, *args):
@@ -415,7 +415,7 @@ class OpenAIServer:
             while pending:
                 done, _ = await asyncio.wait(pending | {watcher}, return_when=asyncio.FIRST_COMPLETED)
                 if watcher in done:
-                    raise _ClientGone()
+                    raise ClientGone()
                 for t in done:
                     if t.exception() is not None:
                         raise t.exception()
@@ -468,94 +468,6 @@ def _sse_event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _stream_error(e: Exception) -> dict:
-    if isinstance(e, APIError):
-        return e.body()
-    if isinstance(e, (EngineDeadError, RequestAbortedError)):
-        return error_body(str(e), "service_unavailable")
-    if isinstance(e, RequestFailedError):
-        return error_body(str(e), "server_error")
-    if isinstance(e, (ValueError, TypeError)):
-        return error_body(str(e))
-    logger.exception("error while streaming")
-    return error_body(f"internal error: {e!r}", "server_error")
-
-
-# ---- errors as OpenAI JSON --------------------------------------------------------------------------------------
-async def _api_error_response(request: Request, e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status_code)
-
-
-async def _http_error_response(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
-                        headers=getattr(e, "headers", None))
-
-
-async def _request_validation_response(request: Request, e: RequestValidationError) -> JSONResponse:
-    return JSONResponse(error_body(str(e.errors()[:1])), status_code=400)
-
-
-def _internal_errors(handler):
-    """Map what escapes a route to OpenAI's shape: bad input 400, a dead engine 503, the rest 500."""
-
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except APIError:
-            raise
-        except _ClientGone:
-            log_client_gone(request, "while waiting for its answer")
-            return Response(status_code=499)
-        except ClientDisconnect:
-            log_client_gone(request, "while sending its request")
-            return Response(status_code=499)
-        except (EngineDeadError, RequestAbortedError) as e:
-            raise APIError(str(e), 503, type="service_unavailable") from None
-        except RequestFailedError as e:  # this request alone failed in the engine; it is logged there
-            raise APIError(str(e), 500, type="server_error") from None
-        except (ValueError, TypeError) as e:
-            raise APIError(str(e)) from None
-        except Exception as e:
-            logger.exception("request failed")
-            raise APIError(f"internal error: {e!r}", 500, type="server_error") from None
-
-    return wrapped
-
-
-class _UvicornServer(uvicorn.Server):
-    """uvicorn, with a grace period: on the first SIGINT/SIGTERM it stops accepting at once, and what is
-    still running `grace_s` later is aborted, so that every stream ends with an error event and [DONE]."""
-
-    def __init__(self, config: uvicorn.Config, on_grace_end, grace_s: float):
-        super().__init__(config)
-        self._on_grace_end, self._grace_s = on_grace_end, grace_s
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    async def serve(self, sockets=None) -> None:
-        self._loop = asyncio.get_running_loop()
-        await super().serve(sockets)
-
-    def handle_exit(self, sig: int, frame) -> None:
-        if not self.should_exit and self._loop is not None:
-            logger.info("signal %d: shutting down (running requests get %.0f s)", sig, self._grace_s)
-            self._loop.call_soon_threadsafe(self._loop.call_later, self._grace_s, self._on_grace_end)
-        super().handle_exit(sig, frame)
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        # uvicorn re-raises a caught signal once it has shut down, so the process would die by it; a
-        # server that shut down gracefully should exit 0 instead.
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-
 def run_server(llm: AsyncLLM, *, host: str = "localhost", port: int = 8000, served_model_name: str | None = None,
                api_key: str | None = None, log_level: str = "info", shutdown_timeout: float = 30.0,
                max_request_body_bytes: int = limits.DEFAULT_MAX_REQUEST_BODY_BYTES,
@@ -581,7 +493,7 @@ def run_server(llm: AsyncLLM, *, host: str = "localhost", port: int = 8000, serv
                             timeout_keep_alive=timeout_keep_alive,
                             http=limits.ReadTimeoutH11Protocol.with_read_timeout(request_read_timeout))
     on_grace_end = lambda: llm.abort_all("the server is shutting down; the request was aborted")
-    uv = _UvicornServer(config, on_grace_end, shutdown_timeout)
+    uv = GracefulUvicornServer(config, on_grace_end, shutdown_timeout)
     server.on_engine_dead = lambda: setattr(uv, "should_exit", True)
     try:
         uv.run()
