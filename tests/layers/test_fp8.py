@@ -225,3 +225,24 @@ def test_format_detection(tmp_path):
 def test_bad_quantization_configs_are_refused_with_the_fix(qc, requested, match):
     with pytest.raises(ValueError, match=match):
         detect_quantization(_Cfg(qc), None, requested)
+
+
+def test_online_row_and_column_parallel_shards_quantize_their_own_slice():
+    """tp = 2, rank 1: a column-parallel layer holds rows [N/2, N) with their full-row scales (the same as one
+    rank's), a row-parallel layer holds columns [K/2, K) with per-row scales of that slice."""
+    torch.manual_seed(5)
+    w = torch.randn(64, 96)
+    old = parallel_state.get_parallel_context()
+    parallel_state.set_parallel_context(parallel_state.ParallelContext(tp_rank=1, tp_size=2))
+    try:
+        col = _linear(MergedColumnParallelLinear, QuantizationConfig(), 96, [32, 32])
+        col.weight_loader(col.weight, w)  # a checkpoint storing gate and up fused: each part's rank-1 half
+        row = _linear(RowParallelLinear, QuantizationConfig(), 96, 64)
+        row.weight_loader(row.weight, w)
+    finally:
+        parallel_state.set_parallel_context(old)
+    mine = torch.cat([w[16:32], w[48:64]])
+    q, s = quantize_per_row(mine)
+    assert torch.equal(col.weight.float(), q.float()) and torch.equal(col.weight_scale, s[:, 0])
+    q, s = quantize_per_row(w[:, 48:])
+    assert torch.equal(row.weight.float(), q.float()) and torch.equal(row.weight_scale, s[:, 0])

@@ -181,3 +181,11 @@ def test_block_checkpoint_refuses_a_tp_that_cuts_blocks(checkpoints, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.qkv_proj.*tensor_parallel_size"):
         greedy(str(bad))
+
+
+def test_online_fp8_pipeline_split_equals_one_rank(tiny_checkpoints):
+    """Online W8A8: a pipeline split keeps every layer whole, so pp = 2 gives one rank's tokens exactly. (At tp > 1
+    each rank quantizes its own slice of a row-parallel weight, per row, as vLLM's online methods do: checked
+    per layer in tests/layers/test_fp8.py; tokens of a tiny random model then follow one rank only loosely.)"""
+    one_rank = greedy(tiny_checkpoints["llama"], quantization="fp8")
+    assert greedy(tiny_checkpoints["llama"], quantization="fp8", pipeline_parallel_size=2) == one_rank
