@@ -208,6 +208,8 @@ def test_client_disconnect_is_a_brief_info_line(server):
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(head.encode() + b'{"model": ')
         time.sleep(0.3)
+    with httpx.stream("POST", server.url("/v1/completions"), json=completion(stream=True), headers=AUTH) as r:
+        assert list(r.iter_lines())[-2] == "data: [DONE]"  # a stream read to its end is no disconnect
     body = completion(max_tokens=200, ignore_eos=True, stream=True)
     with httpx.stream("POST", server.url("/v1/completions"), json=body, headers=AUTH, timeout=60) as r:
         next(r.iter_lines())  # one event, then hang up mid-stream
@@ -217,11 +219,13 @@ def test_client_disconnect_is_a_brief_info_line(server):
                   f"{len(payload)}\r\n\r\n".encode() + payload)
         time.sleep(0.5)
     deadline = time.monotonic() + 20
-    events = ("disconnected while sending its request", "disconnected while waiting for its answer")
+    events = ("disconnected while sending its request", "disconnected while waiting for its answer",
+              "disconnected during the stream of cmpl-")
     while not all(e in server.log_tail(20000) for e in events) and time.monotonic() < deadline:
         time.sleep(0.2)
     log = server.log_tail(20000)
     assert all(e in log for e in events), log[-3000:]
+    assert log.count("disconnected during the stream") == 1
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
 
 

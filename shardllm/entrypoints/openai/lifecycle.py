@@ -42,6 +42,11 @@ def log_client_gone(request: Request, when: str) -> None:
     logger.info("client %s disconnected %s (%s %s)", who, when, request.method, request.url.path)
 
 
+def log_stream_gone(request_id: str) -> None:
+    """One line for a client that hung up before its stream ended (its requests are aborted)."""
+    logger.info("client disconnected during the stream of %s", request_id)
+
+
 class GracefulUvicornServer(uvicorn.Server):
     """uvicorn, with a grace period: on the first SIGINT/SIGTERM it stops accepting at once, and what is
     still running `grace_s` later is aborted, so that every stream ends with an error event and [DONE]."""

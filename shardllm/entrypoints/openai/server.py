@@ -37,7 +37,12 @@ from shardllm.entrypoints.openai.errors import (
     request_validation_response,
     stream_error,
 )
-from shardllm.entrypoints.openai.lifecycle import EXIT_ENGINE_DEAD, GracefulUvicornServer, watch_engine
+from shardllm.entrypoints.openai.lifecycle import (
+    EXIT_ENGINE_DEAD,
+    GracefulUvicornServer,
+    log_stream_gone,
+    watch_engine,
+)
 from shardllm.entrypoints.openai.logprobs import CompletionLogprobs, chat_logprobs, join_completion_logprobs
 from shardllm.entrypoints.openai.protocol import (
     APIError,
@@ -395,8 +400,20 @@ class OpenAIServer:
     def _sse(self, body: AsyncIterator[str], request_ids: list[str]) -> StreamingResponse:
         # After the stream ends (a disconnect included) abort whatever is still running: the body
         # generator may be left suspended rather than closed when the client goes away.
-        abort = BackgroundTask(lambda: [self.llm.abort(r) for r in request_ids])
-        return StreamingResponse(body, media_type="text/event-stream", background=abort,
+        sent_all = []
+
+        async def tracked() -> AsyncIterator[str]:
+            async for event in body:
+                yield event
+            sent_all.append(True)
+
+        def after() -> None:
+            for r in request_ids:
+                self.llm.abort(r)
+            if not sent_all:
+                log_stream_gone(request_ids[0].rsplit("-", 1)[0] if len(request_ids) > 1 else request_ids[0])
+
+        return StreamingResponse(tracked(), media_type="text/event-stream", background=BackgroundTask(after),
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def _collect(self, request: Request, gens: list) -> list[RequestOutput]:
