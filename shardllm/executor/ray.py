@@ -199,7 +199,7 @@ class RayExecutor(MultiprocExecutor):
         table = ray.util.placement_group_table(self._pg)
         bundles = self._pg.bundle_specs
         nodes = [table["bundles_to_node_id"][i] for i in range(len(bundles))]
-        units = [int(b.get(key, 0)) or 1 for b in bundles]
+        units = [int(b.get(key, 0)) for b in bundles]  # ranks a bundle holds (a caller's CPU-only bundle: none)
         driver_node = ray.get_runtime_context().get_node_id()
         slots = assign_ranks(nodes, units, self.world_size, first_node=driver_node)
 
@@ -214,7 +214,8 @@ class RayExecutor(MultiprocExecutor):
                 num_cpus=0 if on_gpu else 1, num_gpus=1 if on_gpu else 0, max_concurrency=2,
                 scheduling_strategy=strategy, runtime_env={"env_vars": env}).remote())
         self._actors = actors
-        infos = self._ray_get([a.info.remote() for a in actors], INIT_TIMEOUT_S, "start the worker actors")
+        infos = self._ray_get([a.info.remote() for a in actors], max(PG_TIMEOUT_S, 60),
+                              "start the worker actors (SHARDLLM_RAY_PG_TIMEOUT sets the wait)")
         self.placement = [RankPlacement(r, slots[r][0], i["node_id"], i["node_ip"], i["pid"],
                                         tuple(sorted_gpu_ids(i["gpu_ids"]))) for r, i in enumerate(infos)]
         self._check_tp_locality()

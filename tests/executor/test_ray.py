@@ -153,6 +153,8 @@ def test_ranks_fill_nodes_in_order_driver_node_first():
         (1, "a"), (3, "a"), (0, "b"), (2, "b")]
     # num_workers: one bundle of world/N units per node
     assert assign_ranks(["x", "y"], [2, 2], 4, first_node="z") == [(0, "x"), (0, "x"), (1, "y"), (1, "y")]
+    # a caller's placement group (KubeRay, Ray Serve) may lead with a CPU-only bundle: it holds no rank
+    assert assign_ranks(["x", "x", "x"], [0, 1, 1], 2, first_node="x") == [(1, "x"), (2, "x")]
     with pytest.raises(ValueError, match="holds 2 ranks, 4 are needed"):
         assign_ranks(["x", "y"], [1, 1], 4)
 
