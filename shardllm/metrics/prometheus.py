@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from shardllm.metrics import EngineSnapshot, Histogram, LatencyHistograms
 
 PREFIX = "shardllm_"
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class EngineCollector(Collector):
