@@ -35,3 +35,22 @@ def chunked_logits(runner, prompts: list[list[int]], chunk: int) -> list[torch.T
             logits[i].append(out[qsl[k]:qsl[k + 1]])
             done[i] += len(so.scheduled[k].token_ids)
     return [torch.cat(x) for x in logits]
+
+
+def write_text_checkpoint(path: str, vocab_size: int = 49152, **overrides) -> str:
+    """A tiny random Llama whose vocabulary is the default model's (pair it with that tokenizer for varied text).
+
+    Its LM head is scaled up 8x so that the top two logits are far apart (about 1.5 rather than 0.2): greedy
+    tokens then do not flip with the float rounding of different batch make-ups, which tests that compare
+    requests run in different batches rely on.
+    """
+    import safetensors.torch
+
+    from tests.conftest import write_tiny_checkpoint
+
+    write_tiny_checkpoint(path, "llama", vocab_size=vocab_size, **overrides)
+    file = f"{path}/model.safetensors"
+    weights = safetensors.torch.load_file(file)
+    weights["lm_head.weight"] *= 8
+    safetensors.torch.save_file(weights, file, metadata={"format": "pt"})
+    return path

@@ -15,7 +15,7 @@ from shardllm.engine.async_llm import AsyncLLM
 from shardllm.engine.detokenizer import find_stop_string, num_held_back
 from shardllm.engine.request import Request
 from shardllm.model_loader.default_model import default_model_path
-from tests.conftest import write_tiny_checkpoint
+from tests.helpers import write_text_checkpoint
 
 VOCAB = 49152  # the default model's tokenizer
 
@@ -25,7 +25,7 @@ ENGINE_ARGS = dict(device="cpu", num_kv_blocks=128, max_seq_len=256)
 
 @pytest.fixture(scope="module")
 def path(tmp_path_factory) -> str:
-    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama"), "llama", vocab_size=VOCAB)
+    return write_text_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama"), VOCAB)
 
 
 @pytest.fixture(scope="module")

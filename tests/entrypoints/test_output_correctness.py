@@ -13,17 +13,16 @@ import httpx
 import pytest
 
 from shardllm.model_loader.default_model import default_model_path
-from tests.conftest import write_tiny_checkpoint
 from tests.entrypoints import openai_schema as S
 from tests.entrypoints.conftest import RemoteServer
+from tests.helpers import write_text_checkpoint
 
 VOCAB = 49152
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    path = write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama"), "llama", vocab_size=VOCAB,
-                                 max_position_embeddings=1024)
+    path = write_text_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama"), VOCAB, max_position_embeddings=1024)
     server = RemoteServer([path, "--tokenizer", default_model_path()])
     server.model = httpx.get(server.url("/v1/models")).json()["data"][0]["id"]
     yield server
