@@ -1,8 +1,10 @@
-"""Incremental detokenization and stop strings.
+"""Incremental detokenization, stop strings, and the logprob pieces that need the tokenizer.
 
 Decoding only the tail of a sequence each step keeps the cost flat: the text of tokens
 [prefix_offset, read_offset) was already emitted, so the new text is decode([prefix_offset:]) minus it,
-held back while it ends in an incomplete UTF-8 character.
+held back while it ends in an incomplete UTF-8 character. Output text only grows, and a stream is shown
+all of it but a tail that could still become a stop string (`visible_text`), so streams are append-only.
+(tokenizers' DecodeStream does the same decoding in Rust but needs a fast tokenizer; this works with any.)
 """
 
 from __future__ import annotations
