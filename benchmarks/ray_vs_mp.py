@@ -36,10 +36,11 @@ def main() -> None:
     start_s = time.perf_counter() - t
     try:
         greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-        fixed = [{"prompt_token_ids": [128000 + i % 2, 791, 6864, 315, 9822, 374] * (i + 1)} for i in range(4)]
+        vocab = llm.config.model_config.hf_config.vocab_size
+        fixed = [{"prompt_token_ids": [(7 * i + 3 * j) % 300 + 3 for j in range(3 + 9 * i)]} for i in range(4)]
         tokens = [o.outputs[0].token_ids for o in llm.generate(fixed, greedy, use_tqdm=False)]
         g = torch.Generator().manual_seed(0)
-        prompts = [{"prompt_token_ids": torch.randint(100, 30000, (a.input_len,), generator=g).tolist()}
+        prompts = [{"prompt_token_ids": torch.randint(3, min(vocab, 30000), (a.input_len,), generator=g).tolist()}
                    for _ in range(a.num_requests)]
         sp = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True, detokenize=False)
         eng = llm.engine
