@@ -215,6 +215,38 @@ def test_mixtral_tp2_ep2_equals_one_rank(ray_cluster, tiny_checkpoints):
                     distributed_executor_backend="ray") == expected
 
 
+def _engine_in_placement_group(path: str) -> tuple[list[list[int]], list[int], str]:
+    """Runs as a Ray task inside the caller's placement group (as under Ray Serve or KubeRay)."""
+    from ray.util.placement_group import get_current_placement_group
+
+    llm = LLM(path, device="cpu", num_kv_blocks=100, block_size=4, tensor_parallel_size=2,
+              distributed_executor_backend="ray")
+    try:
+        tokens = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        bundles = [p.bundle_index for p in llm.engine.executor.placement]
+    finally:
+        llm.shutdown()
+    return tokens, bundles, get_current_placement_group().id.hex()
+
+
+def test_engine_inside_a_placement_group_uses_it(ray_cluster, llama):
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    expected = generate(llama)
+    pg = placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    assert pg.wait(30)
+    try:
+        strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+        task = ray.remote(_engine_in_placement_group).options(num_cpus=0, scheduling_strategy=strategy)
+        tokens, bundles, pg_id = ray.get(task.remote(llama), timeout=120)
+        assert tokens == expected
+        assert sorted(bundles) == [0, 1] and pg_id == pg.id.hex()
+        assert ray.util.placement_group_table(pg)["state"] == "CREATED"  # the caller's group outlives the engine
+    finally:
+        remove_placement_group(pg)
+
+
 def test_cluster_too_small_fails_at_once_with_the_fix(ray_cluster, llama):
     t = time.monotonic()
     with pytest.raises(ValueError, match=r"num_workers=4 needs 4 nodes with 1 CPU each.*2 node\(s\) alive.*ray start"):
