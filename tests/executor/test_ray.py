@@ -325,3 +325,20 @@ def test_serve_num_workers_then_a_dead_actor_ends_the_server(ray_cluster, llama)
         assert set(pg_states()) <= {"REMOVED"}
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_serve_on_ray_stops_cleanly_on_sigterm(ray_cluster, llama):
+    from tests.entrypoints.conftest import RemoteServer
+
+    srv = RemoteServer([llama, "--tp_size", "2", "--num_workers", "2", "--ray_address", ray_cluster.address,
+                        "--max_seq_len", "256"])
+    try:
+        r = httpx.post(srv.url("/v1/completions"), timeout=60,
+                       json={"model": llama, "prompt": PROMPTS[1], "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        assert len(ray_processes("ray::RayWorker")) == 2
+    finally:
+        rc = srv.stop(signal.SIGTERM)
+    assert rc == 0, srv.log_tail()
+    assert wait_until(lambda: not ray_processes("ray::RayWorker"), 15), "actors left after SIGTERM"
+    assert set(pg_states()) <= {"REMOVED"}
