@@ -342,3 +342,37 @@ def test_serve_on_ray_stops_cleanly_on_sigterm(ray_cluster, llama):
     assert rc == 0, srv.log_tail()
     assert wait_until(lambda: not ray_processes("ray::RayWorker"), 15), "actors left after SIGTERM"
     assert set(pg_states()) <= {"REMOVED"}
+
+
+def test_losing_a_node_mid_generation_fails_fast_and_cleans_up(ray_cluster, llama):
+    """Last in the module: it takes a node away from the shared cluster."""
+    llm = LLM(llama, device="cpu", num_kv_blocks=100, block_size=4, tensor_parallel_size=2, num_workers=2)
+    ex = llm.engine.executor
+    node = next(iter(ray_cluster.worker_nodes))
+    lost = [p.pid for p in ex.placement if p.node_id == node.node_id]
+    pids = [p.pid for p in ex.placement]
+    assert len(lost) == 1
+    failed = []
+
+    def generate_until_it_fails() -> None:
+        deadline = time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                llm.generate(PROMPTS, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True), use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 - the executor's error, checked below
+            failed.append((time.monotonic(), e))
+
+    worker = threading.Thread(target=generate_until_it_fails, daemon=True)
+    worker.start()
+    assert wait_until(lambda: llm.engine.stats.generation_tokens > 10, 30)
+    ray_cluster.remove_node(node, allow_graceful=False)
+    removed_at = time.monotonic()
+    worker.join(30)
+    try:
+        assert failed, "generation went on without the node"
+        assert failed[0][0] - removed_at < 10
+        assert type(failed[0][1]).__name__ == "WorkerError", failed[0][1]
+    finally:
+        llm.shutdown()
+    assert wait_until(lambda: not any(map(alive, pids)), 15), "actors left after losing a node"
+    assert set(pg_states()) <= {"REMOVED"}
