@@ -1,5 +1,5 @@
 """The embedded default model (SmolLM2-135M-Instruct) at dtype="fp8" on CPU: still answers "Paris", its greedy
-chat tokens follow fp32's for most of each answer, and its perplexity on the fixed text stays close to fp32's."""
+chat answers are fp32's top tokens at most positions, and its perplexity on the fixed text stays close to fp32's."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.test_default_model import CHATS
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from accuracy import perplexity, reference_text  # noqa: E402
 
-SCORED_TOKENS = 256  # the first tokens of the text (benchmarks/accuracy.py scores all ~2,230)
+SCORED_TOKENS = 384  # the first tokens of the text (benchmarks/accuracy.py scores all ~2,230)
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +38,22 @@ def test_fp8_still_answers_paris(llms):
     assert "Paris" in out.text and out.finish_reason == "stop"
 
 
-def test_fp8_greedy_chat_follows_fp32_on_most_of_the_prefix(llms):
-    sp = SamplingParams(max_tokens=16, temperature=0)
-    chats = CHATS[1:]  # the first one is the Paris test's
-    ref = [o.outputs[0].token_ids for o in llms["float32"].chat(chats, sp, use_tqdm=False)]
-    got = [o.outputs[0].token_ids for o in llms["fp8"].chat(chats, sp, use_tqdm=False)]
-    prefix = []
-    for r, g in zip(ref, got):
-        n = next((i for i, (a, b) in enumerate(zip(r, g)) if a != b), min(len(r), len(g)))
-        prefix.append(n / len(r))
-    assert sum(prefix) / len(prefix) >= 0.5, prefix
+def test_fp8_greedy_chat_follows_fp32_token_by_token(llms):
+    """fp32's greedy answers to several chats, fed to the fp8 model (teacher forcing): fp8's top token equals
+    fp32's at most positions. (Free-running greedy texts part at the first near-tie and never meet again, so
+    their common prefix measures luck more than accuracy.)"""
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    ref = llms["float32"].chat(CHATS, sp, use_tqdm=False)
+    seqs = [o.prompt_token_ids + o.outputs[0].token_ids for o in ref]
+    outs = llms["fp8"].generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    same = total = 0
+    for o, seq, r in zip(outs, seqs, ref):
+        start = len(r.prompt_token_ids)
+        for pos in range(start, len(seq)):
+            d = o.prompt_logprobs[pos]
+            same += max(d, key=lambda t: d[t].logprob) == seq[pos]
+            total += 1
+    assert same / total >= 0.8  # 0.93 measured (67 of 72 positions)
 
 
 def test_fp8_perplexity_close_to_fp32(llms):
@@ -55,4 +61,4 @@ def test_fp8_perplexity_close_to_fp32(llms):
     nll = {dt: perplexity(llm, ids, SCORED_TOKENS)[0] for dt, llm in llms.items()}
     ratio = math.exp(nll["fp8"] - nll["float32"])
     # measured on the whole text: 15.43 vs 14.88 (1.037); the issue's goal of 1.03 is not met by this 135M model
-    assert 0.97 <= ratio <= 1.05, ratio
+    assert 0.97 <= ratio <= 1.05, ratio  # 1.0002 on these 384 tokens

@@ -27,6 +27,7 @@ from shardllm.layers.quantization.fp8_triton import (
 )
 from shardllm.layers.quantization.fp8_utils import (
     FP8_DTYPE,
+    cpu_weight_f32,
     quantize_per_row,
     quantize_with_scale,
     scaled_mm_rowwise,
@@ -123,7 +124,8 @@ class Fp8LinearMethod:
             x_q, x_scale = quantize_per_token_triton(x2.contiguous())
         else:
             x_q, x_scale = quantize_per_row(x2)  # per token, (M, 1)
-        y = scaled_mm_rowwise(x_q, layer.weight, x_scale, layer.weight_scale.view(1, -1), x.dtype)  # (M, N)
+        y = scaled_mm_rowwise(x_q, layer.weight, x_scale, layer.weight_scale.view(1, -1), x.dtype,
+                              cpu_weight_f32(layer, layer.weight))  # (M, N)
         if bias is not None:
             y = y + bias
         return y.view(*shape[:-1], y.shape[-1])

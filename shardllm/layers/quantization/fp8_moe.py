@@ -20,6 +20,7 @@ from torch import nn
 from shardllm.layers.quantization import QuantizationConfig
 from shardllm.layers.quantization.fp8_utils import (
     FP8_DTYPE,
+    cpu_weight_f32,
     dequantize,
     quantize_per_block,
     quantize_per_row,
@@ -132,7 +133,8 @@ class Fp8MoEMethod:
             x_scale = holder.input_scale.expand(x.shape[0], 1).contiguous()
         else:
             x_q, x_scale = quantize_per_row(x)
-        return scaled_mm_rowwise(x_q, w, x_scale, scale.view(1, -1), x.dtype)
+        w_f32 = cpu_weight_f32(holder, holder.weight)
+        return scaled_mm_rowwise(x_q, w, x_scale, scale.view(1, -1), x.dtype, None if w_f32 is None else w_f32[e])
 
     def apply(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
