@@ -18,7 +18,8 @@ class LLM:
     Args:
         model: a checkpoint directory, a `.gguf` file, a Hugging Face repo id, a shipped config name
             (`llama-3-70b`, with load_format="dummy"), or None for the embedded default model.
-        dtype: auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU).
+        dtype: auto | bfloat16 | float16 | float32 (auto: bf16 on GPU, fp32 on CPU) | fp8 (FP8 linears, the rest
+            in auto's dtype; the same as quantization="fp8"). kv_cache_dtype (keyword): auto | fp8 | fp8_e5m2.
         tensor_parallel_size, pipeline_parallel_size, expert_parallel_size: the parallel layout
             (tensor_parallel_size="auto": the smallest tp the planner says fits the visible GPUs).
         max_batch_size: most sequences in one step. max_num_tokens: the token budget of one step.

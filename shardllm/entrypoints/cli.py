@@ -78,7 +78,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="token budget of one step")
     add("--max_seq_len", "--max-model-len", dest="max_seq_len", type=int, help="longest prompt + output")
     add("--dtype", help="auto | bfloat16 | float16 | float32 | fp8 (FP8 linears, = --quantization fp8)")
-    add("--quantization", "-q", dest="quantization", help="fp8: FP8 weights and activations for every linear but "
+    add("--quantization", dest="quantization", help="fp8: FP8 weights and activations for every linear but "
         "the LM head (FP8 checkpoints are detected without it)")
     add("--kv_cache_dtype", help="auto | fp8 | fp8_e4m3 | fp8_e5m2 (FP8: twice the tokens in the same memory)")
     add("--kv_cache_free_gpu_memory_fraction", type=float, help="share of free GPU memory for the KV cache")
