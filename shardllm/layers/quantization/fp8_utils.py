@@ -173,10 +173,17 @@ def scaled_mm_block(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor,
     n, k = w_q.shape
     if ("block" in fp8_recipes(x_q.device) and _BLOCK_OK[0] and bn == bk == 128 and n % 128 == 0
             and k % 128 == 0):
+        m, x_q0, x_scale0 = x_q.shape[0], x_q, x_scale
+        pad = -m % 16  # the probe's M = 32 ran, M = 33 was refused (H200, cuBLAS 13): pad the rows [ours: a guess]
+        if pad:
+            x_q = torch.cat([x_q, x_q.new_zeros(pad, k)])
+            x_scale = torch.cat([x_scale, x_scale.new_ones(pad, x_scale.shape[1])])
         try:  # scale_a outer-dim-major (column-major (M, K/128)), scale_b the transpose of (N/128, K/128)
-            return torch._scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), w_scale.t(), out_dtype=out_dtype)
+            y = torch._scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), w_scale.t(), out_dtype=out_dtype)
+            return y[:m] if pad else y
         except RuntimeError as e:  # H200 + cuBLAS 13 refused (M=33, N=768, K=1024) though the probe passed
             _BLOCK_OK[0] = False
             logger.warning("cuBLAS block-scaled FP8 GEMM failed (%s); using the dequantized product", e)
+            x_q, x_scale = x_q0, x_scale0
     x = x_q.float() * x_scale.repeat_interleave(bk, dim=1)[:, :k]
     return (x @ dequantize(w_q, w_scale, block).t()).to(out_dtype)
