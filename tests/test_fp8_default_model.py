@@ -60,5 +60,5 @@ def test_fp8_perplexity_close_to_fp32(llms):
     ids = llms["fp8"].get_tokenizer().encode(reference_text(), add_special_tokens=False)[:SCORED_TOKENS]
     nll = {dt: perplexity(llm, ids, SCORED_TOKENS)[0] for dt, llm in llms.items()}
     ratio = math.exp(nll["fp8"] - nll["float32"])
-    # measured on the whole text: 15.43 vs 14.88 (1.037); the goal of 1.03 is not met by this 135M model
+    # whole text (benchmarks/accuracy.py --device cpu): 15.36 vs 14.88 (1.032), just past the 1.03 goal
     assert 0.97 <= ratio <= 1.05, ratio  # 1.0002 on these 384 tokens
