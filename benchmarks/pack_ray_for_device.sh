@@ -8,6 +8,7 @@ set -euo pipefail
 RAY_VERSION=${RAY_VERSION:-2.60.0}
 PYVER=${PYVER:-3.12}  # the GPU image's python3 (device KINDS.md)
 PY=${PYTHON:-python3}  # a python with pip, here
+case $PY in /*) ;; */*) PY=$PWD/$PY ;; esac  # the unpacking below runs in another folder
 dest=.whl; mkdir -p "$dest"
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 pip_dl() { "$PY" -m pip download -q --only-binary=:all: --python-version "$PYVER" \
