@@ -18,3 +18,15 @@ def freeze_startup_objects() -> None:
 
 
 _unfreeze_registered = False
+
+
+def release_memory() -> None:
+    """After an in-process engine shuts down: collect what the start-up freeze kept out of the collector (the
+    model, the KV cache, the CUDA graphs hold cycles) and hand CUDA's cached blocks back to the device, so a next
+    engine in the same process sizes its KV cache from the whole GPU."""
+    gc.unfreeze()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from shardllm.executor.base import Executor
 from shardllm.step_io import ModelRunnerOutput, SchedulerOutput
+from shardllm.utils import release_memory
 from shardllm.worker.model_runner import resolve
 from shardllm.worker.worker import Worker
 
@@ -35,3 +36,5 @@ class UniprocExecutor(Executor):
 
     def shutdown(self) -> None:
         self.worker = None
+        self._pending = []
+        release_memory()

@@ -44,3 +44,16 @@ def test_graphs_equal_eager_kernels_bf16(tiny_checkpoints):
             if x != y:
                 assert y in a.logprobs[i] and x in b.logprobs[i]
                 break
+
+
+def test_shutdown_returns_the_gpu_memory(tiny_checkpoints):
+    """A second engine in the same process must see the whole GPU (its KV cache is sized from free memory)."""
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    llm = LLM(tiny_checkpoints["llama"], dtype="float32", device="cuda", max_seq_len=256, max_batch_size=32)
+    llm.generate(PROMPTS[:2], SP, use_tqdm=False)
+    held = torch.cuda.memory_reserved()
+    assert held > before + (1 << 30)  # the KV cache takes most of the free memory
+    llm.shutdown()
+    del llm
+    assert torch.cuda.memory_reserved() - before < 64 << 20, torch.cuda.memory_reserved() - before
