@@ -28,7 +28,9 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 class CudaGraphRunner:
     def __init__(self, model: nn.Module, device: torch.device, max_num_seqs: int, max_model_len: int,
-                 block_size: int):
+                 block_size: int, dtype: torch.dtype):
+        """`dtype`: the activations' dtype (the model's compute dtype; not a parameter's, which is FP8 under
+        quantization)."""
         self.model, self.device, self.block_size = model, device, block_size
         self.buckets = batch_buckets(max_num_seqs)
         n, self.max_blocks = self.buckets[-1], -(-max_model_len // block_size)
@@ -42,7 +44,7 @@ class CudaGraphRunner:
         self.max_model_len = max_model_len
         self.intermediate = None  # a later pipeline stage's inputs: the activations of the stage before
         if not model.is_first_stage:
-            h, dtype = model.config.hidden_size, next(model.parameters()).dtype
+            h = model.config.hidden_size
             self.intermediate = {k: torch.zeros(n, h, dtype=dtype, device=device)
                                  for k in ("hidden_states", "residual")}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor | dict[str, torch.Tensor]]] = {}

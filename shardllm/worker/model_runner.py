@@ -180,7 +180,8 @@ class ModelRunner:
             from shardllm.worker.cuda_graph import CudaGraphRunner
 
             sc = self.config.scheduler_config
-            runner = CudaGraphRunner(self.model, self.device, sc.max_num_seqs, sc.max_model_len, self.block_size)
+            runner = CudaGraphRunner(self.model, self.device, sc.max_num_seqs, sc.max_model_len, self.block_size,
+                                     self.model_config.dtype)
             try:
                 runner.capture(log=get_parallel_context().is_driver)
                 self.graph_runner = runner

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from shardllm import LLM
 from shardllm.step_io import ScheduledRequest, SchedulerOutput
@@ -41,3 +42,19 @@ def test_reference_attention_mask_is_causal_with_cached_context(runner):
     # b: one query at position 0 sees key 0 only; its padded second row is not valid
     assert mask[1, 0].tolist() == [True, False, False, False, False]
     assert ref["q_valid"].tolist() == [[True, True], [True, False]]
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float8_e4m3fn, torch.bfloat16])
+def test_graph_buffers_of_a_later_stage_take_the_activation_dtype(param_dtype):
+    """A pipeline stage without the embedding receives activations: its static graph inputs are in the compute
+    dtype, whatever dtype its first parameter has (FP8 weights broke capture at pp = 2 on the H200)."""
+    from types import SimpleNamespace
+
+    from shardllm.worker.cuda_graph import CudaGraphRunner
+
+    stage = torch.nn.Linear(8, 8, bias=False).to(param_dtype)
+    stage.is_first_stage, stage.config = False, SimpleNamespace(hidden_size=8)
+    runner = CudaGraphRunner(stage, torch.device("cpu"), max_num_seqs=4, max_model_len=32, block_size=16,
+                             dtype=torch.bfloat16)
+    assert {t.dtype for t in runner.intermediate.values()} == {torch.bfloat16}
+    assert runner.intermediate["hidden_states"].shape == (4, 8)
