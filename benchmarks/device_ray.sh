@@ -10,6 +10,7 @@ export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 RAY_TMPDIR=/tmp/rayd HOM
 out=${OUT:-bench_out}; mkdir -p "$out" /tmp/rayd /tmp/rayslim
 nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 tar -C /tmp/rayslim -xJf .whl/ray-*-slim.tar.xz || { echo "no packed Ray under .whl/"; exit 1; }
+chmod +x /tmp/rayslim/ray/core/src/ray/gcs/gcs_server /tmp/rayslim/ray/core/src/ray/raylet/raylet  # older packs lack the modes
 python3 -m pip install -q --no-index --find-links .whl jsonschema 2>&1 | tail -2
 export PYTHONPATH=/tmp/rayslim:.
 python3 -c "import ray, torch; print('ray', ray.__version__, 'torch', torch.__version__, torch.cuda.device_count(), 'GPUs')"

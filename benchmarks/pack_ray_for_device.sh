@@ -16,6 +16,7 @@ pip_dl() { "$PY" -m pip download -q --only-binary=:all: --python-version "$PYVER
 pip_dl "$tmp/wheel" --no-deps "ray==$RAY_VERSION"
 pip_dl "$dest" jsonschema  # brings referencing, rpds-py, jsonschema-specifications, attrs
 (cd "$tmp" && "$PY" -m zipfile -e wheel/ray-*.whl site)
+chmod +x "$tmp"/site/ray/core/src/ray/gcs/gcs_server "$tmp"/site/ray/core/src/ray/raylet/raylet  # zipfile drops modes
 rm -rf "$tmp"/site/ray/{jars,rllib,data,train,tune,serve,llm}  # keep dashboard/: each node starts its agent
 tar -C "$tmp/site" -cf - . | xz -6 -T0 > "$dest/ray-$RAY_VERSION-py$PYVER-slim.tar.xz"
 du -ch "$dest"/* | tail -1
