@@ -39,12 +39,7 @@ class WorkerError(RuntimeError):
 
 class MultiprocExecutor(Executor):
     def initialize(self) -> int:
-        pc = self.config.parallel_config
-        self.world_size = pc.world_size
-        self.output_rank = (pc.pipeline_parallel_size - 1) * pc.tensor_parallel_size
-        self.dead: str | None = None
-        self.plan_send_s = 0.0  # time spent pickling and writing plans, for the overhead measurement
-        self.num_steps = 0
+        self._init_messaging()
         # The rendezvous store lives in this process, which outlives the workers: a rank that exits first never
         # pulls it from under the others (NCCL's watchdog polls it until its process group is destroyed).
         import torch.distributed as dist
@@ -57,7 +52,6 @@ class MultiprocExecutor(Executor):
         # Workers are fresh interpreters (`python -m`), not multiprocessing children: nothing of the user's
         # __main__ is re-imported, and CUDA is never initialised before a fork. A socket pair is the pipe.
         self.conns, self.procs = [], []
-        self._inbox: defaultdict[tuple[int, str], list] = defaultdict(list)  # (rank, kind) -> answers
         for rank in range(self.world_size):
             ours, theirs = socket.socketpair()
             fd = theirs.fileno()
@@ -68,6 +62,21 @@ class MultiprocExecutor(Executor):
             conn.send((self.config, rank, rank, init_method, threads))
             self.conns.append(conn)
             self.procs.append(p)
+        return self._load_and_size_kv_cache()
+
+    def _init_messaging(self) -> None:
+        """The driver-side state of the messaging below (the Ray executor shares it)."""
+        pc = self.config.parallel_config
+        self.world_size = pc.world_size
+        self.output_rank = (pc.pipeline_parallel_size - 1) * pc.tensor_parallel_size
+        self.dead: str | None = None
+        self.plan_send_s = 0.0  # time spent pickling and writing plans, for the overhead measurement
+        self.num_steps = 0
+        self._inbox: defaultdict[tuple[int, str], list] = defaultdict(list)  # (rank, kind) -> answers
+
+    def _load_and_size_kv_cache(self) -> int:
+        """Once every worker has its start-up message: wait for the model on every rank, then size and allocate
+        the KV cache (the smallest rank's block count); returns the number of blocks."""
         self._collect_all(INIT_TIMEOUT_S)  # model loaded on every rank
         num_blocks = min(self._call_all("determine_num_blocks", timeout=INIT_TIMEOUT_S))
         self._call_all("initialize_kv_cache", num_blocks)

@@ -26,7 +26,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 
@@ -185,11 +185,7 @@ class RayExecutor(MultiprocExecutor):
 
     def _initialize(self) -> int:
         pc = self.config.parallel_config
-        self.world_size = pc.world_size
-        self.output_rank = (pc.pipeline_parallel_size - 1) * pc.tensor_parallel_size
-        self.dead = None
-        self.plan_send_s, self.num_steps = 0.0, 0
-        self._inbox = defaultdict(list)  # multiproc's messaging state: (rank, kind) -> answers
+        self._init_messaging()
         ray = self._ray = _import_ray()
         t0 = time.monotonic()
         self._started_ray = connect(pc.ray_address)
@@ -252,10 +248,9 @@ class RayExecutor(MultiprocExecutor):
             conn.send((self.config, p.rank, local_rank or 0, init_method, threads))
         self._watcher = threading.Thread(target=self._watch, name="shardllm-ray-watch", daemon=True)
         self._watcher.start()
-        self._collect_all(INIT_TIMEOUT_S)  # model loaded on every rank
-        logger.info("ray: workers connected and the model loaded in %.1fs", time.monotonic() - t0)
-        num_blocks = min(self._call_all("determine_num_blocks", timeout=INIT_TIMEOUT_S))
-        self._call_all("initialize_kv_cache", num_blocks)
+        num_blocks = self._load_and_size_kv_cache()
+        logger.info("ray: workers connected, the model loaded and the KV cache sized in %.1fs",
+                    time.monotonic() - t0)
         return num_blocks
 
     def _placement_group(self, key: str):
