@@ -186,12 +186,15 @@ class MultiprocExecutor(Executor):
             except Exception:
                 pass
         deadline = time.monotonic() + 5
-        for p in procs:
+        for r, p in enumerate(procs):
             try:
                 p.wait(max(0.01, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
-                p.wait(2)
+                try:  # a Ray actor on a lost node may not confirm in time: the rest must still be stopped
+                    p.wait(2)
+                except subprocess.TimeoutExpired:
+                    logger.warning("worker rank %d did not confirm its exit within 2 s of being killed", r)
         for c in getattr(self, "conns", []):
             c.close()
         self.procs, self.conns = [], []
