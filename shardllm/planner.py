@@ -63,6 +63,14 @@ def gpu_spec(name: str | None = None, memory_bytes: int | None = None) -> GPUSpe
     return GPUSpec(name or base.name, memory_bytes, base.hbm_bytes_per_s, base.nvlink_bytes_per_s)
 
 
+def weight_dtype_of(model_config) -> str:
+    """The weight dtype of an engine's ModelConfig in the planner's words: fp8 when quantized, else bf16/fp16/fp32."""
+    if getattr(model_config, "quantization", None) is not None:
+        return "fp8"
+    name = str(model_config.dtype).removeprefix("torch.")
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(name, name)
+
+
 def kv_bytes_per_element(kv_cache_dtype: str, activation_bytes: int) -> int:
     if kv_cache_dtype not in KV_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {list(KV_DTYPES)}, got {kv_cache_dtype!r}")
@@ -420,8 +428,7 @@ def resolve_auto_tp(model_config, pipeline_parallel_size: int, device: str, kv_c
         import torch
 
         count, memory = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory
-    weight = "fp8" if getattr(model_config, "quantization", None) is not None else {
-        2: "bf16", 4: "fp32"}.get(model_config.dtype.itemsize, "bf16")
+    weight = weight_dtype_of(model_config)
     tp = auto_tensor_parallel_size(model_config.hf_config, count, memory, pipeline_parallel_size=pipeline_parallel_size,
                                    weight_dtype=weight, kv_cache_dtype=kv_cache_dtype,
                                    max_seq_len=model_config.max_model_len,

@@ -11,22 +11,14 @@ logger = logging.getLogger("shardllm.startup")
 GiB = 1 << 30
 
 
-def _weight_dtype(config) -> str:
-    mc = config.model_config
-    if getattr(mc, "quantization", None) is not None:
-        return "fp8"
-    return str(mc.dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16").replace(
-        "float32", "fp32")
-
-
 def predict(config, gpu_memory_bytes: int):
     """The planner's estimate of this engine's layout on GPUs of `gpu_memory_bytes`."""
-    from shardllm.planner import estimate
+    from shardllm.planner import estimate, weight_dtype_of
 
     mc, pc, cc, sc = config.model_config, config.parallel_config, config.cache_config, config.scheduler_config
     kv_dtype = getattr(cc, "kv_cache_dtype", "auto")
     return estimate(mc.hf_config, pc.tensor_parallel_size, pc.pipeline_parallel_size,
-                    weight_dtype=_weight_dtype(config), kv_cache_dtype=kv_dtype if kv_dtype else "auto",
+                    weight_dtype=weight_dtype_of(mc), kv_cache_dtype=kv_dtype if kv_dtype else "auto",
                     max_seq_len=sc.max_model_len, max_num_batched_tokens=sc.max_num_batched_tokens,
                     max_num_seqs=sc.max_num_seqs, gpu_memory_bytes=gpu_memory_bytes,
                     kv_cache_free_gpu_memory_fraction=cc.kv_cache_free_gpu_memory_fraction,
@@ -35,6 +27,8 @@ def predict(config, gpu_memory_bytes: int):
 
 def summary_lines(config, num_blocks: int, reports: list[dict]) -> list[str]:
     """The summary as lines: one for the layout, one per rank, one for the KV cache as a whole."""
+    from shardllm.planner import weight_dtype_of
+
     pc, cc, sc = config.parallel_config, config.cache_config, config.scheduler_config
     tp, pp = pc.tensor_parallel_size, pc.pipeline_parallel_size
     tokens = max(num_blocks - 1, 0) * cc.block_size
@@ -42,7 +36,7 @@ def summary_lines(config, num_blocks: int, reports: list[dict]) -> list[str]:
     nodes = getattr(pc, "num_workers", None) or 1
     where = f"{nodes} nodes (Ray)" if nodes > 1 else f"1 node ({socket.gethostname()})"
     lines = [f"layout: tp {tp} x pp {pp} x ep {pc.expert_parallel_size} = {pc.world_size} ranks on {where}, "
-             f"weights {_weight_dtype(config)}, KV cache {getattr(cc, 'kv_cache_dtype', 'auto')}, "
+             f"weights {weight_dtype_of(config.model_config)}, KV cache {getattr(cc, 'kv_cache_dtype', 'auto')}, "
              f"device {config.device}"]
     total = min((r.get("total", 0) for r in reports), default=0)
     est = predict(config, total) if config.device == "cuda" and total else None
