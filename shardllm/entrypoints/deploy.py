@@ -115,6 +115,9 @@ def build_spec(argv: list[str]) -> DeploySpec:
     if "api_key" in vars(args):
         raise ValueError("--api_key would be written into the manifest: put it in a Secret and pass "
                          "--api_key_secret NAME[:KEY]")
+    if engine.get("tensor_parallel_size") == "auto":
+        raise ValueError("--tp_size auto: the manifests must request a number of GPUs: give --tp_size N "
+                         "(`shardllm plan MODEL --gpus G` suggests one)")
     tp = int(engine.get("tensor_parallel_size", 1))
     pp = int(engine.get("pipeline_parallel_size", 1))
     # serve's own checks of the Ray settings (EngineConfig.create runs them again in the pod, with the model)
