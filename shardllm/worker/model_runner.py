@@ -110,6 +110,7 @@ class ModelRunner:
         self._sends: list = []  # last stage of a pipeline: token sends in flight (kept until done)
         self._tables = BlockTables()  # every request's block table (plans carry the changes only)
         self._failed: dict[str, str | None] = {}  # request -> why its sampling failed (None: already reported)
+        self._with_prompt_logprobs: set[str] = set()  # requests that asked for prompt logprobs
 
     # ---- KV cache --------------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -200,6 +201,7 @@ class ModelRunner:
         for rid in so.finished_req_ids:
             self.requests.pop(rid, None)
             self._failed.pop(rid, None)
+            self._with_prompt_logprobs.discard(rid)
             self._sampled_at.pop(rid, None)
             self._tables.drop(rid)
         for new in so.new_requests:
@@ -212,8 +214,10 @@ class ModelRunner:
                 except Exception as e:  # a seed out of range fails this request only
                     self._failed[new.req_id] = f"cannot seed the sampler with {p.seed!r}: {e}"
                     gen = None
-            self.requests[new.req_id] = CachedRequestState(new.num_prompt_tokens, p, gen)
-            self.requests[new.req_id].prompt_token_ids = new.prompt_token_ids
+            self.requests[new.req_id] = CachedRequestState(new.num_prompt_tokens, p, gen,
+                                                           prompt_token_ids=new.prompt_token_ids)
+            if new.prompt_token_ids is not None:
+                self._with_prompt_logprobs.add(new.req_id)
         for s in so.scheduled:
             st = self.requests[s.req_id]
             if len(st.token_ids) != s.num_computed_tokens:
@@ -408,7 +412,9 @@ class ModelRunner:
             if overlap and self.model.is_first_stage and inputs.sample_req_ids:
                 self._keep_step_tokens(step, None, len(inputs.sample_req_ids))  # from the last stage, later
             return None
-        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, so, self.requests)  # every tp rank
+        prompt_logprobs = None  # (no per-step walk over the batch unless a request asked)
+        if self._with_prompt_logprobs:
+            prompt_logprobs = compute_prompt_logprobs(self.model, hidden, so, self.requests)  # every tp rank
         if not inputs.sample_req_ids:
             return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V), on every tp rank
