@@ -24,10 +24,6 @@ from shardllm.worker.sampler import Sampler, SamplerOutput, SamplingBatch
 logger = logging.getLogger(__name__)
 
 
-class _Faulty(Exception):
-    """A request of the batch is known to have failed: sample row by row."""
-
-
 @dataclass
 class CachedRequestState:
     num_prompt_tokens: int
@@ -356,12 +352,11 @@ class ModelRunner:
 
         Returns (SamplerOutput, errors: request id -> message, or None).
         """
-        try:
-            if self._failed and any(r in self._failed for r in req_ids):
-                raise _Faulty()
-            return self.sampler(logits, self._sampling_batch(req_ids), self._num_logprobs(req_ids)), None
-        except Exception:
-            pass
+        if not (self._failed and any(r in self._failed for r in req_ids)):  # no request of the batch failed yet
+            try:
+                return self.sampler(logits, self._sampling_batch(req_ids), self._num_logprobs(req_ids)), None
+            except Exception:
+                pass
         # something in the batch fails: sample row by row to find the rows at fault (a rare, slow path)
         tokens = torch.zeros(len(req_ids), dtype=torch.long, device=self.device)
         logprobs: list | None = None
