@@ -114,7 +114,7 @@ class EngineConfig:
                async_scheduling: bool | None = None, all_reduce: str = "nccl", num_workers: int | None = None,
                ray_address: str | None = None, quantization: str | None = None,
                kv_cache_dtype: str = "auto") -> EngineConfig:
-        from shardllm.layers.quantization.formats import detect_quantization
+        from shardllm.layers.quantization.formats import check_quantization_method, detect_quantization
         from shardllm.model_loader.resolve import resolve_model
 
         if moe_expert_parallel_size is not None:
@@ -142,6 +142,7 @@ class EngineConfig:
             raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}: choose one of {list(KV_CACHE_DTYPES)}")
         if dtype == "fp8":
             quantization = quantization or "fp8"
+        check_quantization_method(quantization)  # before resolve_model, which may download the checkpoint
 
         resolved = resolve_model(model, load_format, trust_remote_code=trust_remote_code)
         hf_config = resolved.hf_config

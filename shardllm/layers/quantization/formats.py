@@ -42,12 +42,17 @@ def checkpoint_quant_dict(hf_config: Any, path: str | None) -> dict:
     return {}
 
 
-def detect_quantization(hf_config: Any, path: str | None, requested: str | None) -> QuantizationConfig | None:
-    """The QuantizationConfig for this model: the checkpoint's FP8 format if it has one, else online FP8 when
-    `requested` is "fp8", else None. Raises ValueError for an unknown method or an unsupported checkpoint."""
+def check_quantization_method(requested: str | None) -> None:
+    """Refuse an unknown `quantization` (EngineConfig.create calls it before resolving, so before a download)."""
     if requested is not None and requested not in QUANTIZATION_METHODS:
         raise ValueError(f"unknown quantization {requested!r}: choose one of {list(QUANTIZATION_METHODS)} "
                          "(or leave it unset)")
+
+
+def detect_quantization(hf_config: Any, path: str | None, requested: str | None) -> QuantizationConfig | None:
+    """The QuantizationConfig for this model: the checkpoint's FP8 format if it has one, else online FP8 when
+    `requested` is "fp8", else None. Raises ValueError for an unknown method or an unsupported checkpoint."""
+    check_quantization_method(requested)
     d = checkpoint_quant_dict(hf_config, path)
     if not d:
         return QuantizationConfig() if requested == "fp8" else None
