@@ -197,7 +197,7 @@ class OpenAIServer:
         return max_tokens
 
     def _prompt_ids(self, prompt) -> list[tuple[str | None, list[int]]]:
-        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        prompts = validation.split_prompts(prompt)
         if not prompts:
             raise APIError("'prompt' must not be empty.", param="prompt")
         result = []
@@ -225,7 +225,7 @@ class OpenAIServer:
             raise APIError("'suffix' is not supported.", param="suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError("'best_of' other than n is not supported.", param="best_of")
-        validation.check_num_seqs(validation.num_prompts(req.prompt), req.n, self.max_seqs_per_request)
+        validation.check_num_seqs(len(validation.split_prompts(req.prompt)), req.n, self.max_seqs_per_request)
         prompts = await self._off_loop(self._prompt_ids, req.prompt)
         params = [req.sampling_params(self._check_length(len(ids), req.max_tokens, "prompt"), req.logprobs)
                   for _, ids in prompts]

@@ -63,8 +63,6 @@ def check_num_seqs(num_prompts: int, n: int, max_seqs: int) -> None:
                        "or a smaller n, or split the request.", param="n" if num_prompts == 1 else "prompt")
 
 
-def num_prompts(prompt: Any) -> int:
-    """How many prompts a completions `prompt` holds (a string, token ids, or a list of either)."""
-    if isinstance(prompt, str) or not isinstance(prompt, list) or not prompt or isinstance(prompt[0], int):
-        return 1
-    return len(prompt)
+def split_prompts(prompt: Any) -> list:
+    """The prompts a completions `prompt` holds: a string or a list of token ids is one, else a list of either."""
+    return [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
