@@ -427,6 +427,10 @@ def resolve_auto_tp(model_config, pipeline_parallel_size: int, device: str, kv_c
     else:
         import torch
 
+        if not torch.cuda.is_available():  # e.g. a GPU-less driver of Ray workers
+            raise ValueError(f"tensor_parallel_size='auto' sizes tp from this host's GPUs, and it sees none "
+                             f"({host.get('reason') or 'NVML lists none'}): give tensor_parallel_size=N "
+                             "(`shardllm plan MODEL --gpus G` suggests one)")
         count, memory = torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory
     weight = weight_dtype_of(model_config)
     tp = auto_tensor_parallel_size(model_config.hf_config, count, memory, pipeline_parallel_size=pipeline_parallel_size,
