@@ -16,10 +16,9 @@ from torch import nn
 from shardllm.layers.quantization import QuantizationConfig
 from shardllm.layers.quantization.fp8_utils import (
     FP8_DTYPE,
+    block_fp8_linear,
     dequantize,
     quantize_per_block,
-    quantize_per_token_group,
-    scaled_mm_block,
     weight_only_fallback,
 )
 from shardllm.model_loader.weight_utils import copy_weight, materialize, narrow
@@ -93,15 +92,9 @@ class Fp8BlockLinearMethod:
         if self.weight_only:
             w = dequantize(layer.weight, getattr(layer, self.scale_name), self.block).to(x.dtype)
             return F.linear(x, w, bias)
-        bk = self.block[1]
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, K)
-        k = x2.shape[1]
-        pad = -k % bk
-        x_q, x_scale = quantize_per_token_group(F.pad(x2, (0, pad)) if pad else x2, bk)  # (M, K), (M, K / bk)
-        if pad:
-            x_q = x_q[:, :k]
-        y = scaled_mm_block(x_q, layer.weight, x_scale, getattr(layer, self.scale_name), self.block, x.dtype)
+        y = block_fp8_linear(x2, layer.weight, getattr(layer, self.scale_name), self.block, x.dtype)  # (M, N)
         if bias is not None:
             y = y + bias
         return y.view(*shape[:-1], y.shape[-1])

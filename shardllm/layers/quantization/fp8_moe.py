@@ -20,13 +20,12 @@ from torch import nn
 from shardllm.layers.quantization import QuantizationConfig
 from shardllm.layers.quantization.fp8_utils import (
     FP8_DTYPE,
+    block_fp8_linear,
     cpu_weight_f32,
     dequantize,
     quantize_per_block,
     quantize_per_row,
-    quantize_per_token_group,
     quantize_with_scale,
-    scaled_mm_block,
     scaled_mm_rowwise,
     weight_only_fallback,
 )
@@ -123,11 +122,7 @@ class Fp8MoEMethod:
         if self.weight_only:
             return F.linear(x, dequantize(w, scale if self.block else scale[:, None], self.block).to(x.dtype))
         if self.block:
-            bk = self.block[1]
-            k = x.shape[1]
-            pad = -k % bk
-            x_q, x_scale = quantize_per_token_group(F.pad(x, (0, pad)) if pad else x, bk)
-            return scaled_mm_block(x_q[:, :k], w, x_scale, scale, self.block, x.dtype)
+            return block_fp8_linear(x, w, scale, self.block, x.dtype)
         if self.static_input:
             x_q = quantize_with_scale(x, holder.input_scale)
             x_scale = holder.input_scale.expand(x.shape[0], 1).contiguous()

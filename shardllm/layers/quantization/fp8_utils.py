@@ -164,6 +164,17 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
 _BLOCK_OK = [True]  # cleared for the process when cuBLAS refuses a block-scaled shape the probe did not try
 
 
+def block_fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, block: tuple[int, int],
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """x (M, K) unquantized -> (M, N): x quantized per token in 1 x bk groups (K zero-padded to whole groups
+    for the amax), then `scaled_mm_block` against w_q (N, K) with its block scales."""
+    bk = block[1]
+    k = x.shape[1]
+    pad = -k % bk
+    x_q, x_scale = quantize_per_token_group(F.pad(x, (0, pad)) if pad else x, bk)  # (M, K + pad), (M, K / bk)
+    return scaled_mm_block(x_q[:, :k] if pad else x_q, w_q, x_scale, w_scale, block, out_dtype)
+
+
 def scaled_mm_block(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                     block: tuple[int, int], out_dtype: torch.dtype) -> torch.Tensor:
     """Block recipe: x_q (M, K) with x_scale (M, K / bk) per 1 x bk group; w_q (N, K) with w_scale
