@@ -303,7 +303,9 @@ class OpenAIServer:
                     if req.logprobs is not None and (len(entries) > n_tok or n_chars is None):
                         # every token's logprobs as soon as it exists, whatever text is held back: the chunks'
                         # lists join into the non-streamed ones
-                        builder = builders.setdefault(key, CompletionLogprobs(req.logprobs, self._token_bytes))
+                        builder = builders.get(key)
+                        if builder is None:
+                            builder = builders[key] = CompletionLogprobs(req.logprobs, self._token_bytes)
                         parts = [self._echo_logprobs(builder, out)] if req.echo and n_chars is None else []
                         lp = join_completion_logprobs(
                             [*parts, builder.add(o.token_ids[n_tok:len(entries)], entries[n_tok:])])
