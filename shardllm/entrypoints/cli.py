@@ -15,10 +15,10 @@ import sys
 from typing import Any
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "log_level", "shutdown_timeout", "api_key_file",
-               "max_request_body_bytes", "max_seqs_per_request", "timeout_keep_alive", "request_read_timeout")
 # Operator limits of the server (run_server's keyword arguments), passed on when given.
 LIMIT_KEYS = ("max_request_body_bytes", "max_seqs_per_request", "timeout_keep_alive", "request_read_timeout")
+SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "log_level", "shutdown_timeout", "api_key_file",
+               *LIMIT_KEYS)
 # Commands with flags of their own, dispatched in main() before argparse; listed in `shardllm --help`.
 OWN_FLAG_COMMANDS = {
     "bench": "offline throughput benchmark, layout sweeps, `bench serve` load generator (shardllm bench --help)",
