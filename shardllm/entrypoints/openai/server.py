@@ -299,8 +299,8 @@ class OpenAIServer:
                     prefix = echo[p_idx] if n_chars is None else ""
                     delta = o.text[n_chars or 0:]  # the engine's text only grows (stop-string tails held back)
                     # one entry per token of this output (never more: the lists are zipped below)
-                    lp, entries = None, (o.logprobs or [])[:len(o.token_ids)]
-                    if req.logprobs is not None and (len(entries) > n_tok or n_chars is None):
+                    lp, num_entries = None, min(len(o.logprobs or ()), len(o.token_ids))
+                    if req.logprobs is not None and (num_entries > n_tok or n_chars is None):
                         # every token's logprobs as soon as it exists, whatever text is held back: the chunks'
                         # lists join into the non-streamed ones
                         builder = builders.get(key)
@@ -308,10 +308,11 @@ class OpenAIServer:
                             builder = builders[key] = CompletionLogprobs(req.logprobs, self._token_bytes)
                         parts = [self._echo_logprobs(builder, out)] if req.echo and n_chars is None else []
                         lp = join_completion_logprobs(
-                            [*parts, builder.add(o.token_ids[n_tok:len(entries)], entries[n_tok:])])
+                            [*parts, builder.add(o.token_ids[n_tok:num_entries],
+                                                 (o.logprobs or [])[n_tok:num_entries])])
                     if prefix or delta or (lp and lp["tokens"]) or o.finish_reason:
                         yield chunk(key, prefix + delta, lp, o.finish_reason)
-                    sent_chars[key], sent_tokens[key] = len(o.text), len(entries)
+                    sent_chars[key], sent_tokens[key] = len(o.text), num_entries
                     if o.finish_reason is not None:
                         done.add(key)
                         num_completion_tokens += len(o.token_ids)
