@@ -103,6 +103,9 @@ def build_spec(argv: list[str]) -> DeploySpec:
     """Parse `kubernetes MODEL [flags]`; serve's parser exits 2 on a flag serve rejects, ValueError otherwise."""
     opts, rest = build_deploy_parser().parse_known_args(argv)
     args = build_parser().parse_args(["serve", *rest])  # serve's own checks and messages
+    if "api_key_file" in vars(args):  # a path on this machine, not in the pod: the server would fail at start
+        raise ValueError("--api_key_file names a file on this machine, which the pod does not have: put the key "
+                         "in a Secret and pass --api_key_secret NAME[:KEY]")
     engine, server = resolve_settings(args, server=True)
     if not DNS_LABEL.match(opts.name) or len(opts.name) > 40:
         raise ValueError(f"--name {opts.name!r} must be a DNS label of at most 40 characters: lowercase letters, "
