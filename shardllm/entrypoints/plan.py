@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from shardllm.entrypoints.cli import _names
 from shardllm.planner import KV_DTYPES, WEIGHT_DTYPES, GiB, Plan, gpu_spec, plan
 
 
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardllm plan", allow_abbrev=False,
                                 description="Rank the tp x pp x replicas layouts of a model on a set of GPUs.")
     p.add_argument("model", help="checkpoint dir, Hugging Face repo id, or a shipped config (llama-3-70b, ...)")
-    add = lambda *names, **kw: p.add_argument(*names, *[n.replace("_", "-") for n in names if "_" in n], **kw)  # noqa: E731
+    add = lambda *names, **kw: p.add_argument(*_names(*names), **kw)  # noqa: E731 - --snake_case and --kebab-case
     add("--gpus", type=int, help="GPUs on one node (default: the local GPUs, through NVML)")
     add("--gpus_per_node", type=int, help="GPUs per node, with --nodes")
     add("--nodes", type=int, default=1, help="nodes (pipeline stages go across them)")
