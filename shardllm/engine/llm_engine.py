@@ -198,6 +198,8 @@ class LLMEngine:
         now = time.time()
         parents: dict[str, None] = {}
         for req in updated:
+            if req.status is RequestStatus.FINISHED_ABORTED:  # a sibling failed earlier in this loop: done
+                continue
             try:
                 if req.status is RequestStatus.FINISHED_ERROR:  # its sampling failed on the workers
                     raise _RequestFailed(req.error)

@@ -96,3 +96,35 @@ def test_fault_isolation_and_logit_bias_on_gpus(tiny_checkpoints):
         assert forced[0].outputs[0].token_ids == [42] * 6
     finally:
         llm.shutdown()
+
+
+def _raise_after(token: int, output_ids: list[int], logits):
+    """Fails the one child whose first token is `token` (module level: it pickles)."""
+    if output_ids[:1] == [token]:
+        raise RuntimeError("logits processor exploded")
+    return logits
+
+
+def test_a_failed_child_aborts_its_sibling_once(tiny_checkpoints):
+    """n = 2, one child's sampling fails: it ends with "error", its sibling with "abort", each counted once (the
+    sibling, processed after the failure in the same step, was counted twice and could turn into "stop")."""
+    import functools
+
+    llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=100, block_size=4)
+    try:
+        for seed in range(1, 20):  # a seed whose two children start differently
+            sp = dict(n=2, max_tokens=6, temperature=1.0, seed=seed, ignore_eos=True)
+            firsts = [o.token_ids[0] for o in llm.generate([PROMPTS[0]], SamplingParams(**sp),
+                                                           use_tqdm=False)[0].outputs]
+            if firsts[0] != firsts[1]:
+                break
+        before = dict(llm.engine.stats.finished)
+        proc = functools.partial(_raise_after, firsts[0])
+        out = llm.generate([PROMPTS[0]], SamplingParams(**sp, logits_processors=[proc]), use_tqdm=False)[0]
+        assert [o.finish_reason for o in out.outputs] == ["error", "abort"]
+        after = llm.engine.stats.finished
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        assert {k: v for k, v in delta.items() if v} == {"error": 1, "abort": 1}, delta
+        assert llm.engine.kv_cache_manager.usage == 0.0
+    finally:
+        llm.shutdown()
