@@ -106,6 +106,15 @@ def build_spec(argv: list[str]) -> DeploySpec:
     if "api_key_file" in vars(args):  # a path on this machine, not in the pod: the server would fail at start
         raise ValueError("--api_key_file names a file on this machine, which the pod does not have: put the key "
                          "in a Secret and pass --api_key_secret NAME[:KEY]")
+    if getattr(args, "config", None):  # the same refusals for a key set in the --config file
+        try:
+            with open(args.config) as f:
+                from_file = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            from_file = None  # resolve_settings says what is wrong with the file
+        for key in sorted(set(from_file if isinstance(from_file, dict) else ()) & {"api_key", "api_key_file"}):
+            raise ValueError(f"{key} in {args.config} would not reach the pod (an API key is never written into "
+                             "the manifest): put the key in a Secret and pass --api_key_secret NAME[:KEY]")
     engine, server = resolve_settings(args, server=True)
     if not DNS_LABEL.match(opts.name) or len(opts.name) > 40:
         raise ValueError(f"--name {opts.name!r} must be a DNS label of at most 40 characters: lowercase letters, "

@@ -237,6 +237,16 @@ def test_config_file_keys_travel_as_flags_or_configmap(tmp_path, monkeypatch):
     assert not [e for d in docs for e in manifest_errors(d)]
 
 
+@pytest.mark.parametrize("key", ["api_key", "api_key_file"])
+def test_an_api_key_in_the_config_file_is_refused_not_dropped(tmp_path, key, capsys):
+    """A key the manifest cannot carry must not vanish silently: the pod would serve without authentication."""
+    cfg = tmp_path / "settings.yaml"
+    cfg.write_text(f"tp_size: 2\n{key}: s3cret\n")
+    rc = main(["kubernetes", "llama-3-8b", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--api_key_secret" in err and key in err and "s3cret" not in err
+
+
 def test_multinode_lws_group_and_scripts(rendered):
     _, docs = rendered["405b-lws"]
     (lws,) = [d for d in docs if d["kind"] == "LeaderWorkerSet"]
