@@ -73,8 +73,8 @@ class AsyncLLM:
         self.config = engine.config
         self.tokenizer = engine.tokenizer
         self.latency = LatencyHistograms()
-        self.snapshot = EngineSnapshot(num_kv_blocks=engine.num_blocks, kv_cache_capacity_tokens=engine.num_blocks
-                                       * engine.config.cache_config.block_size)
+        self.snapshot = EngineSnapshot(num_kv_blocks=engine.num_blocks,
+                                       kv_cache_capacity_tokens=engine.kv_cache_manager.capacity_tokens)
         self._idle_wait_s = idle_wait_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}  # touched by the event loop only
@@ -301,7 +301,7 @@ class AsyncLLM:
             num_requests_running=len(engine.scheduler.running),
             num_requests_waiting=len(engine.scheduler.waiting),
             kv_cache_usage=kv.usage, num_kv_blocks=kv.num_blocks, prompt_tokens=stats.prompt_tokens,
-            kv_cache_capacity_tokens=kv.num_blocks * kv.block_size,
+            kv_cache_capacity_tokens=kv.capacity_tokens,
             generation_tokens=stats.generation_tokens, finished=dict(stats.finished),
             preemptions=stats.preemptions, prefix_cache_queries=kv.prefix_queries,
             prefix_cache_hits=kv.prefix_hits, memory_in_use=self._memory,

@@ -51,6 +51,11 @@ class KVCacheManager:
         return len(self.free_queue)
 
     @property
+    def capacity_tokens(self) -> int:
+        """Tokens the cache can hold: every block but block 0, which padded slots write to."""
+        return (self.num_blocks - 1) * self.block_size
+
+    @property
     def usage(self) -> float:
         """Fraction of usable blocks held by requests (cached-but-free blocks count as free)."""
         return 1.0 - self.num_free_blocks / (self.num_blocks - 1)

@@ -29,7 +29,7 @@ class EngineSnapshot:
     num_requests_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of usable KV blocks held by requests
     num_kv_blocks: int = 0
-    kv_cache_capacity_tokens: int = 0  # blocks x block_size: what an FP8 cache doubles
+    kv_cache_capacity_tokens: int = 0  # (blocks - 1) x block_size: what an FP8 cache doubles
     prompt_tokens: int = 0
     generation_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # finish reason -> requests

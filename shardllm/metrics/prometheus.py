@@ -53,7 +53,8 @@ class EngineCollector(Collector):
         yield self._gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks held by requests (0 to 1).",
                           s.kv_cache_usage)
         yield self._gauge("kv_cache_num_blocks", "KV cache blocks per rank.", s.num_kv_blocks)
-        yield self._gauge("kv_cache_capacity_tokens", "Tokens the KV cache holds per rank (blocks x block size).",
+        yield self._gauge("kv_cache_capacity_tokens",
+                          "Tokens the KV cache holds per rank (usable blocks x block size).",
                           s.kv_cache_capacity_tokens)
         yield self._counter("prompt_tokens", "Prompt tokens of sequences that produced a first token.",
                             s.prompt_tokens)
