@@ -246,3 +246,20 @@ def test_online_row_and_column_parallel_shards_quantize_their_own_slice():
     assert torch.equal(col.weight.float(), q.float()) and torch.equal(col.weight_scale, s[:, 0])
     q, s = quantize_per_row(w[:, 48:])
     assert torch.equal(row.weight.float(), q.float()) and torch.equal(row.weight_scale, s[:, 0])
+
+
+@pytest.mark.parametrize("pattern", ["model.mlp", "model.mlp.experts", "re:.*mlp\\.experts", "re:.*\\.mlp$"])
+def test_experts_are_ignored_under_either_spelling(pattern):
+    """Checkpoints name MoE experts as `...mlp` or `...mlp.experts`: either pattern leaves the fused experts
+    unquantized (one spelling matching and the other not is not a partial ignore)."""
+    from shardllm.layers.moe import FusedMoE
+
+    cfg = QuantizationConfig(source="compressed-tensors", weight_strategy="channel", is_checkpoint_fp8=True,
+                             ignore=(pattern,))
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    with quant_config_scope(cfg):
+        root.model.mlp = FusedMoE(4, 2, 32, 64, renormalize=True)
+    assert root.model.mlp.quant_method is not None
+    prepare_quantized_model(root, cfg)
+    assert root.model.mlp.quant_method is None

@@ -119,6 +119,8 @@ def unquantize_ignored(model: nn.Module, cfg: QuantizationConfig, packed: dict) 
         if isinstance(m, FusedMoE):  # experts: mlp.experts.E.w1 ... (checkpoint spelling varies)
             names = [n for n in (name, name + ".experts") if n]
         hits = [cfg.is_ignored(n) for n in names]
+        if isinstance(m, FusedMoE):  # the two spellings name the same experts: either one ignores them
+            hits = [any(hits)]
         if any(hits) and not all(hits):
             raise ValueError(f"the quantization config's ignore list names only some of {names}, which shardllm "
                              "fuses into one layer: ignore all of them or none")
