@@ -90,6 +90,30 @@ class SchedulerConfig:
     async_scheduling: bool = False
 
 
+def check_engine_settings(*, tensor_parallel_size: int | str = 1, pipeline_parallel_size: int = 1,
+                          expert_parallel_size: int = 1, max_batch_size: int = 256, max_num_tokens: int = 8192,
+                          block_size: int = 16, kv_cache_free_gpu_memory_fraction: float = 0.9, dtype: str = "auto",
+                          kv_cache_dtype: str = "auto", quantization: str | None = None) -> None:
+    """The checks of `EngineConfig.create` that need no model (sizes, dtypes, quantization), for callers that
+    validate settings without loading one (`shardllm deploy`). Raises ValueError naming the fix."""
+    from shardllm.layers.quantization.formats import check_quantization_method
+
+    for name, v in [("tensor_parallel_size", 1 if tensor_parallel_size == "auto" else tensor_parallel_size),
+                    ("pipeline_parallel_size", pipeline_parallel_size),
+                    ("expert_parallel_size", expert_parallel_size), ("max_batch_size", max_batch_size),
+                    ("max_num_tokens", max_num_tokens), ("block_size", block_size)]:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not 0.0 < kv_cache_free_gpu_memory_fraction <= 1.0:
+        raise ValueError("kv_cache_free_gpu_memory_fraction must be in (0, 1], got "
+                         f"{kv_cache_free_gpu_memory_fraction}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}: choose one of {list(KV_CACHE_DTYPES)}")
+    check_quantization_method(quantization or ("fp8" if dtype == "fp8" else None))  # before any download
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
@@ -114,20 +138,16 @@ class EngineConfig:
                async_scheduling: bool | None = None, all_reduce: str = "nccl", num_workers: int | None = None,
                ray_address: str | None = None, quantization: str | None = None,
                kv_cache_dtype: str = "auto") -> EngineConfig:
-        from shardllm.layers.quantization.formats import check_quantization_method, detect_quantization
+        from shardllm.layers.quantization.formats import detect_quantization
         from shardllm.model_loader.resolve import resolve_model
 
         if moe_expert_parallel_size is not None:
             expert_parallel_size = moe_expert_parallel_size
-        for name, v in [("tensor_parallel_size", 1 if tensor_parallel_size == "auto" else tensor_parallel_size),
-                        ("pipeline_parallel_size", pipeline_parallel_size),
-                        ("expert_parallel_size", expert_parallel_size), ("max_batch_size", max_batch_size),
-                        ("max_num_tokens", max_num_tokens), ("block_size", block_size)]:
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not 0.0 < kv_cache_free_gpu_memory_fraction <= 1.0:
-            raise ValueError("kv_cache_free_gpu_memory_fraction must be in (0, 1], got "
-                             f"{kv_cache_free_gpu_memory_fraction}")
+        check_engine_settings(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
+                              expert_parallel_size=expert_parallel_size, max_batch_size=max_batch_size,
+                              max_num_tokens=max_num_tokens, block_size=block_size,
+                              kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction, dtype=dtype,
+                              kv_cache_dtype=kv_cache_dtype, quantization=quantization)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cuda", "cpu"):
@@ -136,13 +156,8 @@ class EngineConfig:
         on_ray = _executor_backend(distributed_executor_backend, num_workers, ray_address) == "ray"
         if device == "cuda" and not torch.cuda.is_available() and not on_ray:
             raise ValueError("device='cuda' but no CUDA GPU is visible: use device='cpu' or check the driver")
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}: choose one of {list(KV_CACHE_DTYPES)}")
         if dtype == "fp8":
             quantization = quantization or "fp8"
-        check_quantization_method(quantization)  # before resolve_model, which may download the checkpoint
 
         resolved = resolve_model(model, load_format, trust_remote_code=trust_remote_code)
         hf_config = resolved.hf_config

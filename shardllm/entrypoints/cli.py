@@ -51,6 +51,34 @@ def _int_or_auto(v: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {v!r}") from None
 
 
+def _port(v: str) -> int:
+    try:
+        port = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {v!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in 1..65535, got {port}")
+    return port
+
+
+def check_bind(host: str, port: int) -> None:
+    """Bind and release (host, port) before the model loads, so that a bad address or a port in use fails in a
+    second rather than after minutes of loading. Raises ValueError naming the fix."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as e:
+            raise ValueError(f"--host {host}: cannot resolve it ({e.strerror}): give an address of this machine "
+                             "(0.0.0.0 for all of them)") from None
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host, or "
+                             "stop what uses the port") from None
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=argparse.SUPPRESS,
                    help="checkpoint dir, .gguf file or Hugging Face repo id (default: the embedded model)")
@@ -113,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(serve)
     g = serve.add_argument_group("server")
     for names, kw in [(("--host",), dict(help="address to bind (default $SHARDLLM_HOST, else localhost)")),
-                      (("--port",), dict(type=int, help="port (default 8000)")),
+                      (("--port",), dict(type=_port, help="port (default 8000)")),
                       (("--served_model_name",), dict(help="the model's name in the API (default: MODEL)")),
                       (("--api_key",), dict(help="require 'Authorization: Bearer KEY' on /v1/* "
                                                  "(or set SHARDLLM_API_KEY)")),
@@ -232,6 +260,10 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(e))
     _setup_logging(opts["log_level"])
     try:
+        check_bind(opts["host"], opts["port"])
+    except ValueError as e:
+        return _fail(str(e))
+    try:
         from shardllm.engine.async_llm import AsyncLLM
         from shardllm.entrypoints.openai.server import run_server
     except ImportError as e:
@@ -268,6 +300,8 @@ def generate(args: argparse.Namespace) -> int:
         if sys.stdin.isatty():
             return _fail("give at least one --prompt, or prompts on stdin (one per line)")
         prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        if not prompts:
+            return _fail("no prompt: give --prompt TEXT, or prompts on stdin (one per line)")
     from shardllm import LLM, SamplingParams
 
     try:

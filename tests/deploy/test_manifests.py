@@ -292,13 +292,30 @@ def _run(argv: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("bad", [["--bogus_flag", "1"], ["--tp_size", "four"], ["--device", "tpu"],
-                                 ["--num_workers", "two"]])
+                                 ["--num_workers", "two"], ["--port", "99999"]])
 def test_bad_serve_flags_fail_with_serves_message(bad, capsys):
     serve_rc, serve_err = _run(["serve", *bad], capsys)
     deploy_rc, deploy_err = _run(["deploy", "kubernetes", *bad], capsys)
     assert serve_rc != 0 and deploy_rc != 0
     message = serve_err.strip().splitlines()[-1].split("error: ", 1)[1]
     assert message in deploy_err
+
+
+@pytest.mark.parametrize("bad", [["--tp_size", "0"], ["--pp_size", "-1"], ["--dtype", "fp9"],
+                                 ["--kv_cache_dtype", "int4"], ["--quantization", "awq9"], ["--max_batch_size", "0"]])
+def test_settings_serve_refuses_are_refused_with_its_message(bad, capsys):
+    """Values serve's parser accepts but its engine config refuses (before any model loads) fail here too."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve_rc, serve_err = _run(["serve", "llama-3-8b", "--load_format", "dummy", "--host", "127.0.0.1", "--port",
+                                str(port), *bad], capsys)
+    deploy_rc, deploy_err = _run(["deploy", "kubernetes", "llama-3-8b", *bad], capsys)
+    assert serve_rc == deploy_rc == 1
+    message = serve_err.strip().splitlines()[-1].split("error: ", 1)[1]
+    assert deploy_err.strip().splitlines()[-1].split("error: ", 1)[1] == message
 
 
 def test_bad_num_workers_fails_with_the_engine_configs_message(capsys):

@@ -94,3 +94,24 @@ def test_generate_on_the_default_model(capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert out.startswith("### The capital of France is\n") and len(out.splitlines()[1]) > 0
+
+
+def test_serve_fails_before_loading_on_a_port_in_use_or_a_bad_host(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "--host", "127.0.0.1", "--port", str(port)]) == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert cli.main(["serve", "--host", "256.1.1.1", "--port", str(port)]) == 1
+    assert "--host 256.1.1.1: cannot resolve it" in capsys.readouterr().err
+
+
+def test_generate_without_any_prompt_is_an_error(monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n  \n"))
+    assert cli.main(["generate"]) == 1
+    assert "no prompt" in capsys.readouterr().err
