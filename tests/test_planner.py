@@ -155,6 +155,9 @@ def test_plan_command_text_and_errors(capsys):
     assert main(["plan", "no-such-model", "--gpus", "2"]) == 1
     assert "no-such-model" in capsys.readouterr().err
     assert main(["plan", "llama-3-8b", "--gpus", "0"]) == 1
+    for gib in ("-1", "0.001"):
+        assert main(["plan", "llama-3-8b", "--gpus", "2", "--gpu_memory_gib", gib]) == 1
+        assert "--gpu_memory_gib must be at least 1" in capsys.readouterr().err
 
 
 def test_tensor_parallel_size_auto(monkeypatch):

@@ -264,6 +264,9 @@ def _check_server(url: str, interval: float) -> list[Finding]:
     except OSError as e:
         return [Finding("problem", "server", f"cannot read {url}/metrics: {e}", "the server is down or unreachable",
                         "check the URL and that `shardllm serve` runs")]
+    except ValueError as e:  # not a URL urllib can open
+        return [Finding("problem", "server", f"--url {url!r} is not a URL: {e}", "nothing was checked",
+                        "give the server's address, e.g. --url http://127.0.0.1:8000")]
     found = diagnose_metrics(before, after, interval)
     if not any(f.severity in ("warning", "problem") for f in found):
         found.append(Finding("ok", "server", f"{url}: no common issue in /metrics"))

@@ -112,6 +112,8 @@ def main(argv: list[str]) -> int:
             gpn, nodes, name = local["count"], 1, name or local["name"]
             memory = memory or local["memory_bytes"]
             topology = topology or local["topology"]
+        if args.gpu_memory_gib is not None and args.gpu_memory_gib < 1:
+            raise ValueError(f"--gpu_memory_gib must be at least 1 (GiB of one GPU), got {args.gpu_memory_gib}")
         if gpn < 1 or nodes < 1:
             raise ValueError(f"--gpus / --gpus_per_node and --nodes must be >= 1, got {gpn} and {nodes}")
         result = plan(hf_config, model=args.model, gpus_per_node=gpn, nodes=nodes,

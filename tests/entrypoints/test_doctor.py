@@ -87,6 +87,8 @@ def test_doctor_flags_an_unreachable_server(capsys):
     assert main(["doctor", "--url", url, "--interval", "0.1"]) == 1
     out = capsys.readouterr().out
     assert "[PROBLEM] server: cannot read" in out and "fix:" in out
+    assert main(["doctor", "--url", "notaurl", "--interval", "0.1"]) == 1  # a typo is a problem, not a pass
+    assert "is not a URL" in capsys.readouterr().out
 
 
 def exposition(fake: FakeNVML, snap: EngineSnapshot, monkeypatch) -> tuple:
