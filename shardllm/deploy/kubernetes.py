@@ -23,7 +23,7 @@ READINESS_PERIOD_S = 5
 LIVENESS_PERIOD_S = 10
 PROBE_FAILURES = 3
 PROBE_TIMEOUT_S = 5
-# The server gives running requests shutdown_timeout s after SIGTERM and uvicorn 5 s more (server.run_server);
+# The server gives running requests shutdown_timeout s after SIGTERM and uvicorn 5 s more (openai/run.py: run_server);
 # the pod gets 15 s over that before the kubelet's SIGKILL.
 TERMINATION_MARGIN_S = 15
 

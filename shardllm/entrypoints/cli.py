@@ -265,7 +265,7 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(e))
     try:
         from shardllm.engine.async_llm import AsyncLLM
-        from shardllm.entrypoints.openai.server import run_server
+        from shardllm.entrypoints.openai.run import run_server
     except ImportError as e:
         return _fail(f"{e}: the server needs its extras, `pip install 'shardllm[server]'`")
     # A signal while the model loads stops the start cleanly; uvicorn takes the signals over once it runs.
