@@ -6,6 +6,7 @@ resolves the model, and fails with a ValueError that says what to change.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,10 @@ class SchedulerConfig:
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
     num_microbatches: int = 1  # batches kept in flight: the number of pipeline stages
+    # Requests running at once. None: max_num_seqs per micro-batch (with a pipeline each stage then sees batches as
+    # large as one GPU would, as vLLM's per-stage virtual engines did); with SHARDLLM_PP_SHARED_MAX_SEQS=1 at start-up,
+    # max_num_seqs in all (the earlier behaviour, kept for A/B measurements: docs/benchmarks.md).
+    max_num_running_seqs: int | None = None
     # Schedule step k+1 while step k runs on the device: a decoding request joins the next batch before its
     # token is known (a placeholder the worker fills on the device from step k's sampled tokens).
     async_scheduling: bool = False
@@ -208,7 +213,9 @@ class EngineConfig:
             async_scheduling = parallel_config.pipeline_parallel_size == 1
         scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len,
                                            num_microbatches=pipeline_parallel_size,
-                                           async_scheduling=bool(async_scheduling))
+                                           async_scheduling=bool(async_scheduling),
+                                           max_num_running_seqs=max_batch_size if os.environ.get(
+                                               "SHARDLLM_PP_SHARED_MAX_SEQS") == "1" else None)
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
         return EngineConfig(model_config, parallel_config, cache_config, scheduler_config, device, enforce_eager,

@@ -26,6 +26,8 @@ class Scheduler:
         self._sent: set[str] = set()  # requests whose NewRequestData the workers have
         self._finished_ids: list[str] = []
         self.num_preemptions_total = 0
+        # each batch in flight holds up to max_num_seqs requests (SchedulerConfig.max_num_running_seqs)
+        self.max_running = config.max_num_running_seqs or config.max_num_seqs * config.num_microbatches
 
     # ---- queue management ----------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -109,7 +111,7 @@ class Scheduler:
                 break
 
         if out.num_preempted == 0:
-            while (self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs
+            while (self.waiting and budget > 0 and len(self.running) < self.max_running
                    and (cap is None or len(chosen) < cap)):
                 req = self.waiting[0]
                 computed_blocks, num_cached = [], 0

@@ -142,3 +142,34 @@ def test_pipeline_splits_requests_over_microbatches():
     assert [x.req_id for x in first.scheduled] == ["0", "1"]
     assert [x.req_id for x in second.scheduled] == ["2", "3"]
     assert s.schedule().is_empty  # both batches in flight
+
+
+def test_each_pipeline_microbatch_holds_max_num_seqs():
+    """With pp = 2 each batch in flight takes up to max_num_seqs requests, so both stages see full batches."""
+    s = Scheduler(SchedulerConfig(2, 64, 128, True, num_microbatches=2), KVCacheManager(64, 4))
+    for i in range(5):
+        s.add_request(req(str(i), 2, first=10 * i + 1))
+    first, second = s.schedule(), s.schedule()
+    assert [x.req_id for x in first.scheduled] == ["0", "1"]
+    assert [x.req_id for x in second.scheduled] == ["2", "3"]  # 4 running: 2 per micro-batch
+    assert len(s.running) == 4 and [r.request_id for r in s.waiting] == ["4"]
+
+
+def test_shared_running_cap_when_asked():
+    """max_num_running_seqs (SHARDLLM_PP_SHARED_MAX_SEQS=1: the earlier behaviour) caps all batches together."""
+    cfg = SchedulerConfig(2, 64, 128, True, num_microbatches=2, max_num_running_seqs=2)
+    s = Scheduler(cfg, KVCacheManager(64, 4))
+    for i in range(4):
+        s.add_request(req(str(i), 2, first=10 * i + 1))
+    first, second = s.schedule(), s.schedule()
+    assert [x.req_id for x in first.scheduled] == ["0", "1"] and second.is_empty
+    assert len(s.running) == 2
+
+
+def test_shared_max_seqs_switch(monkeypatch, tiny_checkpoints):
+    from shardllm.config import EngineConfig
+
+    ckpt = tiny_checkpoints["llama"]
+    assert EngineConfig.create(model=ckpt, max_batch_size=4).scheduler_config.max_num_running_seqs is None
+    monkeypatch.setenv("SHARDLLM_PP_SHARED_MAX_SEQS", "1")
+    assert EngineConfig.create(model=ckpt, max_batch_size=4).scheduler_config.max_num_running_seqs == 4
