@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -19,6 +20,18 @@ _fast_all_reduce = None  # a SymmMemAllReduce when the config asks for it (see f
 def set_fast_all_reduce(fast) -> None:
     global _fast_all_reduce
     _fast_all_reduce = fast
+
+
+@contextlib.contextmanager
+def nccl_only():
+    """Inside: every tp all-reduce goes to NCCL (the symmetric-memory path has one buffer per rank, which two
+    all-reduces in flight at once, as in layers/microbatch_overlap.py, would share)."""
+    global _fast_all_reduce
+    fast, _fast_all_reduce = _fast_all_reduce, None
+    try:
+        yield
+    finally:
+        _fast_all_reduce = fast
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from shardllm.distributed.parallel_state import get_parallel_context
+from shardllm.layers import microbatch_overlap
 from shardllm.layers.activation import SiluAndMul
 from shardllm.layers.attention import Attention, AttentionMetadata
 from shardllm.layers.layernorm import RMSNorm
@@ -74,12 +75,19 @@ class LlamaDecoderLayer(nn.Module):
         return LlamaMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False))
 
     def forward(self, positions, hidden_states, residual, meta):
+        return self.mlp_block(*self.attention_block(positions, hidden_states, residual, meta))
+
+    def attention_block(self, positions, hidden_states, residual, meta):
+        """The layer's first half, ending in the attention output (o_proj's all-reduce under tp)."""
         if residual is None:
             residual = hidden_states
             hidden_states = self.input_layernorm(hidden_states)
         else:
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states, meta)
+        return self.self_attn(positions, hidden_states, meta), residual
+
+    def mlp_block(self, hidden_states, residual):
+        """The layer's second half, ending in the MLP output (down_proj's all-reduce under tp)."""
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
@@ -122,8 +130,12 @@ class LlamaForCausalLM(nn.Module):
             hidden_states, residual = self.model.embed_tokens(input_ids), None
         else:
             hidden_states, residual = intermediate["hidden_states"], intermediate["residual"]
-        for i in range(self.start_layer, self.end_layer):
-            hidden_states, residual = self.model.layers[i](positions, hidden_states, residual, meta)
+        layers = self.model.layers[self.start_layer:self.end_layer]
+        if microbatch_overlap.applies(meta, positions.shape[0], get_parallel_context().tp_size):
+            hidden_states, residual = microbatch_overlap.run_layers(layers, positions, hidden_states, residual, meta)
+        else:
+            for layer in layers:
+                hidden_states, residual = layer(positions, hidden_states, residual, meta)
         if not self.is_last_stage:
             return {"hidden_states": hidden_states, "residual": residual}
         hidden_states, _ = self.model.norm(hidden_states, residual)

@@ -1,0 +1,97 @@
+"""Two-micro-batch overlap for tensor-parallel decode: one half of the batch computes while the other's
+all-reduce runs.
+
+With tp > 1 every decoder layer ends its attention and its MLP in an all-reduce of (N, hidden) activations. At
+decode batch sizes of a few hundred these take a quarter of the step on two H200s (docs/benchmarks.md), time in
+which the SMs are mostly idle. Splitting the batch's sequences into two halves A and B, each on its own CUDA stream,
+and issuing the work in the order
+
+    A.attention, B.attention, A.mlp, B.mlp, A.attention (next layer), ...
+
+puts A's all-reduce on the wire while B's attention computes and B's while A's MLP computes (NCCL runs every
+collective of the group in issue order on its own stream, the same order on every rank). The same idea is
+SGLang's "two-batch overlap" and NanoFlow's nano-batching; this is our own small version of it.
+
+Scope: decode steps (one query token per sequence) of at least `MIN_TOKENS` rows, tp > 1, on CUDA (on CPU the
+same interleaving runs on one stream, which tests the splitting and gives the same tokens). Works inside CUDA graph
+capture (the side streams fork from and join the capturing stream). The symmetric-memory all-reduce shares one
+buffer per rank, so two micro-batches in flight would race on it: inside the overlap every all-reduce goes to NCCL.
+
+Switch: `SHARDLLM_TP_OVERLAP=1` (read at start-up) turns it on; off by default until measured on GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from shardllm.distributed.communication import nccl_only
+from shardllm.layers.attention import AttentionMetadata
+
+ENABLED = os.environ.get("SHARDLLM_TP_OVERLAP", "0") == "1"
+MIN_TOKENS = int(os.environ.get("SHARDLLM_TP_OVERLAP_MIN_TOKENS", "64"))  # below: latency-bound, no split
+
+_streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+
+
+def applies(meta: AttentionMetadata, num_tokens: int, tp_size: int) -> bool:
+    """Whether a forward of `num_tokens` rows with `meta` runs as two overlapped micro-batches."""
+    return ENABLED and tp_size > 1 and meta.max_query_len == 1 and num_tokens >= MIN_TOKENS
+
+
+def split_decode_meta(meta: AttentionMetadata, m: int) -> tuple[AttentionMetadata, AttentionMetadata]:
+    """A decode step's metadata for rows [0, m) and [m, N) (one token per sequence, so rows are sequences)."""
+    qsl = meta.query_start_loc
+
+    def part(rows: slice, q: torch.Tensor) -> AttentionMetadata:
+        return AttentionMetadata(meta.slot_mapping[rows], q, meta.seq_lens[rows], meta.block_tables[rows],
+                                 max_query_len=1, max_seq_len=meta.max_seq_len, block_size=meta.block_size)
+
+    return part(slice(0, m), qsl[: m + 1]), part(slice(m, None), qsl[m:] - qsl[m])
+
+
+def _side_streams(device: torch.device):
+    if device.type != "cuda":
+        return None
+    if device not in _streams:
+        _streams[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+    return _streams[device]
+
+
+def run_layers(layers, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
+               meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `layers` (each with `attention_block` and `mlp_block`) over two halves of a decode batch, interleaved.
+
+    positions (N,), hidden_states (N, H), residual (N, H) or None (the first layer of the model). Returns
+    (hidden_states, residual), (N, H) each, equal to running the layers over the whole batch up to the GEMMs'
+    rounding (the halves are separate GEMMs).
+    """
+    n = positions.shape[0]
+    m = n // 2
+    meta_a, meta_b = split_decode_meta(meta, m)
+    state = [[positions[:m], hidden_states[:m], None if residual is None else residual[:m], meta_a],
+             [positions[m:], hidden_states[m:], None if residual is None else residual[m:], meta_b]]
+    streams = _side_streams(hidden_states.device)
+    main = torch.cuda.current_stream(hidden_states.device) if streams else None
+    if streams:
+        for s in streams:
+            s.wait_stream(main)
+
+    def on(k: int):
+        return torch.cuda.stream(streams[k]) if streams else contextlib.nullcontext()
+
+    with nccl_only():
+        for layer in layers:
+            for k in (0, 1):
+                with on(k):
+                    pos, h, r, mt = state[k]
+                    state[k][1], state[k][2] = layer.attention_block(pos, h, r, mt)
+            for k in (0, 1):
+                with on(k):
+                    state[k][1], state[k][2] = layer.mlp_block(state[k][1], state[k][2])
+    if streams:
+        for s in streams:
+            main.wait_stream(s)
+    return torch.cat([state[0][1], state[1][1]]), torch.cat([state[0][2], state[1][2]])
