@@ -160,6 +160,23 @@ def test_plan_command_text_and_errors(capsys):
         assert "--gpu_memory_gib must be at least 1" in capsys.readouterr().err
 
 
+def test_plan_command_exits_non_zero_when_nothing_fits(capsys):
+    from shardllm.entrypoints.cli import main
+    from shardllm.entrypoints.plan import EXIT_NO_FIT
+
+    assert main(["plan", "llama-3-405b", "--gpus", "2", "--gpu_memory_gib", "80"]) == EXIT_NO_FIT != 0
+    out, err = capsys.readouterr()
+    assert "nothing fits" in out and "do not fit in 80 GiB" in out  # the table, each layout with its reason
+    assert err.startswith("shardllm plan: error: no layout of 2 x 80 GiB GPUs fits llama-3-405b (closest: tp 2 x pp 1")
+    assert "--dtype fp8" in err
+    # a layout that runs but leaves less KV cache than the rule keeps: still no recommendation, said as such
+    assert main(["plan", "llama-3-70b", "--gpus", "2", "--gpu_memory_gib", "80"]) == EXIT_NO_FIT
+    assert "leaves llama-3-70b the KV cache share" in capsys.readouterr().err
+    assert main(["plan", "llama-3-405b", "--gpus", "2", "--gpu_memory_gib", "80", "--json"]) == EXIT_NO_FIT
+    out, err = capsys.readouterr()
+    assert json.loads(out)["tensor_parallel_size"] is None and "no layout" in err
+
+
 def test_tensor_parallel_size_auto(monkeypatch):
     import sys
 

@@ -2,6 +2,8 @@
 
 MODEL is a checkpoint directory, a Hugging Face repo id (its config.json from the cache, or downloaded alone) or
 a shipped config name (`llama-3-70b`). Without --gpus or --gpus_per_node the local GPUs are read through NVML.
+Exit 0 with a recommended layout, 3 when no layout fits (the table still printed, the reason on stderr), 1 on bad
+input.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 
 from shardllm.entrypoints.cli import _names
 from shardllm.planner import KV_DTYPES, WEIGHT_DTYPES, GiB, Plan, gpu_spec, plan
+
+EXIT_NO_FIT = 3  # the plan was made and no layout fits (1: bad input, no plan; 2: argparse's usage error)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +82,18 @@ def local_gpus() -> dict:
             "topology": "nvlink" if nvlink else "pcie"}
 
 
+def no_fit_message(p: Plan) -> str:
+    """Why no layout is recommended, with the closest one: the one that leaves the KV cache the most memory."""
+    near = max(p.candidates, key=lambda c: c.kv_budget_bytes_per_gpu, default=None)
+    what = f"no layout of {p.num_gpus} x {p.gpu_memory_bytes / GiB:.0f} GiB GPUs fits {p.model or 'the model'}"
+    if near is not None and near.kv_tokens >= p.max_seq_len:  # it runs, with less KV cache than the rule keeps
+        what = (f"no layout of {p.num_gpus} x {p.gpu_memory_bytes / GiB:.0f} GiB GPUs leaves {p.model or 'the model'} "
+                f"the KV cache share the plan asks for")
+    closest = (f" (closest: tp {near.tensor_parallel_size} x pp {near.pipeline_parallel_size}: {near.reason})"
+               if near is not None else "")
+    return f"{what}{closest}: use --dtype fp8, --kv_cache_dtype fp8, a lower --max_seq_len, or more GPUs"
+
+
 def format_plan(p: Plan) -> str:
     gb = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     best = p.recommended
@@ -88,7 +104,7 @@ def format_plan(p: Plan) -> str:
                      f"{best.replicas} replicas ({best.gpus_used} GPUs): --tp_size {best.tensor_parallel_size} "
                      f"--pp_size {best.pipeline_parallel_size}")
     else:
-        lines.append("nothing fits: use --dtype fp8, a lower --max_seq_len, or more GPUs")
+        lines.append(f"nothing fits: {no_fit_message(p)}")
     lines.append(f"{'tp':>3} {'pp':>3} {'rep':>4} {'weights/GPU':>12} {'KV/tok/GPU':>11} {'KV tokens':>10} "
                  f"{'max conc':>9} {'tok/s b=1':>10} {'tok/s max':>10}  verdict")
     for c in p.candidates:
@@ -126,4 +142,7 @@ def main(argv: list[str]) -> int:
         print(f"shardllm plan: error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    if result.recommended is None:  # the table (or JSON) above says why each layout failed
+        print(f"shardllm plan: error: {no_fit_message(result)}", file=sys.stderr)
+        return EXIT_NO_FIT
     return 0
