@@ -176,17 +176,24 @@ class _Device:
                        "pp_rank": str(rank.pp_rank), "node": node}
         self.unsupported: set[str] = set()
         self.counters = {"nvlink_tx": _Counter(), "nvlink_rx": _Counter()}
-        self.links = self._active_links()
+        # the links this GPU has (up or down at start); their states are read again on every poll, as links go down
+        self.link_ids = [link for link in range(NVLINK_MAX_LINKS) if self._link_state(link) is not None]
+        self.links: list[int] = []  # the links up at the last poll
 
-    def _active_links(self) -> list[int]:
-        links = []
-        for link in range(NVLINK_MAX_LINKS):
-            try:
-                if self.nvml.nvmlDeviceGetNvLinkState(self.handle, link) == 1:  # NVML_FEATURE_ENABLED
-                    links.append(link)
-            except Exception:  # absent link, or no NVLink on this GPU
-                continue
-        return links
+    def _link_state(self, link: int) -> bool | None:
+        """Whether `link` is up (NVML_FEATURE_ENABLED), or None when NVML does not answer (no such link)."""
+        try:
+            return self.nvml.nvmlDeviceGetNvLinkState(self.handle, link) == 1
+        except Exception:
+            return None
+
+    def _poll_links(self) -> int | None:
+        """Re-read the link states: the count of links up, None when no link answered this time."""
+        states = {link: self._link_state(link) for link in self.link_ids}
+        if self.link_ids and all(v is None for v in states.values()):
+            return None
+        self.links = [link for link, up in states.items() if up]
+        return len(self.links)
 
     def _query(self, key: str, fn):
         """fn() or None when it fails; NOT_SUPPORTED is remembered, so that query is never made again."""
@@ -214,7 +221,7 @@ class _Device:
         for key, fn in queries.items():
             v[key] = self._query(key, fn)
         v.update(self._query("memory", self._memory) or {})
-        v["nvlink_links_active"] = len(self.links)
+        v["nvlink_links_active"] = self._poll_links()
         if self.links and self._query("nvlink", self._nvlink):
             v["nvlink_tx"] = self.counters["nvlink_tx"].total
             v["nvlink_rx"] = self.counters["nvlink_rx"].total

@@ -157,6 +157,23 @@ def test_nvlink_counter_reset_and_first_sample_give_no_spike(nvml):
     mon.stop()
 
 
+def test_nvlink_links_active_follows_links_going_down_and_up(nvml):
+    g = nvml.gpus[0]
+    g.links, g.tx_kib, g.rx_kib = (0, 1, 2), {0: 100, 1: 100, 2: 100}, {0: 1, 1: 1, 2: 1}
+    mon = GPUMonitor(ranks(1, 1)).start()
+    active = lambda: mon.snapshot.devices[0].values.get("nvlink_links_active")  # noqa: E731
+    assert active() == 3
+    g.links, g.links_down = (0, 2), (1,)  # link 1 goes down
+    g.tx_kib = {0: 200, 1: 900, 2: 200}  # a down link's counter is not read: its traffic is not counted
+    mon.poll()
+    assert active() == 2
+    assert mon.snapshot.devices[0].values["nvlink_tx"] == (100 + 100) * 1024
+    g.links, g.links_down = (0, 1, 2), ()  # and comes back
+    mon.poll()
+    assert active() == 3
+    mon.stop()
+
+
 def test_reordered_cuda_visible_devices_map_by_uuid(nvml, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
     mon = GPUMonitor(ranks(2, 2)).start()
