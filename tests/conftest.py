@@ -53,7 +53,11 @@ def write_tiny_checkpoint(path: str, arch: str, seed: int = 0, **overrides) -> s
     return path
 
 
-GPU_TEST_TIMEOUT_S = 180
+# A GPU test that builds no engine takes seconds; those that build engines set their own (60-150 s), so that one
+# hung test costs the 5-minute GPU suite (benchmarks/device_gpu_suite.sh) at most that long.
+GPU_TEST_TIMEOUT_S = 60
+# past its timeout + this, a GPU test stuck in C (a collective, a sync) ends the run (tests/test_gpu_guard.py sets 1)
+HARD_TIMEOUT_GRACE_S = float(os.environ.get("GPU_TEST_HARD_TIMEOUT_GRACE_S", "20"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -61,6 +65,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(GPU_TEST_TIMEOUT_S))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Around each GPU test (setup, call, teardown): processes it started and left running (engine workers, a
+    test's subprocesses) are ended after it, whether it passed, failed or timed out, so they never hold a GPU or
+    spin in a collective under the next test; and if pytest-timeout's SIGALRM cannot interrupt it (the main
+    thread blocked inside a CUDA or NCCL call) a watchdog dumps the stacks, kills those processes and ends the
+    run with exit code 3, instead of hanging until an outer limit kills everything without a report."""
+    if not item.get_closest_marker("gpu"):
+        yield
+        return
+    from tests.gpu_guard import HardTimeout, descendants, end_processes, release_gpu_memory
+
+    marker = item.get_closest_marker("timeout")
+    timeout = float(marker.args[0] if marker.args else marker.kwargs.get("timeout", GPU_TEST_TIMEOUT_S))
+    before = descendants()
+    capman = item.config.pluginmanager.getplugin("capturemanager")
+    watchdog = HardTimeout(item.nodeid, timeout + HARD_TIMEOUT_GRACE_S, before, capman).start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+        end_processes(item.nodeid, descendants() - before)
+        release_gpu_memory()
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -73,6 +74,7 @@ WORKER = textwrap.dedent("""
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(120)
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_symm_mem_all_reduce_equals_nccl_on_gpus(tmp_path):
     world = min(torch.cuda.device_count(), 4)
@@ -85,14 +87,21 @@ def test_symm_mem_all_reduce_equals_nccl_on_gpus(tmp_path):
            "NVSHMEM_DISABLE_NVLS": "1"}
     procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    # one deadline for all ranks, inside the test's timeout; whatever ends the wait (a hang, the timeout's
+    # signal), no rank is left spinning in a kernel that waits for a peer that is gone
+    deadline = time.monotonic() + 90
     outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("symm_mem all-reduce hung (eager or in a CUDA graph)")
+    try:
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+            except subprocess.TimeoutExpired:
+                pytest.fail("symm_mem all-reduce hung (eager or in a CUDA graph)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for r, out in enumerate(outs):
         line = [x for x in out.splitlines() if x.startswith("RESULT")]
         assert line, out[-3000:]

@@ -7,7 +7,7 @@ import torch
 
 from shardllm import LLM, SamplingParams
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120)]  # an engine of 2 worker processes: ~10-20 s
 if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
     pytest.skip("needs 2 CUDA GPUs", allow_module_level=True)
 
@@ -16,6 +16,8 @@ SP = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
 def tokens(path, **kw):
+    # num_kv_blocks: the batch needs ~60 blocks; sized from free memory a tiny model would get ~15M (slow to build)
+    kw.setdefault("num_kv_blocks", 1024)
     llm = LLM(path, dtype="float32", device="cuda", max_seq_len=256, max_batch_size=32, **kw)
     try:
         return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP, use_tqdm=False)]

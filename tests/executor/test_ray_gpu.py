@@ -6,7 +6,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from tests.executor.test_gpu_multi import PROMPTS, SP, tokens  # noqa: E402 - skips this module without 2 GPUs
 
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(150)]
 
 
 def test_tp2_over_ray_equals_one_gpu(tiny_checkpoints):
@@ -15,7 +15,7 @@ def test_tp2_over_ray_equals_one_gpu(tiny_checkpoints):
     from shardllm import LLM
 
     llm = LLM(path, dtype="float32", device="cuda", max_seq_len=256, max_batch_size=32, tensor_parallel_size=2,
-              distributed_executor_backend="ray")
+              distributed_executor_backend="ray", num_kv_blocks=1024)
     try:
         got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SP, use_tqdm=False)]
         placement, cvd = llm.engine.executor.placement, llm.engine.executor.worker_env("CUDA_VISIBLE_DEVICES")

@@ -5,7 +5,7 @@ import torch
 
 from shardllm import LLM, SamplingParams
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120)]  # three engines a test, ~5-10 s each
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
@@ -14,10 +14,14 @@ SP = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
 
 
 def run(path, dtype, **kw):
-    llm = LLM(path, dtype=dtype, device="cuda", max_seq_len=256, max_batch_size=32, **kw)
-    outs = llm.generate(PROMPTS, SP, use_tqdm=False)
-    graphs = getattr(llm.engine.executor.worker.model_runner, "graph_runner", None)
-    llm.shutdown()
+    # 1024 blocks hold the batch 7 times over; sized from the free memory, a tiny model's KV cache on an H200
+    # would be ~15M blocks, each a Python object in the scheduler's block manager (tens of seconds to build)
+    llm = LLM(path, dtype=dtype, device="cuda", max_seq_len=256, max_batch_size=32, num_kv_blocks=1024, **kw)
+    try:
+        outs = llm.generate(PROMPTS, SP, use_tqdm=False)
+        graphs = getattr(llm.engine.executor.worker.model_runner, "graph_runner", None)
+    finally:
+        llm.shutdown()
     return outs, graphs
 
 
@@ -50,7 +54,9 @@ def test_shutdown_returns_the_gpu_memory(tiny_checkpoints):
     """A second engine in the same process must see the whole GPU (its KV cache is sized from free memory)."""
     torch.cuda.empty_cache()
     before = torch.cuda.memory_reserved()
-    llm = LLM(tiny_checkpoints["llama"], dtype="float32", device="cuda", max_seq_len=256, max_batch_size=32)
+    # sized from free memory (the point here), but 5% of it: the whole GPU is ~15M blocks of this tiny model
+    llm = LLM(tiny_checkpoints["llama"], dtype="float32", device="cuda", max_seq_len=256, max_batch_size=32,
+              kv_cache_free_gpu_memory_fraction=0.05)
     llm.generate(PROMPTS[:2], SP, use_tqdm=False)
     held = torch.cuda.memory_reserved()
     assert held > before + (1 << 30)  # the KV cache takes most of the free memory

@@ -75,7 +75,7 @@ def test_logits_processor_runs_per_row_and_leaves_the_callers_logits_alone():
 
 
 @pytest.mark.gpu
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_edges_on_the_gpu():
     """The same edges on CUDA: tiny top_p and an underflowing repetition penalty keep the top token; logit_bias."""
