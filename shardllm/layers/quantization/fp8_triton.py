@@ -1,7 +1,7 @@
-"""Triton kernels of the FP8 linear: per-token activation quantization in one launch, and a small-M GEMM that
-streams e4m3 weights (dequantized in registers, bf16 tensor-core dot) for decode, where cuBLAS's FP8 GEMM plus
-a separate activation quantization lose to bf16 (benchmarks/fp8_gemm.py, H200). The torch functions in
-fp8_utils are their references.
+"""Triton kernels of the FP8 linear: per-token activation quantization in one launch, and the small-M GEMV that
+streams e4m3 weights (dequantized in registers; the kernel family is shardllm/layers/gemv.py) for decode, where
+cuBLAS's FP8 GEMM plus a separate activation quantization lose to bf16 (benchmarks/fp8_gemm.py, H200). The torch
+functions in fp8_utils are their references.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ try:
 except ImportError:  # pragma: no cover - CPU images without triton use the torch path
     HAS_TRITON = False
 
+from shardllm.layers.gemv import FP8_GEMV_TABLE, GEMV_MAX_M, GemvConfig, gemv, table_config
 from shardllm.layers.quantization.fp8_utils import FP8_MAX, MIN_SCALE
 
-GEMV_MAX_M = 16  # rows up to which fp8_small_m_linear is used (padded to one 16-row tensor-core tile)
+__all__ = ["GEMV_MAX_M", "fp8_small_m_linear", "quantize_per_token_triton", "small_m_config", "triton_fp8_ok"]
 
 if HAS_TRITON:
 
@@ -38,37 +39,14 @@ if HAS_TRITON:
             q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)
             tl.store(q_ptr + row * stride_q + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=k0 + cols < K)
 
-    @triton.jit
-    def _small_m_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, stride_ys,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        """Program (n tile, k split): y[split] = x[:, ks] @ (w[n, ks] * s[n])^T over its K range."""
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, BLOCK_M)
-        kk = tl.arange(0, BLOCK_K)
-        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-        k_start = split * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            k = k0 + kk
-            x = tl.load(x_ptr + m[:, None] * stride_xm + k[None, :], mask=(m[:, None] < M) & (k[None, :] < k_end),
-                        other=0.0)  # (BM, BK) bf16
-            w = tl.load(w_ptr + n[None, :].to(tl.int64) * stride_wn + k[:, None],
-                        mask=(n[None, :] < N) & (k[:, None] < k_end), other=0.0)  # (BK, BN) e4m3
-            acc = tl.dot(x, w.to(x.dtype), acc)
-        s = tl.load(s_ptr + n, mask=n < N, other=0.0)  # (BN,) per-channel weight scales
-        y = acc * s[None, :]
-        tl.store(y_ptr + split * stride_ys + m[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=(m[:, None] < M) & (n[None, :] < N))
 
-
-def small_m_config(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K) for an (N, K) weight, from `benchmarks/fp8_gemm.py --sweep_small_m` on an H200
-    at M = 1 (Llama-3-8B shapes, us): qkv 6144x4096 32/256/1 14.2, o 4096x4096 32/512/1 10.3 (32/256/1 10.7),
-    gate_up 28672x4096 32/256/1 42.3, down 4096x14336 32/256/4 27.3 (split 1: 32.2); BLOCK_N 16 was 1.4-2x slower."""
-    return 32, 256, 4 if k >= 8192 and n <= 8192 else 1
+def small_m_config(n: int, k: int, m: int = 1) -> GemvConfig:
+    """The small-M GEMV config for an (N, K) e4m3 weight at m rows: gemv.FP8_GEMV_TABLE's (from
+    `benchmarks/gemv_sweep.py`) where it has one, else the tl.dot form measured by `benchmarks/fp8_gemm.py
+    --sweep_small_m` on an H200 at M = 1 (BLOCK_N/BLOCK_K/SPLIT_K, us): qkv 6144x4096 32/256/1 14.2, o 4096x4096
+    32/512/1 10.3 (32/256/1 10.7), gate_up 28672x4096 32/256/1 42.3, down 4096x14336 32/256/4 27.3 (split 1: 32.2);
+    BLOCK_N 16 was 1.4-2x slower."""
+    return table_config(FP8_GEMV_TABLE, n, k, m) or GemvConfig(True, 32, 256, 4 if k >= 8192 and n <= 8192 else 1)
 
 
 def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,20 +61,17 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 def fp8_small_m_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                       config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                       config: GemvConfig | tuple[int, int, int] | None = None) -> torch.Tensor:
     """y = x @ (w * w_scale[:, None])^T for x (M <= 16, K) bf16/fp16, w (N, K) e4m3fn, w_scale (N,) fp32.
 
-    Weight-streaming (W8A16 numerics: the activations stay in x's dtype, more accurate than W8A8); with
-    SPLIT_K > 1 the fp32 partial sums of the K splits are added after the kernel."""
+    Weight-streaming (W8A16 numerics: the activations stay in x's dtype, more accurate than W8A8) through
+    `gemv.gemv`; config: a GemvConfig, a tl.dot-form (BLOCK_N, BLOCK_K, SPLIT_K), or None for small_m_config's."""
     m, k = x.shape
-    n = w.shape[0]
-    assert m <= GEMV_MAX_M and x.stride(1) == 1 and w.stride(1) == 1
-    block_n, block_k, split_k = config or small_m_config(n, k)
-    y = torch.empty((split_k, m, n), dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
-    _small_m_kernel[(triton.cdiv(n, block_n), split_k)](
-        x, w, w_scale, y, m, n, k, x.stride(0), w.stride(0), y.stride(1), y.stride(0),
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=4)
-    return y[0] if split_k == 1 else y.sum(0).to(x.dtype)
+    if config is None:
+        config = small_m_config(w.shape[0], k, m)
+    elif not isinstance(config, GemvConfig):
+        config = GemvConfig(True, *config)
+    return gemv(x, w, w_scale, config)
 
 
 _PROBED: dict[int | None, bool] = {}

@@ -1,0 +1,215 @@
+"""Weight-streaming GEMV for small M (decode): y = x @ (w * scale[:, None])^T for x (M <= 16, K) bf16/fp16 and
+w (N, K) in e4m3 with per-channel fp32 scales, or in x's dtype with no scale. One Triton kernel family, two forms:
+
+    tl.dot form:   a (16, BLOCK_K) x (BLOCK_K, BLOCK_N) tensor-core product per step (x padded to 16 rows)
+    FMA form:      broadcast multiply (BLOCK_M, BLOCK_N, BLOCK_K) + tl.sum over K, no padding (for M <= 4)
+
+Each program streams BLOCK_N weight rows over one of SPLIT_K slices of K (contiguous BLOCK_K-wide loads along K,
+fp32 accumulation). With SPLIT_K > 1 the fp32 partials (SPLIT_K, M, N) go to a buffer that one small kernel sums and
+casts (deterministic, no zeroed buffer, graph-capturable: the buffer is a torch.empty of the call).
+Which config runs for which (N, K, M) comes from per-shape tables filled from `benchmarks/gemv_sweep.py` on an H200;
+the torch reference is `gemv_reference`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - CPU images without triton use the torch path
+    HAS_TRITON = False
+
+GEMV_MAX_M = 16  # rows up to which the small-M kernels are used (the tl.dot form pads to one 16-row tile)
+M_BUCKETS = (1, 2, 4, 8, 16)  # table keys: M rounded up to the next bucket
+
+
+class GemvConfig(NamedTuple):
+    """One kernel config. use_dot: tl.dot form (else the FMA form); block_k counts elements of w."""
+
+    use_dot: bool
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_ym, stride_ys,
+                     HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+        """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T."""
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_in = n < N
+        rows = tl.where(n_in, n, 0).to(tl.int64)  # rows past N read row 0 (never stored): no mask on w's rows
+        m = tl.arange(0, BLOCK_M)
+        kk = tl.arange(0, BLOCK_K)
+        k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
+        k_start = split * k_per_split
+        k_end = tl.minimum(k_start + k_per_split, K)
+        w_rows = w_ptr + rows[:, None] * stride_wn  # (BN, 1)
+        x_rows = x_ptr + m[:, None] * stride_xm  # (BM, 1)
+        m_in = m[:, None] < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            k = k0 + kk
+            if EVEN_K:  # every slice is whole BLOCK_Ks: unmasked, vectorizable loads of w
+                w = tl.load(w_rows + k[None, :])  # (BN, BK)
+                x = tl.load(x_rows + k[None, :], mask=m_in, other=0.0)  # (BM, BK)
+            else:
+                k_in = k[None, :] < k_end
+                w = tl.load(w_rows + k[None, :], mask=k_in, other=0.0)
+                x = tl.load(x_rows + k[None, :], mask=m_in & k_in, other=0.0)
+            if USE_DOT and DOT_F32:  # Triton's CPU interpreter computes bf16 dots wrongly (3.9); fp32 there
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            elif USE_DOT:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if HAS_SCALE:
+            acc = acc * tl.load(s_ptr + rows)[None, :]  # per-channel weight scales
+        tl.store(y_ptr + split * stride_ys + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_in & n_in[None, :])
+
+    @triton.jit
+    def _splitk_reduce_kernel(p_ptr, y_ptr, numel, split_k, BLOCK: tl.constexpr):
+        """y = sum over the split_k partials (split_k, numel) fp32, cast to y's dtype."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < numel
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for s in range(0, split_k):
+            acc += tl.load(p_ptr + s * numel + i, mask=mask, other=0.0)
+        tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:
+    """y (M, N) in x's dtype = x @ (w * w_scale[:, None])^T (no scale: x @ w^T).
+
+    Args:
+        x: (M, K) bf16/fp16, M <= GEMV_MAX_M, contiguous rows.
+        w: (N, K) float8_e4m3fn (with w_scale) or x's dtype (w_scale None), contiguous rows.
+        w_scale: (N,) fp32 per-channel scales, or None.
+        config: the kernel config; split_k is capped so that every K slice holds at least one BLOCK_K.
+    Raises AssertionError on shapes outside that contract (callers check M and strides first).
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    assert m <= GEMV_MAX_M and w.shape[1] == k and x.stride(1) == 1 and w.stride(1) == 1
+    assert (w_scale is None) == (w.dtype == x.dtype)
+    split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
+    even_k = k % (split_k * config.block_k) == 0
+    block_m = 16 if config.use_dot else max(1, triton.next_power_of_2(m))
+    if split_k == 1:
+        y = torch.empty((1, m, n), dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        x, w, w if w_scale is None else w_scale, y, m, n, k, split_k, x.stride(0), w.stride(0), y.stride(1),
+        y.stride(0), HAS_SCALE=w_scale is not None, USE_DOT=config.use_dot, EVEN_K=even_k, BLOCK_M=block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_F32=not x.is_cuda, num_warps=config.num_warps,
+        num_stages=config.num_stages)
+    if split_k == 1:
+        return y[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](y, out, m * n, split_k, BLOCK=block, num_warps=4)
+    return out
+
+
+def gemv_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 torch reference of `gemv`: (M, N) fp32."""
+    wf = w.float() if w_scale is None else w.float() * w_scale.float()[:, None]
+    return x.float() @ wf.t()
+
+
+def m_bucket(m: int) -> int:
+    """The table's M key for m rows: the smallest bucket >= m."""
+    return next(b for b in M_BUCKETS if b >= m)
+
+
+def load_table(table: dict) -> dict[tuple[int, int], dict[int, GemvConfig]]:
+    """{"NxK": {"M": [use_dot, block_n, block_k, split_k, num_warps, num_stages]}} (the sweep's JSON) -> lookup."""
+    out: dict[tuple[int, int], dict[int, GemvConfig]] = {}
+    for shape, by_m in table.items():
+        n, k = (int(v) for v in shape.split("x"))
+        out[(n, k)] = {int(mm): GemvConfig(bool(c[0]), *(int(v) for v in c[1:])) for mm, c in by_m.items()}
+    return out
+
+
+# Pasted from `benchmarks/gemv_sweep.py --json` (H200). Empty until measured: FP8 falls back to
+# fp8_triton.small_m_config's measured tl.dot configs, bf16 to cuBLAS (an entry means "beats cuBLAS there").
+FP8_GEMV_TABLE = load_table(json.loads("{}"))
+BF16_GEMV_TABLE = load_table(json.loads("{}"))
+
+
+def table_config(table: dict[tuple[int, int], dict[int, GemvConfig]], n: int, k: int, m: int) -> GemvConfig | None:
+    """The table's config for an (N, K) weight at m rows, or None where the table has none."""
+    by_m = table.get((n, k))
+    return None if by_m is None else by_m.get(m_bucket(m))
+
+
+_PROBED: dict[int | None, bool] = {}
+
+
+def gemv_ok(device: torch.device) -> bool:
+    """Whether the bf16 GEMV matches its reference on `device` in both forms (probed once per device, so a Triton
+    that miscompiles it leaves every layer on cuBLAS)."""
+    if device.type != "cuda" or not HAS_TRITON:
+        return False
+    if device.index not in _PROBED:
+        import logging
+
+        ok = False
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(3, 640, device=device, generator=g).to(torch.bfloat16)
+            w = torch.randn(72, 640, device=device, generator=g).to(torch.bfloat16)
+            ref = gemv_reference(x, w, None)
+            ok = all(float((gemv(x, w, None, c).float() - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+                     for c in (GemvConfig(True, 32, 128, 2), GemvConfig(False, 8, 128, 3)))
+        except Exception as e:  # a Triton that cannot compile it
+            logging.getLogger(__name__).warning("bf16 GEMV kernel unavailable (%s: %s)", type(e).__name__, e)
+        if not ok:
+            logging.getLogger(__name__).warning("bf16 GEMV kernel disagrees with its reference on %s: cuBLAS only",
+                                                device)
+        _PROBED[device.index] = ok
+    return _PROBED[device.index]
+
+
+def small_m_linear_bf16(x: torch.Tensor, w: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """y = x @ w^T for x (M <= 16, K) and w (N, K) both bf16/fp16; config None: the table's, else a default
+    FMA-form config for M <= 4 and tl.dot form above."""
+    m, k = x.shape
+    n = w.shape[0]
+    if config is None:
+        config = table_config(BF16_GEMV_TABLE, n, k, m) or GemvConfig(m > 4, 16 if m <= 4 else 32, 256, 1)
+    return gemv(x, w, None, config)
+
+
+def maybe_small_m_linear_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The unquantized Linear's hook: the GEMV's y for x (..., K) where BF16_GEMV_TABLE has a config for this
+    (N, K, M) on a CUDA device whose probe passed, else None (the caller runs cuBLAS)."""
+    if not BF16_GEMV_TABLE or not x.is_cuda or x.dtype != torch.bfloat16 or w.dtype != x.dtype:
+        return None
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if not 0 < m <= GEMV_MAX_M:
+        return None
+    config = table_config(BF16_GEMV_TABLE, w.shape[0], k, m)
+    if config is None or not gemv_ok(x.device):
+        return None
+    y = gemv(x.reshape(m, k).contiguous(), w.contiguous(), None, config)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], y.shape[-1])

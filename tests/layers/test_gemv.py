@@ -1,0 +1,162 @@
+"""The small-M GEMV family (shardllm/layers/gemv.py) against its fp32 reference: both forms (tl.dot, FMA), e4m3 and
+bf16 weights, split-K, N and K off the block sizes; CPU through the Triton interpreter, CUDA (gpu) with graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from shardllm.layers import gemv as gemv_mod  # noqa: E402
+from shardllm.layers.gemv import GemvConfig, gemv, gemv_reference, load_table, m_bucket, table_config  # noqa: E402
+from shardllm.layers.quantization.fp8_triton import fp8_small_m_linear, small_m_config  # noqa: E402
+from shardllm.layers.quantization.fp8_utils import quantize_per_row  # noqa: E402
+
+INTERPRET = isinstance(gemv_mod._gemv_kernel, InterpretedFunction)
+cpu = pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 before triton's import")
+
+
+def gpu(fn):
+    skip = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET, reason="needs CUDA, no interpreter")
+    return pytest.mark.gpu(pytest.mark.timeout(120)(skip(fn)))
+
+
+def operands(m: int, n: int, k: int, fp8: bool, device: str, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(device)
+    if fp8:
+        wq, ws = quantize_per_row(w)
+        return x, wq, ws.view(-1)
+    return x, w.to(torch.bfloat16), None
+
+
+def check(x, w, s, cfg, rtol=1e-2):
+    y = gemv(x, w, s, cfg)
+    assert y.shape == (x.shape[0], w.shape[0]) and y.dtype == x.dtype
+    ref = gemv_reference(x, w, s)
+    err = float((y.float() - ref).abs().max())
+    assert err <= rtol * float(ref.abs().max()), (cfg, err)
+
+
+# (m, n, k, config): N and K off the blocks, K slices that end mid-block, split-K past the K blocks (capped), EVEN_K
+CPU_CASES = [
+    (1, 40, 300, GemvConfig(False, 8, 64, 1)),
+    (3, 37, 200, GemvConfig(False, 4, 32, 3)),
+    (4, 16, 256, GemvConfig(False, 16, 64, 2)),  # EVEN_K: unmasked loads
+    (2, 24, 96, GemvConfig(False, 8, 64, 8)),  # split capped to 2 slices
+    (1, 33, 200, GemvConfig(True, 16, 64, 1)),
+    (5, 70, 300, GemvConfig(True, 32, 32, 4)),
+    (16, 48, 256, GemvConfig(True, 16, 32, 2)),  # EVEN_K, a full 16-row tile
+]
+
+
+@cpu
+@pytest.mark.parametrize("fp8", [True, False], ids=["e4m3", "bf16"])
+@pytest.mark.parametrize("m,n,k,cfg", CPU_CASES, ids=[f"m{c[0]}_n{c[1]}_k{c[2]}_{'dot' if c[3].use_dot else 'fma'}"
+                                                       f"_split{c[3].split_k}" for c in CPU_CASES])
+def test_gemv_matches_reference_cpu(fp8, m, n, k, cfg):
+    x, w, s = operands(m, n, k, fp8, "cpu", seed=m * 1000 + n)
+    check(x, w, s, cfg)
+
+
+@cpu
+def test_fp8_small_m_linear_takes_a_config_a_tuple_or_the_table(monkeypatch):
+    x, w, s = operands(2, 40, 160, True, "cpu")
+    ref = gemv_reference(x, w, s)
+    for cfg in (GemvConfig(False, 8, 32, 2), (16, 64, 3), None):
+        y = fp8_small_m_linear(x, w, s, cfg).float()
+        assert float((y - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+    monkeypatch.setattr(gemv_mod, "FP8_GEMV_TABLE", load_table({"40x160": {"2": [0, 8, 32, 2, 4, 3]}}))
+    import shardllm.layers.quantization.fp8_triton as fp8_triton
+
+    monkeypatch.setattr(fp8_triton, "FP8_GEMV_TABLE", gemv_mod.FP8_GEMV_TABLE)
+    assert small_m_config(40, 160, 2) == GemvConfig(False, 8, 32, 2, 4, 3)
+    assert small_m_config(40, 160, 3).use_dot  # M bucket 4 is not in the table: the default
+    assert small_m_config(4096, 14336) == GemvConfig(True, 32, 256, 4)  # the measured default for down
+
+
+def test_table_format_and_lookup():
+    table = load_table({"6144x4096": {"1": [0, 8, 512, 1, 4, 3], "16": [1, 32, 256, 2, 8, 4]}})
+    assert table_config(table, 6144, 4096, 1) == GemvConfig(False, 8, 512, 1, 4, 3)
+    assert table_config(table, 6144, 4096, 9) == GemvConfig(True, 32, 256, 2, 8, 4)  # 9 rows: bucket 16
+    assert table_config(table, 6144, 4096, 2) is None and table_config(table, 4096, 4096, 1) is None
+    assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+
+
+def test_bf16_hook_is_off_by_default_and_on_cpu():
+    from shardllm.layers.linear import UnquantizedLinearMethod
+    from shardllm.layers.quantization.fp8_triton import GEMV_MAX_M
+
+    assert GEMV_MAX_M == 16
+    assert not gemv_mod.BF16_GEMV_TABLE  # no entry until the GPU sweep says the GEMV beats cuBLAS
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(24, 32, dtype=torch.bfloat16), requires_grad=False)
+    x = torch.randn(1, 32, dtype=torch.bfloat16)
+    assert gemv_mod.maybe_small_m_linear_bf16(x, layer.weight, None) is None
+    assert torch.equal(UnquantizedLinearMethod().apply(layer, x, None), F.linear(x, layer.weight))
+
+
+GPU_CONFIGS = [GemvConfig(False, 8, 512, 1, 4, 3), GemvConfig(False, 4, 256, 4, 4, 3),
+               GemvConfig(True, 32, 256, 1), GemvConfig(True, 64, 128, 4)]
+
+
+@gpu
+@pytest.mark.parametrize("fp8", [True, False], ids=["e4m3", "bf16"])
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (3, 1000, 2056), (16, 4104, 1800)])
+@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=lambda c: f"{'dot' if c.use_dot else 'fma'}{c.block_n}x{c.block_k}"
+                                                           f"s{c.split_k}")
+def test_gemv_matches_reference_gpu(fp8, m, n, k, cfg):
+    if not cfg.use_dot and m > 4:
+        pytest.skip("the FMA form is for M <= 4")
+    x, w, s = operands(m, n, k, fp8, "cuda")
+    check(x, w, s, cfg)
+
+
+def _graph_replay_matches(fn, x):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = fn()
+    for seed in (1, 2):
+        x.copy_(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device, x.dtype))
+        g.replay()
+        torch.cuda.synchronize()
+        expect = fn()
+        assert torch.equal(y, expect)  # split-K reduce is deterministic: bit-equal to eager
+
+
+@gpu
+def test_gemv_is_graph_capturable_gpu():
+    for fp8 in (True, False):
+        x, w, s = operands(2, 2048, 4096, fp8, "cuda")
+        for cfg in (GemvConfig(True, 32, 256, 4), GemvConfig(False, 8, 512, 2, 4, 3)):
+            _graph_replay_matches(lambda cfg=cfg, x=x, w=w, s=s: gemv(x, w, s, cfg), x)
+
+
+@gpu
+def test_bf16_linear_hook_runs_the_table_config_gpu(monkeypatch):
+    from shardllm.layers.linear import RowParallelLinear
+
+    assert gemv_mod.gemv_ok(torch.device("cuda"))  # the probe, before gemv is wrapped below
+    monkeypatch.setattr(gemv_mod, "BF16_GEMV_TABLE", load_table({"512x1024": {"1": [0, 8, 256, 2, 4, 3],
+                                                                               "4": [1, 32, 128, 2, 4, 4]}}))
+    with torch.device("cuda"):
+        layer = RowParallelLinear(1024, 512, bias=True, dtype=torch.bfloat16)
+    layer.weight.data.normal_(0, 0.05)
+    layer.bias.data.normal_(0, 0.05)
+    calls = []
+    real = gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda *a: calls.append(a[-1]) or real(*a))
+    for m, expect in ((1, GemvConfig(False, 8, 256, 2, 4, 3)), (3, GemvConfig(True, 32, 128, 2, 4, 4)), (2, None)):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        calls.clear()
+        y = layer(x).float()
+        ref = x.float() @ layer.weight.float().t() + layer.bias.float()
+        assert float((y - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+        assert calls == ([expect] if expect else [])  # M = 2 has no entry: cuBLAS
