@@ -46,11 +46,15 @@ def test_runs_as_numeric_non_root_user_in_group_zero(parsed):
     assert parsed.envs["HF_HOME"].startswith("/cache")  # the cache volume's mount in the manifests
 
 
-def test_healthcheck_gets_health_with_a_long_start_period(parsed):
+def test_healthcheck_follows_the_served_port_with_a_long_start_period(parsed):
     (check,) = instructions(parsed, "HEALTHCHECK")
-    assert "/health" in check and "urllib" in check
     start = re.search(r"--start-period=(\d+)s", check)
     assert start and int(start.group(1)) >= 1200
+    cmd = json.loads(check[check.index("CMD") + 3:])
+    assert cmd[:2] == ["python3", "-c"] and "8000" not in check  # no fixed port: the server's own (see below)
+    # run by path (importing shardllm would import torch: seconds of the 5 s timeout); the script exists there
+    assert "runpy.run_path(sysconfig.get_paths()['purelib'] + '/shardllm/entrypoints/healthcheck.py'" in cmd[2]
+    assert (ROOT / "shardllm" / "entrypoints" / "healthcheck.py").is_file()
 
 
 def test_installs_the_server_and_ray_extras(parsed):
