@@ -97,6 +97,32 @@ def _grouped_mm_padded(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> 
     return torch.where(valid[:, None], y[group, pos.clamp(max=cap - 1)], 0)
 
 
+def sort_by_expert(topk_ids: torch.Tensor, expert_start: int,
+                   num_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grouped GEMMs' layout of the N * k (token, slot) pairs, without a host sync.
+
+    Returns order (N * k,) int64, the pairs sorted by local expert (stable; pairs of other ranks' experts last:
+    row i of the sorted layout is token order[i] // k); is_local (N * k,) bool of the sorted rows; offs (E_local,)
+    int32 group ends, offs[e] = number of rows of local experts <= e (torch._grouped_mm's `offs`).
+    """
+    local_ids = topk_ids.reshape(-1) - expert_start  # (N * k,)
+    key = torch.where((local_ids >= 0) & (local_ids < num_local), local_ids, num_local)
+    key_sorted, order = torch.sort(key, stable=True)  # (N * k,)
+    offs = torch.searchsorted(key_sorted, torch.arange(num_local, device=key.device), right=True).to(torch.int32)
+    return order, key_sorted < num_local, offs
+
+
+def combine_expert_rows(y: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor, is_local: torch.Tensor,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """y (N * k, H) expert outputs in `sort_by_expert` order -> (N, H) weighted sum over the k slots, in fp32."""
+    n, k = topk_weights.shape
+    w = topk_weights.reshape(-1)[order]  # (N * k,) fp32
+    # rows of other ranks' experts were never written (undefined values): select, never multiply by 0
+    y = torch.where(is_local[:, None], y.float() * w[:, None], 0)
+    out = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
+    return out.view(n, k, -1).sum(dim=1).to(out_dtype)  # summed in fp32 as the reference does
+
+
 def fused_experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                           topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
     """The GPU path, same contract as `fused_experts_reference`, without a Python loop over experts.
@@ -105,24 +131,14 @@ def fused_experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     each expert's rows are multiplied by its weights in one grouped GEMM (`torch._grouped_mm`: CUTLASS for
     bf16 on sm90+, no host sync), and the weighted rows are put back in token order and summed over k.
     """
-    n, k = topk_ids.shape
-    num_local = w13.shape[0]
-    local_ids = topk_ids.reshape(-1) - expert_start  # (N * k,)
-    is_local = (local_ids >= 0) & (local_ids < num_local)
-    key = torch.where(is_local, local_ids, num_local)
-    key_sorted, order = torch.sort(key, stable=True)  # (N * k,)
-    # group ends for the grouped GEMM: offs[e] = number of rows of experts <= e
-    offs = torch.searchsorted(key_sorted, torch.arange(num_local, device=x.device), right=True).to(torch.int32)
+    k = topk_ids.shape[1]
+    order, is_local, offs = sort_by_expert(topk_ids, expert_start, w13.shape[0])
     grouped_mm = getattr(torch, "_grouped_mm", None) or _grouped_mm_padded
     rows = x.index_select(0, order // k)  # (N * k, H), row i is token order[i] // k
     h = grouped_mm(rows, w13.transpose(1, 2), offs=offs)  # (N * k, 2 * I)
     gate, up = h.chunk(2, dim=-1)
     y = grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # (N * k, H)
-    w = topk_weights.reshape(-1)[order]  # (N * k,) fp32
-    # rows of other ranks' experts were never written (undefined values): select, never multiply by 0
-    y = torch.where((key_sorted < num_local)[:, None], y.float() * w[:, None], 0)
-    out = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, slot) order
-    return out.view(n, k, -1).sum(dim=1).to(x.dtype)  # (N, H), summed in fp32 as the reference does
+    return combine_expert_rows(y, topk_weights, order, is_local, x.dtype)  # (N, H)
 
 
 def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

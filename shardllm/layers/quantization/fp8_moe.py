@@ -1,9 +1,12 @@
 """FP8 experts for FusedMoE: e4m3fn expert weights with fp32 scales per expert (per channel online; per
-tensor, per channel or per block from a checkpoint), activations quantized per token (or 1 x bk group).
+tensor, per channel or per block from a checkpoint), activations quantized per token (or 1 x bk group, or the
+static per-tensor scale). Every format runs grouped (expert-sorted rows, one GEMM launch per projection over
+all local experts, no host sync on CUDA: a decode step is captured in a CUDA graph); see `grouped_backend`.
 
 Parameters (E = this rank's experts, I = its slice of the intermediate size):
     w13.weight (E, 2I, H) e4m3fn, w13.weight_scale (E, 2I) | (E, 2) per tensor of gate and up, expanded to rows
-        after loading | block: w13.<scale name> (E, ceil(2I / bn), ceil(H / bk))
+        after loading (exact: a per-tensor scale is a per-channel one with equal channels)
+        | block: w13.<scale name> (E, ceil(2I / bn), ceil(H / bk))
     w2.weight (E, H, I), w2.weight_scale (E, H) | (E, 1) | block (E, ceil(H / bn), ceil(I / bk))
     w13.input_scale, w2.input_scale (E, parts): static activation scales (their max is used)
 """
@@ -17,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardllm.layers.moe import _grouped_mm_padded, combine_expert_rows, sort_by_expert
 from shardllm.layers.quantization import QuantizationConfig
+from shardllm.layers.quantization.fp8_moe_triton import grouped_block_fp8_mm, grouped_block_triton_ok
+from shardllm.layers.quantization.fp8_triton import quantize_per_token_triton, triton_fp8_ok
 from shardllm.layers.quantization.fp8_utils import (
     FP8_DTYPE,
     block_fp8_linear,
@@ -25,6 +31,7 @@ from shardllm.layers.quantization.fp8_utils import (
     dequantize,
     quantize_per_block,
     quantize_per_row,
+    quantize_per_token_group,
     quantize_with_scale,
     scaled_mm_rowwise,
     weight_only_fallback,
@@ -133,41 +140,89 @@ class Fp8MoEMethod:
 
     def apply(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
-        """x (N, H); topk_* (N, k) over global expert ids -> this rank's partial sum (N, H).
-
-        On CUDA (channel scales, dynamic activations): one row-wise FP8 grouped GEMM per projection, no host
-        sync (graph-capturable); else `apply_reference`, a loop over the local experts."""
-        if (x.is_cuda and not self.block and not self.static_input and not self.weight_only and _GROUPED_OK[0]
-                and hasattr(torch, "_scaled_grouped_mm")):
-            try:
-                return self.apply_grouped(moe, x, topk_weights, topk_ids)
-            except (RuntimeError, NotImplementedError) as e:  # a build or GPU without the FP8 grouped GEMM
-                _GROUPED_OK[0] = False
-                logger.warning("FP8 grouped GEMM unavailable (%s: %s); experts run one by one", type(e).__name__, e)
-        return self.apply_reference(moe, x, topk_weights, topk_ids)
+        """x (N, H); topk_* (N, k) over global expert ids -> this rank's partial sum (N, H) in x's dtype."""
+        return self.apply_grouped(moe, x, topk_weights, topk_ids)
 
     def apply_grouped(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
                       topk_ids: torch.Tensor) -> torch.Tensor:
-        """As fused_experts_grouped (layers/moe.py), with torch._scaled_grouped_mm and per-token scales."""
-        n, k = topk_ids.shape
-        num_local = moe.num_local_experts
-        local_ids = topk_ids.reshape(-1) - moe.expert_start  # (N * k,)
-        key = torch.where((local_ids >= 0) & (local_ids < num_local), local_ids, num_local)
-        key_sorted, order = torch.sort(key, stable=True)
-        offs = torch.searchsorted(key_sorted, torch.arange(num_local, device=x.device), right=True).to(torch.int32)
-
-        def grouped(a: torch.Tensor, holder: nn.Module) -> torch.Tensor:  # a (R, K) -> (R, N) in x's dtype
-            a_q, a_s = quantize_per_row(a)
-            return torch._scaled_grouped_mm(a_q, holder.weight.transpose(1, 2), a_s.view(-1), holder.weight_scale,
-                                            offs=offs, out_dtype=x.dtype)
-
+        """As fused_experts_grouped (layers/moe.py): expert-sorted rows, one grouped GEMM per projection over all
+        local experts (`grouped_backend` says which), no host sync on CUDA, so a decode step is graph-capturable.
+        Every weight format and device takes this path; `apply_reference` is its oracle."""
+        k = topk_ids.shape[1]
+        order, is_local, offs = sort_by_expert(topk_ids, moe.expert_start, moe.num_local_experts)
         rows = x.index_select(0, order // k)  # (N * k, H)
-        gate, up = grouped(rows, moe.w13).chunk(2, dim=-1)
-        y = grouped(F.silu(gate) * up, moe.w2)  # (N * k, H)
-        w = topk_weights.reshape(-1)[order]
-        y = torch.where((key_sorted < num_local)[:, None], y.float() * w[:, None], 0)
-        out = torch.empty_like(y).index_copy_(0, order, y)
-        return out.view(n, k, -1).sum(dim=1).to(x.dtype)
+        gate, up = self._grouped(moe.w13, rows, offs).chunk(2, dim=-1)  # (N * k, I) each
+        y = self._grouped(moe.w2, F.silu(gate) * up, offs)  # (N * k, H)
+        return combine_expert_rows(y, topk_weights, order, is_local, x.dtype)
+
+    def grouped_backend(self, device: torch.device) -> str:
+        """The grouped GEMM the experts run on `device`:
+        "scaled_grouped_mm": torch._scaled_grouped_mm, row-wise scales (per-channel and per-tensor weights, the
+            latter expanded to rows at load, which is exact; dynamic per-token or static activation scales);
+        "triton_block": `grouped_block_fp8_mm`, 128 x 128-style weight blocks and 1 x bk activation groups;
+        "dequantized": weights dequantized (cached in fp32 on CPU; per call in x's dtype on a GPU), activations
+            quantized and dequantized as the FP8 GEMM would see them (unless weight-only), torch._grouped_mm: the
+            CPU path, weight-only runs, and the fallback where a fast backend is unavailable."""
+        if device.type != "cuda" or self.weight_only:
+            return "dequantized"
+        if self.block:
+            return "triton_block" if grouped_block_triton_ok(device, self.block) else "dequantized"
+        return "scaled_grouped_mm" if _GROUPED_OK[0] and hasattr(torch, "_scaled_grouped_mm") else "dequantized"
+
+    def _grouped(self, holder: nn.Module, a: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """a (R, K) expert-sorted rows, offs (E,) int32 group ends -> (R, N) in a's dtype (rows past offs[-1]
+        undefined)."""
+        backend = self.grouped_backend(a.device)
+        if backend == "scaled_grouped_mm":
+            try:
+                a_q, a_s = self._quantize_rows(holder, a)
+                return torch._scaled_grouped_mm(a_q, holder.weight.transpose(1, 2), a_s.view(-1), holder.weight_scale,
+                                                offs=offs, out_dtype=a.dtype)
+            except (RuntimeError, NotImplementedError) as e:  # a build or GPU without the FP8 grouped GEMM
+                _GROUPED_OK[0] = False
+                logger.warning("FP8 grouped GEMM unavailable (%s: %s); experts run on dequantized weights",
+                               type(e).__name__, e)
+        elif backend == "triton_block":
+            a_q, a_s = self._quantize_groups(a)
+            return grouped_block_fp8_mm(a_q, a_s, holder.weight, getattr(holder, self.scale_name), offs, self.block,
+                                        a.dtype)
+        w = self._dequantized_weight(holder, a)  # (E, N, K)
+        a_in = a
+        if not self.weight_only:  # the activations as the FP8 GEMM sees them, in fp32
+            if self.block:
+                a_q, a_s = self._quantize_groups(a)
+                a_in = a_q.float() * a_s.repeat_interleave(self.block[1], dim=1)[:, : a.shape[1]]
+            else:
+                a_q, a_s = self._quantize_rows(holder, a)
+                a_in = a_q.float() * a_s
+        return grouped_mm(a_in.to(w.dtype), w.transpose(1, 2), offs).to(a.dtype)
+
+    def _quantize_rows(self, holder: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a (R, K) -> (q (R, K) e4m3fn, scale (R, 1) fp32): the static per-tensor scale, or one per row."""
+        if self.static_input:
+            return quantize_with_scale(a, holder.input_scale), holder.input_scale.expand(a.shape[0], 1).contiguous()
+        if a.is_cuda and a.dtype != torch.float32 and triton_fp8_ok(a.device):
+            return quantize_per_token_triton(a.contiguous())
+        return quantize_per_row(a)
+
+    def _quantize_groups(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """a (R, K) -> (q (R, K) e4m3fn, scale (R, ceil(K / bk)) fp32) per 1 x bk group (K zero-padded to whole
+        groups for the amax), as `block_fp8_linear` quantizes."""
+        bk, k = self.block[1], a.shape[1]
+        pad = -k % bk
+        q, s = quantize_per_token_group(F.pad(a, (0, pad)) if pad else a, bk)
+        return (q[:, :k].contiguous() if pad else q), s
+
+    def _dequantized_weight(self, holder: nn.Module, a: torch.Tensor) -> torch.Tensor:
+        """holder.weight (E, N, K) dequantized: fp32, converted once and kept on the holder on CPU (as
+        `cpu_weight_f32`); in a's dtype per call on a GPU (a fallback: a temporary of E * N * K elements)."""
+        if not a.is_cuda:
+            cached = holder.__dict__.get("_fp8_w_deq")
+            if cached is None or cached.shape != holder.weight.shape:
+                cached = dequantize_experts(holder.weight, getattr(holder, self.scale_name), self.block)
+                holder.__dict__["_fp8_w_deq"] = cached
+            return cached
+        return dequantize_experts(holder.weight, getattr(holder, self.scale_name), self.block, a.dtype)
 
     def apply_reference(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
                         topk_ids: torch.Tensor) -> torch.Tensor:
@@ -182,3 +237,30 @@ class Fp8MoEMethod:
             y = self._linear(moe.w2, e, F.silu(gate) * up)
             out.index_add_(0, token, y.float() * topk_weights[token, slot, None])
         return out.to(x.dtype)
+
+
+def dequantize_experts(w_q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w_q (E, N, K) e4m3fn with scale (E, N) per row or (E, ceil(N / bn), ceil(K / bk)) per block -> (E, N, K)
+    in `dtype` (the product in dtype: bf16 on a GPU keeps the temporary at 2 bytes an element)."""
+    n, k = w_q.shape[1:]
+    if block is None:
+        return w_q.to(dtype) * scale.to(dtype)[..., None]
+    bn, bk = block
+    full = scale.repeat_interleave(bn, dim=1)[:, :n].repeat_interleave(bk, dim=2)[:, :, :k]  # (E, N, K)
+    return w_q.to(dtype) * full.to(dtype)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm (a (R, K), b (E, K, N), offs (E,) int32 group ends -> (R, N)), or the padded bmm
+    where this build or dtype lacks it (that one syncs with the host)."""
+    if _GROUPED_MM_OK.get((a.device.type, a.dtype), True) and hasattr(torch, "_grouped_mm"):
+        try:
+            return torch._grouped_mm(a, b, offs=offs)
+        except (RuntimeError, NotImplementedError) as e:
+            _GROUPED_MM_OK[(a.device.type, a.dtype)] = False
+            logger.warning("torch._grouped_mm refuses %s on %s (%s); using a padded bmm", a.dtype, a.device.type, e)
+    return _grouped_mm_padded(a, b, offs)
+
+
+_GROUPED_MM_OK: dict[tuple, bool] = {}
