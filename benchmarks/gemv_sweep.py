@@ -99,9 +99,10 @@ def candidates(fp8: bool, m: int, n: int, k: int) -> list[GemvConfig]:
     out = []
     if m <= 4:
         bm = triton.next_power_of_2(m)
-        for bn, bk_bytes in itertools.product((4, 8, 16), (256, 512)):
-            if bm * bn * bk_bytes // elt <= 64 * 128:  # <= 64 fp32 product registers per thread at 4 warps
-                out.append(GemvConfig(False, bn, bk_bytes // elt, 1, 4, 3))
+        for bn, bk_bytes, late, warps in itertools.product((4, 8, 16), (256, 512, 1024), (False, True), (4, 8)):
+            per_thread = bm * bn * bk_bytes // elt // (32 * warps)  # fp32 products per thread and step
+            if per_thread <= 64 and (warps == 4 or per_thread > 32):  # 8 warps only for tiles 4 warps cannot hold
+                out.append(GemvConfig(False, bn, bk_bytes // elt, 1, warps, 3, late))
     for bn, bk_bytes in itertools.product((16, 32, 64), (128, 256, 512)):
         out.append(GemvConfig(True, bn, bk_bytes // elt, 1, 4, 4))
     sm = torch.cuda.get_device_properties(0).multi_processor_count
@@ -109,7 +110,7 @@ def candidates(fp8: bool, m: int, n: int, k: int) -> list[GemvConfig]:
     for c in out:
         tiles = triton.cdiv(n, c.block_n)
         for s in (1, 2, 4, 8):
-            if s == 1 or (tiles * s // 2 < 4 * sm and k // s >= 2 * c.block_k):
+            if s == 1 or (tiles * s // 2 < 8 * sm and k // s >= 2 * c.block_k):
                 grid.append(c._replace(split_k=s))
     return grid
 
@@ -119,7 +120,7 @@ def _compile_key(fp8: bool, m: int, k: int, cfg: GemvConfig) -> tuple:
     split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
     bm = 16 if cfg.use_dot else triton.next_power_of_2(m)
     return (fp8, cfg.use_dot, cfg.block_n, cfg.block_k, bm, m == 1, split == 1, k % (split * cfg.block_k) == 0,
-            cfg.num_warps, cfg.num_stages)
+            cfg.num_warps, cfg.num_stages, cfg.late_reduce and not cfg.use_dot)
 
 
 def _precompile(jobs: list[tuple[bool, int, int, GemvConfig]]) -> int:
@@ -155,6 +156,50 @@ def precompile(todo: list[tuple[bool, int, int, GemvConfig]], workers: int) -> N
     print(f"precompiled {done}/{len(jobs)} kernels in {workers} processes, {time.time() - t:.1f} s", flush=True)
 
 
+def sweep_one(fp8: bool, n: int, k: int, m: int, dev: torch.device) -> tuple[dict, tuple | None]:
+    """Time cuBLAS bf16, the previous FP8 kernel (fp8) and every candidate at one (N, K, M): (row, (us, config))."""
+    w_bytes = n * k * (1 if fp8 else 2) + (4 * n if fp8 else 0)
+    copies = max(2, min(8, -(-4 * L2_BYTES // w_bytes)))
+    torch.manual_seed(0)
+    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    row = dict(n=n, k=k, m=m, cublas_bf16_us=round(timed([lambda w=w: F.linear(x, w) for w in ws]), 2))
+    if fp8:
+        qs = [quantize_per_row(w) for w in ws]
+        del ws
+        args = [(q, s.view(-1)) for q, s in qs]
+        row["fp8_previous_us"] = round(timed([lambda wa=wa: previous_fp8(x, *wa) for wa in args]), 2)
+    else:
+        args = [(w, None) for w in ws]
+    ref = gemv_reference(x, *args[0])
+    best, failed = None, []
+    for cfg in candidates(fp8, m, n, k):
+        try:
+            y = gemv(x, *args[0], cfg).float()
+            if float((y - ref).abs().max()) > 2e-2 * float(ref.abs().max()):
+                failed.append([int(v) for v in cfg])
+                continue
+            us = timed([lambda wa=wa, cfg=cfg: gemv(x, *wa, cfg) for wa in args])
+        except Exception as e:  # a config Triton cannot compile (registers, shared memory)
+            failed.append([*(int(v) for v in cfg), type(e).__name__])
+            continue
+        if best is None or us < best[0]:
+            best = (us, cfg)
+    if best is not None:
+        us, cfg = best
+        row.update(best=[int(v) for v in cfg], best_us=round(us, 2), best_TB_s=round(w_bytes / us / 1e6, 3),
+                   best_pct_of_copy_bw=round(100 * w_bytes / (us * 1e-6) / COPY_BW, 1),
+                   cublas_pct_of_copy_bw=round(100 * n * k * 2 / (row["cublas_bf16_us"] * 1e-6) / COPY_BW, 1),
+                   speedup_vs_cublas=round(row["cublas_bf16_us"] / us, 2))
+        if fp8:
+            row["speedup_vs_previous"] = round(row["fp8_previous_us"] / us, 2)
+    if failed:
+        row["failed"] = failed
+    del args
+    torch.cuda.empty_cache()
+    return row, best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16])
@@ -170,65 +215,34 @@ def main() -> None:
             for name, (n, k) in shapes(tp).items() if not (name == "lm_head" and dtype == "fp8")
             for m in a.ms for cfg in candidates(dtype == "fp8", m, n, k)]
     if a.compile_workers:
-        precompile(plan, a.compile_workers)
+        try:
+            precompile(plan, a.compile_workers)
+        except Exception as e:  # the timed pass compiles what is missing
+            print(f"precompile failed ({type(e).__name__}: {e}); compiling in the timed pass", flush=True)
     dev = torch.device("cuda")
     print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
     tables: dict[str, dict] = {"fp8": {}, "bf16": {}}
     rows = []
-    for tp, dtype in itertools.product(a.tp, a.dtypes):
-        for name, (n, k) in shapes(tp).items():
-            if name == "lm_head" and dtype == "fp8":  # the LM head stays bf16 under fp8
-                continue
-            fp8 = dtype == "fp8"
-            w_bytes = n * k * (1 if fp8 else 2) + (4 * n if fp8 else 0)
-            copies = max(2, min(8, -(-4 * L2_BYTES // w_bytes)))
-            torch.manual_seed(0)
-            ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-            qs = [quantize_per_row(w) for w in ws] if fp8 else []
-            for m in a.ms:
+    out = open(a.out, "w") if a.out else None  # noqa: SIM115 - one row a line as they come (a timeout keeps them)
+    for m in a.ms:  # M = 1 (batch-1 decode) first: a budget cut drops the larger M
+        for tp, dtype in itertools.product(a.tp, a.dtypes):
+            for name, (n, k) in shapes(tp).items():
+                if name == "lm_head" and dtype == "fp8":  # the LM head stays bf16 under fp8
+                    continue
                 if time.time() - t0 > a.budget_s:
-                    print(f"budget of {a.budget_s} s spent: stopping before {dtype} tp{tp} {name} M={m}")
-                    break
-                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                row = dict(dtype=dtype, tp=tp, layer=name, n=n, k=k, m=m,
-                           cublas_bf16_us=round(timed([lambda w=w, x=x: F.linear(x, w) for w in ws]), 2))
-                if fp8:
-                    row["fp8_previous_us"] = round(timed([lambda q=q, x=x: previous_fp8(x, q[0], q[1].view(-1))
-                                                          for q in qs]), 2)
-                ref = gemv_reference(x, qs[0][0], qs[0][1].view(-1)) if fp8 else gemv_reference(x, ws[0], None)
-                best, failed = None, []
-                for cfg in candidates(fp8, m, n, k):
-                    args = [(q[0], q[1].view(-1)) for q in qs] if fp8 else [(w, None) for w in ws]
-                    try:
-                        y = gemv(x, *args[0], cfg).float()
-                        if float((y - ref).abs().max()) > 2e-2 * float(ref.abs().max()):
-                            failed.append(list(cfg))
-                            continue
-                        us = timed([lambda wa=wa, cfg=cfg, x=x: gemv(x, *wa, cfg) for wa in args])
-                    except Exception as e:  # a config Triton cannot compile (registers, shared memory)
-                        failed.append([*cfg, type(e).__name__])
-                        continue
-                    if best is None or us < best[0]:
-                        best = (us, cfg)
-                if best is not None:
-                    us, cfg = best
-                    row.update(best=list(cfg), best_us=round(us, 2), best_TB_s=round(w_bytes / us / 1e6, 3),
-                               best_pct_of_copy_bw=round(100 * w_bytes / (us * 1e-6) / COPY_BW, 1),
-                               cublas_pct_of_copy_bw=round(100 * n * k * 2 / (row["cublas_bf16_us"] * 1e-6)
-                                                           / COPY_BW, 1),
-                               speedup_vs_cublas=round(row["cublas_bf16_us"] / us, 2))
-                    if fp8 or us * (1 + a.min_gain) <= row["cublas_bf16_us"]:
-                        tables[dtype].setdefault(f"{n}x{k}", {})[str(m)] = [int(cfg[0]), *cfg[1:]]
-                if failed:
-                    row["failed"] = failed
-                row["elapsed_s"] = round(time.time() - t0, 1)
+                    print(f"budget of {a.budget_s} s spent: skipped {dtype} tp{tp} {name} M={m}")
+                    continue
+                row, best = sweep_one(dtype == "fp8", n, k, m, dev)
+                row = dict(dtype=dtype, tp=tp, layer=name, **row, elapsed_s=round(time.time() - t0, 1))
+                if best is not None and (dtype == "fp8" or best[0] * (1 + a.min_gain) <= row["cublas_bf16_us"]):
+                    tables[dtype].setdefault(f"{n}x{k}", {})[str(m)] = [int(v) for v in best[1]]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del ws, qs
-            torch.cuda.empty_cache()
-    if a.out:
-        with open(a.out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+                if out:
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+    if out:
+        out.close()
     print("\n== per shape: best GEMV beside cuBLAS bf16 (us, % of 4.2 TB/s)")
     for r in rows:
         if "best" in r:

@@ -31,7 +31,9 @@ M_BUCKETS = (1, 2, 4, 8, 16)  # table keys: M rounded up to the next bucket
 
 
 class GemvConfig(NamedTuple):
-    """One kernel config. use_dot: tl.dot form (else the FMA form); block_k counts elements of w."""
+    """One kernel config. use_dot: tl.dot form (else the FMA form); block_k counts elements of w; late_reduce (FMA
+    form): keep a (BLOCK_M, BLOCK_N, BLOCK_K) fp32 accumulator and sum over K once after the loop, instead of a
+    cross-thread tl.sum every step (more registers, no shuffles in the loop)."""
 
     use_dot: bool
     block_n: int
@@ -39,6 +41,7 @@ class GemvConfig(NamedTuple):
     split_k: int
     num_warps: int = 4
     num_stages: int = 4
+    late_reduce: bool = False
 
 
 if HAS_TRITON:
@@ -46,7 +49,7 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_ym, stride_ys,
                      HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, LATE_REDUCE: tl.constexpr):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
@@ -62,6 +65,8 @@ if HAS_TRITON:
         x_rows = x_ptr + m[:, None] * stride_xm  # (BM, 1)
         m_in = m[:, None] < M
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        if LATE_REDUCE:
+            acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + kk
             if EVEN_K:  # every slice is whole BLOCK_Ks: unmasked, vectorizable loads of w
@@ -75,8 +80,12 @@ if HAS_TRITON:
                 acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
             elif USE_DOT:
                 acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            elif LATE_REDUCE:
+                acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             else:
                 acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if LATE_REDUCE:
+            acc = tl.sum(acc3, axis=2)
         if HAS_SCALE:
             acc = acc * tl.load(s_ptr + rows)[None, :]  # per-channel weight scales
         tl.store(y_ptr + split * stride_ys + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -117,7 +126,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     _gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, w, w if w_scale is None else w_scale, y, m, n, k, split_k, x.stride(0), w.stride(0), y.stride(1),
         y.stride(0), HAS_SCALE=w_scale is not None, USE_DOT=config.use_dot, EVEN_K=even_k, BLOCK_M=block_m,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_F32=not x.is_cuda, num_warps=config.num_warps,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_F32=not x.is_cuda,
+        LATE_REDUCE=config.late_reduce and not config.use_dot, num_warps=config.num_warps,
         num_stages=config.num_stages)
     if split_k == 1:
         return y[0]
@@ -139,11 +149,13 @@ def m_bucket(m: int) -> int:
 
 
 def load_table(table: dict) -> dict[tuple[int, int], dict[int, GemvConfig]]:
-    """{"NxK": {"M": [use_dot, block_n, block_k, split_k, num_warps, num_stages]}} (the sweep's JSON) -> lookup."""
+    """{"NxK": {"M": [use_dot, block_n, block_k, split_k, num_warps, num_stages, late_reduce]}} (the sweep's
+    JSON; 0/1 for the flags, late_reduce optional) -> lookup."""
     out: dict[tuple[int, int], dict[int, GemvConfig]] = {}
     for shape, by_m in table.items():
         n, k = (int(v) for v in shape.split("x"))
-        out[(n, k)] = {int(mm): GemvConfig(bool(c[0]), *(int(v) for v in c[1:])) for mm, c in by_m.items()}
+        out[(n, k)] = {int(mm): GemvConfig(bool(c[0]), *(int(v) for v in c[1:6]), *(bool(v) for v in c[6:7]))
+                       for mm, c in by_m.items()}
     return out
 
 
@@ -177,7 +189,8 @@ def gemv_ok(device: torch.device) -> bool:
             w = torch.randn(72, 640, device=device, generator=g).to(torch.bfloat16)
             ref = gemv_reference(x, w, None)
             ok = all(float((gemv(x, w, None, c).float() - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
-                     for c in (GemvConfig(True, 32, 128, 2), GemvConfig(False, 8, 128, 3)))
+                     for c in (GemvConfig(True, 32, 128, 2), GemvConfig(False, 8, 128, 3),
+                               GemvConfig(False, 4, 64, 2, late_reduce=True)))
         except Exception as e:  # a Triton that cannot compile it
             logging.getLogger(__name__).warning("bf16 GEMV kernel unavailable (%s: %s)", type(e).__name__, e)
         if not ok:

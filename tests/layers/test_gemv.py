@@ -47,7 +47,8 @@ def check(x, w, s, cfg, rtol=1e-2):
 CPU_CASES = [
     (1, 40, 300, GemvConfig(False, 8, 64, 1)),
     (3, 37, 200, GemvConfig(False, 4, 32, 3)),
-    (4, 16, 256, GemvConfig(False, 16, 64, 2)),  # EVEN_K: unmasked loads
+    (3, 21, 136, GemvConfig(False, 4, 32, 2, late_reduce=True)),
+    (4, 16, 256, GemvConfig(False, 16, 64, 2, late_reduce=True)),  # EVEN_K: unmasked loads
     (2, 24, 96, GemvConfig(False, 8, 64, 8)),  # split capped to 2 slices
     (1, 33, 200, GemvConfig(True, 16, 64, 1)),
     (5, 70, 300, GemvConfig(True, 32, 32, 4)),
@@ -81,8 +82,8 @@ def test_fp8_small_m_linear_takes_a_config_a_tuple_or_the_table(monkeypatch):
 
 
 def test_table_format_and_lookup():
-    table = load_table({"6144x4096": {"1": [0, 8, 512, 1, 4, 3], "16": [1, 32, 256, 2, 8, 4]}})
-    assert table_config(table, 6144, 4096, 1) == GemvConfig(False, 8, 512, 1, 4, 3)
+    table = load_table({"6144x4096": {"1": [0, 8, 512, 1, 4, 3, 1], "16": [1, 32, 256, 2, 8, 4]}})
+    assert table_config(table, 6144, 4096, 1) == GemvConfig(False, 8, 512, 1, 4, 3, True)
     assert table_config(table, 6144, 4096, 9) == GemvConfig(True, 32, 256, 2, 8, 4)  # 9 rows: bucket 16
     assert table_config(table, 6144, 4096, 2) is None and table_config(table, 4096, 4096, 1) is None
     assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
@@ -101,7 +102,7 @@ def test_bf16_hook_is_off_by_default_and_on_cpu():
     assert torch.equal(UnquantizedLinearMethod().apply(layer, x, None), F.linear(x, layer.weight))
 
 
-GPU_CONFIGS = [GemvConfig(False, 8, 512, 1, 4, 3), GemvConfig(False, 4, 256, 4, 4, 3),
+GPU_CONFIGS = [GemvConfig(False, 8, 512, 1, 4, 3), GemvConfig(False, 4, 256, 4, 4, 3, True),
                GemvConfig(True, 32, 256, 1), GemvConfig(True, 64, 128, 4)]
 
 
@@ -109,7 +110,7 @@ GPU_CONFIGS = [GemvConfig(False, 8, 512, 1, 4, 3), GemvConfig(False, 4, 256, 4, 
 @pytest.mark.parametrize("fp8", [True, False], ids=["e4m3", "bf16"])
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (3, 1000, 2056), (16, 4104, 1800)])
 @pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=lambda c: f"{'dot' if c.use_dot else 'fma'}{c.block_n}x{c.block_k}"
-                                                           f"s{c.split_k}")
+                                                           f"s{c.split_k}{'late' if c.late_reduce else ''}")
 def test_gemv_matches_reference_gpu(fp8, m, n, k, cfg):
     if not cfg.use_dot and m > 4:
         pytest.skip("the FMA form is for M <= 4")
