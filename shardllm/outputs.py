@@ -3,12 +3,49 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
-@dataclass
 class Logprob:
-    logprob: float
-    decoded_token: str | None = None
+    """A token's log-probability and its text (vLLM's Logprob).
+
+    `decoded_token` is decoded on first read when built with `tokenizer` and `token_id`: the engine thread makes
+    k + 1 of these per token, and the server never reads them (it names tokens by their bytes), so the decode is
+    paid only by a caller who asks. None when there is no tokenizer.
+    """
+
+    __slots__ = ("logprob", "_decoded_token", "_tokenizer", "_token_id")
+
+    def __init__(self, logprob: float, decoded_token: str | None = None, *, tokenizer: Any = None,
+                 token_id: int | None = None):
+        self.logprob = logprob
+        self._decoded_token = decoded_token
+        self._tokenizer = tokenizer if decoded_token is None and token_id is not None else None
+        self._token_id = token_id
+
+    @property
+    def decoded_token(self) -> str | None:
+        if self._tokenizer is not None:
+            self._decoded_token = self._tokenizer.decode([self._token_id])
+            self._tokenizer = None
+        return self._decoded_token
+
+    @decoded_token.setter
+    def decoded_token(self, value: str | None) -> None:
+        self._decoded_token, self._tokenizer = value, None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Logprob):
+            return NotImplemented
+        return self.logprob == other.logprob and self.decoded_token == other.decoded_token
+
+    __hash__ = None  # mutable, as the dataclass it replaces
+
+    def __repr__(self) -> str:
+        return f"Logprob(logprob={self.logprob!r}, decoded_token={self.decoded_token!r})"
+
+    def __reduce__(self):  # pickled decoded, never with its tokenizer
+        return Logprob, (self.logprob, self.decoded_token)
 
 
 @dataclass

@@ -97,14 +97,12 @@ def visible_text(req: Request) -> str:
 
 
 def make_logprobs(tokenizer, entry: tuple[float, list[tuple[int, float]]], token: int) -> dict[int, Logprob]:
+    """{token id: Logprob} of one position: the top k and the chosen `token`. Nothing is decoded here (this runs
+    on the engine thread, k + 1 entries per token): each Logprob decodes its text when `decoded_token` is read."""
     lp, top = entry
-
-    def text(t: int) -> str | None:
-        return tokenizer.decode([t]) if tokenizer is not None else None
-
-    d = {t: Logprob(v, text(t)) for t, v in top}
+    d = {t: Logprob(v, tokenizer=tokenizer, token_id=t) for t, v in top}
     if token not in d:
-        d[token] = Logprob(lp, text(token))
+        d[token] = Logprob(lp, tokenizer=tokenizer, token_id=token)
     return d
 
 
