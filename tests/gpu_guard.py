@@ -84,16 +84,19 @@ def end_processes(nodeid: str, procs: set[Proc], grace_s: float = 3.0) -> None:
 
 
 def release_gpu_memory() -> None:
-    """After a failed test: drop the traceback pytest keeps in sys.last_* (its frames hold the test's engine, and
-    with it most of the GPU) and give the memory back, so the next test's engine sizes its KV cache as usual."""
-    if not hasattr(sys, "last_value"):
-        return
-    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
-        if hasattr(sys, name):
-            delattr(sys, name)
-    from shardllm.utils import release_memory
+    """After each GPU test, hand this process's cached CUDA blocks back, so that the next test's engines (and
+    their worker processes, which size the KV cache from the device's free memory) see the whole GPU. After a
+    failed test, first drop the traceback pytest keeps in sys.last_*: its frames hold the test's engine."""
+    torch = sys.modules.get("torch")
+    if hasattr(sys, "last_value"):
+        for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+            if hasattr(sys, name):
+                delattr(sys, name)
+        from shardllm.utils import release_memory
 
-    release_memory()
+        release_memory()  # collects what start-up froze, then empties the cache
+    elif torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class HardTimeout:
