@@ -62,6 +62,15 @@ class Executor(ABC):
         """MoE models: tokens routed per (layer, expert); every tp rank routes all tokens, so rank 0 tells."""
         return {}
 
+    def start_step_profile(self, num_steps: int, tag: str | None = None) -> None:
+        """Every rank profiles its next `num_steps` steps after one warm-up step (needs SHARDLLM_PROFILE_DIR set
+        before the engine starts; see worker/step_profiler.py)."""
+        raise NotImplementedError(f"{type(self).__name__} has no step profiling")
+
+    def step_profile(self) -> list[dict | None]:
+        """Per rank: the last profiled window (an open one is closed now), or None."""
+        raise NotImplementedError(f"{type(self).__name__} has no step profiling")
+
     def check_health(self) -> None:
         """Raise if a worker is gone."""
 

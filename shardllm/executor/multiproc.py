@@ -168,6 +168,12 @@ class MultiprocExecutor(Executor):
     def expert_load(self) -> dict[tuple[int, int], int]:
         return self._call_all("expert_load")[0]
 
+    def start_step_profile(self, num_steps: int, tag: str | None = None) -> None:
+        self._call_all("start_step_profile", num_steps, tag)  # between the same two plans on every rank
+
+    def step_profile(self) -> list[dict | None]:
+        return self._call_all("step_profile")
+
     def check_health(self) -> None:
         """Raise WorkerError if a worker process has exited (cheap: one waitpid each). The AsyncLLM calls it every
         engine-loop turn, idle or not, so a worker killed while idle is noticed within a second; the caller then

@@ -34,6 +34,12 @@ class UniprocExecutor(Executor):
     def expert_load(self) -> dict[tuple[int, int], int]:
         return self.worker.expert_load()
 
+    def start_step_profile(self, num_steps: int, tag: str | None = None) -> None:
+        self.worker.start_step_profile(num_steps, tag)
+
+    def step_profile(self) -> list[dict | None]:
+        return [self.worker.step_profile()]
+
     def shutdown(self) -> None:
         self.worker = None
         self._pending = []

@@ -7,6 +7,7 @@ import torch
 from shardllm.config import EngineConfig
 from shardllm.step_io import SchedulerOutput
 from shardllm.worker.model_runner import ModelRunner, resolve
+from shardllm.worker.step_profiler import StepProfiler
 
 
 class Worker:
@@ -14,6 +15,7 @@ class Worker:
         self.config = config
         self.rank, self.local_rank = rank, local_rank
         self.model_runner: ModelRunner | None = None
+        self.step_profiler = StepProfiler.from_env(rank)  # None unless SHARDLLM_PROFILE_DIR is set
 
     def init_device(self) -> None:
         if self.config.device == "cuda":
@@ -75,8 +77,27 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput, wait: bool = True):
         """Run a step; with wait=False return a PendingOutput (or None) without waiting for the device."""
+        if self.step_profiler is not None:
+            return self.step_profiler.run_step(self.model_runner, self._execute_model, scheduler_output, wait)
+        return self._execute_model(scheduler_output, wait)
+
+    def _execute_model(self, scheduler_output: SchedulerOutput, wait: bool):
         out = self.model_runner.execute_model(scheduler_output)
         return resolve(out) if wait else out
+
+    def start_step_profile(self, num_steps: int, tag: str | None = None) -> None:
+        """Profile this rank's next `num_steps` steps (after one warm-up step); see worker/step_profiler.py."""
+        if self.step_profiler is None:
+            from shardllm.worker.step_profiler import ENV_DIR
+
+            raise ValueError(f"step profiling is off: set {ENV_DIR}=<dir> in the environment before the engine starts")
+        self.step_profiler.arm(num_steps, tag)
+
+    def step_profile(self) -> dict | None:
+        """The last closed window's profile of this rank (closing an open one now), or None."""
+        if self.step_profiler is None:
+            return None
+        return self.step_profiler.flush(self.model_runner)
 
     def memory_report(self) -> dict[str, int]:
         """Bytes on this rank's device: weights, KV cache, and (GPU) allocated now and at peak, and its total."""
