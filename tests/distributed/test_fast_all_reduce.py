@@ -85,23 +85,30 @@ def test_symm_mem_all_reduce_equals_nccl_on_gpus(tmp_path):
     script.write_text(WORKER)
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NVSHMEM_DISABLE_NVLS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(world), str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    # Output to files, not pipes: waiting on rank 0's pipe while rank 1 fills its own (64 KiB of warnings) would
+    # block rank 1 before a collective that rank 0 waits in, a deadlock that only the timeout ended.
+    logs = [tmp_path / f"rank{r}.log" for r in range(world)]
+    procs = []
+    for r in range(world):
+        with open(logs[r], "w") as f:
+            procs.append(subprocess.Popen([sys.executable, str(script), str(r), str(world), str(port)], env=env,
+                                          stdout=f, stderr=subprocess.STDOUT))
     # one deadline for all ranks, inside the test's timeout; whatever ends the wait (a hang, the timeout's
     # signal), no rank is left spinning in a kernel that waits for a peer that is gone
     deadline = time.monotonic() + 90
-    outs = []
     try:
         for p in procs:
             try:
-                outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pytest.fail("symm_mem all-reduce hung (eager or in a CUDA graph)")
+                tails = "\n".join(f"rank {r}: {log.read_text()[-1500:]}" for r, log in enumerate(logs))
+                pytest.fail(f"symm_mem all-reduce hung (eager or in a CUDA graph)\n{tails}")
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    outs = [log.read_text() for log in logs]
     for r, out in enumerate(outs):
         line = [x for x in out.splitlines() if x.startswith("RESULT")]
         assert line, out[-3000:]
