@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,46 @@ class Logprob:
         return Logprob, (self.logprob, self.decoded_token)
 
 
+class LogprobsSnapshot(Sequence):
+    """The first `n` entries of a list that only grows (a running request's logprobs), without copying it.
+
+    A running request's output is handed to another thread (AsyncLLM) while the engine appends to the list: a
+    copy per step would cost O(tokens so far) each step, O(n^2) over a request; this costs O(1). Reads as a
+    read-only list of n entries (len, index, slices as lists, iteration, == with a list).
+    """
+
+    __slots__ = ("_entries", "_n")
+
+    def __init__(self, entries: list, n: int | None = None):
+        self._entries = entries
+        self._n = len(entries) if n is None else n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self._entries[i] for i in range(*index.indices(self._n))]
+        i = index + self._n if index < 0 else index
+        if not 0 <= i < self._n:
+            raise IndexError("logprobs index out of range")
+        return self._entries[i]
+
+    def __iter__(self) -> Iterator:
+        entries = self._entries
+        return (entries[i] for i in range(self._n))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (list, tuple, LogprobsSnapshot)):
+            return NotImplemented
+        return len(other) == self._n and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -55,8 +96,9 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: str | int | None = None  # the stop string or token that ended it
-    # One dict per generated token: token id -> Logprob (the chosen token and the top-k).
-    logprobs: list[dict[int, Logprob]] | None = None
+    # One dict per generated token: token id -> Logprob (the chosen token and the top-k). A list once finished;
+    # while running, a LogprobsSnapshot (a read-only sequence of the entries so far, shared, not copied).
+    logprobs: list[dict[int, Logprob]] | LogprobsSnapshot | None = None
     error: str | None = None  # finish_reason "error": what failed (this request alone; the engine runs on)
 
     @property

@@ -23,11 +23,18 @@ from shardllm.engine.request import Request, RequestStatus
 from shardllm.engine.scheduler import Scheduler
 from shardllm.engine.startup_summary import log_startup_summary
 from shardllm.executor.base import Executor
-from shardllm.outputs import CompletionOutput, RequestOutput
+from shardllm.outputs import CompletionOutput, LogprobsSnapshot, RequestOutput
 from shardllm.sampling_params import SamplingParams
 from shardllm.utils import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
+
+
+def _logprobs_out(req: Request) -> list | LogprobsSnapshot | None:
+    """A finished request's own list (nothing appends to it any more); a running one's entries so far."""
+    if req.logprobs is None:
+        return None
+    return req.logprobs if req.is_finished else LogprobsSnapshot(req.logprobs)
 
 
 class _RequestFailed(Exception):
@@ -255,10 +262,11 @@ class LLMEngine:
         if finished:
             del self._parents[parent_id]
         first = children[0]
-        # copies (the token ids' slice, the logprobs' list): AsyncLLM hands outputs to another thread while this
-        # one goes on appending to the request's lists
+        # AsyncLLM hands outputs to another thread while this one goes on appending to the request's lists: the
+        # token ids are a slice (a copy); a running request's logprobs a snapshot of the entries so far (no copy:
+        # the list only grows, and a copy per step would be quadratic in the output length)
         outs = [CompletionOutput(c.index, visible_text(c), c.output_token_ids, c.status.finish_reason,
-                                 c.stop_reason, None if c.logprobs is None else list(c.logprobs), c.error)
+                                 c.stop_reason, _logprobs_out(c), c.error)
                 for c in children]
         metrics = first.metrics
         return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outs, finished, metrics,

@@ -1,15 +1,17 @@
-"""Logprobs in the engine's outputs: no token text decoded on the engine thread (each Logprob decodes on first
-read). A tiny random model with the default model's tokenizer, driven step by step as AsyncLLM drives it."""
+"""Logprobs in the engine's outputs: no token text decoded on the engine thread (each Logprob decodes on first read),
+and a running request's logprobs handed out without copying the list each step. A tiny random model with the
+default model's tokenizer, driven step by step as AsyncLLM drives it."""
 
 from __future__ import annotations
 
 import pickle
+import sys
 
 import pytest
 
 from shardllm import LLM, SamplingParams
 from shardllm.model_loader.default_model import default_model_path
-from shardllm.outputs import Logprob
+from shardllm.outputs import Logprob, LogprobsSnapshot
 
 
 class CountingTokenizer:
@@ -75,3 +77,20 @@ def test_logprob_equality_repr_and_pickle_decode_it():
     copy = pickle.loads(pickle.dumps(Logprob(-1.0, tokenizer=Tok(), token_id=3)))
     assert copy.decoded_token == "<3>" and copy._tokenizer is None  # the tokenizer never travels
     assert Logprob(-1.0).decoded_token is None  # no tokenizer: no text
+
+
+def test_running_outputs_share_the_logprobs_instead_of_copying_them(llm):
+    outs = run_steps(llm.engine, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2))
+    running, final = outs[:-1], outs[-1]
+    assert len(running) == 19 and not any(o.finished for o in running) and final.finished
+    assert type(final.logprobs) is list and len(final.logprobs) == 20  # finished: the request's own list
+    for o in running:
+        n = len(o.token_ids)
+        assert isinstance(o.logprobs, LogprobsSnapshot) and len(o.logprobs) == n  # the entries of its step only,
+        assert o.logprobs == final.logprobs[:n]  # though the list grew since, and the same entries (no copies)
+        assert all(a is b for a, b in zip(o.logprobs, final.logprobs))
+        assert o.logprobs[-1] is final.logprobs[n - 1] and o.logprobs[1:3] == final.logprobs[:n][1:3]
+        with pytest.raises(IndexError):
+            o.logprobs[n]
+    # no copy per step: an output's logprobs take the same memory after 19 tokens as after 1
+    assert sys.getsizeof(running[-1].logprobs) == sys.getsizeof(running[0].logprobs)
