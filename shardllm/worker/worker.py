@@ -79,7 +79,8 @@ class Worker:
         """Run a step; with wait=False return a PendingOutput (or None) without waiting for the device."""
         if self.step_profiler is not None:
             return self.step_profiler.run_step(self.model_runner, self._execute_model, scheduler_output, wait)
-        return self._execute_model(scheduler_output, wait)
+        out = self.model_runner.execute_model(scheduler_output)
+        return resolve(out) if wait else out
 
     def _execute_model(self, scheduler_output: SchedulerOutput, wait: bool):
         out = self.model_runner.execute_model(scheduler_output)
