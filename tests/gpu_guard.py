@@ -108,15 +108,22 @@ class HardTimeout:
 
     def __init__(self, nodeid: str, seconds: float, before: set[Proc], capture_manager=None):
         self.nodeid, self.seconds, self.before, self.capman = nodeid, seconds, before, capture_manager
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
+        self._cancelled = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"gpu_guard {nodeid}", daemon=True)
 
     def start(self) -> HardTimeout:
-        self._timer.start()
+        self._thread.start()
         return self
 
     def cancel(self) -> None:
-        self._timer.cancel()
+        self._cancelled.set()
+
+    def _run(self) -> None:
+        # SIGALRM (pytest-timeout's) must reach the main thread: delivered to this one, it would not interrupt
+        # the main thread's blocking system call, and the test would not fail until that call returned
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        if not self._cancelled.wait(self.seconds):
+            self._fire()
 
     def _fire(self) -> None:
         if self.capman is not None:  # pytest's fd capture would swallow what follows: os._exit skips its report
