@@ -25,16 +25,24 @@ def predict(config, gpu_memory_bytes: int):
                     block_size=cc.block_size, pp_partition=list(pc.pp_partition) if pc.pp_partition else None)
 
 
-def summary_lines(config, num_blocks: int, reports: list[dict]) -> list[str]:
-    """The summary as lines: one for the layout, one per rank, one for the KV cache as a whole."""
+def summary_lines(config, num_blocks: int, reports: list[dict], placement: list | None = None) -> list[str]:
+    """The summary as lines: one for the layout, one per rank, one for the KV cache as a whole.
+
+    `placement`: where each rank runs under Ray (RayExecutor.placement: node id and IP, Ray's GPU ids), so that
+    the nodes are counted as placed (with or without num_workers) and each rank names its node and GPU; without
+    it every rank runs on this host, rank r on CUDA device r.
+    """
     from shardllm.planner import weight_dtype_of
 
     pc, cc, sc = config.parallel_config, config.cache_config, config.scheduler_config
     tp, pp = pc.tensor_parallel_size, pc.pipeline_parallel_size
     tokens = max(num_blocks - 1, 0) * cc.block_size
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    nodes = getattr(pc, "num_workers", None) or 1
-    where = f"{nodes} nodes (Ray)" if nodes > 1 else f"1 node ({socket.gethostname()})"
+    if placement:
+        nodes = len({p.node_id for p in placement})
+        where = f"{nodes} node{'s' if nodes > 1 else ''} (Ray)"
+    else:
+        where = f"1 node ({socket.gethostname()})"
     lines = [f"layout: tp {tp} x pp {pp} x ep {pc.expert_parallel_size} = {pc.world_size} ranks on {where}, "
              f"weights {weight_dtype_of(config.model_config)}, KV cache {getattr(cc, 'kv_cache_dtype', 'auto')}, "
              f"device {config.device}"]
@@ -43,7 +51,11 @@ def summary_lines(config, num_blocks: int, reports: list[dict]) -> list[str]:
     for rank, rep in enumerate(reports):
         tp_rank, pp_rank = rank % tp, rank // tp
         gpu = "cpu"
-        if config.device == "cuda":
+        if placement:
+            p = placement[rank]
+            gpu = f"node {p.node_ip} ({p.node_id[:8]}) " + (
+                f"GPU {p.gpu_ids[0]}" if config.device == "cuda" and p.gpu_ids else config.device)
+        elif config.device == "cuda":
             entries = visible.split(",") if visible else None
             gpu = f"cuda:{rank}" + (f" (CUDA_VISIBLE_DEVICES {entries[rank]})" if entries and rank < len(entries)
                                     else "")
@@ -70,7 +82,7 @@ def log_startup_summary(config, num_blocks: int, executor) -> None:
     """Log the summary at INFO; a failure here is logged and never stops the engine."""
     try:
         reports = executor.memory_report()
-        for line in summary_lines(config, num_blocks, reports):
+        for line in summary_lines(config, num_blocks, reports, getattr(executor, "placement", None)):
             logger.info(line)
     except Exception:
         logger.warning("could not build the start-up summary", exc_info=True)

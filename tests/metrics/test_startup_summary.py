@@ -43,3 +43,23 @@ def test_prediction_follows_fp8_weights_and_kv_cache():
     b, f = predict(base, 80 * GiB).stages[0], predict(fp8, 80 * GiB).stages[0]
     assert b.kv_bytes_per_token == 128 * 1024 and f.kv_bytes_per_token == 64 * 1024
     assert 9.0e9 < f.weights < 9.5e9  # decoder linears at 1 byte, embeddings and head at 2
+
+
+def test_ray_layout_counts_the_nodes_ranks_were_placed_on_without_num_workers():
+    from shardllm.executor.ray import RankPlacement
+
+    config = EngineConfig.create("llama-3-8b", load_format="dummy", device="cpu", tensor_parallel_size=2,
+                                 pipeline_parallel_size=2, distributed_executor_backend="ray")
+    assert config.parallel_config.num_workers is None
+    # Ray packed stage 0 on the driver's node and stage 1 on another: two nodes, though no --num_workers said so
+    placement = [RankPlacement(r, r, "a1b2c3d4e5" if r < 2 else "f6e7d8c9b0", "10.0.0.1" if r < 2 else "10.0.0.2",
+                               gpu_ids=(r % 2,)) for r in range(4)]
+    reports = [{"weights": GiB, "kv_cache": GiB}] * 4
+    lines = summary_lines(config, 10, reports, placement)
+    assert "= 4 ranks on 2 nodes (Ray)" in lines[0]
+    assert lines[1].startswith("rank 0 (tp 0, pp 0) node 10.0.0.1 (a1b2c3d4) cpu:")
+    assert lines[4].startswith("rank 3 (tp 1, pp 1) node 10.0.0.2 (f6e7d8c9) cpu:")
+    one = summary_lines(config, 10, reports, [dataclasses.replace(p, node_id="a1b2c3d4e5") for p in placement])
+    assert "= 4 ranks on 1 node (Ray)" in one[0]  # all on one node: one node, though under Ray
+    gpu = dataclasses.replace(config, device="cuda")
+    assert "node 10.0.0.2 (f6e7d8c9) GPU 1:" in summary_lines(gpu, 10, reports, placement)[4]
