@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from shardllm import LLM, SamplingParams
 from shardllm.worker.step_profiler import ENV_DIR, ENV_STEPS, PHASES, busy_time, comm_kind, parse_steps
@@ -92,3 +93,27 @@ def test_steps_setting_and_helpers():
     assert comm_kind("c10d::allreduce_") == "all_reduce"
     assert comm_kind("ncclDevKernel_SendRecv") == "send_recv" and comm_kind("c10d::recv_") == "send_recv"
     assert comm_kind("ampere_bf16_s16816gemm") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernels_and_graph_replay(tiny_checkpoints, tmp_path, monkeypatch):
+    """On a GPU: kernels (replayed from CUDA graphs) are seen, busy + idle = wall, the replay is a host phase."""
+    monkeypatch.setenv(ENV_DIR, str(tmp_path))
+    monkeypatch.setenv(ENV_STEPS, "3:4")
+    llm = LLM(tiny_checkpoints["llama"], device="cuda", max_seq_len=256, max_batch_size=8, num_kv_blocks=256)
+    try:
+        llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+    finally:
+        llm.shutdown()
+    with open(tmp_path / "rank0.json") as f:
+        d = json.load(f)
+    assert d["device"] == "cuda" and d["graphs"] and d["steps_profiled"] == [3, 4, 5, 6]
+    for s in d["steps"]:
+        assert 0 < s["gpu_busy_us"] <= s["wall_us"] and s["gpu_compute_us"] <= s["gpu_busy_us"]
+        assert abs(s["gpu_busy_us"] + s["gpu_idle_us"] - s["wall_us"]) < 1
+        assert s["phases_us"]["graph_replay"] > 0 and s["phases_us"]["forward"] == 0  # decode steps replay
+    top = d["decode"]["top_kernels"]
+    assert top and all(k["calls_per_step"] > 0 and k["us_per_step"] > 0 for k in top)
+    assert d["decode"]["kernels_per_step"] >= 10  # a 2-layer model's step is more than a handful of kernels
