@@ -4,6 +4,7 @@ the block Triton kernel, run by Triton's interpreter, equals its torch reference
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -30,39 +31,40 @@ CONFIGS = {
 INPUT_SCALE = 4.0 / 448
 
 
-def _quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize(w: torch.Tensor, fmt: str, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q, scale as the checkpoint stores it, dequantized fp32)."""
     if fmt == "block":
-        q, s = quantize_per_block(w, BLOCK)
-        return q, s, dequantize(q, s, BLOCK)
+        q, s = quantize_per_block(w, block)
+        return q, s, dequantize(q, s, block)
     q, s = quantize_per_tensor(w) if fmt == "tensor_static" else quantize_per_row(w)
     return q, s, dequantize(q, s)
 
 
 def build_moe(fmt: str, weight_only: bool = False, tp_rank: int = 0, tp_size: int = 1, ep_size: int = 1,
-              seed: int = 0) -> tuple[FusedMoE, torch.Tensor, torch.Tensor]:
-    """A FusedMoE of this rank holding random experts in format `fmt`, loaded through its weight loaders; returns
-    it with the dequantized weights of its local experts, w13 (E_local, 2I_local, H) and w2 (E_local, H, I_local)."""
+              seed: int = 0, hidden: int = H, inter: int = INTER,
+              block: tuple[int, int] = BLOCK) -> tuple[FusedMoE, torch.Tensor, torch.Tensor]:
+    """A FusedMoE of this rank holding random experts in format `fmt`, loaded through its weight loaders on CPU;
+    returns it with the dequantized weights of its local experts, w13 (E_local, 2I_local, H) and w2 (E_local, H,
+    I_local). `block`: the block shape of the "block" format."""
     g = torch.Generator().manual_seed(seed)
-    cfg = CONFIGS[fmt]
-    if weight_only:
-        cfg = QuantizationConfig(**{**cfg.__dict__, "weight_only": True})
+    cfg = dataclasses.replace(CONFIGS[fmt], weight_only=weight_only,
+                              weight_block_size=block if fmt == "block" else None)
     old = get_parallel_context()
     set_parallel_context(ParallelContext(tp_rank=tp_rank, tp_size=tp_size, ep_size=ep_size))
     try:
         with quant_config_scope(cfg):
-            moe = FusedMoE(E, TOP_K, H, INTER, renormalize=True)
+            moe = FusedMoE(E, TOP_K, hidden, inter, renormalize=True)
     finally:
         set_parallel_context(old)
-    moe.gate.weight.data.copy_(torch.randn(E, H, generator=g))
+    moe.gate.weight.data.copy_(torch.randn(E, hidden, generator=g))
     scale_name = Fp8MoEMethod(cfg).scale_name
     w13_deq, w2_deq = [], []
     for e in range(E):
         parts = []
         for part in (0, 1):
-            w = torch.randn(INTER, H, generator=g) * 0.1
+            w = torch.randn(inter, hidden, generator=g) * 0.1
             if cfg.is_checkpoint_fp8:
-                q, s, w = _quantize(w, fmt)
+                q, s, w = _quantize(w, fmt, block)
                 moe.w13_loader(moe.w13.weight, q, (e, part))
                 moe.w13_loader(getattr(moe.w13, scale_name), s, (e, part))
                 if fmt == "tensor_static":
@@ -70,9 +72,9 @@ def build_moe(fmt: str, weight_only: bool = False, tp_rank: int = 0, tp_size: in
             else:
                 moe.w13_loader(moe.w13.weight, w, (e, part))
             parts.append(w)
-        w = torch.randn(H, INTER, generator=g) * 0.1
+        w = torch.randn(hidden, inter, generator=g) * 0.1
         if cfg.is_checkpoint_fp8:
-            q, s, w = _quantize(w, fmt)
+            q, s, w = _quantize(w, fmt, block)
             moe.w2_loader(moe.w2.weight, q, e)
             moe.w2_loader(getattr(moe.w2, scale_name), s, e)
             if fmt == "tensor_static":

@@ -39,7 +39,7 @@ from shardllm.layers.quantization.fp8_utils import (
 from shardllm.model_loader.weight_utils import copy_weight, materialize, narrow
 
 logger = logging.getLogger(__name__)
-_GROUPED_OK = [True]  # cleared for the process when torch._scaled_grouped_mm refuses
+_SCALED_GROUPED_OK: dict[tuple, bool] = {}  # (device, dtype) -> False once torch._scaled_grouped_mm refused it
 
 
 class Fp8MoEMethod:
@@ -155,31 +155,34 @@ class Fp8MoEMethod:
         y = self._grouped(moe.w2, F.silu(gate) * up, offs)  # (N * k, H)
         return combine_expert_rows(y, topk_weights, order, is_local, x.dtype)
 
-    def grouped_backend(self, device: torch.device) -> str:
+    def grouped_backend(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
         """The grouped GEMM the experts run on `device`:
         "scaled_grouped_mm": torch._scaled_grouped_mm, row-wise scales (per-channel and per-tensor weights, the
             latter expanded to rows at load, which is exact; dynamic per-token or static activation scales);
         "triton_block": `grouped_block_fp8_mm`, 128 x 128-style weight blocks and 1 x bk activation groups;
         "dequantized": weights dequantized (cached in fp32 on CPU; per call in x's dtype on a GPU), activations
             quantized and dequantized as the FP8 GEMM would see them (unless weight-only), torch._grouped_mm: the
-            CPU path, weight-only runs, and the fallback where a fast backend is unavailable."""
+            CPU path, weight-only runs, and the fallback where a fast backend is unavailable. On a GPU it is
+            capturable in bf16 on sm90+ (CUTLASS); other dtypes or GPUs take torch's fallback, which syncs with
+            the host, so those decode steps run eagerly."""
         if device.type != "cuda" or self.weight_only:
             return "dequantized"
         if self.block:
             return "triton_block" if grouped_block_triton_ok(device, self.block) else "dequantized"
-        return "scaled_grouped_mm" if _GROUPED_OK[0] and hasattr(torch, "_scaled_grouped_mm") else "dequantized"
+        ok = _SCALED_GROUPED_OK.get((device, dtype), True) and hasattr(torch, "_scaled_grouped_mm")
+        return "scaled_grouped_mm" if ok else "dequantized"
 
     def _grouped(self, holder: nn.Module, a: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """a (R, K) expert-sorted rows, offs (E,) int32 group ends -> (R, N) in a's dtype (rows past offs[-1]
         undefined)."""
-        backend = self.grouped_backend(a.device)
+        backend = self.grouped_backend(a.device, a.dtype)
         if backend == "scaled_grouped_mm":
             try:
                 a_q, a_s = self._quantize_rows(holder, a)
                 return torch._scaled_grouped_mm(a_q, holder.weight.transpose(1, 2), a_s.view(-1), holder.weight_scale,
                                                 offs=offs, out_dtype=a.dtype)
             except (RuntimeError, NotImplementedError) as e:  # a build or GPU without the FP8 grouped GEMM
-                _GROUPED_OK[0] = False
+                _SCALED_GROUPED_OK[(a.device, a.dtype)] = False
                 logger.warning("FP8 grouped GEMM unavailable (%s: %s); experts run on dequantized weights",
                                type(e).__name__, e)
         elif backend == "triton_block":

@@ -1,0 +1,99 @@
+"""FP8 experts on a GPU with FP8 tensor cores: each weight format takes its fast grouped backend and equals the
+per-expert loop; the MoE layer (router, top-k, grouped experts) is captured in a CUDA graph whose replays on new
+inputs (new routing) equal eager runs; a tiny block-FP8 Mixtral serves the same tokens with and without graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardllm.layers.moe import select_experts
+from tests.layers.test_fp8_moe_grouped import CONFIGS, build_moe
+
+fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                             reason="needs a GPU with FP8 (sm89+)")
+pytestmark = [pytest.mark.gpu, fp8_gpu]
+
+HIDDEN, INTER, BLOCK = 512, 384, (128, 128)  # three 128-row blocks per gate / up part
+FAST = {"online_channel": "scaled_grouped_mm", "tensor_static": "scaled_grouped_mm", "channel": "scaled_grouped_mm",
+        "block": "triton_block"}
+
+
+def _gpu_moe(fmt: str, weight_only: bool = False, **layout):
+    """The CPU-built layer on the GPU: FP8 weights and fp32 scales as they are, the router in bf16."""
+    moe, _, _ = build_moe(fmt, weight_only=weight_only, hidden=HIDDEN, inter=INTER, block=BLOCK, **layout)
+    moe = moe.to("cuda")
+    moe.gate.to(torch.bfloat16)
+    return moe
+
+
+def _experts(moe, x: torch.Tensor) -> torch.Tensor:
+    """The layer without its all-reduce: route, then this rank's grouped experts (N, H)."""
+    weights, ids = select_experts(moe.gate(x), moe.top_k, moe.renormalize)
+    return moe.quant_method.apply(moe, x, weights, ids)
+
+
+@pytest.mark.timeout(120)  # Triton compiles the block kernel per BLOCK_M
+@pytest.mark.parametrize("fmt", list(CONFIGS))
+def test_each_format_takes_its_fast_grouped_backend_and_equals_the_loop(fmt):
+    moe = _gpu_moe(fmt)
+    method = moe.quant_method
+    assert method.grouped_backend(torch.device("cuda")) == FAST[fmt]
+    for n in (1, 37, 300):
+        x = torch.randn(n, HIDDEN, device="cuda").to(torch.bfloat16)
+        weights, ids = select_experts(moe.gate(x), moe.top_k, moe.renormalize)
+        ref = method.apply_reference(moe, x, weights, ids).float()
+        got = method.apply_grouped(moe, x, weights, ids).float()
+        assert float((got - ref).abs().max()) <= 2e-2 * float(ref.abs().max()), (fmt, n)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fmt,weight_only,layout", [
+    ("online_channel", False, {}),
+    ("tensor_static", False, dict(tp_rank=1, tp_size=2, ep_size=2)),  # the second ep group's experts
+    ("block", False, {}),
+    ("block", False, dict(tp_rank=1, tp_size=2, ep_size=2)),
+    ("block", True, {}),  # weight-only: the dequantized fallback backend
+])
+def test_moe_layer_replays_in_a_cuda_graph_as_it_runs_eagerly(fmt, weight_only, layout):
+    moe = _gpu_moe(fmt, weight_only=weight_only, **layout)
+    n = 48
+    static_x = torch.randn(n, HIDDEN, device="cuda").to(torch.bfloat16)
+    with torch.inference_mode():
+        _experts(moe, static_x)  # warm-up: kernels compiled, backends probed (eagerly, as the runner does)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = _experts(moe, static_x)
+        for seed in range(3):  # new tokens route to other experts than at capture
+            g = torch.Generator(device="cuda").manual_seed(seed)
+            x = (torch.randn(n, HIDDEN, device="cuda", generator=g) * (1 + seed)).to(torch.bfloat16)
+            static_x.copy_(x)
+            graph.replay()
+            eager = _experts(moe, x)
+            torch.cuda.synchronize()
+            err = float((static_out.float() - eager.float()).abs().max())
+            assert err <= 1e-3 * float(eager.float().abs().max()), (fmt, seed, err)
+
+
+@pytest.mark.timeout(150)
+def test_tiny_block_fp8_mixtral_same_tokens_with_cuda_graphs(tiny_checkpoints, tmp_path):
+    """bf16 activations, as served (the tiny checkpoint's 16 x 16 blocks take the Triton kernel if it compiles for
+    them, else the dequantized bf16 backend: both capturable; fp32 / fp16 would use torch's host-syncing
+    _grouped_mm fallback and run eagerly)."""
+    from shardllm import LLM, SamplingParams
+    from tests.model_loader.test_fp8_checkpoints import write_fp8_checkpoint
+
+    dst, twin = str(tmp_path / "block"), str(tmp_path / "twin")
+    write_fp8_checkpoint(tiny_checkpoints["mixtral"], dst, twin, "hf_block")
+    prompts = [[1, 17, 33, 5, 9], [3, 4], [250, 14, 88, 19, 201, 6]]
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    out = {}
+    for eager in (False, True):
+        llm = LLM(dst, dtype="bfloat16", enforce_eager=eager, kv_cache_free_gpu_memory_fraction=0.05,
+                  max_batch_size=8)
+        runner = llm.engine.executor.worker.model_runner
+        assert (runner.graph_runner is None) == eager  # graphs: captured, not given up for eager mode
+        out[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        llm.shutdown()
+    assert out[False] == out[True]
