@@ -61,29 +61,44 @@ if HAS_TRITON:
         k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
+        m_in = m[:, None] < M
+        # tl.dot form: (BM, BK) x and (BN, BK) w tiles. FMA form: both as (BM, BN, BK) tiles of repeated addresses
+        # (L1 hits, no extra DRAM bytes) so that each is born in the product's layout; loading (BK,) or (BN, BK)
+        # and broadcasting costs a shared-memory layout conversion (4-16 barriers) every step (PTX, Triton 3.9)
         w_rows = w_ptr + rows[:, None] * stride_wn  # (BN, 1)
         x_rows = x_ptr + m[:, None] * stride_xm  # (BM, 1)
-        m_in = m[:, None] < M
+        w_rows3 = w_ptr + rows[None, :, None] * stride_wn + 0 * m[:, None, None]  # (BM, BN, 1)
+        x_rows3 = x_ptr + m[:, None, None] * stride_xm + 0 * n[None, :, None]  # (BM, BN, 1)
+        m_in3 = (m[:, None, None] < M) & (n[None, :, None] >= 0)  # (BM, BN, 1)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if LATE_REDUCE:
             acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + kk
-            if EVEN_K:  # every slice is whole BLOCK_Ks: unmasked, vectorizable loads of w
-                w = tl.load(w_rows + k[None, :])  # (BN, BK)
-                x = tl.load(x_rows + k[None, :], mask=m_in, other=0.0)  # (BM, BK)
+            if USE_DOT:
+                if EVEN_K:  # every slice is whole BLOCK_Ks: unmasked, vectorizable loads of w
+                    w = tl.load(w_rows + k[None, :])  # (BN, BK)
+                    x = tl.load(x_rows + k[None, :], mask=m_in, other=0.0)  # (BM, BK)
+                else:
+                    w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_end, other=0.0)
+                    x = tl.load(x_rows + k[None, :], mask=m_in & (k[None, :] < k_end), other=0.0)
+                if DOT_F32:  # Triton's CPU interpreter computes bf16 dots wrongly (3.9); fp32 there
+                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+                else:
+                    acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
             else:
-                k_in = k[None, :] < k_end
-                w = tl.load(w_rows + k[None, :], mask=k_in, other=0.0)
-                x = tl.load(x_rows + k[None, :], mask=m_in & k_in, other=0.0)
-            if USE_DOT and DOT_F32:  # Triton's CPU interpreter computes bf16 dots wrongly (3.9); fp32 there
-                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-            elif USE_DOT:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-            elif LATE_REDUCE:
-                acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-            else:
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                k3 = k[None, None, :]
+                if EVEN_K:
+                    w3 = tl.load(w_rows3 + k3)  # (BM, BN, BK)
+                    x3 = tl.load(x_rows3 + k3, mask=m_in3, other=0.0)  # (BM, BN, BK)
+                else:
+                    w3 = tl.load(w_rows3 + k3, mask=k3 < k_end, other=0.0)
+                    x3 = tl.load(x_rows3 + k3, mask=m_in3 & (k3 < k_end), other=0.0)
+                prod = x3.to(tl.float32) * w3.to(tl.float32)
+                if LATE_REDUCE:
+                    acc3 += prod
+                else:
+                    acc += tl.sum(prod, axis=2)
         if LATE_REDUCE:
             acc = tl.sum(acc3, axis=2)
         if HAS_SCALE:
