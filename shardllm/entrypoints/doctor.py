@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 SEVERITIES = ("ok", "info", "warning", "problem")
-# Set on machines where NVLink multicast (NVLS) is unavailable, e.g. VMs and containers without the fabric manager:
-# NCCL's NVLS algorithms and PyTorch's symmetric-memory multicast then fail at start-up.
+# The switches that keep NVLink multicast (NVLS) off in NCCL, PyTorch's symmetric memory and NVSHMEM. NVLS exists
+# only where Hopper-or-later GPUs sit on a third-generation NVSwitch; NCCL uses it there by default
+# (NCCL_NVLS_ENABLE, NCCL >= 2.17) and skips it elsewhere. Turning it off is for platforms that forbid multicast.
 MULTICAST_VARS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 IMBALANCE_RATIO = 1.2  # the guide: memory "should be balanced across GPUs"; 20% apart is a finding
 LOW_UTILIZATION_PERCENT = 80  # the guide's target is 80-95%
@@ -115,16 +116,41 @@ def check_devices(host: dict) -> list[Finding]:
     return out
 
 
+def nvls_possible(host: dict) -> bool | None:
+    """Whether NVLink multicast can exist here: NVLink to an NVSwitch on Hopper or later (compute capability >= 9).
+    None when NVML cannot tell where the links lead."""
+    gpus = [g for g in host.get("gpus", []) if g.get("nvlink_up")]
+    if not gpus:
+        return False  # no NVLink up: PCIe only
+    hopper = [g for g in gpus if g.get("compute_capability") is None
+              or int(g["compute_capability"].split(".")[0]) >= 9]
+    if not hopper:
+        return False  # e.g. A100 boards: their NVSwitch has no multicast
+    if any(g.get("nvswitch") for g in hopper):
+        return True
+    return None if any(g.get("nvswitch") is None for g in hopper) else False  # False: GPUs linked to each other
+
+
 def check_settings(host: dict) -> list[Finding]:
     if not host.get("available") or len(host.get("gpus", [])) < 2:
         return []
     unset = [f"{k}={v}" for k, v in MULTICAST_VARS.items() if os.environ.get(k) != v]
+    possible = nvls_possible(host)
+    if possible is False:
+        return [Finding("ok", "settings", "no NVLink multicast on these GPUs (NVLS needs Hopper or later GPUs on an "
+                        "NVSwitch): NCCL_NVLS_ENABLE and the other multicast switches change nothing here")]
     if not unset:
-        return [Finding("ok", "settings", "NVLink multicast turned off for NCCL, PyTorch and NVSHMEM")]
-    return [Finding("warning", "settings", f"not set: {' '.join(unset)}",
-                    "where NVLink multicast is unavailable (VMs, containers without the fabric manager), NCCL's NVLS "
-                    "and symmetric-memory multicast fail at start-up; harmless to set elsewhere",
-                    f"export {' '.join(unset)}")]
+        return [Finding("ok", "settings", "NVLink multicast turned off for NCCL, PyTorch and NVSHMEM",
+                        "NCCL's all-reduce runs without NVLS (NVLink SHARP) here" if possible else "")]
+    where = ("these GPUs are Hopper or later on an NVSwitch" if possible else
+             "NVML does not say whether these GPUs' NVLinks lead to an NVSwitch; if they do")
+    return [Finding("info", "settings", f"{where}: NCCL uses NVLink multicast (NVLS) by default; not set: "
+                    f"{' '.join(unset)}",
+                    "NVLS offloads NCCL's all-reduce to the NVSwitch and takes some GPU memory for its buffers; "
+                    "shardllm's own symm_mem all-reduce never uses multicast. Keep it on unless the platform "
+                    "forbids multicast (some shared or virtualised GPU hosts do, as their guides say) or NCCL "
+                    "fails or hangs while setting NVLS up",
+                    f"only in those cases: export {' '.join(unset)}")]
 
 
 def check_infiniband(root: str = "/sys/class/infiniband") -> list[Finding]:

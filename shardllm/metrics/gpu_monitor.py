@@ -24,6 +24,7 @@ FI_NVLINK_THROUGHPUT_DATA_TX = 138
 FI_NVLINK_THROUGHPUT_DATA_RX = 139
 NVLINK_MAX_LINKS = 18  # links per GPU on Hopper (H100/H200 SXM); NVML's header allows up to 36
 NOT_SUPPORTED = 3  # NVML_ERROR_NOT_SUPPORTED
+NVLINK_DEVICE_TYPE_SWITCH = 2  # nvmlNvLinkDeviceType_t: what a link's far end is (0 GPU, 1 IBM NPU, 2 NVSwitch)
 
 # Sample key -> (metric name without the prefix, type, help). Units are Prometheus base units.
 GPU_METRICS: dict[str, tuple[str, str, str]] = {
@@ -378,8 +379,9 @@ def _safe(fn, default=None):
 
 
 def inspect_host(cuda_visible_devices: str | None = None) -> dict:
-    """What NVML says about this host's GPUs: versions, each GPU (memory, NVLink links up and down, clock
-    slowdown reasons) and each pair (NVLink P2P, any P2P read access, PCIe distance).
+    """What NVML says about this host's GPUs: versions, each GPU (memory, NVLink links up and down and whether they
+    lead to an NVSwitch, compute capability, clock slowdown reasons) and each pair (NVLink P2P, any P2P read
+    access, PCIe distance).
     {"available": False, "reason": ...} without NVML.
     """
     nvml, why = load_nvml()
@@ -407,13 +409,19 @@ def _inspect(nvml, cuda_visible_devices: str | None) -> dict:
                 up.append(link)
             elif state == 0:
                 down.append(link)
+        # what the links up lead to: NVML_NVLINK_DEVICE_TYPE_SWITCH (2) is an NVSwitch; None: NVML cannot tell
+        remote = [_safe(lambda h=h, link=link: nvml.nvmlDeviceGetNvLinkRemoteDeviceType(h, link)) for link in up]
+        known = [t for t in remote if t is not None]
+        nvswitch = (NVLINK_DEVICE_TYPE_SWITCH in known) if known or not up else None
+        cc = _safe(lambda h=h: tuple(nvml.nvmlDeviceGetCudaComputeCapability(h)))
         reasons = _safe(lambda h=h: nvml.nvmlDeviceGetCurrentClocksEventReasons(h))
         if reasons is None:
             reasons = _safe(lambda h=h: nvml.nvmlDeviceGetCurrentClocksThrottleReasons(h), 0)
         out["gpus"].append({
             "index": ident.index, "uuid": ident.uuid, "pci_bus_id": ident.pci_bus_id, "name": ident.name,
             "memory_total": getattr(mem, "total", None), "memory_used": getattr(mem, "used", None),
-            "memory_free": getattr(mem, "free", None), "nvlink_up": up, "nvlink_down": down,
+            "memory_free": getattr(mem, "free", None), "nvlink_up": up, "nvlink_down": down, "nvswitch": nvswitch,
+            "compute_capability": f"{cc[0]}.{cc[1]}" if cc else None,
             "throttle": [name for bit, name in THROTTLE_REASONS.items() if reasons & bit],
             "mig": bool(_safe(lambda h=h: nvml.nvmlDeviceGetMigMode(h)[0], 0))})
     for i, (hi, a) in enumerate(gpus):

@@ -63,9 +63,35 @@ def test_host_checks_read_nvml(monkeypatch, capsys):
     assert "0-2 (PHB, no P2P), 1-2 (PHB, no P2P)" in by[("topology", "warning")].seen
     assert "links [1] down" in by[("nvlink", "problem")].seen
     assert by[("clocks", "problem")].seen == "GPU 2 slows its clocks: hardware thermal slowdown"
-    assert "NCCL_NVLS_ENABLE=0" in by[("settings", "warning")].fix
+    # GPUs linked to each other, not to an NVSwitch: no multicast to turn off, whatever the variables say
+    assert "change nothing here" in by[("settings", "ok")].seen
     assert main(["doctor"]) == 1  # problems found: exit 1, with the report
     assert "[PROBLEM] nvlink" in capsys.readouterr().out
+
+
+def test_multicast_advice_only_where_nvls_exists(monkeypatch):
+    from shardllm.metrics.gpu_monitor import inspect_host
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for k in doctor.MULTICAST_VARS:
+        monkeypatch.delenv(k, raising=False)
+
+    def settings(**kw) -> doctor.Finding:
+        monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([FakeGPU(f"GPU-{i}", f"0:{i}", **kw) for i in range(2)]))
+        (finding,) = doctor.check_settings(inspect_host())
+        return finding
+
+    hgx = dict(links=tuple(range(18)), nvswitch=True)
+    for kw in (dict(links=()), dict(links=(0, 1)), dict(hgx, compute_capability=(8, 0))):  # PCIe, bridge, A100
+        f = settings(**kw)
+        assert (f.severity, f.fix) == ("ok", "") and "change nothing" in f.seen, kw
+    f = settings(**hgx)  # Hopper on an NVSwitch: NCCL's default NVLS is fine; off only where it is forbidden
+    assert f.severity == "info" and "NCCL uses NVLink multicast (NVLS) by default" in f.seen
+    assert "NCCL_NVLS_ENABLE=0" in f.seen and "forbids multicast" in f.why and f.fix.startswith("only in those cases")
+    for k, v in doctor.MULTICAST_VARS.items():
+        monkeypatch.setenv(k, v)
+    f = settings(**hgx)
+    assert f.severity == "ok" and "without NVLS" in f.why
 
 
 def test_doctor_reads_a_real_server(server, capsys):

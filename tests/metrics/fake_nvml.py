@@ -39,6 +39,8 @@ class FakeGPU:
     links_down: tuple[int, ...] = ()  # NVLink ids present but down
     clock_reasons: int = 0  # nvmlClocksEventReason* bits
     p2p: bool = True  # P2P read access to the other GPUs
+    nvswitch: bool = False  # its links lead to an NVSwitch (an HGX board), else straight to other GPUs
+    compute_capability: tuple[int, int] = (9, 0)  # Hopper
 
 
 class FakeNVML:
@@ -109,6 +111,14 @@ class FakeNVML:
         if link in h.links_down:
             return 0
         raise FakeNVMLError(NOT_SUPPORTED)
+
+    def nvmlDeviceGetNvLinkRemoteDeviceType(self, h, link):
+        if link not in h.links:
+            raise FakeNVMLError(NOT_SUPPORTED)
+        return 2 if h.nvswitch else 0  # NVML_NVLINK_DEVICE_TYPE_SWITCH, _GPU
+
+    def nvmlDeviceGetCudaComputeCapability(self, h):
+        return h.compute_capability
 
     def nvmlSystemGetDriverVersion(self):
         return "580.65.06"
