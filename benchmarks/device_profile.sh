@@ -27,5 +27,8 @@ if [ "${EXTRA:-0}" = 1 ]; then
   p tp2_bf16_symm 75 --dtype bf16 --tp_size 2 --all_reduce symm_mem
 fi
 echo "==== summary (per step; kernels: top 3 by time on each rank) ===="
-files=$(ls "$out"/*.jsonl 2>/dev/null)
+files=""
+for n in tp1_bf16 tp1_fp8 tp2_bf16 pp2_bf16 pp2_bf16_async tp2_bf16_symm; do
+  [ -s "$out/$n.jsonl" ] && files="$files $out/$n.jsonl"
+done
 [ -n "$files" ] && python benchmarks/profile_decode.py --summary $files
