@@ -7,7 +7,7 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-bench_out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader; date -u
-timeout 60 python benchmarks/gemv_sweep.py --budget_s 42 --out "$out/gemv_rows.jsonl" > "$out/gemv_sweep.txt" 2>&1
+timeout 55 python benchmarks/gemv_sweep.py --budget_s 40 --out "$out/gemv_rows.jsonl" > "$out/gemv_sweep.txt" 2>&1
 echo "sweep rc=$?"
 grep -v '^{' "$out/gemv_sweep.txt" | grep -v '^\s*$' | cut -c1-3000
-timeout 25 python -m pytest -q -m gpu -p no:cacheprovider tests/layers/test_gemv.py 2>&1 | tail -4
+timeout 30 python -m pytest -q -m gpu -p no:cacheprovider tests/layers/test_gemv.py 2>&1 | tail -4

@@ -156,21 +156,33 @@ def precompile(todo: list[tuple[bool, int, int, GemvConfig]], workers: int) -> N
     print(f"precompiled {done}/{len(jobs)} kernels in {workers} processes, {time.time() - t:.1f} s", flush=True)
 
 
+_WEIGHTS: dict[tuple[int, int], list[torch.Tensor]] = {}
+_FP8_WEIGHTS: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def weights(n: int, k: int, fp8: bool, dev: torch.device) -> tuple[list, list]:
+    """Copies of a random (N, K) bf16 weight that together exceed the L2 several times (kept for every M: the
+    sweep's shapes take ~10 GB), and the (e4m3, scale) operands of each copy when fp8, else (bf16, None)."""
+    if (n, k) not in _WEIGHTS:
+        copies = max(2, min(8, -(-4 * L2_BYTES // (n * k))))
+        torch.manual_seed(0)
+        _WEIGHTS[(n, k)] = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    ws = _WEIGHTS[(n, k)]
+    if not fp8:
+        return ws, [(w, None) for w in ws]
+    if (n, k) not in _FP8_WEIGHTS:
+        _FP8_WEIGHTS[(n, k)] = [(q, s.view(-1)) for q, s in map(quantize_per_row, ws)]
+    return ws, _FP8_WEIGHTS[(n, k)]
+
+
 def sweep_one(fp8: bool, n: int, k: int, m: int, dev: torch.device) -> tuple[dict, tuple | None]:
     """Time cuBLAS bf16, the previous FP8 kernel (fp8) and every candidate at one (N, K, M): (row, (us, config))."""
     w_bytes = n * k * (1 if fp8 else 2) + (4 * n if fp8 else 0)
-    copies = max(2, min(8, -(-4 * L2_BYTES // w_bytes)))
-    torch.manual_seed(0)
-    ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    ws, args = weights(n, k, fp8, dev)
     row = dict(n=n, k=k, m=m, cublas_bf16_us=round(timed([lambda w=w: F.linear(x, w) for w in ws]), 2))
     if fp8:
-        qs = [quantize_per_row(w) for w in ws]
-        del ws
-        args = [(q, s.view(-1)) for q, s in qs]
         row["fp8_previous_us"] = round(timed([lambda wa=wa: previous_fp8(x, *wa) for wa in args]), 2)
-    else:
-        args = [(w, None) for w in ws]
     ref = gemv_reference(x, *args[0])
     best, failed = None, []
     for cfg in candidates(fp8, m, n, k):
@@ -195,8 +207,6 @@ def sweep_one(fp8: bool, n: int, k: int, m: int, dev: torch.device) -> tuple[dic
             row["speedup_vs_previous"] = round(row["fp8_previous_us"] / us, 2)
     if failed:
         row["failed"] = failed
-    del args
-    torch.cuda.empty_cache()
     return row, best
 
 
