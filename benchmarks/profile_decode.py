@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--tp_size", type=int, default=1)
     ap.add_argument("--pp_size", type=int, default=1)
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--kv_cache_dtype", default="auto")
     ap.add_argument("--load_format", default="dummy")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--enforce_eager", action="store_true")
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         kwargs["all_reduce"] = a.all_reduce
     llm = LLM(model, load_format=load_format, dtype=a.dtype, tensor_parallel_size=a.tp_size,
               pipeline_parallel_size=a.pp_size, max_batch_size=max(sizes),
-              max_seq_len=a.input_len + a.steps + 64, device=a.device, enforce_eager=a.enforce_eager, **kwargs)
+              max_seq_len=a.input_len + a.steps + 64, device=a.device, enforce_eager=a.enforce_eager,
+              kv_cache_dtype=a.kv_cache_dtype, **kwargs)
     eng = llm.engine
     timers = {"schedule": _Timer(eng.scheduler, "schedule"), "submit": _Timer(eng.executor, "submit"),
               "collect": _Timer(eng.executor, "collect")}
