@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import signal
 import time
 
 import torch
@@ -234,23 +235,33 @@ def main() -> None:
     tables: dict[str, dict] = {"fp8": {}, "bf16": {}}
     rows = []
     out = open(a.out, "w") if a.out else None  # noqa: SIM115 - one row a line as they come (a timeout keeps them)
-    for m in a.ms:  # M = 1 (batch-1 decode) first: a budget cut drops the larger M
-        for tp, dtype in itertools.product(a.tp, a.dtypes):
-            for name, (n, k) in shapes(tp).items():
-                if name == "lm_head" and dtype == "fp8":  # the LM head stays bf16 under fp8
-                    continue
-                if time.time() - t0 > a.budget_s:
-                    print(f"budget of {a.budget_s} s spent: skipped {dtype} tp{tp} {name} M={m}")
-                    continue
-                row, best = sweep_one(dtype == "fp8", n, k, m, dev)
-                row = dict(dtype=dtype, tp=tp, layer=name, **row, elapsed_s=round(time.time() - t0, 1))
-                if best is not None and (dtype == "fp8" or best[0] * (1 + a.min_gain) <= row["cublas_bf16_us"]):
-                    tables[dtype].setdefault(f"{n}x{k}", {})[str(m)] = [int(v) for v in best[1]]
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if out:
-                    out.write(json.dumps(row) + "\n")
-                    out.flush()
+    def stop(*_):  # `timeout` sends SIGTERM: print what was measured
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    skipped: list[str] = []
+    try:
+        for m in a.ms:  # M = 1 (batch-1 decode) first: a budget cut drops the larger M
+            for tp, dtype in itertools.product(a.tp, a.dtypes):
+                for name, (n, k) in shapes(tp).items():
+                    if name == "lm_head" and dtype == "fp8":  # the LM head stays bf16 under fp8
+                        continue
+                    if time.time() - t0 > a.budget_s:
+                        skipped.append(f"{dtype}/tp{tp}/{name}/M{m}")
+                        continue
+                    row, best = sweep_one(dtype == "fp8", n, k, m, dev)
+                    row = dict(dtype=dtype, tp=tp, layer=name, **row, elapsed_s=round(time.time() - t0, 1))
+                    if best is not None and (dtype == "fp8" or best[0] * (1 + a.min_gain) <= row["cublas_bf16_us"]):
+                        tables[dtype].setdefault(f"{n}x{k}", {})[str(m)] = [int(v) for v in best[1]]
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    if out:
+                        out.write(json.dumps(row) + "\n")
+                        out.flush()
+    except KeyboardInterrupt:
+        print("interrupted: the tables below hold the shapes measured so far")
+    if skipped:
+        print(f"budget of {a.budget_s} s spent: {len(skipped)} skipped: {' '.join(skipped)}")
     if out:
         out.close()
     print("\n== per shape: best GEMV beside cuBLAS bf16 (us, % of 4.2 TB/s)")
