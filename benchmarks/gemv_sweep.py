@@ -130,14 +130,15 @@ def _precompile(jobs: list[tuple[bool, int, int, GemvConfig]]) -> int:
     dev = torch.device("cuda")
     done = 0
     for fp8, m, k, cfg in jobs:
-        x = torch.zeros(m, k, device=dev, dtype=torch.bfloat16)
-        w = torch.zeros(64, k, device=dev, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
         try:
+            x = torch.zeros(m, k, device=dev, dtype=torch.bfloat16)
+            w = torch.zeros(64, k, device=dev, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16)
             gemv(x, w, torch.ones(64, device=dev) if fp8 else None, cfg)
             done += 1
         except Exception:  # reported by the timed pass
             pass
-    torch.cuda.synchronize()
+    if done:
+        torch.cuda.synchronize()
     return done
 
 
