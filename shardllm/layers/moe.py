@@ -8,6 +8,7 @@ partial sums meet in the same all-reduce a row-parallel layer does; no other pro
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -26,6 +27,8 @@ from shardllm.layers.linear import (
 )
 from shardllm.layers.quantization import get_moe_method
 from shardllm.model_loader.weight_utils import copy_weight, narrow
+
+logger = logging.getLogger(__name__)
 
 
 def expert_parallel_layout(tp_rank: int, tp_size: int, ep_size: int) -> tuple[int, int, int]:
@@ -97,6 +100,22 @@ def _grouped_mm_padded(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> 
     return torch.where(valid[:, None], y[group, pos.clamp(max=cap - 1)], 0)
 
 
+_GROUPED_MM_OK: dict[tuple, bool] = {}  # (device type, dtype) -> False once torch._grouped_mm refused it
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm (a (R, K), b (E, K, N), offs (E,) int32 group ends -> (R, N); rows past offs[-1]
+    undefined), or `_grouped_mm_padded` where this build or dtype lacks it (that one syncs with the host)."""
+    key = (a.device.type, a.dtype)
+    if _GROUPED_MM_OK.get(key, True) and hasattr(torch, "_grouped_mm"):
+        try:
+            return torch._grouped_mm(a, b, offs=offs)
+        except (RuntimeError, NotImplementedError) as e:
+            _GROUPED_MM_OK[key] = False
+            logger.warning("torch._grouped_mm refuses %s on %s (%s); using a padded bmm", a.dtype, a.device.type, e)
+    return _grouped_mm_padded(a, b, offs)
+
+
 def sort_by_expert(topk_ids: torch.Tensor, expert_start: int,
                    num_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The grouped GEMMs' layout of the N * k (token, slot) pairs, without a host sync.
@@ -133,7 +152,6 @@ def fused_experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     """
     k = topk_ids.shape[1]
     order, is_local, offs = sort_by_expert(topk_ids, expert_start, w13.shape[0])
-    grouped_mm = getattr(torch, "_grouped_mm", None) or _grouped_mm_padded
     rows = x.index_select(0, order // k)  # (N * k, H), row i is token order[i] // k
     h = grouped_mm(rows, w13.transpose(1, 2), offs=offs)  # (N * k, 2 * I)
     gate, up = h.chunk(2, dim=-1)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardllm.layers.moe import _grouped_mm_padded, combine_expert_rows, sort_by_expert
+from shardllm.layers.moe import combine_expert_rows, grouped_mm, sort_by_expert
 from shardllm.layers.quantization import QuantizationConfig
 from shardllm.layers.quantization.fp8_moe_triton import grouped_block_fp8_mm, grouped_block_triton_ok
 from shardllm.layers.quantization.fp8_triton import quantize_per_token_triton, triton_fp8_ok
@@ -253,17 +253,3 @@ def dequantize_experts(w_q: torch.Tensor, scale: torch.Tensor, block: tuple[int,
     full = scale.repeat_interleave(bn, dim=1)[:, :n].repeat_interleave(bk, dim=2)[:, :, :k]  # (E, N, K)
     return w_q.to(dtype) * full.to(dtype)
 
-
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm (a (R, K), b (E, K, N), offs (E,) int32 group ends -> (R, N)), or the padded bmm
-    where this build or dtype lacks it (that one syncs with the host)."""
-    if _GROUPED_MM_OK.get((a.device.type, a.dtype), True) and hasattr(torch, "_grouped_mm"):
-        try:
-            return torch._grouped_mm(a, b, offs=offs)
-        except (RuntimeError, NotImplementedError) as e:
-            _GROUPED_MM_OK[(a.device.type, a.dtype)] = False
-            logger.warning("torch._grouped_mm refuses %s on %s (%s); using a padded bmm", a.dtype, a.device.type, e)
-    return _grouped_mm_padded(a, b, offs)
-
-
-_GROUPED_MM_OK: dict[tuple, bool] = {}
