@@ -245,11 +245,11 @@ class Fp8MoEMethod:
 def dequantize_experts(w_q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w_q (E, N, K) e4m3fn with scale (E, N) per row or (E, ceil(N / bn), ceil(K / bk)) per block -> (E, N, K)
-    in `dtype` (the product in dtype: bf16 on a GPU keeps the temporary at 2 bytes an element)."""
+    in `dtype` (scales and product in dtype: bf16 on a GPU keeps each temporary at 2 bytes an element)."""
     n, k = w_q.shape[1:]
+    scale = scale.to(dtype)
     if block is None:
-        return w_q.to(dtype) * scale.to(dtype)[..., None]
+        return w_q.to(dtype) * scale[..., None]
     bn, bk = block
-    full = scale.repeat_interleave(bn, dim=1)[:, :n].repeat_interleave(bk, dim=2)[:, :, :k]  # (E, N, K)
-    return w_q.to(dtype) * full.to(dtype)
+    return w_q.to(dtype) * scale.repeat_interleave(bn, dim=1)[:, :n].repeat_interleave(bk, dim=2)[:, :, :k]
 
