@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from shardllm.distributed.parallel_state import pp_layer_split
+
 _DTYPES = {
     "auto": None, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -274,15 +276,7 @@ def _check_parallel(pc: ParallelConfig, mc: ModelConfig, device: str) -> None:
     if tp not in valid:
         raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {mc.hf_config.num_attention_heads} "
                          f"attention heads ({mc.total_num_kv_heads} kv heads): valid sizes are {valid}")
-    pp, layers = pc.pipeline_parallel_size, mc.num_layers
-    if pp > layers:
-        raise ValueError(f"pipeline_parallel_size={pp} exceeds the model's {layers} layers: "
-                         f"use at most {layers} stages")
-    if pc.pp_partition is not None:
-        part = list(pc.pp_partition)
-        if len(part) != pp or sum(part) != layers or min(part) < 1:
-            raise ValueError(f"pp_partition={part} must give {pp} stages (pp_size) of at least 1 layer each, "
-                             f"summing to the model's {layers} layers")
+    pp_layer_split(mc.num_layers, pc.pipeline_parallel_size, pc.pp_partition)  # ValueError: more stages than layers
     _check_expert_parallel(pc, mc)
     check_num_workers(pc)
     if device == "cuda" and pc.distributed_executor_backend != "ray":  # Ray's GPUs may be on other nodes

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from shardllm.config import moe_intermediate_size, num_experts, valid_tp_sizes
+from shardllm.distributed.parallel_state import pp_layer_split
+from shardllm.model_loader.size import layer_shapes
 
 GiB = 1 << 30
 KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bf16", "bfloat16", "fp16", "float16")
@@ -77,19 +79,6 @@ def kv_bytes_per_element(kv_cache_dtype: str, activation_bytes: int) -> int:
     return 1 if kv_cache_dtype.startswith("fp8") else (2 if kv_cache_dtype != "auto" else activation_bytes)
 
 
-def pp_layer_split(num_layers: int, pp: int, partition: list[int] | None = None) -> list[int]:
-    """Layers per stage as our engine builds them (models/utils.py): even, the remainder from the front."""
-    if partition:
-        if len(partition) != pp or sum(partition) != num_layers or min(partition) < 1:
-            raise ValueError(f"pp_partition={partition} must give {pp} stages of at least 1 layer, summing to "
-                             f"{num_layers}")
-        return list(partition)
-    if not 1 <= pp <= num_layers:
-        raise ValueError(f"pipeline_parallel_size={pp} must be between 1 and the model's {num_layers} layers")
-    base, extra = divmod(num_layers, pp)
-    return [base + (s < extra) for s in range(pp)]
-
-
 @dataclass
 class StageEstimate:
     """One pipeline stage; its tp ranks are alike. Bytes per GPU unless named otherwise."""
@@ -134,33 +123,10 @@ def _linear_bytes(n: int, k: int, weight_bytes: int) -> int:
 
 
 def _layer_weight_bytes(c, i: int, tp: int, weight_bytes: int) -> int:
-    """Decoder layer i's weights on one tp rank."""
-    from shardllm.model_loader.size import _is_moe_layer
-
-    h, heads = c.hidden_size, c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    hd = getattr(c, "head_dim", None) or h // heads
-    kv_rank = max(1, kv // tp)  # kv heads are replicated when tp > kv heads
-    act = 2  # norms, routers and biases stay in the activation dtype
-    q_rank = heads // tp
-    total = _linear_bytes((q_rank + 2 * kv_rank) * hd, h, weight_bytes) + _linear_bytes(h, q_rank * hd, weight_bytes)
-    if getattr(c, "attention_bias", False) or getattr(c, "qkv_bias", False):
-        total += (q_rank + 2 * kv_rank) * hd * act
-    total += 2 * h * act  # input and post-attention RMSNorm, replicated
-    experts = num_experts(c)
-    if experts and _is_moe_layer(c, i):
-        inter = moe_intermediate_size(c)
-        # ep x moe_tp = tp: each rank holds experts/ep experts of width inter/moe_tp, i.e. 1/tp of them all
-        total += experts * (_linear_bytes(2 * inter, h, weight_bytes) + _linear_bytes(h, inter, weight_bytes)) // tp
-        total += experts * h * act  # router, replicated and never quantized
-        shared = getattr(c, "shared_expert_intermediate_size", None) or 0
-        if shared:
-            total += (_linear_bytes(2 * shared // tp, h, weight_bytes) + _linear_bytes(h, shared // tp, weight_bytes)
-                      + h * act)
-    else:
-        inter = c.intermediate_size // tp
-        total += _linear_bytes(2 * inter, h, weight_bytes) + _linear_bytes(h, inter, weight_bytes)
-    return total
+    """Decoder layer i's weights on one tp rank: its Linears at `weight_bytes`, the rest (norms, biases, routers)
+    in the activation dtype (2 bytes)."""
+    linears, other = layer_shapes(c, i, tp)
+    return sum(_linear_bytes(n, k, weight_bytes) for n, k in linears) + 2 * other
 
 
 def _activation_bytes(c, tp: int, num_tokens: int, max_num_seqs: int, act_bytes: int) -> int:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from shardllm.model_loader.resolve import load_shipped_config
+from shardllm.model_loader.size import count_parameters
 from shardllm.planner import (
     CONTEXT_BYTES,
     GiB,
@@ -15,6 +17,7 @@ from shardllm.planner import (
     plan,
     pp_layer_split,
 )
+from tests.conftest import ARCH_CONFIGS, TINY
 
 L8, L70, L405 = (load_shipped_config(n) for n in ("llama-3-8b", "llama-3-70b", "llama-3-405b"))
 
@@ -79,7 +82,7 @@ def test_pp_split_and_embeddings():
 def test_validation_errors_name_the_rule():
     with pytest.raises(ValueError, match=r"divide the 32 attention heads.*\[1, 2, 4, 8, 16, 32\]"):
         estimate(L8, 3, 1)
-    with pytest.raises(ValueError, match="between 1 and the model's 32 layers"):
+    with pytest.raises(ValueError, match="pipeline_parallel_size=33 exceeds the model's 32 layers"):
         estimate(L8, 1, 33)
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         estimate(L8, 1, 1, kv_cache_dtype="int4")
@@ -158,6 +161,39 @@ def test_plan_command_text_and_errors(capsys):
     for gib in ("-1", "0.001"):
         assert main(["plan", "llama-3-8b", "--gpus", "2", "--gpu_memory_gib", gib]) == 1
         assert "--gpu_memory_gib must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+def test_one_inventory_counts_the_models_parameters(arch):
+    """count_parameters and the planner's bytes come from one per-layer inventory (model_loader/size.py): equal to
+    the Hugging Face model's parameter count, and at tp 1 / pp 1 in bf16 to twice it (the embedding padded to tp)."""
+    import transformers
+
+    cfg_name, model_name, extra = ARCH_CONFIGS[arch]
+    config = getattr(transformers, cfg_name)(**{**TINY, **extra})
+    with torch.device("meta"):
+        numel = sum(p.numel() for p in getattr(transformers, model_name)(config).parameters())
+    assert count_parameters(config) == numel
+    est = estimate(config, 1, 1, max_seq_len=128)
+    assert est.stages[0].weights == 2 * numel
+    assert sum(s.weights for s in estimate(config, 1, 2, max_seq_len=128).stages) == 2 * numel + (
+        2 * config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0)  # pp 2: the head's own copy
+
+
+def test_planner_splits_layers_as_the_engine_builds_them(monkeypatch):
+    from shardllm.distributed import parallel_state
+    from shardllm.models.utils import stage_layer_range
+
+    for config, pp, partition in [(L8, 3, None), (L70, 3, None), (L70, 2, [50, 30])]:
+        layers = config.num_hidden_layers
+        built = []
+        for rank in range(pp):  # the layers each stage's rank builds (models/utils.py)
+            monkeypatch.setattr(parallel_state, "_CONTEXT", parallel_state.ParallelContext(
+                pp_rank=rank, pp_size=pp, pp_partition=tuple(partition) if partition else None))
+            start, end = stage_layer_range(layers)
+            built.append(end - start)
+        planned = [s.num_layers for s in estimate(config, 1, pp, pp_partition=partition).stages]
+        assert built == planned == pp_layer_split(layers, pp, partition)
 
 
 def test_plan_command_exits_non_zero_when_nothing_fits(capsys):

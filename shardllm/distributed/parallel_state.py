@@ -45,6 +45,29 @@ class ParallelContext:
         return self.rank == 0
 
 
+def pp_layer_split(num_layers: int, pp_size: int, partition: list[int] | tuple[int, ...] | None = None) -> list[int]:
+    """Layers per pipeline stage: `partition` when given, else even, the remainder spread from the front
+    (32 layers over 3 stages: [11, 11, 10]). Stage s holds layers [sum(split[:s]), sum(split[:s + 1])).
+
+    Raises:
+        ValueError: pp_size beyond the layers, or a partition that does not give pp_size stages of at least one
+            layer summing to num_layers.
+    """
+    if partition:
+        part = list(partition)
+        if len(part) != pp_size or sum(part) != num_layers or min(part) < 1:
+            raise ValueError(f"pp_partition={part} must give {pp_size} stages (pp_size) of at least 1 layer each, "
+                             f"summing to the model's {num_layers} layers")
+        return part
+    if pp_size < 1:
+        raise ValueError(f"pipeline_parallel_size must be >= 1, got {pp_size}")
+    if pp_size > num_layers:
+        raise ValueError(f"pipeline_parallel_size={pp_size} exceeds the model's {num_layers} layers: "
+                         f"use at most {num_layers} stages")
+    base, extra = divmod(num_layers, pp_size)
+    return [base + (s < extra) for s in range(pp_size)]
+
+
 _CONTEXT = ParallelContext()
 
 

@@ -11,24 +11,55 @@ def _is_moe_layer(c, i: int) -> bool:
         getattr(c, "decoder_sparse_step", None) or 1) == 0
 
 
-def count_parameters(hf_config) -> int:
+def layer_shapes(hf_config, i: int, tp: int = 1) -> tuple[list[tuple[int, int]], int]:
+    """Decoder layer i's weights on one of `tp` ranks: its Linear weights as (rows, cols), an MoE layer's experts
+    stacked as one (experts x rows / tp, cols) each, and the count of its other parameters (norms, biases, router,
+    the shared expert's gate: replicated and never quantized). KV heads are replicated when tp exceeds them.
+
+    One inventory for `count_parameters` (tp 1) and the planner's per-rank bytes (shardllm/planner.py).
+    """
     c = hf_config
-    h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
-    heads = c.num_attention_heads
+    h, heads = c.hidden_size, c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
     hd = getattr(c, "head_dim", None) or h // heads
-    attn = h * (heads + 2 * kv) * hd + heads * hd * h
-    dense_mlp = 3 * h * c.intermediate_size
+    q_rank, kv_rank = heads // tp, max(1, kv // tp)
+    linears = [((q_rank + 2 * kv_rank) * hd, h), (h, q_rank * hd)]  # qkv_proj, o_proj
+    other = 2 * h  # input and post-attention RMSNorm
+    model_type = getattr(c, "model_type", "")
+    qkv_bias = model_type in ("qwen2", "qwen2_moe") or getattr(c, "qkv_bias", False)  # as models/llama.py builds
+    attention_bias = getattr(c, "attention_bias", False)
+    if qkv_bias or attention_bias:
+        other += (q_rank + 2 * kv_rank) * hd
+    if attention_bias and not qkv_bias:
+        other += h  # o_proj's bias
+    if model_type in ("qwen3", "qwen3_moe"):
+        other += 2 * hd  # q_norm, k_norm
     experts = num_experts(c)
-    moe_mlp = dense_mlp
-    if experts:
+    if experts and _is_moe_layer(c, i):
+        inter = moe_intermediate_size(c)
+        # ep x moe_tp = tp: each rank holds experts/ep experts of width inter/moe_tp, i.e. 1/tp of them all
+        linears += [(experts * 2 * inter // tp, h), (experts * h // tp, inter)]  # gate_up_proj, down_proj
+        other += experts * h  # router
         shared = getattr(c, "shared_expert_intermediate_size", None) or 0
-        moe_mlp = (h * experts  # router
-                   + 3 * h * moe_intermediate_size(c) * experts  # routed experts: gate, up, down
-                   + (3 * h * shared + h if shared else 0))  # shared expert and its sigmoid gate
-    mlp = sum(moe_mlp if experts and _is_moe_layer(c, i) else dense_mlp for i in range(layers))
-    embed = vocab * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
-    return layers * (attn + 2 * h) + mlp + embed + h
+        if shared:
+            linears += [(2 * shared // tp, h), (h, shared // tp)]
+            other += h  # the shared expert's sigmoid gate
+    else:
+        inter = c.intermediate_size // tp
+        linears += [(2 * inter, h), (h, inter)]  # gate_up_proj, down_proj
+    return linears, other
+
+
+def count_parameters(hf_config) -> int:
+    """Parameters of the whole model: every decoder layer (`layer_shapes` at tp 1), the embedding, the LM head
+    unless tied, and the final norm."""
+    c = hf_config
+    total = 0
+    for i in range(c.num_hidden_layers):
+        linears, other = layer_shapes(c, i)
+        total += sum(n * k for n, k in linears) + other
+    embed = c.vocab_size * c.hidden_size * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    return total + embed + c.hidden_size
 
 
 def weight_bytes(hf_config, bytes_per_param: float) -> int:

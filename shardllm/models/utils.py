@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from shardllm.distributed.parallel_state import get_parallel_context
+from shardllm.distributed.parallel_state import get_parallel_context, pp_layer_split
 from shardllm.model_loader.weight_utils import default_weight_loader
 
 _LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
@@ -19,14 +19,9 @@ class PPMissingLayer(nn.Identity):
 
 
 def stage_layer_range(num_layers: int) -> tuple[int, int]:
-    """Layers [start, end) of this rank's pipeline stage: even split, the remainder spread from the front."""
+    """Layers [start, end) of this rank's pipeline stage (parallel_state.pp_layer_split, which the planner uses too)."""
     ctx = get_parallel_context()
-    partition = getattr(ctx, "pp_partition", None)
-    if partition:
-        sizes = list(partition)
-    else:
-        base, extra = divmod(num_layers, ctx.pp_size)
-        sizes = [base + (s < extra) for s in range(ctx.pp_size)]
+    sizes = pp_layer_split(num_layers, ctx.pp_size, getattr(ctx, "pp_partition", None))
     start = sum(sizes[: ctx.pp_rank])
     return start, start + sizes[ctx.pp_rank]
 
