@@ -163,8 +163,9 @@ def test_w8a8_forward_is_close_to_the_twin_without_the_loop(fmt, no_expert_loop)
 
 
 def test_block_triton_kernel_in_the_interpreter_equals_its_reference():
-    """The grouped block-FP8 kernel (the GPU path of block checkpoints) by Triton's CPU interpreter, on one MoE
-    layer's real operands: empty experts, rows of other ranks' experts past the end, K not whole groups."""
+    """The grouped block-FP8 kernel (the GPU path of block checkpoints) by Triton's CPU interpreter: empty experts,
+    rows of other ranks' experts past the end, K not whole groups; then a block-FP8 MoE layer's grouped path on
+    it equals the expert loop."""
     pytest.importorskip("triton")
     script = r"""
 import torch
@@ -185,6 +186,16 @@ for block, e, n, k, offs in [((16, 16), 3, 48, 40, [5, 5, 30]), ((32, 16), 4, 40
         y = grouped_block_fp8_mm(a_q, a_s, w_q, w_s, o, block, torch.float32, block_m=bm, block_n=16)[: offs[-1]]
         err = float((y - ref).abs().max())
         assert err <= 1e-5 * float(ref.abs().max()), (block, bm, err)
+# the layer's block path on that kernel (activation groups, scale names, expert-sorted rows), one rank and ep = 2
+from shardllm.layers.quantization.fp8_moe import Fp8MoEMethod
+from tests.layers.test_fp8_moe_grouped import _inputs, build_moe
+Fp8MoEMethod.grouped_backend = lambda self, device, dtype=None: "triton_block"
+for layout in ({}, dict(tp_rank=1, tp_size=2, ep_size=2)):
+    moe, _, _ = build_moe("block", **layout)
+    x, weights, ids = _inputs()
+    ref = moe.quant_method.apply_reference(moe, x, weights, ids)
+    got = moe.quant_method.apply_grouped(moe, x, weights, ids)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), layout
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1"}
