@@ -23,6 +23,7 @@ from shardllm.engine.request import Request, RequestStatus
 from shardllm.engine.scheduler import Scheduler
 from shardllm.engine.startup_summary import log_startup_summary
 from shardllm.executor.base import Executor
+from shardllm.model_loader.host_memory import check_host_memory
 from shardllm.outputs import CompletionOutput, LogprobsSnapshot, RequestOutput
 from shardllm.sampling_params import SamplingParams
 from shardllm.utils import freeze_startup_objects
@@ -62,6 +63,7 @@ class LLMEngine:
         mc = config.model_config
         self.tokenizer = load_tokenizer(mc.tokenizer_path, mc.trust_remote_code)
         self.eos_token_ids = self._eos_token_ids()
+        check_host_memory(config)  # on CPU the weights and KV cache are host memory: fail before the OOM killer
         self.executor = Executor.create(config)
         num_blocks = self.executor.initialize()
         cc, sc = config.cache_config, config.scheduler_config

@@ -1,0 +1,73 @@
+"""Host (CPU) memory checked before a model loads: a ValueError naming the fix instead of the OOM killer.
+
+What a load keeps in host memory, path by path (model_loader/loader.py):
+- on GPUs, safetensors: each rank reads memory-mapped slices and copies them to its GPU one tensor at a time; the
+  page cache they pass through is reclaimable. Nothing to check.
+- on GPUs, GGUF: the file is memory-mapped the same way and each rank dequantizes one tensor slice at a time to
+  float32 before the copy: transient, one slice. Nothing to check.
+- on GPUs, dummy weights: made on the GPU. Nothing to check.
+- pickle checkpoints (`.bin`) are never loaded.
+- on CPU (`device="cpu"`), every format: the weights are host memory, and so is each rank's KV cache
+  (`cpu_kv_cache_gb`, or `num_kv_blocks` blocks). A model larger than the memory left is killed part-way through
+  its load by the kernel (or swaps for hours); this check fails first.
+Available memory is psutil's `available` (Linux: MemAvailable) plus free swap. A machine whose memory grows as it
+is used (a balloon) can report less than it will give.
+"""
+
+from __future__ import annotations
+
+GiB = 1 << 30
+
+
+def host_memory_needed(config) -> tuple[int, int]:
+    """(weights, KV cache) in bytes that the ranks on this host hold in host memory: (0, 0) off CPU and under Ray
+    (whose ranks may be on other hosts)."""
+    import torch
+
+    from shardllm.model_loader.size import weight_bytes
+    from shardllm.planner import kv_bytes_per_element
+
+    mc, pc, cc = config.model_config, config.parallel_config, config.cache_config
+    if config.device != "cpu" or pc.distributed_executor_backend == "ray":
+        return 0, 0
+    act = torch.empty((), dtype=mc.dtype).element_size()
+    weights = weight_bytes(mc.hf_config, 1 if mc.quantization is not None else act)  # FP8 linears: 1 byte
+    if cc.num_blocks is None:
+        kv = int(cc.cpu_kv_cache_gb * GiB) * pc.world_size
+    else:  # each rank holds num_blocks blocks of its share of the layers and kv heads
+        c = mc.hf_config
+        heads = c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        kv_heads_held = max(kv_heads, pc.tensor_parallel_size)  # kv heads are replicated when tp exceeds them
+        kv = (cc.num_blocks * cc.block_size * 2 * c.num_hidden_layers * kv_heads_held * head_dim
+              * kv_bytes_per_element(cc.kv_cache_dtype, act))
+    return weights, kv
+
+
+def available_host_memory() -> int:
+    """Bytes this host can still give: available RAM plus free swap (psutil)."""
+    import psutil
+
+    return psutil.virtual_memory().available + psutil.swap_memory().free
+
+
+def check_host_memory(config) -> None:
+    """Raise ValueError, before anything loads, when a CPU engine's weights and KV cache exceed the host's memory.
+
+    Raises:
+        ValueError: names the model, the bytes needed and available, and the fixes.
+    """
+    weights, kv = host_memory_needed(config)
+    if not weights:
+        return
+    available = available_host_memory()
+    if weights + kv <= available:
+        return
+    mc = config.model_config
+    raise ValueError(
+        f"{mc.model} on CPU needs about {(weights + kv) / GiB:.1f} GiB of host memory (weights "
+        f"{weights / GiB:.1f} GiB in {str(mc.dtype).removeprefix('torch.')}, KV cache {kv / GiB:.1f} GiB), but this "
+        f"host has {available / GiB:.1f} GiB available (RAM and swap): run it on GPUs (device='cuda'), use a "
+        "smaller model or dtype (bfloat16 halves float32; dtype='fp8' quantizes the linears), or lower "
+        "cpu_kv_cache_gb")

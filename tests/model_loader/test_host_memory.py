@@ -1,0 +1,49 @@
+"""Host memory before a CPU load: a ValueError naming the fix before the executor starts, not the OOM killer.
+The host's free memory is the hardware boundary, faked through psutil where a test needs a small machine."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from shardllm import LLM
+from shardllm.config import EngineConfig
+from shardllm.executor.base import Executor
+from shardllm.model_loader.host_memory import GiB, available_host_memory, check_host_memory, host_memory_needed
+
+
+def small_host(monkeypatch, available: int) -> None:
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
+    monkeypatch.setattr(psutil, "swap_memory", lambda: SimpleNamespace(free=0))
+
+
+def test_a_cpu_model_larger_than_the_host_fails_before_loading(tiny_checkpoints, monkeypatch):
+    def no_executor(config):
+        raise AssertionError("the executor started: the check must come first")
+
+    small_host(monkeypatch, 64 << 10)  # 64 KiB left: the tiny model's 0.5 MiB of fp32 weights do not fit
+    monkeypatch.setattr(Executor, "create", staticmethod(no_executor))
+    with pytest.raises(ValueError, match=r"on CPU needs about .* GiB of host memory .* but this host has 0\.0 GiB "
+                                         r"available .*device='cuda'.*cpu_kv_cache_gb"):
+        LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=16)
+
+
+def test_what_counts_and_where(monkeypatch):
+    config = EngineConfig.create("llama-3-405b", load_format="dummy", device="cpu", dtype="bf16",
+                                 cpu_kv_cache_gb=2.0)
+    weights, kv = host_memory_needed(config)
+    assert weights == pytest.approx(405.9e9 * 2, rel=0.01) and kv == 2 * GiB  # one rank's KV budget
+    if available_host_memory() < weights:  # every CI machine: the real psutil, a clear error
+        with pytest.raises(ValueError, match="llama-3-405b on CPU needs about 758"):
+            check_host_memory(config)
+    small_host(monkeypatch, 1 << 20)
+    check_host_memory(dataclasses.replace(config, device="cuda"))  # on GPUs the weights never sit in host memory
+    fp8 = EngineConfig.create("llama-3-8b", load_format="dummy", device="cpu", dtype="fp8", num_kv_blocks=10,
+                              block_size=16, tensor_parallel_size=2)
+    weights, kv = host_memory_needed(fp8)
+    assert 8.0e9 < weights < 8.1e9  # 1 byte per parameter, both ranks
+    # 10 blocks of 16 tokens per rank, each rank half the 8 kv heads, K and V in the activations' fp32 (on CPU)
+    assert fp8.model_config.dtype.itemsize == 4 and kv == 10 * 16 * 2 * 32 * 8 * 128 * 4
