@@ -92,14 +92,42 @@ def bench_format(fmt: str, tokens: list[int], loop_at: set[int], num_experts: in
         x = torch.randn(n, hidden, device="cuda").to(torch.bfloat16)
         with torch.inference_mode():
             row = {"format": fmt, "backend": backend, "tokens": n,
-                   "graph_us": round(timed_graph(lambda: grouped(x)), 1)}  # noqa: B023 - called at once
+                   "graph_us": round(timed_graph(lambda x=x: grouped(x)), 1)}
             if method is not None and n in loop_at:
                 weights, ids = select_experts(moe.gate(x), 2, True)
                 row["loop_eager_us"] = round(timed_eager(
-                    lambda: method.apply_reference(moe, x, weights, ids)), 1)  # noqa: B023 - called at once
+                    lambda x=x, w=weights, i=ids: method.apply_reference(moe, x, w, i)), 1)
                 ref = method.apply_reference(moe, x, weights, ids).float()
                 row["rel_err_vs_loop"] = round(float((grouped(x).float() - ref).abs().max() / ref.abs().max()), 5)
         print(json.dumps(row), flush=True)
+
+
+def _time_tiles(a_q, a_s, w_q, w_s, offs) -> dict[str, float]:
+    from shardllm.layers.quantization.fp8_moe_triton import grouped_block_fp8_mm
+
+    out = {}
+    for bm, bn in ((16, 64), (16, 128), (32, 64), (32, 128), (64, 64), (64, 128)):
+        out[f"{bm}x{bn}_us"] = round(timed_graph(lambda bm=bm, bn=bn: grouped_block_fp8_mm(
+            a_q, a_s, w_q, w_s, offs, (128, 128), torch.bfloat16, bm, bn)), 1)
+    return out
+
+
+def sweep_block(tokens: list[int], num_experts: int, hidden: int, inter: int) -> None:
+    """The block kernel alone per (BLOCK_M, BLOCK_N) at the layer's two shapes, rows spread over the experts as
+    top-2 routing of random tokens spreads them; one JSON line per (shape, tokens) with us per tile choice."""
+    from shardllm.layers.quantization.fp8_moe_triton import tile_config
+    from shardllm.layers.quantization.fp8_utils import quantize_per_token_group
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for name, (n, k) in {"w13": (2 * inter, hidden), "w2": (hidden, inter)}.items():
+        w_q = torch.randn(num_experts, n, k, device="cuda", generator=g).to(torch.float8_e4m3fn)
+        w_s = torch.full((num_experts, n // 128, k // 128), 0.02, device="cuda")
+        for t in tokens:
+            ids = torch.randn(t, num_experts, device="cuda", generator=g).topk(2, dim=-1).indices.reshape(-1)
+            offs = torch.bincount(ids, minlength=num_experts).cumsum(0).to(torch.int32)
+            a_q, a_s = quantize_per_token_group(torch.randn(2 * t, k, device="cuda", generator=g), 128)
+            row = {"shape": name, "n": n, "k": k, "tokens": t, "default": list(tile_config(2 * t, num_experts))}
+            print(json.dumps({**row, **_time_tiles(a_q, a_s, w_q, w_s, offs)}), flush=True)
 
 
 def main() -> None:
@@ -110,9 +138,12 @@ def main() -> None:
     ap.add_argument("--inter", type=int, default=14336)
     ap.add_argument("--num_experts", type=int, default=8)
     ap.add_argument("--loop", default="1,256", help="token counts at which the per-expert loop is timed too")
+    ap.add_argument("--sweep_block", action="store_true", help="time the block kernel's tile choices instead")
     args = ap.parse_args()
     loop_at = {int(t) for t in args.loop.split(",") if t}
     tokens = [int(t) for t in args.tokens.split(",")]
+    if args.sweep_block:
+        return sweep_block(tokens, args.num_experts, args.hidden, args.inter)
     for fmt in args.formats.split(","):
         bench_format(fmt, tokens, loop_at, args.num_experts, args.hidden, args.inter)
         torch.cuda.empty_cache()

@@ -62,29 +62,33 @@ if HAS_TRITON:
                  mask=row_ok[:, None] & n_ok[None, :])
 
 
-def block_m_for(rows: int, num_experts: int) -> int:
-    """BLOCK_M from the mean rows per expert (a shape, known at capture): 16 for decode, up to 64 for prefill.
-    [ours: a first guess, to be swept on the H200]"""
+def tile_config(rows: int, num_experts: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) from the mean rows per expert (a shape, known at capture): small tiles for decode, where
+    few experts have rows and N / BLOCK_N programs must fill the GPU, larger for prefill.
+    [ours: a first guess; `benchmarks/fp8_moe_layer.py --sweep_block` measures the choices on the device]"""
     mean = rows // max(num_experts, 1)
-    return 16 if mean <= 16 else 32 if mean <= 32 else 64
+    if mean <= 16:
+        return 16, 64
+    return (32, 128) if mean <= 32 else (64, 128)
 
 
 def grouped_block_fp8_mm(a_q: torch.Tensor, a_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                          offs: torch.Tensor, block: tuple[int, int], out_dtype: torch.dtype,
-                         block_m: int | None = None, block_n: int = 128) -> torch.Tensor:
+                         block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """Rows a_q[offs[e-1]:offs[e]] times expert e's weight, all experts in one launch.
 
     a_q (R, K) e4m3fn with a_scale (R, ceil(K / bk)) fp32 per 1 x bk group; w_q (E, N, K) e4m3fn with w_scale
     (E, ceil(N / bn), ceil(K / bk)) fp32 per bn x bk block; offs (E,) int32 group ends. Returns (R, N) in
     out_dtype; rows at or past offs[-1] are left unwritten (undefined), as torch._grouped_mm leaves them.
-    bk must be a power of two >= 16 (one K step per scale group).
+    bk must be a power of two >= 16 (one K step per scale group); block_m / block_n default to `tile_config`.
     """
     bn, bk = block
     r, k = a_q.shape
     e, n, _ = w_q.shape
     assert a_q.stride(1) == 1 and w_q.stride(2) == 1 and w_scale.stride(2) == 1 and a_scale.stride(1) == 1
     y = torch.empty((r, n), dtype=out_dtype, device=a_q.device)
-    bm = block_m or block_m_for(r, e)
+    auto_m, auto_n = tile_config(r, e)
+    bm, block_n = block_m or auto_m, block_n or auto_n
     grid = (triton.cdiv(r, bm) + e, triton.cdiv(n, block_n))
     _grouped_block_fp8_kernel[grid](
         a_q, a_scale, w_q, w_scale, offs, y, n, k, e, a_q.stride(0), a_scale.stride(0), w_q.stride(0),
