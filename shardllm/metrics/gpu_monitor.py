@@ -25,6 +25,7 @@ FI_NVLINK_THROUGHPUT_DATA_RX = 139
 NVLINK_MAX_LINKS = 18  # links per GPU on Hopper (H100/H200 SXM); NVML's header allows up to 36
 NOT_SUPPORTED = 3  # NVML_ERROR_NOT_SUPPORTED
 NVLINK_DEVICE_TYPE_SWITCH = 2  # nvmlNvLinkDeviceType_t: what a link's far end is (0 GPU, 1 IBM NPU, 2 NVSwitch)
+NVLINK_DEVICE_TYPE_UNKNOWN = 0xFF
 
 # Sample key -> (metric name without the prefix, type, help). Units are Prometheus base units.
 GPU_METRICS: dict[str, tuple[str, str, str]] = {
@@ -411,7 +412,7 @@ def _inspect(nvml, cuda_visible_devices: str | None) -> dict:
                 down.append(link)
         # what the links up lead to: NVML_NVLINK_DEVICE_TYPE_SWITCH (2) is an NVSwitch; None: NVML cannot tell
         remote = [_safe(lambda h=h, link=link: nvml.nvmlDeviceGetNvLinkRemoteDeviceType(h, link)) for link in up]
-        known = [t for t in remote if t is not None]
+        known = [t for t in remote if t is not None and t != NVLINK_DEVICE_TYPE_UNKNOWN]
         nvswitch = (NVLINK_DEVICE_TYPE_SWITCH in known) if known or not up else None
         cc = _safe(lambda h=h: tuple(nvml.nvmlDeviceGetCudaComputeCapability(h)))
         reasons = _safe(lambda h=h: nvml.nvmlDeviceGetCurrentClocksEventReasons(h))

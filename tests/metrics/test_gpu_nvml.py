@@ -115,3 +115,28 @@ def test_planner_predicts_measured_memory_within_10_percent(tp):
             assert abs(kv_pred - rep["kv_cache"]) <= 0.10 * rep["kv_cache"]
     finally:
         llm.shutdown()
+
+
+@pytest.mark.timeout(60)
+def test_inspect_host_reads_what_nvlink_leads_to_and_the_gauge_polls_link_states():
+    from dataclasses import asdict
+
+    from shardllm.entrypoints import doctor
+    from shardllm.metrics.gpu_monitor import inspect_host
+
+    host = inspect_host()
+    assert host["available"], host
+    g = host["gpus"][0]
+    major, minor = torch.cuda.get_device_capability(0)
+    assert g["compute_capability"] == f"{major}.{minor}"
+    assert g["nvswitch"] in (True, False, None) and (g["nvlink_up"] or g["nvswitch"] is False)
+    mon = monitor(1)
+    try:
+        active = mon.poll().devices[0].values.get("nvlink_links_active")
+    finally:
+        mon.stop()
+    print(json.dumps({"gpu0": {k: g[k] for k in ("name", "compute_capability", "nvswitch", "nvlink_up",
+                                                  "nvlink_down")}, "nvlink_links_active": active,
+                      "nvls_possible": doctor.nvls_possible(host),
+                      "settings": [asdict(f) for f in doctor.check_settings(host)]}))
+    assert active == len(g["nvlink_up"])  # the polled gauge agrees with the one-shot inspection
