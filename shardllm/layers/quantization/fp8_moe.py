@@ -245,11 +245,9 @@ class Fp8MoEMethod:
 def dequantize_experts(w_q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """w_q (E, N, K) e4m3fn with scale (E, N) per row or (E, ceil(N / bn), ceil(K / bk)) per block -> (E, N, K)
-    in `dtype` (scales and product in dtype: bf16 on a GPU keeps each temporary at 2 bytes an element)."""
-    n, k = w_q.shape[1:]
-    scale = scale.to(dtype)
-    if block is None:
-        return w_q.to(dtype) * scale[..., None]
-    bn, bk = block
-    return w_q.to(dtype) * scale.repeat_interleave(bn, dim=1)[:, :n].repeat_interleave(bk, dim=2)[:, :, :k]
-
+    in `dtype`, each element rounded once from its fp32 product. One expert at a time (E launches of fixed shapes,
+    no host sync), so the temporaries beside the result are one expert's."""
+    out = torch.empty(w_q.shape, dtype=dtype, device=w_q.device)
+    for e in range(w_q.shape[0]):
+        out[e] = dequantize(w_q[e], scale[e] if block else scale[e][:, None], block)
+    return out
