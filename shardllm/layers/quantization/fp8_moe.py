@@ -229,7 +229,8 @@ class Fp8MoEMethod:
 
     def apply_reference(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
                         topk_ids: torch.Tensor) -> torch.Tensor:
-        """A loop over the local experts (the order of operations of `fused_experts_reference`)."""
+        """A loop over the local experts (the order of operations of `fused_experts_reference`), with host syncs:
+        the test oracle of `apply_grouped`; no serving path calls it."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         local_ids = topk_ids - moe.expert_start
         for e in range(moe.num_local_experts):
