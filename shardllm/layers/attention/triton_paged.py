@@ -7,7 +7,9 @@ Triton is optional: without it this module still imports and HAS_TRITON is False
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 
 import torch
 
@@ -47,8 +49,13 @@ def _decode_kernel(
     stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr = True, PREFETCH_PAGES: tl.constexpr = False, K_ROWMAJOR: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition): all GROUP query heads of the kv head at once.
+
+    Variants (DecodeConfig): USE_DOT False computes q.k and p.v as broadcast products summed in fp32 (no
+    padding of the GROUP rows to 16); PREFETCH_PAGES loads the next tile's page ids before this tile's K/V;
+    K_ROWMAJOR loads K as (N, D), like V, and transposes it in registers for tl.dot.
 
     Partitions split the context evenly in whole tiles; those past the end idle (the reduce skips them):
 
@@ -75,22 +82,47 @@ def _decode_kernel(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    table = block_tables_ptr + b * stride_bt
+    if not USE_DOT:
+        q32 = q.to(tl.float32)
+    if PREFETCH_PAGES:
+        page = tl.load(table + (start + n) // BLOCK_SIZE, mask=start + n < end, other=0).to(tl.int64)
     for tok0 in range(start, end, BLOCK_N):
-        tok = tok0 + tl.arange(0, BLOCK_N)  # (N,)
+        tok = tok0 + n  # (N,)
         tok_mask = tok < end
-        page = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+        if PREFETCH_PAGES:
+            cur = page
+            page = tl.load(table + (tok + BLOCK_N) // BLOCK_SIZE, mask=tok + BLOCK_N < end, other=0).to(tl.int64)
+        else:
+            cur = tl.load(table + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
         in_page = tok % BLOCK_SIZE
-        k_t = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_ks + kvh * stride_kh)[None, :] + d[:, None],
-                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # (D, N); fp8 cache: 1.0 scale
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (G, N), log2 domain
+        k_row = cur * stride_kb + in_page * stride_ks + kvh * stride_kh  # (N,)
+        kd_mask = tok_mask[:, None] & d_mask[None, :]  # (N, D)
+        if USE_DOT:
+            if K_ROWMAJOR:
+                k = tl.load(k_cache_ptr + k_row[:, None] + d[None, :], mask=kd_mask, other=0.0).to(q.dtype)
+                s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (G, N)
+            else:
+                k_t = tl.load(k_cache_ptr + k_row[None, :] + d[:, None],
+                              mask=tok_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # (D, N)
+                s = tl.dot(q, k_t, input_precision=DOT_PRECISION)  # (G, N)
+        else:
+            k = tl.load(k_cache_ptr + k_row[:, None] + d[None, :], mask=kd_mask, other=0.0).to(tl.float32)
+            s = tl.sum(q32[:, None, :] * k[None, :, :], 2)  # (G, N)
+        s = s * qk_scale  # log2 domain; fp8 cache: values as stored (k/v scales are applied by the caller)
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
-                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # (N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v_ptrs = v_cache_ptr + (cur * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + d[None, :]
+        if USE_DOT:
+            v = tl.load(v_ptrs, mask=kd_mask, other=0.0).to(q.dtype)  # (N, D)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            v = tl.load(v_ptrs, mask=kd_mask, other=0.0).to(tl.float32)  # (N, D)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
         m = m_new
 
     hd_mask = g_mask[:, None] & d_mask[None, :]
@@ -259,9 +291,66 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """Launch choices of the decode kernel; every field's default is the kernel's original choice.
+
+    block_n: tokens per K/V tile (a power of two; >= 16 with use_dot); None: 64, or 32 past head_dim 128.
+    num_warps, num_stages: Triton's (num_stages None: Triton's default).
+    num_splits: partitions per sequence (a power of two <= MAX_NUM_SPLITS); None: default_num_splits.
+    use_dot: tl.dot with the GROUP query rows padded to 16; False: fp32 broadcast products, GROUP rows only.
+    prefetch_pages: load the next tile's page ids before this tile's K/V. k_rowmajor: K loaded as (N, D).
+    """
+
+    block_n: int | None = None
+    num_warps: int = 4
+    num_stages: int | None = None
+    num_splits: int | None = None
+    use_dot: bool = True
+    prefetch_pages: bool = False
+    k_rowmajor: bool = False
+
+    def validate(self) -> None:
+        bn = self.block_n
+        if bn is not None and (bn != _pow2(bn) or bn > 256 or (self.use_dot and bn < 16)):
+            raise ValueError(f"DecodeConfig.block_n={bn}: use a power of two in [16, 256] "
+                             "([1, 256] with use_dot=False)")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"DecodeConfig.num_warps={self.num_warps}: use 1, 2, 4, 8 or 16")
+        if self.num_stages is not None and not 1 <= self.num_stages <= 8:
+            raise ValueError(f"DecodeConfig.num_stages={self.num_stages}: use 1..8 or None (Triton's default)")
+        ns = self.num_splits
+        if ns is not None and (ns < 1 or ns != _pow2(ns) or ns > MAX_NUM_SPLITS):
+            raise ValueError(f"DecodeConfig.num_splits={ns}: use a power of two <= {MAX_NUM_SPLITS}, or None")
+
+
+# Tuned choices pasted from benchmarks/attention_sweep.py (its JSON table): "cache dtype/head_dim/batch bucket" ->
+# DecodeConfig fields. A batch uses the smallest bucket >= its size (else the largest) of its dtype and head_dim;
+# keys hold only what the host knows before a CUDA graph is captured, never seq_lens. Empty: the original choice.
+DECODE_CONFIGS: dict[str, dict] = {}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
+
+
+def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> DecodeConfig:
+    """The DECODE_CONFIGS entry for this batch size, head_dim and cache dtype, else DecodeConfig().
+
+    SHARDLLM_DECODE_ATTN_TUNED=0 in the environment ignores the table (the original launch, for A/B runs).
+    """
+    if os.environ.get("SHARDLLM_DECODE_ATTN_TUNED", "1") == "0":
+        return DecodeConfig()
+    prefix = f"{_DTYPE_NAMES.get(cache_dtype, str(cache_dtype))}/{head_dim}/"
+    buckets = sorted(int(k[len(prefix):]) for k in DECODE_CONFIGS if k.startswith(prefix))
+    if not buckets:
+        return DecodeConfig()
+    bucket = next((x for x in buckets if x >= num_seqs), buckets[-1])
+    return DecodeConfig(**DECODE_CONFIGS[f"{prefix}{bucket}"])
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           out: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, num_splits: int | None = None,
+                           config: DecodeConfig | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context (this token's k/v already written).
 
     Args:
@@ -269,17 +358,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_cache, v_cache: (num_blocks, block_size, nkv, D).
         block_tables: (B, max_blocks) int32; seq_lens: (B,) int32 context length including this token
             (0 for padding rows, which give zeros).
-        num_splits: partitions per sequence, a power of two <= MAX_NUM_SPLITS; default from B and nkv.
+        num_splits: partitions per sequence, a power of two <= MAX_NUM_SPLITS; overrides the config's.
+        config: launch choices; default decode_config(B, D, cache dtype). fp8 caches are read as stored (the
+            caller folds k/v scales into `scale` and the output).
     Returns:
         (B, nh, D), `out` if given.
+    Raises:
+        ValueError: an invalid config.
     """
     _check_cache(k_cache, v_cache)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
     group = num_heads // num_kv_heads
+    cfg = decode_config(num_seqs, head_dim, k_cache.dtype) if config is None else config
+    cfg.validate()
     if num_splits is None:
-        num_splits = default_num_splits(num_seqs, num_kv_heads, q.device)
+        num_splits = cfg.num_splits or default_num_splits(num_seqs, num_kv_heads, q.device)
     assert num_splits == _pow2(num_splits) and num_splits <= MAX_NUM_SPLITS
     out = torch.empty_like(q) if out is None else out
     if num_seqs == 0:
@@ -289,15 +384,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(2, num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     head_dim_pad = _pow2(head_dim, 16)
-    block_n = 64 if head_dim_pad <= 128 else 32
+    block_n = cfg.block_n or (64 if head_dim_pad <= 128 else 32)
+    extra = {} if cfg.num_stages is None else {"num_stages": cfg.num_stages}
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml,
         scale * _LOG2E, num_heads, num_seqs,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        GROUP=group, GROUP_PAD=_pow2(group, 16 if cfg.use_dot else 1), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4)
+        USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor,
+        num_warps=cfg.num_warps, **extra)
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, seq_lens, out, num_heads, num_seqs, out.stride(0), out.stride(1),
