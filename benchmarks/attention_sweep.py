@@ -1,0 +1,174 @@
+"""Launch-config sweep of the Triton paged decode-attention kernel on one CUDA card (issues 13 and 15).
+
+Llama-3-8B head shapes (32 q heads, 8 kv heads, head_dim 128, block_size 16), bf16 and fp8_e4m3 caches. Per case
+(batch, mean context) every config of a small grid is first checked against the current launch
+(DecodeConfig(): its output within 2e-2), then timed as a CUDA graph of one call per "layer": each layer has its
+own cache and random block tables and there are enough layers that the K/V read exceeds 256 MiB (H200's L2 is
+50 MiB), so no call is L2-hot. Context lengths are uniform in [0.8, 1.2] x the case's context. TB/s counts the
+K/V bytes the call reads (2 x sum(seq_lens) x 8 x 128 x element size). Prints per case the current and best
+config, and a JSON table for triton_paged.DECODE_CONFIGS ("dtype/head_dim/batch bucket" -> non-default fields).
+
+    python benchmarks/attention_sweep.py [--budget_s 45] [--out rows.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from shardllm.layers.attention.triton_paged import DecodeConfig, default_num_splits, paged_decode_attention
+
+NH, NKV, D, BS = 32, 8, 128, 16
+CASES = [(512, 170), (256, 170), (64, 1000), (1, 200)]  # (batch, mean context), most important first
+DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
+FLUSH_BYTES = 256 << 20
+
+# The current launch first, then one change at a time, then a few combinations; cut short by the time budget.
+GRID = [
+    DecodeConfig(),
+    DecodeConfig(prefetch_pages=True),
+    DecodeConfig(num_stages=1),
+    DecodeConfig(num_stages=2),
+    DecodeConfig(block_n=128, num_warps=8),
+    DecodeConfig(block_n=32),
+    DecodeConfig(block_n=16, num_warps=2),
+    DecodeConfig(k_rowmajor=True),
+    DecodeConfig(num_warps=8),
+    DecodeConfig(use_dot=False, block_n=16),
+    DecodeConfig(use_dot=False, block_n=32, num_warps=8),
+    DecodeConfig(prefetch_pages=True, k_rowmajor=True, num_stages=2),
+    DecodeConfig(block_n=128, num_warps=8, prefetch_pages=True, k_rowmajor=True),
+    DecodeConfig(use_dot=False, block_n=16, prefetch_pages=True, num_warps=2),
+    DecodeConfig(block_n=128, num_warps=4),
+    DecodeConfig(num_warps=2),
+]
+
+
+def split_variants(batch: int) -> list[int]:
+    """num_splits worth trying beside the default for this batch (its programs vs the SM count)."""
+    base = default_num_splits(batch, NKV, torch.device("cuda"))
+    return sorted({base, max(base // 2, 1), max(base // 4, 1), min(base * 2, 32)} - {base})
+
+
+class Case:
+    """`n` layers of caches, block tables and seq_lens for one (batch, context, dtype)."""
+
+    def __init__(self, batch: int, ctx: int, dtype: torch.dtype, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        lens = torch.randint(max(int(0.8 * ctx), 1), int(1.2 * ctx) + 1, (batch,), generator=g)
+        blocks = [-(-int(s) // BS) for s in lens]
+        num_blocks = 1 + sum(blocks)
+        width = max(blocks) + 1
+        self.kv_bytes = 2 * int(lens.sum()) * NKV * D * torch.empty((), dtype=dtype).element_size()
+        self.n = max(2, min(512, -(-FLUSH_BYTES // self.kv_bytes)))
+        self.layers = []
+        for _ in range(self.n):
+            perm = (torch.randperm(num_blocks - 1, generator=g) + 1).to(torch.int32)
+            tables = torch.zeros(batch, width, dtype=torch.int32)
+            pos = 0
+            for b, nb in enumerate(blocks):
+                tables[b, :nb] = perm[pos:pos + nb]
+                pos += nb
+            shape = (num_blocks, BS, NKV, D)
+            kc = torch.randn(shape, device="cuda", dtype=torch.bfloat16).to(dtype)
+            vc = torch.randn(shape, device="cuda", dtype=torch.bfloat16).to(dtype)
+            self.layers.append((kc, vc, tables.cuda()))
+        self.seq_lens = lens.to(torch.int32).cuda()
+        self.q = torch.randn(batch, NH, D, device="cuda", dtype=torch.bfloat16)
+        self.out = torch.empty_like(self.q)
+
+    def call(self, layer: int, cfg: DecodeConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+        kc, vc, tables = self.layers[layer]
+        return paged_decode_attention(self.q, kc, vc, tables, self.seq_lens, D**-0.5, out=out, config=cfg)
+
+    def time_us(self, cfg: DecodeConfig, min_calls: int = 300) -> float:
+        """Microseconds per call: replays of a CUDA graph of one call per layer, after a warm-up replay."""
+        self.call(0, cfg, self.out)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(self.n):
+                self.call(i, cfg, self.out)
+        reps = max(3, -(-min_calls // self.n))
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / (reps * self.n)
+
+
+def changed_fields(cfg: DecodeConfig) -> dict:
+    default = DecodeConfig()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget_s", type=float, default=45.0, help="wall-clock budget; later configs are skipped")
+    ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    ap.add_argument("--out", default=None, help="append every row as JSON lines here")
+    ap.add_argument("--min_gain", type=float, default=0.03,
+                    help="a config replaces the current one only if this much faster (fraction)")
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
+    jobs = [(b, c, dt) for b, c in CASES for dt in args.dtypes]
+    table, rows = {}, []
+    for j, (batch, ctx, dt_name) in enumerate(jobs):
+        case = Case(batch, ctx, DTYPES[dt_name], seed=j)
+        ref = case.call(0, DecodeConfig()).float()
+        grid = GRID + [DecodeConfig(num_splits=s) for s in split_variants(batch)]
+        share = (args.budget_s - (time.monotonic() - t0)) / (len(jobs) - j)  # this case's part of what is left
+        case_t0 = time.monotonic()
+        results, skipped = [], 0
+        for cfg in grid:
+            if results and time.monotonic() - case_t0 > share:
+                skipped += 1
+                continue
+            row = {"batch": batch, "ctx": ctx, "dtype": dt_name, "layers": case.n, "config": changed_fields(cfg)}
+            try:
+                err = (case.call(0, cfg).float() - ref).abs().max().item()
+                row["max_abs_diff"] = err
+                if not err <= 2e-2:
+                    row["error"] = f"output differs from the current launch by {err:.3g}"
+                else:
+                    row["us"] = case.time_us(cfg)
+                    row["tb_s"] = case.kv_bytes / row["us"] / 1e6
+                    results.append((row["us"], cfg))
+            except Exception as e:  # a config the compiler or the card refuses: reported, the sweep goes on
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            if "error" in row:
+                print(f"  b{batch} ctx{ctx} {dt_name} {row['config']}: {row['error']}")
+        if not results:
+            print(f"b={batch} ctx={ctx} {dt_name}: no config ran")
+            continue
+        current_us = results[0][0] if results and results[0][1] == DecodeConfig() else float("nan")
+        best_us, best = min(results, key=lambda r: r[0])
+        gb = case.kv_bytes / 1e9
+        print(f"b={batch:4d} ctx={ctx:5d} {dt_name:9s} K/V {gb:.3f} GB  current {current_us:8.1f} us "
+              f"({case.kv_bytes / current_us / 1e6:.2f} TB/s)  best {best_us:8.1f} us "
+              f"({case.kv_bytes / best_us / 1e6:.2f} TB/s, x{current_us / best_us:.2f}) {changed_fields(best)}"
+              f"  [{len(results)} timed, {skipped} skipped by the budget]")
+        chosen = best if best_us < current_us * (1 - args.min_gain) else DecodeConfig()
+        table[f"{dt_name}/{D}/{batch}"] = changed_fields(chosen)
+        del case
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    print("DECODE_CONFIGS =", json.dumps(table, sort_keys=True))
+    print(f"sweep {time.monotonic() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The decode kernel's launch variants (triton_paged.DecodeConfig) against the torch reference, and the tuned-config
+table: the interpreter on CPU (fp32 q, fp32 or fp8 caches), bf16 / fp8 caches and CUDA-graph replay on CUDA."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from shardllm.layers.attention import triton_paged  # noqa: E402
+from shardllm.layers.attention.triton_paged import DecodeConfig, decode_config  # noqa: E402
+from tests.layers.test_triton_attention import cpu, gpu, make_case, reference, run_decode  # noqa: E402
+
+# One config per family the sweep tries (benchmarks/attention_sweep.py), each with another GQA shape
+# (num_kv_heads, group, head_dim): group 1, 3 (padded to 4, or 16 for tl.dot), 4 and 8.
+FAMILIES = [
+    (DecodeConfig(), (2, 4, 64)),
+    (DecodeConfig(block_n=16, num_warps=2, num_stages=2), (1, 8, 32)),
+    (DecodeConfig(block_n=128, num_warps=8), (2, 1, 64)),
+    (DecodeConfig(prefetch_pages=True), (1, 3, 32)),
+    (DecodeConfig(k_rowmajor=True, prefetch_pages=True, block_n=32), (2, 4, 32)),
+    (DecodeConfig(use_dot=False, block_n=16), (1, 4, 64)),
+    (DecodeConfig(use_dot=False, block_n=8, prefetch_pages=True), (2, 1, 32)),
+    (DecodeConfig(use_dot=False, block_n=32, num_splits=2), (1, 3, 32)),
+]
+FAMILY_IDS = ["current", "bn16", "bn128", "prefetch", "krow-prefetch", "nodot", "nodot-bn8-prefetch", "nodot-split2"]
+SEQ_LENS = [0, 1, 17, 70, 0]  # padding rows (seq_len 0) give zeros; 70 spans pages and several tiles
+
+
+def check_decode(out: torch.Tensor, q, kc, vc, meta, atol: float, rtol: float) -> None:
+    """Rows with context equal the reference (on the cache's values read back); padding rows are zeros."""
+    live = meta.seq_lens.cpu() > 0
+    torch.testing.assert_close(out.float()[live], reference(q, kc, vc, meta)[live], atol=atol, rtol=rtol)
+    assert torch.equal(out[~live], torch.zeros_like(out[~live]))
+
+
+@cpu
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float8_e4m3fn], ids=["fp32", "fp8_e4m3"])
+@pytest.mark.parametrize("family", range(len(FAMILIES)), ids=FAMILY_IDS)
+def test_config_families_equal_the_reference(family, cache_dtype):
+    cfg, heads = FAMILIES[family]
+    q, kc, vc, meta = make_case([1] * len(SEQ_LENS), SEQ_LENS, *heads, seed=family)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    splits = [None] if cfg.num_splits else [1, 4]  # 4: tiles of 16 or 32 tokens leave 2-3 partitions busy at 70
+    for num_splits in splits:
+        out = run_decode(q, kc, vc, meta, num_splits=num_splits, config=cfg)
+        check_decode(out, q, kc, vc, meta, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [dict(block_n=48), dict(block_n=8), dict(num_warps=3), dict(num_stages=0),
+                                 dict(num_splits=3), dict(num_splits=64)])
+def test_invalid_configs_raise_a_value_error_naming_the_field(bad):
+    with pytest.raises(ValueError, match=f"DecodeConfig.{next(iter(bad))}="):
+        DecodeConfig(**bad).validate()
+
+
+def test_table_lookup_by_dtype_head_dim_and_batch_bucket(monkeypatch):
+    assert decode_config(512, 128, torch.bfloat16) == DecodeConfig()  # no entries: the original launch
+    table = {"bf16/128/1": {"num_splits": 16}, "bf16/128/64": {}, "bf16/128/512": {"block_n": 128, "num_warps": 8},
+             "fp8_e4m3/128/512": {"use_dot": False, "block_n": 16}}
+    for key, value in table.items():
+        monkeypatch.setitem(triton_paged.DECODE_CONFIGS, key, value)
+    assert decode_config(1, 128, torch.bfloat16) == DecodeConfig(num_splits=16)
+    assert decode_config(2, 128, torch.bfloat16) == DecodeConfig()  # bucket 64
+    assert decode_config(65, 128, torch.bfloat16) == DecodeConfig(block_n=128, num_warps=8)
+    assert decode_config(4096, 128, torch.bfloat16) == DecodeConfig(block_n=128, num_warps=8)  # past the largest
+    assert decode_config(8, 128, torch.float8_e4m3fn) == DecodeConfig(use_dot=False, block_n=16)
+    assert decode_config(512, 64, torch.bfloat16) == DecodeConfig()  # another head_dim
+    assert decode_config(512, 128, torch.float8_e5m2) == DecodeConfig()  # another dtype
+    monkeypatch.setenv("SHARDLLM_DECODE_ATTN_TUNED", "0")
+    assert decode_config(512, 128, torch.bfloat16) == DecodeConfig()
+
+
+@cpu
+def test_launch_without_config_uses_the_table_entry(monkeypatch):
+    q, kc, vc, meta = make_case([1, 1], [5, 20], 1, 4, 32)
+    monkeypatch.setitem(triton_paged.DECODE_CONFIGS, "fp32/32/2", {"block_n": 24})
+    with pytest.raises(ValueError, match="block_n=24"):  # the entry (invalid on purpose) reached the launcher
+        run_decode(q, kc, vc, meta)
+    monkeypatch.setenv("SHARDLLM_DECODE_ATTN_TUNED", "0")
+    torch.testing.assert_close(run_decode(q, kc, vc, meta), reference(q, kc, vc, meta), atol=2e-5, rtol=1e-4)
+
+
+# ---- CUDA --------------------------------------------------------------------------------------------------------
+
+GPU_CONFIGS = [DecodeConfig(), DecodeConfig(block_n=128, num_warps=8, prefetch_pages=True, k_rowmajor=True),
+               DecodeConfig(use_dot=False, block_n=16, num_warps=2, prefetch_pages=True)]
+
+
+@gpu
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8_e4m3"])
+@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=["current", "bn128-krow-prefetch", "nodot-bn16"])
+def test_gpu_configs_equal_the_reference_and_replay_in_a_graph(cfg, cache_dtype):
+    seq_lens = [0, 1, 16, 17, 170, 1000, 4097, 0]
+    q, kc, vc, meta = make_case([1] * len(seq_lens), seq_lens, 8, 4, 128, torch.bfloat16, "cuda", seed=5)
+    kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
+    for num_splits in (None, 1, 8):  # None: default_num_splits, the one the graph below captures
+        out = run_decode(q, kc, vc, meta, num_splits=num_splits, config=cfg)
+        check_decode(out, q, kc, vc, meta, atol=2e-2, rtol=2e-2)
+    lens = meta.seq_lens.clone()
+    graph_out = torch.empty_like(q)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # compiled by the eager calls above
+        triton_paged.paged_decode_attention(q, kc, vc, meta.block_tables, lens, 128**-0.5, out=graph_out, config=cfg)
+    new = [0, 1, 9, 17, 100, 999, 2000, 0]  # no longer than before, so that the tables cover them
+    lens.copy_(torch.tensor(new, dtype=torch.int32))
+    graph.replay()
+    meta = dataclasses.replace(meta, seq_lens=lens.clone(), max_seq_len=max(new), _ref={})
+    check_decode(graph_out, q, kc, vc, meta, atol=2e-2, rtol=2e-2)
