@@ -9,6 +9,7 @@ K/V bytes the call reads (2 x sum(seq_lens) x 8 x 128 x element size). Prints pe
 config, and a JSON table for triton_paged.DECODE_CONFIGS ("dtype/head_dim/batch bucket" -> non-default fields).
 
     python benchmarks/attention_sweep.py [--budget_s 45] [--out rows.jsonl]
+    TRITON_INTERPRET=1 python benchmarks/attention_sweep.py --smoke   # CPU: one tiny case, wall-clock "timing"
 """
 
 from __future__ import annotations
@@ -48,23 +49,25 @@ GRID = [
 ]
 
 
-def split_variants(batch: int) -> list[int]:
+def split_variants(batch: int, device: str = "cuda") -> list[int]:
     """num_splits worth trying beside the default for this batch (its programs vs the SM count)."""
-    base = default_num_splits(batch, NKV, torch.device("cuda"))
+    base = default_num_splits(batch, NKV, torch.device(device))
     return sorted({base, max(base // 2, 1), max(base // 4, 1), min(base * 2, 32)} - {base})
 
 
 class Case:
     """`n` layers of caches, block tables and seq_lens for one (batch, context, dtype)."""
 
-    def __init__(self, batch: int, ctx: int, dtype: torch.dtype, seed: int = 0):
+    def __init__(self, batch: int, ctx: int, dtype: torch.dtype, seed: int = 0, device: str = "cuda",
+                 max_layers: int = 512):
+        self.device = device
         g = torch.Generator().manual_seed(seed)
         lens = torch.randint(max(int(0.8 * ctx), 1), int(1.2 * ctx) + 1, (batch,), generator=g)
         blocks = [-(-int(s) // BS) for s in lens]
         num_blocks = 1 + sum(blocks)
         width = max(blocks) + 1
         self.kv_bytes = 2 * int(lens.sum()) * NKV * D * torch.empty((), dtype=dtype).element_size()
-        self.n = max(2, min(512, -(-FLUSH_BYTES // self.kv_bytes)))
+        self.n = max(2, min(max_layers, -(-FLUSH_BYTES // self.kv_bytes)))
         self.layers = []
         for _ in range(self.n):
             perm = (torch.randperm(num_blocks - 1, generator=g) + 1).to(torch.int32)
@@ -74,11 +77,11 @@ class Case:
                 tables[b, :nb] = perm[pos:pos + nb]
                 pos += nb
             shape = (num_blocks, BS, NKV, D)
-            kc = torch.randn(shape, device="cuda", dtype=torch.bfloat16).to(dtype)
-            vc = torch.randn(shape, device="cuda", dtype=torch.bfloat16).to(dtype)
-            self.layers.append((kc, vc, tables.cuda()))
-        self.seq_lens = lens.to(torch.int32).cuda()
-        self.q = torch.randn(batch, NH, D, device="cuda", dtype=torch.bfloat16)
+            kc = torch.randn(shape, generator=g, dtype=torch.bfloat16).to(device, dtype)
+            vc = torch.randn(shape, generator=g, dtype=torch.bfloat16).to(device, dtype)
+            self.layers.append((kc, vc, tables.to(device)))
+        self.seq_lens = lens.to(torch.int32).to(device)
+        self.q = torch.randn(batch, NH, D, generator=g, dtype=torch.bfloat16).to(device)
         self.out = torch.empty_like(self.q)
 
     def call(self, layer: int, cfg: DecodeConfig, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,8 +89,16 @@ class Case:
         return paged_decode_attention(self.q, kc, vc, tables, self.seq_lens, D**-0.5, out=out, config=cfg)
 
     def time_us(self, cfg: DecodeConfig, min_calls: int = 300) -> float:
-        """Microseconds per call: replays of a CUDA graph of one call per layer, after a warm-up replay."""
+        """Microseconds per call: replays of a CUDA graph of one call per layer, after a warm-up replay.
+
+        On CPU (--smoke) one eager pass over the layers by the wall clock: exercises the code, measures nothing.
+        """
         self.call(0, cfg, self.out)  # compile outside the capture
+        if self.device == "cpu":
+            t0 = time.perf_counter()
+            for i in range(self.n):
+                self.call(i, cfg, self.out)
+            return (time.perf_counter() - t0) * 1e6 / self.n
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -110,22 +121,26 @@ def changed_fields(cfg: DecodeConfig) -> dict:
             if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the sweep; returns the JSON table (also printed)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget_s", type=float, default=45.0, help="wall-clock budget; later configs are skipped")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     ap.add_argument("--out", default=None, help="append every row as JSON lines here")
     ap.add_argument("--min_gain", type=float, default=0.03,
                     help="a config replaces the current one only if this much faster (fraction)")
-    args = ap.parse_args()
+    ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: one tiny case, 3 configs")
+    args = ap.parse_args(argv)
     t0 = time.monotonic()
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}")
-    jobs = [(b, c, dt) for b, c in CASES for dt in args.dtypes]
+    device = "cpu" if args.smoke else "cuda"
+    cases, base_grid, max_layers = ([(3, 40)], GRID[:2], 2) if args.smoke else (CASES, GRID, 512)
+    print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}  torch {torch.__version__}")
+    jobs = [(b, c, dt) for b, c in cases for dt in args.dtypes]
     table, rows = {}, []
     for j, (batch, ctx, dt_name) in enumerate(jobs):
-        case = Case(batch, ctx, DTYPES[dt_name], seed=j)
+        case = Case(batch, ctx, DTYPES[dt_name], seed=j, device=device, max_layers=max_layers)
         ref = case.call(0, DecodeConfig()).float()
-        grid = GRID + [DecodeConfig(num_splits=s) for s in split_variants(batch)]
+        grid = base_grid + [DecodeConfig(num_splits=s) for s in split_variants(batch, device)]
         share = (args.budget_s - (time.monotonic() - t0)) / (len(jobs) - j)  # this case's part of what is left
         case_t0 = time.monotonic()
         results, skipped = [], 0
@@ -161,13 +176,15 @@ def main() -> None:
         chosen = best if best_us < current_us * (1 - args.min_gain) else DecodeConfig()
         table[f"{dt_name}/{D}/{batch}"] = changed_fields(chosen)
         del case
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
     print("DECODE_CONFIGS =", json.dumps(table, sort_keys=True))
     print(f"sweep {time.monotonic() - t0:.1f} s")
+    return table
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ table: the interpreter on CPU (fp32 q, fp32 or fp8 caches), bf16 / fp8 caches an
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import pytest
 import torch
@@ -111,3 +113,28 @@ def test_gpu_configs_equal_the_reference_and_replay_in_a_graph(cfg, cache_dtype)
     graph.replay()
     meta = dataclasses.replace(meta, seq_lens=lens.clone(), max_seq_len=max(new), _ref={})
     check_decode(graph_out, q, kc, vc, meta, atol=2e-2, rtol=2e-2)
+
+
+@cpu
+def test_sweep_smoke_checks_times_and_tables_each_case(monkeypatch, tmp_path, capsys):
+    """benchmarks/attention_sweep.py --smoke at a shrunken head shape: every row checked and timed, a table entry
+    per (dtype, batch) that decode_config reads back."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import attention_sweep
+
+    monkeypatch.setattr(attention_sweep, "NH", 4)
+    monkeypatch.setattr(attention_sweep, "NKV", 1)
+    monkeypatch.setattr(attention_sweep, "D", 32)
+    monkeypatch.setattr(attention_sweep, "split_variants", lambda batch, device: [1])  # beside the default 4
+    rows = tmp_path / "rows.jsonl"
+    table = attention_sweep.main(["--smoke", "--out", str(rows)])
+    assert set(table) == {"bf16/32/3", "fp8_e4m3/32/3"}
+    lines = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert len(lines) == 6 and all(r["max_abs_diff"] <= 2e-2 and r["us"] > 0 for r in lines)
+    assert {json.dumps(r["config"], sort_keys=True) for r in lines} == {"{}", '{"prefetch_pages": true}',
+                                                                         '{"num_splits": 1}'}
+    printed = capsys.readouterr().out
+    assert printed.count("current") == 2 and "DECODE_CONFIGS = " in printed
+    for key, fields in table.items():
+        monkeypatch.setitem(triton_paged.DECODE_CONFIGS, key, fields)
+    assert decode_config(3, 32, torch.bfloat16) == DecodeConfig(**table["bf16/32/3"])
