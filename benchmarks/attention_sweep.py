@@ -25,25 +25,27 @@ from shardllm.layers.attention.triton_paged import DecodeConfig, default_num_spl
 
 NH, NKV, D, BS = 32, 8, 128, 16
 CASES = [(512, 170), (256, 170), (64, 1000), (1, 200)]  # (batch, mean context), most important first
+WEIGHTS = {512: 3.0, 256: 1.0, 64: 1.5, 1: 1.5}  # shares of the time budget (compiles dominate; batch 256 reuses
+# batch 512's kernels)
 DTYPES = {"bf16": torch.bfloat16, "fp8_e4m3": torch.float8_e4m3fn}
 FLUSH_BYTES = 256 << 20
 
 # The current launch first, then one change at a time, then a few combinations; cut short by the time budget.
 GRID = [
     DecodeConfig(),
-    DecodeConfig(prefetch_pages=True),
-    DecodeConfig(num_stages=1),
-    DecodeConfig(num_stages=2),
     DecodeConfig(block_n=128, num_warps=8),
-    DecodeConfig(block_n=32),
-    DecodeConfig(block_n=16, num_warps=2),
+    DecodeConfig(prefetch_pages=True),
     DecodeConfig(k_rowmajor=True),
-    DecodeConfig(num_warps=8),
+    DecodeConfig(num_stages=2),
     DecodeConfig(use_dot=False, block_n=16),
     DecodeConfig(use_dot=False, block_n=32, num_warps=8),
-    DecodeConfig(prefetch_pages=True, k_rowmajor=True, num_stages=2),
+    DecodeConfig(block_n=32),
+    DecodeConfig(num_warps=8),
     DecodeConfig(block_n=128, num_warps=8, prefetch_pages=True, k_rowmajor=True),
+    DecodeConfig(num_stages=1),
+    DecodeConfig(block_n=16, num_warps=2),
     DecodeConfig(use_dot=False, block_n=16, prefetch_pages=True, num_warps=2),
+    DecodeConfig(prefetch_pages=True, k_rowmajor=True, num_stages=2),
     DecodeConfig(block_n=128, num_warps=4),
     DecodeConfig(num_warps=2),
 ]
@@ -88,8 +90,9 @@ class Case:
         kc, vc, tables = self.layers[layer]
         return paged_decode_attention(self.q, kc, vc, tables, self.seq_lens, D**-0.5, out=out, config=cfg)
 
-    def time_us(self, cfg: DecodeConfig, min_calls: int = 300) -> float:
-        """Microseconds per call: replays of a CUDA graph of one call per layer, after a warm-up replay.
+    def time_us(self, cfg: DecodeConfig, target_s: float = 0.03) -> float:
+        """Microseconds per call: replays of a CUDA graph of one call per layer for about target_s (3 to 300
+        replays), after a timed warm-up replay.
 
         On CPU (--smoke) one eager pass over the layers by the wall clock: exercises the code, measures nothing.
         """
@@ -104,9 +107,12 @@ class Case:
         with torch.cuda.graph(graph):
             for i in range(self.n):
                 self.call(i, cfg, self.out)
-        reps = max(3, -(-min_calls // self.n))
-        graph.replay()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        reps = min(300, max(3, int(target_s * 1e3 / max(start.elapsed_time(end), 1e-3))))
         start.record()
         for _ in range(reps):
             graph.replay()
@@ -140,8 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     for j, (batch, ctx, dt_name) in enumerate(jobs):
         case = Case(batch, ctx, DTYPES[dt_name], seed=j, device=device, max_layers=max_layers)
         ref = case.call(0, DecodeConfig()).float()
-        grid = base_grid + [DecodeConfig(num_splits=s) for s in split_variants(batch, device)]
-        share = (args.budget_s - (time.monotonic() - t0)) / (len(jobs) - j)  # this case's part of what is left
+        splits = [DecodeConfig(num_splits=s) for s in split_variants(batch, device)]
+        grid = base_grid[:1] + splits + base_grid[1:]  # the current launch first, then other partition counts
+        left = sum(WEIGHTS.get(b, 1.0) for b, _, _ in jobs[j:])
+        share = (args.budget_s - (time.monotonic() - t0)) * WEIGHTS.get(batch, 1.0) / left  # of what is left
         case_t0 = time.monotonic()
         results, skipped = [], 0
         for cfg in grid:
@@ -161,6 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as e:  # a config the compiler or the card refuses: reported, the sweep goes on
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             rows.append(row)
+            if args.out:  # as it goes, so that a run cut short by a timeout keeps its rows
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             if "error" in row:
                 print(f"  b{batch} ctx{ctx} {dt_name} {row['config']}: {row['error']}")
         if not results:
@@ -174,14 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"({case.kv_bytes / best_us / 1e6:.2f} TB/s, x{current_us / best_us:.2f}) {changed_fields(best)}"
               f"  [{len(results)} timed, {skipped} skipped by the budget]")
         chosen = best if best_us < current_us * (1 - args.min_gain) else DecodeConfig()
-        table[f"{dt_name}/{D}/{batch}"] = changed_fields(chosen)
+        key = f"{dt_name}/{D}/{batch}"
+        table[key] = changed_fields(chosen)
+        print(f"  entry {json.dumps(key)}: {json.dumps(table[key], sort_keys=True)}")
         del case
         if device == "cuda":
             torch.cuda.empty_cache()
-    if args.out:
-        with open(args.out, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
     print("DECODE_CONFIGS =", json.dumps(table, sort_keys=True))
     print(f"sweep {time.monotonic() - t0:.1f} s")
     return table

@@ -7,8 +7,8 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
 out=${OUT:-bench_out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader; date -u
-timeout 52 python benchmarks/attention_sweep.py --budget_s 40 --out "$out/attention_rows.jsonl" \
+timeout 50 python benchmarks/attention_sweep.py --budget_s 34 --out "$out/attention_rows.jsonl" \
   > "$out/attention_sweep.txt" 2>&1
 echo "sweep rc=$?"
 cut -c1-3000 "$out/attention_sweep.txt"
-timeout 14 python -m pytest -q -m gpu -p no:cacheprovider tests/layers/test_decode_attention_configs.py 2>&1 | tail -4
+timeout 18 python -m pytest -q -m gpu -p no:cacheprovider tests/layers/test_decode_attention_configs.py 2>&1 | tail -4

@@ -100,13 +100,13 @@ def test_gpu_configs_equal_the_reference_and_replay_in_a_graph(cfg, cache_dtype)
     seq_lens = [0, 1, 16, 17, 170, 1000, 4097, 0]
     q, kc, vc, meta = make_case([1] * len(seq_lens), seq_lens, 8, 4, 128, torch.bfloat16, "cuda", seed=5)
     kc, vc = kc.to(cache_dtype), vc.to(cache_dtype)
-    for num_splits in (None, 1, 8):  # None: default_num_splits, the one the graph below captures
-        out = run_decode(q, kc, vc, meta, num_splits=num_splits, config=cfg)
-        check_decode(out, q, kc, vc, meta, atol=2e-2, rtol=2e-2)
+    # default_num_splits: 8 on an H200 (132 SMs), so partitions and their reduce; one partition is what
+    # benchmarks/attention_sweep.py checks against the current launch at batch >= 64
+    check_decode(run_decode(q, kc, vc, meta, config=cfg), q, kc, vc, meta, atol=2e-2, rtol=2e-2)
     lens = meta.seq_lens.clone()
     graph_out = torch.empty_like(q)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # compiled by the eager calls above
+    with torch.cuda.graph(graph):  # compiled by the eager call above
         triton_paged.paged_decode_attention(q, kc, vc, meta.block_tables, lens, 128**-0.5, out=graph_out, config=cfg)
     new = [0, 1, 9, 17, 100, 999, 2000, 0]  # no longer than before, so that the tables cover them
     lens.copy_(torch.tensor(new, dtype=torch.int32))
@@ -131,8 +131,8 @@ def test_sweep_smoke_checks_times_and_tables_each_case(monkeypatch, tmp_path, ca
     assert set(table) == {"bf16/32/3", "fp8_e4m3/32/3"}
     lines = [json.loads(x) for x in rows.read_text().splitlines()]
     assert len(lines) == 6 and all(r["max_abs_diff"] <= 2e-2 and r["us"] > 0 for r in lines)
-    assert {json.dumps(r["config"], sort_keys=True) for r in lines} == {"{}", '{"prefetch_pages": true}',
-                                                                         '{"num_splits": 1}'}
+    assert {json.dumps(r["config"], sort_keys=True) for r in lines} == {"{}", '{"num_splits": 1}',
+                                                                         '{"block_n": 128, "num_warps": 8}'}
     printed = capsys.readouterr().out
     assert printed.count("current") == 2 and "DECODE_CONFIGS = " in printed
     for key, fields in table.items():
