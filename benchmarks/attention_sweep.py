@@ -15,8 +15,10 @@ config, and a JSON table for triton_paged.DECODE_CONFIGS ("dtype/head_dim/batch 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import time
 
 import torch
@@ -90,7 +92,7 @@ class Case:
         kc, vc, tables = self.layers[layer]
         return paged_decode_attention(self.q, kc, vc, tables, self.seq_lens, D**-0.5, out=out, config=cfg)
 
-    def time_us(self, cfg: DecodeConfig, target_s: float = 0.03) -> float:
+    def time_us(self, cfg: DecodeConfig, target_s: float = 0.02) -> float:
         """Microseconds per call: replays of a CUDA graph of one call per layer for about target_s (3 to 300
         replays), after a timed warm-up replay.
 
@@ -121,6 +123,44 @@ class Case:
         return start.elapsed_time(end) * 1e3 / (reps * self.n)
 
 
+def _precompile(items: list[tuple[str, dict, int]], device: str = "cuda") -> list[str]:
+    """In a worker process: one tiny call per (cache dtype, config fields, num_splits), which compiles the kernels
+    into Triton's on-disk cache with the same specialization as the sweep's calls (same strides, alignments and
+    constexprs; batch size and table width are not specialized). Returns the errors."""
+    errors = []
+    q = torch.randn(2, NH, D, device=device, dtype=torch.bfloat16)
+    tables = torch.tensor([[1, 2], [3, 0]], dtype=torch.int32, device=device)
+    lens = torch.tensor([20, 5], dtype=torch.int32, device=device)
+    for dt_name, fields, num_splits in items:
+        kc = torch.randn(4, BS, NKV, D, device=device, dtype=torch.bfloat16).to(DTYPES[dt_name])
+        try:
+            paged_decode_attention(q, kc, kc.clone(), tables, lens, D**-0.5, num_splits=num_splits,
+                                   config=DecodeConfig(**fields))
+            if device == "cuda":
+                torch.cuda.synchronize()
+        except Exception as e:  # reported again by the sweep itself
+            errors.append(f"{dt_name} {fields} splits={num_splits}: {type(e).__name__}")
+    return errors
+
+
+def precompile(jobs: list[tuple[int, int, str]], grid_of, workers: int, device: str = "cuda") -> None:
+    """Compiles every (dtype, config, num_splits) the sweep will launch in `workers` processes at once."""
+    todo = set()
+    for batch, _, dt_name in jobs:
+        for cfg in grid_of(batch):
+            ns = cfg.num_splits or default_num_splits(batch, NKV, torch.device(device))
+            todo.add((dt_name, json.dumps(changed_fields(dataclasses.replace(cfg, num_splits=None)),
+                                          sort_keys=True), ns))
+    items = [(dt, json.loads(f), ns) for dt, f, ns in sorted(todo)]
+    t0 = time.monotonic()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        parts = [items[i::workers] for i in range(workers)]
+        errors = [e for errs in pool.map(_precompile, parts, [device] * workers) for e in errs]
+    print(f"precompiled {len(items)} kernels in {workers} processes: {time.monotonic() - t0:.1f} s"
+          + (f"; failed: {errors}" if errors else ""))
+
+
 def changed_fields(cfg: DecodeConfig) -> dict:
     default = DecodeConfig()
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
@@ -136,18 +176,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min_gain", type=float, default=0.03,
                     help="a config replaces the current one only if this much faster (fraction)")
     ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: one tiny case, 3 configs")
+    ap.add_argument("--jobs", type=int, default=8, help="processes that compile the grid first (0: none)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     device = "cpu" if args.smoke else "cuda"
     cases, base_grid, max_layers = ([(3, 40)], GRID[:2], 2) if args.smoke else (CASES, GRID, 512)
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}  torch {torch.__version__}")
     jobs = [(b, c, dt) for b, c in cases for dt in args.dtypes]
+
+    def grid_of(batch: int) -> list[DecodeConfig]:  # the current launch first, then other partition counts
+        return base_grid[:1] + [DecodeConfig(num_splits=s) for s in split_variants(batch, device)] + base_grid[1:]
+
+    if device == "cuda" and args.jobs > 0:
+        precompile(jobs, grid_of, args.jobs)
     table, rows = {}, []
     for j, (batch, ctx, dt_name) in enumerate(jobs):
         case = Case(batch, ctx, DTYPES[dt_name], seed=j, device=device, max_layers=max_layers)
         ref = case.call(0, DecodeConfig()).float()
-        splits = [DecodeConfig(num_splits=s) for s in split_variants(batch, device)]
-        grid = base_grid[:1] + splits + base_grid[1:]  # the current launch first, then other partition counts
+        grid = grid_of(batch)
         left = sum(WEIGHTS.get(b, 1.0) for b, _, _ in jobs[j:])
         share = (args.budget_s - (time.monotonic() - t0)) * WEIGHTS.get(batch, 1.0) / left  # of what is left
         case_t0 = time.monotonic()
