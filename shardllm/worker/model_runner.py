@@ -13,7 +13,7 @@ from shardllm.config import EngineConfig
 from shardllm.distributed.communication import pp_recv, pp_send
 from shardllm.distributed.parallel_state import get_parallel_context
 from shardllm.layers.attention import Attention, AttentionMetadata
-from shardllm.layers.quantization.kv_cache import kv_cache_torch_dtype
+from shardllm.layers.quantization.kv_cache import kv_cache_torch_dtype, set_kv_scale_calibration
 from shardllm.model_loader.loader import load_model
 from shardllm.sampling_params import SamplingParams
 from shardllm.step_io import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
@@ -84,10 +84,11 @@ class ModelRunner:
         self.model = load_model(self.model_config, device, show_progress=get_parallel_context().is_driver)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_cache_dtype = kv_cache_torch_dtype(config.cache_config.kv_cache_dtype, self.model_config.dtype)
-        if (self.kv_cache_dtype.itemsize == 1 and not getattr(self.model, "num_kv_scales_loaded", 0)
-                and get_parallel_context().is_driver):
-            logger.warning("kv_cache_dtype=%s without k/v scales in the checkpoint: every layer uses 1.0 (values "
-                           "beyond the FP8 range saturate)", config.cache_config.kv_cache_dtype)
+        # an FP8 cache without checkpoint k/v scales computes them on the first step (quantization/kv_cache.py)
+        self._calibrate_kv = self.kv_cache_dtype.itemsize == 1 and not getattr(self.model, "num_kv_scales_loaded", 0)
+        if self._calibrate_kv and get_parallel_context().is_driver:
+            logger.info("kv_cache_dtype=%s without k/v scales in the checkpoint: each layer's scales are computed "
+                        "from the first step's k and v", config.cache_config.kv_cache_dtype)
         for a in self.attn_layers:
             a.use_triton = config.attention_backend != "torch"
         from shardllm.layers import triton_ops
@@ -397,10 +398,13 @@ class ModelRunner:
             intermediate = pp_recv(["hidden_states", "residual"], (n, h), self.model_config.dtype, self.device)
         meta = inputs.meta
         g = getattr(self, "graph_runner", None)
-        if g is not None and g.can_run(len(so.scheduled), meta.max_query_len, meta.max_seq_len):
+        calibrate, self._calibrate_kv = self._calibrate_kv, False  # first step: eager, sets the k/v scales
+        if g is not None and not calibrate and g.can_run(len(so.scheduled), meta.max_query_len, meta.max_seq_len):
             hidden = g.run(inputs.input_ids, inputs.positions, meta, intermediate)  # a replayed decode graph
         else:
+            set_kv_scale_calibration(self.attn_layers, calibrate)
             hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
+            set_kv_scale_calibration(self.attn_layers, False)
         overlap = self.config.scheduler_config.async_scheduling
         if not self.model.is_last_stage:
             pp_send(hidden)

@@ -77,7 +77,8 @@ def test_scaled_fp8_cache_equals_attention_over_the_dequantized_cache():
     attn = Attention(nh, d, nkv)
     attn.use_triton = False
     attn.kv_cache = torch.zeros(2, 4, 4, nkv, d, dtype=torch.float8_e4m3fn)
-    attn.k_scale, attn.v_scale = 4.0, 0.25
+    attn.k_scale.fill_(4.0)
+    attn.v_scale.fill_(0.25)
     q, k, v = torch.randn(n, nh * d), torch.randn(n, nkv * d) * 8, torch.randn(n, nkv * d) / 8
     meta = AttentionMetadata(slot_mapping=torch.arange(n), query_start_loc=torch.tensor([0, n]),
                              seq_lens=torch.tensor([n]), block_tables=torch.tensor([[0, 1, 2, 3]]),
@@ -109,7 +110,7 @@ def test_checkpoint_kv_scales_reach_every_layer(tiny_checkpoints, tmp_path):
     llm = LLM(str(tmp_path), device="cpu", num_kv_blocks=100, block_size=4, kv_cache_dtype="fp8")
     try:
         layers = [a for a in llm.engine.executor.worker.model_runner.attn_layers]
-        assert [(a.k_scale, a.v_scale) for a in layers] == [(0.5, 0.25), (2.0, 2.0)]
+        assert [(float(a.k_scale), float(a.v_scale)) for a in layers] == [(0.5, 0.25), (2.0, 2.0)]
         out = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         assert all(len(o.outputs[0].token_ids) == 8 for o in out)
     finally:

@@ -18,6 +18,7 @@ from torch import nn
 
 from shardllm.layers import triton_ops
 from shardllm.layers.attention import triton_paged
+from shardllm.layers.quantization.kv_cache import calibrate_kv_scales_
 from shardllm.layers.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -69,8 +70,11 @@ class Attention(nn.Module):
         self.scale = scale if scale is not None else head_dim**-0.5
         self.kv_cache: torch.Tensor | None = None  # (2, num_blocks, block_size, nkv, D), bound by the runner
         self.use_triton = True  # the runner turns it off for attention_backend="torch"
-        # An FP8 cache holds k / k_scale and v / v_scale (checkpoint scales, see quantization/kv_cache.py)
-        self.k_scale, self.v_scale = 1.0, 1.0
+        # An FP8 cache holds k / k_scale and v / v_scale: 0-dim fp32 tensors, changed only in place (a CUDA graph
+        # reads them), from the checkpoint or computed on the first step (see quantization/kv_cache.py)
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self.calibrate_kv_scales = False  # the runner sets it for the first step of an FP8 cache without scales
 
     def uses_triton_kernels(self, q: torch.Tensor) -> bool:
         """Whether forward takes the Triton kernels (CUDA only; the tests patch it to run them on CPU)."""
@@ -88,10 +92,12 @@ class Attention(nn.Module):
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         assert rotary is None or positions is not None
-        scaled = self.kv_cache.element_size() == 1 and (self.k_scale != 1.0 or self.v_scale != 1.0)
-        if scaled:  # stored pre-divided (rotation is linear, so k may be scaled before it); read back below
-            k, v = k * (1.0 / self.k_scale), v * (1.0 / self.v_scale)
-        softmax_scale = self.scale * self.k_scale if scaled else self.scale
+        scaled = self.kv_cache.element_size() == 1  # FP8 cache: k, v stored divided by their scales
+        if scaled:  # (rotation is linear: k may be scaled before it); q.k reads back k_scale, the output v_scale
+            if self.calibrate_kv_scales:
+                calibrate_kv_scales_(self, k, v)
+            k, v, q = k / self.k_scale, v / self.v_scale, q * self.k_scale
+        softmax_scale = self.scale
         kernels = self.uses_triton_kernels(q)
         fuse_rotary = (kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
                        and _fused_rotary_ok[0])
@@ -125,7 +131,7 @@ class Attention(nn.Module):
                     cache, x = cache.view(torch.uint8), x.view(torch.uint8)
                 cache.index_copy_(0, meta.slot_mapping, x)
             out = paged_attention_reference(q, k_cache, v_cache, meta, softmax_scale)
-        if scaled and self.v_scale != 1.0:
+        if scaled:
             out = out * self.v_scale
         return out.reshape(n, self.num_heads * self.head_dim)
 

@@ -4,13 +4,21 @@ per-layer k/v scales of an FP8 cache.
 An FP8 cache stores k / k_scale and v / v_scale (scaled before the write kernels, so they need no scale
 argument) and reads them back through the attention's softmax scale (q.k * k_scale) and its output (* v_scale).
 Scales come from the checkpoint under any of the names producers use (vLLM's
-`weight_utils.maybe_remap_kv_scale_name` lists the same), else 1.0 with a warning:
+`weight_utils.maybe_remap_kv_scale_name` lists the same):
     <attn>.k_scale, <attn>.v_scale             compressed-tensors kv_cache_scheme, vLLM
     <attn>.kv_scale                            older AutoFP8 (one scale for both)
     <attn>.k_proj.k_scale, <attn>.v_proj.v_scale   NVIDIA ModelOpt
     <attn>.k_proj.output_scale, <attn>.v_proj.output_scale   older compressed-tensors
     <attn>.attn.k_scale, <attn>.attn.v_scale   our own module path
 where <attn> is the decoder layer's attention module, e.g. model.layers.3.self_attn.
+
+Without checkpoint scales they are computed on the engine's first step (as vLLM's `calculate_kv_scales` does), from
+that step's k and v before they are written: scale = 2^ceil(log2(amax / (fp8_max / 2))), so the step's largest value
+lands in (fp8_max / 4, fp8_max / 2] and later values up to twice the step's amax (rotation included, which can grow
+a component by sqrt(2)) still fit; beyond that they saturate. A power of two divides exactly, so the value stored is
+the value's own FP8 rounding whatever the power (away from the range's ends). Under tensor parallelism the amax is
+the max over the tp group, so every rank holds the scale one rank holding all heads would compute, and a tp run
+stores the same bytes as one rank. 1.0 (values beyond +-fp8_max saturate) only for a model that never runs a step.
 """
 
 from __future__ import annotations
@@ -62,7 +70,8 @@ def split_kv_scales(weights, scales: dict[str, dict[str, float]]):
 
 
 def apply_kv_scales(model: nn.Module, scales: dict[str, dict[str, float]]) -> int:
-    """Give each Attention its checkpoint k/v scales (python floats); returns how many layers got one."""
+    """Give each Attention its checkpoint k/v scales (written into its k_scale / v_scale tensors); returns how
+    many layers got one."""
     from shardllm.layers.attention import Attention
 
     found = 0
@@ -70,6 +79,38 @@ def apply_kv_scales(model: nn.Module, scales: dict[str, dict[str, float]]) -> in
         if isinstance(m, Attention):
             s = scales.get(name.rsplit(".", 1)[0]) if "." in name else None
             if s:
-                m.k_scale, m.v_scale = s.get("k", 1.0), s.get("v", 1.0)
+                m.k_scale.fill_(s.get("k", 1.0))
+                m.v_scale.fill_(s.get("v", 1.0))
                 found += 1
     return found
+
+
+def calibrated_scale(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
+    """amax () fp32 -> the power of two 2^ceil(log2(amax / (fp8_max / 2))) (fp32, same device; 1.0 for an all-zero
+    amax): the step's largest value lands in (fp8_max / 4, fp8_max / 2], leaving 2x headroom."""
+    half_range = float(torch.finfo(fp8_dtype).max) / 2
+    amax = amax.float()
+    exp = torch.ceil(torch.log2(amax.clamp(min=torch.finfo(torch.float32).tiny) / half_range))
+    return torch.where(amax > 0, torch.exp2(exp), torch.ones_like(amax))
+
+
+def calibrate_kv_scales_(attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Set attn.k_scale / v_scale in place from this step's k (N, nkv, D) and v, the amax taken over the tp group
+    (every rank runs the step: a collective in the layer's forward, like a row-parallel all-reduce)."""
+    from shardllm.distributed.parallel_state import get_parallel_context
+
+    amax = torch.stack([k.detach().abs().amax(), v.detach().abs().amax()]).float()  # (2,)
+    ctx = get_parallel_context()
+    if ctx.tp_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=ctx.tp_group)
+    fp8 = attn.kv_cache.dtype
+    attn.k_scale.copy_(calibrated_scale(amax[0], fp8))
+    attn.v_scale.copy_(calibrated_scale(amax[1], fp8))
+
+
+def set_kv_scale_calibration(attn_layers: list[nn.Module], on: bool) -> None:
+    """Turn the first-step computation of k/v scales on (before the step) or off (after it) in every layer."""
+    for a in attn_layers:
+        a.calibrate_kv_scales = on

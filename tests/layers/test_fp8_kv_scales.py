@@ -1,0 +1,113 @@
+"""FP8 KV cache without checkpoint scales: per-layer k/v scales computed on the first step (powers of two, the amax
+over the tp group), so a model whose k and v exceed e4m3's +-448 still gives the unquantized cache's tokens."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from shardllm import LLM, SamplingParams
+from shardllm.layers.quantization.kv_cache import calibrated_scale
+
+PROMPTS = [[1, 17, 33, 5, 9, 101, 7], [3, 4], [250, 14, 88, 19, 201, 6, 6, 6, 42, 71, 300, 12, 9]]
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+KV_GAIN = 256.0  # k_proj, v_proj x 256 and q_proj, o_proj / 256: exactly the same function, |k|, |v| past 448
+
+
+@pytest.mark.parametrize("amax,fp8,scale", [
+    (20.0, torch.float8_e4m3fn, 2.0**-3),  # 20 / 0.125 = 160, in (112, 224]
+    (224.0, torch.float8_e4m3fn, 1.0),
+    (224.5, torch.float8_e4m3fn, 2.0),
+    (3000.0, torch.float8_e4m3fn, 16.0),
+    (0.0, torch.float8_e4m3fn, 1.0),  # an all-zero step: a finite scale
+    (3000.0, torch.float8_e5m2, 2.0**-3),  # e5m2's half range is 28672
+])
+def test_calibrated_scale_is_the_power_of_two_leaving_twice_the_headroom(amax, fp8, scale):
+    s = calibrated_scale(torch.tensor(amax), fp8)
+    assert float(s) == scale
+    if amax:
+        assert float(torch.finfo(fp8).max) / 4 < amax / float(s) <= float(torch.finfo(fp8).max) / 2
+
+
+@pytest.fixture(scope="module")
+def big_kv_checkpoint(tiny_checkpoints, tmp_path_factory):
+    """The tiny llama with k and v x KV_GAIN (q and o divided back, exactly: a power of two): |k|, |v| ~1,000."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_checkpoints["llama"]
+    dst = tmp_path_factory.mktemp("big_kv")
+    t = load_file(os.path.join(src, "model.safetensors"))
+    for name in list(t):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            t[name] = t[name] * KV_GAIN
+        elif name.endswith(("q_proj.weight", "o_proj.weight")):
+            t[name] = t[name] / KV_GAIN
+    save_file(t, str(dst / "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        (dst / "config.json").write_text(json.dumps(json.load(f)))
+    return str(dst)
+
+
+def _generate(path, kv, calibrate=True, **kw) -> dict:
+    llm = LLM(path, device="cpu", num_kv_blocks=100, block_size=4, kv_cache_dtype=kv, **kw)
+    try:
+        worker = getattr(llm.engine.executor, "worker", None)  # one rank: look inside; tp: only the tokens
+        runner = worker.model_runner if worker is not None else None
+        if runner is not None and not calibrate:
+            runner._calibrate_kv = False  # what the cache did before: every scale 1.0
+        if runner is None:
+            return {"tokens": [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]}
+        scales = lambda: [(float(a.k_scale), float(a.v_scale)) for a in runner.attn_layers]  # noqa: E731
+        run = {"before": scales(), "ptrs": [a.k_scale.data_ptr() for a in runner.attn_layers]}
+        run["tokens"] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        run["scales"], run["cache_amax"] = scales(), [float(c.float().abs().max()) for c in runner.kv_caches]
+        llm.generate([[p * 3 % 300 for p in PROMPTS[2]]], GREEDY, use_tqdm=False)  # a later step, other values
+        run["scales_later"] = scales()
+        run["ptrs_later"] = [a.k_scale.data_ptr() for a in runner.attn_layers]
+        run["flags_later"] = [a.calibrate_kv_scales for a in runner.attn_layers]
+        return run
+    finally:
+        llm.shutdown()
+
+
+def _same(a, b):
+    return sum(x == y for s, t in zip(a, b) for x, y in zip(s, t))
+
+
+@pytest.fixture(scope="module")
+def runs(big_kv_checkpoint):
+    return {"auto": _generate(big_kv_checkpoint, "auto"), "fp8": _generate(big_kv_checkpoint, "fp8"),
+            "fp8@1.0": _generate(big_kv_checkpoint, "fp8", calibrate=False)}
+
+
+def test_k_and_v_beyond_448_keep_the_unquantized_cache_tokens(runs):
+    ref, got = runs["auto"]["tokens"], runs["fp8"]["tokens"]
+    assert _same(ref, got) >= 0.75 * 3 * 8  # no saturation: most tokens unchanged (24 of 24 measured; 5 at 1.0)
+    for (k_scale, v_scale), amax in zip(runs["fp8"]["scales"], runs["fp8"]["cache_amax"]):
+        assert k_scale >= 2.0 and v_scale >= 2.0  # |k|, |v| > 448 at scale 1.0
+        assert amax < 448  # nothing saturated
+    # scale 1.0 (the old behaviour) saturates k and v at 448: its tokens part from the unquantized ones
+    assert all(amax == 448 for amax in runs["fp8@1.0"]["cache_amax"])
+    assert _same(ref, runs["fp8@1.0"]["tokens"]) < _same(ref, got)
+
+
+def test_scales_are_computed_once_and_updated_in_place(runs):
+    """CUDA graphs read the scale tensors: computed on the first step, never replaced, never recomputed."""
+    run = runs["fp8"]
+    assert run["before"] == [(1.0, 1.0)] * 2 and run["scales"] != run["before"]
+    assert run["scales_later"] == run["scales"] and run["ptrs_later"] == run["ptrs"]
+    assert not any(run["flags_later"])
+
+
+def test_tp2_scales_equal_one_ranks_tokens(big_kv_checkpoint, runs):
+    """The amax is taken over the tp group: both ranks hold tp = 1's scales, so tp = 2 gives tp = 1's tokens."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tokens = _generate(big_kv_checkpoint, "fp8", tensor_parallel_size=2)["tokens"]
+    finally:
+        torch.set_num_threads(threads)
+    assert tokens == runs["fp8"]["tokens"]
