@@ -66,6 +66,7 @@ class Case:
                  max_layers: int = 512):
         self.device = device
         g = torch.Generator().manual_seed(seed)
+        dg = torch.Generator(device=device).manual_seed(seed)
         lens = torch.randint(max(int(0.8 * ctx), 1), int(1.2 * ctx) + 1, (batch,), generator=g)
         blocks = [-(-int(s) // BS) for s in lens]
         num_blocks = 1 + sum(blocks)
@@ -81,8 +82,8 @@ class Case:
                 tables[b, :nb] = perm[pos:pos + nb]
                 pos += nb
             shape = (num_blocks, BS, NKV, D)
-            kc = torch.randn(shape, generator=g, dtype=torch.bfloat16).to(device, dtype)
-            vc = torch.randn(shape, generator=g, dtype=torch.bfloat16).to(device, dtype)
+            kc = torch.randn(shape, generator=dg, device=device, dtype=torch.bfloat16).to(dtype)  # on the card:
+            vc = torch.randn(shape, generator=dg, device=device, dtype=torch.bfloat16).to(dtype)  # seconds on CPU
             self.layers.append((kc, vc, tables.to(device)))
         self.seq_lens = lens.to(torch.int32).to(device)
         self.q = torch.randn(batch, NH, D, generator=g, dtype=torch.bfloat16).to(device)
