@@ -145,7 +145,7 @@ class EngineConfig:
                async_scheduling: bool | None = None, all_reduce: str = "nccl", num_workers: int | None = None,
                ray_address: str | None = None, quantization: str | None = None,
                kv_cache_dtype: str = "auto") -> EngineConfig:
-        from shardllm.layers.quantization.formats import detect_quantization
+        from shardllm.layers.quantization.formats import check_fp8_device, detect_quantization
         from shardllm.model_loader.resolve import resolve_model
 
         if moe_expert_parallel_size is not None:
@@ -187,7 +187,7 @@ class EngineConfig:
             model=resolved.name, hf_config=hf_config, dtype=torch_dtype, load_format=resolved.load_format,
             path=resolved.path, tokenizer_path=tokenizer or resolved.tokenizer_path, max_model_len=max_seq_len,
             seed=seed, trust_remote_code=trust_remote_code,
-            quantization=detect_quantization(hf_config, resolved.path, quantization))
+            quantization=check_fp8_device(detect_quantization(hf_config, resolved.path, quantization), device))
         from shardllm.models.registry import check_architecture
         check_architecture(model_config.architecture)
 

@@ -119,3 +119,35 @@ def _modelopt(d: dict) -> QuantizationConfig:
     ignore = tuple(q.get("exclude_modules") or q.get("ignore") or ())
     return QuantizationConfig(source="modelopt", weight_strategy="tensor", is_checkpoint_fp8=True,
                               activation_scheme="static", ignore=ignore)
+
+
+FP8_MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (sm_89), Hopper (sm_90) and later (NVIDIA's CUDA guide)
+
+
+def check_fp8_device(qc: QuantizationConfig | None, device: str) -> QuantizationConfig | None:
+    """At config time, before any weight loads: FP8 on a GPU without FP8 tensor cores (compute capability below
+    8.9, every visible GPU checked). Online `dtype="fp8"` there is refused (ValueError: it would only lose
+    accuracy); an FP8 checkpoint runs weight-only (weights dequantized in each matmul) with a warning, the
+    returned config saying so. CPU, no quantization, or no GPU visible here (a Ray driver): `qc` unchanged."""
+    import torch
+
+    if qc is None or device != "cuda" or not torch.cuda.is_available():
+        return qc
+    caps = [tuple(torch.cuda.get_device_capability(i)) for i in range(max(torch.cuda.device_count(), 1))]
+    low = min(caps)
+    if low >= FP8_MIN_CAPABILITY:
+        return qc
+    cc = f"compute capability {low[0]}.{low[1]}"
+    if not qc.is_checkpoint_fp8:
+        raise ValueError(f"dtype='fp8' (quantization='fp8') needs GPUs with FP8 tensor cores (compute capability "
+                         f">= 8.9: Ada, Hopper or later) and this one has {cc}: use dtype='bfloat16' (or 'float16' "
+                         "on GPUs without bf16)")
+    if not qc.weight_only:
+        import dataclasses
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "this GPU (%s) has no FP8 tensor cores: the FP8 checkpoint runs weight-only (weights dequantized in "
+            "each matmul), slower than a bf16 checkpoint", cc)
+        qc = dataclasses.replace(qc, weight_only=True)
+    return qc
