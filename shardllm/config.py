@@ -88,9 +88,10 @@ class SchedulerConfig:
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
     num_microbatches: int = 1  # batches kept in flight: the number of pipeline stages
-    # Requests running at once. None: max_num_seqs per micro-batch (with a pipeline each stage then sees batches as
+    # Requests running at once. EngineConfig.create: max_num_seqs per pipeline stage (each stage then sees batches as
     # large as one GPU would, as vLLM's per-stage virtual engines did); with SHARDLLM_PP_SHARED_MAX_SEQS=1 at start-up,
     # max_num_seqs in all (the earlier behaviour, kept for A/B measurements: docs/benchmarks.md).
+    # None: max_num_seqs per batch in flight.
     max_num_running_seqs: int | None = None
     # Schedule step k+1 while step k runs on the device: a decoding request joins the next batch before its
     # token is known (a placeholder the worker fills on the device from step k's sampled tokens).
@@ -213,11 +214,16 @@ class EngineConfig:
                                    enable_prefix_caching, num_kv_blocks, kv_cache_dtype=kv_cache_dtype)
         if async_scheduling is None:  # with a pipeline: opt in (not yet measured on GPUs against the default)
             async_scheduling = parallel_config.pipeline_parallel_size == 1
+        pp = parallel_config.pipeline_parallel_size
+        # A synchronous pipeline keeps one batch more in flight than it has stages: the first stage computes it
+        # while the driver digests the oldest batch's tokens and plans that batch's next step, which would otherwise
+        # be a bubble on every stage (profiled: docs/benchmarks.md). SHARDLLM_PP_EXTRA_MICROBATCH=0: pp batches.
+        extra = pp > 1 and not async_scheduling and os.environ.get("SHARDLLM_PP_EXTRA_MICROBATCH", "1") != "0"
+        shared = os.environ.get("SHARDLLM_PP_SHARED_MAX_SEQS") == "1"
         scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len,
-                                           num_microbatches=pipeline_parallel_size,
+                                           num_microbatches=pp + extra,
                                            async_scheduling=bool(async_scheduling),
-                                           max_num_running_seqs=max_batch_size if os.environ.get(
-                                               "SHARDLLM_PP_SHARED_MAX_SEQS") == "1" else None)
+                                           max_num_running_seqs=max_batch_size * (1 if shared else pp))
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
         return EngineConfig(model_config, parallel_config, cache_config, scheduler_config, device, enforce_eager,

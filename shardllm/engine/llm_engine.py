@@ -81,9 +81,10 @@ class LLMEngine:
         self.stats = EngineStats()
         self._parents: dict[str, list[Request]] = {}
         self._in_flight: deque = deque()  # submitted SchedulerOutputs, oldest first
-        # pp batches in flight fill the pipeline; async scheduling keeps one more, so that the host schedules
+        # pp batches in flight fill the pipeline (pp + 1 when synchronous: config.py); async scheduling keeps one
+        # more, so that the host schedules
         # and sends step k+1 (and digests step k's tokens) while the devices run step k
-        self._max_in_flight = config.parallel_config.pipeline_parallel_size + bool(sc.async_scheduling)
+        self._max_in_flight = sc.num_microbatches + bool(sc.async_scheduling)
         self._counter = 0
         freeze_startup_objects()
 

@@ -25,12 +25,15 @@ import torch
 
 from shardllm.executor.base import Executor
 from shardllm.step_io import ModelRunnerOutput, SchedulerOutput
-from shardllm.worker.model_runner import resolve
+from shardllm.worker.model_runner import is_ready, resolve
 
 logger = logging.getLogger(__name__)
 
 STEP_TIMEOUT_S = float(os.environ.get("SHARDLLM_STEP_TIMEOUT", "60"))  # debugging knob
 INIT_TIMEOUT_S = float(os.environ.get("SHARDLLM_INIT_TIMEOUT", "1800"))
+# Output rank: while its oldest launched step runs, look for the next plan every _POLL_S (see _worker_main).
+_WAIT_FOR_PLANS = os.environ.get("SHARDLLM_WORKER_WAIT_FOR_PLANS", "1") != "0"
+_POLL_S = 1e-4
 
 
 class WorkerError(RuntimeError):
@@ -250,17 +253,27 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
     from shardllm.distributed.parallel_state import get_parallel_context
 
     is_output = get_parallel_context().is_output_rank
-    overlap = config.scheduler_config.async_scheduling
-    launched: deque = deque()  # output rank, async scheduling: steps launched whose tokens are not yet sent
+    # The output rank launches a step and answers once the device has its tokens (also with synchronous
+    # scheduling, where a pipeline keeps several steps in flight); the earlier behaviour for A/B runs: block in
+    # the step (synchronous scheduling) or on the oldest launched step (async), SHARDLLM_WORKER_WAIT_FOR_PLANS=0.
+    lazy = config.scheduler_config.async_scheduling or _WAIT_FOR_PLANS
+    launched: deque = deque()  # output rank: steps launched whose tokens are not yet sent
     frozen = False
     try:
         while True:
-            if launched and not conn.poll(0):  # no next step to launch first: wait for the oldest, send it
-                try:
-                    conn.send(("step", resolve(launched.popleft())))
-                except BaseException as e:
-                    reply_error(e)
-                    break
+            # A launched step's tokens go back as soon as the device has them, but a plan that arrives first is
+            # launched first: blocking on the oldest step here would leave the device idle while the next plan
+            # waits in the pipe (the driver sends it only after digesting the step before: profiled at tp = 2 as
+            # 0.7 ms of idle GPU per batch-1 step, docs/benchmarks.md).
+            if launched and not conn.poll(0):
+                if is_ready(launched[0]) or not _WAIT_FOR_PLANS:
+                    try:
+                        conn.send(("step", resolve(launched.popleft())))
+                    except BaseException as e:
+                        reply_error(e)
+                        break
+                else:
+                    conn.poll(_POLL_S)  # wakes at once on a plan; else look at the device again
                 continue
             try:
                 method, args = pickle.loads(conn.recv_bytes())
@@ -275,7 +288,7 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
                 frozen = True
             try:
                 if method == "execute_model":
-                    result = worker.execute_model(*args, wait=not overlap)
+                    result = worker.execute_model(*args, wait=not lazy)
                 else:
                     result = getattr(worker, method)(*args)
             except BaseException as e:
@@ -283,7 +296,7 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
                 break
             if method != "execute_model":
                 conn.send(("ok", result))
-            elif is_output and overlap:
+            elif is_output and lazy:
                 launched.append(result)
             elif is_output:
                 conn.send(("step", result))

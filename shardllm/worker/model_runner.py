@@ -64,11 +64,19 @@ class PendingOutput:
         event.record()
         return PendingOutput(req_ids, host, logprobs, event, errors)
 
+    def ready(self) -> bool:
+        """Whether `get` would return without waiting for the device."""
+        return self.event is None or self.event.query()
+
     def get(self) -> ModelRunnerOutput:
         if self.event is not None:
             self.event.synchronize()
         return ModelRunnerOutput(self.req_ids, self.tokens.tolist(), self.logprobs, self.errors,
                                  prompt_logprobs=self.prompt_logprobs)
+
+
+def is_ready(out: PendingOutput | ModelRunnerOutput | None) -> bool:
+    return not isinstance(out, PendingOutput) or out.ready()
 
 
 def resolve(out: PendingOutput | ModelRunnerOutput | None) -> ModelRunnerOutput | None:

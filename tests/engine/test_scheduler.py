@@ -166,10 +166,17 @@ def test_shared_running_cap_when_asked():
     assert len(s.running) == 2
 
 
-def test_shared_max_seqs_switch(monkeypatch, tiny_checkpoints):
+def test_pipeline_settings(monkeypatch, tiny_checkpoints):
+    """pp = 2: max_num_seqs per stage, and one batch more in flight than stages when synchronous."""
     from shardllm.config import EngineConfig
 
-    ckpt = tiny_checkpoints["llama"]
-    assert EngineConfig.create(model=ckpt, max_batch_size=4).scheduler_config.max_num_running_seqs is None
+    def sc(**kw):
+        return EngineConfig.create(model=tiny_checkpoints["llama"], max_batch_size=4, pipeline_parallel_size=2,
+                                   device="cpu", **kw).scheduler_config
+
+    assert (sc().max_num_running_seqs, sc().num_microbatches, sc().async_scheduling) == (8, 3, False)
+    assert sc(async_scheduling=True).num_microbatches == 2  # async keeps its own extra step in flight
+    monkeypatch.setenv("SHARDLLM_PP_EXTRA_MICROBATCH", "0")
+    assert sc().num_microbatches == 2
     monkeypatch.setenv("SHARDLLM_PP_SHARED_MAX_SEQS", "1")
-    assert EngineConfig.create(model=ckpt, max_batch_size=4).scheduler_config.max_num_running_seqs == 4
+    assert sc().max_num_running_seqs == 4

@@ -116,9 +116,12 @@ def test_pp_batches_in_flight_keep_every_stage_busy(ckpt, monkeypatch, pp):
     assert done == 32
     # a request is never in two batches of the pipeline at once
     assert all(not o for o in ex.overlaps)
-    # in steady state every submit finds pp - 1 batches ahead of it: every stage has work
-    steady = ex.in_flight_at_submit[pp:-pp]
-    assert steady and sum(n == pp for n in steady) / len(steady) > 0.9
+    # in steady state every submit finds pp batches ahead of it (a synchronous pipeline keeps pp + 1 in flight:
+    # the first stage has the extra one to compute while the driver plans the oldest batch's next step)
+    nmb = config.scheduler_config.num_microbatches
+    assert nmb == pp + 1
+    steady = ex.in_flight_at_submit[nmb:-nmb]
+    assert steady and sum(n == nmb for n in steady) / len(steady) > 0.9
 
 
 def test_pp_validation_errors(ckpt, monkeypatch):
