@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 15: old and new code paths side by side, each row its own engine, Llama-3-8B dummy, one JSON line per row.
-#   bash benchmarks/device_ab.sh [ROWSET]     (kind nvidia-h200-x2; ROWSET: quick | full, default quick)
+#   bash benchmarks/device_ab.sh [ROWSET]     (kind nvidia-h200-x2; ROWSET: quick | full, default quick;
+#   full: 11 rows, about 7 minutes)
 # A row is: name, environment switches, then the `python -m shardllm.bench.throughput` flags. Results: $OUT/ab.jsonl
 # (each line: the bench's JSON plus "row" and "env"), and a table on stdout.
 set -u
@@ -32,6 +33,22 @@ if [ "$set_" = quick ]; then
   row tp2_overlap1 "SHARDLLM_TP_OVERLAP=1" --tp_size 2 $T128
   row pp2_shared "SHARDLLM_PP_SHARED_MAX_SEQS=1" --pp_size 2 $T128
   row pp2_permb "SHARDLLM_PP_SHARED_MAX_SEQS=0" --pp_size 2 $T128
+fi
+if [ "$set_" = full ]; then  # issue 15's table: old (earlier worker loop and pipeline) beside new, one call
+  OLD="SHARDLLM_WORKER_WAIT_FOR_PLANS=0"
+  OLDPP="SHARDLLM_WORKER_WAIT_FOR_PLANS=0 SHARDLLM_PP_EXTRA_MICROBATCH=0 SHARDLLM_PP_SHARED_MAX_SEQS=1"
+  row tp1_b1 "CUDA_VISIBLE_DEVICES=0" $B1 &
+  row tp1 "CUDA_VISIBLE_DEVICES=1" $T128 &
+  wait
+  row tp2_b1_old "$OLD" --tp_size 2 $B1
+  row tp2_b1_new "X=1" --tp_size 2 $B1
+  row tp2_b1_new_symm "X=1" --tp_size 2 --all_reduce symm_mem $B1
+  row tp2_old "$OLD" --tp_size 2 $T128
+  row tp2_new "X=1" --tp_size 2 $T128
+  row tp2_new_symm "X=1" --tp_size 2 --all_reduce symm_mem $T128
+  row pp2_old "$OLDPP" --pp_size 2 $T128
+  row pp2_new "X=1" --pp_size 2 $T128
+  row pp2_new_async "X=1" --pp_size 2 --async_scheduling $T128
 fi
 python - "$out/ab.jsonl" <<'PY'
 import json, sys
