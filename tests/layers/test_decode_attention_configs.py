@@ -22,13 +22,14 @@ FAMILIES = [
     (DecodeConfig(), (2, 4, 64)),
     (DecodeConfig(block_n=16, num_warps=2, num_stages=2), (1, 8, 32)),
     (DecodeConfig(block_n=128, num_warps=8), (2, 1, 64)),
-    (DecodeConfig(prefetch_pages=True), (1, 3, 32)),
+    (DecodeConfig(prefetch_pages=True, early_v=True), (1, 3, 32)),
     (DecodeConfig(k_rowmajor=True, prefetch_pages=True, block_n=32), (2, 4, 32)),
     (DecodeConfig(use_dot=False, block_n=16), (1, 4, 64)),
     (DecodeConfig(use_dot=False, block_n=8, prefetch_pages=True), (2, 1, 32)),
-    (DecodeConfig(use_dot=False, block_n=32, num_splits=2), (1, 3, 32)),
+    (DecodeConfig(use_dot=False, block_n=32, num_splits=2, early_v=True), (1, 3, 32)),
 ]
-FAMILY_IDS = ["current", "bn16", "bn128", "prefetch", "krow-prefetch", "nodot", "nodot-bn8-prefetch", "nodot-split2"]
+FAMILY_IDS = ["current", "bn16", "bn128", "prefetch-earlyv", "krow-prefetch", "nodot", "nodot-bn8-prefetch",
+              "nodot-split2-earlyv"]
 SEQ_LENS = [0, 1, 17, 70, 0]  # padding rows (seq_len 0) give zeros; 70 spans pages and several tiles
 
 
@@ -89,13 +90,15 @@ def test_launch_without_config_uses_the_table_entry(monkeypatch):
 # ---- CUDA --------------------------------------------------------------------------------------------------------
 
 GPU_CONFIGS = [DecodeConfig(), DecodeConfig(block_n=128, num_warps=8, prefetch_pages=True, k_rowmajor=True),
+               DecodeConfig(early_v=True, prefetch_pages=True, k_rowmajor=True),
                DecodeConfig(use_dot=False, block_n=16, num_warps=2, prefetch_pages=True)]
 
 
 @gpu
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8_e4m3"])
-@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=["current", "bn128-krow-prefetch", "nodot-bn16"])
+@pytest.mark.parametrize("cfg", GPU_CONFIGS, ids=["current", "bn128-krow-prefetch", "earlyv-krow-prefetch",
+                                                 "nodot-bn16"])
 def test_gpu_configs_equal_the_reference_and_replay_in_a_graph(cfg, cache_dtype):
     seq_lens = [0, 1, 16, 17, 170, 1000, 4097, 0]
     q, kc, vc, meta = make_case([1] * len(seq_lens), seq_lens, 8, 4, 128, torch.bfloat16, "cuda", seed=5)

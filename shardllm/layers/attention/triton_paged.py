@@ -50,12 +50,14 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_DOT: tl.constexpr = True, PREFETCH_PAGES: tl.constexpr = False, K_ROWMAJOR: tl.constexpr = False,
+    EARLY_V: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition): all GROUP query heads of the kv head at once.
 
     Variants (DecodeConfig): USE_DOT False computes q.k and p.v as broadcast products summed in fp32 (no
     padding of the GROUP rows to 16); PREFETCH_PAGES loads the next tile's page ids before this tile's K/V;
-    K_ROWMAJOR loads K as (N, D), like V, and transposes it in registers for tl.dot.
+    K_ROWMAJOR loads K as (N, D), like V, and transposes it in registers for tl.dot; EARLY_V issues the V tile's
+    load with K's, before the scores (twice the bytes in flight, more registers).
 
     Partitions split the context evenly in whole tiles; those past the end idle (the reduce skips them):
 
@@ -99,6 +101,9 @@ def _decode_kernel(
         in_page = tok % BLOCK_SIZE
         k_row = cur * stride_kb + in_page * stride_ks + kvh * stride_kh  # (N,)
         kd_mask = tok_mask[:, None] & d_mask[None, :]  # (N, D)
+        v_ptrs = v_cache_ptr + (cur * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + d[None, :]
+        if EARLY_V:
+            v_raw = tl.load(v_ptrs, mask=kd_mask, other=0.0)  # (N, D)
         if USE_DOT:
             if K_ROWMAJOR:
                 k = tl.load(k_cache_ptr + k_row[:, None] + d[None, :], mask=kd_mask, other=0.0).to(q.dtype)
@@ -116,12 +121,13 @@ def _decode_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v_ptrs = v_cache_ptr + (cur * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + d[None, :]
+        if not EARLY_V:
+            v_raw = tl.load(v_ptrs, mask=kd_mask, other=0.0)  # (N, D)
         if USE_DOT:
-            v = tl.load(v_ptrs, mask=kd_mask, other=0.0).to(q.dtype)  # (N, D)
+            v = v_raw.to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:
-            v = tl.load(v_ptrs, mask=kd_mask, other=0.0).to(tl.float32)  # (N, D)
+            v = v_raw.to(tl.float32)
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
         m = m_new
 
@@ -300,6 +306,7 @@ class DecodeConfig:
     num_splits: partitions per sequence (a power of two <= MAX_NUM_SPLITS); None: default_num_splits.
     use_dot: tl.dot with the GROUP query rows padded to 16; False: fp32 broadcast products, GROUP rows only.
     prefetch_pages: load the next tile's page ids before this tile's K/V. k_rowmajor: K loaded as (N, D).
+    early_v: V's load issued with K's, before the scores.
     """
 
     block_n: int | None = None
@@ -309,6 +316,7 @@ class DecodeConfig:
     use_dot: bool = True
     prefetch_pages: bool = False
     k_rowmajor: bool = False
+    early_v: bool = False
 
     def validate(self) -> None:
         bn = self.block_n
@@ -393,7 +401,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=_pow2(group, 16 if cfg.use_dot else 1), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
-        USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor,
+        USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor, EARLY_V=cfg.early_v,
         num_warps=cfg.num_warps, **extra)
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
