@@ -6,7 +6,10 @@ Llama-3-8B head shapes (32 q heads, 8 kv heads, head_dim 128, block_size 16), bf
 own cache and random block tables and there are enough layers that the K/V read exceeds 256 MiB (H200's L2 is
 50 MiB), so no call is L2-hot. Context lengths are uniform in [0.8, 1.2] x the case's context. TB/s counts the
 K/V bytes the call reads (2 x sum(seq_lens) x 8 x 128 x element size). Prints per case the current and best
-config, and a JSON table for triton_paged.DECODE_CONFIGS ("dtype/head_dim/batch bucket" -> non-default fields).
+config, and a JSON table for triton_paged.DECODE_CONFIGS ("dtype/head_dim/batch bucket" -> non-default fields;
+an empty entry keeps the current launch, chosen unless a config is --min_gain faster). The whole grid is compiled
+first by --jobs processes into Triton's disk cache; the time budget then goes 3 : 1 : 1.5 : 1.5 to batch
+512 / 256 / 64 / 1, each case timing the grid in order until its share is spent (the log says how many it skipped).
 
     python benchmarks/attention_sweep.py [--budget_s 45] [--out rows.jsonl]
     TRITON_INTERPRET=1 python benchmarks/attention_sweep.py --smoke   # CPU: one tiny case, wall-clock "timing"
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--min_gain", type=float, default=0.03,
                     help="a config replaces the current one only if this much faster (fraction)")
     ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: one tiny case, 3 configs")
-    ap.add_argument("--jobs", type=int, default=8, help="processes that compile the grid first (0: none)")
+    ap.add_argument("--jobs", type=int, default=12, help="processes that compile the grid first (0: none)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     device = "cpu" if args.smoke else "cuda"
