@@ -33,6 +33,16 @@ FAMILY_IDS = ["current", "bn16", "bn128", "prefetch-earlyv", "krow-prefetch", "n
 SEQ_LENS = [0, 1, 17, 70, 0]  # padding rows (seq_len 0) give zeros; 70 spans pages and several tiles
 
 
+@pytest.fixture
+def set_table():
+    """set_decode_configs for one test; the table (empty in the repo until tuned) comes back afterwards."""
+    saved = dict(triton_paged.DECODE_CONFIGS)
+    yield triton_paged.set_decode_configs
+    triton_paged.DECODE_CONFIGS.clear()
+    triton_paged.DECODE_CONFIGS.update(saved)
+    triton_paged._config_cache.clear()
+
+
 def check_decode(out: torch.Tensor, q, kc, vc, meta, atol: float, rtol: float) -> None:
     """Rows with context equal the reference (on the cache's values read back); padding rows are zeros."""
     live = meta.seq_lens.cpu() > 0
@@ -60,12 +70,11 @@ def test_invalid_configs_raise_a_value_error_naming_the_field(bad):
         DecodeConfig(**bad).validate()
 
 
-def test_table_lookup_by_dtype_head_dim_and_batch_bucket(monkeypatch):
+def test_table_lookup_by_dtype_head_dim_and_batch_bucket(monkeypatch, set_table):
+    set_table({})
     assert decode_config(512, 128, torch.bfloat16) == DecodeConfig()  # no entries: the original launch
-    table = {"bf16/128/1": {"num_splits": 16}, "bf16/128/64": {}, "bf16/128/512": {"block_n": 128, "num_warps": 8},
-             "fp8_e4m3/128/512": {"use_dot": False, "block_n": 16}}
-    for key, value in table.items():
-        monkeypatch.setitem(triton_paged.DECODE_CONFIGS, key, value)
+    set_table({"bf16/128/1": {"num_splits": 16}, "bf16/128/64": {}, "bf16/128/512": {"block_n": 128, "num_warps": 8},
+               "fp8_e4m3/128/512": {"use_dot": False, "block_n": 16}})
     assert decode_config(1, 128, torch.bfloat16) == DecodeConfig(num_splits=16)
     assert decode_config(2, 128, torch.bfloat16) == DecodeConfig()  # bucket 64
     assert decode_config(65, 128, torch.bfloat16) == DecodeConfig(block_n=128, num_warps=8)
@@ -78,9 +87,12 @@ def test_table_lookup_by_dtype_head_dim_and_batch_bucket(monkeypatch):
 
 
 @cpu
-def test_launch_without_config_uses_the_table_entry(monkeypatch):
+def test_launch_without_config_uses_the_table_entry(monkeypatch, set_table):
     q, kc, vc, meta = make_case([1, 1], [5, 20], 1, 4, 32)
-    monkeypatch.setitem(triton_paged.DECODE_CONFIGS, "fp32/32/2", {"block_n": 24})
+    with pytest.raises(ValueError, match="block_n=24"):
+        set_table({"fp32/32/2": {"block_n": 24}})
+    triton_paged.DECODE_CONFIGS["fp32/32/2"] = {"block_n": 24}  # bypassing the check, so that the launch sees it
+    triton_paged._config_cache.clear()
     with pytest.raises(ValueError, match="block_n=24"):  # the entry (invalid on purpose) reached the launcher
         run_decode(q, kc, vc, meta)
     monkeypatch.setenv("SHARDLLM_DECODE_ATTN_TUNED", "0")
@@ -119,7 +131,7 @@ def test_gpu_configs_equal_the_reference_and_replay_in_a_graph(cfg, cache_dtype)
 
 
 @cpu
-def test_sweep_smoke_checks_times_and_tables_each_case(monkeypatch, tmp_path, capsys):
+def test_sweep_smoke_checks_times_and_tables_each_case(monkeypatch, tmp_path, capsys, set_table):
     """benchmarks/attention_sweep.py --smoke at a shrunken head shape: every row checked and timed, a table entry
     per (dtype, batch) that decode_config reads back."""
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
@@ -138,6 +150,5 @@ def test_sweep_smoke_checks_times_and_tables_each_case(monkeypatch, tmp_path, ca
                                                                          '{"block_n": 128, "num_warps": 8}'}
     printed = capsys.readouterr().out
     assert printed.count("current") == 2 and "DECODE_CONFIGS = " in printed
-    for key, fields in table.items():
-        monkeypatch.setitem(triton_paged.DECODE_CONFIGS, key, fields)
+    set_table(table)  # the printed table pastes as it is
     assert decode_config(3, 32, torch.bfloat16) == DecodeConfig(**table["bf16/32/3"])

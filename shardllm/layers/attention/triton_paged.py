@@ -335,7 +335,9 @@ class DecodeConfig:
 # Tuned choices pasted from benchmarks/attention_sweep.py (its JSON table): "cache dtype/head_dim/batch bucket" ->
 # DecodeConfig fields. A batch uses the smallest bucket >= its size (else the largest) of its dtype and head_dim;
 # keys hold only what the host knows before a CUDA graph is captured, never seq_lens. Empty: the original choice.
+# Change it at run time through set_decode_configs (lookups are cached).
 DECODE_CONFIGS: dict[str, dict] = {}
+_config_cache: dict[tuple, DecodeConfig] = {}
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                 torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
 
@@ -347,6 +349,22 @@ def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> Dec
     """
     if os.environ.get("SHARDLLM_DECODE_ATTN_TUNED", "1") == "0":
         return DecodeConfig()
+    key = (num_seqs, head_dim, cache_dtype)
+    if key not in _config_cache:  # a few us of parsing per layer otherwise, in eager decode
+        _config_cache[key] = _lookup_config(num_seqs, head_dim, cache_dtype)
+    return _config_cache[key]
+
+
+def set_decode_configs(table: dict[str, dict]) -> None:
+    """Replaces DECODE_CONFIGS (same key and field format) and drops the cached lookups."""
+    for fields in table.values():
+        DecodeConfig(**fields).validate()
+    DECODE_CONFIGS.clear()
+    DECODE_CONFIGS.update(table)
+    _config_cache.clear()
+
+
+def _lookup_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> DecodeConfig:
     prefix = f"{_DTYPE_NAMES.get(cache_dtype, str(cache_dtype))}/{head_dim}/"
     buckets = sorted(int(k[len(prefix):]) for k in DECODE_CONFIGS if k.startswith(prefix))
     if not buckets:
