@@ -1,5 +1,6 @@
 """The embedded default model (SmolLM2-135M-Instruct) at dtype="fp8" on CPU: still answers "Paris", its greedy
-chat answers are fp32's top tokens at most positions, and its perplexity on the fixed text stays close to fp32's."""
+chat answers are fp32's top tokens at most positions, and its perplexity on the fixed text stays close to fp32's;
+with an e4m3 KV cache too (scales computed on the first step), it follows the unquantized cache's answers."""
 
 from __future__ import annotations
 
@@ -62,3 +63,38 @@ def test_fp8_perplexity_close_to_fp32(llms):
     ratio = math.exp(nll["fp8"] - nll["float32"])
     # whole text (benchmarks/accuracy.py --device cpu): 15.36 vs 14.88 (1.032), just past the issue's 1.03 goal
     assert 0.97 <= ratio <= 1.05, ratio  # 1.0002 on these 384 tokens
+
+
+@pytest.fixture(scope="module")
+def fp8_kv_llm():
+    llm = LLM(device="cpu", dtype="fp8", kv_cache_dtype="fp8_e4m3", max_seq_len=1024)
+    yield llm
+    llm.shutdown()
+
+
+def test_e4m3_cache_follows_the_unquantized_cache_and_says_paris(llms, fp8_kv_llm):
+    """fp8 weights: greedy chat answers with the fp32 cache, fed to the same weights over an e4m3 cache (teacher
+    forcing): the e4m3 model's top token is the reference's at most positions, and " Paris" where it says Paris.
+
+    Not asserted: that its own free-running greedy answer to the France chat starts like the reference. In fp32 that
+    chat's first answer token is a near-tie ("The" -1.88 vs "L" -1.97 nats); FP8 rounding noise moves that margin by
+    +-0.5 nats, so which of the two wins is a coin toss (measured: docs/benchmarks.md, "CPU: FP8 accuracy")."""
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    ref = llms["fp8"].chat(CHATS, sp, use_tqdm=False)
+    seqs = [o.prompt_token_ids + o.outputs[0].token_ids for o in ref]
+    outs = fp8_kv_llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    paris = fp8_kv_llm.get_tokenizer().encode(" Paris", add_special_tokens=False)
+    assert "Paris" in ref[0].outputs[0].text and len(paris) == 1
+    same = total = 0
+    for i, (o, seq, r) in enumerate(zip(outs, seqs, ref)):
+        for pos in range(len(r.prompt_token_ids), len(seq)):
+            d = o.prompt_logprobs[pos]
+            top = max(d, key=lambda t: d[t].logprob)
+            same += top == seq[pos]
+            total += 1
+            if i == 0 and seq[pos] == paris[0]:
+                assert top == paris[0]
+    assert same / total >= 0.8
+    runner = fp8_kv_llm.engine.executor.worker.model_runner
+    assert str(runner.kv_caches[0].dtype) == "torch.float8_e4m3fn"
+    assert all(float(a.k_scale) != 1.0 for a in runner.attn_layers)  # computed on the first step

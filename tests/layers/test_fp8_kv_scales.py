@@ -111,3 +111,20 @@ def test_tp2_scales_equal_one_ranks_tokens(big_kv_checkpoint, runs):
     finally:
         torch.set_num_threads(threads)
     assert tokens == runs["fp8"]["tokens"]
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(150)  # three engines
+def test_gpu_kernels_and_graphs_read_the_computed_scales(big_kv_checkpoint):
+    """On the GPU: the Triton write / attention kernels and the decode CUDA graphs (captured before the first step
+    computes the scales, reading the tensors in place) give the eager run's tokens, close to the bf16 cache's."""
+    out = {}
+    for kv, eager in (("auto", True), ("fp8", True), ("fp8", False)):
+        llm = LLM(big_kv_checkpoint, dtype="bfloat16", kv_cache_dtype=kv, enforce_eager=eager, num_kv_blocks=256,
+                  max_batch_size=8)
+        try:
+            out[kv, eager] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        finally:
+            llm.shutdown()
+    assert out["fp8", False] == out["fp8", True]
+    assert _same(out["auto", True], out["fp8", True]) >= 0.75 * 3 * 8
