@@ -9,6 +9,13 @@ cut into windows of `--window` tokens; each window is one prompt whose prompt-to
 
 prints one JSON line per dtype: {"dtype", "tokens", "nll", "ppl"} and, for each dtype after the first, its
 perplexity relative to the first one's.
+
+Diagnostics of where FP8's loss comes from (one rank, in-process engine only):
+    --weight_only all | qkv_proj o_proj gate_up_proj down_proj ...   those FP8 linears run weight-only (W8A16:
+        activations unquantized), naming the loss of activation quantization layer by layer
+    --perturb_seeds N   also score with the embedding table x (1 + 1e-6 N(0, 1)), seeds 1..N: a change far below
+        any rounding step that re-draws which values round up or down, so the spread of these perplexities is the
+        noise floor of an FP8 measurement on this text
 """
 
 from __future__ import annotations
@@ -52,6 +59,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--max_tokens", type=int, default=None, help="score only the first N tokens of the text")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--weight_only", nargs="*", default=[], metavar="LAYER",
+                    help="FP8 linears whose name ends so (or 'all') run weight-only: activations unquantized")
+    ap.add_argument("--perturb_seeds", type=int, default=0, help="extra runs with perturbed embeddings (noise floor)")
     a = ap.parse_args()
     base = None
     for dtype in a.dtypes:
@@ -59,16 +69,55 @@ def main() -> None:
                   device=a.device, max_seq_len=max(a.window, 2) + 1)
         try:
             ids = llm.get_tokenizer().encode(reference_text(), add_special_tokens=False)[: a.max_tokens]
+            if a.weight_only:
+                set_weight_only(llm, a.weight_only)
             nll, n = perplexity(llm, ids, a.window)
+            extra = {"weight_only": a.weight_only} if a.weight_only else {}
+            if a.perturb_seeds:
+                extra["ppl_perturbed"] = [round(math.exp(perplexity(llm, ids, a.window)[0]), 4)
+                                          for _ in perturbed_embeddings(llm, a.perturb_seeds)]
         finally:
             llm.shutdown()
         res = {"model": a.model or "default", "dtype": dtype, "kv_cache_dtype": a.kv_cache_dtype, "tokens": n,
-               "nll": round(nll, 5), "ppl": round(math.exp(nll), 4)}
+               "nll": round(nll, 5), "ppl": round(math.exp(nll), 4), **extra}
         if base is None:
             base = math.exp(nll)
         else:
             res["ppl_vs_first"] = round(math.exp(nll) / base, 4)
+        if "ppl_perturbed" in res:
+            res["perturbed_vs_first"] = [round(p / base, 4) for p in res["ppl_perturbed"]]
         print(json.dumps(res), flush=True)
+
+
+def _model(llm: LLM):
+    worker = getattr(llm.engine.executor, "worker", None)
+    if worker is None:
+        raise SystemExit("--weight_only / --perturb_seeds need the in-process engine (one rank)")
+    return worker.model_runner.model
+
+
+def set_weight_only(llm: LLM, layers: list[str]) -> None:
+    """Run the FP8 linears named (suffix match, or 'all') weight-only: W8A16, activations unquantized."""
+    for name, m in _model(llm).named_modules():
+        method = getattr(m, "quant_method", None)
+        if method is not None and hasattr(method, "weight_only"):
+            method.weight_only = "all" in layers or name.endswith(tuple(layers))
+
+
+def perturbed_embeddings(llm: LLM, seeds: int):
+    """Yield once per seed 1..seeds with the embedding table x (1 + 1e-6 N(0, 1)); restores it afterwards."""
+    import torch
+
+    emb = _model(llm).model.embed_tokens.weight
+    original = emb.data.clone()
+    try:
+        for seed in range(1, seeds + 1):
+            g = torch.Generator().manual_seed(seed)
+            noise = torch.randn(original.shape, generator=g).to(original.device)
+            emb.data.copy_((original.float() * (1 + 1e-6 * noise)).to(original.dtype))
+            yield seed
+    finally:
+        emb.data.copy_(original)
 
 
 if __name__ == "__main__":
