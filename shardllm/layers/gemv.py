@@ -13,6 +13,7 @@ the torch reference is `gemv_reference`.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -173,10 +174,32 @@ def load_table(table: dict) -> dict[tuple[int, int], dict[int, GemvConfig]]:
     return out
 
 
-# The JSON tables `benchmarks/gemv_sweep.py` prints (H200), pasted as they are. Empty until measured: FP8 falls back
-# to fp8_triton.small_m_config's measured tl.dot configs, bf16 to cuBLAS (an entry means "beats cuBLAS there").
-FP8_GEMV_TABLE = load_table({})
-BF16_GEMV_TABLE = load_table({})
+_FP8_SWEEP = {
+    "6144x4096": {"1": [0, 4, 512, 1, 4, 3, 1], "2": [0, 4, 512, 1, 4, 3, 0]},
+    "4096x4096": {"1": [0, 4, 512, 1, 4, 3, 1], "2": [0, 16, 512, 1, 8, 3, 1]},
+    "28672x4096": {"1": [0, 8, 512, 1, 4, 3, 0], "2": [1, 32, 128, 1, 4, 4, 0]},
+    "4096x14336": {"1": [0, 16, 1024, 1, 8, 3, 1], "2": [1, 32, 256, 4, 4, 4, 0]},
+    "3072x4096": {"1": [0, 4, 1024, 1, 4, 3, 1], "2": [0, 4, 512, 1, 4, 3, 0]},
+    "4096x2048": {"1": [0, 4, 512, 1, 4, 3, 1], "2": [0, 4, 512, 1, 4, 3, 0]},
+    "14336x4096": {"1": [0, 4, 512, 1, 4, 3, 0], "2": [1, 32, 256, 2, 4, 4, 0]},
+    "4096x7168": {"1": [0, 16, 1024, 1, 8, 3, 1], "2": [0, 16, 512, 1, 8, 3, 1]},
+}
+_BF16_SWEEP = {
+    "4096x4096": {"1": [0, 4, 512, 1, 4, 3, 1], "2": [1, 32, 256, 1, 4, 4, 0]},
+    "128256x4096": {"1": [0, 16, 128, 1, 4, 3, 0], "2": [1, 64, 128, 1, 4, 4, 0]},
+    "3072x4096": {"1": [0, 4, 512, 1, 4, 3, 1]},
+    "4096x2048": {"1": [0, 4, 512, 1, 4, 3, 1]},
+    "14336x4096": {"1": [0, 8, 256, 1, 4, 3, 0]},
+    "4096x7168": {"1": [0, 4, 512, 1, 4, 3, 1]},
+    "64128x4096": {"1": [0, 16, 128, 1, 4, 3, 0]},
+}
+# The JSON tables `benchmarks/gemv_sweep.py` prints, pasted as they are: H200, 2026-11-30, `bash
+# benchmarks/device_gemv.sh` (docs/benchmarks.md; M = 1 and 2 measured, larger M ran out of the sweep's time). Where
+# an (N, K, M) has no entry FP8 falls back to fp8_triton.small_m_config's tl.dot configs and bf16 to cuBLAS (a bf16
+# entry means "beat cuBLAS by 3% or more there"). SHARDLLM_GEMV_TABLES=0 at start-up: both empty (A/B runs).
+_TABLES_ON = os.environ.get("SHARDLLM_GEMV_TABLES", "1") != "0"
+FP8_GEMV_TABLE = load_table(_FP8_SWEEP if _TABLES_ON else {})
+BF16_GEMV_TABLE = load_table(_BF16_SWEEP if _TABLES_ON else {})
 
 
 def table_config(table: dict[tuple[int, int], dict[int, GemvConfig]], n: int, k: int, m: int) -> GemvConfig | None:
@@ -193,6 +216,8 @@ def gemv_ok(device: torch.device) -> bool:
     that miscompiles it leaves every layer on cuBLAS)."""
     if device.type != "cuda" or not HAS_TRITON:
         return False
+    if device.index is None:  # torch.device("cuda"): the current device, probed under its index
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.index not in _PROBED:
         import logging
 

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, fp8_gpu]
 
 HIDDEN, INTER, BLOCK = 512, 384, (128, 128)  # three 128-row blocks per gate / up part
 FAST = {"online_channel": "scaled_grouped_mm", "tensor_static": "scaled_grouped_mm", "channel": "scaled_grouped_mm",
-        "block": "triton_block"}
+        "block": "dequantized"}  # the block Triton kernel is opt-in (SHARDLLM_FP8_BLOCK_MOE_TRITON=1): fp8_moe.py
 
 
 def _gpu_moe(fmt: str, weight_only: bool = False, **layout):

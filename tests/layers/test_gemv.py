@@ -89,17 +89,20 @@ def test_table_format_and_lookup():
     assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
 
 
-def test_bf16_hook_is_off_by_default_and_on_cpu():
+def test_bf16_hook_is_off_on_cpu_and_for_shapes_without_an_entry():
     from shardllm.layers.linear import UnquantizedLinearMethod
     from shardllm.layers.quantization.fp8_triton import GEMV_MAX_M
 
     assert GEMV_MAX_M == 16
-    assert not gemv_mod.BF16_GEMV_TABLE  # no entry until the GPU sweep says the GEMV beats cuBLAS
+    assert (24, 32) not in gemv_mod.BF16_GEMV_TABLE  # entries only where the GPU sweep saw the GEMV beat cuBLAS
     layer = torch.nn.Module()
     layer.weight = torch.nn.Parameter(torch.randn(24, 32, dtype=torch.bfloat16), requires_grad=False)
     x = torch.randn(1, 32, dtype=torch.bfloat16)
     assert gemv_mod.maybe_small_m_linear_bf16(x, layer.weight, None) is None
     assert torch.equal(UnquantizedLinearMethod().apply(layer, x, None), F.linear(x, layer.weight))
+    w = torch.randn(4096, 4096, dtype=torch.bfloat16)  # an entry of the table, but on the CPU: cuBLAS's path
+    x1 = torch.randn(1, 4096, dtype=torch.bfloat16)
+    assert (4096, 4096) in gemv_mod.BF16_GEMV_TABLE and gemv_mod.maybe_small_m_linear_bf16(x1, w, None) is None
 
 
 GPU_CONFIGS = [GemvConfig(False, 8, 512, 1, 4, 3), GemvConfig(False, 4, 256, 4, 4, 3, True),

@@ -14,6 +14,7 @@ Parameters (E = this rank's experts, I = its slice of the intermediate size):
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from shardllm.layers.quantization.fp8_utils import (
 from shardllm.model_loader.weight_utils import copy_weight, materialize, narrow
 
 logger = logging.getLogger(__name__)
+_BLOCK_TRITON = os.environ.get("SHARDLLM_FP8_BLOCK_MOE_TRITON") == "1"  # see Fp8MoEMethod.grouped_backend
 _SCALED_GROUPED_OK: dict[tuple, bool] = {}  # (device, dtype) -> False once torch._scaled_grouped_mm refused it
 
 
@@ -167,8 +169,10 @@ class Fp8MoEMethod:
             the host, so those decode steps run eagerly."""
         if device.type != "cuda" or self.weight_only:
             return "dequantized"
-        if self.block:
-            return "triton_block" if grouped_block_triton_ok(device, self.block) else "dequantized"
+        if self.block:  # the Triton kernel is opt-in: on an H200 it passed its probe but gave wrong sums in a
+            # Mixtral-shaped layer (tests/layers/test_fp8_moe_gpu.py, 2026-11-30); not yet understood
+            ok = _BLOCK_TRITON and grouped_block_triton_ok(device, self.block)
+            return "triton_block" if ok else "dequantized"
         ok = _SCALED_GROUPED_OK.get((device, dtype), True) and hasattr(torch, "_scaled_grouped_mm")
         return "scaled_grouped_mm" if ok else "dequantized"
 
