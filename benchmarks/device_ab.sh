@@ -50,6 +50,25 @@ if [ "$set_" = full ]; then  # issue 15's table: old (earlier worker loop and pi
   row pp2_new "X=1" --pp_size 2 $T128
   row pp2_new_async "X=1" --pp_size 2 --async_scheduling $T128
 fi
+if [ "$set_" = final ]; then  # issues 13 and 15, old beside new, one call (about 8 minutes)
+  OLDK="SHARDLLM_GEMV_TABLES=0 SHARDLLM_DECODE_ATTN_TUNED=0"  # the kernels' earlier launch choices
+  OLD="$OLDK SHARDLLM_WORKER_WAIT_FOR_PLANS=0"
+  OLDPP="$OLD SHARDLLM_PP_EXTRA_MICROBATCH=0 SHARDLLM_PP_SHARED_MAX_SEQS=1"
+  F8="--dtype fp8 --max_batch_size 512"
+  one_gpu() {  # $1: GPU, $2: "new" or "old" environment
+    local g=$1 tag=$2 e="CUDA_VISIBLE_DEVICES=$1"; [ "$tag" = old ] && e="$e $OLDK"
+    row tp1_b1_$tag "$e" $B1; row tp1_$tag "$e" $T128
+    row fp8_b1_$tag "$e" $F8 $B1; row fp8_fp8kv_$tag "$e" $F8 --kv_cache_dtype fp8 $T128
+  }
+  one_gpu 0 new & one_gpu 1 old & wait
+  row tp2_b1_old "$OLD" --tp_size 2 $B1
+  row tp2_b1_new "X=1" --tp_size 2 $B1
+  row tp2_old "$OLD" --tp_size 2 $T128
+  row tp2_new "X=1" --tp_size 2 $T128
+  row pp2_old "$OLDPP" --pp_size 2 $T128
+  row pp2_new "X=1" --pp_size 2 $T128
+  row pp2_new_async "X=1" --pp_size 2 --async_scheduling $T128
+fi
 python - "$out/ab.jsonl" <<'PY'
 import json, sys
 print(f"{'row':24} {'out tok/s':>10} {'of roofline':>12} {'TPOT p50':>9}  env")
