@@ -13,12 +13,14 @@ Scales come from the checkpoint under any of the names producers use (vLLM's
 where <attn> is the decoder layer's attention module, e.g. model.layers.3.self_attn.
 
 Without checkpoint scales they are computed on the engine's first step (as vLLM's `calculate_kv_scales` does), from
-that step's k and v before they are written: scale = 2^ceil(log2(amax / (fp8_max / 2))), so the step's largest value
-lands in (fp8_max / 4, fp8_max / 2] and later values up to twice the step's amax (rotation included, which can grow
-a component by sqrt(2)) still fit; beyond that they saturate. A power of two divides exactly, so the value stored is
-the value's own FP8 rounding whatever the power (away from the range's ends). Under tensor parallelism the amax is
-the max over the tp group, so every rank holds the scale one rank holding all heads would compute, and a tp run
-stores the same bytes as one rank. 1.0 (values beyond +-fp8_max saturate) only for a model that never runs a step.
+that step's k and v before they are written: scale = 2^ceil(log2(amax / (fp8_max / 4))), so the step's largest value
+lands in (fp8_max / 8, fp8_max / 4] and later values up to 4x the step's amax still fit (k: 2.8x, as its rotation
+can grow a component by sqrt(2)); beyond that they saturate. A short first step (a one-line chat) rarely sets the
+range, and the headroom costs next to nothing: a power of two divides exactly, so the value stored is the value's
+own FP8 rounding whatever the power, except values below 2^-6 * scale (subnormals: under ~3e-4 of the amax).
+Under tensor parallelism the amax is the max over the tp group, so every rank holds the scale one rank holding all
+heads would compute, and a tp run stores the same bytes as one rank. 1.0 (values beyond +-fp8_max saturate) only
+for a model that never runs a step.
 """
 
 from __future__ import annotations
@@ -86,11 +88,11 @@ def apply_kv_scales(model: nn.Module, scales: dict[str, dict[str, float]]) -> in
 
 
 def calibrated_scale(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """amax () fp32 -> the power of two 2^ceil(log2(amax / (fp8_max / 2))) (fp32, same device; 1.0 for an all-zero
-    amax): the step's largest value lands in (fp8_max / 4, fp8_max / 2], leaving 2x headroom."""
-    half_range = float(torch.finfo(fp8_dtype).max) / 2
+    """amax () fp32 -> the power of two 2^ceil(log2(amax / (fp8_max / 4))) (fp32, same device; 1.0 for an all-zero
+    amax): the step's largest value lands in (fp8_max / 8, fp8_max / 4], leaving 4x headroom."""
+    target = float(torch.finfo(fp8_dtype).max) / 4
     amax = amax.float()
-    exp = torch.ceil(torch.log2(amax.clamp(min=torch.finfo(torch.float32).tiny) / half_range))
+    exp = torch.ceil(torch.log2(amax.clamp(min=torch.finfo(torch.float32).tiny) / target))
     return torch.where(amax > 0, torch.exp2(exp), torch.ones_like(amax))
 
 
