@@ -94,7 +94,7 @@ def test_e4m3_cache_follows_the_unquantized_cache_and_says_paris(llms, fp8_kv_ll
             total += 1
             if i == 0 and seq[pos] == paris[0]:
                 assert top == paris[0]
-    assert same / total >= 0.8  # 0.86 measured (69 of 80 positions)
+    assert same / total >= 0.75  # 0.83 measured; 0.83-0.93 over 6 re-draws of the FP8 rounding (benchmarks.md)
     runner = fp8_kv_llm.engine.executor.worker.model_runner
     assert str(runner.kv_caches[0].dtype) == "torch.float8_e4m3fn"
     assert all(float(a.k_scale) != 1.0 for a in runner.attn_layers)  # computed on the first step
