@@ -410,9 +410,11 @@ class ModelRunner:
         if g is not None and not calibrate and g.can_run(len(so.scheduled), meta.max_query_len, meta.max_seq_len):
             hidden = g.run(inputs.input_ids, inputs.positions, meta, intermediate)  # a replayed decode graph
         else:
-            set_kv_scale_calibration(self.attn_layers, calibrate)
+            if calibrate:
+                set_kv_scale_calibration(self.attn_layers, True)
             hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
-            set_kv_scale_calibration(self.attn_layers, False)
+            if calibrate:
+                set_kv_scale_calibration(self.attn_layers, False)
         overlap = self.config.scheduler_config.async_scheduling
         if not self.model.is_last_stage:
             pp_send(hidden)
