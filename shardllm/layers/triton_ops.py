@@ -142,14 +142,15 @@ def _rotate_heads_inplace(ptr, row_off, stride_h, num_heads, cos, sin,
 
 @_jit
 def _fused_rotary_kernel(
-    pos_ptr, q_ptr, k_ptr, v_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_q_heads, num_kv_heads,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cache,
+    pos_ptr, q_ptr, k_ptr, v_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
+    num_q_heads, num_kv_heads, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cache,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr, KV_SCALED: tl.constexpr = False,
 ):
     """One program per token: neox rotation of all its q and k heads with cos/sin of its position, in place;
-    with WRITE_KV, then its rotated k and its v into its cache slot (slots < 0, padding, skip only the write).
+    with WRITE_KV, then its rotated k and its v into its cache slot (slots < 0, padding, skip only the write),
+    divided by the fp32 scalars at k_scale_ptr / v_scale_ptr with KV_SCALED (an FP8 cache).
     """
     n = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + n).to(tl.int64)
@@ -161,17 +162,18 @@ def _fused_rotary_kernel(
     k1, k2 = _rotate_heads_inplace(k_ptr, n * stride_kn, stride_kh, num_kv_heads, cos, sin,
                                    HALF, KV_HEADS_PAD, HALF_PAD)
     if WRITE_KV:
-        _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_kv_heads,
-                          stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
-                          stride_vch, HALF, HALF_PAD, KV_HEADS_PAD, BLOCK_SIZE)
+        _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
+                          num_kv_heads, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb,
+                          stride_vcs, stride_vch, HALF, HALF_PAD, KV_HEADS_PAD, BLOCK_SIZE, KV_SCALED)
 
 
 @_jit
-def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, num_kv_heads,
-                      stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-                      HALF: tl.constexpr, HALF_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr):
-    """Token n's rotated k (halves k1, k2) and its v into its cache slot, unless the slot is < 0."""
+def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
+                      num_kv_heads, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
+                      stride_vch, HALF: tl.constexpr, HALF_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr):
+    """Token n's rotated k (halves k1, k2, as stored in k's dtype) and its v into its cache slot, unless the slot
+    is < 0; with KV_SCALED, k / k_scale and v / v_scale in fp32, rounded once to the cache dtype."""
     j = tl.arange(0, HALF_PAD)
     jm = j < HALF
     slot = tl.load(slot_mapping_ptr + n).to(tl.int64)
@@ -183,6 +185,13 @@ def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
     v1_ptr = v_ptr + n * stride_vn + h[:, None] * stride_vh + j[None, :]
     v1 = tl.load(v1_ptr, mask=mask)
     v2 = tl.load(v1_ptr + HALF, mask=mask)
+    if KV_SCALED:
+        k_scale = tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
+        k1 = (k1.to(tl.float32) / k_scale).to(k_cache_ptr.dtype.element_ty)
+        k2 = (k2.to(tl.float32) / k_scale).to(k_cache_ptr.dtype.element_ty)
+        v1 = (v1.to(tl.float32) / v_scale).to(v_cache_ptr.dtype.element_ty)
+        v2 = (v2.to(tl.float32) / v_scale).to(v_cache_ptr.dtype.element_ty)
     kc = k_cache_ptr + page * stride_kcb + in_page * stride_kcs + h[:, None] * stride_kch + j[None, :]
     vc = v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + j[None, :]
     tl.store(kc, k1, mask=mask)
@@ -284,11 +293,29 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         return q, k
     half = head_dim // 2
     _fused_rotary_kernel[(num_tokens,)](  # no cache write: k stands in for the unused pointers
-        positions, q, k, k, cos_sin_cache, k, k, positions, num_q_heads, num_k_heads,
+        positions, q, k, k, cos_sin_cache, k, k, positions, k, k, num_q_heads, num_k_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0, cos_sin_cache.stride(0), 0, 0, 0, 0, 0, 0,
         HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), KV_HEADS_PAD=_pow2(num_k_heads),
         BLOCK_SIZE=1, WRITE_KV=False, num_warps=_rotary_num_warps(num_q_heads, num_k_heads, half))
     return q, k
+
+
+def kv_scale_args(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                  placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(k_scale, v_scale, KV_SCALED) for a kernel launch: the scale tensors, or `placeholder` twice (never read)
+    and False without them. Host checks only (no sync, graph-capturable).
+
+    Raises:
+        ValueError: only one of the two given, or one that is not a one-element fp32 tensor on placeholder's
+            device.
+    """
+    if k_scale is None and v_scale is None:
+        return placeholder, placeholder, False
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None or t.dtype != torch.float32 or t.numel() != 1 or t.device != placeholder.device:
+            raise ValueError(f"{name}: pass k_scale and v_scale together, each a one-element float32 tensor on "
+                             f"{placeholder.device} (got {None if t is None else (t.dtype, tuple(t.shape), t.device)})")
+    return k_scale, v_scale, True
 
 
 def _rotary_num_warps(num_q_heads: int, num_k_heads: int, half: int) -> int:
@@ -297,13 +324,18 @@ def _rotary_num_warps(num_q_heads: int, num_k_heads: int, half: int) -> int:
 
 def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                   slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                                   slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                                   v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_embedding_(positions, q, k, cos_sin_cache)`, then the rotated k and v into the paged caches.
 
     One launch for what `rotary_embedding_` + `triton_paged.write_kv_cache` do in two. q (N, nh, D) and
     k (N, nkv, D) are rotated in place and returned; v (N, nkv, D) is only read. k_cache, v_cache are
     (num_blocks, block_size, nkv, D) of k's dtype; token n goes to slot_mapping[n] (block * block_size +
     offset), none where that is < 0. q, k, v may be strided views with a contiguous last dim.
+
+    k_scale, v_scale: () fp32 tensors, both or neither (an FP8 cache): the caches get the rotated k / k_scale and
+    v / v_scale, divided in fp32 by the values the tensors hold when the kernel runs (CUDA-graph safe) and
+    rounded once; q and k stay unscaled. Raises ValueError as `kv_scale_args`.
     """
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
@@ -313,16 +345,19 @@ def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: 
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:], \
         "caches are (num_blocks, block_size, nkv, D)"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    fp8_cache = k_cache.element_size() == 1  # an FP8 cache: the store casts (a scale of 1.0)
+    fp8_cache = k_cache.element_size() == 1  # an FP8 cache: the store casts
     assert (k_cache.dtype == k.dtype or fp8_cache) and v_cache.dtype == k_cache.dtype
     assert slot_mapping.shape == (num_tokens,)
+    k_scale, v_scale, kv_scaled = kv_scale_args(k_scale, v_scale, slot_mapping)
     if num_tokens == 0:
         return q, k
     half = head_dim // 2
     _fused_rotary_kernel[(num_tokens,)](
-        positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, num_q_heads, num_kv_heads,
+        positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale, v_scale, num_q_heads,
+        num_kv_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), KV_HEADS_PAD=_pow2(num_kv_heads),
-        BLOCK_SIZE=k_cache.shape[1], WRITE_KV=True, num_warps=_rotary_num_warps(num_q_heads, num_kv_heads, half))
+        BLOCK_SIZE=k_cache.shape[1], WRITE_KV=True, KV_SCALED=kv_scaled,
+        num_warps=_rotary_num_warps(num_q_heads, num_kv_heads, half))
     return q, k

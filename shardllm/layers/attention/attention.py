@@ -93,19 +93,23 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         assert rotary is None or positions is not None
         scaled = self.kv_cache.element_size() == 1  # FP8 cache: k, v stored divided by their scales
-        if scaled:  # (rotation is linear: k may be scaled before it); q.k reads back k_scale, the output v_scale
-            if self.calibrate_kv_scales:
-                calibrate_kv_scales_(self, k, v)
-            k, v, q = k / self.k_scale, v / self.v_scale, q * self.k_scale
+        if scaled and self.calibrate_kv_scales:
+            calibrate_kv_scales_(self, k, v)
         softmax_scale = self.scale
         kernels = self.uses_triton_kernels(q)
+        # The kernels take the scale tensors (read when they run: CUDA graphs see in-place updates): the writes
+        # divide, the attention multiplies q.k by k_scale and the output by v_scale. The torch reference does the
+        # same in four elementwise ops (rotation is linear: k may be scaled before it).
+        kv_scales = {"k_scale": self.k_scale, "v_scale": self.v_scale} if scaled and kernels else {}
+        if scaled and not kernels:
+            k, v, q = k / self.k_scale, v / self.v_scale, q * self.k_scale
         fuse_rotary = (kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
                        and _fused_rotary_ok[0])
         if fuse_rotary:  # rotary and the cache write of k and v in one launch
             paged = self.kv_cache[0], self.kv_cache[1]
             try:
                 triton_ops.rotary_embedding_and_write_kv_(positions, q, k, v, rotary.cos_sin_cache, *paged,
-                                                          meta.slot_mapping)
+                                                          meta.slot_mapping, **kv_scales)
             except Exception as e:  # a Triton build that cannot compile it: the two kernels it replaces
                 logger.warning("fused rotary + KV write failed (%s: %s); using separate kernels",
                                type(e).__name__, e)
@@ -115,13 +119,14 @@ class Attention(nn.Module):
         if kernels:
             paged = self.kv_cache[0], self.kv_cache[1]  # (num_blocks, block_size, nkv, D) each
             if not fuse_rotary:
-                triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping)  # one launch for k and v
+                triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping, **kv_scales)  # one launch for k, v
             if meta.max_query_len == 1:  # decode only: split over the KV length, graph-capturable
                 out = triton_paged.paged_decode_attention(q, *paged, meta.block_tables, meta.seq_lens,
-                                                          softmax_scale)
+                                                          softmax_scale, **kv_scales)
             else:
                 out = triton_paged.paged_prefill_attention(q, *paged, meta.query_start_loc, meta.seq_lens,
-                                                           meta.block_tables, meta.max_query_len, softmax_scale)
+                                                           meta.block_tables, meta.max_query_len, softmax_scale,
+                                                           **kv_scales)
         else:
             k_cache = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (slots, nkv, D)
             v_cache = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
@@ -131,8 +136,8 @@ class Attention(nn.Module):
                     cache, x = cache.view(torch.uint8), x.view(torch.uint8)
                 cache.index_copy_(0, meta.slot_mapping, x)
             out = paged_attention_reference(q, k_cache, v_cache, meta, softmax_scale)
-        if scaled:
-            out = out * self.v_scale
+            if scaled:
+                out = out * self.v_scale
         return out.reshape(n, self.num_heads * self.head_dim)
 
 

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from shardllm.layers.triton_ops import kv_scale_args
+
 try:
     import triton
     import triton.language as tl
@@ -44,15 +46,19 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 @_jit(do_not_specialize=["num_seqs", "stride_bt"])  # they vary step to step: one compile, not three
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    qk_scale, num_heads, num_seqs,
+    k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_DOT: tl.constexpr = True, PREFETCH_PAGES: tl.constexpr = False, K_ROWMAJOR: tl.constexpr = False,
-    EARLY_V: tl.constexpr = False,
+    EARLY_V: tl.constexpr = False, KV_SCALED: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition): all GROUP query heads of the kv head at once.
+
+    KV_SCALED: the cache holds k / k_scale and v / v_scale (an FP8 cache); the scores are multiplied by the fp32
+    scalar at k_scale_ptr (folded into qk_scale) and the output by the one at v_scale_ptr, both loaded here, at
+    run time (a CUDA graph sees in-place updates). Without it the pointers are never read.
 
     Variants (DecodeConfig): USE_DOT False computes q.k and p.v as broadcast products summed in fp32 (no
     padding of the GROUP rows to 16); PREFETCH_PAGES loads the next tile's page ids before this tile's K/V;
@@ -88,6 +94,8 @@ def _decode_kernel(
     table = block_tables_ptr + b * stride_bt
     if not USE_DOT:
         q32 = q.to(tl.float32)
+    if KV_SCALED:  # q.(k / k_scale) * k_scale: one multiply of the scalar, not of every score
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     if PREFETCH_PAGES:
         page = tl.load(table + (start + n) // BLOCK_SIZE, mask=start + n < end, other=0).to(tl.int64)
     for tok0 in range(start, end, BLOCK_N):
@@ -115,7 +123,7 @@ def _decode_kernel(
         else:
             k = tl.load(k_cache_ptr + k_row[:, None] + d[None, :], mask=kd_mask, other=0.0).to(tl.float32)
             s = tl.sum(q32[:, None, :] * k[None, :, :], 2)  # (G, N)
-        s = s * qk_scale  # log2 domain; fp8 cache: values as stored (k/v scales are applied by the caller)
+        s = s * qk_scale  # log2 domain (times k_scale with KV_SCALED)
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
@@ -131,6 +139,8 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
         m = m_new
 
+    if KV_SCALED:  # p.(v / v_scale) * v_scale; partials too (the reduce is linear in acc)
+        acc = acc * tl.load(v_scale_ptr)
     hd_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]  # an empty sequence (graph padding) gives zeros
@@ -172,13 +182,15 @@ def _decode_reduce_kernel(
 @_jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
-    qk_scale, num_seqs,
+    k_scale_ptr, v_scale_ptr, qk_scale, num_seqs,
     stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_on, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr = False,
 ):
     """One program per (query tile, kv head); a tile is BLOCK_Q tokens of one sequence x its GROUP heads.
+    KV_SCALED: scores times the scalar at k_scale_ptr, output times the one at v_scale_ptr (as _decode_kernel).
 
     Tiles are numbered without a prefix sum over the host: sequence b's tiles start at
     qsl[b] // BLOCK_Q + b, which leaves room for cdiv(q_len_b, BLOCK_Q) tiles, so N // BLOCK_Q + B
@@ -215,6 +227,8 @@ def _prefill_kernel(
 
     kv_end = tl.minimum(seq_len, ctx_len + (tile + 1) * BLOCK_Q)
     kv_end = tl.where(tile * BLOCK_Q < q_len, kv_end, 0)  # idle program
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
@@ -224,7 +238,7 @@ def _prefill_kernel(
         page = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
         in_page = tok % BLOCK_SIZE
         k_t = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_ks + kvh * stride_kh)[None, :] + d[:, None],
-                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # (D, N); fp8 cache: 1.0 scale
+                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # (D, N)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 domain
         s = tl.where((tok[None, :] <= q_pos[:, None]) & tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
@@ -236,6 +250,8 @@ def _prefill_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
+    if KV_SCALED:
+        acc = acc * tl.load(v_scale_ptr)
     out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     tl.store(out_ptr + q_row[:, None] * stride_on + head[:, None] * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
@@ -243,12 +259,16 @@ def _prefill_kernel(
 
 @_jit
 def _write_kv_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
     stride_kn, stride_kh, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr = False,
 ):
-    """One program per new token: its k and v, all kv heads, into the cache slot; slots < 0 are skipped."""
+    """One program per new token: its k and v, all kv heads, into the cache slot; slots < 0 are skipped.
+
+    KV_SCALED: stores k / k_scale and v / v_scale (fp32 division by the scalars at the pointers, rounded once to
+    the cache dtype).
+    """
     n = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + n).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)
@@ -259,6 +279,9 @@ def _write_kv_kernel(
     in_page = slot % BLOCK_SIZE
     k = tl.load(k_ptr + n * stride_kn + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + n * stride_vn + h[:, None] * stride_vh + d[None, :], mask=mask)
+    if KV_SCALED:
+        k = (k.to(tl.float32) / tl.load(k_scale_ptr)).to(k_cache_ptr.dtype.element_ty)
+        v = (v.to(tl.float32) / tl.load(v_scale_ptr)).to(v_cache_ptr.dtype.element_ty)
     tl.store(k_cache_ptr + page * stride_kcb + in_page * stride_kcs + h[:, None] * stride_kch + d[None, :], k,
              mask=mask)
     tl.store(v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + d[None, :], v,
@@ -387,7 +410,8 @@ def _lookup_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> De
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None, num_splits: int | None = None,
-                           config: DecodeConfig | None = None) -> torch.Tensor:
+                           config: DecodeConfig | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context (this token's k/v already written).
 
     Args:
@@ -396,12 +420,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables: (B, max_blocks) int32; seq_lens: (B,) int32 context length including this token
             (0 for padding rows, which give zeros).
         num_splits: partitions per sequence, a power of two <= MAX_NUM_SPLITS; overrides the config's.
-        config: launch choices; default decode_config(B, D, cache dtype). fp8 caches are read as stored (the
-            caller folds k/v scales into `scale` and the output).
+        config: launch choices; default decode_config(B, D, cache dtype).
+        k_scale, v_scale: () fp32 tensors on q's device, both or neither: the cache holds k / k_scale and
+            v / v_scale (an FP8 cache); the kernel reads them at run time and returns
+            softmax(q.k * k_scale * scale) (v * v_scale). None: the cache is read as stored.
     Returns:
         (B, nh, D), `out` if given.
     Raises:
-        ValueError: an invalid config.
+        ValueError: an invalid config, or scales as kv_scale_args refuses them.
     """
     _check_cache(k_cache, v_cache)
     num_seqs, num_heads, head_dim = q.shape
@@ -410,6 +436,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     cfg = decode_config(num_seqs, head_dim, k_cache.dtype) if config is None else config
     cfg.validate()
+    k_scale, v_scale, kv_scaled = kv_scale_args(k_scale, v_scale, seq_lens)
     if num_splits is None:
         num_splits = cfg.num_splits or default_num_splits(num_seqs, num_kv_heads, q.device)
     assert num_splits == _pow2(num_splits) and num_splits <= MAX_NUM_SPLITS
@@ -424,14 +451,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_n = cfg.block_n or (64 if head_dim_pad <= 128 else 32)
     extra = {} if cfg.num_stages is None else {"num_stages": cfg.num_stages}
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml,
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, k_scale, v_scale,
         scale * _LOG2E, num_heads, num_seqs,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=_pow2(group, 16 if cfg.use_dot else 1), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
         USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor, EARLY_V=cfg.early_v,
-        num_warps=cfg.num_warps, **extra)
+        KV_SCALED=kv_scaled, num_warps=cfg.num_warps, **extra)
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, seq_lens, out, num_heads, num_seqs, out.stride(0), out.stride(1),
@@ -441,7 +468,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            max_query_len: int, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                            max_query_len: int, scale: float, out: torch.Tensor | None = None,
+                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of variable-length chunks over their paged context (this step's k/v already written).
 
     Serves prefill, chunked prefill over cached context, prefix hits and decode rows in one launch.
@@ -450,8 +478,11 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         q: (N, nh, D), last dim contiguous; sequence b owns rows [query_start_loc[b], query_start_loc[b+1]).
         query_start_loc: (B + 1,) int32; seq_lens: (B,) int32 context length including the chunk.
         max_query_len: host bound on the chunk lengths, only used to size the query tile.
+        k_scale, v_scale: as paged_decode_attention's.
     Returns:
         (N, nh, D), `out` if given.
+    Raises:
+        ValueError: scales as kv_scale_args refuses them.
     """
     _check_cache(k_cache, v_cache)
     num_tokens, num_heads, head_dim = q.shape
@@ -459,6 +490,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
+    k_scale, v_scale, kv_scaled = kv_scale_args(k_scale, v_scale, seq_lens)
     out = torch.empty_like(q) if out is None else out
     if num_tokens == 0:
         return out
@@ -469,26 +501,32 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_q = max(block_q, _pow2(max(16 // group_pad, 1)))  # tl.dot wants >= 16 rows
     num_tiles = num_tokens // block_q + num_seqs
     _prefill_kernel[(num_tiles, num_kv_heads)](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, k_scale, v_scale,
         scale * _LOG2E, num_seqs,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=64, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=8 if block_q * group_pad >= 128 else 4)
+        KV_SCALED=kv_scaled, num_warps=8 if block_q * group_pad >= 128 else 4)
     return out
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """k, v: (N, nkv, D) into slots of (num_blocks, block_size, nkv, D) caches, one launch for both."""
+                   slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
+    """k, v: (N, nkv, D) into slots of (num_blocks, block_size, nkv, D) caches, one launch for both.
+
+    With k_scale, v_scale (() fp32 tensors, both or neither, read at run time) it stores k / k_scale and
+    v / v_scale, divided in fp32 and rounded once to the cache dtype. Raises ValueError as kv_scale_args.
+    """
     _check_cache(k_cache, v_cache)
     num_tokens, num_kv_heads, head_dim = k.shape
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.shape[2:] == k.shape[1:]
+    k_scale, v_scale, kv_scaled = kv_scale_args(k_scale, v_scale, slot_mapping)
     if num_tokens == 0:
         return
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PAD=_pow2(num_kv_heads),
-        HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1], num_warps=4)
+        HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1], KV_SCALED=kv_scaled, num_warps=4)

@@ -1,8 +1,10 @@
 """The KV cache's storage dtype (`kv_cache_dtype`: auto = the model's dtype, or FP8 e4m3 / e5m2) and the
 per-layer k/v scales of an FP8 cache.
 
-An FP8 cache stores k / k_scale and v / v_scale (scaled before the write kernels, so they need no scale
-argument) and reads them back through the attention's softmax scale (q.k * k_scale) and its output (* v_scale).
+An FP8 cache stores k / k_scale and v / v_scale and reads them back through the attention's softmax scale
+(q.k * k_scale) and its output (* v_scale). The Triton kernels take the 0-dim scale tensors and load them when they
+run (the KV write divides, the attention folds k_scale into its softmax scale and multiplies its output by v_scale:
+no extra launch); the torch reference (CPU, attention_backend="torch") runs the four elementwise ops instead.
 Scales come from the checkpoint under any of the names producers use (vLLM's
 `weight_utils.maybe_remap_kv_scale_name` lists the same):
     <attn>.k_scale, <attn>.v_scale             compressed-tensors kv_cache_scheme, vLLM
