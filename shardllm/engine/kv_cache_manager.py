@@ -2,9 +2,16 @@
 
 Pure Python over integers; the tensors live in the workers. A block of `block_size` tokens is cached
 (findable by later requests) once it is full and computed; its hash chains the hash of the block
-before it with its own token ids, so equal hashes mean equal prefixes. Free blocks sit in an LRU
-queue; a free block that still holds a cached prefix is only evicted when it is handed out again.
-Block 0 is never handed out: runners use it as padding.
+before it with its own token ids, so equal hashes mean equal prefixes. Block 0 is never handed out:
+runners use it as padding.
+
+Start-up costs the same for any number of blocks (an engine sized from an H200's free memory has millions):
+blocks never used yet are the id range [next_fresh_id, num_blocks), handed out in ascending order by a counter,
+and a `KVCacheBlock` exists only once its block has been allocated. Blocks that come back sit in an LRU free
+queue; a free block that still holds a cached prefix is only evicted when it is handed out again. Never-used
+blocks go before any recycled one (evicting nothing beats evicting a cached prefix), which is the order an
+eager queue of every block in id order gives, so allocation order is as if every block had been queued at
+start.
 """
 
 from __future__ import annotations
@@ -31,14 +38,23 @@ def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class KVCacheManager:
+    """Block allocation, reference counts and the prefix cache for one engine (every rank holds the same ids).
+
+    Args: `num_blocks` blocks of `block_size` tokens each (block 0 included, never handed out);
+    `enable_prefix_caching` turns hash lookups on. Raises ValueError for fewer than 2 blocks.
+    Construction does no per-block work: a `KVCacheBlock` is built when its id is first handed out, and is then
+    held by requests (`req_to_blocks`) or queued in `free_queue` (ref_cnt 0), nowhere else but `cached`.
+    """
+
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 2:
             raise ValueError(f"the KV cache needs at least 2 blocks, got {num_blocks}: give it more memory")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks[1:])
+        self.next_fresh_id = 1  # ids in [next_fresh_id, num_blocks) were never handed out and have no object
+        # blocks that came back with ref_cnt 0, least recently freed first
+        self.free_queue: OrderedDict[int, KVCacheBlock] = OrderedDict()
         self.cached: dict[int, KVCacheBlock] = {}
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self._block_ids: dict[str, list[int]] = {}  # get_block_ids' lists
@@ -48,7 +64,8 @@ class KVCacheManager:
     # ---- queries -------------------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        """Blocks that can be handed out: never-used ones plus freed ones (cached or not)."""
+        return self.num_blocks - self.next_fresh_id + len(self.free_queue)
 
     @property
     def capacity_tokens(self) -> int:
@@ -58,7 +75,8 @@ class KVCacheManager:
     @property
     def usage(self) -> float:
         """Fraction of usable blocks held by requests (cached-but-free blocks count as free)."""
-        return 1.0 - self.num_free_blocks / (self.num_blocks - 1)
+        usable = self.num_blocks - 1
+        return (usable - self.num_free_blocks) / usable  # not 1 - free/usable: that rounds a few used blocks
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block ids (a list kept up to date as blocks are added; do not modify it)."""
@@ -122,7 +140,15 @@ class KVCacheManager:
                 del self.free_queue[b.block_id]
             b.ref_cnt += 1
             held.append(b)
-        for _ in range(max(needed, 0)):
+        needed = max(needed, 0)
+        # never-used blocks first (evicting nothing beats evicting a cached prefix), in id order
+        fresh = min(needed, self.num_blocks - self.next_fresh_id)
+        for i in range(self.next_fresh_id, self.next_fresh_id + fresh):
+            b = KVCacheBlock(i)
+            b.ref_cnt = 1
+            held.append(b)
+        self.next_fresh_id += fresh
+        for _ in range(needed - fresh):  # then the least recently freed
             _, b = self.free_queue.popitem(last=False)
             if b.block_hash is not None:  # evict the prefix it held
                 if self.cached.get(b.block_hash) is b:

@@ -36,9 +36,9 @@ def test_prefix_hit_shares_blocks_and_counts_refs():
     assert n == 8 and [x.block_id for x in blocks] == kv.get_block_ids("a")[:2]
     assert kv.allocate_slots(b, 3, blocks)
     assert kv.get_block_ids("b")[:2] == kv.get_block_ids("a")[:2]
-    assert all(kv.blocks[i].ref_cnt == 2 for i in kv.get_block_ids("b")[:2])
+    assert all(blk.ref_cnt == 2 for blk in kv.req_to_blocks["b"][:2])
     kv.free(a)
-    assert all(kv.blocks[i].ref_cnt == 1 for i in kv.get_block_ids("b")[:2])
+    assert all(blk.ref_cnt == 1 for blk in kv.req_to_blocks["b"][:2])
     # a different second block: only the first block hits
     c = req("c", list(range(4)) + [9, 9, 9, 9, 9])
     _, n = kv.get_computed_blocks(c)
