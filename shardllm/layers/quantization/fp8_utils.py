@@ -175,22 +175,75 @@ def block_fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, 
     return scaled_mm_block(x_q[:, :k] if pad else x_q, w_q, x_scale, w_scale, block, out_dtype)
 
 
+def cublas_block_scale_layout_ok(n: int, k: int) -> bool:
+    """Whether torch._scaled_mm's block recipe hands cuBLASLt W's 128x128 scales as cuBLASLt reads them.
+
+    cuBLASLt reads the scales of W (N, K) with a leading dimension of L4 = round_up(ceil(K / 128), 4) between
+    128-row blocks (the cuBLAS docs' "scaling factors layouts"; pytorch PR 166752, whose _scaled_mm_v2 checks it);
+    torch._scaled_mm (v1) accepts only a stride of ceil(K / 128) there and passes the pointer on unchecked. The two
+    agree when ceil(K / 128) % 4 == 0 or W has one row block; otherwise cuBLASLt silently reads other blocks' scales
+    (and, past the last expert of a stacked tensor, memory that is no scale: issue 13, H200, K = 384)."""
+    return -(-k // 128) % 4 == 0 or n <= 128
+
+
+def _scaled_mm_block_padded(x_q: torch.Tensor, w_q: torch.Tensor, x_scale_cm: torch.Tensor, w_scale: torch.Tensor,
+                            out_dtype: torch.dtype) -> torch.Tensor:
+    """The 1x128 x 128x128 recipe through torch.nn.functional.scaled_mm (torch._scaled_mm_v2), W's scales padded to
+    L4 columns so that their layout is cuBLASLt's: (L4, N / 128) with strides (1, L4). x_scale_cm: (M, K / 128)
+    column-major."""
+    scale_b = F.pad(w_scale, (0, -w_scale.shape[1] % 4)).t()  # (L4, N/128), strides (1, L4); pad never read
+    st = F.ScalingType
+    return F.scaled_mm(x_q, w_q.t(), x_scale_cm, st.BlockWise1x128, scale_b, st.BlockWise128x128,
+                       output_dtype=out_dtype)
+
+
+_PADDED_OK: dict[tuple, bool] = {}
+
+
+def _padded_block_ok(device: torch.device) -> bool:
+    """`_scaled_mm_block_padded` runs on `device` and equals the dequantized product at a shape whose scales need
+    the padding (K / 128 = 3, two row blocks, random scales): probed once per device, eagerly."""
+    key = (device.type, device.index)
+    if key not in _PADDED_OK:
+        ok = False
+        if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType"):
+            try:
+                g = torch.Generator(device=device).manual_seed(0)
+                x_q, x_s = quantize_per_token_group(torch.randn(16, 384, device=device, generator=g), 128)
+                w_q, w_s = quantize_per_block(torch.randn(256, 384, device=device, generator=g), (128, 128))
+                w_s = w_s * torch.rand(w_s.shape, device=device, generator=g).add(0.5)  # blocks told apart
+                y = _scaled_mm_block_padded(x_q, w_q, x_s.t().contiguous().t(), w_s, torch.float32)
+                ref = (x_q.float() * x_s.repeat_interleave(128, dim=1)) @ dequantize(w_q, w_s, (128, 128)).t()
+                ok = bool(((y - ref).abs().max() <= 1e-3 * ref.abs().max()).item())
+            except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+                logger.debug("scaled_mm v2 block recipe unavailable on %s: %s", device, e)
+        _PADDED_OK[key] = ok
+        logger.info("cuBLAS block-scaled FP8 GEMM with K / 128 not a multiple of 4 on %s: %s", device,
+                    "scaled_mm v2 with padded scales" if ok else "dequantized product")
+    return _PADDED_OK[key]
+
+
 def scaled_mm_block(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                     block: tuple[int, int], out_dtype: torch.dtype) -> torch.Tensor:
     """Block recipe: x_q (M, K) with x_scale (M, K / bk) per 1 x bk group; w_q (N, K) with w_scale
     (ceil(N / bn), ceil(K / bk)) per bn x bk block. cuBLASLt's 1x128 x 128x128 recipe where probed to run
-    (bn = bk = 128, N and K multiples of 128), else the dequantized product in fp32 (the reference)."""
+    (bn = bk = 128, N and K multiples of 128; through torch._scaled_mm where its scale layout is cuBLASLt's, else
+    scaled_mm v2 with padded scales where probed right: `cublas_block_scale_layout_ok`), else the dequantized
+    product in fp32 (the reference)."""
     bn, bk = block
     n, k = w_q.shape
     if ("block" in fp8_recipes(x_q.device) and _BLOCK_OK[0] and bn == bk == 128 and n % 128 == 0
-            and k % 128 == 0):
+            and k % 128 == 0 and (cublas_block_scale_layout_ok(n, k) or _padded_block_ok(x_q.device))):
         m, x_q0, x_scale0 = x_q.shape[0], x_q, x_scale
         pad = -m % 16  # the probe's M = 32 ran, M = 33 was refused (H200, cuBLAS 13): pad the rows [ours: a guess]
         if pad:
             x_q = torch.cat([x_q, x_q.new_zeros(pad, k)])
             x_scale = torch.cat([x_scale, x_scale.new_ones(pad, x_scale.shape[1])])
         try:  # scale_a outer-dim-major (column-major (M, K/128)), scale_b the transpose of (N/128, K/128)
-            y = torch._scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), w_scale.t(), out_dtype=out_dtype)
+            if cublas_block_scale_layout_ok(n, k):
+                y = torch._scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), w_scale.t(), out_dtype=out_dtype)
+            else:
+                y = _scaled_mm_block_padded(x_q, w_q, x_scale.t().contiguous().t(), w_scale, out_dtype)
             return y[:m] if pad else y
         except RuntimeError as e:  # H200 + cuBLAS 13 refused (M=33, N=768, K=1024) though the probe passed
             _BLOCK_OK[0] = False
