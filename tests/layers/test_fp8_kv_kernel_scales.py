@@ -150,10 +150,12 @@ def attention_case(fp8, use_triton: bool, q_lens, seq_lens, scale_values=(0.25, 
     return attn, (q, k, v, meta, rope, positions)
 
 
-def attention_step(*a, **kw):
-    """attention_case's forward: (out, kv_cache)."""
+def attention_step(*a, rotary_kernel: bool | None = None, **kw):
+    """attention_case's forward: (out, kv_cache); rotary_kernel False: the torch rotary, then the separate KV
+    write (default: as the attention)."""
     attn, args = attention_case(*a, **kw)
-    use_triton, triton_ops.USE_TRITON = triton_ops.USE_TRITON, attn.use_triton
+    rotary_kernel = attn.use_triton if rotary_kernel is None else rotary_kernel
+    use_triton, triton_ops.USE_TRITON = triton_ops.USE_TRITON, rotary_kernel
     try:
         return attn(*args), attn.kv_cache
     finally:
@@ -169,12 +171,13 @@ def attention_kernels_on_cpu(monkeypatch):
 @cpu
 @pytest.mark.parametrize("fp8", FP8, ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize(("q_lens", "seq_lens"), [([1, 1], [37, 6]), ([4, 7], [4, 30])], ids=["decode", "prefill"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-rotary-write", "write"])
 def test_attention_triton_path_equals_the_torch_reference(attention_kernels_on_cpu, exact_fp8_casts, fp8, q_lens,
-                                                          seq_lens):
+                                                          seq_lens, fused):
     """Power-of-two scales (what the first step computes): the cache bytes are equal, whichever side divides the
     rotated k, and the outputs agree to fp32 rounding."""
     ref_out, ref_cache = attention_step(fp8, False, q_lens, seq_lens)
-    out, cache = attention_step(fp8, True, q_lens, seq_lens)
+    out, cache = attention_step(fp8, True, q_lens, seq_lens, rotary_kernel=fused)
     assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8))
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
 
@@ -203,18 +206,23 @@ class ScaleOps(TorchDispatchMode):
 def test_triton_path_runs_no_torch_op_on_the_scales(attention_kernels_on_cpu, monkeypatch, q_lens, seq_lens):
     """The Triton path with an FP8 cache runs exactly the torch arithmetic of an fp32 cache (none reads a scale);
     the torch reference runs its four (k / k_scale, v / v_scale, q * k_scale, out * v_scale), which the recorder
-    sees."""
-    recorded = {}
-    for label, triton, cache_dtype in (("fp8", True, None), ("fp32", True, torch.float32),
-                                       ("torch fp8", False, None)):
+    sees, as does the Triton path with SHARDLLM_KV_SCALES_IN_KERNELS=0 (the A/B switch), with the same output."""
+    from shardllm.layers.attention import attention as attention_mod
+
+    recorded, outs = {}, {}
+    for label, triton, cache_dtype, in_kernels in (("fp8", True, None, True), ("fp32", True, torch.float32, True),
+                                                   ("torch fp8", False, None, True), ("fp8 ops", True, None, False)):
         attn, args = attention_case(torch.float8_e4m3fn, triton, q_lens, seq_lens, cache_dtype=cache_dtype)
         monkeypatch.setattr(triton_ops, "USE_TRITON", triton)
+        monkeypatch.setattr(attention_mod, "KV_SCALES_IN_KERNELS", in_kernels)
         with ScaleOps(attn.k_scale, attn.v_scale) as rec:
-            attn(*args)
+            outs[label] = attn(*args)
         recorded[label] = rec
     assert recorded["fp8"].on_watched == []
     assert recorded["fp8"].arith == recorded["fp32"].arith
     assert sorted(recorded["torch fp8"].on_watched) == ["div", "div", "mul", "mul"]
+    assert sorted(recorded["fp8 ops"].on_watched) == ["div", "div", "mul", "mul"]
+    torch.testing.assert_close(outs["fp8 ops"], outs["fp8"], atol=2e-5, rtol=1e-4)
 
 
 # ---- CUDA -----------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ KV sits in the blocks block_tables[b]. The torch reference below is the oracle f
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,9 @@ from shardllm.layers.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
 _fused_rotary_ok = [True]  # cleared, for the process, if the fused rotary + KV-write kernel fails to launch
+# SHARDLLM_KV_SCALES_IN_KERNELS=0 (read at import): the Triton path applies FP8 k/v scales in four torch ops, as
+# the torch reference does, instead of inside the kernels (the previous behaviour, for A/B runs)
+KV_SCALES_IN_KERNELS = os.environ.get("SHARDLLM_KV_SCALES_IN_KERNELS", "1") != "0"
 
 
 @dataclass
@@ -98,10 +102,12 @@ class Attention(nn.Module):
         softmax_scale = self.scale
         kernels = self.uses_triton_kernels(q)
         # The kernels take the scale tensors (read when they run: CUDA graphs see in-place updates): the writes
-        # divide, the attention multiplies q.k by k_scale and the output by v_scale. The torch reference does the
-        # same in four elementwise ops (rotation is linear: k may be scaled before it).
-        kv_scales = {"k_scale": self.k_scale, "v_scale": self.v_scale} if scaled and kernels else {}
-        if scaled and not kernels:
+        # divide, the attention multiplies q.k by k_scale and the output by v_scale. The torch reference (and the
+        # kernels with KV_SCALES_IN_KERNELS off) does the same in four elementwise ops (rotation is linear: k may
+        # be scaled before it).
+        scale_ops = scaled and not (kernels and KV_SCALES_IN_KERNELS)
+        kv_scales = {"k_scale": self.k_scale, "v_scale": self.v_scale} if scaled and not scale_ops else {}
+        if scale_ops:
             k, v, q = k / self.k_scale, v / self.v_scale, q * self.k_scale
         fuse_rotary = (kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
                        and _fused_rotary_ok[0])
@@ -136,8 +142,8 @@ class Attention(nn.Module):
                     cache, x = cache.view(torch.uint8), x.view(torch.uint8)
                 cache.index_copy_(0, meta.slot_mapping, x)
             out = paged_attention_reference(q, k_cache, v_cache, meta, softmax_scale)
-            if scaled:
-                out = out * self.v_scale
+        if scale_ops:
+            out = out * self.v_scale
         return out.reshape(n, self.num_heads * self.head_dim)
 
 
