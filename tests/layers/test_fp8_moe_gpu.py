@@ -1,6 +1,7 @@
 """FP8 experts on a GPU with FP8 tensor cores: each weight format takes its fast grouped backend and equals the
-per-expert loop; the MoE layer (router, top-k, grouped experts) is captured in a CUDA graph whose replays on new
-inputs (new routing) equal eager runs; a tiny block-FP8 Mixtral serves the same tokens with and without graphs."""
+per-expert loop (the opt-in block Triton kernel as well); the MoE layer (router, top-k, grouped experts) is captured
+in a CUDA graph whose replays on new inputs (new routing) equal eager runs; a tiny block-FP8 Mixtral serves the same
+tokens with and without graphs."""
 
 from __future__ import annotations
 
@@ -33,24 +34,48 @@ def _experts(moe, x: torch.Tensor) -> torch.Tensor:
     return moe.quant_method.apply(moe, x, weights, ids)
 
 
-BLOCK_GPU_BUG = pytest.mark.xfail(strict=True, reason=(
-    "open bug (issue 13): on an H200 the block-FP8 grouped path differs from the per-expert loop at 1 token "
-    "(max error 17% of the output's max through the dequantized backend, ~100% through the Triton kernel), "
-    "while the same comparison passes on CPU and the tiny block-FP8 Mixtral's tokens agree with and without graphs"))
+# The loop's block GEMMs go through cuBLAS; the grouped backends compute the same FP8 products (Triton, the row-wise
+# grouped GEMM: max error well under 2% of the output's max), except "dequantized", whose bf16 weights and activations
+# move the re-quantized intermediate across FP8 rounding steps: up to 3.8% of the max, 3.6% relative L2 at this
+# layer (CPU emulation of its GPU branch, 36 draws, issue 13), the size of FP8's own error against the bf16 twin.
+MAX_ERR = {"scaled_grouped_mm": 2e-2, "triton_block": 2e-2, "dequantized": 8e-2}
 
 
-@pytest.mark.timeout(120)  # Triton compiles the block kernel per BLOCK_M
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=BLOCK_GPU_BUG) if f == "block" else f for f in CONFIGS])
-def test_each_format_takes_its_fast_grouped_backend_and_equals_the_loop(fmt):
-    moe = _gpu_moe(fmt)
+def _assert_grouped_equals_loop(moe, backend: str) -> None:
     method = moe.quant_method
-    assert method.grouped_backend(torch.device("cuda")) == FAST[fmt]
     for n in (1, 37, 300):
-        x = torch.randn(n, HIDDEN, device="cuda").to(torch.bfloat16)
+        g = torch.Generator(device="cuda").manual_seed(n)
+        x = torch.randn(n, HIDDEN, device="cuda", generator=g).to(torch.bfloat16)
         weights, ids = select_experts(moe.gate(x), moe.top_k, moe.renormalize)
         ref = method.apply_reference(moe, x, weights, ids).float()
         got = method.apply_grouped(moe, x, weights, ids).float()
-        assert float((got - ref).abs().max()) <= 2e-2 * float(ref.abs().max()), (fmt, n)
+        err = float((got - ref).abs().max())
+        assert err <= MAX_ERR[backend] * float(ref.abs().max()), (backend, n, err, float(ref.abs().max()))
+        if backend == "dequantized":
+            assert float((got - ref).norm() / ref.norm()) <= 0.06, (backend, n)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fmt", list(CONFIGS))
+def test_each_format_takes_its_fast_grouped_backend_and_equals_the_loop(fmt):
+    """Block: the loop's w2 GEMM has K / 128 = 3, the layout torch._scaled_mm cannot hand cuBLASLt (it read other
+    blocks' scales: 17% and ~100% errors on an H200 before fp8_utils.cublas_block_scale_layout_ok)."""
+    moe = _gpu_moe(fmt)
+    assert moe.quant_method.grouped_backend(torch.device("cuda")) == FAST[fmt]
+    _assert_grouped_equals_loop(moe, FAST[fmt])
+
+
+@pytest.mark.timeout(120)  # Triton compiles the block kernel per BLOCK_M
+def test_block_triton_backend_equals_the_loop(monkeypatch):
+    """The opt-in Triton kernel (SHARDLLM_FP8_BLOCK_MOE_TRITON=1) in the layer: same FP8 products as the loop. Its
+    "wrong sums" on the H200 were measured against the loop's misread scales (issue 13); this decides whether it can
+    be the default again."""
+    from shardllm.layers.quantization import fp8_moe
+
+    monkeypatch.setattr(fp8_moe, "_BLOCK_TRITON", True)
+    moe = _gpu_moe("block")
+    assert moe.quant_method.grouped_backend(torch.device("cuda")) == "triton_block"
+    _assert_grouped_equals_loop(moe, "triton_block")
 
 
 @pytest.mark.timeout(120)

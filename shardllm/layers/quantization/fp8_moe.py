@@ -164,13 +164,16 @@ class Fp8MoEMethod:
         "triton_block": `grouped_block_fp8_mm`, 128 x 128-style weight blocks and 1 x bk activation groups;
         "dequantized": weights dequantized (cached in fp32 on CPU; per call in x's dtype on a GPU), activations
             quantized and dequantized as the FP8 GEMM would see them (unless weight-only), torch._grouped_mm: the
-            CPU path, weight-only runs, and the fallback where a fast backend is unavailable. On a GPU it is
+            CPU path, weight-only runs, and the fallback where a fast backend is unavailable. In bf16 (a GPU) it is
+            within FP8's own error of the loop, not equal to it (up to 3.8% of the output's max, 3.6% relative L2
+            in tests/layers/test_fp8_block_cublas_layout.py's layer); in fp32 (CPU) it equals the loop. On a GPU it is
             capturable in bf16 on sm90+ (CUTLASS); other dtypes or GPUs take torch's fallback, which syncs with
             the host, so those decode steps run eagerly."""
         if device.type != "cuda" or self.weight_only:
             return "dequantized"
-        if self.block:  # the Triton kernel is opt-in: on an H200 it passed its probe but gave wrong sums in a
-            # Mixtral-shaped layer (tests/layers/test_fp8_moe_gpu.py, 2026-11-30); not yet understood
+        if self.block:  # the Triton kernel is opt-in since its "wrong sums" on an H200 (2026-11-30), which were the
+            # oracle's: the loop's cuBLAS GEMM read misplaced scales at K / 128 = 3 (fp8_utils.cublas_block_scale_
+            # layout_ok); test_fp8_moe_gpu.py::test_block_triton_backend_equals_the_loop decides the default
             ok = _BLOCK_TRITON and grouped_block_triton_ok(device, self.block)
             return "triton_block" if ok else "dequantized"
         ok = _SCALED_GROUPED_OK.get((device, dtype), True) and hasattr(torch, "_scaled_grouped_mm")
