@@ -164,3 +164,23 @@ def test_bf16_dequantized_backend_is_within_fp8_error_of_the_loop(monkeypatch):
         errors[branch] = worst_max, worst_l2
     assert errors["cpu"] == (0.0, 0.0)
     assert 1e-3 < errors["gpu"][0] <= 8e-2 and errors["gpu"][1] <= 0.06, errors
+
+
+def test_block_gemm_falls_back_when_v2_refuses_a_later_shape(cublas, monkeypatch):
+    """v2 passed its probe, then refuses a shape: that call and later ones with misfit layouts take the dequantized
+    product, while v1 keeps serving the layouts it hands over right."""
+    def refuse(a_q, *args, **kwargs):
+        if a_q.shape[0] > 16:
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+        return FakeCublas.v2(cublas, a_q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_mm", refuse)
+    w_q, w_s = _random_block_weight(512, 384, 0)
+    w4_q, w4_s = _random_block_weight(256, 512, 1)
+    for wq, ws in ((w_q, w_s), (w_q, w_s), (w4_q, w4_s)):
+        x_q, x_s = quantize_per_token_group(torch.randn(20, wq.shape[1], generator=torch.Generator().manual_seed(3)),
+                                            128)
+        y = fp8_utils.scaled_mm_block(x_q, wq, x_s, ws, (128, 128), torch.float32)
+        ref = (x_q.float() * x_s.repeat_interleave(128, dim=1)) @ dequantize(wq, ws, (128, 128)).t()
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert cublas.calls == ["v2", "v1"]  # the probe (16 rows); the refused call; no retry; v1 still in use

@@ -212,9 +212,9 @@ def _padded_block_ok(device: torch.device) -> bool:
                 x_q, x_s = quantize_per_token_group(torch.randn(16, 384, device=device, generator=g), 128)
                 w_q, w_s = quantize_per_block(torch.randn(256, 384, device=device, generator=g), (128, 128))
                 w_s = w_s * torch.rand(w_s.shape, device=device, generator=g).add(0.5)  # blocks told apart
-                y = _scaled_mm_block_padded(x_q, w_q, x_s.t().contiguous().t(), w_s, torch.float32)
+                y = _scaled_mm_block_padded(x_q, w_q, x_s.t().contiguous().t(), w_s, torch.bfloat16).float()
                 ref = (x_q.float() * x_s.repeat_interleave(128, dim=1)) @ dequantize(w_q, w_s, (128, 128)).t()
-                ok = bool(((y - ref).abs().max() <= 1e-3 * ref.abs().max()).item())
+                ok = bool(((y - ref).abs().max() <= 1e-2 * ref.abs().max()).item())  # misread scales: >= 10%
             except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
                 logger.debug("scaled_mm v2 block recipe unavailable on %s: %s", device, e)
         _PADDED_OK[key] = ok
@@ -239,14 +239,18 @@ def scaled_mm_block(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor,
         if pad:
             x_q = torch.cat([x_q, x_q.new_zeros(pad, k)])
             x_scale = torch.cat([x_scale, x_scale.new_ones(pad, x_scale.shape[1])])
+        v1 = cublas_block_scale_layout_ok(n, k)
         try:  # scale_a outer-dim-major (column-major (M, K/128)), scale_b the transpose of (N/128, K/128)
-            if cublas_block_scale_layout_ok(n, k):
+            if v1:
                 y = torch._scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), w_scale.t(), out_dtype=out_dtype)
             else:
                 y = _scaled_mm_block_padded(x_q, w_q, x_scale.t().contiguous().t(), w_scale, out_dtype)
             return y[:m] if pad else y
         except RuntimeError as e:  # H200 + cuBLAS 13 refused (M=33, N=768, K=1024) though the probe passed
-            _BLOCK_OK[0] = False
+            if v1:
+                _BLOCK_OK[0] = False
+            else:
+                _PADDED_OK[(x_q.device.type, x_q.device.index)] = False
             logger.warning("cuBLAS block-scaled FP8 GEMM failed (%s); using the dequantized product", e)
             x_q, x_scale = x_q0, x_scale0
     x = x_q.float() * x_scale.repeat_interleave(bk, dim=1)[:, :k]
