@@ -173,7 +173,7 @@ def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
                       stride_vch, HALF: tl.constexpr, HALF_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
                       BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr):
     """Token n's rotated k (halves k1, k2, as stored in k's dtype) and its v into its cache slot, unless the slot
-    is < 0; with KV_SCALED, k / k_scale and v / v_scale in fp32, rounded once to the cache dtype."""
+    is < 0; with KV_SCALED, k / k_scale and v / v_scale (IEEE fp32 division), rounded once to the cache dtype."""
     j = tl.arange(0, HALF_PAD)
     jm = j < HALF
     slot = tl.load(slot_mapping_ptr + n).to(tl.int64)
@@ -188,10 +188,10 @@ def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
     if KV_SCALED:
         k_scale = tl.load(k_scale_ptr)
         v_scale = tl.load(v_scale_ptr)
-        k1 = (k1.to(tl.float32) / k_scale).to(k_cache_ptr.dtype.element_ty)
-        k2 = (k2.to(tl.float32) / k_scale).to(k_cache_ptr.dtype.element_ty)
-        v1 = (v1.to(tl.float32) / v_scale).to(v_cache_ptr.dtype.element_ty)
-        v2 = (v2.to(tl.float32) / v_scale).to(v_cache_ptr.dtype.element_ty)
+        k1 = tl.div_rn(k1.to(tl.float32), k_scale).to(k_cache_ptr.dtype.element_ty)
+        k2 = tl.div_rn(k2.to(tl.float32), k_scale).to(k_cache_ptr.dtype.element_ty)
+        v1 = tl.div_rn(v1.to(tl.float32), v_scale).to(v_cache_ptr.dtype.element_ty)
+        v2 = tl.div_rn(v2.to(tl.float32), v_scale).to(v_cache_ptr.dtype.element_ty)
     kc = k_cache_ptr + page * stride_kcb + in_page * stride_kcs + h[:, None] * stride_kch + j[None, :]
     vc = v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + j[None, :]
     tl.store(kc, k1, mask=mask)

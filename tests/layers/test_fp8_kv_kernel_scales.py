@@ -92,26 +92,31 @@ def test_prefill_kernel_applies_the_scales(fp8):
 @cpu
 @pytest.mark.parametrize("fp8", FP8, ids=["e4m3", "e5m2"])
 def test_kv_writes_divide_by_the_scales(exact_fp8_casts, fp8):
-    """write_kv_cache and the fused rotary + write store (x / scale).to(fp8): fp32 division, one rounding (torch's
-    own cast of the quotient, byte for byte); the fused kernel divides the rotated k as rotary_embedding_ leaves it."""
+    check_kv_writes(fp8, "cpu", torch.float32)
+
+
+def check_kv_writes(fp8, device, dtype):
+    """write_kv_cache and the fused rotary + write store (x / scale).to(fp8): IEEE fp32 division, one rounding
+    (torch's own cast of the quotient, byte for byte); the fused kernel divides the rotated k as rotary_embedding_
+    leaves it."""
     g = torch.Generator().manual_seed(7)
     n, nkv, nh, d = 5, 2, 4, 32
-    k, v, q = (torch.randn(n, h, d, generator=g) * 4 for h in (nkv, nkv, nh))
-    slots = torch.tensor([3, 9, -1, 0, 14])  # -1: a padding token, not written
-    ks, vs = scales()
-    empty = lambda: torch.zeros(4, 4, nkv, d, dtype=fp8)  # noqa: E731
+    k, v, q = ((torch.randn(n, h, d, generator=g) * 4).to(device, dtype) for h in (nkv, nkv, nh))
+    slots = torch.tensor([3, 9, -1, 0, 14], device=device)  # -1: a padding token, not written
+    ks, vs = scales(device=device)
+    empty = lambda: torch.zeros(4, 4, nkv, d, dtype=fp8, device=device)  # noqa: E731
     kc, vc = empty(), empty()
     write_kv_cache(k, v, kc, vc, slots, k_scale=ks, v_scale=vs)
 
     def expect(x, scale):
-        want = torch.zeros(16, nkv, d, dtype=fp8)
+        want = torch.zeros(16, nkv, d, dtype=torch.uint8, device=device)
         keep = slots >= 0
-        want.view(torch.uint8)[slots[keep]] = (x[keep] / scale).to(fp8).view(torch.uint8)
-        return want.view(4, 4, nkv, d).view(torch.uint8)
+        want[slots[keep]] = (x[keep].float() / scale).to(fp8).view(torch.uint8)
+        return want.view(4, 4, nkv, d)
 
     assert torch.equal(kc.view(torch.uint8), expect(k, ks)) and torch.equal(vc.view(torch.uint8), expect(v, vs))
-    rope = RotaryEmbedding(d, 64, 10000.0)
-    positions = torch.tensor([0, 5, 7, 2, 11])
+    rope = RotaryEmbedding(d, 64, 10000.0).to(device)
+    positions = torch.tensor([0, 5, 7, 2, 11], device=device)
     kc, vc = empty(), empty()
     q_rot, k_rot = triton_ops.rotary_embedding_and_write_kv_(positions, q.clone(), k.clone(), v, rope.cos_sin_cache,
                                                              kc, vc, slots, k_scale=ks, v_scale=vs)
@@ -240,6 +245,13 @@ def test_gpu_attention_triton_path_equals_the_torch_reference(fp8, q_lens, seq_l
     same = (cache.view(torch.uint8) == ref_cache.view(torch.uint8)).float().mean()
     assert same > 0.999  # power-of-two scales: equal but for 1-ulp rotary roundings (bf16 on the GPU)
     torch.testing.assert_close(out, ref_out, atol=3e-2, rtol=3e-2)
+
+
+@gpu
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fp8", FP8, ids=["e4m3", "e5m2"])
+def test_gpu_kv_writes_divide_by_the_scales(fp8):
+    check_kv_writes(fp8, "cuda", torch.bfloat16)
 
 
 @gpu

@@ -266,8 +266,8 @@ def _write_kv_kernel(
 ):
     """One program per new token: its k and v, all kv heads, into the cache slot; slots < 0 are skipped.
 
-    KV_SCALED: stores k / k_scale and v / v_scale (fp32 division by the scalars at the pointers, rounded once to
-    the cache dtype).
+    KV_SCALED: stores k / k_scale and v / v_scale (IEEE fp32 division by the scalars at the pointers: `/` is
+    approximate on NVIDIA, 2 ulp; rounded once to the cache dtype).
     """
     n = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + n).to(tl.int64)
@@ -280,8 +280,8 @@ def _write_kv_kernel(
     k = tl.load(k_ptr + n * stride_kn + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + n * stride_vn + h[:, None] * stride_vh + d[None, :], mask=mask)
     if KV_SCALED:
-        k = (k.to(tl.float32) / tl.load(k_scale_ptr)).to(k_cache_ptr.dtype.element_ty)
-        v = (v.to(tl.float32) / tl.load(v_scale_ptr)).to(v_cache_ptr.dtype.element_ty)
+        k = tl.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)).to(k_cache_ptr.dtype.element_ty)
+        v = tl.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)).to(v_cache_ptr.dtype.element_ty)
     tl.store(k_cache_ptr + page * stride_kcb + in_page * stride_kcs + h[:, None] * stride_kch + d[None, :], k,
              mask=mask)
     tl.store(v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + d[None, :], v,
