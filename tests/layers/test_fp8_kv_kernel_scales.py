@@ -52,6 +52,8 @@ def exact_fp8_casts(monkeypatch):
     cast does. Under this fixture the interpreter casts to fp8 through torch, so stored bytes can be compared."""
     from triton.runtime import interpreter
 
+    if not hasattr(interpreter, "_convert_float"):  # another Triton's interpreter: its casts are its own
+        pytest.skip("this Triton's interpreter has no _convert_float to correct")
     fp8 = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
     src = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16}
     orig = interpreter._convert_float
