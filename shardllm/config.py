@@ -87,7 +87,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
-    num_microbatches: int = 1  # batches kept in flight: the number of pipeline stages
+    num_microbatches: int = 1  # batches kept in flight: pp, or pp + 1 for a synchronous pipeline (create)
     # Requests running at once. EngineConfig.create: max_num_seqs per pipeline stage (each stage then sees batches as
     # large as one GPU would, as vLLM's per-stage virtual engines did); with SHARDLLM_PP_SHARED_MAX_SEQS=1 at start-up,
     # max_num_seqs in all (the earlier behaviour, kept for A/B measurements: docs/benchmarks.md).

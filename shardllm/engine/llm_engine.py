@@ -81,9 +81,9 @@ class LLMEngine:
         self.stats = EngineStats()
         self._parents: dict[str, list[Request]] = {}
         self._in_flight: deque = deque()  # submitted SchedulerOutputs, oldest first
-        # pp batches in flight fill the pipeline (pp + 1 when synchronous: config.py); async scheduling keeps one
-        # more, so that the host schedules
-        # and sends step k+1 (and digests step k's tokens) while the devices run step k
+        # num_microbatches batches in flight fill the pipeline (pp, or pp + 1 when synchronous: config.py); async
+        # scheduling keeps one more, so that the host schedules and sends step k+1 (and digests step k's tokens)
+        # while the devices run step k
         self._max_in_flight = sc.num_microbatches + bool(sc.async_scheduling)
         self._counter = 0
         freeze_startup_objects()
@@ -181,9 +181,10 @@ class LLMEngine:
     def step(self, final_only: bool = False) -> list[RequestOutput]:
         """Advance by one batch; return the outputs of the requests that progressed (final_only: that ended).
 
-        With pipeline parallelism up to pp batches are in flight (one more with async scheduling): a step
-        submits a new batch when one can be formed and a slot is free, and collects the oldest batch when the pipeline
-        is full or nothing new can start. With one batch in flight that is submit-then-collect.
+        With pipeline parallelism up to pp + 1 batches are in flight (synchronous: num_microbatches = pp + 1; async
+        scheduling: pp and its one more): a step submits a new batch when one can be formed and a slot is free, and
+        collects the oldest batch when the pipeline is full or nothing new can start. With one batch in flight that
+        is submit-then-collect.
         """
         if len(self._in_flight) < self._max_in_flight:
             so = self.scheduler.schedule()
