@@ -88,10 +88,11 @@ class SchedulerConfig:
     max_model_len: int = 8192
     enable_chunked_prefill: bool = True
     num_microbatches: int = 1  # batches kept in flight: pp, or pp + 1 for a synchronous pipeline (create)
-    # Requests running at once. EngineConfig.create: max_num_seqs per pipeline stage (each stage then sees batches as
-    # large as one GPU would, as vLLM's per-stage virtual engines did); with SHARDLLM_PP_SHARED_MAX_SEQS=1 at start-up,
-    # max_num_seqs in all (the earlier behaviour, kept for A/B measurements: docs/benchmarks.md).
-    # None: max_num_seqs per batch in flight.
+    # Requests running at once. EngineConfig.create: max_num_seqs x pp (a pipeline holds as many requests per stage
+    # as one GPU would, as vLLM's per-stage virtual engines did), split evenly over the num_microbatches batches,
+    # each at most max_num_seqs: with pp = 2 and 1000 requests, three batches of 171 at max_num_seqs 256 (the
+    # configuration measured in docs/benchmarks.md). SHARDLLM_PP_SHARED_MAX_SEQS=1 at start-up: max_num_seqs in all
+    # (the earlier behaviour, for A/B runs). None (tests building a SchedulerConfig): max_num_seqs per batch.
     max_num_running_seqs: int | None = None
     # Schedule step k+1 while step k runs on the device: a decoding request joins the next batch before its
     # token is known (a placeholder the worker fills on the device from step k's sampled tokens).

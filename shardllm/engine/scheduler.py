@@ -26,7 +26,7 @@ class Scheduler:
         self._sent: set[str] = set()  # requests whose NewRequestData the workers have
         self._finished_ids: list[str] = []
         self.num_preemptions_total = 0
-        # each batch in flight holds up to max_num_seqs requests (SchedulerConfig.max_num_running_seqs)
+        # requests running at once (SchedulerConfig.max_num_running_seqs; batches split them evenly, see schedule)
         self.max_running = config.max_num_running_seqs or config.max_num_seqs * config.num_microbatches
 
     # ---- queue management ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
@@ -34,11 +35,26 @@ ENABLED = os.environ.get("SHARDLLM_TP_OVERLAP", "0") == "1"
 MIN_TOKENS = int(os.environ.get("SHARDLLM_TP_OVERLAP_MIN_TOKENS", "64"))  # below: latency-bound, no split
 
 _streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+_suspended = False  # see suspended()
+_announced = False
+
+
+@contextlib.contextmanager
+def suspended():
+    """Inside: no split (the step that computes FP8 k/v scales must see the whole batch: each half would set the
+    layer's scales on its own, the second overwriting the first's after the first had stored k/v with them)."""
+    global _suspended
+    before, _suspended = _suspended, True
+    try:
+        yield
+    finally:
+        _suspended = before
 
 
 def applies(meta: AttentionMetadata, num_tokens: int, tp_size: int) -> bool:
     """Whether a forward of `num_tokens` rows with `meta` runs as two overlapped micro-batches."""
-    return ENABLED and tp_size > 1 and meta.max_query_len == 1 and num_tokens >= MIN_TOKENS
+    return (ENABLED and not _suspended and tp_size > 1 and meta.max_query_len == 1
+            and num_tokens >= MIN_TOKENS)
 
 
 def split_decode_meta(meta: AttentionMetadata, m: int) -> tuple[AttentionMetadata, AttentionMetadata]:
@@ -68,6 +84,11 @@ def run_layers(layers, positions: torch.Tensor, hidden_states: torch.Tensor, res
     (hidden_states, residual), (N, H) each, equal to running the layers over the whole batch up to the GEMMs'
     rounding (the halves are separate GEMMs).
     """
+    global _announced
+    if not _announced:  # once per process: the switch is read from the environment, so say that it took effect
+        _announced = True
+        print(f"shardllm: two-micro-batch overlap on (decode batches of {MIN_TOKENS}+ rows)", file=sys.stderr,
+              flush=True)
     n = positions.shape[0]
     m = n // 2
     meta_a, meta_b = split_decode_meta(meta, m)

@@ -12,6 +12,7 @@ import torch
 from shardllm.config import EngineConfig
 from shardllm.distributed.communication import pp_recv, pp_send
 from shardllm.distributed.parallel_state import get_parallel_context
+from shardllm.layers import microbatch_overlap
 from shardllm.layers.attention import Attention, AttentionMetadata
 from shardllm.layers.quantization.kv_cache import kv_cache_torch_dtype, set_kv_scale_calibration
 from shardllm.model_loader.loader import load_model
@@ -412,9 +413,11 @@ class ModelRunner:
         else:
             if calibrate:
                 set_kv_scale_calibration(self.attn_layers, True)
-            hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
-            if calibrate:
+                with microbatch_overlap.suspended():  # scales from the whole batch, not from each half
+                    hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
                 set_kv_scale_calibration(self.attn_layers, False)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
         overlap = self.config.scheduler_config.async_scheduling
         if not self.model.is_last_stage:
             pp_send(hidden)

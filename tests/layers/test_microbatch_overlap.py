@@ -54,7 +54,7 @@ def test_overlapped_decode_equals_whole_batch(tiny_checkpoints, monkeypatch):
                 assert abs(x[t].logprob - y[t].logprob) < 1e-4
 
 
-def test_tp2_overlap_equals_one_rank(tiny_checkpoints, monkeypatch):
+def test_tp2_overlap_equals_one_rank(tiny_checkpoints, monkeypatch, capfd):
     llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32")
     try:
         ref_tokens, _ = _run(llm)
@@ -69,3 +69,20 @@ def test_tp2_overlap_equals_one_rank(tiny_checkpoints, monkeypatch):
     finally:
         llm.shutdown()
     assert tokens == ref_tokens
+    # the workers split their decode batches (they inherit the captured stderr and say so once each)
+    assert capfd.readouterr().err.count("two-micro-batch overlap on") == 2
+
+
+def test_no_split_while_kv_scales_are_computed():
+    meta = AttentionMetadata(torch.zeros(128, dtype=torch.long), torch.arange(129, dtype=torch.int32),
+                             torch.ones(128, dtype=torch.int32), torch.zeros(128, 1, dtype=torch.int32),
+                             max_query_len=1, max_seq_len=1, block_size=4)
+    enabled = microbatch_overlap.ENABLED
+    microbatch_overlap.ENABLED = True
+    try:
+        assert microbatch_overlap.applies(meta, 128, 2)
+        with microbatch_overlap.suspended():
+            assert not microbatch_overlap.applies(meta, 128, 2)
+        assert microbatch_overlap.applies(meta, 128, 2)
+    finally:
+        microbatch_overlap.ENABLED = enabled

@@ -404,7 +404,9 @@ def _lookup_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> De
     if not buckets:
         return DecodeConfig()
     bucket = next((x for x in buckets if x >= num_seqs), buckets[-1])
-    return DecodeConfig(**DECODE_CONFIGS[f"{prefix}{bucket}"])
+    cfg = DecodeConfig(**DECODE_CONFIGS[f"{prefix}{bucket}"])
+    cfg.validate()
+    return cfg
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -434,8 +436,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
     group = num_heads // num_kv_heads
+    if config is not None:
+        config.validate()  # the table's entries are validated once, at lookup
     cfg = decode_config(num_seqs, head_dim, k_cache.dtype) if config is None else config
-    cfg.validate()
     k_scale, v_scale, kv_scaled = kv_scale_args(k_scale, v_scale, seq_lens)
     if num_splits is None:
         num_splits = cfg.num_splits or default_num_splits(num_seqs, num_kv_heads, q.device)
