@@ -30,6 +30,17 @@ logger = logging.getLogger(__name__)
 _MEMORY_POLL_S = 1.0  # how often the snapshot re-reads device memory (a call into every worker)
 
 
+def failure_summary(e: BaseException) -> str:
+    """One line for clients about why the engine failed: the error's first line and, for a worker's error that
+    carries its traceback, the traceback's last line ("worker rank 2 failed (KeyboardInterrupt)"). The traceback
+    itself goes to the server log only."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    head = lines[0].rstrip(":")
+    return f"{head} ({lines[-1]})" if len(lines) > 1 else head
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread stopped (an exception in a step, or shutdown); no request can run."""
 
@@ -190,7 +201,8 @@ class AsyncLLM:
 
     def _check_alive(self) -> None:
         if self._error is not None:
-            raise EngineDeadError(f"the engine failed and is not serving: {self._error!r}") from self._error
+            raise EngineDeadError(f"the engine failed and is not serving: {failure_summary(self._error)} (details in "
+                                  "the server log)") from self._error
         if self._stopping or not self._thread.is_alive():
             raise EngineDeadError("the engine is shutting down")
 
@@ -244,7 +256,8 @@ class AsyncLLM:
         except BaseException as e:  # noqa: BLE001 - any failure of a step ends the engine
             logger.exception("engine step failed; failing every request in flight")
             self._error = e
-        reason = (f"the engine failed: {self._error!r}" if self._error is not None
+        reason = (f"the engine failed: {failure_summary(self._error)} (details in the server log)"
+                  if self._error is not None
                   else "the server is shutting down")
         try:  # gauges first, so that a client told of the failure sees it in the metrics too
             self._abort_all()

@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -234,6 +235,9 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
     from shardllm.distributed.parallel_state import destroy_distributed, init_distributed
     from shardllm.worker.worker import Worker
 
+    # A terminal's Ctrl-C reaches the whole process group: the driver decides how to stop (a server drains its
+    # requests first) and tells the workers; a worker interrupted mid-step would fail every request in flight.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     config, rank, local_rank, init_method, threads = conn.recv()
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     if threads:

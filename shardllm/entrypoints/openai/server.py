@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardllm import __version__
-from shardllm.engine.async_llm import AsyncLLM
+from shardllm.engine.async_llm import AsyncLLM, failure_summary
 from shardllm.engine.detokenizer import TokenBytes
 from shardllm.entrypoints.openai import validation
 from shardllm.entrypoints.openai.errors import (
@@ -151,7 +151,9 @@ class OpenAIServer:
 
     def _unhealthy_message(self) -> str:
         err = self.llm.error
-        return f"the engine failed: {err!r}" if err is not None else "the engine is not serving (shutting down)"
+        if err is None:
+            return "the engine is not serving (shutting down)"
+        return f"the engine failed: {failure_summary(err)} (details in the server log)"
 
     # ---- request parsing -----------------------------------------------------------------------------------
     def _check_model(self, model: str) -> None:
