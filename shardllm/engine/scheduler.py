@@ -79,8 +79,8 @@ class Scheduler:
         out = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = []
         chosen: list[tuple[Request, int]] = []
-        # With a pipeline of several stages, split the requests into as many batches as there are
-        # stages, so that every stage has a batch to work on.
+        # With a pipeline, split the requests evenly over the batches kept in flight (num_microbatches: pp, or
+        # pp + 1 when synchronous), each at most max_num_seqs, so that every stage has a batch to work on.
         active = len(self.running) + len(self.waiting)
         cap = min(cfg.max_num_seqs, -(-active // cfg.num_microbatches)) if cfg.num_microbatches > 1 else None
 
