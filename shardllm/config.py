@@ -152,6 +152,9 @@ class EngineConfig:
 
         if moe_expert_parallel_size is not None:
             expert_parallel_size = moe_expert_parallel_size
+        # names of dtypes and methods are case-insensitive ("FP8", "BF16"), as in vLLM
+        dtype, kv_cache_dtype = (v.lower() if isinstance(v, str) else v for v in (dtype, kv_cache_dtype))
+        quantization = quantization.lower() if isinstance(quantization, str) else quantization
         check_engine_settings(tensor_parallel_size=tensor_parallel_size, pipeline_parallel_size=pipeline_parallel_size,
                               expert_parallel_size=expert_parallel_size, max_batch_size=max_batch_size,
                               max_num_tokens=max_num_tokens, block_size=block_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from shardllm.config import EngineConfig
@@ -10,6 +11,9 @@ from shardllm.outputs import RequestOutput
 from shardllm.sampling_params import SamplingParams
 
 Prompt = str | list[int]
+
+
+_ENGINE_ARGS = frozenset(inspect.signature(EngineConfig.create).parameters) - {"model"}
 
 
 class LLM:
@@ -35,6 +39,10 @@ class LLM:
                  kv_cache_free_gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True,
                  load_format: str = "auto", device: str = "auto", seed: int = 0, enforce_eager: bool = False,
                  trust_remote_code: bool = False, **kwargs: Any):
+        unknown = sorted(set(kwargs) - _ENGINE_ARGS)
+        if unknown:
+            raise TypeError(f"LLM() got unexpected keyword arguments {unknown}: the engine's arguments are "
+                            f"{sorted(_ENGINE_ARGS)}")
         self.config = EngineConfig.create(
             model, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size, expert_parallel_size=expert_parallel_size,

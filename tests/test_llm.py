@@ -153,6 +153,9 @@ def test_bad_prompts(path):
 def test_bad_checkpoints(tmp_path, path):
     with pytest.raises(ValueError, match="does not exist"):
         LLM(str(tmp_path / "nope" / "model"), device="cpu")
+    for relative in ("./my-model", "../my-model", "~/my-model"):  # never looked up as a Hugging Face repo id
+        with pytest.raises(ValueError, match="does not exist"):
+            LLM(relative, device="cpu")
     bad_arch = tmp_path / "arch"
     bad_arch.mkdir()
     cfg = json.load(open(os.path.join(path, "config.json")))
@@ -216,3 +219,17 @@ def test_dummy_weights_and_shipped_configs(path):
         assert (cfg.num_hidden_layers, cfg.num_attention_heads) == (layers, heads)
     with pytest.raises(ValueError, match="shipped configs"):
         EngineConfig.create("llama-9-1b", load_format="dummy", device="cpu")
+
+
+def test_dtype_names_are_case_insensitive(path):
+    from shardllm.config import EngineConfig
+
+    a = EngineConfig.create(path, dtype="FP8", kv_cache_dtype="FP8_E5M2", device="cpu")
+    b = EngineConfig.create(path, dtype="fp8", kv_cache_dtype="fp8_e5m2", device="cpu")
+    assert a.model_config.dtype == b.model_config.dtype and a.cache_config.kv_cache_dtype == "fp8_e5m2"
+    assert EngineConfig.create(path, dtype="Float32", device="cpu").model_config.dtype == torch.float32
+
+
+def test_unknown_llm_argument_names_llm():
+    with pytest.raises(TypeError, match=r"LLM\(\) got unexpected keyword arguments \['bogus_arg'\]"):
+        LLM(bogus_arg=1)

@@ -75,7 +75,8 @@ def resolve_model(model: str | None, load_format: str = "auto", trust_remote_cod
     shipped = shipped_config_name(model)
     if shipped is not None and load_format == "dummy":
         return ResolvedModel(model, load_shipped_config(shipped), "dummy", None, None)
-    if os.path.sep in model and model.count("/") != 1 or os.path.exists(model):
+    looks_local = model.startswith((".", "~")) or os.path.isabs(model)  # "./m", "../m", "~/m": never a repo id
+    if looks_local or os.path.sep in model and model.count("/") != 1 or os.path.exists(model):
         raise ValueError(f"model path {model!r} does not exist or is not a checkpoint directory")
     if "/" not in model:
         raise ValueError(
