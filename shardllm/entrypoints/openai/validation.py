@@ -49,6 +49,12 @@ def check_supported_fields(data: dict[str, Any], model_cls) -> None:
     so it passes (some clients send every field)."""
     known = set(model_cls.model_fields)
     unknown = sorted(k for k, v in data.items() if k not in known and v is not None)
+    opts = data.get("stream_options")
+    if not unknown and isinstance(opts, dict) and "stream_options" in known:  # one level down, the same rule
+        sub = model_cls.model_fields["stream_options"].annotation
+        fields = next((set(t.model_fields) for t in getattr(sub, "__args__", (sub,)) if hasattr(t, "model_fields")),
+                      set())
+        unknown = sorted(f"stream_options.{k}" for k, v in opts.items() if k not in fields and v is not None)
     if unknown:
         name = unknown[0]
         raise APIError(f"'{name}' is not supported by this server (see {SUPPORTED_FIELDS_DOC} for the fields it "
