@@ -10,6 +10,7 @@ from torch import nn
 
 from shardllm.distributed.communication import tp_all_gather, tp_all_reduce
 from shardllm.distributed.parallel_state import get_parallel_context
+from shardllm.layers.gemv import maybe_small_m_linear_bf16
 from shardllm.model_loader.weight_utils import copy_weight, narrow, weight_shape
 
 
@@ -50,6 +51,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)  # (N, V / tp)
+        logits = maybe_small_m_linear_bf16(hidden_states, self.weight, None)  # decode GEMV where it beat cuBLAS
+        if logits is None:
+            logits = F.linear(hidden_states, self.weight)  # (N, V / tp)
         logits = tp_all_gather(logits, dim=-1)  # (N, V padded)
         return logits[..., : self.num_embeddings]
