@@ -347,7 +347,8 @@ def _fill(cand: Candidate, est: LayoutEstimate, c, spec: GPUSpec, topology: str,
     cand.throughput_tok_s = round(cand.replicas * decode_tokens_per_s(est, c, spec, topology, batch, context,
                                                                        cross_node), 1)
     if est.kv_share < min_kv_share:
-        cand.reason = (f"fits, but the KV cache gets {est.kv_share:.0%} of each GPU (< {min_kv_share:.0%}): "
+        cand.reason = (f"too little KV cache: the weights load, but it gets {est.kv_share:.0%} of each GPU "
+                       f"(< {min_kv_share:.0%}): "
                        f"{est.max_concurrency:.1f} requests of {est.max_seq_len} tokens")
         return
     cand.fits = True
