@@ -237,7 +237,8 @@ def _worker_main(conn: Connection, parent_pid: int) -> None:
 
     # A terminal's Ctrl-C reaches the whole process group: the driver decides how to stop (a server drains its
     # requests first) and tells the workers; a worker interrupted mid-step would fail every request in flight.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threading.current_thread() is threading.main_thread():  # a Ray actor runs this in one of its threads
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     config, rank, local_rank, init_method, threads = conn.recv()
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     if threads:
