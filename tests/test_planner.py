@@ -155,6 +155,7 @@ def test_plan_command_text_and_errors(capsys):
     assert main(["plan", "llama-3-8b", "--gpus", "4", "--input_len", "128", "--output_len", "128"]) == 0
     text = capsys.readouterr().out
     assert "recommended: tp 1 x pp 1 x 4 replicas" in text and "KV" in text
+    assert "run 4 servers of 1 GPU(s) each" in text and "--replicas 4" in text  # how to run what it recommends
     assert main(["plan", "no-such-model", "--gpus", "2"]) == 1
     assert "no-such-model" in capsys.readouterr().err
     assert main(["plan", "llama-3-8b", "--gpus", "0"]) == 1

@@ -103,6 +103,11 @@ def format_plan(p: Plan) -> str:
         lines.append(f"recommended: tp {best.tensor_parallel_size} x pp {best.pipeline_parallel_size} x "
                      f"{best.replicas} replicas ({best.gpus_used} GPUs): --tp_size {best.tensor_parallel_size} "
                      f"--pp_size {best.pipeline_parallel_size}")
+        if best.replicas > 1:  # each replica is its own server on its own GPUs, behind one load balancer
+            per = best.gpus_used // best.replicas
+            lines.append(f"  run {best.replicas} servers of {per} GPU(s) each (CUDA_VISIBLE_DEVICES per server, "
+                         f"different --port) behind a load balancer, or `shardllm deploy kubernetes ... "
+                         f"--replicas {best.replicas}` (docs/deployment.md)")
     else:
         lines.append(f"nothing fits: {no_fit_message(p)}")
     lines.append(f"{'tp':>3} {'pp':>3} {'rep':>4} {'weights/GPU':>12} {'KV/tok/GPU':>11} {'KV tokens':>10} "
