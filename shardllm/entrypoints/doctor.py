@@ -224,7 +224,8 @@ def diagnose_metrics(before: dict, after: dict, seconds: float) -> list[Finding]
         out.append(Finding("info", "gpu metrics", "the server exports no GPU metrics "
                            "(shardllm_gpu_monitoring_available 0: CPU, or NVML missing)",
                            "the GPU checks (balance, NVLink, utilisation) are skipped",
-                           "install nvidia-ml-py on the server (`shardllm[gpu]`)"))
+                           "on a GPU server: install nvidia-ml-py there (`shardllm[gpu]`); on a CPU server there is "
+                           "nothing to do"))
         return out
     used = _by_rank(after, "shardllm_gpu_fb_used_bytes")
     if len(used) > 1 and min(used.values()) > 0 and max(used.values()) / min(used.values()) > IMBALANCE_RATIO:
