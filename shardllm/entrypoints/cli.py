@@ -61,22 +61,27 @@ def _port(v: str) -> int:
     return port
 
 
-def check_bind(host: str, port: int) -> None:
-    """Bind and release (host, port) before the model loads, so that a bad address or a port in use fails in a
-    second rather than after minutes of loading. Raises ValueError naming the fix."""
+def check_bind(host: str, port: int):
+    """Bind (host, port) before the model loads, so that a bad address or a port in use fails in a second rather
+    than after minutes of loading, and keep it: the server listens on this socket. (Binding and releasing left the
+    port free while the engine started, and the engine's own ephemeral listeners, such as the rendezvous store,
+    could take it.) Returns the bound socket.socket; raises ValueError naming the fix."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
-        try:
-            sock.bind((host, port))
-        except socket.gaierror as e:
-            raise ValueError(f"--host {host}: cannot resolve it ({e.strerror}): give an address of this machine "
-                             "(0.0.0.0 for all of them)") from None
-        except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host, or "
-                             "stop what uses the port") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    try:
+        sock.bind((host, port))
+    except socket.gaierror as e:
+        sock.close()
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror}): give an address of this machine "
+                         "(0.0.0.0 for all of them)") from None
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host, or "
+                         "stop what uses the port") from None
+    return sock
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -260,9 +265,16 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(e))
     _setup_logging(opts["log_level"])
     try:
-        check_bind(opts["host"], opts["port"])
+        sock = check_bind(opts["host"], opts["port"])
     except ValueError as e:
         return _fail(str(e))
+    try:
+        return _serve_on(sock, engine_kwargs, opts)
+    finally:
+        sock.close()
+
+
+def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
     try:
         from shardllm.engine.async_llm import AsyncLLM
         from shardllm.entrypoints.openai.run import run_server
@@ -281,7 +293,8 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     limits = {k: opts[k] for k in LIMIT_KEYS if k in opts}
     try:
-        return run_server(llm, host=opts["host"], port=opts["port"], served_model_name=opts.get("served_model_name"),
+        return run_server(llm, host=opts["host"], port=opts["port"], sock=sock,
+                          served_model_name=opts.get("served_model_name"),
                           api_key=opts["api_key"], log_level=opts["log_level"],
                           shutdown_timeout=opts["shutdown_timeout"], **limits)
     except ValueError as e:  # a limit out of range

@@ -59,3 +59,19 @@ def test_server_limits_flags_and_their_ranges(tmp_path):
     config.write_text("max_seqs_per_request: 2.5\n")
     with pytest.raises(ValueError, match="an integer"):
         settings(["serve", "--config", str(config)])
+
+
+def test_the_early_bind_keeps_the_port_until_the_server_listens_on_it():
+    """check_bind holds its socket (the server listens on it), so nothing started while the model loads, such as
+    the engine's rendezvous store on an ephemeral port, can take the port in between."""
+    import socket
+
+    sock = cli.check_bind("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        with socket.socket() as other, pytest.raises(OSError):  # a plain bind, as an ephemeral listener's
+            other.bind(("127.0.0.1", port))
+    finally:
+        sock.close()
+    with socket.socket() as other:  # released with its socket
+        other.bind(("127.0.0.1", port))

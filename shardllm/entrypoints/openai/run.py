@@ -10,7 +10,8 @@ from shardllm.entrypoints.openai.lifecycle import EXIT_ENGINE_DEAD, GracefulUvic
 from shardllm.entrypoints.openai.server import OpenAIServer
 
 
-def run_server(llm: AsyncLLM, *, host: str = "localhost", port: int = 8000, served_model_name: str | None = None,
+def run_server(llm: AsyncLLM, *, host: str = "localhost", port: int = 8000, sock=None,
+               served_model_name: str | None = None,
                api_key: str | None = None, log_level: str = "info", shutdown_timeout: float = 30.0,
                max_request_body_bytes: int = limits.DEFAULT_MAX_REQUEST_BODY_BYTES,
                max_seqs_per_request: int = validation.DEFAULT_MAX_SEQS_PER_REQUEST,
@@ -19,7 +20,8 @@ def run_server(llm: AsyncLLM, *, host: str = "localhost", port: int = 8000, serv
     """Serve until SIGINT/SIGTERM: then stop accepting, let running requests finish for up to
     `shutdown_timeout` seconds, abort the rest, stop the engine and return 0. If the engine dies (a worker lost, a
     failed step) /health says 503 and ~2 s later the server shuts down and returns EXIT_ENGINE_DEAD (1), for an
-    orchestrator to restart it.
+    orchestrator to restart it. `sock`: a socket already bound to (host, port) to listen on (cli.check_bind), else
+    uvicorn binds (host, port) itself.
 
     Limits: bodies over `max_request_body_bytes` get 413; a request of more than `max_seqs_per_request` sequences
     (prompts x n) gets 400; a connection idle for `timeout_keep_alive` s, or whose request has not fully arrived
@@ -38,7 +40,7 @@ def run_server(llm: AsyncLLM, *, host: str = "localhost", port: int = 8000, serv
     uv = GracefulUvicornServer(config, on_grace_end, shutdown_timeout)
     server.on_engine_dead = lambda: setattr(uv, "should_exit", True)
     try:
-        uv.run()
+        uv.run(sockets=None if sock is None else [sock])
     finally:
         llm.shutdown()
     return EXIT_ENGINE_DEAD if server.engine_died else 0
