@@ -4,7 +4,7 @@
 # kernel's GPU tests of the tunable configs. Run from the repo root:  bash benchmarks/device_attention.sh
 # Results under $OUT (or ./bench_out): attention_rows.jsonl (every row), attention_sweep.txt (log + JSON table).
 # The sweep compiles its grid in 12 processes first (~15 s), then times it for ~20 s; paste its
-# "DECODE_CONFIGS = {...}" line into shardllm/layers/attention/triton_paged.py. End to end, the tuned and the
+# "DECODE_CONFIGS = {...}" line into shardllm/layers/attention/decode_configs.py. End to end, the tuned and the
 # original launch compare by SHARDLLM_DECODE_ATTN_TUNED=1 / 0 on the same command (e.g. shardllm bench).
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1

@@ -7,12 +7,19 @@ Triton is optional: without it this module still imports and HAS_TRITON is False
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import os
 
 import torch
 
+from shardllm.layers.attention.decode_configs import (  # noqa: F401 - DECODE_CONFIGS, set_decode_configs: API
+    DECODE_CONFIGS,
+    MAX_NUM_SPLITS,
+    DecodeConfig,
+    _config_cache,
+    _pow2,
+    decode_config,
+    set_decode_configs,
+)
 from shardllm.layers.triton_ops import kv_scale_args
 
 try:
@@ -33,7 +40,6 @@ def _jit(fn=None, **kwargs):
 
 
 _LOG2E = 1.4426950408889634
-MAX_NUM_SPLITS = 32  # decode partitions per sequence; the grid is (B, nkv, num_splits) whatever the lengths
 
 
 @_jit
@@ -291,10 +297,6 @@ def _write_kv_kernel(
 # ---- launchers ---------------------------------------------------------------------------------------------------
 
 
-def _pow2(n: int, at_least: int = 1) -> int:
-    return max(1 << (n - 1).bit_length(), at_least)
-
-
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -318,95 +320,6 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
 
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    """Launch choices of the decode kernel; every field's default is the kernel's original choice.
-
-    block_n: tokens per K/V tile (a power of two; >= 16 with use_dot); None: 64, or 32 past head_dim 128.
-    num_warps, num_stages: Triton's (num_stages None: Triton's default).
-    num_splits: partitions per sequence (a power of two <= MAX_NUM_SPLITS); None: default_num_splits.
-    use_dot: tl.dot with the GROUP query rows padded to 16; False: fp32 broadcast products, GROUP rows only.
-    prefetch_pages: load the next tile's page ids before this tile's K/V. k_rowmajor: K loaded as (N, D).
-    early_v: V's load issued with K's, before the scores.
-    """
-
-    block_n: int | None = None
-    num_warps: int = 4
-    num_stages: int | None = None
-    num_splits: int | None = None
-    use_dot: bool = True
-    prefetch_pages: bool = False
-    k_rowmajor: bool = False
-    early_v: bool = False
-
-    def validate(self) -> None:
-        bn = self.block_n
-        if bn is not None and (bn != _pow2(bn) or bn > 256 or (self.use_dot and bn < 16)):
-            raise ValueError(f"DecodeConfig.block_n={bn}: use a power of two in [16, 256] "
-                             "([1, 256] with use_dot=False)")
-        if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"DecodeConfig.num_warps={self.num_warps}: use 1, 2, 4, 8 or 16")
-        if self.num_stages is not None and not 1 <= self.num_stages <= 8:
-            raise ValueError(f"DecodeConfig.num_stages={self.num_stages}: use 1..8 or None (Triton's default)")
-        ns = self.num_splits
-        if ns is not None and (ns < 1 or ns != _pow2(ns) or ns > MAX_NUM_SPLITS):
-            raise ValueError(f"DecodeConfig.num_splits={ns}: use a power of two <= {MAX_NUM_SPLITS}, or None")
-
-
-# Tuned choices pasted from benchmarks/attention_sweep.py (its JSON table): "cache dtype/head_dim/batch bucket" ->
-# DecodeConfig fields. A batch uses the smallest bucket >= its size (else the largest) of its dtype and head_dim;
-# keys hold only what the host knows before a CUDA graph is captured, never seq_lens. Empty: the original choice.
-# Change it at run time through set_decode_configs (lookups are cached). Measured on an H200, 2026-11-30
-# (`bash benchmarks/device_attention.sh`, docs/benchmarks.md): batch 512 x ~170 tokens, bf16 cache 113 -> 98 us per
-# layer, fp8 127 -> 107 us.
-DECODE_CONFIGS: dict[str, dict] = {
-    "bf16/128/1": {"block_n": 32, "early_v": True, "prefetch_pages": True},
-    "bf16/128/256": {"block_n": 32, "early_v": True, "prefetch_pages": True},
-    "bf16/128/512": {"block_n": 32, "early_v": True, "prefetch_pages": True},
-    "bf16/128/64": {"block_n": 32, "early_v": True, "prefetch_pages": True},
-    "fp8_e4m3/128/1": {"block_n": 32},
-    "fp8_e4m3/128/256": {"block_n": 32, "early_v": True, "prefetch_pages": True},
-    "fp8_e4m3/128/512": {"num_warps": 2},
-    "fp8_e4m3/128/64": {"block_n": 32, "early_v": True, "prefetch_pages": True},
-}
-_config_cache: dict[tuple, DecodeConfig] = {}
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
-
-
-def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> DecodeConfig:
-    """The DECODE_CONFIGS entry for this batch size, head_dim and cache dtype, else DecodeConfig().
-
-    SHARDLLM_DECODE_ATTN_TUNED=0 in the environment ignores the table (the original launch, for A/B runs).
-    """
-    if os.environ.get("SHARDLLM_DECODE_ATTN_TUNED", "1") == "0":
-        return DecodeConfig()
-    key = (num_seqs, head_dim, cache_dtype)
-    if key not in _config_cache:  # a few us of parsing per layer otherwise, in eager decode
-        _config_cache[key] = _lookup_config(num_seqs, head_dim, cache_dtype)
-    return _config_cache[key]
-
-
-def set_decode_configs(table: dict[str, dict]) -> None:
-    """Replaces DECODE_CONFIGS (same key and field format) and drops the cached lookups."""
-    for fields in table.values():
-        DecodeConfig(**fields).validate()
-    DECODE_CONFIGS.clear()
-    DECODE_CONFIGS.update(table)
-    _config_cache.clear()
-
-
-def _lookup_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> DecodeConfig:
-    prefix = f"{_DTYPE_NAMES.get(cache_dtype, str(cache_dtype))}/{head_dim}/"
-    buckets = sorted(int(k[len(prefix):]) for k in DECODE_CONFIGS if k.startswith(prefix))
-    if not buckets:
-        return DecodeConfig()
-    bucket = next((x for x in buckets if x >= num_seqs), buckets[-1])
-    cfg = DecodeConfig(**DECODE_CONFIGS[f"{prefix}{bucket}"])
-    cfg.validate()
-    return cfg
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
