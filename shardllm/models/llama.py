@@ -130,12 +130,12 @@ class LlamaForCausalLM(nn.Module):
             hidden_states, residual = self.model.embed_tokens(input_ids), None
         else:
             hidden_states, residual = intermediate["hidden_states"], intermediate["residual"]
-        layers = self.model.layers[self.start_layer:self.end_layer]
-        if microbatch_overlap.applies(meta, positions.shape[0], get_parallel_context().tp_size):
-            hidden_states, residual = microbatch_overlap.run_layers(layers, positions, hidden_states, residual, meta)
+        if microbatch_overlap.applies(meta, positions.shape[0], get_parallel_context().tp_size):  # off by default
+            hidden_states, residual = microbatch_overlap.run_layers(
+                self.model.layers[self.start_layer:self.end_layer], positions, hidden_states, residual, meta)
         else:
-            for layer in layers:
-                hidden_states, residual = layer(positions, hidden_states, residual, meta)
+            for i in range(self.start_layer, self.end_layer):
+                hidden_states, residual = self.model.layers[i](positions, hidden_states, residual, meta)
         if not self.is_last_stage:
             return {"hidden_states": hidden_states, "residual": residual}
         hidden_states, _ = self.model.norm(hidden_states, residual)
