@@ -8,6 +8,7 @@ Triton is optional: without it this module still imports and HAS_TRITON is False
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -58,13 +59,19 @@ def _decode_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_DOT: tl.constexpr = True, PREFETCH_PAGES: tl.constexpr = False, K_ROWMAJOR: tl.constexpr = False,
-    EARLY_V: tl.constexpr = False, KV_SCALED: tl.constexpr = False,
+    EARLY_V: tl.constexpr = False, KV_SCALED: tl.constexpr = False, F16_DOT: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition): all GROUP query heads of the kv head at once.
 
     KV_SCALED: the cache holds k / k_scale and v / v_scale (an FP8 cache); the scores are multiplied by the fp32
     scalar at k_scale_ptr (folded into qk_scale) and the output by the one at v_scale_ptr, both loaded here, at
     run time (a CUDA graph sees in-place updates). Without it the pointers are never read.
+
+    F16_DOT (an FP8 cache, bf16/fp16 queries, use_dot): both dots run in fp16. The FP8 tiles are widened to fp16,
+    one `cvt` per two values on sm89+ (exact: every e4m3 and e5m2 value is an fp16 value), where widening to bf16
+    costs about three conversions a value, and conversions run at a quarter of the FMA rate: the bf16 widening made
+    the kernel compute-bound (1.68 TB/s on an H200 against 3.67 for a bf16 cache). q is multiplied by qk_scale in
+    fp32 before its fp16 rounding (|q| * scale stays far inside fp16's range) and p (in [0, 1]) is fp16.
 
     Variants (DecodeConfig): USE_DOT False computes q.k and p.v as broadcast products summed in fp32 (no
     padding of the GROUP rows to 16); PREFETCH_PAGES loads the next tile's page ids before this tile's K/V;
@@ -102,6 +109,8 @@ def _decode_kernel(
         q32 = q.to(tl.float32)
     if KV_SCALED:  # q.(k / k_scale) * k_scale: one multiply of the scalar, not of every score
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if F16_DOT:  # the scale rides on q (fp32 multiply, then one rounding to fp16): scores come out scaled
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
     if PREFETCH_PAGES:
         page = tl.load(table + (start + n) // BLOCK_SIZE, mask=start + n < end, other=0).to(tl.int64)
     for tok0 in range(start, end, BLOCK_N):
@@ -129,7 +138,8 @@ def _decode_kernel(
         else:
             k = tl.load(k_cache_ptr + k_row[:, None] + d[None, :], mask=kd_mask, other=0.0).to(tl.float32)
             s = tl.sum(q32[:, None, :] * k[None, :, :], 2)  # (G, N)
-        s = s * qk_scale  # log2 domain (times k_scale with KV_SCALED)
+        if not F16_DOT:  # (F16_DOT: q carries the scale)
+            s = s * qk_scale  # log2 domain (times k_scale with KV_SCALED)
         s = tl.where(tok_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
@@ -193,10 +203,11 @@ def _prefill_kernel(
     stride_bt, stride_on, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_SCALED: tl.constexpr = False,
+    KV_SCALED: tl.constexpr = False, F16_DOT: tl.constexpr = False,
 ):
     """One program per (query tile, kv head); a tile is BLOCK_Q tokens of one sequence x its GROUP heads.
     KV_SCALED: scores times the scalar at k_scale_ptr, output times the one at v_scale_ptr (as _decode_kernel).
+    F16_DOT: fp16 dots over an FP8 cache, q pre-scaled (as _decode_kernel).
 
     Tiles are numbered without a prefix sum over the host: sequence b's tiles start at
     qsl[b] // BLOCK_Q + b, which leaves room for cdiv(q_len_b, BLOCK_Q) tiles, so N // BLOCK_Q + B
@@ -235,6 +246,9 @@ def _prefill_kernel(
     kv_end = tl.where(tile * BLOCK_Q < q_len, kv_end, 0)  # idle program
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if F16_DOT:
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
     m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
@@ -318,6 +332,19 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
 
 
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _f16_dot(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """Whether the kernels' dots run in fp16: an FP8 cache under 16-bit queries (see _decode_kernel's F16_DOT).
+
+    SHARDLLM_FP8_ATTN_F16_DOT=0 in the environment widens to the query dtype instead (the earlier path, for A/B
+    runs).
+    """
+    return (cache_dtype in _FP8_DTYPES and q_dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("SHARDLLM_FP8_ATTN_F16_DOT", "1") != "0")
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
 
@@ -374,7 +401,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_PAD=_pow2(group, 16 if cfg.use_dot else 1), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
         USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor, EARLY_V=cfg.early_v,
-        KV_SCALED=kv_scaled, num_warps=cfg.num_warps, **extra)
+        KV_SCALED=kv_scaled, F16_DOT=cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype), num_warps=cfg.num_warps,
+        **extra)
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, seq_lens, out, num_heads, num_seqs, out.stride(0), out.stride(1),
@@ -423,7 +451,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=64, DOT_PRECISION=_dot_precision(q.dtype),
-        KV_SCALED=kv_scaled, num_warps=8 if block_q * group_pad >= 128 else 4)
+        KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype),
+        num_warps=8 if block_q * group_pad >= 128 else 4)
     return out
 
 
