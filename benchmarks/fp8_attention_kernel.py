@@ -1,0 +1,76 @@
+"""Decode attention over an FP8 cache: fp16 dots (now) beside widening to bf16 (SHARDLLM_FP8_ATTN_F16_DOT=0) and a
+bf16 cache, Llama-3-8B heads (32 q, 8 kv, head_dim 128, block 16), one CUDA card (issue 13).
+
+Each case (batch, mean context) gets one cache larger than the H200's 50 MiB L2 with scattered blocks; contexts are
+uniform in [0.8, 1.2] x the mean. Time: triton.testing.do_bench_cudagraph of one call (the tuned launch for the
+bucket), us; TB/s counts the K/V bytes read (2 x sum(seq_lens) x 8 x 128 x element size). One JSON line per row.
+
+    python benchmarks/fp8_attention_kernel.py [--cases 512x170 1024x192 500x1500 64x1000 1x1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from shardllm.layers.attention.triton_paged import paged_decode_attention
+
+
+def case(batch: int, ctx: int, cache_dtype: torch.dtype, g: torch.Generator):
+    nkv, d, bs = 8, 128, 16
+    lens = (torch.rand(batch, generator=g) * 0.4 + 0.8).mul(ctx).long().clamp(min=1)
+    blocks_per = (lens + bs - 1) // bs
+    nblocks = int(blocks_per.sum()) + 1
+    perm = torch.randperm(nblocks - 1, generator=g) + 1
+    tables = torch.zeros(batch, int(blocks_per.max()), dtype=torch.int32)
+    o = 0
+    for i, n in enumerate(blocks_per.tolist()):
+        tables[i, :n] = perm[o:o + n]
+        o += n
+    kc = (torch.randn(nblocks, bs, nkv, d, device="cuda") * 2).to(cache_dtype)
+    vc = torch.randn(nblocks, bs, nkv, d, device="cuda").to(cache_dtype)
+    q = torch.randn(batch, 32, d, device="cuda", dtype=torch.bfloat16)
+    scales = (torch.tensor(0.5, device="cuda"), torch.tensor(2.0, device="cuda")) \
+        if cache_dtype != torch.bfloat16 else (None, None)
+    return q, kc, vc, tables.cuda(), lens.int().cuda(), scales
+
+
+def time_call(q, kc, vc, bt, lens, scales) -> float:
+    """us per call of the tuned launch, as a CUDA graph replay."""
+    import triton
+
+    out = torch.empty_like(q)
+
+    def fn():
+        paged_decode_attention(q, kc, vc, bt, lens, 128**-0.5, out=out, k_scale=scales[0], v_scale=scales[1])
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=200) * 1e3
+
+
+def main() -> None:
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="+", default=["512x170", "1024x192", "500x1500", "64x1000", "1x1000"])
+    a = ap.parse_args()
+    g = torch.Generator().manual_seed(0)
+    for c in a.cases:
+        batch, ctx = map(int, c.split("x"))
+        for label, dt, flag in (("bf16", torch.bfloat16, "1"), ("fp8_f16dot", torch.float8_e4m3fn, "1"),
+                                ("fp8_bf16dot", torch.float8_e4m3fn, "0")):
+            os.environ["SHARDLLM_FP8_ATTN_F16_DOT"] = flag
+            args = case(batch, ctx, dt, g)
+            us = time_call(*args)
+            nbytes = 2 * int(args[4].sum()) * 8 * 128 * args[1].element_size()
+            print(json.dumps(dict(batch=batch, ctx=ctx, kernel=label, us=round(us, 1),
+                                  tb_s=round(nbytes / us / 1e6, 2))), flush=True)
+            del args
+    os.environ.pop("SHARDLLM_FP8_ATTN_F16_DOT")
+
+
+if __name__ == "__main__":
+    main()
