@@ -12,7 +12,15 @@ from shardllm.layers import triton_ops
 class SiluAndMul(nn.Module):
     """silu(x[..., :d]) * x[..., d:] for the fused gate_up projection."""
 
+    def __init__(self):
+        super().__init__()
+        self.quant_target = None  # the FP8 linear this feeds, if it takes e4m3 input (fp8_fused.link_act_quant)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_target is not None:  # feeding an FP8 linear: maybe quantized rows (fp8_fused.py)
+            out = self.quant_target.maybe_silu_and_mul(x)
+            if out is not None:
+                return out
         if triton_ops.use_triton(x):
             return triton_ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)

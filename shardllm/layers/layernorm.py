@@ -13,6 +13,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self.quant_target = None  # the FP8 linear this norm feeds, if it takes e4m3 input (fp8_fused.link_act_quant)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -20,7 +21,12 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """x: (N, H), or (N, heads, D) with any row strides (q/k norm); the Triton kernels on CUDA."""
+        """x: (N, H), or (N, heads, D) with any row strides (q/k norm); the Triton kernels on CUDA. Feeding an
+        FP8 linear, the normed rows may come back quantized (a QuantizedActivation, fp8_fused.py)."""
+        if self.quant_target is not None:
+            out = self.quant_target.maybe_rms_norm(x, residual, self.weight, self.eps)
+            if out is not None:
+                return out
         if triton_ops.use_triton(x):
             if residual is None:
                 return triton_ops.rms_norm(x, self.weight, self.eps)

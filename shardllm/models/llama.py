@@ -98,6 +98,9 @@ class LlamaForCausalLM(nn.Module):
     decoder_layer = LlamaDecoderLayer
     packed = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
               "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    # per decoder layer, {producer: the linear it feeds}: FP8 linears take their input quantized by the producer
+    fp8_act_quant_inputs = {"input_layernorm": "self_attn.qkv_proj", "post_attention_layernorm": "mlp.gate_up_proj",
+                            "mlp.act_fn": "mlp.down_proj"}
 
     def __init__(self, config, max_model_len: int):
         super().__init__()

@@ -140,11 +140,15 @@ def prepare_quantized_model(model: nn.Module, cfg: QuantizationConfig) -> None:
 
 
 def process_weights_after_loading(model: nn.Module) -> None:
-    """Let every quantized layer finish its weights (per-part scales expanded to rows, static scales reduced)."""
+    """Let every quantized layer finish its weights (per-part scales expanded to rows, static scales reduced),
+    then link the FP8 linears to the norms / activations that feed them."""
     for m in model.modules():
         method = getattr(m, "quant_method", None)
         if method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(m)
+    from shardllm.layers.quantization.fp8_fused import link_act_quant
+
+    link_act_quant(model)  # norms / activations before FP8 linears quantize their output (fp8_fused.py)
 
 
 def drop_unused_scales(weights, cfg: QuantizationConfig):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardllm.layers.quantization import QuantizationConfig
+from shardllm.layers.quantization.fp8_fused import QuantizedActivation
 from shardllm.layers.quantization.fp8_triton import (
     GEMV_MAX_M,
     fp8_small_m_linear,
@@ -50,6 +51,12 @@ class Fp8LinearMethod:
         self.per_tensor = cfg.is_checkpoint_fp8 and cfg.weight_strategy == "tensor"
         self.static_input = cfg.activation_scheme == "static"
         self.weight_only = cfg.weight_only
+
+    @property
+    def accepts_quantized_input(self) -> bool:
+        """Whether `apply` takes a QuantizedActivation (per-token e4m3 rows from a fused norm / activation,
+        fp8_fused.py): with dynamic per-token activation scales and FP8 GEMMs."""
+        return not (self.weight_only or self.static_input)
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
         check_fp8_shape(layer, output_size, input_size)
@@ -106,7 +113,12 @@ class Fp8LinearMethod:
             layer.input_scale = nn.Parameter(layer.input_scale.data.max().reshape(()), requires_grad=False)
         self.weight_only = self.weight_only or weight_only_fallback(layer.weight.device, self.cfg)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
+              bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):  # quantized by the kernel before (M > GEMV_MAX_M rows)
+            y = scaled_mm_rowwise(x.data, layer.weight, x.scale, layer.weight_scale.view(1, -1), x.dtype,
+                                  cpu_weight_f32(layer, layer.weight))  # (M, N)
+            return y if bias is None else y + bias
         if self.weight_only:
             return F.linear(x, (layer.weight.to(x.dtype) * layer.weight_scale.to(x.dtype)[:, None]), bias)
         shape = x.shape

@@ -1,0 +1,288 @@
+"""FP8 activation quantization fused into the kernel before an FP8 linear: RMSNorm (with or without the residual
+add) and SiLU-and-mul write the e4m3 activation and its per-token fp32 scale instead of a bf16 tensor that
+`quantize_per_token_triton` would read back.
+
+Numerics: each kernel computes the row exactly as its unfused twin in triton_ops (same fp32 math, same roundings
+to the activation dtype, same reduction shape) and then quantizes it with quantize_per_token_triton's rule
+(scale = max(amax / 448, MIN_SCALE), q = clamp(y / scale, +-448) rounded to e4m3), so data and scales are
+bit-identical to norm-then-quantize (tests/layers/test_fp8_fused_act_quant.py; on CUDA the gpu tests).
+
+How a layer uses it: after loading, `link_act_quant(model)` gives each producer named in the model's
+`fp8_act_quant_inputs` table (RMSNorm, SiluAndMul) an `ActQuantTarget` for the linear it feeds, when that linear's
+method takes a `QuantizedActivation` (Fp8LinearMethod with dynamic per-token scales). The producer then asks it
+for every call; where the fused form applies (CUDA with working FP8 Triton kernels, bf16/fp16 rows, M above the
+small-M GEMV threshold, so the linear would quantize per token for cuBLAS's row-wise `_scaled_mm`) it gets a
+`QuantizedActivation`, else the plain tensor as before. At tp > 1 nothing changes: a row-parallel linear
+quantizes its own input shard either way, which is what SiLU-and-mul produces on that rank.
+
+Switch: `SHARDLLM_FP8_FUSED_ACT_QUANT=0` (read at import) restores the unfused path; on by default.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from shardllm.layers.quantization.fp8_triton import GEMV_MAX_M, HAS_TRITON, triton_fp8_ok
+from shardllm.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from shardllm.layers.triton_ops import RMS_MAX_BLOCK, _jit, _pow2
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - the kernels below only parse (their annotations are strings)
+    triton = tl = None
+
+__all__ = ["ActQuantTarget", "QuantizedActivation", "link_act_quant", "rms_norm_quant", "silu_and_mul_quant"]
+
+ENABLED = os.environ.get("SHARDLLM_FP8_FUSED_ACT_QUANT", "1") != "0"
+# None: the fused kernels where the device checks pass (CUDA, the FP8 Triton probe); True / False force them on
+# (tests on CPU, which need TRITON_INTERPRET=1) / off.
+FORCE: bool | None = None
+SILU_QUANT_MAX_BLOCK = 16384  # SiLU-and-mul rows of up to this many outputs stay in registers (one pass)
+
+
+class QuantizedActivation(NamedTuple):
+    """An activation already quantized for an FP8 linear: data (M, K) float8_e4m3fn, scale (M, 1) fp32 per
+    token, dtype the dtype the activation had (the linear's output dtype)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+
+# ---- kernels -----------------------------------------------------------------------------------------------------
+
+
+@_jit
+def _normed_row_chunk(x_row, res_row, w_ptr, offs, mask, rstd, HAS_RESIDUAL: tl.constexpr):
+    """w * round(s * rstd), rounded to x's dtype and returned in fp32, for columns `offs` of one row (s = x, or
+    round(x + residual)): the values triton_ops._fused_rmsnorm_row_kernel stores."""
+    s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (s + r).to(x_row.dtype.element_ty).to(tl.float32)
+    normed = (s * rstd).to(x_row.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return (w * normed).to(x_row.dtype.element_ty).to(tl.float32)
+
+
+@_jit
+def _rmsnorm_quant_fp8_kernel(
+    x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, eps, hidden, stride_xn, stride_rn, stride_qn, stride_ron,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, FP8_MAX_C: tl.constexpr,
+    MIN_SCALE_C: tl.constexpr,
+):
+    """One program per token: y = RMSNorm(x (+ residual)) as the unfused kernel rounds it, then its e4m3 row and
+    scale. With HAS_RESIDUAL, round(x + residual) is stored to res_out. Rows wider than BLOCK: three passes
+    (sum of squares and res_out; amax; quantize), each recomputing y from the inputs."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xn
+    res_row = res_ptr + row * stride_rn
+    q_row = q_ptr + row * stride_qn
+    cols = tl.arange(0, BLOCK)
+    if NUM_CHUNKS == 1:
+        mask = cols < hidden
+        s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32)
+            s_rounded = (s + r).to(res_out_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + row * stride_ron + cols, s_rounded, mask=mask)
+            s = s_rounded.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(s * s, 0) / hidden + eps)
+        normed = (s * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (w * normed).to(x_ptr.dtype.element_ty).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(y), 0) / FP8_MAX_C, MIN_SCALE_C)
+        tl.store(s_ptr + row, scale)
+        q = tl.clamp(y / scale, -FP8_MAX_C, FP8_MAX_C)
+        tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        sum_sq = tl.zeros([BLOCK], tl.float32)
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK + cols
+            mask = offs < hidden
+            s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
+                s_rounded = (s + r).to(res_out_ptr.dtype.element_ty)
+                tl.store(res_out_ptr + row * stride_ron + offs, s_rounded, mask=mask)
+                s = s_rounded.to(tl.float32)
+            sum_sq += s * s
+        rstd = tl.rsqrt(tl.sum(sum_sq, 0) / hidden + eps)
+        amax = tl.zeros([BLOCK], tl.float32)
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK + cols
+            y = _normed_row_chunk(x_row, res_row, w_ptr, offs, offs < hidden, rstd, HAS_RESIDUAL)
+            amax = tl.maximum(amax, tl.abs(y))
+        scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_C, MIN_SCALE_C)
+        tl.store(s_ptr + row, scale)
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK + cols
+            mask = offs < hidden
+            y = _normed_row_chunk(x_row, res_row, w_ptr, offs, mask, rstd, HAS_RESIDUAL)
+            q = tl.clamp(y / scale, -FP8_MAX_C, FP8_MAX_C)
+            tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _silu_mul_row_chunk(x_row, d, offs, mask):
+    """round(round(silu(gate)) * up) in fp32 for columns `offs` of one row: triton_ops' silu_and_mul values."""
+    gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_row + d + offs, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(x_row.dtype.element_ty).to(tl.float32)
+    return (act * up).to(x_row.dtype.element_ty).to(tl.float32)
+
+
+@_jit
+def _silu_and_mul_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, d, stride_xn, stride_qn, BLOCK: tl.constexpr,
+                                   NUM_CHUNKS: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr):
+    """One program per token: y = silu(gate) * up over its d outputs, then its e4m3 row and scale. Rows wider
+    than BLOCK: two passes (amax; quantize), the second recomputing y from the inputs."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xn
+    q_row = q_ptr + row * stride_qn
+    cols = tl.arange(0, BLOCK)
+    if NUM_CHUNKS == 1:
+        mask = cols < d
+        y = _silu_mul_row_chunk(x_row, d, cols, mask)
+        scale = tl.maximum(tl.max(tl.abs(y), 0) / FP8_MAX_C, MIN_SCALE_C)
+        tl.store(s_ptr + row, scale)
+        q = tl.clamp(y / scale, -FP8_MAX_C, FP8_MAX_C)
+        tl.store(q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    else:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK + cols
+            amax = tl.maximum(amax, tl.abs(_silu_mul_row_chunk(x_row, d, offs, offs < d)))
+        scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_C, MIN_SCALE_C)
+        tl.store(s_ptr + row, scale)
+        for c in range(NUM_CHUNKS):
+            offs = c * BLOCK + cols
+            mask = offs < d
+            q = tl.clamp(_silu_mul_row_chunk(x_row, d, offs, mask) / scale, -FP8_MAX_C, FP8_MAX_C)
+            tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+if HAS_TRITON and hasattr(_rmsnorm_quant_fp8_kernel, "rewrite"):  # the interpreter: see the note in triton_ops
+    for _kernel in (_normed_row_chunk, _rmsnorm_quant_fp8_kernel, _silu_mul_row_chunk,
+                    _silu_and_mul_quant_fp8_kernel):
+        _kernel.rewrite()
+
+
+# ---- launchers ---------------------------------------------------------------------------------------------------
+
+
+def _rows_2d(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"{what}: expected (M, K) rows, got shape {tuple(x.shape)}")
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """RMSNorm of x (+ residual), quantized per token to e4m3 in the same launch.
+
+    x, residual (M, H) bf16/fp16 with a contiguous last dim, weight (H,) of x's dtype. Returns the
+    QuantizedActivation (data (M, H) e4m3fn, scale (M, 1) fp32), and with a residual also x + residual (M, H) in
+    x's dtype, as (QuantizedActivation, residual_out) like RMSNorm's. Bit-identical to
+    `triton_ops.fused_add_rms_norm` / `rms_norm` followed by `quantize_per_token_triton`.
+    """
+    x = _rows_2d(x, "rms_norm_quant")
+    m, hidden = x.shape
+    assert weight.shape == (hidden,) and weight.stride(0) == 1 and weight.dtype == x.dtype
+    q = torch.empty((m, hidden), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    res_out = None
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype
+        residual = _rows_2d(residual, "rms_norm_quant")
+        res_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if m:
+        block = min(_pow2(hidden), RMS_MAX_BLOCK)  # as triton_ops._rms_norm: the same sum-of-squares reduction
+        res, res_o = (x, x) if residual is None else (residual, res_out)
+        _rmsnorm_quant_fp8_kernel[(m,)](
+            x, res, weight, q, s, res_o, eps, hidden, x.stride(0), res.stride(0), q.stride(0), res_o.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, NUM_CHUNKS=triton.cdiv(hidden, block),
+            FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(max(block // 256, 1), 8))
+    out = QuantizedActivation(q, s, x.dtype)
+    return out if residual is None else (out, res_out)
+
+
+def silu_and_mul_quant(x: torch.Tensor, max_block: int = SILU_QUANT_MAX_BLOCK) -> QuantizedActivation:
+    """silu(x[:, :d]) * x[:, d:] for x (M, 2d) bf16/fp16, quantized per token to e4m3 in the same launch:
+    data (M, d) e4m3fn, scale (M, 1) fp32, bit-identical to `triton_ops.silu_and_mul` followed by
+    `quantize_per_token_triton`. max_block: outputs per chunk (rows wider take two passes over their inputs)."""
+    x = _rows_2d(x, "silu_and_mul_quant")
+    m, two_d = x.shape
+    assert two_d % 2 == 0
+    d = two_d // 2
+    q = torch.empty((m, d), dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(_pow2(d), max_block)
+        _silu_and_mul_quant_fp8_kernel[(m,)](
+            x, q, s, d, x.stride(0), q.stride(0), BLOCK=block, NUM_CHUNKS=triton.cdiv(d, block),
+            FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(max(block // 512, 1), 16))
+    return QuantizedActivation(q, s, x.dtype)
+
+
+# ---- the hook between a producer and its FP8 linear --------------------------------------------------------------
+
+
+def _fused_applies(x: torch.Tensor) -> bool:
+    """Host checks on shapes, dtypes and cached probes only (graph-capturable)."""
+    if not ENABLED or FORCE is False or not HAS_TRITON:
+        return False
+    if x.dim() != 2 or x.shape[0] <= GEMV_MAX_M or x.dtype not in (torch.bfloat16, torch.float16):
+        return False  # small M: the linear's weight-streaming GEMV takes the unquantized rows
+    return FORCE is True or (x.is_cuda and triton_fp8_ok(x.device))
+
+
+class ActQuantTarget:
+    """The FP8 linear a producer (RMSNorm, SiluAndMul) feeds. Not an nn.Module, so the producer does not
+    register the linear as its child; `link_act_quant` sets it as the producer's `quant_target`."""
+
+    def __init__(self, linear: nn.Module):
+        self.linear = linear
+
+    def _wants(self, x: torch.Tensor) -> bool:
+        return getattr(self.linear.quant_method, "accepts_quantized_input", False) and _fused_applies(x)
+
+    def maybe_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+        """`rms_norm_quant(x, residual, weight, eps)` where it applies, else None (the caller's own path)."""
+        if not self._wants(x) or weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+            return None
+        return rms_norm_quant(x, residual, weight, eps)
+
+    def maybe_silu_and_mul(self, x: torch.Tensor) -> QuantizedActivation | None:
+        """`silu_and_mul_quant(x)` where it applies, else None."""
+        return silu_and_mul_quant(x) if self._wants(x) else None
+
+
+def link_act_quant(model: nn.Module) -> int:
+    """Hands each producer in `model.fp8_act_quant_inputs` ({producer: linear}, names relative to a decoder layer
+    of `model.model.layers`) an ActQuantTarget for its linear, where both exist (a MoE layer has no dense
+    `mlp.down_proj`; a pipeline stage's missing layers have neither) and the linear's method accepts a
+    QuantizedActivation. Call after `process_weights_after_loading`. Returns the number of links."""
+    pairs = getattr(model, "fp8_act_quant_inputs", None)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not pairs or layers is None:
+        return 0
+    linked = 0
+    for layer in layers:
+        for producer_name, linear_name in pairs.items():
+            try:
+                producer, linear = layer.get_submodule(producer_name), layer.get_submodule(linear_name)
+            except AttributeError:
+                continue
+            if hasattr(producer, "quant_target") and getattr(linear.quant_method, "accepts_quantized_input", False):
+                producer.quant_target = ActQuantTarget(linear)
+                linked += 1
+    return linked
