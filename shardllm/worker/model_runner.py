@@ -19,6 +19,7 @@ from shardllm.model_loader.loader import load_model
 from shardllm.sampling_params import SamplingParams
 from shardllm.step_io import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from shardllm.worker.block_table import BlockTables
+from shardllm.worker.cuda_graph import CudaGraphRunner, graph_lm_head_enabled, is_plain_greedy, sampled_rows
 from shardllm.worker.prompt_logprobs import compute_prompt_logprobs
 from shardllm.worker.sampler import Sampler, SamplerOutput, SamplingBatch
 
@@ -184,11 +185,9 @@ class ModelRunner:
         self._bind_kv_caches(num_blocks)
         self.graph_runner = None
         if self._use_cuda_graphs():
-            from shardllm.worker.cuda_graph import CudaGraphRunner
-
             sc = self.config.scheduler_config
             runner = CudaGraphRunner(self.model, self.device, sc.max_num_seqs, sc.max_model_len, self.block_size,
-                                     self.model_config.dtype)
+                                     self.model_config.dtype, lm_head=graph_lm_head_enabled())
             try:
                 runner.capture(log=get_parallel_context().is_driver)
                 self.graph_runner = runner
@@ -356,15 +355,19 @@ class ModelRunner:
                                 torch.tensor(bias, dtype=torch.float32, device=self.device))
         return batch
 
-    def _sample(self, logits: torch.Tensor, req_ids: list[str]):
+    def _sample(self, logits: torch.Tensor, req_ids: list[str], greedy: torch.Tensor | None = None):
         """Sample every row; a row whose settings fail (a raising logits processor, a value out of range) fails its
-        request alone: it gets a filler token (0) and an entry in the returned errors.
+        request alone: it gets a filler token (0) and an entry in the returned errors. `greedy` (S,): the argmax
+        of `logits` computed in the decode graph, the tokens of a batch that only takes the argmax.
 
         Returns (SamplerOutput, errors: request id -> message, or None).
         """
         if not (self._failed and any(r in self._failed for r in req_ids)):  # no request of the batch failed yet
             try:
-                return self.sampler(logits, self._sampling_batch(req_ids), self._num_logprobs(req_ids)), None
+                batch = self._sampling_batch(req_ids)
+                if greedy is not None and is_plain_greedy(batch):  # a copy: the next replay overwrites the graph's
+                    return SamplerOutput(greedy.clone()), None
+                return self.sampler(logits, batch, self._num_logprobs(req_ids)), None
             except Exception:
                 pass
         # something in the batch fails: sample row by row to find the rows at fault (a rare, slow path)
@@ -408,8 +411,10 @@ class ModelRunner:
         meta = inputs.meta
         g = getattr(self, "graph_runner", None)
         calibrate, self._calibrate_kv = self._calibrate_kv, False  # first step: eager, sets the k/v scales
+        graph_out = None
         if g is not None and not calibrate and g.can_run(len(so.scheduled), meta.max_query_len, meta.max_seq_len):
-            hidden = g.run(inputs.input_ids, inputs.positions, meta, intermediate)  # a replayed decode graph
+            graph_out = g.run(inputs.input_ids, inputs.positions, meta, intermediate)  # a replayed decode graph
+            hidden = graph_out.hidden
         else:
             if calibrate:
                 set_kv_scale_calibration(self.attn_layers, True)
@@ -429,13 +434,18 @@ class ModelRunner:
             prompt_logprobs = compute_prompt_logprobs(self.model, hidden, so, self.requests)  # every tp rank
         if not inputs.sample_req_ids:
             return ModelRunnerOutput([], [], prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V), on every tp rank
+        greedy = None
+        if graph_out is not None and graph_out.logits is not None:  # the graph ran the LM head (on every tp rank)
+            logits = sampled_rows(graph_out.logits, inputs.logits_indices, len(so.scheduled))  # (S, V)
+            greedy = sampled_rows(graph_out.greedy, inputs.logits_indices, len(so.scheduled))  # (S,)
+        else:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (S, V), on every tp rank
         is_output = get_parallel_context().is_output_rank
         if not is_output and not self.config.scheduler_config.async_scheduling:
             return None
         # With async scheduling every tp rank samples (the same logits, the same seeds: the same tokens), so
         # that each can fill the next step's placeholders on its own device; the output rank returns them.
-        out, errors = self._sample(logits, inputs.sample_req_ids)
+        out, errors = self._sample(logits, inputs.sample_req_ids, greedy)
         if overlap:  # later steps' placeholders read these on the device
             if self.model.is_first_stage:
                 self._keep_step_tokens(step, out.token_ids, len(inputs.sample_req_ids))
