@@ -26,9 +26,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from shardllm.layers import triton_ops
 from shardllm.layers.quantization.fp8_triton import GEMV_MAX_M, HAS_TRITON, triton_fp8_ok
 from shardllm.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX, MIN_SCALE
-from shardllm.layers.triton_ops import RMS_MAX_BLOCK, _jit, _pow2
+from shardllm.layers.triton_ops import _jit, _pow2
 
 if HAS_TRITON:
     import triton
@@ -205,7 +206,7 @@ def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         residual = _rows_2d(residual, "rms_norm_quant")
         res_out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if m:
-        block = min(_pow2(hidden), RMS_MAX_BLOCK)  # as triton_ops._rms_norm: the same sum-of-squares reduction
+        block = min(_pow2(hidden), triton_ops.RMS_MAX_BLOCK)  # as triton_ops._rms_norm: the same reduction
         res, res_o = (x, x) if residual is None else (residual, res_out)
         _rmsnorm_quant_fp8_kernel[(m,)](
             x, res, weight, q, s, res_o, eps, hidden, x.stride(0), res.stride(0), q.stride(0), res_o.stride(0),
@@ -242,7 +243,8 @@ def _fused_applies(x: torch.Tensor) -> bool:
         return False
     if x.dim() != 2 or x.shape[0] <= GEMV_MAX_M or x.dtype not in (torch.bfloat16, torch.float16):
         return False  # small M: the linear's weight-streaming GEMV takes the unquantized rows
-    return FORCE is True or (x.is_cuda and triton_fp8_ok(x.device))
+    # on CUDA also where the unfused kernels would run (attention_backend="torch" turns triton_ops off)
+    return FORCE is True or (x.is_cuda and triton_ops.use_triton(x) and triton_fp8_ok(x.device))
 
 
 class ActQuantTarget:
