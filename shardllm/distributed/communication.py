@@ -56,9 +56,12 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         return x
     import torch.distributed as dist
 
-    parts = [torch.empty_like(x) for _ in range(ctx.tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=ctx.tp_group)
-    return torch.cat(parts, dim=dim)
+    # one flat output (no per-rank copies out of a staging buffer: fewer kernels, and safe inside a CUDA graph,
+    # where the LM head's gather runs); ranks stacked along dim 0, then concatenated along `dim`
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the first from torch 2.13
+    flat = torch.empty((ctx.tp_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    gather(flat, x.contiguous(), group=ctx.tp_group)
+    return torch.cat(flat.view(ctx.tp_size, *x.shape).unbind(0), dim=dim)
 
 
 def pp_send(tensors: dict[str, torch.Tensor]) -> None:
