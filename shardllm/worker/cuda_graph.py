@@ -6,9 +6,9 @@ of that size. Inputs are copied into static buffers; rows past the real batch ha
 (the kernel gives zeros) and write their k/v into slot 0 of the padding block 0.
 
 On the last pipeline stage a graph also holds the LM head (GEMV, and at tp > 1 the all-gather of the vocabulary
-shards) and a greedy argmax, writing one static logits buffer: a decode step then leaves no launch but the sampler's
-outside the graph, and none at all for an all-greedy batch. `SHARDLLM_GRAPH_LM_HEAD=0` at start-up keeps the head
-eager (the earlier path, for A/B runs).
+shards) and a greedy argmax, writing one static logits buffer: the gather of the sampling rows, the head and (at tp > 1)
+an eager NCCL call leave the step's eager part, and an all-greedy batch without logprobs, penalties or biases skips
+the sampler too. `SHARDLLM_GRAPH_LM_HEAD=0` at start-up keeps the head eager (the earlier path, for A/B runs).
 """
 
 from __future__ import annotations
