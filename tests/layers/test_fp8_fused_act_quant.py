@@ -124,14 +124,16 @@ def test_hook_quantizes_only_where_the_linear_would_quantize_per_token(monkeypat
 @cpu
 def test_only_dynamic_per_token_fp8_linears_are_linked():
     from shardllm.models.llama import LlamaForCausalLM
+    from shardllm.models.mixtral import MixtralForCausalLM
 
-    def build(cfg):
-        from transformers import LlamaConfig
+    def build(cfg, cls=LlamaForCausalLM):
+        from transformers import LlamaConfig, MixtralConfig
 
-        hf = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1)
+        size = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1)
+        hf = MixtralConfig(num_local_experts=2, **size) if cls is MixtralForCausalLM else LlamaConfig(**size)
         with quant_config_scope(cfg):
-            model = LlamaForCausalLM(hf, 64)
+            model = cls(hf, 64)
         return model, fp8_fused.link_act_quant(model)
 
     model, linked = build(QuantizationConfig())
@@ -141,6 +143,7 @@ def test_only_dynamic_per_token_fp8_linears_are_linked():
     assert layer.mlp.act_fn.quant_target.linear is layer.mlp.down_proj
     assert "input_layernorm.quant_target" not in dict(layer.named_modules())  # not registered as a child
     assert build(None)[1] == 0  # bf16
+    assert build(QuantizationConfig(), MixtralForCausalLM)[1] == 2  # the experts' input is no dense linear's
     assert build(QuantizationConfig(source="fp8", is_checkpoint_fp8=True, weight_strategy="tensor",
                                     activation_scheme="static"))[1] == 0
     assert build(QuantizationConfig(source="fp8", weight_strategy="block", is_checkpoint_fp8=True,
