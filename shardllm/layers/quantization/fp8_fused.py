@@ -43,7 +43,10 @@ ENABLED = os.environ.get("SHARDLLM_FP8_FUSED_ACT_QUANT", "1") != "0"
 # None: the fused kernels where the device checks pass (CUDA, the FP8 Triton probe); True / False force them on
 # (tests on CPU, which need TRITON_INTERPRET=1) / off.
 FORCE: bool | None = None
-SILU_QUANT_MAX_BLOCK = 16384  # SiLU-and-mul rows of up to this many outputs stay in registers (one pass)
+# SiLU-and-mul outputs per chunk: wider rows take two passes over their inputs (amax, then quantize; the second
+# read mostly from L2), as quantize_per_token_triton does at 4096 with 8 warps. One pass over a whole 14336-wide row
+# (16384) needs 16 warps and ~100 registers a thread, one program per SM: benchmarks/fused_act_quant.py compares.
+SILU_QUANT_MAX_BLOCK = 4096
 
 
 class QuantizedActivation(NamedTuple):
