@@ -45,7 +45,8 @@ ENABLED = os.environ.get("SHARDLLM_FP8_FUSED_ACT_QUANT", "1") != "0"
 FORCE: bool | None = None
 # SiLU-and-mul outputs per chunk: wider rows take two passes over their inputs (amax, then quantize; the second
 # read mostly from L2), as quantize_per_token_triton does at 4096 with 8 warps. One pass over a whole 14336-wide row
-# (16384) needs 16 warps and ~100 registers a thread, one program per SM: benchmarks/fused_act_quant.py compares.
+# (16384, 16 warps) holds ~32 fp32 values per tensor per thread, which by our estimate leaves room for one program
+# per SM; not measured yet: benchmarks/fused_act_quant.py times both.
 SILU_QUANT_MAX_BLOCK = 4096
 
 
