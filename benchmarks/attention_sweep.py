@@ -38,6 +38,12 @@ FLUSH_BYTES = 256 << 20
 # The current launch first, then one change at a time, then a few combinations; cut short by the time budget.
 GRID = [
     DecodeConfig(),
+    DecodeConfig(tma=True),  # pages by TMA (triton_decode_tma.py), then its launch variants
+    DecodeConfig(tma=True, num_stages=3),
+    DecodeConfig(tma=True, num_stages=4),
+    DecodeConfig(tma=True, num_warps=2),
+    DecodeConfig(tma=True, num_warps=8),
+    DecodeConfig(tma=True, num_warps=2, num_stages=4),
     DecodeConfig(block_n=128, num_warps=8),
     DecodeConfig(prefetch_pages=True),
     DecodeConfig(k_rowmajor=True),

@@ -1,5 +1,6 @@
 """Decode attention over an FP8 cache: fp16 dots (now) beside widening to bf16 (SHARDLLM_FP8_ATTN_F16_DOT=0) and a
-bf16 cache, Llama-3-8B heads (32 q, 8 kv, head_dim 128, block 16), one CUDA card (issue 13).
+bf16 cache, and the TMA kernel over both (a few launch variants), Llama-3-8B heads (32 q, 8 kv, head_dim 128,
+block 16), one CUDA card (issue 13).
 
 Each case (batch, mean context) gets one cache larger than the H200's 50 MiB L2 with scattered blocks; contexts are
 uniform in [0.8, 1.2] x the mean. Time: triton.testing.do_bench_cudagraph of one call (the tuned launch for the
@@ -16,7 +17,7 @@ import os
 
 import torch
 
-from shardllm.layers.attention.triton_paged import paged_decode_attention
+from shardllm.layers.attention.triton_paged import DecodeConfig, paged_decode_attention
 
 
 def case(batch: int, ctx: int, cache_dtype: torch.dtype, g: torch.Generator):
@@ -38,14 +39,15 @@ def case(batch: int, ctx: int, cache_dtype: torch.dtype, g: torch.Generator):
     return q, kc, vc, tables.cuda(), lens.int().cuda(), scales
 
 
-def time_call(q, kc, vc, bt, lens, scales) -> float:
-    """us per call of the tuned launch, as a CUDA graph replay."""
+def time_call(q, kc, vc, bt, lens, scales, config=None) -> float:
+    """us per call (the tuned launch unless `config`), as a CUDA graph replay."""
     import triton
 
     out = torch.empty_like(q)
 
     def fn():
-        paged_decode_attention(q, kc, vc, bt, lens, 128**-0.5, out=out, k_scale=scales[0], v_scale=scales[1])
+        paged_decode_attention(q, kc, vc, bt, lens, 128**-0.5, out=out, k_scale=scales[0], v_scale=scales[1],
+                               config=config)
 
     fn()
     torch.cuda.synchronize()
@@ -60,11 +62,15 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for c in a.cases:
         batch, ctx = map(int, c.split("x"))
-        for label, dt, flag in (("bf16", torch.bfloat16, "1"), ("fp8_f16dot", torch.float8_e4m3fn, "1"),
-                                ("fp8_bf16dot", torch.float8_e4m3fn, "0")):
+        for label, dt, flag, cfg in (
+                ("bf16", torch.bfloat16, "1", None), ("fp8_f16dot", torch.float8_e4m3fn, "1", None),
+                ("fp8_bf16dot", torch.float8_e4m3fn, "0", None),
+                *[(f"{n}_tma_w{w}_s{st}", dt_, "1", DecodeConfig(tma=True, num_warps=w, num_stages=st))
+                  for n, dt_ in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn))
+                  for w, st in ((4, None), (2, 3), (4, 4))]):
             os.environ["SHARDLLM_FP8_ATTN_F16_DOT"] = flag
             args = case(batch, ctx, dt, g)
-            us = time_call(*args)
+            us = time_call(*args, config=cfg)
             nbytes = 2 * int(args[4].sum()) * 8 * 128 * args[1].element_size()
             print(json.dumps(dict(batch=batch, ctx=ctx, kernel=label, us=round(us, 1),
                                   tb_s=round(nbytes / us / 1e6, 2))), flush=True)

@@ -25,6 +25,8 @@ class DecodeConfig:
     use_dot: tl.dot with the GROUP query rows padded to 16; False: fp32 broadcast products, GROUP rows only.
     prefetch_pages: load the next tile's page ids before this tile's K/V. k_rowmajor: K loaded as (N, D).
     early_v: V's load issued with K's, before the scores.
+    tma: pages loaded by TMA, one page a tile (triton_decode_tma.py; block_n, prefetch_pages, k_rowmajor and
+        early_v do not apply); calls it cannot serve (no TMA, another cache layout) take the pointer kernel.
     """
 
     block_n: int | None = None
@@ -35,6 +37,7 @@ class DecodeConfig:
     prefetch_pages: bool = False
     k_rowmajor: bool = False
     early_v: bool = False
+    tma: bool = False
 
     def validate(self) -> None:
         bn = self.block_n
@@ -45,6 +48,8 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.num_warps={self.num_warps}: use 1, 2, 4, 8 or 16")
         if self.num_stages is not None and not 1 <= self.num_stages <= 8:
             raise ValueError(f"DecodeConfig.num_stages={self.num_stages}: use 1..8 or None (Triton's default)")
+        if self.tma and not self.use_dot:
+            raise ValueError("DecodeConfig.tma=True needs use_dot=True")
         ns = self.num_splits
         if ns is not None and (ns < 1 or ns != _pow2(ns) or ns > MAX_NUM_SPLITS):
             raise ValueError(f"DecodeConfig.num_splits={ns}: use a power of two <= {MAX_NUM_SPLITS}, or None")

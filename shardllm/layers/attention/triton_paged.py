@@ -155,6 +155,15 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
         m = m_new
 
+    _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
+                  num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
+
+
+@_jit
+def _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
+                  num_heads, num_seqs, stride_ob, stride_oh,
+                  HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, KV_SCALED: tl.constexpr):
+    """A decode program's result: the (G, D) output of its heads with one partition, else its partials."""
     if KV_SCALED:  # p.(v / v_scale) * v_scale; partials too (the reduce is linear in acc)
         acc = acc * tl.load(v_scale_ptr)
     hd_mask = g_mask[:, None] & d_mask[None, :]
@@ -393,16 +402,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     head_dim_pad = _pow2(head_dim, 16)
     block_n = cfg.block_n or (64 if head_dim_pad <= 128 else 32)
     extra = {} if cfg.num_stages is None else {"num_stages": cfg.num_stages}
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, k_scale, v_scale,
-        scale * _LOG2E, num_heads, num_seqs,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=_pow2(group, 16 if cfg.use_dot else 1), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
-        USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor, EARLY_V=cfg.early_v,
-        KV_SCALED=kv_scaled, F16_DOT=cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype), num_warps=cfg.num_warps,
-        **extra)
+    f16_dot = cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype)
+    if cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache):
+        block_n = block_size  # the reduce's partition length: tiles are pages
+        _decode_kernel_tma[(num_seqs, num_kv_heads, num_splits)](
+            q, descriptor(k_cache), descriptor(v_cache), block_tables, seq_lens, out, part_acc, part_ml, k_scale,
+            v_scale, scale * _LOG2E, num_heads, num_seqs, q.stride(0), q.stride(1), block_tables.stride(0),
+            out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+            KV_SCALED=kv_scaled, F16_DOT=f16_dot, num_warps=cfg.num_warps, **extra)
+    else:
+        _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+            q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, k_scale, v_scale,
+            scale * _LOG2E, num_heads, num_seqs,
+            q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+            block_tables.stride(0), out.stride(0), out.stride(1),
+            GROUP=group, GROUP_PAD=_pow2(group, 16 if cfg.use_dot else 1), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+            BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+            USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor, EARLY_V=cfg.early_v,
+            KV_SCALED=kv_scaled, F16_DOT=f16_dot, num_warps=cfg.num_warps,
+            **extra)
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, seq_lens, out, num_heads, num_seqs, out.stride(0), out.stride(1),
@@ -475,3 +494,11 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PAD=_pow2(num_kv_heads),
         HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1], KV_SCALED=kv_scaled, num_warps=4)
+
+
+# the TMA decode kernel reuses this module's helpers: imported last, once they exist
+from shardllm.layers.attention.triton_decode_tma import (  # noqa: E402
+    _decode_kernel_tma,
+    descriptor,
+    tma_supported,
+)

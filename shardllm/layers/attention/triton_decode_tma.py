@@ -1,0 +1,102 @@
+"""Paged decode attention whose K/V pages arrive by TMA (Hopper's tensor memory accelerator), one page a tile.
+
+The pointer kernel (triton_paged._decode_kernel) forms a 64-bit address for every K/V element it loads; over an FP8
+cache that per-element work, not the bytes, bounds it (1.7 TB/s on an H200, the same time per token as a bf16 cache).
+Here a page's (block_size, D) slab of one kv head is one box of a tensor descriptor over the cache viewed as
+(num_blocks x block_size, nkv, D): one TMA instruction a page, no address arithmetic per element. The scores and
+the softmax are as in the pointer kernel (the same partitions, partials and reduce), so the two are interchangeable.
+
+Needs: a cache laid out (num_blocks, block_size, nkv, D) contiguous, D a power of two with D x element size a
+multiple of 16 bytes, and a GPU with TMA (sm90+) or the interpreter. `tma_supported` says whether a call qualifies;
+paged_decode_attention falls back to the pointer kernel otherwise.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from shardllm.layers.attention.triton_paged import HAS_TRITON, _decode_store, _jit, _split_len, tl
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # an older Triton, or none
+    TensorDescriptor = None
+
+
+@_jit(do_not_specialize=["num_seqs", "stride_bt"])
+def _decode_kernel_tma(
+    q_ptr, k_desc, v_desc, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr, F16_DOT: tl.constexpr,
+):
+    """One program per (sequence, kv head, partition), as _decode_kernel; tiles are whole pages (BLOCK_N =
+    BLOCK_SIZE), so partitions start on page boundaries and a tile needs one block-table entry."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_SIZE)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    head = kvh * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0)
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if F16_DOT:
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_sum = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    n = tl.arange(0, BLOCK_SIZE)
+    table = block_tables_ptr + b * stride_bt
+    for tok0 in range(start, end, BLOCK_SIZE):
+        row0 = tl.load(table + tok0 // BLOCK_SIZE) * BLOCK_SIZE  # the page's first row of the (nb x bs) view
+        k = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM).to(q.dtype)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (G, BLOCK_SIZE)
+        if not F16_DOT:
+            s = s * qk_scale
+        s = tl.where((tok0 + n < end)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+    _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
+                  num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
+
+
+def tma_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether this call can take the TMA kernel: see the module docstring."""
+    if not HAS_TRITON or TensorDescriptor is None:
+        return False
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+        return False
+    nb, bs, nkv, d = cache.shape
+    return (d == 1 << (d - 1).bit_length() and d * cache.element_size() % 16 == 0 and bs >= 16
+            and cache.stride() == (bs * nkv * d, nkv * d, d, 1) and cache.data_ptr() % 16 == 0)
+
+
+_DESCRIPTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache tensor -> (key, descriptor)
+
+
+def descriptor(cache: torch.Tensor):
+    """A TMA descriptor over `cache` viewed as (num_blocks x block_size, nkv, D), boxes of (block_size, 1, D).
+
+    Kept per cache tensor while it lives (a layer's cache is bound once), so eager decode builds it once.
+    """
+    nb, bs, nkv, d = cache.shape
+    key = (cache.data_ptr(), tuple(cache.shape), cache.dtype)
+    hit = _DESCRIPTORS.get(cache)
+    if hit is None or hit[0] != key:
+        hit = _DESCRIPTORS[cache] = (key, TensorDescriptor.from_tensor(cache.view(nb * bs, nkv, d), [bs, 1, d]))
+    return hit[1]

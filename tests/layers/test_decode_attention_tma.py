@@ -1,0 +1,96 @@
+"""The TMA decode kernel (layers/attention/triton_decode_tma.py): pages loaded by tensor descriptors give the same
+attention as the pointer kernel and the fp32 oracle, under the interpreter on CPU (fp32 and FP8 caches, k/v scales,
+one and several partitions, graph-padding rows of length 0) and on CUDA (gpu: bf16 and FP8 caches at Llama-3-8B
+heads); calls it cannot serve fall back to the pointer kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from shardllm.layers.attention import triton_decode_tma  # noqa: E402
+from shardllm.layers.attention.triton_paged import DecodeConfig  # noqa: E402
+from tests.layers.test_fp8_attention_f16_dot import fp8_case  # noqa: E402
+from tests.layers.test_triton_attention import cpu, gpu, make_case, reference, run_decode  # noqa: E402
+
+TMA = DecodeConfig(tma=True)
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """Counts launches of the TMA kernel (so a silent fallback cannot pass for it)."""
+    calls = []
+    kernel = triton_decode_tma._decode_kernel_tma
+
+    class Counting:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr("shardllm.layers.attention.triton_paged._decode_kernel_tma", Counting())
+    return calls
+
+
+@cpu
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_tma_kernel_equals_the_oracle_fp32(tma_launches, num_splits):
+    q, kc, vc, meta = make_case([1] * 4, [40, 17, 0, 1], 2, 4, 64, seed=11)  # a padding row of length 0
+    got = run_decode(q, kc, vc, meta, num_splits=num_splits, config=TMA)
+    assert len(tma_launches) == 1
+    torch.testing.assert_close(got, reference(q, kc, vc, meta), atol=2e-5, rtol=1e-4)
+    assert got[2].abs().max() == 0  # the empty sequence gives zeros, as the pointer kernel's
+
+
+@cpu
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_tma_kernel_reads_an_fp8_cache_with_scales(tma_launches, fp8, num_splits):
+    q, kc8, vc8, meta, ks, vs, deq = fp8_case(fp8, [1, 1, 1], [40, 17, 1], True, seed=12)
+    got = run_decode(q, kc8, vc8, meta, num_splits=num_splits, config=TMA, k_scale=ks, v_scale=vs)
+    assert len(tma_launches) == 1
+    ref = reference(q, *deq, meta)
+    assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+    pointer = run_decode(q, kc8, vc8, meta, num_splits=num_splits, k_scale=ks, v_scale=vs)
+    torch.testing.assert_close(got, pointer, atol=1e-2, rtol=1e-2)
+
+
+@cpu
+def test_calls_the_tma_kernel_cannot_serve_take_the_pointer_kernel(tma_launches):
+    q, kc, vc, meta = make_case([1, 1], [30, 5], 2, 4, 48, seed=13)  # head_dim 48: not a power of two
+    assert not triton_decode_tma.tma_supported(q, kc)
+    torch.testing.assert_close(run_decode(q, kc, vc, meta, config=TMA), reference(q, kc, vc, meta),
+                               atol=2e-5, rtol=1e-4)
+    q, kc, vc, meta = make_case([1, 1], [30, 5], 2, 4, 64, seed=14)
+    kc_t = kc.transpose(1, 2).contiguous().transpose(1, 2)  # same values, another layout
+    assert not triton_decode_tma.tma_supported(q, kc_t)
+    torch.testing.assert_close(run_decode(q, kc_t, vc, meta, config=TMA), reference(q, kc, vc, meta),
+                               atol=2e-5, rtol=1e-4)
+    assert tma_launches == []
+
+
+def test_tma_needs_the_dot():
+    with pytest.raises(ValueError, match="use_dot"):
+        DecodeConfig(tma=True, use_dot=False).validate()
+
+
+@gpu
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cache", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "e4m3"])
+@pytest.mark.parametrize("batch", [1, 64, 512])
+def test_gpu_tma_kernel_equals_the_pointer_kernel(tma_launches, cache, batch):
+    lens = [int(x) for x in torch.randint(1, 400, (batch,), generator=torch.Generator().manual_seed(batch))]
+    if cache == torch.bfloat16:
+        q, kc, vc, meta = make_case([1] * batch, lens, 8, 4, 128, torch.bfloat16, "cuda", seed=batch)
+        ks = vs = None
+        ref = reference(q, kc, vc, meta)
+    else:
+        q, kc, vc, meta, ks, vs, deq = fp8_case(cache, [1] * batch, lens, True, "cuda", seed=batch, nkv=8, group=4,
+                                                head_dim=128)
+        ref = reference(q, *deq, meta)
+    for ns in (None, 1, 8):
+        got = run_decode(q, kc, vc, meta, num_splits=ns, config=DecodeConfig(tma=True, num_splits=None),
+                         k_scale=ks, v_scale=vs)
+        assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+    assert len(tma_launches) == 3
