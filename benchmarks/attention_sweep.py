@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     device = "cpu" if args.smoke else "cuda"
-    cases, base_grid, max_layers = ([(3, 40)], GRID[:2], 2) if args.smoke else (CASES, GRID, 512)
+    smoke_grid = [GRID[0], DecodeConfig(block_n=128, num_warps=8)]
+    cases, base_grid, max_layers = ([(3, 40)], smoke_grid, 2) if args.smoke else (CASES, GRID, 512)
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}  torch {torch.__version__}")
     jobs = [(b, c, dt) for b, c in cases for dt in args.dtypes]
 

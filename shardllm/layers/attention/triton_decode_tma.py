@@ -13,8 +13,6 @@ paged_decode_attention falls back to the pointer kernel otherwise.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from shardllm.layers.attention.triton_paged import HAS_TRITON, _decode_store, _jit, _split_len, tl
@@ -86,17 +84,15 @@ def tma_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
             and cache.stride() == (bs * nkv * d, nkv * d, d, 1) and cache.data_ptr() % 16 == 0)
 
 
-_DESCRIPTORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache tensor -> (key, descriptor)
-
-
 def descriptor(cache: torch.Tensor):
     """A TMA descriptor over `cache` viewed as (num_blocks x block_size, nkv, D), boxes of (block_size, 1, D).
 
-    Kept per cache tensor while it lives (a layer's cache is bound once), so eager decode builds it once.
+    Kept on the cache tensor itself while it lives (a layer's cache is bound once), so eager decode builds it once.
     """
     nb, bs, nkv, d = cache.shape
     key = (cache.data_ptr(), tuple(cache.shape), cache.dtype)
-    hit = _DESCRIPTORS.get(cache)
+    hit = getattr(cache, "_shardllm_tma", None)
     if hit is None or hit[0] != key:
-        hit = _DESCRIPTORS[cache] = (key, TensorDescriptor.from_tensor(cache.view(nb * bs, nkv, d), [bs, 1, d]))
+        hit = (key, TensorDescriptor.from_tensor(cache.view(nb * bs, nkv, d), [bs, 1, d]))
+        cache._shardllm_tma = hit
     return hit[1]
