@@ -152,3 +152,19 @@ def test_sweep_smoke_checks_times_and_tables_each_case(monkeypatch, tmp_path, ca
     assert printed.count("current") == 2 and "DECODE_CONFIGS = " in printed
     set_table(table)  # the printed table pastes as it is
     assert decode_config(3, 32, torch.bfloat16) == DecodeConfig(**table["bf16/32/3"])
+
+
+def test_env_table_replaces_its_keys_and_refuses_bad_json(monkeypatch, set_table):
+    from shardllm.layers.attention import decode_configs
+
+    before = dict(decode_configs.DECODE_CONFIGS)
+    monkeypatch.setenv("SHARDLLM_DECODE_CONFIGS", '{"bf16/128/4096": {"tma": true, "num_warps": 2}}')
+    decode_configs._env_table()
+    assert decode_configs.decode_config(3000, 128, torch.bfloat16) == DecodeConfig(tma=True, num_warps=2)
+    assert {k: v for k, v in decode_configs.DECODE_CONFIGS.items() if k != "bf16/128/4096"} == before
+    monkeypatch.setenv("SHARDLLM_DECODE_CONFIGS", "{bf16: 1}")
+    with pytest.raises(ValueError, match="SHARDLLM_DECODE_CONFIGS is not JSON"):
+        decode_configs._env_table()
+    monkeypatch.setenv("SHARDLLM_DECODE_CONFIGS", '{"bf16/128/8": {"block_n": 3}}')
+    with pytest.raises(ValueError, match="block_n=3"):
+        decode_configs._env_table()

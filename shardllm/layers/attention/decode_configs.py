@@ -4,6 +4,7 @@ what the host knows before a CUDA graph is captured (batch-size bucket, head_dim
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import torch
@@ -107,3 +108,19 @@ def _lookup_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> De
     cfg = DecodeConfig(**DECODE_CONFIGS[f"{prefix}{bucket}"])
     cfg.validate()
     return cfg
+
+
+def _env_table() -> None:
+    """SHARDLLM_DECODE_CONFIGS: a JSON table in DECODE_CONFIGS' format whose entries replace those keys at import
+    (a sweep's output tried end to end without an edit; the benchmarks' device scripts use it)."""
+    text = os.environ.get("SHARDLLM_DECODE_CONFIGS")
+    if text:
+        try:
+            table = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"SHARDLLM_DECODE_CONFIGS is not JSON ({e}): give a table such as "
+                             '{"bf16/128/512": {"block_n": 32}}') from e
+        set_decode_configs({**DECODE_CONFIGS, **table})
+
+
+_env_table()
