@@ -1,8 +1,8 @@
-"""Attention over an FP8 KV cache with 16-bit queries runs its dots in fp16 (issue 13): the FP8 tiles widen to fp16
-exactly, q carries the softmax scale (and k_scale) into its one fp16 rounding. Checked against the fp32 oracle on the
-dequantized cache under the interpreter, beside the earlier path (widen to the query's dtype,
-SHARDLLM_FP8_ATTN_F16_DOT=0), decode and prefill, e4m3 and e5m2, with and without k/v scales; on CUDA (gpu) the
-comparison with the earlier path too, with the tuned decode configs at the batch buckets the table holds."""
+"""Attention over an FP8 KV cache with 16-bit queries can run its dots in fp16 (issue 13; SHARDLLM_FP8_ATTN_F16_DOT=1,
+and always in the TMA kernel): the FP8 tiles widen to fp16 exactly, q carries the softmax scale (and k_scale) into its
+one fp16 rounding. Checked against the fp32 oracle on the dequantized cache under the interpreter, decode and
+prefill, e4m3 and e5m2, with and without k/v scales; on CUDA (gpu) beside the default path (widen to the query's
+dtype) too, with the tuned decode configs at the batch buckets the table holds."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def fp8_case(fp8, q_lens, seq_lens, scaled, device="cpu", seed=0, nkv=2, group=4
 
 
 def errors(run, monkeypatch, q, deq, meta, flags=("1", "0")):
-    """Max abs error against the fp32 oracle with fp16 dots (the default) and with the earlier bf16 widening (on
+    """Max abs error against the fp32 oracle with fp16 dots and with the default bf16 widening (on
     CUDA only: the interpreter's bf16 widening of an FP8 tile is wrong by orders of magnitude, triton 3.6)."""
     ref = reference(q, *deq, meta)
     out = {"0": float("inf")}
@@ -42,6 +42,9 @@ def errors(run, monkeypatch, q, deq, meta, flags=("1", "0")):
 
 def test_f16_dots_only_for_an_fp8_cache_under_16_bit_queries(monkeypatch):
     f = triton_paged._f16_dot
+    monkeypatch.delenv("SHARDLLM_FP8_ATTN_F16_DOT", raising=False)
+    assert not f(torch.bfloat16, torch.float8_e4m3fn)  # off by default, until measured
+    monkeypatch.setenv("SHARDLLM_FP8_ATTN_F16_DOT", "1")
     assert f(torch.bfloat16, torch.float8_e4m3fn) and f(torch.float16, torch.float8_e5m2)
     assert not f(torch.float32, torch.float8_e4m3fn)  # fp32 queries keep fp32 (tf32/ieee) dots
     assert not f(torch.bfloat16, torch.bfloat16)

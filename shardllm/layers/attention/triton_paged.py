@@ -67,11 +67,11 @@ def _decode_kernel(
     scalar at k_scale_ptr (folded into qk_scale) and the output by the one at v_scale_ptr, both loaded here, at
     run time (a CUDA graph sees in-place updates). Without it the pointers are never read.
 
-    F16_DOT (an FP8 cache, bf16/fp16 queries, use_dot): both dots run in fp16. The FP8 tiles are widened to fp16,
-    one `cvt` per two values on sm89+ (exact: every e4m3 and e5m2 value is an fp16 value), where widening to bf16
-    costs about three conversions a value, and conversions run at a quarter of the FMA rate: the bf16 widening made
-    the kernel compute-bound (1.68 TB/s on an H200 against 3.67 for a bf16 cache). q is multiplied by qk_scale in
-    fp32 before its fp16 rounding (|q| * scale stays far inside fp16's range) and p (in [0, 1]) is fp16.
+    F16_DOT (an FP8 cache, bf16/fp16 queries, use_dot; off unless SHARDLLM_FP8_ATTN_F16_DOT=1): both dots run in
+    fp16. The FP8 tiles widen to fp16 in one `cvt` per two values on sm89+ (exact: every e4m3 and e5m2 value is an
+    fp16 value) where widening to bf16 takes more conversions; q is multiplied by qk_scale in fp32 before its fp16
+    rounding (|q| * scale stays far inside fp16's range) and p (in [0, 1]) is fp16. A hypothesis for the FP8 cache's
+    slowness (1.68 TB/s on an H200 against 3.67 for a bf16 cache, the same time per token), not yet measured.
 
     Variants (DecodeConfig): USE_DOT False computes q.k and p.v as broadcast products summed in fp32 (no
     padding of the GROUP rows to 16); PREFETCH_PAGES loads the next tile's page ids before this tile's K/V;
@@ -344,14 +344,15 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def _f16_dot(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+def _f16_dot(q_dtype: torch.dtype, cache_dtype: torch.dtype, tma: bool = False) -> bool:
     """Whether the kernels' dots run in fp16: an FP8 cache under 16-bit queries (see _decode_kernel's F16_DOT).
 
-    SHARDLLM_FP8_ATTN_F16_DOT=0 in the environment widens to the query dtype instead (the earlier path, for A/B
-    runs).
+    Off by default: SHARDLLM_FP8_ATTN_F16_DOT=1 in the environment turns it on. Neither its speed nor its GPU test
+    has a result yet (a device call measured it with stale code, the next lost its output).
+    The TMA kernel (tma=True) always takes fp16 dots over an FP8 cache: the form it was measured in.
     """
     return (cache_dtype in _FP8_DTYPES and q_dtype in (torch.bfloat16, torch.float16)
-            and os.environ.get("SHARDLLM_FP8_ATTN_F16_DOT", "1") != "0")
+            and (tma or os.environ.get("SHARDLLM_FP8_ATTN_F16_DOT", "0") == "1"))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -410,7 +411,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             v_scale, scale * _LOG2E, num_heads, num_seqs, q.stride(0), q.stride(1), block_tables.stride(0),
             out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
-            KV_SCALED=kv_scaled, F16_DOT=f16_dot, num_warps=cfg.num_warps, **extra)
+            KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype, tma=True), num_warps=cfg.num_warps,
+            **extra)
     else:
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, k_scale, v_scale,
