@@ -18,10 +18,11 @@ nvidia-smi --query-gpu=index,name,memory.total,memory.used --format=csv,noheader
 $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__,
  'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
 opts=(-m gpu -q -p no:cacheprovider --durations=25 -rfEs)
-if $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout; then opts+=(--session-timeout 300); fi
+if $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout; then opts+=(--session-timeout $(( ${SUITE_LIMIT_S:-330} - 30 ))); fi
 dirs=(tests/layers tests/worker tests/models tests/distributed tests/executor tests/engine tests/metrics tests/test_*.py)
 t0=$(date +%s)
-left() { echo $(( 330 - ($(date +%s) - t0) )); }
+limit=${SUITE_LIMIT_S:-330}  # the whole run's limit, seconds
+left() { echo $(( limit - ($(date +%s) - t0) )); }
 workers=${GPU_SUITE_WORKERS:-}
 if [ -n "$workers" ] && ! $PY -c "import xdist" 2>/dev/null; then echo "no pytest-xdist: running serially"; workers=""; fi
 if [ -z "$workers" ]; then
@@ -41,7 +42,7 @@ count() {  # sum of "N <word>" over pytest's final lines
     | awk '{s += $1} END {print s + 0}'
 }
 why=""
-[ "$rc" = 124 ] && why=" (killed by the 330 s limit: the last test in the log was running)"
+[ "$rc" = 124 ] && why=" (killed by the ${limit} s limit: the last test in the log was running)"
 [ "$rc" = 3 ] && why=" (a test hung past its timeout signal: see HARD TIMEOUT in the log)"
 echo "GPU SUITE: passed=$(count passed) failed=$(count failed) errors=$(count 'errors?') skipped=$(count skipped)" \
      "wall=${wall}s rc=${rc}${why}"
