@@ -4,7 +4,6 @@ with an e4m3 KV cache too (scales computed on the first step), it follows the un
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -14,7 +13,7 @@ from shardllm import LLM, SamplingParams
 from tests.test_default_model import CHATS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-from accuracy import perplexity, reference_text  # noqa: E402
+from accuracy import compare, reference_text, score  # noqa: E402
 
 SCORED_TOKENS = 384  # the first tokens of the text (benchmarks/accuracy.py scores all ~2,230)
 
@@ -58,11 +57,16 @@ def test_fp8_greedy_chat_follows_fp32_token_by_token(llms):
 
 
 def test_fp8_perplexity_close_to_fp32(llms):
+    """Also the benchmark's lower-noise measures: KL from fp32's next-token distributions and top-1 agreement (the
+    captured distributions are checked against the engine's own prompt logprobs inside `score`)."""
     ids = llms["fp8"].get_tokenizer().encode(reference_text(), add_special_tokens=False)[:SCORED_TOKENS]
-    nll = {dt: perplexity(llm, ids, SCORED_TOKENS)[0] for dt, llm in llms.items()}
-    ratio = math.exp(nll["fp8"] - nll["float32"])
-    # whole text (benchmarks/accuracy.py --device cpu): 15.36 vs 14.88 (1.032), just past the issue's 1.03 goal
-    assert 0.97 <= ratio <= 1.05, ratio  # 1.0002 on these 384 tokens
+    ref, fp8 = (score(llms[dt], ids, SCORED_TOKENS, True) for dt in ("float32", "fp8"))
+    c = compare(ref, fp8)
+    # whole text (benchmarks/accuracy.py --device cpu --dtypes float32 fp8 --kl --weight_redraws 6): 1.032, KL 0.057;
+    # the 6 re-drawn weight roundings of equal error give 1.005-1.098 (mean 1.039): the issue's 1.03 is one draw away
+    assert 0.97 <= c["ppl_vs_first"] <= 1.05, c  # 1.0002 on these 384 tokens
+    assert 0.0 < c["kl_vs_first"] < 0.15 and c["top1_vs_first"] >= 0.8, c  # KL 0.063, top-1 0.90 measured
+    assert compare(ref, ref)["kl_vs_first"] == 0.0
 
 
 @pytest.fixture(scope="module")
