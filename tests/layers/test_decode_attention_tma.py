@@ -96,3 +96,35 @@ def test_gpu_tma_kernel_equals_the_pointer_kernel(tma_launches, cache, batch):
                          k_scale=ks, v_scale=vs)
         assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
     assert len(tma_launches) == 3
+
+
+@cpu
+def test_tma_kernel_ignores_nan_in_the_unused_tail_of_the_last_page(tma_launches):
+    """A page is loaded whole: slots past seq_len (a freed page's stale values, NaN after an overflow) must not
+    reach the output (p = 0 there, but 0 x NaN is NaN), as the pointer kernel's masked loads guarantee."""
+    q, kc, vc, meta = make_case([1, 1], [20, 7], 2, 4, 64, seed=15)
+    want = reference(q, kc, vc, meta)
+    for b, n in enumerate(meta.seq_lens.tolist()):
+        page, used = meta.block_tables[b, (n - 1) // 16], (n - 1) % 16 + 1
+        kc[page, used:] = float("nan")
+        vc[page, used:] = float("nan")
+    for ns in (1, 2):
+        got = run_decode(q, kc, vc, meta, num_splits=ns, config=TMA)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert len(tma_launches) == 2
+
+
+@cpu
+def test_tma_falls_back_for_pages_it_cannot_tile():
+    """TMA tiles are whole pages: a block size that is not a power of two in [16, 256] (tl.arange's and a TMA
+    box's limits) takes the pointer kernel instead of failing to compile."""
+    q = torch.randn(1, 4, 64)
+    for bs in (24, 512):
+        assert not triton_decode_tma.tma_supported(q, torch.zeros(2, bs, 1, 64))
+    assert triton_decode_tma.tma_supported(q, torch.zeros(2, 16, 1, 64))
+    q, kc, vc, meta = make_case([1], [30], 1, 4, 64, seed=16)
+    kc24, vc24 = (c.reshape(-1, 1, 64)[:48].reshape(2, 24, 1, 64) for c in (kc, vc))
+    meta.block_tables[:] = torch.tensor([0, 1, 0])[:meta.block_tables.shape[1]]
+    meta.block_size = 24
+    got = run_decode(q, kc24, vc24, meta, config=TMA)
+    torch.testing.assert_close(got, reference(q, kc24, vc24, meta), atol=2e-5, rtol=1e-4)

@@ -6,8 +6,9 @@ Here a page's (block_size, D) slab of one kv head is one box of a tensor descrip
 (num_blocks x block_size, nkv, D): one TMA instruction a page, no address arithmetic per element. The scores and
 the softmax are as in the pointer kernel (the same partitions, partials and reduce), so the two are interchangeable.
 
-Needs: a cache laid out (num_blocks, block_size, nkv, D) contiguous, D a power of two with D x element size a
-multiple of 16 bytes, and a GPU with TMA (sm90+) or the interpreter. `tma_supported` says whether a call qualifies;
+Needs: a cache laid out (num_blocks, block_size, nkv, D) contiguous, block_size a power of two in [16, 256],
+num_blocks x block_size < 2**31, D a power of two with D x element size a multiple of 16 bytes, and a GPU with TMA
+(sm90+) or the interpreter. `tma_supported` says whether a call qualifies;
 paged_decode_attention falls back to the pointer kernel otherwise.
 """
 
@@ -61,12 +62,14 @@ def _decode_kernel_tma(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (G, BLOCK_SIZE)
         if not F16_DOT:
             s = s * qk_scale
-        s = tl.where((tok0 + n < end)[None, :], s, float("-inf"))
+        valid = tok0 + n < end
+        s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
         v = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM).to(q.dtype)
+        v = tl.where(valid[:, None], v, 0.0)  # the page's slots past `end`: p is 0 there, but 0 x NaN is NaN
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
     _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
@@ -80,14 +83,20 @@ def tma_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
         return False
     nb, bs, nkv, d = cache.shape
-    return (d == 1 << (d - 1).bit_length() and d * cache.element_size() % 16 == 0 and bs >= 16
+    # a page is one tile and one TMA box: bs a power of two (tl.arange) in [16, 256] (tl.dot; a box's dims are at
+    # most 256); TMA coordinates are int32, so the rows of the (nb x bs) view must fit in one
+    return (d == 1 << (d - 1).bit_length() and d * cache.element_size() % 16 == 0
+            and bs == 1 << (bs - 1).bit_length() and 16 <= bs <= 256 and nb * bs < 2**31
             and cache.stride() == (bs * nkv * d, nkv * d, d, 1) and cache.data_ptr() % 16 == 0)
 
 
 def descriptor(cache: torch.Tensor):
     """A TMA descriptor over `cache` viewed as (num_blocks x block_size, nkv, D), boxes of (block_size, 1, D).
 
-    Kept on the cache tensor itself while it lives (a layer's cache is bound once), so eager decode builds it once.
+    Kept on the cache tensor itself while it lives. The engine's attention passes kv_cache[0] / kv_cache[1], new
+    views each call, so there it is rebuilt every call (about 5 us of host time per descriptor on a slow CPU; a CUDA
+    graph captures the launch once). Kept on the view, not on kv_cache: a descriptor holds a view of its tensor,
+    and one kept on kv_cache would make a reference cycle that holds the cache's memory until the cyclic GC runs.
     """
     nb, bs, nkv, d = cache.shape
     key = (cache.data_ptr(), tuple(cache.shape), cache.dtype)
