@@ -230,6 +230,34 @@ def check_lm_head(rank, t, f):
     torch.testing.assert_close(tied.compute_logits(t["h"]), F.linear(t["h"], t["embed.weight"]))
 
 
+def check_all_gather(rank, t, f):
+    """tp_all_gather (one flat all-gather, then a cat along `dim`) against the gather written out: any dim,
+    non-contiguous and integer input, the all-gather_single / all_gather_into_tensor path both."""
+    import torch.distributed as dist
+
+    from shardllm.distributed.communication import tp_all_gather
+
+    def part(r, *shape, dtype=torch.float32):  # rank r's tensor, known on every rank
+        g = torch.Generator().manual_seed(100 + r)
+        return (torch.randn(*shape, generator=g) * 100).to(dtype)
+
+    cases = [((5, 3), -1, torch.float32), ((5, 3), 0, torch.float32), ((2, 3, 4), 1, torch.float32),
+             ((2, 3, 4), -1, torch.int64), ((0, 6), -1, torch.float32)]
+    for shape, dim, dtype in cases:
+        want = torch.cat([part(r, *shape, dtype=dtype) for r in range(TP)], dim=dim)
+        assert torch.equal(tp_all_gather(part(rank, *shape, dtype=dtype), dim=dim), want), (shape, dim, dtype)
+    x = part(rank, 4, 6).t()  # (6, 4), not contiguous
+    assert torch.equal(tp_all_gather(x, dim=-1), torch.cat([part(r, 4, 6).t() for r in range(TP)], dim=-1))
+    single = getattr(dist, "all_gather_single", None)
+    if single is not None:  # torch 2.13: also the older call the code takes on torch 2.11
+        dist.all_gather_single = None
+        try:
+            assert torch.equal(tp_all_gather(part(rank, 5, 3), dim=-1),
+                               torch.cat([part(r, 5, 3) for r in range(TP)], dim=-1))
+        finally:
+            dist.all_gather_single = single
+
+
 def check_divisibility_errors(rank, t, f):
     from shardllm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
@@ -242,7 +270,8 @@ def check_divisibility_errors(rank, t, f):
 
 CHECKS = {fn.__name__.removeprefix("check_"): fn for fn in [
     check_context, check_column, check_merged_column, check_merged_column_fused, check_qkv,
-    check_qkv_replicated_kv, check_row, check_vocab_embedding, check_lm_head, check_divisibility_errors]}
+    check_qkv_replicated_kv, check_row, check_vocab_embedding, check_lm_head, check_all_gather,
+    check_divisibility_errors]}
 
 
 def _rank_main(rank: int, port: int, path: str, results) -> None:
@@ -359,3 +388,7 @@ def test_rank_layout_docstring_example():
 ])
 def test_rank_layout(tp, pp, tp_groups, pp_groups):
     assert rank_layout(tp, pp) == (tp_groups, pp_groups)
+
+
+def test_tp_all_gather_concatenates_ranks_along_any_dim(rank_results):
+    _assert_ok(rank_results, "all_gather")
