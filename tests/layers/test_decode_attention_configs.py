@@ -168,3 +168,17 @@ def test_env_table_replaces_its_keys_and_refuses_bad_json(monkeypatch, set_table
     monkeypatch.setenv("SHARDLLM_DECODE_CONFIGS", '{"bf16/128/8": {"block_n": 3}}')
     with pytest.raises(ValueError, match="block_n=3"):
         decode_configs._env_table()
+
+
+@pytest.mark.parametrize("table, words", [
+    ({"bf16/128/x": {}}, "batch bucket"),  # would have failed at the first decode lookup, not when set
+    ({"bf16/128": {"block_n": 32}}, "dtype/head_dim/bucket"),
+    ({"int8/128/1": {}}, "cache dtype"),
+    ({"bf16/128/1": {"blockn": 32}}, "blockn"),
+    ({"bf16/128/1": [32]}, "field"),
+])
+def test_a_malformed_table_is_refused_when_set(set_table, table, words):
+    with pytest.raises(ValueError, match=words):
+        set_table(table)
+    with pytest.raises(ValueError):
+        set_table([("bf16/128/1", {})])  # not a JSON object

@@ -91,8 +91,25 @@ def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> Dec
 
 
 def set_decode_configs(table: dict[str, dict]) -> None:
-    """Replaces DECODE_CONFIGS (same key and field format) and drops the cached lookups."""
-    for fields in table.values():
+    """Replaces DECODE_CONFIGS (same key and field format) and drops the cached lookups.
+
+    Raises ValueError naming the entry for a key that is not "cache dtype/head_dim/batch bucket" (a lookup would
+    fail at the first decode step otherwise), an unknown field or an invalid config."""
+    if not isinstance(table, dict):
+        raise ValueError(f"decode configs: expected a table {{'bf16/128/512': {{'block_n': 32}}, ...}}, got {table!r}")
+    fields_known = {f.name for f in dataclasses.fields(DecodeConfig)}
+    for key, fields in table.items():
+        parts = str(key).split("/")
+        if len(parts) != 3:
+            raise ValueError(f"decode configs: key {key!r} is not 'dtype/head_dim/bucket' (e.g. 'bf16/128/512')")
+        if parts[0] not in _DTYPE_NAMES.values():
+            raise ValueError(f"decode configs: key {key!r}: cache dtype {parts[0]!r} is none of "
+                             f"{sorted(_DTYPE_NAMES.values())}")
+        if not (parts[1].isdigit() and parts[2].isdigit()):
+            raise ValueError(f"decode configs: key {key!r}: head_dim and batch bucket must be integers")
+        if not isinstance(fields, dict) or set(fields) - fields_known:
+            raise ValueError(f"decode configs: entry {key!r}: {fields!r} is not a dict of DecodeConfig fields "
+                             f"({sorted(fields_known)})")
         DecodeConfig(**fields).validate()
     DECODE_CONFIGS.clear()
     DECODE_CONFIGS.update(table)
