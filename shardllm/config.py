@@ -6,12 +6,12 @@ resolves the model, and fails with a ValueError that says what to change.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from shardllm import envs
 from shardllm.distributed.parallel_state import pp_layer_split
 
 _DTYPES = {
@@ -222,8 +222,8 @@ class EngineConfig:
         # A synchronous pipeline keeps one batch more in flight than it has stages: the first stage computes it
         # while the driver digests the oldest batch's tokens and plans that batch's next step, which would otherwise
         # be a bubble on every stage (profiled: docs/benchmarks.md). SHARDLLM_PP_EXTRA_MICROBATCH=0: pp batches.
-        extra = pp > 1 and not async_scheduling and os.environ.get("SHARDLLM_PP_EXTRA_MICROBATCH", "1") != "0"
-        shared = os.environ.get("SHARDLLM_PP_SHARED_MAX_SEQS") == "1"
+        extra = pp > 1 and not async_scheduling and envs.SHARDLLM_PP_EXTRA_MICROBATCH
+        shared = envs.SHARDLLM_PP_SHARED_MAX_SEQS
         scheduler_config = SchedulerConfig(max_batch_size, max_num_tokens, max_seq_len,
                                            num_microbatches=pp + extra,
                                            async_scheduling=bool(async_scheduling),

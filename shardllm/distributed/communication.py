@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
+from shardllm import envs
 from shardllm.distributed.parallel_state import get_parallel_context
 
 # Profiling only: skip the tensor-parallel all-reduce (wrong results!) so that a benchmark can measure the
 # share of a step spent in it as 1 - t(skipped) / t. Never set in serving.
-_SKIP_ALL_REDUCE = os.environ.get("SHARDLLM_PROFILE_SKIP_ALL_REDUCE") == "1"
+_SKIP_ALL_REDUCE = envs.SHARDLLM_PROFILE_SKIP_ALL_REDUCE
 
 
 _fast_all_reduce = None  # a SymmMemAllReduce when the config asks for it (see fast_all_reduce.py)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import os
 import signal
 import sys
 from typing import Any
+
+from shardllm import envs
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Operator limits of the server (run_server's keyword arguments), passed on when given.
@@ -25,6 +26,7 @@ OWN_FLAG_COMMANDS = {
     "plan": "which tp x pp x replicas to run on these GPUs, and why (shardllm plan --help)",
     "doctor": "check this host's GPU set-up and a running server's metrics (shardllm doctor --help)",
     "deploy": "print Kubernetes manifests that run `shardllm serve` (shardllm deploy --help)",
+    "envs": "the SHARDLLM_* environment variables: default, current value, what each is for (shardllm envs --help)",
 }
 SERVER_DEFAULTS = {"host": "localhost", "port": 8000, "log_level": "info", "shutdown_timeout": 30.0}
 # The deployment guide's short names, accepted in YAML too.
@@ -139,7 +141,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardllm", description="shardllm: serve one LLM across many GPUs.",
                                      allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench,deploy,plan,doctor}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench,deploy,plan,doctor,envs}")
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server", allow_abbrev=False,
                            description="Run the OpenAI-compatible server (no MODEL: the embedded default).")
@@ -214,8 +216,8 @@ def resolve_settings(args: argparse.Namespace, server: bool) -> tuple[dict[str, 
     engine = {k: v for k, v in settings.items() if k in engine_keys}
     rest = {k: v for k, v in settings.items() if k not in engine_keys}
     if server:
-        if os.environ.get("SHARDLLM_HOST"):  # set by the container image (deploy/docker): bind 0.0.0.0 there
-            rest.setdefault("host", os.environ["SHARDLLM_HOST"])
+        if envs.SHARDLLM_HOST:  # set by the container image (deploy/docker): bind 0.0.0.0 there
+            rest.setdefault("host", envs.SHARDLLM_HOST)
         for k, v in SERVER_DEFAULTS.items():
             rest.setdefault(k, v)
     if server and rest.get("api_key_file"):
@@ -223,7 +225,7 @@ def resolve_settings(args: argparse.Namespace, server: bool) -> tuple[dict[str, 
             raise ValueError("give --api_key or --api_key_file, not both")
         rest["api_key"] = read_api_key_file(rest["api_key_file"])
     if server and not rest.get("api_key"):
-        rest["api_key"] = os.environ.get("SHARDLLM_API_KEY") or None
+        rest["api_key"] = envs.SHARDLLM_API_KEY
     for k in LIMIT_KEYS:  # checked before the model loads
         v = rest.get(k)
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
@@ -349,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         from shardllm.entrypoints import doctor, plan
 
         return {"plan": plan.main, "doctor": doctor.main}[argv[0]](argv[1:])
+    if argv[:1] == ["envs"]:  # the SHARDLLM_* variables' table (shardllm/envs.py)
+        return envs.main(argv[1:])
     if argv[:1] == ["deploy"]:  # `shardllm deploy kubernetes MODEL [serve's flags]`: manifests on stdout
         from shardllm.entrypoints.deploy import main as deploy_main
 

@@ -25,16 +25,17 @@ from multiprocessing.connection import Connection, wait
 
 import torch
 
+from shardllm import envs
 from shardllm.executor.base import Executor
 from shardllm.step_io import ModelRunnerOutput, SchedulerOutput
 from shardllm.worker.model_runner import is_ready, resolve
 
 logger = logging.getLogger(__name__)
 
-STEP_TIMEOUT_S = float(os.environ.get("SHARDLLM_STEP_TIMEOUT", "60"))  # debugging knob
-INIT_TIMEOUT_S = float(os.environ.get("SHARDLLM_INIT_TIMEOUT", "1800"))
+STEP_TIMEOUT_S = envs.SHARDLLM_STEP_TIMEOUT  # debugging knob
+INIT_TIMEOUT_S = envs.SHARDLLM_INIT_TIMEOUT
 # Output rank: while its oldest launched step runs, look for the next plan every _POLL_S (see _worker_main).
-_WAIT_FOR_PLANS = os.environ.get("SHARDLLM_WORKER_WAIT_FOR_PLANS", "1") != "0"
+_WAIT_FOR_PLANS = envs.SHARDLLM_WORKER_WAIT_FOR_PLANS
 _POLL_S = 1e-4
 
 

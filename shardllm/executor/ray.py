@@ -30,12 +30,13 @@ from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 
+from shardllm import envs
 from shardllm.config import EngineConfig
 from shardllm.executor.multiproc import INIT_TIMEOUT_S, MultiprocExecutor, WorkerError
 
 logger = logging.getLogger(__name__)
 
-PG_TIMEOUT_S = float(os.environ.get("SHARDLLM_RAY_PG_TIMEOUT", "120"))  # resources busy: how long to wait
+PG_TIMEOUT_S = envs.SHARDLLM_RAY_PG_TIMEOUT  # resources busy: how long to wait
 CONNECT_TIMEOUT_S = 10.0  # reaching the Ray cluster's GCS
 WATCH_INTERVAL_S = 1.0  # how often the watcher looks at the actors' long-running calls
 # Environment the workers inherit from the driver (the driver's value wins on every node).
@@ -58,7 +59,7 @@ def env_to_copy(environ: dict[str, str] | None = None) -> dict[str, str]:
     """The driver's variables that travel to every worker: names starting with ENV_PREFIXES, plus the names
     listed in SHARDLLM_RAY_ENV_VARS (comma-separated); never device, rank or rendezvous variables."""
     environ = os.environ if environ is None else environ
-    extra = {n.strip() for n in environ.get("SHARDLLM_RAY_ENV_VARS", "").split(",") if n.strip()}
+    extra = set(envs.get("SHARDLLM_RAY_ENV_VARS", environ))
     return {k: v for k, v in environ.items()
             if (k.startswith(ENV_PREFIXES) or k in extra) and k not in ENV_NEVER}
 

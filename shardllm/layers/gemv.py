@@ -13,10 +13,11 @@ the torch reference is `gemv_reference`.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
+
+from shardllm import envs
 
 try:
     import triton
@@ -197,7 +198,7 @@ _BF16_SWEEP = {
 # benchmarks/device_gemv.sh` (docs/benchmarks.md; M = 1 and 2 measured, larger M ran out of the sweep's time). Where
 # an (N, K, M) has no entry FP8 falls back to fp8_triton.small_m_config's tl.dot configs and bf16 to cuBLAS (a bf16
 # entry means "beat cuBLAS by 3% or more there"). SHARDLLM_GEMV_TABLES=0 at start-up: both empty (A/B runs).
-_TABLES_ON = os.environ.get("SHARDLLM_GEMV_TABLES", "1") != "0"
+_TABLES_ON = envs.SHARDLLM_GEMV_TABLES
 FP8_GEMV_TABLE = load_table(_FP8_SWEEP if _TABLES_ON else {})
 BF16_GEMV_TABLE = load_table(_BF16_SWEEP if _TABLES_ON else {})
 

@@ -23,16 +23,16 @@ Switch: `SHARDLLM_TP_OVERLAP=1` (read at start-up) turns it on; off by default u
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 
 import torch
 
+from shardllm import envs
 from shardllm.distributed.communication import nccl_only
 from shardllm.layers.attention import AttentionMetadata
 
-ENABLED = os.environ.get("SHARDLLM_TP_OVERLAP", "0") == "1"
-MIN_TOKENS = int(os.environ.get("SHARDLLM_TP_OVERLAP_MIN_TOKENS", "64"))  # below: latency-bound, no split
+ENABLED = envs.SHARDLLM_TP_OVERLAP
+MIN_TOKENS = envs.SHARDLLM_TP_OVERLAP_MIN_TOKENS  # below: latency-bound, no split
 
 _streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 _suspended = False  # see suspended()

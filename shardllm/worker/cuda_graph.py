@@ -16,7 +16,6 @@ the sampler too.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import NamedTuple
@@ -24,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from shardllm import envs
 from shardllm.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ MAX_GRAPH_LOGITS_BYTES = 128 << 20
 
 def graph_lm_head_enabled() -> bool:
     """The A/B switch, read at start-up: `SHARDLLM_GRAPH_LM_HEAD=1` puts the LM head in the graphs (off by default)."""
-    return os.environ.get("SHARDLLM_GRAPH_LM_HEAD", "0") == "1"
+    return envs.SHARDLLM_GRAPH_LM_HEAD
 
 
 def head_buckets(buckets: list[int], vocab_size: int, itemsize: int,

@@ -44,10 +44,11 @@ from dataclasses import dataclass
 
 import torch
 
+from shardllm import envs
+
 logger = logging.getLogger(__name__)
 
 ENV_DIR, ENV_STEPS, ENV_TOP = "SHARDLLM_PROFILE_DIR", "SHARDLLM_PROFILE_STEPS", "SHARDLLM_PROFILE_TOP"
-DEFAULT_STEPS = "8:16"
 PREFIX = "shardllm::"
 STEP, WINDOW_END = PREFIX + "step", PREFIX + "window_end"
 PHASES = ("prepare_inputs", "pp_recv", "forward", "graph_replay", "compute_logits", "sample", "pp_send", "wait_tokens")
@@ -121,11 +122,11 @@ class StepProfiler:
 
     @staticmethod
     def from_env(rank: int) -> StepProfiler | None:
-        out_dir = os.environ.get(ENV_DIR)
+        out_dir = envs.SHARDLLM_PROFILE_DIR
         if not out_dir:
             return None
-        steps = parse_steps(os.environ.get(ENV_STEPS, DEFAULT_STEPS))
-        return StepProfiler(out_dir, rank, steps, int(os.environ.get(ENV_TOP, "15")))
+        steps = parse_steps(envs.SHARDLLM_PROFILE_STEPS)
+        return StepProfiler(out_dir, rank, steps, envs.SHARDLLM_PROFILE_TOP)
 
     def arm(self, num_steps: int, tag: str | None = None) -> None:
         """Profile the next `num_steps` execute_model calls after one warm-up call (the profiler's start)."""

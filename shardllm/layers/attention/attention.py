@@ -10,13 +10,13 @@ KV sits in the blocks block_tables[b]. The torch reference below is the oracle f
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardllm import envs
 from shardllm.layers import triton_ops
 from shardllm.layers.attention import triton_paged
 from shardllm.layers.quantization.kv_cache import calibrate_kv_scales_
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 _fused_rotary_ok = [True]  # cleared, for the process, if the fused rotary + KV-write kernel fails to launch
 # SHARDLLM_KV_SCALES_IN_KERNELS=0 (read at import): the Triton path applies FP8 k/v scales in four torch ops, as
 # the torch reference does, instead of inside the kernels (the previous behaviour, for A/B runs)
-KV_SCALES_IN_KERNELS = os.environ.get("SHARDLLM_KV_SCALES_IN_KERNELS", "1") != "0"
+KV_SCALES_IN_KERNELS = envs.SHARDLLM_KV_SCALES_IN_KERNELS
 
 
 @dataclass

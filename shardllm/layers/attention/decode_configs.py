@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import torch
+
+from shardllm import envs
 
 MAX_NUM_SPLITS = 32  # decode partitions per sequence; the grid is (B, nkv, num_splits) whatever the lengths
 
@@ -82,7 +83,7 @@ def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> Dec
 
     SHARDLLM_DECODE_ATTN_TUNED=0 in the environment ignores the table (the original launch, for A/B runs).
     """
-    if os.environ.get("SHARDLLM_DECODE_ATTN_TUNED", "1") == "0":
+    if not envs.get("SHARDLLM_DECODE_ATTN_TUNED"):  # get: cheaper per call than the attribute
         return DecodeConfig()
     key = (num_seqs, head_dim, cache_dtype)
     if key not in _config_cache:  # a few us of parsing per layer otherwise, in eager decode
@@ -130,7 +131,7 @@ def _lookup_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> De
 def _env_table() -> None:
     """SHARDLLM_DECODE_CONFIGS: a JSON table in DECODE_CONFIGS' format whose entries replace those keys at import
     (a sweep's output tried end to end without an edit; the benchmarks' device scripts use it)."""
-    text = os.environ.get("SHARDLLM_DECODE_CONFIGS")
+    text = envs.SHARDLLM_DECODE_CONFIGS
     if text:
         try:
             table = json.loads(text)

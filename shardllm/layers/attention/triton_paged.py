@@ -8,10 +8,10 @@ Triton is optional: without it this module still imports and HAS_TRITON is False
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
+from shardllm import envs
 from shardllm.layers.attention.decode_configs import (  # noqa: F401 - DECODE_CONFIGS, set_decode_configs: API
     DECODE_CONFIGS,
     MAX_NUM_SPLITS,
@@ -352,7 +352,7 @@ def _f16_dot(q_dtype: torch.dtype, cache_dtype: torch.dtype, tma: bool = False) 
     The TMA kernel (tma=True) always takes fp16 dots over an FP8 cache: the form it was measured in.
     """
     return (cache_dtype in _FP8_DTYPES and q_dtype in (torch.bfloat16, torch.float16)
-            and (tma or os.environ.get("SHARDLLM_FP8_ATTN_F16_DOT", "0") == "1"))
+            and (tma or envs.get("SHARDLLM_FP8_ATTN_F16_DOT")))  # get: cheaper per launch than the attribute
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -20,12 +20,12 @@ Switch: `SHARDLLM_FP8_FUSED_ACT_QUANT=0` (read at import) restores the unfused p
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from shardllm import envs
 from shardllm.layers import triton_ops
 from shardllm.layers.quantization.fp8_triton import GEMV_MAX_M, HAS_TRITON, triton_fp8_ok
 from shardllm.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX, MIN_SCALE
@@ -39,7 +39,7 @@ else:  # pragma: no cover - the kernels below only parse (their annotations are 
 
 __all__ = ["ActQuantTarget", "QuantizedActivation", "link_act_quant", "rms_norm_quant", "silu_and_mul_quant"]
 
-ENABLED = os.environ.get("SHARDLLM_FP8_FUSED_ACT_QUANT", "1") != "0"
+ENABLED = envs.SHARDLLM_FP8_FUSED_ACT_QUANT
 # None: the fused kernels where the device checks pass (CUDA, the FP8 Triton probe); True / False force them on
 # (tests on CPU, which need TRITON_INTERPRET=1) / off.
 FORCE: bool | None = None

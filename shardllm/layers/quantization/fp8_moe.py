@@ -14,13 +14,13 @@ Parameters (E = this rank's experts, I = its slice of the intermediate size):
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shardllm import envs
 from shardllm.layers.moe import combine_expert_rows, grouped_mm, sort_by_expert
 from shardllm.layers.quantization import QuantizationConfig
 from shardllm.layers.quantization.fp8_moe_triton import grouped_block_fp8_mm, grouped_block_triton_ok
@@ -40,7 +40,7 @@ from shardllm.layers.quantization.fp8_utils import (
 from shardllm.model_loader.weight_utils import copy_weight, materialize, narrow
 
 logger = logging.getLogger(__name__)
-_BLOCK_TRITON = os.environ.get("SHARDLLM_FP8_BLOCK_MOE_TRITON") == "1"  # see Fp8MoEMethod.grouped_backend
+_BLOCK_TRITON = envs.SHARDLLM_FP8_BLOCK_MOE_TRITON  # see Fp8MoEMethod.grouped_backend
 _SCALED_GROUPED_OK: dict[tuple, bool] = {}  # (device, dtype) -> False once torch._scaled_grouped_mm refused it
 
 

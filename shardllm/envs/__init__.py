@@ -1,0 +1,220 @@
+"""Every SHARDLLM_* environment variable in one registry: type, default, parser, when the code reads it, and why.
+
+    from shardllm import envs
+    envs.SHARDLLM_INIT_TIMEOUT  # 1800.0 unless set: os.environ is parsed at this moment, on every access
+
+A module that reads its switch at import keeps the value in a constant of its own (`ENABLED = envs.SHARDLLM_...`),
+so the switch is read when it always was; the others read the accessor where they need it (tests monkeypatch the
+environment). `shardllm envs` or `python -m shardllm.envs` prints the table with the current values. A new
+variable is a new `EnvVar` in `_VARS` (tests/test_envs.py fails on an unregistered SHARDLLM_ name). A package, not
+envs.py, only so that `python -m` runs its `__main__` without runpy's warning. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# When a variable is read: at import of the module that uses it, when the engine / a worker / the server starts,
+# on every call of the function that uses it, or by a script `shardllm deploy` writes into a pod.
+READ_AT = ("import", "start-up", "per call", "in the pod")
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One variable. `default` is the raw text an unset variable reads as (None: unset stays None to the parser),
+    `parse(raw)` turns the raw text (or None) into the value the code uses."""
+
+    name: str
+    type: str  # for the table: bool, int, float, str, list
+    default: str | None
+    parse: Callable[[str | None], Any]
+    read_at: str
+    doc: str  # one line: what it does, which measurement or issue it serves
+    secret: bool = False  # the table shows whether it is set, never its value
+
+    def value(self, environ: Mapping[str, str] | None = None) -> Any:
+        """The parsed value in `environ` (default os.environ, read now). ValueError naming the variable if the text
+        does not parse."""
+        raw = (os.environ if environ is None else environ).get(self.name, self.default)
+        try:
+            return self.parse(raw)
+        except ValueError as e:
+            raise ValueError(f"{self.name}={raw!r} is not a valid {self.type} ({e}): fix or unset it") from None
+
+
+def _on_unless_0(raw: str | None) -> bool:  # the old `os.environ.get(NAME, "1") != "0"`
+    return raw != "0"
+
+
+def _off_unless_1(raw: str | None) -> bool:  # the old `os.environ.get(NAME) == "1"`
+    return raw == "1"
+
+
+def _text(raw: str | None) -> str | None:
+    return raw
+
+
+def _text_or_none(raw: str | None) -> str | None:  # an empty value counts as unset
+    return raw or None
+
+
+def _names(raw: str | None) -> tuple[str, ...]:  # "A, B,," -> ("A", "B")
+    return tuple(n.strip() for n in (raw or "").split(",") if n.strip())
+
+
+def _int_or_none(raw: str | None) -> int | None:
+    return None if raw is None else int(raw)
+
+
+def _switch(name: str, on_by_default: bool, read_at: str, doc: str) -> EnvVar:
+    """A 0/1 A/B switch: on unless "0", or off unless "1" (any other text keeps the default, as before)."""
+    if on_by_default:
+        return EnvVar(name, "bool", "1", _on_unless_0, read_at, doc)
+    return EnvVar(name, "bool", None, _off_unless_1, read_at, doc)
+
+
+_VARS = [
+    # Operation
+    EnvVar("SHARDLLM_HOST", "str", None, _text_or_none, "start-up",
+           "address `shardllm serve` binds without --host; the image sets 0.0.0.0 (deploy/docker; healthcheck.py, "
+           "stdlib only, reads it itself; never copied to Ray workers)"),
+    EnvVar("SHARDLLM_API_KEY", "str", None, _text_or_none, "start-up",
+           "the key /v1/* requires when neither --api_key nor --api_key_file is given (docs/openai_api.md)",
+           secret=True),
+    EnvVar("SHARDLLM_INIT_TIMEOUT", "float", "1800", float, "import",
+           "seconds the executor waits for the workers to start, load and size the KV cache before failing the engine"),
+    EnvVar("SHARDLLM_STEP_TIMEOUT", "float", "60", float, "import",
+           "seconds a worker may take on one call (a step) before the executor fails the engine (docs/parallelism.md)"),
+    EnvVar("SHARDLLM_RAY_PG_TIMEOUT", "float", "120", float, "import",
+           "seconds Ray may take to reserve the workers' GPUs (placement group) before start-up fails "
+           "(docs/deployment.md)"),
+    EnvVar("SHARDLLM_RAY_ENV_VARS", "list", None, _names, "start-up",
+           "more variable names (comma-separated) the Ray workers get from the driver, beside SHARDLLM_*, NCCL_*, "
+           "... (docs/deployment.md)"),
+    EnvVar("SHARDLLM_NUM_NODES", "int", None, _int_or_none, "in the pod",
+           "set by `shardllm deploy --ray_operator kuberay` in the head pod: its script waits for this many Ray "
+           "nodes before serving (deploy/multinode.py)"),
+    # Profiling
+    EnvVar("SHARDLLM_PROFILE_DIR", "str", None, _text_or_none, "start-up",
+           "turns the per-rank step profiler on: each rank writes DIR/rank<R>.json (worker/step_profiler.py, "
+           "benchmarks/profile_decode.py)"),
+    EnvVar("SHARDLLM_PROFILE_STEPS", "str", "8:16", _text, "start-up",
+           "the profiled window: '<first>:<count>' execute_model calls, or 'manual' (armed through the executor)"),
+    EnvVar("SHARDLLM_PROFILE_TOP", "int", "15", int, "start-up", "kernels listed per step-profile summary"),
+    _switch("SHARDLLM_PROFILE_SKIP_ALL_REDUCE", False, "import",
+            "1: skip the tp all-reduce, WRONG TOKENS, profiling only: its share of a step is 1 - t(skipped) / t "
+            "(benchmarks/device_x4.sh, docs/benchmarks.md)"),
+    # A/B switches: each restores an earlier code path (or opts into a new one) for a measurement
+    _switch("SHARDLLM_WORKER_WAIT_FOR_PLANS", True, "import",
+            "0: the output rank blocks in the step instead of taking the next plan while it runs (the earlier "
+            "worker loop; issue 15, benchmarks/device_ab.sh)"),
+    _switch("SHARDLLM_PP_EXTRA_MICROBATCH", True, "start-up",
+            "0: a synchronous pipeline keeps pp batches in flight, not pp + 1 (issue 15, benchmarks/device_ab.sh)"),
+    _switch("SHARDLLM_PP_SHARED_MAX_SEQS", False, "start-up",
+            "1: max_num_seqs caps all pipeline batches together, not each (the earlier behaviour; issue 15, "
+            "benchmarks/device_ab.sh)"),
+    _switch("SHARDLLM_TP_OVERLAP", False, "import",
+            "1: big tp decode batches run as two micro-batches, one's all-reduce beside the other's compute "
+            "(issue 15; 20,845 against 20,759 tok/s: no gain, off)"),
+    EnvVar("SHARDLLM_TP_OVERLAP_MIN_TOKENS", "int", "64", int, "import",
+           "with SHARDLLM_TP_OVERLAP=1: the fewest decode rows that are split (below: latency-bound)"),
+    _switch("SHARDLLM_GEMV_TABLES", True, "import",
+            "0: the decode GEMV kernels' tuned tables empty (FP8: fp8_triton's configs, bf16: cuBLAS), A/B "
+            "against the H200 sweep (benchmarks/device_gemv.sh, device_ab.sh)"),
+    _switch("SHARDLLM_GEMV_FUSED_SILU", True, "import",
+            "0: silu_and_mul then the down projection, not the decode GEMV that computes SiLU-and-mul as it loads its "
+            "input (layers/gemv_silu.py, issue 15)"),
+    _switch("SHARDLLM_DECODE_ATTN_TUNED", True, "per call",
+            "0: decode attention ignores decode_configs.DECODE_CONFIGS (the original launch; benchmarks/device_ab.sh)"),
+    EnvVar("SHARDLLM_DECODE_CONFIGS", "str", None, _text, "import",
+           "a JSON table in DECODE_CONFIGS' format merged over it: a sweep's output tried end to end "
+           "(benchmarks/device_session3_*.sh)"),
+    _switch("SHARDLLM_GRAPH_LM_HEAD", False, "start-up",
+            "1: the decode CUDA graphs hold the LM head (issue 15; no gain measured at tp = 2 batch 1)"),
+    _switch("SHARDLLM_KV_SCALES_IN_KERNELS", True, "import",
+            "0: FP8 k/v scales applied by four torch ops around the Triton attention instead of inside it "
+            "(issue 13, benchmarks/device_kv_scales.sh)"),
+    _switch("SHARDLLM_FP8_ATTN_F16_DOT", False, "per call",
+            "1: the pointer decode kernel's dots in fp16 over an FP8 cache with 16-bit queries (issue 13; the TMA "
+            "kernel always; unmeasured)"),
+    _switch("SHARDLLM_FP8_FUSED_ACT_QUANT", True, "import",
+            "0: RMSNorm / SiLU-and-mul write 16-bit rows that the FP8 linear quantizes in a pass of its own "
+            "(issue 13, benchmarks/device_fused_actquant.sh)"),
+    _switch("SHARDLLM_FP8_BLOCK_MOE_TRITON", False, "import",
+            "1: block-FP8 MoE experts through the grouped Triton kernel, not the dequantized path (issue 13; opt-in "
+            "until test_fp8_moe_gpu.py passes on a GPU)"),
+]
+ENV_VARS: dict[str, EnvVar] = {v.name: v for v in _VARS}
+assert len(ENV_VARS) == len(_VARS) and all(v.read_at in READ_AT for v in _VARS)
+
+
+def get(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """The parsed value of registered variable `name` in `environ` (default os.environ, read now)."""
+    if name not in ENV_VARS:
+        raise KeyError(f"{name} is not a registered variable: add an EnvVar to shardllm/envs.py")
+    return ENV_VARS[name].value(environ)
+
+
+def is_set(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether registered variable `name` is present in `environ` (default os.environ)."""
+    get(name, environ)  # KeyError for an unregistered name
+    return name in (os.environ if environ is None else environ)
+
+
+def __getattr__(name: str) -> Any:  # envs.SHARDLLM_<NAME>: read and parsed at each access
+    if name in ENV_VARS:
+        return ENV_VARS[name].value()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *ENV_VARS])
+
+
+def _shown(v: Any) -> str:
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, tuple):
+        return ",".join(v) or "-"
+    return "-" if v is None else str(v)
+
+
+def table(environ: Mapping[str, str] | None = None, only_set: bool = False) -> str:
+    """The registry as text: name, type, default, current value (`*`: set in `environ`), when read, and the doc;
+    then any SHARDLLM_* name in `environ` that is not registered (a typo reads as the default). A secret's value
+    shows as <set>; a value that does not parse shows as `invalid`, with the error under it."""
+    environ = os.environ if environ is None else environ
+    rows, notes = [("NAME", "TYPE", "DEFAULT", "VALUE", "READ")], [[]]
+    for v in _VARS:
+        here = v.name in environ
+        if only_set and not here:
+            continue
+        note = [v.doc]
+        try:
+            value = "<set>" if v.secret and here else _shown(v.value(environ))
+        except ValueError as e:
+            value, note = "invalid", [v.doc, f"! {e}"]
+        rows.append((v.name, v.type, _shown(v.parse(v.default)), value + (" *" if here else ""), v.read_at))
+        notes.append(note)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for r, note in zip(rows, notes, strict=True):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+        lines.extend("    " + n for n in note)
+    unknown = sorted(k for k in environ if k.startswith("SHARDLLM_") and k not in ENV_VARS)
+    if unknown:
+        lines.append(f"not shardllm variables (a typo? nothing reads them): {', '.join(unknown)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="shardllm envs", description="The SHARDLLM_* environment variables: type, "
+                                "default, current value (* = set here), when the code reads it, what it is for.")
+    p.add_argument("--set", dest="only_set", action="store_true", help="only the variables set in this environment")
+    a = p.parse_args(argv)
+    print(table(only_set=a.only_set))
+    return 0

@@ -1,0 +1,7 @@
+"""`python -m shardllm.envs`: the SHARDLLM_* variables' table, as `shardllm envs` prints it."""
+
+import sys
+
+from shardllm.envs import main
+
+sys.exit(main())

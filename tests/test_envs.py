@@ -1,0 +1,112 @@
+"""shardllm.envs: every SHARDLLM_* name in the package is registered and read through it, the defaults are those the
+call sites had before the registry, values are read when accessed, and `shardllm envs` prints the table."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from shardllm import envs
+from shardllm.entrypoints import cli
+
+PACKAGE = Path(envs.__file__).resolve().parents[1]
+NAME = re.compile(r"\bSHARDLLM_[A-Z0-9_]*[A-Z0-9]\b")
+# SHARDLLM_ strings that are not environment variables: the prefix of bench's result line on stdout.
+NOT_VARIABLES = {"SHARDLLM_BENCH_RESULT"}
+# A direct read of a SHARDLLM_ variable. healthcheck.py runs by path in the container without importing the
+# package (stdlib only, see its docstring), so it reads SHARDLLM_HOST itself.
+DIRECT_READ = re.compile(r"""(environ\.get\(|environ\[|getenv\()\s*["']SHARDLLM_""")
+MAY_READ_DIRECTLY = {"envs/__init__.py", "entrypoints/healthcheck.py"}
+
+# Each value with the variable unset, as the os.environ reads it replaced computed it.
+DEFAULTS = {
+    "SHARDLLM_HOST": None, "SHARDLLM_API_KEY": None, "SHARDLLM_INIT_TIMEOUT": 1800.0, "SHARDLLM_STEP_TIMEOUT": 60.0,
+    "SHARDLLM_RAY_PG_TIMEOUT": 120.0, "SHARDLLM_RAY_ENV_VARS": (), "SHARDLLM_NUM_NODES": None,
+    "SHARDLLM_PROFILE_DIR": None, "SHARDLLM_PROFILE_STEPS": "8:16", "SHARDLLM_PROFILE_TOP": 15,
+    "SHARDLLM_PROFILE_SKIP_ALL_REDUCE": False, "SHARDLLM_WORKER_WAIT_FOR_PLANS": True,
+    "SHARDLLM_PP_EXTRA_MICROBATCH": True, "SHARDLLM_PP_SHARED_MAX_SEQS": False, "SHARDLLM_TP_OVERLAP": False,
+    "SHARDLLM_TP_OVERLAP_MIN_TOKENS": 64, "SHARDLLM_GEMV_TABLES": True, "SHARDLLM_GEMV_FUSED_SILU": True,
+    "SHARDLLM_DECODE_ATTN_TUNED": True,
+    "SHARDLLM_DECODE_CONFIGS": None, "SHARDLLM_GRAPH_LM_HEAD": False, "SHARDLLM_KV_SCALES_IN_KERNELS": True,
+    "SHARDLLM_FP8_ATTN_F16_DOT": False, "SHARDLLM_FP8_FUSED_ACT_QUANT": True, "SHARDLLM_FP8_BLOCK_MOE_TRITON": False,
+}
+
+
+def _sources() -> dict[str, str]:
+    return {p.relative_to(PACKAGE).as_posix(): p.read_text() for p in PACKAGE.rglob("*.py")}
+
+
+def test_every_shardllm_name_in_the_package_is_registered_and_every_registered_one_is_used():
+    sources = _sources()
+    unregistered = {f"{path}: {name}" for path, text in sources.items() for name in NAME.findall(text)
+                    if name not in envs.ENV_VARS and name not in NOT_VARIABLES}
+    assert not unregistered, "register these in shardllm/envs/__init__.py (_VARS): " + ", ".join(sorted(unregistered))
+    used = {name for path, text in sources.items() if not path.startswith("envs/") for name in NAME.findall(text)}
+    assert set(envs.ENV_VARS) - used == set(), "registered but read nowhere: remove or use them"
+
+
+def test_no_module_reads_a_shardllm_variable_from_the_environment_itself():
+    direct = [f"{path}:{text[:m.start()].count(chr(10)) + 1}" for path, text in _sources().items()
+              if path not in MAY_READ_DIRECTLY for m in DIRECT_READ.finditer(text)]
+    assert not direct, f"read these through shardllm.envs: {direct}"
+
+
+def test_defaults_are_unchanged(monkeypatch):
+    assert set(DEFAULTS) == set(envs.ENV_VARS)
+    for name in DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    assert {name: getattr(envs, name) for name in DEFAULTS} == DEFAULTS
+    assert not any(envs.is_set(name) for name in DEFAULTS)
+
+
+@pytest.mark.parametrize("raw, on_unless_0, off_unless_1", [
+    ("0", False, False), ("1", True, True), ("", True, False), ("yes", True, False), ("true", True, False)])
+def test_switches_parse_as_the_old_comparisons(monkeypatch, raw, on_unless_0, off_unless_1):
+    # `os.environ.get(NAME, "1") != "0"` and `os.environ.get(NAME) == "1"`: only "0" / only "1" changes a switch
+    monkeypatch.setenv("SHARDLLM_GEMV_TABLES", raw)
+    monkeypatch.setenv("SHARDLLM_GRAPH_LM_HEAD", raw)
+    assert envs.SHARDLLM_GEMV_TABLES is on_unless_0
+    assert envs.SHARDLLM_GRAPH_LM_HEAD is off_unless_1
+
+
+def test_values_are_read_at_each_access(monkeypatch):
+    monkeypatch.setenv("SHARDLLM_STEP_TIMEOUT", "9")
+    monkeypatch.setenv("SHARDLLM_RAY_ENV_VARS", " A, B,,")
+    monkeypatch.setenv("SHARDLLM_HOST", "")  # empty counts as unset, as `os.environ.get(...) or None` did
+    assert (envs.SHARDLLM_STEP_TIMEOUT, envs.SHARDLLM_RAY_ENV_VARS, envs.SHARDLLM_HOST) == (9.0, ("A", "B"), None)
+    assert envs.is_set("SHARDLLM_HOST")
+    monkeypatch.setenv("SHARDLLM_STEP_TIMEOUT", "2.5")
+    assert envs.SHARDLLM_STEP_TIMEOUT == 2.5
+    assert envs.get("SHARDLLM_PROFILE_TOP", {"SHARDLLM_PROFILE_TOP": "3"}) == 3  # a given mapping, not os.environ
+
+
+def test_bad_values_and_unknown_names_fail_clearly(monkeypatch):
+    monkeypatch.setenv("SHARDLLM_INIT_TIMEOUT", "ten")
+    with pytest.raises(ValueError, match=r"SHARDLLM_INIT_TIMEOUT='ten' is not a valid float"):
+        envs.SHARDLLM_INIT_TIMEOUT
+    with pytest.raises(AttributeError, match="SHARDLLM_NO_SUCH"):
+        envs.SHARDLLM_NO_SUCH
+    with pytest.raises(KeyError, match="add an EnvVar"):
+        envs.get("SHARDLLM_NO_SUCH")
+
+
+def test_cli_prints_the_table_with_current_values_and_hides_the_api_key(monkeypatch, capsys):
+    for name in envs.ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SHARDLLM_API_KEY", "sk-do-not-print")
+    monkeypatch.setenv("SHARDLLM_GEMV_TABLES", "0")
+    monkeypatch.setenv("SHARDLLM_PROFILE_TOP", "many")
+    monkeypatch.setenv("SHARDLLM_GEMV_TABLE", "0")  # a typo
+    assert cli.main(["envs"]) == 0
+    out = capsys.readouterr().out
+    assert "sk-do-not-print" not in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("SHARDLLM_")}
+    assert set(rows) == set(envs.ENV_VARS)
+    assert rows["SHARDLLM_API_KEY"][2:4] == ["<set>", "*"]
+    assert rows["SHARDLLM_GEMV_TABLES"] == ["bool", "on", "off", "*", "import"]
+    assert rows["SHARDLLM_INIT_TIMEOUT"] == ["float", "1800.0", "1800.0", "import"]
+    assert rows["SHARDLLM_PROFILE_TOP"][2:4] == ["invalid", "*"] and "'many' is not a valid int" in out
+    assert "(a typo? nothing reads them): SHARDLLM_GEMV_TABLE" in out
+    assert cli.main(["envs", "--set"]) == 0
+    only_set = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("SHARDLLM_")}
+    assert only_set == {"SHARDLLM_API_KEY", "SHARDLLM_GEMV_TABLES", "SHARDLLM_PROFILE_TOP"}
