@@ -128,3 +128,41 @@ def test_tma_falls_back_for_pages_it_cannot_tile():
     meta.block_size = 24
     got = run_decode(q, kc24, vc24, meta, config=TMA)
     torch.testing.assert_close(got, reference(q, kc24, vc24, meta), atol=2e-5, rtol=1e-4)
+
+
+@cpu
+@pytest.mark.parametrize("head_dim", [16, 256])
+def test_tma_kernel_at_small_and_large_head_dims(tma_launches, head_dim):
+    q, kc, vc, meta = make_case([1, 1], [33, 16], 1, 4, head_dim, seed=17)
+    got = run_decode(q, kc, vc, meta, num_splits=2, config=TMA)
+    assert len(tma_launches) == 1
+    torch.testing.assert_close(got, reference(q, kc, vc, meta), atol=2e-5, rtol=1e-4)
+
+
+@gpu
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("head_dim, cache", [(64, torch.bfloat16), (256, torch.bfloat16), (64, torch.float8_e5m2),
+                                             (256, torch.float8_e4m3fn), (128, torch.float32)],
+                         ids=["d64-bf16", "d256-bf16", "d64-e5m2", "d256-e4m3", "d128-fp32"])
+def test_gpu_tma_kernel_other_head_dims_dtypes_and_a_nan_page_tail(tma_launches, head_dim, cache):
+    """Head sizes 64 / 256 (a 512-byte row: several TMA messages a box), e5m2, fp32 q over an fp32 cache, and a
+    NaN in the slots past seq_len of each last page (must not reach the output). Not yet run on a GPU."""
+    lens = [1, 15, 16, 17, 250, 399]
+    if cache.itemsize == 1:
+        q, kc, vc, meta, ks, vs, deq = fp8_case(cache, [1] * len(lens), lens, True, "cuda", seed=3, nkv=4, group=4,
+                                                head_dim=head_dim)
+    else:
+        q, kc, vc, meta = make_case([1] * len(lens), lens, 4, 4, head_dim, cache, "cuda", seed=3)
+        ks = vs = None
+        deq = (kc.float(), vc.float())
+    ref = reference(q, *deq, meta)
+    for b, n in enumerate(lens):
+        page, used = int(meta.block_tables[b, (n - 1) // 16]), (n - 1) % 16 + 1
+        if used < 16:
+            kc[page, used:] = float("nan")  # (e4m3fn / e5m2 have NaN codes too)
+            vc[page, used:] = float("nan")
+    for ns in (1, 4):
+        got = run_decode(q, kc, vc, meta, num_splits=ns, config=TMA, k_scale=ks, v_scale=vs)
+        assert torch.isfinite(got).all()
+        assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+    assert len(tma_launches) == 2
