@@ -48,10 +48,22 @@ class GemvConfig(NamedTuple):
 if HAS_TRITON:
 
     @triton.jit
+    def _silu_mul_load(ptrs, K, mask):
+        """round(round(silu(gate)) * up) in the activation dtype, gate at `ptrs` and up K elements on: the values
+        triton_ops._fused_silu_and_mul_kernel stores (the same fp32 expression, the same two roundings)."""
+        gate = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(ptrs.dtype.element_ty).to(tl.float32)
+        return (act * up).to(ptrs.dtype.element_ty)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_ym, stride_ys,
                      HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, LATE_REDUCE: tl.constexpr):
-        """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T."""
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, LATE_REDUCE: tl.constexpr,
+                     SILU_INPUT: tl.constexpr = False):
+        """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
+        x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
+        FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps)."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,10 +91,14 @@ if HAS_TRITON:
             if USE_DOT:
                 if EVEN_K:  # every slice is whole BLOCK_Ks: unmasked, vectorizable loads of w
                     w = tl.load(w_rows + k[None, :])  # (BN, BK)
-                    x = tl.load(x_rows + k[None, :], mask=m_in, other=0.0)  # (BM, BK)
+                    x_mask = m_in
                 else:
                     w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_end, other=0.0)
-                    x = tl.load(x_rows + k[None, :], mask=m_in & (k[None, :] < k_end), other=0.0)
+                    x_mask = m_in & (k[None, :] < k_end)
+                if SILU_INPUT:
+                    x = _silu_mul_load(x_rows + k[None, :], K, x_mask)  # (BM, BK)
+                else:
+                    x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)  # (BM, BK)
                 if DOT_F32:  # Triton's CPU interpreter computes bf16 dots wrongly (3.9); fp32 there
                     acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
                 else:
@@ -91,9 +107,14 @@ if HAS_TRITON:
                 k3 = k[None, None, :]
                 if EVEN_K:
                     w3 = tl.load(w_rows3 + k3)  # (BM, BN, BK)
-                    x3 = tl.load(x_rows3 + k3, mask=m_in3, other=0.0)  # (BM, BN, BK)
                 else:
                     w3 = tl.load(w_rows3 + k3, mask=k3 < k_end, other=0.0)
+                if SILU_INPUT:  # (BM, 1, BK), broadcast over BN in the product
+                    x_mask = m_in if EVEN_K else m_in & (k[None, :] < k_end)
+                    x3 = _silu_mul_load(x_rows + k[None, :], K, x_mask)[:, None, :]
+                elif EVEN_K:
+                    x3 = tl.load(x_rows3 + k3, mask=m_in3, other=0.0)  # (BM, BN, BK)
+                else:
                     x3 = tl.load(x_rows3 + k3, mask=m_in3 & (k3 < k_end), other=0.0)
                 prod = x3.to(tl.float32) * w3.to(tl.float32)
                 if LATE_REDUCE:
@@ -118,19 +139,25 @@ if HAS_TRITON:
         tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config: GemvConfig) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config: GemvConfig,
+         silu_input: bool = False) -> torch.Tensor:
     """y (M, N) in x's dtype = x @ (w * w_scale[:, None])^T (no scale: x @ w^T).
 
     Args:
-        x: (M, K) bf16/fp16, M <= GEMV_MAX_M, contiguous rows.
+        x: (M, K) bf16/fp16, M <= GEMV_MAX_M, contiguous rows. With silu_input, gate_up (M, 2K) instead, and the
+            GEMV's input is silu(x[:, :K]) * x[:, K:], formed in registers with the same fp32 math and roundings
+            to x's dtype as `triton_ops.silu_and_mul` (so the result equals silu_and_mul then this GEMV).
         w: (N, K) float8_e4m3fn (with w_scale) or x's dtype (w_scale None), contiguous rows.
         w_scale: (N,) fp32 per-channel scales, or None.
         config: the kernel config; split_k is capped so that every K slice holds at least one BLOCK_K.
     Raises AssertionError on shapes outside that contract (callers check M and strides first).
     """
     m, k = x.shape
+    if silu_input:
+        k //= 2
     n = w.shape[0]
     assert m <= GEMV_MAX_M and w.shape[1] == k and x.stride(1) == 1 and w.stride(1) == 1
+    assert not silu_input or x.shape[1] == 2 * k
     assert (w_scale is None) == (w.dtype == x.dtype)
     split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
     even_k = k % (split_k * config.block_k) == 0
@@ -143,7 +170,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         x, w, w if w_scale is None else w_scale, y, m, n, k, split_k, x.stride(0), w.stride(0), y.stride(1),
         y.stride(0), HAS_SCALE=w_scale is not None, USE_DOT=config.use_dot, EVEN_K=even_k, BLOCK_M=block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_F32=not x.is_cuda,
-        LATE_REDUCE=config.late_reduce and not config.use_dot, num_warps=config.num_warps,
+        LATE_REDUCE=config.late_reduce and not config.use_dot, SILU_INPUT=silu_input, num_warps=config.num_warps,
         num_stages=config.num_stages)
     if split_k == 1:
         return y[0]

@@ -149,6 +149,9 @@ def process_weights_after_loading(model: nn.Module) -> None:
     from shardllm.layers.quantization.fp8_fused import link_act_quant
 
     link_act_quant(model)  # norms / activations before FP8 linears quantize their output (fp8_fused.py)
+    from shardllm.layers.gemv_silu import link_gemv_silu
+
+    link_gemv_silu(model)  # SiLU-and-mul folded into the down projection's GEMV at M <= 2 (gemv_silu.py)
 
 
 def drop_unused_scales(weights, cfg: QuantizationConfig):

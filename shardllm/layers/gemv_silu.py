@@ -1,0 +1,199 @@
+"""SiLU-and-mul folded into the down projection's weight-streaming GEMV at M <= 2 (decode at batch 1-2): one kernel
+instead of silu_and_mul + GEMV, the activation formed from gate_up in registers (`gemv.gemv(..., silu_input=True)`).
+
+How it is wired: after loading, `link_gemv_silu(model)` gives each SiluAndMul named in the model's
+`fp8_act_quant_inputs` table ({producer: the linear it feeds}, the pairs the model's code applies back to back) a
+`GemvSiluTarget` for its linear when that linear's method is one the GEMV serves (unquantized, or FP8 with
+per-channel weight scales and dynamic activations). SiluAndMul.forward then asks the target first; where the fused
+GEMV applies it returns a `SiluAndMulInput` (gate_up, deferred) instead of a tensor, which that linear's `apply`
+hands to `silu_gemv`. Everywhere else (M > 2, CPU, torch attention backend, a failed kernel probe) nothing changes.
+
+Numerics: the activation is computed with triton_ops.silu_and_mul's fp32 expression and roundings and the GEMV is
+the same kernel and config as the unfused path's, so the output is bit-equal to silu_and_mul then the GEMV
+(tests/layers/test_gemv_silu.py). Where the unfused bf16 path runs cuBLAS (no BF16_GEMV_TABLE entry, e.g. Llama-3-8B
+down at tp 1) the fused path still runs the GEMV (the fused table's, the plain table's, or a default config), whose
+fp32 accumulation order differs from cuBLAS's: equal within the GEMV's own rounding, not bit-equal.
+
+Switch: `SHARDLLM_GEMV_FUSED_SILU=0` (read at import) restores silu_and_mul then the linear.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from shardllm import envs
+from shardllm.layers import gemv as gemv_mod
+from shardllm.layers import triton_ops
+from shardllm.layers.gemv import HAS_TRITON, GemvConfig, load_table, table_config
+
+__all__ = ["FUSED_SILU_MAX_M", "GemvSiluTarget", "SiluAndMulInput", "link_gemv_silu", "silu_gemv"]
+
+ENABLED = envs.SHARDLLM_GEMV_FUSED_SILU
+# None: the fused GEMV where the device checks pass (CUDA, the kernels' probes); True / False force it on (tests on
+# CPU, which need TRITON_INTERPRET=1) / off.
+FORCE: bool | None = None
+FUSED_SILU_MAX_M = 2  # rows up to which the down projection takes gate_up (decode at batch 1 and 2)
+# Configs measured for the fused kernel ({"NxK": {"M": [...]}}, gemv.load_table's format; the JSON that
+# benchmarks/gemv_silu.py prints), by weight dtype. Empty until a GPU run fills them: then the plain GEMV tables'
+# configs are used, else _DEFAULT_CONFIG.
+FUSED_SILU_TABLES: dict[str, dict] = {"fp8": load_table({}), "bf16": load_table({})}
+# The FMA form with the late reduction: the config the bf16 sweep picked at M = 1 for o (4096 x 4096) and for down
+# at tp 2 (4096 x 7168) on an H200 (gemv._BF16_SWEEP).
+_DEFAULT_CONFIG = GemvConfig(False, 4, 512, 1, 4, 3, True)
+
+
+class SiluAndMulInput(NamedTuple):
+    """silu(gate) * up not yet computed: gate_up (M, 2I) in the activation dtype, for the linear SiluAndMul feeds."""
+
+    gate_up: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.gate_up.shape[:-1], self.gate_up.shape[-1] // 2))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.gate_up.dtype
+
+
+def _fused_config(w: torch.Tensor, m: int) -> GemvConfig:
+    """The config of the fused GEMV for w (N, K) at m rows: the fused table's, else the plain GEMV's for that
+    weight dtype (fp8_triton.small_m_config; bf16: BF16_GEMV_TABLE), else _DEFAULT_CONFIG."""
+    n, k = w.shape
+    fp8 = w.dtype == torch.float8_e4m3fn
+    config = table_config(FUSED_SILU_TABLES["fp8" if fp8 else "bf16"], n, k, m)
+    if config is None and fp8:
+        from shardllm.layers.quantization.fp8_triton import small_m_config
+
+        config = small_m_config(n, k, m)
+    return config or table_config(gemv_mod.BF16_GEMV_TABLE, n, k, m) or _DEFAULT_CONFIG
+
+
+def silu_gemv(x: SiluAndMulInput, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
+              config: GemvConfig | None = None) -> torch.Tensor:
+    """y (M, N) in x's dtype = (silu(gate) * up) @ (w * w_scale[:, None])^T (+ bias) in one GEMV launch (two with
+    split-K). x: gate_up (M <= 2, 2K) bf16/fp16; w (N, K) e4m3 with w_scale (N,) fp32, or x's dtype with None;
+    config None: `_fused_config`'s."""
+    gate_up = x.gate_up.reshape(-1, x.gate_up.shape[-1])
+    if gate_up.stride(-1) != 1 or gate_up.stride(0) != gate_up.shape[1]:
+        gate_up = gate_up.contiguous()
+    y = gemv_mod.gemv(gate_up, w, w_scale, config or _fused_config(w, gate_up.shape[0]), silu_input=True)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.gate_up.shape[:-1], y.shape[-1])
+
+
+def _linear_weights(linear: nn.Module, dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(w, w_scale) of a linear whose method the fused GEMV serves (with activations of `dtype`, if given), else
+    None."""
+    from shardllm.layers.linear import UnquantizedLinearMethod
+    from shardllm.layers.quantization.fp8 import Fp8LinearMethod
+
+    method, w = linear.quant_method, getattr(linear, "weight", None)
+    if w is None or w.dim() != 2:
+        return None
+    if type(method) is UnquantizedLinearMethod:
+        return (w, None) if dtype is None or w.dtype == dtype else None
+    if type(method) is Fp8LinearMethod and not method.weight_only and not method.static_input:
+        scale = getattr(linear, "weight_scale", None)
+        if w.dtype == torch.float8_e4m3fn and scale is not None and scale.numel() == w.shape[0]:
+            return w, scale.view(-1)
+    return None
+
+
+class GemvSiluTarget:
+    """The linear a SiluAndMul feeds. Not an nn.Module, so the activation does not register the linear as its
+    child; `link_gemv_silu` sets it as the activation's `gemv_target`."""
+
+    def __init__(self, linear: nn.Module):
+        self.linear = linear
+
+    def _applies(self, x: torch.Tensor) -> bool:
+        """Host checks on shapes, dtypes and cached probes only (graph-capturable)."""
+        if not ENABLED or FORCE is False or not HAS_TRITON:
+            return False
+        if x.dim() != 2 or not 0 < x.shape[0] <= FUSED_SILU_MAX_M or x.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        weights = _linear_weights(self.linear, x.dtype)
+        if weights is None or x.shape[1] != 2 * weights[0].shape[1]:
+            return False
+        if FORCE is True:
+            return True
+        if not (x.is_cuda and triton_ops.use_triton(x)):  # the unfused path's silu_and_mul kernel runs there too
+            return False
+        if weights[1] is None:
+            return gemv_mod.gemv_ok(x.device)
+        from shardllm.layers.quantization.fp8_triton import triton_fp8_ok
+
+        return triton_fp8_ok(x.device)
+
+    def maybe_defer(self, x: torch.Tensor) -> SiluAndMulInput | None:
+        """SiluAndMulInput(x) where the linear's fused GEMV applies to gate_up x (M, 2I), else None."""
+        return SiluAndMulInput(x) if self._applies(x) else None
+
+
+_PROBED: dict[tuple, bool] = {}
+
+
+def fused_gemv_ok(w: torch.Tensor, w_scale: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """Whether the fused GEMV compiles and equals silu_and_mul then the GEMV, bit for bit, on this weight's
+    device, shape and dtype at every M it serves, with the configs it would run (probed once per (device, N, K,
+    weight dtype, activation dtype), at load time, before any CUDA graph capture). Always True off CUDA."""
+    if w.device.type != "cuda" or not HAS_TRITON:
+        return True
+    key = (w.device.index, *w.shape, w.dtype, dtype)
+    if key not in _PROBED:
+        import logging
+
+        ok = False
+        try:
+            g = torch.Generator(device=w.device).manual_seed(0)
+            ok = True
+            for m in range(1, FUSED_SILU_MAX_M + 1):
+                gate_up = (torch.randn(m, 2 * w.shape[1], device=w.device, generator=g) * 2).to(dtype)
+                config = _fused_config(w, m)
+                fused = silu_gemv(SiluAndMulInput(gate_up), w, w_scale, None, config)
+                ok = ok and torch.equal(fused, gemv_mod.gemv(triton_ops.silu_and_mul(gate_up), w, w_scale, config))
+        except Exception as e:  # a Triton that cannot compile it
+            ok = False
+            logging.getLogger(__name__).warning("fused SiLU GEMV unavailable (%s: %s)", type(e).__name__, e)
+        if not ok:
+            logging.getLogger(__name__).warning("fused SiLU GEMV disagrees with silu_and_mul + GEMV for a %s %s "
+                                                "weight: the unfused path", tuple(w.shape), w.dtype)
+        _PROBED[key] = ok
+    return _PROBED[key]
+
+
+def link_gemv_silu(model: nn.Module) -> int:
+    """Hands each SiluAndMul producer in `model.fp8_act_quant_inputs` ({producer: linear}, names relative to a
+    decoder layer of `model.model.layers`) a GemvSiluTarget for its linear, where both exist, the linear's method
+    is one the fused GEMV serves and (on CUDA) `fused_gemv_ok` passes for its weight. Call after
+    `process_weights_after_loading`. Returns the number of links."""
+    from shardllm.layers.activation import SiluAndMul
+
+    pairs = getattr(model, "fp8_act_quant_inputs", None)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not pairs or layers is None or not ENABLED:
+        return 0
+    linked = 0
+    for layer in layers:
+        for producer_name, linear_name in pairs.items():
+            try:
+                producer, linear = layer.get_submodule(producer_name), layer.get_submodule(linear_name)
+            except AttributeError:
+                continue
+            weights = _linear_weights(linear) if isinstance(producer, SiluAndMul) else None
+            if weights is None:
+                continue
+            w, w_scale = weights
+            act_dtype = getattr(linear, "params_dtype", w.dtype)  # the linear's input and output dtype
+            if w.device.type == "cuda" and not (act_dtype in (torch.bfloat16, torch.float16) and
+                                                fused_gemv_ok(w, w_scale, act_dtype)):
+                continue
+            producer.gemv_target = GemvSiluTarget(linear)
+            linked += 1
+    return linked
