@@ -5,13 +5,15 @@ heads); calls it cannot serve fall back to the pointer kernel."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
 from shardllm.layers.attention import triton_decode_tma  # noqa: E402
-from shardllm.layers.attention.triton_paged import DecodeConfig  # noqa: E402
+from shardllm.layers.attention.triton_paged import DecodeConfig, paged_decode_attention  # noqa: E402
 from tests.layers.test_fp8_attention_f16_dot import fp8_case  # noqa: E402
 from tests.layers.test_triton_attention import cpu, gpu, make_case, reference, run_decode  # noqa: E402
 
@@ -166,3 +168,37 @@ def test_gpu_tma_kernel_other_head_dims_dtypes_and_a_nan_page_tail(tma_launches,
         assert torch.isfinite(got).all()
         assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
     assert len(tma_launches) == 2
+
+
+@gpu
+@pytest.mark.timeout(120)
+def test_gpu_tma_kernel_in_a_cuda_graph_and_over_a_recreated_cache(tma_launches):
+    """The descriptor is encoded at launch (Triton fills the CUtensorMap on the host per call), so a captured
+    launch replays over in-place updates of the cache and lengths; a cache tensor freed and allocated again (likely
+    at the same address) gets a descriptor of its own. Views as the engine passes them: kv_cache[0], kv_cache[1].
+    Not yet run on a GPU."""
+    lens = [0, 1, 16, 17, 170, 1000, 0]
+    q, kc, vc, meta = make_case([1] * len(lens), lens, 8, 4, 128, torch.bfloat16, "cuda", seed=21)
+    kv = torch.stack([kc, vc])  # (2, nb, bs, nkv, D), as model_runner allocates it
+    ref = reference(q, kc, vc, meta)
+    live = meta.seq_lens.cpu() > 0
+    got = run_decode(q, kv[0], kv[1], meta, config=TMA)
+    assert (got.float()[live] - ref[live]).abs().max() < 1e-2 * ref.abs().max()
+    out, seq_lens = torch.empty_like(q), meta.seq_lens.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # compiled by the eager call above
+        paged_decode_attention(q, kv[0], kv[1], meta.block_tables, seq_lens, 128**-0.5, out=out, config=TMA)
+    kv[1].mul_(-1)  # in place: the graph must see it
+    seq_lens.copy_(torch.tensor([0, 1, 9, 17, 100, 999, 0], dtype=torch.int32))
+    graph.replay()
+    meta2 = dataclasses.replace(meta, seq_lens=seq_lens.clone(), max_seq_len=999, _ref={})
+    ref2 = reference(q, kv[0], kv[1], meta2)
+    live2 = seq_lens.cpu() > 0
+    assert (out.float()[live2] - ref2[live2]).abs().max() < 1e-2 * ref2.abs().max()
+    shape = kv.shape
+    del kv
+    kv2 = torch.randn(shape, device="cuda").to(torch.bfloat16)  # a new cache, maybe at the freed address
+    ref3 = reference(q, kv2[0], kv2[1], meta)
+    got3 = run_decode(q, kv2[0], kv2[1], meta, config=TMA)
+    assert (got3.float()[live] - ref3[live]).abs().max() < 1e-2 * ref3.abs().max()
+    assert len(tma_launches) == 3
