@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
@@ -110,8 +111,8 @@ def main() -> None:
             if requant and first is None:
                 sc.weights = float_weights(llm)
             elif requant and online_fp8_linears(llm):  # dtypes without online FP8 weights: nothing to re-draw
-                runs = {f"redraw_{seed}": lambda w, seed=seed: redrawn_scales(w, seed)
-                        for seed in range(1, a.weight_redraws + 1)}
+                runs = {f"redraw_{i}": functools.partial(redrawn_scales, generator=torch.Generator().manual_seed(i))
+                        for i in range(1, a.weight_redraws + 1)}  # one generator per draw: layers draw apart
                 if a.weight_scale_search:
                     runs["mse_scales"] = lambda w: mse_scales(w, a.weight_scale_search)
                 for name, scale_fn in runs.items():
@@ -203,9 +204,10 @@ def float_weights(llm: LLM) -> dict:
     return out
 
 
-def redrawn_scales(w, seed: int):
-    """(N, 1) scales amax * 2^u / 448, u ~ U[0, 1) per row: no clipping, e4m3's grid at a random offset."""
-    u = torch.rand(w.shape[0], 1, generator=torch.Generator().manual_seed(seed)).to(w.device)
+def redrawn_scales(w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(N, 1) scales amax * 2^u / 448, u ~ U[0, 1) per row (a CPU `generator`): no clipping, e4m3's grid at a random
+    offset, so the same expected rounding error as amax / 448 with other roundings."""
+    u = torch.rand(w.shape[0], 1, generator=generator).to(w.device)
     return _offset_scales(w, u)
 
 

@@ -62,8 +62,9 @@ def test_fp8_perplexity_close_to_fp32(llms):
     ids = llms["fp8"].get_tokenizer().encode(reference_text(), add_special_tokens=False)[:SCORED_TOKENS]
     ref, fp8 = (score(llms[dt], ids, SCORED_TOKENS, True) for dt in ("float32", "fp8"))
     c = compare(ref, fp8)
-    # whole text (benchmarks/accuracy.py --device cpu --dtypes float32 fp8 --kl --weight_redraws 6): 1.032, KL 0.057;
-    # the 6 re-drawn weight roundings of equal error give 1.005-1.098 (mean 1.039): the 1.03 is one draw away
+    # whole text (benchmarks/accuracy.py --device cpu --dtypes float32 fp8 --kl --weight_redraws 8): 1.032, KL 0.057;
+    # 8 re-drawn weight roundings of equal error: 1.015-1.060 (mean 1.033, sd 0.014), KL 0.049-0.056: the issue's
+    # 1.03 is met by some roundings, not on average
     assert 0.97 <= c["ppl_vs_first"] <= 1.05, c  # 1.0002 on these 384 tokens
     assert 0.0 < c["kl_vs_first"] < 0.15 and c["top1_vs_first"] >= 0.8, c  # KL 0.063, top-1 0.90 measured
     assert compare(ref, ref)["kl_vs_first"] == 0.0
