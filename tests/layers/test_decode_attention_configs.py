@@ -168,6 +168,9 @@ def test_env_table_replaces_its_keys_and_refuses_bad_json(monkeypatch, set_table
     monkeypatch.setenv("SHARDLLM_DECODE_CONFIGS", '{"bf16/128/8": {"block_n": 3}}')
     with pytest.raises(ValueError, match="block_n=3"):
         decode_configs._env_table()
+    monkeypatch.setenv("SHARDLLM_DECODE_CONFIGS", '[["bf16/128/8", {}]]')  # JSON, not a table
+    with pytest.raises(ValueError, match="expected a table"):
+        decode_configs._env_table()
 
 
 @pytest.mark.parametrize("table, words", [

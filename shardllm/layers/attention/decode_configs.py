@@ -138,7 +138,7 @@ def _env_table() -> None:
         except ValueError as e:
             raise ValueError(f"SHARDLLM_DECODE_CONFIGS is not JSON ({e}): give a table such as "
                              '{"bf16/128/512": {"block_n": 32}}') from e
-        set_decode_configs({**DECODE_CONFIGS, **table})
+        set_decode_configs({**DECODE_CONFIGS, **table} if isinstance(table, dict) else table)  # (else refused)
 
 
 _env_table()
