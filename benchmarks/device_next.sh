@@ -7,7 +7,8 @@
 #      decode-config sweep of both cache dtypes with the TMA variants (its JSON table -> table.json).
 #   2. Llama-3-8B fp8 + fp8 KV with the sweep's table beside without, at once on the two GPUs: 1000 x 128/128 (max
 #      batch 1024, 16k tokens a step) and 500 x 1000/1000 (max batch 512).
-#   3. the GPU test suite with the time that is left (benchmarks/device_gpu_suite.sh, SUITE_LIMIT_S).
+#   3. the GPU test suite with the time that is left (benchmarks/device_gpu_suite.sh, SUITE_LIMIT_S), if over 200 s;
+#      else it says to run the suite as a call of its own.
 # Everything lands in $OUT/results.tgz (re-packed after each part, so a cut-off run still returns what it had) and
 # $OUT/summary.txt: the device returns at most 8 files.
 #   LIMIT_S=540 bash benchmarks/device_next.sh
@@ -39,7 +40,7 @@ tests=(tests/layers/test_decode_attention_tma.py tests/layers/test_fp8_attention
        tests/layers/test_fp8_fused_act_quant.py tests/worker/test_graph_lm_head_gpu.py)
 [ -f tests/layers/test_gemv_fused_silu.py ] && tests+=(tests/layers/test_gemv_fused_silu.py)
 part1_gpu0() {
-  CUDA_VISIBLE_DEVICES=0 timeout 150 python -m pytest -q -m gpu -p no:cacheprovider -rfE "${tests[@]}" \
+  CUDA_VISIBLE_DEVICES=0 timeout 240 python -m pytest -q -m gpu -p no:cacheprovider -rfE "${tests[@]}" \
     > "$w/new_tests.txt" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout 80 python benchmarks/fp8_attention_kernel.py --cases 512x170 1024x192 500x1500 \
     > "$w/kernel.jsonl" 2> "$w/err_kernel.txt"
@@ -65,8 +66,10 @@ T=110 b fp8kv_1000_repo "CUDA_VISIBLE_DEVICES=1" --dtype fp8 --kv_cache_dtype fp
 say "(part 2: $((SECONDS - t0)) s)"; pack
 left=$(( limit - (SECONDS - t0) - 20 ))
 say "== 3. GPU suite, ${left} s"
-if [ "$left" -gt 60 ]; then
+if [ "$left" -gt 200 ]; then
   OUT="$w/suite" SUITE_LIMIT_S=$left bash benchmarks/device_gpu_suite.sh > "$w/suite.txt" 2>&1
   grep -E "GPU SUITE|^FAILED|^ERROR" "$w/suite.txt" | head -20 | tee -a "$OUT/summary.txt"
+else
+  say "too little time left for the suite: run benchmarks/device_gpu_suite.sh as its own call"
 fi
 say "total: $((SECONDS - t0)) s"; pack

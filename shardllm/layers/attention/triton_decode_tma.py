@@ -80,7 +80,8 @@ def tma_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether this call can take the TMA kernel: see the module docstring."""
     if not HAS_TRITON or TensorDescriptor is None:
         return False
-    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 9:
+    if q.device.type == "cuda" and (torch.version.hip is not None  # ROCm reports 9.x on MI300: no NVIDIA TMA
+                                    or torch.cuda.get_device_capability(q.device)[0] < 9):
         return False
     nb, bs, nkv, d = cache.shape
     # a page is one tile and one TMA box: bs a power of two (tl.arange) in [16, 256] (tl.dot; a box's dims are at
