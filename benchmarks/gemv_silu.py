@@ -8,7 +8,9 @@ benchmarks/gemv_sweep.py), so no call reads its weight from L2. Per row: us of s
 pair, of the fused kernel with the config the engine picks (gemv_silu._fused_config), the best of a small grid of
 fused configs (--budget_s shared by the rows), the speed-up, the share of 4.2 TB/s copy bandwidth (weight bytes), and
 whether fused equals silu_and_mul then the GEMV with the same config bit for bit. Ends with the JSON that
-gemv_silu.FUSED_SILU_TABLES takes (the grid's best where it beat the engine's pick by 2% or more).
+gemv_silu.FUSED_SILU_TABLES takes (the grid's best where it beat the engine's pick by 2% or more). Then, for the
+residual add + RMSNorm before qkv / gate_up at M = 1, the most that folding it into those GEMVs could save (the pair
+against the linear alone; not implemented).
 
     python benchmarks/gemv_silu.py [--budget_s 60] [--ms 1 2] [--tp 1 2]
 """
@@ -80,6 +82,24 @@ def unfused_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> 
     return torch.nn.functional.linear(x, w) if y is None else y
 
 
+def norm_prologue_bound(dtypes: list[str], tps: list[int]) -> None:
+    """What folding the residual add + RMSNorm into the qkv / gate_up GEMV could save at M = 1 at most: the pair
+    (triton_ops.fused_add_rms_norm, then the linear's small-M path) against the linear alone."""
+    print(f"{'dtype':5s} {'tp':>2s} {'linear':8s} {'add+norm+linear us':>18s} {'linear us':>10s} {'bound us':>9s}",
+          flush=True)
+    x, res = torch.randn(2, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    nw = torch.rand(HIDDEN, device="cuda", dtype=torch.bfloat16) + 0.5
+    for dtype, tp in itertools.product(dtypes, tps):
+        for name, n in (("qkv", (32 + 2 * 8) * 128 // tp), ("gate_up", 2 * INTER // tp)):
+            ws = weights(n, HIDDEN, dtype == "fp8")
+            t_pair = timed([lambda w=w: unfused_linear(triton_ops.fused_add_rms_norm(x, res, nw, 1e-5)[0], *w)
+                            for w in ws])
+            t_lin = timed([lambda w=w: unfused_linear(x, *w) for w in ws])
+            print(f"{dtype:5s} {tp:2d} {name:8s} {t_pair:18.2f} {t_lin:10.2f} {t_pair - t_lin:9.2f}", flush=True)
+            del ws
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 2])
@@ -134,6 +154,7 @@ def main() -> None:
                       f"{best[0]:9.2f} {str([int(v) for v in best[1]]):30s} {exact}", flush=True)
             del ws
             torch.cuda.empty_cache()
+        norm_prologue_bound(a.dtypes, a.tp)
     except KeyboardInterrupt:
         print("stopped (timeout)", flush=True)
     print("FUSED_SILU_TABLES", json.dumps(tables))
