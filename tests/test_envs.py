@@ -83,11 +83,14 @@ def test_values_are_read_at_each_access(monkeypatch):
 def test_bad_values_and_unknown_names_fail_clearly(monkeypatch):
     monkeypatch.setenv("SHARDLLM_INIT_TIMEOUT", "ten")
     with pytest.raises(ValueError, match=r"SHARDLLM_INIT_TIMEOUT='ten' is not a valid float"):
-        envs.SHARDLLM_INIT_TIMEOUT
+        _ = envs.SHARDLLM_INIT_TIMEOUT
     with pytest.raises(AttributeError, match="SHARDLLM_NO_SUCH"):
-        envs.SHARDLLM_NO_SUCH
+        _ = envs.SHARDLLM_NO_SUCH
     with pytest.raises(KeyError, match="add an EnvVar"):
         envs.get("SHARDLLM_NO_SUCH")
+    with pytest.raises(KeyError, match="add an EnvVar"):
+        envs.is_set("SHARDLLM_NO_SUCH")
+    assert envs.is_set("SHARDLLM_INIT_TIMEOUT")  # set, though invalid: is_set does not parse
 
 
 def test_cli_prints_the_table_with_current_values_and_hides_the_api_key(monkeypatch, capsys):

@@ -155,13 +155,14 @@ assert len(ENV_VARS) == len(_VARS) and all(v.read_at in READ_AT for v in _VARS)
 def get(name: str, environ: Mapping[str, str] | None = None) -> Any:
     """The parsed value of registered variable `name` in `environ` (default os.environ, read now)."""
     if name not in ENV_VARS:
-        raise KeyError(f"{name} is not a registered variable: add an EnvVar to shardllm/envs.py")
+        raise KeyError(f"{name} is not a registered variable: add an EnvVar to shardllm/envs/__init__.py")
     return ENV_VARS[name].value(environ)
 
 
 def is_set(name: str, environ: Mapping[str, str] | None = None) -> bool:
     """Whether registered variable `name` is present in `environ` (default os.environ)."""
-    get(name, environ)  # KeyError for an unregistered name
+    if name not in ENV_VARS:
+        raise KeyError(f"{name} is not a registered variable: add an EnvVar to shardllm/envs/__init__.py")
     return name in (os.environ if environ is None else environ)
 
 
