@@ -26,7 +26,9 @@ class LLM:
             in auto's dtype; the same as quantization="fp8"). kv_cache_dtype (keyword): auto | fp8 | fp8_e5m2.
         tensor_parallel_size, pipeline_parallel_size, expert_parallel_size: the parallel layout
             (tensor_parallel_size="auto": the smallest tp the planner says fits the visible GPUs).
-        max_batch_size: most sequences in one step. max_num_tokens: the token budget of one step.
+        max_batch_size: most sequences in one step. max_num_tokens: the token budget of one step. Default:
+            1024 and 16384 on a GPU of at least 70 GiB (not an A100), else 256 and 8192, as vLLM
+            (config.default_batch_limits).
         max_seq_len: longest prompt + output (default: the model's context).
         kv_cache_free_gpu_memory_fraction: share of free GPU memory, after the model and activations,
             given to the KV cache.
@@ -34,8 +36,8 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", tensor_parallel_size: int | str = 1,
-                 pipeline_parallel_size: int = 1, expert_parallel_size: int = 1, max_batch_size: int = 256,
-                 max_num_tokens: int = 8192, max_seq_len: int | None = None,
+                 pipeline_parallel_size: int = 1, expert_parallel_size: int = 1, max_batch_size: int | None = None,
+                 max_num_tokens: int | None = None, max_seq_len: int | None = None,
                  kv_cache_free_gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True,
                  load_format: str = "auto", device: str = "auto", seed: int = 0, enforce_eager: bool = False,
                  trust_remote_code: bool = False, **kwargs: Any):

@@ -260,3 +260,18 @@ def test_plan_reads_a_checkpoint_directory(tiny_checkpoints, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == tiny_checkpoints["llama"] and out["gpu_memory_bytes"] == 2 * GiB
     assert out["tensor_parallel_size"] == 1 and out["replicas"] == 2  # a tiny model: one GPU each
+
+
+def test_plan_cli_assumes_serves_default_batch_for_the_gpu(capsys):
+    """Without --max_batch_size the plan assumes what serve would run on that GPU: 1024 sequences on a GPU of at
+    least 70 GiB (not an A100), else 256 (config.default_batch_limits)."""
+    from shardllm.entrypoints import plan as plan_cli
+
+    def run(*flags):
+        assert plan_cli.main(["llama-3-8b", "--gpus", "1", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    h200 = ("--gpu", "H200", "--gpu_memory_gib", "141")
+    assert run(*h200) == run(*h200, "--max_batch_size", "1024") != run(*h200, "--max_batch_size", "256")
+    a100 = ("--gpu", "A100", "--gpu_memory_gib", "80")
+    assert run(*a100) == run(*a100, "--max_batch_size", "256") != run(*a100, "--max_batch_size", "1024")

@@ -24,8 +24,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tp_size", "--tensor-parallel-size", "-tp", dest="tp_size", type=int, default=1)
     ap.add_argument("--pp_size", "--pipeline-parallel-size", "-pp", dest="pp_size", type=int, default=1)
     ap.add_argument("--ep_size", dest="ep_size", type=int, default=1)
-    ap.add_argument("--max_batch_size", type=int, default=256)
-    ap.add_argument("--max_num_tokens", type=int, default=8192)
+    ap.add_argument("--max_batch_size", type=int, default=None,
+                    help="default: the engine's (1024 on a GPU of >= 70 GiB, else 256)")
+    ap.add_argument("--max_num_tokens", type=int, default=None,
+                    help="default: the engine's (16384 on a GPU of >= 70 GiB, else 8192)")
     ap.add_argument("--max_seq_len", type=int, default=None)
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
     ap.add_argument("--device", default="auto")
@@ -110,7 +112,8 @@ def run(a: argparse.Namespace) -> dict:
         "quantization": getattr(llm.config.model_config.quantization, "source", None),
         "kv_cache_dtype": llm.config.cache_config.kv_cache_dtype,
         "pp": a.pp_size, "ep": a.ep_size, "gpus": world, "input_len": a.input_len, "output_len": a.output_len,
-        "num_requests": a.num_requests, "batch_size": a.batch_size or a.max_batch_size, "load_s": round(load_s, 1),
+        "num_requests": a.num_requests, "batch_size": a.batch_size or llm.config.scheduler_config.max_num_seqs,
+        "max_num_tokens": llm.config.scheduler_config.max_num_batched_tokens, "load_s": round(load_s, 1),
         "elapsed_s": round(elapsed, 4), "output_tokens": out_tokens, "output_tok_s": round(out_tokens / elapsed, 1),
         "output_tok_s_per_gpu": round(out_tokens / elapsed / world, 1),
         "total_tok_s": round((out_tokens + a.input_len * a.num_requests) / elapsed, 1),

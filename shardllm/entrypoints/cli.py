@@ -284,8 +284,9 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
         return _fail(f"{e}: the server needs its extras, `pip install 'shardllm[server]'`")
     # A signal while the model loads stops the start cleanly; uvicorn takes the signals over once it runs.
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        llm = AsyncLLM.from_kwargs(**engine_kwargs)
+    try:  # the server's step budget unless given: shorter prefill chunks between decode steps than LLM()'s 16384
+        # on large GPUs (vLLM's server default is 8192 too)
+        llm = AsyncLLM.from_kwargs(**{"max_num_tokens": 8192, **engine_kwargs})
     except (ValueError, TypeError, NotImplementedError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from shardllm.config import large_gpu
 from shardllm.entrypoints.cli import _names
 from shardllm.planner import KV_DTYPES, WEIGHT_DTYPES, GiB, Plan, gpu_spec, plan
 
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max_seq_len", type=int, help="longest prompt + output (default: the model's context)")
     add("--input_len", type=int, help="typical prompt tokens, for the throughput estimate")
     add("--output_len", type=int, help="typical output tokens, for the throughput estimate")
-    add("--max_batch_size", type=int, default=256, help="most sequences in a step")
+    add("--max_batch_size", type=int, help="most sequences in a step (default: serve's for that GPU: 1024 at "
+                                           ">= 70 GiB except A100s, else 256)")
     add("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, help="as for `serve`")
     add("--topology", choices=("nvlink", "pcie"), help="GPU interconnect (default: the local GPUs', else nvlink)")
     add("--json", action="store_true", help="print the plan as JSON")
@@ -137,11 +139,13 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--gpu_memory_gib must be at least 1 (GiB of one GPU), got {args.gpu_memory_gib}")
         if gpn < 1 or nodes < 1:
             raise ValueError(f"--gpus / --gpus_per_node and --nodes must be >= 1, got {gpn} and {nodes}")
+        gpu_memory = memory or gpu_spec(name).memory_bytes
+        max_num_seqs = args.max_batch_size or (1024 if large_gpu(name, gpu_memory) else 256)  # serve's default
         result = plan(hf_config, model=args.model, gpus_per_node=gpn, nodes=nodes,
-                      gpu_memory_bytes=memory or gpu_spec(name).memory_bytes, gpu_name=name,
+                      gpu_memory_bytes=gpu_memory, gpu_name=name,
                       topology=topology or "nvlink", weight_dtype=args.dtype,
                       kv_cache_dtype=args.kv_cache_dtype, max_seq_len=args.max_seq_len, input_len=args.input_len,
-                      output_len=args.output_len, max_num_seqs=args.max_batch_size,
+                      output_len=args.output_len, max_num_seqs=max_num_seqs,
                       kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
     except ValueError as e:
         print(f"shardllm plan: error: {e}", file=sys.stderr)
