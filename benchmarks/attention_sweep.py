@@ -44,6 +44,8 @@ GRID = [
     DecodeConfig(tma=True, num_warps=2),
     DecodeConfig(tma=True, num_warps=8),
     DecodeConfig(tma=True, num_warps=2, num_stages=4),
+    DecodeConfig(tma=True, block_n=32),  # two pages a tile
+    DecodeConfig(tma=True, block_n=32, num_warps=2, num_stages=3),
     DecodeConfig(block_n=128, num_warps=8),
     DecodeConfig(prefetch_pages=True),
     DecodeConfig(k_rowmajor=True),

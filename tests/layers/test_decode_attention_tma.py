@@ -202,3 +202,24 @@ def test_gpu_tma_kernel_in_a_cuda_graph_and_over_a_recreated_cache(tma_launches)
     got3 = run_decode(q, kv2[0], kv2[1], meta, config=TMA)
     assert (got3.float()[live] - ref3[live]).abs().max() < 1e-2 * ref3.abs().max()
     assert len(tma_launches) == 3
+
+
+@cpu
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+def test_two_pages_a_tile_equal_the_oracle(monkeypatch, tma_launches, num_splits):
+    """block_n = 2 x block_size: two pages a tile (the second past the end on odd page counts), NaN in the unused
+    slots of a partition's last pages kept out."""
+    monkeypatch.setenv("SHARDLLM_FP8_ATTN_F16_DOT", "1")
+    q, kc, vc, meta = make_case([1] * 5, [40, 17, 16, 1, 33], 2, 4, 64, seed=21)  # 3, 2, 1, 1, 3 pages
+    ref = reference(q, kc, vc, meta)
+    poisoned_k, poisoned_v = kc.clone(), vc.clone()
+    for b, n in enumerate(meta.seq_lens.tolist()):  # every slot past a sequence's end, in its pages and page 0
+        pages = meta.block_tables[b, : -(-n // 16)].tolist()
+        for i, page in enumerate(pages):
+            lo = n - 16 * i if i == len(pages) - 1 else 16
+            poisoned_k[page, lo:] = float("nan")
+            poisoned_v[page, lo:] = float("nan")
+    poisoned_k[0], poisoned_v[0] = float("nan"), float("nan")
+    got = run_decode(q, poisoned_k, poisoned_v, meta, num_splits=num_splits, config=DecodeConfig(tma=True, block_n=32))
+    assert len(tma_launches) == 1
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)

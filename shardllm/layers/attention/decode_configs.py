@@ -27,8 +27,9 @@ class DecodeConfig:
     use_dot: tl.dot with the GROUP query rows padded to 16; False: fp32 broadcast products, GROUP rows only.
     prefetch_pages: load the next tile's page ids before this tile's K/V. k_rowmajor: K loaded as (N, D).
     early_v: V's load issued with K's, before the scores.
-    tma: pages loaded by TMA, one page a tile (triton_decode_tma.py; block_n, prefetch_pages, k_rowmajor and
-        early_v do not apply); calls it cannot serve (no TMA, another cache layout) take the pointer kernel.
+    tma: pages loaded by TMA, one page a tile, or two when block_n is twice the cache's block size
+        (triton_decode_tma.py; prefetch_pages, k_rowmajor and early_v do not apply); calls it cannot serve (no TMA,
+        another cache layout) take the pointer kernel.
     """
 
     block_n: int | None = None

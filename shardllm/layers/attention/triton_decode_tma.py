@@ -24,20 +24,43 @@ except ImportError:  # an older Triton, or none
     TensorDescriptor = None
 
 
+@_jit
+def _page_step(q, k, v, tok0, end, m, l_sum, acc, qk_scale,
+               BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr):
+    """The online-softmax update of one page's (BLOCK_SIZE, D) K and V tiles: (m, l_sum, acc) after it."""
+    k = k.to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (G, BLOCK_SIZE)
+    if not F16_DOT:
+        s = s * qk_scale
+    valid = tok0 + tl.arange(0, BLOCK_SIZE) < end
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    v = v.to(q.dtype)
+    if tok0 + BLOCK_SIZE > end:  # only a partition's last page has slots past `end`: p is 0 there, but the slots
+        v = tl.where(valid[:, None], v, 0.0)  # hold stale or never-written bytes, and 0 x NaN is NaN
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_sum, acc
+
+
 @_jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _decode_kernel_tma(
     q_ptr, k_desc, v_desc, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr, F16_DOT: tl.constexpr,
+    PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
+    F16_DOT: tl.constexpr,
 ):
-    """One program per (sequence, kv head, partition), as _decode_kernel; tiles are whole pages (BLOCK_N =
-    BLOCK_SIZE), so partitions start on page boundaries and a tile needs one block-table entry."""
+    """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
+    BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math), so partitions start on tile boundaries
+    and a page needs one block-table entry."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_SIZE)
+    split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_SIZE * PAGES)
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -54,24 +77,20 @@ def _decode_kernel_tma(
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    n = tl.arange(0, BLOCK_SIZE)
     table = block_tables_ptr + b * stride_bt
-    for tok0 in range(start, end, BLOCK_SIZE):
+    for tok0 in range(start, end, BLOCK_SIZE * PAGES):
         row0 = tl.load(table + tok0 // BLOCK_SIZE) * BLOCK_SIZE  # the page's first row of the (nb x bs) view
-        k = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (G, BLOCK_SIZE)
-        if not F16_DOT:
-            s = s * qk_scale
-        valid = tok0 + n < end
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM).to(q.dtype)
-        v = tl.where(valid[:, None], v, 0.0)  # the page's slots past `end`: p is 0 there, but 0 x NaN is NaN
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+        v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+        if PAGES == 2:  # the second page (the padding page 0 past the end: its slots are masked)
+            row1 = tl.load(table + tok0 // BLOCK_SIZE + 1, mask=tok0 + BLOCK_SIZE < end, other=0) * BLOCK_SIZE
+            k1 = k_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+            v1 = v_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+        m, l_sum, acc = _page_step(q, k0, v0, tok0, end, m, l_sum, acc, qk_scale, BLOCK_SIZE, DOT_PRECISION,
+                                   F16_DOT)
+        if PAGES == 2:
+            m, l_sum, acc = _page_step(q, k1, v1, tok0 + BLOCK_SIZE, end, m, l_sum, acc, qk_scale, BLOCK_SIZE,
+                                       DOT_PRECISION, F16_DOT)
     _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
                   num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
 
