@@ -130,6 +130,9 @@ _VARS = [
     _switch("SHARDLLM_GEMV_FUSED_SILU", True, "import",
             "0: silu_and_mul then the down projection, not the decode GEMV that computes SiLU-and-mul as it loads its "
             "input (layers/gemv_silu.py, issue 15)"),
+    _switch("SHARDLLM_GEMV_FUSED_NORM", False, "import",
+            "1: the residual add + RMSNorm before qkv / gate_up formed inside their decode GEMV at batch 1 "
+            "(layers/gemv_norm.py, issue 15; not yet measured on a GPU)"),
     _switch("SHARDLLM_DECODE_ATTN_TUNED", True, "per call",
             "0: decode attention ignores decode_configs.DECODE_CONFIGS (the original launch; benchmarks/device_ab.sh)"),
     EnvVar("SHARDLLM_DECODE_CONFIGS", "str", None, _text, "import",

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from shardllm import envs
+from shardllm.layers.triton_ops import RMS_MAX_BLOCK
 
 try:
     import triton
@@ -57,13 +58,30 @@ if HAS_TRITON:
         return (act * up).to(ptrs.dtype.element_ty)
 
     @triton.jit
+    def _normed_load(x_ptrs, r_ptrs, nw_ptrs, rstd, mask, HAS_RESIDUAL: tl.constexpr):
+        """round(nw * round(s * rstd)) in the activation dtype, s = x or round(x + residual): the values
+        triton_ops._fused_rmsnorm_row_kernel stores, given its rstd."""
+        s = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+            s = (s + r).to(x_ptrs.dtype.element_ty).to(tl.float32)
+        normed = (s * rstd).to(x_ptrs.dtype.element_ty).to(tl.float32)
+        nw = tl.load(nw_ptrs, mask=mask, other=0.0).to(tl.float32)
+        return (nw * normed).to(x_ptrs.dtype.element_ty)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_ym, stride_ys,
+                     r_ptr, nw_ptr, r_out_ptr, eps, stride_rm, stride_rom,
                      HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, LATE_REDUCE: tl.constexpr,
-                     SILU_INPUT: tl.constexpr = False):
+                     SILU_INPUT: tl.constexpr = False, NORM_INPUT: tl.constexpr = False,
+                     HAS_RESIDUAL: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1, NORM_CHUNKS: tl.constexpr = 1):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
         x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
-        FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps)."""
+        FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps).
+        NORM_INPUT: x = RMSNorm(x (+ r)) with weight nw: every program first sums the squares of its whole rows (in
+        NORM_CHUNKS chunks of NORM_BLOCK, as triton_ops' RMSNorm does; L1/L2 hits after the first program), program
+        (0, 0) also stores round(x + r) to r_out; then each step normalizes the x it loads."""
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,6 +101,24 @@ if HAS_TRITON:
         w_rows3 = w_ptr + rows[None, :, None] * stride_wn + 0 * m[:, None, None]  # (BM, BN, 1)
         x_rows3 = x_ptr + m[:, None, None] * stride_xm + 0 * n[None, :, None]  # (BM, BN, 1)
         m_in3 = (m[:, None, None] < M) & (n[None, :, None] >= 0)  # (BM, BN, 1)
+        r_rows = r_ptr + m[:, None] * stride_rm  # (BM, 1)
+        nw_rows = nw_ptr + 0 * m[:, None]  # (BM, 1)
+        rstd = tl.zeros((BLOCK_M, 1), tl.float32)
+        if NORM_INPUT:
+            nb = tl.arange(0, NORM_BLOCK)
+            sum_sq = tl.zeros((BLOCK_M, NORM_BLOCK), tl.float32)
+            for c in range(NORM_CHUNKS):
+                offs = c * NORM_BLOCK + nb[None, :]
+                mask = m_in & (offs < K)
+                sq = tl.load(x_rows + offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_RESIDUAL:
+                    sq_rounded = (sq + tl.load(r_rows + offs, mask=mask, other=0.0).to(tl.float32)).to(
+                        x_ptr.dtype.element_ty)
+                    first = offs * 0 + pid_n + split == 0  # program (0, 0) stores x + r
+                    tl.store(r_out_ptr + m[:, None] * stride_rom + offs, sq_rounded, mask=mask & first)
+                    sq = sq_rounded.to(tl.float32)
+                sum_sq += sq * sq
+            rstd = tl.rsqrt(tl.sum(sum_sq, axis=1) / K + eps)[:, None]  # (BM, 1)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if LATE_REDUCE:
             acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
@@ -97,6 +133,9 @@ if HAS_TRITON:
                     x_mask = m_in & (k[None, :] < k_end)
                 if SILU_INPUT:
                     x = _silu_mul_load(x_rows + k[None, :], K, x_mask)  # (BM, BK)
+                elif NORM_INPUT:
+                    x = _normed_load(x_rows + k[None, :], r_rows + k[None, :], nw_rows + k[None, :], rstd, x_mask,
+                                     HAS_RESIDUAL)
                 else:
                     x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)  # (BM, BK)
                 if DOT_F32:  # Triton's CPU interpreter computes bf16 dots wrongly (3.9); fp32 there
@@ -109,9 +148,12 @@ if HAS_TRITON:
                     w3 = tl.load(w_rows3 + k3)  # (BM, BN, BK)
                 else:
                     w3 = tl.load(w_rows3 + k3, mask=k3 < k_end, other=0.0)
+                x_mask = m_in if EVEN_K else m_in & (k[None, :] < k_end)
                 if SILU_INPUT:  # (BM, 1, BK), broadcast over BN in the product
-                    x_mask = m_in if EVEN_K else m_in & (k[None, :] < k_end)
                     x3 = _silu_mul_load(x_rows + k[None, :], K, x_mask)[:, None, :]
+                elif NORM_INPUT:
+                    x3 = _normed_load(x_rows + k[None, :], r_rows + k[None, :], nw_rows + k[None, :], rstd, x_mask,
+                                      HAS_RESIDUAL)[:, None, :]
                 elif EVEN_K:
                     x3 = tl.load(x_rows3 + k3, mask=m_in3, other=0.0)  # (BM, BN, BK)
                 else:
@@ -139,14 +181,40 @@ if HAS_TRITON:
         tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+class DeferredGemvInput:
+    """An activation not computed yet, which the linear it feeds forms inside its small-M GEMV (SiLU-and-mul in
+    gemv_silu.py, RMSNorm in gemv_norm.py): a producer returns one instead of a tensor, and the linear's method calls
+    `gemv(w, w_scale, bias)` -> y (M, N) in the activation's dtype."""
+
+    __slots__ = ()
+
+    def gemv(self, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NormPrologue(NamedTuple):
+    """RMSNorm applied to a GEMV's input rows as the kernel loads them: x -> weight * norm(x (+ residual)), with
+    x + residual rounded to x's dtype and written to residual_out (as triton_ops.fused_add_rms_norm returns it).
+    residual, residual_out: (M, K) of x's dtype with contiguous rows, or both None; weight (K,) of x's dtype;
+    residual_out must not alias residual or x (other programs still read them while one writes it)."""
+
+    residual: torch.Tensor | None
+    weight: torch.Tensor
+    eps: float
+    residual_out: torch.Tensor | None
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config: GemvConfig,
-         silu_input: bool = False) -> torch.Tensor:
+         silu_input: bool = False, norm: NormPrologue | None = None) -> torch.Tensor:
     """y (M, N) in x's dtype = x @ (w * w_scale[:, None])^T (no scale: x @ w^T).
 
     Args:
         x: (M, K) bf16/fp16, M <= GEMV_MAX_M, contiguous rows. With silu_input, gate_up (M, 2K) instead, and the
             GEMV's input is silu(x[:, :K]) * x[:, K:], formed in registers with the same fp32 math and roundings
             to x's dtype as `triton_ops.silu_and_mul` (so the result equals silu_and_mul then this GEMV).
+            With norm (FMA-form configs only), the input is RMSNorm(x (+ norm.residual)) (see NormPrologue),
+            computed as triton_ops' RMSNorm kernel computes it except for the order of the sum of squares' fp32
+            additions (the same chunks, but a reduction tree of this config's warps).
         w: (N, K) float8_e4m3fn (with w_scale) or x's dtype (w_scale None), contiguous rows.
         w_scale: (N,) fp32 per-channel scales, or None.
         config: the kernel config; split_k is capped so that every K slice holds at least one BLOCK_K.
@@ -158,6 +226,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     n = w.shape[0]
     assert m <= GEMV_MAX_M and w.shape[1] == k and x.stride(1) == 1 and w.stride(1) == 1
     assert not silu_input or x.shape[1] == 2 * k
+    res = res_out = nw = None
+    if norm is not None:
+        assert not silu_input and not config.use_dot  # the tl.dot form's 16 padded rows would hold 16 full rows
+        nw, res, res_out = norm.weight, norm.residual, norm.residual_out
+        assert nw.shape == (k,) and nw.stride(0) == 1 and nw.dtype == x.dtype and (res is None) == (res_out is None)
+        for t in (res, res_out):
+            assert t is None or (t.shape == x.shape and t.stride(1) == 1 and t.dtype == x.dtype)
+    norm_block = min(triton.next_power_of_2(k), RMS_MAX_BLOCK)  # as triton_ops' RMSNorm: the same chunks
     assert (w_scale is None) == (w.dtype == x.dtype)
     split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
     even_k = k % (split_k * config.block_k) == 0
@@ -168,9 +244,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         y = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, w, w if w_scale is None else w_scale, y, m, n, k, split_k, x.stride(0), w.stride(0), y.stride(1),
-        y.stride(0), HAS_SCALE=w_scale is not None, USE_DOT=config.use_dot, EVEN_K=even_k, BLOCK_M=block_m,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_F32=not x.is_cuda,
-        LATE_REDUCE=config.late_reduce and not config.use_dot, SILU_INPUT=silu_input, num_warps=config.num_warps,
+        y.stride(0), x if res is None else res, x if nw is None else nw, x if res_out is None else res_out,
+        0.0 if norm is None else float(norm.eps), 0 if res is None else res.stride(0),
+        0 if res_out is None else res_out.stride(0), HAS_SCALE=w_scale is not None, USE_DOT=config.use_dot,
+        EVEN_K=even_k, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_F32=not x.is_cuda,
+        LATE_REDUCE=config.late_reduce and not config.use_dot, SILU_INPUT=silu_input, NORM_INPUT=norm is not None,
+        HAS_RESIDUAL=res is not None, NORM_BLOCK=norm_block if norm is not None else 1,
+        NORM_CHUNKS=triton.cdiv(k, norm_block) if norm is not None else 1, num_warps=config.num_warps,
         num_stages=config.num_stages)
     if split_k == 1:
         return y[0]

@@ -6,7 +6,8 @@ How it is wired: after loading, `link_gemv_silu(model)` gives each SiluAndMul na
 `GemvSiluTarget` for its linear when that linear's method is one the GEMV serves (unquantized, or FP8 with
 per-channel weight scales and dynamic activations). SiluAndMul.forward then asks the target first; where the fused
 GEMV applies it returns a `SiluAndMulInput` (gate_up, deferred) instead of a tensor, which that linear's `apply`
-hands to `silu_gemv`. Everywhere else (M > 2, CPU, torch attention backend, a failed kernel probe) nothing changes.
+hands to `silu_gemv` (through gemv.DeferredGemvInput). Everywhere else (M > 2, CPU, torch attention backend, a failed
+kernel probe) nothing changes.
 
 Numerics: the activation is computed with triton_ops.silu_and_mul's fp32 expression and roundings and the GEMV is
 the same kernel and config as the unfused path's, so the output is bit-equal to silu_and_mul then the GEMV
@@ -19,15 +20,13 @@ Switch: `SHARDLLM_GEMV_FUSED_SILU=0` (read at import) restores silu_and_mul then
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
 from shardllm import envs
 from shardllm.layers import gemv as gemv_mod
 from shardllm.layers import triton_ops
-from shardllm.layers.gemv import HAS_TRITON, GemvConfig, load_table, table_config
+from shardllm.layers.gemv import HAS_TRITON, DeferredGemvInput, GemvConfig, load_table, table_config
 
 __all__ = ["FUSED_SILU_MAX_M", "GemvSiluTarget", "SiluAndMulInput", "link_gemv_silu", "silu_gemv"]
 
@@ -45,10 +44,16 @@ FUSED_SILU_TABLES: dict[str, dict] = {"fp8": load_table({}), "bf16": load_table(
 _DEFAULT_CONFIG = GemvConfig(False, 4, 512, 1, 4, 3, True)
 
 
-class SiluAndMulInput(NamedTuple):
+class SiluAndMulInput(DeferredGemvInput):
     """silu(gate) * up not yet computed: gate_up (M, 2I) in the activation dtype, for the linear SiluAndMul feeds."""
 
-    gate_up: torch.Tensor
+    __slots__ = ("gate_up",)
+
+    def __init__(self, gate_up: torch.Tensor):
+        self.gate_up = gate_up
+
+    def gemv(self, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        return silu_gemv(self, w, w_scale, bias)
 
     @property
     def shape(self) -> torch.Size:

@@ -16,8 +16,7 @@ from torch import nn
 
 from shardllm.distributed.communication import tp_all_reduce
 from shardllm.distributed.parallel_state import get_parallel_context
-from shardllm.layers.gemv import maybe_small_m_linear_bf16
-from shardllm.layers.gemv_silu import SiluAndMulInput, silu_gemv
+from shardllm.layers.gemv import DeferredGemvInput, maybe_small_m_linear_bf16
 from shardllm.layers.quantization import get_linear_method
 from shardllm.model_loader.weight_utils import copy_weight, narrow
 
@@ -44,8 +43,8 @@ class UnquantizedLinearMethod:
         pass
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(x, SiluAndMulInput):  # SiLU-and-mul deferred into the GEMV (M <= 2, gemv_silu.py)
-            return silu_gemv(x, layer.weight, None, bias)
+        if isinstance(x, DeferredGemvInput):  # SiLU-and-mul / RMSNorm formed in the GEMV (gemv_silu/_norm.py)
+            return x.gemv(layer.weight, None, bias)
         y = maybe_small_m_linear_bf16(x, layer.weight, bias)  # decode GEMV where its table beats cuBLAS, else None
         return F.linear(x, layer.weight, bias) if y is None else y
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shardllm.layers.gemv_silu import SiluAndMulInput, silu_gemv
+from shardllm.layers.gemv import DeferredGemvInput
 from shardllm.layers.quantization import QuantizationConfig
 from shardllm.layers.quantization.fp8_fused import QuantizedActivation
 from shardllm.layers.quantization.fp8_triton import (
@@ -120,8 +120,8 @@ class Fp8LinearMethod:
             y = scaled_mm_rowwise(x.data, layer.weight, x.scale, layer.weight_scale.view(1, -1), x.dtype,
                                   cpu_weight_f32(layer, layer.weight))  # (M, N)
             return y if bias is None else y + bias
-        if isinstance(x, SiluAndMulInput):  # SiLU-and-mul deferred into the GEMV (M <= 2, gemv_silu.py)
-            return silu_gemv(x, layer.weight, layer.weight_scale.view(-1), bias)
+        if isinstance(x, DeferredGemvInput):  # SiLU-and-mul / RMSNorm formed in the GEMV (gemv_silu/_norm.py)
+            return x.gemv(layer.weight, layer.weight_scale.view(-1), bias)
         if self.weight_only:
             return F.linear(x, (layer.weight.to(x.dtype) * layer.weight_scale.to(x.dtype)[:, None]), bias)
         shape = x.shape
