@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader; da
 t0=$SECONDS
 
 echo "== 1. GPU tests"
-timeout 170 python -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=5 \
+timeout 200 python -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=5 \
   tests/layers/test_gemv_silu.py tests/layers/test_gemv.py ${EXTRA:+tests/layers/test_gemv_norm.py} 2>&1 | tail -14
 echo "tests: $((SECONDS - t0)) s"
 

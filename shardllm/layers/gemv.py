@@ -9,6 +9,12 @@ fp32 accumulation). With SPLIT_K > 1 the fp32 partials (SPLIT_K, M, N) go to a b
 casts (deterministic, no zeroed buffer, graph-capturable: the buffer is a torch.empty of the call).
 Which config runs for which (N, K, M) comes from per-shape tables filled from `benchmarks/gemv_sweep.py` on an H200;
 the torch reference is `gemv_reference`.
+
+The kernel can also form its input from the previous op's inputs as it loads it, so that op's kernel is not launched
+at decode: SiLU-and-mul from gate_up (silu_input; gemv_silu.py) and the residual add + RMSNorm (a NormPrologue, FMA
+form; gemv_norm.py). Compiled for sm_90a with Triton 3.9 (ptxas 13.4 -v, on the CPU): no spills; the SiLU form keeps
+the plain form's barriers (252 -> 254 registers at 16 x 1024, 8 warps), the norm form adds the prologue's reduction
+(40 -> 80 registers at 4 x 512, 4 warps).
 """
 
 from __future__ import annotations
