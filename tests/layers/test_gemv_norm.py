@@ -60,7 +60,7 @@ def check_against_unfused(m, n, k, fp8, cfg, residual, device):
 
 CPU_CASES = [
     (1, 40, 300, GemvConfig(False, 8, 64, 1, late_reduce=True)),
-    (2, 37, 200, GemvConfig(False, 4, 32, 3)),  # the kernel takes M <= its BLOCK_M rows (the hook only M = 1)
+    (2, 21, 96, GemvConfig(False, 8, 32, 2)),  # the kernel takes M <= its BLOCK_M rows (the hook only M = 1)
     (1, 24, 256, GemvConfig(False, 8, 64, 2)),  # EVEN_K
     (1, 16, 9000, GemvConfig(False, 8, 1024, 2)),  # rows wider than RMS_MAX_BLOCK: two chunks, as the RMSNorm kernel
 ]
@@ -276,4 +276,55 @@ def test_gpu_tiny_llama_tokens_equal_with_the_fused_norm_on_and_off(tiny_checkpo
     on, launches = tokens(True)
     off, none = tokens(False)
     assert launches > 0 and none == 0
+    assert on == off
+
+
+@cpu
+def test_tiny_fp8_llama_tokens_equal_with_both_fusions_on_and_off_cpu(tiny_checkpoints, monkeypatch):
+    """The whole engine (CPU, eager, FP8 linears) with the SiLU and norm fusions forced on against both off: the
+    unfused FP8 linears at M <= 2 run the same GEMV configs (an FMA entry per tiny shape, as the tables do on CUDA),
+    so the decode steps' greedy tokens are equal."""
+    from shardllm import LLM, SamplingParams
+    from shardllm.layers.quantization import fp8 as fp8_mod
+    from shardllm.layers.quantization import fp8_triton
+
+    fma = [0, 64, 64, 1, 4, 3, 1]  # wide tiles: few programs, each one a Python loop under the interpreter
+    table = load_table({f"{n}x{k}": {"1": fma, "2": fma} for n, k in ((128, 64), (256, 64), (64, 128), (64, 64))})
+    monkeypatch.setattr(gemv_mod, "FP8_GEMV_TABLE", table)
+    monkeypatch.setattr(fp8_triton, "FP8_GEMV_TABLE", table)
+    real_apply = fp8_mod.Fp8LinearMethod.apply
+
+    def apply_on_cpu(self, layer, x, bias):  # the CUDA path's GEMV at decode, on the CPU
+        if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] <= 2:
+            y = fp8_triton.fp8_small_m_linear(x.contiguous(), layer.weight, layer.weight_scale.view(-1))
+            return y if bias is None else y + bias
+        return real_apply(self, layer, x, bias)
+
+    monkeypatch.setattr(fp8_mod.Fp8LinearMethod, "apply", apply_on_cpu)
+
+    def tokens(fused: bool) -> tuple[list, int]:
+        calls = []
+        with pytest.MonkeyPatch.context() as mp:
+            for mod, name in ((gemv_norm, "norm_gemv"), (gemv_silu, "silu_gemv")):
+                real = getattr(mod, name)
+                mp.setattr(mod, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+                mp.setattr(mod, "ENABLED", fused)
+            llm = LLM(tiny_checkpoints["llama"], num_kv_blocks=64, max_batch_size=8, dtype="bfloat16",
+                      quantization="fp8", device="cpu", enforce_eager=True)
+            try:
+                mp.setattr(triton_ops, "USE_TRITON", True)  # after the runner set its switches
+                for mod in (gemv_norm, gemv_silu):
+                    mp.setattr(mod, "FORCE", fused)
+                sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+                prompts = [[1 + (7 * i + j) % 300 for j in range(6 + i)] for i in range(2)]
+                out = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]  # decode at M = 2
+                out += [o.outputs[0].token_ids for o in llm.generate(prompts[:1], sp, use_tqdm=False)]  # M = 1
+            finally:
+                llm.shutdown()
+        return out, len(calls)
+
+    on, launches = tokens(True)
+    off, none = tokens(False)
+    # 2 decode steps at M = 2 (2 layers x down) and 2 at M = 1 (2 layers x (qkv, gate_up, down)); async may add
+    assert launches >= 2 * 2 + 2 * 2 * 3 and none == 0
     assert on == off
