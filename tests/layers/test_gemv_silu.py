@@ -31,9 +31,9 @@ def gpu(fn, timeout: int = 120):
 
 def operands(m: int, n: int, k: int, fp8: bool, device: str, seed: int = 0):
     """gate_up (m, 2k) bf16 spread like a gate_up projection's output, w (n, k) e4m3 + scales or bf16."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    gate_up = (torch.randn(m, 2 * k, generator=g) * 2).to(device, torch.bfloat16)
-    w = torch.randn(n, k, generator=g).to(device) * 0.05
+    g = torch.Generator(device=device).manual_seed(seed)  # on the GPU: Llama-sized weights in milliseconds
+    gate_up = (torch.randn(m, 2 * k, generator=g, device=device) * 2).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g, device=device) * 0.05
     if fp8:
         wq, ws = quantize_per_row(w)
         return gate_up, wq, ws.view(-1)
