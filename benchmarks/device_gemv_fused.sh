@@ -9,6 +9,8 @@
 #    EXTRA=1 (+1 minute): also SHARDLLM_GEMV_FUSED_NORM=1 (add + RMSNorm folded into qkv / gate_up, opt-in) with the
 #    SiLU fusion on, and the norm-fused GEMV's GPU tests (tests/layers/test_gemv_norm.py) in part 1.
 # The kernels' part 2 also times the norm-fused GEMV against add + RMSNorm + GEMV at qkv / gate_up shapes.
+# Limits: tests 150 s, kernels 80 s, each engine row ROW_TIMEOUT (75) s: at most ~530 s, ~680 s with EXTRA=1 (then set
+# ROW_TIMEOUT=55 to stay under a 600 s call). Batch-1 rows use --batch_size 1 (one graph bucket: a short capture).
 #   bash benchmarks/device_gemv_fused.sh      results: $OUT/gemv_fused.jsonl, logs $OUT/err_*.txt
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -17,12 +19,12 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader; da
 t0=$SECONDS
 
 echo "== 1. GPU tests"
-timeout 200 python -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=5 \
+timeout 150 python -m pytest -q -m gpu -p no:cacheprovider -rfEs --durations=5 \
   tests/layers/test_gemv_silu.py tests/layers/test_gemv.py ${EXTRA:+tests/layers/test_gemv_norm.py} 2>&1 | tail -14
 echo "tests: $((SECONDS - t0)) s"
 
 echo "== 2. kernels"
-timeout 90 python benchmarks/gemv_silu.py --budget_s 24 2>&1 | grep -v Warning
+timeout 80 python benchmarks/gemv_silu.py --budget_s 24 2>&1 | grep -v Warning
 echo "kernels: $((SECONDS - t0)) s"
 
 echo "== 3. batch-1 TPOT, switch 0 (silu_and_mul + down) and 1 (fused)"
@@ -30,7 +32,7 @@ for dtype in bfloat16 fp8; do
   for sw in 0 1 ${EXTRA:+norm}; do
     norm=0; [ "$sw" = norm ] && { sw=1; norm=1; }
     err="$out/err_${dtype}_$sw$norm.txt"
-    line=$(SHARDLLM_GEMV_FUSED_SILU=$sw SHARDLLM_GEMV_FUSED_NORM=$norm timeout ${ROW_TIMEOUT:-120} \
+    line=$(SHARDLLM_GEMV_FUSED_SILU=$sw SHARDLLM_GEMV_FUSED_NORM=$norm timeout ${ROW_TIMEOUT:-75} \
            python -m shardllm.bench.throughput --model llama-3-8b --load_format dummy --dtype $dtype \
            --batch_size 1 --num_requests 2 --input_len 128 --output_len 128 --json 2> "$err" | tail -1)
     [ -z "$line" ] && { echo "$dtype silu=$sw norm=$norm: no output"; tail -3 "$err"; continue; }
