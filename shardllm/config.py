@@ -249,8 +249,11 @@ def default_batch_limits(device: str, max_batch_size: int | None = None,
     properties only (no CUDA context)."""
     big = False
     if device == "cuda" and (max_batch_size is None or max_num_tokens is None) and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        big = large_gpu(props.name, props.total_memory)
+        try:
+            props = torch.cuda.get_device_properties(0)
+        except (RuntimeError, AssertionError):  # a build or driver that cannot say: the smaller limits
+            props = None
+        big = props is not None and large_gpu(props.name, props.total_memory)
     return (max_batch_size or (1024 if big else 256)), (max_num_tokens or (16384 if big else 8192))
 
 

@@ -46,3 +46,13 @@ def test_bad_limits_are_refused_and_none_is_a_default():
 def test_engine_config_on_cpu_keeps_the_small_defaults(tiny_checkpoints):
     cfg = EngineConfig.create(tiny_checkpoints["llama"], device="cpu", load_format="safetensors")
     assert (cfg.scheduler_config.max_num_seqs, cfg.scheduler_config.max_num_batched_tokens) == (256, 8192)
+
+
+def test_a_gpu_that_cannot_be_queried_gets_the_small_limits(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def fail(i):
+        raise AssertionError("Torch not compiled with CUDA enabled")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", fail)
+    assert default_batch_limits("cuda") == (256, 8192)
