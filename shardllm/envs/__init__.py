@@ -127,9 +127,9 @@ _VARS = [
     _switch("SHARDLLM_GEMV_TABLES", True, "import",
             "0: the decode GEMV kernels' tuned tables empty (FP8: fp8_triton's configs, bf16: cuBLAS), A/B "
             "against the H200 sweep (benchmarks/device_gemv.sh, device_ab.sh)"),
-    _switch("SHARDLLM_GEMV_FUSED_SILU", True, "import",
-            "0: silu_and_mul then the down projection, not the decode GEMV that computes SiLU-and-mul as it loads its "
-            "input (layers/gemv_silu.py, issue 15)"),
+    _switch("SHARDLLM_GEMV_FUSED_SILU", False, "import",
+            "1: the down projection's decode GEMV computes SiLU-and-mul as it loads its input, one kernel fewer per "
+            "layer at batch 1-2 (layers/gemv_silu.py, issue 15; off until measured on a GPU)"),
     _switch("SHARDLLM_GEMV_FUSED_NORM", False, "import",
             "1: the residual add + RMSNorm before qkv / gate_up formed inside their decode GEMV at batch 1 "
             "(layers/gemv_norm.py, issue 15; not yet measured on a GPU)"),

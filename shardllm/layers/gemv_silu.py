@@ -15,7 +15,8 @@ the same kernel and config as the unfused path's, so the output is bit-equal to 
 down at tp 1) the fused path still runs the GEMV (the fused table's, the plain table's, or a default config), whose
 fp32 accumulation order differs from cuBLAS's: equal within the GEMV's own rounding, not bit-equal.
 
-Switch: `SHARDLLM_GEMV_FUSED_SILU=0` (read at import) restores silu_and_mul then the linear.
+Switch: `SHARDLLM_GEMV_FUSED_SILU=1` (read at import) turns it on; off by default until a GPU run has timed it
+(benchmarks/device_gemv_fused.sh) and its GPU tests have passed.
 """
 
 from __future__ import annotations

@@ -19,6 +19,13 @@ from shardllm.layers.gemv_norm import RmsNormInput  # noqa: E402
 from shardllm.layers.quantization import QuantizationConfig, quant_config_scope  # noqa: E402
 from shardllm.layers.quantization.fp8_utils import quantize_per_row  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def silu_fusion_on(monkeypatch):
+    """The fusion as switched on (SHARDLLM_GEMV_FUSED_SILU=1; off by default until timed on a GPU): tests of the
+    switch's off side set ENABLED themselves."""
+    monkeypatch.setattr(gemv_silu, "ENABLED", True)
+
 INTERPRET = isinstance(gemv_mod._gemv_kernel, InterpretedFunction)
 cpu = pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 before triton's import")
 

@@ -23,6 +23,13 @@ INTERPRET = isinstance(gemv_mod._gemv_kernel, InterpretedFunction)
 cpu = pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 before triton's import")
 
 
+@pytest.fixture(autouse=True)
+def silu_fusion_on(monkeypatch):
+    """The fusion as switched on (SHARDLLM_GEMV_FUSED_SILU=1; off by default until timed on a GPU): tests of the
+    switch's off side set ENABLED themselves."""
+    monkeypatch.setattr(gemv_silu, "ENABLED", True)
+
+
 def gpu(fn, timeout: int = 120):
     skip = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRET or torch.cuda.get_device_capability() < (8, 9),
                               reason="needs a GPU with FP8 (sm89+), no interpreter")
