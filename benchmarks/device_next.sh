@@ -3,7 +3,7 @@
 # everything this session could not confirm on a GPU, and the figures that decide the defaults. Run it from a clean
 # tree (commit first; never run git commands on the device: its .git is not this tree's).
 #   1. in parallel: GPU 0 the new paths' GPU tests (TMA decode, fp16 dots, fused FP8 activation quantization, LM head
-#      in the graph at tp = 1, fused SiLU GEMV if present), then benchmarks/fp8_attention_kernel.py; GPU 1 the
+#      in the graph at tp = 1, the fused SiLU / norm GEMVs), then benchmarks/fp8_attention_kernel.py; GPU 1 the
 #      decode-config sweep of both cache dtypes with the TMA variants (its JSON table -> table.json).
 #   2. Llama-3-8B fp8 + fp8 KV with the sweep's table beside without, at once on the two GPUs: 1000 x 128/128 (max
 #      batch 1024, 16k tokens a step) and 500 x 1000/1000 (max batch 512).
@@ -38,7 +38,7 @@ PY
 }
 tests=(tests/layers/test_decode_attention_tma.py tests/layers/test_fp8_attention_f16_dot.py
        tests/layers/test_fp8_fused_act_quant.py tests/worker/test_graph_lm_head_gpu.py)
-[ -f tests/layers/test_gemv_fused_silu.py ] && tests+=(tests/layers/test_gemv_fused_silu.py)
+tests+=(tests/layers/test_gemv_silu.py tests/layers/test_gemv_norm.py)
 part1_gpu0() {
   CUDA_VISIBLE_DEVICES=0 timeout 240 python -m pytest -q -m gpu -p no:cacheprovider -rfE "${tests[@]}" \
     > "$w/new_tests.txt" 2>&1
