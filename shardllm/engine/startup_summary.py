@@ -26,7 +26,8 @@ def predict(config, gpu_memory_bytes: int):
 
 
 def summary_lines(config, num_blocks: int, reports: list[dict], placement: list | None = None) -> list[str]:
-    """The summary as lines: one for the layout, one per rank, one for the KV cache as a whole.
+    """The summary as lines: one for the layout, one per rank, one for the KV cache as a whole, one for the
+    step limits in force (max_batch_size sequences and max_num_tokens tokens a step).
 
     `placement`: where each rank runs under Ray (RayExecutor.placement: node id and IP, Ray's GPU ids), so that
     the nodes are counted as placed (with or without num_workers) and each rank names its node and GPU; without
@@ -69,8 +70,11 @@ def summary_lines(config, num_blocks: int, reports: list[dict], placement: list 
                      f"({_delta(rep['kv_cache'], kv_pred)}) = {stage.kv_tokens} tokens; peak "
                      f"{rep.get('peak', 0) / GiB:.2f} of {rep.get('total', 0) / GiB:.1f} GiB")
         lines.append(line)
-    lines.append(f"KV cache: {num_blocks} blocks x {cc.block_size} tokens = {tokens} tokens per rank; max concurrency "
-                 f"{tokens / sc.max_model_len:.2f} requests of max_seq_len {sc.max_model_len}")
+    usable = max(num_blocks - 1, 0)  # block 0 is the padding block
+    lines.append(f"KV cache: {num_blocks} blocks ({usable} usable) x {cc.block_size} tokens = {tokens} tokens per rank; "
+                 f"max concurrency {tokens / sc.max_model_len:.2f} requests of max_seq_len {sc.max_model_len}")
+    lines.append(f"step limits: {sc.max_num_seqs} sequences, {sc.max_num_batched_tokens} tokens "
+                 f"(max_batch_size, max_num_tokens)")
     return lines
 
 

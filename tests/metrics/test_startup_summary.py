@@ -20,7 +20,9 @@ def test_engine_logs_layout_and_per_rank_memory(tiny_checkpoints, caplog):
     weights = sum(p.numel() * p.element_size() for p in llm.engine.executor.worker.model_runner.model.parameters())
     assert lines[1].startswith(f"rank 0 (tp 0, pp 0) cpu: weights {weights / GiB:.2f} GiB")
     assert f"= {49 * 16} tokens" in lines[1]  # 50 blocks, one kept aside, 16 tokens each
+    assert lines[2].startswith(f"KV cache: 50 blocks (49 usable) x 16 tokens = {49 * 16} tokens per rank")
     assert lines[2].endswith(f"max concurrency {49 * 16 / 256:.2f} requests of max_seq_len 256")
+    assert lines[3].startswith("step limits: 256 sequences, 8192 tokens")  # CPU: default_batch_limits' smaller pair
     llm.shutdown()
 
 
