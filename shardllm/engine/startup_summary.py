@@ -71,8 +71,8 @@ def summary_lines(config, num_blocks: int, reports: list[dict], placement: list 
                      f"{rep.get('peak', 0) / GiB:.2f} of {rep.get('total', 0) / GiB:.1f} GiB")
         lines.append(line)
     usable = max(num_blocks - 1, 0)  # block 0 is the padding block
-    lines.append(f"KV cache: {num_blocks} blocks ({usable} usable) x {cc.block_size} tokens = {tokens} tokens per rank; "
-                 f"max concurrency {tokens / sc.max_model_len:.2f} requests of max_seq_len {sc.max_model_len}")
+    lines.append(f"KV cache: {num_blocks} blocks ({usable} usable) x {cc.block_size} tokens = {tokens} tokens per "
+                 f"rank; max concurrency {tokens / sc.max_model_len:.2f} requests of max_seq_len {sc.max_model_len}")
     lines.append(f"step limits: {sc.max_num_seqs} sequences, {sc.max_num_batched_tokens} tokens "
                  f"(max_batch_size, max_num_tokens)")
     return lines
