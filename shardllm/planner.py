@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from shardllm.config import moe_intermediate_size, num_experts, valid_tp_sizes
+from shardllm.config import KV_CACHE_DTYPES, moe_intermediate_size, num_experts, valid_tp_sizes
 from shardllm.distributed.parallel_state import pp_layer_split
 from shardllm.model_loader.size import layer_shapes
 
 GiB = 1 << 30
-KV_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bf16", "bfloat16", "fp16", "float16")
+KV_DTYPES = KV_CACHE_DTYPES  # the engine's (serve's) names exactly: auto is the activation dtype
 WEIGHT_DTYPES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "auto": 2, "fp32": 4, "float32": 4, "fp8": 1}
 
 
@@ -54,7 +54,10 @@ MIN_KV_SHARE = 0.4
 
 
 def gpu_spec(name: str | None = None, memory_bytes: int | None = None) -> GPUSpec:
-    """The spec for a GPU model name (as NVML reports it, e.g. "NVIDIA H200"), else the closest by memory."""
+    """The spec for a GPU model name (as NVML reports it, e.g. "NVIDIA H200"), else the closest by memory.
+
+    A name none of GPU_SPECS' keys is in (a local GPU NVML names) gets the H100's or H200's bandwidth figures by
+    memory; `check_gpu_name` refuses such a name where a user typed it."""
     for key, spec in GPU_SPECS.items():
         if name and key in name.upper():
             return spec if memory_bytes is None else GPUSpec(key, memory_bytes, spec.hbm_bytes_per_s,
@@ -63,6 +66,15 @@ def gpu_spec(name: str | None = None, memory_bytes: int | None = None) -> GPUSpe
         return GPU_SPECS["H100"]
     base = GPU_SPECS["H200"] if memory_bytes > 100 * GiB else GPU_SPECS["H100"]
     return GPUSpec(name or base.name, memory_bytes, base.hbm_bytes_per_s, base.nvlink_bytes_per_s)
+
+
+def check_gpu_name(name: str) -> str:
+    """`name` if it names a GPU of GPU_SPECS (case-insensitive, as a part: "h200", "NVIDIA H200"); else ValueError
+    listing the known ones (an unknown GPU would be planned with another's bandwidth figures)."""
+    if not any(key in name.upper() for key in GPU_SPECS):
+        raise ValueError(f"unknown GPU {name!r}: the planner knows {', '.join(GPU_SPECS)}; for another GPU leave "
+                         "--gpu out and pass --gpu_memory_gib (bandwidth figures then follow the memory size)")
+    return name
 
 
 def weight_dtype_of(model_config) -> str:
@@ -76,7 +88,7 @@ def weight_dtype_of(model_config) -> str:
 def kv_bytes_per_element(kv_cache_dtype: str, activation_bytes: int) -> int:
     if kv_cache_dtype not in KV_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {list(KV_DTYPES)}, got {kv_cache_dtype!r}")
-    return 1 if kv_cache_dtype.startswith("fp8") else (2 if kv_cache_dtype != "auto" else activation_bytes)
+    return 1 if kv_cache_dtype.startswith("fp8") else activation_bytes
 
 
 @dataclass
@@ -254,6 +266,7 @@ class Plan:
     kv_cache_dtype: str
     max_seq_len: int
     candidates: list[Candidate]
+    max_batch_size: int = 256  # the max_num_seqs (sequences a step) the throughput column assumed
 
     @property
     def recommended(self) -> Candidate | None:
@@ -322,7 +335,7 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
 
     cands.sort(key=rank)
     return Plan(model, total, gpus_per_node, nodes, spec.name, spec.memory_bytes, topology, weight_dtype,
-                kv_cache_dtype, max_seq_len, cands)
+                kv_cache_dtype, max_seq_len, cands, max_batch_size=max_num_seqs)
 
 
 def _fill(cand: Candidate, est: LayoutEstimate, c, spec: GPUSpec, topology: str, seq: int, context: int,

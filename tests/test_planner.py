@@ -271,7 +271,40 @@ def test_plan_cli_assumes_serves_default_batch_for_the_gpu(capsys):
         assert plan_cli.main(["llama-3-8b", "--gpus", "1", "--json", *flags]) == 0
         return json.loads(capsys.readouterr().out)
 
+    def estimates(out):  # what the assumed batch changes: the candidates' figures, not the echoed limit
+        return out["candidates"]
+
     h200 = ("--gpu", "H200", "--gpu_memory_gib", "141")
-    assert run(*h200) == run(*h200, "--max_batch_size", "1024") != run(*h200, "--max_batch_size", "256")
+    assert run(*h200) == run(*h200, "--max_batch_size", "1024")
+    assert run(*h200)["max_batch_size"] == 1024  # the JSON says what it assumed
+    assert estimates(run(*h200)) != estimates(run(*h200, "--max_batch_size", "256"))
     a100 = ("--gpu", "A100", "--gpu_memory_gib", "80")
-    assert run(*a100) == run(*a100, "--max_batch_size", "256") != run(*a100, "--max_batch_size", "1024")
+    assert run(*a100) == run(*a100, "--max_batch_size", "256")
+    assert run(*a100)["max_batch_size"] == 256
+    assert estimates(run(*a100)) != estimates(run(*a100, "--max_batch_size", "1024"))
+
+
+def test_plan_cli_refuses_unknown_gpu_and_kv_dtype_serve_refuses(capsys):
+    """--gpu B200 was planned silently with H100 figures; --kv_cache_dtype bf16 planned a layout serve refuses."""
+    from shardllm.config import KV_CACHE_DTYPES
+    from shardllm.entrypoints.cli import main
+
+    assert main(["plan", "llama-3-8b", "--gpus", "1", "--gpu", "B200"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown GPU 'B200'" in err and "A100, H100, H200" in err
+    assert main(["plan", "llama-3-8b", "--gpus", "1", "--gpu", "nvidia h200"]) == 0  # a part, any case
+    assert "1 x H200" in capsys.readouterr().out
+    for kv in ("bf16", "float16"):
+        with pytest.raises(SystemExit) as e:  # argparse's usage error, listing serve's names
+            main(["plan", "llama-3-8b", "--gpus", "1", "--kv_cache_dtype", kv])
+        assert e.value.code == 2 and "'fp8_e5m2'" in capsys.readouterr().err
+    for kv in KV_CACHE_DTYPES:  # every name serve takes, in any case
+        assert main(["plan", "llama-3-8b", "--gpus", "1", "--kv_cache_dtype", kv.upper(), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["kv_cache_dtype"] == kv
+
+
+def test_plan_text_header_names_the_assumed_batch(capsys):
+    from shardllm.entrypoints.cli import main
+
+    assert main(["plan", "llama-3-8b", "--gpus", "1", "--gpu", "A100", "--gpu_memory_gib", "80"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("max_batch_size 256 sequences")

@@ -15,7 +15,7 @@ import sys
 
 from shardllm.config import large_gpu
 from shardllm.entrypoints.cli import _names
-from shardllm.planner import KV_DTYPES, WEIGHT_DTYPES, GiB, Plan, gpu_spec, plan
+from shardllm.planner import KV_DTYPES, WEIGHT_DTYPES, GiB, Plan, check_gpu_name, gpu_spec, plan
 
 EXIT_NO_FIT = 3  # the plan was made and no layout fits (1: bad input, no plan; 2: argparse's usage error)
 
@@ -29,9 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gpus_per_node", type=int, help="GPUs per node, with --nodes")
     add("--nodes", type=int, default=1, help="nodes (pipeline stages go across them)")
     add("--gpu_memory_gib", type=float, help="memory of one GPU in GiB (default: the local GPUs', else 80)")
-    add("--gpu", help="GPU model for the bandwidth figures: H100, H200, A100 (default: from the memory size)")
+    add("--gpu", help="GPU model for the bandwidth figures: H100, H200, A100; any other name is an error "
+                      "(default: the local GPUs', else from the memory size)")
     add("--dtype", default="bf16", choices=sorted(WEIGHT_DTYPES), help="weight dtype (fp8: online W8A8)")
-    add("--kv_cache_dtype", default="auto", choices=KV_DTYPES, help="KV cache dtype (auto: the activations')")
+    add("--kv_cache_dtype", default="auto", type=str.lower, choices=KV_DTYPES,
+        help="KV cache dtype, serve's names (auto: the activations' dtype)")
     add("--max_seq_len", type=int, help="longest prompt + output (default: the model's context)")
     add("--input_len", type=int, help="typical prompt tokens, for the throughput estimate")
     add("--output_len", type=int, help="typical output tokens, for the throughput estimate")
@@ -100,7 +102,8 @@ def format_plan(p: Plan) -> str:
     gb = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     best = p.recommended
     lines = [f"{p.model}: {p.num_gpus} x {p.gpu} ({p.gpu_memory_bytes / GiB:.0f} GiB) on {p.nodes} node(s), "
-             f"{p.topology}, weights {p.weight_dtype}, KV {p.kv_cache_dtype}, max_seq_len {p.max_seq_len}"]
+             f"{p.topology}, weights {p.weight_dtype}, KV {p.kv_cache_dtype}, max_seq_len {p.max_seq_len}, "
+             f"max_batch_size {p.max_batch_size} sequences"]
     if best:
         lines.append(f"recommended: tp {best.tensor_parallel_size} x pp {best.pipeline_parallel_size} x "
                      f"{best.replicas} replicas ({best.gpus_used} GPUs): --tp_size {best.tensor_parallel_size} "
@@ -128,7 +131,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         hf_config = load_config(args.model)
-        gpn, nodes, name, topology = args.gpus_per_node or args.gpus, args.nodes, args.gpu, args.topology
+        name = check_gpu_name(args.gpu) if args.gpu is not None else None
+        gpn, nodes, topology = args.gpus_per_node or args.gpus, args.nodes, args.topology
         memory = int(args.gpu_memory_gib * GiB) if args.gpu_memory_gib else None
         if gpn is None:
             local = local_gpus()
