@@ -108,9 +108,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="expert parallel size (MoE; divides tp_size)")
     add("--pp_partition", dest="pp_partition", type=lambda v: [int(x) for x in v.split(",")], metavar="N,N,...",
         help="layers per pipeline stage, e.g. 40,40 (default: even split)")
-    add("--max_batch_size", "--max-num-seqs", dest="max_batch_size", type=int, help="most sequences in a step")
+    add("--max_batch_size", "--max-num-seqs", dest="max_batch_size", type=int,
+        help="most sequences in a step (default: 1024 on a GPU of 70 GiB or more, not A100s; else 256)")
     add("--max_num_tokens", "--max-num-batched-tokens", dest="max_num_tokens", type=int,
-        help="token budget of one step")
+        help="token budget of one step (default: serve 8192; generate 16384 on a GPU of 70 GiB or more, "
+             "not A100s, else 8192)")
     add("--max_seq_len", "--max-model-len", dest="max_seq_len", type=int, help="longest prompt + output")
     add("--dtype", help="auto | bfloat16 | float16 | float32 | fp8 (FP8 linears, = --quantization fp8)")
     add("--quantization", dest="quantization", help="fp8: FP8 weights and activations for every linear but "
