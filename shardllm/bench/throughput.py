@@ -16,7 +16,8 @@ import torch
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="checkpoint dir, .gguf file, Hugging Face repo id or shipped config "
+                    "(llama-3-8b, with --load_format dummy); default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--load_format", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--quantization", default=None, help="fp8 (FP8 linears; same as --dtype fp8)")
@@ -25,9 +26,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pp_size", "--pipeline-parallel-size", "-pp", dest="pp_size", type=int, default=1)
     ap.add_argument("--ep_size", dest="ep_size", type=int, default=1)
     ap.add_argument("--max_batch_size", type=int, default=None,
-                    help="default: the engine's (1024 on a GPU of >= 70 GiB, else 256)")
+                    help="default: the engine's (1024 on a GPU of >= 70 GiB except A100s, else 256)")
     ap.add_argument("--max_num_tokens", type=int, default=None,
-                    help="default: the engine's (16384 on a GPU of >= 70 GiB, else 8192)")
+                    help="default: the engine's (16384 on a GPU of >= 70 GiB except A100s, else 8192)")
     ap.add_argument("--max_seq_len", type=int, default=None)
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
     ap.add_argument("--device", default="auto")
@@ -113,6 +114,7 @@ def run(a: argparse.Namespace) -> dict:
         "kv_cache_dtype": llm.config.cache_config.kv_cache_dtype,
         "pp": a.pp_size, "ep": a.ep_size, "gpus": world, "input_len": a.input_len, "output_len": a.output_len,
         "num_requests": a.num_requests, "batch_size": a.batch_size or llm.config.scheduler_config.max_num_seqs,
+        "max_batch_size": llm.config.scheduler_config.max_num_seqs,  # the same value; "batch_size" kept for scripts
         "max_num_tokens": llm.config.scheduler_config.max_num_batched_tokens, "load_s": round(load_s, 1),
         "elapsed_s": round(elapsed, 4), "output_tokens": out_tokens, "output_tok_s": round(out_tokens / elapsed, 1),
         "output_tok_s_per_gpu": round(out_tokens / elapsed / world, 1),

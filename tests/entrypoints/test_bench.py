@@ -14,6 +14,7 @@ def test_bench_counts_and_fields(tiny_checkpoints, capsys):
     res = bench_json(capsys, "--model", tiny_checkpoints["llama"], "--device", "cpu", "--dtype", "float32",
                      "--num_requests", "6", "--input_len", "5", "--output_len", "7", "--max_batch_size", "4")
     assert res["num_requests"] == 6 and res["input_len"] == 5 and res["output_len"] == 7
+    assert res["max_batch_size"] == res["batch_size"] == 4  # the resolved limit, under both keys
     # every request produced exactly output_len tokens (ignore_eos), and the rate is tokens / time (rounded fields)
     assert res["output_tokens"] == 6 * 7
     assert abs(res["output_tok_s"] * res["elapsed_s"] / (6 * 7) - 1) < 0.05
@@ -28,6 +29,7 @@ def test_bench_passes_engine_flags(tiny_checkpoints, capsys):
     res = bench_json(capsys, "--model", tiny_checkpoints["llama"], "--device", "cpu", "--dtype", "float32",
                      "--num_requests", "2", "--input_len", "3", "--output_len", "4", "--batch_size", "1",
                      "--no-async_scheduling", "--attention_backend", "torch")
-    assert res["batch_size"] == 1 and res["async_scheduling"] is False and res["attention_backend"] == "torch"
+    assert res["batch_size"] == res["max_batch_size"] == 1
+    assert res["async_scheduling"] is False and res["attention_backend"] == "torch"
     assert res["output_tokens"] == 2 * 4
     assert abs(res["output_tok_s"] * res["elapsed_s"] / (2 * 4) - 1) < 0.05
