@@ -2,6 +2,8 @@
 call sites had before the registry, values are read when accessed, and `shardllm envs` prints the table."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,14 +62,42 @@ def test_defaults_are_unchanged(monkeypatch):
     assert not any(envs.is_set(name) for name in DEFAULTS)
 
 
-@pytest.mark.parametrize("raw, on_unless_0, off_unless_1", [
-    ("0", False, False), ("1", True, True), ("", True, False), ("yes", True, False), ("true", True, False)])
-def test_switches_parse_as_the_old_comparisons(monkeypatch, raw, on_unless_0, off_unless_1):
-    # `os.environ.get(NAME, "1") != "0"` and `os.environ.get(NAME) == "1"`: only "0" / only "1" changes a switch
+@pytest.mark.parametrize("raw, on_by_default, off_by_default", [
+    ("0", False, False), ("1", True, True), ("", True, False),  # as the old `!= "0"` and `== "1"` comparisons
+    ("true", True, True), ("Yes", True, True), (" ON ", True, True),
+    ("false", False, False), ("NO", False, False), ("off", False, False),
+    ("maybe", True, False), ("2", True, False)])  # invalid text: the default, never an exception
+def test_switches_parse_words_and_keep_the_default_on_bad_text(monkeypatch, raw, on_by_default, off_by_default):
     monkeypatch.setenv("SHARDLLM_GEMV_TABLES", raw)
     monkeypatch.setenv("SHARDLLM_GRAPH_LM_HEAD", raw)
-    assert envs.SHARDLLM_GEMV_TABLES is on_unless_0
-    assert envs.SHARDLLM_GRAPH_LM_HEAD is off_unless_1
+    assert envs.SHARDLLM_GEMV_TABLES is on_by_default
+    assert envs.get("SHARDLLM_GRAPH_LM_HEAD") is off_by_default
+    invalid = raw.strip().lower() not in ("", "0", "1", "true", "yes", "on", "false", "no", "off")
+    if invalid:  # the table's strict read names the variable and the accepted words
+        with pytest.raises(ValueError, match=r"SHARDLLM_GEMV_TABLES=.* is not a valid bool \(expected one of 1, true"):
+            envs.ENV_VARS["SHARDLLM_GEMV_TABLES"].value(strict=True)
+
+
+def test_a_bad_switch_is_logged_once_and_shown_invalid(monkeypatch, caplog, capsys):
+    monkeypatch.setenv("SHARDLLM_TP_OVERLAP", "enabled")
+    with caplog.at_level("WARNING", logger="shardllm.envs"):
+        assert [envs.SHARDLLM_TP_OVERLAP for _ in range(3)] == [False] * 3
+    assert [r.getMessage() for r in caplog.records].count(
+        "SHARDLLM_TP_OVERLAP='enabled' is not a valid bool (expected one of 1, true, yes, on or 0, false, no, off): "
+        "fix or unset it; using the default") == 1
+    assert cli.main(["envs", "--set"]) == 0
+    out = capsys.readouterr().out
+    row = next(line.split() for line in out.splitlines() if line.startswith("SHARDLLM_TP_OVERLAP "))
+    assert row[1:5] == ["bool", "off", "invalid", "*"] and "'enabled' is not a valid bool" in out
+
+
+def test_envs_into_a_closed_pipe_ends_quietly():
+    """`shardllm envs --set | head`: the reader gone before the table is written is no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "shardllm.envs"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=PACKAGE.parent)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err
 
 
 def test_values_are_read_at_each_access(monkeypatch):

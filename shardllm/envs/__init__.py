@@ -15,6 +15,7 @@ warning. Standard library only.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,23 +38,49 @@ class EnvVar:
     read_at: str
     doc: str  # one line: what it does, which measurement or issue it serves
     secret: bool = False  # the table shows whether it is set, never its value
+    # A value that does not parse reads as the default (logged once) instead of raising: an A/B switch never stops
+    # the engine. The table (strict) still shows it as invalid.
+    lenient: bool = False
 
-    def value(self, environ: Mapping[str, str] | None = None) -> Any:
+    def value(self, environ: Mapping[str, str] | None = None, strict: bool = False) -> Any:
         """The parsed value in `environ` (default os.environ, read now). ValueError naming the variable if the text
-        does not parse."""
+        does not parse, unless the variable is lenient and not `strict`: then the default, with a warning once."""
         raw = (os.environ if environ is None else environ).get(self.name, self.default)
         try:
             return self.parse(raw)
         except ValueError as e:
-            raise ValueError(f"{self.name}={raw!r} is not a valid {self.type} ({e}): fix or unset it") from None
+            message = f"{self.name}={raw!r} is not a valid {self.type} ({e}): fix or unset it"
+            if strict or not self.lenient:
+                raise ValueError(message) from None
+            if (self.name, raw) not in _WARNED:
+                _WARNED.add((self.name, raw))
+                logging.getLogger("shardllm.envs").warning("%s; using the default", message)
+            return self.parse(self.default)
 
 
-def _on_unless_0(raw: str | None) -> bool:  # the old `os.environ.get(NAME, "1") != "0"`
-    return raw != "0"
+_WARNED: set[tuple[str, str | None]] = set()  # (name, raw text) already warned about
 
 
-def _off_unless_1(raw: str | None) -> bool:  # the old `os.environ.get(NAME) == "1"`
-    return raw == "1"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _bool_or_none(raw: str | None) -> bool | None:
+    """1 / true / yes / on and 0 / false / no / off, any case; None for unset or empty; ValueError otherwise."""
+    text = (raw or "").strip().lower()
+    if not text:
+        return None
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"expected one of {', '.join(_TRUE)} or {', '.join(_FALSE)}")
+
+
+def _on_unless_false(raw: str | None) -> bool:  # "0" off, "1" on, as the old `os.environ.get(NAME, "1") != "0"`
+    value = _bool_or_none(raw)
+    return True if value is None else value
+
+
+def _off_unless_true(raw: str | None) -> bool:  # "1" on, "0" off, as the old `os.environ.get(NAME) == "1"`
+    return bool(_bool_or_none(raw))
 
 
 def _text(raw: str | None) -> str | None:
@@ -73,10 +100,11 @@ def _int_or_none(raw: str | None) -> int | None:
 
 
 def _switch(name: str, on_by_default: bool, read_at: str, doc: str) -> EnvVar:
-    """A 0/1 A/B switch: on unless "0", or off unless "1" (any other text keeps the default, as before)."""
+    """An A/B switch: 1 / true / yes / on or 0 / false / no / off (any case); unset or empty keeps the default, and
+    any other text too (lenient: the engine runs on, `shardllm envs` shows it as invalid)."""
     if on_by_default:
-        return EnvVar(name, "bool", "1", _on_unless_0, read_at, doc)
-    return EnvVar(name, "bool", None, _off_unless_1, read_at, doc)
+        return EnvVar(name, "bool", "1", _on_unless_false, read_at, doc, lenient=True)
+    return EnvVar(name, "bool", None, _off_unless_true, read_at, doc, lenient=True)
 
 
 _VARS = [
@@ -201,7 +229,7 @@ def table(environ: Mapping[str, str] | None = None, only_set: bool = False) -> s
             continue
         note = [v.doc]
         try:
-            value = "<set>" if v.secret and here else _shown(v.value(environ))
+            value = "<set>" if v.secret and here else _shown(v.value(environ, strict=True))
         except ValueError as e:
             value, note = "invalid", [v.doc, f"! {e}"]
         rows.append((v.name, v.type, _shown(v.parse(v.default)), value + (" *" if here else ""), v.read_at))
@@ -222,5 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "default, current value (* = set here), when the code reads it, what it is for.")
     p.add_argument("--set", dest="only_set", action="store_true", help="only the variables set in this environment")
     a = p.parse_args(argv)
-    print(table(only_set=a.only_set))
+    try:
+        print(table(only_set=a.only_set), flush=True)
+    except BrokenPipeError:  # `shardllm envs | head`: the reader left; no traceback, and none at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     return 0
