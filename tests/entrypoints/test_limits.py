@@ -35,6 +35,11 @@ def server(tmp_path_factory):
     assert rc == 0, srv.log_tail()
 
 
+def test_server_logs_where_it_listens(server):
+    with open(server.log.name) as f:  # at --log_level info, once it listens (it is healthy by now)
+        assert f"shardllm: serving on http://127.0.0.1:{server.port}\n" in f.read()
+
+
 def post(server, body, endpoint="completions", headers=AUTH, **kw) -> httpx.Response:
     kw.setdefault("timeout", 120)
     if isinstance(body, (bytes, str)):

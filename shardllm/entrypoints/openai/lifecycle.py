@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 
@@ -59,6 +60,19 @@ class GracefulUvicornServer(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:  # listening now; uvicorn says nothing when it is handed a bound socket (cli.check_bind)
+            logger.info("shardllm: serving on %s", self.listen_url(sockets))
+
+    def listen_url(self, sockets=None) -> str:
+        """http://HOST:PORT: the host as configured, the port the socket is bound to (a real one for port 0)."""
+        host, port = self.config.host, self.config.port
+        bound = sockets or [s for srv in getattr(self, "servers", []) for s in (srv.sockets or ())]
+        if bound and bound[0].family in (socket.AF_INET, socket.AF_INET6):
+            port = bound[0].getsockname()[1]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
     def handle_exit(self, sig: int, frame) -> None:
         if not self.should_exit and self._loop is not None:
