@@ -161,25 +161,19 @@ def link_gemv_norm(model: nn.Module) -> int:
     exist, the linear's method is one the GEMV serves and (on CUDA) `fused_norm_ok` passes for its weight; nothing
     unless SHARDLLM_GEMV_FUSED_NORM=1. Call after `process_weights_after_loading`. Returns the number of links."""
     from shardllm.layers.layernorm import RMSNorm
+    from shardllm.layers.quantization import producer_linear_pairs
 
-    pairs = getattr(model, "fp8_act_quant_inputs", None)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not pairs or layers is None or not ENABLED:
+    if not ENABLED:
         return 0
     linked = 0
-    for layer in layers:
-        for producer_name, linear_name in pairs.items():
-            try:
-                producer, linear = layer.get_submodule(producer_name), layer.get_submodule(linear_name)
-            except AttributeError:
-                continue
-            weights = _linear_weights(linear) if isinstance(producer, RMSNorm) else None
-            if weights is None:
-                continue
-            act_dtype = getattr(linear, "params_dtype", weights[0].dtype)
-            if weights[0].device.type == "cuda" and not (act_dtype in (torch.bfloat16, torch.float16) and
-                                                         fused_norm_ok(*weights, act_dtype)):
-                continue
-            producer.gemv_target = GemvNormTarget(linear)
-            linked += 1
+    for producer, linear in producer_linear_pairs(model):
+        weights = _linear_weights(linear) if isinstance(producer, RMSNorm) else None
+        if weights is None:
+            continue
+        act_dtype = getattr(linear, "params_dtype", weights[0].dtype)
+        if weights[0].device.type == "cuda" and not (act_dtype in (torch.bfloat16, torch.float16) and
+                                                     fused_norm_ok(*weights, act_dtype)):
+            continue
+        producer.gemv_target = GemvNormTarget(linear)
+        linked += 1
     return linked

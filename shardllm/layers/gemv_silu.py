@@ -180,26 +180,20 @@ def link_gemv_silu(model: nn.Module) -> int:
     is one the fused GEMV serves and (on CUDA) `fused_gemv_ok` passes for its weight. Call after
     `process_weights_after_loading`. Returns the number of links."""
     from shardllm.layers.activation import SiluAndMul
+    from shardllm.layers.quantization import producer_linear_pairs
 
-    pairs = getattr(model, "fp8_act_quant_inputs", None)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not pairs or layers is None or not ENABLED:
+    if not ENABLED:
         return 0
     linked = 0
-    for layer in layers:
-        for producer_name, linear_name in pairs.items():
-            try:
-                producer, linear = layer.get_submodule(producer_name), layer.get_submodule(linear_name)
-            except AttributeError:
-                continue
-            weights = _linear_weights(linear) if isinstance(producer, SiluAndMul) else None
-            if weights is None:
-                continue
-            w, w_scale = weights
-            act_dtype = getattr(linear, "params_dtype", w.dtype)  # the linear's input and output dtype
-            if w.device.type == "cuda" and not (act_dtype in (torch.bfloat16, torch.float16) and
-                                                fused_gemv_ok(w, w_scale, act_dtype)):
-                continue
-            producer.gemv_target = GemvSiluTarget(linear)
-            linked += 1
+    for producer, linear in producer_linear_pairs(model):
+        weights = _linear_weights(linear) if isinstance(producer, SiluAndMul) else None
+        if weights is None:
+            continue
+        w, w_scale = weights
+        act_dtype = getattr(linear, "params_dtype", w.dtype)  # the linear's input and output dtype
+        if w.device.type == "cuda" and not (act_dtype in (torch.bfloat16, torch.float16) and
+                                            fused_gemv_ok(w, w_scale, act_dtype)):
+            continue
+        producer.gemv_target = GemvSiluTarget(linear)
+        linked += 1
     return linked

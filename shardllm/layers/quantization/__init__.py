@@ -139,6 +139,22 @@ def prepare_quantized_model(model: nn.Module, cfg: QuantizationConfig) -> None:
             check(name, m)
 
 
+def producer_linear_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, nn.Module]]:
+    """(producer, linear) for each entry of `model.fp8_act_quant_inputs` ({producer: linear}, names relative to a
+    decoder layer of `model.model.layers`) in every layer where both exist (a MoE layer has no dense
+    `mlp.down_proj`; a pipeline stage's missing layers have neither): what the fused-input linkers walk."""
+    pairs = getattr(model, "fp8_act_quant_inputs", None)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not pairs or layers is None:
+        return
+    for layer in layers:
+        for producer_name, linear_name in pairs.items():
+            try:
+                yield layer.get_submodule(producer_name), layer.get_submodule(linear_name)
+            except AttributeError:
+                continue
+
+
 def process_weights_after_loading(model: nn.Module) -> None:
     """Let every quantized layer finish its weights (per-part scales expanded to rows, static scales reduced),
     then link the FP8 linears to the norms / activations that feed them."""

@@ -276,18 +276,11 @@ def link_act_quant(model: nn.Module) -> int:
     of `model.model.layers`) an ActQuantTarget for its linear, where both exist (a MoE layer has no dense
     `mlp.down_proj`; a pipeline stage's missing layers have neither) and the linear's method accepts a
     QuantizedActivation. Call after `process_weights_after_loading`. Returns the number of links."""
-    pairs = getattr(model, "fp8_act_quant_inputs", None)
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not pairs or layers is None:
-        return 0
+    from shardllm.layers.quantization import producer_linear_pairs
+
     linked = 0
-    for layer in layers:
-        for producer_name, linear_name in pairs.items():
-            try:
-                producer, linear = layer.get_submodule(producer_name), layer.get_submodule(linear_name)
-            except AttributeError:
-                continue
-            if hasattr(producer, "quant_target") and getattr(linear.quant_method, "accepts_quantized_input", False):
-                producer.quant_target = ActQuantTarget(linear)
-                linked += 1
+    for producer, linear in producer_linear_pairs(model):
+        if hasattr(producer, "quant_target") and getattr(linear.quant_method, "accepts_quantized_input", False):
+            producer.quant_target = ActQuantTarget(linear)
+            linked += 1
     return linked
