@@ -16,26 +16,9 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
 limit=${LIMIT_S:-540}; t0=$SECONDS
-pack() { tar -czf "$OUT/results.tgz" -C "$w" . 2>/dev/null; }
-say() { echo "$*" | tee -a "$OUT/summary.txt"; }
+. benchmarks/device_rows.sh  # pack, say, b
+MODEL_FLAGS="--model llama-3-8b"; T=${T:-100}
 say "$(nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tr '\n' ' ') $(date -u)"
-b() {  # b NAME "ENV=.. ENV=.." FLAGS...   one throughput row into $w/rows.jsonl
-  local name=$1 envs=$2; shift 2
-  line=$(env $envs timeout ${T:-100} python -m shardllm.bench.throughput --model llama-3-8b --load_format dummy \
-         --json "$@" 2> "$w/err_$name.txt" | tail -1)
-  [ -z "$line" ] && { say "$name: no output: $(tail -2 "$w/err_$name.txt" | tr '\n' ' ')"; return; }
-  python - "$name" "$envs" "$line" "$w/rows.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
-import json, sys
-name, envs, line, path = sys.argv[1:]
-try:
-    d = json.loads(line)
-except ValueError:
-    d = {"error": line[-300:]}
-d.update(row=name, env=envs[:400])
-open(path, "a").write(json.dumps(d) + "\n")
-print(name, {k: d.get(k) for k in ("output_tok_s", "tpot_ms_p50", "fraction_of_roofline", "batch_size", "error")})
-PY
-}
 tests=(tests/layers/test_decode_attention_tma.py tests/layers/test_fp8_attention_f16_dot.py
        tests/layers/test_fp8_fused_act_quant.py tests/worker/test_graph_lm_head_gpu.py)
 tests+=(tests/layers/test_gemv_silu.py tests/layers/test_gemv_norm.py)

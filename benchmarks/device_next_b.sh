@@ -11,27 +11,8 @@
 set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"; t0=$SECONDS
-pack() { tar -czf "$OUT/results.tgz" -C "$w" . 2>/dev/null; }
-say() { echo "$*" | tee -a "$OUT/summary.txt"; }
+. benchmarks/device_rows.sh  # pack, say, b
 ENVS="SHARDLLM_DECODE_CONFIGS=${TABLE:-{\}}"
-b() {  # b NAME "ENV=.." FLAGS...   one throughput row into $w/rows.jsonl
-  local name=$1 envs=$2; shift 2
-  line=$(env $envs timeout ${T:-150} python -m shardllm.bench.throughput --load_format dummy --json "$@" \
-         2> "$w/err_$name.txt" | tail -1)
-  [ -z "$line" ] && { say "$name: no output: $(tail -2 "$w/err_$name.txt" | tr '\n' ' ')"; return; }
-  python - "$name" "$envs" "$line" "$w/rows.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
-import json, sys
-name, envs, line, path = sys.argv[1:]
-try:
-    d = json.loads(line)
-except ValueError:
-    d = {"error": line[-300:]}
-d.update(row=name, env=envs[:400])
-open(path, "a").write(json.dumps(d) + "\n")
-print(name, {k: d.get(k) for k in ("output_tok_s", "output_tok_s_per_gpu", "tpot_ms_p50", "fraction_of_roofline",
-                                   "batch_size", "max_num_tokens", "weights_gib_per_rank", "error")})
-PY
-}
 T128="--num_requests 1000 --input_len 128 --output_len 128"
 B1="--batch_size 1 --num_requests 2 --input_len 128 --output_len 128"
 say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)  $ENVS"

@@ -1,0 +1,26 @@
+# Sourced by the device scripts that pack their results (device_next.sh, device_next_b.sh); not run by itself.
+# Needs OUT (what comes back) and w (the work folder packed into $OUT/results.tgz: the device returns at most 8 files).
+#   pack                      re-pack $w into $OUT/results.tgz
+#   say TEXT                  print and append to $OUT/summary.txt
+#   b NAME "ENV=.." FLAGS...  one `python -m shardllm.bench.throughput --load_format dummy --json` row (T: its
+#                             timeout, default 150 s; MODEL_FLAGS: flags every row gets) into $w/rows.jsonl
+pack() { tar -czf "$OUT/results.tgz" -C "$w" . 2>/dev/null; }
+say() { echo "$*" | tee -a "$OUT/summary.txt"; }
+b() {
+  local name=$1 envs=$2; shift 2
+  line=$(env $envs timeout ${T:-150} python -m shardllm.bench.throughput --load_format dummy --json ${MODEL_FLAGS:-} \
+         "$@" 2> "$w/err_$name.txt" | tail -1)
+  [ -z "$line" ] && { say "$name: no output: $(tail -2 "$w/err_$name.txt" | tr '\n' ' ')"; return; }
+  python - "$name" "$envs" "$line" "$w/rows.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+name, envs, line, path = sys.argv[1:]
+try:
+    d = json.loads(line)
+except ValueError:
+    d = {"error": line[-300:]}
+d.update(row=name, env=envs[:400])
+open(path, "a").write(json.dumps(d) + "\n")
+print(name, {k: d.get(k) for k in ("output_tok_s", "output_tok_s_per_gpu", "tpot_ms_p50", "fraction_of_roofline",
+                                   "batch_size", "max_num_tokens", "weights_gib_per_rank", "error")})
+PY
+}
