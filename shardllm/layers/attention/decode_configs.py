@@ -79,6 +79,20 @@ _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
                 torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
 
 
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _f16_dot(q_dtype: torch.dtype, cache_dtype: torch.dtype, tma: bool = False) -> bool:
+    """Whether the kernels' dots run in fp16: an FP8 cache under 16-bit queries (see _decode_kernel's F16_DOT).
+
+    Off by default: SHARDLLM_FP8_ATTN_F16_DOT=1 in the environment turns it on. Neither its speed nor its GPU test
+    has a result yet (a device call measured it with stale code, the next lost its output).
+    The TMA kernel (tma=True) always takes fp16 dots over an FP8 cache: the form it was measured in.
+    """
+    return (cache_dtype in _FP8_DTYPES and q_dtype in (torch.bfloat16, torch.float16)
+            and (tma or envs.get("SHARDLLM_FP8_ATTN_F16_DOT")))  # get: cheaper per launch than the attribute
+
+
 def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> DecodeConfig:
     """The DECODE_CONFIGS entry for this batch size, head_dim and cache dtype, else DecodeConfig().
 

@@ -11,12 +11,12 @@ import functools
 
 import torch
 
-from shardllm import envs
 from shardllm.layers.attention.decode_configs import (  # noqa: F401 - DECODE_CONFIGS, set_decode_configs: API
     DECODE_CONFIGS,
     MAX_NUM_SPLITS,
     DecodeConfig,
     _config_cache,
+    _f16_dot,
     _pow2,
     decode_config,
     set_decode_configs,
@@ -339,20 +339,6 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches are (num_blocks, block_size, nkv, D)"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-
-
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
-def _f16_dot(q_dtype: torch.dtype, cache_dtype: torch.dtype, tma: bool = False) -> bool:
-    """Whether the kernels' dots run in fp16: an FP8 cache under 16-bit queries (see _decode_kernel's F16_DOT).
-
-    Off by default: SHARDLLM_FP8_ATTN_F16_DOT=1 in the environment turns it on. Neither its speed nor its GPU test
-    has a result yet (a device call measured it with stale code, the next lost its output).
-    The TMA kernel (tma=True) always takes fp16 dots over an FP8 cache: the form it was measured in.
-    """
-    return (cache_dtype in _FP8_DTYPES and q_dtype in (torch.bfloat16, torch.float16)
-            and (tma or envs.get("SHARDLLM_FP8_ATTN_F16_DOT")))  # get: cheaper per launch than the attribute
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
