@@ -63,15 +63,17 @@ class DecodeConfig:
 # keys hold only what the host knows before a CUDA graph is captured, never seq_lens. Empty: the original choice.
 # Change it at run time through set_decode_configs (lookups are cached). Measured on an H200, 2026-11-30
 # (`bash benchmarks/device_attention.sh`, docs/benchmarks.md): batch 512 x ~170 tokens, bf16 cache 113 -> 98 us per
-# layer, fp8 127 -> 107 us.
+# layer, fp8 127 -> 107 us. The TMA entries: fourth session, `bash benchmarks/device_next.sh` (its sweep): fp8 cache,
+# batch 512 x 170 tokens 127 -> 89 us, batch 256 69 -> 52 us; end to end 1000 x 128/128 fp8 + fp8 KV 20,516 -> 21,426
+# out tok/s, 500 x 1000/1000 12,605 -> 13,041 (docs/benchmarks.md).
 DECODE_CONFIGS: dict[str, dict] = {
-    "bf16/128/1": {"block_n": 32, "early_v": True, "prefetch_pages": True},
+    "bf16/128/1": {"tma": True},
     "bf16/128/256": {"block_n": 32, "early_v": True, "prefetch_pages": True},
     "bf16/128/512": {"block_n": 32, "early_v": True, "prefetch_pages": True},
     "bf16/128/64": {"block_n": 32, "early_v": True, "prefetch_pages": True},
     "fp8_e4m3/128/1": {"block_n": 32},
-    "fp8_e4m3/128/256": {"block_n": 32, "early_v": True, "prefetch_pages": True},
-    "fp8_e4m3/128/512": {"num_warps": 2},
+    "fp8_e4m3/128/256": {"num_warps": 2, "tma": True},
+    "fp8_e4m3/128/512": {"num_stages": 4, "num_warps": 2, "tma": True},
     "fp8_e4m3/128/64": {"block_n": 32, "early_v": True, "prefetch_pages": True},
 }
 _config_cache: dict[tuple, DecodeConfig] = {}
@@ -85,8 +87,9 @@ _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 def _f16_dot(q_dtype: torch.dtype, cache_dtype: torch.dtype, tma: bool = False) -> bool:
     """Whether the kernels' dots run in fp16: an FP8 cache under 16-bit queries (see _decode_kernel's F16_DOT).
 
-    Off by default: SHARDLLM_FP8_ATTN_F16_DOT=1 in the environment turns it on. Neither its speed nor its GPU test
-    has a result yet (a device call measured it with stale code, the next lost its output).
+    On by default (SHARDLLM_FP8_ATTN_F16_DOT=0 widens to bf16 instead, the earlier form). Measured on an H200
+    (fourth session, benchmarks/fp8_attention_kernel.py, us per layer, bf16 widening -> fp16): batch 512 x 170 tokens
+    106.7 -> 97.8, 1024 x 192 219.7 -> 203.6, 500 x 1500 699.1 -> 626.9; its GPU tests passed there.
     The TMA kernel (tma=True) always takes fp16 dots over an FP8 cache: the form it was measured in.
     """
     return (cache_dtype in _FP8_DTYPES and q_dtype in (torch.bfloat16, torch.float16)
