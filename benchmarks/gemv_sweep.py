@@ -1,12 +1,13 @@
-"""Small-M GEMV sweep on one GPU: Llama-3-8B's linears at tp 1 and tp 2, M in {1, 2, 4, 8, 16}, cuBLAS bf16 beside
-the previous FP8 small-M kernel and a grid of `shardllm.layers.gemv` configs (FP8 e4m3 and bf16 weights). Prints per
-shape the best config, its us and its share of 4.2 TB/s (H200 copy bandwidth, docs/benchmarks.md), then the JSON
-tables that `shardllm/layers/gemv.py` takes as FP8_GEMV_TABLE / BF16_GEMV_TABLE (bf16: only where the GEMV beats
-cuBLAS by --min_gain).
+"""Small-M GEMV sweep on one GPU: Llama-3-8B's (or --model llama-3-70b's) linears at tp 1 and tp 2, M in
+{1, 2, 4, 8, 16}, cuBLAS bf16 beside the previous FP8 small-M kernel and a grid of `shardllm.layers.gemv` configs
+(FP8 e4m3 and bf16 weights). Prints per shape the best config, its us and its share of 4.2 TB/s (H200 copy
+bandwidth, docs/benchmarks.md), then the JSON tables that `shardllm/layers/gemv.py` takes as FP8_GEMV_TABLE /
+BF16_GEMV_TABLE (bf16: only where the GEMV beats cuBLAS by --min_gain).
 
 Each time is one CUDA graph of 20 calls replayed (as benchmarks/fp8_gemm.py), the calls cycling over copies of the
 weight that together exceed the L2 (60 MB), so no call reads its weight from L2 as no decode step does.
-Run: python benchmarks/gemv_sweep.py [--budget_s 70] [--ms 1 2 4 8 16] [--tp 1 2] [--out results.jsonl]
+Run: python benchmarks/gemv_sweep.py [--model llama-3-70b] [--budget_s 70] [--ms 1 2 4 8 16] [--tp 1 2]
+[--out results.jsonl]
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ from shardllm.layers.quantization.fp8_utils import quantize_per_row
 
 COPY_BW = 4.2e12  # B/s, H200 device-to-device copy (docs/benchmarks.md, KINDS.md)
 L2_BYTES = 60 * 2**20
-HIDDEN, INTER, Q_HEADS, KV_HEADS, HEAD = 4096, 14336, 32, 8, 128  # Llama-3-8B
+# hidden, intermediate, query heads, kv heads, head_dim (the models' config.json)
+MODELS = {"llama-3-8b": (4096, 14336, 32, 8, 128), "llama-3-70b": (8192, 28672, 64, 8, 128)}
 VOCAB = 128256
 
 
-def shapes(tp: int) -> dict[str, tuple[int, int]]:
+def shapes(tp: int, model: str = "llama-3-8b") -> dict[str, tuple[int, int]]:
     """(N, K) of one rank's linears at tensor-parallel size tp (column-parallel split N, row-parallel K)."""
-    return {"qkv": ((Q_HEADS + 2 * KV_HEADS) * HEAD // tp, HIDDEN), "o": (HIDDEN, Q_HEADS * HEAD // tp),
-            "gate_up": (2 * INTER // tp, HIDDEN), "down": (HIDDEN, INTER // tp), "lm_head": (VOCAB // tp, HIDDEN)}
+    hidden, inter, q_heads, kv_heads, head = MODELS[model]
+    return {"qkv": ((q_heads + 2 * kv_heads) * head // tp, hidden), "o": (hidden, q_heads * head // tp),
+            "gate_up": (2 * inter // tp, hidden), "down": (hidden, inter // tp), "lm_head": (VOCAB // tp, hidden)}
 
 
 @triton.jit
@@ -217,6 +220,7 @@ def main() -> None:
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--dtypes", nargs="+", default=["fp8", "bf16"])
+    ap.add_argument("--model", default="llama-3-8b", choices=list(MODELS), help="whose linear shapes")
     ap.add_argument("--budget_s", type=float, default=70, help="stop starting new shapes after this many seconds")
     ap.add_argument("--min_gain", type=float, default=0.03, help="bf16 table: GEMV at least this much faster")
     ap.add_argument("--out", help="also write every row (JSON lines) here")
@@ -224,7 +228,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.time()
     plan = [(dtype == "fp8", m, k, cfg) for tp, dtype in itertools.product(a.tp, a.dtypes)
-            for name, (n, k) in shapes(tp).items() if not (name == "lm_head" and dtype == "fp8")
+            for name, (n, k) in shapes(tp, a.model).items() if not (name == "lm_head" and dtype == "fp8")
             for m in a.ms for cfg in candidates(dtype == "fp8", m, n, k)]
     if a.compile_workers:
         try:
@@ -244,7 +248,7 @@ def main() -> None:
     try:
         for m in a.ms:  # M = 1 (batch-1 decode) first: a budget cut drops the larger M
             for tp, dtype in itertools.product(a.tp, a.dtypes):
-                for name, (n, k) in shapes(tp).items():
+                for name, (n, k) in shapes(tp, a.model).items():
                     if name == "lm_head" and dtype == "fp8":  # the LM head stays bf16 under fp8
                         continue
                     if time.time() - t0 > a.budget_s:

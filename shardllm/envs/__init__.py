@@ -155,9 +155,12 @@ _VARS = [
     _switch("SHARDLLM_GEMV_TABLES", True, "import",
             "0: the decode GEMV kernels' tuned tables empty (FP8: fp8_triton's configs, bf16: cuBLAS), A/B "
             "against the H200 sweep (benchmarks/device_gemv.sh, device_ab.sh)"),
-    _switch("SHARDLLM_GEMV_FUSED_SILU", False, "import",
-            "1: the down projection's decode GEMV computes SiLU-and-mul as it loads its input, one kernel fewer per "
-            "layer at batch 1-2 (layers/gemv_silu.py, issue 15; off until measured on a GPU)"),
+    _switch("SHARDLLM_GEMV_NEAREST_SHAPE", True, "per call",
+            "0: an FP8 GEMV shape without a tuned entry takes the generic tl.dot config, not the nearest tuned "
+            "shape's (gemv.nearest_config; issue 13, Llama-3-70B batch 1)"),
+    _switch("SHARDLLM_GEMV_FUSED_SILU", True, "import",
+            "0: SiLU-and-mul in a kernel of its own before the down projection's GEMV at batch 1, not inside it "
+            "(layers/gemv_silu.py, issue 15; fused: batch-1 bf16 TPOT -2.5% on an H200)"),
     _switch("SHARDLLM_GEMV_FUSED_NORM", False, "import",
             "1: the residual add + RMSNorm before qkv / gate_up formed inside their decode GEMV at batch 1 "
             "(layers/gemv_norm.py, issue 15; not yet measured on a GPU)"),

@@ -22,7 +22,7 @@ class SiluAndMul(nn.Module):
             out = self.quant_target.maybe_silu_and_mul(x)
             if out is not None:
                 return out
-        if self.gemv_target is not None:  # M <= 2: maybe gate_up deferred into the linear's GEMV (gemv_silu.py)
+        if self.gemv_target is not None:  # M = 1: maybe gate_up deferred into the linear's GEMV (gemv_silu.py)
             deferred = self.gemv_target.maybe_defer(x)
             if deferred is not None:
                 return deferred

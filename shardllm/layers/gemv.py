@@ -19,6 +19,7 @@ the plain form's barriers (252 -> 254 registers at 16 x 1024, 8 warps), the norm
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -297,6 +298,15 @@ _FP8_SWEEP = {
     "4096x2048": {"1": [0, 4, 512, 1, 4, 3, 1], "2": [0, 4, 512, 1, 4, 3, 0]},
     "14336x4096": {"1": [0, 4, 512, 1, 4, 3, 0], "2": [1, 32, 256, 2, 4, 4, 0]},
     "4096x7168": {"1": [0, 16, 1024, 1, 8, 3, 1], "2": [0, 16, 512, 1, 8, 3, 1]},
+    # Llama-3-70B at tp 1 and 2, M = 1 (fourth session, `gemv_sweep.py --model llama-3-70b --dtypes fp8 --ms 1`)
+    "10240x8192": {"1": [0, 8, 512, 1, 4, 3, 0]},
+    "8192x8192": {"1": [0, 4, 512, 1, 4, 3, 0]},
+    "57344x8192": {"1": [0, 8, 512, 1, 4, 3, 0]},
+    "8192x28672": {"1": [0, 4, 512, 1, 4, 3, 0]},
+    "5120x8192": {"1": [0, 4, 512, 1, 4, 3, 1]},
+    "8192x4096": {"1": [0, 4, 512, 1, 4, 3, 0]},
+    "28672x8192": {"1": [0, 8, 512, 1, 4, 3, 0]},
+    "8192x14336": {"1": [0, 4, 512, 1, 4, 3, 0]},
 }
 _BF16_SWEEP = {
     "4096x4096": {"1": [0, 4, 512, 1, 4, 3, 1], "2": [1, 32, 256, 1, 4, 4, 0]},
@@ -320,6 +330,31 @@ def table_config(table: dict[tuple[int, int], dict[int, GemvConfig]], n: int, k:
     """The table's config for an (N, K) weight at m rows, or None where the table has none."""
     by_m = table.get((n, k))
     return None if by_m is None else by_m.get(m_bucket(m))
+
+
+def nearest_config(table: dict[tuple[int, int], dict[int, GemvConfig]], n: int, k: int, m: int) -> GemvConfig | None:
+    """The table's config for (N, K) at m rows, else that of the tuned shape nearest to it with an entry for m's
+    bucket, nearest by |log2(N / N')| + |log2(K / K')| (ties: the smaller N', then K'); None where no shape has one.
+
+    Why: a sweep tunes one model's shapes (Llama-3-8B's), and the best launch follows the shape's class (long K:
+    wide K blocks and more warps; wide N: more rows a program), so an untuned model's layer (Llama-3-70B's, or any
+    tp's) takes a measured launch of its class instead of a generic one. Measured on an H200 (fourth session,
+    docs/benchmarks.md) before Llama-3-70B had entries of its own: its FP8 batch-1 TPOT 13.40 ms at tp = 2 against
+    16.11 ms with the generic tl.dot form; its layers' nearest-shape picks within 0-39% of their own sweep's best.
+    SHARDLLM_GEMV_NEAREST_SHAPE=0 turns the nearest-shape step off (exact entries only)."""
+    exact = table_config(table, n, k, m)
+    if exact is not None or not envs.get("SHARDLLM_GEMV_NEAREST_SHAPE"):  # get: cheap per call
+        return exact
+    bucket = m_bucket(m)
+    key = (id(table), len(table), n, k, bucket)
+    if key not in _NEAREST:  # eager decode asks per layer and step
+        shapes = [(abs(math.log2(n / nn)) + abs(math.log2(k / kk)), nn, kk) for (nn, kk), by_m in table.items()
+                  if bucket in by_m]
+        _NEAREST[key] = table[min(shapes)[1:]][bucket] if shapes else None
+    return _NEAREST[key]
+
+
+_NEAREST: dict[tuple, GemvConfig | None] = {}
 
 
 _PROBED: dict[int | None, bool] = {}

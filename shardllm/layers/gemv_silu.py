@@ -1,4 +1,4 @@
-"""SiLU-and-mul folded into the down projection's weight-streaming GEMV at M <= 2 (decode at batch 1-2): one kernel
+"""SiLU-and-mul folded into the down projection's weight-streaming GEMV at M = 1 (batch-1 decode): one kernel
 instead of silu_and_mul + GEMV, the activation formed from gate_up in registers (`gemv.gemv(..., silu_input=True)`).
 
 How it is wired: after loading, `link_gemv_silu(model)` gives each SiluAndMul named in the model's
@@ -15,8 +15,10 @@ the same kernel and config as the unfused path's, so the output is bit-equal to 
 down at tp 1) the fused path still runs the GEMV (the fused table's, the plain table's, or a default config), whose
 fp32 accumulation order differs from cuBLAS's: equal within the GEMV's own rounding, not bit-equal.
 
-Switch: `SHARDLLM_GEMV_FUSED_SILU=1` (read at import) turns it on; off by default until a GPU run has timed it
-(benchmarks/device_gemv_fused.sh) and its GPU tests have passed.
+Switch: on by default at M = 1 (`SHARDLLM_GEMV_FUSED_SILU=0`, read at import, turns it off). Measured on an H200
+(fourth session, `EXTRA=1 bash benchmarks/device_gemv_fused.sh`, docs/benchmarks.md): the down projection at M = 1
+1.11x (bf16) and 1.00-1.06x (fp8) the unfused pair; Llama-3-8B batch-1 TPOT bf16 4.433 -> 4.322 ms, fp8 2.884 ->
+2.886 ms. At M = 2 the fused kernel was slower (0.23-0.70x), so it serves M = 1 only (FUSED_SILU_MAX_M).
 """
 
 from __future__ import annotations
@@ -35,11 +37,19 @@ ENABLED = envs.SHARDLLM_GEMV_FUSED_SILU
 # None: the fused GEMV where the device checks pass (CUDA, the kernels' probes); True / False force it on (tests on
 # CPU, which need TRITON_INTERPRET=1) / off.
 FORCE: bool | None = None
-FUSED_SILU_MAX_M = 2  # rows up to which the down projection takes gate_up (decode at batch 1 and 2)
+FUSED_SILU_MAX_M = 1  # rows up to which the down projection takes gate_up (batch-1 decode; at 2 it was slower)
 # Configs measured for the fused kernel ({"NxK": {"M": [...]}}, gemv.load_table's format; the JSON that
-# benchmarks/gemv_silu.py prints), by weight dtype. Empty until a GPU run fills them: then the plain GEMV tables'
-# configs are used, else _DEFAULT_CONFIG.
-FUSED_SILU_TABLES: dict[str, dict] = {"fp8": load_table({}), "bf16": load_table({})}
+# benchmarks/gemv_silu.py prints), by weight dtype; where they have none, the plain GEMV's configs are used, else
+# _DEFAULT_CONFIG. H200, fourth session (`EXTRA=1 bash benchmarks/device_gemv_fused.sh`): fp8 Llama-3-8B down at
+# tp 1, M = 1, 19.97 -> 19.26 us; bf16's best at M = 1 was _DEFAULT_CONFIG (its M = 2 entries are not kept: M = 2
+# is not fused).
+FUSED_SILU_TABLES: dict[str, dict] = {
+    "fp8": load_table({"4096x14336": {"1": [0, 8, 1024, 1, 4, 3, 1]}, "4096x7168": {"1": [0, 8, 1024, 1, 4, 3, 1]},
+                       # Llama-3-70B down at tp 1 / 2: the config its batch-1 rows ran with (13.40 ms at tp 2);
+                       # the plain GEMV's best there (block_n 4) recomputes the activation 4x as often
+                       "8192x28672": {"1": [0, 16, 1024, 1, 8, 3, 1]}, "8192x14336": {"1": [0, 16, 1024, 1, 8, 3, 1]}}),
+    "bf16": load_table({}),
+}
 # The FMA form with the late reduction: the config the bf16 sweep picked at M = 1 for o (4096 x 4096) and for down
 # at tp 2 (4096 x 7168) on an H200 (gemv._BF16_SWEEP).
 _DEFAULT_CONFIG = GemvConfig(False, 4, 512, 1, 4, 3, True)

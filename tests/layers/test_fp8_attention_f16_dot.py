@@ -1,8 +1,8 @@
 """Attention over an FP8 KV cache with 16-bit queries runs its dots in fp16 (issue 13; on by default,
-SHARDLLM_FP8_ATTN_F16_DOT=0 widens to bf16; always in the TMA kernel): the FP8 tiles widen to fp16 exactly, q carries the softmax scale (and k_scale) into its
-one fp16 rounding. Checked against the fp32 oracle on the dequantized cache under the interpreter, decode and
-prefill, e4m3 and e5m2, with and without k/v scales; on CUDA (gpu) beside the default path (widen to the query's
-dtype) too, with the tuned decode configs at the batch buckets the table holds."""
+SHARDLLM_FP8_ATTN_F16_DOT=0 widens to bf16; always in the TMA kernel): the FP8 tiles widen to fp16 exactly, q carries
+the softmax scale (and k_scale) into its one fp16 rounding. Checked against the fp32 oracle on the dequantized cache
+under the interpreter, decode and prefill, e4m3 and e5m2, with and without k/v scales; on CUDA (gpu) beside the
+bf16 widening too, with the tuned decode configs at the batch buckets the table holds."""
 
 from __future__ import annotations
 

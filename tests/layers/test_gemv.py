@@ -12,7 +12,15 @@ pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from shardllm.layers import gemv as gemv_mod  # noqa: E402
-from shardllm.layers.gemv import GemvConfig, gemv, gemv_reference, load_table, m_bucket, table_config  # noqa: E402
+from shardllm.layers.gemv import (  # noqa: E402
+    GemvConfig,
+    gemv,
+    gemv_reference,
+    load_table,
+    m_bucket,
+    nearest_config,
+    table_config,
+)
 from shardllm.layers.quantization.fp8_triton import fp8_small_m_linear, small_m_config  # noqa: E402
 from shardllm.layers.quantization.fp8_utils import quantize_per_row  # noqa: E402
 
@@ -87,6 +95,36 @@ def test_table_format_and_lookup():
     assert table_config(table, 6144, 4096, 9) == GemvConfig(True, 32, 256, 2, 8, 4)  # 9 rows: bucket 16
     assert table_config(table, 6144, 4096, 2) is None and table_config(table, 4096, 4096, 1) is None
     assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
+
+
+def test_nearest_config_takes_the_tuned_shape_nearest_in_log_n_plus_log_k(monkeypatch):
+    """An untuned shape (a Llama-3-70B layer under a table of Llama-3-8B's) takes the nearest tuned shape's config
+    for its M bucket; exact entries first; none for a bucket no shape has; SHARDLLM_GEMV_NEAREST_SHAPE=0: exact only."""
+    long_k, wide_n, small = [0, 16, 1024, 1, 8, 3, 1], [0, 8, 512, 1, 4, 3, 0], [0, 4, 512, 1, 4, 3, 1]
+    table = load_table({"4096x14336": {"1": long_k}, "28672x4096": {"1": wide_n, "2": [1, 32, 128, 1, 4, 4, 0]},
+                        "6144x4096": {"1": small}})
+    cfg = lambda c: GemvConfig(bool(c[0]), *c[1:6], bool(c[6]))  # noqa: E731
+    monkeypatch.delenv("SHARDLLM_GEMV_NEAREST_SHAPE", raising=False)
+    assert nearest_config(table, 6144, 4096, 1) == cfg(small)  # exact
+    assert nearest_config(table, 8192, 28672, 1) == cfg(long_k)  # 70B down, tp 1: long K
+    assert nearest_config(table, 8192, 14336, 1) == cfg(long_k)  # 70B down, tp 2
+    assert nearest_config(table, 57344, 8192, 1) == cfg(wide_n)  # 70B gate_up, tp 1: wide N
+    assert nearest_config(table, 5120, 8192, 1) == cfg(long_k)  # 70B qkv, tp 2: 0.32 + 0.81 against 0.26 + 1
+    assert nearest_config(table, 6144, 5000, 1) == cfg(small)  # 0 + 0.29 against 1.58 + 1.52
+    assert nearest_config(table, 4096, 4096, 2) == GemvConfig(True, 32, 128, 1, 4, 4, False)  # the one M=2 shape
+    assert nearest_config(table, 4096, 4096, 4) is None  # no shape has bucket 4
+    assert nearest_config(load_table({}), 4096, 4096, 1) is None
+    monkeypatch.setenv("SHARDLLM_GEMV_NEAREST_SHAPE", "0")
+    assert nearest_config(table, 8192, 28672, 1) is None and nearest_config(table, 6144, 4096, 1) == cfg(small)
+
+
+def test_small_m_config_falls_back_to_the_nearest_tuned_shape(monkeypatch):
+    import shardllm.layers.quantization.fp8_triton as fp8_triton
+
+    monkeypatch.setattr(fp8_triton, "FP8_GEMV_TABLE", load_table({"4096x14336": {"1": [0, 16, 1024, 1, 8, 3, 1]}}))
+    assert small_m_config(8192, 28672, 1) == GemvConfig(False, 16, 1024, 1, 8, 3, True)
+    monkeypatch.setenv("SHARDLLM_GEMV_NEAREST_SHAPE", "0")
+    assert small_m_config(8192, 28672, 1) == GemvConfig(True, 32, 256, 4)  # the generic tl.dot form
 
 
 def test_bf16_hook_is_off_on_cpu_and_for_shapes_without_an_entry():

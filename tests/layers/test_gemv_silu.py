@@ -120,7 +120,7 @@ def _mlp_with_weights(fp8: bool, device: str):
 
 @cpu
 @pytest.mark.parametrize("fp8", [True, False], ids=["e4m3", "bf16"])
-def test_mlp_defers_silu_into_the_down_gemv_at_m_le_2_cpu(monkeypatch, fp8):
+def test_mlp_defers_silu_into_the_down_gemv_up_to_its_max_m_cpu(monkeypatch, fp8):
     mlp = _mlp_with_weights(fp8, "cpu")
     monkeypatch.setattr(triton_ops, "USE_TRITON", True)  # the kernels, interpreted
     monkeypatch.setattr(gemv_silu, "FORCE", True)
@@ -131,10 +131,11 @@ def test_mlp_defers_silu_into_the_down_gemv_at_m_le_2_cpu(monkeypatch, fp8):
         x = torch.randn(m, 32, dtype=torch.bfloat16)
         gate_up = mlp.gate_up_proj(x)
         deferred = mlp.act_fn(gate_up)
-        assert isinstance(deferred, SiluAndMulInput) == (m <= 2)
+        fused = m <= gemv_silu.FUSED_SILU_MAX_M  # 1: batch-1 decode (slower than unfused at 2 on an H200)
+        assert isinstance(deferred, SiluAndMulInput) == fused
         calls.clear()
         y = mlp(x)
-        assert calls == ([True] if m <= 2 else [])
+        assert calls == ([True] if fused else [])
         # the unfused path on the CPU: silu_and_mul, then F.linear (bf16) / the W8A8 torch path (FP8)
         monkeypatch.setattr(gemv_silu, "FORCE", False)
         y_ref = mlp(x)
@@ -142,7 +143,7 @@ def test_mlp_defers_silu_into_the_down_gemv_at_m_le_2_cpu(monkeypatch, fp8):
         assert y.shape == y_ref.shape == (m, 32) and y.dtype == torch.bfloat16
         tol = 6e-2 if fp8 else 1e-2  # FP8 on the CPU: the unfused path also quantizes the activation (W8A8)
         assert float((y.float() - y_ref.float()).abs().max()) <= tol * float(y_ref.float().abs().max())
-        if m <= 2:  # the deferred input through the method is exactly silu_gemv with the chosen config
+        if fused:  # the deferred input through the method is exactly silu_gemv with the chosen config
             w_scale = mlp.down_proj.weight_scale.view(-1) if fp8 else None
             assert torch.equal(y, silu_gemv(deferred, mlp.down_proj.weight, w_scale, None))
             assert deferred.shape == (m, 96) and deferred.dtype == torch.bfloat16
@@ -170,7 +171,8 @@ def test_config_choice(monkeypatch):
     w16 = torch.empty(4096, 14336, dtype=torch.bfloat16, device="meta")
     from shardllm.layers.quantization.fp8_triton import small_m_config
 
-    assert gemv_silu._fused_config(w8, 1) == small_m_config(4096, 14336, 1)  # the unfused FP8 path's config
+    assert gemv_silu._fused_config(w8, 1) == GemvConfig(False, 8, 1024, 1, 4, 3, True)  # the fused table's
+    assert gemv_silu._fused_config(w8, 2) == small_m_config(4096, 14336, 2)  # none there: the unfused FP8 path's
     assert gemv_silu._fused_config(w16, 1) == gemv_silu._DEFAULT_CONFIG  # no bf16 entry (cuBLAS kept there)
     monkeypatch.setattr(gemv_mod, "BF16_GEMV_TABLE", load_table({"4096x14336": {"1": [0, 8, 256, 2, 4, 3]}}))
     assert gemv_silu._fused_config(w16, 1) == GemvConfig(False, 8, 256, 2, 4, 3)
@@ -222,7 +224,7 @@ def test_gpu_mlp_fused_equals_unfused(monkeypatch, fp8):
     mlp = _mlp_with_weights(fp8, "cuda")
     for m in (1, 2):
         x = torch.randn(m, 32, dtype=torch.bfloat16, device="cuda")
-        assert isinstance(mlp.act_fn(mlp.gate_up_proj(x)), SiluAndMulInput)
+        assert isinstance(mlp.act_fn(mlp.gate_up_proj(x)), SiluAndMulInput) == (m <= gemv_silu.FUSED_SILU_MAX_M)
         y = mlp(x)
         monkeypatch.setattr(gemv_silu, "ENABLED", False)
         y_ref = mlp(x)

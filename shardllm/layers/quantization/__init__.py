@@ -168,7 +168,7 @@ def process_weights_after_loading(model: nn.Module) -> None:
     from shardllm.layers.gemv_norm import link_gemv_norm
     from shardllm.layers.gemv_silu import link_gemv_silu
 
-    link_gemv_silu(model)  # SiLU-and-mul folded into the down projection's GEMV at M <= 2 (gemv_silu.py)
+    link_gemv_silu(model)  # SiLU-and-mul folded into the down projection's GEMV at M = 1 (gemv_silu.py)
     link_gemv_norm(model)  # opt-in: add + RMSNorm folded into the qkv / gate_up GEMV at M = 1 (gemv_norm.py)
 
 

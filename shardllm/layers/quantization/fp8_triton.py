@@ -16,7 +16,7 @@ try:
 except ImportError:  # pragma: no cover - CPU images without triton use the torch path
     HAS_TRITON = False
 
-from shardllm.layers.gemv import FP8_GEMV_TABLE, GEMV_MAX_M, GemvConfig, gemv, table_config
+from shardllm.layers.gemv import FP8_GEMV_TABLE, GEMV_MAX_M, GemvConfig, gemv, nearest_config
 from shardllm.layers.quantization.fp8_utils import FP8_MAX, MIN_SCALE
 
 __all__ = ["GEMV_MAX_M", "fp8_small_m_linear", "quantize_per_token_triton", "small_m_config", "triton_fp8_ok"]
@@ -42,11 +42,12 @@ if HAS_TRITON:
 
 def small_m_config(n: int, k: int, m: int = 1) -> GemvConfig:
     """The small-M GEMV config for an (N, K) e4m3 weight at m rows: gemv.FP8_GEMV_TABLE's (from
-    `benchmarks/gemv_sweep.py`) where it has one, else the tl.dot form measured by `benchmarks/fp8_gemm.py
+    `benchmarks/gemv_sweep.py`) for that shape or, failing that, for the nearest tuned one (gemv.nearest_config),
+    else the tl.dot form measured by `benchmarks/fp8_gemm.py
     --sweep_small_m` on an H200 at M = 1 (BLOCK_N/BLOCK_K/SPLIT_K, us): qkv 6144x4096 32/256/1 14.2, o 4096x4096
     32/512/1 10.3 (32/256/1 10.7), gate_up 28672x4096 32/256/1 42.3, down 4096x14336 32/256/4 27.3 (split 1: 32.2);
     BLOCK_N 16 was 1.4-2x slower."""
-    return table_config(FP8_GEMV_TABLE, n, k, m) or GemvConfig(True, 32, 256, 4 if k >= 8192 and n <= 8192 else 1)
+    return nearest_config(FP8_GEMV_TABLE, n, k, m) or GemvConfig(True, 32, 256, 4 if k >= 8192 and n <= 8192 else 1)
 
 
 def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
