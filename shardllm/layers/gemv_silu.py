@@ -29,7 +29,7 @@ from torch import nn
 from shardllm import envs
 from shardllm.layers import gemv as gemv_mod
 from shardllm.layers import triton_ops
-from shardllm.layers.gemv import HAS_TRITON, DeferredGemvInput, GemvConfig, load_table, table_config
+from shardllm.layers.gemv import HAS_TRITON, DeferredGemvInput, GemvConfig, load_table, nearest_config, table_config
 
 __all__ = ["FUSED_SILU_MAX_M", "GemvSiluTarget", "SiluAndMulInput", "link_gemv_silu", "silu_gemv"]
 
@@ -76,11 +76,13 @@ class SiluAndMulInput(DeferredGemvInput):
 
 
 def _fused_config(w: torch.Tensor, m: int) -> GemvConfig:
-    """The config of the fused GEMV for w (N, K) at m rows: the fused table's, else the plain GEMV's for that
-    weight dtype (fp8_triton.small_m_config; bf16: BF16_GEMV_TABLE), else _DEFAULT_CONFIG."""
+    """The config of the fused GEMV for w (N, K) at m rows: the fused table's for that shape or the nearest tuned
+    one (gemv.nearest_config: every entry is a down projection, and the fused kernel wants wider rows a program than
+    the plain GEMV, since each program recomputes the activation over K), else the plain GEMV's for that weight
+    dtype (fp8_triton.small_m_config; bf16: BF16_GEMV_TABLE), else _DEFAULT_CONFIG."""
     n, k = w.shape
     fp8 = w.dtype == torch.float8_e4m3fn
-    config = table_config(FUSED_SILU_TABLES["fp8" if fp8 else "bf16"], n, k, m)
+    config = nearest_config(FUSED_SILU_TABLES["fp8" if fp8 else "bf16"], n, k, m)
     if config is None and fp8:
         from shardllm.layers.quantization.fp8_triton import small_m_config
 

@@ -173,6 +173,10 @@ def test_config_choice(monkeypatch):
 
     assert gemv_silu._fused_config(w8, 1) == GemvConfig(False, 8, 1024, 1, 4, 3, True)  # the fused table's
     assert gemv_silu._fused_config(w8, 2) == small_m_config(4096, 14336, 2)  # none there: the unfused FP8 path's
+    w8_70b = torch.empty(8192, 28672, dtype=torch.float8_e4m3fn, device="meta")
+    assert gemv_silu._fused_config(w8_70b, 1) == GemvConfig(False, 16, 1024, 1, 8, 3, True)  # 70B's own entry
+    monkeypatch.setitem(gemv_silu.FUSED_SILU_TABLES, "fp8", load_table({"4096x14336": {"1": [0, 8, 1024, 1, 4, 3, 1]}}))
+    assert gemv_silu._fused_config(w8_70b, 1) == GemvConfig(False, 8, 1024, 1, 4, 3, True)  # the nearest down's
     assert gemv_silu._fused_config(w16, 1) == gemv_silu._DEFAULT_CONFIG  # no bf16 entry (cuBLAS kept there)
     monkeypatch.setattr(gemv_mod, "BF16_GEMV_TABLE", load_table({"4096x14336": {"1": [0, 8, 256, 2, 4, 3]}}))
     assert gemv_silu._fused_config(w16, 1) == GemvConfig(False, 8, 256, 2, 4, 3)
