@@ -6,14 +6,16 @@ How it is wired: after loading, `link_gemv_silu(model)` gives each SiluAndMul na
 `GemvSiluTarget` for its linear when that linear's method is one the GEMV serves (unquantized, or FP8 with
 per-channel weight scales and dynamic activations). SiluAndMul.forward then asks the target first; where the fused
 GEMV applies it returns a `SiluAndMulInput` (gate_up, deferred) instead of a tensor, which that linear's `apply`
-hands to `silu_gemv` (through gemv.DeferredGemvInput). Everywhere else (M > 2, CPU, torch attention backend, a failed
-kernel probe) nothing changes.
+hands to `silu_gemv` (through gemv.DeferredGemvInput). Everywhere else (M > FUSED_SILU_MAX_M, CPU, torch attention
+backend, a failed kernel probe) nothing changes.
 
 Numerics: the activation is computed with triton_ops.silu_and_mul's fp32 expression and roundings and the GEMV is
-the same kernel and config as the unfused path's, so the output is bit-equal to silu_and_mul then the GEMV
-(tests/layers/test_gemv_silu.py). Where the unfused bf16 path runs cuBLAS (no BF16_GEMV_TABLE entry, e.g. Llama-3-8B
-down at tp 1) the fused path still runs the GEMV (the fused table's, the plain table's, or a default config), whose
-fp32 accumulation order differs from cuBLAS's: equal within the GEMV's own rounding, not bit-equal.
+the same kernel, so at one config the output is bit-equal to silu_and_mul then the GEMV (tests/layers/
+test_gemv_silu.py; `fused_gemv_ok` checks it per weight). The config is not always the unfused path's: FP8 takes
+FUSED_SILU_TABLES' (every FP8 down shape gets one, through gemv.nearest_config), and where the unfused bf16 path runs
+cuBLAS (no BF16_GEMV_TABLE entry, e.g. Llama-3-8B down at tp 1) the fused path still runs the GEMV (the fused
+table's, the plain table's, or a default config); there the fp32 accumulation order differs: equal within the
+GEMV's own rounding, not bit-equal.
 
 Switch: on by default at M = 1 (`SHARDLLM_GEMV_FUSED_SILU=0`, read at import, turns it off). Measured on an H200
 (fourth session, `EXTRA=1 bash benchmarks/device_gemv_fused.sh`, docs/benchmarks.md): the down projection at M = 1
@@ -93,8 +95,8 @@ def _fused_config(w: torch.Tensor, m: int) -> GemvConfig:
 def silu_gemv(x: SiluAndMulInput, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
               config: GemvConfig | None = None) -> torch.Tensor:
     """y (M, N) in x's dtype = (silu(gate) * up) @ (w * w_scale[:, None])^T (+ bias) in one GEMV launch (two with
-    split-K). x: gate_up (M <= 2, 2K) bf16/fp16; w (N, K) e4m3 with w_scale (N,) fp32, or x's dtype with None;
-    config None: `_fused_config`'s."""
+    split-K). x: gate_up (M, 2K) bf16/fp16 (the engine defers M <= FUSED_SILU_MAX_M); w (N, K) e4m3 with w_scale (N,)
+    fp32, or x's dtype with None; config None: `_fused_config`'s."""
     gate_up = x.gate_up.reshape(-1, x.gate_up.shape[-1])
     if gate_up.stride(-1) != 1 or gate_up.stride(0) != gate_up.shape[1]:
         gate_up = gate_up.contiguous()

@@ -30,7 +30,7 @@ def fp8_case(fp8, q_lens, seq_lens, scaled, device="cpu", seed=0, nkv=2, group=4
 
 
 def errors(run, monkeypatch, q, deq, meta, flags=("1", "0")):
-    """Max abs error against the fp32 oracle with fp16 dots and with the default bf16 widening (on
+    """Max abs error against the fp32 oracle with fp16 dots (the default) and with bf16 widening (on
     CUDA only: the interpreter's bf16 widening of an FP8 tile is wrong by orders of magnitude, triton 3.6)."""
     ref = reference(q, *deq, meta)
     out = {"0": float("inf")}

@@ -121,10 +121,34 @@ def test_nearest_config_takes_the_tuned_shape_nearest_in_log_n_plus_log_k(monkey
 def test_small_m_config_falls_back_to_the_nearest_tuned_shape(monkeypatch):
     import shardllm.layers.quantization.fp8_triton as fp8_triton
 
+    monkeypatch.delenv("SHARDLLM_GEMV_NEAREST_SHAPE", raising=False)
     monkeypatch.setattr(fp8_triton, "FP8_GEMV_TABLE", load_table({"4096x14336": {"1": [0, 16, 1024, 1, 8, 3, 1]}}))
     assert small_m_config(8192, 28672, 1) == GemvConfig(False, 16, 1024, 1, 8, 3, True)
     monkeypatch.setenv("SHARDLLM_GEMV_NEAREST_SHAPE", "0")
     assert small_m_config(8192, 28672, 1) == GemvConfig(True, 32, 256, 4)  # the generic tl.dot form
+
+
+def test_nearest_config_never_answers_for_a_replaced_or_changed_table(monkeypatch):
+    """The nearest-shape cache follows the table: a new table at a freed one's id (as tests' monkeypatched tables
+    get; every table at one id here), a config replaced in place, a bucket added to a nearer shape."""
+    a, b, c = [0, 4, 512, 1, 4, 3, 1], [1, 32, 256, 2, 8, 4, 0], [0, 8, 1024, 1, 4, 3, 1]
+    cfg = lambda c: GemvConfig(bool(c[0]), *c[1:6], bool(c[6]))  # noqa: E731
+    monkeypatch.delenv("SHARDLLM_GEMV_NEAREST_SHAPE", raising=False)
+    monkeypatch.setattr(gemv_mod, "id", lambda table: 0, raising=False)
+    assert nearest_config(load_table({"4096x4096": {"1": a}}), 8192, 8192, 1) == cfg(a)
+    assert nearest_config(load_table({"4096x4096": {"1": b}}), 8192, 8192, 1) == cfg(b)  # same id, same length
+    table = load_table({"4096x4096": {"1": a}, "8192x8192": {"2": a}})
+    assert nearest_config(table, 8192, 16384, 1) == cfg(a)  # the one shape with an M = 1 entry
+    table[(4096, 4096)][1] = cfg(b)
+    assert nearest_config(table, 8192, 16384, 1) == cfg(b)
+    table[(8192, 8192)][1] = cfg(c)
+    assert nearest_config(table, 8192, 16384, 1) == cfg(c)
+
+
+def test_an_empty_weight_takes_the_generic_config():
+    """N or K = 0 has no log2 distance to a tuned shape: the generic tl.dot config, as before nearest_config."""
+    assert nearest_config(gemv_mod.FP8_GEMV_TABLE, 0, 4096, 1) is None
+    assert small_m_config(0, 4096, 1) == small_m_config(4096, 0, 1) == GemvConfig(True, 32, 256, 1)
 
 
 def test_bf16_hook_is_off_on_cpu_and_for_shapes_without_an_entry():

@@ -306,6 +306,9 @@ def test_tiny_fp8_llama_tokens_equal_with_both_fusions_on_and_off_cpu(tiny_check
     table = load_table({f"{n}x{k}": {"1": fma, "2": fma} for n, k in ((128, 64), (256, 64), (64, 128), (64, 64))})
     monkeypatch.setattr(gemv_mod, "FP8_GEMV_TABLE", table)
     monkeypatch.setattr(fp8_triton, "FP8_GEMV_TABLE", table)
+    monkeypatch.setitem(gemv_silu.FUSED_SILU_TABLES, "fp8", table)  # else the fused down takes its nearest entry
+    down = torch.empty(64, 128, dtype=torch.float8_e4m3fn, device="meta")
+    assert gemv_silu._fused_config(down, 1) == fp8_triton.small_m_config(64, 128, 1)
     real_apply = fp8_mod.Fp8LinearMethod.apply
 
     def apply_on_cpu(self, layer, x, bias):  # the CUDA path's GEMV at decode, on the CPU

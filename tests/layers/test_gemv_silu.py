@@ -167,6 +167,7 @@ def test_hook_rules_cpu(monkeypatch):
 
 
 def test_config_choice(monkeypatch):
+    monkeypatch.delenv("SHARDLLM_GEMV_NEAREST_SHAPE", raising=False)
     w8 = torch.empty(4096, 14336, dtype=torch.float8_e4m3fn, device="meta")
     w16 = torch.empty(4096, 14336, dtype=torch.bfloat16, device="meta")
     from shardllm.layers.quantization.fp8_triton import small_m_config
@@ -221,7 +222,9 @@ def test_gpu_fused_gemv_is_graph_capturable():
 @pytest.mark.parametrize("fp8", [True, False], ids=["e4m3", "bf16"])
 def test_gpu_mlp_fused_equals_unfused(monkeypatch, fp8):
     """On CUDA both paths run the same GEMV config (bf16: a table entry for the tiny down shape, so the unfused
-    path leaves cuBLAS), so the MLP's output is bit-equal."""
+    path leaves cuBLAS; fp8: no fused-table entry, so the fused GEMV takes small_m_config's too), so the MLP's output
+    is bit-equal."""
+    monkeypatch.setitem(gemv_silu.FUSED_SILU_TABLES, "fp8", load_table({}))
     if not fp8:
         monkeypatch.setattr(gemv_mod, "BF16_GEMV_TABLE", load_table({"32x96": {"1": [0, 4, 64, 1, 4, 3, 1],
                                                                                "2": [1, 16, 32, 2, 4, 4, 0]}}))
