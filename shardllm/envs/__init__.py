@@ -155,6 +155,9 @@ _VARS = [
     _switch("SHARDLLM_GEMV_TABLES", True, "import",
             "0: the decode GEMV kernels' tuned tables empty (FP8: fp8_triton's configs, bf16: cuBLAS), A/B "
             "against the H200 sweep (benchmarks/device_gemv.sh, device_ab.sh)"),
+    _switch("SHARDLLM_PDL", False, "import",
+            "1: the decode path's Triton kernels launch with programmatic dependent launch on sm90+ (layers/pdl.py; "
+            "issues 13 and 15, batch-1 latency; not yet run on a GPU)"),
     _switch("SHARDLLM_GEMV_NEAREST_SHAPE", True, "per call",
             "0: an FP8 GEMV shape without a tuned entry takes the generic tl.dot config, not the nearest tuned "
             "shape's (gemv.nearest_config; issue 13, Llama-3-70B batch 1)"),

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from shardllm import envs
+from shardllm.layers.pdl import launch_args, pdl_enter
 from shardllm.layers.triton_ops import RMS_MAX_BLOCK
 
 try:
@@ -82,13 +83,15 @@ if HAS_TRITON:
                      HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, LATE_REDUCE: tl.constexpr,
                      SILU_INPUT: tl.constexpr = False, NORM_INPUT: tl.constexpr = False,
-                     HAS_RESIDUAL: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1, NORM_CHUNKS: tl.constexpr = 1):
+                     HAS_RESIDUAL: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1, NORM_CHUNKS: tl.constexpr = 1,
+                     USE_PDL: tl.constexpr = False):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
         x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
         FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps).
         NORM_INPUT: x = RMSNorm(x (+ r)) with weight nw: every program first sums the squares of its whole rows (in
         NORM_CHUNKS chunks of NORM_BLOCK, as triton_ops' RMSNorm does; L1/L2 hits after the first program), program
         (0, 0) also stores round(x + r) to r_out; then each step normalizes the x it loads."""
+        pdl_enter(USE_PDL)
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -178,8 +181,9 @@ if HAS_TRITON:
                  mask=m_in & n_in[None, :])
 
     @triton.jit
-    def _splitk_reduce_kernel(p_ptr, y_ptr, numel, split_k, BLOCK: tl.constexpr):
+    def _splitk_reduce_kernel(p_ptr, y_ptr, numel, split_k, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
         """y = sum over the split_k partials (split_k, numel) fp32, cast to y's dtype."""
+        pdl_enter(USE_PDL)
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < numel
         acc = tl.zeros((BLOCK,), tl.float32)
@@ -258,12 +262,13 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         LATE_REDUCE=config.late_reduce and not config.use_dot, SILU_INPUT=silu_input, NORM_INPUT=norm is not None,
         HAS_RESIDUAL=res is not None, NORM_BLOCK=norm_block if norm is not None else 1,
         NORM_CHUNKS=triton.cdiv(k, norm_block) if norm is not None else 1, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        num_stages=config.num_stages, **launch_args(x.device))
     if split_k == 1:
         return y[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block = 1024
-    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](y, out, m * n, split_k, BLOCK=block, num_warps=4)
+    _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](y, out, m * n, split_k, BLOCK=block, num_warps=4,
+                                                         **launch_args(x.device))
     return out
 
 

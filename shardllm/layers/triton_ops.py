@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from shardllm.layers.pdl import launch_args, pdl_enter
+
 try:
     import triton
     import triton.language as tl
@@ -58,13 +60,14 @@ def _jit(fn):
 def _fused_rmsnorm_row_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, hidden, heads,
     stride_xn, stride_xh, stride_rn, stride_on, stride_oh, stride_ron,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """One program per row (token, or token x head): out = w * round(norm(s)), s = x (+ residual).
 
     With HAS_RESIDUAL, s is rounded to its dtype and stored to res_out first, as torch's `x + residual`.
     Rows wider than BLOCK take two passes; the second recomputes s from the inputs (never rereads res_out).
     """
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     n = row // heads
     h = row % heads
@@ -109,8 +112,10 @@ def _fused_rmsnorm_row_kernel(
 
 
 @_jit
-def _fused_silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xn, stride_on, BLOCK: tl.constexpr):
+def _fused_silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xn, stride_on, BLOCK: tl.constexpr,
+                               USE_PDL: tl.constexpr = False):
     """Grid (rows, cdiv(d, BLOCK)): out[n, j] = round(silu(x[n, j])) * x[n, d + j], fp32 math."""
+    pdl_enter(USE_PDL)
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -147,11 +152,13 @@ def _fused_rotary_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr, KV_SCALED: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """One program per token: neox rotation of all its q and k heads with cos/sin of its position, in place;
     with WRITE_KV, then its rotated k and its v into its cache slot (slots < 0, padding, skip only the write),
     divided by the fp32 scalars at k_scale_ptr / v_scale_ptr with KV_SCALED (an FP8 cache).
     """
+    pdl_enter(USE_PDL)
     n = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + n).to(tl.int64)
     j = tl.arange(0, HALF_PAD)
@@ -248,7 +255,7 @@ def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     _fused_rmsnorm_row_kernel[(xr.shape[0] * heads,)](
         xr, res, weight, o, res_o, eps, hidden, heads, sxn, sxh, srn, son, soh, sron,
         HAS_RESIDUAL=residual is not None, BLOCK=block, NUM_CHUNKS=triton.cdiv(hidden, block),
-        num_warps=min(max(block // 256, 1), 8))
+        num_warps=min(max(block // 256, 1), 8), **launch_args(x.device))
     return out, res_out
 
 
@@ -273,7 +280,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     xr, _, sxn, _ = _rows(x.reshape(-1, 2 * d))
     block = min(_pow2(d), SILU_BLOCK)
     _fused_silu_and_mul_kernel[(xr.shape[0], triton.cdiv(d, block))](
-        xr, out.view(-1, d), d, sxn, d, BLOCK=block, num_warps=4 if block >= 512 else 1)
+        xr, out.view(-1, d), d, sxn, d, BLOCK=block, num_warps=4 if block >= 512 else 1, **launch_args(x.device))
     return out
 
 
@@ -296,7 +303,8 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         positions, q, k, k, cos_sin_cache, k, k, positions, k, k, num_q_heads, num_k_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0, cos_sin_cache.stride(0), 0, 0, 0, 0, 0, 0,
         HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), KV_HEADS_PAD=_pow2(num_k_heads),
-        BLOCK_SIZE=1, WRITE_KV=False, num_warps=_rotary_num_warps(num_q_heads, num_k_heads, half))
+        BLOCK_SIZE=1, WRITE_KV=False, num_warps=_rotary_num_warps(num_q_heads, num_k_heads, half),
+        **launch_args(q.device))
     return q, k
 
 
@@ -359,5 +367,5 @@ def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: 
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), KV_HEADS_PAD=_pow2(num_kv_heads),
         BLOCK_SIZE=k_cache.shape[1], WRITE_KV=True, KV_SCALED=kv_scaled,
-        num_warps=_rotary_num_warps(num_q_heads, num_kv_heads, half))
+        num_warps=_rotary_num_warps(num_q_heads, num_kv_heads, half), **launch_args(q.device))
     return q, k

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from shardllm.layers.attention.triton_paged import HAS_TRITON, _decode_store, _jit, _split_len, tl
+from shardllm.layers.pdl import pdl_enter
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -51,11 +52,12 @@ def _decode_kernel_tma(
     k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
-    F16_DOT: tl.constexpr,
+    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
     BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math), so partitions start on tile boundaries
     and a page needs one block-table entry."""
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)

@@ -21,6 +21,7 @@ from shardllm.layers.attention.decode_configs import (  # noqa: F401 - DECODE_CO
     decode_config,
     set_decode_configs,
 )
+from shardllm.layers.pdl import launch_args, pdl_enter
 from shardllm.layers.triton_ops import kv_scale_args
 
 try:
@@ -60,6 +61,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_DOT: tl.constexpr = True, PREFETCH_PAGES: tl.constexpr = False, K_ROWMAJOR: tl.constexpr = False,
     EARLY_V: tl.constexpr = False, KV_SCALED: tl.constexpr = False, F16_DOT: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition): all GROUP query heads of the kv head at once.
 
@@ -84,6 +86,7 @@ def _decode_kernel(
         tokens  [0 ....... 128) [128 ...... 256) [256 .. 300)  (none)
         split          0               1              2          3
     """
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -182,8 +185,10 @@ def _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, par
 def _decode_reduce_kernel(
     part_acc_ptr, part_ml_ptr, seq_lens_ptr, out_ptr, num_heads, num_seqs, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """One program per (sequence, query head): merge the partitions' (max, sum, acc) by their maxima."""
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
@@ -291,13 +296,14 @@ def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
     stride_kn, stride_kh, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr = False,
+    BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     """One program per new token: its k and v, all kv heads, into the cache slot; slots < 0 are skipped.
 
     KV_SCALED: stores k / k_scale and v / v_scale (IEEE fp32 division by the scalars at the pointers: `/` is
     approximate on NVIDIA, 2 ulp; rounded once to the cache dtype).
     """
+    pdl_enter(USE_PDL)
     n = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + n).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)
@@ -388,7 +394,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_ml = torch.empty(2, num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     head_dim_pad = _pow2(head_dim, 16)
     block_n = cfg.block_n or (64 if head_dim_pad <= 128 else 32)
-    extra = {} if cfg.num_stages is None else {"num_stages": cfg.num_stages}
+    extra = {**launch_args(q.device), **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}
     f16_dot = cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype)
     if cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache):
         pages = 2 if cfg.block_n == 2 * block_size else 1  # TMA tiles are whole pages: block_n picks 1 or 2
@@ -414,7 +420,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, seq_lens, out, num_heads, num_seqs, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4)
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4,
+            **launch_args(q.device))
     return out
 
 
@@ -482,7 +489,8 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PAD=_pow2(num_kv_heads),
-        HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1], KV_SCALED=kv_scaled, num_warps=4)
+        HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1], KV_SCALED=kv_scaled, num_warps=4,
+        **launch_args(k.device))
 
 
 # the TMA decode kernel reuses this module's helpers: imported last, once they exist

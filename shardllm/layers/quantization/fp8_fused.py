@@ -27,6 +27,7 @@ from torch import nn
 
 from shardllm import envs
 from shardllm.layers import triton_ops
+from shardllm.layers.pdl import launch_args, pdl_enter
 from shardllm.layers.quantization.fp8_triton import GEMV_MAX_M, HAS_TRITON, triton_fp8_ok
 from shardllm.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX, MIN_SCALE
 from shardllm.layers.triton_ops import _jit, _pow2
@@ -82,11 +83,12 @@ def _normed_row_chunk(x_row, res_row, w_ptr, offs, mask, rstd, HAS_RESIDUAL: tl.
 def _rmsnorm_quant_fp8_kernel(
     x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, eps, hidden, stride_xn, stride_rn, stride_qn, stride_ron,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, FP8_MAX_C: tl.constexpr,
-    MIN_SCALE_C: tl.constexpr,
+    MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """One program per token: y = RMSNorm(x (+ residual)) as the unfused kernel rounds it, then its e4m3 row and
     scale. With HAS_RESIDUAL, round(x + residual) is stored to res_out. Rows wider than BLOCK: three passes
     (sum of squares and res_out; amax; quantize), each recomputing y from the inputs."""
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xn
     res_row = res_ptr + row * stride_rn
@@ -147,9 +149,11 @@ def _silu_mul_row_chunk(x_row, d, offs, mask):
 
 @_jit
 def _silu_and_mul_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, d, stride_xn, stride_qn, BLOCK: tl.constexpr,
-                                   NUM_CHUNKS: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr):
+                                   NUM_CHUNKS: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr,
+                                   USE_PDL: tl.constexpr = False):
     """One program per token: y = silu(gate) * up over its d outputs, then its e4m3 row and scale. Rows wider
     than BLOCK: two passes (amax; quantize), the second recomputing y from the inputs."""
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xn
     q_row = q_ptr + row * stride_qn
@@ -214,7 +218,7 @@ def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         _rmsnorm_quant_fp8_kernel[(m,)](
             x, res, weight, q, s, res_o, eps, hidden, x.stride(0), res.stride(0), q.stride(0), res_o.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block, NUM_CHUNKS=triton.cdiv(hidden, block),
-            FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(max(block // 256, 1), 8))
+            FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(max(block // 256, 1), 8), **launch_args(x.device))
     out = QuantizedActivation(q, s, x.dtype)
     return out if residual is None else (out, res_out)
 
@@ -233,7 +237,8 @@ def silu_and_mul_quant(x: torch.Tensor, max_block: int = SILU_QUANT_MAX_BLOCK) -
         block = min(_pow2(d), max_block)
         _silu_and_mul_quant_fp8_kernel[(m,)](
             x, q, s, d, x.stride(0), q.stride(0), BLOCK=block, NUM_CHUNKS=triton.cdiv(d, block),
-            FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(max(block // 512, 1), 16))
+            FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(max(block // 512, 1), 16),
+            **launch_args(x.device))
     return QuantizedActivation(q, s, x.dtype)
 
 

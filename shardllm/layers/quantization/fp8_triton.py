@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover - CPU images without triton use the torc
     HAS_TRITON = False
 
 from shardllm.layers.gemv import FP8_GEMV_TABLE, GEMV_MAX_M, GemvConfig, gemv, nearest_config
+from shardllm.layers.pdl import launch_args, pdl_enter
 from shardllm.layers.quantization.fp8_utils import FP8_MAX, MIN_SCALE
 
 __all__ = ["GEMV_MAX_M", "fp8_small_m_linear", "quantize_per_token_triton", "small_m_config", "triton_fp8_ok"]
@@ -25,7 +26,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _quant_per_token_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr,
-                                FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr):
+                                FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False):
+        pdl_enter(USE_PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         amax = tl.zeros((BLOCK,), tl.float32)
@@ -57,7 +59,7 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     block = min(triton.next_power_of_2(k), 4096)
     _quant_per_token_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block, FP8_MAX_C=FP8_MAX,
-                                  MIN_SCALE_C=MIN_SCALE, num_warps=8 if block >= 2048 else 4)
+                                  MIN_SCALE_C=MIN_SCALE, num_warps=8 if block >= 2048 else 4, **launch_args(x.device))
     return q, s
 
 

@@ -1,0 +1,111 @@
+"""Programmatic dependent launch (layers/pdl.py): off unless asked for and on sm90+ with a Triton that has it; every
+kernel that can be launched with it waits for the kernel before it before touching memory; on GPUs (gpu) the
+decode path's tokens are the same with it on and off, eager and with CUDA graphs, at tp 1 and 2."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from shardllm.layers import gemv, pdl, triton_ops  # noqa: E402
+from shardllm.layers.attention import triton_decode_tma, triton_paged  # noqa: E402
+from shardllm.layers.quantization import fp8_fused, fp8_triton  # noqa: E402
+
+KERNELS = [triton_ops._fused_rmsnorm_row_kernel, triton_ops._fused_silu_and_mul_kernel,
+           triton_ops._fused_rotary_kernel, gemv._gemv_kernel, gemv._splitk_reduce_kernel, triton_paged._decode_kernel,
+           triton_paged._decode_reduce_kernel, triton_paged._write_kv_kernel, triton_decode_tma._decode_kernel_tma,
+           fp8_fused._rmsnorm_quant_fp8_kernel, fp8_fused._silu_and_mul_quant_fp8_kernel,
+           fp8_triton._quant_per_token_kernel]
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA device of a chosen compute capability (the hardware boundary), PDL switched on."""
+    def make(capability: tuple[int, int]):
+        monkeypatch.setattr(pdl, "ENABLED", True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+        monkeypatch.setattr(torch.version, "hip", None)
+        pdl.supported.cache_clear()
+    yield make
+    pdl.supported.cache_clear()
+
+
+def test_off_by_default_and_off_the_gpu(monkeypatch):
+    assert pdl.ENABLED is False  # SHARDLLM_PDL unset in the test environment
+    assert pdl.launch_args(torch.device("cuda", 0)) == {}
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert pdl.launch_args(torch.device("cpu")) == {}
+
+
+def test_on_for_hopper_and_later_only(fake_gpu, monkeypatch):
+    if not pdl._triton_has_launch_pdl():
+        pytest.skip("this Triton has no launch_pdl")
+    fake_gpu((9, 0))
+    assert pdl.launch_args(torch.device("cuda", 0)) == {"USE_PDL": True, "launch_pdl": True}
+    fake_gpu((8, 9))  # Ada: no griddepcontrol
+    assert pdl.launch_args(torch.device("cuda", 0)) == {}
+    fake_gpu((9, 0))
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports 9.x on MI300
+    pdl.supported.cache_clear()
+    assert pdl.launch_args(torch.device("cuda", 0)) == {}
+
+
+def test_without_launch_pdl_in_triton_nothing_changes(fake_gpu, monkeypatch):
+    fake_gpu((9, 0))
+    monkeypatch.setattr(pdl, "_triton_has_launch_pdl", lambda: False)
+    assert pdl.launch_args(torch.device("cuda", 0)) == {}
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.fn.__name__ if hasattr(k, "fn") else str(k))
+def test_every_pdl_kernel_waits_before_it_touches_memory(kernel):
+    """A kernel launched with PDL may start while the one before it still runs: its first statement must be
+    pdl_enter(USE_PDL) (the wait), with the flag off by default, or a load could read a value not yet written."""
+    fn = kernel.fn if hasattr(kernel, "fn") else kernel
+    params = inspect.signature(fn).parameters
+    assert "USE_PDL" in params and params["USE_PDL"].default is False
+    body = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0].body
+    if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):  # the docstring
+        body = body[1:]
+    assert ast.unparse(body[0]) == "pdl_enter(USE_PDL)"
+
+
+def _tiny_llama_tokens(path: str, on: bool, monkeypatch, **llm_kwargs) -> list:
+    from shardllm import LLM, SamplingParams
+
+    monkeypatch.setattr(pdl, "ENABLED", on)  # this process (tp 1)
+    monkeypatch.setenv("SHARDLLM_PDL", "1" if on else "0")  # worker processes (tp 2) read it at import
+    llm = LLM(path, num_kv_blocks=64, max_batch_size=8, **llm_kwargs)
+    try:
+        prompts = [[1 + (7 * i + j) % 300 for j in range(6 + i)] for i in range(3)]
+        sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        tokens += [o.outputs[0].token_ids for o in llm.generate(prompts[:1], sp, use_tqdm=False)]  # batch 1
+    finally:
+        llm.shutdown()
+    return tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240)  # up to four engines
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a GPU with PDL (sm90+)")
+@pytest.mark.parametrize("layout", [{}, {"enforce_eager": True}, {"tensor_parallel_size": 2}],
+                         ids=["graphs", "eager", "tp2"])
+@pytest.mark.parametrize("dtype", ["fp8", "bfloat16"])
+def test_gpu_tokens_equal_with_pdl_on_and_off(tiny_checkpoints, monkeypatch, dtype, layout):
+    if layout.get("tensor_parallel_size", 1) > torch.cuda.device_count():
+        pytest.skip("needs two GPUs")
+    if not pdl.supported(torch.cuda.current_device()):
+        pytest.skip("this Triton has no launch_pdl")
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    assert pdl.launch_args(torch.device("cuda")) == {"USE_PDL": True, "launch_pdl": True}  # so "on" launches with it
+    on = _tiny_llama_tokens(tiny_checkpoints["llama"], True, monkeypatch, dtype=dtype, **layout)
+    off = _tiny_llama_tokens(tiny_checkpoints["llama"], False, monkeypatch, dtype=dtype, **layout)
+    assert on == off
