@@ -46,6 +46,10 @@ GRID = [
     DecodeConfig(tma=True, num_warps=2, num_stages=4),
     DecodeConfig(tma=True, block_n=32),  # two pages a tile
     DecodeConfig(tma=True, block_n=32, num_warps=2, num_stages=3),
+    DecodeConfig(tma=True, num_warps=2, num_stages=3, page_chunk=16),  # several pages in flight
+    DecodeConfig(tma=True, num_warps=2, num_stages=4, page_chunk=16),
+    DecodeConfig(tma=True, num_warps=2, num_stages=4, page_chunk=32),
+    DecodeConfig(tma=True, num_warps=4, num_stages=3, page_chunk=16),
     DecodeConfig(block_n=128, num_warps=8),
     DecodeConfig(prefetch_pages=True),
     DecodeConfig(k_rowmajor=True),

@@ -1,6 +1,7 @@
-"""Decode attention over an FP8 cache: fp16 dots (now) beside widening to bf16 (SHARDLLM_FP8_ATTN_F16_DOT=0) and a
-bf16 cache, and the TMA kernel over both (a few launch variants), Llama-3-8B heads (32 q, 8 kv, head_dim 128,
-block 16), one CUDA card (issue 13).
+"""Decode attention over an FP8 cache: the repo's table (_table rows), the pointer kernel's tuned form with fp16 dots
+(the default) and with bf16 widening (SHARDLLM_FP8_ATTN_F16_DOT=0), and the TMA kernel over both caches in launch
+variants (warps, stages, page_chunk: page ids in chunks, so that several pages are in flight), Llama-3-8B heads
+(32 q, 8 kv, head_dim 128, block 16), one CUDA card (issue 13).
 
 Each case (batch, mean context) gets one cache larger than the H200's 50 MiB L2 with scattered blocks; contexts are
 uniform in [0.8, 1.2] x the mean. Time: triton.testing.do_bench_cudagraph of one call (the tuned launch for the
@@ -62,12 +63,15 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for c in a.cases:
         batch, ctx = map(int, c.split("x"))
+        pointer = DecodeConfig(block_n=32, early_v=True, prefetch_pages=True)  # the pointer kernel's tuned form
         for label, dt, flag, cfg in (
-                ("bf16", torch.bfloat16, "1", None), ("fp8_f16dot", torch.float8_e4m3fn, "1", None),
-                ("fp8_bf16dot", torch.float8_e4m3fn, "0", None),
-                *[(f"{n}_tma_w{w}_s{st}", dt_, "1", DecodeConfig(tma=True, num_warps=w, num_stages=st))
+                ("bf16_table", torch.bfloat16, "1", None), ("fp8_table", torch.float8_e4m3fn, "1", None),
+                ("fp8_pointer_f16dot", torch.float8_e4m3fn, "1", pointer),
+                ("fp8_pointer_bf16dot", torch.float8_e4m3fn, "0", pointer),
+                *[(f"{n}_tma_w{w}_s{st}_pc{pc}", dt_, "1",
+                   DecodeConfig(tma=True, num_warps=w, num_stages=st, page_chunk=pc))
                   for n, dt_ in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn))
-                  for w, st in ((4, None), (2, 3), (4, 4))]):
+                  for w, st in ((2, 3), (2, 4)) for pc in (0, 16, 32)]):
             os.environ["SHARDLLM_FP8_ATTN_F16_DOT"] = flag
             args = case(batch, ctx, dt, g)
             us = time_call(*args, config=cfg)

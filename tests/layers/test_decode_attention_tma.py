@@ -223,3 +223,29 @@ def test_two_pages_a_tile_equal_the_oracle(monkeypatch, tma_launches, num_splits
     got = run_decode(q, poisoned_k, poisoned_v, meta, num_splits=num_splits, config=DecodeConfig(tma=True, block_n=32))
     assert len(tma_launches) == 1
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+@cpu
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize("chunk", [2, 4])
+def test_page_ids_in_chunks_give_the_same_attention(tma_launches, monkeypatch, num_splits, chunk):
+    """page_chunk reads page ids `chunk` at a time (so the pipeliner can keep several pages in flight): the same
+    result as one id a page, across chunk boundaries (7 pages at chunk 2: 4 chunks, the last one short), with an
+    FP8 cache and scales, empty and one-token sequences."""
+    monkeypatch.setenv("SHARDLLM_FP8_ATTN_F16_DOT", "1")
+    q, kc8, vc8, meta, ks, vs, deq = fp8_case(torch.float8_e4m3fn, [1] * 4, [100, 17, 0, 1], True, seed=21)
+    want = run_decode(q, kc8, vc8, meta, num_splits=num_splits, config=TMA, k_scale=ks, v_scale=vs)
+    got = run_decode(q, kc8, vc8, meta, num_splits=num_splits, config=DecodeConfig(tma=True, page_chunk=chunk),
+                     k_scale=ks, v_scale=vs)
+    assert len(tma_launches) == 2
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    ref = reference(q, *deq, meta)
+    assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+def test_page_chunk_needs_tma_and_a_power_of_two():
+    for bad in (DecodeConfig(page_chunk=4), DecodeConfig(tma=True, page_chunk=3),
+                DecodeConfig(tma=True, page_chunk=128)):
+        with pytest.raises(ValueError, match="page_chunk"):
+            bad.validate()
+    DecodeConfig(tma=True, page_chunk=16).validate()

@@ -30,6 +30,9 @@ class DecodeConfig:
     tma: pages loaded by TMA, one page a tile, or two when block_n is twice the cache's block size
         (triton_decode_tma.py; prefetch_pages, k_rowmajor and early_v do not apply); calls it cannot serve (no TMA,
         another cache layout) take the pointer kernel.
+    page_chunk: with tma, page ids read page_chunk at a time into registers (a power of two in [2, 64]; one page a
+        tile): no load in the page loop feeds a TMA coordinate, so Triton's pipeliner multi-buffers the pages
+        (num_stages - 1 in flight) where the page-id load in the loop left it one page deep; 0: that loop.
     """
 
     block_n: int | None = None
@@ -41,6 +44,7 @@ class DecodeConfig:
     k_rowmajor: bool = False
     early_v: bool = False
     tma: bool = False
+    page_chunk: int = 0
 
     def validate(self) -> None:
         bn = self.block_n
@@ -53,6 +57,9 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.num_stages={self.num_stages}: use 1..8 or None (Triton's default)")
         if self.tma and not self.use_dot:
             raise ValueError("DecodeConfig.tma=True needs use_dot=True")
+        pc = self.page_chunk
+        if pc and (not self.tma or pc != _pow2(pc) or not 2 <= pc <= 64):
+            raise ValueError(f"DecodeConfig.page_chunk={pc}: use 0, or a power of two in [2, 64] with tma=True")
         ns = self.num_splits
         if ns is not None and (ns < 1 or ns != _pow2(ns) or ns > MAX_NUM_SPLITS):
             raise ValueError(f"DecodeConfig.num_splits={ns}: use a power of two <= {MAX_NUM_SPLITS}, or None")

@@ -52,7 +52,7 @@ def _decode_kernel_tma(
     k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
-    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False,
+    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0,
 ):
     """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
     BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math), so partitions start on tile boundaries
@@ -80,7 +80,18 @@ def _decode_kernel_tma(
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     table = block_tables_ptr + b * stride_bt
-    for tok0 in range(start, end, BLOCK_SIZE * PAGES):
+    if PAGE_CHUNK > 0:  # page ids PAGE_CHUNK at a time into registers: no load feeds a TMA coordinate in the loop
+        c = tl.arange(0, PAGE_CHUNK)
+        end_page = (end + BLOCK_SIZE - 1) // BLOCK_SIZE
+        for p0 in range(start // BLOCK_SIZE, end_page, PAGE_CHUNK):
+            pages = tl.load(table + p0 + c, mask=p0 + c < end_page, other=0)
+            for j in range(0, tl.minimum(PAGE_CHUNK, end_page - p0)):
+                row0 = tl.sum(tl.where(c == j, pages, 0)) * BLOCK_SIZE
+                k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+                v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+                m, l_sum, acc = _page_step(q, k0, v0, (p0 + j) * BLOCK_SIZE, end, m, l_sum, acc, qk_scale,
+                                           BLOCK_SIZE, DOT_PRECISION, F16_DOT)
+    for tok0 in range(start, end if PAGE_CHUNK == 0 else start, BLOCK_SIZE * PAGES):
         row0 = tl.load(table + tok0 // BLOCK_SIZE) * BLOCK_SIZE  # the page's first row of the (nb x bs) view
         k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
         v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
