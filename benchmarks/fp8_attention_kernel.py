@@ -13,6 +13,7 @@ bucket), us; TB/s counts the K/V bytes read (2 x sum(seq_lens) x 8 x 128 x eleme
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -68,10 +69,11 @@ def main() -> None:
                 ("bf16_table", torch.bfloat16, "1", None), ("fp8_table", torch.float8_e4m3fn, "1", None),
                 ("fp8_pointer_f16dot", torch.float8_e4m3fn, "1", pointer),
                 ("fp8_pointer_bf16dot", torch.float8_e4m3fn, "0", pointer),
-                *[(f"{n}_tma_w{w}_s{st}_pc{pc}", dt_, "1",
-                   DecodeConfig(tma=True, num_warps=w, num_stages=st, page_chunk=pc))
+                ("fp8_pointer_f16dot_s5", torch.float8_e4m3fn, "1", dataclasses.replace(pointer, num_stages=5)),
+                *[(f"{n}_tma_w2_s{st}_pc{pc}", dt_, "1",
+                   DecodeConfig(tma=True, num_warps=2, num_stages=st, page_chunk=pc))
                   for n, dt_ in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn))
-                  for w, st in ((2, 3), (2, 4)) for pc in (0, 16, 32)]):
+                  for st, pc in ((4, 0), (4, 16), (6, 16), (6, 32))]):
             os.environ["SHARDLLM_FP8_ATTN_F16_DOT"] = flag
             args = case(batch, ctx, dt, g)
             us = time_call(*args, config=cfg)
