@@ -107,6 +107,8 @@ def candidates(fp8: bool, m: int, n: int, k: int) -> list[GemvConfig]:
             per_thread = bm * bn * bk_bytes // elt // (32 * warps)  # fp32 products per thread and step
             if per_thread <= 64 and (warps == 4 or per_thread > 32):  # 8 warps only for tiles 4 warps cannot hold
                 out.append(GemvConfig(False, bn, bk_bytes // elt, 1, warps, 3, late))
+                if bk_bytes <= 512 and per_thread <= 32:  # small tiles: the next one loaded a step ahead too
+                    out.append(GemvConfig(False, bn, bk_bytes // elt, 1, warps, 3, late, w_ahead=True))
     for bn, bk_bytes in itertools.product((16, 32, 64), (128, 256, 512)):
         out.append(GemvConfig(True, bn, bk_bytes // elt, 1, 4, 4))
     sm = torch.cuda.get_device_properties(0).multi_processor_count
@@ -124,7 +126,7 @@ def _compile_key(fp8: bool, m: int, k: int, cfg: GemvConfig) -> tuple:
     split = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
     bm = 16 if cfg.use_dot else triton.next_power_of_2(m)
     return (fp8, cfg.use_dot, cfg.block_n, cfg.block_k, bm, m == 1, split == 1, k % (split * cfg.block_k) == 0,
-            cfg.num_warps, cfg.num_stages, cfg.late_reduce and not cfg.use_dot)
+            cfg.num_warps, cfg.num_stages, cfg.late_reduce and not cfg.use_dot, cfg.w_ahead and not cfg.use_dot)
 
 
 def _precompile(jobs: list[tuple[bool, int, int, GemvConfig]]) -> int:

@@ -43,7 +43,9 @@ M_BUCKETS = (1, 2, 4, 8, 16)  # table keys: M rounded up to the next bucket
 class GemvConfig(NamedTuple):
     """One kernel config. use_dot: tl.dot form (else the FMA form); block_k counts elements of w; late_reduce (FMA
     form): keep a (BLOCK_M, BLOCK_N, BLOCK_K) fp32 accumulator and sum over K once after the loop, instead of a
-    cross-thread tl.sum every step (more registers, no shuffles in the loop)."""
+    cross-thread tl.sum every step (more registers, no shuffles in the loop); w_ahead (FMA form): each step loads
+    the next step's weight tile before its own products, two tiles in flight a program (Triton does not pipeline the
+    FMA form's register loads: one tile in flight, latency-bound where a weight is small for the GPU)."""
 
     use_dot: bool
     block_n: int
@@ -52,6 +54,7 @@ class GemvConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 4
     late_reduce: bool = False
+    w_ahead: bool = False
 
 
 if HAS_TRITON:
@@ -84,7 +87,7 @@ if HAS_TRITON:
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, LATE_REDUCE: tl.constexpr,
                      SILU_INPUT: tl.constexpr = False, NORM_INPUT: tl.constexpr = False,
                      HAS_RESIDUAL: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1, NORM_CHUNKS: tl.constexpr = 1,
-                     USE_PDL: tl.constexpr = False):
+                     USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
         x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
         FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps).
@@ -132,6 +135,9 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if LATE_REDUCE:
             acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+        if W_AHEAD:  # FMA form: the first tile; each step then loads the next one before its products
+            k3_first = (k_start + kk)[None, None, :]
+            w3_next = tl.load(w_rows3 + k3_first, mask=k3_first < k_end, other=0.0)
         for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + kk
             if USE_DOT:
@@ -154,7 +160,10 @@ if HAS_TRITON:
                     acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
             else:
                 k3 = k[None, None, :]
-                if EVEN_K:
+                if W_AHEAD:  # this step's tile was loaded a step ago; the next one (masked past k_end) now
+                    w3 = w3_next
+                    w3_next = tl.load(w_rows3 + k3 + BLOCK_K, mask=k3 + BLOCK_K < k_end, other=0.0)
+                elif EVEN_K:
                     w3 = tl.load(w_rows3 + k3)  # (BM, BN, BK)
                 else:
                     w3 = tl.load(w_rows3 + k3, mask=k3 < k_end, other=0.0)
@@ -262,7 +271,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         LATE_REDUCE=config.late_reduce and not config.use_dot, SILU_INPUT=silu_input, NORM_INPUT=norm is not None,
         HAS_RESIDUAL=res is not None, NORM_BLOCK=norm_block if norm is not None else 1,
         NORM_CHUNKS=triton.cdiv(k, norm_block) if norm is not None else 1, num_warps=config.num_warps,
-        num_stages=config.num_stages, **launch_args(x.device))
+        num_stages=config.num_stages, W_AHEAD=config.w_ahead and not config.use_dot, **launch_args(x.device))
     if split_k == 1:
         return y[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -284,12 +293,12 @@ def m_bucket(m: int) -> int:
 
 
 def load_table(table: dict) -> dict[tuple[int, int], dict[int, GemvConfig]]:
-    """{"NxK": {"M": [use_dot, block_n, block_k, split_k, num_warps, num_stages, late_reduce]}} (the sweep's
-    JSON; 0/1 for the flags, late_reduce optional) -> lookup."""
+    """{"NxK": {"M": [use_dot, block_n, block_k, split_k, num_warps, num_stages, late_reduce, w_ahead]}} (the
+    sweep's JSON; 0/1 for the flags, late_reduce and w_ahead optional) -> lookup."""
     out: dict[tuple[int, int], dict[int, GemvConfig]] = {}
     for shape, by_m in table.items():
         n, k = (int(v) for v in shape.split("x"))
-        out[(n, k)] = {int(mm): GemvConfig(bool(c[0]), *(int(v) for v in c[1:6]), *(bool(v) for v in c[6:7]))
+        out[(n, k)] = {int(mm): GemvConfig(bool(c[0]), *(int(v) for v in c[1:6]), *(bool(v) for v in c[6:8]))
                        for mm, c in by_m.items()}
     return out
 

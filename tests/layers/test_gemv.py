@@ -97,6 +97,28 @@ def test_table_format_and_lookup():
     assert [m_bucket(m) for m in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
 
 
+@cpu
+@pytest.mark.parametrize("fp8", [True, False], ids=["e4m3", "bf16"])
+@pytest.mark.parametrize(("m", "n", "k", "cfg"), [c for c in CPU_CASES if not c[3].use_dot],
+                         ids=lambda v: str(v) if not isinstance(v, GemvConfig) else "cfg")
+def test_w_ahead_is_bit_equal_to_one_tile_at_a_time_cpu(fp8, m, n, k, cfg):
+    """w_ahead only moves the weight loads a step earlier (two tiles in flight): the same values in the same order,
+    over whole and partial K slices, split-K, and with the fused SiLU and RMSNorm inputs."""
+    x, w, s = operands(m, n, k, fp8, "cpu", seed=5)
+    ahead = cfg._replace(w_ahead=True)
+    assert torch.equal(gemv(x, w, s, ahead), gemv(x, w, s, cfg))
+    gate_up = torch.randn(m, 2 * k).to(torch.bfloat16)
+    assert torch.equal(gemv(gate_up, w, s, ahead, silu_input=True), gemv(gate_up, w, s, cfg, silu_input=True))
+    if m <= 4:
+        norm = gemv_mod.NormPrologue(None, torch.rand(k).to(torch.bfloat16) + 0.5, 1e-6, None)
+        assert torch.equal(gemv(x, w, s, ahead, norm=norm), gemv(x, w, s, cfg, norm=norm))
+
+
+def test_tables_take_an_optional_w_ahead_flag():
+    table = load_table({"64x64": {"1": [0, 4, 512, 1, 4, 3, 1, 1], "2": [0, 4, 512, 1, 4, 3, 1]}})
+    assert table_config(table, 64, 64, 1).w_ahead and not table_config(table, 64, 64, 2).w_ahead
+
+
 def test_nearest_config_takes_the_tuned_shape_nearest_in_log_n_plus_log_k(monkeypatch):
     """An untuned shape (a Llama-3-70B layer under a table of Llama-3-8B's) takes the nearest tuned shape's config
     for its M bucket; exact entries first; none for a bucket no shape has; SHARDLLM_GEMV_NEAREST_SHAPE=0: exact only."""
