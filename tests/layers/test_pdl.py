@@ -109,3 +109,49 @@ def test_gpu_tokens_equal_with_pdl_on_and_off(tiny_checkpoints, monkeypatch, dty
     on = _tiny_llama_tokens(tiny_checkpoints["llama"], True, monkeypatch, dtype=dtype, **layout)
     off = _tiny_llama_tokens(tiny_checkpoints["llama"], False, monkeypatch, dtype=dtype, **layout)
     assert on == off
+
+
+_PTX_SCRIPT = r"""
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from shardllm.layers import gemv, triton_ops
+silu = (triton_ops._fused_silu_and_mul_kernel,
+        {"x_ptr": "*bf16", "out_ptr": "*bf16", "d": "i32", "stride_xn": "i32", "stride_on": "i32"}, {"BLOCK": 1024})
+names = ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "M", "N", "K", "split_k", "stride_xm", "stride_wn", "stride_ym",
+         "stride_ys", "r_ptr", "nw_ptr", "r_out_ptr", "eps", "stride_rm", "stride_rom"]
+types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16"] + ["i32"] * 8 + ["*bf16"] * 3 + ["fp32", "i32", "i32"]
+gemv_consts = dict(HAS_SCALE=True, USE_DOT=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, DOT_F32=False,
+                   LATE_REDUCE=True, SILU_INPUT=False, NORM_INPUT=False, HAS_RESIDUAL=False, NORM_BLOCK=1,
+                   NORM_CHUNKS=1, W_AHEAD=True)
+out = {}
+for name, (fn, sig, consts) in {"silu_and_mul": silu, "gemv": (gemv._gemv_kernel, dict(zip(names, types)),
+                                                               gemv_consts)}.items():
+    consts = {**consts, "USE_PDL": True}
+    sig = {**sig, **{k: "constexpr" for k in consts}}
+    ptx = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 4, "launch_pdl": True}).asm["ptx"]
+    out[name] = [ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait"), ptx.find("ld.global")]
+print(json.dumps(out))
+"""
+
+
+def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_load():
+    """Compiled for an H100 / H200 on this machine (a process without TRITON_INTERPRET): with USE_PDL the PTX
+    signals the next kernel and waits for the previous one before its first global load."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    r = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], capture_output=True, text=True, env=env, timeout=240)
+    if r.returncode != 0:
+        if "griddepcontrol" in r.stderr or "launch_pdl" in r.stderr:
+            raise AssertionError(r.stderr[-2000:])
+        pytest.skip(f"cannot compile for sm90 here: {r.stderr.strip().splitlines()[-1:]}")
+    for name, (launch, wait, first_load) in json.loads(r.stdout.strip().splitlines()[-1]).items():
+        assert 0 <= launch < wait < first_load, (name, launch, wait, first_load)
