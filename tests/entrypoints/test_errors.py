@@ -96,6 +96,23 @@ def test_server_keeps_serving_after_bad_input(server):
     assert httpx.get(server.url("/health")).status_code == 200
 
 
+def test_null_fields_take_their_defaults(server):
+    """OpenAI's nullable parameters: null is the default. Completions' max_tokens null is 16 tokens (not the rest of
+    the context, a CPU-minute request); n, stream, echo, logprobs, min_tokens, ignore_eos, skip_special_tokens,
+    stream_options' include_usage null are accepted; a required field sent as null is missing."""
+    nulls = dict(n=None, stream=None, echo=None, logprobs=None, min_tokens=None, ignore_eos=None,
+                 skip_special_tokens=None, seed=None, stop=None, temperature=0)
+    r = _post(server, "completions", {"model": MODEL, "prompt": "Hello", "max_tokens": None, **nulls}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["choices"]) == 1 and body["usage"]["completion_tokens"] <= 16
+    r = _post(server, "chat/completions", chat(logprobs=None, top_logprobs=None, n=None, stream=None,
+                                                stream_options=None, max_completion_tokens=None, temperature=0))
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    assert_error_shape(_post(server, "completions", completion(model=None)), 400, "model")
+    assert_error_shape(_post(server, "chat/completions", chat(messages=None)), 400, "messages")
+
+
 def test_unknown_route_and_method(server):
     assert_error_shape(httpx.get(server.url("/v1/nothing"), headers=AUTH), 404)
     assert_error_shape(httpx.get(server.url("/v1/completions"), headers=AUTH), 405)

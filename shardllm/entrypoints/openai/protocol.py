@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import takewhile
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shardllm.sampling_params import LOGIT_BIAS_MAX, SEED_MAX, SEED_MIN, SamplingParams
 
@@ -68,6 +68,13 @@ class _Strict(BaseModel):
     # Strict: "5" is not an integer, 1 is not a boolean. Unknown top-level fields are refused before validation
     # (validation.check_supported_fields, which lets a null through), so here they are ignored.
     model_config = ConfigDict(strict=True, extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """A field sent as null takes its default, as OpenAI documents its nullable parameters ("max_tokens":
+        null on completions is 16, not the rest of the context; "n": null is 1); a required one is then missing."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class StreamOptions(_Strict):
