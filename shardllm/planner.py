@@ -267,6 +267,7 @@ class Plan:
     max_seq_len: int
     candidates: list[Candidate]
     max_batch_size: int = 256  # the max_num_seqs (sequences a step) the throughput column assumed
+    context_len: int = 0  # the average context (tokens) the throughput columns assumed
 
     @property
     def recommended(self) -> Candidate | None:
@@ -335,7 +336,7 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
 
     cands.sort(key=rank)
     return Plan(model, total, gpus_per_node, nodes, spec.name, spec.memory_bytes, topology, weight_dtype,
-                kv_cache_dtype, max_seq_len, cands, max_batch_size=max_num_seqs)
+                kv_cache_dtype, max_seq_len, cands, max_batch_size=max_num_seqs, context_len=context)
 
 
 def _fill(cand: Candidate, est: LayoutEstimate, c, spec: GPUSpec, topology: str, seq: int, context: int,
@@ -345,7 +346,7 @@ def _fill(cand: Candidate, est: LayoutEstimate, c, spec: GPUSpec, topology: str,
     cand.kv_bytes_per_token_per_gpu = max(s.kv_bytes_per_token for s in est.stages)
     cand.kv_budget_bytes_per_gpu = min(s.kv_budget for s in est.stages)
     cand.kv_tokens = est.kv_tokens
-    cand.max_concurrency = round(est.max_concurrency, 2)
+    cand.max_concurrency = round(est.max_concurrency, 1)  # as the verdict prints it
     cand.stages = [asdict(s) for s in est.stages]
     gib = est.gpu_memory_bytes / GiB
     if worst.weights + worst.overhead + worst.activations >= est.gpu_memory_bytes:

@@ -149,6 +149,21 @@ def test_plan_command_json(capsys):
     assert out["candidates"][0]["fits"] and out["candidates"][0]["reason"].startswith("fits")
 
 
+def test_plan_names_a_faster_layout_than_the_one_it_recommends(capsys):
+    """70B fp8 on 4 x 80 GiB: two tp-2 replicas are recommended (the fewest GPUs per replica), but at a 4k context
+    their small KV caches hold few requests, and tp 4 has more roofline throughput: the text says so and why."""
+    from shardllm.entrypoints.cli import main
+
+    assert main(["plan", "llama-3-70b", "--gpus", "4", "--dtype", "fp8", "--gpu", "H100"]) == 0
+    text = capsys.readouterr().out
+    assert "recommended: tp 2 x pp 1 x 2 replicas" in text
+    hint = next(line for line in text.splitlines() if "more throughput by the roofline" in line)
+    assert "tp 4 x pp 1 x 1 replica," in hint and "4096-token context" in hint
+    assert main(["plan", "llama-3-70b", "--gpus", "4", "--dtype", "fp8", "--gpu", "H100", "--input_len", "128",
+                 "--output_len", "128"]) == 0
+    assert "more throughput by the roofline" not in capsys.readouterr().out  # short requests: replicas win
+
+
 def test_plan_command_text_and_errors(capsys):
     from shardllm.entrypoints.cli import main
 
@@ -156,6 +171,11 @@ def test_plan_command_text_and_errors(capsys):
     text = capsys.readouterr().out
     assert "recommended: tp 1 x pp 1 x 4 replicas" in text and "KV" in text
     assert "run 4 servers of 1 GPU(s) each" in text and "--replicas 4" in text  # how to run what it recommends
+    assert "why: of the layouts that fit, the fewest GPUs per replica" in text
+    assert "an average context of 192 tokens" in text  # what the tok/s columns assumed: input + output / 2
+    assert main(["plan", "llama-3-8b", "--gpus", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "x 1 replica (1 GPU)" in text and "on 1 node," in text and "why:" not in text  # one layout: no choice
     assert main(["plan", "no-such-model", "--gpus", "2"]) == 1
     assert "no-such-model" in capsys.readouterr().err
     assert main(["plan", "llama-3-8b", "--gpus", "0"]) == 1

@@ -98,16 +98,31 @@ def no_fit_message(p: Plan) -> str:
     return f"{what}{closest}: use --dtype fp8, --kv_cache_dtype fp8, a lower --max_seq_len, or more GPUs"
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def format_plan(p: Plan) -> str:
     gb = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     best = p.recommended
-    lines = [f"{p.model}: {p.num_gpus} x {p.gpu} ({p.gpu_memory_bytes / GiB:.0f} GiB) on {p.nodes} node(s), "
+    lines = [f"{p.model}: {p.num_gpus} x {p.gpu} ({p.gpu_memory_bytes / GiB:.0f} GiB) on {_n(p.nodes, 'node')}, "
              f"{p.topology}, weights {p.weight_dtype}, KV {p.kv_cache_dtype}, max_seq_len {p.max_seq_len}, "
              f"max_batch_size {p.max_batch_size} sequences"]
     if best:
         lines.append(f"recommended: tp {best.tensor_parallel_size} x pp {best.pipeline_parallel_size} x "
-                     f"{best.replicas} replicas ({best.gpus_used} GPUs): --tp_size {best.tensor_parallel_size} "
-                     f"--pp_size {best.pipeline_parallel_size}")
+                     f"{_n(best.replicas, 'replica')} ({_n(best.gpus_used, 'GPU')}): --tp_size "
+                     f"{best.tensor_parallel_size} --pp_size {best.pipeline_parallel_size}")
+        fitting = [c for c in p.candidates if c.fits]
+        if len(fitting) > 1:
+            lines.append("  why: of the layouts that fit, the fewest GPUs per replica (replicas need no all-reduce), "
+                         "then tp inside NVLink and pp across nodes or PCIe")
+        faster = max(fitting, key=lambda c: c.throughput_tok_s)
+        if faster is not best and faster.throughput_tok_s > 1.1 * best.throughput_tok_s:
+            lines.append(f"  more throughput by the roofline: tp {faster.tensor_parallel_size} x pp "
+                         f"{faster.pipeline_parallel_size} x {_n(faster.replicas, 'replica')}, "
+                         f"{faster.throughput_tok_s:,.0f} tok/s against {best.throughput_tok_s:,.0f} (more KV cache "
+                         f"per replica at a {p.context_len}-token context); for throughput-bound serving, or pass "
+                         f"--input_len / --output_len to size for your requests")
         if best.replicas > 1:  # each replica is its own server on its own GPUs, behind one load balancer
             per = best.gpus_used // best.replicas
             lines.append(f"  run {best.replicas} servers of {per} GPU(s) each (CUDA_VISIBLE_DEVICES per server, "
@@ -122,8 +137,9 @@ def format_plan(p: Plan) -> str:
                      f"{gb(c.weights_bytes_per_gpu) + ' GiB':>12} {c.kv_bytes_per_token_per_gpu / 1024:>7.0f} KiB "
                      f"{c.kv_tokens:>10} {c.max_concurrency:>9.1f} {c.decode_tok_s_batch1:>10.0f} "
                      f"{c.throughput_tok_s:>10.0f}  {c.reason}")
-    lines.append("tok/s: a decode roofline (weights and KV read at 70% of HBM peak, plus all-reduce and send times), "
-                 "an upper bound to compare layouts, not a measurement")
+    lines.append(f"tok/s: a decode roofline at an average context of {p.context_len} tokens (weights and KV read at "
+                 f"70% of HBM peak, plus all-reduce and send times; 'max': all replicas together, at the concurrency "
+                 f"the KV cache holds), to compare layouts, not a measurement")
     return "\n".join(lines)
 
 
