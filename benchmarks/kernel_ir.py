@@ -1,14 +1,22 @@
 """How deep Triton pipelines the decode-attention kernels, read from the compiled IR, on a machine without a GPU.
 
+Needs Triton with its NVIDIA backend (installed by `make test`'s extras, or `pip install triton`), no GPU.
 Compiles `_decode_kernel` (the pointer kernel) or `_decode_kernel_tma` for a CUDA target (default sm90) with
-Llama-3-8B heads (32 q, 8 kv, head_dim 128, block 16) and a DecodeConfig, then reports, from the TTGIR, the shared
-buffers of the K/V tiles (leading dim = tiles in flight per program) and the count of async copies (cp.async / TMA),
-and, from the PTX, the global-load widths. Pointer and integer stride arguments are marked 16-divisible, as Triton's
-launcher specializes them at run time; without that the loads compile to scalars and nothing is pipelined.
+Llama-3-8B heads (32 q, 8 kv, head_dim 128, block 16) and a DecodeConfig, and prints one JSON line:
+  kv_buffers / tiles_in_flight: the shared-memory buffers of the K/V tiles from the TTGIR; their leading dim is the
+      tiles a program keeps in flight (1: each tile is waited for before the next is asked for);
+  tma_copies / cp_async_copies: TMA and cp.async copy ops in the IR (prologue and loop together, not per
+      iteration): TMA copies carry the TMA kernel's K/V pages, cp.async the pointer kernel's K/V tiles or the TMA
+      kernel's page ids;
+  global_loads: the PTX's global-load instructions by width (plain loads only: not TMA or cp.async);
+  num_stages: the stages compiled (Triton's default, 3, where the config leaves it unset).
+Pointer and integer stride arguments are marked 16-divisible, as Triton's launcher specializes them at run time;
+without that the loads compile to scalars and nothing is pipelined.
 
-Found with it (Triton 3.6 and 3.9, sm90): the TMA kernel's page loop keeps ONE page in flight whatever num_stages
-(the page id it loads in the loop feeds the TMA coordinate), and with page_chunk num_stages - 1; the pointer kernel
-keeps num_stages - 1 tiles in flight, so an FP8 cache has half the bytes in flight of a bf16 one.
+Found with it (Triton 3.6 and 3.9, sm90, FP8 cache): the TMA kernel's page loop keeps ONE page in flight whatever
+num_stages (the page id it loads in the loop feeds the TMA coordinate), and num_stages - 1 with page_chunk; the
+pointer kernel keeps num_stages - 1 tiles in flight with prefetch_pages (page ids a tile ahead), and one or two
+without (a tile's page ids are loaded in the iteration that uses them); an FP8 tile is half a bf16 tile's bytes.
 
     python benchmarks/kernel_ir.py --cache fp8 --config '{"tma": true, "num_warps": 2, "num_stages": 4}'
     python benchmarks/kernel_ir.py --cache fp8 --config '{"tma": true, "num_stages": 6, "page_chunk": 16}'
@@ -18,13 +26,19 @@ keeps num_stages - 1 tiles in flight, so an FP8 cache has half the bytes in flig
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import re
 from collections import Counter
 
-from shardllm.layers.attention import triton_decode_tma, triton_paged
-from shardllm.layers.attention.decode_configs import DecodeConfig, _pow2
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated: silences its 3.9 warning
+
+from shardllm.layers.attention import triton_decode_tma, triton_paged  # noqa: E402
+from shardllm.layers.attention.decode_configs import DecodeConfig, _pow2  # noqa: E402
+
+DEFAULT_NUM_STAGES = 3  # Triton's on NVIDIA GPUs
 
 NH, NKV, D, BS = 32, 8, 128, 16
 
@@ -83,23 +97,37 @@ def summarize(kernel) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", choices=["bf16", "fp8"], default="fp8")
-    ap.add_argument("--config", default="{}", help="DecodeConfig fields as JSON")
+    ap.add_argument("--cache", choices=["bf16", "fp8"], default="fp8", help="the KV cache's dtype (fp8: e4m3)")
+    ap.add_argument("--config", default="{}", help="DecodeConfig fields as JSON, e.g. '{\"tma\": true, "
+                    "\"num_stages\": 4, \"page_chunk\": 16}' (layers/attention/decode_configs.py)")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100 / H200)")
     ap.add_argument("--dump", default=None, help="also write the TTGIR and PTX into this folder")
     a = ap.parse_args()
-    cfg = DecodeConfig(**json.loads(a.config))
-    cfg.validate()
+    try:
+        fields = json.loads(a.config)
+        cfg = DecodeConfig(**fields)
+        cfg.validate()
+    except (ValueError, TypeError) as e:  # bad JSON, an unknown field, an invalid config
+        ap.error(f"--config {a.config!r}: {e} (fields: {[f.name for f in dataclasses.fields(DecodeConfig)]})")
+    if cfg.tma and a.arch < 90:
+        ap.error(f"--arch {a.arch}: the TMA kernel needs sm90 or later (TMA); use --arch 90 or a pointer config")
+    try:
+        import triton
+        from triton.backends.nvidia.compiler import CUDAOptions  # noqa: F401 - the NVIDIA backend is there
+    except ImportError as e:
+        raise SystemExit(f"kernel_ir.py needs Triton with its NVIDIA backend ({e}): `pip install triton`, or the "
+                         f"test extras (`make test` installs them)") from None
     kernel = compile_decode(a.cache, cfg, a.arch)
-    import triton
-
-    print(json.dumps({"triton": triton.__version__, "cache": a.cache, "config": json.loads(a.config),
-                      **summarize(kernel)}))
+    print(json.dumps({"triton": triton.__version__, "cache": a.cache, "arch": a.arch, "config": fields,
+                      "num_stages": cfg.num_stages or DEFAULT_NUM_STAGES, **summarize(kernel)}))
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)
+        tag = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         for ext in ("ttgir", "ptx"):
-            with open(os.path.join(a.dump, f"decode_{a.cache}.{ext}"), "w") as f:
+            path = os.path.join(a.dump, f"decode_{a.cache}_{tag}.{ext}")
+            with open(path, "w") as f:
                 f.write(kernel.asm[ext])
+            print(f"wrote {path}")
 
 
 if __name__ == "__main__":

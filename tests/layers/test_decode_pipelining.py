@@ -1,7 +1,7 @@
 """How many K/V tiles the decode kernels keep in flight, read from the IR Triton compiles for an H100/H200 (sm90)
 on this CPU machine (benchmarks/kernel_ir.py): the TMA kernel with page ids in chunks (page_chunk) keeps
 num_stages - 1 pages in flight where the plain page loop keeps one (why page_chunk exists); the pointer kernel keeps
-num_stages - 1 tiles."""
+num_stages - 1 tiles with prefetch_pages, one without."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def test_page_chunk_multi_buffers_the_tma_page_loads():
     assert tiles_in_flight("fp8", DecodeConfig(tma=True, num_warps=2, num_stages=4, page_chunk=16)) == 3
 
 
-def test_the_pointer_kernel_keeps_stages_minus_one_tiles_in_flight():
-    pointer = DecodeConfig(block_n=32, early_v=True, prefetch_pages=True, num_stages=4)
-    assert tiles_in_flight("fp8", pointer) == 3
+def test_the_pointer_kernel_pipelines_its_tiles_only_with_page_ids_a_tile_ahead():
+    """prefetch_pages: num_stages - 1 tiles in flight; without it the tile's page ids are loaded in the iteration
+    that uses them and one tile is in flight (the fp8 batch-1 entry, {"block_n": 32}, is such a launch)."""
+    assert tiles_in_flight("fp8", DecodeConfig(block_n=32, early_v=True, prefetch_pages=True, num_stages=4)) == 3
+    assert tiles_in_flight("fp8", DecodeConfig(block_n=32, num_stages=4)) == 1
