@@ -146,3 +146,5 @@ def test_cli_prints_the_table_with_current_values_and_hides_the_api_key(monkeypa
     assert cli.main(["envs", "--set"]) == 0
     only_set = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("SHARDLLM_")}
     assert only_set == {"SHARDLLM_API_KEY", "SHARDLLM_GEMV_TABLES", "SHARDLLM_PROFILE_TOP"}
+    assert "none set" not in envs.table(only_set=True)
+    assert "(none set: every variable has its default" in envs.table(environ={}, only_set=True)

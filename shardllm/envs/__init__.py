@@ -159,8 +159,9 @@ _VARS = [
             "1: the decode path's Triton kernels launch with programmatic dependent launch on sm90+ (layers/pdl.py; "
             "issues 13 and 15, batch-1 latency; not yet run on a GPU)"),
     _switch("SHARDLLM_GEMV_NEAREST_SHAPE", True, "per call",
-            "0: an FP8 GEMV shape without a tuned entry takes the generic tl.dot config, not the nearest tuned "
-            "shape's (gemv.nearest_config; issue 13, Llama-3-70B batch 1)"),
+            "0: an FP8 GEMV shape without a tuned entry, and the fused SiLU down GEMV's, take the generic tl.dot "
+            "config, not the nearest tuned shape's (gemv.nearest_config; A/B only: Llama-3-70B batch 1 was "
+            "2.5x slower with it off)"),
     _switch("SHARDLLM_GEMV_FUSED_SILU", True, "import",
             "0: SiLU-and-mul in a kernel of its own before the down projection's GEMV at batch 1, not inside it "
             "(layers/gemv_silu.py, issue 15; fused: batch-1 bf16 TPOT -2.5% on an H200)"),
@@ -245,6 +246,8 @@ def table(environ: Mapping[str, str] | None = None, only_set: bool = False) -> s
     for r, note in zip(rows, notes, strict=True):
         lines.append("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
         lines.extend("    " + n for n in note)
+    if only_set and len(rows) == 1:
+        lines.append("(none set: every variable has its default; `shardllm envs` lists them)")
     unknown = sorted(k for k in environ if k.startswith("SHARDLLM_") and k not in ENV_VARS)
     if unknown:
         lines.append(f"not shardllm variables (a typo? nothing reads them): {', '.join(unknown)}")
@@ -253,7 +256,9 @@ def table(environ: Mapping[str, str] | None = None, only_set: bool = False) -> s
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="shardllm envs", description="The SHARDLLM_* environment variables: type, "
-                                "default, current value (* = set here), when the code reads it, what it is for.")
+                                "default, current value (* = set here), when the code reads it (READ: 'import' / "
+                                "'start-up': set it before the process starts; 'per call': may change at run time; "
+                                "'in the pod': read by the Kubernetes manifests), what it is for.")
     p.add_argument("--set", dest="only_set", action="store_true", help="only the variables set in this environment")
     a = p.parse_args(argv)
     try:
