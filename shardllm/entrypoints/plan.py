@@ -46,19 +46,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(model: str):
-    """The transformers config of a checkpoint dir, a shipped config name, or a repo id's config.json alone."""
+    """The transformers config of a checkpoint dir, a GGUF file, the embedded default model (by its served name,
+    or "default"), a shipped config name, or a repo id's config.json alone."""
     from transformers import AutoConfig
 
+    from shardllm.model_loader.default_model import DEFAULT_MODEL_NAME, default_model_path
     from shardllm.model_loader.resolve import load_shipped_config, shipped_config_name
 
+    if model in (DEFAULT_MODEL_NAME, "default"):
+        model = default_model_path()
     if os.path.isdir(model):
         return AutoConfig.from_pretrained(model)
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        from shardllm.model_loader.gguf import gguf_to_hf_config, open_gguf
+
+        d = gguf_to_hf_config(open_gguf(model))
+        return AutoConfig.for_model(d.pop("model_type"), **d)
     shipped = shipped_config_name(model)
     if shipped:
         return load_shipped_config(shipped)
     if model.count("/") != 1:
-        raise ValueError(f"unknown model {model!r}: pass a checkpoint directory, a Hugging Face repo id or a shipped "
-                         "config name (llama-3-8b, llama-3-70b, llama-3-405b, mixtral-8x7b, mixtral-8x22b)")
+        raise ValueError(f"unknown model {model!r}: pass a checkpoint directory, a GGUF file, a Hugging Face repo id, "
+                         f"{DEFAULT_MODEL_NAME} (the embedded default) or a shipped config name (llama-3-8b, "
+                         "llama-3-70b, llama-3-405b, mixtral-8x7b, mixtral-8x22b)")
     from huggingface_hub import hf_hub_download
 
     try:
