@@ -27,7 +27,7 @@ from shardllm import envs
 from shardllm.layers import gemv as gemv_mod
 from shardllm.layers import triton_ops
 from shardllm.layers.gemv import HAS_TRITON, DeferredGemvInput, GemvConfig, NormPrologue, load_table, table_config
-from shardllm.layers.gemv_silu import _linear_weights
+from shardllm.layers.gemv_silu import _linear_weights, link_producers, probe_once
 
 __all__ = ["FUSED_NORM_MAX_M", "GemvNormTarget", "RmsNormInput", "link_gemv_norm", "norm_gemv"]
 
@@ -121,39 +121,27 @@ class GemvNormTarget:
         return deferred if residual is None else (deferred, residual_out)
 
 
-_PROBED: dict[tuple, bool] = {}
-
-
 def fused_norm_ok(w: torch.Tensor, w_scale: torch.Tensor | None, dtype: torch.dtype) -> bool:
     """Whether the norm-fused GEMV compiles on this weight's device, shape and dtype with the config it would run,
     writes x + residual bit-equal to triton_ops.fused_add_rms_norm's and gives y within 1% of the largest value of
     the unfused pair's (probed once per (device, N, K, dtypes), at load time). Always True off CUDA."""
     if w.device.type != "cuda" or not HAS_TRITON:
         return True
-    key = (w.device.index, *w.shape, w.dtype, dtype)
-    if key not in _PROBED:
-        import logging
 
-        ok = False
-        try:
-            g = torch.Generator(device=w.device).manual_seed(0)
-            k = w.shape[1]
-            x, res = (torch.randn(2, 1, k, device=w.device, generator=g) * 2).to(dtype)
-            nw = (torch.rand(k, device=w.device, generator=g) + 0.5).to(dtype)
-            config = _norm_config(w, 1)
-            res_out = torch.empty_like(x)
-            y = norm_gemv(RmsNormInput(x, NormPrologue(res, nw, 1e-5, res_out)), w, w_scale, None, config).float()
-            normed, res_ref = triton_ops.fused_add_rms_norm(x, res, nw, 1e-5)
-            y_ref = gemv_mod.gemv(normed, w, w_scale, config).float()
-            ok = torch.equal(res_out, res_ref) and bool(
-                ((y - y_ref).abs().max() <= 1e-2 * y_ref.abs().max()).item())
-        except Exception as e:  # a Triton that cannot compile it
-            logging.getLogger(__name__).warning("norm-fused GEMV unavailable (%s: %s)", type(e).__name__, e)
-        if not ok:
-            logging.getLogger(__name__).warning("norm-fused GEMV disagrees with RMSNorm + GEMV for a %s %s weight: "
-                                                "the unfused path", tuple(w.shape), w.dtype)
-        _PROBED[key] = ok
-    return _PROBED[key]
+    def check() -> bool:
+        g = torch.Generator(device=w.device).manual_seed(0)
+        k = w.shape[1]
+        x, res = (torch.randn(2, 1, k, device=w.device, generator=g) * 2).to(dtype)
+        nw = (torch.rand(k, device=w.device, generator=g) + 0.5).to(dtype)
+        config = _norm_config(w, 1)
+        res_out = torch.empty_like(x)
+        y = norm_gemv(RmsNormInput(x, NormPrologue(res, nw, 1e-5, res_out)), w, w_scale, None, config).float()
+        normed, res_ref = triton_ops.fused_add_rms_norm(x, res, nw, 1e-5)
+        y_ref = gemv_mod.gemv(normed, w, w_scale, config).float()
+        return torch.equal(res_out, res_ref) and bool(((y - y_ref).abs().max() <= 1e-2 * y_ref.abs().max()).item())
+
+    return probe_once(("norm", w.device.index, *w.shape, w.dtype, dtype), check, "norm-fused GEMV",
+                      "RMSNorm + GEMV", w)
 
 
 def link_gemv_norm(model: nn.Module) -> int:
@@ -161,19 +149,5 @@ def link_gemv_norm(model: nn.Module) -> int:
     exist, the linear's method is one the GEMV serves and (on CUDA) `fused_norm_ok` passes for its weight; nothing
     unless SHARDLLM_GEMV_FUSED_NORM=1. Call after `process_weights_after_loading`. Returns the number of links."""
     from shardllm.layers.layernorm import RMSNorm
-    from shardllm.layers.quantization import producer_linear_pairs
 
-    if not ENABLED:
-        return 0
-    linked = 0
-    for producer, linear in producer_linear_pairs(model):
-        weights = _linear_weights(linear) if isinstance(producer, RMSNorm) else None
-        if weights is None:
-            continue
-        act_dtype = getattr(linear, "params_dtype", weights[0].dtype)
-        if weights[0].device.type == "cuda" and not (act_dtype in (torch.bfloat16, torch.float16) and
-                                                     fused_norm_ok(*weights, act_dtype)):
-            continue
-        producer.gemv_target = GemvNormTarget(linear)
-        linked += 1
-    return linked
+    return link_producers(model, RMSNorm, fused_norm_ok, GemvNormTarget) if ENABLED else 0

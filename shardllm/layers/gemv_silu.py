@@ -25,6 +25,8 @@ Switch: on by default at M = 1 (`SHARDLLM_GEMV_FUSED_SILU=0`, read at import, tu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -156,7 +158,27 @@ class GemvSiluTarget:
         return SiluAndMulInput(x) if self._applies(x) else None
 
 
-_PROBED: dict[tuple, bool] = {}
+_PROBED: dict[tuple, bool] = {}  # (kind, device, N, K, weight dtype, activation dtype) -> passed
+
+
+def probe_once(key: tuple, check: Callable[[], bool], what: str, reference: str, w: torch.Tensor) -> bool:
+    """`check()` once per key, for the fused GEMVs' load-time probes (here and gemv_norm.py): False where it
+    returns False or raises (a Triton that cannot compile the kernel), with a warning naming `what` and the
+    `reference` it disagrees with; the weight w shows its shape and dtype there."""
+    if key not in _PROBED:
+        import logging
+
+        log = logging.getLogger(__name__)
+        try:
+            ok = bool(check())
+        except Exception as e:
+            ok = False
+            log.warning("%s unavailable (%s: %s)", what, type(e).__name__, e)
+        if not ok:
+            log.warning("%s disagrees with %s for a %s %s weight: the unfused path", what, reference,
+                        tuple(w.shape), w.dtype)
+        _PROBED[key] = ok
+    return _PROBED[key]
 
 
 def fused_gemv_ok(w: torch.Tensor, w_scale: torch.Tensor | None, dtype: torch.dtype) -> bool:
@@ -165,27 +187,40 @@ def fused_gemv_ok(w: torch.Tensor, w_scale: torch.Tensor | None, dtype: torch.dt
     weight dtype, activation dtype), at load time, before any CUDA graph capture). Always True off CUDA."""
     if w.device.type != "cuda" or not HAS_TRITON:
         return True
-    key = (w.device.index, *w.shape, w.dtype, dtype)
-    if key not in _PROBED:
-        import logging
 
-        ok = False
-        try:
-            g = torch.Generator(device=w.device).manual_seed(0)
-            ok = True
-            for m in range(1, FUSED_SILU_MAX_M + 1):
-                gate_up = (torch.randn(m, 2 * w.shape[1], device=w.device, generator=g) * 2).to(dtype)
-                config = _fused_config(w, m)
-                fused = silu_gemv(SiluAndMulInput(gate_up), w, w_scale, None, config)
-                ok = ok and torch.equal(fused, gemv_mod.gemv(triton_ops.silu_and_mul(gate_up), w, w_scale, config))
-        except Exception as e:  # a Triton that cannot compile it
-            ok = False
-            logging.getLogger(__name__).warning("fused SiLU GEMV unavailable (%s: %s)", type(e).__name__, e)
-        if not ok:
-            logging.getLogger(__name__).warning("fused SiLU GEMV disagrees with silu_and_mul + GEMV for a %s %s "
-                                                "weight: the unfused path", tuple(w.shape), w.dtype)
-        _PROBED[key] = ok
-    return _PROBED[key]
+    def check() -> bool:
+        g = torch.Generator(device=w.device).manual_seed(0)
+        ok = True
+        for m in range(1, FUSED_SILU_MAX_M + 1):
+            gate_up = (torch.randn(m, 2 * w.shape[1], device=w.device, generator=g) * 2).to(dtype)
+            config = _fused_config(w, m)
+            fused = silu_gemv(SiluAndMulInput(gate_up), w, w_scale, None, config)
+            ok = ok and torch.equal(fused, gemv_mod.gemv(triton_ops.silu_and_mul(gate_up), w, w_scale, config))
+        return ok
+
+    return probe_once(("silu", w.device.index, *w.shape, w.dtype, dtype), check, "fused SiLU GEMV",
+                      "silu_and_mul + GEMV", w)
+
+
+def link_producers(model: nn.Module, producer_cls: type, fused_ok: Callable, target_cls: type) -> int:
+    """Hands each `producer_cls` producer in `model.fp8_act_quant_inputs` a `target_cls(linear)` as its
+    `gemv_target`, where the linear's method is one the fused GEMV serves and, on CUDA, its activations are 16-bit
+    and `fused_ok(w, w_scale, activation dtype)` passes for its weight. Returns the number of links."""
+    from shardllm.layers.quantization import producer_linear_pairs
+
+    linked = 0
+    for producer, linear in producer_linear_pairs(model):
+        weights = _linear_weights(linear) if isinstance(producer, producer_cls) else None
+        if weights is None:
+            continue
+        w, w_scale = weights
+        act_dtype = getattr(linear, "params_dtype", w.dtype)  # the linear's input and output dtype
+        if w.device.type == "cuda" and not (act_dtype in (torch.bfloat16, torch.float16) and
+                                            fused_ok(w, w_scale, act_dtype)):
+            continue
+        producer.gemv_target = target_cls(linear)
+        linked += 1
+    return linked
 
 
 def link_gemv_silu(model: nn.Module) -> int:
@@ -194,20 +229,5 @@ def link_gemv_silu(model: nn.Module) -> int:
     is one the fused GEMV serves and (on CUDA) `fused_gemv_ok` passes for its weight. Call after
     `process_weights_after_loading`. Returns the number of links."""
     from shardllm.layers.activation import SiluAndMul
-    from shardllm.layers.quantization import producer_linear_pairs
 
-    if not ENABLED:
-        return 0
-    linked = 0
-    for producer, linear in producer_linear_pairs(model):
-        weights = _linear_weights(linear) if isinstance(producer, SiluAndMul) else None
-        if weights is None:
-            continue
-        w, w_scale = weights
-        act_dtype = getattr(linear, "params_dtype", w.dtype)  # the linear's input and output dtype
-        if w.device.type == "cuda" and not (act_dtype in (torch.bfloat16, torch.float16) and
-                                            fused_gemv_ok(w, w_scale, act_dtype)):
-            continue
-        producer.gemv_target = GemvSiluTarget(linear)
-        linked += 1
-    return linked
+    return link_producers(model, SiluAndMul, fused_gemv_ok, GemvSiluTarget) if ENABLED else 0

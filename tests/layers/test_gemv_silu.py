@@ -275,3 +275,21 @@ def test_gpu_tiny_llama_tokens_equal_with_the_fused_silu_on_and_off(tiny_checkpo
     off, none = _tiny_llama_tokens(tiny_checkpoints["llama"], False, dtype=dtype)
     assert launches > 0 and none == 0
     assert on == off
+
+
+def test_probe_once_caches_and_refuses_what_raises_or_disagrees(monkeypatch):
+    """The fused GEMVs' shared load-time probe: the check runs once per key; an exception or False is a refusal."""
+    monkeypatch.setattr(gemv_silu, "_PROBED", {})
+    w = torch.empty(4, 8)
+    calls = []
+
+    def check(result):
+        calls.append(1)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    assert gemv_silu.probe_once(("a",), lambda: check(True), "x", "y", w) is True
+    assert gemv_silu.probe_once(("a",), lambda: check(False), "x", "y", w) is True and len(calls) == 1  # cached
+    assert gemv_silu.probe_once(("b",), lambda: check(RuntimeError("no ptxas")), "x", "y", w) is False
+    assert gemv_silu.probe_once(("c",), lambda: check(False), "x", "y", w) is False and len(calls) == 3
