@@ -24,6 +24,7 @@ import signal
 import time
 
 import torch
+from gemv_sweep import COPY_BW, L2_BYTES, MODELS, timed  # benchmarks/ is sys.path[0] when run as a script
 
 from shardllm.layers import triton_ops
 from shardllm.layers.gemv import GemvConfig, NormPrologue, gemv, maybe_small_m_linear_bf16
@@ -32,28 +33,7 @@ from shardllm.layers.gemv_silu import SiluAndMulInput, _fused_config, silu_gemv
 from shardllm.layers.quantization.fp8_triton import fp8_small_m_linear
 from shardllm.layers.quantization.fp8_utils import quantize_per_row
 
-COPY_BW = 4.2e12  # B/s, H200 device-to-device copy (docs/benchmarks.md, KINDS.md)
-L2_BYTES = 60 * 2**20
-HIDDEN, INTER = 4096, 14336  # Llama-3-8B
-
-
-def timed(fns: list, calls: int = 20, replays: int = 3) -> float:
-    """us per call: a CUDA graph of `calls` calls cycling over fns (one per weight copy), replayed."""
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (replays * calls) * 1e3
+HIDDEN, INTER = MODELS["llama-3-8b"][:2]
 
 
 def grid(fp8: bool, m: int) -> list[GemvConfig]:
