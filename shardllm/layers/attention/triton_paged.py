@@ -394,7 +394,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_ml = torch.empty(2, num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     head_dim_pad = _pow2(head_dim, 16)
     block_n = cfg.block_n or (64 if head_dim_pad <= 128 else 32)
-    extra = {**launch_args(q.device), **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}
+    pdl = launch_args(q.device)  # {} unless SHARDLLM_PDL
+    extra = {**pdl, **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}
     f16_dot = cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype)
     if cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache):
         pages = 2 if cfg.block_n == 2 * block_size and not cfg.page_chunk else 1  # whole pages: block_n picks 1 or 2
@@ -415,13 +416,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             GROUP=group, GROUP_PAD=_pow2(group, 16 if cfg.use_dot else 1), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
             USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor, EARLY_V=cfg.early_v,
-            KV_SCALED=kv_scaled, F16_DOT=f16_dot, num_warps=cfg.num_warps,
-            **extra)
+            KV_SCALED=kv_scaled, F16_DOT=f16_dot, num_warps=cfg.num_warps, **extra)
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, seq_lens, out, num_heads, num_seqs, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4,
-            **launch_args(q.device))
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4, **pdl)
     return out
 
 
