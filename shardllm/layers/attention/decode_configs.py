@@ -72,16 +72,19 @@ class DecodeConfig:
 # (`bash benchmarks/device_attention.sh`, docs/benchmarks.md): batch 512 x ~170 tokens, bf16 cache 113 -> 98 us per
 # layer, fp8 127 -> 107 us. The TMA entries: fourth session, `bash benchmarks/device_next.sh` (its sweep): fp8 cache,
 # batch 512 x 170 tokens 127 -> 89 us, batch 256 69 -> 52 us; end to end 1000 x 128/128 fp8 + fp8 KV 20,516 -> 21,426
-# out tok/s, 500 x 1000/1000 12,605 -> 13,041 (docs/benchmarks.md).
+# out tok/s, 500 x 1000/1000 12,605 -> 13,041 (docs/benchmarks.md). page_chunk and the deeper fp8 entries: fifth
+# session, `bash benchmarks/device_s5_b.sh` (its sweep): fp8 512 x 170 114 -> 79 us, fp8 256 62 -> 48, bf16 256 62 ->
+# 53, fp8 64 x 1000 91 -> 68; end to end (8B fp8 + fp8 KV) 1000 x 128/128 26,246 -> 26,478, 500 x 1000/1000 13,022 ->
+# 13,721 out tok/s.
 DECODE_CONFIGS: dict[str, dict] = {
     "bf16/128/1": {"tma": True},
-    "bf16/128/256": {"block_n": 32, "early_v": True, "prefetch_pages": True},
+    "bf16/128/256": {"num_stages": 3, "num_warps": 2, "page_chunk": 16, "tma": True},
     "bf16/128/512": {"block_n": 32, "early_v": True, "prefetch_pages": True},
     "bf16/128/64": {"block_n": 32, "early_v": True, "prefetch_pages": True},
     "fp8_e4m3/128/1": {"block_n": 32},
-    "fp8_e4m3/128/256": {"num_warps": 2, "tma": True},
-    "fp8_e4m3/128/512": {"num_stages": 4, "num_warps": 2, "tma": True},
-    "fp8_e4m3/128/64": {"block_n": 32, "early_v": True, "prefetch_pages": True},
+    "fp8_e4m3/128/256": {"num_stages": 6, "num_warps": 2, "page_chunk": 32, "tma": True},
+    "fp8_e4m3/128/512": {"num_stages": 4, "num_warps": 2, "page_chunk": 32, "tma": True},
+    "fp8_e4m3/128/64": {"block_n": 32, "early_v": True, "num_stages": 4, "prefetch_pages": True},
 }
 _config_cache: dict[tuple, DecodeConfig] = {}
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
