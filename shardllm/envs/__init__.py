@@ -184,6 +184,9 @@ _VARS = [
     _switch("SHARDLLM_FP8_FUSED_ACT_QUANT", True, "import",
             "0: RMSNorm / SiLU-and-mul write 16-bit rows that the FP8 linear quantizes in a pass of its own "
             "(issue 13, benchmarks/device_fused_actquant.sh)"),
+    _switch("SHARDLLM_MOE_FUSED_GLUE", True, "import",
+            "0: the MoE layer's glue (SiLU-and-mul, per-token quantization, the weighted combine) as torch's chain "
+            "of kernels instead of layers/moe_kernels.py's (issue 13: Mixtral fp8, benchmarks/device_s5_c.sh)"),
     _switch("SHARDLLM_FP8_BLOCK_MOE_TRITON", False, "import",
             "1: block-FP8 MoE experts through the grouped Triton kernel, not the dequantized path (issue 13; opt-in "
             "until test_fp8_moe_gpu.py passes on a GPU)"),

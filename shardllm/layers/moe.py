@@ -18,6 +18,7 @@ from torch import nn
 
 from shardllm.distributed.communication import tp_all_reduce
 from shardllm.distributed.parallel_state import get_parallel_context
+from shardllm.layers import moe_kernels, triton_ops
 from shardllm.layers.activation import SiluAndMul
 from shardllm.layers.linear import (
     MergedColumnParallelLinear,
@@ -149,11 +150,17 @@ def fused_experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     The N * k (token, slot) pairs are sorted by local expert (pairs for other ranks' experts sort last),
     each expert's rows are multiplied by its weights in one grouped GEMM (`torch._grouped_mm`: CUTLASS for
     bf16 on sm90+, no host sync), and the weighted rows are put back in token order and summed over k.
+    With the Triton glue (`moe_kernels.applies`: CUDA, SHARDLLM_MOE_FUSED_GLUE on) SiLU-and-mul is one kernel and
+    the combine `moe_kernels.moe_combine` (bit-equal to combine_expert_rows at top_k <= 2); the activation may
+    differ from torch's by one rounding in its dtype (Triton's exp).
     """
     k = topk_ids.shape[1]
     order, is_local, offs = sort_by_expert(topk_ids, expert_start, w13.shape[0])
     rows = x.index_select(0, order // k)  # (N * k, H), row i is token order[i] // k
     h = grouped_mm(rows, w13.transpose(1, 2), offs=offs)  # (N * k, 2 * I)
+    if moe_kernels.applies(x):
+        y = grouped_mm(triton_ops.silu_and_mul(h), w2.transpose(1, 2), offs=offs)  # (N * k, H)
+        return moe_kernels.moe_combine(y, topk_weights, order, offs, x.dtype)
     gate, up = h.chunk(2, dim=-1)
     y = grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # (N * k, H)
     return combine_expert_rows(y, topk_weights, order, is_local, x.dtype)  # (N, H)

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardllm import envs
+from shardllm.layers import moe_kernels
 from shardllm.layers.moe import combine_expert_rows, grouped_mm, sort_by_expert
 from shardllm.layers.quantization import QuantizationConfig
+from shardllm.layers.quantization.fp8_fused import silu_and_mul_quant
 from shardllm.layers.quantization.fp8_moe_triton import grouped_block_fp8_mm, grouped_block_triton_ok
 from shardllm.layers.quantization.fp8_triton import quantize_per_token_triton, triton_fp8_ok
 from shardllm.layers.quantization.fp8_utils import (
@@ -152,10 +154,36 @@ class Fp8MoEMethod:
         Every weight format and device takes this path; `apply_reference` is its oracle."""
         k = topk_ids.shape[1]
         order, is_local, offs = sort_by_expert(topk_ids, moe.expert_start, moe.num_local_experts)
+        if moe_kernels.applies(x) and self.grouped_backend(x.device, x.dtype) == "scaled_grouped_mm":
+            try:
+                return self._apply_fused_glue(moe, x, topk_weights, order, offs)
+            except (RuntimeError, NotImplementedError) as e:  # as in _grouped: no FP8 grouped GEMM here
+                _SCALED_GROUPED_OK[(x.device, x.dtype)] = False
+                logger.warning("FP8 grouped GEMM unavailable (%s: %s); experts run on dequantized weights",
+                               type(e).__name__, e)
         rows = x.index_select(0, order // k)  # (N * k, H)
         gate, up = self._grouped(moe.w13, rows, offs).chunk(2, dim=-1)  # (N * k, I) each
         y = self._grouped(moe.w2, F.silu(gate) * up, offs)  # (N * k, H)
         return combine_expert_rows(y, topk_weights, order, is_local, x.dtype)
+
+    def _apply_fused_glue(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor,
+                          offs: torch.Tensor) -> torch.Tensor:
+        """apply_grouped's "scaled_grouped_mm" form with the Triton glue (layers/moe_kernels.py): the N tokens are
+        quantized before the gather (per-token or static scales commute with selecting rows: the same e4m3 rows and
+        scales as quantizing the N * k gathered rows), SiLU-and-mul writes the down GEMM's e4m3 input and scales in
+        one kernel (dynamic scales; static ones quantize after torch's SiLU-and-mul), and one kernel combines."""
+        tok = order // topk_weights.shape[1]
+        x_q, x_s = self._quantize_rows(moe.w13, x)  # (N, H) e4m3fn, (N, 1) fp32
+        rows_q = x_q.view(torch.uint8).index_select(0, tok).view(FP8_DTYPE)  # (N * k, H): gathered as bytes
+        h = _scaled_grouped_mm(rows_q, moe.w13.weight, x_s.view(-1).index_select(0, tok), moe.w13.weight_scale,
+                               offs, x.dtype)  # (N * k, 2I)
+        if self.static_input:
+            gate, up = h.chunk(2, dim=-1)
+            a_q, a_s = self._quantize_rows(moe.w2, F.silu(gate) * up)
+        else:
+            a_q, a_s, _ = silu_and_mul_quant(h)
+        y = _scaled_grouped_mm(a_q, moe.w2.weight, a_s.view(-1), moe.w2.weight_scale, offs, x.dtype)  # (N * k, H)
+        return moe_kernels.moe_combine(y, topk_weights, order, offs, x.dtype)
 
     def grouped_backend(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
         """The grouped GEMM the experts run on `device`:
@@ -186,8 +214,7 @@ class Fp8MoEMethod:
         if backend == "scaled_grouped_mm":
             try:
                 a_q, a_s = self._quantize_rows(holder, a)
-                return torch._scaled_grouped_mm(a_q, holder.weight.transpose(1, 2), a_s.view(-1), holder.weight_scale,
-                                                offs=offs, out_dtype=a.dtype)
+                return _scaled_grouped_mm(a_q, holder.weight, a_s.view(-1), holder.weight_scale, offs, a.dtype)
             except (RuntimeError, NotImplementedError) as e:  # a build or GPU without the FP8 grouped GEMM
                 _SCALED_GROUPED_OK[(a.device, a.dtype)] = False
                 logger.warning("FP8 grouped GEMM unavailable (%s: %s); experts run on dequantized weights",
@@ -248,6 +275,14 @@ class Fp8MoEMethod:
             y = self._linear(moe.w2, e, F.silu(gate) * up)
             out.index_add_(0, token, y.float() * topk_weights[token, slot, None])
         return out.to(x.dtype)
+
+
+def _scaled_grouped_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+                       offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Row-wise scaled FP8 grouped GEMM: rows a_q[offs[e-1]:offs[e]] (R, K) e4m3fn with a_scale (R,) fp32 times
+    expert e's w_q (E, N, K) e4m3fn with w_scale (E, N) fp32 -> (R, N) in out_dtype (rows past offs[-1] undefined).
+    torch._scaled_grouped_mm (CUTLASS, sm90+); RuntimeError where this build or GPU lacks it."""
+    return torch._scaled_grouped_mm(a_q, w_q.transpose(1, 2), a_scale, w_scale, offs=offs, out_dtype=out_dtype)
 
 
 def dequantize_experts(w_q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
