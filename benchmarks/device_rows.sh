@@ -4,6 +4,8 @@
 #   say TEXT                  print and append to $OUT/summary.txt
 #   b NAME "ENV=.." FLAGS...  one `python -m shardllm.bench.throughput --load_format dummy --json` row (T: its
 #                             timeout, default 150 s; MODEL_FLAGS: flags every row gets) into $w/rows.jsonl
+#   row TIMEOUT NAME ENVS ..  b with T=TIMEOUT, then pack, if the time left (limit - (SECONDS - t0)) covers TIMEOUT;
+#                             else a line saying it was skipped (needs limit and t0)
 pack() { tar -czf "$OUT/results.tgz" -C "$w" . 2>/dev/null; }
 say() { echo "$*" | tee -a "$OUT/summary.txt"; }
 b() {
@@ -23,4 +25,8 @@ open(path, "a").write(json.dumps(d) + "\n")
 print(name, {k: d.get(k) for k in ("output_tok_s", "output_tok_s_per_gpu", "tpot_ms_p50", "fraction_of_roofline",
                                    "batch_size", "max_num_tokens", "weights_gib_per_rank", "error")})
 PY
+}
+row() {
+  local t=$1; shift
+  if [ $(( limit - (SECONDS - t0) )) -ge "$t" ]; then T=$t b "$@"; pack; else say "$1: skipped (time)"; fi
 }

@@ -10,11 +10,7 @@ set -u
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
 limit=${LIMIT_S:-540}; t0=$SECONDS
-. benchmarks/device_rows.sh  # pack, say, b
-row() {  # row TIMEOUT NAME ENVS FLAGS...: b, if the time left covers TIMEOUT (else a line saying it was skipped)
-  local t=$1; shift
-  if [ $(( limit - (SECONDS - t0) )) -ge "$t" ]; then T=$t b "$@"; pack; else say "$2: skipped (time)"; fi
-}
+. benchmarks/device_rows.sh  # pack, say, b, row
 T128="--num_requests 1000 --input_len 128 --output_len 128"
 B1="--batch_size 1 --num_requests 2 --input_len 128 --output_len 128"
 say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
