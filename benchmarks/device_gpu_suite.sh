@@ -5,8 +5,9 @@
 # log); pytest stops starting tests after --session-timeout; `timeout 330` is the last resort.
 # The dirs are those holding GPU tests (tests/entrypoints and tests/deploy hold none, and some of their modules
 # import openai/jsonschema, which the GPU image lacks). Log: $OUT/gpu_suite.log.
-# GPU_SUITE_WORKERS=N (opt-in, needs pytest-xdist): N pytest workers for all but tests/metrics, whose memory and
-# planner checks read device-wide figures and run alone afterwards.
+# GPU_SUITE_WORKERS=N (opt-in, needs pytest-xdist; the image lacks it: `bash benchmarks/pack_test_wheels.sh` here,
+# then carry [".whl_test"]): N pytest workers for all but tests/metrics, whose memory and planner checks read device-wide
+# figures and run alone afterwards.
 # Run from the repo root:  bash benchmarks/device_gpu_suite.sh      (about 3-5 minutes)
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -24,6 +25,10 @@ t0=$(date +%s)
 limit=${SUITE_LIMIT_S:-330}  # the whole run's limit, seconds
 left() { echo $(( limit - ($(date +%s) - t0) )); }
 workers=${GPU_SUITE_WORKERS:-}
+if [ -n "$workers" ] && ! $PY -c "import xdist" 2>/dev/null && ls .whl_test/pytest_xdist-*.whl >/dev/null 2>&1; then
+  # the image has no pytest-xdist: `bash benchmarks/pack_test_wheels.sh` here, then carry [".whl_test"]
+  $PY -m pip install -q --no-index --find-links .whl_test pytest-xdist 2>&1 | tail -2
+fi
 if [ -n "$workers" ] && ! $PY -c "import xdist" 2>/dev/null; then echo "no pytest-xdist: running serially"; workers=""; fi
 if [ -z "$workers" ]; then
   timeout "$(left)" $PY -m pytest "${opts[@]}" "${dirs[@]}" 2>&1 | tee -a "$log"

@@ -18,7 +18,7 @@ from shardllm.layers.moe import (
     sort_by_expert,
 )
 from shardllm.layers.quantization import fp8_moe
-from shardllm.layers.quantization.fp8_fused import QuantizedActivation
+from shardllm.layers.quantization.fp8_fused import QuantizedActivation, silu_and_mul_quant
 from shardllm.layers.quantization.fp8_utils import quantize_per_row
 from tests.layers.test_fp8_moe_grouped import _inputs, build_moe
 
@@ -135,11 +135,17 @@ def test_fp8_glue_is_the_same_computation_as_the_torch_chain(glue, scaled_groupe
     chain = moe.quant_method.apply_grouped(moe, x, weights, ids)
     glue(True)
     calls = []
-    monkeypatch.setattr(fp8_moe, "silu_and_mul_quant", lambda h: calls.append(h.shape) or _torch_silu_and_mul_quant(h))
+    def fake(h, num_rows=None):
+        calls.append(int(num_rows))
+        return _torch_silu_and_mul_quant(h)
+
+    monkeypatch.setattr(fp8_moe, "silu_and_mul_quant", fake)
     got = moe.quant_method.apply_grouped(moe, x, weights, ids)
     assert not got.isnan().any()
     assert torch.equal(got, chain)
     assert len(calls) == (0 if fmt == "tensor_static" else 1)  # static scales quantize after torch's SiLU-and-mul
+    if calls:  # the row limit is this rank's rows: all of them at ep = 1, fewer at ep = 2
+        assert (calls[0] == x.shape[0] * 2) == (ep_size == 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -161,3 +167,16 @@ def test_fp8_glue_with_the_fused_kernel_equals_the_expert_loop(glue, scaled_grou
     assert float((got - ref).norm() / ref.norm()) <= (0.05 if dtype == torch.float32 else 0.08)  # bf16: truncated too
     wrong = moe.quant_method.apply_reference(moe, x, weights.flip(1), ids).float()  # what the bound can tell apart
     assert float((wrong - ref).norm() / ref.norm()) > 0.2
+
+
+def test_silu_and_mul_quant_row_limit_skips_the_rows_past_it(monkeypatch):
+    """The MoE path's num_rows: rows below it as without it; rows at or past it never written (the outputs are
+    allocated pre-filled with a sentinel here)."""
+    h = torch.randn(9, 2 * 40, generator=torch.Generator().manual_seed(2))
+    full = silu_and_mul_quant(h)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda shape, dtype=None, device=None: real_empty(
+        shape, dtype=dtype, device=device).fill_(-3.0))
+    part = silu_and_mul_quant(h, num_rows=torch.tensor([5], dtype=torch.int32))
+    assert torch.equal(part.data[:5].float(), full.data[:5].float()) and torch.equal(part.scale[:5], full.scale[:5])
+    assert bool((part.data[5:].float() == -3.0).all()) and bool((part.scale[5:] == -3.0).all())

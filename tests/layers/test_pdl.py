@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from shardllm.layers import gemv, pdl, triton_ops  # noqa: E402
+from shardllm.layers import gemv, moe_kernels, pdl, triton_ops  # noqa: E402
 from shardllm.layers.attention import triton_decode_tma, triton_paged  # noqa: E402
 from shardllm.layers.quantization import fp8_fused, fp8_triton  # noqa: E402
 
@@ -21,7 +21,7 @@ KERNELS = [triton_ops._fused_rmsnorm_row_kernel, triton_ops._fused_silu_and_mul_
            triton_ops._fused_rotary_kernel, gemv._gemv_kernel, gemv._splitk_reduce_kernel, triton_paged._decode_kernel,
            triton_paged._decode_reduce_kernel, triton_paged._write_kv_kernel, triton_decode_tma._decode_kernel_tma,
            fp8_fused._rmsnorm_quant_fp8_kernel, fp8_fused._silu_and_mul_quant_fp8_kernel,
-           fp8_triton._quant_per_token_kernel]
+           fp8_triton._quant_per_token_kernel, moe_kernels._moe_combine_kernel]
 
 
 @pytest.fixture
@@ -100,7 +100,8 @@ def _tiny_llama_tokens(path: str, on: bool, monkeypatch, **llm_kwargs) -> list:
     ("fp8", {}), ("fp8", {"enforce_eager": True}), ("bfloat16", {}), ("bfloat16", {"enforce_eager": True}),
     # tp 2 once: its four engines took 48 s of the GPU suite per dtype (fifth session); what it adds to the one-GPU
     # cases is the all-reduce between PDL kernels, which does not depend on the dtype
-    ("bfloat16", {"tensor_parallel_size": 2})], ids=["fp8-graphs", "fp8-eager", "bf16-graphs", "bf16-eager", "bf16-tp2"])
+    ("bfloat16", {"tensor_parallel_size": 2})],
+    ids=["fp8-graphs", "fp8-eager", "bf16-graphs", "bf16-eager", "bf16-tp2"])
 def test_gpu_tokens_equal_with_pdl_on_and_off(tiny_checkpoints, monkeypatch, dtype, layout):
     if layout.get("tensor_parallel_size", 1) > torch.cuda.device_count():
         pytest.skip("needs two GPUs")

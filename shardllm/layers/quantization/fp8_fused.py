@@ -150,10 +150,14 @@ def _silu_mul_row_chunk(x_row, d, offs, mask):
 @_jit
 def _silu_and_mul_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, d, stride_xn, stride_qn, BLOCK: tl.constexpr,
                                    NUM_CHUNKS: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr,
-                                   USE_PDL: tl.constexpr = False):
+                                   USE_PDL: tl.constexpr = False, rows_ptr=None, HAS_ROWS: tl.constexpr = False):
     """One program per token: y = silu(gate) * up over its d outputs, then its e4m3 row and scale. Rows wider
-    than BLOCK: two passes (amax; quantize), the second recomputing y from the inputs."""
+    than BLOCK: two passes (amax; quantize), the second recomputing y from the inputs. HAS_ROWS: rows at or past
+    the int32 at rows_ptr are skipped (left unwritten)."""
     pdl_enter(USE_PDL)
+    if HAS_ROWS:
+        if tl.program_id(0) >= tl.load(rows_ptr):
+            return
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xn
     q_row = q_ptr + row * stride_qn
@@ -223,10 +227,13 @@ def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     return out if residual is None else (out, res_out)
 
 
-def silu_and_mul_quant(x: torch.Tensor, max_block: int = SILU_QUANT_MAX_BLOCK) -> QuantizedActivation:
+def silu_and_mul_quant(x: torch.Tensor, max_block: int = SILU_QUANT_MAX_BLOCK,
+                       num_rows: torch.Tensor | None = None) -> QuantizedActivation:
     """silu(x[:, :d]) * x[:, d:] for x (M, 2d) bf16/fp16, quantized per token to e4m3 in the same launch:
     data (M, d) e4m3fn, scale (M, 1) fp32, bit-identical to `triton_ops.silu_and_mul` followed by
-    `quantize_per_token_triton`. max_block: outputs per chunk (rows wider take two passes over their inputs)."""
+    `quantize_per_token_triton`. max_block: outputs per chunk (rows wider take two passes over their inputs).
+    num_rows: a one-element int32 tensor on x's device; rows at or past its value are left undefined (the MoE
+    layer's other ranks' rows: read on the GPU, no host sync)."""
     x = _rows_2d(x, "silu_and_mul_quant")
     m, two_d = x.shape
     assert two_d % 2 == 0
@@ -238,7 +245,7 @@ def silu_and_mul_quant(x: torch.Tensor, max_block: int = SILU_QUANT_MAX_BLOCK) -
         _silu_and_mul_quant_fp8_kernel[(m,)](
             x, q, s, d, x.stride(0), q.stride(0), BLOCK=block, NUM_CHUNKS=triton.cdiv(d, block),
             FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(max(block // 512, 1), 16),
-            **launch_args(x.device))
+            rows_ptr=num_rows, HAS_ROWS=num_rows is not None, **launch_args(x.device))
     return QuantizedActivation(q, s, x.dtype)
 
 

@@ -181,7 +181,7 @@ class Fp8MoEMethod:
             gate, up = h.chunk(2, dim=-1)
             a_q, a_s = self._quantize_rows(moe.w2, F.silu(gate) * up)
         else:
-            a_q, a_s, _ = silu_and_mul_quant(h)
+            a_q, a_s, _ = silu_and_mul_quant(h, num_rows=offs[-1:])  # other ranks' rows (ep > 1) skipped
         y = _scaled_grouped_mm(a_q, moe.w2.weight, a_s.view(-1), moe.w2.weight_scale, offs, x.dtype)  # (N * k, H)
         return moe_kernels.moe_combine(y, topk_weights, order, offs, x.dtype)
 
