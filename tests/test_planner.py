@@ -164,6 +164,23 @@ def test_plan_names_a_faster_layout_than_the_one_it_recommends(capsys):
     assert "more throughput by the roofline" not in capsys.readouterr().out  # short requests: replicas win
 
 
+def test_plan_names_the_expert_parallel_choice_for_moe_models_at_tp(capsys):
+    """Mixtral (8 experts): the layouts at tp > 1 get an ep line with the largest ep that divides tp and the experts
+    and a sweep over the others; a dense model, and a MoE model whose layouts are all tp 1, get none."""
+    from shardllm.entrypoints.cli import main
+
+    assert main(["plan", "mixtral-8x7b", "--gpus", "8", "--gpu", "H200"]) == 0
+    hint = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("experts at tp"))
+    assert "experts at tp 8: --ep_size 8 gives each rank 1 whole expert instead of a 1/8 slice of all 8" in hint
+    assert "--sweep ep=1,2,4,8" in hint
+    assert main(["plan", "mixtral-8x7b", "--gpus", "2", "--gpu", "H200", "--dtype", "fp8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_experts"] == 8
+    assert main(["plan", "llama-3-70b", "--gpus", "4", "--gpu", "H200"]) == 0
+    assert "experts at tp" not in capsys.readouterr().out
+    assert main(["plan", "mixtral-8x7b", "--gpus", "1", "--gpu", "H200", "--dtype", "fp8"]) == 0
+    assert "experts at tp" not in capsys.readouterr().out
+
+
 def test_plan_takes_the_embedded_default_model_by_its_served_name(capsys):
     import importlib.util
 
