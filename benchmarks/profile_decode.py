@@ -99,7 +99,9 @@ def profile_batch(llm, b: int, a, timers: dict[str, _Timer]) -> dict:
         eng.step()
     pc = llm.config.parallel_config
     return {
-        "layout": f"tp{pc.tensor_parallel_size}pp{pc.pipeline_parallel_size}", "model": a.model, "dtype": a.dtype,
+        "layout": f"tp{pc.tensor_parallel_size}pp{pc.pipeline_parallel_size}"
+                  + (f"ep{pc.expert_parallel_size}" if pc.expert_parallel_size > 1 else ""),
+        "model": a.model, "dtype": a.dtype,
         "batch_size": b, "input_len": a.input_len, "tp": pc.tensor_parallel_size, "pp": pc.pipeline_parallel_size,
         "graphs": llm.config.device == "cuda" and not a.enforce_eager,
         "async_scheduling": llm.config.scheduler_config.async_scheduling, "steps": a.steps,
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=16, help="profiled steps per batch size (>= pp_size + 3)")
     ap.add_argument("--tp_size", type=int, default=1)
     ap.add_argument("--pp_size", type=int, default=1)
+    ap.add_argument("--ep_size", type=int, default=1, help="expert parallel size (MoE models; divides tp_size)")
     ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--kv_cache_dtype", default="auto")
     ap.add_argument("--load_format", default="dummy")
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.all_reduce:
         kwargs["all_reduce"] = a.all_reduce
     llm = LLM(model, load_format=load_format, dtype=a.dtype, tensor_parallel_size=a.tp_size,
-              pipeline_parallel_size=a.pp_size, max_batch_size=max(sizes),
+              pipeline_parallel_size=a.pp_size, expert_parallel_size=a.ep_size, max_batch_size=max(sizes),
               max_seq_len=a.input_len + a.steps + 64, device=a.device, enforce_eager=a.enforce_eager,
               kv_cache_dtype=a.kv_cache_dtype, **kwargs)
     eng = llm.engine
