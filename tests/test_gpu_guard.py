@@ -94,3 +94,35 @@ def test_gpu_tests_end_their_processes_and_a_stuck_test_ends_the_run(tmp_path):
     assert "test_never_reached" not in out.split("HARD TIMEOUT")[1]
     for name in ("left", "waited", "stuck"):
         assert gone(int((pids / name).read_text())), name
+
+
+DEADLINE_SESSION = textwrap.dedent('''
+    import pytest
+
+    @pytest.mark.gpu
+    def test_gpu_one():
+        pass
+
+    def test_cpu_one():
+        pass
+''')
+
+
+def test_gpu_tests_after_the_suite_deadline_are_skipped_not_started(tmp_path):
+    """GPU_SUITE_DEADLINE (benchmarks/device_gpu_suite.sh): GPU tests due after it are skipped with the reason, so a
+    slow run still ends with pytest's counts; other tests, and a deadline still ahead, change nothing."""
+    (tmp_path / "test_deadline.py").write_text(DEADLINE_SESSION)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: gpu\n")
+
+    def run(deadline: float) -> str:
+        env = {**os.environ, "GPU_SUITE_DEADLINE": str(deadline), "PYTHONPATH": ROOT}
+        done = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                               "-v", "-rs", str(tmp_path / "test_deadline.py")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+        return done.stdout + done.stderr
+
+    late = run(time.time() - 1)
+    assert "test_gpu_one SKIPPED" in late and "GPU_SUITE_DEADLINE passed" in late, late[-2000:]
+    assert "test_cpu_one PASSED" in late
+    ahead = run(time.time() + 600)
+    assert "test_gpu_one PASSED" in ahead and "test_cpu_one PASSED" in ahead, ahead[-2000:]
