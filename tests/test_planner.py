@@ -356,3 +356,17 @@ def test_plan_text_header_names_the_assumed_batch(capsys):
 
     assert main(["plan", "llama-3-8b", "--gpus", "1", "--gpu", "A100", "--gpu_memory_gib", "80"]) == 0
     assert capsys.readouterr().out.splitlines()[0].endswith("max_batch_size 256 sequences")
+
+
+def test_expert_parallel_hint_says_slices_where_the_largest_ep_is_below_tp():
+    """60 experts at tp 8: ep 4 is the largest that divides both, so each rank holds half of 15 experts (moe_tp 2),
+    not 15 whole ones."""
+    from types import SimpleNamespace
+
+    from shardllm.entrypoints.plan import _expert_parallel_hint
+
+    hint = _expert_parallel_hint(SimpleNamespace(num_experts=60), SimpleNamespace(tensor_parallel_size=8))
+    assert "--ep_size 4 gives each rank a 1/2 slice of 15 experts instead of a 1/8 slice of all 60" in hint
+    assert "whole" not in hint and "--sweep ep=1,2,4" in hint
+    hint = _expert_parallel_hint(SimpleNamespace(num_experts=8), SimpleNamespace(tensor_parallel_size=2))
+    assert "--ep_size 2 gives each rank 4 whole experts instead of a 1/2 slice of all 8" in hint

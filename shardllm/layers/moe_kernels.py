@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from shardllm import envs
+from shardllm.layers import triton_ops
 from shardllm.layers.pdl import launch_args, pdl_enter
 from shardllm.layers.triton_ops import HAS_TRITON, _jit, _pow2
 
@@ -37,10 +38,11 @@ COMBINE_BLOCK = 1024  # hidden columns per program
 
 
 def applies(x: torch.Tensor) -> bool:
-    """Whether the MoE layer takes the Triton glue for activations `x` (host checks only: graph-capturable)."""
+    """Whether the MoE layer takes the Triton glue for activations `x` (host checks only: graph-capturable). Not
+    where triton_ops is off (attention_backend="torch": the all-torch reference path has no fused kernels)."""
     if not ENABLED or FORCE is False or not HAS_TRITON:
         return False
-    return FORCE is True or x.is_cuda
+    return FORCE is True or (x.is_cuda and triton_ops.use_triton(x))
 
 
 def inverse_order(order: torch.Tensor) -> torch.Tensor:

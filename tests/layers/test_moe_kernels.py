@@ -180,3 +180,37 @@ def test_silu_and_mul_quant_row_limit_skips_the_rows_past_it(monkeypatch):
     part = silu_and_mul_quant(h, num_rows=torch.tensor([5], dtype=torch.int32))
     assert torch.equal(part.data[:5].float(), full.data[:5].float()) and torch.equal(part.scale[:5], full.scale[:5])
     assert bool((part.data[5:].float() == -3.0).all()) and bool((part.scale[5:] == -3.0).all())
+
+
+def test_glue_off_where_triton_ops_is_off(monkeypatch):
+    """attention_backend="torch" turns triton_ops off process-wide (the all-torch reference path): the MoE glue too."""
+    from types import SimpleNamespace
+
+    from shardllm.layers import triton_ops
+
+    monkeypatch.setattr(moe_kernels, "ENABLED", True)
+    monkeypatch.setattr(moe_kernels, "FORCE", None)
+    x = SimpleNamespace(is_cuda=True)  # applies() looks at the device only
+    monkeypatch.setattr(triton_ops, "USE_TRITON", None)
+    assert moe_kernels.applies(x)
+    monkeypatch.setattr(triton_ops, "USE_TRITON", False)
+    assert not moe_kernels.applies(x)
+
+
+def test_fp8_glue_quantizes_by_torch_where_the_triton_fp8_probe_failed(glue, scaled_grouped_on_cpu, monkeypatch):
+    """A GPU whose Triton fails `triton_fp8_ok` (the dense layers and _quantize_rows then use torch) must not get
+    the fused SiLU-and-mul-quantize either: torch's SiLU-and-mul and _quantize_rows, the same numbers as the chain."""
+    monkeypatch.setattr(fp8_moe, "triton_fp8_ok", lambda device: False)
+    assert not fp8_moe._fused_act_quant_ok(torch.device("cuda", 0))
+    monkeypatch.setattr(fp8_moe, "triton_fp8_ok", lambda device: True)
+    assert fp8_moe._fused_act_quant_ok(torch.device("cuda", 0))
+    moe, _, _ = build_moe("online_channel", tp_rank=1, tp_size=2, ep_size=2)
+    x, weights, ids = _inputs()
+    glue(False)
+    chain = moe.quant_method.apply_grouped(moe, x, weights, ids)
+    glue(True)
+    calls = []
+    monkeypatch.setattr(fp8_moe, "silu_and_mul_quant", lambda h, num_rows=None: calls.append(h))
+    monkeypatch.setattr(fp8_moe, "_fused_act_quant_ok", lambda device: False)  # the probe's answer on a CPU tensor
+    got = moe.quant_method.apply_grouped(moe, x, weights, ids)
+    assert not calls and torch.equal(got, chain)
