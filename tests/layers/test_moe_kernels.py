@@ -214,3 +214,36 @@ def test_fp8_glue_quantizes_by_torch_where_the_triton_fp8_probe_failed(glue, sca
     monkeypatch.setattr(fp8_moe, "_fused_act_quant_ok", lambda device: False)  # the probe's answer on a CPU tensor
     got = moe.quant_method.apply_grouped(moe, x, weights, ids)
     assert not calls and torch.equal(got, chain)
+
+
+def test_only_a_refused_grouped_gemm_falls_back_other_errors_propagate(glue, scaled_grouped_on_cpu, monkeypatch):
+    """torch._scaled_grouped_mm refusing the call (an old build, a GPU without it) sends the layer to the
+    dequantized path once and for good; any other error in the fused path (a kernel's) is raised, not hidden behind
+    the slow path."""
+    moe, _, _ = build_moe("online_channel")
+    x, weights, ids = _inputs()
+    glue(True)
+    key = (x.device, x.dtype)
+    monkeypatch.setitem(fp8_moe._SCALED_GROUPED_OK, key, True)
+
+    def broken_combine(*args, **kwargs):
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(moe_kernels, "moe_combine", broken_combine)
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        moe.quant_method.apply_grouped(moe, x, weights, ids)
+    assert fp8_moe._SCALED_GROUPED_OK[key] is True
+
+    def refused(*args, **kwargs):
+        try:
+            raise RuntimeError("no FP8 grouped GEMM in this build")
+        except RuntimeError as e:
+            raise fp8_moe._NoScaledGroupedMM(str(e)) from e
+
+    monkeypatch.setattr(fp8_moe, "_scaled_grouped_mm", refused)
+    monkeypatch.setattr(fp8_moe.Fp8MoEMethod, "grouped_backend", lambda self, device, dtype=None:
+                        "scaled_grouped_mm" if fp8_moe._SCALED_GROUPED_OK.get(key, True) else "dequantized")
+    got = moe.quant_method.apply_grouped(moe, x, weights, ids)
+    assert fp8_moe._SCALED_GROUPED_OK[key] is False
+    ref = moe.quant_method.apply_reference(moe, x, weights, ids)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))

@@ -157,10 +157,9 @@ class Fp8MoEMethod:
         if moe_kernels.applies(x) and self.grouped_backend(x.device, x.dtype) == "scaled_grouped_mm":
             try:
                 return self._apply_fused_glue(moe, x, topk_weights, order, offs)
-            except (RuntimeError, NotImplementedError) as e:  # as in _grouped: no FP8 grouped GEMM here
+            except _NoScaledGroupedMM as e:  # as in _grouped: no FP8 grouped GEMM here (other errors propagate)
                 _SCALED_GROUPED_OK[(x.device, x.dtype)] = False
-                logger.warning("FP8 grouped GEMM unavailable (%s: %s); experts run on dequantized weights",
-                               type(e).__name__, e)
+                logger.warning("FP8 grouped GEMM unavailable (%s); experts run on dequantized weights", e)
         rows = x.index_select(0, order // k)  # (N * k, H)
         gate, up = self._grouped(moe.w13, rows, offs).chunk(2, dim=-1)  # (N * k, I) each
         y = self._grouped(moe.w2, F.silu(gate) * up, offs)  # (N * k, H)
@@ -215,10 +214,9 @@ class Fp8MoEMethod:
             try:
                 a_q, a_s = self._quantize_rows(holder, a)
                 return _scaled_grouped_mm(a_q, holder.weight, a_s.view(-1), holder.weight_scale, offs, a.dtype)
-            except (RuntimeError, NotImplementedError) as e:  # a build or GPU without the FP8 grouped GEMM
+            except _NoScaledGroupedMM as e:  # a build or GPU without the FP8 grouped GEMM
                 _SCALED_GROUPED_OK[(a.device, a.dtype)] = False
-                logger.warning("FP8 grouped GEMM unavailable (%s: %s); experts run on dequantized weights",
-                               type(e).__name__, e)
+                logger.warning("FP8 grouped GEMM unavailable (%s); experts run on dequantized weights", e)
         elif backend == "triton_block":
             a_q, a_s = self._quantize_groups(a)
             return grouped_block_fp8_mm(a_q, a_s, holder.weight, getattr(holder, self.scale_name), offs, self.block,
@@ -288,8 +286,16 @@ def _scaled_grouped_mm(a_q: torch.Tensor, w_q: torch.Tensor, a_scale: torch.Tens
                        offs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Row-wise scaled FP8 grouped GEMM: rows a_q[offs[e-1]:offs[e]] (R, K) e4m3fn with a_scale (R,) fp32 times
     expert e's w_q (E, N, K) e4m3fn with w_scale (E, N) fp32 -> (R, N) in out_dtype (rows past offs[-1] undefined).
-    torch._scaled_grouped_mm (CUTLASS, sm90+); RuntimeError where this build or GPU lacks it."""
-    return torch._scaled_grouped_mm(a_q, w_q.transpose(1, 2), a_scale, w_scale, offs=offs, out_dtype=out_dtype)
+    torch._scaled_grouped_mm (CUTLASS, sm90+); _NoScaledGroupedMM (a RuntimeError) where this build or GPU
+    refuses it."""
+    try:
+        return torch._scaled_grouped_mm(a_q, w_q.transpose(1, 2), a_scale, w_scale, offs=offs, out_dtype=out_dtype)
+    except (RuntimeError, NotImplementedError) as e:
+        raise _NoScaledGroupedMM(f"{type(e).__name__}: {e}") from e
+
+
+class _NoScaledGroupedMM(RuntimeError):
+    """torch._scaled_grouped_mm refused the call: the fused glue path falls back, other errors are not masked."""
 
 
 def dequantize_experts(w_q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None,
