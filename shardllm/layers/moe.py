@@ -155,12 +155,16 @@ def fused_experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     differ from torch's by one rounding in its dtype (Triton's exp).
     """
     k = topk_ids.shape[1]
-    order, is_local, offs = sort_by_expert(topk_ids, expert_start, w13.shape[0])
+    glue = moe_kernels.applies(x)
+    if glue:
+        order, is_local, offs, inv = moe_kernels.sort_pairs(topk_ids, expert_start, w13.shape[0])
+    else:
+        order, is_local, offs = sort_by_expert(topk_ids, expert_start, w13.shape[0])
     rows = x.index_select(0, order // k)  # (N * k, H), row i is token order[i] // k
     h = grouped_mm(rows, w13.transpose(1, 2), offs=offs)  # (N * k, 2 * I)
-    if moe_kernels.applies(x):
+    if glue:
         y = grouped_mm(triton_ops.silu_and_mul(h), w2.transpose(1, 2), offs=offs)  # (N * k, H)
-        return moe_kernels.moe_combine(y, topk_weights, order, offs, x.dtype)
+        return moe_kernels.moe_combine(y, topk_weights, order, offs, x.dtype, inv=inv)
     gate, up = h.chunk(2, dim=-1)
     y = grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # (N * k, H)
     return combine_expert_rows(y, topk_weights, order, is_local, x.dtype)  # (N, H)
@@ -272,7 +276,10 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states (N, H), the same on every tp rank; returns the block's output (N, H)."""
         router_logits = self.gate(hidden_states)  # (N, E)
-        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)  # (N, k)
+        if moe_kernels.applies(router_logits):  # one kernel, as select_experts
+            topk_weights, topk_ids = moe_kernels.route(router_logits, self.top_k, self.renormalize)
+        else:
+            topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)  # (N, k)
         ids = topk_ids.reshape(-1)
         self.expert_token_counts.index_add_(0, ids, torch.ones_like(ids))  # no host sync
         if self.quant_method is not None:

@@ -6,6 +6,8 @@ A Mixtral-8x7B fp8 decode step at batch 1024, tp = 2, on an H200 (benchmarks/pro
 quantization of 2k gathered rows, and the combine (weights gathered, fp32 products, a select, an index_copy back to
 token order, a sum over k, a cast). Here:
 
+- `route` (softmax top-k) and `sort_pairs` (a counting sort of the (token, slot) pairs by expert, with the
+  inverse permutation) replace softmax / topk / divide and sort / searchsorted / scatter;
 - `moe_combine`: one launch per layer reads each token's k expert rows from the sorted layout (through the inverse
   permutation) and writes the weighted fp32 sum in the output dtype: `combine_expert_rows` in one pass;
 - the callers quantize the N tokens before the gather (per-token scales commute with selecting rows, so it equals
@@ -78,11 +80,12 @@ if HAS_TRITON and hasattr(_moe_combine_kernel, "rewrite"):  # the interpreter: s
 
 
 def moe_combine(y: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor, offs: torch.Tensor,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, inv: torch.Tensor | None = None) -> torch.Tensor:
     """`combine_expert_rows` (layers/moe.py) in one launch.
 
     y (N * k, H) expert outputs in `sort_by_expert` order (rows at or past offs[-1] undefined); topk_weights (N, k)
-    fp32; order (N * k,) int64 and offs (E_local,) int32 from `sort_by_expert`. Returns (N, H) in out_dtype: the
+    fp32; order (N * k,) int64 and offs (E_local,) int32 from `sort_by_expert` (or `sort_pairs`, whose inverse
+    permutation `inv` saves a scatter here). Returns (N, H) in out_dtype: the
     weighted sum over each token's k slots, in fp32, slots of other ranks' experts left out.
     """
     n, k = topk_weights.shape
@@ -93,10 +96,135 @@ def moe_combine(y: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor
     out = torch.empty((n, hidden), dtype=out_dtype, device=y.device)
     if n == 0 or hidden == 0:
         return out
-    inv = inverse_order(order)
+    inv = inverse_order(order) if inv is None else inv
     w = topk_weights.to(torch.float32).contiguous()
     block = min(_pow2(hidden), COMBINE_BLOCK)
     _moe_combine_kernel[(n, triton.cdiv(hidden, block))](
         y, w, inv, offs, out, hidden, offs.numel(), y.stride(0), out.stride(0), K=k, BLOCK=block,
         num_warps=4 if block >= 512 else 1, **launch_args(y.device))
     return out
+
+
+# ---- routing: softmax top-k, and the tokens' (token, slot) pairs grouped by expert -------------------------------
+
+
+@_jit
+def _moe_route_kernel(logits_ptr, w_ptr, ids_ptr, num_tokens, num_experts, stride_l, TOP_K: tl.constexpr,
+                      K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, RENORMALIZE: tl.constexpr,
+                      USE_PDL: tl.constexpr = False):
+    """BLOCK_T tokens a program: fp32 softmax over the experts, the TOP_K largest probabilities by repeated arg-max
+    (ties to the lower expert id), optionally renormalized to sum to one."""
+    pdl_enter(USE_PDL)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, E_PAD)
+    kk = tl.arange(0, K_PAD)
+    t_ok = t < num_tokens
+    e_ok = e < num_experts
+    x = tl.load(logits_ptr + t[:, None].to(tl.int64) * stride_l + e[None, :], mask=t_ok[:, None] & e_ok[None, :],
+                other=float("-inf")).to(tl.float32)
+    x = tl.where(t_ok[:, None], x, 0.0)  # rows past the end: finite, never stored
+    p = tl.exp(x - tl.max(x, 1)[:, None])
+    p = tl.where(e_ok[None, :], p, 0.0)
+    p = p / tl.sum(p, 1)[:, None]
+    p = tl.where(e_ok[None, :], p, -1.0)  # padding experts are never picked
+    w = tl.zeros([BLOCK_T, K_PAD], tl.float32)
+    ids = tl.zeros([BLOCK_T, K_PAD], tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(p, 1)
+        pick = tl.min(tl.where(p == best[:, None], e[None, :], E_PAD), 1)  # the lowest id among equal maxima
+        w = tl.where(kk[None, :] == j, best[:, None], w)
+        ids = tl.where(kk[None, :] == j, pick[:, None], ids)
+        p = tl.where(e[None, :] == pick[:, None], -1.0, p)
+    if RENORMALIZE:
+        w = w / tl.sum(w, 1)[:, None]  # the K_PAD - TOP_K padding slots are 0
+    out = t[:, None].to(tl.int64) * TOP_K + kk[None, :]
+    ok = t_ok[:, None] & (kk[None, :] < TOP_K)
+    tl.store(w_ptr + out, w, mask=ok)
+    tl.store(ids_ptr + out, ids.to(tl.int64), mask=ok)
+
+
+@_jit
+def _moe_sort_kernel(ids_ptr, order_ptr, inv_ptr, offs_ptr, num_pairs, expert_start, num_local,
+                     E_PAD: tl.constexpr, CHUNK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    """One program: a stable counting sort of the num_pairs (token, slot) pairs by local expert, pairs of other
+    ranks' experts last (key num_local). Pass 1 counts each key; pass 2 places each pair at its group's start plus
+    the pairs of its key before it. Writes order (sorted row -> pair), inv (pair -> sorted row) and offs (group
+    ends of the local experts)."""
+    pdl_enter(USE_PDL)
+    e = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], tl.int32)
+    for c0 in range(0, num_pairs, CHUNK):
+        r = c0 + tl.arange(0, CHUNK)
+        r_ok = r < num_pairs
+        key = tl.load(ids_ptr + r, mask=r_ok, other=0).to(tl.int32) - expert_start
+        key = tl.where((key >= 0) & (key < num_local), key, num_local)
+        onehot = ((key[:, None] == e[None, :]) & r_ok[:, None]).to(tl.int32)  # (CHUNK, E_PAD)
+        counts += tl.sum(onehot, 0)
+    ends = tl.cumsum(counts, 0)
+    tl.store(offs_ptr + e, ends, mask=e < num_local)
+    base = ends - counts  # each key's first sorted row
+    for c0 in range(0, num_pairs, CHUNK):
+        r = c0 + tl.arange(0, CHUNK)
+        r_ok = r < num_pairs
+        key = tl.load(ids_ptr + r, mask=r_ok, other=0).to(tl.int32) - expert_start
+        key = tl.where((key >= 0) & (key < num_local), key, num_local)
+        onehot = ((key[:, None] == e[None, :]) & r_ok[:, None]).to(tl.int32)
+        rank = tl.cumsum(onehot, 0) - onehot  # pairs of the same key earlier in this chunk
+        pos = tl.sum(onehot * (base[None, :] + rank), 1)  # (CHUNK,)
+        tl.store(order_ptr + pos, r.to(tl.int64), mask=r_ok)
+        tl.store(inv_ptr + r, pos, mask=r_ok)
+        base += tl.sum(onehot, 0)
+
+
+if HAS_TRITON and hasattr(_moe_route_kernel, "rewrite"):  # the interpreter: see the note in triton_ops
+    _moe_route_kernel.rewrite()
+    _moe_sort_kernel.rewrite()
+
+ROUTE_BLOCK_T = 16  # tokens a routing program
+SORT_CELLS = 8192  # CHUNK x E_PAD of the sort's one-hot tile: (CHUNK, E_PAD) int32 values per pass step
+# The counting sort is one program: it serves decode-sized steps; more pairs (a long prefill step) go to torch's
+# parallel sort. [ours: a first guess; a sort of 2k pairs is 8 passes of a 512 x 16 tile]
+SORT_MAX_PAIRS = 4096
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe.select_experts` in one launch: router_logits (N, E) -> (weights (N, k) fp32, expert ids (N, k) int64).
+
+    The same fp32 softmax and top-k (weights within an ulp of torch's exp; ids equal, ties to the lower id)."""
+    n, num_experts = router_logits.shape
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, {num_experts}] (the number of experts)")
+    w = torch.empty((n, top_k), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((n, top_k), dtype=torch.int64, device=router_logits.device)
+    if n:
+        logits = router_logits if router_logits.stride(-1) == 1 else router_logits.contiguous()
+        _moe_route_kernel[(triton.cdiv(n, ROUTE_BLOCK_T),)](
+            logits, w, ids, n, num_experts, logits.stride(0), TOP_K=top_k, K_PAD=_pow2(top_k),
+            E_PAD=_pow2(num_experts), BLOCK_T=ROUTE_BLOCK_T, RENORMALIZE=renormalize, num_warps=4,
+            **launch_args(router_logits.device))
+    return w, ids
+
+
+def sort_pairs(topk_ids: torch.Tensor, expert_start: int,
+               num_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`moe.sort_by_expert` in one launch (a counting sort: the same stable order), plus the inverse permutation;
+    above SORT_MAX_PAIRS pairs, sort_by_expert and `inverse_order` themselves.
+
+    topk_ids (N, k) global expert ids -> (order (N * k,) int64, is_local (N * k,) bool, offs (E_local,) int32,
+    inv (N * k,) int32 with inv[order[i]] = i)."""
+    ids = topk_ids.reshape(-1)
+    r, dev = ids.numel(), ids.device
+    if r > SORT_MAX_PAIRS:
+        from shardllm.layers.moe import sort_by_expert  # moe imports this module
+
+        order, is_local, offs = sort_by_expert(topk_ids, expert_start, num_local)
+        return order, is_local, offs, inverse_order(order)
+    order = torch.empty(r, dtype=torch.int64, device=dev)
+    inv = torch.empty(r, dtype=torch.int32, device=dev)
+    offs = torch.zeros(num_local, dtype=torch.int32, device=dev)
+    if r:
+        e_pad = _pow2(num_local + 1)  # the local experts and one key for all others
+        _moe_sort_kernel[(1,)](ids, order, inv, offs, r, expert_start, num_local, E_PAD=e_pad,
+                               CHUNK=max(16, SORT_CELLS // e_pad), num_warps=4, **launch_args(dev))
+    is_local = torch.arange(r, device=dev) < offs[-1]  # local rows come first
+    return order, is_local, offs, inv

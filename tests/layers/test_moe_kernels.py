@@ -247,3 +247,65 @@ def test_only_a_refused_grouped_gemm_falls_back_other_errors_propagate(glue, sca
     assert fp8_moe._SCALED_GROUPED_OK[key] is False
     ref = moe.quant_method.apply_reference(moe, x, weights, ids)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("n, num_experts, k, renormalize", [(37, 8, 2, True), (5, 8, 2, False), (20, 60, 4, True),
+                                                            (3, 16, 1, True), (1, 128, 8, False)])
+def test_route_equals_select_experts(n, num_experts, k, renormalize):
+    logits = torch.randn(n, num_experts, generator=torch.Generator().manual_seed(n + k)) * 3
+    ref_w, ref_ids = select_experts(logits, k, renormalize)
+    w, ids = moe_kernels.route(logits, k, renormalize)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32 and ids.shape == w.shape == (n, k)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)
+    w16, ids16 = moe_kernels.route(logits.to(torch.bfloat16), k, renormalize)  # the router's dtype in a model
+    assert torch.equal(ids16, select_experts(logits.to(torch.bfloat16), k, renormalize)[1])
+
+
+def test_route_ties_go_to_the_lower_expert_and_bad_top_k_is_refused():
+    logits = torch.zeros(2, 8)
+    logits[0, [5, 2]] = 4.0  # a tie between experts 2 and 5
+    _, ids = moe_kernels.route(logits, 2, True)
+    assert ids[0].tolist() == [2, 5] and ids[1].tolist() == [0, 1]
+    with pytest.raises(ValueError, match="top_k=9"):
+        moe_kernels.route(logits, 9, True)
+    w, ids = moe_kernels.route(logits[:0], 2, True)
+    assert w.shape == ids.shape == (0, 2)
+
+
+@pytest.mark.parametrize("n, k, num_experts, num_local, start", [
+    (37, 2, 8, 8, 0), (37, 2, 8, 4, 4), (300, 2, 8, 2, 0), (130, 4, 16, 4, 8), (1, 2, 8, 4, 4), (50, 8, 128, 128, 0),
+    (700, 2, 8, 8, 0)])  # the last above SORT_MAX_PAIRS (set to 1000 here): torch's sort
+def test_sort_pairs_equals_sort_by_expert(monkeypatch, n, k, num_experts, num_local, start):
+    monkeypatch.setattr(moe_kernels, "SORT_CELLS", 256)  # small chunks: several passes over the pairs
+    monkeypatch.setattr(moe_kernels, "SORT_MAX_PAIRS", 1000)
+    _, ids = select_experts(torch.randn(n, num_experts, generator=torch.Generator().manual_seed(n)), k, True)
+    order, is_local, offs, inv = moe_kernels.sort_pairs(ids, start, num_local)
+    ref_order, ref_local, ref_offs = sort_by_expert(ids, start, num_local)
+    assert torch.equal(order, ref_order) and torch.equal(is_local, ref_local) and torch.equal(offs, ref_offs)
+    assert order.dtype == torch.int64 and offs.dtype == torch.int32
+    assert torch.equal(inv, moe_kernels.inverse_order(order))
+
+
+def test_grouped_paths_take_the_triton_routing_and_sort(glue, monkeypatch):
+    """With the glue on, the bf16 grouped path and FusedMoE's router use sort_pairs and route (not torch's)."""
+    from shardllm.layers import moe as moe_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch's sort / routing was called")
+
+    glue(True)
+    monkeypatch.setattr(moe_mod, "sort_by_expert", refuse)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 32, generator=g)
+    w13, w2 = torch.randn(4, 2 * 16, 32, generator=g) / 6, torch.randn(4, 32, 16, generator=g) / 4
+    weights, ids = moe_kernels.route(torch.randn(9, 8, generator=g), 2, True)
+    got = fused_experts_grouped(x, w13, w2, weights, ids, 4)
+    torch.testing.assert_close(got, fused_experts_reference(x, w13, w2, weights, ids, 4), rtol=1e-5, atol=1e-5)
+    moe, _, _ = build_moe("online_channel")
+    monkeypatch.setattr(moe_mod, "select_experts", refuse)
+    monkeypatch.setattr(fp8_moe, "sort_by_expert", refuse)
+    monkeypatch.setattr(fp8_moe, "_scaled_grouped_mm", _emulated_scaled_grouped_mm)
+    monkeypatch.setattr(fp8_moe.Fp8MoEMethod, "grouped_backend", lambda self, device, dtype=None: "scaled_grouped_mm")
+    moe.reduce_results = False
+    assert moe(torch.randn(7, moe.w2.weight.shape[1], generator=g)).shape == (7, moe.w2.weight.shape[1])

@@ -21,7 +21,8 @@ KERNELS = [triton_ops._fused_rmsnorm_row_kernel, triton_ops._fused_silu_and_mul_
            triton_ops._fused_rotary_kernel, gemv._gemv_kernel, gemv._splitk_reduce_kernel, triton_paged._decode_kernel,
            triton_paged._decode_reduce_kernel, triton_paged._write_kv_kernel, triton_decode_tma._decode_kernel_tma,
            fp8_fused._rmsnorm_quant_fp8_kernel, fp8_fused._silu_and_mul_quant_fp8_kernel,
-           fp8_triton._quant_per_token_kernel, moe_kernels._moe_combine_kernel]
+           fp8_triton._quant_per_token_kernel, moe_kernels._moe_combine_kernel, moe_kernels._moe_route_kernel,
+           moe_kernels._moe_sort_kernel]
 
 
 @pytest.fixture

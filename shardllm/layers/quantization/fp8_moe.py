@@ -153,24 +153,25 @@ class Fp8MoEMethod:
         local experts (`grouped_backend` says which), no host sync on CUDA, so a decode step is graph-capturable.
         Every weight format and device takes this path; `apply_reference` is its oracle."""
         k = topk_ids.shape[1]
-        order, is_local, offs = sort_by_expert(topk_ids, moe.expert_start, moe.num_local_experts)
         if moe_kernels.applies(x) and self.grouped_backend(x.device, x.dtype) == "scaled_grouped_mm":
             try:
-                return self._apply_fused_glue(moe, x, topk_weights, order, offs)
+                return self._apply_fused_glue(moe, x, topk_weights, topk_ids)
             except _NoScaledGroupedMM as e:  # as in _grouped: no FP8 grouped GEMM here (other errors propagate)
                 _SCALED_GROUPED_OK[(x.device, x.dtype)] = False
                 logger.warning("FP8 grouped GEMM unavailable (%s); experts run on dequantized weights", e)
+        order, is_local, offs = sort_by_expert(topk_ids, moe.expert_start, moe.num_local_experts)
         rows = x.index_select(0, order // k)  # (N * k, H)
         gate, up = self._grouped(moe.w13, rows, offs).chunk(2, dim=-1)  # (N * k, I) each
         y = self._grouped(moe.w2, F.silu(gate) * up, offs)  # (N * k, H)
         return combine_expert_rows(y, topk_weights, order, is_local, x.dtype)
 
-    def _apply_fused_glue(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, order: torch.Tensor,
-                          offs: torch.Tensor) -> torch.Tensor:
+    def _apply_fused_glue(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
+                          topk_ids: torch.Tensor) -> torch.Tensor:
         """apply_grouped's "scaled_grouped_mm" form with the Triton glue (layers/moe_kernels.py): the N tokens are
         quantized before the gather (per-token or static scales commute with selecting rows: the same e4m3 rows and
         scales as quantizing the N * k gathered rows), SiLU-and-mul writes the down GEMM's e4m3 input and scales in
         one kernel (dynamic scales; static ones quantize after torch's SiLU-and-mul), and one kernel combines."""
+        order, _, offs, inv = moe_kernels.sort_pairs(topk_ids, moe.expert_start, moe.num_local_experts)
         tok = order // topk_weights.shape[1]
         x_q, x_s = self._quantize_rows(moe.w13, x)  # (N, H) e4m3fn, (N, 1) fp32
         rows_q = x_q.view(torch.uint8).index_select(0, tok).view(FP8_DTYPE)  # (N * k, H): gathered as bytes
@@ -182,7 +183,7 @@ class Fp8MoEMethod:
         else:
             a_q, a_s, _ = silu_and_mul_quant(h, num_rows=offs[-1:])  # other ranks' rows (ep > 1) skipped
         y = _scaled_grouped_mm(a_q, moe.w2.weight, a_s.view(-1), moe.w2.weight_scale, offs, x.dtype)  # (N * k, H)
-        return moe_kernels.moe_combine(y, topk_weights, order, offs, x.dtype)
+        return moe_kernels.moe_combine(y, topk_weights, order, offs, x.dtype, inv=inv)
 
     def grouped_backend(self, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
         """The grouped GEMM the experts run on `device`:
