@@ -126,6 +126,15 @@ def check_engine_settings(*, tensor_parallel_size: int | str = 1, pipeline_paral
     check_quantization_method(quantization or ("fp8" if dtype == "fp8" else None))  # before any download
 
 
+def check_settings_without_model(engine_kwargs: dict) -> None:
+    """`check_engine_settings` on the entries of `engine_kwargs` (LLM arguments) it takes: what serve and deploy
+    check before a port is bound or a manifest written. Raises ValueError naming the fix."""
+    import inspect
+
+    keys = inspect.signature(check_engine_settings).parameters
+    check_engine_settings(**{k: v for k, v in engine_kwargs.items() if k in keys})
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig

@@ -145,6 +145,12 @@ def test_bad_prompts(path):
         llm.generate("hello", use_tqdm=False)
     with pytest.raises(ValueError, match="one per prompt"):
         llm.generate([[1], [2]], [GREEDY] * 3, use_tqdm=False)
+    # more tokens than the context holds: refused as the server refuses it (context_length_exceeded), naming the fix
+    with pytest.raises(ValueError, match="asks for 10 \\+ 23 = 33: set max_tokens to at most 22"):
+        llm.generate([list(range(1, 11))], SamplingParams(max_tokens=23), use_tqdm=False)
+    fits = llm.generate([list(range(1, 11))], SamplingParams(max_tokens=22, temperature=0, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert len(fits.token_ids) == 22
     # the engine is still usable and holds nothing after the rejected requests
     assert llm.generate([[1, 2]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert not llm.engine.has_unfinished_requests()

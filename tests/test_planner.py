@@ -253,10 +253,15 @@ def test_plan_command_exits_non_zero_when_nothing_fits(capsys):
     out, err = capsys.readouterr()
     assert "nothing fits" in out and "do not fit in 80 GiB" in out  # the table, each layout with its reason
     assert err.startswith("shardllm plan: error: no layout of 2 x 80 GiB GPUs fits llama-3-405b (closest: tp 2 x pp 1")
-    assert "--dtype fp8" in err
+    assert "--dtype fp8" in err and "--kv_cache_dtype" not in err  # the weights alone do not fit: KV fixes cannot help
+    # already fp8: the fix the user took is not offered again
+    assert main(["plan", "llama-3-405b", "--gpus", "2", "--gpu", "H200", "--dtype", "fp8"]) == EXIT_NO_FIT
+    assert capsys.readouterr().err.rstrip().endswith(": use more GPUs")
     # a layout that runs but leaves less KV cache than the rule keeps: still no recommendation, said as such
     assert main(["plan", "llama-3-70b", "--gpus", "2", "--gpu_memory_gib", "80"]) == EXIT_NO_FIT
-    assert "leaves llama-3-70b the KV cache share" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "leaves llama-3-70b the KV cache share" in err
+    assert err.rstrip().endswith("use --dtype fp8, --kv_cache_dtype fp8, a lower --max_seq_len or more GPUs")
     assert main(["plan", "llama-3-405b", "--gpus", "2", "--gpu_memory_gib", "80", "--json"]) == EXIT_NO_FIT
     out, err = capsys.readouterr()
     assert json.loads(out)["tensor_parallel_size"] is None and "no layout" in err

@@ -114,10 +114,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="token budget of one step (default: serve 8192; generate 16384 on a GPU of 70 GiB or more, "
              "not A100s, else 8192)")
     add("--max_seq_len", "--max-model-len", dest="max_seq_len", type=int, help="longest prompt + output")
-    add("--dtype", help="auto | bfloat16 | float16 | float32 | fp8 (FP8 linears, = --quantization fp8)")
+    add("--dtype", help="auto | bfloat16 (bf16) | float16 (fp16) | float32 | fp8 (FP8 linears, = --quantization fp8)")
     add("--quantization", dest="quantization", help="fp8: FP8 weights and activations for every linear but "
         "the LM head (FP8 checkpoints are detected without it)")
-    add("--kv_cache_dtype", help="auto | fp8 | fp8_e4m3 | fp8_e5m2 (FP8: twice the tokens in the same memory)")
+    add("--kv_cache_dtype", help="auto | fp8 | fp8_e4m3 | fp8_e5m2 (FP8: twice a bf16 cache's tokens per GiB)")
     add("--kv_cache_free_gpu_memory_fraction", type=float, help="share of free GPU memory for the KV cache")
     add("--cpu_kv_cache_gb", type=float, help="KV cache size on CPU, in GiB")
     add("--device", choices=("auto", "cuda", "cpu"), help="where to run (auto: cuda when there is a GPU)")
@@ -263,8 +263,11 @@ def _interrupt(signum, frame) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from shardllm.config import check_settings_without_model
+
     try:
         engine_kwargs, opts = resolve_settings(args, server=True)
+        check_settings_without_model(engine_kwargs)  # a bad setting is named before the port is checked
     except ValueError as e:
         return _fail(str(e))
     _setup_logging(opts["log_level"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import inspect
 import re
 import shlex
 import sys
@@ -18,11 +17,10 @@ from typing import Any
 
 import yaml
 
-from shardllm.config import ParallelConfig, _executor_backend, check_engine_settings, check_num_workers
+from shardllm.config import ParallelConfig, _executor_backend, check_num_workers, check_settings_without_model
 from shardllm.deploy.kubernetes import CONFIG_MOUNT, DeploySpec, render
 from shardllm.entrypoints.cli import build_parser, resolve_settings
 
-_MODEL_FREE_CHECKS = set(inspect.signature(check_engine_settings).parameters)
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # Server settings that do not travel as flags: the pod binds 0.0.0.0 through SHARDLLM_HOST, and an API key
 # comes from a Secret (--api_key_secret), never from the manifest's text.
@@ -132,7 +130,7 @@ def build_spec(argv: list[str]) -> DeploySpec:
     if engine.get("tensor_parallel_size") == "auto":
         raise ValueError("--tp_size auto: the manifests must request a number of GPUs: give --tp_size N "
                          "(`shardllm plan MODEL --gpus G` suggests one)")
-    check_engine_settings(**{k: v for k, v in engine.items() if k in _MODEL_FREE_CHECKS})  # serve's own checks
+    check_settings_without_model(engine)  # serve's own checks
     tp = int(engine.get("tensor_parallel_size", 1))
     pp = int(engine.get("pipeline_parallel_size", 1))
     # serve's own checks of the Ray settings (EngineConfig.create runs them again in the pod, with the model)

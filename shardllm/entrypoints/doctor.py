@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import urllib.request
@@ -281,6 +282,8 @@ def run_checks(url: str | None = None, interval: float = 2.0) -> list[Finding]:
 
 
 def _check_server(url: str, interval: float) -> list[Finding]:
+    if "://" not in url and re.match(r"^[\w.-]+:\d+(/.*)?$", url):  # host:port, as curl takes it
+        url = "http://" + url
     try:
         before = scrape(url)
         time.sleep(interval)

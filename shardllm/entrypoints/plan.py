@@ -105,7 +105,12 @@ def no_fit_message(p: Plan) -> str:
                 f"the KV cache share the plan asks for")
     closest = (f" (closest: tp {near.tensor_parallel_size} x pp {near.pipeline_parallel_size}: {near.reason})"
                if near is not None else "")
-    return f"{what}{closest}: use --dtype fp8, --kv_cache_dtype fp8, a lower --max_seq_len, or more GPUs"
+    weights_short = near is None or near.kv_budget_bytes_per_gpu <= 0  # the weights alone do not fit
+    fixes = [] if p.weight_dtype == "fp8" else ["--dtype fp8"]
+    if not weights_short:  # the KV cache is what is short: what shrinks it helps too
+        fixes += ([] if p.kv_cache_dtype.startswith("fp8") else ["--kv_cache_dtype fp8"]) + ["a lower --max_seq_len"]
+    fixes.append("more GPUs" if p.nodes == 1 else "more nodes")
+    return f"{what}{closest}: use {', '.join(fixes[:-1]) + ' or ' if len(fixes) > 1 else ''}{fixes[-1]}"
 
 
 def _n(count: int, noun: str) -> str:

@@ -77,6 +77,20 @@ def test_bad_settings_exit_1_with_message(tmp_path, capsys):
     assert "missing.yaml" in capsys.readouterr().err
     assert cli.main(["serve", "--device", "cpu", "--tp_size", "0"]) == 1
     assert "tensor_parallel_size" in capsys.readouterr().err
+    # a bad setting is named even where the port is taken (it is checked first: the port check says nothing of it)
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert cli.main(["serve", "--device", "cpu", "--port", port, "--host", "127.0.0.1", "--tp_size", "0"]) == 1
+        assert "tensor_parallel_size" in capsys.readouterr().err
+        assert cli.main(["serve", "--device", "cpu", "--port", port, "--host", "127.0.0.1",
+                         "--kv_cache_dtype", "int4"]) == 1
+        assert "kv_cache_dtype" in capsys.readouterr().err
+        assert cli.main(["serve", "--device", "cpu", "--port", port, "--host", "127.0.0.1"]) == 1
+        assert "cannot listen on 127.0.0.1:" + port in capsys.readouterr().err
 
 
 def test_serve_main_is_serve(monkeypatch, capsys):

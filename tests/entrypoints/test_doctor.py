@@ -106,6 +106,9 @@ def test_doctor_reads_a_real_server(server, capsys):
     assert findings["gpu metrics"]["severity"] == "info"
     assert findings["server"]["severity"] == "ok" and server.base_url in findings["server"]["seen"]
     assert rc == 0 and report["healthy"]
+    host_port = server.base_url.split("://", 1)[1]  # 127.0.0.1:PORT, as curl takes it: http:// assumed
+    assert main(["doctor", "--url", host_port, "--interval", "0.1"]) == 0
+    assert f"http://{host_port}: no common issue" in capsys.readouterr().out
 
 
 def test_doctor_flags_an_unreachable_server(capsys):
