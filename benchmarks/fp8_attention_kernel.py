@@ -8,6 +8,7 @@ uniform in [0.8, 1.2] x the mean. Time: triton.testing.do_bench_cudagraph of one
 bucket), us; TB/s counts the K/V bytes read (2 x sum(seq_lens) x 8 x 128 x element size). One JSON line per row.
 
     python benchmarks/fp8_attention_kernel.py [--cases 512x170 1024x192 500x1500 64x1000 1x1000]
+    python benchmarks/fp8_attention_kernel.py --cases 512x170 500x1500 --block_sizes 16 32 64
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 from shardllm.layers.attention.triton_paged import DecodeConfig, paged_decode_attention
 
 
-def case(batch: int, ctx: int, cache_dtype: torch.dtype, g: torch.Generator):
-    nkv, d, bs = 8, 128, 16
+def case(batch: int, ctx: int, cache_dtype: torch.dtype, g: torch.Generator, bs: int = 16):
+    nkv, d = 8, 128
     lens = (torch.rand(batch, generator=g) * 0.4 + 0.8).mul(ctx).long().clamp(min=1)
     blocks_per = (lens + bs - 1) // bs
     nblocks = int(blocks_per.sum()) + 1
@@ -60,9 +61,17 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", default=["512x170", "1024x192", "500x1500", "64x1000", "1x1000"])
+    ap.add_argument("--block_sizes", type=int, nargs="+", default=[16],
+                    help="KV cache block sizes (tokens a page): above 16, only the TMA rows, labelled _bsN (a TMA "
+                         "box is one page: 2 KiB of FP8 K per head at 16)")
     a = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     for c in a.cases:
+        for bs in a.block_sizes:
+            if bs != 16:
+                _tma_rows(c, bs, g)
+        if 16 not in a.block_sizes:
+            continue
         batch, ctx = map(int, c.split("x"))
         pointer = DecodeConfig(block_n=32, early_v=True, prefetch_pages=True)  # the pointer kernel's tuned form
         for label, dt, flag, cfg in (
@@ -81,7 +90,20 @@ def main() -> None:
             print(json.dumps(dict(batch=batch, ctx=ctx, kernel=label, us=round(us, 1),
                                   tb_s=round(nbytes / us / 1e6, 2))), flush=True)
             del args
-    os.environ.pop("SHARDLLM_FP8_ATTN_F16_DOT")
+    os.environ.pop("SHARDLLM_FP8_ATTN_F16_DOT", None)
+
+
+def _tma_rows(c: str, bs: int, g: torch.Generator) -> None:
+    """The TMA variants at block size `bs` (the pointer kernel's tuned forms assume 16-token pages)."""
+    batch, ctx = map(int, c.split("x"))
+    for n, dt in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+        for st, pc in ((4, 0), (4, 16), (6, 32)):
+            args = case(batch, ctx, dt, g, bs)
+            us = time_call(*args, config=DecodeConfig(tma=True, num_warps=2, num_stages=st, page_chunk=pc))
+            nbytes = 2 * int(args[4].sum()) * 8 * 128 * args[1].element_size()
+            print(json.dumps(dict(batch=batch, ctx=ctx, kernel=f"{n}_tma_w2_s{st}_pc{pc}_bs{bs}", us=round(us, 1),
+                                  tb_s=round(nbytes / us / 1e6, 2))), flush=True)
+            del args
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max_num_tokens", type=int, default=None,
                     help="default: the engine's (16384 on a GPU of >= 70 GiB except A100s, else 8192)")
     ap.add_argument("--max_seq_len", type=int, default=None)
+    ap.add_argument("--block_size", type=int, default=None, help="tokens per KV cache block (default: the engine's)")
     ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--enforce_eager", action="store_true")
@@ -47,7 +48,8 @@ def engine_kwargs(a: argparse.Namespace) -> dict:
                 enforce_eager=a.enforce_eager, attention_backend=a.attention_backend,
                 async_scheduling=a.async_scheduling, all_reduce=a.all_reduce, quantization=a.quantization,
                 kv_cache_dtype=a.kv_cache_dtype,
-                **({} if a.cpu_kv_cache_gb is None else {"cpu_kv_cache_gb": a.cpu_kv_cache_gb}))
+                **({} if a.cpu_kv_cache_gb is None else {"cpu_kv_cache_gb": a.cpu_kv_cache_gb}),
+                **({} if getattr(a, "block_size", None) is None else {"block_size": a.block_size}))
 
 
 def llm_kwargs(a: argparse.Namespace) -> dict:
@@ -125,7 +127,7 @@ def run(a: argparse.Namespace) -> dict:
         "weights_gib_per_rank": [round(m["weights"] / 2**30, 2) for m in mem_before],
         "kv_cache_gib_per_rank": [round(m["kv_cache"] / 2**30, 2) for m in mem_before],
         "peak_gib_per_rank": [round(m.get("peak", 0) / 2**30, 2) for m in mem],
-        "kv_blocks": eng.num_blocks,
+        "kv_blocks": eng.num_blocks, "block_size": llm.config.cache_config.block_size,
         "async_scheduling": llm.config.scheduler_config.async_scheduling,
         "cuda_graphs": llm.config.device == "cuda" and not llm.config.enforce_eager,
         "attention_backend": llm.config.attention_backend,

@@ -28,8 +28,8 @@ def test_bench_counts_and_fields(tiny_checkpoints, capsys):
 def test_bench_passes_engine_flags(tiny_checkpoints, capsys):
     res = bench_json(capsys, "--model", tiny_checkpoints["llama"], "--device", "cpu", "--dtype", "float32",
                      "--num_requests", "2", "--input_len", "3", "--output_len", "4", "--batch_size", "1",
-                     "--no-async_scheduling", "--attention_backend", "torch")
-    assert res["batch_size"] == res["max_batch_size"] == 1
+                     "--no-async_scheduling", "--attention_backend", "torch", "--block_size", "8")
+    assert res["batch_size"] == res["max_batch_size"] == 1 and res["block_size"] == 8
     assert res["async_scheduling"] is False and res["attention_backend"] == "torch"
     assert res["output_tokens"] == 2 * 4
     assert abs(res["output_tok_s"] * res["elapsed_s"] / (2 * 4) - 1) < 0.05
