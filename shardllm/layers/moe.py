@@ -163,7 +163,8 @@ def fused_experts_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, 
     rows = x.index_select(0, order // k)  # (N * k, H), row i is token order[i] // k
     h = grouped_mm(rows, w13.transpose(1, 2), offs=offs)  # (N * k, 2 * I)
     if glue:
-        y = grouped_mm(triton_ops.silu_and_mul(h), w2.transpose(1, 2), offs=offs)  # (N * k, H)
+        act = triton_ops.silu_and_mul(h, num_rows=offs[-1:])  # other ranks' rows (ep > 1) skipped
+        y = grouped_mm(act, w2.transpose(1, 2), offs=offs)  # (N * k, H)
         return moe_kernels.moe_combine(y, topk_weights, order, offs, x.dtype, inv=inv)
     gate, up = h.chunk(2, dim=-1)
     y = grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # (N * k, H)

@@ -113,9 +113,13 @@ def _fused_rmsnorm_row_kernel(
 
 @_jit
 def _fused_silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xn, stride_on, BLOCK: tl.constexpr,
-                               USE_PDL: tl.constexpr = False):
-    """Grid (rows, cdiv(d, BLOCK)): out[n, j] = round(silu(x[n, j])) * x[n, d + j], fp32 math."""
+                               USE_PDL: tl.constexpr = False, rows_ptr=None, HAS_ROWS: tl.constexpr = False):
+    """Grid (rows, cdiv(d, BLOCK)): out[n, j] = round(silu(x[n, j])) * x[n, d + j], fp32 math. HAS_ROWS: rows at or
+    past the int32 at rows_ptr are skipped (left unwritten)."""
     pdl_enter(USE_PDL)
+    if HAS_ROWS:
+        if tl.program_id(0) >= tl.load(rows_ptr):
+            return
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -270,8 +274,10 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return _rms_norm(x, residual, weight, eps)  # type: ignore[return-value]
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """silu(x[..., :d]) * x[..., d:] for x (..., 2d) -> (..., d)."""
+def silu_and_mul(x: torch.Tensor, num_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x[..., :d]) * x[..., d:] for x (..., 2d) -> (..., d). num_rows: a one-element int32 tensor on x's
+    device; rows (of x viewed as (-1, 2d)) at or past its value are left undefined (the MoE layer's other ranks'
+    rows: read on the GPU, no host sync)."""
     assert x.shape[-1] % 2 == 0
     d = x.shape[-1] // 2
     out = torch.empty(*x.shape[:-1], d, dtype=x.dtype, device=x.device)
@@ -280,7 +286,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     xr, _, sxn, _ = _rows(x.reshape(-1, 2 * d))
     block = min(_pow2(d), SILU_BLOCK)
     _fused_silu_and_mul_kernel[(xr.shape[0], triton.cdiv(d, block))](
-        xr, out.view(-1, d), d, sxn, d, BLOCK=block, num_warps=4 if block >= 512 else 1, **launch_args(x.device))
+        xr, out.view(-1, d), d, sxn, d, BLOCK=block, num_warps=4 if block >= 512 else 1, rows_ptr=num_rows,
+        HAS_ROWS=num_rows is not None, **launch_args(x.device))
     return out
 
 

@@ -309,3 +309,16 @@ def test_grouped_paths_take_the_triton_routing_and_sort(glue, monkeypatch):
     monkeypatch.setattr(fp8_moe.Fp8MoEMethod, "grouped_backend", lambda self, device, dtype=None: "scaled_grouped_mm")
     moe.reduce_results = False
     assert moe(torch.randn(7, moe.w2.weight.shape[1], generator=g)).shape == (7, moe.w2.weight.shape[1])
+
+
+def test_silu_and_mul_row_limit_skips_the_rows_past_it(monkeypatch):
+    """The bf16 MoE path's num_rows (triton_ops.silu_and_mul): rows below it as without it, the rest unwritten."""
+    from shardllm.layers import triton_ops
+
+    h = torch.randn(9, 2 * 40, generator=torch.Generator().manual_seed(3))
+    full = triton_ops.silu_and_mul(h)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, dtype=None, device=None: real_empty(
+        *shape, dtype=dtype, device=device).fill_(-3.0))
+    part = triton_ops.silu_and_mul(h, num_rows=torch.tensor([4], dtype=torch.int32))
+    assert torch.equal(part[:4], full[:4]) and bool((part[4:] == -3.0).all())
