@@ -54,6 +54,12 @@ class SamplerOutput:
 class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, num_logprobs: list[int | None] | None = None
                  ) -> SamplerOutput:
+        if (batch.all_greedy and batch.max_num_logprobs is None and batch.presence is None
+                and batch.logit_bias is None and not batch.logits_processors and not batch.banned_tokens):
+            # greedy and nothing else: the arg-max of the logits as they are (a 16-bit value and its exact fp32
+            # widening order the same, first index on ties), without the (B, V) fp32 copy: at batch 1024 x 128k
+            # vocabulary that copy and its read were 0.49 ms of a 20.7 ms step on an H200 (fifth session profile)
+            return SamplerOutput(logits.argmax(dim=-1))
         given = logits
         logits = logits.float()  # (B, V)
         if (batch.logits_processors or batch.banned_tokens) and logits is given:

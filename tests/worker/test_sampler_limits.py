@@ -95,3 +95,20 @@ def test_edges_on_the_gpu():
     biased = SamplingBatch(all_greedy=True, logit_bias=(torch.tensor([0], device=dev), torch.tensor([999], device=dev),
                                                         torch.tensor([100.0], device=dev)))
     assert Sampler()(row, biased).token_ids.tolist() == [999]
+
+
+def test_plain_greedy_takes_the_arg_max_of_the_logits_as_they_are(monkeypatch):
+    """All greedy with nothing else asked: no fp32 copy of the (B, V) logits (argmax over bf16 orders as over its exact
+    fp32 widening, first index on ties); greedy with logprobs still gets them, from the fp32 path."""
+    torch.manual_seed(1)
+    logits = (torch.randn(16, 300) * 4).to(torch.bfloat16)
+    logits[3, [7, 250]] = 50.0  # a tie: the first index wins
+    want = logits.float().argmax(-1)
+    widened = []
+    real_float = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float", lambda self: widened.append(self.shape) or real_float(self))
+    out = Sampler()(logits, SamplingBatch(all_greedy=True))
+    assert torch.equal(out.token_ids, want) and int(out.token_ids[3]) == 7
+    assert widened == [] and out.logprobs is None
+    out = Sampler()(logits, SamplingBatch(all_greedy=True, max_num_logprobs=2), [2] * 16)
+    assert torch.equal(out.token_ids, want) and widened == [(16, 300)] and len(out.logprobs) == 16
