@@ -126,15 +126,19 @@ def _moe_route_kernel(logits_ptr, w_ptr, ids_ptr, num_tokens, num_experts, strid
     p = tl.exp(x - tl.max(x, 1)[:, None])
     p = tl.where(e_ok[None, :], p, 0.0)
     p = p / tl.sum(p, 1)[:, None]
-    p = tl.where(e_ok[None, :], p, -1.0)  # padding experts are never picked
+    # the key the top-k ranks by: padding experts (-1) are never picked; a NaN probability (a NaN or infinite logit
+    # makes the whole row NaN) ranks above every number, as in torch.topk, so that the ids stay valid experts
+    key = tl.where(e_ok[None, :], tl.where(p == p, p, 2.0), -1.0)
     w = tl.zeros([BLOCK_T, K_PAD], tl.float32)
     ids = tl.zeros([BLOCK_T, K_PAD], tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(p, 1)
-        pick = tl.min(tl.where(p == best[:, None], e[None, :], E_PAD), 1)  # the lowest id among equal maxima
-        w = tl.where(kk[None, :] == j, best[:, None], w)
+        best = tl.max(key, 1)
+        pick = tl.min(tl.where(key == best[:, None], e[None, :], E_PAD), 1)  # the lowest id among equal maxima
+        chosen = e[None, :] == pick[:, None]
+        val = tl.sum(tl.where(chosen, p, 0.0), 1)  # p[pick] exactly (NaN stays NaN)
+        w = tl.where(kk[None, :] == j, val[:, None], w)
         ids = tl.where(kk[None, :] == j, pick[:, None], ids)
-        p = tl.where(e[None, :] == pick[:, None], -1.0, p)
+        key = tl.where(chosen, -1.0, key)
     if RENORMALIZE:
         w = w / tl.sum(w, 1)[:, None]  # the K_PAD - TOP_K padding slots are 0
     out = t[:, None].to(tl.int64) * TOP_K + kk[None, :]

@@ -273,6 +273,24 @@ def test_route_ties_go_to_the_lower_expert_and_bad_top_k_is_refused():
     assert w.shape == ids.shape == (0, 2)
 
 
+@pytest.mark.parametrize("k", [2, 8])
+def test_route_keeps_valid_expert_ids_for_nan_and_infinite_logits(k):
+    """A NaN or +-inf logit makes its row's softmax NaN: the ids stay distinct experts in [0, E) (the expert load
+    counter indexes with them; an id of E would be an out-of-bounds index on the GPU), the weights NaN as torch's."""
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    logits[1, 3] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3] = float("-inf")
+    ref_w, ref_ids = select_experts(logits, k, True)
+    w, ids = moe_kernels.route(logits, k, True)
+    assert bool(((ids >= 0) & (ids < 8)).all())
+    assert all(len(set(row)) == k for row in ids.tolist())
+    assert torch.equal(w.isnan(), ref_w.isnan()) and bool(w[1:4].isnan().all())
+    finite = [0, 4]
+    assert torch.equal(ids[finite], ref_ids[finite])
+    torch.testing.assert_close(w[finite], ref_w[finite], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("n, k, num_experts, num_local, start", [
     (37, 2, 8, 8, 0), (37, 2, 8, 4, 4), (300, 2, 8, 2, 0), (130, 4, 16, 4, 8), (1, 2, 8, 4, 4), (50, 8, 128, 128, 0),
     (700, 2, 8, 8, 0)])  # the last above SORT_MAX_PAIRS (set to 1000 here): torch's sort
