@@ -97,7 +97,8 @@ def run(a: argparse.Namespace) -> dict:
     prompts = [[rng.randrange(100, vocab - 100) for _ in range(a.input_len)] for _ in range(a.num_requests)]
     sp = SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True, detokenize=False)
     warm = [[rng.randrange(100, vocab - 100) for _ in range(a.input_len)] for _ in range(min(a.num_requests, 4))]
-    llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False), use_tqdm=False)
+    warm_tokens = max(1, min(8, llm.config.scheduler_config.max_model_len - a.input_len))  # within the context
+    llm.generate(warm, SamplingParams(max_tokens=warm_tokens, ignore_eos=True, detokenize=False), use_tqdm=False)
     mem_before = eng.executor.memory_report()
     steps0 = eng.stats.steps
     t = time.perf_counter()

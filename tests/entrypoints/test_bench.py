@@ -33,3 +33,11 @@ def test_bench_passes_engine_flags(tiny_checkpoints, capsys):
     assert res["async_scheduling"] is False and res["attention_backend"] == "torch"
     assert res["output_tokens"] == 2 * 4
     assert abs(res["output_tok_s"] * res["elapsed_s"] / (2 * 4) - 1) < 0.05
+
+
+def test_bench_runs_at_a_context_of_exactly_input_plus_output(tiny_checkpoints, capsys):
+    """--max_seq_len input_len + output_len with output_len < 8: the warm-up requests fit the context too (the engine
+    refuses a request whose prompt + max_tokens exceeds it)."""
+    res = bench_json(capsys, "--model", tiny_checkpoints["llama"], "--device", "cpu", "--dtype", "float32",
+                     "--num_requests", "2", "--input_len", "5", "--output_len", "2", "--max_seq_len", "7")
+    assert res["output_tokens"] == 2 * 2
