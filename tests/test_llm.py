@@ -145,12 +145,15 @@ def test_bad_prompts(path):
         llm.generate("hello", use_tqdm=False)
     with pytest.raises(ValueError, match="one per prompt"):
         llm.generate([[1], [2]], [GREEDY] * 3, use_tqdm=False)
-    # more tokens than the context holds: refused as the server refuses it (context_length_exceeded), naming the fix
-    with pytest.raises(ValueError, match="asks for 10 \\+ 23 = 33: set max_tokens to at most 22"):
-        llm.generate([list(range(1, 11))], SamplingParams(max_tokens=23), use_tqdm=False)
-    fits = llm.generate([list(range(1, 11))], SamplingParams(max_tokens=22, temperature=0, ignore_eos=True),
-                        use_tqdm=False)[0].outputs[0]
-    assert len(fits.token_ids) == 22
+    # max_tokens that no prompt leaves room for (10**9 "for no limit"): refused, naming the most this prompt can get
+    with pytest.raises(ValueError, match="max_tokens=32 is not below max_seq_len=32: ask for at most 22 tokens"):
+        llm.generate([list(range(1, 11))], SamplingParams(max_tokens=32), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_tokens=1000000000 is not below"):
+        llm.generate([[1, 2]], SamplingParams(max_tokens=10**9), use_tqdm=False)
+    # past the context but below it in size: the request ends at the context, as vLLM's offline LLM ends it
+    out = llm.generate([list(range(1, 11))], SamplingParams(max_tokens=31, temperature=0, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 22 and out.finish_reason == "length"
     # the engine is still usable and holds nothing after the rejected requests
     assert llm.generate([[1, 2]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert not llm.engine.has_unfinished_requests()

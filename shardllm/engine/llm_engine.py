@@ -153,11 +153,13 @@ class LLMEngine:
         if len(token_ids) >= max_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens but max_seq_len is {max_len}: shorten the "
                              f"prompt to at most {max_len - 1} tokens or raise max_seq_len")
-        if params.max_tokens is not None and len(token_ids) + params.max_tokens > max_len:
-            # as the server's context_length_exceeded: a request that cannot get what it asked for is refused
-            raise ValueError(f"max_seq_len is {max_len} tokens but the request asks for {len(token_ids)} + "
-                             f"{params.max_tokens} = {len(token_ids) + params.max_tokens}: set max_tokens to at most "
-                             f"{max_len - len(token_ids)} (or None: the rest of the context) or raise max_seq_len")
+        if params.max_tokens is not None and params.max_tokens >= max_len:
+            # never satisfiable, whatever the prompt: a mistake (10**9 "for no limit" ran to the end of an 8k
+            # context for minutes on CPU). A request that merely runs past the context ends there (finish_reason
+            # "length"), as vLLM's offline LLM does; the server refuses both (OpenAI's context_length_exceeded).
+            raise ValueError(f"max_tokens={params.max_tokens} is not below max_seq_len={max_len}: ask for at most "
+                             f"{max_len - len(token_ids)} tokens after this {len(token_ids)}-token prompt (None: the "
+                             f"rest of the context) or raise max_seq_len")
         eos = () if params.ignore_eos else self.eos_token_ids
         children = []
         for i in range(params.n):
