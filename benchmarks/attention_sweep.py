@@ -52,6 +52,9 @@ GRID = [
     DecodeConfig(tma=True, num_warps=4, num_stages=3, page_chunk=16),
     DecodeConfig(tma=True, num_warps=2, num_stages=6, page_chunk=16),
     DecodeConfig(tma=True, num_warps=2, num_stages=6, page_chunk=32),
+    DecodeConfig(tma=True, block_n=32, num_warps=2, num_stages=4, page_chunk=32),  # pairs: one softmax update each
+    DecodeConfig(tma=True, block_n=32, num_warps=2, num_stages=3, page_chunk=32),
+    DecodeConfig(tma=True, block_n=32, num_warps=4, num_stages=4, page_chunk=32),
     DecodeConfig(block_n=32, early_v=True, prefetch_pages=True, num_stages=4),  # more tiles in flight (cp.async)
     DecodeConfig(block_n=32, early_v=True, prefetch_pages=True, num_stages=5),
     DecodeConfig(block_n=128, num_warps=8),

@@ -82,7 +82,10 @@ def main() -> None:
                 *[(f"{n}_tma_w2_s{st}_pc{pc}", dt_, "1",
                    DecodeConfig(tma=True, num_warps=2, num_stages=st, page_chunk=pc))
                   for n, dt_ in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn))
-                  for st, pc in ((4, 0), (4, 16), (6, 16), (6, 32))]):
+                  for st, pc in ((4, 0), (4, 16), (6, 16), (6, 32))],
+                *[(f"{n}_tma_w2_s{st}_pc32_pairs", dt_, "1",  # two pages a softmax update (block_n 32)
+                   DecodeConfig(tma=True, num_warps=2, num_stages=st, page_chunk=32, block_n=32))
+                  for n, dt_ in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)) for st in (3, 4)]):
             os.environ["SHARDLLM_FP8_ATTN_F16_DOT"] = flag
             args = case(batch, ctx, dt, g)
             us = time_call(*args, config=cfg)

@@ -46,6 +46,38 @@ def _page_step(q, k, v, tok0, end, m, l_sum, acc, qk_scale,
     return m_new, l_sum, acc
 
 
+@_jit
+def _two_page_step(q, k0, v0, k1, v1, tok0, end, m, l_sum, acc, qk_scale,
+                   BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr):
+    """_page_step over two consecutive pages (tokens tok0 .. tok0 + 2 x BLOCK_SIZE) with one softmax update: one
+    running-max rescale of acc and l_sum for both (the per-page cost an FP8 page pays on half a bf16 page's bytes)."""
+    k0 = k0.to(q.dtype)
+    k1 = k1.to(q.dtype)
+    s0 = tl.dot(q, tl.trans(k0), input_precision=DOT_PRECISION)  # (G, BLOCK_SIZE)
+    s1 = tl.dot(q, tl.trans(k1), input_precision=DOT_PRECISION)
+    if not F16_DOT:
+        s0 = s0 * qk_scale
+        s1 = s1 * qk_scale
+    t = tok0 + tl.arange(0, BLOCK_SIZE)
+    valid0 = t < end
+    valid1 = t + BLOCK_SIZE < end
+    s0 = tl.where(valid0[None, :], s0, float("-inf"))
+    s1 = tl.where(valid1[None, :], s1, float("-inf"))
+    m_new = tl.maximum(m, tl.maximum(tl.max(s0, 1), tl.max(s1, 1)))
+    alpha = tl.exp2(m - m_new)
+    p0 = tl.exp2(s0 - m_new[:, None])
+    p1 = tl.exp2(s1 - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
+    v0 = v0.to(q.dtype)
+    v1 = v1.to(q.dtype)
+    if tok0 + 2 * BLOCK_SIZE > end:  # the pair's slots past `end` (stale bytes, or the padding page 0): never NaN x 0
+        v0 = tl.where(valid0[:, None], v0, 0.0)
+        v1 = tl.where(valid1[:, None], v1, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p0.to(v0.dtype), v0, input_precision=DOT_PRECISION)
+    acc = acc + tl.dot(p1.to(v1.dtype), v1, input_precision=DOT_PRECISION)
+    return m_new, l_sum, acc
+
+
 @_jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _decode_kernel_tma(
     q_ptr, k_desc, v_desc, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
@@ -55,8 +87,8 @@ def _decode_kernel_tma(
     F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0,
 ):
     """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
-    BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math), so partitions start on tile boundaries
-    and a page needs one block-table entry."""
+    BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math; with PAGE_CHUNK, two pages share one
+    softmax update), so partitions start on tile boundaries and a page needs one block-table entry."""
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -85,12 +117,19 @@ def _decode_kernel_tma(
         end_page = (end + BLOCK_SIZE - 1) // BLOCK_SIZE
         for p0 in range(start // BLOCK_SIZE, end_page, PAGE_CHUNK):
             pages = tl.load(table + p0 + c, mask=p0 + c < end_page, other=0)
-            for j in range(0, tl.minimum(PAGE_CHUNK, end_page - p0)):
+            for j in range(0, tl.minimum(PAGE_CHUNK, end_page - p0), PAGES):
                 row0 = tl.sum(tl.where(c == j, pages, 0)) * BLOCK_SIZE
                 k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
                 v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
-                m, l_sum, acc = _page_step(q, k0, v0, (p0 + j) * BLOCK_SIZE, end, m, l_sum, acc, qk_scale,
-                                           BLOCK_SIZE, DOT_PRECISION, F16_DOT)
+                if PAGES == 2:  # pairs never straddle a chunk (PAGE_CHUNK is even); past end_page: padding page 0
+                    row1 = tl.sum(tl.where(c == j + 1, pages, 0)) * BLOCK_SIZE
+                    k1 = k_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+                    v1 = v_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+                    m, l_sum, acc = _two_page_step(q, k0, v0, k1, v1, (p0 + j) * BLOCK_SIZE, end, m, l_sum, acc,
+                                                   qk_scale, BLOCK_SIZE, DOT_PRECISION, F16_DOT)
+                else:
+                    m, l_sum, acc = _page_step(q, k0, v0, (p0 + j) * BLOCK_SIZE, end, m, l_sum, acc, qk_scale,
+                                               BLOCK_SIZE, DOT_PRECISION, F16_DOT)
     for tok0 in range(start, end if PAGE_CHUNK == 0 else start, BLOCK_SIZE * PAGES):
         row0 = tl.load(table + tok0 // BLOCK_SIZE) * BLOCK_SIZE  # the page's first row of the (nb x bs) view
         k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)

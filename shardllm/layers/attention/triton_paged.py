@@ -398,7 +398,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     extra = {**pdl, **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}
     f16_dot = cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype)
     if cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache):
-        pages = 2 if cfg.block_n == 2 * block_size and not cfg.page_chunk else 1  # whole pages: block_n picks 1 or 2
+        pages = 2 if cfg.block_n == 2 * block_size else 1  # whole pages: block_n picks 1 or 2
         block_n = pages * block_size  # the reduce's partition unit
         _decode_kernel_tma[(num_seqs, num_kv_heads, num_splits)](
             q, descriptor(k_cache), descriptor(v_cache), block_tables, seq_lens, out, part_acc, part_ml, k_scale,
