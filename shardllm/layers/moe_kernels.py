@@ -39,12 +39,56 @@ FORCE: bool | None = None
 COMBINE_BLOCK = 1024  # hidden columns per program
 
 
+_PROBED: dict[tuple, bool] = {}  # (device type, index) -> whether the kernels matched their torch twins there
+
+
 def applies(x: torch.Tensor) -> bool:
-    """Whether the MoE layer takes the Triton glue for activations `x` (host checks only: graph-capturable). Not
-    where triton_ops is off (attention_backend="torch": the all-torch reference path has no fused kernels)."""
+    """Whether the MoE layer takes the Triton glue for activations `x` (host checks and a cached probe only:
+    graph-capturable). Not where triton_ops is off (attention_backend="torch": the all-torch reference path has no
+    fused kernels), nor on a device where `glue_ok` found the kernels failing or disagreeing with torch."""
     if not ENABLED or FORCE is False or not HAS_TRITON:
         return False
-    return FORCE is True or (x.is_cuda and triton_ops.use_triton(x))
+    return FORCE is True or (x.is_cuda and triton_ops.use_triton(x) and glue_ok(x.device))
+
+
+def glue_ok(device: torch.device) -> bool:
+    """Whether route, sort_pairs and moe_combine run on `device` and equal select_experts, sort_by_expert and
+    combine_expert_rows there (probed once per device, as fp8_triton.triton_fp8_ok, so that a Triton build that
+    cannot compile or miscompiles them leaves the MoE layer on torch's ops instead of failing or serving wrong
+    numbers). The first MoE forward is the engine's eager profiling run; a probe that would fall inside a CUDA graph
+    capture answers False for that capture without caching (torch's ops are captured, equally correct)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
+    if key in _PROBED:
+        return _PROBED[key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    import logging
+
+    from shardllm.layers.moe import combine_expert_rows, select_experts, sort_by_expert
+
+    ok = False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(37, 8, device=device, generator=g) * 2
+        w_ref, ids_ref = select_experts(logits, 2, True)
+        w, ids = route(logits, 2, True)
+        order, is_local, offs, inv = sort_pairs(ids_ref, 4, 4)  # an ep rank: half the experts local
+        o_ref, l_ref, offs_ref = sort_by_expert(ids_ref, 4, 4)
+        y = torch.randn(74, 96, device=device, generator=g)
+        got = moe_combine(y, w_ref, order, offs, torch.float32, inv=inv)
+        want = combine_expert_rows(y, w_ref, o_ref, l_ref, torch.float32)
+        ok = bool(torch.equal(ids, ids_ref) and torch.allclose(w, w_ref, rtol=1e-5, atol=1e-6)
+                  and torch.equal(order, o_ref) and torch.equal(offs, offs_ref) and torch.equal(is_local, l_ref)
+                  and torch.allclose(got, want, rtol=1e-5, atol=1e-5))
+    except Exception as e:  # a Triton that cannot compile or run them here
+        logging.getLogger(__name__).warning("MoE Triton kernels unavailable (%s: %s)", type(e).__name__, e)
+    if not ok:
+        logging.getLogger(__name__).warning("MoE Triton kernels disagree with torch on %s: the MoE layers use "
+                                            "torch's ops there", device)
+    _PROBED[key] = ok
+    return ok
 
 
 def inverse_order(order: torch.Tensor) -> torch.Tensor:

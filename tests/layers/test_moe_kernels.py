@@ -190,10 +190,14 @@ def test_glue_off_where_triton_ops_is_off(monkeypatch):
 
     monkeypatch.setattr(moe_kernels, "ENABLED", True)
     monkeypatch.setattr(moe_kernels, "FORCE", None)
-    x = SimpleNamespace(is_cuda=True)  # applies() looks at the device only
+    x = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))  # applies() looks at the device only
+    monkeypatch.setattr(moe_kernels, "_PROBED", {("cuda", 0): True})  # the kernels passed their probe there
     monkeypatch.setattr(triton_ops, "USE_TRITON", None)
     assert moe_kernels.applies(x)
     monkeypatch.setattr(triton_ops, "USE_TRITON", False)
+    assert not moe_kernels.applies(x)
+    monkeypatch.setattr(triton_ops, "USE_TRITON", None)
+    monkeypatch.setattr(moe_kernels, "_PROBED", {("cuda", 0): False})  # ... and where they failed it: torch's ops
     assert not moe_kernels.applies(x)
 
 
@@ -379,3 +383,25 @@ def test_moe_kernels_compile_for_sm90():
     assert r.returncode == 0, r.stderr[-2000:]
     loads = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(loads) == {"combine", "route", "sort"} and all(n > 0 for n in loads.values())
+
+
+def test_glue_probe_passes_here_and_turns_the_glue_off_where_a_kernel_disagrees(monkeypatch, caplog):
+    """glue_ok runs the three kernels once per device against torch's ops: they agree under the interpreter; a kernel
+    that returns wrong ids (a miscompile) or raises makes the device use torch's ops, said once in the log."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(moe_kernels, "_PROBED", {})
+    assert moe_kernels.glue_ok(cpu) is True and moe_kernels._PROBED == {("cpu", None): True}
+    real_route = moe_kernels.route
+    monkeypatch.setattr(moe_kernels, "_PROBED", {})
+    monkeypatch.setattr(moe_kernels, "route", lambda *a: (lambda w, ids: (w, ids.flip(1)))(*real_route(*a)))
+    assert moe_kernels.glue_ok(cpu) is False and "disagree with torch" in caplog.text
+    calls = []
+    monkeypatch.setattr(moe_kernels, "route", lambda *a: calls.append(1) or real_route(*a))
+    assert moe_kernels.glue_ok(cpu) is False and not calls  # cached: not probed again
+
+    def broken(*a, **k):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(moe_kernels, "_PROBED", {})
+    monkeypatch.setattr(moe_kernels, "sort_pairs", broken)
+    assert moe_kernels.glue_ok(cpu) is False and "unavailable (RuntimeError" in caplog.text
