@@ -25,6 +25,7 @@ from torch import nn
 
 from shardllm import envs
 from shardllm.layers.attention import AttentionMetadata
+from shardllm.worker.sampler import is_plain_greedy  # noqa: F401 - the graph's argmax stands for such a sampler
 
 logger = logging.getLogger(__name__)
 
@@ -55,13 +56,6 @@ def sampled_rows(t: torch.Tensor, logits_indices: torch.Tensor, num_seqs: int) -
     if logits_indices.shape[0] == num_seqs:
         return t[:num_seqs]
     return t[logits_indices]
-
-
-def is_plain_greedy(batch) -> bool:
-    """Whether a `SamplingBatch` is the argmax of the raw logits, so that the graph's argmax may stand for the
-    sampler: every row greedy, and no logprobs, penalties, biases, banned tokens or logits processors."""
-    return (batch.all_greedy and batch.max_num_logprobs is None and batch.presence is None
-            and batch.logit_bias is None and not batch.banned_tokens and not batch.logits_processors)
 
 
 class GraphOutput(NamedTuple):
