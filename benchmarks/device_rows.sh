@@ -6,6 +6,7 @@
 #                             timeout, default 150 s; MODEL_FLAGS: flags every row gets) into $w/rows.jsonl
 #   row TIMEOUT NAME ENVS ..  b with T=TIMEOUT, then pack, if the time left (limit - (SECONDS - t0)) covers TIMEOUT;
 #                             else a line saying it was skipped (needs limit and t0)
+#   left                      the seconds left: limit - (SECONDS - t0)
 pack() { tar -czf "$OUT/results.tgz" -C "$w" . 2>/dev/null; }
 say() { echo "$*" | tee -a "$OUT/summary.txt"; }
 b() {
@@ -26,7 +27,8 @@ print(name, {k: d.get(k) for k in ("output_tok_s", "output_tok_s_per_gpu", "tpot
                                    "batch_size", "max_num_tokens", "weights_gib_per_rank", "error")})
 PY
 }
+left() { echo $(( limit - (SECONDS - t0) )); }
 row() {
   local t=$1; shift
-  if [ $(( limit - (SECONDS - t0) )) -ge "$t" ]; then T=$t b "$@"; pack; else say "$1: skipped (time)"; fi
+  if [ "$(left)" -ge "$t" ]; then T=$t b "$@"; pack; else say "$1: skipped (time)"; fi
 }

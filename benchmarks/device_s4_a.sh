@@ -13,7 +13,6 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
 limit=${LIMIT_S:-540}; t0=$SECONDS
 . benchmarks/device_rows.sh  # pack, say, b
-left() { echo $(( limit - (SECONDS - t0) )); }
 say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
 gpu0() {
   CUDA_VISIBLE_DEVICES=0 OUT="$w/gemv" EXTRA=1 ROW_TIMEOUT=55 timeout $(( limit - 20 )) \

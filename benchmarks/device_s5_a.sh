@@ -14,7 +14,6 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
 limit=${LIMIT_S:-500}; t0=$SECONDS
 . benchmarks/device_rows.sh  # pack, say, b
-left() { echo $(( limit - (SECONDS - t0) )); }
 say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
 timeout 200 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/layers/test_pdl.py > "$w/pdl_tests.txt" 2>&1
 say "pdl tests: $(tail -1 "$w/pdl_tests.txt")"; grep -E "^(FAILED|ERROR)" "$w/pdl_tests.txt" | head | tee -a "$OUT/summary.txt"

@@ -12,7 +12,6 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
 limit=${LIMIT_S:-500}; t0=$SECONDS
 . benchmarks/device_rows.sh  # pack, say, b, row
-left() { echo $(( limit - (SECONDS - t0) )); }
 T128="--num_requests 1000 --input_len 128 --output_len 128"
 B1="--batch_size 1 --num_requests 2 --input_len 128 --output_len 128"
 say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"

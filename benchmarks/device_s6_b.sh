@@ -12,7 +12,6 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
 limit=${LIMIT_S:-450}; t0=$SECONDS
 . benchmarks/device_rows.sh  # pack, say, b, row
-left() { echo $(( limit - (SECONDS - t0) )); }
 say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
 CUDA_VISIBLE_DEVICES=0 timeout 150 python benchmarks/fp8_attention_kernel.py --cases 512x170 1024x192 500x1500 \
   --block_sizes 16 32 64 > "$w/kernel_bs.jsonl" 2> "$w/err_kernel_bs.txt" &

@@ -10,7 +10,6 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
 limit=${LIMIT_S:-400}; t0=$SECONDS
 . benchmarks/device_rows.sh  # pack, say, b, row
-left() { echo $(( limit - (SECONDS - t0) )); }
 say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
 for tp in 2 1; do
   [ "$(left)" -ge 140 ] || { say "70b tp $tp profile: skipped (time)"; continue; }
