@@ -54,3 +54,19 @@ def write_text_checkpoint(path: str, vocab_size: int = 49152, **overrides) -> st
     weights["lm_head.weight"] *= 8
     safetensors.torch.save_file(weights, file, metadata={"format": "pt"})
     return path
+
+
+def greedy_tokens_then_batch1(path: str, num_prompts: int, max_tokens: int, **llm_kwargs) -> list[list[int]]:
+    """Greedy tokens of `num_prompts` short prompts run together, then of the first one alone (a batch-1 step), from
+    a fresh engine on `path` (small cache and batch) that is shut down after; for on / off comparisons of a path."""
+    from shardllm import LLM, SamplingParams
+
+    llm = LLM(path, num_kv_blocks=64, max_batch_size=8, **llm_kwargs)
+    try:
+        prompts = [[1 + (7 * i + j) % 300 for j in range(6 + i)] for i in range(num_prompts)]
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+        tokens += [o.outputs[0].token_ids for o in llm.generate(prompts[:1], sp, use_tqdm=False)]  # batch 1
+    finally:
+        llm.shutdown()
+    return tokens

@@ -18,6 +18,7 @@ from shardllm.layers.gemv import GemvConfig, gemv, load_table  # noqa: E402
 from shardllm.layers.gemv_silu import SiluAndMulInput, silu_gemv  # noqa: E402
 from shardllm.layers.quantization import QuantizationConfig, quant_config_scope  # noqa: E402
 from shardllm.layers.quantization.fp8_utils import quantize_per_row  # noqa: E402
+from tests.helpers import greedy_tokens_then_batch1  # noqa: E402
 
 INTERPRET = isinstance(gemv_mod._gemv_kernel, InterpretedFunction)
 cpu = pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 before triton's import")
@@ -241,21 +242,12 @@ def test_gpu_mlp_fused_equals_unfused(monkeypatch, fp8):
 
 def _tiny_llama_tokens(path: str, fused: bool, **llm_kwargs) -> tuple[list, int]:
     """Greedy tokens of the tiny Llama with the fused GEMV on or off, and how many fused launches ran."""
-    from shardllm import LLM, SamplingParams
-
     calls = []
     with pytest.MonkeyPatch.context() as mp:
         real = gemv_silu.silu_gemv
         mp.setattr(gemv_silu, "silu_gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
         mp.setattr(gemv_silu, "ENABLED", fused)
-        llm = LLM(path, num_kv_blocks=64, max_batch_size=8, **llm_kwargs)
-        try:
-            prompts = [[1 + (7 * i + j) % 300 for j in range(6 + i)] for i in range(2)]
-            sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-            tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
-            tokens += [o.outputs[0].token_ids for o in llm.generate(prompts[:1], sp, use_tqdm=False)]  # batch 1
-        finally:
-            llm.shutdown()
+        tokens = greedy_tokens_then_batch1(path, 2, 6, **llm_kwargs)
     return tokens, len(calls)
 
 

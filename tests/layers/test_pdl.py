@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 from shardllm.layers import gemv, moe_kernels, pdl, triton_ops  # noqa: E402
 from shardllm.layers.attention import triton_decode_tma, triton_paged  # noqa: E402
 from shardllm.layers.quantization import fp8_fused, fp8_triton  # noqa: E402
+from tests.helpers import greedy_tokens_then_batch1  # noqa: E402
 
 KERNELS = [triton_ops._fused_rmsnorm_row_kernel, triton_ops._fused_silu_and_mul_kernel,
            triton_ops._fused_rotary_kernel, gemv._gemv_kernel, gemv._splitk_reduce_kernel, triton_paged._decode_kernel,
@@ -78,19 +79,9 @@ def test_every_pdl_kernel_waits_before_it_touches_memory(kernel):
 
 
 def _tiny_llama_tokens(path: str, on: bool, monkeypatch, **llm_kwargs) -> list:
-    from shardllm import LLM, SamplingParams
-
     monkeypatch.setattr(pdl, "ENABLED", on)  # this process (tp 1)
     monkeypatch.setenv("SHARDLLM_PDL", "1" if on else "0")  # worker processes (tp 2) read it at import
-    llm = LLM(path, num_kv_blocks=64, max_batch_size=8, **llm_kwargs)
-    try:
-        prompts = [[1 + (7 * i + j) % 300 for j in range(6 + i)] for i in range(3)]
-        sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-        tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
-        tokens += [o.outputs[0].token_ids for o in llm.generate(prompts[:1], sp, use_tqdm=False)]  # batch 1
-    finally:
-        llm.shutdown()
-    return tokens
+    return greedy_tokens_then_batch1(path, 3, 8, **llm_kwargs)
 
 
 @pytest.mark.gpu
