@@ -18,7 +18,7 @@ say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(
 timeout 120 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/layers/test_fp8_moe_gpu.py tests/models/test_moe.py \
   > "$w/moe_tests.txt" 2>&1
 say "moe gpu tests: $(tail -1 "$w/moe_tests.txt")"; grep -E "^(FAILED|ERROR)" "$w/moe_tests.txt" | head | tee -a "$OUT/summary.txt"
-for ep in 1 2; do
+for ep in ${PROFILE_EPS-1 2}; do  # PROFILE_EPS="" skips the profiles
   [ "$(left)" -gt 110 ] || break
   timeout 100 python benchmarks/profile_decode.py --load_format dummy --input_len 128 --batch_sizes 1024 --steps 8 \
     --top 25 --out_dir "$w/ranks_mixtral_ep$ep" --model mixtral-8x7b --dtype fp8 --tp_size 2 --ep_size $ep \

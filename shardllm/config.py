@@ -21,6 +21,19 @@ _DTYPES = {
     "fp8": None,  # = quantization="fp8": FP8 linears (online W8A8), everything else in auto's dtype
 }
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+# Tokens per KV block when block_size is not given: 16 (vLLM's default), 64 for an FP8 cache on a GPU. A page of 64
+# FP8 tokens is 8 KiB of K per kv head, where 16 tokens left the decode kernels paying their fixed cost a page
+# (a TMA barrier wait, a softmax update) for 2 KiB. Measured on an H200 (sixth session, benchmarks/device_s6_b.sh,
+# docs/benchmarks.md): Llama-3-8B fp8 + fp8 KV, 500 x 1000/1000, 14,098 (16) -> 15,253 (32) -> 15,885 (64) out
+# tok/s; 1000 x 128/128 23,537 -> 23,564 -> 23,882 (same call). A bf16 cache's page is already 4 KiB at 16 tokens.
+DEFAULT_BLOCK_SIZE, FP8_CACHE_BLOCK_SIZE = 16, 64
+
+
+def default_block_size(kv_cache_dtype: str = "auto", device: str = "cuda") -> int:
+    """Tokens per KV cache block when none is given: FP8_CACHE_BLOCK_SIZE (64) for an FP8 cache (`kv_cache_dtype`
+    fp8 / fp8_e4m3 / fp8_e5m2) on `device` "cuda", else DEFAULT_BLOCK_SIZE (16). See the measurements above."""
+    fp8 = isinstance(kv_cache_dtype, str) and kv_cache_dtype.lower().startswith("fp8")
+    return FP8_CACHE_BLOCK_SIZE if fp8 and device == "cuda" else DEFAULT_BLOCK_SIZE
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,7 @@ class SchedulerConfig:
 
 def check_engine_settings(*, tensor_parallel_size: int | str = 1, pipeline_parallel_size: int = 1,
                           expert_parallel_size: int = 1, max_batch_size: int | None = None,
-                          max_num_tokens: int | None = None, block_size: int = 16,
+                          max_num_tokens: int | None = None, block_size: int | None = None,
                           kv_cache_free_gpu_memory_fraction: float = 0.9, dtype: str = "auto",
                           kv_cache_dtype: str = "auto", quantization: str | None = None) -> None:
     """The checks of `EngineConfig.create` that need no model (sizes, dtypes, quantization), for callers that
@@ -112,7 +125,7 @@ def check_engine_settings(*, tensor_parallel_size: int | str = 1, pipeline_paral
                     ("pipeline_parallel_size", pipeline_parallel_size),
                     ("expert_parallel_size", expert_parallel_size), ("max_batch_size", max_batch_size),
                     ("max_num_tokens", max_num_tokens), ("block_size", block_size)]:
-        if v is None and name in ("max_batch_size", "max_num_tokens"):  # None: default_batch_limits decides
+        if v is None and name in ("max_batch_size", "max_num_tokens", "block_size"):  # None: the defaults decide
             continue
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -153,7 +166,7 @@ class EngineConfig:
                max_batch_size: int | None = None, max_num_tokens: int | None = None,
                max_seq_len: int | None = None,
                kv_cache_free_gpu_memory_fraction: float = 0.9, cpu_kv_cache_gb: float = 1.0,
-               enable_prefix_caching: bool = True, block_size: int = 16, num_kv_blocks: int | None = None,
+               enable_prefix_caching: bool = True, block_size: int | None = None, num_kv_blocks: int | None = None,
                load_format: str = "auto", device: str = "auto", seed: int = 0, enforce_eager: bool = False,
                trust_remote_code: bool = False, tokenizer: str | None = None,
                distributed_executor_backend: str | None = None, attention_backend: str = "auto",
@@ -228,6 +241,8 @@ class EngineConfig:
         if all_reduce == "symm_mem" and device != "cuda":
             raise ValueError("all_reduce='symm_mem' runs on CUDA GPUs only: use all_reduce='nccl' (the default) on "
                              "CPU")
+        if block_size is None:
+            block_size = default_block_size(kv_cache_dtype, device)
         cache_config = CacheConfig(block_size, kv_cache_free_gpu_memory_fraction, cpu_kv_cache_gb,
                                    enable_prefix_caching, num_kv_blocks, kv_cache_dtype=kv_cache_dtype)
         if async_scheduling is None:  # with a pipeline: opt in (not yet measured on GPUs against the default)

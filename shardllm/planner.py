@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from shardllm.config import KV_CACHE_DTYPES, moe_intermediate_size, num_experts, valid_tp_sizes
+from shardllm.config import KV_CACHE_DTYPES, default_block_size, moe_intermediate_size, num_experts, valid_tp_sizes
 from shardllm.distributed.parallel_state import pp_layer_split
 from shardllm.model_loader.size import layer_shapes
 
@@ -151,7 +151,7 @@ def _activation_bytes(c, tp: int, num_tokens: int, max_num_seqs: int, act_bytes:
 
 def estimate(hf_config, tp: int = 1, pp: int = 1, *, weight_dtype: str = "bf16", kv_cache_dtype: str = "auto",
              max_seq_len: int | None = None, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
-             gpu_memory_bytes: int = 80 * GiB, kv_cache_free_gpu_memory_fraction: float = 0.9, block_size: int = 16,
+             gpu_memory_bytes: int = 80 * GiB, kv_cache_free_gpu_memory_fraction: float = 0.9, block_size: int | None = None,
              pp_partition: list[int] | None = None) -> LayoutEstimate:
     """Memory per GPU of a tp x pp layout, sized as the engine does at start-up (worker/model_runner.py):
     KV budget = (GPU memory - weights - overhead) x kv_cache_free_gpu_memory_fraction - profile activations.
@@ -162,6 +162,8 @@ def estimate(hf_config, tp: int = 1, pp: int = 1, *, weight_dtype: str = "bf16",
             embeddings, LM head, norms and routers stay 2 bytes).
         kv_cache_dtype: auto (the activation dtype) | fp8 | fp8_e4m3 | fp8_e5m2 (1 byte) | bf16 | fp16.
         gpu_memory_bytes: total memory of one GPU, bytes.
+        block_size: tokens per KV block (capacity is whole blocks); None: the engine's GPU default
+            (config.default_block_size: 64 with an FP8 cache, else 16).
     Raises:
         ValueError: a tp that does not split the heads, a pp beyond the layers, a bad dtype; each names the rule.
     Example (Llama-3-70B, tp 4, bf16): KV per token per GPU = 2 (K and V) x 80 layers x 8/4 kv heads x 128 x
@@ -176,6 +178,8 @@ def estimate(hf_config, tp: int = 1, pp: int = 1, *, weight_dtype: str = "bf16",
                          f"the kv heads must split evenly or be replicated a whole number of times: use one of {valid}")
     wbytes, abytes = WEIGHT_DTYPES[weight_dtype], (4 if weight_dtype in ("fp32", "float32") else 2)
     kv_elem = kv_bytes_per_element(kv_cache_dtype, abytes)
+    if block_size is None:
+        block_size = default_block_size(kv_cache_dtype, "cuda")
     max_seq_len = max_seq_len or getattr(c, "max_position_embeddings", None) or 4096
     heads = c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or heads

@@ -242,3 +242,22 @@ def test_dtype_names_are_case_insensitive(path):
 def test_unknown_llm_argument_names_llm():
     with pytest.raises(TypeError, match=r"LLM\(\) got unexpected keyword arguments \['bogus_arg'\]"):
         LLM(bogus_arg=1)
+
+
+def test_kv_block_size_default_is_64_for_an_fp8_cache_on_a_gpu_else_16(path):
+    from shardllm.config import EngineConfig, default_block_size
+    from shardllm.planner import estimate
+
+    assert default_block_size("fp8", "cuda") == default_block_size("FP8_E5M2", "cuda") == 64
+    assert default_block_size("fp8_e4m3", "cpu") == default_block_size("auto", "cuda") == 16
+    assert EngineConfig.create(path, kv_cache_dtype="fp8", device="cpu").cache_config.block_size == 16
+    assert EngineConfig.create(path, kv_cache_dtype="fp8", device="cpu", block_size=32).cache_config.block_size == 32
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1"):
+        EngineConfig.create(path, device="cpu", block_size=0)
+    # the planner sizes capacity in the engine's GPU blocks
+    cfg = EngineConfig.create(path, device="cpu").model_config.hf_config
+    fp8 = estimate(cfg, kv_cache_dtype="fp8", gpu_memory_bytes=1 << 30)
+    assert fp8.stages[0].kv_tokens == estimate(cfg, kv_cache_dtype="fp8", gpu_memory_bytes=1 << 30,
+                                               block_size=64).stages[0].kv_tokens
+    assert fp8.stages[0].kv_tokens % 64 == 0 and fp8.stages[0].kv_tokens > 64
+    assert estimate(cfg, gpu_memory_bytes=1 << 30).stages[0].kv_tokens % 16 == 0

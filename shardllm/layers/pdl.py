@@ -1,4 +1,4 @@
-"""Programmatic dependent launch (PDL) for the decode path's Triton kernels (issues 13 and 15; opt-in).
+"""Programmatic dependent launch (PDL) for the decode path's Triton kernels (issues 13 and 15; on by default on sm90+).
 
 At batch 1 a decode step is some 300 small kernels (about nine a layer), and each boundary costs the GPU a few
 microseconds in which the next kernel is launched and its programs placed while the previous one drains. A kernel
@@ -11,7 +11,7 @@ launched without PDL (cuBLAS, torch, NCCL) keep the stream's usual order on both
 
 Kernels take it as a `USE_PDL: tl.constexpr` parameter (default False: the code compiled without it is unchanged)
 and call `pdl_enter(USE_PDL)` first; launches add `**launch_args(device)`, which is empty unless PDL applies.
-Switch: SHARDLLM_PDL=1 (read at import) on a CUDA GPU of compute capability >= 9 with a Triton that has
+Switch: on unless SHARDLLM_PDL=0 (read at import), on a CUDA GPU of compute capability >= 9 with a Triton that has
 `launch_pdl` (3.3 and later). Sources: CUDA C++ Programming Guide, "Programmatic Dependent Launch and
 Synchronization"; Triton's tutorial 11 (programmatic dependent launch).
 """
@@ -62,7 +62,7 @@ def supported(device_index: int) -> bool:
 
 def launch_args(device: torch.device) -> dict:
     """The launch keywords for a PDL kernel on `device`: {"USE_PDL": True, "launch_pdl": True} where SHARDLLM_PDL
-    is on and `supported`, else {} (the kernel's defaults: no PDL). Never raises."""
+    is on (the default) and `supported`, else {} (the kernel's defaults: no PDL). Never raises."""
     if not ENABLED or device.type != "cuda":
         return _OFF
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -290,3 +290,40 @@ def test_two_pages_a_softmax_update_give_the_same_attention(tma_launches, monkey
     torch.testing.assert_close(two.float(), one.float(), atol=1e-2, rtol=1e-2)
     ref = reference(q, *deq, meta)
     assert (two.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+
+
+def test_table_entries_on_larger_pages_drop_page_chunk_and_deep_stages(monkeypatch):
+    """The table was swept on 16-token pages: on 32- and 64-token pages (the FP8 cache's GPU default is 64) a TMA
+    entry runs with page_chunk 0 and at most 4 stages, the best of the measured rows; other entries are unchanged."""
+    from shardllm.layers.attention import decode_configs as dc
+
+    monkeypatch.setattr(dc, "DECODE_CONFIGS", {"fp8_e4m3/128/64": {"block_n": 32, "prefetch_pages": True},
+                                               "fp8_e4m3/128/256": {"num_stages": 6, "num_warps": 2,
+                                                                     "page_chunk": 32, "tma": True},
+                                               "fp8_e4m3/128/512": {"num_warps": 2, "page_chunk": 16, "tma": True}})
+    monkeypatch.setattr(dc, "_config_cache", {})
+    fp8 = torch.float8_e4m3fn
+    assert dc.decode_config(200, 128, fp8) == DecodeConfig(num_stages=6, num_warps=2, page_chunk=32, tma=True)
+    assert dc.decode_config(200, 128, fp8, 16) == dc.decode_config(200, 128, fp8)
+    for bs in (32, 64):
+        assert dc.decode_config(200, 128, fp8, bs) == DecodeConfig(num_stages=4, num_warps=2, tma=True)
+        assert dc.decode_config(512, 128, fp8, bs) == DecodeConfig(num_stages=4, num_warps=2, tma=True)
+        assert dc.decode_config(8, 128, fp8, bs) == DecodeConfig(block_n=32, prefetch_pages=True)  # pointer kernel
+
+
+@cpu
+@pytest.mark.parametrize("cfg", [DecodeConfig(block_n=32, early_v=True, num_stages=4, prefetch_pages=True),
+                                 DecodeConfig(block_n=32)], ids=["bn32-prefetch-earlyv", "bn32"])
+def test_pointer_kernel_tiles_smaller_than_a_page(monkeypatch, cfg):
+    """The table's pointer-kernel entries (32-token tiles) on 64-token pages, the FP8 cache's GPU default: a tile
+    is half a page, so two tiles share a page id; equal to the oracle within FP8's error."""
+    import tests.layers.test_triton_attention as attn
+
+    monkeypatch.setattr(attn, "BLOCK_SIZE", 64)
+    monkeypatch.setenv("SHARDLLM_FP8_ATTN_F16_DOT", "1")
+    q, kc8, vc8, meta, ks, vs, deq = fp8_case(torch.float8_e4m3fn, [1] * 4, [150, 33, 0, 64], True, seed=6)
+    assert kc8.shape[1] == 64
+    got = run_decode(q, kc8, vc8, meta, num_splits=2, config=cfg, k_scale=ks, v_scale=vs)
+    ref = reference(q, *deq, meta)
+    assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+    assert got[2].abs().max() == 0

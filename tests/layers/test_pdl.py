@@ -39,11 +39,11 @@ def fake_gpu(monkeypatch):
     pdl.supported.cache_clear()
 
 
-def test_off_by_default_and_off_the_gpu(monkeypatch):
-    assert pdl.ENABLED is False  # SHARDLLM_PDL unset in the test environment
-    assert pdl.launch_args(torch.device("cuda", 0)) == {}
-    monkeypatch.setattr(pdl, "ENABLED", True)
+def test_on_by_default_never_off_the_gpu_and_switched_off_by_zero(monkeypatch):
+    assert pdl.ENABLED is True  # SHARDLLM_PDL unset in the test environment
     assert pdl.launch_args(torch.device("cpu")) == {}
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert pdl.launch_args(torch.device("cuda", 0)) == {}
 
 
 def test_on_for_hopper_and_later_only(fake_gpu, monkeypatch):

@@ -106,16 +106,31 @@ def _f16_dot(q_dtype: torch.dtype, cache_dtype: torch.dtype, tma: bool = False) 
             and (tma or envs.get("SHARDLLM_FP8_ATTN_F16_DOT")))  # get: cheaper per launch than the attribute
 
 
-def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> DecodeConfig:
-    """The DECODE_CONFIGS entry for this batch size, head_dim and cache dtype, else DecodeConfig().
+# The table's entries were swept on caches of TABLE_BLOCK_SIZE-token pages. On larger pages a TMA entry runs one
+# page a tile with page_chunk 0 and at most LARGE_PAGE_MAX_STAGES stages: measured on an H200 (sixth session,
+# `benchmarks/fp8_attention_kernel.py --block_sizes 16 32 64`, us per layer, FP8 cache), at 64-token pages page_chunk
+# 0 / 16 / 32 took 74.6 / 83.6 / 106.1 (512 x 170 tokens) and 153.2 / 173.2 / 218.5 (1024 x 192); at 32-token pages
+# 71.6 / 75.2 / 81.4 and 150.0 / 156.0 / 167.8 (500 x 1500: 504.8 / 500.2 / 511.3), the chunked rows at 4 and 6 stages.
+TABLE_BLOCK_SIZE, LARGE_PAGE_MAX_STAGES = 16, 4
+
+
+def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype, block_size: int = TABLE_BLOCK_SIZE
+                  ) -> DecodeConfig:
+    """The DECODE_CONFIGS entry for this batch size, head_dim and cache dtype, else DecodeConfig(); on caches of
+    more than TABLE_BLOCK_SIZE tokens a page (`block_size`), a TMA entry without page_chunk and with at most
+    LARGE_PAGE_MAX_STAGES stages (measured above).
 
     SHARDLLM_DECODE_ATTN_TUNED=0 in the environment ignores the table (the original launch, for A/B runs).
     """
     if not envs.get("SHARDLLM_DECODE_ATTN_TUNED"):  # get: cheaper per call than the attribute
         return DecodeConfig()
-    key = (num_seqs, head_dim, cache_dtype)
+    key = (num_seqs, head_dim, cache_dtype, block_size)
     if key not in _config_cache:  # a few us of parsing per layer otherwise, in eager decode
-        _config_cache[key] = _lookup_config(num_seqs, head_dim, cache_dtype)
+        cfg = _lookup_config(num_seqs, head_dim, cache_dtype)
+        if block_size > TABLE_BLOCK_SIZE and cfg.tma:
+            cfg = dataclasses.replace(cfg, page_chunk=0,
+                                      num_stages=min(cfg.num_stages or LARGE_PAGE_MAX_STAGES, LARGE_PAGE_MAX_STAGES))
+        _config_cache[key] = cfg
     return _config_cache[key]
 
 

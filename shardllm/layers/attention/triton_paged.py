@@ -364,7 +364,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables: (B, max_blocks) int32; seq_lens: (B,) int32 context length including this token
             (0 for padding rows, which give zeros).
         num_splits: partitions per sequence, a power of two <= MAX_NUM_SPLITS; overrides the config's.
-        config: launch choices; default decode_config(B, D, cache dtype).
+        config: launch choices; default decode_config(B, D, cache dtype, block_size).
         k_scale, v_scale: () fp32 tensors on q's device, both or neither: the cache holds k / k_scale and
             v / v_scale (an FP8 cache); the kernel reads them at run time and returns
             softmax(q.k * k_scale * scale) (v * v_scale). None: the cache is read as stored.
@@ -380,7 +380,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = num_heads // num_kv_heads
     if config is not None:
         config.validate()  # the table's entries are validated once, at lookup
-    cfg = decode_config(num_seqs, head_dim, k_cache.dtype) if config is None else config
+    cfg = decode_config(num_seqs, head_dim, k_cache.dtype, block_size) if config is None else config
     k_scale, v_scale, kv_scaled = kv_scale_args(k_scale, v_scale, seq_lens)
     if num_splits is None:
         num_splits = cfg.num_splits or default_num_splits(num_seqs, num_kv_heads, q.device)
