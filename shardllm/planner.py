@@ -151,8 +151,8 @@ def _activation_bytes(c, tp: int, num_tokens: int, max_num_seqs: int, act_bytes:
 
 def estimate(hf_config, tp: int = 1, pp: int = 1, *, weight_dtype: str = "bf16", kv_cache_dtype: str = "auto",
              max_seq_len: int | None = None, max_num_batched_tokens: int = 8192, max_num_seqs: int = 256,
-             gpu_memory_bytes: int = 80 * GiB, kv_cache_free_gpu_memory_fraction: float = 0.9, block_size: int | None = None,
-             pp_partition: list[int] | None = None) -> LayoutEstimate:
+             gpu_memory_bytes: int = 80 * GiB, kv_cache_free_gpu_memory_fraction: float = 0.9,
+             block_size: int | None = None, pp_partition: list[int] | None = None) -> LayoutEstimate:
     """Memory per GPU of a tp x pp layout, sized as the engine does at start-up (worker/model_runner.py):
     KV budget = (GPU memory - weights - overhead) x kv_cache_free_gpu_memory_fraction - profile activations.
 
