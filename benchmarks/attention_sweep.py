@@ -11,7 +11,12 @@ an empty entry keeps the current launch, chosen unless a config is --min_gain fa
 first by --jobs processes into Triton's disk cache; the time budget then goes 3 : 1 : 1.5 : 1.5 to batch
 512 / 256 / 64 / 1, each case timing the grid in order until its share is spent (the log says how many it skipped).
 
+--block_size B sweeps caches of B-token pages (keys "dtype/head_dim/bucket/B"; with B > 16 the grid is
+LARGE_PAGE_GRID); --cases 512x170 512x1500 picks the (batch, mean context) cases; cases of one bucket share its entry:
+the config with the least mean time relative to each case's best, among those timed in all of them.
+
     python benchmarks/attention_sweep.py [--budget_s 45] [--out rows.jsonl]
+    python benchmarks/attention_sweep.py --block_size 64 --dtypes fp8_e4m3 --cases 512x170 512x1500 64x1000 1x200
     TRITON_INTERPRET=1 python benchmarks/attention_sweep.py --smoke   # CPU: one tiny case, wall-clock "timing"
 """
 
@@ -75,6 +80,24 @@ GRID = [
     DecodeConfig(prefetch_pages=True, k_rowmajor=True, num_stages=2),
     DecodeConfig(block_n=128, num_warps=4),
     DecodeConfig(num_warps=2),
+]
+# Pages past 16 tokens (sixth session: there page_chunk lost and 4 stages led): one page a tile by TMA at 2 / 4 / 8
+# warps and 2-4 stages, two pages a softmax update, and the pointer kernel's tiles of half a page and a whole one.
+LARGE_PAGE_GRID = [
+    DecodeConfig(),
+    DecodeConfig(tma=True, num_warps=2, num_stages=4),
+    DecodeConfig(tma=True, num_warps=2, num_stages=3),
+    DecodeConfig(tma=True, num_warps=2, num_stages=2),
+    DecodeConfig(tma=True, num_warps=4, num_stages=4),
+    DecodeConfig(tma=True, num_warps=4, num_stages=3),
+    DecodeConfig(tma=True, num_warps=4, num_stages=2),
+    DecodeConfig(tma=True, num_warps=8, num_stages=3),
+    DecodeConfig(tma=True, num_warps=8, num_stages=2),
+    DecodeConfig(tma=True, num_warps=4, num_stages=3, page_chunk=2),
+    DecodeConfig(block_n=32, early_v=True, prefetch_pages=True, num_stages=4),
+    DecodeConfig(block_n=64, early_v=True, prefetch_pages=True, num_stages=3),
+    DecodeConfig(block_n=32),
+    DecodeConfig(num_warps=8),
 ]
 
 
@@ -149,7 +172,7 @@ class Case:
         return start.elapsed_time(end) * 1e3 / (reps * self.n)
 
 
-def _precompile(items: list[tuple[str, dict, int]], device: str = "cuda") -> list[str]:
+def _precompile(items: list[tuple[str, dict, int]], device: str = "cuda", block_size: int = 16) -> list[str]:
     """In a worker process: one tiny call per (cache dtype, config fields, num_splits), which compiles the kernels
     into Triton's on-disk cache with the same specialization as the sweep's calls (same strides, alignments and
     constexprs; batch size and table width are not specialized). Returns the errors."""
@@ -158,7 +181,7 @@ def _precompile(items: list[tuple[str, dict, int]], device: str = "cuda") -> lis
     tables = torch.tensor([[1, 2], [3, 0]], dtype=torch.int32, device=device)
     lens = torch.tensor([20, 5], dtype=torch.int32, device=device)
     for dt_name, fields, num_splits in items:
-        kc = torch.randn(4, BS, NKV, D, device=device, dtype=torch.bfloat16).to(DTYPES[dt_name])
+        kc = torch.randn(4, block_size, NKV, D, device=device, dtype=torch.bfloat16).to(DTYPES[dt_name])
         try:
             paged_decode_attention(q, kc, kc.clone(), tables, lens, D**-0.5, num_splits=num_splits,
                                    config=DecodeConfig(**fields))
@@ -182,7 +205,7 @@ def precompile(jobs: list[tuple[int, int, str]], grid_of, workers: int, device: 
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         parts = [items[i::workers] for i in range(workers)]
-        errors = [e for errs in pool.map(_precompile, parts, [device] * workers) for e in errs]
+        errors = [e for errs in pool.map(_precompile, parts, [device] * workers, [BS] * workers) for e in errs]
     print(f"precompiled {len(items)} kernels in {workers} processes: {time.monotonic() - t0:.1f} s"
           + (f"; failed: {errors}" if errors else ""))
 
@@ -193,8 +216,22 @@ def changed_fields(cfg: DecodeConfig) -> dict:
             if getattr(cfg, f.name) != getattr(default, f.name)}
 
 
+def choose(cases: list[dict[str, float]], min_gain: float) -> DecodeConfig:
+    """One bucket's entry from its cases' timings ({config fields as JSON: us}, the current launch's key "{}"): the
+    config timed in every case with the least mean of us / that case's best us, if that mean beats the current
+    launch's by min_gain; else the current launch (DecodeConfig())."""
+    common = set.intersection(*(set(c) for c in cases))
+    if not common:
+        return DecodeConfig()
+    score = {k: sum(c[k] / min(c.values()) for c in cases) / len(cases) for k in common}
+    best = min(score, key=score.get)
+    current = score.get(json.dumps({}), float("inf"))
+    return DecodeConfig(**json.loads(best)) if score[best] < current * (1 - min_gain) else DecodeConfig()
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Runs the sweep; returns the JSON table (also printed)."""
+    global BS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget_s", type=float, default=45.0, help="wall-clock budget; later configs are skipped")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
@@ -203,11 +240,21 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a config replaces the current one only if this much faster (fraction)")
     ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: one tiny case, 3 configs")
     ap.add_argument("--jobs", type=int, default=12, help="processes that compile the grid first (0: none)")
+    ap.add_argument("--block_size", type=int, default=16, help="tokens per KV page (16: the table's plain keys)")
+    default_cases = " ".join(f"{b}x{c}" for b, c in CASES)
+    ap.add_argument("--cases", nargs="+", default=None, help=f"BATCHxCONTEXT cases (default: {default_cases})")
     args = ap.parse_args(argv)
+    BS = args.block_size
+    try:
+        cases_arg = [tuple(int(x) for x in c.lower().split("x")) for c in args.cases] if args.cases else CASES
+        assert all(len(c) == 2 and min(c) >= 1 for c in cases_arg)
+    except (ValueError, AssertionError):
+        ap.error(f"--cases: give BATCHxCONTEXT pairs such as 512x170, got {args.cases}")
     t0 = time.monotonic()
     device = "cpu" if args.smoke else "cuda"
     smoke_grid = [GRID[0], DecodeConfig(block_n=128, num_warps=8)]
-    cases, base_grid, max_layers = ([(3, 40)], smoke_grid, 2) if args.smoke else (CASES, GRID, 512)
+    cases, base_grid, max_layers = (((cases_arg if args.cases else [(3, 40)]), smoke_grid, 2) if args.smoke
+                                    else (cases_arg, LARGE_PAGE_GRID if BS > 16 else GRID, 512))
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}  torch {torch.__version__}")
     jobs = [(b, c, dt) for b, c in cases for dt in args.dtypes]
 
@@ -216,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     if device == "cuda" and args.jobs > 0:
         precompile(jobs, grid_of, args.jobs)
-    table, rows = {}, []
+    table, rows, per_key = {}, [], {}  # per_key: key -> [{config json: us} per case of that bucket]
     for j, (batch, ctx, dt_name) in enumerate(jobs):
         case = Case(batch, ctx, DTYPES[dt_name], seed=j, device=device, max_layers=max_layers)
         ref = case.call(0, DecodeConfig()).float()
@@ -257,9 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"({case.kv_bytes / current_us / 1e6:.2f} TB/s)  best {best_us:8.1f} us "
               f"({case.kv_bytes / best_us / 1e6:.2f} TB/s, x{current_us / best_us:.2f}) {changed_fields(best)}"
               f"  [{len(results)} timed, {skipped} skipped by the budget]")
-        chosen = best if best_us < current_us * (1 - args.min_gain) else DecodeConfig()
-        key = f"{dt_name}/{D}/{batch}"
-        table[key] = changed_fields(chosen)
+        key = f"{dt_name}/{D}/{batch}" + (f"/{BS}" if BS != 16 else "")
+        per_key.setdefault(key, []).append({json.dumps(changed_fields(c), sort_keys=True): us for us, c in results})
+        table[key] = changed_fields(choose(per_key[key], args.min_gain))
         print(f"  entry {json.dumps(key)}: {json.dumps(table[key], sort_keys=True)}")
         del case
         if device == "cuda":

@@ -86,6 +86,25 @@ def test_table_lookup_by_dtype_head_dim_and_batch_bucket(monkeypatch, set_table)
     assert decode_config(512, 128, torch.bfloat16) == DecodeConfig()
 
 
+def test_entries_for_a_block_size_take_precedence_over_the_16_token_ones(set_table):
+    """'dtype/head_dim/bucket/B' entries serve caches of B-token pages (a sweep at that page size); a page size
+    without entries takes the 16-token entries (TMA ones without page_chunk past 16 tokens, as measured)."""
+    fp8 = torch.float8_e4m3fn
+    tma16 = {"tma": True, "num_warps": 2, "num_stages": 6, "page_chunk": 32}
+    set_table({"fp8_e4m3/128/512": tma16, "fp8_e4m3/128/64": {"block_n": 32},
+               "fp8_e4m3/128/64/64": {"num_warps": 8}, "fp8_e4m3/128/512/64": {"tma": True, "num_warps": 4}})
+    assert decode_config(300, 128, fp8) == DecodeConfig(**tma16)
+    assert decode_config(300, 128, fp8, 64) == DecodeConfig(tma=True, num_warps=4)
+    assert decode_config(8, 128, fp8, 64) == DecodeConfig(num_warps=8)
+    assert decode_config(4096, 128, fp8, 64) == DecodeConfig(tma=True, num_warps=4)  # past the largest bucket
+    assert decode_config(300, 128, fp8, 32) == DecodeConfig(tma=True, num_warps=2, num_stages=4)  # no 32 entries
+    assert decode_config(8, 128, fp8, 32) == DecodeConfig(block_n=32)
+    assert decode_config(300, 128, torch.bfloat16, 64) == DecodeConfig()  # no bf16 entries at all
+    for bad in ("fp8_e4m3/128/512/x", "fp8_e4m3/128/512/64/1", "fp8_e4m3/128"):
+        with pytest.raises(ValueError, match="decode configs: key"):
+            set_table({bad: {}})
+
+
 @cpu
 def test_launch_without_config_uses_the_table_entry(monkeypatch, set_table):
     q, kc, vc, meta = make_case([1, 1], [5, 20], 1, 4, 32)
@@ -152,6 +171,42 @@ def test_sweep_smoke_checks_times_and_tables_each_case(monkeypatch, tmp_path, ca
     assert printed.count("current") == 2 and "DECODE_CONFIGS = " in printed
     set_table(table)  # the printed table pastes as it is
     assert decode_config(3, 32, torch.bfloat16) == DecodeConfig(**table["bf16/32/3"])
+
+
+@cpu
+def test_sweep_at_larger_pages_gives_one_entry_per_bucket_keyed_by_page_size(monkeypatch, tmp_path, set_table):
+    """--block_size 32 with two cases of one bucket: rows on 32-token pages, one entry a (dtype, bucket) under
+    'dtype/head_dim/bucket/32', which decode_config serves to 32-token caches only."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import attention_sweep
+
+    for name, value in (("NH", 4), ("NKV", 1), ("D", 32), ("BS", 16)):  # BS: main sets it for the run
+        monkeypatch.setattr(attention_sweep, name, value)
+    monkeypatch.setattr(attention_sweep, "split_variants", lambda batch, device: [])
+    rows = tmp_path / "rows.jsonl"
+    table = attention_sweep.main(["--smoke", "--block_size", "32", "--cases", "3x40", "3x70", "--dtypes", "bf16",
+                                  "--out", str(rows)])
+    assert set(table) == {"bf16/32/3/32"}
+    lines = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert len(lines) == 4 and {r["ctx"] for r in lines} == {40, 70} and all("us" in r for r in lines)
+    set_table(table)
+    assert decode_config(3, 32, torch.bfloat16, 32) == DecodeConfig(**table["bf16/32/3/32"])
+    assert decode_config(3, 32, torch.bfloat16) == DecodeConfig()  # 16-token pages: no entry
+
+
+def test_sweep_choice_across_cases_of_one_bucket():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "attention_sweep", os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "attention_sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    a, b = '{"tma": true}', '{"num_warps": 8}'
+    # a: best in the first case, 30% behind in the second; b: 5% behind, then best: b leads on the mean ratio
+    cases = [{"{}": 100.0, a: 50.0, b: 52.5}, {"{}": 100.0, a: 65.0, b: 50.0, '{"block_n": 32}': 10.0}]
+    assert sweep.choose(cases, 0.03) == DecodeConfig(num_warps=8)  # block_n 32 was not timed in every case
+    assert sweep.choose([{"{}": 100.0, a: 98.0}], 0.03) == DecodeConfig()  # under min_gain: the current launch
+    assert sweep.choose([{"{}": 100.0}, {a: 1.0}], 0.03) == DecodeConfig()  # nothing timed in both
 
 
 def test_env_table_replaces_its_keys_and_refuses_bad_json(monkeypatch, set_table):

@@ -65,8 +65,9 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.num_splits={ns}: use a power of two <= {MAX_NUM_SPLITS}, or None")
 
 
-# Tuned choices pasted from benchmarks/attention_sweep.py (its JSON table): "cache dtype/head_dim/batch bucket" ->
-# DecodeConfig fields. A batch uses the smallest bucket >= its size (else the largest) of its dtype and head_dim;
+# Tuned choices pasted from benchmarks/attention_sweep.py (JSON): "cache dtype/head_dim/batch bucket" (16-token
+# pages) or ".../block size" (`attention_sweep.py --block_size B`) -> DecodeConfig fields. A batch uses the smallest
+# bucket >= its size (else the largest) of its dtype, head_dim and page size (see decode_config);
 # keys hold only what the host knows before a CUDA graph is captured, never seq_lens. Empty: the original choice.
 # Change it at run time through set_decode_configs (lookups are cached). Measured on an H200, 2026-11-30
 # (`bash benchmarks/device_attention.sh`, docs/benchmarks.md): batch 512 x ~170 tokens, bf16 cache 113 -> 98 us per
@@ -116,9 +117,10 @@ TABLE_BLOCK_SIZE, LARGE_PAGE_MAX_STAGES = 16, 4
 
 def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype, block_size: int = TABLE_BLOCK_SIZE
                   ) -> DecodeConfig:
-    """The DECODE_CONFIGS entry for this batch size, head_dim and cache dtype, else DecodeConfig(); on caches of
-    more than TABLE_BLOCK_SIZE tokens a page (`block_size`), a TMA entry without page_chunk and with at most
-    LARGE_PAGE_MAX_STAGES stages (measured above).
+    """The DECODE_CONFIGS entry for this batch size, head_dim, cache dtype and `block_size` (tokens a page), else
+    DecodeConfig(). Keys "dtype/head_dim/bucket" hold TABLE_BLOCK_SIZE-token pages; "dtype/head_dim/bucket/B" hold
+    B-token pages. Where no entry names this block size, a larger page takes the TABLE_BLOCK_SIZE entry, a TMA one
+    without page_chunk and with at most LARGE_PAGE_MAX_STAGES stages (measured above).
 
     SHARDLLM_DECODE_ATTN_TUNED=0 in the environment ignores the table (the original launch, for A/B runs).
     """
@@ -126,10 +128,12 @@ def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype, block_
         return DecodeConfig()
     key = (num_seqs, head_dim, cache_dtype, block_size)
     if key not in _config_cache:  # a few us of parsing per layer otherwise, in eager decode
-        cfg = _lookup_config(num_seqs, head_dim, cache_dtype)
-        if block_size > TABLE_BLOCK_SIZE and cfg.tma:
-            cfg = dataclasses.replace(cfg, page_chunk=0,
-                                      num_stages=min(cfg.num_stages or LARGE_PAGE_MAX_STAGES, LARGE_PAGE_MAX_STAGES))
+        cfg = _lookup_config(num_seqs, head_dim, cache_dtype, block_size)
+        if cfg is None:
+            cfg = _lookup_config(num_seqs, head_dim, cache_dtype, TABLE_BLOCK_SIZE) or DecodeConfig()
+            if block_size > TABLE_BLOCK_SIZE and cfg.tma:
+                cfg = dataclasses.replace(cfg, page_chunk=0, num_stages=min(cfg.num_stages or LARGE_PAGE_MAX_STAGES,
+                                                                            LARGE_PAGE_MAX_STAGES))
         _config_cache[key] = cfg
     return _config_cache[key]
 
@@ -137,20 +141,21 @@ def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype, block_
 def set_decode_configs(table: dict[str, dict]) -> None:
     """Replaces DECODE_CONFIGS (same key and field format) and drops the cached lookups.
 
-    Raises ValueError naming the entry for a key that is not "cache dtype/head_dim/batch bucket" (a lookup would
-    fail at the first decode step otherwise), an unknown field or an invalid config."""
+    Raises ValueError naming the entry for a key that is not "cache dtype/head_dim/batch bucket[/block size]" (a
+    lookup would fail at the first decode step otherwise), an unknown field or an invalid config."""
     if not isinstance(table, dict):
         raise ValueError(f"decode configs: expected a table {{'bf16/128/512': {{'block_n': 32}}, ...}}, got {table!r}")
     fields_known = {f.name for f in dataclasses.fields(DecodeConfig)}
     for key, fields in table.items():
         parts = str(key).split("/")
-        if len(parts) != 3:
-            raise ValueError(f"decode configs: key {key!r} is not 'dtype/head_dim/bucket' (e.g. 'bf16/128/512')")
+        if len(parts) not in (3, 4):
+            raise ValueError(f"decode configs: key {key!r} is not 'dtype/head_dim/bucket' or "
+                             "'dtype/head_dim/bucket/block_size' (e.g. 'bf16/128/512', 'fp8_e4m3/128/512/64')")
         if parts[0] not in _DTYPE_NAMES.values():
             raise ValueError(f"decode configs: key {key!r}: cache dtype {parts[0]!r} is none of "
                              f"{sorted(_DTYPE_NAMES.values())}")
-        if not (parts[1].isdigit() and parts[2].isdigit()):
-            raise ValueError(f"decode configs: key {key!r}: head_dim and batch bucket must be integers")
+        if not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(f"decode configs: key {key!r}: head_dim, batch bucket and block size must be integers")
         if not isinstance(fields, dict) or set(fields) - fields_known:
             raise ValueError(f"decode configs: entry {key!r}: {fields!r} is not a dict of DecodeConfig fields "
                              f"({sorted(fields_known)})")
@@ -160,13 +165,20 @@ def set_decode_configs(table: dict[str, dict]) -> None:
     _config_cache.clear()
 
 
-def _lookup_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype) -> DecodeConfig:
-    prefix = f"{_DTYPE_NAMES.get(cache_dtype, str(cache_dtype))}/{head_dim}/"
-    buckets = sorted(int(k[len(prefix):]) for k in DECODE_CONFIGS if k.startswith(prefix))
+def _lookup_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype, block_size: int) -> DecodeConfig | None:
+    """The entry of the smallest bucket >= num_seqs (else the largest) among those of this dtype, head_dim and block
+    size; DecodeConfig() where the table has TABLE_BLOCK_SIZE entries of none of them; None where it names no entry
+    of this block size (another than TABLE_BLOCK_SIZE)."""
+    want = (_DTYPE_NAMES.get(cache_dtype, str(cache_dtype)), str(head_dim))
+    buckets = {}
+    for k in DECODE_CONFIGS:
+        parts = k.split("/")
+        if tuple(parts[:2]) == want and int(parts[3] if len(parts) == 4 else TABLE_BLOCK_SIZE) == block_size:
+            buckets[int(parts[2])] = k
     if not buckets:
-        return DecodeConfig()
-    bucket = next((x for x in buckets if x >= num_seqs), buckets[-1])
-    cfg = DecodeConfig(**DECODE_CONFIGS[f"{prefix}{bucket}"])
+        return DecodeConfig() if block_size == TABLE_BLOCK_SIZE else None
+    order = sorted(buckets)
+    cfg = DecodeConfig(**DECODE_CONFIGS[buckets[next((x for x in order if x >= num_seqs), order[-1])]])
     cfg.validate()
     return cfg
 
