@@ -86,6 +86,14 @@ DECODE_CONFIGS: dict[str, dict] = {
     "fp8_e4m3/128/256": {"num_stages": 6, "num_warps": 2, "page_chunk": 32, "tma": True},
     "fp8_e4m3/128/512": {"num_stages": 4, "num_warps": 2, "page_chunk": 32, "tma": True},
     "fp8_e4m3/128/64": {"block_n": 32, "early_v": True, "num_stages": 4, "prefetch_pages": True},
+    # 64-token pages (the FP8 cache's GPU default): sixth session, `bash benchmarks/device_s6_e.sh` (its sweep at
+    # --block_size 64), us per layer: 512 x 1500 464.6 (3.41 TB/s; the pointer kernel 706.0), 512 x 170 74.5, 256 x
+    # 170 41.1, 64 x 1000 54.5 (the 16-token entry's pointer config 66.9), 1 x 200 5.8; the sweep's own picks (2 stages
+    # at 256 / 512) were within 1.5% per layer and 2.5% slower end to end (15,451 vs 15,839 at 1000/1000, same call).
+    "fp8_e4m3/128/1/64": {},
+    "fp8_e4m3/128/64/64": {"num_stages": 4, "num_warps": 2, "tma": True},
+    "fp8_e4m3/128/256/64": {"num_stages": 4, "num_warps": 2, "tma": True},
+    "fp8_e4m3/128/512/64": {"num_stages": 4, "num_warps": 2, "tma": True},
 }
 _config_cache: dict[tuple, DecodeConfig] = {}
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
