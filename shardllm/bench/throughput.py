@@ -3,6 +3,11 @@
     python -m shardllm.bench.throughput --model llama-3-8b --load_format dummy --input_len 128 \
         --output_len 128 --num_requests 1000 --tp_size 1
     ... --batch_size 1 --output_len 256      # per-token decode latency and the bandwidth roofline
+
+Times in the result: ttft_ms_* from a request's arrival (all arrive at once) to its first token, tpot_ms_* its mean
+time a token after the first; ttft_ms_max ends the phase in which prompts are still being prefilled (steps mix
+prefill chunks with decodes), and decode_phase_tpot_ms is the TPOT of the request whose first token came last, all
+of whose steps come after that phase: the pure decode step time at the running batch.
 """
 
 from __future__ import annotations
@@ -109,6 +114,9 @@ def run(a: argparse.Namespace) -> dict:
     ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
     tpot = [(o.metrics.finished_time - o.metrics.first_token_time) / max(len(o.outputs[0].token_ids) - 1, 1)
             for o in outs]
+    # The request whose first token came last decodes only after every prompt is in: its TPOT is the step time of
+    # the pure decode phase; the last first token ends the phase in which prompts are still being prefilled.
+    last = max(range(len(outs)), key=lambda i: outs[i].metrics.first_token_time)
     world = a.tp_size * a.pp_size
     mem = eng.executor.memory_report()
     res = {
@@ -125,6 +133,7 @@ def run(a: argparse.Namespace) -> dict:
         "req_s": round(a.num_requests / elapsed, 3), "steps": steps,
         "ttft_ms_p50": round(pct(ttft, 50) * 1e3, 2), "ttft_ms_p99": round(pct(ttft, 99) * 1e3, 2),
         "tpot_ms_p50": round(pct(tpot, 50) * 1e3, 3), "tpot_ms_p99": round(pct(tpot, 99) * 1e3, 3),
+        "ttft_ms_max": round(max(ttft) * 1e3, 2), "decode_phase_tpot_ms": round(tpot[last] * 1e3, 3),
         "weights_gib_per_rank": [round(m["weights"] / 2**30, 2) for m in mem_before],
         "kv_cache_gib_per_rank": [round(m["kv_cache"] / 2**30, 2) for m in mem_before],
         "peak_gib_per_rank": [round(m.get("peak", 0) / 2**30, 2) for m in mem],

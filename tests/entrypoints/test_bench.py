@@ -21,6 +21,10 @@ def test_bench_counts_and_fields(tiny_checkpoints, capsys):
     assert res["output_tok_s_per_gpu"] == res["output_tok_s"] and res["gpus"] == 1
     assert res["steps"] >= 7 and res["ttft_ms_p50"] > 0 and res["tpot_ms_p50"] > 0
     assert res["ttft_ms_p99"] >= res["ttft_ms_p50"] and res["tpot_ms_p99"] >= res["tpot_ms_p50"]
+    # 6 requests at batch 4: the last two are admitted after the first ones' prompts, so the prefill phase ends
+    # past the median first token; the last admitted request's TPOT is one of the TPOTs
+    assert res["ttft_ms_max"] >= res["ttft_ms_p99"] > 0
+    assert 0 < res["decode_phase_tpot_ms"] <= res["tpot_ms_p99"]
     assert res["async_scheduling"] is True and res["cuda_graphs"] is False
     assert "roofline_ms_per_token" not in res  # the roofline is a GPU measure
 
