@@ -111,12 +111,12 @@ class Case:
     """`n` layers of caches, block tables and seq_lens for one (batch, context, dtype)."""
 
     def __init__(self, batch: int, ctx: int, dtype: torch.dtype, seed: int = 0, device: str = "cuda",
-                 max_layers: int = 512):
+                 max_layers: int = 512, block_size: int = BS):
         self.device = device
         g = torch.Generator().manual_seed(seed)
         dg = torch.Generator(device=device).manual_seed(seed)
         lens = torch.randint(max(int(0.8 * ctx), 1), int(1.2 * ctx) + 1, (batch,), generator=g)
-        blocks = [-(-int(s) // BS) for s in lens]
+        blocks = [-(-int(s) // block_size) for s in lens]
         num_blocks = 1 + sum(blocks)
         width = max(blocks) + 1
         self.kv_bytes = 2 * int(lens.sum()) * NKV * D * torch.empty((), dtype=dtype).element_size()
@@ -129,7 +129,7 @@ class Case:
             for b, nb in enumerate(blocks):
                 tables[b, :nb] = perm[pos:pos + nb]
                 pos += nb
-            shape = (num_blocks, BS, NKV, D)
+            shape = (num_blocks, block_size, NKV, D)
             kc = torch.randn(shape, generator=dg, device=device, dtype=torch.bfloat16).to(dtype)  # on the card:
             vc = torch.randn(shape, generator=dg, device=device, dtype=torch.bfloat16).to(dtype)  # seconds on CPU
             self.layers.append((kc, vc, tables.to(device)))
@@ -192,7 +192,8 @@ def _precompile(items: list[tuple[str, dict, int]], device: str = "cuda", block_
     return errors
 
 
-def precompile(jobs: list[tuple[int, int, str]], grid_of, workers: int, device: str = "cuda") -> None:
+def precompile(jobs: list[tuple[int, int, str]], grid_of, workers: int, device: str = "cuda",
+               block_size: int = BS) -> None:
     """Compiles every (dtype, config, num_splits) the sweep will launch in `workers` processes at once."""
     todo = set()
     for batch, _, dt_name in jobs:
@@ -205,7 +206,7 @@ def precompile(jobs: list[tuple[int, int, str]], grid_of, workers: int, device: 
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         parts = [items[i::workers] for i in range(workers)]
-        errors = [e for errs in pool.map(_precompile, parts, [device] * workers, [BS] * workers) for e in errs]
+        errors = [e for errs in pool.map(_precompile, parts, [device] * workers, [block_size] * workers) for e in errs]
     print(f"precompiled {len(items)} kernels in {workers} processes: {time.monotonic() - t0:.1f} s"
           + (f"; failed: {errors}" if errors else ""))
 
@@ -214,6 +215,13 @@ def changed_fields(cfg: DecodeConfig) -> dict:
     default = DecodeConfig()
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
             if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def choose(cases: list[dict[str, float]], min_gain: float) -> DecodeConfig:
@@ -231,7 +239,6 @@ def choose(cases: list[dict[str, float]], min_gain: float) -> DecodeConfig:
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs the sweep; returns the JSON table (also printed)."""
-    global BS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget_s", type=float, default=45.0, help="wall-clock budget; later configs are skipped")
     ap.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
@@ -240,11 +247,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="a config replaces the current one only if this much faster (fraction)")
     ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: one tiny case, 3 configs")
     ap.add_argument("--jobs", type=int, default=12, help="processes that compile the grid first (0: none)")
-    ap.add_argument("--block_size", type=int, default=16, help="tokens per KV page (16: the table's plain keys)")
+    ap.add_argument("--block_size", type=_positive, default=BS, help="tokens per KV page (16: the table's plain keys)")
     default_cases = " ".join(f"{b}x{c}" for b, c in CASES)
     ap.add_argument("--cases", nargs="+", default=None, help=f"BATCHxCONTEXT cases (default: {default_cases})")
     args = ap.parse_args(argv)
-    BS = args.block_size
+    block_size = args.block_size
     try:
         cases_arg = [tuple(int(x) for x in c.lower().split("x")) for c in args.cases] if args.cases else CASES
         assert all(len(c) == 2 and min(c) >= 1 for c in cases_arg)
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = "cpu" if args.smoke else "cuda"
     smoke_grid = [GRID[0], DecodeConfig(block_n=128, num_warps=8)]
     cases, base_grid, max_layers = (((cases_arg if args.cases else [(3, 40)]), smoke_grid, 2) if args.smoke
-                                    else (cases_arg, LARGE_PAGE_GRID if BS > 16 else GRID, 512))
+                                    else (cases_arg, LARGE_PAGE_GRID if block_size > BS else GRID, 512))
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}  torch {torch.__version__}")
     jobs = [(b, c, dt) for b, c in cases for dt in args.dtypes]
 
@@ -262,10 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
         return base_grid[:1] + [DecodeConfig(num_splits=s) for s in split_variants(batch, device)] + base_grid[1:]
 
     if device == "cuda" and args.jobs > 0:
-        precompile(jobs, grid_of, args.jobs)
+        precompile(jobs, grid_of, args.jobs, block_size=block_size)
     table, rows, per_key = {}, [], {}  # per_key: key -> [{config json: us} per case of that bucket]
     for j, (batch, ctx, dt_name) in enumerate(jobs):
-        case = Case(batch, ctx, DTYPES[dt_name], seed=j, device=device, max_layers=max_layers)
+        case = Case(batch, ctx, DTYPES[dt_name], seed=j, device=device, max_layers=max_layers, block_size=block_size)
         ref = case.call(0, DecodeConfig()).float()
         grid = grid_of(batch)
         left = sum(WEIGHTS.get(b, 1.0) for b, _, _ in jobs[j:])
@@ -304,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"({case.kv_bytes / current_us / 1e6:.2f} TB/s)  best {best_us:8.1f} us "
               f"({case.kv_bytes / best_us / 1e6:.2f} TB/s, x{current_us / best_us:.2f}) {changed_fields(best)}"
               f"  [{len(results)} timed, {skipped} skipped by the budget]")
-        key = f"{dt_name}/{D}/{batch}" + (f"/{BS}" if BS != 16 else "")
+        key = f"{dt_name}/{D}/{batch}" + (f"/{block_size}" if block_size != BS else "")
         per_key.setdefault(key, []).append({json.dumps(changed_fields(c), sort_keys=True): us for us, c in results})
         table[key] = changed_fields(choose(per_key[key], args.min_gain))
         print(f"  entry {json.dumps(key)}: {json.dumps(table[key], sort_keys=True)}")

@@ -21,19 +21,25 @@ _DTYPES = {
     "fp8": None,  # = quantization="fp8": FP8 linears (online W8A8), everything else in auto's dtype
 }
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
-# Tokens per KV block when block_size is not given: 16 (vLLM's default), 64 for an FP8 cache on a GPU. A page of 64
-# FP8 tokens is 8 KiB of K per kv head, where 16 tokens left the decode kernels paying their fixed cost a page
-# (a TMA barrier wait, a softmax update) for 2 KiB. Measured on an H200 (sixth session, benchmarks/device_s6_b.sh,
-# docs/benchmarks.md): Llama-3-8B fp8 + fp8 KV, 500 x 1000/1000, 14,098 (16) -> 15,253 (32) -> 15,885 (64) out
-# tok/s; 1000 x 128/128 23,537 -> 23,564 -> 23,882 (same call). A bf16 cache's page is already 4 KiB at 16 tokens.
+# Tokens per KV block when block_size is not given: 16 (vLLM's default), 64 for an e4m3 FP8 cache on a Hopper-class GPU.
+# A page of 64 FP8 tokens is 8 KiB of K per kv head, where 16 tokens left the decode kernels paying their fixed cost
+# a page (a TMA barrier wait, a softmax update) for 2 KiB. Measured on an H200 (sixth session, benchmarks/device_s6_b.sh
+# and device_s6_d.sh, docs/benchmarks.md): Llama-3-8B fp8 + fp8 KV, 500 x 1000/1000, 14,098 (16) -> 15,253 (32) ->
+# 15,885 (64) out tok/s, and 13,629 -> 15,143 (16 -> 64) in another call; 1000 x 128/128 within 1.5%. A bf16 cache's
+# page is already 4 KiB at 16 tokens; e5m2 and pre-Hopper GPUs were not measured and keep 16. The price: prefix
+# caching reuses whole blocks, so a shared prefix counts in steps of 64 tokens (none under 64).
 DEFAULT_BLOCK_SIZE, FP8_CACHE_BLOCK_SIZE = 16, 64
 
 
 def default_block_size(kv_cache_dtype: str = "auto", device: str = "cuda") -> int:
-    """Tokens per KV cache block when none is given: FP8_CACHE_BLOCK_SIZE (64) for an FP8 cache (`kv_cache_dtype`
-    fp8 / fp8_e4m3 / fp8_e5m2) on `device` "cuda", else DEFAULT_BLOCK_SIZE (16). See the measurements above."""
-    fp8 = isinstance(kv_cache_dtype, str) and kv_cache_dtype.lower().startswith("fp8")
-    return FP8_CACHE_BLOCK_SIZE if fp8 and device == "cuda" else DEFAULT_BLOCK_SIZE
+    """Tokens per KV cache block when none is given: FP8_CACHE_BLOCK_SIZE (64) for an e4m3 FP8 cache (`kv_cache_dtype`
+    fp8 or fp8_e4m3, any case) on `device` "cuda" where the GPU is sm90 or later (or no GPU is visible here: a Ray
+    driver's workers), else DEFAULT_BLOCK_SIZE (16). See the measurements above."""
+    e4m3 = isinstance(kv_cache_dtype, str) and kv_cache_dtype.lower() in ("fp8", "fp8_e4m3")
+    if not e4m3 or device != "cuda":
+        return DEFAULT_BLOCK_SIZE
+    hopper = not torch.cuda.is_available() or torch.cuda.get_device_capability(0) >= (9, 0)
+    return FP8_CACHE_BLOCK_SIZE if hopper else DEFAULT_BLOCK_SIZE
 
 
 @dataclass(frozen=True)
@@ -223,11 +229,13 @@ class EngineConfig:
         from shardllm.models.registry import check_architecture
         check_architecture(model_config.architecture)
 
+        if block_size is None:
+            block_size = default_block_size(kv_cache_dtype, device)
         if tensor_parallel_size == "auto":  # the planner's smallest tp for these GPUs (shardllm/planner.py)
             from shardllm.planner import resolve_auto_tp
 
             tensor_parallel_size = resolve_auto_tp(model_config, pipeline_parallel_size, device, kv_cache_dtype,
-                                                   kv_cache_free_gpu_memory_fraction)
+                                                   kv_cache_free_gpu_memory_fraction, block_size)
         parallel_config = ParallelConfig(tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
                                          tuple(pp_partition) if pp_partition else None,
                                          _executor_backend(distributed_executor_backend, num_workers, ray_address),
@@ -241,8 +249,6 @@ class EngineConfig:
         if all_reduce == "symm_mem" and device != "cuda":
             raise ValueError("all_reduce='symm_mem' runs on CUDA GPUs only: use all_reduce='nccl' (the default) on "
                              "CPU")
-        if block_size is None:
-            block_size = default_block_size(kv_cache_dtype, device)
         cache_config = CacheConfig(block_size, kv_cache_free_gpu_memory_fraction, cpu_kv_cache_gb,
                                    enable_prefix_caching, num_kv_blocks, kv_cache_dtype=kv_cache_dtype)
         if async_scheduling is None:  # with a pipeline: opt in (not yet measured on GPUs against the default)

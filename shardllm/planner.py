@@ -293,14 +293,15 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
          kv_cache_dtype: str = "auto", max_seq_len: int | None = None, input_len: int | None = None,
          output_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
          kv_cache_free_gpu_memory_fraction: float = 0.9, min_kv_share: float = MIN_KV_SHARE,
-         pipeline_parallel_size: int | None = None) -> Plan:
+         pipeline_parallel_size: int | None = None, block_size: int | None = None) -> Plan:
     """Every tp x pp x replicas layout of nodes x gpus_per_node GPUs, those that fit first.
 
     Rules (the guide's best practices, TensorRT-LLM's and vLLM's sharding advice): tp stays inside a node;
     a layout fits when its weights, overhead and activations fit and the KV cache gets at least `min_kv_share`
     of each GPU and one max_seq_len request; among those that fit, the fewest GPUs per replica (whose replica
     count uses every GPU) wins, then more tp and less pp with NVLink, more pp and less tp over PCIe.
-    `pipeline_parallel_size` fixes pp (for tensor_parallel_size="auto").
+    `pipeline_parallel_size` fixes pp (for tensor_parallel_size="auto"); `block_size`: tokens per KV block (None: the
+    engine's GPU default, see estimate).
     """
     if topology not in ("nvlink", "pcie"):
         raise ValueError(f"topology must be 'nvlink' or 'pcie', got {topology!r}")
@@ -330,7 +331,7 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
             est = estimate(c, tp, pp, weight_dtype=weight_dtype, kv_cache_dtype=kv_cache_dtype,
                            max_seq_len=max_seq_len, max_num_batched_tokens=max_num_batched_tokens,
                            max_num_seqs=max_num_seqs, gpu_memory_bytes=spec.memory_bytes,
-                           kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+                           kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction, block_size=block_size)
             _fill(cand, est, c, spec, topology, seq, context, max_num_seqs, size > gpus_per_node, min_kv_share)
             cands.append(cand)
 
@@ -378,7 +379,7 @@ def _fill(cand: Candidate, est: LayoutEstimate, c, spec: GPUSpec, topology: str,
 
 def auto_tensor_parallel_size(hf_config, num_gpus: int, gpu_memory_bytes: int, *, pipeline_parallel_size: int = 1,
                               weight_dtype: str = "bf16", kv_cache_dtype: str = "auto", max_seq_len: int | None = None,
-                              kv_cache_free_gpu_memory_fraction: float = 0.9) -> int:
+                              kv_cache_free_gpu_memory_fraction: float = 0.9, block_size: int | None = None) -> int:
     """`tensor_parallel_size="auto"`: the smallest tp the planner says fits with the given pp on these GPUs.
 
     Raises:
@@ -386,7 +387,7 @@ def auto_tensor_parallel_size(hf_config, num_gpus: int, gpu_memory_bytes: int, *
     """
     p = plan(hf_config, gpus_per_node=num_gpus, gpu_memory_bytes=gpu_memory_bytes, weight_dtype=weight_dtype,
              kv_cache_dtype=kv_cache_dtype, max_seq_len=max_seq_len, pipeline_parallel_size=pipeline_parallel_size,
-             kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+             kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction, block_size=block_size)
     fitting = [cand for cand in p.candidates if cand.fits]
     if not fitting:  # nothing leaves the KV share: take the smallest tp whose KV holds one request
         fitting = sorted((cand for cand in p.candidates if cand.kv_tokens >= p.max_seq_len),
@@ -399,7 +400,7 @@ def auto_tensor_parallel_size(hf_config, num_gpus: int, gpu_memory_bytes: int, *
 
 
 def resolve_auto_tp(model_config, pipeline_parallel_size: int, device: str, kv_cache_dtype: str = "auto",
-                    kv_cache_free_gpu_memory_fraction: float = 0.9) -> int:
+                    kv_cache_free_gpu_memory_fraction: float = 0.9, block_size: int | None = None) -> int:
     """`LLM(..., tensor_parallel_size="auto")`: 1 on CPU; on GPUs the planner's smallest tp for the visible GPUs
     (their count and memory from NVML, else torch), with `pipeline_parallel_size` stages."""
     import logging
@@ -423,7 +424,8 @@ def resolve_auto_tp(model_config, pipeline_parallel_size: int, device: str, kv_c
     tp = auto_tensor_parallel_size(model_config.hf_config, count, memory, pipeline_parallel_size=pipeline_parallel_size,
                                    weight_dtype=weight, kv_cache_dtype=kv_cache_dtype,
                                    max_seq_len=model_config.max_model_len,
-                                   kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction)
+                                   kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+                                   block_size=block_size)
     logging.getLogger(__name__).info("tensor_parallel_size='auto': tp %d on %d GPUs of %.0f GiB (pp %d, weights %s)",
                                      tp, count, memory / GiB, pipeline_parallel_size, weight)
     return tp

@@ -7,7 +7,7 @@
 Times in the result: ttft_ms_* from a request's arrival (all arrive at once) to its first token, tpot_ms_* its mean
 time a token after the first; ttft_ms_max ends the phase in which prompts are still being prefilled (steps mix
 prefill chunks with decodes), and decode_phase_tpot_ms is the TPOT of the request whose first token came last, all
-of whose steps come after that phase: the pure decode step time at the running batch.
+of whose steps come after that phase: with num_requests <= the max batch, the pure decode step time at that batch.
 """
 
 from __future__ import annotations
@@ -73,6 +73,20 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
+def decode_phase_tpot_ms(outs) -> float | None:
+    """The TPOT (ms) of the request whose first token came last: every step it decodes in comes after the last
+    prompt is in, so where all requests run at once (num_requests <= max_batch_size) it is the step time of pure
+    decode at that batch (with more requests, that of a batch draining). None where it produced one token or none.
+    `outs`: RequestOutputs with metrics.first_token_time / finished_time (s) and outputs[0].token_ids."""
+    if not outs:
+        return None
+    last = max(outs, key=lambda o: o.metrics.first_token_time)
+    n = len(last.outputs[0].token_ids)
+    if n < 2:
+        return None
+    return round((last.metrics.finished_time - last.metrics.first_token_time) / (n - 1) * 1e3, 3)
+
+
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Bytes/s of a device-to-device copy (read + write counted once each, like the roofline's reads)."""
     a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
@@ -114,9 +128,6 @@ def run(a: argparse.Namespace) -> dict:
     ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
     tpot = [(o.metrics.finished_time - o.metrics.first_token_time) / max(len(o.outputs[0].token_ids) - 1, 1)
             for o in outs]
-    # The request whose first token came last decodes only after every prompt is in: its TPOT is the step time of
-    # the pure decode phase; the last first token ends the phase in which prompts are still being prefilled.
-    last = max(range(len(outs)), key=lambda i: outs[i].metrics.first_token_time)
     world = a.tp_size * a.pp_size
     mem = eng.executor.memory_report()
     res = {
@@ -133,7 +144,7 @@ def run(a: argparse.Namespace) -> dict:
         "req_s": round(a.num_requests / elapsed, 3), "steps": steps,
         "ttft_ms_p50": round(pct(ttft, 50) * 1e3, 2), "ttft_ms_p99": round(pct(ttft, 99) * 1e3, 2),
         "tpot_ms_p50": round(pct(tpot, 50) * 1e3, 3), "tpot_ms_p99": round(pct(tpot, 99) * 1e3, 3),
-        "ttft_ms_max": round(max(ttft) * 1e3, 2), "decode_phase_tpot_ms": round(tpot[last] * 1e3, 3),
+        "ttft_ms_max": round(max(ttft) * 1e3, 2), "decode_phase_tpot_ms": decode_phase_tpot_ms(outs),
         "weights_gib_per_rank": [round(m["weights"] / 2**30, 2) for m in mem_before],
         "kv_cache_gib_per_rank": [round(m["kv_cache"] / 2**30, 2) for m in mem_before],
         "peak_gib_per_rank": [round(m.get("peak", 0) / 2**30, 2) for m in mem],

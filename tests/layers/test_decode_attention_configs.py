@@ -100,9 +100,17 @@ def test_entries_for_a_block_size_take_precedence_over_the_16_token_ones(set_tab
     assert decode_config(300, 128, fp8, 32) == DecodeConfig(tma=True, num_warps=2, num_stages=4)  # no 32 entries
     assert decode_config(8, 128, fp8, 32) == DecodeConfig(block_n=32)
     assert decode_config(300, 128, torch.bfloat16, 64) == DecodeConfig()  # no bf16 entries at all
-    for bad in ("fp8_e4m3/128/512/x", "fp8_e4m3/128/512/64/1", "fp8_e4m3/128"):
+    for bad in ("fp8_e4m3/128/512/x", "fp8_e4m3/128/512/64/1", "fp8_e4m3/128", "fp8_e4m3/128/512/0",
+                "fp8_e4m3/128/512/16"):  # 16-token pages have the three-part key
         with pytest.raises(ValueError, match="decode configs: key"):
             set_table({bad: {}})
+    # a partial table for a page size serves only its buckets: the others keep the 16-token entries (adapted)
+    set_table({"fp8_e4m3/128/1": {"block_n": 32}, "fp8_e4m3/128/512": tma16, "fp8_e4m3/128/512/32": {"num_warps": 8}})
+    assert decode_config(1, 128, fp8, 32) == DecodeConfig(block_n=32)
+    assert decode_config(2, 128, fp8, 32) == decode_config(4096, 128, fp8, 32) == DecodeConfig(num_warps=8)
+    set_table({"fp8_e4m3/128/1": {"block_n": 32}, "fp8_e4m3/128/64/64": {"num_warps": 8}})
+    assert decode_config(300, 128, fp8, 64) == DecodeConfig(num_warps=8)  # past the 16-token buckets: its largest
+    assert decode_config(300, 128, fp8) == DecodeConfig(block_n=32)
 
 
 @cpu
@@ -180,8 +188,10 @@ def test_sweep_at_larger_pages_gives_one_entry_per_bucket_keyed_by_page_size(mon
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
     import attention_sweep
 
-    for name, value in (("NH", 4), ("NKV", 1), ("D", 32), ("BS", 16)):  # BS: main sets it for the run
+    for name, value in (("NH", 4), ("NKV", 1), ("D", 32)):
         monkeypatch.setattr(attention_sweep, name, value)
+    for cfg in attention_sweep.LARGE_PAGE_GRID:  # the grid run at these page sizes on a GPU: every entry valid
+        cfg.validate()
     monkeypatch.setattr(attention_sweep, "split_variants", lambda batch, device: [])
     rows = tmp_path / "rows.jsonl"
     table = attention_sweep.main(["--smoke", "--block_size", "32", "--cases", "3x40", "3x70", "--dtypes", "bf16",

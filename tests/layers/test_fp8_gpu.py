@@ -80,7 +80,9 @@ def test_block_linear_uses_the_cublas_block_recipe_and_equals_its_twin():
 def test_tiny_fp8_model_graphs_equal_eager(tiny_checkpoints, kv):
     from shardllm import LLM, SamplingParams
 
-    prompts = [[1, 17, 33, 5, 9, 101, 7], [3, 4], [250, 14, 88, 19, 201, 6, 6, 6, 42, 71, 300, 12, 9]]
+    # the last prompt spans two of the FP8 cache's 64-token GPU pages (its default block size)
+    prompts = [[1, 17, 33, 5, 9, 101, 7], [3, 4], [250, 14, 88, 19, 201, 6, 6, 6, 42, 71, 300, 12, 9],
+               [20 + i for i in range(70)]]
     sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     out = {}
     for eager in (False, True):

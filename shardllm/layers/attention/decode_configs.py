@@ -1,5 +1,6 @@
 """Launch choices of the paged decode-attention kernel (triton_paged.py) and the table of tuned ones, looked up by
-what the host knows before a CUDA graph is captured (batch-size bucket, head_dim, cache dtype), never seq_lens."""
+what the host knows before a CUDA graph is captured (batch-size bucket, head_dim, cache dtype, page size), never
+seq_lens."""
 
 from __future__ import annotations
 
@@ -126,9 +127,10 @@ TABLE_BLOCK_SIZE, LARGE_PAGE_MAX_STAGES = 16, 4
 def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype, block_size: int = TABLE_BLOCK_SIZE
                   ) -> DecodeConfig:
     """The DECODE_CONFIGS entry for this batch size, head_dim, cache dtype and `block_size` (tokens a page), else
-    DecodeConfig(). Keys "dtype/head_dim/bucket" hold TABLE_BLOCK_SIZE-token pages; "dtype/head_dim/bucket/B" hold
-    B-token pages. Where no entry names this block size, a larger page takes the TABLE_BLOCK_SIZE entry, a TMA one
-    without page_chunk and with at most LARGE_PAGE_MAX_STAGES stages (measured above).
+    DecodeConfig(). Keys "dtype/head_dim/bucket" hold TABLE_BLOCK_SIZE-token pages, "dtype/head_dim/bucket/B" B-token
+    pages. The bucket is the smallest >= num_seqs (else the largest) among both kinds' buckets of this dtype and
+    head_dim; where that bucket has no entry of this page size, a larger page takes the TABLE_BLOCK_SIZE entry, a TMA
+    one without page_chunk and with at most LARGE_PAGE_MAX_STAGES stages (measured above).
 
     SHARDLLM_DECODE_ATTN_TUNED=0 in the environment ignores the table (the original launch, for A/B runs).
     """
@@ -136,13 +138,7 @@ def decode_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype, block_
         return DecodeConfig()
     key = (num_seqs, head_dim, cache_dtype, block_size)
     if key not in _config_cache:  # a few us of parsing per layer otherwise, in eager decode
-        cfg = _lookup_config(num_seqs, head_dim, cache_dtype, block_size)
-        if cfg is None:
-            cfg = _lookup_config(num_seqs, head_dim, cache_dtype, TABLE_BLOCK_SIZE) or DecodeConfig()
-            if block_size > TABLE_BLOCK_SIZE and cfg.tma:
-                cfg = dataclasses.replace(cfg, page_chunk=0, num_stages=min(cfg.num_stages or LARGE_PAGE_MAX_STAGES,
-                                                                            LARGE_PAGE_MAX_STAGES))
-        _config_cache[key] = cfg
+        _config_cache[key] = _lookup_config(num_seqs, head_dim, cache_dtype, block_size)
     return _config_cache[key]
 
 
@@ -162,8 +158,12 @@ def set_decode_configs(table: dict[str, dict]) -> None:
         if parts[0] not in _DTYPE_NAMES.values():
             raise ValueError(f"decode configs: key {key!r}: cache dtype {parts[0]!r} is none of "
                              f"{sorted(_DTYPE_NAMES.values())}")
-        if not all(p.isdigit() for p in parts[1:]):
-            raise ValueError(f"decode configs: key {key!r}: head_dim, batch bucket and block size must be integers")
+        if not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
+            raise ValueError(f"decode configs: key {key!r}: head_dim, batch bucket and block size must be positive "
+                             "integers")
+        if len(parts) == 4 and int(parts[3]) == TABLE_BLOCK_SIZE:
+            raise ValueError(f"decode configs: key {key!r}: {TABLE_BLOCK_SIZE}-token pages take the three-part key "
+                             f"{'/'.join(parts[:3])!r}")
         if not isinstance(fields, dict) or set(fields) - fields_known:
             raise ValueError(f"decode configs: entry {key!r}: {fields!r} is not a dict of DecodeConfig fields "
                              f"({sorted(fields_known)})")
@@ -173,20 +173,31 @@ def set_decode_configs(table: dict[str, dict]) -> None:
     _config_cache.clear()
 
 
-def _lookup_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype, block_size: int) -> DecodeConfig | None:
-    """The entry of the smallest bucket >= num_seqs (else the largest) among those of this dtype, head_dim and block
-    size; DecodeConfig() where the table has TABLE_BLOCK_SIZE entries of none of them; None where it names no entry
-    of this block size (another than TABLE_BLOCK_SIZE)."""
+def _lookup_config(num_seqs: int, head_dim: int, cache_dtype: torch.dtype, block_size: int) -> DecodeConfig:
     want = (_DTYPE_NAMES.get(cache_dtype, str(cache_dtype)), str(head_dim))
-    buckets = {}
+    own: dict[int, str] = {}  # bucket -> key, this page size
+    base: dict[int, str] = {}  # bucket -> key, TABLE_BLOCK_SIZE-token pages
     for k in DECODE_CONFIGS:
         parts = k.split("/")
-        if tuple(parts[:2]) == want and int(parts[3] if len(parts) == 4 else TABLE_BLOCK_SIZE) == block_size:
-            buckets[int(parts[2])] = k
+        if tuple(parts[:2]) != want:
+            continue
+        if len(parts) == 3:
+            base[int(parts[2])] = k
+        elif int(parts[3]) == block_size:
+            own[int(parts[2])] = k
+    if block_size == TABLE_BLOCK_SIZE:
+        own = base
+    buckets = sorted(set(own) | set(base))
     if not buckets:
-        return DecodeConfig() if block_size == TABLE_BLOCK_SIZE else None
-    order = sorted(buckets)
-    cfg = DecodeConfig(**DECODE_CONFIGS[buckets[next((x for x in order if x >= num_seqs), order[-1])]])
+        return DecodeConfig()
+    bucket = next((x for x in buckets if x >= num_seqs), buckets[-1])
+    if bucket in own:
+        cfg = DecodeConfig(**DECODE_CONFIGS[own[bucket]])
+    else:  # a larger page without its own entry here: the 16-token one, adapted
+        cfg = DecodeConfig(**DECODE_CONFIGS[base[bucket]])
+        if block_size > TABLE_BLOCK_SIZE and cfg.tma:
+            stages = cfg.num_stages and min(cfg.num_stages, LARGE_PAGE_MAX_STAGES)
+            cfg = dataclasses.replace(cfg, page_chunk=0, num_stages=stages)
     cfg.validate()
     return cfg
 

@@ -394,7 +394,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_ml = torch.empty(2, num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     head_dim_pad = _pow2(head_dim, 16)
     block_n = cfg.block_n or (64 if head_dim_pad <= 128 else 32)
-    pdl = launch_args(q.device)  # {} unless SHARDLLM_PDL
+    pdl = launch_args(q.device)  # {} off sm90+ or with SHARDLLM_PDL=0
     extra = {**pdl, **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}
     f16_dot = cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype)
     if cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache):
