@@ -51,7 +51,7 @@ if [ "$set_" = full ]; then  # issue 15's table: old (earlier worker loop and pi
   row pp2_new_async "X=1" --pp_size 2 --async_scheduling $T128
 fi
 if [ "$set_" = final ]; then  # issues 13 and 15, old beside new, one call (about 8 minutes)
-  OLDK="SHARDLLM_GEMV_TABLES=0 SHARDLLM_DECODE_ATTN_TUNED=0"  # the kernels' earlier launch choices
+  OLDK="SHARDLLM_GEMV_TABLES=0 SHARDLLM_DECODE_ATTN_TUNED=0 SHARDLLM_PDL=0"  # the kernels' earlier launches
   OLD="$OLDK SHARDLLM_WORKER_WAIT_FOR_PLANS=0"
   OLDPP="$OLD SHARDLLM_PP_EXTRA_MICROBATCH=0 SHARDLLM_PP_SHARED_MAX_SEQS=1"
   F8="--dtype fp8 --max_batch_size 512"
