@@ -124,8 +124,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     add("--load_format", help="auto | safetensors | gguf | dummy")
     add("--tokenizer", help="tokenizer path or repo id, when not the model's")
     add("--seed", type=int, help="base random seed")
-    add("--block_size", type=int, help="tokens per KV cache block (default 16; 64 with an e4m3 FP8 KV cache on an sm90+ "
-        "GPU)")
+    add("--block_size", type=int,
+        help="tokens per KV cache block (default 16; 64 with an e4m3 FP8 KV cache on an sm90+ GPU)")
     add("--enable_prefix_caching", action=argparse.BooleanOptionalAction, help="reuse KV of shared prefixes")
     add("--enforce_eager", action="store_const", const=True, help="no CUDA graphs")
     add("--async_scheduling", action=argparse.BooleanOptionalAction,

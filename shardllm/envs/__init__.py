@@ -159,6 +159,9 @@ _VARS = [
             "0: the decode path's Triton kernels launch without programmatic dependent launch (on by default on "
             "sm90+, layers/pdl.py; issues 13 and 15: batch-1 8B bf16 4.268 -> 4.210 ms, fp8 2.852 -> 2.814 ms on "
             "one H200, sixth session)"),
+    EnvVar("SHARDLLM_GEMV_PDL_PREFETCH_MB", "float", "0", float, "import",
+           "MiB of a PDL-launched GEMV's weights asked of L2 before it waits on the kernel before (layers/gemv.py, "
+           "pdl.pdl_enter_prefetching; issues 13 and 15, batch-1 decode; 0: none, not yet measured on a GPU)"),
     _switch("SHARDLLM_GEMV_NEAREST_SHAPE", True, "per call",
             "0: an FP8 GEMV shape without a tuned entry, and the fused SiLU down GEMV's, take the generic tl.dot "
             "config, not the nearest tuned shape's (gemv.nearest_config; A/B only: Llama-3-70B batch 1 was "

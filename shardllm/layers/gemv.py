@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from shardllm import envs
-from shardllm.layers.pdl import launch_args, pdl_enter
+from shardllm.layers.pdl import launch_args, pdl_enter, pdl_enter_prefetching
 from shardllm.layers.triton_ops import RMS_MAX_BLOCK
 
 try:
@@ -87,24 +87,31 @@ if HAS_TRITON:
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, LATE_REDUCE: tl.constexpr,
                      SILU_INPUT: tl.constexpr = False, NORM_INPUT: tl.constexpr = False,
                      HAS_RESIDUAL: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1, NORM_CHUNKS: tl.constexpr = 1,
-                     USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False):
+                     USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False, PREFETCH_SPLIT: tl.constexpr = 1,
+                     prefetch_bytes=0):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
         x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
         FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps).
         NORM_INPUT: x = RMSNorm(x (+ r)) with weight nw: every program first sums the squares of its whole rows (in
         NORM_CHUNKS chunks of NORM_BLOCK, as triton_ops' RMSNorm does; L1/L2 hits after the first program), program
-        (0, 0) also stores round(x + r) to r_out; then each step normalizes the x it loads."""
-        pdl_enter(USE_PDL)
-        pid_n = tl.program_id(0)
+        (0, 0) also stores round(x + r) to r_out; then each step normalizes the x it loads. With USE_PDL, each row's
+        first prefetch_bytes of its K slice are prefetched into L2 before the wait (pdl_enter_prefetching)."""
+        pid_n = tl.program_id(0)  # (no memory is touched before the wait below)
         split = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_in = n < N
         rows = tl.where(n_in, n, 0).to(tl.int64)  # rows past N read row 0 (never stored): no mask on w's rows
-        m = tl.arange(0, BLOCK_M)
-        kk = tl.arange(0, BLOCK_K)
         k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
+        w_bytes: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
+        # each row's prefetch in PREFETCH_SPLIT pieces: BLOCK_N x PREFETCH_SPLIT = the program's threads, one each
+        chunk = tl.minimum(prefetch_bytes, (k_end - k_start) * w_bytes) // PREFETCH_SPLIT // 16 * 16
+        piece = tl.arange(0, PREFETCH_SPLIT)
+        pdl_enter_prefetching(USE_PDL,
+                              w_ptr + rows[:, None] * stride_wn + k_start + piece[None, :] * (chunk // w_bytes), chunk)
+        m = tl.arange(0, BLOCK_M)
+        kk = tl.arange(0, BLOCK_K)
         m_in = m[:, None] < M
         # tl.dot form: (BM, BK) x and (BN, BK) w tiles. FMA form: both as (BM, BN, BK) tiles of repeated addresses
         # (L1 hits, no extra DRAM bytes) so that each is born in the product's layout; loading (BK,) or (BN, BK)
@@ -257,6 +264,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     assert (w_scale is None) == (w.dtype == x.dtype)
     split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
     even_k = k % (split_k * config.block_k) == 0
+    pdl = launch_args(x.device)
     block_m = 16 if config.use_dot else max(1, triton.next_power_of_2(m))
     if split_k == 1:
         y = torch.empty((1, m, n), dtype=x.dtype, device=x.device)
@@ -271,7 +279,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         LATE_REDUCE=config.late_reduce and not config.use_dot, SILU_INPUT=silu_input, NORM_INPUT=norm is not None,
         HAS_RESIDUAL=res is not None, NORM_BLOCK=norm_block if norm is not None else 1,
         NORM_CHUNKS=triton.cdiv(k, norm_block) if norm is not None else 1, num_warps=config.num_warps,
-        num_stages=config.num_stages, W_AHEAD=config.w_ahead and not config.use_dot, **launch_args(x.device))
+        num_stages=config.num_stages, W_AHEAD=config.w_ahead and not config.use_dot,
+        PREFETCH_SPLIT=max(1, 32 * config.num_warps // config.block_n), prefetch_bytes=prefetch_bytes_per_row(
+            n, split_k, pdl), **pdl)
     if split_k == 1:
         return y[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -279,6 +289,21 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](y, out, m * n, split_k, BLOCK=block, num_warps=4,
                                                          **launch_args(x.device))
     return out
+
+
+# SHARDLLM_GEMV_PDL_PREFETCH_MB: how much of a PDL-launched GEMV's weights its programs ask L2 for before they wait
+# on the kernel before (the first bytes of each row's K slice, spread evenly over the rows); 0: none.
+PREFETCH_BYTES = int(envs.SHARDLLM_GEMV_PDL_PREFETCH_MB * (1 << 20))
+
+
+def prefetch_bytes_per_row(n: int, split_k: int, pdl: dict, budget: int | None = None) -> int:
+    """Bytes of each of the n weight rows' K slices (split_k a row) prefetched before the PDL wait: budget (default
+    PREFETCH_BYTES) over n x split_k, a multiple of 16; 0 without PDL (`pdl`: launch_args' keywords), with no
+    budget or at a budget under 16 bytes a slice (the kernel also caps it at the slice's bytes)."""
+    budget = PREFETCH_BYTES if budget is None else budget
+    if not pdl or budget <= 0 or n <= 0:
+        return 0
+    return budget // (n * split_k) // 16 * 16
 
 
 def gemv_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:
