@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Seventh session, second call (one H200, about 5 minutes): where 8B fp8 + fp8 KV 500 x 1000/1000 loses against
+# TensorRT-LLM's 17,744 (15,839 in the sixth session): ~9 s of ~32 went to the phase in which prompts are still
+# prefilled (ttft p99 9.2 s). Rows at --max_num_tokens 16384 (default) / 8192 / 32768 with the phase split
+# (ttft_ms_max, decode_phase_tpot_ms), then a step profile of three prefill-phase steps (SHARDLLM_PROFILE_STEPS=14:3:
+# the bench's warm-up takes the first ~9 execute_model calls).
+# Results in $OUT/results.tgz and $OUT/summary.txt.    LIMIT_S=330 bash benchmarks/device_s7_b.sh
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
+limit=${LIMIT_S:-330}; t0=$SECONDS
+. benchmarks/device_rows.sh  # pack, say, b, row
+say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
+export CUDA_VISIBLE_DEVICES=0
+MODEL_FLAGS="--model llama-3-8b --dtype fp8 --kv_cache_dtype fp8"
+T1000="--num_requests 500 --input_len 1000 --output_len 1000"
+for mnt in 16384 8192 32768; do
+  row 75 "fp8kv_1000_mnt$mnt" "" --max_num_tokens $mnt $T1000
+done
+python - "$w/rows.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if "ttft_ms_max" in r:
+        print(f'{r["row"]:<24} {r["output_tok_s"]:>9,.0f} tok/s  elapsed {r["elapsed_s"]:6.2f} s  prefill phase '
+              f'{r["ttft_ms_max"] / 1e3:5.2f} s  decode-phase TPOT {r["decode_phase_tpot_ms"]} ms  steps {r["steps"]}')
+PY
+row 80 fp8kv_1000_prefill_profile "SHARDLLM_PROFILE_DIR=$w/prefill SHARDLLM_PROFILE_STEPS=14:3 SHARDLLM_PROFILE_TOP=25" $T1000
+python - "$w/prefill/rank0.json" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import json, sys
+d = json.load(open(sys.argv[1]))
+for st in d["steps"]:
+    print({k: st.get(k) for k in ("index", "num_seqs", "num_tokens", "decode", "wall_us", "gpu_busy_us", "outside_us")})
+a = d["all"]
+print("mean step:", {k: a.get(k) for k in ("wall_us", "gpu_busy_us", "gpu_idle_us", "phases_us")})
+for k in a["top_kernels"]:
+    print(f'  {k["us_per_step"]:10.1f} us x{k["calls_per_step"]:<6} {k["name"][:90]}')
+PY
+say "total: $((SECONDS - t0)) s"; pack
