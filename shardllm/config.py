@@ -118,6 +118,30 @@ class SchedulerConfig:
     async_scheduling: bool = False
 
 
+SMALL_MODEL_PARAMS = 1_000_000_000
+
+
+def _warn_small_model_fp8_cache(model_config, kv_cache_dtype: str) -> None:
+    """A warning for an FP8 KV cache on a model under SMALL_MODEL_PARAMS parameters: its k/v rounding can change or
+    degrade the answers of so small a model (the embedded 135M default's France chat turns into a repetition loop;
+    README, FP8), where 8B and larger models absorb it."""
+    if not (isinstance(kv_cache_dtype, str) and kv_cache_dtype.startswith("fp8")):
+        return
+    from shardllm.model_loader.size import count_parameters
+
+    try:
+        params = count_parameters(model_config.hf_config)
+    except Exception:  # an architecture the counter does not know: no warning rather than no engine
+        return
+    if params < SMALL_MODEL_PARAMS:
+        import logging
+
+        logging.getLogger("shardllm").warning(
+            "kv_cache_dtype=%r on a model of %.0fM parameters: FP8 rounding of the KV cache can change or degrade "
+            "the answers of a model this small (use kv_cache_dtype='auto' here; an FP8 cache suits 8B and larger "
+            "models)", kv_cache_dtype, params / 1e6)
+
+
 def check_engine_settings(*, tensor_parallel_size: int | str = 1, pipeline_parallel_size: int = 1,
                           expert_parallel_size: int = 1, max_batch_size: int | None = None,
                           max_num_tokens: int | None = None, block_size: int | None = None,
@@ -231,6 +255,7 @@ class EngineConfig:
 
         if block_size is None:
             block_size = default_block_size(kv_cache_dtype, device)
+        _warn_small_model_fp8_cache(model_config, kv_cache_dtype)
         if tensor_parallel_size == "auto":  # the planner's smallest tp for these GPUs (shardllm/planner.py)
             from shardllm.planner import resolve_auto_tp
 

@@ -41,6 +41,18 @@ class LLM:
                  kv_cache_free_gpu_memory_fraction: float = 0.9, enable_prefix_caching: bool = True,
                  load_format: str = "auto", device: str = "auto", seed: int = 0, enforce_eager: bool = False,
                  trust_remote_code: bool = False, **kwargs: Any):
+        named = {"max_seq_len": max_seq_len, "max_batch_size": max_batch_size, "max_num_tokens": max_num_tokens}
+        for theirs, ours in VLLM_ARG_NAMES.items():  # vLLM's names for the same settings
+            if theirs in kwargs:
+                if named[ours] is not None:
+                    raise TypeError(f"LLM() got both {theirs}= and {ours}=: they are one setting; give one")
+                named[ours] = kwargs.pop(theirs)
+        max_seq_len, max_batch_size, max_num_tokens = (named[k] for k in ("max_seq_len", "max_batch_size",
+                                                                          "max_num_tokens"))
+        if "gpu_memory_utilization" in kwargs:
+            raise TypeError("LLM() has no gpu_memory_utilization (vLLM's share of the whole GPU): use "
+                            "kv_cache_free_gpu_memory_fraction, the share of the memory left after the model and "
+                            "activations that goes to the KV cache (default 0.9)")
         unknown = sorted(set(kwargs) - _ENGINE_ARGS)
         if unknown:
             raise TypeError(f"LLM() got unexpected keyword arguments {unknown}: the engine's arguments are "
@@ -91,6 +103,10 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = []
         for conv in convs:
+            for m in conv:  # the roles the server's API takes (entrypoints/openai/protocol.py)
+                if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+                    raise ValueError(f"chat message {m!r}: each message is a dict whose 'role' is one of "
+                                     f"{list(CHAT_ROLES)}")
             ids = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True,
                                           chat_template=chat_template)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -119,6 +135,12 @@ class LLM:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# vLLM's LLM() argument names that mean the same as ours
+VLLM_ARG_NAMES = {"max_model_len": "max_seq_len", "max_num_seqs": "max_batch_size",
+                  "max_num_batched_tokens": "max_num_tokens"}
 
 
 def _as_prompt_list(prompts) -> list[Prompt]:

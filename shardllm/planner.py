@@ -273,6 +273,7 @@ class Plan:
     max_batch_size: int = 256  # the max_num_seqs (sequences a step) the throughput column assumed
     num_experts: int = 0  # routed experts of a MoE model (0: dense)
     context_len: int = 0  # the average context (tokens) the throughput columns assumed
+    gpu_named: bool = True  # False: no GPU name was given, `gpu` is the default assumed for gpu_memory_bytes
 
     @property
     def recommended(self) -> Candidate | None:
@@ -343,7 +344,7 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
     cands.sort(key=rank)
     return Plan(model, total, gpus_per_node, nodes, spec.name, spec.memory_bytes, topology, weight_dtype,
                 kv_cache_dtype, max_seq_len, cands, max_batch_size=max_num_seqs, context_len=context,
-                num_experts=num_experts(c) or 0)
+                num_experts=num_experts(c) or 0, gpu_named=gpu_name is not None)
 
 
 def _fill(cand: Candidate, est: LayoutEstimate, c, spec: GPUSpec, topology: str, seq: int, context: int,

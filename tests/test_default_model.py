@@ -42,6 +42,13 @@ def test_greedy_chat_equals_transformers(llm):
         assert got == ref[: len(got)] and (len(got) == len(ref) or ref[len(got)] in eos)
 
 
+def test_chat_refuses_a_role_the_server_refuses(llm):
+    with pytest.raises(ValueError, match="'role' is one of"):
+        llm.chat([{"role": "wizard", "content": "hi"}], use_tqdm=False)
+    with pytest.raises(ValueError, match="'role' is one of"):
+        llm.chat([[{"role": "user", "content": "hi"}], [{"content": "no role"}]], use_tqdm=False)
+
+
 def test_capital_of_france_is_paris(llm):
     out = llm.chat(CHATS[0], SamplingParams(max_tokens=32, temperature=0), use_tqdm=False)[0].outputs[0]
     assert "Paris" in out.text

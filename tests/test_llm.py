@@ -239,6 +239,31 @@ def test_dtype_names_are_case_insensitive(path):
     assert EngineConfig.create(path, dtype="Float32", device="cpu").model_config.dtype == torch.float32
 
 
+def test_an_fp8_cache_on_a_small_model_warns(path, caplog):
+    from shardllm.config import EngineConfig
+
+    with caplog.at_level("WARNING", logger="shardllm"):
+        EngineConfig.create(path, device="cpu", kv_cache_dtype="fp8")
+    assert any("FP8 rounding of the KV cache" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="shardllm"):
+        EngineConfig.create(path, device="cpu")
+    assert not any("FP8 rounding" in r.getMessage() for r in caplog.records)
+
+
+def test_vllm_argument_names_mean_the_same(path):
+    llm = LLM(path, device="cpu", num_kv_blocks=64, max_model_len=64, max_num_seqs=3, max_num_batched_tokens=96)
+    try:
+        sc = llm.config.scheduler_config
+        assert (sc.max_model_len, sc.max_num_seqs, sc.max_num_batched_tokens) == (64, 3, 96)
+    finally:
+        llm.shutdown()
+    with pytest.raises(TypeError, match="both max_model_len= and max_seq_len="):
+        LLM(path, device="cpu", max_model_len=64, max_seq_len=64)
+    with pytest.raises(TypeError, match="kv_cache_free_gpu_memory_fraction"):
+        LLM(path, device="cpu", gpu_memory_utilization=0.9)
+
+
 def test_unknown_llm_argument_names_llm():
     with pytest.raises(TypeError, match=r"LLM\(\) got unexpected keyword arguments \['bogus_arg'\]"):
         LLM(bogus_arg=1)

@@ -267,6 +267,18 @@ def test_plan_command_exits_non_zero_when_nothing_fits(capsys):
     assert json.loads(out)["tensor_parallel_size"] is None and "no layout" in err
 
 
+def test_plan_says_when_the_gpu_is_assumed(capsys):
+    from shardllm.entrypoints.cli import main
+
+    assert main(["plan", "llama-3-8b", "--gpus", "2"]) == 0
+    assert "2 x H100 (assumed: --gpu NAME for another) (80 GiB)" in capsys.readouterr().out.splitlines()[0]
+    assert main(["plan", "llama-3-8b", "--gpus", "2", "--gpu", "H200"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "2 x H200 (" in first and "assumed" not in first
+    assert main(["plan", "llama-3-8b", "--gpus", "0"]) == 1
+    assert capsys.readouterr().err.rstrip().endswith("--gpus / --gpus_per_node must be >= 1, got 0")
+
+
 def test_tensor_parallel_size_auto(monkeypatch):
     import sys
 

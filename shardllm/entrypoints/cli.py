@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(gen)
     g = gen.add_argument_group("sampling")
     g.add_argument("-p", "--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    g.add_argument(*_names("--max_tokens"), type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument(*_names("--top_p"), type=float, default=1.0)
+    g.add_argument(*_names("--max_tokens"), type=int, default=64, help="most tokens to generate (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    g.add_argument(*_names("--top_p"), type=float, default=1.0, help="nucleus sampling mass (default 1: all)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     for name, text in OWN_FLAG_COMMANDS.items():  # for --help only: main() runs them before this parser
         if name not in sub.choices:

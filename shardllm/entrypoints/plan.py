@@ -22,7 +22,11 @@ EXIT_NO_FIT = 3  # the plan was made and no layout fits (1: bad input, no plan; 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shardllm plan", allow_abbrev=False,
-                                description="Rank the tp x pp x replicas layouts of a model on a set of GPUs.")
+                                description="Rank the tp x pp x replicas layouts of a model on a set of GPUs.",
+                                epilog="exit status: 0 a layout is recommended; 3 none fits (the table says why each "
+                                "fails, the closest one is named on stderr); 1 bad input; 2 a usage error. Without "
+                                "--gpus and without local GPUs (NVML), give --gpus N (and --gpu NAME: H100 80 GiB by "
+                                "default).")
     p.add_argument("model", help="checkpoint dir, Hugging Face repo id, or a shipped config (llama-3-70b, ...)")
     add = lambda *names, **kw: p.add_argument(*_names(*names), **kw)  # noqa: E731 - --snake_case and --kebab-case
     add("--gpus", type=int, help="GPUs on one node (default: the local GPUs, through NVML)")
@@ -131,15 +135,17 @@ def _expert_parallel_hint(p: Plan, best) -> str:
     # ep < tp: each of the ep groups' tp / ep ranks holds a slice of that group's experts (config: moe_tp = tp / ep)
     share = _n(experts // ep, "whole expert") if ep == tp else f"a 1/{tp // ep} slice of {_n(experts // ep, 'expert')}"
     return (f"  experts at tp {tp}: --ep_size {ep} gives each rank {share} "
-            f"instead of a 1/{tp} slice of all {experts}; measured on H200s, Mixtral-8x7B tp 2: fp8, 1000 x 128/128 "
-            f"requests, 19,353 against 17,179 tok/s with ep 1 (+13%); bf16, 256 requests, earlier code, 7,056 "
-            f"against 7,402 (-5%): compare both on your load with `shardllm bench --sweep ep={sweep}`")
+            f"instead of a 1/{tp} slice of all {experts}; measured on H200s, Mixtral-8x7B tp 2, 1000 x 128/128 "
+            f"requests: fp8 20,692 against 19,062 tok/s with ep 1 (+8.6%), bf16 15,263 against 15,718 (-2.9%): "
+            f"compare both on your load with `shardllm bench --sweep ep={sweep}`")
 
 
 def format_plan(p: Plan) -> str:
     gb = lambda b: f"{b / GiB:.1f}"  # noqa: E731
     best = p.recommended
-    lines = [f"{p.model}: {p.num_gpus} x {p.gpu} ({p.gpu_memory_bytes / GiB:.0f} GiB) on {_n(p.nodes, 'node')}, "
+    assumed = "" if p.gpu_named else " (assumed: --gpu NAME for another)"
+    lines = [f"{p.model}: {p.num_gpus} x {p.gpu}{assumed} ({p.gpu_memory_bytes / GiB:.0f} GiB) on "
+             f"{_n(p.nodes, 'node')}, "
              f"{p.topology}, weights {p.weight_dtype}, KV {p.kv_cache_dtype}, max_seq_len {p.max_seq_len}, "
              f"max_batch_size {p.max_batch_size} sequences"]
     if best:
@@ -196,8 +202,10 @@ def main(argv: list[str]) -> int:
             topology = topology or local["topology"]
         if args.gpu_memory_gib is not None and args.gpu_memory_gib < 1:
             raise ValueError(f"--gpu_memory_gib must be at least 1 (GiB of one GPU), got {args.gpu_memory_gib}")
-        if gpn < 1 or nodes < 1:
-            raise ValueError(f"--gpus / --gpus_per_node and --nodes must be >= 1, got {gpn} and {nodes}")
+        if gpn < 1:
+            raise ValueError(f"--gpus / --gpus_per_node must be >= 1, got {gpn}")
+        if nodes < 1:
+            raise ValueError(f"--nodes must be >= 1, got {nodes}")
         gpu_memory = memory or gpu_spec(name).memory_bytes
         max_num_seqs = args.max_batch_size or (1024 if large_gpu(name, gpu_memory) else 256)  # serve's default
         result = plan(hf_config, model=args.model, gpus_per_node=gpn, nodes=nodes,

@@ -14,6 +14,7 @@ def test_bench_counts_and_fields(tiny_checkpoints, capsys):
     res = bench_json(capsys, "--model", tiny_checkpoints["llama"], "--device", "cpu", "--dtype", "float32",
                      "--num_requests", "6", "--input_len", "5", "--output_len", "7", "--max_batch_size", "4")
     assert res["num_requests"] == 6 and res["input_len"] == 5 and res["output_len"] == 7
+    assert res["model"] == tiny_checkpoints["llama"]
     assert res["max_batch_size"] == res["batch_size"] == 4  # the resolved limit, under both keys
     # every request produced exactly output_len tokens (ignore_eos), and the rate is tokens / time (rounded fields)
     assert res["output_tokens"] == 6 * 7

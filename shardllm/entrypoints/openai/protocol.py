@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shardllm.llm import CHAT_ROLES
 from shardllm.sampling_params import LOGIT_BIAS_MAX, SEED_MAX, SEED_MIN, SamplingParams
 
 
@@ -152,7 +153,7 @@ class TextPart(_Strict):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # tool_calls, name, ... pass to the template
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal[CHAT_ROLES]  # the offline LLM.chat checks the same
     content: str | list[TextPart] | None = None
 
     def template_dict(self) -> dict:
