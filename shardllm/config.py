@@ -38,7 +38,10 @@ def default_block_size(kv_cache_dtype: str = "auto", device: str = "cuda") -> in
     e4m3 = isinstance(kv_cache_dtype, str) and kv_cache_dtype.lower() in ("fp8", "fp8_e4m3")
     if not e4m3 or device != "cuda":
         return DEFAULT_BLOCK_SIZE
-    hopper = not torch.cuda.is_available() or torch.cuda.get_device_capability(0) >= (9, 0)
+    try:
+        hopper = not torch.cuda.is_available() or torch.cuda.get_device_capability(0) >= (9, 0)
+    except RuntimeError:  # a driver that lists GPUs but cannot open one: the usual size
+        hopper = False
     return FP8_CACHE_BLOCK_SIZE if hopper else DEFAULT_BLOCK_SIZE
 
 

@@ -186,8 +186,9 @@ def run(a: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="shardllm bench", description="shardllm offline throughput benchmark: one layout, or a sweep of "
-        "layouts (--sweep) with a scaling table; `shardllm bench serve` load-tests a running server.",
+        prog="shardllm bench", allow_abbrev=False,
+        description="shardllm offline throughput benchmark: one layout, or a sweep of layouts (--sweep) with a "
+        "scaling table; `shardllm bench serve` load-tests a running server.",
         epilog='sweep: --sweep "tp=1,2,4" runs tp=1, tp=2 and tp=4 in turn; --sweep "tp=4,pp=2" is one layout; '
         "keys tp, pp, ep, dtype (several keys: every combination); repeat --sweep to add layouts.",
         usage="shardllm bench [options]  |  shardllm bench serve --url URL [options]")

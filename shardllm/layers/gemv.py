@@ -87,8 +87,8 @@ if HAS_TRITON:
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, LATE_REDUCE: tl.constexpr,
                      SILU_INPUT: tl.constexpr = False, NORM_INPUT: tl.constexpr = False,
                      HAS_RESIDUAL: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1, NORM_CHUNKS: tl.constexpr = 1,
-                     USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False, PREFETCH_SPLIT: tl.constexpr = 1,
-                     prefetch_bytes=0):
+                     USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
+                     PREFETCH_SPLIT: tl.constexpr = 1, prefetch_bytes=0):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
         x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
         FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps).
@@ -105,10 +105,12 @@ if HAS_TRITON:
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         w_bytes: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-        # each row's prefetch in PREFETCH_SPLIT pieces: BLOCK_N x PREFETCH_SPLIT = the program's threads, one each
-        chunk = tl.minimum(prefetch_bytes, (k_end - k_start) * w_bytes) // PREFETCH_SPLIT // 16 * 16
+        # each row's prefetch in PREFETCH_SPLIT pieces: BLOCK_N x PREFETCH_SPLIT = the program's threads, one each;
+        # a slice past K (split_k x BLOCK_K rounding can leave the last ones empty) asks for nothing
+        span = tl.maximum(k_end - k_start, 0) * w_bytes
+        chunk = tl.minimum(prefetch_bytes, span) // PREFETCH_SPLIT // 16 * 16
         piece = tl.arange(0, PREFETCH_SPLIT)
-        pdl_enter_prefetching(USE_PDL,
+        pdl_enter_prefetching(USE_PDL, PREFETCH_W,
                               w_ptr + rows[:, None] * stride_wn + k_start + piece[None, :] * (chunk // w_bytes), chunk)
         m = tl.arange(0, BLOCK_M)
         kk = tl.arange(0, BLOCK_K)
@@ -244,7 +246,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
             additions (the same chunks, but a reduction tree of this config's warps).
         w: (N, K) float8_e4m3fn (with w_scale) or x's dtype (w_scale None), contiguous rows.
         w_scale: (N,) fp32 per-channel scales, or None.
-        config: the kernel config; split_k is capped so that every K slice holds at least one BLOCK_K.
+        config: the kernel config; split_k is capped at K's BLOCK_K count (slices are whole BLOCK_Ks, so the last
+            ones may still be empty: their partials are zeros).
     Raises AssertionError on shapes outside that contract (callers check M and strides first).
     """
     m, k = x.shape
@@ -265,6 +268,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
     even_k = k % (split_k * config.block_k) == 0
     pdl = launch_args(x.device)
+    prefetch = prefetch_bytes_per_row(n, split_k, pdl)
     block_m = 16 if config.use_dot else max(1, triton.next_power_of_2(m))
     if split_k == 1:
         y = torch.empty((1, m, n), dtype=x.dtype, device=x.device)
@@ -280,8 +284,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         HAS_RESIDUAL=res is not None, NORM_BLOCK=norm_block if norm is not None else 1,
         NORM_CHUNKS=triton.cdiv(k, norm_block) if norm is not None else 1, num_warps=config.num_warps,
         num_stages=config.num_stages, W_AHEAD=config.w_ahead and not config.use_dot,
-        PREFETCH_SPLIT=max(1, 32 * config.num_warps // config.block_n), prefetch_bytes=prefetch_bytes_per_row(
-            n, split_k, pdl), **pdl)
+        PREFETCH_W=prefetch > 0, PREFETCH_SPLIT=max(1, 32 * config.num_warps // config.block_n),
+        prefetch_bytes=prefetch, **pdl)
     if split_k == 1:
         return y[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

@@ -84,21 +84,24 @@ def pdl_enter(USE_PDL: tl.constexpr):
 @_jit
 def _prefetch_l2(ptrs, nbytes):
     """One bulk L2 prefetch (sm90's cp.async.bulk.prefetch.L2) of nbytes (int32, same shape as ptrs) at each pointer;
-    skipped where the address is not 16-byte aligned or nbytes < 16 (nbytes must be a multiple of 16). A hint: it
+    skipped where the address is not 16-byte aligned or nbytes < 16, negative included (nbytes must be a multiple of
+    16). A hint: it
     neither faults on an unmapped line the hardware declines nor changes any value."""
     tl.inline_asm_elementwise(
         "{\n.reg .pred p;\n.reg .b64 lo;\nand.b64 lo, $1, 15;\nsetp.eq.u64 p, lo, 0;\n"
-        "setp.ge.and.u32 p, $2, 16, p;\n@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
+        "setp.ge.and.s32 p, $2, 16, p;\n@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
         "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @_jit
-def pdl_enter_prefetching(USE_PDL: tl.constexpr, ptrs, nbytes):
+def pdl_enter_prefetching(USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, ptrs, nbytes):
     """pdl_enter for a kernel whose first reads include memory no kernel of the step writes (a layer's weights): it
     lets the next kernel be placed, asks L2 for nbytes at each of `ptrs` (see _prefetch_l2; nbytes an int32 scalar,
     0: none), then waits for the kernel before to finish. The prefetch streams weights while the kernel before still
-    runs (its tail, or all of it when it is one wave); nothing is read into registers before the wait."""
+    runs (its tail, or all of it when it is one wave); nothing is read into registers before the wait. PREFETCH
+    False: exactly pdl_enter (no prefetch compiled in)."""
     if USE_PDL:
         gdc_launch_dependents()
-        _prefetch_l2(ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes)
+        if PREFETCH:
+            _prefetch_l2(ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes)
         gdc_wait()

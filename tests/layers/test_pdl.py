@@ -80,7 +80,9 @@ def test_every_pdl_kernel_waits_before_it_touches_memory(kernel):
         before = [ast.unparse(st) for st in body[:first]]
         assert before and all(isinstance(st, (ast.Assign, ast.AnnAssign)) for st in body[:first])
         assert not [t for t in before if "load" in t or "store" in t or "atomic" in t or "[" in t], before
-        assert ast.unparse(body[first]).startswith("pdl_enter_prefetching(USE_PDL, w_ptr + ")
+        call = ast.unparse(body[first])
+        assert call.startswith("pdl_enter_prefetching(USE_PDL, PREFETCH_W, w_ptr + ")
+        assert not [w for w in ("load", "store", "atomic", "[:") if w in call.replace("[:, None]", "")], call
     else:
         assert ast.unparse(body[0]) == "pdl_enter(USE_PDL)"
 
@@ -147,7 +149,7 @@ names = ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "M", "N", "K", "split_k", "stride_x
 types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16"] + ["i32"] * 8 + ["*bf16"] * 3 + ["fp32", "i32", "i32", "i32"]
 gemv_consts = dict(HAS_SCALE=True, USE_DOT=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, DOT_F32=False,
                    LATE_REDUCE=True, SILU_INPUT=False, NORM_INPUT=False, HAS_RESIDUAL=False, NORM_BLOCK=1,
-                   NORM_CHUNKS=1, W_AHEAD=True, PREFETCH_SPLIT=32)
+                   NORM_CHUNKS=1, W_AHEAD=True, PREFETCH_W=True, PREFETCH_SPLIT=32)
 out = {}
 kernels = {"silu_and_mul": silu, "silu_and_mul_rows": silu_rows, "silu_and_mul_quant": silu_quant,
            "silu_and_mul_quant_rows": silu_quant_rows,
@@ -201,14 +203,17 @@ def test_gpu_gemv_with_the_weight_prefetch_equals_without(monkeypatch, fp8):
     if not pdl.supported(torch.cuda.current_device()):
         pytest.skip("this Triton has no launch_pdl")
     monkeypatch.setattr(pdl, "ENABLED", True)
-    cfg = gemv.GemvConfig(False, 4, 512, 1, 4, 3, True)
-    for m, n, k in [(1, 4096, 4096), (2, 1000, 1536)]:
+    # split_k 4 at K = 1280 with 256-wide blocks: slices of 512, the last one empty (starts past K)
+    cases = [(1, 4096, 4096, gemv.GemvConfig(False, 4, 512, 1, 4, 3, True)),
+             (2, 1000, 1536, gemv.GemvConfig(False, 4, 512, 1, 4, 3, True)),
+             (2, 4096, 1280, gemv.GemvConfig(True, 32, 256, 4, 4, 4))]
+    for m, n, k, cfg in cases:
         x, w, s = operands(m, n, k, fp8, "cuda", seed=n)
         monkeypatch.setattr(gemv, "PREFETCH_BYTES", 0)
         want = gemv.gemv(x, w, s, cfg)
         for budget in (64 << 20, 4 << 20):  # whole slices; 32-byte pieces of 1 KiB a row at n = 4096
             monkeypatch.setattr(gemv, "PREFETCH_BYTES", budget)
-            assert gemv.prefetch_bytes_per_row(n, 1, pdl.launch_args(x.device)) > 0
+            assert gemv.prefetch_bytes_per_row(n, cfg.split_k, pdl.launch_args(x.device)) > 0
             assert torch.equal(gemv.gemv(x, w, s, cfg), want)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
