@@ -7,6 +7,8 @@
 #   row TIMEOUT NAME ENVS ..  b with T=TIMEOUT, then pack, if the time left (limit - (SECONDS - t0)) covers TIMEOUT;
 #                             else a line saying it was skipped (needs limit and t0)
 #   left                      the seconds left: limit - (SECONDS - t0)
+#   device_start LIMIT        a script's start: the device's environment (NVLink multicast off, PYTHONPATH=.), OUT and
+#                             w made, limit = $LIMIT_S or LIMIT, t0, and the GPUs and date as the summary's first line
 pack() { tar -czf "$OUT/results.tgz" -C "$w" . 2>/dev/null; }
 say() { echo "$*" | tee -a "$OUT/summary.txt"; }
 b() {
@@ -31,4 +33,10 @@ left() { echo $(( limit - (SECONDS - t0) )); }
 row() {
   local t=$1; shift
   if [ "$(left)" -ge "$t" ]; then T=$t b "$@"; pack; else say "$1: skipped (time)"; fi
+}
+device_start() {
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
+  OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
+  limit=${LIMIT_S:-$1}; t0=$SECONDS
+  say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
 }

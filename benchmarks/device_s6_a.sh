@@ -8,13 +8,10 @@
 #   4. PDL batch-1 on the same card, on then off (the fifth session compared two cards): 8B fp8 on GPU 0, bf16 on 1.
 # Results in $OUT/results.tgz and $OUT/summary.txt.    LIMIT_S=500 bash benchmarks/device_s6_a.sh
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
-limit=${LIMIT_S:-500}; t0=$SECONDS
-. benchmarks/device_rows.sh  # pack, say, b, row
+. benchmarks/device_rows.sh  # device_start, pack, say, b, row
+device_start 500
 T128="--num_requests 1000 --input_len 128 --output_len 128"
 B1="--batch_size 1 --num_requests 2 --input_len 128 --output_len 128"
-say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
 timeout 120 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/layers/test_fp8_moe_gpu.py tests/models/test_moe.py \
   > "$w/moe_tests.txt" 2>&1
 say "moe gpu tests: $(tail -1 "$w/moe_tests.txt")"; grep -E "^(FAILED|ERROR)" "$w/moe_tests.txt" | head | tee -a "$OUT/summary.txt"

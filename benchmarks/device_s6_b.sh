@@ -8,11 +8,8 @@
 #      floor 17,744) on GPU 0 and 1000 x 128/128 on GPU 1 (26,478; floor 27,911), side by side, one block size a pair.
 # Results in $OUT/results.tgz and $OUT/summary.txt.    LIMIT_S=450 bash benchmarks/device_s6_b.sh
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
-limit=${LIMIT_S:-450}; t0=$SECONDS
-. benchmarks/device_rows.sh  # pack, say, b, row
-say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
+. benchmarks/device_rows.sh  # device_start, pack, say, b, row
+device_start 450
 CUDA_VISIBLE_DEVICES=0 timeout 150 python benchmarks/fp8_attention_kernel.py --cases 512x170 1024x192 500x1500 \
   --block_sizes 16 32 64 > "$w/kernel_bs.jsonl" 2> "$w/err_kernel_bs.txt" &
 CUDA_VISIBLE_DEVICES=1 timeout 150 python -m pytest -q -m gpu -p no:cacheprovider -rfEs \

@@ -6,11 +6,8 @@
 #      fifth session's attention table are what changed for it), plus BLOCK_SIZE if set (device_s6_b's winner).
 # Results in $OUT/results.tgz and $OUT/summary.txt.    LIMIT_S=400 [BLOCK_SIZE=32] bash benchmarks/device_s6_c.sh
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
-limit=${LIMIT_S:-400}; t0=$SECONDS
-. benchmarks/device_rows.sh  # pack, say, b, row
-say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
+. benchmarks/device_rows.sh  # device_start, pack, say, b, row
+device_start 400
 for tp in 2 1; do
   [ "$(left)" -ge 140 ] || { say "70b tp $tp profile: skipped (time)"; continue; }
   timeout 130 python benchmarks/profile_decode.py --load_format dummy --input_len 128 --batch_sizes 1024 --steps 6 \

@@ -4,11 +4,8 @@
 # one GPU, and the bf16 cache beside them at 1000/1000 (issue 13: "FP8 KV cache at 1000/1000: report beside bf16").
 # Results in $OUT/results.tgz and $OUT/summary.txt.    LIMIT_S=300 bash benchmarks/device_s6_d.sh
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
-limit=${LIMIT_S:-300}; t0=$SECONDS
-. benchmarks/device_rows.sh  # pack, say, b, row
-say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
+. benchmarks/device_rows.sh  # device_start, pack, say, b, row
+device_start 300
 export CUDA_VISIBLE_DEVICES=0
 MODEL_FLAGS="--model llama-3-8b --dtype fp8"
 T1000="--num_requests 500 --input_len 1000 --output_len 1000"

@@ -6,11 +6,8 @@
 #      entries, page_chunk dropped): 8B fp8 + fp8 KV, 500 x 1000/1000 and 1000 x 128/128, one row at a time.
 # Results in $OUT/results.tgz and $OUT/summary.txt.    LIMIT_S=400 bash benchmarks/device_s6_e.sh
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
-limit=${LIMIT_S:-400}; t0=$SECONDS
-. benchmarks/device_rows.sh  # pack, say, b, row
-say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
+. benchmarks/device_rows.sh  # device_start, pack, say, b, row
+device_start 400
 export CUDA_VISIBLE_DEVICES=0
 timeout ${SWEEP_S:-150} python benchmarks/attention_sweep.py --block_size 64 --dtypes fp8_e4m3 --budget_s ${BUDGET_S:-80} \
   --cases 512x1500 512x170 256x170 64x1000 1x200 --out "$w/sweep64.jsonl" > "$w/sweep64.txt" 2>&1

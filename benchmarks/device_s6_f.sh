@@ -4,11 +4,8 @@
 # batch-1 decode with it on and off, fp8 and bf16, one row at a time on one GPU.
 # Results in $OUT/results.tgz and $OUT/summary.txt.    LIMIT_S=210 bash benchmarks/device_s6_f.sh
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
-limit=${LIMIT_S:-210}; t0=$SECONDS
-. benchmarks/device_rows.sh  # pack, say, b, row
-say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
+. benchmarks/device_rows.sh  # device_start, pack, say, b, row
+device_start 210
 export CUDA_VISIBLE_DEVICES=0
 timeout 80 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/layers/test_gemv_norm.py > "$w/norm_tests.txt" 2>&1
 say "gemv_norm gpu tests: $(tail -1 "$w/norm_tests.txt")"; grep -E "^(FAILED|ERROR)" "$w/norm_tests.txt" | head | tee -a "$OUT/summary.txt"

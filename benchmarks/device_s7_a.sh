@@ -8,11 +8,8 @@
 #   3. Llama-3-70B fp8 + fp8 KV on this one GPU, 1000 x 128/128 (floor 3,803; 3,454 in the fourth session).
 # Results in $OUT/results.tgz and $OUT/summary.txt.    LIMIT_S=480 bash benchmarks/device_s7_a.sh
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
-limit=${LIMIT_S:-480}; t0=$SECONDS
-. benchmarks/device_rows.sh  # pack, say, b, row
-say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
+. benchmarks/device_rows.sh  # device_start, pack, say, b, row
+device_start 480
 export CUDA_VISIBLE_DEVICES=0
 timeout 100 python -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/layers/test_gemv_norm.py \
   "tests/layers/test_pdl.py::test_gpu_gemv_with_the_weight_prefetch_equals_without" > "$w/b1_tests.txt" 2>&1

@@ -7,11 +7,8 @@
 # Then Nsight Compute on one FP8-cache and one bf16-cache decode-attention launch (benchmarks/ncu_decode_attention.py).
 # Results in $OUT/results.tgz and $OUT/summary.txt.    LIMIT_S=450 bash benchmarks/device_s7_b.sh
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
-limit=${LIMIT_S:-450}; t0=$SECONDS
-. benchmarks/device_rows.sh  # pack, say, b, row
-say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
+. benchmarks/device_rows.sh  # device_start, pack, say, b, row
+device_start 450
 export CUDA_VISIBLE_DEVICES=0
 MODEL_FLAGS="--model llama-3-8b --dtype fp8 --kv_cache_dtype fp8"
 T1000="--num_requests 500 --input_len 1000 --output_len 1000"

@@ -7,11 +7,8 @@
 #   3. 8B bf16 1000 x 128/128: 1 GPU, tp 2, pp 2 (aims 1.85x and 1.7x of the 1-GPU row).
 # Results in $OUT/results.tgz and $OUT/summary.txt.    LIMIT_S=420 bash benchmarks/device_s7_c.sh
 set -u
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; w="$OUT/work"; mkdir -p "$w"
-limit=${LIMIT_S:-420}; t0=$SECONDS
-. benchmarks/device_rows.sh  # pack, say, b, row
-say "$(nvidia-smi --query-gpu=index,name --format=csv,noheader | tr '\n' ' ') $(date -u)"
+. benchmarks/device_rows.sh  # device_start, pack, say, b, row
+device_start 420
 timeout 100 python benchmarks/profile_decode.py --load_format dummy --input_len 128 --batch_sizes 1 --steps 16 \
   --top 25 --out_dir "$w/ranks_tp2_b1" --model llama-3-8b --tp_size 2 > "$w/prof_tp2_b1.jsonl" 2> "$w/prof_tp2_b1.err"
 say "profile tp2 b1: rc=$?"

@@ -20,37 +20,45 @@ import time
 import torch
 
 
+def _adder(ap: argparse.ArgumentParser):
+    """ap.add_argument where each --snake_case flag also answers to --kebab-case (the CLI's `_names`)."""
+    from shardllm.entrypoints.cli import _names
+
+    return lambda *names, **kw: ap.add_argument(*_names(*names), **kw)
+
+
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default=None, help="checkpoint dir, .gguf file, Hugging Face repo id or shipped config "
-                    "(llama-3-8b, with --load_format dummy); default: the embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--load_format", "--load-format", default="auto",
-                    help="auto | safetensors | gguf | dummy (random weights of the model's config)")
-    ap.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 | fp8 (FP8 linears)")
-    ap.add_argument("--quantization", default=None, help="fp8 (FP8 linears; same as --dtype fp8)")
-    ap.add_argument("--kv_cache_dtype", "--kv-cache-dtype", default="auto", help="auto | fp8 | fp8_e4m3 | fp8_e5m2")
-    ap.add_argument("--tp_size", "--tensor-parallel-size", "-tp", dest="tp_size", type=int, default=1)
-    ap.add_argument("--pp_size", "--pipeline-parallel-size", "-pp", dest="pp_size", type=int, default=1)
-    ap.add_argument("--ep_size", "--expert-parallel-size", dest="ep_size", type=int, default=1,
-                    help="expert parallel size (MoE models; divides tp_size)")
-    ap.add_argument("--max_batch_size", "--max-num-seqs", dest="max_batch_size", type=int, default=None,
-                    help="default: the engine's (1024 on a GPU of >= 70 GiB except A100s, else 256)")
-    ap.add_argument("--max_num_tokens", "--max-num-batched-tokens", dest="max_num_tokens", type=int, default=None,
-                    help="default: the engine's (16384 on a GPU of >= 70 GiB except A100s, else 8192)")
-    ap.add_argument("--max_seq_len", "--max-model-len", dest="max_seq_len", type=int, default=None,
-                    help="longest prompt + output (default: the model's context)")
-    ap.add_argument("--block_size", "--block-size", dest="block_size", type=int, default=None,
-                    help="tokens per KV cache block (default: the engine's: 16, 64 with an e4m3 FP8 cache on sm90+)")
-    ap.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9,
-                    help="share of free GPU memory for the KV cache")
-    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    ap.add_argument("--enforce_eager", "--enforce-eager", dest="enforce_eager", action="store_true",
-                    help="no CUDA graphs")
-    ap.add_argument("--async_scheduling", action=argparse.BooleanOptionalAction, default=None,
-                    help="schedule step k+1 while step k runs (default: on without a pipeline)")
-    ap.add_argument("--attention_backend", default="auto", choices=("auto", "torch", "triton"),
-                    help="attention kernels (auto: Triton on GPUs)")
-    ap.add_argument("--all_reduce", default="nccl", choices=("nccl", "symm_mem"), help="tensor-parallel all-reduce")
-    ap.add_argument("--cpu_kv_cache_gb", type=float, default=None, help="KV cache size per rank on CPU, in GiB")
+    add = _adder(ap)
+    add("--model", default=None, help="checkpoint dir, .gguf file, Hugging Face repo id or shipped config "
+        "(llama-3-8b, with --load_format dummy); default: the embedded SmolLM2-135M-Instruct")
+    add("--load_format", default="auto",
+        help="auto | safetensors | gguf | dummy (random weights of the model's config)")
+    add("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 | fp8 (FP8 linears)")
+    add("--quantization", default=None, help="fp8 (FP8 linears; same as --dtype fp8)")
+    add("--kv_cache_dtype", default="auto", help="auto | fp8 | fp8_e4m3 | fp8_e5m2")
+    add("--tp_size", "--tensor-parallel-size", "-tp", type=int, default=1)
+    add("--pp_size", "--pipeline-parallel-size", "-pp", type=int, default=1)
+    add("--ep_size", "--expert-parallel-size", type=int, default=1,
+        help="expert parallel size (MoE models; divides tp_size)")
+    add("--max_batch_size", "--max-num-seqs", type=int, default=None,
+        help="default: the engine's (1024 on a GPU of >= 70 GiB except A100s, else 256)")
+    add("--max_num_tokens", "--max-num-batched-tokens", type=int, default=None,
+        help="default: the engine's (16384 on a GPU of >= 70 GiB except A100s, else 8192)")
+    add("--max_seq_len", "--max-model-len", type=int, default=None,
+        help="longest prompt + output (default: the model's context)")
+    add("--block_size", type=int, default=None,
+        help="tokens per KV cache block (default: the engine's: 16, 64 with an e4m3 FP8 cache on sm90+)")
+    add("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9,
+        help="share of free GPU memory for the KV cache")
+    add("--device", default="auto", help="auto | cuda | cpu")
+    add("--enforce_eager", action="store_true",
+        help="no CUDA graphs")
+    add("--async_scheduling", action=argparse.BooleanOptionalAction, default=None,
+        help="schedule step k+1 while step k runs (default: on without a pipeline)")
+    add("--attention_backend", default="auto", choices=("auto", "torch", "triton"),
+        help="attention kernels (auto: Triton on GPUs)")
+    add("--all_reduce", default="nccl", choices=("nccl", "symm_mem"), help="tensor-parallel all-reduce")
+    add("--cpu_kv_cache_gb", type=float, default=None, help="KV cache size per rank on CPU, in GiB")
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -193,22 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
         "keys tp, pp, ep, dtype (several keys: every combination); repeat --sweep to add layouts.",
         usage="shardllm bench [options]  |  shardllm bench serve --url URL [options]")
     add_engine_args(ap)
-    ap.add_argument("--input_len", "--input-len", dest="input_len", type=int, default=128,
-                    help="prompt tokens per request (random ids, exact length)")
-    ap.add_argument("--output_len", "--output-len", dest="output_len", type=int, default=128,
-                    help="output tokens per request (ignore_eos: exact length)")
-    ap.add_argument("--num_requests", "--num-prompts", dest="num_requests", type=int, default=1000,
-                    help="requests, all submitted at once")
-    ap.add_argument("--batch_size", type=int, default=0,
-                    help="cap on concurrent sequences (1: latency mode, with the bandwidth roofline on a GPU)")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
-    ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    ap.add_argument("--sweep", action="append", default=[], metavar="KEY=V,V,...",
-                    help="layouts to run one after the other, each in its own engine (see below)")
-    ap.add_argument("--plot", default=None, metavar="FILE.png",
-                    help="draw output tok/s and scaling efficiency against GPUs (needs matplotlib)")
-    ap.add_argument("--layout_timeout", type=float, default=3600.0,
-                    help="seconds one layout of a sweep may take before it is stopped (its row says timeout)")
+    add = _adder(ap)
+    add("--input_len", type=int, default=128,
+        help="prompt tokens per request (random ids, exact length)")
+    add("--output_len", type=int, default=128,
+        help="output tokens per request (ignore_eos: exact length)")
+    add("--num_requests", "--num-prompts", type=int, default=1000,
+        help="requests, all submitted at once")
+    add("--batch_size", type=int, default=0,
+        help="cap on concurrent sequences (1: latency mode, with the bandwidth roofline on a GPU)")
+    add("--seed", type=int, default=0, help="seed of the random prompts")
+    add("--json", action="store_true", help="print the result as one JSON line")
+    add("--sweep", action="append", default=[], metavar="KEY=V,V,...",
+        help="layouts to run one after the other, each in its own engine (see below)")
+    add("--plot", default=None, metavar="FILE.png",
+        help="draw output tok/s and scaling efficiency against GPUs (needs matplotlib)")
+    add("--layout_timeout", type=float, default=3600.0,
+        help="seconds one layout of a sweep may take before it is stopped (its row says timeout)")
     return ap
 
 

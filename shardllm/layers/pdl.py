@@ -85,8 +85,7 @@ def pdl_enter(USE_PDL: tl.constexpr):
 def _prefetch_l2(ptrs, nbytes):
     """One bulk L2 prefetch (sm90's cp.async.bulk.prefetch.L2) of nbytes (int32, same shape as ptrs) at each pointer;
     skipped where the address is not 16-byte aligned or nbytes < 16, negative included (nbytes must be a multiple of
-    16). A hint: it
-    neither faults on an unmapped line the hardware declines nor changes any value."""
+    16). A hint: it neither faults on an unmapped line the hardware declines nor changes any value."""
     tl.inline_asm_elementwise(
         "{\n.reg .pred p;\n.reg .b64 lo;\nand.b64 lo, $1, 15;\nsetp.eq.u64 p, lo, 0;\n"
         "setp.ge.and.s32 p, $2, 16, p;\n@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",

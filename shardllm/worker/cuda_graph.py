@@ -25,7 +25,6 @@ from torch import nn
 
 from shardllm import envs
 from shardllm.layers.attention import AttentionMetadata
-from shardllm.worker.sampler import is_plain_greedy  # noqa: F401 - the graph's argmax stands for such a sampler
 
 logger = logging.getLogger(__name__)
 

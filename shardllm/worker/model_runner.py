@@ -19,9 +19,9 @@ from shardllm.model_loader.loader import load_model
 from shardllm.sampling_params import SamplingParams
 from shardllm.step_io import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from shardllm.worker.block_table import BlockTables
-from shardllm.worker.cuda_graph import CudaGraphRunner, graph_lm_head_enabled, is_plain_greedy, sampled_rows
+from shardllm.worker.cuda_graph import CudaGraphRunner, graph_lm_head_enabled, sampled_rows
 from shardllm.worker.prompt_logprobs import compute_prompt_logprobs
-from shardllm.worker.sampler import Sampler, SamplerOutput, SamplingBatch
+from shardllm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, is_plain_greedy
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from shardllm import LLM, SamplingParams
-from shardllm.worker.cuda_graph import CudaGraphRunner, head_buckets, is_plain_greedy, sampled_rows
-from shardllm.worker.sampler import SamplingBatch
+from shardllm.worker.cuda_graph import CudaGraphRunner, head_buckets, sampled_rows
+from shardllm.worker.sampler import SamplingBatch, is_plain_greedy
 
 
 def test_head_buckets_are_those_whose_logits_fit():
