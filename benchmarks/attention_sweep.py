@@ -89,7 +89,7 @@ LARGE_PAGE_GRID = [
     DecodeConfig(tma=True, num_warps=2, num_stages=3),
     DecodeConfig(tma=True, num_warps=2, num_stages=2),
     # large batches at long contexts (seventh session's ncu: 6.21 waves of 660 programs at 512 x 1500, the last
-    # 21% full): the TMA entry in 2 and 4 partitions a sequence
+    # 21% full): the TMA entry in 2 and 4 partitions a sequence (both lost there, 4-35% a layer; docs/benchmarks.md)
     DecodeConfig(tma=True, num_warps=2, num_stages=4, num_splits=2),
     DecodeConfig(tma=True, num_warps=2, num_stages=4, num_splits=4),
     DecodeConfig(tma=True, num_warps=4, num_stages=4),
