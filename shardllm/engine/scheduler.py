@@ -142,6 +142,8 @@ class Scheduler:
                     chosen.append((req, num_new))
                     budget -= num_new
 
+        # one-token rows first (stable): a step that mixes them with longer chunks runs them in the decode kernel
+        chosen.sort(key=lambda c: c[1] > 1)
         for req, num_new in chosen:
             if req.request_id not in self._sent:
                 self._sent.add(req.request_id)

@@ -179,6 +179,9 @@ _VARS = [
            "(benchmarks/device_session3_*.sh)"),
     _switch("SHARDLLM_GRAPH_LM_HEAD", False, "start-up",
             "1: the decode CUDA graphs hold the LM head (issue 15; no gain measured at tp = 2 batch 1)"),
+    _switch("SHARDLLM_MIXED_STEP_DECODE_KERNEL", True, "import",
+            "0: a step mixing decodes with prefill chunks runs all its rows in the prefill attention kernel instead "
+            "of its leading decodes in the decode kernel (issue 13, the 1000/1000 prefill phase)"),
     _switch("SHARDLLM_KV_SCALES_IN_KERNELS", True, "import",
             "0: FP8 k/v scales applied by four torch ops around the Triton attention instead of inside it "
             "(issue 13, benchmarks/device_kv_scales.sh)"),

@@ -273,10 +273,12 @@ class ModelRunner:
         if self.model.is_first_stage and self.config.scheduler_config.async_scheduling:
             for k, i in enumerate(sample_rows):  # row k of this step's sampled tokens
                 self._sampled_at[so.scheduled[i].req_id] = (self._step, k)
+        max_query_len = int(q_lens.max())
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=i32[0], seq_lens=i32[1],
-            block_tables=i32[2].view(n_seqs, max_blocks), max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()), block_size=bs)
+            block_tables=i32[2].view(n_seqs, max_blocks), max_query_len=max_query_len,
+            max_seq_len=int(seq_lens.max()), block_size=bs,
+            num_decodes=int(np.argmax(q_lens != 1)) if max_query_len > 1 else 0)  # the leading one-token rows
         return StepInputs(ids, pos, meta, logits_idx, [so.scheduled[i].req_id for i in sample_rows])
 
     def _tokens_of_step(self, step: int) -> torch.Tensor:

@@ -23,6 +23,9 @@ from shardllm.layers.quantization.kv_cache import calibrate_kv_scales_
 from shardllm.layers.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
+# SHARDLLM_MIXED_STEP_DECODE_KERNEL=0 (read at import): a step mixing decodes with longer chunks sends all its rows
+# to the prefill kernel (the previous behaviour, for A/B runs) instead of its leading decodes to the decode kernel
+MIXED_STEP_DECODE_KERNEL = envs.SHARDLLM_MIXED_STEP_DECODE_KERNEL
 _fused_rotary_ok = [True]  # cleared, for the process, if the fused rotary + KV-write kernel fails to launch
 # SHARDLLM_KV_SCALES_IN_KERNELS=0 (read at import): the Triton path applies FP8 k/v scales in four torch ops, as
 # the torch reference does, instead of inside the kernels (the previous behaviour, for A/B runs)
@@ -38,8 +41,20 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    # Leading sequences [0, num_decodes) with one query token each (rows 0 .. num_decodes - 1): in a step that
+    # also holds longer chunks they go to the decode kernel, the rest to the prefill kernel (0: all to one kernel).
+    num_decodes: int = 0
     # Per-step tensors of the torch reference, built once and shared by all layers.
     _ref: dict = field(default_factory=dict, repr=False)
+    _chunks_qsl: list = field(default_factory=list, repr=False)  # see chunks_query_start_loc
+
+    def chunks_query_start_loc(self) -> torch.Tensor:
+        """(B - num_decodes + 1,) int32: query_start_loc of the sequences after the leading decodes, counted from
+        their first row (query_start_loc[num_decodes:] - num_decodes); computed once a step."""
+        if not self._chunks_qsl:
+            nd = self.num_decodes
+            self._chunks_qsl.append(self.query_start_loc[nd:] - nd)
+        return self._chunks_qsl[0]
 
     def reference_indices(self) -> dict:
         if self._ref:
@@ -126,9 +141,17 @@ class Attention(nn.Module):
             paged = self.kv_cache[0], self.kv_cache[1]  # (num_blocks, block_size, nkv, D) each
             if not fuse_rotary:
                 triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping, **kv_scales)  # one launch for k, v
+            nd = meta.num_decodes if MIXED_STEP_DECODE_KERNEL else 0
             if meta.max_query_len == 1:  # decode only: split over the KV length, graph-capturable
                 out = triton_paged.paged_decode_attention(q, *paged, meta.block_tables, meta.seq_lens,
                                                           softmax_scale, **kv_scales)
+            elif 0 < nd < meta.seq_lens.shape[0]:  # a mixed step: its leading decodes, then its chunks
+                out = torch.empty(n, self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
+                triton_paged.paged_decode_attention(q[:nd], *paged, meta.block_tables[:nd], meta.seq_lens[:nd],
+                                                    softmax_scale, out=out[:nd], **kv_scales)
+                triton_paged.paged_prefill_attention(q[nd:], *paged, meta.chunks_query_start_loc(),
+                                                     meta.seq_lens[nd:], meta.block_tables[nd:], meta.max_query_len,
+                                                     softmax_scale, out=out[nd:], **kv_scales)
             else:
                 out = triton_paged.paged_prefill_attention(q, *paged, meta.query_start_loc, meta.seq_lens,
                                                            meta.block_tables, meta.max_query_len, softmax_scale,
