@@ -7,8 +7,21 @@
 #   row TIMEOUT NAME ENVS ..  b with T=TIMEOUT, then pack, if the time left (limit - (SECONDS - t0)) covers TIMEOUT;
 #                             else a line saying it was skipped (needs limit and t0)
 #   left                      the seconds left: limit - (SECONDS - t0)
+#   phase_rows                the rows so far, one line each: out tok/s, elapsed, prefill phase (ttft max) and
+#                             decode-phase TPOT, into the summary
 #   device_start LIMIT        a script's start: the device's environment (NVLink multicast off, PYTHONPATH=.), OUT and
 #                             w made, limit = $LIMIT_S or LIMIT, t0, and the GPUs and date as the summary's first line
+phase_rows() {
+  python - "$w/rows.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if "output_tok_s" in r:
+        print(f'{r["row"]:<24} {r["output_tok_s"]:>9,.0f} tok/s  elapsed {r["elapsed_s"]:6.2f} s  prefill phase '
+              f'{r.get("ttft_ms_max", 0) / 1e3:5.2f} s  decode-phase TPOT {r.get("decode_phase_tpot_ms")} ms  '
+              f'steps {r.get("steps")}')
+PY
+}
 pack() { tar -czf "$OUT/results.tgz" -C "$w" . 2>/dev/null; }
 say() { echo "$*" | tee -a "$OUT/summary.txt"; }
 b() {

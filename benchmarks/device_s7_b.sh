@@ -15,14 +15,7 @@ T1000="--num_requests 500 --input_len 1000 --output_len 1000"
 for mnt in 16384 8192 32768; do
   row 75 "fp8kv_1000_mnt$mnt" "" --max_num_tokens $mnt $T1000
 done
-python - "$w/rows.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
-import json, sys
-for l in open(sys.argv[1]):
-    r = json.loads(l)
-    if "ttft_ms_max" in r:
-        print(f'{r["row"]:<24} {r["output_tok_s"]:>9,.0f} tok/s  elapsed {r["elapsed_s"]:6.2f} s  prefill phase '
-              f'{r["ttft_ms_max"] / 1e3:5.2f} s  decode-phase TPOT {r["decode_phase_tpot_ms"]} ms  steps {r["steps"]}')
-PY
+phase_rows
 row 80 fp8kv_1000_prefill_profile "SHARDLLM_PROFILE_DIR=$w/prefill SHARDLLM_PROFILE_STEPS=14:3 SHARDLLM_PROFILE_TOP=25" $T1000
 python - "$w/prefill/rank0.json" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
 import json, sys

@@ -17,14 +17,7 @@ row 75 fp8kv_1000_nosplit "SHARDLLM_MIXED_STEP_DECODE_KERNEL=0" $T1000
 row 60 fp8kv_128_split "" $T128
 row 60 fp8kv_128_nosplit "SHARDLLM_MIXED_STEP_DECODE_KERNEL=0" $T128
 row 75 fp8kv_1000_split_b "" $T1000
-python - "$w/rows.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
-import json, sys
-for l in open(sys.argv[1]):
-    r = json.loads(l)
-    if "output_tok_s" in r:
-        print(f'{r["row"]:<24} {r["output_tok_s"]:>9,.0f} tok/s  elapsed {r["elapsed_s"]:6.2f} s  prefill phase '
-              f'{r.get("ttft_ms_max", 0) / 1e3:5.2f} s  decode-phase TPOT {r.get("decode_phase_tpot_ms")} ms')
-PY
+phase_rows
 if [ "$(left)" -ge 80 ]; then
   row 80 fp8kv_1000_prefill_profile "SHARDLLM_PROFILE_DIR=$w/prefill SHARDLLM_PROFILE_STEPS=14:3 SHARDLLM_PROFILE_TOP=25" $T1000
   python - "$w/prefill/rank0.json" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
