@@ -3,7 +3,10 @@
 #   pack                      re-pack $w into $OUT/results.tgz
 #   say TEXT                  print and append to $OUT/summary.txt
 #   b NAME "ENV=.." FLAGS...  one `python -m shardllm.bench.throughput --load_format dummy --json` row (T: its
-#                             timeout, default 150 s; MODEL_FLAGS: flags every row gets) into $w/rows.jsonl
+#                             timeout, default 150 s; MODEL_FLAGS: flags every row gets; BENCH: the command before
+#                             the flags, default `python -m shardllm.bench.throughput`) into $w/rows.jsonl
+#   late_compiles NAME        with BENCH="python benchmarks/triton_compile_log.py shardllm.bench.throughput": the
+#                             Triton kernels row NAME met after its CUDA-graph capture (count, seconds, names)
 #   row TIMEOUT NAME ENVS ..  b with T=TIMEOUT, then pack, if the time left (limit - (SECONDS - t0)) covers TIMEOUT;
 #                             else a line saying it was skipped (needs limit and t0)
 #   left                      the seconds left: limit - (SECONDS - t0)
@@ -26,7 +29,7 @@ pack() { tar -czf "$OUT/results.tgz" -C "$w" . 2>/dev/null; }
 say() { echo "$*" | tee -a "$OUT/summary.txt"; }
 b() {
   local name=$1 envs=$2; shift 2
-  line=$(env $envs timeout ${T:-150} python -m shardllm.bench.throughput --load_format dummy --json ${MODEL_FLAGS:-} \
+  line=$(env $envs timeout ${T:-150} ${BENCH:-python -m shardllm.bench.throughput} --load_format dummy --json ${MODEL_FLAGS:-} \
          "$@" 2> "$w/err_$name.txt" | tail -1)
   [ -z "$line" ] && { say "$name: no output: $(tail -2 "$w/err_$name.txt" | tr '\n' ' ')"; return; }
   python - "$name" "$envs" "$line" "$w/rows.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
@@ -41,6 +44,10 @@ open(path, "a").write(json.dumps(d) + "\n")
 print(name, {k: d.get(k) for k in ("output_tok_s", "output_tok_s_per_gpu", "tpot_ms_p50", "fraction_of_roofline",
                                    "batch_size", "max_num_tokens", "weights_gib_per_rank", "error")})
 PY
+}
+late_compiles() {
+  awk '/captured/{c=1} c && /^triton-compile/{n++; s+=$3; split($4, a, "["); k[a[1]]++} END {printf "%s: %d kernels after capture, %.2f s:", \
+       row, n, s; for (x in k) printf " %s x%d", x, k[x]; print ""}' row="$1" "$w/err_$1.txt" | tee -a "$OUT/summary.txt"
 }
 left() { echo $(( limit - (SECONDS - t0) )); }
 row() {

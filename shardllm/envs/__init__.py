@@ -179,6 +179,9 @@ _VARS = [
            "(benchmarks/device_session3_*.sh)"),
     _switch("SHARDLLM_GRAPH_LM_HEAD", False, "start-up",
             "1: the decode CUDA graphs hold the LM head (issue 15; no gain measured at tp = 2 batch 1)"),
+    _switch("SHARDLLM_KERNEL_WARM_UP", True, "start-up",
+            "0: skip the start-up runs that compile the attention kernels' variants a run would otherwise compile "
+            "mid-run (mixed-step decode batch sizes, short-chunk prefill tiles; issue 13)"),
     _switch("SHARDLLM_MIXED_STEP_DECODE_KERNEL", True, "import",
             "0: a step mixing decodes with prefill chunks runs all its rows in the prefill attention kernel instead "
             "of its leading decodes in the decode kernel (issue 13, the 1000/1000 prefill phase)"),

@@ -71,6 +71,33 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
+def decode_warm_up_sizes(model: nn.Module, buckets: list[int], block_size: int, device: torch.device) -> list[int]:
+    """Batch sizes in 1..buckets[-1], one for each decode-attention launch variant ((config, num_splits), see
+    decode_configs.decode_variant) that no bucket in `buckets` takes: a mixed step (prefill chunks and decodes)
+    runs its decodes eagerly at any batch size, and would compile that variant in the middle of a run. Empty
+    without an Attention layer holding a cache, or with the mixed-step split off (SHARDLLM_MIXED_STEP_DECODE_KERNEL).
+    """
+    from shardllm.layers.attention import Attention
+    from shardllm.layers.attention import attention as attention_mod
+    from shardllm.layers.attention.decode_configs import decode_variant
+
+    layer = next((m for m in model.modules() if isinstance(m, Attention) and m.kv_cache is not None), None)
+    if layer is None or not attention_mod.MIXED_STEP_DECODE_KERNEL:
+        return []
+
+    def variant(n: int) -> tuple:
+        return decode_variant(n, layer.num_kv_heads, layer.head_dim, layer.kv_cache.dtype, block_size, device)
+
+    seen = {variant(b) for b in buckets}
+    sizes = []
+    for n in range(1, buckets[-1] + 1):
+        v = variant(n)
+        if v not in seen:
+            seen.add(v)
+            sizes.append(n)
+    return sizes
+
+
 class CudaGraphRunner:
     def __init__(self, model: nn.Module, device: torch.device, max_num_seqs: int, max_model_len: int,
                  block_size: int, dtype: torch.dtype, lm_head: bool = False,
@@ -125,7 +152,9 @@ class CudaGraphRunner:
         return GraphOutput(hidden, out, self.greedy[:bs])
 
     @torch.inference_mode()
-    def capture(self, log: bool = True) -> None:
+    def capture(self, log: bool = True, warm_up: bool = True) -> None:
+        """Captures a graph per bucket; with `warm_up`, then runs eagerly the batch sizes of decode_warm_up_sizes
+        (the decode-attention variants a mixed step's decodes can take that no bucket compiled)."""
         t = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         self.seq_lens.fill_(1)  # capture with a real context of one token in the padding block
@@ -136,12 +165,16 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=pool):
                 out = self.forward(bs)
             self.graphs[bs] = (graph, out)
+        extra = decode_warm_up_sizes(self.model, self.buckets, self.block_size, self.device) if warm_up else []
+        for bs in extra:
+            self.forward(bs)
         torch.cuda.synchronize(self.device)
         self.seq_lens.zero_()
         if log:
             head = f", LM head in batch sizes <= {self.head_buckets[-1]}" if self.head_buckets else ""
+            more = f", {len(extra)} more batch sizes run to compile their attention" if extra else ""
             print(f"shardllm: captured {len(self.buckets)} CUDA graphs for decode (batch sizes {self.buckets[0]}.."
-                  f"{self.buckets[-1]}{head}) in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+                  f"{self.buckets[-1]}{head}{more}) in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
 
     def can_run(self, num_seqs: int, max_query_len: int, max_seq_len: int) -> bool:
         return max_query_len == 1 and num_seqs <= self.buckets[-1] and max_seq_len <= self.max_model_len

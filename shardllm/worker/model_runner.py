@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from shardllm import envs
 from shardllm.config import EngineConfig
 from shardllm.distributed.communication import pp_recv, pp_send
 from shardllm.distributed.parallel_state import get_parallel_context
@@ -150,15 +151,22 @@ class ModelRunner:
     def profile_run(self) -> None:
         """A forward of a full token budget (one long prompt) to measure peak activation memory."""
         sc = self.config.scheduler_config
-        n = min(sc.max_num_batched_tokens, sc.max_model_len)
-        blocks = -(-n // self.block_size)
+        self._bind_kv_caches(1)
+        self._dummy_forward(min(sc.max_num_batched_tokens, sc.max_model_len), logits=True)
+        self.kv_caches = []
+        for a in self.attn_layers:
+            a.kv_cache = None
+
+    def _dummy_forward(self, n: int, logits: bool = False) -> None:
+        """A forward of one n-token prompt whose k/v all go to slot 0 of block 0 and whose context is block 0 (the
+        padding block, never handed out): it changes no request's cache. `logits`: the LM head on the last rows too."""
+        sc = self.config.scheduler_config
         meta = AttentionMetadata(
             slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(1, blocks, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(1, -(-n // self.block_size), dtype=torch.int32, device=self.device),
             max_query_len=n, max_seq_len=n, block_size=self.block_size)
-        self._bind_kv_caches(1)
         ids = torch.zeros(n, dtype=torch.long, device=self.device)
         pos = torch.arange(n, device=self.device)
         intermediate = None
@@ -167,11 +175,31 @@ class ModelRunner:
             intermediate = {k: torch.zeros(n, h, dtype=self.model_config.dtype, device=self.device)
                             for k in ("hidden_states", "residual")}
         hidden = self.model(ids, pos, meta, intermediate)
-        if self.model.is_last_stage:
+        if logits and self.model.is_last_stage:
             self.model.compute_logits(hidden[-sc.max_num_seqs:])
-        self.kv_caches = []
-        for a in self.attn_layers:
-            a.kv_cache = None
+
+    @torch.inference_mode()
+    def warm_up_prefill_tiles(self) -> list[int]:
+        """Runs a short prompt (_dummy_forward, on the padding block) for each tile size of the prefill attention
+        kernel (triton_paged.prefill_block_q of chunk lengths >= 2; the profile run, skipped when num_kv_blocks is
+        given, compiled at most the largest): a step whose chunks are all short would otherwise compile that kernel
+        variant in the middle of a run. Returns the prompt lengths run (the shortest of each tile size)."""
+        from shardllm.layers.attention.triton_paged import prefill_block_q
+
+        if not self.attn_layers:
+            return []
+        a = self.attn_layers[0]
+        group = a.num_heads // a.num_kv_heads
+        sc = self.config.scheduler_config
+        longest = min(sc.max_num_batched_tokens, sc.max_model_len)
+        seen, lengths = set(), []
+        for n in range(2, min(longest, 256) + 1):  # block_q stops growing at 128 rows
+            bq = prefill_block_q(n, group)
+            if bq not in seen:
+                seen.add(bq)
+                lengths.append(n)
+                self._dummy_forward(n)
+        return lengths
 
     def _bind_kv_caches(self, num_blocks: int) -> None:
         self.kv_caches = []
@@ -189,17 +217,21 @@ class ModelRunner:
             runner = CudaGraphRunner(self.model, self.device, sc.max_num_seqs, sc.max_model_len, self.block_size,
                                      self.model_config.dtype, lm_head=graph_lm_head_enabled())
             try:
-                runner.capture(log=get_parallel_context().is_driver)
+                runner.capture(log=get_parallel_context().is_driver, warm_up=envs.SHARDLLM_KERNEL_WARM_UP)
                 self.graph_runner = runner
             except Exception as e:  # a layer that cannot be captured: serve eagerly rather than not at all
                 logger.warning("CUDA graph capture failed (%s: %s); running eagerly", type(e).__name__, e)
                 torch.cuda.synchronize(self.device)
+        if self._uses_triton_attention() and envs.SHARDLLM_KERNEL_WARM_UP:
+            self.warm_up_prefill_tiles()
 
-    def _use_cuda_graphs(self) -> bool:
+    def _uses_triton_attention(self) -> bool:
         from shardllm.layers.attention import triton_paged
 
-        return (self.device.type == "cuda" and not self.config.enforce_eager and triton_paged.HAS_TRITON
-                and self.config.attention_backend != "torch")
+        return self.device.type == "cuda" and triton_paged.HAS_TRITON and self.config.attention_backend != "torch"
+
+    def _use_cuda_graphs(self) -> bool:
+        return self._uses_triton_attention() and not self.config.enforce_eager
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -309,13 +341,22 @@ class ModelRunner:
     def _to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
         """Concatenate into one pinned host buffer, copy once without blocking, split on the device.
 
+        Each array starts at a multiple of 16 bytes of the buffer (padding between them), so every tensor returned
+        is 16-byte aligned: Triton specializes its kernels on their pointers' alignment, and tensors at arbitrary
+        offsets made the attention, rotary and KV-write kernels compile a variant per alignment in the middle of a
+        run (measured on an H200, ninth session: ~2-4 s of first-run compiles at 1000 x 128/128; docs/benchmarks.md).
         A fresh buffer per step: the caching host allocator keeps it until its copy has run.
         """
+        align = max(16 // torch.empty((), dtype=dtype).element_size(), 1)  # elements per 16 bytes
         sizes = [a.size for a in arrays]
-        host = torch.empty(sum(sizes), dtype=dtype, pin_memory=self._pin)
-        if sizes:
-            host.numpy()[:] = np.concatenate(arrays)
-        return list(host.to(self.device, non_blocking=True).split(sizes))
+        starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum([-(-n // align) * align for n in sizes], out=starts[1:])
+        host = torch.empty(int(starts[-1]), dtype=dtype, pin_memory=self._pin)
+        flat = host.numpy()
+        for a, start in zip(arrays, starts.tolist()):
+            flat[start:start + a.size] = a.reshape(-1)
+        dev = host.to(self.device, non_blocking=True)
+        return [dev[start:start + n] for start, n in zip(starts.tolist(), sizes)]
 
     def _sampling_batch(self, req_ids: list[str]) -> SamplingBatch:
         states = [self.requests[r] for r in req_ids]

@@ -151,3 +151,25 @@ def test_gpu_mixed_step_equals_the_torch_reference(monkeypatch, calls, dtype):
 @pytest.mark.parametrize("fp8", FP8, ids=["e4m3", "e5m2"])
 def test_gpu_mixed_step_over_an_fp8_cache(monkeypatch, calls, fp8):
     check_mixed(monkeypatch, calls, "cuda", torch.bfloat16, fp8, dict(atol=3e-2, rtol=3e-2))
+
+
+@gpu
+@pytest.mark.timeout(90)
+def test_gpu_prefill_kernel_compiles_once_for_block_tables_and_seq_lens_at_any_alignment(monkeypatch, calls):
+    """A mixed step passes seq_lens[nd:] and block_tables[nd:] (4-byte steps): one compiled kernel serves every nd,
+    where Triton's pointer specialization compiled a variant per 16-byte alignment in the middle of a run."""
+    knobs = pytest.importorskip("triton").knobs
+    q_lens, seq_lens = MIXED
+    q, k_cache, v_cache, meta = make_case(q_lens, seq_lens, 2, 3, 32, torch.bfloat16, "cuda", seed=5)
+    misses = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda *, repr, **_: misses.append(repr) and False)
+    outs = {}
+    for nd in range(4):  # the first nd sequences left out, as the split leaves out its decodes
+        qsl = meta.query_start_loc[nd:] - meta.query_start_loc[nd]
+        rows = int(meta.query_start_loc[nd])
+        outs[nd] = triton_paged.paged_prefill_attention(
+            q[rows:], k_cache, v_cache, qsl, meta.seq_lens[nd:], meta.block_tables[nd:], meta.max_query_len,
+            32**-0.5)
+    assert len([m for m in misses if m.startswith("_prefill_kernel")]) <= 1  # the first call's, if not yet built
+    for nd in range(1, 4):  # and each gives the rows of the whole step's call
+        torch.testing.assert_close(outs[nd], outs[0][int(meta.query_start_loc[nd]):], atol=2e-2, rtol=2e-2)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +59,45 @@ def test_graph_buffers_of_a_later_stage_take_the_activation_dtype(param_dtype):
                              dtype=torch.bfloat16)
     assert {t.dtype for t in runner.intermediate.values()} == {torch.bfloat16}
     assert runner.intermediate["hidden_states"].shape == (4, 8)
+
+
+def test_step_tensors_start_on_16_byte_boundaries(runner):
+    """Triton specializes its kernels on pointer alignment: every step tensor starts 16-byte aligned whatever the
+    batch (3 sequences, 9 tokens: odd sizes that left the packed tensors at 4- and 8-byte offsets before)."""
+    so = SchedulerOutput(scheduled=[
+        ScheduledRequest("a", [11, 12, 13], 5, [7, 3, 9], True),
+        ScheduledRequest("b", [21], 0, [2], True),
+        ScheduledRequest("c", [31, 32, 33, 34, 35], 2, [4, 6], False),
+    ])
+    x = runner.prepare_inputs(so)
+    m = x.meta
+    tensors = dict(input_ids=x.input_ids, positions=x.positions, slot_mapping=m.slot_mapping,
+                   logits_indices=x.logits_indices, query_start_loc=m.query_start_loc, seq_lens=m.seq_lens,
+                   block_tables=m.block_tables)
+    assert {k: t.data_ptr() % 16 for k, t in tensors.items()} == dict.fromkeys(tensors, 0)
+    assert m.seq_lens.tolist() == [8, 1, 7] and m.block_tables.tolist() == [[7, 3], [2, 0], [4, 6]]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.float32])
+def test_to_device_keeps_values_and_aligns_each_array(runner, dtype):
+    arrays = [np.arange(n, dtype=np.float64) + 10 * n for n in (1, 2, 3, 0, 5, 7)]
+    out = runner._to_device([a.astype(torch.empty((), dtype=dtype).numpy().dtype) for a in arrays], dtype)
+    assert [t.tolist() for t in out] == [a.astype(int).tolist() for a in arrays]
+    assert all(t.dtype == dtype and t.data_ptr() % 16 == 0 for t in out)
+
+
+def test_prefill_tile_warm_up_runs_one_short_prompt_per_tile_size_on_the_padding_block(runner):
+    from shardllm.layers.attention.triton_paged import prefill_block_q
+
+    a = runner.attn_layers[0]
+    group = a.num_heads // a.num_kv_heads
+    sc = runner.config.scheduler_config
+    longest = min(sc.max_num_batched_tokens, sc.max_model_len)
+    first_of = {}  # tile size -> the shortest chunk (>= 2 tokens) that takes it
+    for n in range(2, longest + 1):
+        first_of.setdefault(prefill_block_q(n, group), n)
+    assert len(first_of) > 1, "the tiny model should have short-chunk tile sizes to warm up"
+    caches = [c.clone() for c in runner.kv_caches]
+    assert runner.warm_up_prefill_tiles() == sorted(first_of.values())
+    for before, after in zip(caches, runner.kv_caches):  # (2, blocks, block_size, nkv, D): only block 0 written
+        assert torch.equal(before[:, 1:], after[:, 1:])

@@ -5,6 +5,7 @@ seq_lens."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import torch
@@ -213,6 +214,30 @@ def _env_table() -> None:
             raise ValueError(f"SHARDLLM_DECODE_CONFIGS is not JSON ({e}): give a table such as "
                              '{"bf16/128/512": {"block_n": 32}}') from e
         set_decode_configs({**DECODE_CONFIGS, **table} if isinstance(table, dict) else table)  # (else refused)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few partitions, so that CPU tests go through the reduce
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Partitions per sequence so that (B x nkv x splits) programs fill the GPU about twice; a power of two.
+
+    Depends only on the batch size, heads and device, never on seq_lens, so a captured graph stays valid.
+    """
+    want = -(-2 * _num_sms(device) // (num_seqs * num_kv_heads))
+    return min(_pow2(want), MAX_NUM_SPLITS)
+
+
+def decode_variant(num_seqs: int, num_kv_heads: int, head_dim: int, cache_dtype: torch.dtype, block_size: int,
+                   device: torch.device) -> tuple[DecodeConfig, int]:
+    """(config, num_splits) of paged_decode_attention's default launch for a batch of `num_seqs`: each distinct pair
+    is a kernel Triton compiles (the CUDA-graph warm-up compiles those of batch sizes no captured bucket has)."""
+    cfg = decode_config(num_seqs, head_dim, cache_dtype, block_size)
+    return cfg, cfg.num_splits or default_num_splits(num_seqs, num_kv_heads, device)
 
 
 _env_table()

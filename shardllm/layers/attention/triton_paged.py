@@ -7,8 +7,6 @@ Triton is optional: without it this module still imports and HAS_TRITON is False
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from shardllm.layers.attention.decode_configs import (  # noqa: F401 - DECODE_CONFIGS, set_decode_configs: API
@@ -19,6 +17,7 @@ from shardllm.layers.attention.decode_configs import (  # noqa: F401 - DECODE_CO
     _f16_dot,
     _pow2,
     decode_config,
+    default_num_splits,
     set_decode_configs,
 )
 from shardllm.layers.pdl import launch_args, pdl_enter
@@ -209,7 +208,9 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
-@_jit(do_not_specialize=["num_seqs", "stride_bt"])
+# one compile whatever the step: a mixed step slices the tables past its decodes (any alignment), and without an FP8
+# cache the scale pointers are seq_lens (kv_scale_args' placeholder)
+@_jit(do_not_specialize=["num_seqs", "stride_bt", "block_tables_ptr", "seq_lens_ptr", "k_scale_ptr", "v_scale_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
     k_scale_ptr, v_scale_ptr, qk_scale, num_seqs,
@@ -326,22 +327,6 @@ def _write_kv_kernel(
 # ---- launchers ---------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few partitions, so that CPU tests go through the reduce
-
-
-def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Partitions per sequence so that (B x nkv x splits) programs fill the GPU about twice; a power of two.
-
-    Depends only on the batch size, heads and device, never on seq_lens, so a captured graph stays valid.
-    """
-    want = -(-2 * _num_sms(device) // (num_seqs * num_kv_heads))
-    return min(_pow2(want), MAX_NUM_SPLITS)
-
-
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches are (num_blocks, block_size, nkv, D)"
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -424,6 +409,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+def prefill_block_q(max_query_len: int, group: int) -> int:
+    """Query tokens a tile of the prefill kernel holds (a tile: tokens x the `group` query heads of one kv head):
+    128 rows, fewer tokens for short chunks, and at least 16 rows (tl.dot). One compiled kernel per value."""
+    group_pad = _pow2(group)
+    block_q = min(max(128 // group_pad, 1), _pow2(max(max_query_len, 1)))  # short chunks: smaller tiles
+    return max(block_q, _pow2(max(16 // group_pad, 1)))
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             max_query_len: int, scale: float, out: torch.Tensor | None = None,
@@ -454,9 +447,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
     group_pad = _pow2(group)
     head_dim_pad = _pow2(head_dim, 16)
-    rows = 128  # of a tile: tokens x group heads
-    block_q = min(max(rows // group_pad, 1), _pow2(max(max_query_len, 1)))  # short chunks: smaller tiles
-    block_q = max(block_q, _pow2(max(16 // group_pad, 1)))  # tl.dot wants >= 16 rows
+    block_q = prefill_block_q(max_query_len, group)
     num_tiles = num_tokens // block_q + num_seqs
     _prefill_kernel[(num_tiles, num_kv_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, k_scale, v_scale,
