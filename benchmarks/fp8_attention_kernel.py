@@ -9,6 +9,11 @@ bucket), us; TB/s counts the K/V bytes read (2 x sum(seq_lens) x 8 x 128 x eleme
 
     python benchmarks/fp8_attention_kernel.py [--cases 512x170 1024x192 500x1500 64x1000 1x1000]
     python benchmarks/fp8_attention_kernel.py --cases 512x170 500x1500 --block_sizes 16 32 64
+    python benchmarks/fp8_attention_kernel.py --cases 512x1500 --block_sizes 64 --configs \
+        '[{"tma": true, "num_warps": 2, "num_stages": 4}, {"tma": true, "num_stages": 4, "fp8_qk": true}]'
+
+--configs: only these DecodeConfig field sets, over an e4m3 cache at each --block_sizes, each row with its largest
+difference from the first config's output relative to that output's largest value ("rel_diff").
 """
 
 from __future__ import annotations
@@ -64,8 +69,15 @@ def main() -> None:
     ap.add_argument("--block_sizes", type=int, nargs="+", default=[16],
                     help="KV cache block sizes (tokens a page): above 16, only the TMA rows, labelled _bsN (a TMA "
                          "box is one page: 2 KiB of FP8 K per head at 16)")
+    ap.add_argument("--configs", type=json.loads, default=None,
+                    help="JSON list of DecodeConfig field dicts: time only these (e4m3 cache)")
     a = ap.parse_args()
     g = torch.Generator().manual_seed(0)
+    if a.configs is not None:
+        for c in a.cases:
+            for bs in a.block_sizes:
+                _config_rows(c, bs, [DecodeConfig(**f) for f in a.configs], g)
+        return
     for c in a.cases:
         for bs in a.block_sizes:
             if bs != 16:
@@ -94,6 +106,24 @@ def main() -> None:
                                   tb_s=round(nbytes / us / 1e6, 2))), flush=True)
             del args
     os.environ.pop("SHARDLLM_FP8_ATTN_F16_DOT", None)
+
+
+def _config_rows(c: str, bs: int, configs: list[DecodeConfig], g: torch.Generator) -> None:
+    batch, ctx = map(int, c.split("x"))
+    args = case(batch, ctx, torch.float8_e4m3fn, g, bs)
+    nbytes = 2 * int(args[4].sum()) * 8 * 128 * args[1].element_size()
+    first = None
+    for cfg in configs:
+        out = torch.empty_like(args[0])
+        paged_decode_attention(args[0], *args[1:3], args[3], args[4], 128**-0.5, out=out, k_scale=args[5][0],
+                               v_scale=args[5][1], config=cfg)
+        first = out if first is None else first
+        rel = ((out.float() - first.float()).abs().max() / first.float().abs().max()).item()
+        us = time_call(*args, config=cfg)
+        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                  if getattr(cfg, f.name) != getattr(DecodeConfig(), f.name)}
+        print(json.dumps(dict(batch=batch, ctx=ctx, block_size=bs, config=fields, us=round(us, 1),
+                              tb_s=round(nbytes / us / 1e6, 2), rel_diff=round(rel, 4))), flush=True)
 
 
 def _tma_rows(c: str, bs: int, g: torch.Generator) -> None:
