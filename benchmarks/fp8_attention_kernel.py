@@ -10,7 +10,7 @@ bucket), us; TB/s counts the K/V bytes read (2 x sum(seq_lens) x 8 x 128 x eleme
     python benchmarks/fp8_attention_kernel.py [--cases 512x170 1024x192 500x1500 64x1000 1x1000]
     python benchmarks/fp8_attention_kernel.py --cases 512x170 500x1500 --block_sizes 16 32 64
     python benchmarks/fp8_attention_kernel.py --cases 512x1500 --block_sizes 64 --configs \
-        '[{"tma": true, "num_warps": 2, "num_stages": 4}, {"tma": true, "num_stages": 4, "fp8_qk": true}]'
+        '[{"tma": true, "num_warps": 2, "num_stages": 4}, {"tma": true, "num_warps": 4, "num_stages": 3}]'
 
 --configs: only these DecodeConfig field sets, over an e4m3 cache at each --block_sizes, each row with its largest
 difference from the first config's output relative to that output's largest value ("rel_diff").

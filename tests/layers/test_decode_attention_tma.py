@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from shardllm.layers.attention import triton_decode_tma  # noqa: E402
 from shardllm.layers.attention.triton_paged import DecodeConfig, paged_decode_attention  # noqa: E402
 from tests.layers.test_fp8_attention_f16_dot import fp8_case  # noqa: E402
-from tests.layers.test_triton_attention import BLOCK_SIZE, cpu, gpu, make_case, reference, run_decode  # noqa: E402
+from tests.layers.test_triton_attention import cpu, gpu, make_case, reference, run_decode  # noqa: E402
 
 TMA = DecodeConfig(tma=True)
 
@@ -328,77 +328,3 @@ def test_pointer_kernel_tiles_smaller_than_a_page(monkeypatch, cfg):
     ref = reference(q, *deq, meta)
     assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
     assert got[2].abs().max() == 0
-
-
-@pytest.fixture
-def tma_kwargs(monkeypatch):
-    """The keyword arguments of each TMA kernel launch (FP8_QK among them)."""
-    launches = []
-    kernel = triton_decode_tma._decode_kernel_tma
-
-    class Recording:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(kwargs)
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr("shardllm.layers.attention.triton_paged._decode_kernel_tma", Recording())
-    return launches
-
-
-def e4m3_per_head(q: torch.Tensor) -> torch.Tensor:
-    """q (B, nh, D) rounded as the kernel's fp8_qk rounds it: to e4m3 at a scale per head of amax / 448."""
-    amax = q.float().abs().amax(-1, keepdim=True).clamp(min=1e-30)
-    return (q.float() / amax * 448).to(torch.float8_e4m3fn).float() * amax / 448
-
-
-def check_fp8_qk(tma_kwargs, device: str, seq_lens, nkv: int, group: int, head_dim: int, pages: int = 1,
-                 q_on_the_grid: bool = False):
-    """fp8_qk over an e4m3 cache with scales equals the oracle on the dequantized cache with q rounded as the kernel
-    rounds it (e4m3_per_head); launched with FP8_QK only where the cache is e4m3 and q 16-bit. q_on_the_grid: q's
-    values e4m3 ones (mantissa never 0, amax per head 448 x 2^-k), so that its rounding is exact: the interpreter
-    (triton 3.6) casts 1.99 to e4m3 as 1.0 (the hardware's round-to-nearest gives 2.0)."""
-    q, kc8, vc8, meta, ks, vs, deq = fp8_case(torch.float8_e4m3fn, [1] * len(seq_lens), seq_lens, True, device,
-                                              seed=21, nkv=nkv, group=group, head_dim=head_dim)
-    if q_on_the_grid:
-        g = torch.Generator().manual_seed(23)
-        mant = torch.randint(1, 8, q.shape, generator=g)  # 1.125 .. 1.875 x 2^e
-        expo = torch.randint(-3, 1, q.shape, generator=g)  # |q| <= 1.875 < the amax below
-        sign = torch.randint(0, 2, q.shape, generator=g) * 2 - 1
-        grid = sign * (1 + mant / 8) * 2.0 ** expo
-        grid[..., 0] = 1.75 * 2  # each head's amax: 448 / 64
-        q = grid.to(device, torch.bfloat16)
-        assert torch.equal(e4m3_per_head(q), q.float())
-    ref = reference(e4m3_per_head(q).to(q.dtype), *deq, meta)
-    base = DecodeConfig(tma=True, block_n=pages * BLOCK_SIZE if pages == 2 else None)
-    for num_splits in (1, 2):
-        fp16 = run_decode(q, kc8, vc8, meta, num_splits=num_splits, config=base, k_scale=ks, v_scale=vs)
-        got = run_decode(q, kc8, vc8, meta, num_splits=num_splits, config=dataclasses.replace(base, fp8_qk=True),
-                         k_scale=ks, v_scale=vs)
-        assert [k["FP8_QK"] for k in tma_kwargs[-2:]] == [False, True]
-        assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
-        assert not torch.equal(got, fp16)  # another computation, not the fp16 dot under another name
-    e5m2 = fp8_case(torch.float8_e5m2, [1] * len(seq_lens), seq_lens, True, device, seed=22, nkv=nkv, group=group,
-                    head_dim=head_dim)
-    run_decode(*e5m2[:4], config=DecodeConfig(tma=True, fp8_qk=True), k_scale=e5m2[4], v_scale=e5m2[5])
-    assert tma_kwargs[-1]["FP8_QK"] is False  # e4m3 q against an e5m2 page: not this path
-
-
-@cpu
-@pytest.mark.parametrize("pages", [1, 2])
-def test_fp8_qk_stays_within_the_fp8_rounding_of_the_oracle(tma_kwargs, pages):
-    check_fp8_qk(tma_kwargs, "cpu", [40, 17, 1, 0], 2, 4, 64, pages, q_on_the_grid=True)
-
-
-@gpu
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("pages", [1, 2])
-def test_gpu_fp8_qk_stays_within_the_fp8_rounding_of_the_oracle(tma_kwargs, pages):
-    lens = [int(x) for x in torch.randint(1, 900, (64,), generator=torch.Generator().manual_seed(3))] + [0]
-    check_fp8_qk(tma_kwargs, "cuda", lens, 8, 4, 128, pages)
-
-
-def test_fp8_qk_needs_tma():
-    with pytest.raises(ValueError, match="fp8_qk"):
-        DecodeConfig(fp8_qk=True).validate()

@@ -35,9 +35,6 @@ class DecodeConfig:
     page_chunk: with tma, page ids read page_chunk at a time into registers (a power of two in [2, 64]; one page a
         tile): no load in the page loop feeds a TMA coordinate, so Triton's pipeliner multi-buffers the pages
         (num_stages - 1 in flight) where the page-id load in the loop left it one page deep; 0: that loop.
-    fp8_qk: with tma over an e4m3 cache and 16-bit queries, q.k in FP8: q quantized in the kernel (e4m3, a scale
-        per head, amax / 448, as FlashAttention-3's FP8 path and TensorRT-LLM's FP8 attention quantize q) and the
-        K page read by the dot as stored, not widened to fp16 first; V is widened as before. Other calls ignore it.
     """
 
     block_n: int | None = None
@@ -50,7 +47,6 @@ class DecodeConfig:
     early_v: bool = False
     tma: bool = False
     page_chunk: int = 0
-    fp8_qk: bool = False
 
     def validate(self) -> None:
         bn = self.block_n
@@ -63,8 +59,6 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig.num_stages={self.num_stages}: use 1..8 or None (Triton's default)")
         if self.tma and not self.use_dot:
             raise ValueError("DecodeConfig.tma=True needs use_dot=True")
-        if self.fp8_qk and not self.tma:
-            raise ValueError("DecodeConfig.fp8_qk=True needs tma=True (the TMA kernel's FP8 q.k)")
         pc = self.page_chunk
         if pc and (not self.tma or pc != _pow2(pc) or not 2 <= pc <= 64):
             raise ValueError(f"DecodeConfig.page_chunk={pc}: use 0, or a power of two in [2, 64] with tma=True")

@@ -26,20 +26,11 @@ except ImportError:  # an older Triton, or none
 
 
 @_jit
-def _qk(q, k, q_scale, DOT_PRECISION: tl.constexpr, FP8_QK: tl.constexpr):
-    """(G, BLOCK) scores of q (G, D) and a K tile (BLOCK, D): with FP8_QK, q is e4m3 of per-row scale q_scale (G,)
-    and K's FP8 tile enters the dot as stored; else K is widened to q's dtype."""
-    if FP8_QK:
-        return tl.dot(q, tl.trans(k)) * q_scale[:, None]
-    return tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
-
-
-@_jit
-def _page_step(q, k, v, tok0, end, m, l_sum, acc, qk_scale, q_scale,
-               BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr,
-               FP8_QK: tl.constexpr = False):
+def _page_step(q, k, v, tok0, end, m, l_sum, acc, qk_scale,
+               BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr):
     """The online-softmax update of one page's (BLOCK_SIZE, D) K and V tiles: (m, l_sum, acc) after it."""
-    s = _qk(q, k, q_scale, DOT_PRECISION, FP8_QK)  # (G, BLOCK_SIZE)
+    k = k.to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (G, BLOCK_SIZE)
     if not F16_DOT:
         s = s * qk_scale
     valid = tok0 + tl.arange(0, BLOCK_SIZE) < end
@@ -48,7 +39,7 @@ def _page_step(q, k, v, tok0, end, m, l_sum, acc, qk_scale, q_scale,
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_sum = l_sum * alpha + tl.sum(p, 1)
-    v = v.to(tl.float16 if FP8_QK else q.dtype)
+    v = v.to(q.dtype)
     if tok0 + BLOCK_SIZE > end:  # only a partition's last page has slots past `end`: p is 0 there, but the slots
         v = tl.where(valid[:, None], v, 0.0)  # hold stale or never-written bytes, and 0 x NaN is NaN
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -56,13 +47,14 @@ def _page_step(q, k, v, tok0, end, m, l_sum, acc, qk_scale, q_scale,
 
 
 @_jit
-def _two_page_step(q, k0, v0, k1, v1, tok0, end, m, l_sum, acc, qk_scale, q_scale,
-                   BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr,
-                   FP8_QK: tl.constexpr = False):
+def _two_page_step(q, k0, v0, k1, v1, tok0, end, m, l_sum, acc, qk_scale,
+                   BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr):
     """_page_step over two consecutive pages (tokens tok0 .. tok0 + 2 x BLOCK_SIZE) with one softmax update: one
     running-max rescale of acc and l_sum for both (the per-page cost an FP8 page pays on half a bf16 page's bytes)."""
-    s0 = _qk(q, k0, q_scale, DOT_PRECISION, FP8_QK)  # (G, BLOCK_SIZE)
-    s1 = _qk(q, k1, q_scale, DOT_PRECISION, FP8_QK)
+    k0 = k0.to(q.dtype)
+    k1 = k1.to(q.dtype)
+    s0 = tl.dot(q, tl.trans(k0), input_precision=DOT_PRECISION)  # (G, BLOCK_SIZE)
+    s1 = tl.dot(q, tl.trans(k1), input_precision=DOT_PRECISION)
     if not F16_DOT:
         s0 = s0 * qk_scale
         s1 = s1 * qk_scale
@@ -76,8 +68,8 @@ def _two_page_step(q, k0, v0, k1, v1, tok0, end, m, l_sum, acc, qk_scale, q_scal
     p0 = tl.exp2(s0 - m_new[:, None])
     p1 = tl.exp2(s1 - m_new[:, None])
     l_sum = l_sum * alpha + tl.sum(p0, 1) + tl.sum(p1, 1)
-    v0 = v0.to(tl.float16 if FP8_QK else q.dtype)
-    v1 = v1.to(tl.float16 if FP8_QK else q.dtype)
+    v0 = v0.to(q.dtype)
+    v1 = v1.to(q.dtype)
     if tok0 + 2 * BLOCK_SIZE > end:  # the pair's slots past `end` (stale bytes, or the padding page 0): never NaN x 0
         v0 = tl.where(valid0[:, None], v0, 0.0)
         v1 = tl.where(valid1[:, None], v1, 0.0)
@@ -92,7 +84,7 @@ def _decode_kernel_tma(
     k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
-    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0, FP8_QK: tl.constexpr = False,
+    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0,
 ):
     """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
     BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math; with PAGE_CHUNK, two pages share one
@@ -114,12 +106,7 @@ def _decode_kernel_tma(
     q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0)
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
-    q_scale = tl.full([GROUP_PAD], 1.0, tl.float32)
-    if FP8_QK:  # q (scaled) in e4m3, a scale per head: amax / 448 (1 for the padding rows)
-        qf = q.to(tl.float32) * qk_scale
-        q_scale = tl.maximum(tl.max(tl.abs(qf), 1), 1e-30) / 448.0
-        q = (qf / q_scale[:, None]).to(tl.float8e4nv)
-    elif F16_DOT:
+    if F16_DOT:
         q = (q.to(tl.float32) * qk_scale).to(tl.float16)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
@@ -139,10 +126,10 @@ def _decode_kernel_tma(
                     k1 = k_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
                     v1 = v_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
                     m, l_sum, acc = _two_page_step(q, k0, v0, k1, v1, (p0 + j) * BLOCK_SIZE, end, m, l_sum, acc,
-                                                   qk_scale, q_scale, BLOCK_SIZE, DOT_PRECISION, F16_DOT, FP8_QK)
+                                                   qk_scale, BLOCK_SIZE, DOT_PRECISION, F16_DOT)
                 else:
                     m, l_sum, acc = _page_step(q, k0, v0, (p0 + j) * BLOCK_SIZE, end, m, l_sum, acc, qk_scale,
-                                               q_scale, BLOCK_SIZE, DOT_PRECISION, F16_DOT, FP8_QK)
+                                               BLOCK_SIZE, DOT_PRECISION, F16_DOT)
     for tok0 in range(start, end if PAGE_CHUNK == 0 else start, BLOCK_SIZE * PAGES):
         row0 = tl.load(table + tok0 // BLOCK_SIZE) * BLOCK_SIZE  # the page's first row of the (nb x bs) view
         k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
@@ -151,11 +138,11 @@ def _decode_kernel_tma(
             row1 = tl.load(table + tok0 // BLOCK_SIZE + 1, mask=tok0 + BLOCK_SIZE < end, other=0) * BLOCK_SIZE
             k1 = k_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
             v1 = v_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
-        m, l_sum, acc = _page_step(q, k0, v0, tok0, end, m, l_sum, acc, qk_scale, q_scale, BLOCK_SIZE,
-                                   DOT_PRECISION, F16_DOT, FP8_QK)
+        m, l_sum, acc = _page_step(q, k0, v0, tok0, end, m, l_sum, acc, qk_scale, BLOCK_SIZE, DOT_PRECISION,
+                                   F16_DOT)
         if PAGES == 2:
-            m, l_sum, acc = _page_step(q, k1, v1, tok0 + BLOCK_SIZE, end, m, l_sum, acc, qk_scale, q_scale,
-                                       BLOCK_SIZE, DOT_PRECISION, F16_DOT, FP8_QK)
+            m, l_sum, acc = _page_step(q, k1, v1, tok0 + BLOCK_SIZE, end, m, l_sum, acc, qk_scale, BLOCK_SIZE,
+                                       DOT_PRECISION, F16_DOT)
     _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
                   num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
 

@@ -391,7 +391,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, PAGES=pages, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
             KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype, tma=True), PAGE_CHUNK=cfg.page_chunk,
-            FP8_QK=cfg.fp8_qk and k_cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.bfloat16, torch.float16),
             num_warps=cfg.num_warps, **extra)
     else:
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
