@@ -347,7 +347,7 @@ class ModelRunner:
         run (measured on an H200, ninth session: ~2-4 s of first-run compiles at 1000 x 128/128; docs/benchmarks.md).
         A fresh buffer per step: the caching host allocator keeps it until its copy has run.
         """
-        align = max(16 // torch.empty((), dtype=dtype).element_size(), 1)  # elements per 16 bytes
+        align = max(16 // dtype.itemsize, 1)  # elements per 16 bytes
         sizes = [a.size for a in arrays]
         starts = np.zeros(len(sizes) + 1, dtype=np.int64)
         np.cumsum([-(-n // align) * align for n in sizes], out=starts[1:])
