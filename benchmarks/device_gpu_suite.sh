@@ -7,8 +7,9 @@
 # The dirs are those holding GPU tests (tests/entrypoints and tests/deploy hold none, and some of their modules
 # import openai/jsonschema, which the GPU image lacks). Log: $OUT/gpu_suite.log.
 # GPU_SUITE_WORKERS=N (opt-in, needs pytest-xdist; the image lacks it: `bash benchmarks/pack_test_wheels.sh` here,
-# then carry [".whl_test"]): N pytest workers for all but tests/metrics, whose memory and planner checks read device-wide
-# figures and run alone afterwards.
+# then carry [".whl_test"]): N pytest workers, each pinned to one GPU (GPU_SUITE_PIN, tests/gpu_pin.py: worker K on
+# GPU K mod the GPU count), run the single-GPU tests; then the tests marked multi_gpu run serially on all GPUs, then
+# tests/metrics, whose memory and planner checks read device-wide figures, alone.
 # Run from the repo root:  bash benchmarks/device_gpu_suite.sh      (about 3-5 minutes)
 set -u -o pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -19,7 +20,7 @@ log="$out/gpu_suite.log"; : > "$log"
 nvidia-smi --query-gpu=index,name,memory.total,memory.used --format=csv,noheader
 $PY -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__,
  'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
-opts=(-m gpu -q -p no:cacheprovider --durations=25 -rfEs)
+opts=(-q -p no:cacheprovider --durations=25 -rfEs)
 if $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout; then opts+=(--session-timeout $(( ${SUITE_LIMIT_S:-330} - 30 ))); fi
 dirs=(tests/layers tests/worker tests/models tests/distributed tests/executor tests/engine tests/metrics tests/test_*.py)
 t0=$(date +%s)
@@ -34,15 +35,19 @@ if [ -n "$workers" ] && ! $PY -c "import xdist" 2>/dev/null && ls .whl_test/pyte
 fi
 if [ -n "$workers" ] && ! $PY -c "import xdist" 2>/dev/null; then echo "no pytest-xdist: running serially"; workers=""; fi
 if [ -z "$workers" ]; then
-  timeout "$(left)" $PY -m pytest "${opts[@]}" "${dirs[@]}" 2>&1 | tee -a "$log"
+  timeout "$(left)" $PY -m pytest -m gpu "${opts[@]}" "${dirs[@]}" 2>&1 | tee -a "$log"
   rc=$?
 else
   spread=(); for d in "${dirs[@]}"; do [ "$d" != tests/metrics ] && spread+=("$d"); done
-  timeout "$(left)" $PY -m pytest "${opts[@]}" -n "$workers" --dist load "${spread[@]}" 2>&1 | tee -a "$log"
+  ngpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  GPU_SUITE_PIN=$(( ngpus > 0 ? ngpus : 1 )) timeout "$(left)" $PY -m pytest -m "gpu and not multi_gpu" "${opts[@]}" \
+    -n "$workers" --dist load "${spread[@]}" 2>&1 | tee -a "$log"
   rc=$?
-  timeout "$(left)" $PY -m pytest "${opts[@]}" tests/metrics 2>&1 | tee -a "$log"
-  rc2=$?; [ "$rc2" = 5 ] && rc2=0  # 5: nothing collected (no GPU here)
-  [ "$rc" = 0 ] && rc=$rc2
+  for pass in "gpu and multi_gpu:${spread[*]}" "gpu:tests/metrics"; do  # serially, every GPU visible
+    timeout "$(left)" $PY -m pytest -m "${pass%%:*}" "${opts[@]}" ${pass#*:} 2>&1 | tee -a "$log"
+    rc2=$?; [ "$rc2" = 5 ] && rc2=0  # 5: nothing collected (no GPU here)
+    [ "$rc" = 0 ] && rc=$rc2
+  done
 fi
 wall=$(( $(date +%s) - t0 ))
 count() {  # sum of "N <word>" over pytest's final lines

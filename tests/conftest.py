@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import time
 
-import torch
+from tests.gpu_pin import pin_worker_gpu
+
+pin_worker_gpu(os.environ)  # GPU_SUITE_PIN: before torch starts CUDA (tests/gpu_pin.py)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():  # Triton kernels run under the interpreter on CPU (set before triton loads)
     os.environ.setdefault("TRITON_INTERPRET", "1")

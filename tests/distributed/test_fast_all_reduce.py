@@ -74,6 +74,7 @@ WORKER = textwrap.dedent("""
 
 
 @pytest.mark.gpu
+@pytest.mark.multi_gpu
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_symm_mem_all_reduce_equals_nccl_on_gpus(tmp_path):

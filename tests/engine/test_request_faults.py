@@ -80,6 +80,7 @@ def test_async_llm_fails_the_request_and_keeps_serving(tiny_checkpoints):
 
 
 @pytest.mark.gpu
+@pytest.mark.multi_gpu  # tp = 2 where two GPUs are visible (the suite's serial pass), else tp = 1
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fault_isolation_and_logit_bias_on_gpus(tiny_checkpoints):

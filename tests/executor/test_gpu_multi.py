@@ -7,7 +7,8 @@ import torch
 
 from shardllm import LLM, SamplingParams
 
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(150)]  # an engine of 2 worker processes: ~10-20 s
+# an engine of 2 worker processes: ~10-20 s
+pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu, pytest.mark.timeout(150)]
 if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
     pytest.skip("needs 2 CUDA GPUs", allow_module_level=True)
 

@@ -6,7 +6,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from tests.executor.test_gpu_multi import PROMPTS, SP, tokens  # noqa: E402 - skips this module without 2 GPUs
 
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu, pytest.mark.timeout(150)]
 
 
 def test_tp2_over_ray_equals_one_gpu(tiny_checkpoints):

@@ -115,6 +115,7 @@ def test_tp2_scales_equal_one_ranks_tokens(big_kv_checkpoint, runs):
 
 @pytest.mark.gpu
 @pytest.mark.timeout(150)  # three engines
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_kernels_and_graphs_read_the_computed_scales(big_kv_checkpoint):
     """On the GPU: the Triton write / attention kernels and the decode CUDA graphs (captured before the first step
     computes the scales, reading the tensors in place) give the eager run's tokens, close to the bf16 cache's. A

@@ -112,7 +112,7 @@ def _tiny_llama_tokens(path: str, on: bool, monkeypatch, **llm_kwargs) -> list:
     ("fp8", {}), ("fp8", {"enforce_eager": True}), ("bfloat16", {}), ("bfloat16", {"enforce_eager": True}),
     # tp 2 once: its four engines took 48 s of the GPU suite per dtype (fifth session); what it adds to the one-GPU
     # cases is the all-reduce between PDL kernels, which does not depend on the dtype
-    ("bfloat16", {"tensor_parallel_size": 2})],
+    pytest.param("bfloat16", {"tensor_parallel_size": 2}, marks=pytest.mark.multi_gpu)],
     ids=["fp8-graphs", "fp8-eager", "bf16-graphs", "bf16-eager", "bf16-tp2"])
 def test_gpu_tokens_equal_with_pdl_on_and_off(tiny_checkpoints, monkeypatch, dtype, layout):
     if layout.get("tensor_parallel_size", 1) > torch.cuda.device_count():

@@ -17,7 +17,13 @@ pynvml = pytest.importorskip("pynvml")
 from shardllm.metrics.gpu_monitor import GPUMonitor, RankDevice  # noqa: E402
 
 GiB = 1 << 30
-two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+TWO_GPUS = [pytest.mark.multi_gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
+
+
+def two_gpus(fn):
+    for mark in TWO_GPUS:
+        fn = mark(fn)
+    return fn
 
 
 def monitor(n: int) -> GPUMonitor:
@@ -93,7 +99,7 @@ def test_doctor_finds_nvlink_between_two_gpus(capsys):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=two_gpus)])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=TWO_GPUS)])
 def test_planner_predicts_measured_memory_within_10_percent(tp):
     from shardllm import LLM
     from shardllm.engine.startup_summary import predict

@@ -60,6 +60,7 @@ def test_head_in_graph_logprobs_and_bf16_identical(tiny_checkpoints, monkeypatch
             assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-5 for t in x)
 
 
+@pytest.mark.multi_gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 def test_head_in_graph_tp2_equals_one_gpu(tiny_checkpoints, monkeypatch, capfd):
     """tp = 2: the vocab all-gather captured in the graph gives one GPU's greedy tokens (fp32), with every tp rank
