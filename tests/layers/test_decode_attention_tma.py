@@ -255,7 +255,8 @@ def test_page_chunk_needs_tma_and_a_power_of_two():
 @pytest.mark.parametrize("block_size", [32, 64])
 def test_larger_pages_give_the_same_attention(tma_launches, monkeypatch, block_size):
     """KV blocks of 32 and 64 tokens (`--block_size`: one TMA box a page, 2-4x the bytes of a 16-token FP8 page):
-    the TMA kernel, plain and with page ids in chunks, equals the pointer kernel and the oracle over an FP8 cache."""
+    the TMA kernel, plain, with page ids in chunks and two pages a tile, equals the pointer kernel and the oracle
+    over an FP8 cache."""
     import tests.layers.test_triton_attention as attn
 
     monkeypatch.setattr(attn, "BLOCK_SIZE", block_size)
@@ -263,10 +264,12 @@ def test_larger_pages_give_the_same_attention(tma_launches, monkeypatch, block_s
     q, kc8, vc8, meta, ks, vs, deq = fp8_case(torch.float8_e4m3fn, [1] * 4, [150, 33, 0, 64], True, seed=5)
     assert kc8.shape[1] == block_size
     pointer = run_decode(q, kc8, vc8, meta, num_splits=2, k_scale=ks, v_scale=vs)
-    for cfg in (TMA, DecodeConfig(tma=True, page_chunk=2)):
+    pairs = 2 * block_size  # two pages a tile; with page_chunk, one softmax update for both
+    for cfg in (TMA, DecodeConfig(tma=True, page_chunk=2), DecodeConfig(tma=True, block_n=pairs),
+                DecodeConfig(tma=True, block_n=pairs, page_chunk=2)):
         got = run_decode(q, kc8, vc8, meta, num_splits=2, config=cfg, k_scale=ks, v_scale=vs)
         torch.testing.assert_close(got.float(), pointer.float(), atol=2e-2, rtol=2e-2)
-    assert len(tma_launches) == 2
+    assert len(tma_launches) == 4
     ref = reference(q, *deq, meta)
     assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
 
