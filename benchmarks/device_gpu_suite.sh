@@ -27,7 +27,7 @@ t0=$(date +%s)
 limit=${SUITE_LIMIT_S:-330}  # the whole run's limit, seconds
 # tests not started by then are skipped (tests/conftest.py), so pytest still prints its counts and durations
 export GPU_SUITE_DEADLINE=$(( t0 + limit - ${SUITE_TAIL_S:-25} ))
-left() { echo $(( limit - ($(date +%s) - t0) )); }
+left() { local s=$(( limit - ($(date +%s) - t0) )); echo $(( s > 1 ? s : 1 )); }  # timeout 0 would mean none
 workers=${GPU_SUITE_WORKERS:-}
 if [ -n "$workers" ] && ! $PY -c "import xdist" 2>/dev/null && ls .whl_test/pytest_xdist-*.whl >/dev/null 2>&1; then
   # the image has no pytest-xdist: `bash benchmarks/pack_test_wheels.sh` here, then carry [".whl_test"]
@@ -39,7 +39,9 @@ if [ -z "$workers" ]; then
   rc=$?
 else
   spread=(); for d in "${dirs[@]}"; do [ "$d" != tests/metrics ] && spread+=("$d"); done
-  ngpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  # the GPUs this run sees: CUDA_VISIBLE_DEVICES' entries where it is set (tests/gpu_pin.py picks among them)
+  if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then ngpus=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c '[^ ]')
+  else ngpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU'); fi
   GPU_SUITE_PIN=$(( ngpus > 0 ? ngpus : 1 )) timeout "$(left)" $PY -m pytest -m "gpu and not multi_gpu" "${opts[@]}" \
     -n "$workers" --dist load "${spread[@]}" 2>&1 | tee -a "$log"
   rc=$?

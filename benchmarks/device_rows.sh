@@ -6,7 +6,8 @@
 #                             timeout, default 150 s; MODEL_FLAGS: flags every row gets; BENCH: the command before
 #                             the flags, default `python -m shardllm.bench.throughput`) into $w/rows.jsonl
 #   late_compiles NAME        with BENCH="python benchmarks/triton_compile_log.py shardllm.bench.throughput": the
-#                             Triton kernels row NAME met after its CUDA-graph capture (count, seconds, names)
+#                             Triton kernels row NAME met after its start-up (the engine's "kernel warm-up" line, or
+#                             its graph capture's; count, seconds, names); the driver process only (tp 1)
 #   row TIMEOUT NAME ENVS ..  b with T=TIMEOUT, then pack, if the time left (limit - (SECONDS - t0)) covers TIMEOUT;
 #                             else a line saying it was skipped (needs limit and t0)
 #   left                      the seconds left: limit - (SECONDS - t0)
@@ -46,8 +47,12 @@ print(name, {k: d.get(k) for k in ("output_tok_s", "output_tok_s_per_gpu", "tpot
 PY
 }
 late_compiles() {
-  awk '/captured/{c=1} c && /^triton-compile/{n++; s+=$3; split($4, a, "["); k[a[1]]++} END {printf "%s: %d kernels after capture, %.2f s:", \
-       row, n, s; for (x in k) printf " %s x%d", x, k[x]; print ""}' row="$1" "$w/err_$1.txt" | tee -a "$OUT/summary.txt"
+  local f="$w/err_$1.txt" mark="kernel warm-up:"
+  grep -q "$mark" "$f" || mark="captured"
+  grep -q "$mark" "$f" || { say "$1: no start-up marker in its log (eager? tp > 1?): late compiles not counted"; return; }
+  awk -v m="$mark" 'index($0, m){c=1; n=0; s=0; delete k; next} c && /^triton-compile/{n++; s+=$3; split($4, a, "[");
+       k[a[1]]++} END {printf "%s: %d kernels after start-up, %.2f s:", row, n, s; for (x in k) printf " %s x%d", x,
+       k[x]; print ""}' row="$1" "$f" | tee -a "$OUT/summary.txt"
 }
 left() { echo $(( limit - (SECONDS - t0) )); }
 row() {

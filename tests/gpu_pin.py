@@ -14,7 +14,8 @@ def pin_worker_gpu(environ: MutableMapping[str, str]) -> str | None:
     outside an xdist worker or without GPU_SUITE_PIN.
 
     Raises:
-        ValueError: GPU_SUITE_PIN is not a positive integer, or names more GPUs than CUDA_VISIBLE_DEVICES lists.
+        ValueError: GPU_SUITE_PIN is not a positive integer, or names more GPUs than CUDA_VISIBLE_DEVICES lists (an
+            empty CUDA_VISIBLE_DEVICES lists none).
     """
     worker, pin = environ.get("PYTEST_XDIST_WORKER", ""), environ.get("GPU_SUITE_PIN", "")
     if not pin or not worker.startswith("gw"):
@@ -22,8 +23,10 @@ def pin_worker_gpu(environ: MutableMapping[str, str]) -> str | None:
     if not pin.isdigit() or int(pin) < 1:
         raise ValueError(f"GPU_SUITE_PIN={pin!r}: give the number of GPUs to spread the workers over, e.g. 2")
     n = int(pin)
-    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()] or \
-        [str(i) for i in range(n)]
+    listed = environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None and not listed.strip():
+        raise ValueError("GPU_SUITE_PIN is set but CUDA_VISIBLE_DEVICES is empty (no GPU visible): unset one of them")
+    visible = [d for d in listed.split(",") if d.strip()] if listed is not None else [str(i) for i in range(n)]
     if n > len(visible):
         raise ValueError(f"GPU_SUITE_PIN={n} but CUDA_VISIBLE_DEVICES lists {len(visible)} GPUs ({visible})")
     gpu = visible[int(worker[2:]) % n].strip()

@@ -28,7 +28,7 @@ def test_no_pinning_outside_a_pinned_xdist_worker(env):
 
 
 @pytest.mark.parametrize("pin, visible, words", [("two", None, "number of GPUs"), ("0", None, "number of GPUs"),
-                                                 ("2", "0", "lists 1 GPUs")])
+                                                 ("2", "0", "lists 1 GPUs"), ("1", "", "no GPU visible")])
 def test_a_bad_pin_is_refused_naming_the_fix(pin, visible, words):
     env = {"PYTEST_XDIST_WORKER": "gw0", "GPU_SUITE_PIN": pin}
     if visible is not None:

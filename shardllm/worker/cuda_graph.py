@@ -71,29 +71,30 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
-def decode_warm_up_sizes(model: nn.Module, buckets: list[int], block_size: int, device: torch.device) -> list[int]:
-    """Batch sizes in 1..buckets[-1], one for each decode-attention launch variant ((config, num_splits), see
-    decode_configs.decode_variant) that no bucket in `buckets` takes: a mixed step (prefill chunks and decodes)
-    runs its decodes eagerly at any batch size, and would compile that variant in the middle of a run. Empty
-    without an Attention layer holding a cache, or with the mixed-step split off (SHARDLLM_MIXED_STEP_DECODE_KERNEL).
-    """
+def decode_warm_up_sizes(model: nn.Module, covered: list[int], max_size: int, block_size: int,
+                         device: torch.device) -> list[int]:
+    """Batch sizes in 1..max_size, the smallest of each decode-attention launch variant (per distinct attention
+    layer shape, (config, num_splits): decode_configs.decode_variant) that no size in `covered` (batch sizes already
+    run unsplit, e.g. the CUDA-graph buckets) takes. Decodes run eagerly at any batch size (a mixed step's, or every
+    decode step without graphs) and would compile those variants in the middle of a run. Empty without an Attention
+    layer holding a cache."""
     from shardllm.layers.attention import Attention
-    from shardllm.layers.attention import attention as attention_mod
     from shardllm.layers.attention.decode_configs import decode_variant
 
-    layer = next((m for m in model.modules() if isinstance(m, Attention) and m.kv_cache is not None), None)
-    if layer is None or not attention_mod.MIXED_STEP_DECODE_KERNEL:
+    shapes = {(m.num_kv_heads, m.head_dim, m.kv_cache.dtype) for m in model.modules()
+              if isinstance(m, Attention) and m.kv_cache is not None}
+    if not shapes:
         return []
 
-    def variant(n: int) -> tuple:
-        return decode_variant(n, layer.num_kv_heads, layer.head_dim, layer.kv_cache.dtype, block_size, device)
+    def variants(n: int) -> set:  # the kernels a batch of n compiles: one per layer shape
+        return {(shape, decode_variant(n, *shape, block_size, device)) for shape in shapes}
 
-    seen = {variant(b) for b in buckets}
+    seen = set().union(*(variants(b) for b in covered))
     sizes = []
-    for n in range(1, buckets[-1] + 1):
-        v = variant(n)
-        if v not in seen:
-            seen.add(v)
+    for n in range(1, max_size + 1):
+        v = variants(n)
+        if not v <= seen:
+            seen |= v
             sizes.append(n)
     return sizes
 
@@ -152,9 +153,7 @@ class CudaGraphRunner:
         return GraphOutput(hidden, out, self.greedy[:bs])
 
     @torch.inference_mode()
-    def capture(self, log: bool = True, warm_up: bool = True) -> None:
-        """Captures a graph per bucket; with `warm_up`, then runs eagerly the batch sizes of decode_warm_up_sizes
-        (the decode-attention variants a mixed step's decodes can take that no bucket compiled)."""
+    def capture(self, log: bool = True) -> None:
         t = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         self.seq_lens.fill_(1)  # capture with a real context of one token in the padding block
@@ -165,16 +164,12 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=pool):
                 out = self.forward(bs)
             self.graphs[bs] = (graph, out)
-        extra = decode_warm_up_sizes(self.model, self.buckets, self.block_size, self.device) if warm_up else []
-        for bs in extra:
-            self.forward(bs)
         torch.cuda.synchronize(self.device)
         self.seq_lens.zero_()
         if log:
             head = f", LM head in batch sizes <= {self.head_buckets[-1]}" if self.head_buckets else ""
-            more = f", {len(extra)} more batch sizes run to compile their attention" if extra else ""
             print(f"shardllm: captured {len(self.buckets)} CUDA graphs for decode (batch sizes {self.buckets[0]}.."
-                  f"{self.buckets[-1]}{head}{more}) in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+                  f"{self.buckets[-1]}{head}) in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
 
     def can_run(self, num_seqs: int, max_query_len: int, max_seq_len: int) -> bool:
         return max_query_len == 1 and num_seqs <= self.buckets[-1] and max_seq_len <= self.max_model_len

@@ -235,7 +235,7 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -
 def decode_variant(num_seqs: int, num_kv_heads: int, head_dim: int, cache_dtype: torch.dtype, block_size: int,
                    device: torch.device) -> tuple[DecodeConfig, int]:
     """(config, num_splits) of paged_decode_attention's default launch for a batch of `num_seqs`: each distinct pair
-    is a kernel Triton compiles (the CUDA-graph warm-up compiles those of batch sizes no captured bucket has)."""
+    is a kernel Triton compiles (the runner's start-up warm-up compiles those no CUDA-graph bucket did)."""
     cfg = decode_config(num_seqs, head_dim, cache_dtype, block_size)
     return cfg, cfg.num_splits or default_num_splits(num_seqs, num_kv_heads, device)
 
