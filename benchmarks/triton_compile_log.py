@@ -1,7 +1,7 @@
 """Runs a module as `python -m` would, logging every Triton kernel specialization the process meets for the first
 time (an in-memory cache miss: a compile, or a load from Triton's disk cache) to stderr, with the seconds since start
-and how long it took. Finds which kernel variants a run compiles after its warm-up (the lines after the engine's
-"captured ... CUDA graphs" line).
+and how long it took. Finds which kernel variants a run compiles after its start-up (the lines after the engine's
+"kernel warm-up:" line; `late_compiles` in benchmarks/device_rows.sh counts them).
 
     python benchmarks/triton_compile_log.py shardllm.bench.throughput --load_format dummy ... 2> err.txt
     grep '^triton-compile' err.txt

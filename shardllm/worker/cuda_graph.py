@@ -71,34 +71,6 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
-def decode_warm_up_sizes(model: nn.Module, covered: list[int], max_size: int, block_size: int,
-                         device: torch.device) -> list[int]:
-    """Batch sizes in 1..max_size, the smallest of each decode-attention launch variant (per distinct attention
-    layer shape, (config, num_splits): decode_configs.decode_variant) that no size in `covered` (batch sizes already
-    run unsplit, e.g. the CUDA-graph buckets) takes. Decodes run eagerly at any batch size (a mixed step's, or every
-    decode step without graphs) and would compile those variants in the middle of a run. Empty without an Attention
-    layer holding a cache."""
-    from shardllm.layers.attention import Attention
-    from shardllm.layers.attention.decode_configs import decode_variant
-
-    shapes = {(m.num_kv_heads, m.head_dim, m.kv_cache.dtype) for m in model.modules()
-              if isinstance(m, Attention) and m.kv_cache is not None}
-    if not shapes:
-        return []
-
-    def variants(n: int) -> set:  # the kernels a batch of n compiles: one per layer shape
-        return {(shape, decode_variant(n, *shape, block_size, device)) for shape in shapes}
-
-    seen = set().union(*(variants(b) for b in covered))
-    sizes = []
-    for n in range(1, max_size + 1):
-        v = variants(n)
-        if not v <= seen:
-            seen |= v
-            sizes.append(n)
-    return sizes
-
-
 class CudaGraphRunner:
     def __init__(self, model: nn.Module, device: torch.device, max_num_seqs: int, max_model_len: int,
                  block_size: int, dtype: torch.dtype, lm_head: bool = False,

@@ -4,8 +4,6 @@ runs the forward and samples. The only part of the engine that touches a device.
 from __future__ import annotations
 
 import logging
-import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,7 +20,8 @@ from shardllm.model_loader.loader import load_model
 from shardllm.sampling_params import SamplingParams
 from shardllm.step_io import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from shardllm.worker.block_table import BlockTables
-from shardllm.worker.cuda_graph import CudaGraphRunner, decode_warm_up_sizes, graph_lm_head_enabled, sampled_rows
+from shardllm.worker.cuda_graph import CudaGraphRunner, graph_lm_head_enabled, sampled_rows
+from shardllm.worker.kernel_warm_up import KernelWarmUp
 from shardllm.worker.prompt_logprobs import compute_prompt_logprobs
 from shardllm.worker.sampler import Sampler, SamplerOutput, SamplingBatch, is_plain_greedy
 
@@ -88,7 +87,7 @@ def resolve(out: PendingOutput | ModelRunnerOutput | None) -> ModelRunnerOutput 
     return out.get() if isinstance(out, PendingOutput) else out
 
 
-class ModelRunner:
+class ModelRunner(KernelWarmUp):
     def __init__(self, config: EngineConfig, device: torch.device):
         self.config = config
         self.device = device
@@ -158,79 +157,6 @@ class ModelRunner:
         self.kv_caches = []
         for a in self.attn_layers:
             a.kv_cache = None
-
-    def _dummy_forward(self, n: int, logits: bool = False, decode: bool = False) -> None:
-        """A forward of one n-token prompt (`decode`: of n one-token sequences) whose k/v all go to slot 0 of block 0
-        and whose context is block 0 (the padding block, never handed out): it changes no request's cache.
-        `logits`: the LM head on the last rows too."""
-        sc = self.config.scheduler_config
-        i32 = dict(dtype=torch.int32, device=self.device)
-        meta = AttentionMetadata(
-            slot_mapping=torch.zeros(n, dtype=torch.long, device=self.device),
-            query_start_loc=torch.arange(n + 1, **i32) if decode else torch.tensor([0, n], **i32),
-            seq_lens=torch.ones(n, **i32) if decode else torch.tensor([n], **i32),
-            block_tables=torch.zeros(n, 1, **i32) if decode else torch.zeros(1, -(-n // self.block_size), **i32),
-            max_query_len=1 if decode else n, max_seq_len=1 if decode else n, block_size=self.block_size)
-        ids = torch.zeros(n, dtype=torch.long, device=self.device)
-        pos = torch.zeros(n, dtype=torch.long, device=self.device) if decode else torch.arange(n, device=self.device)
-        intermediate = None
-        if not self.model.is_first_stage:
-            h = self.model_config.hf_config.hidden_size
-            intermediate = {k: torch.zeros(n, h, dtype=self.model_config.dtype, device=self.device)
-                            for k in ("hidden_states", "residual")}
-        hidden = self.model(ids, pos, meta, intermediate)
-        if logits and self.model.is_last_stage:
-            self.model.compute_logits(hidden[-sc.max_num_seqs:])
-
-    @torch.inference_mode()
-    def warm_up_kernels(self, log: bool = False) -> tuple[list[int], list[int]]:
-        """Compiles at start-up the attention kernel variants a run would otherwise compile in its middle (seconds
-        each on a cold Triton cache): the decode batch sizes of warm_up_decode_sizes and the prompt lengths of
-        warm_up_prefill_tiles, each run once on the padding block. Returns (decode batch sizes, prompt lengths)."""
-        t = time.perf_counter()
-        with microbatch_overlap.suspended():  # the variants of whole batches, as mixed steps run them
-            decode = self.warm_up_decode_sizes()
-            for n in decode:
-                self._dummy_forward(n, decode=True)
-        tiles = self.warm_up_prefill_tiles()
-        if log:
-            print(f"shardllm: kernel warm-up: {len(decode)} decode batch sizes, {len(tiles)} prompt lengths in "
-                  f"{time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
-        return decode, tiles
-
-    def warm_up_decode_sizes(self) -> list[int]:
-        """The decode batch sizes to run once (cuda_graph.decode_warm_up_sizes): every decode variant up to
-        max_num_seqs without CUDA graphs (each decode step runs eagerly); with them, those no bucket ran whole, and
-        only when mixed steps run their decodes eagerly (SHARDLLM_MIXED_STEP_DECODE_KERNEL)."""
-        from shardllm.layers.attention import attention as attention_mod
-
-        g = self.graph_runner
-        if g is not None and not attention_mod.MIXED_STEP_DECODE_KERNEL:
-            return []
-        halves = microbatch_overlap.ENABLED and get_parallel_context().tp_size > 1  # the overlap split large buckets
-        whole = [] if g is None else [b for b in g.buckets if not (halves and b >= microbatch_overlap.MIN_TOKENS)]
-        return decode_warm_up_sizes(self.model, whole, self.config.scheduler_config.max_num_seqs, self.block_size,
-                                    self.device)
-
-    @torch.inference_mode()
-    def warm_up_prefill_tiles(self) -> list[int]:
-        """Runs a short prompt (_dummy_forward, on the padding block) for each tile size of the prefill attention
-        kernel (triton_paged.prefill_block_q of chunk lengths >= 2, per distinct GQA group of the layers; the
-        profile run, skipped when num_kv_blocks is given, compiled at most the largest): a step whose chunks are all
-        short would otherwise compile that kernel variant in the middle of a run. Returns the prompt lengths run."""
-        from shardllm.layers.attention.triton_paged import prefill_block_q
-
-        groups = {a.num_heads // a.num_kv_heads for a in self.attn_layers}
-        sc = self.config.scheduler_config
-        longest = min(sc.max_num_batched_tokens, sc.max_model_len)
-        seen, lengths = set(), []
-        for n in range(2, min(longest, 256) + 1):  # block_q stops growing at 128 rows
-            tiles = {(g, prefill_block_q(n, g)) for g in groups}
-            if not tiles <= seen:
-                seen |= tiles
-                lengths.append(n)
-                self._dummy_forward(n)
-        return lengths
 
     def _bind_kv_caches(self, num_blocks: int) -> None:
         self.kv_caches = []

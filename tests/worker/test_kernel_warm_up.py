@@ -13,7 +13,8 @@ from torch import nn
 from shardllm.layers.attention import Attention, decode_configs
 from shardllm.layers.attention import attention as attention_mod
 from shardllm.layers.attention.decode_configs import decode_variant, set_decode_configs
-from shardllm.worker.cuda_graph import batch_buckets, decode_warm_up_sizes
+from shardllm.worker.cuda_graph import batch_buckets
+from shardllm.worker.kernel_warm_up import decode_warm_up_sizes
 
 
 def model_with_cache(num_kv_heads: int = 2, head_dim: int = 32, block_size: int = 16, layers: int = 1) -> nn.Module:
