@@ -17,7 +17,13 @@ from shardllm.layers.quantization.fp8_triton import (
     small_m_config,
     triton_fp8_ok,
 )
-from shardllm.layers.quantization.fp8_utils import dequantize, fp8_recipes, quantize_per_row, scaled_mm_rowwise
+from shardllm.layers.quantization.fp8_utils import (
+    dequantize,
+    fp8_recipes,
+    quantize_per_row,
+    quantize_per_tensor,
+    scaled_mm_rowwise,
+)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
@@ -39,13 +45,48 @@ def timed(fn, iters: int = 50) -> float:
     return start.elapsed_time(end) / iters * 1e3  # us
 
 
+def recipe_rows(ms: list[int], dev: torch.device) -> None:
+    """One JSON line per (layer, M): what each _scaled_mm recipe costs and how far it lands from the fp32 product of
+    the dequantized operands (rel_err: max |y - twin| / max |twin|). TFLOP/s counts 2 x M x N x K."""
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        wq, ws = quantize_per_row(w)
+        wt_q, wt_s = quantize_per_tensor(w)
+        for m in ms:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            xq, xs = quantize_per_row(x)
+            xt_q, xt_s = quantize_per_tensor(x)
+            twin_row = dequantize(xq, xs) @ dequantize(wq, ws).t()
+            twin_t = xt_q.float() @ wt_q.float().t() * (xt_s * wt_s)
+            row = {"layer": name, "m": m, "bf16_us": round(timed(lambda x=x, w=w: F.linear(x, w)), 1)}
+            cases = {"rowwise": (xq, wq, xs, ws.view(1, -1), twin_row), "tensorwise": (xt_q, wt_q, xt_s, wt_s, twin_t)}
+            for recipe, (aq, bq, sa, sb, twin) in cases.items():
+                for fast in (False, True):
+                    def fn(aq=aq, bq=bq, sa=sa, sb=sb, fast=fast):
+                        return torch._scaled_mm(aq, bq.t(), sa, sb, out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+                    key = recipe + ("_fast" if fast else "")
+                    us = timed(fn)
+                    err = float((fn().float() - twin).abs().max() / twin.abs().max())
+                    row[key + "_us"] = round(us, 1)
+                    row[key + "_tflops"] = round(2 * m * n * k / (us * 1e-6) / 1e12)
+                    row[key + "_rel_err"] = f"{err:.1e}"
+            print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16, 32, 128, 512, 4096])
     ap.add_argument("--sweep_small_m", action="store_true", help="time every small-M kernel config at M=1")
+    ap.add_argument("--recipes", action="store_true",
+                    help="per shape and M: bf16, _scaled_mm row-wise and per-tensor, each with and without "
+                         "use_fast_accum: us, TFLOP/s and the max error against the dequantized twin")
     a = ap.parse_args()
     dev = torch.device("cuda")
     print("recipes", sorted(fp8_recipes(dev)), torch.cuda.get_device_name(), torch.__version__)
+    if a.recipes:
+        recipe_rows(a.ms, dev)
+        return
     if a.sweep_small_m:
         for name, (n, k) in SHAPES.items():
             wq, ws = quantize_per_row(torch.randn(n, k, device=dev) * 0.02)

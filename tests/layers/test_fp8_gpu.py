@@ -52,6 +52,28 @@ def test_online_linear_on_gpu_equals_its_dequantized_twin(m):
     assert float((y - twin).abs().max()) <= 1e-2 * float(twin.abs().max())
 
 
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("k", [1024, 14336])  # fast accumulation's error grows with K: Llama-3-8B's down proj
+def test_rowwise_gemm_with_and_without_fast_accumulation_equals_its_twin(monkeypatch, fast, k):
+    """SHARDLLM_FP8_FAST_ACCUM (fp8_utils.FAST_ACCUM): the row-wise GEMM within 1% of the fp32 product of its
+    dequantized operands either way, and the flag reaches torch (the two results differ at K = 14336)."""
+    from shardllm.layers.quantization import fp8_utils
+
+    torch.manual_seed(2)
+    dev = torch.device("cuda")
+    x, w = torch.randn(512, k, device=dev), torch.randn(1024, k, device=dev) * 0.02
+    xq, xs = quantize_per_row(x)
+    wq, ws = quantize_per_row(w)
+    twin = dequantize(xq, xs) @ dequantize(wq, ws).t()
+    monkeypatch.setattr(fp8_utils, "FAST_ACCUM", fast)
+    y = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.bfloat16).float()
+    assert float((y - twin).abs().max()) <= 1e-2 * float(twin.abs().max())
+    if fast and k == 14336:
+        monkeypatch.setattr(fp8_utils, "FAST_ACCUM", False)
+        exact = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.bfloat16).float()
+        assert not torch.equal(y, exact)
+
+
 def test_block_linear_uses_the_cublas_block_recipe_and_equals_its_twin():
     torch.manual_seed(1)
     dev = torch.device("cuda")

@@ -12,7 +12,13 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from shardllm import envs
+
 logger = logging.getLogger(__name__)
+# torch._scaled_mm's use_fast_accum: Hopper's FP8 tensor cores accumulate without the periodic promotion to fp32
+# (CUTLASS's "FP8FastAccum" schedules; cuBLASLt's CUBLASLT_MATMUL_DESC_FAST_ACCUM). Off unless SHARDLLM_FP8_FAST_ACCUM=1
+# until measured (benchmarks/fp8_gemm.py --recipes: time and error against the dequantized twin).
+FAST_ACCUM = envs.SHARDLLM_FP8_FAST_ACCUM
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -156,7 +162,7 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
     if w_f32 is not None:
         return ((x_q.float() @ w_f32.t()) * x_scale * w_scale).to(out_dtype)
     if "rowwise" in fp8_recipes(x_q.device):
-        return torch._scaled_mm(x_q, w_q.t(), x_scale, w_scale, out_dtype=out_dtype)
+        return torch._scaled_mm(x_q, w_q.t(), x_scale, w_scale, out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
     y = torch.mm(x_q.to(out_dtype), w_q.to(out_dtype).t()).float()
     return (y * x_scale * w_scale).to(out_dtype)
 
@@ -242,7 +248,8 @@ def scaled_mm_block(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor,
         v1 = cublas_block_scale_layout_ok(n, k)
         try:  # scale_a outer-dim-major (column-major (M, K/128)), scale_b the transpose of (N/128, K/128)
             if v1:
-                y = torch._scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), w_scale.t(), out_dtype=out_dtype)
+                y = torch._scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), w_scale.t(), out_dtype=out_dtype,
+                                     use_fast_accum=FAST_ACCUM)
             else:
                 y = _scaled_mm_block_padded(x_q, w_q, x_scale.t().contiguous().t(), w_scale, out_dtype)
             return y[:m] if pad else y
