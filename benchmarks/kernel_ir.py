@@ -43,8 +43,9 @@ DEFAULT_NUM_STAGES = 3  # Triton's on NVIDIA GPUs
 NH, NKV, D, BS = 32, 8, 128, 16
 
 
-def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90):
-    """The compiled kernel (triton CompiledKernel) of the decode launch `cfg` over a `cache` ("bf16" / "fp8")."""
+def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: int = BS):
+    """The compiled kernel (triton CompiledKernel) of the decode launch `cfg` over a `cache` ("bf16" / "fp8") of
+    `block_size`-token pages."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -54,13 +55,16 @@ def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90):
     head = {"q_ptr": "*bf16"}
     if cfg.tma:
         fn = triton_decode_tma._decode_kernel_tma
-        sig = {**head, "k_desc": f"tensordesc<{ty}[{BS}, 1, {D}]>", "v_desc": f"tensordesc<{ty}[{BS}, 1, {D}]>"}
+        box = f"tensordesc<{ty}[{block_size // cfg.sub_tiles}, 1, {D // cfg.head_split}]>"
+        sig = {**head, "k_desc": box, "v_desc": box}
         tail = ["block_tables_ptr", "seq_lens_ptr", "out_ptr", "part_acc_ptr", "part_ml_ptr", "k_scale_ptr",
                 "v_scale_ptr", "qk_scale", "num_heads", "num_seqs", "stride_qb", "stride_qh", "stride_bt", "stride_ob",
                 "stride_oh"]
-        consts = dict(GROUP=NH // NKV, GROUP_PAD=16, HEAD_DIM=D, BLOCK_SIZE=BS, PAGES=2 if cfg.block_n == 2 * BS else 1,
+        consts = dict(GROUP=NH // NKV, GROUP_PAD=16, HEAD_DIM=D, BLOCK_SIZE=block_size,
+                      PAGES=2 if cfg.block_n == 2 * block_size else 1,
                       NUM_SPLITS=1, DOT_PRECISION="tf32", KV_SCALED=fp8, F16_DOT=fp8, USE_PDL=False,
-                      PAGE_CHUNK=cfg.page_chunk)
+                      PAGE_CHUNK=cfg.page_chunk, SUB=cfg.sub_tiles, HSPLIT=cfg.head_split,
+                      PREFETCH=cfg.prefetch_pages)
     else:
         fn = triton_paged._decode_kernel
         sig = {**head, "k_cache_ptr": f"*{ty}", "v_cache_ptr": f"*{ty}"}
@@ -68,7 +72,8 @@ def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90):
                 "v_scale_ptr", "qk_scale", "num_heads", "num_seqs", "stride_qb", "stride_qh", "stride_kb", "stride_ks",
                 "stride_kh", "stride_vb", "stride_vs", "stride_vh", "stride_bt", "stride_ob", "stride_oh"]
         consts = dict(GROUP=NH // NKV, GROUP_PAD=_pow2(NH // NKV, 16 if cfg.use_dot else 1), HEAD_DIM=D,
-                      HEAD_DIM_PAD=D, BLOCK_SIZE=BS, BLOCK_N=cfg.block_n or 64, NUM_SPLITS=1, DOT_PRECISION="tf32",
+                      HEAD_DIM_PAD=D, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n or 64, NUM_SPLITS=1,
+                      DOT_PRECISION="tf32",
                       USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor,
                       EARLY_V=cfg.early_v, KV_SCALED=fp8, F16_DOT=fp8 and cfg.use_dot, USE_PDL=False)
     for name in tail:
@@ -100,6 +105,7 @@ def main() -> None:
     ap.add_argument("--cache", choices=["bf16", "fp8"], default="fp8", help="the KV cache's dtype (fp8: e4m3)")
     ap.add_argument("--config", default="{}", help="DecodeConfig fields as JSON, e.g. '{\"tma\": true, "
                     "\"num_stages\": 4, \"page_chunk\": 16}' (layers/attention/decode_configs.py)")
+    ap.add_argument("--block_size", type=int, default=16, help="tokens a KV page (the FP8 cache's GPU default: 64)")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100 / H200)")
     ap.add_argument("--dump", default=None, help="also write the TTGIR and PTX into this folder")
     a = ap.parse_args()
@@ -117,7 +123,7 @@ def main() -> None:
     except ImportError as e:
         raise SystemExit(f"kernel_ir.py needs Triton with its NVIDIA backend ({e}): `pip install triton`, or the "
                          f"test extras (`make test` installs them)") from None
-    kernel = compile_decode(a.cache, cfg, a.arch)
+    kernel = compile_decode(a.cache, cfg, a.arch, a.block_size)
     print(json.dumps({"triton": triton.__version__, "cache": a.cache, "arch": a.arch, "config": fields,
                       "num_stages": cfg.num_stages or DEFAULT_NUM_STAGES, **summarize(kernel)}))
     if a.dump:

@@ -191,9 +191,10 @@ _VARS = [
     _switch("SHARDLLM_FP8_ATTN_F16_DOT", True, "per call",
             "0: the pointer attention kernels widen an FP8 cache to bf16 for their dots instead of fp16 (issue 13; "
             "fp16 is 8-11% faster on an H200; the TMA kernel always takes fp16)"),
-    _switch("SHARDLLM_FP8_FAST_ACCUM", False, "import",
-            "1: torch._scaled_mm's FP8 GEMMs (row-wise, per-tensor, block) accumulate in the tensor cores' fast mode "
-            "instead of promoting to fp32 every few k-steps (issue 13, benchmarks/fp8_gemm.py --recipes)"),
+    EnvVar("SHARDLLM_FP8_FAST_ACCUM_MAX_K", "int", "8192", int, "import",
+           "row-wise FP8 GEMMs whose K is at most this accumulate in the tensor cores' fast mode (torch._scaled_mm "
+           "use_fast_accum; 0: none); larger K stays exact, its error grows with K (issue 13, fp8_gemm.py --recipes)",
+           lenient=True),
     _switch("SHARDLLM_FP8_FUSED_ACT_QUANT", True, "import",
             "0: RMSNorm / SiLU-and-mul write 16-bit rows that the FP8 linear quantizes in a pass of its own "
             "(issue 13, benchmarks/device_fused_actquant.sh)"),

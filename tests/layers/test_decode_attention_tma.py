@@ -276,9 +276,9 @@ def test_larger_pages_give_the_same_attention(tma_launches, monkeypatch, block_s
 
 @pytest.mark.parametrize("block_size", [32, 64])
 def test_pages_in_sub_tiles_and_column_halves_give_the_same_attention(tma_launches, monkeypatch, block_size):
-    """sub_tiles (a page in boxes of fewer rows, one softmax update each) and head_split (K / V in column halves, two
-    accumulators), alone, together and with page ids in chunks: equal to the whole-page launch and to the oracle over
-    an FP8 cache; slots past a sequence's end hold NaN and must not leak."""
+    """sub_tiles (a page in boxes of fewer rows, one softmax update each), head_split (K / V in column halves, two
+    accumulators) and prefetch_pages (page ids an iteration ahead), alone, together and with page ids in chunks:
+    equal to the whole-page launch and to the oracle over an FP8 cache; the padding page holds NaN, never read."""
     import tests.layers.test_triton_attention as attn
 
     monkeypatch.setattr(attn, "BLOCK_SIZE", block_size)
@@ -289,7 +289,8 @@ def test_pages_in_sub_tiles_and_column_halves_give_the_same_attention(tma_launch
     whole = run_decode(q, kc8, vc8, meta, num_splits=2, config=TMA, k_scale=ks, v_scale=vs)
     ref = reference(q, *deq, meta)
     cfgs = [DecodeConfig(tma=True, sub_tiles=2), DecodeConfig(tma=True, head_split=2),
-            DecodeConfig(tma=True, sub_tiles=2, head_split=2, page_chunk=4)]
+            DecodeConfig(tma=True, sub_tiles=2, head_split=2, page_chunk=4),
+            DecodeConfig(tma=True, prefetch_pages=True), DecodeConfig(tma=True, prefetch_pages=True, sub_tiles=2)]
     for cfg in cfgs:
         got = run_decode(q, kc8, vc8, meta, num_splits=2, config=cfg, k_scale=ks, v_scale=vs)
         assert not got.isnan().any(), cfg

@@ -52,11 +52,11 @@ def test_online_linear_on_gpu_equals_its_dequantized_twin(m):
     assert float((y - twin).abs().max()) <= 1e-2 * float(twin.abs().max())
 
 
-@pytest.mark.parametrize("fast", [False, True])
-@pytest.mark.parametrize("k", [1024, 14336])  # fast accumulation's error grows with K: Llama-3-8B's down proj
-def test_rowwise_gemm_with_and_without_fast_accumulation_equals_its_twin(monkeypatch, fast, k):
-    """SHARDLLM_FP8_FAST_ACCUM (fp8_utils.FAST_ACCUM): the row-wise GEMM within 1% of the fp32 product of its
-    dequantized operands either way, and the flag reaches torch (the two results differ at K = 14336)."""
+@pytest.mark.parametrize("k", [4096, 14336])  # Llama-3-8B's qkv / o / gate_up, and its down proj
+def test_rowwise_gemm_fast_accumulation_up_to_max_k_stays_near_its_twin(monkeypatch, k):
+    """SHARDLLM_FP8_FAST_ACCUM_MAX_K (fp8_utils.FAST_ACCUM_MAX_K, default 8192): K = 4096 accumulates fast, K = 14336
+    exactly; each within its bound of the fp32 product of the dequantized operands (max error over the output's max:
+    1% fast, 0.5% exact; measured 0.5-0.7% and 0.2-0.3%), and the setting reaches torch (0 gives another result)."""
     from shardllm.layers.quantization import fp8_utils
 
     torch.manual_seed(2)
@@ -65,13 +65,14 @@ def test_rowwise_gemm_with_and_without_fast_accumulation_equals_its_twin(monkeyp
     xq, xs = quantize_per_row(x)
     wq, ws = quantize_per_row(w)
     twin = dequantize(xq, xs) @ dequantize(wq, ws).t()
-    monkeypatch.setattr(fp8_utils, "FAST_ACCUM", fast)
+    monkeypatch.setattr(fp8_utils, "FAST_ACCUM_MAX_K", 8192)
     y = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.bfloat16).float()
-    assert float((y - twin).abs().max()) <= 1e-2 * float(twin.abs().max())
-    if fast and k == 14336:
-        monkeypatch.setattr(fp8_utils, "FAST_ACCUM", False)
-        exact = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.bfloat16).float()
-        assert not torch.equal(y, exact)
+    fast = k <= 8192
+    assert float((y - twin).abs().max()) <= (1e-2 if fast else 5e-3) * float(twin.abs().max())
+    monkeypatch.setattr(fp8_utils, "FAST_ACCUM_MAX_K", 0)
+    exact = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.bfloat16).float()
+    assert float((exact - twin).abs().max()) <= 5e-3 * float(twin.abs().max())
+    assert torch.equal(y, exact) != fast
 
 
 def test_block_linear_uses_the_cublas_block_recipe_and_equals_its_twin():

@@ -30,8 +30,9 @@ class DecodeConfig:
     prefetch_pages: load the next tile's page ids before this tile's K/V. k_rowmajor: K loaded as (N, D).
     early_v: V's load issued with K's, before the scores.
     tma: pages loaded by TMA, one page a tile, or two when block_n is twice the cache's block size
-        (triton_decode_tma.py; prefetch_pages, k_rowmajor and early_v do not apply); calls it cannot serve (no TMA,
-        another cache layout) take the pointer kernel.
+        (triton_decode_tma.py; k_rowmajor and early_v do not apply; prefetch_pages: each page id loaded an
+        iteration ahead, so Triton's pipeliner keeps num_stages - 1 pages in flight; not with page_chunk); calls it
+        cannot serve (no TMA, another cache layout) take the pointer kernel.
     page_chunk: with tma, page ids read page_chunk at a time into registers (a power of two in [2, 64]; one page a
         tile): no load in the page loop feeds a TMA coordinate, so Triton's pipeliner multi-buffers the pages
         (num_stages - 1 in flight) where the page-id load in the loop left it one page deep; 0: that loop.

@@ -137,7 +137,7 @@ def _decode_kernel_tma(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
     F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0, SUB: tl.constexpr = 1,
-    HSPLIT: tl.constexpr = 1,
+    HSPLIT: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
     BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math; with PAGE_CHUNK, two pages share one
@@ -192,8 +192,13 @@ def _decode_kernel_tma(
                     m, l_sum, acc, accb = _page_tiles(q, qb, k_desc, v_desc, row0, kvh, (p0 + j) * BLOCK_SIZE, end,
                                                       m, l_sum, acc, accb, qk_scale, BLOCK_SIZE, HEAD_DIM, SUB, HSPLIT,
                                                       DOT_PRECISION, F16_DOT)
+    nxt = tl.load(table + start // BLOCK_SIZE, mask=PREFETCH and start < end, other=0)
     for tok0 in range(start, end if PAGE_CHUNK == 0 else start, BLOCK_SIZE * PAGES):
-        row0 = tl.load(table + tok0 // BLOCK_SIZE) * BLOCK_SIZE  # the page's first row of the (nb x bs) view
+        if PREFETCH:  # the page id loaded an iteration ahead: no load in this iteration feeds its TMA coordinate
+            row0 = nxt * BLOCK_SIZE
+            nxt = tl.load(table + tok0 // BLOCK_SIZE + PAGES, mask=tok0 + PAGES * BLOCK_SIZE < end, other=0)
+        else:
+            row0 = tl.load(table + tok0 // BLOCK_SIZE) * BLOCK_SIZE  # the page's first row of the (nb x bs) view
         if PAGES == 2:  # the second page (the padding page 0 past the end: its slots are masked)
             k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
             v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)

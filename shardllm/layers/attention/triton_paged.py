@@ -397,7 +397,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, PAGES=pages, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
             KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype, tma=True), PAGE_CHUNK=cfg.page_chunk,
-            SUB=sub, HSPLIT=hsplit, num_warps=cfg.num_warps, **extra)
+            SUB=sub, HSPLIT=hsplit, PREFETCH=cfg.prefetch_pages, num_warps=cfg.num_warps, **extra)
     else:
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, k_scale, v_scale,

@@ -15,10 +15,14 @@ import torch.nn.functional as F
 from shardllm import envs
 
 logger = logging.getLogger(__name__)
-# torch._scaled_mm's use_fast_accum: Hopper's FP8 tensor cores accumulate without the periodic promotion to fp32
-# (CUTLASS's "FP8FastAccum" schedules; cuBLASLt's CUBLASLT_MATMUL_DESC_FAST_ACCUM). Off unless SHARDLLM_FP8_FAST_ACCUM=1
-# until measured (benchmarks/fp8_gemm.py --recipes: time and error against the dequantized twin).
-FAST_ACCUM = envs.SHARDLLM_FP8_FAST_ACCUM
+# torch._scaled_mm's use_fast_accum for row-wise GEMMs of K <= FAST_ACCUM_MAX_K (SHARDLLM_FP8_FAST_ACCUM_MAX_K):
+# Hopper's FP8 tensor cores then accumulate without the periodic promotion to fp32 (CUTLASS's FP8FastAccum
+# schedules), whose error grows with K. Measured on an H200 (tenth session, `benchmarks/fp8_gemm.py --recipes`,
+# Llama-3-8B shapes): M = 16384 gate_up 3443 -> 2880 us, qkv 660 -> 593; max error against the fp32 twin over the
+# output's max 2.3e-3 -> 4.7-6.6e-3 at K = 4096 but 2.3e-3 -> 1.1-1.3e-2 at K = 14336 (down proj, whose time gained
+# 1-6%): large K stays exact. End to end (8B fp8 + fp8 KV, all K fast): 1000 x 128/128 27,665 -> 29,805 out tok/s
+# (docs/benchmarks.md, tenth session).
+FAST_ACCUM_MAX_K = envs.SHARDLLM_FP8_FAST_ACCUM_MAX_K
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -155,14 +159,15 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
                       out_dtype: torch.dtype, w_f32: torch.Tensor | None = None) -> torch.Tensor:
     """x_q (M, K), w_q (N, K) e4m3fn; x_scale (M, 1), w_scale (1, N) fp32 -> (M, N) out_dtype.
 
-    torch._scaled_mm's row-wise recipe where the device has it; else the same product unfused (fp8 x fp8 in
-    fp32, then both scales): what a build without the recipe, or a pre-Hopper GPU, can run. `w_f32`: w_q
-    already in fp32 (the CPU path, `cpu_weight_f32`).
+    torch._scaled_mm's row-wise recipe where the device has it (fast accumulation up to K = FAST_ACCUM_MAX_K); else
+    the same product unfused (fp8 x fp8 in fp32, then both scales): what a build without the recipe, or a pre-Hopper
+    GPU, can run. `w_f32`: w_q already in fp32 (the CPU path, `cpu_weight_f32`).
     """
     if w_f32 is not None:
         return ((x_q.float() @ w_f32.t()) * x_scale * w_scale).to(out_dtype)
     if "rowwise" in fp8_recipes(x_q.device):
-        return torch._scaled_mm(x_q, w_q.t(), x_scale, w_scale, out_dtype=out_dtype, use_fast_accum=FAST_ACCUM)
+        return torch._scaled_mm(x_q, w_q.t(), x_scale, w_scale, out_dtype=out_dtype,
+                                 use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K)
     y = torch.mm(x_q.to(out_dtype), w_q.to(out_dtype).t()).float()
     return (y * x_scale * w_scale).to(out_dtype)
 
@@ -248,8 +253,7 @@ def scaled_mm_block(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor,
         v1 = cublas_block_scale_layout_ok(n, k)
         try:  # scale_a outer-dim-major (column-major (M, K/128)), scale_b the transpose of (N/128, K/128)
             if v1:
-                y = torch._scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), w_scale.t(), out_dtype=out_dtype,
-                                     use_fast_accum=FAST_ACCUM)
+                y = torch._scaled_mm(x_q, w_q.t(), x_scale.t().contiguous().t(), w_scale.t(), out_dtype=out_dtype)
             else:
                 y = _scaled_mm_block_padded(x_q, w_q, x_scale.t().contiguous().t(), w_scale, out_dtype)
             return y[:m] if pad else y
