@@ -104,10 +104,14 @@ DECODE_CONFIGS: dict[str, dict] = {
     # --block_size 64), us per layer: 512 x 1500 464.6 (3.41 TB/s; the pointer kernel 706.0), 512 x 170 74.5, 256 x
     # 170 41.1, 64 x 1000 54.5 (the 16-token entry's pointer config 66.9), 1 x 200 5.8; the sweep's own picks (2 stages
     # at 256 / 512) were within 1.5% per layer and 2.5% slower end to end (15,451 vs 15,839 at 1000/1000, same call).
+    # Then page ids an iteration ahead (prefetch_pages; the pipeliner keeps two pages in flight at 3 stages, one
+    # without: benchmarks/kernel_ir.py): tenth session, `bash benchmarks/device_s10_c.sh`, us per layer, the entry
+    # above -> this one: 512 x 1500 463.0 -> 438.3, 1024 x 192 152.9 -> 150.4, 64 x 1000 55.5 -> 42.8; end to end 8B
+    # fp8 + fp8 KV 500 x 1000/1000 16,498 -> 16,873 out tok/s (same call).
     "fp8_e4m3/128/1/64": {},
-    "fp8_e4m3/128/64/64": {"num_stages": 4, "num_warps": 2, "tma": True},
-    "fp8_e4m3/128/256/64": {"num_stages": 4, "num_warps": 2, "tma": True},
-    "fp8_e4m3/128/512/64": {"num_stages": 4, "num_warps": 2, "tma": True},
+    "fp8_e4m3/128/64/64": {"num_stages": 3, "num_warps": 2, "prefetch_pages": True, "tma": True},
+    "fp8_e4m3/128/256/64": {"num_stages": 3, "num_warps": 2, "prefetch_pages": True, "tma": True},
+    "fp8_e4m3/128/512/64": {"num_stages": 3, "num_warps": 2, "prefetch_pages": True, "tma": True},
 }
 _config_cache: dict[tuple, DecodeConfig] = {}
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
