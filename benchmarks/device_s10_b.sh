@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Ran once, 2026-12-01; the sub_tiles / head_split fields it times lost and were removed after call 3: kept as the record.)
 # Tenth session, call 2 (one H200, about 9.5 minutes; issue 13). GPU tests of the FP8 fast-accumulation switch and of
 # the TMA decode kernel's sub_tiles / head_split; then torch._scaled_mm's recipes with and without use_fast_accum at
 # Llama-3-8B's shapes (fp8_gemm.py --recipes); then the FP8-cache decode kernel at 64-token pages in sub-tiles and

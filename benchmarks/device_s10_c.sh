@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Ran once, 2026-12-01; its sub_tiles / head_split rows lost and the fields were removed afterwards: kept as the record.)
 # Tenth session, call 3 (one H200, about 9 minutes; issue 13). GPU tests of fast accumulation up to K = 8192 (the new
 # default) and of the TMA kernel's page ids an iteration ahead (prefetch_pages: num_stages - 1 pages in flight; the
 # table's launch keeps one, benchmarks/kernel_ir.py); the FP8-cache decode kernel at 64-token pages with them; then

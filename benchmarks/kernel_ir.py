@@ -14,11 +14,16 @@ Pointer and integer stride arguments are marked 16-divisible, as Triton's launch
 without that the loads compile to scalars and nothing is pipelined.
 
 Found with it (Triton 3.6 and 3.9, sm90, FP8 cache): the TMA kernel's page loop keeps ONE page in flight whatever
-num_stages (the page id it loads in the loop feeds the TMA coordinate), and num_stages - 1 with page_chunk; the
+num_stages (the page id it loads in the loop feeds the TMA coordinate), and num_stages - 1 with page_chunk or with
+prefetch_pages (the page id loaded an iteration ahead: the 64-token table entries since the tenth session); at
+64-token pages the table's old launch used 165 registers and 38,948 bytes of shared memory, 16 KB of them a
+page's V converted to fp16 and stored again for the P.V dot's operand layout (K's reaches its operand without); the
 pointer kernel keeps num_stages - 1 tiles in flight with prefetch_pages (page ids a tile ahead), and one or two
 without (a tile's page ids are loaded in the iteration that uses them); an FP8 tile is half a bf16 tile's bytes.
 
     python benchmarks/kernel_ir.py --cache fp8 --config '{"tma": true, "num_warps": 2, "num_stages": 4}'
+    python benchmarks/kernel_ir.py --cache fp8 --block_size 64 --config '{"tma": true, "num_warps": 2, "num_stages": 3,
+        "prefetch_pages": true}'
     python benchmarks/kernel_ir.py --cache fp8 --config '{"tma": true, "num_stages": 6, "page_chunk": 16}'
     python benchmarks/kernel_ir.py --cache bf16 --config '{"block_n": 32, "prefetch_pages": true}' --dump out/
 """
@@ -55,7 +60,7 @@ def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: in
     head = {"q_ptr": "*bf16"}
     if cfg.tma:
         fn = triton_decode_tma._decode_kernel_tma
-        box = f"tensordesc<{ty}[{block_size // cfg.sub_tiles}, 1, {D // cfg.head_split}]>"
+        box = f"tensordesc<{ty}[{block_size}, 1, {D}]>"
         sig = {**head, "k_desc": box, "v_desc": box}
         tail = ["block_tables_ptr", "seq_lens_ptr", "out_ptr", "part_acc_ptr", "part_ml_ptr", "k_scale_ptr",
                 "v_scale_ptr", "qk_scale", "num_heads", "num_seqs", "stride_qb", "stride_qh", "stride_bt", "stride_ob",
@@ -63,8 +68,7 @@ def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: in
         consts = dict(GROUP=NH // NKV, GROUP_PAD=16, HEAD_DIM=D, BLOCK_SIZE=block_size,
                       PAGES=2 if cfg.block_n == 2 * block_size else 1,
                       NUM_SPLITS=1, DOT_PRECISION="tf32", KV_SCALED=fp8, F16_DOT=fp8, USE_PDL=False,
-                      PAGE_CHUNK=cfg.page_chunk, SUB=cfg.sub_tiles, HSPLIT=cfg.head_split,
-                      PREFETCH=cfg.prefetch_pages)
+                      PAGE_CHUNK=cfg.page_chunk, PREFETCH=cfg.prefetch_pages)
     else:
         fn = triton_paged._decode_kernel
         sig = {**head, "k_cache_ptr": f"*{ty}", "v_cache_ptr": f"*{ty}"}
@@ -87,11 +91,34 @@ def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: in
                           options=options)
 
 
+def registers(kernel) -> int | None:
+    """Registers a thread of the compiled kernel uses, read from its cubin by the cuobjdump Triton ships (None where
+    it is missing or prints no REG:)."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        try:
+            out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+        except OSError:
+            return None
+    found = re.search(r"REG:(\d+)", out)
+    return int(found.group(1)) if found else None
+
+
 def summarize(kernel) -> dict:
-    """Tiles in flight per K/V buffer, async copies and global-load widths of a compiled decode kernel."""
+    """Tiles in flight per K/V buffer, async copies, global-load widths, shared memory (bytes) and registers (per
+    thread) of a compiled decode kernel."""
     ttgir, ptx = kernel.asm["ttgir"], kernel.asm["ptx"]
     buffers = re.findall(r"local_alloc : \(\) -> !ttg\.memdesc<(\d+)x([0-9x]+)x(f8E4M3FN|bf16)", ttgir)
     return {
+        "shared_bytes": kernel.metadata.shared,
+        "registers": registers(kernel),
         "kv_buffers": [f"{n} x {shape} {t}" for n, shape, t in buffers],
         "tiles_in_flight": max((int(n) for n, _, _ in buffers), default=0),
         "tma_copies": ttgir.count("async_tma_copy_global_to_local"),

@@ -275,37 +275,27 @@ def test_larger_pages_give_the_same_attention(tma_launches, monkeypatch, block_s
 
 
 @pytest.mark.parametrize("block_size", [32, 64])
-def test_pages_in_sub_tiles_and_column_halves_give_the_same_attention(tma_launches, monkeypatch, block_size):
-    """sub_tiles (a page in boxes of fewer rows, one softmax update each), head_split (K / V in column halves, two
-    accumulators) and prefetch_pages (page ids an iteration ahead), alone, together and with page ids in chunks:
-    equal to the whole-page launch and to the oracle over an FP8 cache; the padding page holds NaN, never read."""
+def test_page_ids_an_iteration_ahead_give_the_same_attention(tma_launches, monkeypatch, block_size):
+    """prefetch_pages (each page id loaded an iteration ahead; the 64-token table entries), at 2 to 4 stages and with
+    several partitions: equal to the table's earlier launch and to the oracle over an FP8 cache; the padding page
+    holds NaN, never read (the id past a partition's last page is masked)."""
     import tests.layers.test_triton_attention as attn
 
     monkeypatch.setattr(attn, "BLOCK_SIZE", block_size)
     monkeypatch.setenv("SHARDLLM_FP8_ATTN_F16_DOT", "1")
     q, kc8, vc8, meta, ks, vs, deq = fp8_case(torch.float8_e4m3fn, [1] * 4, [150, 33, 0, 70], True, seed=7)
-    kc8[0] = float("nan")  # the padding page
+    kc8[0] = float("nan")
     vc8[0] = float("nan")
-    whole = run_decode(q, kc8, vc8, meta, num_splits=2, config=TMA, k_scale=ks, v_scale=vs)
     ref = reference(q, *deq, meta)
-    cfgs = [DecodeConfig(tma=True, sub_tiles=2), DecodeConfig(tma=True, head_split=2),
-            DecodeConfig(tma=True, sub_tiles=2, head_split=2, page_chunk=4),
-            DecodeConfig(tma=True, prefetch_pages=True), DecodeConfig(tma=True, prefetch_pages=True, sub_tiles=2)]
-    for cfg in cfgs:
-        got = run_decode(q, kc8, vc8, meta, num_splits=2, config=cfg, k_scale=ks, v_scale=vs)
-        assert not got.isnan().any(), cfg
-        torch.testing.assert_close(got.float(), whole.float(), atol=1e-2, rtol=1e-2)
-        assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
-    assert len(tma_launches) == 1 + len(cfgs)
-
-
-def test_sub_tiles_and_head_split_are_checked():
-    for bad in (DecodeConfig(sub_tiles=2), DecodeConfig(tma=True, sub_tiles=3), DecodeConfig(tma=True, head_split=4)):
-        with pytest.raises(ValueError, match="sub_tiles"):
-            bad.validate()
-    q, kc, vc, meta = make_case([1], [20], 2, 4, 64, seed=3)  # 16-token pages: half a page is 8 rows
-    with pytest.raises(ValueError, match="at least 16 rows"):
-        run_decode(q, kc, vc, meta, config=DecodeConfig(tma=True, sub_tiles=2))
+    for num_splits in (1, 2):
+        plain = run_decode(q, kc8, vc8, meta, num_splits=num_splits, config=TMA, k_scale=ks, v_scale=vs)
+        for stages in (2, 3, 4):
+            cfg = DecodeConfig(tma=True, num_warps=2, num_stages=stages, prefetch_pages=True)
+            got = run_decode(q, kc8, vc8, meta, num_splits=num_splits, config=cfg, k_scale=ks, v_scale=vs)
+            assert not got.isnan().any(), cfg
+            torch.testing.assert_close(got.float(), plain.float(), atol=1e-2, rtol=1e-2)
+            assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+    assert len(tma_launches) == 8
 
 
 @cpu

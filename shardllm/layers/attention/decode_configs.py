@@ -36,10 +36,6 @@ class DecodeConfig:
     page_chunk: with tma, page ids read page_chunk at a time into registers (a power of two in [2, 64]; one page a
         tile): no load in the page loop feeds a TMA coordinate, so Triton's pipeliner multi-buffers the pages
         (num_stages - 1 in flight) where the page-id load in the loop left it one page deep; 0: that loop.
-    sub_tiles: with tma and one page a tile, a page read as sub_tiles boxes of block_size / sub_tiles tokens (>= 16),
-        one softmax update each: smaller K / V tiles in registers per step (a power of two; 1: the whole page).
-    head_split: with tma and one page a tile, K and V read in head_split boxes of head_dim / head_split columns (1 or
-        2): the scores as a sum of dots over the column halves, two output accumulators; one softmax update a tile.
     """
 
     block_n: int | None = None
@@ -52,8 +48,6 @@ class DecodeConfig:
     early_v: bool = False
     tma: bool = False
     page_chunk: int = 0
-    sub_tiles: int = 1
-    head_split: int = 1
 
     def validate(self) -> None:
         bn = self.block_n
@@ -69,11 +63,6 @@ class DecodeConfig:
         pc = self.page_chunk
         if pc and (not self.tma or pc != _pow2(pc) or not 2 <= pc <= 64):
             raise ValueError(f"DecodeConfig.page_chunk={pc}: use 0, or a power of two in [2, 64] with tma=True")
-        st, hs = self.sub_tiles, self.head_split
-        if st != _pow2(st) or not 1 <= st <= 16 or hs not in (1, 2):
-            raise ValueError(f"DecodeConfig sub_tiles={st}, head_split={hs}: use a power of two in [1, 16] and 1 or 2")
-        if (st > 1 or hs > 1) and not self.tma:
-            raise ValueError("DecodeConfig sub_tiles / head_split > 1 need tma=True")
         ns = self.num_splits
         if ns is not None and (ns < 1 or ns != _pow2(ns) or ns > MAX_NUM_SPLITS):
             raise ValueError(f"DecodeConfig.num_splits={ns}: use a power of two <= {MAX_NUM_SPLITS}, or None")

@@ -78,72 +78,19 @@ def _two_page_step(q, k0, v0, k1, v1, tok0, end, m, l_sum, acc, qk_scale,
     return m_new, l_sum, acc
 
 
-@_jit
-def _half_step(qa, qb, ka, kb, va, vb, tok0, end, m, l_sum, acca, accb, qk_scale,
-               ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr):
-    """_page_step with K, V and q in column halves (a, b): scores = qa.ka^T + qb.kb^T, outputs acca / accb."""
-    ka = ka.to(qa.dtype)
-    s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PRECISION)  # (G, ROWS)
-    kb = kb.to(qa.dtype)
-    s = tl.dot(qb, tl.trans(kb), acc=s, input_precision=DOT_PRECISION)
-    if not F16_DOT:
-        s = s * qk_scale
-    valid = tok0 + tl.arange(0, ROWS) < end
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_sum = l_sum * alpha + tl.sum(p, 1)
-    p = p.to(qa.dtype)
-    va = va.to(qa.dtype)
-    if tok0 + ROWS > end:  # stale slots past `end`: 0 x NaN is NaN (as _page_step)
-        va = tl.where(valid[:, None], va, 0.0)
-    acca = acca * alpha[:, None] + tl.dot(p, va, input_precision=DOT_PRECISION)
-    vb = vb.to(qa.dtype)
-    if tok0 + ROWS > end:
-        vb = tl.where(valid[:, None], vb, 0.0)
-    accb = accb * alpha[:, None] + tl.dot(p, vb, input_precision=DOT_PRECISION)
-    return m_new, l_sum, acca, accb
-
-
-@_jit
-def _page_tiles(q, qb, k_desc, v_desc, row0, kvh, tok0, end, m, l_sum, acc, accb, qk_scale,
-                BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, SUB: tl.constexpr, HSPLIT: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr):
-    """One page as SUB boxes of BLOCK_SIZE / SUB rows (one softmax update each), each read in HSPLIT column boxes
-    (HSPLIT 2: q / acc are the first column half and qb / accb the second)."""
-    ROWS: tl.constexpr = BLOCK_SIZE // SUB
-    DH: tl.constexpr = HEAD_DIM // HSPLIT
-    for i in tl.static_range(SUB):
-        if HSPLIT == 1:
-            k = k_desc.load([row0 + i * ROWS, kvh, 0]).reshape(ROWS, HEAD_DIM)
-            v = v_desc.load([row0 + i * ROWS, kvh, 0]).reshape(ROWS, HEAD_DIM)
-            m, l_sum, acc = _page_step(q, k, v, tok0 + i * ROWS, end, m, l_sum, acc, qk_scale, ROWS, DOT_PRECISION,
-                                       F16_DOT)
-        else:
-            ka = k_desc.load([row0 + i * ROWS, kvh, 0]).reshape(ROWS, DH)
-            kb = k_desc.load([row0 + i * ROWS, kvh, DH]).reshape(ROWS, DH)
-            va = v_desc.load([row0 + i * ROWS, kvh, 0]).reshape(ROWS, DH)
-            vb = v_desc.load([row0 + i * ROWS, kvh, DH]).reshape(ROWS, DH)
-            m, l_sum, acc, accb = _half_step(q, qb, ka, kb, va, vb, tok0 + i * ROWS, end, m, l_sum, acc, accb,
-                                             qk_scale, ROWS, DOT_PRECISION, F16_DOT)
-    return m, l_sum, acc, accb
-
-
 @_jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _decode_kernel_tma(
     q_ptr, k_desc, v_desc, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
-    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0, SUB: tl.constexpr = 1,
-    HSPLIT: tl.constexpr = 1, PREFETCH: tl.constexpr = False,
+    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
     BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math; with PAGE_CHUNK, two pages share one
-    softmax update), so partitions start on tile boundaries and a page needs one block-table entry. SUB / HSPLIT
-    (one page a tile only): a page in SUB row boxes and HSPLIT column boxes (_page_tiles; the descriptors' boxes are
-    (BLOCK_SIZE / SUB, 1, HEAD_DIM / HSPLIT))."""
+    softmax update), so partitions start on tile boundaries and a page needs one block-table entry. PREFETCH (without
+    PAGE_CHUNK): each tile's page id is loaded an iteration ahead, so no load of the iteration feeds its TMA
+    coordinate and Triton's pipeliner keeps num_stages - 1 tiles in flight (one without: benchmarks/kernel_ir.py)."""
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -158,20 +105,14 @@ def _decode_kernel_tma(
     head = kvh * GROUP + g
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
-    DH: tl.constexpr = HEAD_DIM // HSPLIT
-    dh = tl.arange(0, DH)
-    q_row = q_ptr + b * stride_qb + head[:, None] * stride_qh
-    q = tl.load(q_row + dh[None, :], mask=g_mask[:, None], other=0.0)
-    qb = tl.load(q_row + (HEAD_DIM - DH) + dh[None, :], mask=g_mask[:, None], other=0.0)  # HSPLIT 2: 2nd half
+    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0)
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
     if F16_DOT:
         q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-        qb = (qb.to(tl.float32) * qk_scale).to(tl.float16)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, DH], tl.float32)
-    accb = tl.zeros([GROUP_PAD, DH], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     table = block_tables_ptr + b * stride_bt
     if PAGE_CHUNK > 0:  # page ids PAGE_CHUNK at a time into registers: no load feeds a TMA coordinate in the loop
         c = tl.arange(0, PAGE_CHUNK)
@@ -180,40 +121,35 @@ def _decode_kernel_tma(
             pages = tl.load(table + p0 + c, mask=p0 + c < end_page, other=0)
             for j in range(0, tl.minimum(PAGE_CHUNK, end_page - p0), PAGES):
                 row0 = tl.sum(tl.where(c == j, pages, 0)) * BLOCK_SIZE
+                k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+                v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
                 if PAGES == 2:  # pairs never straddle a chunk (PAGE_CHUNK is even); past end_page: padding page 0
-                    k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
-                    v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
                     row1 = tl.sum(tl.where(c == j + 1, pages, 0)) * BLOCK_SIZE
                     k1 = k_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
                     v1 = v_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
                     m, l_sum, acc = _two_page_step(q, k0, v0, k1, v1, (p0 + j) * BLOCK_SIZE, end, m, l_sum, acc,
                                                    qk_scale, BLOCK_SIZE, DOT_PRECISION, F16_DOT)
                 else:
-                    m, l_sum, acc, accb = _page_tiles(q, qb, k_desc, v_desc, row0, kvh, (p0 + j) * BLOCK_SIZE, end,
-                                                      m, l_sum, acc, accb, qk_scale, BLOCK_SIZE, HEAD_DIM, SUB, HSPLIT,
-                                                      DOT_PRECISION, F16_DOT)
+                    m, l_sum, acc = _page_step(q, k0, v0, (p0 + j) * BLOCK_SIZE, end, m, l_sum, acc, qk_scale,
+                                               BLOCK_SIZE, DOT_PRECISION, F16_DOT)
     nxt = tl.load(table + start // BLOCK_SIZE, mask=PREFETCH and start < end, other=0)
     for tok0 in range(start, end if PAGE_CHUNK == 0 else start, BLOCK_SIZE * PAGES):
-        if PREFETCH:  # the page id loaded an iteration ahead: no load in this iteration feeds its TMA coordinate
+        if PREFETCH:
             row0 = nxt * BLOCK_SIZE
             nxt = tl.load(table + tok0 // BLOCK_SIZE + PAGES, mask=tok0 + PAGES * BLOCK_SIZE < end, other=0)
         else:
             row0 = tl.load(table + tok0 // BLOCK_SIZE) * BLOCK_SIZE  # the page's first row of the (nb x bs) view
+        k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+        v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
         if PAGES == 2:  # the second page (the padding page 0 past the end: its slots are masked)
-            k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
-            v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
             row1 = tl.load(table + tok0 // BLOCK_SIZE + 1, mask=tok0 + BLOCK_SIZE < end, other=0) * BLOCK_SIZE
             k1 = k_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
             v1 = v_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
-            m, l_sum, acc = _page_step(q, k0, v0, tok0, end, m, l_sum, acc, qk_scale, BLOCK_SIZE, DOT_PRECISION,
-                                       F16_DOT)
+        m, l_sum, acc = _page_step(q, k0, v0, tok0, end, m, l_sum, acc, qk_scale, BLOCK_SIZE, DOT_PRECISION,
+                                   F16_DOT)
+        if PAGES == 2:
             m, l_sum, acc = _page_step(q, k1, v1, tok0 + BLOCK_SIZE, end, m, l_sum, acc, qk_scale, BLOCK_SIZE,
                                        DOT_PRECISION, F16_DOT)
-        else:
-            m, l_sum, acc, accb = _page_tiles(q, qb, k_desc, v_desc, row0, kvh, tok0, end, m, l_sum, acc, accb,
-                                              qk_scale, BLOCK_SIZE, HEAD_DIM, SUB, HSPLIT, DOT_PRECISION, F16_DOT)
-    if HSPLIT == 2:  # (G, D/2) halves -> (G, D)
-        acc = tl.reshape(tl.permute(tl.join(acc, accb), (0, 2, 1)), (GROUP_PAD, HEAD_DIM))
     _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
                   num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
 
@@ -233,12 +169,11 @@ def tma_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
             and cache.stride() == (bs * nkv * d, nkv * d, d, 1) and cache.data_ptr() % 16 == 0)
 
 
-def descriptor(cache: torch.Tensor, sub_tiles: int = 1, head_split: int = 1):
-    """A TMA descriptor over `cache` viewed as (num_blocks x block_size, nkv, D), boxes of (block_size / sub_tiles, 1,
-    D / head_split).
+def descriptor(cache: torch.Tensor):
+    """A TMA descriptor over `cache` viewed as (num_blocks x block_size, nkv, D), boxes of (block_size, 1, D).
 
     Built per call (a few us of host time; a CUDA graph captures the launch once): the engine passes kv_cache[0] /
     kv_cache[1], new views each call, so nothing kept on the tensor would be found again.
     """
     nb, bs, nkv, d = cache.shape
-    return TensorDescriptor.from_tensor(cache.view(nb * bs, nkv, d), [bs // sub_tiles, 1, d // head_split])
+    return TensorDescriptor.from_tensor(cache.view(nb * bs, nkv, d), [bs, 1, d])

@@ -385,19 +385,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache):
         pages = 2 if cfg.block_n == 2 * block_size else 1  # whole pages: block_n picks 1 or 2
         block_n = pages * block_size  # the reduce's partition unit
-        sub, hsplit = cfg.sub_tiles, cfg.head_split
-        if (sub > 1 or hsplit > 1) and (pages == 2 or block_size // sub < 16 or head_dim // hsplit < 16):
-            raise ValueError(f"DecodeConfig sub_tiles={sub}, head_split={hsplit} at {block_size}-token pages, "
-                             f"head_dim {head_dim}, block_n {cfg.block_n}: they need one page a tile and boxes of "
-                             "at least 16 rows and 16 columns")
         _decode_kernel_tma[(num_seqs, num_kv_heads, num_splits)](
-            q, descriptor(k_cache, sub, hsplit), descriptor(v_cache, sub, hsplit), block_tables, seq_lens, out,
-            part_acc, part_ml, k_scale,
+            q, descriptor(k_cache), descriptor(v_cache), block_tables, seq_lens, out, part_acc, part_ml, k_scale,
             v_scale, scale * _LOG2E, num_heads, num_seqs, q.stride(0), q.stride(1), block_tables.stride(0),
             out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, PAGES=pages, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
             KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype, tma=True), PAGE_CHUNK=cfg.page_chunk,
-            SUB=sub, HSPLIT=hsplit, PREFETCH=cfg.prefetch_pages, num_warps=cfg.num_warps, **extra)
+            PREFETCH=cfg.prefetch_pages, num_warps=cfg.num_warps, **extra)
     else:
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, k_scale, v_scale,
