@@ -20,8 +20,8 @@ logger = logging.getLogger(__name__)
 # schedules), whose error grows with K. Measured on an H200 (tenth session, `benchmarks/fp8_gemm.py --recipes`,
 # Llama-3-8B shapes): M = 16384 gate_up 3443 -> 2880 us, qkv 660 -> 593; max error against the fp32 twin over the
 # output's max 2.3e-3 -> 4.7-6.6e-3 at K = 4096 but 2.3e-3 -> 1.1-1.3e-2 at K = 14336 (down proj, whose time gained
-# 1-6%): large K stays exact. End to end (8B fp8 + fp8 KV, all K fast): 1000 x 128/128 27,665 -> 29,805 out tok/s
-# (docs/benchmarks.md, tenth session).
+# 1-6%): large K stays exact. End to end, 1000 x 128/128 fp8 + fp8 KV out tok/s, exact -> this default: 8B 27,976 ->
+# 29,373, 70B on one H200 3,611 -> 3,845 (docs/benchmarks.md, tenth session).
 FAST_ACCUM_MAX_K = envs.SHARDLLM_FP8_FAST_ACCUM_MAX_K
 
 FP8_DTYPE = torch.float8_e4m3fn
