@@ -13,7 +13,8 @@ bucket), us; TB/s counts the K/V bytes read (2 x sum(seq_lens) x 8 x 128 x eleme
         '[{"tma": true, "num_warps": 2, "num_stages": 4}, {"tma": true, "num_warps": 4, "num_stages": 3}]'
 
 --configs: only these DecodeConfig field sets, over an e4m3 cache at each --block_sizes, each row with its largest
-difference from the first config's output relative to that output's largest value ("rel_diff").
+difference from the first config's output relative to that output's largest value ("rel_diff"); with --v_transposed
+each TMA config of one page a tile also reads V stored transposed (num_blocks, nkv, D, block_size).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def case(batch: int, ctx: int, cache_dtype: torch.dtype, g: torch.Generator, bs:
     return q, kc, vc, tables.cuda(), lens.int().cuda(), scales
 
 
-def time_call(q, kc, vc, bt, lens, scales, config=None) -> float:
+def time_call(q, kc, vc, bt, lens, scales, config=None, v_transposed=False) -> float:
     """us per call (the tuned launch unless `config`), as a CUDA graph replay."""
     import triton
 
@@ -55,7 +56,7 @@ def time_call(q, kc, vc, bt, lens, scales, config=None) -> float:
 
     def fn():
         paged_decode_attention(q, kc, vc, bt, lens, 128**-0.5, out=out, k_scale=scales[0], v_scale=scales[1],
-                               config=config)
+                               config=config, v_transposed=v_transposed)
 
     fn()
     torch.cuda.synchronize()
@@ -71,12 +72,15 @@ def main() -> None:
                          "box is one page: 2 KiB of FP8 K per head at 16)")
     ap.add_argument("--configs", type=json.loads, default=None,
                     help="JSON list of DecodeConfig field dicts: time only these (e4m3 cache)")
+    ap.add_argument("--v_transposed", action="store_true",
+                    help="with --configs: each TMA config of one page a tile also over V stored (num_blocks, nkv, "
+                         "D, block_size), the layout the engine does not use yet")
     a = ap.parse_args()
     g = torch.Generator().manual_seed(0)
     if a.configs is not None:
         for c in a.cases:
             for bs in a.block_sizes:
-                _config_rows(c, bs, [DecodeConfig(**f) for f in a.configs], g)
+                _config_rows(c, bs, [DecodeConfig(**f) for f in a.configs], g, a.v_transposed)
         return
     for c in a.cases:
         for bs in a.block_sizes:
@@ -108,22 +112,31 @@ def main() -> None:
     os.environ.pop("SHARDLLM_FP8_ATTN_F16_DOT", None)
 
 
-def _config_rows(c: str, bs: int, configs: list[DecodeConfig], g: torch.Generator) -> None:
+def _config_rows(c: str, bs: int, configs: list[DecodeConfig], g: torch.Generator, v_transposed: bool = False
+                 ) -> None:
+    """One row per config; with v_transposed, each TMA config of one page a tile also over the same V stored
+    (num_blocks, nkv, D, block_size) (row key "v_transposed": true)."""
     batch, ctx = map(int, c.split("x"))
     args = case(batch, ctx, torch.float8_e4m3fn, g, bs)
+    vc_t = args[2].permute(0, 2, 3, 1).contiguous() if v_transposed else None
     nbytes = 2 * int(args[4].sum()) * 8 * 128 * args[1].element_size()
     first = None
     for cfg in configs:
-        out = torch.empty_like(args[0])
-        paged_decode_attention(args[0], *args[1:3], args[3], args[4], 128**-0.5, out=out, k_scale=args[5][0],
-                               v_scale=args[5][1], config=cfg)
-        first = out if first is None else first
-        rel = ((out.float() - first.float()).abs().max() / first.float().abs().max()).item()
-        us = time_call(*args, config=cfg)
-        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                  if getattr(cfg, f.name) != getattr(DecodeConfig(), f.name)}
-        print(json.dumps(dict(batch=batch, ctx=ctx, block_size=bs, config=fields, us=round(us, 1),
-                              tb_s=round(nbytes / us / 1e6, 2), rel_diff=round(rel, 4))), flush=True)
+        layouts = [False] + ([True] if v_transposed and cfg.tma and cfg.page_chunk == 0
+                             and cfg.block_n in (None, bs) else [])
+        for vt in layouts:
+            run = (args[0], args[1], vc_t if vt else args[2], *args[3:])
+            out = torch.empty_like(args[0])
+            paged_decode_attention(run[0], run[1], run[2], run[3], run[4], 128**-0.5, out=out, k_scale=run[5][0],
+                                   v_scale=run[5][1], config=cfg, v_transposed=vt)
+            first = out if first is None else first
+            rel = ((out.float() - first.float()).abs().max() / first.float().abs().max()).item()
+            us = time_call(*run, config=cfg, v_transposed=vt)
+            fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                      if getattr(cfg, f.name) != getattr(DecodeConfig(), f.name)}
+            print(json.dumps(dict(batch=batch, ctx=ctx, block_size=bs, config=fields, v_transposed=vt,
+                                  us=round(us, 1), tb_s=round(nbytes / us / 1e6, 2), rel_diff=round(rel, 4))),
+                  flush=True)
 
 
 def _tma_rows(c: str, bs: int, g: torch.Generator) -> None:

@@ -48,9 +48,9 @@ DEFAULT_NUM_STAGES = 3  # Triton's on NVIDIA GPUs
 NH, NKV, D, BS = 32, 8, 128, 16
 
 
-def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: int = BS):
+def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: int = BS, v_transposed: bool = False):
     """The compiled kernel (triton CompiledKernel) of the decode launch `cfg` over a `cache` ("bf16" / "fp8") of
-    `block_size`-token pages."""
+    `block_size`-token pages (v_transposed: V stored (num_blocks, nkv, D, block_size), the TMA kernel's V_T)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -61,14 +61,15 @@ def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: in
     if cfg.tma:
         fn = triton_decode_tma._decode_kernel_tma
         box = f"tensordesc<{ty}[{block_size}, 1, {D}]>"
-        sig = {**head, "k_desc": box, "v_desc": box}
+        sig = {**head, "k_desc": box, "v_desc": f"tensordesc<{ty}[{D}, {block_size}]>" if v_transposed else box}
         tail = ["block_tables_ptr", "seq_lens_ptr", "out_ptr", "part_acc_ptr", "part_ml_ptr", "k_scale_ptr",
                 "v_scale_ptr", "qk_scale", "num_heads", "num_seqs", "stride_qb", "stride_qh", "stride_bt", "stride_ob",
                 "stride_oh"]
         consts = dict(GROUP=NH // NKV, GROUP_PAD=16, HEAD_DIM=D, BLOCK_SIZE=block_size,
                       PAGES=2 if cfg.block_n == 2 * block_size else 1,
                       NUM_SPLITS=1, DOT_PRECISION="tf32", KV_SCALED=fp8, F16_DOT=fp8, USE_PDL=False,
-                      PAGE_CHUNK=cfg.page_chunk, PREFETCH=cfg.prefetch_pages)
+                      PAGE_CHUNK=cfg.page_chunk, PREFETCH=cfg.prefetch_pages,
+                      V_T=v_transposed)
     else:
         fn = triton_paged._decode_kernel
         sig = {**head, "k_cache_ptr": f"*{ty}", "v_cache_ptr": f"*{ty}"}
@@ -133,6 +134,8 @@ def main() -> None:
     ap.add_argument("--config", default="{}", help="DecodeConfig fields as JSON, e.g. '{\"tma\": true, "
                     "\"num_stages\": 4, \"page_chunk\": 16}' (layers/attention/decode_configs.py)")
     ap.add_argument("--block_size", type=int, default=16, help="tokens a KV page (the FP8 cache's GPU default: 64)")
+    ap.add_argument("--v_transposed", action="store_true",
+                    help="the TMA kernel over a V cache stored (num_blocks, nkv, D, block_size)")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100 / H200)")
     ap.add_argument("--dump", default=None, help="also write the TTGIR and PTX into this folder")
     a = ap.parse_args()
@@ -150,8 +153,11 @@ def main() -> None:
     except ImportError as e:
         raise SystemExit(f"kernel_ir.py needs Triton with its NVIDIA backend ({e}): `pip install triton`, or the "
                          f"test extras (`make test` installs them)") from None
-    kernel = compile_decode(a.cache, cfg, a.arch, a.block_size)
+    if a.v_transposed and not cfg.tma:
+        ap.error("--v_transposed: the TMA kernel's (a config with tma: true)")
+    kernel = compile_decode(a.cache, cfg, a.arch, a.block_size, a.v_transposed)
     print(json.dumps({"triton": triton.__version__, "cache": a.cache, "arch": a.arch, "config": fields,
+                      "block_size": a.block_size, "v_transposed": a.v_transposed,
                       "num_stages": cfg.num_stages or DEFAULT_NUM_STAGES, **summarize(kernel)}))
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)

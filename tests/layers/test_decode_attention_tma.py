@@ -298,6 +298,40 @@ def test_page_ids_an_iteration_ahead_give_the_same_attention(tma_launches, monke
     assert len(tma_launches) == 8
 
 
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_a_transposed_v_cache_gives_the_same_attention(tma_launches, monkeypatch, block_size):
+    """v_transposed: V stored (num_blocks, nkv, D, block_size) and read by _page_step_vt (no mask past a sequence's
+    end, so slots there hold finite stale values here), with and without page ids an iteration ahead, one to four
+    partitions and a padding row of length 0: equal to the standard layout and to the oracle over an FP8 cache."""
+    import tests.layers.test_triton_attention as attn
+
+    monkeypatch.setattr(attn, "BLOCK_SIZE", block_size)
+    monkeypatch.setenv("SHARDLLM_FP8_ATTN_F16_DOT", "1")
+    q, kc8, vc8, meta, ks, vs, deq = fp8_case(torch.float8_e4m3fn, [1] * 4, [150, 33, 0, 70], True, seed=9)
+    vc8_t = vc8.permute(0, 2, 3, 1).contiguous()  # (nb, nkv, D, bs)
+    ref = reference(q, *deq, meta)
+    for num_splits in (1, 4):
+        plain = run_decode(q, kc8, vc8, meta, num_splits=num_splits, config=TMA, k_scale=ks, v_scale=vs)
+        for prefetch in (False, True):
+            cfg = DecodeConfig(tma=True, num_warps=2, num_stages=3, prefetch_pages=prefetch)
+            got = run_decode(q, kc8, vc8_t, meta, num_splits=num_splits, config=cfg, k_scale=ks, v_scale=vs,
+                             v_transposed=True)
+            torch.testing.assert_close(got.float(), plain.float(), atol=1e-2, rtol=1e-2)
+            assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
+            assert got[2].abs().max() == 0
+    assert len(tma_launches) == 6
+
+
+def test_a_transposed_v_cache_needs_the_tma_page_loop():
+    q, kc, vc, meta = make_case([1, 1], [30, 5], 2, 4, 64, seed=15)
+    vc_t = vc.permute(0, 2, 3, 1).contiguous()
+    for cfg in (DecodeConfig(), DecodeConfig(tma=True, page_chunk=4), DecodeConfig(tma=True, block_n=32)):
+        with pytest.raises(ValueError, match="v_transposed"):
+            run_decode(q, kc, vc_t, meta, config=cfg, v_transposed=True)
+    with pytest.raises(ValueError, match="v_transposed"):  # the standard layout passed as transposed
+        run_decode(q, kc, vc, meta, config=TMA, v_transposed=True)
+
+
 @cpu
 @pytest.mark.parametrize("num_splits", [1, 2, 4])
 @pytest.mark.parametrize("chunk", [2, 4])

@@ -23,18 +23,23 @@ from shardllm.layers.attention.decode_configs import DecodeConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def tiles_in_flight(cache: str, cfg: DecodeConfig, block_size: int = 16) -> int:
+def compiled(cache: str, cfg: DecodeConfig, block_size: int = 16, v_transposed: bool = False) -> dict:
+    """kernel_ir.py's JSON line for this launch."""
     """benchmarks/kernel_ir.py in a process of its own: the tests run Triton's interpreter (TRITON_INTERPRET=1),
     whose kernels cannot be compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(DecodeConfig(), k)}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ir.py"), "--cache", cache, "--config",
-                        json.dumps(fields), "--block_size", str(block_size)],
+                        json.dumps(fields), "--block_size", str(block_size)] + ["--v_transposed"] * v_transposed,
                        capture_output=True, text=True, env=env, timeout=240)
     if r.returncode != 0:  # a Triton without a usable CUDA backend (ptxas) on this machine
         pytest.skip(f"cannot compile for sm90 here: {r.stderr.strip().splitlines()[-1:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])["tiles_in_flight"]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def tiles_in_flight(cache: str, cfg: DecodeConfig, block_size: int = 16) -> int:
+    return compiled(cache, cfg, block_size)["tiles_in_flight"]
 
 
 def test_page_chunk_multi_buffers_the_tma_page_loads():
@@ -48,6 +53,16 @@ def test_page_ids_an_iteration_ahead_multi_buffer_the_tma_page_loads():
         cfg = DecodeConfig(tma=True, num_warps=2, num_stages=stages, prefetch_pages=True)
         assert tiles_in_flight("fp8", cfg, block_size=64) == stages - 1
     assert tiles_in_flight("fp8", DecodeConfig(tma=True, num_warps=2, num_stages=3), block_size=64) == 1
+
+
+def test_a_transposed_v_cache_keeps_the_converted_page_out_of_shared_memory():
+    """The TMA kernel over V stored (num_blocks, nkv, D, block_size): V reaches the P.V dot as K reaches the scores,
+    so the 16 KB fp16 copy of a 64-token page that the standard layout stages in shared memory is gone (38,944
+    against 55,328 bytes at 3 stages with Triton 3.9), at the same pipeline depth."""
+    cfg = DecodeConfig(tma=True, num_warps=2, num_stages=3, prefetch_pages=True)
+    standard, transposed = compiled("fp8", cfg, 64), compiled("fp8", cfg, 64, v_transposed=True)
+    assert transposed["tiles_in_flight"] == standard["tiles_in_flight"] == 2
+    assert transposed["shared_bytes"] <= standard["shared_bytes"] - 64 * 128 * 2
 
 
 def test_the_pointer_kernel_pipelines_its_tiles_only_with_page_ids_a_tile_ahead():

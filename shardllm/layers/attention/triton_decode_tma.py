@@ -47,6 +47,28 @@ def _page_step(q, k, v, tok0, end, m, l_sum, acc, qk_scale,
 
 
 @_jit
+def _page_step_vt(q, k, vt, tok0, end, m, l_sum, acc, qk_scale,
+                  BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr):
+    """_page_step over a V page stored transposed, vt (D, BLOCK_SIZE) with tokens contiguous: P.V reads it as the
+    scores read K (no shared-memory round trip of the converted tile, 126 registers instead of 165 at 64-token pages:
+    benchmarks/kernel_ir.py). V's slots past `end` are not masked (a where on them costs that layout): they must hold
+    finite values, zeros or stale ones, as p is 0 there."""
+    k = k.to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (G, BLOCK_SIZE)
+    if not F16_DOT:
+        s = s * qk_scale
+    valid = tok0 + tl.arange(0, BLOCK_SIZE) < end
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    vt = vt.to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), tl.trans(vt), input_precision=DOT_PRECISION)
+    return m_new, l_sum, acc
+
+
+@_jit
 def _two_page_step(q, k0, v0, k1, v1, tok0, end, m, l_sum, acc, qk_scale,
                    BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr):
     """_page_step over two consecutive pages (tokens tok0 .. tok0 + 2 x BLOCK_SIZE) with one softmax update: one
@@ -85,12 +107,15 @@ def _decode_kernel_tma(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
     F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
+    V_T: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
     BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math; with PAGE_CHUNK, two pages share one
     softmax update), so partitions start on tile boundaries and a page needs one block-table entry. PREFETCH (without
     PAGE_CHUNK): each tile's page id is loaded an iteration ahead, so no load of the iteration feeds its TMA
-    coordinate and Triton's pipeliner keeps num_stages - 1 tiles in flight (one without: benchmarks/kernel_ir.py)."""
+    coordinate and Triton's pipeliner keeps num_stages - 1 tiles in flight (one without: benchmarks/kernel_ir.py).
+    V_T (one page a tile, no PAGE_CHUNK): v_desc is over a V cache stored (num_blocks, nkv, D, BLOCK_SIZE), boxes
+    (D, BLOCK_SIZE) (descriptor_vt), read by _page_step_vt."""
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -140,16 +165,21 @@ def _decode_kernel_tma(
         else:
             row0 = tl.load(table + tok0 // BLOCK_SIZE) * BLOCK_SIZE  # the page's first row of the (nb x bs) view
         k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
-        v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
-        if PAGES == 2:  # the second page (the padding page 0 past the end: its slots are masked)
-            row1 = tl.load(table + tok0 // BLOCK_SIZE + 1, mask=tok0 + BLOCK_SIZE < end, other=0) * BLOCK_SIZE
-            k1 = k_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
-            v1 = v_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
-        m, l_sum, acc = _page_step(q, k0, v0, tok0, end, m, l_sum, acc, qk_scale, BLOCK_SIZE, DOT_PRECISION,
-                                   F16_DOT)
-        if PAGES == 2:
-            m, l_sum, acc = _page_step(q, k1, v1, tok0 + BLOCK_SIZE, end, m, l_sum, acc, qk_scale, BLOCK_SIZE,
-                                       DOT_PRECISION, F16_DOT)
+        if V_T:  # rows (page x nkv + kvh) x D .. + D of the (nb x nkv x D, bs) view
+            vt = v_desc.load([(row0 // BLOCK_SIZE * tl.num_programs(1) + kvh) * HEAD_DIM, 0])
+            m, l_sum, acc = _page_step_vt(q, k0, vt, tok0, end, m, l_sum, acc, qk_scale, BLOCK_SIZE, DOT_PRECISION,
+                                          F16_DOT)
+        else:
+            v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+            if PAGES == 2:  # the second page (the padding page 0 past the end: its slots are masked)
+                row1 = tl.load(table + tok0 // BLOCK_SIZE + 1, mask=tok0 + BLOCK_SIZE < end, other=0) * BLOCK_SIZE
+                k1 = k_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+                v1 = v_desc.load([row1, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
+            m, l_sum, acc = _page_step(q, k0, v0, tok0, end, m, l_sum, acc, qk_scale, BLOCK_SIZE, DOT_PRECISION,
+                                       F16_DOT)
+            if PAGES == 2:
+                m, l_sum, acc = _page_step(q, k1, v1, tok0 + BLOCK_SIZE, end, m, l_sum, acc, qk_scale, BLOCK_SIZE,
+                                           DOT_PRECISION, F16_DOT)
     _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
                   num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
 
@@ -167,6 +197,24 @@ def tma_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
     return (d == 1 << (d - 1).bit_length() and d * cache.element_size() % 16 == 0
             and bs == 1 << (bs - 1).bit_length() and 16 <= bs <= 256 and nb * bs < 2**31
             and cache.stride() == (bs * nkv * d, nkv * d, d, 1) and cache.data_ptr() % 16 == 0)
+
+
+def vt_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache_t: torch.Tensor) -> bool:
+    """Whether a call with V stored transposed can take the TMA kernel: K as tma_supported wants it, and v_cache_t
+    (num_blocks, nkv, D, block_size) contiguous, of K's dtype and sizes, 16-byte aligned rows and base."""
+    if not tma_supported(q, k_cache):
+        return False
+    nb, bs, nkv, d = k_cache.shape
+    return (v_cache_t.shape == (nb, nkv, d, bs) and v_cache_t.dtype == k_cache.dtype and v_cache_t.is_contiguous()
+            and bs * v_cache_t.element_size() % 16 == 0 and v_cache_t.data_ptr() % 16 == 0
+            and nb * nkv * d < 2**31)
+
+
+def descriptor_vt(v_cache_t: torch.Tensor):
+    """A TMA descriptor over a V cache stored (num_blocks, nkv, D, block_size), viewed as (num_blocks x nkv x D,
+    block_size), boxes of (D, block_size): one page of one kv head, tokens contiguous."""
+    nb, nkv, d, bs = v_cache_t.shape
+    return TensorDescriptor.from_tensor(v_cache_t.view(nb * nkv * d, bs), [d, bs])
 
 
 def descriptor(cache: torch.Tensor):

@@ -340,7 +340,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None, num_splits: int | None = None,
                            config: DecodeConfig | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, v_transposed: bool = False) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context (this token's k/v already written).
 
     Args:
@@ -353,12 +353,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_scale, v_scale: () fp32 tensors on q's device, both or neither: the cache holds k / k_scale and
             v / v_scale (an FP8 cache); the kernel reads them at run time and returns
             softmax(q.k * k_scale * scale) (v * v_scale). None: the cache is read as stored.
+        v_transposed: v_cache is stored (num_blocks, nkv, D, block_size), contiguous (a layout the engine does not
+            use yet: benchmarks/fp8_attention_kernel.py --v_transposed times it); only the TMA kernel reads it
+            (a tma config, one page a tile, no page_chunk), and slots past a sequence's end must hold finite
+            values (they are not masked: triton_decode_tma._page_step_vt).
     Returns:
         (B, nh, D), `out` if given.
     Raises:
-        ValueError: an invalid config, or scales as kv_scale_args refuses them.
+        ValueError: an invalid config, scales as kv_scale_args refuses them, or v_transposed with a config or
+            cache the TMA kernel cannot read that way.
     """
-    _check_cache(k_cache, v_cache)
+    if v_transposed:
+        _check_cache(k_cache, k_cache)
+    else:
+        _check_cache(k_cache, v_cache)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
@@ -382,16 +390,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     pdl = launch_args(q.device)  # {} off sm90+ or with SHARDLLM_PDL=0
     extra = {**pdl, **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}
     f16_dot = cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype)
-    if cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache):
+    if v_transposed and not (cfg.tma and cfg.page_chunk == 0 and cfg.block_n in (None, block_size)
+                             and vt_supported(q, k_cache, v_cache)):
+        raise ValueError(f"v_transposed: the TMA kernel reads it only with tma=True, page_chunk=0 and one page a "
+                         f"tile (got {cfg}), on an sm90+ GPU or the interpreter, from a contiguous (num_blocks, nkv, "
+                         f"D, block_size) V cache of K's dtype (got {tuple(v_cache.shape)}, {v_cache.dtype})")
+    if v_transposed or (cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache)):
         pages = 2 if cfg.block_n == 2 * block_size else 1  # whole pages: block_n picks 1 or 2
         block_n = pages * block_size  # the reduce's partition unit
         _decode_kernel_tma[(num_seqs, num_kv_heads, num_splits)](
-            q, descriptor(k_cache), descriptor(v_cache), block_tables, seq_lens, out, part_acc, part_ml, k_scale,
+            q, descriptor(k_cache), descriptor_vt(v_cache) if v_transposed else descriptor(v_cache), block_tables,
+            seq_lens, out, part_acc, part_ml, k_scale,
             v_scale, scale * _LOG2E, num_heads, num_seqs, q.stride(0), q.stride(1), block_tables.stride(0),
             out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, PAGES=pages, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
             KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype, tma=True), PAGE_CHUNK=cfg.page_chunk,
-            PREFETCH=cfg.prefetch_pages, num_warps=cfg.num_warps, **extra)
+            PREFETCH=cfg.prefetch_pages, V_T=v_transposed, num_warps=cfg.num_warps, **extra)
     else:
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, k_scale, v_scale,
@@ -487,5 +501,7 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
 from shardllm.layers.attention.triton_decode_tma import (  # noqa: E402
     _decode_kernel_tma,
     descriptor,
+    descriptor_vt,
     tma_supported,
+    vt_supported,
 )
