@@ -195,6 +195,10 @@ _VARS = [
            "row-wise FP8 GEMMs whose K is at most this accumulate in the tensor cores' fast mode (torch._scaled_mm "
            "use_fast_accum; 0: none); larger K stays exact, its error grows with K (issue 13, fp8_gemm.py --recipes)",
            lenient=True),
+    _switch("SHARDLLM_KV_V_TRANSPOSED", False, "start-up",
+            "1: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, nkv, D, block_size), which the TMA decode "
+            "kernel reads without a shared-memory copy per page (issue 13; kernel-level gain unmeasured on a GPU: "
+            "benchmarks/device_s11_a.sh)"),
     _switch("SHARDLLM_FP8_FUSED_ACT_QUANT", True, "import",
             "0: RMSNorm / SiLU-and-mul write 16-bit rows that the FP8 linear quantizes in a pass of its own "
             "(issue 13, benchmarks/device_fused_actquant.sh)"),

@@ -153,10 +153,10 @@ def _rotate_heads_inplace(ptr, row_off, stride_h, num_heads, cos, sin,
 def _fused_rotary_kernel(
     pos_ptr, q_ptr, k_ptr, v_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
     num_q_heads, num_kv_heads, stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cache,
-    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr, KV_SCALED: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, FINITE_V: tl.constexpr = False,
 ):
     """One program per token: neox rotation of all its q and k heads with cos/sin of its position, in place;
     with WRITE_KV, then its rotated k and its v into its cache slot (slots < 0, padding, skip only the write),
@@ -175,14 +175,15 @@ def _fused_rotary_kernel(
     if WRITE_KV:
         _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
                           num_kv_heads, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb,
-                          stride_vcs, stride_vch, HALF, HALF_PAD, KV_HEADS_PAD, BLOCK_SIZE, KV_SCALED)
+                          stride_vcs, stride_vch, stride_vcd, HALF, HALF_PAD, KV_HEADS_PAD, BLOCK_SIZE, KV_SCALED,
+                          FINITE_V)
 
 
 @_jit
 def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
                       num_kv_heads, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
-                      stride_vch, HALF: tl.constexpr, HALF_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr):
+                      stride_vch, stride_vcd, HALF: tl.constexpr, HALF_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
+                      BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr, FINITE_V: tl.constexpr):
     """Token n's rotated k (halves k1, k2, as stored in k's dtype) and its v into its cache slot, unless the slot
     is < 0; with KV_SCALED, k / k_scale and v / v_scale (IEEE fp32 division), rounded once to the cache dtype."""
     j = tl.arange(0, HALF_PAD)
@@ -196,6 +197,9 @@ def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
     v1_ptr = v_ptr + n * stride_vn + h[:, None] * stride_vh + j[None, :]
     v1 = tl.load(v1_ptr, mask=mask)
     v2 = tl.load(v1_ptr + HALF, mask=mask)
+    if FINITE_V:  # as triton_paged._write_kv_kernel's
+        v1 = tl.where(tl.abs(v1.to(tl.float32)) < float("inf"), v1, 0.0)
+        v2 = tl.where(tl.abs(v2.to(tl.float32)) < float("inf"), v2, 0.0)
     if KV_SCALED:
         k_scale = tl.load(k_scale_ptr)
         v_scale = tl.load(v_scale_ptr)
@@ -204,11 +208,11 @@ def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
         v1 = tl.div_rn(v1.to(tl.float32), v_scale).to(v_cache_ptr.dtype.element_ty)
         v2 = tl.div_rn(v2.to(tl.float32), v_scale).to(v_cache_ptr.dtype.element_ty)
     kc = k_cache_ptr + page * stride_kcb + in_page * stride_kcs + h[:, None] * stride_kch + j[None, :]
-    vc = v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + j[None, :]
+    vc = v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + j[None, :] * stride_vcd
     tl.store(kc, k1, mask=mask)
     tl.store(kc + HALF, k2, mask=mask)
     tl.store(vc, v1, mask=mask)
-    tl.store(vc + HALF, v2, mask=mask)
+    tl.store(vc + HALF * stride_vcd, v2, mask=mask)
 
 
 if HAS_TRITON and hasattr(_fused_rmsnorm_row_kernel, "rewrite"):  # the interpreter (TRITON_INTERPRET=1)
@@ -308,7 +312,7 @@ def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     half = head_dim // 2
     _fused_rotary_kernel[(num_tokens,)](  # no cache write: k stands in for the unused pointers
         positions, q, k, k, cos_sin_cache, k, k, positions, k, k, num_q_heads, num_k_heads,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0, cos_sin_cache.stride(0), 0, 0, 0, 0, 0, 0,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), 0, 0, cos_sin_cache.stride(0), 0, 0, 0, 0, 0, 0, 1,
         HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), KV_HEADS_PAD=_pow2(num_k_heads),
         BLOCK_SIZE=1, WRITE_KV=False, num_warps=_rotary_num_warps(num_q_heads, num_k_heads, half),
         **launch_args(q.device))
@@ -359,7 +363,7 @@ def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: 
     assert cos_sin_cache.shape[-1] == head_dim
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape and k_cache.shape[2:] == k.shape[1:], \
         "caches are (num_blocks, block_size, nkv, D)"
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert k_cache.stride(-1) == 1  # V may be a transposed cache's view (Attention.v_transposed): its D stride
     fp8_cache = k_cache.element_size() == 1  # an FP8 cache: the store casts
     assert (k_cache.dtype == k.dtype or fp8_cache) and v_cache.dtype == k_cache.dtype
     assert slot_mapping.shape == (num_tokens,)
@@ -371,8 +375,8 @@ def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: 
         positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping, k_scale, v_scale, num_q_heads,
         num_kv_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
-        *k_cache.stride()[:3], *v_cache.stride()[:3],
+        *k_cache.stride()[:3], *v_cache.stride(),
         HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), KV_HEADS_PAD=_pow2(num_kv_heads),
-        BLOCK_SIZE=k_cache.shape[1], WRITE_KV=True, KV_SCALED=kv_scaled,
+        BLOCK_SIZE=k_cache.shape[1], WRITE_KV=True, KV_SCALED=kv_scaled, FINITE_V=v_cache.stride(-1) != 1,
         num_warps=_rotary_num_warps(num_q_heads, num_kv_heads, half), **launch_args(q.device))
     return q, k

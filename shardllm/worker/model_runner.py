@@ -159,12 +159,27 @@ class ModelRunner(KernelWarmUp):
             a.kv_cache = None
 
     def _bind_kv_caches(self, num_blocks: int) -> None:
+        """Zero-filled caches (slots past a sequence's end then hold zeros or stale finite values, which the
+        transposed-V decode reads unmasked), V stored transposed where _v_transposed says."""
         self.kv_caches = []
+        v_t = self._v_transposed()
         for a in self.attn_layers:
             cache = torch.zeros(2, num_blocks, self.block_size, a.num_kv_heads, a.head_dim,
                                 dtype=self.kv_cache_dtype, device=self.device)
             a.kv_cache = cache
+            a.v_transposed = v_t
             self.kv_caches.append(cache)
+
+    def _v_transposed(self) -> bool:
+        """SHARDLLM_KV_V_TRANSPOSED where it applies: an FP8 cache on an sm90+ CUDA GPU (the TMA decode kernel's
+        transposed-V path; elsewhere the flag is ignored with a warning)."""
+        if not envs.SHARDLLM_KV_V_TRANSPOSED:
+            return False
+        ok = (self.device.type == "cuda" and torch.cuda.get_device_capability(self.device)[0] >= 9
+              and self.kv_cache_dtype.itemsize == 1)
+        if not ok:
+            logger.warning("SHARDLLM_KV_V_TRANSPOSED=1 ignored: it needs an FP8 KV cache on an sm90+ GPU")
+        return ok
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._bind_kv_caches(num_blocks)

@@ -94,6 +94,18 @@ class Attention(nn.Module):
         self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.calibrate_kv_scales = False  # the runner sets it for the first step of an FP8 cache without scales
+        # V stored (num_blocks, nkv, D, block_size) in kv_cache[1]'s memory (SHARDLLM_KV_V_TRANSPOSED; the runner
+        # sets it where the Triton kernels run): the TMA decode kernel then reads a V page as it reads K's
+        self.v_transposed = False
+
+    def paged_caches(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_cache, v_cache), each (num_blocks, block_size, nkv, D); with v_transposed, V is a view of
+        kv_cache[1]'s memory laid out (num_blocks, nkv, D, block_size) (its D stride is block_size)."""
+        k_cache, v_cache = self.kv_cache[0], self.kv_cache[1]
+        if self.v_transposed:
+            nb, bs, nkv, d = v_cache.shape
+            v_cache = v_cache.view(nb, nkv, d, bs).permute(0, 3, 1, 2)
+        return k_cache, v_cache
 
     def uses_triton_kernels(self, q: torch.Tensor) -> bool:
         """Whether forward takes the Triton kernels (CUDA only; the tests patch it to run them on CPU)."""
@@ -127,7 +139,7 @@ class Attention(nn.Module):
         fuse_rotary = (kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
                        and _fused_rotary_ok[0])
         if fuse_rotary:  # rotary and the cache write of k and v in one launch
-            paged = self.kv_cache[0], self.kv_cache[1]
+            paged = self.paged_caches()
             try:
                 triton_ops.rotary_embedding_and_write_kv_(positions, q, k, v, rotary.cos_sin_cache, *paged,
                                                           meta.slot_mapping, **kv_scales)
@@ -138,7 +150,7 @@ class Attention(nn.Module):
         if rotary is not None and not fuse_rotary:
             q, k = rotary(positions, q, k)
         if kernels:
-            paged = self.kv_cache[0], self.kv_cache[1]  # (num_blocks, block_size, nkv, D) each
+            paged = self.paged_caches()  # (num_blocks, block_size, nkv, D) each
             if not fuse_rotary:
                 triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping, **kv_scales)  # one launch for k, v
             nd = meta.num_decodes if MIXED_STEP_DECODE_KERNEL else 0
@@ -157,6 +169,7 @@ class Attention(nn.Module):
                                                            meta.block_tables, meta.max_query_len, softmax_scale,
                                                            **kv_scales)
         else:
+            assert not self.v_transposed, "a transposed V cache is read by the Triton kernels only"
             k_cache = self.kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # (slots, nkv, D)
             v_cache = self.kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
             for cache, x in ((k_cache, k), (v_cache, v)):  # an FP8 cache stores x.to(fp8): a scale of 1.0

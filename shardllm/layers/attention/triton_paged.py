@@ -54,7 +54,7 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs,
-    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -126,7 +126,8 @@ def _decode_kernel(
         in_page = tok % BLOCK_SIZE
         k_row = cur * stride_kb + in_page * stride_ks + kvh * stride_kh  # (N,)
         kd_mask = tok_mask[:, None] & d_mask[None, :]  # (N, D)
-        v_ptrs = v_cache_ptr + (cur * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + d[None, :]
+        v_ptrs = (v_cache_ptr + (cur * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None]
+                  + d[None, :] * stride_vd)  # stride_vd: 1 (Triton specializes it), or a transposed cache's
         if EARLY_V:
             v_raw = tl.load(v_ptrs, mask=kd_mask, other=0.0)  # (N, D)
         if USE_DOT:
@@ -214,7 +215,7 @@ def _decode_reduce_kernel(
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
     k_scale_ptr, v_scale_ptr, qk_scale, num_seqs,
-    stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt, stride_on, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -280,7 +281,8 @@ def _prefill_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + d[None, :],
+        v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None]
+                    + d[None, :] * stride_vd,
                     mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # (N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
@@ -296,10 +298,13 @@ def _prefill_kernel(
 def _write_kv_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
     stride_kn, stride_kh, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    stride_vcd, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    FINITE_V: tl.constexpr = False,
 ):
-    """One program per new token: its k and v, all kv heads, into the cache slot; slots < 0 are skipped.
+    """One program per new token: its k and v, all kv heads, into the cache slot; slots < 0 are skipped. FINITE_V
+    (a transposed V cache, whose decode reads slots past a sequence's end unmasked): a NaN or infinite v is stored
+    as 0, so no such slot holds a non-finite value for another sequence to read.
 
     KV_SCALED: stores k / k_scale and v / v_scale (IEEE fp32 division by the scalars at the pointers: `/` is
     approximate on NVIDIA, 2 ulp; rounded once to the cache dtype).
@@ -315,21 +320,34 @@ def _write_kv_kernel(
     in_page = slot % BLOCK_SIZE
     k = tl.load(k_ptr + n * stride_kn + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + n * stride_vn + h[:, None] * stride_vh + d[None, :], mask=mask)
+    if FINITE_V:
+        v = tl.where(tl.abs(v.to(tl.float32)) < float("inf"), v, 0.0)
     if KV_SCALED:
         k = tl.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)).to(k_cache_ptr.dtype.element_ty)
         v = tl.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)).to(v_cache_ptr.dtype.element_ty)
     tl.store(k_cache_ptr + page * stride_kcb + in_page * stride_kcs + h[:, None] * stride_kch + d[None, :], k,
              mask=mask)
-    tl.store(v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + d[None, :], v,
-             mask=mask)
+    tl.store(v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + d[None, :] * stride_vcd,
+             v, mask=mask)
 
 
 # ---- launchers ---------------------------------------------------------------------------------------------------
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """Both (num_blocks, block_size, nkv, D); K's D contiguous, V's too unless it is a view of a cache stored
+    (num_blocks, nkv, D, block_size) (Attention.v_transposed: the kernels take its strides)."""
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches are (num_blocks, block_size, nkv, D)"
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert k_cache.stride(-1) == 1 and (v_cache.stride(-1) == 1 or _transposed_v(v_cache) is not None)
+
+
+def _transposed_v(v_cache: torch.Tensor) -> torch.Tensor | None:
+    """The (num_blocks, nkv, D, block_size) contiguous tensor of which `v_cache` (num_blocks, block_size, nkv, D) is
+    a permuted view, or None when it is not one (a (.., D)-contiguous cache, the standard layout)."""
+    if v_cache.stride(-1) == 1:
+        return None
+    physical = v_cache.permute(0, 2, 3, 1)
+    return physical if physical.is_contiguous() else None
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -363,10 +381,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         ValueError: an invalid config, scales as kv_scale_args refuses them, or v_transposed with a config or
             cache the TMA kernel cannot read that way.
     """
-    if v_transposed:
-        _check_cache(k_cache, k_cache)
-    else:
-        _check_cache(k_cache, v_cache)
+    if v_transposed:  # the (num_blocks, nkv, D, block_size) tensor itself: its (.., D) view for the checks
+        nb, bs, nkv, d = k_cache.shape
+        if v_cache.shape != (nb, nkv, d, bs) or not v_cache.is_contiguous():
+            raise ValueError(f"v_transposed: v_cache must be a contiguous (num_blocks, nkv, D, block_size) = "
+                             f"{(nb, nkv, d, bs)} tensor, got {tuple(v_cache.shape)}")
+        v_cache = v_cache.permute(0, 3, 1, 2)
+    _check_cache(k_cache, v_cache)
+    v_phys = _transposed_v(v_cache)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
@@ -390,27 +412,28 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     pdl = launch_args(q.device)  # {} off sm90+ or with SHARDLLM_PDL=0
     extra = {**pdl, **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}
     f16_dot = cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype)
-    if v_transposed and not (cfg.tma and cfg.page_chunk == 0 and cfg.block_n in (None, block_size)
-                             and vt_supported(q, k_cache, v_cache)):
+    use_vt = (v_phys is not None and cfg.tma and cfg.page_chunk == 0 and cfg.block_n in (None, block_size)
+              and vt_supported(q, k_cache, v_phys))
+    if v_transposed and not use_vt:
         raise ValueError(f"v_transposed: the TMA kernel reads it only with tma=True, page_chunk=0 and one page a "
                          f"tile (got {cfg}), on an sm90+ GPU or the interpreter, from a contiguous (num_blocks, nkv, "
                          f"D, block_size) V cache of K's dtype (got {tuple(v_cache.shape)}, {v_cache.dtype})")
-    if v_transposed or (cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache)):
+    if use_vt or (cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache)):
         pages = 2 if cfg.block_n == 2 * block_size else 1  # whole pages: block_n picks 1 or 2
         block_n = pages * block_size  # the reduce's partition unit
         _decode_kernel_tma[(num_seqs, num_kv_heads, num_splits)](
-            q, descriptor(k_cache), descriptor_vt(v_cache) if v_transposed else descriptor(v_cache), block_tables,
+            q, descriptor(k_cache), descriptor_vt(v_phys) if use_vt else descriptor(v_cache), block_tables,
             seq_lens, out, part_acc, part_ml, k_scale,
             v_scale, scale * _LOG2E, num_heads, num_seqs, q.stride(0), q.stride(1), block_tables.stride(0),
             out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, PAGES=pages, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
             KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype, tma=True), PAGE_CHUNK=cfg.page_chunk,
-            PREFETCH=cfg.prefetch_pages, V_T=v_transposed, num_warps=cfg.num_warps, **extra)
+            PREFETCH=cfg.prefetch_pages, V_T=use_vt, num_warps=cfg.num_warps, **extra)
     else:
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, k_scale, v_scale,
             scale * _LOG2E, num_heads, num_seqs,
-            q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+            q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride(),
             block_tables.stride(0), out.stride(0), out.stride(1),
             GROUP=group, GROUP_PAD=_pow2(group, 16 if cfg.use_dot else 1), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
@@ -466,7 +489,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     _prefill_kernel[(num_tiles, num_kv_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, k_scale, v_scale,
         scale * _LOG2E, num_seqs,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride(),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=64, DOT_PRECISION=_dot_precision(q.dtype),
@@ -491,9 +514,10 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
         return
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3],
+        *k_cache.stride()[:3], *v_cache.stride(),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HEADS_PAD=_pow2(num_kv_heads),
-        HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1], KV_SCALED=kv_scaled, num_warps=4,
+        HEAD_DIM_PAD=_pow2(head_dim), BLOCK_SIZE=k_cache.shape[1], KV_SCALED=kv_scaled,
+        FINITE_V=v_cache.stride(-1) != 1, num_warps=4,
         **launch_args(k.device))
 
 

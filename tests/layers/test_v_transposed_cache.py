@@ -1,0 +1,120 @@
+"""A V cache stored (num_blocks, nkv, D, block_size) (SHARDLLM_KV_V_TRANSPOSED, Attention.v_transposed): the KV
+writers, the prefill kernel, the pointer decode kernel and the TMA decode kernel's transposed-V path give the same
+attention and the same (logical) cache contents as the standard layout, under the interpreter on CPU; the writers
+store a non-finite v as 0 there (its decode reads slots past a sequence's end unmasked); the runner applies the
+switch only to an FP8 cache on an sm90+ GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from shardllm.layers import triton_ops  # noqa: E402
+from shardllm.layers.attention import triton_paged  # noqa: E402
+from shardllm.layers.attention.triton_paged import DecodeConfig  # noqa: E402
+from tests.layers.test_fp8_kv_kernel_scales import (  # noqa: E402, F401
+    attention_case,
+    attention_kernels_on_cpu,
+    exact_fp8_casts,
+)
+from tests.layers.test_triton_attention import cpu, gpu  # noqa: E402
+
+STEPS = {"decode": ([1, 1, 1], [37, 6, 16]), "prefill": ([4, 7], [4, 30]), "mixed": ([1, 1, 5], [40, 17, 9])}
+TMA_PREFETCH = DecodeConfig(tma=True, num_warps=2, num_stages=3, prefetch_pages=True)
+
+
+def transposed_copy(attn) -> None:
+    """Re-lay attn's V cache (num_blocks, nkv, D, block_size) in the same memory, same logical contents."""
+    nb, bs, nkv, d = attn.kv_cache.shape[1:]
+    attn.kv_cache[1].view(nb, nkv, d, bs).copy_(attn.kv_cache[1].clone().permute(0, 2, 3, 1))
+    attn.v_transposed = True
+
+
+def step(q_lens, seq_lens, v_t: bool, fused: bool, nan_row: int | None = None, device: str = "cpu",
+         dtype: torch.dtype = torch.float32):
+    attn, (q, k, v, meta, rope, positions) = attention_case(torch.float8_e4m3fn, True, q_lens, seq_lens,
+                                                            (0.25, 8.0), device, dtype)
+    if nan_row is not None:
+        v = v.clone()
+        v[nan_row, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    if v_t:
+        transposed_copy(attn)
+    if sum(q_lens) > len(q_lens) and len(q_lens) > 1 and q_lens[0] == 1:
+        import dataclasses
+
+        meta = dataclasses.replace(meta, num_decodes=sum(1 for x in q_lens if x == 1))
+    use_triton, triton_ops.USE_TRITON = triton_ops.USE_TRITON, fused
+    try:
+        out = attn(q, k, v, meta, rope, positions)
+    finally:
+        triton_ops.USE_TRITON = use_triton
+    return out, attn.paged_caches()
+
+
+@cpu
+@pytest.mark.usefixtures("attention_kernels_on_cpu", "exact_fp8_casts")
+@pytest.mark.parametrize("name", list(STEPS))
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-rotary-write", "write"])
+@pytest.mark.parametrize("tma", [False, True], ids=["table", "tma-prefetch"])
+def test_transposed_v_gives_the_standard_layouts_attention_and_cache(monkeypatch, name, fused, tma):
+    check_layouts(monkeypatch, name, fused, tma, "cpu", torch.float32, dict(atol=1e-4, rtol=1e-3))
+
+
+@gpu
+@pytest.mark.parametrize("name", list(STEPS))
+@pytest.mark.parametrize("tma", [False, True], ids=["table", "tma-prefetch"])
+def test_transposed_v_on_gpu(monkeypatch, name, tma):
+    """The same on CUDA (bf16 activations, the fused rotary + KV write), TMA for real on sm90+."""
+    if tma and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm90+")
+    check_layouts(monkeypatch, name, True, tma, "cuda", torch.bfloat16, dict(atol=2e-2, rtol=2e-2))
+
+
+def check_layouts(monkeypatch, name, fused, tma, device, dtype, tol) -> None:
+    if tma:  # the decode rows through the TMA kernel's transposed-V path (on CPU the table picks pointer kernels)
+        monkeypatch.setattr(triton_paged, "decode_config", lambda *a, **k: TMA_PREFETCH)
+    calls = []
+    vt_launch = triton_paged.descriptor_vt
+    monkeypatch.setattr(triton_paged, "descriptor_vt", lambda c: calls.append(c.shape) or vt_launch(c))
+    ref, (k_ref, v_ref) = step(*STEPS[name], False, fused, device=device, dtype=dtype)
+    calls.clear()
+    out, (k_t, v_t) = step(*STEPS[name], True, fused, device=device, dtype=dtype)
+    assert v_t.stride(-1) != 1  # the transposed layout's view
+    assert torch.equal(k_t.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(v_t.contiguous().view(torch.uint8), v_ref.view(torch.uint8))
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    assert bool(calls) == (tma and name != "prefill")
+
+
+@cpu
+@pytest.mark.usefixtures("attention_kernels_on_cpu", "exact_fp8_casts")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-rotary-write", "write"])
+def test_writers_store_a_non_finite_v_as_zero_in_a_transposed_cache(fused):
+    _, (_, v_t) = step([1, 1], [37, 6], True, fused, nan_row=1)
+    _, (_, v_std) = step([1, 1], [37, 6], False, fused, nan_row=1)
+    slots = attention_case(torch.float8_e4m3fn, True, [1, 1], [37, 6])[1][3].slot_mapping
+    bs = v_t.shape[1]
+    s = int(slots[1])
+    written_t, written_std = v_t[s // bs, s % bs].float(), v_std[s // bs, s % bs].float()
+    assert torch.equal(written_t[0, :3], torch.zeros(3))  # NaN, inf, -inf -> 0
+    assert not torch.isfinite(written_std[0, :3]).all()  # the standard layout keeps them (its reads are masked)
+    assert torch.equal(written_t[0, 3:], written_std[0, 3:])
+
+
+def test_the_runner_applies_the_switch_only_to_an_fp8_cache_on_sm90(monkeypatch):
+    from shardllm.worker.model_runner import ModelRunner
+
+    monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", "1")
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.device, runner.kv_cache_dtype = torch.device("cpu"), torch.float8_e4m3fn
+    assert runner._v_transposed() is False  # CPU: the reference path reads the standard layout only
+    if torch.cuda.is_available():
+        runner.device = torch.device("cuda")
+        assert runner._v_transposed() == (torch.cuda.get_device_capability()[0] >= 9)
+        runner.kv_cache_dtype = torch.bfloat16
+        assert runner._v_transposed() is False
+    monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", "0")
+    runner.device, runner.kv_cache_dtype = torch.device("cuda"), torch.float8_e4m3fn
+    assert runner._v_transposed() is False
