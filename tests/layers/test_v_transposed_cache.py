@@ -58,23 +58,32 @@ def step(q_lens, seq_lens, v_t: bool, fused: bool, nan_row: int | None = None, d
 @pytest.mark.parametrize("name", list(STEPS))
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-rotary-write", "write"])
 @pytest.mark.parametrize("tma", [False, True], ids=["table", "tma-prefetch"])
-def test_transposed_v_gives_the_standard_layouts_attention_and_cache(monkeypatch, name, fused, tma):
-    check_layouts(monkeypatch, name, fused, tma, "cpu", torch.float32, dict(atol=1e-4, rtol=1e-3))
+@pytest.mark.parametrize("block_size", [16, 64])  # 64: the prefill kernel's one-page V tiles (BLOCK_N 64)
+def test_transposed_v_gives_the_standard_layouts_attention_and_cache(monkeypatch, name, fused, tma, block_size):
+    """tma: the table's entry is a TMA one; else a pointer entry, which a transposed V cache replaces by
+    triton_paged.VT_DEFAULT: its decode rows take the TMA kernel's transposed-V path either way."""
+    check_layouts(monkeypatch, name, fused, tma, block_size, "cpu", torch.float32, dict(atol=1e-4, rtol=1e-3))
 
 
 @gpu
 @pytest.mark.parametrize("name", list(STEPS))
 @pytest.mark.parametrize("tma", [False, True], ids=["table", "tma-prefetch"])
-def test_transposed_v_on_gpu(monkeypatch, name, tma):
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_transposed_v_on_gpu(monkeypatch, name, tma, block_size):
     """The same on CUDA (bf16 activations, the fused rotary + KV write), TMA for real on sm90+."""
-    if tma and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs sm90+")
-    check_layouts(monkeypatch, name, True, tma, "cuda", torch.bfloat16, dict(atol=2e-2, rtol=2e-2))
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the transposed V cache's decode needs TMA (sm90+)")
+    check_layouts(monkeypatch, name, True, tma, block_size, "cuda", torch.bfloat16, dict(atol=2e-2, rtol=2e-2))
 
 
-def check_layouts(monkeypatch, name, fused, tma, device, dtype, tol) -> None:
-    if tma:  # the decode rows through the TMA kernel's transposed-V path (on CPU the table picks pointer kernels)
+def check_layouts(monkeypatch, name, fused, tma, block_size, device, dtype, tol) -> None:
+    import tests.layers.test_triton_attention as attn_tests
+
+    monkeypatch.setattr(attn_tests, "BLOCK_SIZE", block_size)
+    if tma:
         monkeypatch.setattr(triton_paged, "decode_config", lambda *a, **k: TMA_PREFETCH)
+    else:  # a pointer entry
+        monkeypatch.setattr(triton_paged, "decode_config", lambda *a, **k: DecodeConfig(block_n=32))
     calls = []
     vt_launch = triton_paged.descriptor_vt
     monkeypatch.setattr(triton_paged, "descriptor_vt", lambda c: calls.append(c.shape) or vt_launch(c))
@@ -85,7 +94,7 @@ def check_layouts(monkeypatch, name, fused, tma, device, dtype, tol) -> None:
     assert torch.equal(k_t.view(torch.uint8), k_ref.view(torch.uint8))
     assert torch.equal(v_t.contiguous().view(torch.uint8), v_ref.view(torch.uint8))
     torch.testing.assert_close(out.float(), ref.float(), **tol)
-    assert bool(calls) == (tma and name != "prefill")
+    assert bool(calls) == (name != "prefill")  # decode rows: the transposed-V TMA path
 
 
 @cpu

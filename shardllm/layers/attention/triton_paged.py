@@ -7,6 +7,8 @@ Triton is optional: without it this module still imports and HAS_TRITON is False
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from shardllm.layers.attention.decode_configs import (  # noqa: F401 - DECODE_CONFIGS, set_decode_configs: API
@@ -219,7 +221,7 @@ def _prefill_kernel(
     stride_bt, stride_on, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    KV_SCALED: tl.constexpr = False, F16_DOT: tl.constexpr = False,
+    KV_SCALED: tl.constexpr = False, F16_DOT: tl.constexpr = False, V_T: tl.constexpr = False,
 ):
     """One program per (query tile, kv head); a tile is BLOCK_Q tokens of one sequence x its GROUP heads.
     KV_SCALED: scores times the scalar at k_scale_ptr, output times the one at v_scale_ptr (as _decode_kernel).
@@ -281,9 +283,18 @@ def _prefill_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None]
-                    + d[None, :] * stride_vd,
-                    mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # (N, D)
+        if V_T and BLOCK_N <= BLOCK_SIZE:  # a transposed V cache: the tile lies in one page (tok0 is a multiple of
+            # BLOCK_N), whose tokens are contiguous. Its id as a scalar and no token mask (slots past kv_end hold
+            # finite values in this layout, and p is 0 there) let Triton vectorize the (D, N) load along the tokens;
+            # a gathered id per token or a token mask gives byte loads (the sm90 PTX). Transposed for the dot.
+            vpage = tl.load(block_tables_ptr + b * stride_bt + tok0 // BLOCK_SIZE).to(tl.int64)
+            vin = tok0 % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+            v = tl.trans(tl.load(v_cache_ptr + vpage * stride_vb + kvh * stride_vh + vin[None, :] * stride_vs
+                                 + d[:, None] * stride_vd, mask=d_mask[:, None], other=0.0)).to(q.dtype)  # (N, D)
+        else:
+            v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None]
+                        + d[None, :] * stride_vd,
+                        mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # (N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
 
@@ -354,6 +365,16 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 only matters for fp32 inputs
 
 
+# A transposed V cache's decode launch where the table's entry cannot read it (a pointer entry, page ids in chunks,
+# two pages a tile): the 64-token FP8 entries' launch.
+VT_DEFAULT = DecodeConfig(tma=True, num_warps=2, num_stages=3, prefetch_pages=True)
+
+
+def _vt_launch(cfg: DecodeConfig, block_size: int) -> bool:
+    """Whether the TMA kernel's transposed-V path can run `cfg`: one page a tile, page ids not in chunks."""
+    return cfg.tma and cfg.page_chunk == 0 and cfg.block_n in (None, block_size)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None, num_splits: int | None = None,
@@ -396,6 +417,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if config is not None:
         config.validate()  # the table's entries are validated once, at lookup
     cfg = decode_config(num_seqs, head_dim, k_cache.dtype, block_size) if config is None else config
+    if (v_phys is not None and not v_transposed and not _vt_launch(cfg, block_size)
+            and vt_supported(q, k_cache, v_phys)):  # a transposed V cache: always the TMA kernel's V_T path (the
+        cfg = dataclasses.replace(VT_DEFAULT, num_splits=cfg.num_splits)  # pointer kernel would read it by bytes)
     k_scale, v_scale, kv_scaled = kv_scale_args(k_scale, v_scale, seq_lens)
     if num_splits is None:
         num_splits = cfg.num_splits or default_num_splits(num_seqs, num_kv_heads, q.device)
@@ -412,8 +436,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     pdl = launch_args(q.device)  # {} off sm90+ or with SHARDLLM_PDL=0
     extra = {**pdl, **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}
     f16_dot = cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype)
-    use_vt = (v_phys is not None and cfg.tma and cfg.page_chunk == 0 and cfg.block_n in (None, block_size)
-              and vt_supported(q, k_cache, v_phys))
+    use_vt = v_phys is not None and _vt_launch(cfg, block_size) and vt_supported(q, k_cache, v_phys)
     if v_transposed and not use_vt:
         raise ValueError(f"v_transposed: the TMA kernel reads it only with tma=True, page_chunk=0 and one page a "
                          f"tile (got {cfg}), on an sm90+ GPU or the interpreter, from a contiguous (num_blocks, nkv, "
@@ -493,7 +516,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=64, DOT_PRECISION=_dot_precision(q.dtype),
-        KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype),
+        KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype), V_T=v_cache.stride(-1) != 1,
         num_warps=8 if block_q * group_pad >= 128 else 4)
     return out
 
