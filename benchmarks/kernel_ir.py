@@ -80,11 +80,16 @@ def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: in
                       HEAD_DIM_PAD=D, BLOCK_SIZE=block_size, BLOCK_N=cfg.block_n or 64, NUM_SPLITS=1,
                       DOT_PRECISION="tf32",
                       USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor,
-                      EARLY_V=cfg.early_v, KV_SCALED=fp8, F16_DOT=fp8 and cfg.use_dot, USE_PDL=False)
+                      EARLY_V=cfg.early_v, KV_SCALED=fp8, F16_DOT=fp8 and cfg.use_dot, USE_PDL=False,
+                      stride_vd=1)  # V's D stride: 1 in the standard layout, which Triton specializes at launch
     for name in tail:
         sig[name] = ("*i32" if name in ("block_tables_ptr", "seq_lens_ptr") else "*bf16" if name == "out_ptr"
                      else "*fp32" if name.endswith("_ptr") else "fp32" if name == "qk_scale" else "i32")
     sig.update({k: "constexpr" for k in consts})
+    missing = [n for n in fn.arg_names if n not in sig]
+    if missing:  # the kernel gained an argument this script does not know: say so, not as a missing backend
+        raise SystemExit(f"kernel_ir.py: no type for {fn.__name__}'s arguments {missing}: add them here")
+    sig = {n: sig[n] for n in fn.arg_names if n in sig}  # the kernel's order: attrs below are positional
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
              if t.startswith("*") or name.startswith("stride")}
     options = {"num_warps": cfg.num_warps, **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}

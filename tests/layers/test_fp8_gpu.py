@@ -56,7 +56,8 @@ def test_online_linear_on_gpu_equals_its_dequantized_twin(m):
 def test_rowwise_gemm_fast_accumulation_up_to_max_k_stays_near_its_twin(monkeypatch, k):
     """SHARDLLM_FP8_FAST_ACCUM_MAX_K (fp8_utils.FAST_ACCUM_MAX_K, default 8192): K = 4096 accumulates fast, K = 14336
     exactly; each within its bound of the fp32 product of the dequantized operands (max error over the output's max:
-    1% fast, 0.5% exact; measured 0.5-0.7% and 0.2-0.3%), and the setting reaches torch (0 gives another result)."""
+    1% fast, 0.5% exact; measured 0.5-0.7% and 0.2-0.3%), and on Hopper the setting reaches torch (0 gives another
+    result)."""
     from shardllm.layers.quantization import fp8_utils
 
     torch.manual_seed(2)
@@ -72,7 +73,8 @@ def test_rowwise_gemm_fast_accumulation_up_to_max_k_stays_near_its_twin(monkeypa
     monkeypatch.setattr(fp8_utils, "FAST_ACCUM_MAX_K", 0)
     exact = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.bfloat16).float()
     assert float((exact - twin).abs().max()) <= 5e-3 * float(twin.abs().max())
-    assert torch.equal(y, exact) != fast
+    if torch.cuda.get_device_capability()[0] == 9:  # Hopper: fast accumulation changes bits (measured on an H200)
+        assert torch.equal(y, exact) != fast
 
 
 def test_block_linear_uses_the_cublas_block_recipe_and_equals_its_twin():

@@ -21,7 +21,8 @@ from tests.layers.test_fp8_kv_kernel_scales import (  # noqa: E402, F401
 )
 from tests.layers.test_triton_attention import cpu, gpu  # noqa: E402
 
-STEPS = {"decode": ([1, 1, 1], [37, 6, 16]), "prefill": ([4, 7], [4, 30]), "mixed": ([1, 1, 5], [40, 17, 9])}
+STEPS = {"decode": ([1, 1, 1], [37, 6, 16]), "prefill": ([4, 7], [4, 30]), "mixed": ([1, 1, 5], [40, 17, 9]),
+         "chunks": ([20, 9], [130, 75])}  # chunks over cached context whose 64-token tiles cross 96-token pages
 TMA_PREFETCH = DecodeConfig(tma=True, num_warps=2, num_stages=3, prefetch_pages=True)
 
 
@@ -58,10 +59,12 @@ def step(q_lens, seq_lens, v_t: bool, fused: bool, nan_row: int | None = None, d
 @pytest.mark.parametrize("name", list(STEPS))
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-rotary-write", "write"])
 @pytest.mark.parametrize("tma", [False, True], ids=["table", "tma-prefetch"])
-@pytest.mark.parametrize("block_size", [16, 64])  # 64: the prefill kernel's one-page V tiles (BLOCK_N 64)
+@pytest.mark.parametrize("block_size", [16, 64, 48, 96])
 def test_transposed_v_gives_the_standard_layouts_attention_and_cache(monkeypatch, name, fused, tma, block_size):
     """tma: the table's entry is a TMA one; else a pointer entry, which a transposed V cache replaces by
-    triton_paged.VT_DEFAULT: its decode rows take the TMA kernel's transposed-V path either way."""
+    triton_paged.VT_DEFAULT: its decode rows take the TMA kernel's transposed-V path either way where pages are a
+    power of two (TMA), else the pointer kernel by strides. Prefill: 64-token pages read one-page V tiles by a
+    scalar page id, unmasked; the other sizes a page id per token (96: a 64-token tile crosses pages)."""
     check_layouts(monkeypatch, name, fused, tma, block_size, "cpu", torch.float32, dict(atol=1e-4, rtol=1e-3))
 
 
@@ -94,7 +97,8 @@ def check_layouts(monkeypatch, name, fused, tma, block_size, device, dtype, tol)
     assert torch.equal(k_t.view(torch.uint8), k_ref.view(torch.uint8))
     assert torch.equal(v_t.contiguous().view(torch.uint8), v_ref.view(torch.uint8))
     torch.testing.assert_close(out.float(), ref.float(), **tol)
-    assert bool(calls) == (name != "prefill")  # decode rows: the transposed-V TMA path
+    pow2 = block_size & (block_size - 1) == 0
+    assert bool(calls) == (name in ("decode", "mixed") and pow2)  # decode rows: the transposed-V TMA path
 
 
 @cpu
@@ -112,18 +116,29 @@ def test_writers_store_a_non_finite_v_as_zero_in_a_transposed_cache(fused):
     assert torch.equal(written_t[0, 3:], written_std[0, 3:])
 
 
-def test_the_runner_applies_the_switch_only_to_an_fp8_cache_on_sm90(monkeypatch):
+def test_the_runner_applies_the_switch_only_where_the_kernels_read_it(monkeypatch):
+    """An FP8 cache, the Triton attention kernels on an sm90+ GPU (the capability is faked: a hardware boundary) and
+    power-of-two pages; else False (and a warning), whatever the environment says; off unless set."""
+    from types import SimpleNamespace
+
     from shardllm.worker.model_runner import ModelRunner
 
-    monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", "1")
+    caps = {"cap": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: caps["cap"])
+    monkeypatch.setattr(triton_paged, "HAS_TRITON", True)
     runner = ModelRunner.__new__(ModelRunner)
-    runner.device, runner.kv_cache_dtype = torch.device("cpu"), torch.float8_e4m3fn
-    assert runner._v_transposed() is False  # CPU: the reference path reads the standard layout only
-    if torch.cuda.is_available():
-        runner.device = torch.device("cuda")
-        assert runner._v_transposed() == (torch.cuda.get_device_capability()[0] >= 9)
-        runner.kv_cache_dtype = torch.bfloat16
-        assert runner._v_transposed() is False
+    runner.device, runner.kv_cache_dtype, runner.block_size = torch.device("cuda"), torch.float8_e4m3fn, 64
+    runner.config = SimpleNamespace(attention_backend="triton")
+    monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", "1")
+    assert runner._v_transposed() is True
+    for field, value in (("kv_cache_dtype", torch.bfloat16), ("block_size", 96), ("device", torch.device("cpu")),
+                         ("config", SimpleNamespace(attention_backend="torch"))):
+        saved = getattr(runner, field)
+        setattr(runner, field, value)
+        assert runner._v_transposed() is False, field
+        setattr(runner, field, saved)
+    caps["cap"] = (8, 9)
+    assert runner._v_transposed() is False
+    caps["cap"] = (9, 0)
     monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", "0")
-    runner.device, runner.kv_cache_dtype = torch.device("cuda"), torch.float8_e4m3fn
     assert runner._v_transposed() is False

@@ -283,10 +283,11 @@ def _prefill_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        if V_T and BLOCK_N <= BLOCK_SIZE:  # a transposed V cache: the tile lies in one page (tok0 is a multiple of
-            # BLOCK_N), whose tokens are contiguous. Its id as a scalar and no token mask (slots past kv_end hold
-            # finite values in this layout, and p is 0 there) let Triton vectorize the (D, N) load along the tokens;
-            # a gathered id per token or a token mask gives byte loads (the sm90 PTX). Transposed for the dot.
+        if V_T and BLOCK_SIZE % BLOCK_N == 0:  # a transposed V cache: the tile lies in one page (tok0 is a
+            # multiple of BLOCK_N, which divides the page), whose tokens are contiguous. Its id as a scalar and no
+            # token mask (slots past kv_end hold finite values in this layout, and p is 0 there) let Triton
+            # vectorize the (D, N) load along the tokens; a gathered id per token or a token mask gives byte loads
+            # (the sm90 PTX). Transposed for the dot.
             vpage = tl.load(block_tables_ptr + b * stride_bt + tok0 // BLOCK_SIZE).to(tl.int64)
             vin = tok0 % BLOCK_SIZE + tl.arange(0, BLOCK_N)
             v = tl.trans(tl.load(v_cache_ptr + vpage * stride_vb + kvh * stride_vh + vin[None, :] * stride_vs
@@ -417,7 +418,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if config is not None:
         config.validate()  # the table's entries are validated once, at lookup
     cfg = decode_config(num_seqs, head_dim, k_cache.dtype, block_size) if config is None else config
-    if (v_phys is not None and not v_transposed and not _vt_launch(cfg, block_size)
+    if (v_phys is not None and config is None and not _vt_launch(cfg, block_size)
             and vt_supported(q, k_cache, v_phys)):  # a transposed V cache: always the TMA kernel's V_T path (the
         cfg = dataclasses.replace(VT_DEFAULT, num_splits=cfg.num_splits)  # pointer kernel would read it by bytes)
     k_scale, v_scale, kv_scaled = kv_scale_args(k_scale, v_scale, seq_lens)
