@@ -190,14 +190,14 @@ def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
     jm = j < HALF
     slot = tl.load(slot_mapping_ptr + n).to(tl.int64)
     h = tl.arange(0, KV_HEADS_PAD)
-    # the slot test as a vector, not a scalar, for the interpreter (as in triton_paged._write_kv_kernel)
+    # the slot test as a vector, not a scalar, for the interpreter (as in kv_write._write_kv_kernel)
     mask = ((h < num_kv_heads) & (h * 0 + slot >= 0))[:, None] & jm[None, :]
     page = slot // BLOCK_SIZE
     in_page = slot % BLOCK_SIZE
     v1_ptr = v_ptr + n * stride_vn + h[:, None] * stride_vh + j[None, :]
     v1 = tl.load(v1_ptr, mask=mask)
     v2 = tl.load(v1_ptr + HALF, mask=mask)
-    if FINITE_V:  # as triton_paged._write_kv_kernel's
+    if FINITE_V:  # as kv_write._write_kv_kernel's
         v1 = tl.where(tl.abs(v1.to(tl.float32)) < float("inf"), v1, 0.0)
         v2 = tl.where(tl.abs(v2.to(tl.float32)) < float("inf"), v2, 0.0)
     if KV_SCALED:
@@ -347,7 +347,7 @@ def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: 
                                    v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`rotary_embedding_(positions, q, k, cos_sin_cache)`, then the rotated k and v into the paged caches.
 
-    One launch for what `rotary_embedding_` + `triton_paged.write_kv_cache` do in two. q (N, nh, D) and
+    One launch for what `rotary_embedding_` + `attention.kv_write.write_kv_cache` do in two. q (N, nh, D) and
     k (N, nkv, D) are rotated in place and returned; v (N, nkv, D) is only read. k_cache, v_cache are
     (num_blocks, block_size, nkv, D) of k's dtype; token n goes to slot_mapping[n] (block * block_size +
     offset), none where that is < 0. q, k, v may be strided views with a contiguous last dim.
