@@ -193,7 +193,8 @@ _VARS = [
             "fp16 is 8-11% faster on an H200; the TMA kernel always takes fp16)"),
     EnvVar("SHARDLLM_FP8_FAST_ACCUM_MAX_K", "int", "8192", int, "import",
            "row-wise FP8 GEMMs whose K is at most this accumulate in the tensor cores' fast mode (torch._scaled_mm "
-           "use_fast_accum; 0: none); larger K stays exact, its error grows with K (issue 13, fp8_gemm.py --recipes)",
+           "use_fast_accum; 0: none), whose error grows with K; larger K keeps fp32 accumulation (issue 13, "
+           "fp8_gemm.py --recipes)",
            lenient=True),
     _switch("SHARDLLM_KV_V_TRANSPOSED", False, "start-up",
             "1: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, nkv, D, block_size), which the TMA decode "
