@@ -180,6 +180,13 @@ def _fused_rotary_kernel(
 
 
 @_jit
+def finite_or_zero(x):
+    """x with its NaN and infinite elements replaced by 0 (what the KV writers store into a transposed V cache, whose
+    decode reads slots past a sequence's end unmasked)."""
+    return tl.where(tl.abs(x.to(tl.float32)) < float("inf"), x, 0.0)
+
+
+@_jit
 def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
                       num_kv_heads, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
                       stride_vch, stride_vcd, HALF: tl.constexpr, HALF_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
@@ -198,8 +205,8 @@ def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
     v1 = tl.load(v1_ptr, mask=mask)
     v2 = tl.load(v1_ptr + HALF, mask=mask)
     if FINITE_V:  # as kv_write._write_kv_kernel's
-        v1 = tl.where(tl.abs(v1.to(tl.float32)) < float("inf"), v1, 0.0)
-        v2 = tl.where(tl.abs(v2.to(tl.float32)) < float("inf"), v2, 0.0)
+        v1 = finite_or_zero(v1)
+        v2 = finite_or_zero(v2)
     if KV_SCALED:
         k_scale = tl.load(k_scale_ptr)
         v_scale = tl.load(v_scale_ptr)
@@ -219,7 +226,7 @@ if HAS_TRITON and hasattr(_fused_rmsnorm_row_kernel, "rewrite"):  # the interpre
     # It reads a kernel's source from this file at its first launch, by line number: an edit of the file since
     # the import (a long test run beside an editor) then yields the wrong function, KeyError: '<kernel name>'.
     for _kernel in (_fused_rmsnorm_row_kernel, _fused_silu_and_mul_kernel, _rotate_heads_inplace,
-                    _fused_rotary_kernel, _write_rotated_kv):
+                    _fused_rotary_kernel, _write_rotated_kv, finite_or_zero):
         _kernel.rewrite()
 
 

@@ -300,9 +300,10 @@ def test_page_ids_an_iteration_ahead_give_the_same_attention(tma_launches, monke
 
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_a_transposed_v_cache_gives_the_same_attention(tma_launches, monkeypatch, block_size):
-    """v_transposed: V stored (num_blocks, nkv, D, block_size) and read by _page_step_vt (no mask past a sequence's
-    end, so slots there hold finite stale values here), with and without page ids an iteration ahead, one to four
-    partitions and a padding row of length 0: equal to the standard layout and to the oracle over an FP8 cache."""
+    """v_transposed: V stored (num_blocks, nkv, D, block_size) and read by _page_step's V_T form (no mask past a
+    sequence's end, so slots there hold finite stale values here), with and without page ids an iteration ahead,
+    one to four partitions and a padding row of length 0: equal to the standard layout and to the oracle over an FP8
+    cache."""
     import tests.layers.test_triton_attention as attn
 
     monkeypatch.setattr(attn, "BLOCK_SIZE", block_size)

@@ -8,7 +8,7 @@ import torch
 
 from shardllm.layers.attention.triton_paged import _check_cache, _jit, _pow2, tl
 from shardllm.layers.pdl import launch_args, pdl_enter
-from shardllm.layers.triton_ops import kv_scale_args
+from shardllm.layers.triton_ops import finite_or_zero, kv_scale_args
 
 
 @_jit
@@ -38,7 +38,7 @@ def _write_kv_kernel(
     k = tl.load(k_ptr + n * stride_kn + h[:, None] * stride_kh + d[None, :], mask=mask)
     v = tl.load(v_ptr + n * stride_vn + h[:, None] * stride_vh + d[None, :], mask=mask)
     if FINITE_V:
-        v = tl.where(tl.abs(v.to(tl.float32)) < float("inf"), v, 0.0)
+        v = finite_or_zero(v)
     if KV_SCALED:
         k = tl.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)).to(k_cache_ptr.dtype.element_ty)
         v = tl.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)).to(v_cache_ptr.dtype.element_ty)

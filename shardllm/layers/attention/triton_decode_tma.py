@@ -27,31 +27,13 @@ except ImportError:  # an older Triton, or none
 
 @_jit
 def _page_step(q, k, v, tok0, end, m, l_sum, acc, qk_scale,
-               BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr):
-    """The online-softmax update of one page's (BLOCK_SIZE, D) K and V tiles: (m, l_sum, acc) after it."""
-    k = k.to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (G, BLOCK_SIZE)
-    if not F16_DOT:
-        s = s * qk_scale
-    valid = tok0 + tl.arange(0, BLOCK_SIZE) < end
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m, tl.max(s, 1))
-    alpha = tl.exp2(m - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_sum = l_sum * alpha + tl.sum(p, 1)
-    v = v.to(q.dtype)
-    if tok0 + BLOCK_SIZE > end:  # only a partition's last page has slots past `end`: p is 0 there, but the slots
-        v = tl.where(valid[:, None], v, 0.0)  # hold stale or never-written bytes, and 0 x NaN is NaN
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_sum, acc
+               BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr,
+               V_T: tl.constexpr = False):
+    """The online-softmax update of one page's (BLOCK_SIZE, D) K and V tiles: (m, l_sum, acc) after it.
 
-
-@_jit
-def _page_step_vt(q, k, vt, tok0, end, m, l_sum, acc, qk_scale,
-                  BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, F16_DOT: tl.constexpr):
-    """_page_step over a V page stored transposed, vt (D, BLOCK_SIZE) with tokens contiguous: P.V reads it as the
-    scores read K (no shared-memory round trip of the converted tile, 126 registers instead of 165 at 64-token pages:
-    benchmarks/kernel_ir.py). V's slots past `end` are not masked (a where on them costs that layout): they must hold
+    V_T: v is the page stored transposed, (D, BLOCK_SIZE) with tokens contiguous, which P.V reads as the scores read K
+    (no shared-memory round trip of the converted tile, 128 registers instead of 165 at 64-token pages:
+    benchmarks/kernel_ir.py). Its slots past `end` are not masked (a where on them costs that layout): they must hold
     finite values, zeros or stale ones, as p is 0 there."""
     k = k.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (G, BLOCK_SIZE)
@@ -63,8 +45,13 @@ def _page_step_vt(q, k, vt, tok0, end, m, l_sum, acc, qk_scale,
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_sum = l_sum * alpha + tl.sum(p, 1)
-    vt = vt.to(q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), tl.trans(vt), input_precision=DOT_PRECISION)
+    v = v.to(q.dtype)
+    if V_T:
+        v = tl.trans(v)
+    else:
+        if tok0 + BLOCK_SIZE > end:  # only a partition's last page has slots past `end`: p is 0 there, but the
+            v = tl.where(valid[:, None], v, 0.0)  # slots hold stale or never-written bytes, and 0 x NaN is NaN
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_sum, acc
 
 
@@ -115,7 +102,7 @@ def _decode_kernel_tma(
     PAGE_CHUNK): each tile's page id is loaded an iteration ahead, so no load of the iteration feeds its TMA
     coordinate and Triton's pipeliner keeps num_stages - 1 tiles in flight (one without: benchmarks/kernel_ir.py).
     V_T (one page a tile, no PAGE_CHUNK): v_desc is over a V cache stored (num_blocks, nkv, D, BLOCK_SIZE), boxes
-    (D, BLOCK_SIZE) (descriptor_vt), read by _page_step_vt."""
+    (D, BLOCK_SIZE) (descriptor_vt), read by _page_step's V_T form."""
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -167,8 +154,8 @@ def _decode_kernel_tma(
         k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
         if V_T:  # rows (page x nkv + kvh) x D .. + D of the (nb x nkv x D, bs) view
             vt = v_desc.load([(row0 // BLOCK_SIZE * tl.num_programs(1) + kvh) * HEAD_DIM, 0])
-            m, l_sum, acc = _page_step_vt(q, k0, vt, tok0, end, m, l_sum, acc, qk_scale, BLOCK_SIZE, DOT_PRECISION,
-                                          F16_DOT)
+            m, l_sum, acc = _page_step(q, k0, vt, tok0, end, m, l_sum, acc, qk_scale, BLOCK_SIZE, DOT_PRECISION,
+                                       F16_DOT, V_T=True)
         else:
             v0 = v_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
             if PAGES == 2:  # the second page (the padding page 0 past the end: its slots are masked)

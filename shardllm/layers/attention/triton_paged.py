@@ -356,10 +356,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         k_scale, v_scale: () fp32 tensors on q's device, both or neither: the cache holds k / k_scale and
             v / v_scale (an FP8 cache); the kernel reads them at run time and returns
             softmax(q.k * k_scale * scale) (v * v_scale). None: the cache is read as stored.
-        v_transposed: v_cache is stored (num_blocks, nkv, D, block_size), contiguous (a layout the engine does not
-            use yet: benchmarks/fp8_attention_kernel.py --v_transposed times it); only the TMA kernel reads it
-            (a tma config, one page a tile, no page_chunk), and slots past a sequence's end must hold finite
-            values (they are not masked: triton_decode_tma._page_step_vt).
+        v_transposed: v_cache is the (num_blocks, nkv, D, block_size) contiguous tensor itself (the engine passes
+            its (.., D) view instead, Attention.paged_caches, which is detected); only the TMA kernel reads it this
+            way (a tma config, one page a tile, no page_chunk), and slots past a sequence's end must hold finite
+            values (they are not masked: triton_decode_tma._page_step with V_T).
     Returns:
         (B, nh, D), `out` if given.
     Raises:
