@@ -11,7 +11,7 @@
 set -u
 . benchmarks/device_rows.sh
 device_start 560
-export CUDA_VISIBLE_DEVICES=0
+export CUDA_VISIBLE_DEVICES=${GPU:-0}
 timeout 100 python -m pytest -q -m gpu -p no:cacheprovider tests/layers/test_decode_attention_tma.py \
   tests/layers/test_v_transposed_cache.py 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
 P='"tma": true, "num_warps": 2, "prefetch_pages": true'

@@ -8,7 +8,7 @@
 set -u
 . benchmarks/device_rows.sh
 device_start 280
-export CUDA_VISIBLE_DEVICES=0
+export CUDA_VISIBLE_DEVICES=${GPU:-0}
 for vt in 0 1; do
   [ "$(left)" -ge 120 ] || { say "vt=$vt: skipped (time)"; continue; }
   SHARDLLM_KV_V_TRANSPOSED=$vt timeout 130 python benchmarks/profile_decode.py --model llama-3-8b --dtype fp8 \
