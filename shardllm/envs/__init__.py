@@ -196,10 +196,10 @@ _VARS = [
            "use_fast_accum; 0: none), whose error grows with K; larger K keeps fp32 accumulation (issue 13, "
            "fp8_gemm.py --recipes)",
            lenient=True),
-    _switch("SHARDLLM_KV_V_TRANSPOSED", False, "start-up",
-            "1: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, nkv, D, block_size), which the TMA decode "
-            "kernel reads without a shared-memory copy per page (issue 13; kernel-level gain unmeasured on a GPU: "
-            "benchmarks/device_s11_a.sh)"),
+    _switch("SHARDLLM_KV_V_TRANSPOSED", True, "start-up",
+            "0: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, block_size, nkv, D) like K instead of "
+            "(num_blocks, nkv, D, block_size), the layout the TMA decode kernel reads without a shared-memory copy "
+            "per page (issue 13: 8B fp8 500 x 1000/1000 17,000 -> 17,841 out tok/s on an H200, docs/benchmarks.md)"),
     _switch("SHARDLLM_FP8_FUSED_ACT_QUANT", True, "import",
             "0: RMSNorm / SiLU-and-mul write 16-bit rows that the FP8 linear quantizes in a pass of its own "
             "(issue 13, benchmarks/device_fused_actquant.sh)"),

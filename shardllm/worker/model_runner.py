@@ -171,15 +171,16 @@ class ModelRunner(KernelWarmUp):
             self.kv_caches.append(cache)
 
     def _v_transposed(self) -> bool:
-        """SHARDLLM_KV_V_TRANSPOSED where it applies: the Triton attention kernels, an FP8 cache, an sm90+ GPU and
-        pages the TMA decode kernel reads (a power of two in [16, 256] tokens); elsewhere the flag is ignored with a
-        warning (once)."""
+        """V stored transposed (SHARDLLM_KV_V_TRANSPOSED, on by default) where the kernels read that layout: the
+        Triton attention kernels, an FP8 cache, an sm90+ GPU and pages the TMA decode kernel reads (a power of two in
+        [16, 256] tokens). Elsewhere the standard layout, with a warning (once) only if the variable was set to on."""
         if not envs.SHARDLLM_KV_V_TRANSPOSED:
             return False
         bs = self.block_size
         ok = (self._uses_triton_attention() and torch.cuda.get_device_capability(self.device)[0] >= 9
               and self.kv_cache_dtype.itemsize == 1 and bs == 1 << (bs - 1).bit_length() and 16 <= bs <= 256)
-        if not ok and not getattr(self, "_v_transposed_warned", False):
+        asked = envs.is_set("SHARDLLM_KV_V_TRANSPOSED")
+        if not ok and asked and not getattr(self, "_v_transposed_warned", False):
             self._v_transposed_warned = True
             logger.warning("SHARDLLM_KV_V_TRANSPOSED=1 ignored: it needs the Triton attention kernels, an FP8 KV "
                            "cache, an sm90+ GPU and a block_size that is a power of two in [16, 256]")

@@ -116,9 +116,11 @@ def test_writers_store_a_non_finite_v_as_zero_in_a_transposed_cache(fused):
     assert torch.equal(written_t[0, 3:], written_std[0, 3:])
 
 
-def test_the_runner_applies_the_switch_only_where_the_kernels_read_it(monkeypatch):
+def test_the_runner_applies_the_switch_only_where_the_kernels_read_it(monkeypatch, caplog):
     """An FP8 cache, the Triton attention kernels on an sm90+ GPU (the capability is faked: a hardware boundary) and
-    power-of-two pages; else False (and a warning), whatever the environment says; off unless set."""
+    power-of-two pages; else False, whatever the environment says. On by default (silently standard elsewhere: a
+    bf16 cache is not worth a warning); a warning only where the variable asked for it; 0 turns it off."""
+    import logging
     from types import SimpleNamespace
 
     from shardllm.worker.model_runner import ModelRunner
@@ -129,16 +131,23 @@ def test_the_runner_applies_the_switch_only_where_the_kernels_read_it(monkeypatc
     runner = ModelRunner.__new__(ModelRunner)
     runner.device, runner.kv_cache_dtype, runner.block_size = torch.device("cuda"), torch.float8_e4m3fn, 64
     runner.config = SimpleNamespace(attention_backend="triton")
-    monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", "1")
+    monkeypatch.delenv("SHARDLLM_KV_V_TRANSPOSED", raising=False)
+    assert runner._v_transposed() is True  # the default
+    caplog.set_level(logging.WARNING, logger="shardllm")
+    for asked in ("", "1"):
+        if asked:
+            monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", asked)
+        for field, value in (("kv_cache_dtype", torch.bfloat16), ("block_size", 96), ("device", torch.device("cpu")),
+                             ("config", SimpleNamespace(attention_backend="torch"))):
+            saved = getattr(runner, field)
+            setattr(runner, field, value)
+            assert runner._v_transposed() is False, field
+            setattr(runner, field, saved)
+        caps["cap"] = (8, 9)
+        assert runner._v_transposed() is False
+        caps["cap"] = (9, 0)
+        warned = [r for r in caplog.records if "SHARDLLM_KV_V_TRANSPOSED" in r.getMessage()]
+        assert bool(warned) == bool(asked), asked
     assert runner._v_transposed() is True
-    for field, value in (("kv_cache_dtype", torch.bfloat16), ("block_size", 96), ("device", torch.device("cpu")),
-                         ("config", SimpleNamespace(attention_backend="torch"))):
-        saved = getattr(runner, field)
-        setattr(runner, field, value)
-        assert runner._v_transposed() is False, field
-        setattr(runner, field, saved)
-    caps["cap"] = (8, 9)
-    assert runner._v_transposed() is False
-    caps["cap"] = (9, 0)
     monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", "0")
     assert runner._v_transposed() is False
