@@ -73,8 +73,10 @@ def profile_batch(llm, b: int, a, timers: dict[str, _Timer]) -> dict:
     ids = [f"b{b}-{i}" for i in range(b)]
     for rid, p in zip(ids, prompts):
         eng.add_request(rid, p, sp)
-    gen0 = eng.stats.generation_tokens
-    while eng.stats.generation_tokens - gen0 < 2 * b:  # prefill and two decode tokens each, outside the trace
+    reqs = [eng.scheduler.requests[rid] for rid in ids]
+    # every prompt prefilled and two tokens each, outside the trace: with chunked prefill the first requests decode
+    # long before the last are prefilled, so a count of all generated tokens would start the trace in prefill steps
+    while min(r.num_output_tokens for r in reqs) < 2:
         eng.step()
     eng.executor.start_step_profile(a.steps, f"b{b}")
     for t in timers.values():
