@@ -200,6 +200,9 @@ _VARS = [
             "0: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, block_size, nkv, D) like K instead of "
             "(num_blocks, nkv, D, block_size), the layout the TMA decode kernel reads without a shared-memory copy "
             "per page (issue 13: 8B fp8 500 x 1000/1000 17,000 -> 17,841 out tok/s on an H200, docs/benchmarks.md)"),
+    _switch("SHARDLLM_TRITON_ARGMAX", True, "import",
+            "0: the greedy arg-max of decode batches up to 16 rows on a GPU is torch.argmax instead of two Triton "
+            "kernels (layers/argmax.py; torch's took 35 us of a 2.87 ms batch-1 step on an H200)"),
     _switch("SHARDLLM_FP8_FUSED_ACT_QUANT", True, "import",
             "0: RMSNorm / SiLU-and-mul write 16-bit rows that the FP8 linear quantizes in a pass of its own "
             "(issue 13, benchmarks/device_fused_actquant.sh)"),

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from shardllm import envs
+from shardllm.layers.argmax import greedy_argmax
 from shardllm.layers.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class CudaGraphRunner:
         assert logits.dtype == self.logits.dtype, (logits.dtype, self.logits.dtype)
         out = self.logits[:bs]
         out.copy_(logits)  # one buffer for every bucket (per-bucket outputs would each hold their own)
-        torch.argmax(out, dim=-1, out=self.greedy[:bs])
+        greedy_argmax(out, out=self.greedy[:bs])  # small buckets: layers/argmax.py's kernels
         return GraphOutput(hidden, out, self.greedy[:bs])
 
     @torch.inference_mode()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shardllm.layers.argmax import greedy_argmax
+
 # float32 rounds a repetition penalty below ~1.2e-38 to 0 and a logit divided by less than this overflows
 # to inf (ties that greedy breaks by token id); penalties below it act as it.
 MIN_REPETITION_PENALTY = 1e-30
@@ -66,7 +68,7 @@ class Sampler:
             # greedy and nothing else: the arg-max of the logits as they are (a 16-bit value and its exact fp32
             # widening order the same, first index on ties), without the (B, V) fp32 copy: at batch 1024 x 128k
             # vocabulary that copy and its read were 0.49 ms of a 20.7 ms step on an H200 (fifth session profile)
-            return SamplerOutput(logits.argmax(dim=-1))
+            return SamplerOutput(greedy_argmax(logits))  # small batches on a GPU: layers/argmax.py
         given = logits
         logits = logits.float()  # (B, V)
         if (batch.logits_processors or batch.banned_tokens) and logits is given:
