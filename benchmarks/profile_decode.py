@@ -77,6 +77,8 @@ def profile_batch(llm, b: int, a, timers: dict[str, _Timer]) -> dict:
     # every prompt prefilled and two tokens each, outside the trace: with chunked prefill the first requests decode
     # long before the last are prefilled, so a count of all generated tokens would start the trace in prefill steps
     while min(r.num_output_tokens for r in reqs) < 2:
+        if not eng.has_unfinished_requests():
+            raise RuntimeError("the batch ended before every request had two tokens: raise --steps or check the log")
         eng.step()
     eng.executor.start_step_profile(a.steps, f"b{b}")
     for t in timers.values():

@@ -111,7 +111,8 @@ def test_values_are_read_at_each_access(monkeypatch):
     monkeypatch.setenv("SHARDLLM_RAY_ENV_VARS", " A, B,,")
     monkeypatch.setenv("SHARDLLM_HOST", "")  # empty counts as unset, as `os.environ.get(...) or None` did
     assert (envs.SHARDLLM_STEP_TIMEOUT, envs.SHARDLLM_RAY_ENV_VARS, envs.SHARDLLM_HOST) == (9.0, ("A", "B"), None)
-    assert envs.is_set("SHARDLLM_HOST")
+    assert envs.is_set("SHARDLLM_HOST") and not envs.is_given("SHARDLLM_HOST")
+    assert envs.is_given("SHARDLLM_STEP_TIMEOUT")
     monkeypatch.setenv("SHARDLLM_STEP_TIMEOUT", "2.5")
     assert envs.SHARDLLM_STEP_TIMEOUT == 2.5
     assert envs.get("SHARDLLM_PROFILE_TOP", {"SHARDLLM_PROFILE_TOP": "3"}) == 3  # a given mapping, not os.environ

@@ -231,6 +231,11 @@ def is_set(name: str, environ: Mapping[str, str] | None = None) -> bool:
     return name in (os.environ if environ is None else environ)
 
 
+def is_given(name: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether registered variable `name` is set to a value that is not blank (a blank one keeps the default)."""
+    return is_set(name, environ) and bool((os.environ if environ is None else environ)[name].strip())
+
+
 def __getattr__(name: str) -> Any:  # envs.SHARDLLM_<NAME>: read and parsed at each access
     if name in ENV_VARS:
         return ENV_VARS[name].value()

@@ -63,10 +63,18 @@ if HAS_TRITON:
         tl.store(out_ptr + b, first.to(tl.int64))
 
 
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # exact in the kernels' fp32 (float64 would not be)
+
+
+def _shape_ok(logits: torch.Tensor) -> bool:
+    return (logits.dim() == 2 and 0 < logits.shape[0] <= MAX_ROWS and 0 < logits.shape[1] < 2**31
+            and logits.dtype in DTYPES)
+
+
 def applies(logits: torch.Tensor) -> bool:
-    """Whether greedy_argmax runs the kernels for `logits` (else torch.argmax)."""
-    return (ENABLED and HAS_TRITON and logits.is_cuda and logits.dim() == 2 and 0 < logits.shape[0] <= MAX_ROWS
-            and logits.stride(-1) == 1 and logits.shape[1] < 2**31)
+    """Whether greedy_argmax runs the kernels for `logits` (else torch.argmax): CUDA, (B <= MAX_ROWS, V > 0) of
+    fp16 / bf16 / fp32."""
+    return ENABLED and HAS_TRITON and logits.is_cuda and _shape_ok(logits)
 
 
 def greedy_argmax(logits: torch.Tensor, out: torch.Tensor | None = None, force: bool = False) -> torch.Tensor:
@@ -75,11 +83,14 @@ def greedy_argmax(logits: torch.Tensor, out: torch.Tensor | None = None, force: 
     Args:
         logits: (B, V) float16 / bfloat16 / float32.
         out: optional (B,) int64 to write into (as torch.argmax's out=); a CUDA graph captures either form.
-        force: run the kernels whatever `applies` says (tests: CPU tensors under TRITON_INTERPRET=1).
+        force: run the kernels on any device where the shape and dtype allow (tests: CPU tensors under
+            TRITON_INTERPRET=1).
     Returns:
-        (B,) int64: per row the first index of the largest value (NaN largest).
+        (B,) int64: per row the first index of the largest value (NaN largest); `out` where given.
+    Raises:
+        whatever torch.argmax raises where the kernels do not apply (an empty row, say).
     """
-    if not (force or applies(logits)):
+    if not (applies(logits) or force and HAS_TRITON and _shape_ok(logits)):
         return torch.argmax(logits, dim=-1, out=out) if out is not None else torch.argmax(logits, dim=-1)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -87,10 +98,13 @@ def greedy_argmax(logits: torch.Tensor, out: torch.Tensor | None = None, force: 
     num_chunks = triton.cdiv(vocab, CHUNK)
     part_val = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
-    if out is None:
-        out = torch.empty(rows, dtype=torch.long, device=logits.device)
+    dest = out if out is not None and out.is_contiguous() else torch.empty(rows, dtype=torch.long,
+                                                                         device=logits.device)
     _argmax_chunk_kernel[(rows, num_chunks)](logits, part_val, part_idx, vocab, logits.stride(0), num_chunks,
                                              CHUNK=CHUNK, num_warps=4)
-    _argmax_merge_kernel[(rows,)](part_val, part_idx, out, num_chunks,
+    _argmax_merge_kernel[(rows,)](part_val, part_idx, dest, num_chunks,
                                   CHUNKS_PAD=max(triton.next_power_of_2(num_chunks), 2), num_warps=1)
-    return out
+    if out is not None and dest is not out:
+        out.copy_(dest)  # a strided out: the merge kernel writes contiguous rows
+        return out
+    return dest

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from shardllm.distributed.parallel_state import get_parallel_context
-from shardllm.layers import microbatch_overlap
+from shardllm.layers import argmax, microbatch_overlap
 from shardllm.layers.attention import Attention, AttentionMetadata
 from shardllm.layers.attention.decode_configs import decode_variant
 
@@ -79,6 +79,10 @@ class KernelWarmUp:
             for n in decode:
                 self._dummy_forward(n, decode=True)
         tiles = self.warm_up_prefill_tiles()
+        # the sampler's greedy arg-max of small batches (layers/argmax.py), else compiled at the first greedy step
+        logits = torch.zeros(1, self.vocab_size, dtype=self.model_config.dtype, device=self.device)
+        if argmax.applies(logits):
+            argmax.greedy_argmax(logits)
         if log:
             print(f"shardllm: kernel warm-up: {len(decode)} decode batch sizes, {len(tiles)} prompt lengths in "
                   f"{time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)

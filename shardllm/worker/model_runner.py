@@ -171,19 +171,23 @@ class ModelRunner(KernelWarmUp):
             self.kv_caches.append(cache)
 
     def _v_transposed(self) -> bool:
-        """V stored transposed (SHARDLLM_KV_V_TRANSPOSED, on by default) where the kernels read that layout: the
-        Triton attention kernels, an FP8 cache, an sm90+ GPU and pages the TMA decode kernel reads (a power of two in
-        [16, 256] tokens). Elsewhere the standard layout, with a warning (once) only if the variable was set to on."""
+        """V stored transposed (SHARDLLM_KV_V_TRANSPOSED, on by default) where every decode reads that layout by TMA:
+        the Triton attention kernels, an FP8 cache and triton_decode_tma.vt_layout_eligible for every attention
+        layer (an NVIDIA sm90+ GPU, power-of-two head_dim and pages in [16, 256]). Elsewhere the standard layout,
+        with a warning (once) only if the variable was set."""
         if not envs.SHARDLLM_KV_V_TRANSPOSED:
             return False
-        bs = self.block_size
-        ok = (self._uses_triton_attention() and torch.cuda.get_device_capability(self.device)[0] >= 9
-              and self.kv_cache_dtype.itemsize == 1 and bs == 1 << (bs - 1).bit_length() and 16 <= bs <= 256)
-        asked = envs.is_set("SHARDLLM_KV_V_TRANSPOSED")
-        if not ok and asked and not getattr(self, "_v_transposed_warned", False):
+        from shardllm.layers.attention.triton_decode_tma import vt_layout_eligible
+
+        itemsize = self.kv_cache_dtype.itemsize
+        ok = (self._uses_triton_attention() and itemsize == 1
+              and all(vt_layout_eligible(self.device, a.head_dim, self.block_size, itemsize)
+                      for a in self.attn_layers))
+        if not ok and envs.is_given("SHARDLLM_KV_V_TRANSPOSED") and not getattr(self, "_v_transposed_warned", False):
             self._v_transposed_warned = True
             logger.warning("SHARDLLM_KV_V_TRANSPOSED=1 ignored: it needs the Triton attention kernels, an FP8 KV "
-                           "cache, an sm90+ GPU and a block_size that is a power of two in [16, 256]")
+                           "cache, an NVIDIA sm90+ GPU, a power-of-two head_dim of at least 16 and a block_size "
+                           "that is a power of two in [16, 256]")
         return ok
 
     def initialize_kv_cache(self, num_blocks: int) -> None:

@@ -50,6 +50,21 @@ def test_equals_torch_argmax_on_cpu(dtype):
     check("cpu", dtype)
 
 
+@cpu
+def test_strided_out_float64_and_empty_rows():
+    """A strided out= gets the answer; float64 (not exact in the kernels' fp32) and an empty row take torch's
+    path, whose answer or error is the reference's."""
+    x = torch.randn(3, 5000)
+    strided = torch.full((6,), -1, dtype=torch.long)[::2]
+    assert argmax.greedy_argmax(x, out=strided, force=True) is strided
+    assert torch.equal(strided, torch.argmax(x, dim=-1))
+    y = torch.zeros(1, 9, dtype=torch.float64)
+    y[0, 2], y[0, 7] = 1.0, 1.0 + 1e-12  # equal in fp32
+    assert int(argmax.greedy_argmax(y, force=True)) == 7
+    with pytest.raises((IndexError, RuntimeError)):
+        argmax.greedy_argmax(torch.empty(2, 0), force=True)
+
+
 def test_applies_only_to_small_batches_of_cuda_logits(monkeypatch):
     """CPU tensors and batches past MAX_ROWS keep torch.argmax (the same answer either way)."""
     x = torch.randn(2, 100)
@@ -60,6 +75,7 @@ def test_applies_only_to_small_batches_of_cuda_logits(monkeypatch):
         assert argmax.applies(torch.randn(argmax.MAX_ROWS, 100))
     assert not argmax.applies(torch.randn(argmax.MAX_ROWS + 1, 100))
     assert not argmax.applies(torch.randn(100))
+    assert not argmax.applies(torch.randn(2, 100, dtype=torch.float64))
     monkeypatch.setattr(argmax, "ENABLED", False)
     assert not argmax.applies(torch.randn(2, 100))
 

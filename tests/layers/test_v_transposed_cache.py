@@ -34,8 +34,8 @@ def transposed_copy(attn) -> None:
 
 
 def step(q_lens, seq_lens, v_t: bool, fused: bool, nan_row: int | None = None, device: str = "cpu",
-         dtype: torch.dtype = torch.float32):
-    attn, (q, k, v, meta, rope, positions) = attention_case(torch.float8_e4m3fn, True, q_lens, seq_lens,
+         dtype: torch.dtype = torch.float32, cache_dtype: torch.dtype = torch.float8_e4m3fn):
+    attn, (q, k, v, meta, rope, positions) = attention_case(cache_dtype, True, q_lens, seq_lens,
                                                             (0.25, 8.0), device, dtype)
     if nan_row is not None:
         v = v.clone()
@@ -68,6 +68,18 @@ def test_transposed_v_gives_the_standard_layouts_attention_and_cache(monkeypatch
     check_layouts(monkeypatch, name, fused, tma, block_size, "cpu", torch.float32, dict(atol=1e-4, rtol=1e-3))
 
 
+@cpu
+@pytest.mark.usefixtures("attention_kernels_on_cpu", "exact_fp8_casts")
+@pytest.mark.parametrize("name", ["decode", "chunks"])
+@pytest.mark.parametrize("cache_dtype,block_size",
+                         [(torch.float8_e5m2, 64), (torch.float8_e4m3fn, 128), (torch.float8_e4m3fn, 256)],
+                         ids=["e5m2-64", "e4m3-128", "e4m3-256"])
+def test_transposed_v_with_e5m2_and_the_largest_pages(monkeypatch, name, cache_dtype, block_size):
+    """The default covers e5m2 caches and pages up to 256 tokens (the TMA box's limit) too."""
+    check_layouts(monkeypatch, name, True, True, block_size, "cpu", torch.float32, dict(atol=1e-4, rtol=1e-3),
+                  cache_dtype)
+
+
 @gpu
 @pytest.mark.parametrize("name", list(STEPS))
 @pytest.mark.parametrize("tma", [False, True], ids=["table", "tma-prefetch"])
@@ -79,7 +91,8 @@ def test_transposed_v_on_gpu(monkeypatch, name, tma, block_size):
     check_layouts(monkeypatch, name, True, tma, block_size, "cuda", torch.bfloat16, dict(atol=2e-2, rtol=2e-2))
 
 
-def check_layouts(monkeypatch, name, fused, tma, block_size, device, dtype, tol) -> None:
+def check_layouts(monkeypatch, name, fused, tma, block_size, device, dtype, tol,
+                  cache_dtype: torch.dtype = torch.float8_e4m3fn) -> None:
     import tests.layers.test_triton_attention as attn_tests
 
     monkeypatch.setattr(attn_tests, "BLOCK_SIZE", block_size)
@@ -90,9 +103,9 @@ def check_layouts(monkeypatch, name, fused, tma, block_size, device, dtype, tol)
     calls = []
     vt_launch = triton_paged.descriptor_vt
     monkeypatch.setattr(triton_paged, "descriptor_vt", lambda c: calls.append(c.shape) or vt_launch(c))
-    ref, (k_ref, v_ref) = step(*STEPS[name], False, fused, device=device, dtype=dtype)
+    ref, (k_ref, v_ref) = step(*STEPS[name], False, fused, device=device, dtype=dtype, cache_dtype=cache_dtype)
     calls.clear()
-    out, (k_t, v_t) = step(*STEPS[name], True, fused, device=device, dtype=dtype)
+    out, (k_t, v_t) = step(*STEPS[name], True, fused, device=device, dtype=dtype, cache_dtype=cache_dtype)
     assert v_t.stride(-1) != 1  # the transposed layout's view
     assert torch.equal(k_t.view(torch.uint8), k_ref.view(torch.uint8))
     assert torch.equal(v_t.contiguous().view(torch.uint8), v_ref.view(torch.uint8))
@@ -117,37 +130,52 @@ def test_writers_store_a_non_finite_v_as_zero_in_a_transposed_cache(fused):
 
 
 def test_the_runner_applies_the_switch_only_where_the_kernels_read_it(monkeypatch, caplog):
-    """An FP8 cache, the Triton attention kernels on an sm90+ GPU (the capability is faked: a hardware boundary) and
-    power-of-two pages; else False, whatever the environment says. On by default (silently standard elsewhere: a
-    bf16 cache is not worth a warning); a warning only where the variable asked for it; 0 turns it off."""
+    """An FP8 cache, the Triton attention kernels on an NVIDIA sm90+ GPU (the capability and ROCm are faked: a
+    hardware boundary), power-of-two pages and head dims the TMA path reads; else False, whatever the environment
+    says. On by default (silently standard elsewhere: a bf16 cache is not worth a warning); a warning only where the
+    variable asked for it (an empty value does not ask); 0 turns it off."""
     import logging
     from types import SimpleNamespace
 
+    from shardllm.layers.attention import triton_decode_tma
     from shardllm.worker.model_runner import ModelRunner
 
+    if triton_decode_tma.TensorDescriptor is None:
+        pytest.skip("this Triton has no TensorDescriptor (the TMA path's host API)")
     caps = {"cap": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: caps["cap"])
     monkeypatch.setattr(triton_paged, "HAS_TRITON", True)
+    monkeypatch.setattr(triton_decode_tma, "HAS_TRITON", True)
+    monkeypatch.setattr(torch.version, "hip", None)
     runner = ModelRunner.__new__(ModelRunner)
     runner.device, runner.kv_cache_dtype, runner.block_size = torch.device("cuda"), torch.float8_e4m3fn, 64
     runner.config = SimpleNamespace(attention_backend="triton")
+    runner.attn_layers = [SimpleNamespace(head_dim=128), SimpleNamespace(head_dim=64)]
     monkeypatch.delenv("SHARDLLM_KV_V_TRANSPOSED", raising=False)
     assert runner._v_transposed() is True  # the default
+    runner.kv_cache_dtype = torch.float8_e5m2
+    assert runner._v_transposed() is True
+    runner.kv_cache_dtype = torch.float8_e4m3fn
     caplog.set_level(logging.WARNING, logger="shardllm")
-    for asked in ("", "1"):
-        if asked:
-            monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", asked)
-        for field, value in (("kv_cache_dtype", torch.bfloat16), ("block_size", 96), ("device", torch.device("cpu")),
-                             ("config", SimpleNamespace(attention_backend="torch"))):
+    not_eligible = (("kv_cache_dtype", torch.bfloat16), ("block_size", 96), ("block_size", 512),
+                    ("device", torch.device("cpu")), ("config", SimpleNamespace(attention_backend="torch")),
+                    ("attn_layers", [SimpleNamespace(head_dim=128), SimpleNamespace(head_dim=80)]),
+                    ("attn_layers", [SimpleNamespace(head_dim=8)]))
+    for asked in ("", " ", "1"):
+        monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", asked)
+        for field, value in not_eligible:
             saved = getattr(runner, field)
             setattr(runner, field, value)
-            assert runner._v_transposed() is False, field
+            assert runner._v_transposed() is False, (field, value)
             setattr(runner, field, saved)
         caps["cap"] = (8, 9)
         assert runner._v_transposed() is False
         caps["cap"] = (9, 0)
+        monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports 9.x on MI300: no NVIDIA TMA
+        assert runner._v_transposed() is False
+        monkeypatch.setattr(torch.version, "hip", None)
         warned = [r for r in caplog.records if "SHARDLLM_KV_V_TRANSPOSED" in r.getMessage()]
-        assert bool(warned) == bool(asked), asked
+        assert bool(warned) == (asked == "1"), repr(asked)
     assert runner._v_transposed() is True
     monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", "0")
     assert runner._v_transposed() is False

@@ -99,7 +99,7 @@ def test_runner_warms_decodes_eagerly_without_graphs_and_with_them_only_for_mixe
 
 
 KERNELS = {"_prefill_kernel", "_decode_kernel", "_decode_kernel_tma", "_decode_reduce_kernel", "_fused_rotary_kernel",
-           "_write_kv_kernel"}
+           "_write_kv_kernel", "_argmax_chunk_kernel", "_argmax_merge_kernel"}
 
 
 @pytest.mark.gpu
@@ -109,14 +109,14 @@ KERNELS = {"_prefill_kernel", "_decode_kernel", "_decode_kernel_tma", "_decode_r
 def test_gpu_a_run_of_mixed_steps_compiles_no_attention_kernel_after_start_up(tiny_checkpoints, kv_cache_dtype):
     knobs = pytest.importorskip("triton").knobs
     from shardllm import LLM, SamplingParams
-    from shardllm.layers import triton_ops
+    from shardllm.layers import argmax, triton_ops
     from shardllm.layers.attention import triton_decode_tma, triton_paged
 
     # Triton keeps what this process compiled (earlier tests ran this model): forget it, so that the variants the
     # start-up does not compile would be met again here, not found in memory
     for kernel in (triton_paged._prefill_kernel, triton_paged._decode_kernel, triton_paged._decode_reduce_kernel,
                    triton_paged._write_kv_kernel, triton_decode_tma._decode_kernel_tma,
-                   triton_ops._fused_rotary_kernel):
+                   triton_ops._fused_rotary_kernel, argmax._argmax_chunk_kernel, argmax._argmax_merge_kernel):
         assert {kernel.fn.__name__} <= KERNELS and hasattr(kernel, "device_caches")
         kernel.device_caches.clear()
     # a 160-token step budget: prompts go in chunks while earlier ones decode (steps mixing both, of many shapes)

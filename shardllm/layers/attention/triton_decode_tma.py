@@ -186,6 +186,23 @@ def tma_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
             and cache.stride() == (bs * nkv * d, nkv * d, d, 1) and cache.data_ptr() % 16 == 0)
 
 
+def vt_layout_eligible(device: torch.device, head_dim: int, block_size: int, itemsize: int) -> bool:
+    """Whether a KV cache of these sizes on `device` may store V transposed with every decode on the TMA path: an
+    NVIDIA sm90+ GPU, a power-of-two head_dim of whole 16-byte rows and power-of-two pages in [16, 256] of whole
+    16-byte rows (the conditions of tma_supported and vt_supported that no single call decides). Elsewhere the
+    pointer kernel would read a transposed V byte by byte."""
+    if not HAS_TRITON or TensorDescriptor is None or device.type != "cuda" or torch.version.hip is not None:
+        return False
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+
+    def pow2(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    return (pow2(head_dim) and head_dim * itemsize % 16 == 0 and pow2(block_size) and 16 <= block_size <= 256
+            and block_size * itemsize % 16 == 0)
+
+
 def vt_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache_t: torch.Tensor) -> bool:
     """Whether a call with V stored transposed can take the TMA kernel: K as tma_supported wants it, and v_cache_t
     (num_blocks, nkv, D, block_size) contiguous, of K's dtype and sizes, 16-byte aligned rows and base."""
