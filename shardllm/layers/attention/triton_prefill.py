@@ -1,0 +1,159 @@
+"""Causal attention of a step's prompt chunks (prefill, chunked prefill over cached context, prefix hits, and the
+decode rows of a mixed step where they are not split off) over the paged KV cache: one Triton kernel, tiles of a
+sequence's query tokens x their GQA group against BLOCK_N-token tiles of its context. Out of triton_paged.py, which
+re-exports paged_prefill_attention, prefill_block_q and the kernel, only for size."""
+
+from __future__ import annotations
+
+import torch
+
+from shardllm.layers.attention.decode_configs import _f16_dot
+from shardllm.layers.attention.triton_paged import _LOG2E, _check_cache, _dot_precision, _jit, _pow2, tl
+from shardllm.layers.triton_ops import kv_scale_args
+
+
+# one compile whatever the step: a mixed step slices the tables past its decodes (any alignment), and without an FP8
+# cache the scale pointers are seq_lens (kv_scale_args' placeholder)
+@_jit(do_not_specialize=["num_seqs", "stride_bt", "block_tables_ptr", "seq_lens_ptr", "k_scale_ptr", "v_scale_ptr"])
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, out_ptr,
+    k_scale_ptr, v_scale_ptr, qk_scale, num_seqs,
+    stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_bt, stride_on, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KV_SCALED: tl.constexpr = False, F16_DOT: tl.constexpr = False, V_T: tl.constexpr = False,
+):
+    """One program per (query tile, kv head); a tile is BLOCK_Q tokens of one sequence x its GROUP heads.
+    KV_SCALED: scores times the scalar at k_scale_ptr, output times the one at v_scale_ptr (as _decode_kernel).
+    F16_DOT: fp16 dots over an FP8 cache, q pre-scaled (as _decode_kernel).
+
+    Tiles are numbered without a prefix sum over the host: sequence b's tiles start at
+    qsl[b] // BLOCK_Q + b, which leaves room for cdiv(q_len_b, BLOCK_Q) tiles, so N // BLOCK_Q + B
+    programs cover any batch; a program finds its sequence by binary search and idles past its end.
+
+        rows of the tile:  r = t * GROUP_PAD + g  ->  token qsl[b] + tile * BLOCK_Q + t, head kvh * GROUP + g
+    """
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    lo = pid * 0
+    hi = lo + num_seqs - 1
+    while lo < hi:  # largest b with qsl[b] // BLOCK_Q + b <= pid
+        mid = (lo + hi + 1) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(first <= pid, mid, lo)
+        hi = tl.where(first <= pid, hi, mid - 1)
+    b = lo
+    q_start = tl.load(query_start_loc_ptr + b)
+    q_len = tl.load(query_start_loc_ptr + b + 1) - q_start
+    tile = pid - (q_start // BLOCK_Q + b)
+    seq_len = tl.load(seq_lens_ptr + b)
+    ctx_len = seq_len - q_len  # cached context before this chunk
+
+    r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+    t = tile * BLOCK_Q + r // GROUP_PAD  # (M,) token index inside the chunk
+    head = kvh * GROUP + r % GROUP_PAD
+    row_mask = (t < q_len) & (r % GROUP_PAD < GROUP)
+    d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = d < HEAD_DIM
+    q_row = (q_start + t).to(tl.int64)
+    q = tl.load(q_ptr + q_row[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # (M, D)
+    q_pos = ctx_len + t  # (M,) causal: row sees keys 0..q_pos
+
+    kv_end = tl.minimum(seq_len, ctx_len + (tile + 1) * BLOCK_Q)
+    kv_end = tl.where(tile * BLOCK_Q < q_len, kv_end, 0)  # idle program
+    if KV_SCALED:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if F16_DOT:
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
+    m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
+    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    for tok0 in range(0, kv_end, BLOCK_N):  # the first tile holds key 0, so every row's max is finite after it
+        tok = tok0 + tl.arange(0, BLOCK_N)
+        tok_mask = tok < kv_end
+        page = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+        in_page = tok % BLOCK_SIZE
+        k_t = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_ks + kvh * stride_kh)[None, :] + d[:, None],
+                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # (D, N)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 domain
+        s = tl.where((tok[None, :] <= q_pos[:, None]) & tok_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        if V_T and BLOCK_SIZE % BLOCK_N == 0:  # a transposed V cache: the tile lies in one page (tok0 is a
+            # multiple of BLOCK_N, which divides the page), whose tokens are contiguous. Its id as a scalar and no
+            # token mask (slots past kv_end hold finite values in this layout, and p is 0 there) let Triton
+            # vectorize the (D, N) load along the tokens; a gathered id per token or a token mask gives byte loads
+            # (the sm90 PTX). Transposed for the dot.
+            vpage = tl.load(block_tables_ptr + b * stride_bt + tok0 // BLOCK_SIZE).to(tl.int64)
+            vin = tok0 % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+            v = tl.trans(tl.load(v_cache_ptr + vpage * stride_vb + kvh * stride_vh + vin[None, :] * stride_vs
+                                 + d[:, None] * stride_vd, mask=d_mask[:, None], other=0.0)).to(q.dtype)  # (N, D)
+        else:
+            v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None]
+                        + d[None, :] * stride_vd,
+                        mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # (N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    if KV_SCALED:
+        acc = acc * tl.load(v_scale_ptr)
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
+    tl.store(out_ptr + q_row[:, None] * stride_on + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+def prefill_block_q(max_query_len: int, group: int) -> int:
+    """Query tokens a tile of the prefill kernel holds (a tile: tokens x the `group` query heads of one kv head):
+    128 rows, fewer tokens for short chunks, and at least 16 rows (tl.dot). One compiled kernel per value."""
+    group_pad = _pow2(group)
+    block_q = min(max(128 // group_pad, 1), _pow2(max(max_query_len, 1)))  # short chunks: smaller tiles
+    return max(block_q, _pow2(max(16 // group_pad, 1)))
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                            max_query_len: int, scale: float, out: torch.Tensor | None = None,
+                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of variable-length chunks over their paged context (this step's k/v already written).
+
+    Serves prefill, chunked prefill over cached context, prefix hits and decode rows in one launch.
+
+    Args:
+        q: (N, nh, D), last dim contiguous; sequence b owns rows [query_start_loc[b], query_start_loc[b+1]).
+        query_start_loc: (B + 1,) int32; seq_lens: (B,) int32 context length including the chunk.
+        max_query_len: host bound on the chunk lengths, only used to size the query tile.
+        k_scale, v_scale: as paged_decode_attention's.
+    Returns:
+        (N, nh, D), `out` if given.
+    Raises:
+        ValueError: scales as kv_scale_args refuses them.
+    """
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
+    group = num_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    k_scale, v_scale, kv_scaled = kv_scale_args(k_scale, v_scale, seq_lens)
+    out = torch.empty_like(q) if out is None else out
+    if num_tokens == 0:
+        return out
+    group_pad = _pow2(group)
+    head_dim_pad = _pow2(head_dim, 16)
+    block_q = prefill_block_q(max_query_len, group)
+    num_tiles = num_tokens // block_q + num_seqs
+    _prefill_kernel[(num_tiles, num_kv_heads)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, k_scale, v_scale,
+        scale * _LOG2E, num_seqs,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride(),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=64, DOT_PRECISION=_dot_precision(q.dtype),
+        KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype), V_T=v_cache.stride(-1) != 1,
+        num_warps=8 if block_q * group_pad >= 128 else 4)
+    return out
