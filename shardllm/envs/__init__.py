@@ -177,6 +177,9 @@ _VARS = [
     EnvVar("SHARDLLM_DECODE_CONFIGS", "str", None, _text, "import",
            "a JSON table in DECODE_CONFIGS' format merged over it: a sweep's output tried end to end "
            "(benchmarks/device_session3_*.sh)"),
+    EnvVar("SHARDLLM_PREFILL_CONFIG", "str", None, _text, "import",
+           "JSON of the prefill attention kernel's PrefillConfig fields (rows, block_n, num_warps, num_stages, "
+           "split_causal), e.g. '{\"rows\": 256}': a sweep's pick tried end to end (benchmarks/prefill_sweep.py)"),
     _switch("SHARDLLM_GRAPH_LM_HEAD", False, "start-up",
             "1: the decode CUDA graphs hold the LM head (issue 15; no gain measured at tp = 2 batch 1)"),
     _switch("SHARDLLM_KERNEL_WARM_UP", True, "start-up",

@@ -348,6 +348,7 @@ from shardllm.layers.attention.triton_decode_tma import (  # noqa: E402
     vt_supported,
 )
 from shardllm.layers.attention.triton_prefill import (  # noqa: E402, F401 - their home
+    PrefillConfig,
     _prefill_kernel,
     paged_prefill_attention,
     prefill_block_q,

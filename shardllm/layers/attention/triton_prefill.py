@@ -5,11 +5,61 @@ re-exports paged_prefill_attention, prefill_block_q and the kernel, only for siz
 
 from __future__ import annotations
 
+import json
+from typing import NamedTuple
+
 import torch
 
+from shardllm import envs
 from shardllm.layers.attention.decode_configs import _f16_dot
 from shardllm.layers.attention.triton_paged import _LOG2E, _check_cache, _dot_precision, _jit, _pow2, tl
 from shardllm.layers.triton_ops import kv_scale_args
+
+
+@_jit
+def _prefill_step(acc, m, l_sum, q, q_pos, tok0, kv_end, qk_scale, b, kvh, d, d_mask, k_cache_ptr, v_cache_ptr,
+                  block_tables_ptr, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
+                  stride_bt, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  V_T: tl.constexpr, MASKED: tl.constexpr):
+    """One BLOCK_N-token context tile of _prefill_kernel's online softmax: (acc, m, l_sum) updated. MASKED: keys
+    past kv_end and past each row's position excluded; else the caller knows every row sees every key of it."""
+    tok = tok0 + tl.arange(0, BLOCK_N)
+    tok_mask = tok < kv_end  # unmasked (not MASKED): every key of the tile is in the context, loads take no mask
+    if MASKED:
+        page = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+    else:
+        page = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE).to(tl.int64)
+    in_page = tok % BLOCK_SIZE
+    k_ptrs = k_cache_ptr + (page * stride_kb + in_page * stride_ks + kvh * stride_kh)[None, :] + d[:, None]
+    if MASKED:
+        k_t = tl.load(k_ptrs, mask=tok_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # (D, N)
+    else:
+        k_t = tl.load(k_ptrs, mask=d_mask[:, None], other=0.0).to(q.dtype)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 domain
+    if MASKED:
+        s = tl.where((tok[None, :] <= q_pos[:, None]) & tok_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_sum = l_sum * alpha + tl.sum(p, 1)
+    if V_T and BLOCK_SIZE % BLOCK_N == 0:  # a transposed V cache: the tile lies in one page (tok0 is a
+        # multiple of BLOCK_N, which divides the page), whose tokens are contiguous. Its id as a scalar and no
+        # token mask (slots past kv_end hold finite values in this layout, and p is 0 there) let Triton
+        # vectorize the (D, N) load along the tokens; a gathered id per token or a token mask gives byte loads
+        # (the sm90 PTX). Transposed for the dot.
+        vpage = tl.load(block_tables_ptr + b * stride_bt + tok0 // BLOCK_SIZE).to(tl.int64)
+        vin = tok0 % BLOCK_SIZE + tl.arange(0, BLOCK_N)
+        v = tl.trans(tl.load(v_cache_ptr + vpage * stride_vb + kvh * stride_vh + vin[None, :] * stride_vs
+                             + d[:, None] * stride_vd, mask=d_mask[:, None], other=0.0)).to(q.dtype)  # (N, D)
+    else:
+        v_ptrs = (v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None]
+                  + d[None, :] * stride_vd)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # (N, D)
+        else:
+            v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_sum
 
 
 # one compile whatever the step: a mixed step slices the tables past its decodes (any alignment), and without an FP8
@@ -23,8 +73,10 @@ def _prefill_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     KV_SCALED: tl.constexpr = False, F16_DOT: tl.constexpr = False, V_T: tl.constexpr = False,
+    SPLIT_CAUSAL: tl.constexpr = False,
 ):
     """One program per (query tile, kv head); a tile is BLOCK_Q tokens of one sequence x its GROUP heads.
+    SPLIT_CAUSAL: the context tiles before the tile's first token run without masks (PrefillConfig.split_causal).
     KV_SCALED: scores times the scalar at k_scale_ptr, output times the one at v_scale_ptr (as _decode_kernel).
     F16_DOT: fp16 dots over an FP8 cache, q pre-scaled (as _decode_kernel).
 
@@ -71,34 +123,21 @@ def _prefill_kernel(
     m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l_sum = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-    for tok0 in range(0, kv_end, BLOCK_N):  # the first tile holds key 0, so every row's max is finite after it
-        tok = tok0 + tl.arange(0, BLOCK_N)
-        tok_mask = tok < kv_end
-        page = tl.load(block_tables_ptr + b * stride_bt + tok // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
-        in_page = tok % BLOCK_SIZE
-        k_t = tl.load(k_cache_ptr + (page * stride_kb + in_page * stride_ks + kvh * stride_kh)[None, :] + d[:, None],
-                      mask=tok_mask[None, :] & d_mask[:, None], other=0.0).to(q.dtype)  # (D, N)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 domain
-        s = tl.where((tok[None, :] <= q_pos[:, None]) & tok_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, 1)
-        if V_T and BLOCK_SIZE % BLOCK_N == 0:  # a transposed V cache: the tile lies in one page (tok0 is a
-            # multiple of BLOCK_N, which divides the page), whose tokens are contiguous. Its id as a scalar and no
-            # token mask (slots past kv_end hold finite values in this layout, and p is 0 there) let Triton
-            # vectorize the (D, N) load along the tokens; a gathered id per token or a token mask gives byte loads
-            # (the sm90 PTX). Transposed for the dot.
-            vpage = tl.load(block_tables_ptr + b * stride_bt + tok0 // BLOCK_SIZE).to(tl.int64)
-            vin = tok0 % BLOCK_SIZE + tl.arange(0, BLOCK_N)
-            v = tl.trans(tl.load(v_cache_ptr + vpage * stride_vb + kvh * stride_vh + vin[None, :] * stride_vs
-                                 + d[:, None] * stride_vd, mask=d_mask[:, None], other=0.0)).to(q.dtype)  # (N, D)
-        else:
-            v = tl.load(v_cache_ptr + (page * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None]
-                        + d[None, :] * stride_vd,
-                        mask=tok_mask[:, None] & d_mask[None, :], other=0.0).to(q.dtype)  # (N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+    if SPLIT_CAUSAL:  # context tiles that every row of the tile sees in full (keys before its first token):
+        # no causal or end mask, then the rest with them
+        full_end = tl.minimum(kv_end, (ctx_len + tile * BLOCK_Q) // BLOCK_N * BLOCK_N)
+        for tok0 in range(0, full_end, BLOCK_N):
+            acc, m, l_sum = _prefill_step(acc, m, l_sum, q, q_pos, tok0, kv_end, qk_scale, b, kvh, d, d_mask,
+                                          k_cache_ptr, v_cache_ptr, block_tables_ptr, stride_kb, stride_ks,
+                                          stride_kh, stride_vb, stride_vs, stride_vh, stride_vd, stride_bt,
+                                          BLOCK_SIZE, BLOCK_N, DOT_PRECISION, V_T, False)
+    else:
+        full_end = kv_end * 0
+    for tok0 in range(full_end, kv_end, BLOCK_N):  # the first tile holds key 0, so every row's max is finite after it
+        acc, m, l_sum = _prefill_step(acc, m, l_sum, q, q_pos, tok0, kv_end, qk_scale, b, kvh, d, d_mask,
+                                      k_cache_ptr, v_cache_ptr, block_tables_ptr, stride_kb, stride_ks, stride_kh,
+                                      stride_vb, stride_vs, stride_vh, stride_vd, stride_bt, BLOCK_SIZE, BLOCK_N,
+                                      DOT_PRECISION, V_T, True)
 
     if KV_SCALED:
         acc = acc * tl.load(v_scale_ptr)
@@ -107,18 +146,68 @@ def _prefill_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
-def prefill_block_q(max_query_len: int, group: int) -> int:
+class PrefillConfig(NamedTuple):
+    """A launch of the prefill kernel. rows: query rows a tile holds (tokens x the GQA group padded to a power of
+    two; short chunks take fewer tokens, at least 16 rows); block_n: context tokens a step (a transposed V cache reads
+    one-page tiles fast only where it divides block_size); num_warps 0: 8 for tiles of 128 rows or more, else 4;
+    num_stages 0: Triton's default; split_causal: the context tiles before a tile's first token run without the
+    causal and end masks (unmasked loads), the rest with them. The defaults are the launch measured so far."""
+
+    rows: int = 128
+    block_n: int = 64
+    num_warps: int = 0
+    num_stages: int = 0
+    split_causal: bool = False
+
+
+def parse_prefill_config(text: str | None) -> PrefillConfig:
+    """PrefillConfig from JSON of its fields ('{"rows": 256, "split_causal": true}'); None or blank: the default.
+
+    Raises:
+        ValueError: not JSON of known fields, or a value out of range (the message names the field and the range).
+    """
+    if text is None or not text.strip():
+        return PrefillConfig()
+    try:
+        fields = json.loads(text)
+        cfg = PrefillConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"SHARDLLM_PREFILL_CONFIG: JSON of PrefillConfig fields {list(PrefillConfig._fields)} "
+                         f"expected, got {text!r} ({e})") from None
+
+    def pow2(n) -> bool:
+        return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+
+    checks = {"rows": pow2(cfg.rows) and 16 <= cfg.rows <= 512,
+              "block_n": pow2(cfg.block_n) and 16 <= cfg.block_n <= 256,
+              "num_warps": cfg.num_warps in (0, 1, 2, 4, 8, 16), "num_stages": cfg.num_stages in range(0, 7),
+              "split_causal": isinstance(cfg.split_causal, bool)}
+    bad = [k for k, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(f"SHARDLLM_PREFILL_CONFIG: {bad} out of range in {cfg}: rows a power of two in [16, 512], "
+                         "block_n a power of two in [16, 256], num_warps 0 (auto) or a power of two up to 16, "
+                         "num_stages 0 (Triton's default) to 6, split_causal true or false")
+    return cfg
+
+
+PREFILL_CONFIG = parse_prefill_config(envs.SHARDLLM_PREFILL_CONFIG)  # read at import: one launch for the process
+
+
+def prefill_block_q(max_query_len: int, group: int, config: PrefillConfig | None = None) -> int:
     """Query tokens a tile of the prefill kernel holds (a tile: tokens x the `group` query heads of one kv head):
-    128 rows, fewer tokens for short chunks, and at least 16 rows (tl.dot). One compiled kernel per value."""
+    config.rows rows (default PREFILL_CONFIG's, 128), fewer tokens for short chunks, and at least 16 rows (tl.dot).
+    One compiled kernel per value."""
+    rows = (config or PREFILL_CONFIG).rows
     group_pad = _pow2(group)
-    block_q = min(max(128 // group_pad, 1), _pow2(max(max_query_len, 1)))  # short chunks: smaller tiles
+    block_q = min(max(rows // group_pad, 1), _pow2(max(max_query_len, 1)))  # short chunks: smaller tiles
     return max(block_q, _pow2(max(16 // group_pad, 1)))
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             max_query_len: int, scale: float, out: torch.Tensor | None = None,
-                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                            config: PrefillConfig | None = None) -> torch.Tensor:
     """Causal attention of variable-length chunks over their paged context (this step's k/v already written).
 
     Serves prefill, chunked prefill over cached context, prefix hits and decode rows in one launch.
@@ -128,6 +217,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         query_start_loc: (B + 1,) int32; seq_lens: (B,) int32 context length including the chunk.
         max_query_len: host bound on the chunk lengths, only used to size the query tile.
         k_scale, v_scale: as paged_decode_attention's.
+        config: the launch (default PREFILL_CONFIG: SHARDLLM_PREFILL_CONFIG or PrefillConfig()).
     Returns:
         (N, nh, D), `out` if given.
     Raises:
@@ -145,15 +235,19 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
     group_pad = _pow2(group)
     head_dim_pad = _pow2(head_dim, 16)
-    block_q = prefill_block_q(max_query_len, group)
+    cfg = config or PREFILL_CONFIG
+    block_q = prefill_block_q(max_query_len, group, cfg)
     num_tiles = num_tokens // block_q + num_seqs
+    launch = dict(num_warps=cfg.num_warps or (8 if block_q * group_pad >= 128 else 4))
+    if cfg.num_stages:
+        launch["num_stages"] = cfg.num_stages
     _prefill_kernel[(num_tiles, num_kv_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, k_scale, v_scale,
         scale * _LOG2E, num_seqs,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride(),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=64, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(q.dtype),
         KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype), V_T=v_cache.stride(-1) != 1,
-        num_warps=8 if block_q * group_pad >= 128 else 4)
+        SPLIT_CAUSAL=cfg.split_causal, **launch)
     return out
