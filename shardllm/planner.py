@@ -103,6 +103,7 @@ class StageEstimate:
     overhead: int  # CUDA context, NCCL and pipeline buffers: memory torch does not report as free
     kv_budget: int
     kv_tokens: int  # capacity in tokens, whole blocks, less the one block the engine keeps aside
+    decode_weights: int = 0  # of `weights`, what a decode step reads: not the input embedding (one row a token)
 
 
 @dataclass
@@ -191,8 +192,11 @@ def estimate(hf_config, tp: int = 1, pp: int = 1, *, weight_dtype: str = "bf16",
     stages, start = [], 0
     for s, n in enumerate(split):
         weights = sum(_layer_weight_bytes(c, i, tp, wbytes) for i in range(start, start + n))
+        unread = 0
         if s == 0:
             weights += vocab_rank * c.hidden_size * abytes  # embedding, first stage only
+            tied_head = pp == 1 and getattr(c, "tie_word_embeddings", False)  # the table is also the LM head
+            unread = 0 if tied_head else vocab_rank * c.hidden_size * abytes
         if s == pp - 1:
             weights += c.hidden_size * abytes  # final norm
             if s > 0 or not getattr(c, "tie_word_embeddings", False):
@@ -203,7 +207,7 @@ def estimate(hf_config, tp: int = 1, pp: int = 1, *, weight_dtype: str = "bf16",
         budget = int((gpu_memory_bytes - weights - overhead) * kv_cache_free_gpu_memory_fraction - activations)
         blocks = max(budget, 0) // (kv_per_token * block_size)
         stages.append(StageEstimate(s, n, weights, kv_per_token, activations, overhead, budget,
-                                    max(blocks - 1, 0) * block_size))
+                                    max(blocks - 1, 0) * block_size, weights - unread))
     return LayoutEstimate(tp, pp, stages, gpu_memory_bytes, max_seq_len)
 
 
@@ -211,13 +215,14 @@ def decode_tokens_per_s(est: LayoutEstimate, c, spec: GPUSpec, topology: str, ba
                         cross_node_pp: bool = False) -> float:
     """Output tokens/s of one replica at `batch` sequences of average context `context_len` [ours: a roofline].
 
-    A decode step reads each stage's weights once and every sequence's KV; with pp micro-batches in flight the
-    stages overlap, so one round of `batch` tokens costs pp x (weights read) + batch x (KV read), at
+    A decode step reads each stage's weights once (all but the input embedding, of which a token reads one row) and
+    every sequence's KV; with pp micro-batches in flight the stages overlap, so one round of `batch` tokens costs
+    pp x (weights read) + batch x (KV read), at
     HBM_EFFICIENCY of peak. TP adds two all-reduces per layer of batch x hidden x 2 bytes (ring: 2(tp-1)/tp of
     the bytes over the link), PP one send per stage boundary.
     """
     bw = spec.hbm_bytes_per_s * HBM_EFFICIENCY
-    w = max(s.weights for s in est.stages)
+    w = max(s.decode_weights for s in est.stages)
     kv = max(s.kv_bytes_per_token for s in est.stages)
     tp, pp = est.tensor_parallel_size, est.pipeline_parallel_size
     t = (pp * w + batch * context_len * kv) / bw

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from shardllm.model_loader.resolve import load_shipped_config
-from shardllm.model_loader.size import count_parameters
+from shardllm.model_loader.size import count_parameters, layer_shapes
 from shardllm.planner import (
     CONTEXT_BYTES,
     GiB,
@@ -125,8 +125,9 @@ def test_pcie_ranks_pp_before_tp():
 def test_decode_estimate_is_the_weight_roofline_at_batch_one():
     p = plan(L8, gpus_per_node=1, gpu_memory_bytes=141 * 10**9, gpu_name="NVIDIA H200", input_len=128, output_len=128)
     best = p.recommended
-    # 16.06 GB of weights + 192 tokens x 128 KiB of KV per step at 70% of 4.8 TB/s -> ~4.8 ms per token
-    step = (16_060_522_496 + 192 * 128 * 1024) / (4.8e12 * 0.7)
+    # 16.06 GB of weights less the 1.05 GB embedding table (a token reads one row of it) + 192 tokens x 128 KiB of
+    # KV per step at 70% of 4.8 TB/s -> ~4.5 ms per token
+    step = (16_060_522_496 - 128256 * 4096 * 2 + 192 * 128 * 1024) / (4.8e12 * 0.7)
     assert best.decode_tok_s_batch1 == pytest.approx(1 / step, rel=1e-3)
     assert best.throughput_tok_s > 50 * best.decode_tok_s_batch1  # batching amortises the weight reads
 
@@ -387,3 +388,23 @@ def test_expert_parallel_hint_says_slices_where_the_largest_ep_is_below_tp():
     assert "whole" not in hint and "--sweep ep=1,2,4" in hint
     hint = _expert_parallel_hint(SimpleNamespace(num_experts=8), SimpleNamespace(tensor_parallel_size=2))
     assert "--ep_size 2 gives each rank 4 whole experts instead of a 1/2 slice of all 8" in hint
+
+
+def test_decode_read_bytes_count_what_a_batch_one_step_reads():
+    """The batch-1 roofline's bytes (bench/throughput.py): not the input embedding (one row a token), the LM head
+    at the activation dtype also when the linears are FP8 (plus their fp32 row scales), an MoE layer's experts only
+    for the experts a token is routed to."""
+    from shardllm.model_loader.size import decode_read_bytes
+
+    embed = L8.vocab_size * L8.hidden_size
+    assert decode_read_bytes(L8, 2, 2) == 2 * (count_parameters(L8) - embed)  # 15.01 GB, not 16.06
+    linear_params = sum(n * k for n, k in layer_shapes(L8, 0)[0]) * L8.num_hidden_layers
+    rows = sum(n for n, _ in layer_shapes(L8, 0)[0]) * L8.num_hidden_layers
+    assert decode_read_bytes(L8, 1, 2) == linear_params + 4 * rows + 2 * (count_parameters(L8) - embed
+                                                                           - linear_params)
+    mixtral = load_shipped_config("mixtral-8x7b")
+    full = decode_read_bytes(mixtral, 2, 2)
+    assert full < 0.3 * 2 * count_parameters(mixtral)  # 2 of 8 experts: 25.5 of 93.4 GB
+    tied = load_shipped_config("llama-3-8b")
+    tied.tie_word_embeddings = True  # a tied table is the LM head: read once, whole
+    assert decode_read_bytes(tied, 2, 2) == decode_read_bytes(L8, 2, 2)

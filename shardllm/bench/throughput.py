@@ -120,7 +120,8 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float
 
 def run(a: argparse.Namespace) -> dict:
     from shardllm import LLM, SamplingParams
-    from shardllm.model_loader.size import weight_bytes
+    from shardllm.layers.quantization.kv_cache import kv_cache_torch_dtype
+    from shardllm.model_loader.size import decode_read_bytes
 
     kw = llm_kwargs(a)
     t0 = time.perf_counter()
@@ -177,12 +178,13 @@ def run(a: argparse.Namespace) -> dict:
     if a.batch_size == 1 and llm.config.device == "cuda":
         # roofline: every decode step reads all weights (this rank's share) and the KV cache so far
         bw = measure_copy_bandwidth(torch.device("cuda", 0))
-        elem = 1 if llm.config.model_config.quantization is not None else torch.empty(
-            (), dtype=llm.config.model_config.dtype).element_size()  # weight bytes (embeddings counted as 1 too)
         mc = llm.config.model_config
-        kv_per_token = 2 * mc.hf_config.num_hidden_layers * mc.total_num_kv_heads * mc.head_dim * elem
+        dense = torch.empty((), dtype=mc.dtype).element_size()
+        linear = 1 if mc.quantization is not None else dense  # FP8 linears; the LM head stays `dense`
+        kv_elem = kv_cache_torch_dtype(llm.config.cache_config.kv_cache_dtype, mc.dtype).itemsize
+        kv_per_token = 2 * mc.hf_config.num_hidden_layers * mc.total_num_kv_heads * mc.head_dim * kv_elem
         avg_ctx = a.input_len + a.output_len / 2
-        step_bytes = weight_bytes(mc.hf_config, elem) / world + kv_per_token * avg_ctx / a.tp_size
+        step_bytes = decode_read_bytes(mc.hf_config, linear, dense) / world + kv_per_token * avg_ctx / a.tp_size
         roof_ms = step_bytes / bw * 1e3
         res.update(copy_bandwidth_tb_s=round(bw / 1e12, 3), roofline_ms_per_token=round(roof_ms, 3),
                    decode_ms_per_token=res["tpot_ms_p50"],

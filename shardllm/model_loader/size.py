@@ -64,3 +64,26 @@ def count_parameters(hf_config) -> int:
 
 def weight_bytes(hf_config, bytes_per_param: float) -> int:
     return int(count_parameters(hf_config) * bytes_per_param)
+
+
+def decode_read_bytes(hf_config, linear_bytes: int, dense_bytes: int) -> int:
+    """Weight bytes one decode step of one sequence reads, whole model (divide by the ranks for one rank's share):
+    the decoder layers' Linears at `linear_bytes` (1: FP8, plus an fp32 scale per output row), an MoE layer's experts
+    only for the num_experts_per_tok a token is routed to, the layers' other parameters and the final norm at
+    `dense_bytes`, the LM head (never quantized) at `dense_bytes`, and not the input embedding table, of which a
+    token reads one row (a tied table is the LM head, read whole once).
+
+    The bytes behind `shardllm bench`'s batch-1 roofline (bench/throughput.py). Llama-3-8B: 15.01 GB in bf16 (not
+    its 16.06 GB of parameters: the 1.05 GB embedding is not read), 8.03 GB in fp8.
+    """
+    c = hf_config
+    experts, top_k = num_experts(c), getattr(c, "num_experts_per_tok", None) or 1
+    total = 0
+    for i in range(c.num_hidden_layers):
+        linears, other = layer_shapes(c, i)
+        moe = bool(experts) and _is_moe_layer(c, i)
+        for j, (n, k) in enumerate(linears):
+            share = top_k / experts if moe and j in (2, 3) else 1.0  # gate_up, down of the stacked experts
+            total += share * (n * k * linear_bytes + (4 * n if linear_bytes == 1 else 0))
+        total += other * dense_bytes
+    return int(total + (c.vocab_size * c.hidden_size + c.hidden_size) * dense_bytes)
