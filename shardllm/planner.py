@@ -103,7 +103,8 @@ class StageEstimate:
     overhead: int  # CUDA context, NCCL and pipeline buffers: memory torch does not report as free
     kv_budget: int
     kv_tokens: int  # capacity in tokens, whole blocks, less the one block the engine keeps aside
-    decode_weights: int = 0  # of `weights`, what a decode step reads: not the input embedding (one row a token)
+    decode_weights: int  # `weights` less the input embedding (a token reads one row): what a decode step reads,
+    # every expert of an MoE layer included (a batch's tokens route to most of them; batch 1 reads fewer)
 
 
 @dataclass

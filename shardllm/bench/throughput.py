@@ -176,15 +176,18 @@ def run(a: argparse.Namespace) -> dict:
     if hasattr(ex, "plan_send_s") and ex.num_steps:
         res["plan_send_us_per_step"] = round(ex.plan_send_s / ex.num_steps * 1e6, 1)
     if a.batch_size == 1 and llm.config.device == "cuda":
-        # roofline: every decode step reads all weights (this rank's share) and the KV cache so far
+        # roofline: a batch-1 token passes the pp stages one after another, each of whose tp ranks reads its share
+        # of the weights a decode step reads (size.decode_read_bytes) and its kv heads' cache so far (kv heads
+        # replicated where tp exceeds them): the time of (bytes / tp) at the copy bandwidth
         bw = measure_copy_bandwidth(torch.device("cuda", 0))
         mc = llm.config.model_config
         dense = torch.empty((), dtype=mc.dtype).element_size()
         linear = 1 if mc.quantization is not None else dense  # FP8 linears; the LM head stays `dense`
         kv_elem = kv_cache_torch_dtype(llm.config.cache_config.kv_cache_dtype, mc.dtype).itemsize
-        kv_per_token = 2 * mc.hf_config.num_hidden_layers * mc.total_num_kv_heads * mc.head_dim * kv_elem
+        kv_heads_rank = max(1, mc.total_num_kv_heads // a.tp_size)
+        kv_per_token_rank = 2 * mc.hf_config.num_hidden_layers * kv_heads_rank * mc.head_dim * kv_elem
         avg_ctx = a.input_len + a.output_len / 2
-        step_bytes = decode_read_bytes(mc.hf_config, linear, dense) / world + kv_per_token * avg_ctx / a.tp_size
+        step_bytes = decode_read_bytes(mc.hf_config, linear, dense) / a.tp_size + kv_per_token_rank * avg_ctx
         roof_ms = step_bytes / bw * 1e3
         res.update(copy_bandwidth_tb_s=round(bw / 1e12, 3), roofline_ms_per_token=round(roof_ms, 3),
                    decode_ms_per_token=res["tpot_ms_p50"],

@@ -74,7 +74,7 @@ def decode_read_bytes(hf_config, linear_bytes: int, dense_bytes: int) -> int:
     token reads one row (a tied table is the LM head, read whole once).
 
     The bytes behind `shardllm bench`'s batch-1 roofline (bench/throughput.py). Llama-3-8B: 15.01 GB in bf16 (not
-    its 16.06 GB of parameters: the 1.05 GB embedding is not read), 8.03 GB in fp8.
+    its 16.06 GB of parameters: the 1.05 GB embedding is not read), 8.04 GB in fp8.
     """
     c = hf_config
     experts, top_k = num_experts(c), getattr(c, "num_experts_per_tok", None) or 1

@@ -108,13 +108,13 @@ class KernelWarmUp:
         kernel (triton_paged.prefill_block_q of chunk lengths >= 2, per distinct GQA group of the layers; the
         profile run, skipped when num_kv_blocks is given, compiled at most the largest): a step whose chunks are all
         short would otherwise compile that kernel variant in the middle of a run. Returns the prompt lengths run."""
-        from shardllm.layers.attention.triton_paged import prefill_block_q
+        from shardllm.layers.attention.triton_prefill import PREFILL_CONFIG, prefill_block_q
 
         groups = {a.num_heads // a.num_kv_heads for a in self.attn_layers}
         sc = self.config.scheduler_config
         longest = min(sc.max_num_batched_tokens, sc.max_model_len)
         seen, lengths = set(), []
-        for n in range(2, min(longest, 256) + 1):  # block_q stops growing at 128 rows
+        for n in range(2, min(longest, max(PREFILL_CONFIG.rows, 256)) + 1):  # block_q stops growing at `rows`
             tiles = {(g, prefill_block_q(n, g)) for g in groups}
             if not tiles <= seen:
                 seen |= tiles

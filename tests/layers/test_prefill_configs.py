@@ -78,6 +78,7 @@ def test_the_tile_rows_follow_the_config():
 
 @pytest.mark.parametrize("text,field", [('{"rows": 96}', "rows"), ('{"block_n": 512}', "block_n"),
                                         ('{"num_warps": 3}', "num_warps"), ('{"num_stages": 9}', "num_stages"),
+                                        ('{"num_warps": 4.0}', "num_warps"), ('{"num_stages": true}', "num_stages"),
                                         ('{"split_causal": 1}', "split_causal"), ('{"tile": 64}', "fields"),
                                         ("rows=256", "JSON")])
 def test_bad_configs_fail_naming_the_field(text, field):

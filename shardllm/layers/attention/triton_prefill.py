@@ -175,12 +175,16 @@ def parse_prefill_config(text: str | None) -> PrefillConfig:
         raise ValueError(f"SHARDLLM_PREFILL_CONFIG: JSON of PrefillConfig fields {list(PrefillConfig._fields)} "
                          f"expected, got {text!r} ({e})") from None
 
+    def integer(n) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool)
+
     def pow2(n) -> bool:
-        return isinstance(n, int) and n > 0 and n & (n - 1) == 0
+        return integer(n) and n > 0 and n & (n - 1) == 0
 
     checks = {"rows": pow2(cfg.rows) and 16 <= cfg.rows <= 512,
               "block_n": pow2(cfg.block_n) and 16 <= cfg.block_n <= 256,
-              "num_warps": cfg.num_warps in (0, 1, 2, 4, 8, 16), "num_stages": cfg.num_stages in range(0, 7),
+              "num_warps": integer(cfg.num_warps) and cfg.num_warps in (0, 1, 2, 4, 8, 16),
+              "num_stages": integer(cfg.num_stages) and cfg.num_stages in range(0, 7),
               "split_causal": isinstance(cfg.split_causal, bool)}
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
