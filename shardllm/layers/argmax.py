@@ -33,17 +33,24 @@ CHUNK = 4096  # values a first-stage program reads (128,256 / 4,096 = 32 program
 if HAS_TRITON:
 
     @triton.jit
+    def _first_largest(v, idx, valid):
+        """Among the valid entries of v (fp32), the first index (smallest idx) of the largest value. Order: NaN
+        (rank 2) above +inf (rank 1) above the rest (rank 0, by value); NaN / +inf candidates are alike."""
+        rank = tl.where(valid, tl.where(v != v, 2, tl.where(v == float("inf"), 1, 0)), -1)
+        cand = rank == tl.max(rank, 0)
+        best = tl.max(tl.where(cand, v, float("-inf")), 0)
+        return tl.min(tl.where(cand & ((v == best) | (rank > 0)), idx, 2147483647), 0)
+
+    @triton.jit
     def _argmax_chunk_kernel(x_ptr, part_val_ptr, part_idx_ptr, V, stride_xb, num_chunks, CHUNK: tl.constexpr):
-        """Program (row b, chunk c): the largest value of x[b, c*CHUNK : (c+1)*CHUNK] and the first index holding
-        it. Order: NaN (rank 2) above +inf (rank 1) above the rest (rank 0, by value)."""
+        """Program (row b, chunk c): the first index of the largest value of x[b, c*CHUNK : (c+1)*CHUNK], and
+        that value."""
         b = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1)
         offs = c * CHUNK + tl.arange(0, CHUNK)
-        x = tl.load(x_ptr + b * stride_xb + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        rank = tl.where(x != x, 2, tl.where(x == float("inf"), 1, 0))
-        cand = rank == tl.max(rank, 0)
-        best = tl.max(tl.where(cand, x, float("-inf")), 0)  # NaN / +inf candidates: any of them (all alike)
-        first = tl.min(tl.where(cand & ((x == best) | (rank > 0)), offs, 2147483647), 0)
+        valid = offs < V
+        x = tl.load(x_ptr + b * stride_xb + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        first = _first_largest(x, offs, valid)
         out = b * num_chunks + c
         tl.store(part_val_ptr + out, tl.load(x_ptr + b * stride_xb + first).to(tl.float32))
         tl.store(part_idx_ptr + out, first)
@@ -56,11 +63,7 @@ if HAS_TRITON:
         m = c < num_chunks
         v = tl.load(part_val_ptr + b * num_chunks + c, mask=m, other=float("-inf"))
         i = tl.load(part_idx_ptr + b * num_chunks + c, mask=m, other=2147483647)
-        rank = tl.where(m, tl.where(v != v, 2, tl.where(v == float("inf"), 1, 0)), -1)
-        cand = rank == tl.max(rank, 0)
-        best = tl.max(tl.where(cand, v, float("-inf")), 0)
-        first = tl.min(tl.where(cand & ((v == best) | (rank > 0)), i, 2147483647), 0)
-        tl.store(out_ptr + b, first.to(tl.int64))
+        tl.store(out_ptr + b, _first_largest(v, i, m).to(tl.int64))
 
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # exact in the kernels' fp32 (float64 would not be)

@@ -114,7 +114,7 @@ class KernelWarmUp:
         sc = self.config.scheduler_config
         longest = min(sc.max_num_batched_tokens, sc.max_model_len)
         seen, lengths = set(), []
-        for n in range(2, min(longest, max(PREFILL_CONFIG.rows, 256)) + 1):  # block_q stops growing at `rows`
+        for n in range(2, min(longest, PREFILL_CONFIG.rows) + 1):  # block_q is at most `rows` tokens: no new tile past
             tiles = {(g, prefill_block_q(n, g)) for g in groups}
             if not tiles <= seen:
                 seen |= tiles

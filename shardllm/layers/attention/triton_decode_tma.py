@@ -171,36 +171,36 @@ def _decode_kernel_tma(
                   num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
 
 
+def _nvidia_sm90(device: torch.device) -> bool:
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9  # ROCm reports 9.x on MI300
+
+
+def _page_sizes_ok(head_dim: int, block_size: int, itemsize: int) -> bool:
+    """A page is one tile and one TMA box: a power-of-two head_dim of whole 16-byte rows, block_size a power of two
+    (tl.arange) in [16, 256] (tl.dot; a box's dims are at most 256)."""
+    return (head_dim == 1 << (head_dim - 1).bit_length() and head_dim * itemsize % 16 == 0
+            and block_size == 1 << (block_size - 1).bit_length() and 16 <= block_size <= 256)
+
+
 def tma_supported(q: torch.Tensor, cache: torch.Tensor) -> bool:
     """Whether this call can take the TMA kernel: see the module docstring."""
     if not HAS_TRITON or TensorDescriptor is None:
         return False
-    if q.device.type == "cuda" and (torch.version.hip is not None  # ROCm reports 9.x on MI300: no NVIDIA TMA
-                                    or torch.cuda.get_device_capability(q.device)[0] < 9):
+    if q.device.type == "cuda" and not _nvidia_sm90(q.device):
         return False
     nb, bs, nkv, d = cache.shape
-    # a page is one tile and one TMA box: bs a power of two (tl.arange) in [16, 256] (tl.dot; a box's dims are at
-    # most 256); TMA coordinates are int32, so the rows of the (nb x bs) view must fit in one
-    return (d == 1 << (d - 1).bit_length() and d * cache.element_size() % 16 == 0
-            and bs == 1 << (bs - 1).bit_length() and 16 <= bs <= 256 and nb * bs < 2**31
+    # TMA coordinates are int32, so the rows of the (nb x bs) view must fit in one
+    return (_page_sizes_ok(d, bs, cache.element_size()) and nb * bs < 2**31
             and cache.stride() == (bs * nkv * d, nkv * d, d, 1) and cache.data_ptr() % 16 == 0)
 
 
 def vt_layout_eligible(device: torch.device, head_dim: int, block_size: int, itemsize: int) -> bool:
     """Whether a KV cache of these sizes on `device` may store V transposed with every decode on the TMA path: an
-    NVIDIA sm90+ GPU, a power-of-two head_dim of whole 16-byte rows and power-of-two pages in [16, 256] of whole
-    16-byte rows (the conditions of tma_supported and vt_supported that no single call decides). Elsewhere the
-    pointer kernel would read a transposed V byte by byte."""
-    if not HAS_TRITON or TensorDescriptor is None or device.type != "cuda" or torch.version.hip is not None:
-        return False
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        return False
-
-    def pow2(n: int) -> bool:
-        return n > 0 and n & (n - 1) == 0
-
-    return (pow2(head_dim) and head_dim * itemsize % 16 == 0 and pow2(block_size) and 16 <= block_size <= 256
-            and block_size * itemsize % 16 == 0)
+    NVIDIA sm90+ GPU, the page sizes tma_supported takes, and pages of whole 16-byte rows (the conditions of
+    tma_supported and vt_supported that no single call decides). Elsewhere the pointer kernel would read a
+    transposed V byte by byte."""
+    return (HAS_TRITON and TensorDescriptor is not None and device.type == "cuda" and _nvidia_sm90(device)
+            and _page_sizes_ok(head_dim, block_size, itemsize) and block_size * itemsize % 16 == 0)
 
 
 def vt_supported(q: torch.Tensor, k_cache: torch.Tensor, v_cache_t: torch.Tensor) -> bool:
