@@ -5,8 +5,9 @@ uses on sm90+ (V transposed) and the standard one. Cases are whole prefill steps
 prompts of 1,000 tokens: a 500 x 1000/1000 run's prefill step) and "128x128" (1000 x 128/128's). Every config's
 output is compared with the default launch's (max abs difference), then timed as a CUDA graph of 10 calls (us a
 call, TFLOP/s of the causal product: 4 x D x heads x sum over sequences of q_len x (ctx_len + (q_len + 1) / 2)).
-Prints one JSON line per (case, layout, config), then per case and layout the best config beside the default and
-the SHARDLLM_PREFILL_CONFIG value that selects it. On an H200 (eleventh session's profile) the default launch took
+Prints one JSON line per (case, layout, config), then per case and layout the best config beside PrefillConfig() and
+the engine's default for the case (triton_prefill.prefill_config), and the SHARDLLM_PREFILL_CONFIG value that
+selects it. On an H200 (eleventh session's profile) the default launch took
 42-48 ms of a ~250 ms 16k-token prefill step of Llama-3-8B fp8 (32 layers): about 1.3-1.5 ms a layer.
 
     python benchmarks/prefill_sweep.py [--cases 16x1000 128x128] [--budget_s 120] [--configs JSON]
@@ -21,10 +22,12 @@ import time
 
 import torch
 
-from shardllm.layers.attention.triton_prefill import PrefillConfig, paged_prefill_attention, parse_prefill_config
+from shardllm.layers.attention.triton_prefill import (PrefillConfig, paged_prefill_attention, parse_prefill_config,
+                                                      prefill_config)
 
 NH, NKV, D, BS = 32, 8, 128, 64
-# The default first, then one change at a time, then combinations; cut short by the time budget.
+# PrefillConfig() (the reference launch) first, then one change at a time, then combinations; cut short by the time
+# budget. The engine's defaults (prefill_config: STANDARD, V_T_LONG, V_T_SHORT) are among them.
 GRID = [
     PrefillConfig(),
     PrefillConfig(split_causal=True),
@@ -132,11 +135,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 key = (row["case"], layout)
                 if cfg == PrefillConfig():
                     best.setdefault(key, {})["default_us"] = row["us"]
+                if cfg == prefill_config(layout == "vt", q_len):
+                    best.setdefault(key, {})["engine_us"] = row["us"]
                 if row["max_diff"] < 2e-2 and row["us"] < best.get(key, {}).get("us", float("inf")):
                     best.setdefault(key, {}).update(us=row["us"], config=cfg)
     for (case, layout), b in best.items():
         changed = {k: v for k, v in b["config"]._asdict().items() if v != PrefillConfig._field_defaults[k]}
-        print(f"{case} {layout}: default {b.get('default_us')} us, best {b['us']} us with "
+        print(f"{case} {layout}: PrefillConfig() {b.get('default_us')} us, the engine's default (prefill_config) "
+              f"{b.get('engine_us')} us, best {b['us']} us with "
               f"SHARDLLM_PREFILL_CONFIG='{json.dumps(changed)}'")
     return rows
 

@@ -150,6 +150,9 @@ _VARS = [
     _switch("SHARDLLM_TP_OVERLAP", False, "import",
             "1: big tp decode batches run as two micro-batches, one's all-reduce beside the other's compute "
             "(issue 15; 20,845 against 20,759 tok/s: no gain, off)"),
+    _switch("SHARDLLM_TP_OVERLAP_AT_TP1", False, "import",
+            "1: with SHARDLLM_TP_OVERLAP=1, the two micro-batches also at tp 1: one half's decode attention "
+            "(memory-bound) beside the other half's GEMMs (compute-bound; issue 13, 500 x 1000/1000)"),
     EnvVar("SHARDLLM_TP_OVERLAP_MIN_TOKENS", "int", "64", int, "import",
            "with SHARDLLM_TP_OVERLAP=1: the fewest decode rows that are split (below: latency-bound)"),
     _switch("SHARDLLM_GEMV_TABLES", True, "import",
@@ -161,7 +164,8 @@ _VARS = [
             "one H200, sixth session)"),
     EnvVar("SHARDLLM_GEMV_PDL_PREFETCH_MB", "float", "0", float, "import",
            "MiB of a PDL-launched GEMV's weights asked of L2 before it waits on the kernel before (layers/gemv.py, "
-           "pdl.pdl_enter_prefetching; issues 13 and 15, batch-1 decode; 0: none, not yet measured on a GPU)"),
+           "pdl.pdl_enter_prefetching; issues 13 and 15, batch-1 decode; 0: none; seventh session: 8B fp8 2.842 -> "
+           "3.008 ms, off)"),
     _switch("SHARDLLM_GEMV_NEAREST_SHAPE", True, "per call",
             "0: an FP8 GEMV shape without a tuned entry, and the fused SiLU down GEMV's, take the generic tl.dot "
             "config, not the nearest tuned shape's (gemv.nearest_config; A/B only: Llama-3-70B batch 1 was "

@@ -12,10 +12,14 @@ puts A's all-reduce on the wire while B's attention computes and B's while A's M
 collective of the group in issue order on its own stream, the same order on every rank). The same idea is
 SGLang's "two-batch overlap" and NanoFlow's nano-batching; this is our own small version of it.
 
-Scope: decode steps (one query token per sequence) of at least `MIN_TOKENS` rows, tp > 1, on CUDA (on CPU the
-same interleaving runs on one stream, which tests the splitting and gives the same tokens). Works inside CUDA graph
-capture (the side streams fork from and join the capturing stream). The symmetric-memory all-reduce shares one
-buffer per rank, so two micro-batches in flight would race on it: inside the overlap every all-reduce goes to NCCL.
+At tp 1 (SHARDLLM_TP_OVERLAP_AT_TP1=1, an experiment) the same order puts one half's decode attention, which is
+bound by HBM bandwidth, beside the other half's GEMMs, bound by the tensor cores at a few hundred rows.
+
+Scope: decode steps (one query token per sequence) of at least `MIN_TOKENS` rows, tp > 1 (or tp 1 as above), on
+CUDA (on CPU the same interleaving runs on one stream, which tests the splitting and gives the same tokens). Works
+inside CUDA graph capture (the side streams fork from and join the capturing stream). The symmetric-memory
+all-reduce shares one buffer per rank, so two micro-batches in flight would race on it: inside the overlap every
+all-reduce goes to NCCL.
 
 Switch: `SHARDLLM_TP_OVERLAP=1` (read at start-up) turns it on; off by default until measured on GPUs.
 """
@@ -33,6 +37,7 @@ from shardllm.layers.attention import AttentionMetadata
 
 ENABLED = envs.SHARDLLM_TP_OVERLAP
 MIN_TOKENS = envs.SHARDLLM_TP_OVERLAP_MIN_TOKENS  # below: latency-bound, no split
+AT_TP1 = envs.SHARDLLM_TP_OVERLAP_AT_TP1  # also without tp: attention (memory-bound) beside GEMMs (compute-bound)
 
 _streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 _suspended = False  # see suspended()
@@ -51,10 +56,15 @@ def suspended():
         _suspended = before
 
 
+def active(tp_size: int) -> bool:
+    """Whether large decode batches are split at this tp size (SHARDLLM_TP_OVERLAP; at tp 1 only with
+    SHARDLLM_TP_OVERLAP_AT_TP1)."""
+    return ENABLED and (tp_size > 1 or AT_TP1)
+
+
 def applies(meta: AttentionMetadata, num_tokens: int, tp_size: int) -> bool:
     """Whether a forward of `num_tokens` rows with `meta` runs as two overlapped micro-batches."""
-    return (ENABLED and not _suspended and tp_size > 1 and meta.max_query_len == 1
-            and num_tokens >= MIN_TOKENS)
+    return active(tp_size) and not _suspended and meta.max_query_len == 1 and num_tokens >= MIN_TOKENS
 
 
 def split_decode_meta(meta: AttentionMetadata, m: int) -> tuple[AttentionMetadata, AttentionMetadata]:

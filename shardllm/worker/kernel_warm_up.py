@@ -97,27 +97,34 @@ class KernelWarmUp:
         g = self.graph_runner
         if g is not None and not attention_mod.MIXED_STEP_DECODE_KERNEL:
             return []
-        halves = microbatch_overlap.ENABLED and get_parallel_context().tp_size > 1  # the overlap split large buckets
+        halves = microbatch_overlap.active(get_parallel_context().tp_size)  # the overlap split large buckets
         whole = [] if g is None else [b for b in g.buckets if not (halves and b >= microbatch_overlap.MIN_TOKENS)]
         return decode_warm_up_sizes(self.model, whole, self.config.scheduler_config.max_num_seqs, self.block_size,
                                     self.device)
 
     @torch.inference_mode()
     def warm_up_prefill_tiles(self) -> list[int]:
-        """Runs a short prompt (_dummy_forward, on the padding block) for each tile size of the prefill attention
-        kernel (triton_paged.prefill_block_q of chunk lengths >= 2, per distinct GQA group of the layers; the
-        profile run, skipped when num_kv_blocks is given, compiled at most the largest): a step whose chunks are all
-        short would otherwise compile that kernel variant in the middle of a run. Returns the prompt lengths run."""
-        from shardllm.layers.attention.triton_prefill import PREFILL_CONFIG, prefill_block_q
+        """Runs a short prompt (_dummy_forward, on the padding block) for each launch of the prefill attention kernel
+        (triton_prefill.prefill_config and prefill_block_q of chunk lengths >= 2, per distinct GQA group and V
+        layout of the layers; the profile run, skipped when num_kv_blocks is given, compiled at most the largest):
+        a step whose chunks are all short would otherwise compile that kernel variant in the middle of a run.
+        Returns the prompt lengths run."""
+        from shardllm.layers.attention import triton_prefill as tp
 
-        groups = {a.num_heads // a.num_kv_heads for a in self.attn_layers}
+        kinds = {(a.num_heads // a.num_kv_heads, a.v_transposed) for a in self.attn_layers}
         sc = self.config.scheduler_config
         longest = min(sc.max_num_batched_tokens, sc.max_model_len)
+
+        def launches(n: int) -> set:
+            return {(g, tp.prefill_block_q(n, g, c), c) for g, v_t in kinds for c in [tp.prefill_config(v_t, n)]}
+
+        rows = max(c.rows for n in (2, longest) for _, _, c in launches(n))  # block_q is at most `rows` tokens
+        candidates = sorted({*range(2, min(longest, rows) + 1), *(n for n in (tp.V_T_LONG_FROM,) if n <= longest)})
         seen, lengths = set(), []
-        for n in range(2, min(longest, PREFILL_CONFIG.rows) + 1):  # block_q is at most `rows` tokens: no new tile past
-            tiles = {(g, prefill_block_q(n, g)) for g in groups}
-            if not tiles <= seen:
-                seen |= tiles
+        for n in candidates:  # the lengths where a launch starts (the configs change only at V_T_LONG_FROM)
+            new = launches(n)
+            if not new <= seen:
+                seen |= new
                 lengths.append(n)
                 self._dummy_forward(n)
         return lengths

@@ -86,3 +86,17 @@ def test_no_split_while_kv_scales_are_computed():
         assert microbatch_overlap.applies(meta, 128, 2)
     finally:
         microbatch_overlap.ENABLED = enabled
+
+
+def test_tp1_split_only_with_its_switch(monkeypatch):
+    meta = AttentionMetadata(torch.zeros(128, dtype=torch.long), torch.arange(129, dtype=torch.int32),
+                             torch.ones(128, dtype=torch.int32), torch.zeros(128, 1, dtype=torch.int32),
+                             max_query_len=1, max_seq_len=1, block_size=4)
+    monkeypatch.setattr(microbatch_overlap, "ENABLED", True)
+    monkeypatch.setattr(microbatch_overlap, "AT_TP1", False)
+    assert not microbatch_overlap.applies(meta, 128, 1) and microbatch_overlap.applies(meta, 128, 2)
+    monkeypatch.setattr(microbatch_overlap, "AT_TP1", True)
+    assert microbatch_overlap.applies(meta, 128, 1)
+    assert not microbatch_overlap.applies(meta, microbatch_overlap.MIN_TOKENS - 1, 1)  # small batches stay whole
+    monkeypatch.setattr(microbatch_overlap, "ENABLED", False)
+    assert not microbatch_overlap.applies(meta, 128, 1)  # the tp-1 switch alone does nothing

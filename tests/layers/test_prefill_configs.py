@@ -17,8 +17,10 @@ from tests.layers.test_triton_attention import cpu, gpu, make_case, reference  #
 CONFIGS = [PrefillConfig(), PrefillConfig(rows=64), PrefillConfig(rows=256), PrefillConfig(block_n=32),
            PrefillConfig(block_n=128), PrefillConfig(split_causal=True), PrefillConfig(rows=256, block_n=32,
                                                                                       split_causal=True),
-           PrefillConfig(num_warps=4, num_stages=2, split_causal=True)]
-IDS = ["default", "rows64", "rows256", "n32", "n128", "split", "rows256-n32-split", "w4-s2-split"]
+           PrefillConfig(num_warps=4, num_stages=2, split_causal=True), triton_prefill.STANDARD,
+           triton_prefill.V_T_LONG]
+IDS = ["default", "rows64", "rows256", "n32", "n128", "split", "rows256-n32-split", "w4-s2-split", "standard",
+       "vt-long"]
 Q_LENS, SEQ_LENS = [70, 45, 1], [70, 130, 33]  # a fresh prompt, a chunk over 85 cached tokens, a decode row
 
 
@@ -85,6 +87,20 @@ def test_bad_configs_fail_naming_the_field(text, field):
     with pytest.raises(ValueError, match="SHARDLLM_PREFILL_CONFIG") as e:
         parse_prefill_config(text)
     assert field in str(e.value)
+
+
+def test_the_engine_launch_follows_the_v_layout_and_chunk_length(monkeypatch):
+    """Without SHARDLLM_PREFILL_CONFIG: STANDARD for (N, D) V tiles, the transposed layout's by the step's longest
+    chunk; with it: that launch for every step (the variable is read at import, so PREFILL_CONFIG stands in)."""
+    tp = triton_prefill
+    monkeypatch.setattr(tp, "PREFILL_CONFIG", None)
+    assert tp.prefill_config(False, 1) == tp.prefill_config(False, 4096) == tp.STANDARD
+    assert tp.prefill_config(True, tp.V_T_LONG_FROM - 1) == tp.V_T_SHORT
+    assert tp.prefill_config(True, tp.V_T_LONG_FROM) == tp.V_T_LONG != tp.V_T_SHORT
+    given = parse_prefill_config('{"rows": 64}')
+    monkeypatch.setattr(tp, "PREFILL_CONFIG", given)
+    assert {tp.prefill_config(v, n) for v in (False, True) for n in (1, 4096)} == {given}
+    assert tp.prefill_block_q(1000, 4) == 16  # 64 rows / group 4
 
 
 def test_a_blank_or_missing_config_is_the_default():

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +103,26 @@ def test_prefill_tile_warm_up_runs_one_short_prompt_per_tile_size_on_the_padding
     assert runner.warm_up_prefill_tiles() == sorted(first_of.values())
     for before, after in zip(caches, runner.kv_caches):  # (2, blocks, block_size, nkv, D): only block 0 written
         assert torch.equal(before[:, 1:], after[:, 1:])
+
+
+def test_prefill_warm_up_covers_the_transposed_v_long_chunk_launch(runner, monkeypatch):
+    """A transposed V cache changes launch at V_T_LONG_FROM-token chunks: the warm-up runs that length too (else the
+    first long prompt compiles it mid-run). The forwards are recorded, not run (the CPU cache is not transposed)."""
+    from shardllm.layers.attention import triton_prefill as tp
+
+    ran = []
+    monkeypatch.setattr(runner, "_dummy_forward", lambda n, **k: ran.append(n))
+    for a in runner.attn_layers:
+        monkeypatch.setattr(a, "v_transposed", True)
+    sc = dataclasses.replace(runner.config.scheduler_config, max_num_batched_tokens=4096, max_model_len=4096)
+    monkeypatch.setattr(runner, "config", dataclasses.replace(runner.config, scheduler_config=sc))
+    longest = min(sc.max_num_batched_tokens, sc.max_model_len)
+    assert longest >= tp.V_T_LONG_FROM
+    a = runner.attn_layers[0]
+    group = a.num_heads // a.num_kv_heads
+    first_of = {}
+    for n in range(2, longest + 1):
+        c = tp.prefill_config(True, n)
+        first_of.setdefault((tp.prefill_block_q(n, group, c), c), n)
+    assert tp.V_T_LONG_FROM in first_of.values()
+    assert runner.warm_up_prefill_tiles() == ran == sorted(first_of.values())

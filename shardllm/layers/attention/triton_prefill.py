@@ -151,7 +151,7 @@ class PrefillConfig(NamedTuple):
     two; short chunks take fewer tokens, at least 16 rows); block_n: context tokens a step (a transposed V cache reads
     one-page tiles fast only where it divides block_size); num_warps 0: 8 for tiles of 128 rows or more, else 4;
     num_stages 0: Triton's default; split_causal: the context tiles before a tile's first token run without the
-    causal and end masks (unmasked loads), the rest with them. The defaults are the launch measured so far."""
+    causal and end masks (unmasked loads), the rest with them. The engine's launch is `prefill_config`'s."""
 
     rows: int = 128
     block_n: int = 64
@@ -194,14 +194,32 @@ def parse_prefill_config(text: str | None) -> PrefillConfig:
     return cfg
 
 
-PREFILL_CONFIG = parse_prefill_config(envs.SHARDLLM_PREFILL_CONFIG)  # read at import: one launch for the process
+# SHARDLLM_PREFILL_CONFIG, read at import: one launch for every step of the process; None: prefill_config's defaults
+PREFILL_CONFIG = (parse_prefill_config(envs.SHARDLLM_PREFILL_CONFIG) if envs.is_given("SHARDLLM_PREFILL_CONFIG")
+                  else None)
+# The defaults, from benchmarks/prefill_sweep.py on one H200 (docs/benchmarks.md, twelfth session; 8B shapes, us a
+# layer at 16 x 1000 / 128 x 128 tokens, the launch before: 774 / 290 standard, 895 / 309 transposed):
+STANDARD = PrefillConfig(num_warps=4, split_causal=True)  # 554 / 224
+V_T_LONG = PrefillConfig(block_n=128, split_causal=True)  # transposed V, chunks of V_T_LONG_FROM+ tokens: 750 us
+V_T_SHORT = PrefillConfig()  # transposed V, shorter chunks (V_T_LONG's 128-token tiles: 425 us at 128 x 128)
+V_T_LONG_FROM = 512
+
+
+def prefill_config(v_transposed: bool, max_query_len: int) -> PrefillConfig:
+    """The prefill kernel's launch for a step: SHARDLLM_PREFILL_CONFIG where given, else by the V cache's layout
+    (standard (N, D) tiles or transposed) and, transposed, the step's longest chunk (max_query_len tokens)."""
+    if PREFILL_CONFIG is not None:
+        return PREFILL_CONFIG
+    if not v_transposed:
+        return STANDARD
+    return V_T_LONG if max_query_len >= V_T_LONG_FROM else V_T_SHORT
 
 
 def prefill_block_q(max_query_len: int, group: int, config: PrefillConfig | None = None) -> int:
     """Query tokens a tile of the prefill kernel holds (a tile: tokens x the `group` query heads of one kv head):
-    config.rows rows (default PREFILL_CONFIG's, 128), fewer tokens for short chunks, and at least 16 rows (tl.dot).
-    One compiled kernel per value."""
-    rows = (config or PREFILL_CONFIG).rows
+    config.rows rows (default: prefill_config's for a standard V cache), fewer tokens for short chunks, and at least
+    16 rows (tl.dot). One compiled kernel per value."""
+    rows = (config or prefill_config(False, max_query_len)).rows
     group_pad = _pow2(group)
     block_q = min(max(rows // group_pad, 1), _pow2(max(max_query_len, 1)))  # short chunks: smaller tiles
     return max(block_q, _pow2(max(16 // group_pad, 1)))
@@ -221,7 +239,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         query_start_loc: (B + 1,) int32; seq_lens: (B,) int32 context length including the chunk.
         max_query_len: host bound on the chunk lengths, only used to size the query tile.
         k_scale, v_scale: as paged_decode_attention's.
-        config: the launch (default PREFILL_CONFIG: SHARDLLM_PREFILL_CONFIG or PrefillConfig()).
+        config: the launch (default: prefill_config's for v_cache's layout and max_query_len).
     Returns:
         (N, nh, D), `out` if given.
     Raises:
@@ -239,7 +257,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
     group_pad = _pow2(group)
     head_dim_pad = _pow2(head_dim, 16)
-    cfg = config or PREFILL_CONFIG
+    v_t = v_cache.stride(-1) != 1
+    cfg = config or prefill_config(v_t, max_query_len)
     block_q = prefill_block_q(max_query_len, group, cfg)
     num_tiles = num_tokens // block_q + num_seqs
     launch = dict(num_warps=cfg.num_warps or (8 if block_q * group_pad >= 128 else 4))
@@ -252,6 +271,6 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_Q=block_q, BLOCK_N=cfg.block_n, DOT_PRECISION=_dot_precision(q.dtype),
-        KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype), V_T=v_cache.stride(-1) != 1,
+        KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype), V_T=v_t,
         SPLIT_CAUSAL=cfg.split_causal, **launch)
     return out
