@@ -166,9 +166,6 @@ _VARS = [
            "MiB of a PDL-launched GEMV's weights asked of L2 before it waits on the kernel before (layers/gemv.py, "
            "pdl.pdl_enter_prefetching; issues 13 and 15, batch-1 decode; 0: none; seventh session: 8B fp8 2.842 -> "
            "3.008 ms, off)"),
-    _switch("SHARDLLM_DECODE_FUSED_REDUCE", True, "import",
-            "0: decode batches of up to 16 sequences merge their attention partitions in a second kernel, not in "
-            "the decode kernel's last partition (triton_paged._decode_store; issue 13, batch-1 decode)"),
     _switch("SHARDLLM_GEMV_NEAREST_SHAPE", True, "per call",
             "0: an FP8 GEMV shape without a tuned entry, and the fused SiLU down GEMV's, take the generic tl.dot "
             "config, not the nearest tuned shape's (gemv.nearest_config; A/B only: Llama-3-70B batch 1 was "

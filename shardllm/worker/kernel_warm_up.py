@@ -19,10 +19,10 @@ from shardllm.layers.attention.decode_configs import decode_variant
 def decode_warm_up_sizes(model: nn.Module, covered: list[int], max_size: int, block_size: int,
                          device: torch.device) -> list[int]:
     """Batch sizes in 1..max_size, the smallest of each decode-attention launch variant (per distinct attention
-    layer shape, (config, num_splits, fused reduce): decode_configs.decode_variant) that no size in `covered` (batch
-    sizes already run unsplit, e.g. the CUDA-graph buckets) takes. Decodes run eagerly at any batch size (a mixed
-    step's, or every decode step without graphs) and would compile those variants in the middle of a run. Empty
-    without an Attention layer holding a cache."""
+    layer shape, (config, num_splits): decode_configs.decode_variant) that no size in `covered` (batch sizes already
+    run unsplit, e.g. the CUDA-graph buckets) takes. Decodes run eagerly at any batch size (a mixed step's, or every
+    decode step without graphs) and would compile those variants in the middle of a run. Empty without an Attention
+    layer holding a cache."""
     shapes = {(m.num_kv_heads, m.head_dim, m.kv_cache.dtype) for m in model.modules()
               if isinstance(m, Attention) and m.kv_cache is not None}
     if not shapes:

@@ -59,19 +59,6 @@ def test_warm_up_sizes_cover_every_decode_variant_the_buckets_miss(monkeypatch, 
     assert [variant(n) for n in alone] == list(dict.fromkeys(variant(n) for n in range(1, 65)))
 
 
-def test_the_fused_reduce_limit_is_a_variant_of_its_own(monkeypatch, table):
-    """Batches up to decode_configs.FUSED_REDUCE_MAX_SEQS merge partitions in the decode kernel (another compile):
-    17-20 share bucket 32's (config, splits) but not its reduce, so 17 is warmed up when the limit is 20."""
-    table({})
-    monkeypatch.setattr(decode_configs, "_num_sms", lambda device: 132)
-    buckets, dev = batch_buckets(64), torch.device("cpu")
-    base = decode_warm_up_sizes(model_with_cache(), buckets, 64, 16, dev)
-    monkeypatch.setattr(decode_configs, "FUSED_REDUCE_MAX_SEQS", 20)
-    assert decode_variant(17, 2, 32, torch.bfloat16, 16, dev)[:2] == decode_variant(32, 2, 32, torch.bfloat16, 16,
-                                                                                      dev)[:2]
-    assert 17 not in base and 17 in decode_warm_up_sizes(model_with_cache(), buckets, 64, 16, dev)
-
-
 def test_warm_up_sizes_cover_each_layer_shape_and_need_a_cache(table):
     table({**SKEWED, "bf16/64/16": {}, "bf16/64/20": {"num_warps": 8}, "bf16/64/512": {}})  # head_dim 64: 17..20
     buckets, dev = batch_buckets(64), torch.device("cpu")

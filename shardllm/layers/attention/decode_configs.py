@@ -13,15 +13,6 @@ import torch
 from shardllm import envs
 
 MAX_NUM_SPLITS = 32  # decode partitions per sequence; the grid is (B, nkv, num_splits) whatever the lengths
-# SHARDLLM_DECODE_FUSED_REDUCE: decode batches of up to this many sequences merge their partitions in the decode
-# kernel (triton_paged._decode_store's FUSED_REDUCE: the last partition of a (sequence, kv head) merges), not in a
-# second launch (at batch 1 that launch is ~2 us a layer of a ~88 us layer)
-FUSED_REDUCE_MAX_SEQS = 16 if envs.SHARDLLM_DECODE_FUSED_REDUCE else 0
-
-
-def fused_reduce(num_seqs: int, num_splits: int) -> bool:
-    """Whether a decode launch of num_seqs sequences x num_splits partitions merges them in the decode kernel."""
-    return 1 < num_splits and num_seqs <= FUSED_REDUCE_MAX_SEQS
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -248,12 +239,10 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -
 
 def decode_variant(num_seqs: int, num_kv_heads: int, head_dim: int, cache_dtype: torch.dtype, block_size: int,
                    device: torch.device) -> tuple[DecodeConfig, int]:
-    """(config, num_splits, fused_reduce) of paged_decode_attention's default launch for a batch of `num_seqs`: each
-    distinct triple is a kernel Triton compiles (the runner's start-up warm-up compiles those no CUDA-graph bucket
-    did)."""
+    """(config, num_splits) of paged_decode_attention's default launch for a batch of `num_seqs`: each distinct pair
+    is a kernel Triton compiles (the runner's start-up warm-up compiles those no CUDA-graph bucket did)."""
     cfg = decode_config(num_seqs, head_dim, cache_dtype, block_size)
-    splits = cfg.num_splits or default_num_splits(num_seqs, num_kv_heads, device)
-    return cfg, splits, fused_reduce(num_seqs, splits)
+    return cfg, cfg.num_splits or default_num_splits(num_seqs, num_kv_heads, device)
 
 
 _env_table()

@@ -89,12 +89,12 @@ def _two_page_step(q, k0, v0, k1, v1, tok0, end, m, l_sum, acc, qk_scale,
 
 @_jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _decode_kernel_tma(
-    q_ptr, k_desc, v_desc, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
+    q_ptr, k_desc, v_desc, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
     F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
-    V_T: tl.constexpr = False, FUSED_REDUCE: tl.constexpr = False,
+    V_T: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
     BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math; with PAGE_CHUNK, two pages share one
@@ -167,9 +167,8 @@ def _decode_kernel_tma(
             if PAGES == 2:
                 m, l_sum, acc = _page_step(q, k1, v1, tok0 + BLOCK_SIZE, end, m, l_sum, acc, qk_scale, BLOCK_SIZE,
                                            DOT_PRECISION, F16_DOT)
-    _decode_store(acc, m, l_sum, b, kvh, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr,
-                  counter_ptr, v_scale_ptr, num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED,
-                  FUSED_REDUCE)
+    _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
+                  num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
 
 
 def _nvidia_sm90(device: torch.device) -> bool:

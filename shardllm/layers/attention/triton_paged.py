@@ -11,7 +11,6 @@ import dataclasses
 
 import torch
 
-from shardllm.layers.attention import decode_configs
 from shardllm.layers.attention.decode_configs import (  # noqa: F401 - DECODE_CONFIGS, set_decode_configs: API
     DECODE_CONFIGS,
     MAX_NUM_SPLITS,
@@ -55,7 +54,7 @@ def _split_len(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 @_jit(do_not_specialize=["num_seqs", "stride_bt"])  # they vary step to step: one compile, not three
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_vd,
     stride_bt, stride_ob, stride_oh,
@@ -63,7 +62,7 @@ def _decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     USE_DOT: tl.constexpr = True, PREFETCH_PAGES: tl.constexpr = False, K_ROWMAJOR: tl.constexpr = False,
     EARLY_V: tl.constexpr = False, KV_SCALED: tl.constexpr = False, F16_DOT: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False, FUSED_REDUCE: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition): all GROUP query heads of the kv head at once.
 
@@ -161,23 +160,15 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
         m = m_new
 
-    _decode_store(acc, m, l_sum, b, kvh, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr,
-                  counter_ptr, v_scale_ptr, num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED,
-                  FUSED_REDUCE)
+    _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
+                  num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
 
 
 @_jit
-def _decode_store(acc, m, l_sum, b, kvh, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr,
-                  counter_ptr, v_scale_ptr, num_heads, num_seqs, stride_ob, stride_oh,
-                  HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, KV_SCALED: tl.constexpr,
-                  FUSED_REDUCE: tl.constexpr = False):
-    """A decode program's result: the (G, D) output of its heads with one partition, else its partials.
-
-    FUSED_REDUCE (NUM_SPLITS > 1): the partition that finishes last for its (sequence, kv head) merges the
-    partials itself, in place of _decode_reduce_kernel (one launch fewer a layer, for small batches). Each program
-    counts itself in counter_ptr[b * nkv + kvh] (int32, zero before the launch) after a barrier, with an acq_rel
-    atomic at GPU scope; the one that sees NUM_SPLITS - 1 reads every partition's partials through L2 (.cg: not a
-    stale L1 line), merges them and sets the counter back to zero for the next launch (a CUDA graph's replay)."""
+def _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
+                  num_heads, num_seqs, stride_ob, stride_oh,
+                  HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, KV_SCALED: tl.constexpr):
+    """A decode program's result: the (G, D) output of its heads with one partition, else its partials."""
     if KV_SCALED:  # p.(v / v_scale) * v_scale; partials too (the reduce is linear in acc)
         acc = acc * tl.load(v_scale_ptr)
     hd_mask = g_mask[:, None] & d_mask[None, :]
@@ -190,42 +181,6 @@ def _decode_store(acc, m, l_sum, b, kvh, split, head, g_mask, d, d_mask, out_ptr
         tl.store(part_acc_ptr + row[:, None].to(tl.int64) * HEAD_DIM + d[None, :], acc, mask=hd_mask)
         tl.store(part_ml_ptr + row, m, mask=g_mask)
         tl.store(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + row, l_sum, mask=g_mask)
-        if FUSED_REDUCE:
-            tl.debug_barrier()  # every thread's partials stored before the count that publishes them
-            slot = counter_ptr + b * tl.num_programs(1) + kvh
-            done = tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu")
-            if done == NUM_SPLITS - 1:  # the last partition of (b, kvh): merge all of them, empty ones included
-                tl.atomic_xchg(slot, 0, sem="relaxed", scope="gpu")  # every other partition has counted
-                _merge_partials(b, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, num_heads, num_seqs,
-                                stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS)
-
-
-@_jit
-def _merge_partials(b, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, num_heads, num_seqs, stride_ob,
-                    stride_oh, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """_decode_reduce_kernel's merge for the (G,) heads of one program, over all NUM_SPLITS partitions (an empty one
-    holds max -inf, sum 0: weight 0), one at a time; a sequence with none (graph padding) gives zeros."""
-    m_run = tl.full(g_mask.shape, float("-inf"), tl.float32)
-    l_run = tl.zeros(g_mask.shape, tl.float32)
-    acc = tl.zeros([g_mask.shape[0], d.shape[0]], tl.float32)
-    hd_mask = g_mask[:, None] & d_mask[None, :]
-    for s in range(NUM_SPLITS):
-        row = (b * num_heads + head) * NUM_SPLITS + s
-        m_s = tl.load(part_ml_ptr + row, mask=g_mask, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(part_ml_ptr + num_seqs * num_heads * NUM_SPLITS + row, mask=g_mask, other=0.0,
-                      cache_modifier=".cg")
-        a_s = tl.load(part_acc_ptr + row[:, None].to(tl.int64) * HEAD_DIM + d[None, :], mask=hd_mask, other=0.0,
-                      cache_modifier=".cg")
-        m_new = tl.maximum(m_run, m_s)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no partition yet with a token: weights 0, not NaN
-        alpha = tl.exp2(m_run - m_ref)
-        beta = tl.exp2(m_s - m_ref)
-        l_run = l_run * alpha + l_s * beta
-        acc = acc * alpha[:, None] + a_s * beta[:, None]
-        m_run = m_new
-    out = acc / tl.where(l_run > 0, l_run, 1.0)[:, None]
-    tl.store(out_ptr + b * stride_ob + head[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=hd_mask)
 
 
 @_jit(do_not_specialize=["num_seqs"])
@@ -282,19 +237,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # A transposed V cache's decode launch where the table's entry cannot read it (a pointer entry, page ids in chunks,
 # two pages a tile): the 64-token FP8 entries' launch.
 VT_DEFAULT = DecodeConfig(tma=True, num_warps=2, num_stages=3, prefetch_pages=True)
-
-
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _reduce_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, at least n, kept per device: FUSED_REDUCE's per-(sequence, kv head) partition counts,
-    which the kernel sets back to zero after each use. Allocated once, at the first call that needs them (inside a
-    CUDA graph capture too: the graph's pool keeps the memory for as long as this dict holds the tensor)."""
-    t = _counters.get(device)
-    if t is None or t.numel() < n:
-        t = _counters[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    return t
 
 
 def _vt_launch(cfg: DecodeConfig, block_size: int) -> bool:
@@ -354,10 +296,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q) if out is None else out
     if num_seqs == 0:
         return out
-    part_acc = part_ml = counters = out  # unused placeholders when there is a single partition
-    fused = decode_configs.fused_reduce(num_seqs, num_splits)
-    if fused:
-        counters = _reduce_counters(q.device, num_seqs * num_kv_heads)
+    part_acc = part_ml = out  # unused placeholders when there is a single partition
     if num_splits > 1:
         part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(2, num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -376,23 +315,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_n = pages * block_size  # the reduce's partition unit
         _decode_kernel_tma[(num_seqs, num_kv_heads, num_splits)](
             q, descriptor(k_cache), descriptor_vt(v_phys) if use_vt else descriptor(v_cache), block_tables,
-            seq_lens, out, part_acc, part_ml, counters, k_scale,
+            seq_lens, out, part_acc, part_ml, k_scale,
             v_scale, scale * _LOG2E, num_heads, num_seqs, q.stride(0), q.stride(1), block_tables.stride(0),
             out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, PAGES=pages, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
             KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype, tma=True), PAGE_CHUNK=cfg.page_chunk,
-            PREFETCH=cfg.prefetch_pages, V_T=use_vt, FUSED_REDUCE=fused, num_warps=cfg.num_warps, **extra)
+            PREFETCH=cfg.prefetch_pages, V_T=use_vt, num_warps=cfg.num_warps, **extra)
     else:
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-            q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, counters, k_scale, v_scale,
+            q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, k_scale, v_scale,
             scale * _LOG2E, num_heads, num_seqs,
             q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride(),
             block_tables.stride(0), out.stride(0), out.stride(1),
             GROUP=group, GROUP_PAD=_pow2(group, 16 if cfg.use_dot else 1), HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             BLOCK_SIZE=block_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
             USE_DOT=cfg.use_dot, PREFETCH_PAGES=cfg.prefetch_pages, K_ROWMAJOR=cfg.k_rowmajor, EARLY_V=cfg.early_v,
-            KV_SCALED=kv_scaled, F16_DOT=f16_dot, FUSED_REDUCE=fused, num_warps=cfg.num_warps, **extra)
-    if num_splits > 1 and not fused:
+            KV_SCALED=kv_scaled, F16_DOT=f16_dot, num_warps=cfg.num_warps, **extra)
+    if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_acc, part_ml, seq_lens, out, num_heads, num_seqs, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4, **pdl)
