@@ -22,8 +22,12 @@ import time
 
 import torch
 
-from shardllm.layers.attention.triton_prefill import (PrefillConfig, paged_prefill_attention, parse_prefill_config,
-                                                      prefill_config)
+from shardllm.layers.attention.triton_prefill import (
+    PrefillConfig,
+    paged_prefill_attention,
+    parse_prefill_config,
+    prefill_config,
+)
 
 NH, NKV, D, BS = 32, 8, 128, 64
 # PrefillConfig() (the reference launch) first, then one change at a time, then combinations; cut short by the time
