@@ -153,6 +153,12 @@ _VARS = [
     _switch("SHARDLLM_TP_OVERLAP_AT_TP1", False, "import",
             "1: with SHARDLLM_TP_OVERLAP=1, the two micro-batches also at tp 1: one half's decode attention "
             "(memory-bound) beside the other half's GEMMs (compute-bound; issue 13, 500 x 1000/1000)"),
+    _switch("SHARDLLM_TP_OVERLAP_PREFILL", False, "import",
+            "1: with SHARDLLM_TP_OVERLAP=1, steps with prompt chunks run as two micro-batches too, split at the "
+            "sequence boundary nearest half the tokens (issue 13: 70B tp 2, 256 MiB all-reduces in each prefill step)"),
+    EnvVar("SHARDLLM_TP_OVERLAP_PREFILL_MIN_TOKENS", "int", "2048", int, "import",
+           "with SHARDLLM_TP_OVERLAP_PREFILL=1: the fewest tokens a step needs to be split (each half gets at least "
+           "a quarter of them)"),
     EnvVar("SHARDLLM_TP_OVERLAP_MIN_TOKENS", "int", "64", int, "import",
            "with SHARDLLM_TP_OVERLAP=1: the fewest decode rows that are split (below: latency-bound)"),
     _switch("SHARDLLM_GEMV_TABLES", True, "import",

@@ -1,5 +1,4 @@
-"""Two-micro-batch overlap for tensor-parallel decode: one half of the batch computes while the other's
-all-reduce runs.
+"""Two-micro-batch overlap for tensor parallelism: one half of a step computes while the other's all-reduce runs.
 
 With tp > 1 every decoder layer ends its attention and its MLP in an all-reduce of (N, hidden) activations. At
 decode batch sizes of a few hundred these take a quarter of the step on two H200s (docs/benchmarks.md), time in
@@ -21,7 +20,14 @@ inside CUDA graph capture (the side streams fork from and join the capturing str
 all-reduce shares one buffer per rank, so two micro-batches in flight would race on it: inside the overlap every
 all-reduce goes to NCCL.
 
-Switch: `SHARDLLM_TP_OVERLAP=1` (read at start-up) turns it on; off by default until measured on GPUs.
+Steps with prompt chunks (SHARDLLM_TP_OVERLAP_PREFILL=1 as well) split at the sequence boundary nearest half their
+tokens, each half at least a quarter of them (`prefill_split`; a chunk is never cut, since its second part would
+attend to keys the first part writes in the same layer). There the all-reduces carry (tokens, hidden) activations
+of a 16k-token step: 256 MiB each for Llama-3-70B, 160 a step.
+
+Switches: `SHARDLLM_TP_OVERLAP=1` (read at start-up) turns it on. Off by default: measured on two H200s, the decode
+split gains nothing (8B 20,845 against 20,759 tok/s, 70B fp8 6,422 against 6,471) and at tp 1 it loses 1-2%
+(docs/benchmarks.md, twelfth session); the prefill split is not yet measured.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from shardllm.layers.attention import AttentionMetadata
 
 ENABLED = envs.SHARDLLM_TP_OVERLAP
 MIN_TOKENS = envs.SHARDLLM_TP_OVERLAP_MIN_TOKENS  # below: latency-bound, no split
+PREFILL = envs.SHARDLLM_TP_OVERLAP_PREFILL  # steps with prompt chunks too, split at a sequence boundary
+PREFILL_MIN_TOKENS = envs.SHARDLLM_TP_OVERLAP_PREFILL_MIN_TOKENS
 AT_TP1 = envs.SHARDLLM_TP_OVERLAP_AT_TP1  # also without tp: attention (memory-bound) beside GEMMs (compute-bound)
 
 _streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
@@ -67,6 +75,38 @@ def applies(meta: AttentionMetadata, num_tokens: int, tp_size: int) -> bool:
     return active(tp_size) and not _suspended and meta.max_query_len == 1 and num_tokens >= MIN_TOKENS
 
 
+def prefill_split(meta: AttentionMetadata, num_tokens: int, tp_size: int) -> int | None:
+    """For a step with prompt chunks (max_query_len > 1): the sequence index k at which it runs as two overlapped
+    micro-batches (sequences [0, k) and [k, B)), the boundary nearest half of its `num_tokens` tokens; None where
+    the split is off (SHARDLLM_TP_OVERLAP_PREFILL, `active`), the step is under PREFILL_MIN_TOKENS, the host does
+    not know its boundaries (meta.host_query_start_loc), or either half would hold under a quarter of the tokens
+    (one chunk most of the step: a chunk is never cut, its second half would attend to the first's keys)."""
+    host = meta.host_query_start_loc
+    if (not (PREFILL and active(tp_size)) or _suspended or meta.max_query_len == 1 or host is None
+            or num_tokens < PREFILL_MIN_TOKENS or len(host) < 3):
+        return None
+    k = min(range(1, len(host) - 1), key=lambda i: abs(2 * int(host[i]) - num_tokens))
+    t = int(host[k])
+    return k if 4 * t >= num_tokens and 4 * (num_tokens - t) >= num_tokens else None
+
+
+def split_step_meta(meta: AttentionMetadata, k: int) -> tuple[int, AttentionMetadata, AttentionMetadata]:
+    """A step's metadata for sequences [0, k) and [k, B), split on the host (meta.host_query_start_loc): (the first
+    half's token count t, its metadata, the second's). Each half keeps its own leading decodes (num_decodes) and the
+    longest chunk it holds (max_query_len); max_seq_len stays the step's (an upper bound)."""
+    host = [int(x) for x in meta.host_query_start_loc]
+    t, qsl, nd = host[k], meta.query_start_loc, meta.num_decodes
+
+    def part(seqs: slice, rows: slice, q: torch.Tensor, hq: list[int], decodes: int) -> AttentionMetadata:
+        longest = max(b - a for a, b in zip(hq, hq[1:]))
+        return AttentionMetadata(meta.slot_mapping[rows], q, meta.seq_lens[seqs], meta.block_tables[seqs],
+                                 max_query_len=longest, max_seq_len=meta.max_seq_len, block_size=meta.block_size,
+                                 num_decodes=decodes if longest > 1 else 0, host_query_start_loc=hq)
+
+    return t, part(slice(0, k), slice(0, t), qsl[: k + 1], host[: k + 1], min(nd, k)), \
+        part(slice(k, None), slice(t, None), qsl[k:] - t, [x - t for x in host[k:]], max(nd - k, 0))
+
+
 def split_decode_meta(meta: AttentionMetadata, m: int) -> tuple[AttentionMetadata, AttentionMetadata]:
     """A decode step's metadata for rows [0, m) and [m, N) (one token per sequence, so rows are sequences)."""
     qsl = meta.query_start_loc
@@ -87,8 +127,9 @@ def _side_streams(device: torch.device):
 
 
 def run_layers(layers, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
-               meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `layers` (each with `attention_block` and `mlp_block`) over two halves of a decode batch, interleaved.
+               meta: AttentionMetadata, split_at: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `layers` (each with `attention_block` and `mlp_block`) over two halves of a step, interleaved: a decode
+    batch's two halves of rows, or with `split_at` (prefill_split's k) sequences [0, k) and [k, B) of any step.
 
     positions (N,), hidden_states (N, H), residual (N, H) or None (the first layer of the model). Returns
     (hidden_states, residual), (N, H) each, equal to running the layers over the whole batch up to the GEMMs'
@@ -97,11 +138,14 @@ def run_layers(layers, positions: torch.Tensor, hidden_states: torch.Tensor, res
     global _announced
     if not _announced:  # once per process: the switch is read from the environment, so say that it took effect
         _announced = True
-        print(f"shardllm: two-micro-batch overlap on (decode batches of {MIN_TOKENS}+ rows)", file=sys.stderr,
+        also = f", steps with prompt chunks of {PREFILL_MIN_TOKENS}+ tokens" if PREFILL else ""
+        print(f"shardllm: two-micro-batch overlap on (decode batches of {MIN_TOKENS}+ rows{also})", file=sys.stderr,
               flush=True)
-    n = positions.shape[0]
-    m = n // 2
-    meta_a, meta_b = split_decode_meta(meta, m)
+    if split_at is None:
+        m = positions.shape[0] // 2
+        meta_a, meta_b = split_decode_meta(meta, m)
+    else:
+        m, meta_a, meta_b = split_step_meta(meta, split_at)
     state = [[positions[:m], hidden_states[:m], None if residual is None else residual[:m], meta_a],
              [positions[m:], hidden_states[m:], None if residual is None else residual[m:], meta_b]]
     streams = _side_streams(hidden_states.device)

@@ -133,9 +133,12 @@ class LlamaForCausalLM(nn.Module):
             hidden_states, residual = self.model.embed_tokens(input_ids), None
         else:
             hidden_states, residual = intermediate["hidden_states"], intermediate["residual"]
-        if microbatch_overlap.applies(meta, positions.shape[0], get_parallel_context().tp_size):  # off by default
+        tp, n = get_parallel_context().tp_size, positions.shape[0]
+        split_at = microbatch_overlap.prefill_split(meta, n, tp)  # off by default, as the decode split below
+        if split_at is not None or microbatch_overlap.applies(meta, n, tp):
             hidden_states, residual = microbatch_overlap.run_layers(
-                self.model.layers[self.start_layer:self.end_layer], positions, hidden_states, residual, meta)
+                self.model.layers[self.start_layer:self.end_layer], positions, hidden_states, residual, meta,
+                split_at)
         else:
             for i in range(self.start_layer, self.end_layer):
                 hidden_states, residual = self.model.layers[i](positions, hidden_states, residual, meta)

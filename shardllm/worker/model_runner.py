@@ -291,7 +291,8 @@ class ModelRunner(KernelWarmUp):
             slot_mapping=slots, query_start_loc=i32[0], seq_lens=i32[1],
             block_tables=i32[2].view(n_seqs, max_blocks), max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()), block_size=bs,
-            num_decodes=int(np.argmax(q_lens != 1)) if max_query_len > 1 else 0)  # the leading one-token rows
+            num_decodes=int(np.argmax(q_lens != 1)) if max_query_len > 1 else 0,  # the leading one-token rows
+            host_query_start_loc=qsl)
         return StepInputs(ids, pos, meta, logits_idx, [so.scheduled[i].req_id for i in sample_rows])
 
     def _tokens_of_step(self, step: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Two-micro-batch overlap (shardllm/layers/microbatch_overlap.py): splitting a decode batch in two halves and
-interleaving their layers gives the tokens and logprobs of the whole batch, on one process and at tp = 2 (gloo)."""
+"""Two-micro-batch overlap (shardllm/layers/microbatch_overlap.py): splitting a decode batch in two halves, or a step
+with prompt chunks at a sequence boundary, and interleaving their layers gives the tokens and logprobs of the whole
+batch, on one process and at tp = 2 (gloo)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def test_tp2_overlap_equals_one_rank(tiny_checkpoints, monkeypatch, capfd):
         llm.shutdown()
     monkeypatch.setenv("SHARDLLM_TP_OVERLAP", "1")  # read by the worker processes at start-up
     monkeypatch.setenv("SHARDLLM_TP_OVERLAP_MIN_TOKENS", "2")
+    monkeypatch.setenv("SHARDLLM_TP_OVERLAP_PREFILL", "1")  # the first step (22 prompt tokens) splits 14 | 8
+    monkeypatch.setenv("SHARDLLM_TP_OVERLAP_PREFILL_MIN_TOKENS", "4")
     llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32",
               tensor_parallel_size=2)
     try:
@@ -70,7 +73,8 @@ def test_tp2_overlap_equals_one_rank(tiny_checkpoints, monkeypatch, capfd):
         llm.shutdown()
     assert tokens == ref_tokens
     # the workers split their decode batches (they inherit the captured stderr and say so once each)
-    assert capfd.readouterr().err.count("two-micro-batch overlap on") == 2
+    assert capfd.readouterr().err.count("two-micro-batch overlap on (decode batches of 2+ rows, steps with prompt "
+                                        "chunks of 4+ tokens)") == 2
 
 
 def test_no_split_while_kv_scales_are_computed():
@@ -100,3 +104,82 @@ def test_tp1_split_only_with_its_switch(monkeypatch):
     assert not microbatch_overlap.applies(meta, microbatch_overlap.MIN_TOKENS - 1, 1)  # small batches stay whole
     monkeypatch.setattr(microbatch_overlap, "ENABLED", False)
     assert not microbatch_overlap.applies(meta, 128, 1)  # the tp-1 switch alone does nothing
+
+
+def _step_meta(q_lens, starts, nd=None):
+    """A step's metadata as the runner builds it (host query_start_loc too), 4-token pages."""
+    import numpy as np
+
+    q_lens, starts = np.array(q_lens), np.array(starts)
+    qsl = np.concatenate([[0], np.cumsum(q_lens)])
+    seq_lens = starts + q_lens
+    n, b = int(qsl[-1]), len(q_lens)
+    tables = torch.arange(b * 8, dtype=torch.int32).view(b, 8)
+    return AttentionMetadata(torch.arange(n) * 7, torch.tensor(qsl, dtype=torch.int32),
+                             torch.tensor(seq_lens, dtype=torch.int32), tables, max_query_len=int(q_lens.max()),
+                             max_seq_len=int(seq_lens.max()), block_size=4,
+                             num_decodes=(int(np.argmax(q_lens != 1)) if q_lens.max() > 1 else 0) if nd is None
+                             else nd, host_query_start_loc=qsl)
+
+
+def test_prefill_split_picks_the_boundary_nearest_half_and_keeps_chunks_whole(monkeypatch):
+    monkeypatch.setattr(microbatch_overlap, "ENABLED", True)
+    monkeypatch.setattr(microbatch_overlap, "PREFILL", True)
+    monkeypatch.setattr(microbatch_overlap, "PREFILL_MIN_TOKENS", 8)
+    mixed = _step_meta([1, 1, 1, 6, 5, 9, 4], [10, 3, 7, 0, 20, 0, 2])  # 27 tokens: boundaries 1 2 3 9 14 23
+    assert microbatch_overlap.prefill_split(mixed, 27, 2) == 5  # 5 sequences, 14 tokens | 13
+    assert microbatch_overlap.prefill_split(mixed, 27, 1) is None  # tp 1 needs SHARDLLM_TP_OVERLAP_AT_TP1
+    one_chunk = _step_meta([1, 30, 2], [5, 0, 0])  # every boundary leaves a side under a quarter
+    assert microbatch_overlap.prefill_split(one_chunk, 33, 2) is None
+    assert microbatch_overlap.prefill_split(_step_meta([1] * 40, [5] * 40), 40, 2) is None  # decodes: `applies`
+    no_host = _step_meta([6, 5, 9, 4], [0, 0, 0, 0])
+    no_host.host_query_start_loc = None
+    assert microbatch_overlap.prefill_split(no_host, 24, 2) is None
+    monkeypatch.setattr(microbatch_overlap, "PREFILL_MIN_TOKENS", 28)
+    assert microbatch_overlap.prefill_split(mixed, 27, 2) is None  # under the step size floor
+    monkeypatch.setattr(microbatch_overlap, "PREFILL", False)
+    monkeypatch.setattr(microbatch_overlap, "PREFILL_MIN_TOKENS", 8)
+    assert microbatch_overlap.prefill_split(mixed, 27, 2) is None
+    monkeypatch.setattr(microbatch_overlap, "PREFILL", True)
+    with microbatch_overlap.suspended():
+        assert microbatch_overlap.prefill_split(mixed, 27, 2) is None
+
+
+def test_split_step_meta_halves():
+    meta = _step_meta([1, 1, 1, 6, 5, 9, 4], [10, 3, 7, 0, 20, 0, 2])
+    t, a, b = microbatch_overlap.split_step_meta(meta, 5)
+    assert t == 14 and a.slot_mapping.tolist() == (torch.arange(14) * 7).tolist()
+    assert b.slot_mapping.tolist() == (torch.arange(14, 27) * 7).tolist()
+    assert a.query_start_loc.tolist() == [0, 1, 2, 3, 9, 14] and list(a.host_query_start_loc) == [0, 1, 2, 3, 9, 14]
+    assert b.query_start_loc.tolist() == [0, 9, 13] and list(b.host_query_start_loc) == [0, 9, 13]
+    assert a.seq_lens.tolist() == [11, 4, 8, 6, 25] and b.seq_lens.tolist() == [9, 6]
+    assert torch.equal(b.block_tables, meta.block_tables[5:])
+    assert (a.num_decodes, a.max_query_len, b.num_decodes, b.max_query_len) == (3, 6, 0, 9)
+    t, a, b = microbatch_overlap.split_step_meta(meta, 2)  # decodes on both sides
+    assert (t, a.num_decodes, a.max_query_len, b.num_decodes, b.max_query_len) == (2, 0, 1, 1, 9)
+
+
+def test_prefill_split_equals_whole_steps(tiny_checkpoints, monkeypatch):
+    """Prompts long enough for chunked prefill and mixed steps (16-token step budget): every step with prompt
+    chunks that can be split is split; the tokens and logprobs are the unsplit run's."""
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([9, 14, 5, 11, 7])]
+    llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32",
+              max_num_tokens=16, enable_prefix_caching=False)  # the second run prefills all of it again
+    try:
+        want = llm.generate(prompts, GREEDY)
+        splits = []
+        real = microbatch_overlap.split_step_meta
+        monkeypatch.setattr(microbatch_overlap, "split_step_meta", lambda m, k: splits.append(k) or real(m, k))
+        monkeypatch.setattr(microbatch_overlap, "ENABLED", True)
+        monkeypatch.setattr(microbatch_overlap, "AT_TP1", True)
+        monkeypatch.setattr(microbatch_overlap, "PREFILL", True)
+        monkeypatch.setattr(microbatch_overlap, "PREFILL_MIN_TOKENS", 4)
+        monkeypatch.setattr(microbatch_overlap, "MIN_TOKENS", 10**6)  # decode steps whole: only the prefill split
+        got = llm.generate(prompts, GREEDY)
+    finally:
+        llm.shutdown()
+    assert len(splits) >= 2
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for x, y in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)

@@ -44,6 +44,9 @@ class AttentionMetadata:
     # Leading sequences [0, num_decodes) with one query token each (rows 0 .. num_decodes - 1): in a step that
     # also holds longer chunks they go to the decode kernel, the rest to the prefill kernel (0: all to one kernel).
     num_decodes: int = 0
+    # query_start_loc on the host ((B + 1,) ints), where the step's builder has it (the runner's prepare_inputs):
+    # lets the host split a step at a sequence boundary without reading the device (layers/microbatch_overlap.py)
+    host_query_start_loc: object = None
     # Per-step tensors of the torch reference, built once and shared by all layers.
     _ref: dict = field(default_factory=dict, repr=False)
     _chunks_qsl: list = field(default_factory=list, repr=False)  # see chunks_query_start_loc
