@@ -4,6 +4,7 @@ batch, on one process and at tp = 2 (gloo)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from shardllm import LLM, SamplingParams
@@ -55,8 +56,10 @@ def test_overlapped_decode_equals_whole_batch(tiny_checkpoints, monkeypatch):
                 assert abs(x[t].logprob - y[t].logprob) < 1e-4
 
 
-def test_tp2_overlap_equals_one_rank(tiny_checkpoints, monkeypatch, capfd):
-    llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32")
+@pytest.mark.parametrize("arch,ep", [("llama", 1), ("mixtral", 2)], ids=["llama-tp2", "mixtral-tp2-ep2"])
+def test_tp2_overlap_equals_one_rank(tiny_checkpoints, monkeypatch, capfd, arch, ep):
+    """Both splits on two gloo ranks; with Mixtral at ep 2 the halves' expert collectives interleave too."""
+    llm = LLM(tiny_checkpoints[arch], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32")
     try:
         ref_tokens, _ = _run(llm)
     finally:
@@ -65,8 +68,8 @@ def test_tp2_overlap_equals_one_rank(tiny_checkpoints, monkeypatch, capfd):
     monkeypatch.setenv("SHARDLLM_TP_OVERLAP_MIN_TOKENS", "2")
     monkeypatch.setenv("SHARDLLM_TP_OVERLAP_PREFILL", "1")  # the first step (22 prompt tokens) splits 14 | 8
     monkeypatch.setenv("SHARDLLM_TP_OVERLAP_PREFILL_MIN_TOKENS", "4")
-    llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32",
-              tensor_parallel_size=2)
+    llm = LLM(tiny_checkpoints[arch], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32",
+              tensor_parallel_size=2, expert_parallel_size=ep)
     try:
         tokens, _ = _run(llm)
     finally:
