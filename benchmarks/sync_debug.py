@@ -9,7 +9,8 @@ GPU then idles while the host prepares the next step. At exit prints one line pe
     grep '^sync-site' err.txt
 
 Sites whose count is about the run's step count are per-step syncs. Explicit waits (events, stream.synchronize)
-are not counted: torch does not flag them. Needs CUDA; a run on CPU counts nothing.
+are not counted: torch does not flag them. Needs CUDA; a run on CPU counts nothing. Only this process is watched:
+with tp or pp above 1 the model runs in worker processes, whose syncs are not seen (run tp 1 x pp 1).
 """
 
 from __future__ import annotations
@@ -25,19 +26,21 @@ import warnings
 _T0 = time.perf_counter()
 _sites: dict[str, list] = {}
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OURS = tuple(os.path.join(_ROOT, d) + os.sep for d in ("shardllm", "benchmarks"))  # not .venv's libraries
+_TORCH_TEXT = "called a synchronizing CUDA operation"  # torch's sync debug warning
 
 
 def _site() -> str:
-    """The innermost frames of this repository (not this file), innermost first: where the syncing op was called."""
-    frames = [f for f in traceback.extract_stack()[:-2] if f.filename.startswith(_ROOT)
-              and not f.filename.endswith("sync_debug.py")]
-    inner = frames[-3:][::-1]
-    return " <- ".join(f"{os.path.relpath(f.filename, _ROOT)}:{f.lineno} ({f.name})" for f in inner) or "?"
+    """The innermost frames of shardllm/ and benchmarks/ (not this file), innermost first: where the syncing op was
+    called. Source lines are not read (lookup_lines=False): a warning costs a stack walk, not file reads."""
+    stack = traceback.StackSummary.extract(traceback.walk_stack(None), lookup_lines=False)  # innermost first
+    frames = [f for f in stack if f.filename.startswith(_OURS) and not f.filename.endswith("sync_debug.py")]
+    return " <- ".join(f"{os.path.relpath(f.filename, _ROOT)}:{f.lineno} ({f.name})" for f in frames[:3]) or "?"
 
 
 def _show(message, category, filename, lineno, file=None, line=None) -> None:
     text = str(message)
-    if "synchroniz" not in text:  # not torch's sync warning: shown as usual
+    if _TORCH_TEXT not in text:  # not torch's sync warning: shown as usual
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
         return
     now = time.perf_counter() - _T0
@@ -56,7 +59,7 @@ def main() -> None:
         sys.exit("usage: python benchmarks/sync_debug.py MODULE [ARGS...]")
     import torch
 
-    warnings.simplefilter("always")
+    warnings.filterwarnings("always", message=f".*{_TORCH_TEXT}")  # every occurrence counted; others as before
     warnings.showwarning = _show
     atexit.register(_report)
     if torch.cuda.is_available():

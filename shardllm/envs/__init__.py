@@ -189,7 +189,8 @@ _VARS = [
            "(benchmarks/device_session3_*.sh)"),
     EnvVar("SHARDLLM_PREFILL_CONFIG", "str", None, _text, "import",
            "JSON of the prefill attention kernel's PrefillConfig fields (rows, block_n, num_warps, num_stages, "
-           "split_causal), e.g. '{\"rows\": 256}': a sweep's pick tried end to end (benchmarks/prefill_sweep.py)"),
+           "split_causal), e.g. '{\"rows\": 256}': one launch for every step in place of the per-layout defaults "
+           "(triton_prefill.prefill_config), a sweep's pick tried end to end (benchmarks/prefill_sweep.py)"),
     _switch("SHARDLLM_GRAPH_LM_HEAD", False, "start-up",
             "1: the decode CUDA graphs hold the LM head (issue 15; no gain measured at tp = 2 batch 1)"),
     _switch("SHARDLLM_KERNEL_WARM_UP", True, "start-up",

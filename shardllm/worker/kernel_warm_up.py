@@ -112,6 +112,8 @@ class KernelWarmUp:
         from shardllm.layers.attention import triton_prefill as tp
 
         kinds = {(a.num_heads // a.num_kv_heads, a.v_transposed) for a in self.attn_layers}
+        if not kinds:
+            return []
         sc = self.config.scheduler_config
         longest = min(sc.max_num_batched_tokens, sc.max_model_len)
 
@@ -119,9 +121,9 @@ class KernelWarmUp:
             return {(g, tp.prefill_block_q(n, g, c), c) for g, v_t in kinds for c in [tp.prefill_config(v_t, n)]}
 
         rows = max(c.rows for n in (2, longest) for _, _, c in launches(n))  # block_q is at most `rows` tokens
-        candidates = sorted({*range(2, min(longest, rows) + 1), *(n for n in (tp.V_T_LONG_FROM,) if n <= longest)})
+        candidates = sorted({*range(2, min(longest, rows) + 1), *(n for n in tp.LAUNCH_CHANGES_AT if n <= longest)})
         seen, lengths = set(), []
-        for n in candidates:  # the lengths where a launch starts (the configs change only at V_T_LONG_FROM)
+        for n in candidates:  # the lengths where a launch starts (past `rows`, configs change only at those)
             new = launches(n)
             if not new <= seen:
                 seen |= new

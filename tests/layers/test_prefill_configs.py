@@ -71,7 +71,29 @@ def test_every_launch_variant_on_gpu(monkeypatch, layout):
         torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2, msg=lambda m, c=config: f"{c}: {m}")
 
 
-def test_the_tile_rows_follow_the_config():
+@cpu
+@pytest.mark.parametrize("vt,q_len,want", [(False, 600, "STANDARD"), (True, 600, "V_T_LONG"), (True, 70, "V_T_SHORT")])
+def test_the_kernel_launches_the_engines_choice(monkeypatch, vt, q_len, want):
+    """Without a config argument paged_prefill_attention launches prefill_config(its V layout, max_query_len)."""
+    import tests.layers.test_triton_attention as attn_tests
+
+    tp = triton_prefill
+    monkeypatch.setattr(tp, "PREFILL_CONFIG", None)
+    monkeypatch.setattr(attn_tests, "BLOCK_SIZE", 64)
+    q, kc, vc, meta = make_case([q_len], [q_len], 1, 1, 16)
+    if vt:
+        vc = transposed_view(vc)
+    launched = []
+    real = tp._prefill_kernel
+    monkeypatch.setattr(tp, "_prefill_kernel", type("Spy", (), {"__getitem__": lambda self, grid: lambda *a, **k: (
+        launched.append((k["BLOCK_N"], k["SPLIT_CAUSAL"], k["num_warps"])), real[grid](*a, **k))})())
+    tp.paged_prefill_attention(q, kc, vc, meta.query_start_loc, meta.seq_lens, meta.block_tables, q_len, 0.25)
+    cfg = getattr(tp, want)
+    assert launched == [(cfg.block_n, cfg.split_causal, cfg.num_warps or 8)]
+
+
+def test_the_tile_rows_follow_the_config(monkeypatch):
+    monkeypatch.setattr(triton_prefill, "PREFILL_CONFIG", None)  # SHARDLLM_PREFILL_CONFIG set outside: not here
     assert triton_prefill.prefill_block_q(1000, 4, PrefillConfig(rows=256)) == 64
     assert triton_prefill.prefill_block_q(1000, 4) == 32 == triton_prefill.prefill_block_q(1000, 4, PrefillConfig())
     assert triton_prefill.prefill_block_q(5, 4, PrefillConfig(rows=256)) == 8  # short chunks: fewer tokens

@@ -110,6 +110,7 @@ def test_prefill_warm_up_covers_the_transposed_v_long_chunk_launch(runner, monke
     first long prompt compiles it mid-run). The forwards are recorded, not run (the CPU cache is not transposed)."""
     from shardllm.layers.attention import triton_prefill as tp
 
+    monkeypatch.setattr(tp, "PREFILL_CONFIG", None)  # the per-layout defaults, whatever the environment says
     ran = []
     monkeypatch.setattr(runner, "_dummy_forward", lambda n, **k: ran.append(n))
     for a in runner.attn_layers:

@@ -202,12 +202,15 @@ PREFILL_CONFIG = (parse_prefill_config(envs.SHARDLLM_PREFILL_CONFIG) if envs.is_
 STANDARD = PrefillConfig(num_warps=4, split_causal=True)  # 554 / 224
 V_T_LONG = PrefillConfig(block_n=128, split_causal=True)  # transposed V, chunks of V_T_LONG_FROM+ tokens: 750 us
 V_T_SHORT = PrefillConfig()  # transposed V, shorter chunks (V_T_LONG's 128-token tiles: 425 us at 128 x 128)
-V_T_LONG_FROM = 512
+V_T_LONG_FROM = 512  # between the two measured prompt lengths (128, 1000; 64-token pages): not itself measured
+LAUNCH_CHANGES_AT = (V_T_LONG_FROM,)  # chunk lengths past `rows` where prefill_config's choice may change
 
 
 def prefill_config(v_transposed: bool, max_query_len: int) -> PrefillConfig:
     """The prefill kernel's launch for a step: SHARDLLM_PREFILL_CONFIG where given, else by the V cache's layout
-    (standard (N, D) tiles or transposed) and, transposed, the step's longest chunk (max_query_len tokens)."""
+    (standard (N, D) tiles or transposed) and, transposed, the step's longest chunk (max_query_len tokens; a chunk
+    over a long cached context counts by its own length). Measured only at 64-token pages on fresh prompts; other
+    page sizes take the same choice."""
     if PREFILL_CONFIG is not None:
         return PREFILL_CONFIG
     if not v_transposed:
