@@ -31,7 +31,14 @@ import time
 
 import torch
 
-from shardllm.layers.attention.triton_paged import DecodeConfig, default_num_splits, paged_decode_attention
+from shardllm.layers.attention.triton_paged import (
+    VT_DEFAULT,
+    DecodeConfig,
+    _vt_launch,
+    decode_config,
+    default_num_splits,
+    paged_decode_attention,
+)
 
 NH, NKV, D, BS = 32, 8, 128, 16
 CASES = [(512, 170), (256, 170), (64, 1000), (1, 200)]  # (batch, mean context), most important first
@@ -104,6 +111,26 @@ LARGE_PAGE_GRID = [
     DecodeConfig(num_warps=8),
 ]
 
+# A V cache stored transposed (--v_transposed: the FP8 cache's layout on sm90+): only one-page TMA tiles read it, so
+# the grid is their warps / stages / page-id prefetch; the engine's current launch (vt_current) goes first.
+VT_GRID = [
+    DecodeConfig(tma=True, num_warps=2, num_stages=4, prefetch_pages=True),
+    DecodeConfig(tma=True, num_warps=2, num_stages=2, prefetch_pages=True),
+    DecodeConfig(tma=True, num_warps=2, num_stages=5, prefetch_pages=True),
+    DecodeConfig(tma=True, num_warps=2, num_stages=3),
+    DecodeConfig(tma=True, num_warps=4, num_stages=3, prefetch_pages=True),
+    DecodeConfig(tma=True, num_warps=4, num_stages=4, prefetch_pages=True),
+    DecodeConfig(tma=True, num_warps=1, num_stages=3, prefetch_pages=True),
+    DecodeConfig(tma=True, num_warps=8, num_stages=3, prefetch_pages=True),
+]
+
+
+def vt_current(batch: int, dtype: torch.dtype, block_size: int) -> DecodeConfig:
+    """The launch the engine gives a transposed V cache at this batch: the table's entry where one-page TMA tiles
+    can read the layout, else triton_paged.VT_DEFAULT with the entry's partition count (paged_decode_attention)."""
+    cfg = decode_config(batch, D, dtype, block_size)
+    return cfg if _vt_launch(cfg, block_size) else dataclasses.replace(VT_DEFAULT, num_splits=cfg.num_splits)
+
 
 def split_variants(batch: int, device: str = "cuda") -> list[int]:
     """num_splits worth trying beside the default for this batch (its programs vs the SM count)."""
@@ -115,8 +142,8 @@ class Case:
     """`n` layers of caches, block tables and seq_lens for one (batch, context, dtype)."""
 
     def __init__(self, batch: int, ctx: int, dtype: torch.dtype, seed: int = 0, device: str = "cuda",
-                 max_layers: int = 512, block_size: int = BS):
-        self.device = device
+                 max_layers: int = 512, block_size: int = BS, v_transposed: bool = False):
+        self.device, self.v_transposed = device, v_transposed
         g = torch.Generator().manual_seed(seed)
         dg = torch.Generator(device=device).manual_seed(seed)
         lens = torch.randint(max(int(0.8 * ctx), 1), int(1.2 * ctx) + 1, (batch,), generator=g)
@@ -136,6 +163,8 @@ class Case:
             shape = (num_blocks, block_size, NKV, D)
             kc = torch.randn(shape, generator=dg, device=device, dtype=torch.bfloat16).to(dtype)  # on the card:
             vc = torch.randn(shape, generator=dg, device=device, dtype=torch.bfloat16).to(dtype)  # seconds on CPU
+            if v_transposed:  # stored (num_blocks, nkv, D, block_size)
+                vc = vc.permute(0, 2, 3, 1).contiguous()
             self.layers.append((kc, vc, tables.to(device)))
         self.seq_lens = lens.to(torch.int32).to(device)
         self.q = torch.randn(batch, NH, D, generator=g, dtype=torch.bfloat16).to(device)
@@ -143,7 +172,8 @@ class Case:
 
     def call(self, layer: int, cfg: DecodeConfig, out: torch.Tensor | None = None) -> torch.Tensor:
         kc, vc, tables = self.layers[layer]
-        return paged_decode_attention(self.q, kc, vc, tables, self.seq_lens, D**-0.5, out=out, config=cfg)
+        return paged_decode_attention(self.q, kc, vc, tables, self.seq_lens, D**-0.5, out=out, config=cfg,
+                                      v_transposed=self.v_transposed)
 
     def time_us(self, cfg: DecodeConfig, target_s: float = 0.02) -> float:
         """Microseconds per call: replays of a CUDA graph of one call per layer for about target_s (3 to 300
@@ -176,7 +206,8 @@ class Case:
         return start.elapsed_time(end) * 1e3 / (reps * self.n)
 
 
-def _precompile(items: list[tuple[str, dict, int]], device: str = "cuda", block_size: int = 16) -> list[str]:
+def _precompile(items: list[tuple[str, dict, int]], device: str = "cuda", block_size: int = 16,
+                v_transposed: bool = False) -> list[str]:
     """In a worker process: one tiny call per (cache dtype, config fields, num_splits), which compiles the kernels
     into Triton's on-disk cache with the same specialization as the sweep's calls (same strides, alignments and
     constexprs; batch size and table width are not specialized). Returns the errors."""
@@ -186,9 +217,10 @@ def _precompile(items: list[tuple[str, dict, int]], device: str = "cuda", block_
     lens = torch.tensor([20, 5], dtype=torch.int32, device=device)
     for dt_name, fields, num_splits in items:
         kc = torch.randn(4, block_size, NKV, D, device=device, dtype=torch.bfloat16).to(DTYPES[dt_name])
+        vc = kc.permute(0, 2, 3, 1).contiguous() if v_transposed else kc.clone()
         try:
-            paged_decode_attention(q, kc, kc.clone(), tables, lens, D**-0.5, num_splits=num_splits,
-                                   config=DecodeConfig(**fields))
+            paged_decode_attention(q, kc, vc, tables, lens, D**-0.5, num_splits=num_splits,
+                                   config=DecodeConfig(**fields), v_transposed=v_transposed)
             if device == "cuda":
                 torch.cuda.synchronize()
         except Exception as e:  # reported again by the sweep itself
@@ -197,11 +229,11 @@ def _precompile(items: list[tuple[str, dict, int]], device: str = "cuda", block_
 
 
 def precompile(jobs: list[tuple[int, int, str]], grid_of, workers: int, device: str = "cuda",
-               block_size: int = BS) -> None:
+               block_size: int = BS, v_transposed: bool = False) -> None:
     """Compiles every (dtype, config, num_splits) the sweep will launch in `workers` processes at once."""
     todo = set()
     for batch, _, dt_name in jobs:
-        for cfg in grid_of(batch):
+        for cfg in grid_of(batch, DTYPES[dt_name]):
             ns = cfg.num_splits or default_num_splits(batch, NKV, torch.device(device))
             todo.add((dt_name, json.dumps(changed_fields(dataclasses.replace(cfg, num_splits=None)),
                                           sort_keys=True), ns))
@@ -210,7 +242,8 @@ def precompile(jobs: list[tuple[int, int, str]], grid_of, workers: int, device: 
     ctx = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         parts = [items[i::workers] for i in range(workers)]
-        errors = [e for errs in pool.map(_precompile, parts, [device] * workers, [block_size] * workers) for e in errs]
+        errors = [e for errs in pool.map(_precompile, parts, [device] * workers, [block_size] * workers,
+                                         [v_transposed] * workers) for e in errs]
     print(f"precompiled {len(items)} kernels in {workers} processes: {time.monotonic() - t0:.1f} s"
           + (f"; failed: {errors}" if errors else ""))
 
@@ -228,17 +261,18 @@ def _positive(text: str) -> int:
     return value
 
 
-def choose(cases: list[dict[str, float]], min_gain: float) -> DecodeConfig:
-    """One bucket's entry from its cases' timings ({config fields as JSON: us}, the current launch's key "{}"): the
-    config timed in every case with the least mean of us / that case's best us, if that mean beats the current
-    launch's by min_gain; else the current launch (DecodeConfig())."""
+def choose(cases: list[dict[str, float]], min_gain: float, current: DecodeConfig | None = None) -> DecodeConfig:
+    """One bucket's entry from its cases' timings ({config fields as JSON: us}): the config timed in every case with
+    the least mean of us / that case's best us, if that mean beats the current launch's (`current`, default
+    DecodeConfig(), key "{}") by min_gain; else the current launch."""
+    current = current or DecodeConfig()
     common = set.intersection(*(set(c) for c in cases))
     if not common:
-        return DecodeConfig()
+        return current
     score = {k: sum(c[k] / min(c.values()) for c in cases) / len(cases) for k in common}
     best = min(score, key=score.get)
-    current = score.get(json.dumps({}), float("inf"))
-    return DecodeConfig(**json.loads(best)) if score[best] < current * (1 - min_gain) else DecodeConfig()
+    now = score.get(json.dumps(changed_fields(current), sort_keys=True), float("inf"))
+    return DecodeConfig(**json.loads(best)) if score[best] < now * (1 - min_gain) else current
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -254,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--block_size", type=_positive, default=BS, help="tokens per KV page (16: the table's plain keys)")
     default_cases = " ".join(f"{b}x{c}" for b, c in CASES)
     ap.add_argument("--cases", nargs="+", default=None, help=f"BATCHxCONTEXT cases (default: {default_cases})")
+    ap.add_argument("--v_transposed", action="store_true",
+                    help="V stored (num_blocks, nkv, D, block_size), as the FP8 cache on sm90+: VT_GRID, against the "
+                         "engine's current launch for that layout (vt_current)")
     args = ap.parse_args(argv)
     block_size = args.block_size
     try:
@@ -269,16 +306,27 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}  torch {torch.__version__}")
     jobs = [(b, c, dt) for b, c in cases for dt in args.dtypes]
 
-    def grid_of(batch: int) -> list[DecodeConfig]:  # the current launch first, then other partition counts
-        return base_grid[:1] + [DecodeConfig(num_splits=s) for s in split_variants(batch, device)] + base_grid[1:]
+    vt = args.v_transposed
+
+    def current_of(batch: int, dtype: torch.dtype) -> DecodeConfig:
+        return vt_current(batch, dtype, block_size) if vt else DecodeConfig()
+
+    def grid_of(batch: int, dtype: torch.dtype) -> list[DecodeConfig]:  # the current launch, other partition counts
+        cur = current_of(batch, dtype)
+        splits = [dataclasses.replace(cur, num_splits=s) for s in split_variants(batch, device)]
+        rest = [c for c in (VT_GRID if vt else base_grid[1:]) if c != cur]
+        return [cur, *splits, *(rest[:1] if vt and args.smoke else rest)]
 
     if device == "cuda" and args.jobs > 0:
-        precompile(jobs, grid_of, args.jobs, block_size=block_size)
+        precompile(jobs, grid_of, args.jobs, block_size=block_size, v_transposed=vt)
     table, rows, per_key = {}, [], {}  # per_key: key -> [{config json: us} per case of that bucket]
     for j, (batch, ctx, dt_name) in enumerate(jobs):
-        case = Case(batch, ctx, DTYPES[dt_name], seed=j, device=device, max_layers=max_layers, block_size=block_size)
-        ref = case.call(0, DecodeConfig()).float()
-        grid = grid_of(batch)
+        dtype = DTYPES[dt_name]
+        case = Case(batch, ctx, dtype, seed=j, device=device, max_layers=max_layers, block_size=block_size,
+                    v_transposed=vt)
+        current = current_of(batch, dtype)
+        ref = case.call(0, current).float()
+        grid = grid_of(batch, dtype)
         left = sum(WEIGHTS.get(b, 1.0) for b, _, _ in jobs[j:])
         share = (args.budget_s - (time.monotonic() - t0)) * WEIGHTS.get(batch, 1.0) / left  # of what is left
         case_t0 = time.monotonic()
@@ -308,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not results:
             print(f"b={batch} ctx={ctx} {dt_name}: no config ran")
             continue
-        current_us = results[0][0] if results and results[0][1] == DecodeConfig() else float("nan")
+        current_us = results[0][0] if results and results[0][1] == current else float("nan")
         best_us, best = min(results, key=lambda r: r[0])
         gb = case.kv_bytes / 1e9
         print(f"b={batch:4d} ctx={ctx:5d} {dt_name:9s} K/V {gb:.3f} GB  current {current_us:8.1f} us "
@@ -317,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"  [{len(results)} timed, {skipped} skipped by the budget]")
         key = f"{dt_name}/{D}/{batch}" + (f"/{block_size}" if block_size != BS else "")
         per_key.setdefault(key, []).append({json.dumps(changed_fields(c), sort_keys=True): us for us, c in results})
-        table[key] = changed_fields(choose(per_key[key], args.min_gain))
+        table[key] = changed_fields(choose(per_key[key], args.min_gain, current))
         print(f"  entry {json.dumps(key)}: {json.dumps(table[key], sort_keys=True)}")
         del case
         if device == "cuda":

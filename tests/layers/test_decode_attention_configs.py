@@ -204,6 +204,35 @@ def test_sweep_at_larger_pages_gives_one_entry_per_bucket_keyed_by_page_size(mon
     assert decode_config(3, 32, torch.bfloat16) == DecodeConfig()  # 16-token pages: no entry
 
 
+@cpu
+def test_sweep_of_the_transposed_v_layout(monkeypatch, tmp_path, set_table):
+    """--v_transposed: caches stored (num_blocks, nkv, D, block_size), the engine's current launch for that layout
+    first (vt_current: the table's entry if one-page TMA tiles read it, else VT_DEFAULT), then VT_GRID; every row
+    checked against the current launch, and the entry a TMA one the layout can take."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import attention_sweep
+
+    from shardllm.layers.attention import triton_paged
+
+    for name, value in (("NH", 4), ("NKV", 1), ("D", 32)):
+        monkeypatch.setattr(attention_sweep, name, value)
+    for cfg in attention_sweep.VT_GRID:
+        cfg.validate()
+        assert triton_paged._vt_launch(cfg, 64)
+    monkeypatch.setattr(attention_sweep, "split_variants", lambda batch, device: [1])
+    set_table({})  # no entry: the current launch is VT_DEFAULT (a pointer entry would be replaced by it too)
+    assert attention_sweep.vt_current(3, torch.float8_e4m3fn, 64) == triton_paged.VT_DEFAULT
+    rows = tmp_path / "rows.jsonl"
+    table = attention_sweep.main(["--smoke", "--v_transposed", "--block_size", "64", "--cases", "3x100", "--dtypes",
+                                  "fp8_e4m3", "--out", str(rows), "--min_gain", "-1"])  # any config beats current
+    lines = [json.loads(x) for x in rows.read_text().splitlines()]
+    assert len(lines) == 3 and all("us" in r and r["max_abs_diff"] <= 2e-2 for r in lines)
+    assert lines[0]["config"] == attention_sweep.changed_fields(triton_paged.VT_DEFAULT)
+    assert lines[1]["config"]["num_splits"] == 1 and lines[1]["config"]["tma"]
+    entry = DecodeConfig(**table["fp8_e4m3/32/3/64"])
+    assert entry.tma and triton_paged._vt_launch(entry, 64)
+
+
 def test_sweep_choice_across_cases_of_one_bucket():
     import importlib.util
 
