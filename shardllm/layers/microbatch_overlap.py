@@ -20,10 +20,10 @@ inside CUDA graph capture (the side streams fork from and join the capturing str
 all-reduce shares one buffer per rank, so two micro-batches in flight would race on it: inside the overlap every
 all-reduce goes to NCCL.
 
-Steps with prompt chunks (SHARDLLM_TP_OVERLAP_PREFILL=1 as well) split at the sequence boundary nearest half their
-tokens, each half at least a quarter of them (`prefill_split`; a chunk is never cut, since its second part would
-attend to keys the first part writes in the same layer). There the all-reduces carry (tokens, hidden) activations
-of a 16k-token step: 256 MiB each for Llama-3-70B, 160 a step.
+Steps with prompt chunks (SHARDLLM_TP_OVERLAP_PREFILL=1 as well; tp > 1 only) split at the sequence boundary
+nearest half their tokens, each half at least a quarter of them (`prefill_split`; a chunk is never cut, since its
+second part would attend to keys the first part writes in the same layer). There the all-reduces carry (tokens,
+hidden) activations of a 16k-token step: 256 MiB each for Llama-3-70B, 160 a step.
 
 Switches: `SHARDLLM_TP_OVERLAP=1` (read at start-up) turns it on. Off by default: measured on two H200s, the decode
 split gains nothing (8B 20,845 against 20,759 tok/s, 70B fp8 6,422 against 6,471) and at tp 1 it loses 1-2%
@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
+import numpy as np
 import torch
 
 from shardllm import envs
@@ -50,6 +51,7 @@ AT_TP1 = envs.SHARDLLM_TP_OVERLAP_AT_TP1  # also without tp: attention (memory-b
 _streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 _suspended = False  # see suspended()
 _announced = False
+_announced_prefill = False
 
 
 @contextlib.contextmanager
@@ -78,33 +80,42 @@ def applies(meta: AttentionMetadata, num_tokens: int, tp_size: int) -> bool:
 def prefill_split(meta: AttentionMetadata, num_tokens: int, tp_size: int) -> int | None:
     """For a step with prompt chunks (max_query_len > 1): the sequence index k at which it runs as two overlapped
     micro-batches (sequences [0, k) and [k, B)), the boundary nearest half of its `num_tokens` tokens; None where
-    the split is off (SHARDLLM_TP_OVERLAP_PREFILL, `active`), the step is under PREFILL_MIN_TOKENS, the host does
+    the split is off (SHARDLLM_TP_OVERLAP and _PREFILL, tp > 1), the step is under PREFILL_MIN_TOKENS, the host does
     not know its boundaries (meta.host_query_start_loc), or either half would hold under a quarter of the tokens
     (one chunk most of the step: a chunk is never cut, its second half would attend to the first's keys)."""
     host = meta.host_query_start_loc
-    if (not (PREFILL and active(tp_size)) or _suspended or meta.max_query_len == 1 or host is None
+    if (not (PREFILL and ENABLED and tp_size > 1) or _suspended or meta.max_query_len == 1 or host is None
             or num_tokens < PREFILL_MIN_TOKENS or len(host) < 3):
-        return None
-    k = min(range(1, len(host) - 1), key=lambda i: abs(2 * int(host[i]) - num_tokens))
+        return None  # (not at tp 1 even with AT_TP1: no all-reduce to hide, both halves compute-bound)
+    host = np.asarray(host)
+    i = int(np.searchsorted(host, num_tokens / 2))  # the boundaries on either side of the middle
+    k = min((j for j in (i - 1, i) if 1 <= j <= len(host) - 2), key=lambda j: abs(2 * int(host[j]) - num_tokens))
     t = int(host[k])
-    return k if 4 * t >= num_tokens and 4 * (num_tokens - t) >= num_tokens else None
+    if 4 * t < num_tokens or 4 * (num_tokens - t) < num_tokens:
+        return None
+    global _announced_prefill
+    if not _announced_prefill:  # once per process: that the split took effect, where
+        _announced_prefill = True
+        print(f"shardllm: two-micro-batch overlap split a step with prompt chunks: sequences [0, {k}) and "
+              f"[{k}, {len(host) - 1}), {t} | {num_tokens - t} tokens", file=sys.stderr, flush=True)
+    return k
 
 
 def split_step_meta(meta: AttentionMetadata, k: int) -> tuple[int, AttentionMetadata, AttentionMetadata]:
     """A step's metadata for sequences [0, k) and [k, B), split on the host (meta.host_query_start_loc): (the first
     half's token count t, its metadata, the second's). Each half keeps its own leading decodes (num_decodes) and the
     longest chunk it holds (max_query_len); max_seq_len stays the step's (an upper bound)."""
-    host = [int(x) for x in meta.host_query_start_loc]
-    t, qsl, nd = host[k], meta.query_start_loc, meta.num_decodes
+    host = np.asarray(meta.host_query_start_loc)
+    t, qsl, nd = int(host[k]), meta.query_start_loc, meta.num_decodes
 
-    def part(seqs: slice, rows: slice, q: torch.Tensor, hq: list[int], decodes: int) -> AttentionMetadata:
-        longest = max(b - a for a, b in zip(hq, hq[1:]))
+    def part(seqs: slice, rows: slice, q: torch.Tensor, hq: np.ndarray, decodes: int) -> AttentionMetadata:
+        longest = int(np.diff(hq).max())
         return AttentionMetadata(meta.slot_mapping[rows], q, meta.seq_lens[seqs], meta.block_tables[seqs],
                                  max_query_len=longest, max_seq_len=meta.max_seq_len, block_size=meta.block_size,
                                  num_decodes=decodes if longest > 1 else 0, host_query_start_loc=hq)
 
     return t, part(slice(0, k), slice(0, t), qsl[: k + 1], host[: k + 1], min(nd, k)), \
-        part(slice(k, None), slice(t, None), qsl[k:] - t, [x - t for x in host[k:]], max(nd - k, 0))
+        part(slice(k, None), slice(t, None), qsl[k:] - t, host[k:] - t, max(nd - k, 0))
 
 
 def split_decode_meta(meta: AttentionMetadata, m: int) -> tuple[AttentionMetadata, AttentionMetadata]:

@@ -76,8 +76,12 @@ def test_tp2_overlap_equals_one_rank(tiny_checkpoints, monkeypatch, capfd, arch,
         llm.shutdown()
     assert tokens == ref_tokens
     # the workers split their decode batches (they inherit the captured stderr and say so once each)
-    assert capfd.readouterr().err.count("two-micro-batch overlap on (decode batches of 2+ rows, steps with prompt "
-                                        "chunks of 4+ tokens)") == 2
+    err = capfd.readouterr().err
+    assert err.count("two-micro-batch overlap on (decode batches of 2+ rows, steps with prompt chunks of 4+ "
+                     "tokens)") == 2
+    # and the first step (22 prompt tokens) did split on both ranks, at the same boundary
+    assert err.count("two-micro-batch overlap split a step with prompt chunks: sequences [0, 3) and [3, 5), "
+                     "14 | 8 tokens") == 2
 
 
 def test_no_split_while_kv_scales_are_computed():
@@ -131,7 +135,8 @@ def test_prefill_split_picks_the_boundary_nearest_half_and_keeps_chunks_whole(mo
     monkeypatch.setattr(microbatch_overlap, "PREFILL_MIN_TOKENS", 8)
     mixed = _step_meta([1, 1, 1, 6, 5, 9, 4], [10, 3, 7, 0, 20, 0, 2])  # 27 tokens: boundaries 1 2 3 9 14 23
     assert microbatch_overlap.prefill_split(mixed, 27, 2) == 5  # 5 sequences, 14 tokens | 13
-    assert microbatch_overlap.prefill_split(mixed, 27, 1) is None  # tp 1 needs SHARDLLM_TP_OVERLAP_AT_TP1
+    monkeypatch.setattr(microbatch_overlap, "AT_TP1", True)
+    assert microbatch_overlap.prefill_split(mixed, 27, 1) is None  # never at tp 1: no all-reduce to hide
     one_chunk = _step_meta([1, 30, 2], [5, 0, 0])  # every boundary leaves a side under a quarter
     assert microbatch_overlap.prefill_split(one_chunk, 33, 2) is None
     assert microbatch_overlap.prefill_split(_step_meta([1] * 40, [5] * 40), 40, 2) is None  # decodes: `applies`
@@ -162,19 +167,29 @@ def test_split_step_meta_halves():
     assert (t, a.num_decodes, a.max_query_len, b.num_decodes, b.max_query_len) == (2, 0, 1, 1, 9)
 
 
-def test_prefill_split_equals_whole_steps(tiny_checkpoints, monkeypatch):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_prefill_split_equals_whole_steps(tiny_checkpoints, monkeypatch, kernels):
     """Prompts long enough for chunked prefill and mixed steps (16-token step budget): every step with prompt
-    chunks that can be split is split; the tokens and logprobs are the unsplit run's."""
+    chunks that can be split is split (as at tp 2: the split never applies at tp 1); the tokens and logprobs are the
+    unsplit run's, with the torch reference attention and with the Triton kernels (interpreter: each half's decode
+    rows to the decode kernel, its chunks to the prefill kernel, by its own num_decodes)."""
+    if kernels == "triton":
+        from shardllm.layers.attention import triton_paged
+        from shardllm.layers.attention.attention import Attention
+
+        if not triton_paged.HAS_TRITON:
+            pytest.skip("no Triton")
+        monkeypatch.setattr(Attention, "uses_triton_kernels", lambda self, q: self.use_triton)
     prompts = [[(7 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([9, 14, 5, 11, 7])]
     llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32",
               max_num_tokens=16, enable_prefix_caching=False)  # the second run prefills all of it again
     try:
         want = llm.generate(prompts, GREEDY)
         splits = []
-        real = microbatch_overlap.split_step_meta
+        real, real_split = microbatch_overlap.split_step_meta, microbatch_overlap.prefill_split
         monkeypatch.setattr(microbatch_overlap, "split_step_meta", lambda m, k: splits.append(k) or real(m, k))
+        monkeypatch.setattr(microbatch_overlap, "prefill_split", lambda m, n, tp: real_split(m, n, 2))
         monkeypatch.setattr(microbatch_overlap, "ENABLED", True)
-        monkeypatch.setattr(microbatch_overlap, "AT_TP1", True)
         monkeypatch.setattr(microbatch_overlap, "PREFILL", True)
         monkeypatch.setattr(microbatch_overlap, "PREFILL_MIN_TOKENS", 4)
         monkeypatch.setattr(microbatch_overlap, "MIN_TOKENS", 10**6)  # decode steps whole: only the prefill split
