@@ -2,6 +2,7 @@
 replayed from a CUDA graph (as decode steps run), bf16, sizes of decode steps (tokens x hidden).
 
     python benchmarks/all_reduce.py --world 4            # starts one process per GPU itself
+    python benchmarks/all_reduce.py --world 2 --sizes_kb 16384 262144 --paths nccl   # 70B decode / prefill sizes
 
 Prints one JSON line per (size, path, mode) with microseconds per all-reduce, from rank 0.
 """
@@ -21,7 +22,8 @@ import torch
 SIZES_KB = [8, 32, 128, 256, 512, 1024, 2048, 4096, 8192]
 
 
-def worker(rank: int, world: int, port: int, iters: int) -> None:
+def worker(rank: int, world: int, port: int, iters: int, sizes_kb: list[int] = SIZES_KB,
+           paths_wanted: list[str] | None = None) -> None:
     import torch.distributed as dist
 
     from shardllm.distributed.fast_all_reduce import create
@@ -53,7 +55,8 @@ def worker(rank: int, world: int, port: int, iters: int) -> None:
         return nccl(x) if y is None else y
 
     paths = {"nccl": nccl, "one_shot": one_shot, "two_shot": two_shot, "auto": auto}
-    for kb in SIZES_KB:
+    paths = {k: v for k, v in paths.items() if paths_wanted is None or k in paths_wanted}
+    for kb in sizes_kb:
         x = torch.randn(kb * 512, device=dev, dtype=torch.bfloat16)  # kb KiB of bf16
         for name, fn in paths.items():
             for mode in ("eager", "graph"):
@@ -98,20 +101,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--world", type=int, default=0, help="GPUs (default: all)")
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--sizes_kb", type=int, nargs="+", default=SIZES_KB, help="all-reduce sizes in KiB of bf16")
+    ap.add_argument("--paths", nargs="+", default=None, choices=["nccl", "one_shot", "two_shot", "auto"],
+                    help="the paths to time (default: all)")
     ap.add_argument("--_rank", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--_port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     world = a.world or torch.cuda.device_count()
     if a._rank >= 0:
-        worker(a._rank, world, a._port, a.iters)
+        worker(a._rank, world, a._port, a.iters, a.sizes_kb, a.paths)
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NVSHMEM_DISABLE_NVLS": "1"}
+    extra = ["--sizes_kb", *map(str, a.sizes_kb)] + (["--paths", *a.paths] if a.paths else [])
     procs = [subprocess.Popen([sys.executable, __file__, "--world", str(world), "--iters", str(a.iters),
-                               "--_rank", str(r), "--_port", str(port)], env=env) for r in range(world)]
+                               "--_rank", str(r), "--_port", str(port), *extra], env=env) for r in range(world)]
     rc = [p.wait() for p in procs]
     sys.exit(max(rc))
 
