@@ -2,7 +2,9 @@
 
 Llama-3-8B heads (32 q, 8 kv, head_dim 128), bf16 queries, an e4m3 cache of 64-token pages in the layout the engine
 uses on sm90+ (V transposed) and the standard one. Cases are whole prefill steps of 16k tokens: "16x1000" (16 fresh
-prompts of 1,000 tokens: a 500 x 1000/1000 run's prefill step) and "128x128" (1000 x 128/128's). Every config's
+prompts of 1,000 tokens: a 500 x 1000/1000 run's prefill step) and "128x128" (1000 x 128/128's); "NxQ+C" is N chunks
+of Q tokens each after C cached ones (a long prompt's later chunk, e.g. 2x4096+4096), which the engine's choice of
+launch (prefill_config) reads by the chunk's length alone. Every config's
 output is compared with the default launch's (max abs difference), then timed as a CUDA graph of 10 calls (us a
 call, TFLOP/s of the causal product: 4 x D x heads x sum over sequences of q_len x (ctx_len + (q_len + 1) / 2)).
 Prints one JSON line per (case, layout, config), then per case and layout the best config beside PrefillConfig() and
@@ -10,7 +12,7 @@ the engine's default for the case (triton_prefill.prefill_config), and the SHARD
 selects it. On an H200 (eleventh session's profile) the default launch took
 42-48 ms of a ~250 ms 16k-token prefill step of Llama-3-8B fp8 (32 layers): about 1.3-1.5 ms a layer.
 
-    python benchmarks/prefill_sweep.py [--cases 16x1000 128x128] [--budget_s 120] [--configs JSON]
+    python benchmarks/prefill_sweep.py [--cases 16x1000 128x128 32x512 2x4096+4096] [--budget_s 120] [--configs JSON]
     TRITON_INTERPRET=1 python benchmarks/prefill_sweep.py --smoke   # CPU: a tiny case, exercises the code only
 """
 
@@ -50,10 +52,29 @@ GRID = [
 ]
 
 
-def build(num_seqs: int, q_len: int, vt: bool, device: str, g: torch.Generator):
-    """q (N, NH, D) bf16, the caches (V transposed where vt), the step's tables: fresh prompts of q_len tokens on
-    scattered pages."""
-    pages_per_seq = -(-q_len // BS)
+def parse_case(text: str) -> tuple[int, int, int]:
+    """'NUM_SEQSxQ_LEN' (fresh prompts) or 'NUM_SEQSxQ_LEN+CTX' (chunks of Q_LEN tokens after CTX cached ones: a long
+    prompt's later chunk) -> (num_seqs, q_len, ctx).
+
+    Raises:
+        ValueError: not of that form, or a count below 1 (ctx below 0).
+    """
+    try:
+        seqs, rest = text.lower().split("x")
+        q_len, _, ctx = rest.partition("+")
+        out = int(seqs), int(q_len), int(ctx or 0)
+    except ValueError:
+        raise ValueError(f"--cases: NUM_SEQSxQ_LEN or NUM_SEQSxQ_LEN+CTX expected (16x1000, 2x2048+6144), got "
+                         f"{text!r}") from None
+    if min(out[:2]) < 1 or out[2] < 0:
+        raise ValueError(f"--cases: counts must be positive (context >= 0), got {text!r}")
+    return out
+
+
+def build(num_seqs: int, q_len: int, vt: bool, device: str, g: torch.Generator, ctx: int = 0):
+    """q (N, NH, D) bf16, the caches (V transposed where vt), the step's tables: chunks of q_len tokens after ctx
+    cached ones (0: fresh prompts) on scattered pages."""
+    pages_per_seq = -(-(ctx + q_len) // BS)
     num_blocks = 1 + num_seqs * pages_per_seq
     ids = (torch.randperm(num_blocks - 1, generator=g) + 1).view(num_seqs, pages_per_seq).to(torch.int32)
     shape = (num_blocks, BS, NKV, D)
@@ -61,7 +82,7 @@ def build(num_seqs: int, q_len: int, vt: bool, device: str, g: torch.Generator):
     vc = (torch.randn(shape, generator=g) * 2).to(torch.float8_e4m3fn)
     q = torch.randn(num_seqs * q_len, NH, D, generator=g).to(torch.bfloat16)
     qsl = torch.arange(num_seqs + 1, dtype=torch.int32) * q_len
-    seq_lens = torch.full((num_seqs,), q_len, dtype=torch.int32)
+    seq_lens = torch.full((num_seqs,), ctx + q_len, dtype=torch.int32)
     kc, vc, q, ids, qsl, seq_lens = (t.to(device) for t in (kc, vc, q, ids, qsl, seq_lens))
     if vt:
         vc = vc.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # stored (nb, nkv, D, bs)
@@ -92,7 +113,8 @@ def timed(fn, device: str) -> float:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", nargs="+", default=["16x1000", "128x128"], help="NUM_SEQSxPROMPT_LEN, fresh prompts")
+    ap.add_argument("--cases", nargs="+", default=["16x1000", "128x128"],
+                    help="NUM_SEQSxQ_LEN fresh prompts, or NUM_SEQSxQ_LEN+CTX chunks after CTX cached tokens")
     ap.add_argument("--layouts", nargs="+", default=["vt", "standard"], choices=["vt", "standard"])
     ap.add_argument("--budget_s", type=float, default=120, help="stop starting configs after this many seconds")
     ap.add_argument("--configs", default=None, help="a JSON list of PrefillConfig field dicts instead of the grid")
@@ -102,20 +124,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     grid = [parse_prefill_config(json.dumps(c)) for c in json.loads(a.configs)] if a.configs else GRID
     if grid[0] != PrefillConfig():
         grid = [PrefillConfig()] + grid  # the reference launch
-    cases = [(2, 70)] if a.smoke else [tuple(int(v) for v in c.split("x")) for c in a.cases]
+    try:
+        cases = [parse_case(c) for c in a.cases]
+    except ValueError as e:
+        ap.error(str(e))
+    cases = [(2, 70, 0)] if a.smoke and a.cases == ap.get_default("cases") else cases
     if a.smoke:
         grid = grid[:2]
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}  torch {torch.__version__}")
     t0 = time.perf_counter()
     best, rows = {}, []
-    for num_seqs, q_len in cases:
-        flops = 4 * D * NH * num_seqs * q_len * (q_len + 1) / 2
+    for num_seqs, q_len, ctx in cases:
+        flops = 4 * D * NH * num_seqs * q_len * (ctx + (q_len + 1) / 2)
+        name = f"{num_seqs}x{q_len}" + (f"+{ctx}" if ctx else "")
         for layout in a.layouts:
-            step = build(num_seqs, q_len, layout == "vt", device, torch.Generator().manual_seed(q_len))
+            step = build(num_seqs, q_len, layout == "vt", device, torch.Generator().manual_seed(q_len), ctx)
             ref = None
             for cfg in grid:
                 if time.perf_counter() - t0 > a.budget_s and ref is not None:
-                    print(json.dumps(dict(case=f"{num_seqs}x{q_len}", layout=layout, config=cfg._asdict(),
+                    print(json.dumps(dict(case=name, layout=layout, config=cfg._asdict(),
                                           skipped="budget")))
                     continue
 
@@ -128,11 +155,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 except Exception as e:  # a launch this GPU cannot compile (shared memory, registers): the next one
                     if ref is None:
                         raise  # the default launch must run
-                    print(json.dumps(dict(case=f"{num_seqs}x{q_len}", layout=layout, config=cfg._asdict(),
+                    print(json.dumps(dict(case=name, layout=layout, config=cfg._asdict(),
                                           error=f"{type(e).__name__}: {str(e)[:200]}")), flush=True)
                     continue
                 ref = out if ref is None else ref
-                row = dict(case=f"{num_seqs}x{q_len}", layout=layout, config=cfg._asdict(), us=round(us, 1),
+                row = dict(case=name, layout=layout, config=cfg._asdict(), us=round(us, 1),
                            tflop_s=round(flops / us / 1e6, 1), max_diff=float((out - ref).abs().max()))
                 print(json.dumps(row), flush=True)
                 rows.append(row)

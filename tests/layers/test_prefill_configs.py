@@ -147,3 +147,11 @@ def test_sweep_smoke_checks_and_times_each_layout(monkeypatch, capsys):
                                                                           ("standard", False), ("standard", True)]
     assert all(r["max_diff"] <= 1e-3 and r["us"] > 0 for r in rows)
     assert capsys.readouterr().out.count("SHARDLLM_PREFILL_CONFIG=") == 2
+    # a chunk after cached context: the case named as given, its output checked against the default launch's
+    rows = prefill_sweep.main(["--smoke", "--cases", "1x40+90", "--layouts", "vt"])
+    assert {r["case"] for r in rows} == {"1x40+90"} and all(r["max_diff"] <= 1e-3 for r in rows)
+    assert prefill_sweep.parse_case("2x4096+4096") == (2, 4096, 4096) and prefill_sweep.parse_case("16x1000") == (
+        16, 1000, 0)
+    for bad in ("16", "0x5", "2x4+x", "ax3"):
+        with pytest.raises(ValueError, match="--cases"):
+            prefill_sweep.parse_case(bad)
