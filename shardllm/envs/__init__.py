@@ -214,6 +214,10 @@ _VARS = [
             "0: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, block_size, nkv, D) like K instead of "
             "(num_blocks, nkv, D, block_size), the layout the TMA decode kernel reads without a shared-memory copy "
             "per page (issue 13: 8B fp8 500 x 1000/1000 17,000 -> 17,841 out tok/s on an H200, docs/benchmarks.md)"),
+    _switch("SHARDLLM_KV_V_T_TILED_WRITE", False, "import",
+            "1: with a transposed V cache, steps with prompt chunks store V in (head_dim, 32-token) tiles, runs of "
+            "consecutive bytes, not one token a row (kv_write.write_v_transposed; issue 13: the row store took the "
+            "16k-token step's KV write from 3.4 to 7.6 ms; not yet measured on a GPU)"),
     _switch("SHARDLLM_TRITON_ARGMAX", True, "import",
             "0: the greedy arg-max of decode batches up to 16 rows on a GPU is torch.argmax instead of two Triton "
             "kernels (layers/argmax.py; torch's took 35 us of a 2.87 ms batch-1 step on an H200)"),

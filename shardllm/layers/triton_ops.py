@@ -156,11 +156,11 @@ def _fused_rotary_kernel(
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_vcd,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, Q_HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, WRITE_KV: tl.constexpr, KV_SCALED: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False, FINITE_V: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, FINITE_V: tl.constexpr = False, WRITE_V: tl.constexpr = True,
 ):
     """One program per token: neox rotation of all its q and k heads with cos/sin of its position, in place;
-    with WRITE_KV, then its rotated k and its v into its cache slot (slots < 0, padding, skip only the write),
-    divided by the fp32 scalars at k_scale_ptr / v_scale_ptr with KV_SCALED (an FP8 cache).
+    with WRITE_KV, then its rotated k and (WRITE_V) its v into its cache slot (slots < 0, padding, skip only the
+    write), divided by the fp32 scalars at k_scale_ptr / v_scale_ptr with KV_SCALED (an FP8 cache).
     """
     pdl_enter(USE_PDL)
     n = tl.program_id(0).to(tl.int64)
@@ -176,7 +176,7 @@ def _fused_rotary_kernel(
         _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
                           num_kv_heads, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb,
                           stride_vcs, stride_vch, stride_vcd, HALF, HALF_PAD, KV_HEADS_PAD, BLOCK_SIZE, KV_SCALED,
-                          FINITE_V)
+                          FINITE_V, WRITE_V)
 
 
 @_jit
@@ -190,9 +190,11 @@ def finite_or_zero(x):
 def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, k_scale_ptr, v_scale_ptr,
                       num_kv_heads, stride_vn, stride_vh, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs,
                       stride_vch, stride_vcd, HALF: tl.constexpr, HALF_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
-                      BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr, FINITE_V: tl.constexpr):
-    """Token n's rotated k (halves k1, k2, as stored in k's dtype) and its v into its cache slot, unless the slot
-    is < 0; with KV_SCALED, k / k_scale and v / v_scale (IEEE fp32 division), rounded once to the cache dtype."""
+                      BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr, FINITE_V: tl.constexpr,
+                      WRITE_V: tl.constexpr = True):
+    """Token n's rotated k (halves k1, k2, as stored in k's dtype) and (WRITE_V) its v into its cache slot, unless
+    the slot is < 0; with KV_SCALED, k / k_scale and v / v_scale (IEEE fp32 division), rounded once to the cache
+    dtype."""
     j = tl.arange(0, HALF_PAD)
     jm = j < HALF
     slot = tl.load(slot_mapping_ptr + n).to(tl.int64)
@@ -218,8 +220,9 @@ def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
     vc = v_cache_ptr + page * stride_vcb + in_page * stride_vcs + h[:, None] * stride_vch + j[None, :] * stride_vcd
     tl.store(kc, k1, mask=mask)
     tl.store(kc + HALF, k2, mask=mask)
-    tl.store(vc, v1, mask=mask)
-    tl.store(vc + HALF * stride_vcd, v2, mask=mask)
+    if WRITE_V:
+        tl.store(vc, v1, mask=mask)
+        tl.store(vc + HALF * stride_vcd, v2, mask=mask)
 
 
 if HAS_TRITON and hasattr(_fused_rmsnorm_row_kernel, "rewrite"):  # the interpreter (TRITON_INTERPRET=1)
@@ -351,8 +354,9 @@ def _rotary_num_warps(num_q_heads: int, num_k_heads: int, half: int) -> int:
 def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                    slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
-                                   v_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rotary_embedding_(positions, q, k, cos_sin_cache)`, then the rotated k and v into the paged caches.
+                                   v_scale: torch.Tensor | None = None,
+                                   write_v: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary_embedding_(positions, q, k, cos_sin_cache)`, then the rotated k and (write_v) v into the paged caches.
 
     One launch for what `rotary_embedding_` + `attention.kv_write.write_kv_cache` do in two. q (N, nh, D) and
     k (N, nkv, D) are rotated in place and returned; v (N, nkv, D) is only read. k_cache, v_cache are
@@ -385,5 +389,5 @@ def rotary_embedding_and_write_kv_(positions: torch.Tensor, q: torch.Tensor, k: 
         *k_cache.stride()[:3], *v_cache.stride(),
         HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(num_q_heads), KV_HEADS_PAD=_pow2(num_kv_heads),
         BLOCK_SIZE=k_cache.shape[1], WRITE_KV=True, KV_SCALED=kv_scaled, FINITE_V=v_cache.stride(-1) != 1,
-        num_warps=_rotary_num_warps(num_q_heads, num_kv_heads, half), **launch_args(q.device))
+        WRITE_V=write_v, num_warps=_rotary_num_warps(num_q_heads, num_kv_heads, half), **launch_args(q.device))
     return q, k

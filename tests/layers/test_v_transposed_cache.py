@@ -179,3 +179,55 @@ def test_the_runner_applies_the_switch_only_where_the_kernels_read_it(monkeypatc
     assert runner._v_transposed() is True
     monkeypatch.setenv("SHARDLLM_KV_V_TRANSPOSED", "0")
     assert runner._v_transposed() is False
+
+
+@cpu
+@pytest.mark.usefixtures("attention_kernels_on_cpu", "exact_fp8_casts")
+@pytest.mark.parametrize("name", ["prefill", "mixed", "chunks"])
+@pytest.mark.parametrize("block_size", [16, 64, 96])
+def test_tiled_v_write_gives_the_standard_layouts_cache(monkeypatch, name, block_size):
+    """SHARDLLM_KV_V_T_TILED_WRITE: steps with prompt chunks store v by write_v_transposed's (D, tokens) tiles; the
+    cache bytes and the attention are the standard layout's, as with the fused kernel's row store."""
+    from shardllm.layers.attention import attention as attention_mod
+
+    monkeypatch.setattr(attention_mod, "V_T_TILED_WRITE", True)
+    calls = []
+    real = triton_paged.write_v_transposed
+    monkeypatch.setattr(triton_paged, "write_v_transposed", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    check_layouts(monkeypatch, name, True, True, block_size, "cpu", torch.float32, dict(atol=1e-4, rtol=1e-3))
+    assert calls  # the tiled writer stored the transposed run's v
+
+
+def check_write_v_transposed(scaled: bool, device: str, dtype: torch.dtype) -> None:
+    """45 rows (a partial last tile) over 64-token pages, two prompts and a padding row (slot -1), a NaN and an inf:
+    the cache holds what the standard layout's writer stores, transposed, non-finite values as 0, nothing for -1."""
+    nb, bs, nkv, d = 5, 64, 2, 32
+    g = torch.Generator().manual_seed(3)
+    v = (torch.randn(45, nkv, d, generator=g) * 4).to(dtype)
+    v[7, 1, 3], v[30, 0, 0] = float("nan"), float("inf")
+    slots = torch.cat([torch.arange(2 * bs + 10, 2 * bs + 40), torch.tensor([-1]), torch.arange(bs, bs + 14)])
+    scale = torch.tensor(0.5) if scaled else None
+    vt = torch.zeros(nb, nkv, d, bs, dtype=torch.float8_e4m3fn)
+    v_dev, vt_dev = v.to(device), vt.to(device)
+    triton_paged.write_v_transposed(v_dev, vt_dev.permute(0, 3, 1, 2), slots.to(device),
+                                    None if scale is None else scale.to(device))
+    want = torch.zeros(nb, bs, nkv, d, dtype=torch.float8_e4m3fn)
+    x = torch.where(torch.isfinite(v), v.float(), 0.0) / (scale if scaled else 1.0)
+    keep = slots >= 0
+    want.view(-1, nkv, d).view(torch.uint8)[slots[keep]] = x[keep].to(torch.float8_e4m3fn).view(torch.uint8)
+    assert torch.equal(vt_dev.cpu().view(torch.uint8), want.permute(0, 2, 3, 1).contiguous().view(torch.uint8))
+
+
+@cpu
+@pytest.mark.usefixtures("exact_fp8_casts")
+@pytest.mark.parametrize("scaled", [False, True], ids=["e4m3", "e4m3-scaled"])
+def test_write_v_transposed_bytes(scaled):
+    check_write_v_transposed(scaled, "cpu", torch.float32)
+
+
+@gpu
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("scaled", [False, True], ids=["e4m3", "e4m3-scaled"])
+def test_write_v_transposed_bytes_on_gpu(scaled):
+    """The same on CUDA from bf16 rows (the engine's activations)."""
+    check_write_v_transposed(scaled, "cuda", torch.bfloat16)

@@ -30,6 +30,9 @@ _fused_rotary_ok = [True]  # cleared, for the process, if the fused rotary + KV-
 # SHARDLLM_KV_SCALES_IN_KERNELS=0 (read at import): the Triton path applies FP8 k/v scales in four torch ops, as
 # the torch reference does, instead of inside the kernels (the previous behaviour, for A/B runs)
 KV_SCALES_IN_KERNELS = envs.SHARDLLM_KV_SCALES_IN_KERNELS
+# SHARDLLM_KV_V_T_TILED_WRITE=1 (read at import): a transposed V cache takes a step's prompt chunks' v in
+# (D, tokens) tiles (kv_write.write_v_transposed), not one row a token from the fused rotary kernel
+V_T_TILED_WRITE = envs.SHARDLLM_KV_V_T_TILED_WRITE
 
 
 @dataclass
@@ -143,9 +146,12 @@ class Attention(nn.Module):
                        and _fused_rotary_ok[0])
         if fuse_rotary:  # rotary and the cache write of k and v in one launch
             paged = self.paged_caches()
+            tiled_v = V_T_TILED_WRITE and self.v_transposed and meta.max_query_len > 1
             try:
                 triton_ops.rotary_embedding_and_write_kv_(positions, q, k, v, rotary.cos_sin_cache, *paged,
-                                                          meta.slot_mapping, **kv_scales)
+                                                          meta.slot_mapping, **kv_scales, write_v=not tiled_v)
+                if tiled_v:  # prompt chunks: v in tiles of consecutive slots
+                    triton_paged.write_v_transposed(v, paged[1], meta.slot_mapping, kv_scales.get("v_scale"))
             except Exception as e:  # a Triton build that cannot compile it: the two kernels it replaces
                 logger.warning("fused rotary + KV write failed (%s: %s); using separate kernels",
                                type(e).__name__, e)

@@ -339,7 +339,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 # the TMA decode kernel and the KV write reuse this module's helpers: imported last, once they exist
-from shardllm.layers.attention.kv_write import _write_kv_kernel, write_kv_cache  # noqa: E402, F401 - their home
+from shardllm.layers.attention.kv_write import (  # noqa: E402, F401 - their home
+    _write_kv_kernel,
+    _write_v_t_kernel,
+    write_kv_cache,
+    write_v_transposed,
+)
 from shardllm.layers.attention.triton_decode_tma import (  # noqa: E402
     _decode_kernel_tma,
     descriptor,
