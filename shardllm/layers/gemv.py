@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from shardllm import envs
-from shardllm.layers.pdl import launch_args, pdl_enter, pdl_enter_prefetching
+from shardllm.layers.pdl import launch_args, pdl_enter, pdl_enter_prefetching, pdl_launch_dependents, pdl_wait
 from shardllm.layers.triton_ops import RMS_MAX_BLOCK
 
 try:
@@ -81,6 +81,47 @@ if HAS_TRITON:
         return (nw * normed).to(x_ptrs.dtype.element_ty)
 
     @triton.jit
+    def _dot_update(acc, w, k, k_end, x_rows, r_rows, nw_rows, rstd, m_in, K, EVEN_K: tl.constexpr,
+                    SILU_INPUT: tl.constexpr, NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                    DOT_F32: tl.constexpr):
+        """The tl.dot form's step at columns k given its (BN, BK) weight tile w: acc + x[:, k] @ w^T."""
+        x_mask = m_in if EVEN_K else m_in & (k[None, :] < k_end)
+        if SILU_INPUT:
+            x = _silu_mul_load(x_rows + k[None, :], K, x_mask)  # (BM, BK)
+        elif NORM_INPUT:
+            x = _normed_load(x_rows + k[None, :], r_rows + k[None, :], nw_rows + k[None, :], rstd, x_mask,
+                             HAS_RESIDUAL)
+        else:
+            x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)  # (BM, BK)
+        if DOT_F32:  # Triton's CPU interpreter computes bf16 dots wrongly (3.9); fp32 there
+            return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+
+    @triton.jit
+    def _fma_update(acc, acc3, w3, k, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in, m_in3, K,
+                    EVEN_K: tl.constexpr, SILU_INPUT: tl.constexpr, NORM_INPUT: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, LATE_REDUCE: tl.constexpr):
+        """The FMA form's step at columns k given its (BM, BN, BK) weight tile w3: (acc, acc3) after its products
+        (acc3: the late-reduce accumulator, else passed through)."""
+        k3 = k[None, None, :]
+        x_mask = m_in if EVEN_K else m_in & (k[None, :] < k_end)
+        if SILU_INPUT:  # (BM, 1, BK), broadcast over BN in the product
+            x3 = _silu_mul_load(x_rows + k[None, :], K, x_mask)[:, None, :]
+        elif NORM_INPUT:
+            x3 = _normed_load(x_rows + k[None, :], r_rows + k[None, :], nw_rows + k[None, :], rstd, x_mask,
+                              HAS_RESIDUAL)[:, None, :]
+        elif EVEN_K:
+            x3 = tl.load(x_rows3 + k3, mask=m_in3, other=0.0)  # (BM, BN, BK)
+        else:
+            x3 = tl.load(x_rows3 + k3, mask=m_in3 & (k3 < k_end), other=0.0)
+        prod = x3.to(tl.float32) * w3.to(tl.float32)
+        if LATE_REDUCE:
+            acc3 += prod
+        else:
+            acc += tl.sum(prod, axis=2)
+        return acc, acc3
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_ym, stride_ys,
                      r_ptr, nw_ptr, r_out_ptr, eps, stride_rm, stride_rom,
                      HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -88,14 +129,17 @@ if HAS_TRITON:
                      SILU_INPUT: tl.constexpr = False, NORM_INPUT: tl.constexpr = False,
                      HAS_RESIDUAL: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1, NORM_CHUNKS: tl.constexpr = 1,
                      USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
-                     PREFETCH_SPLIT: tl.constexpr = 1, prefetch_bytes=0):
+                     PREFETCH_SPLIT: tl.constexpr = 1, prefetch_bytes=0, W_EARLY: tl.constexpr = False):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
         x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
         FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps).
         NORM_INPUT: x = RMSNorm(x (+ r)) with weight nw: every program first sums the squares of its whole rows (in
         NORM_CHUNKS chunks of NORM_BLOCK, as triton_ops' RMSNorm does; L1/L2 hits after the first program), program
         (0, 0) also stores round(x + r) to r_out; then each step normalizes the x it loads. With USE_PDL, each row's
-        first prefetch_bytes of its K slice are prefetched into L2 before the wait (pdl_enter_prefetching)."""
+        first prefetch_bytes of its K slice are prefetched into L2 before the wait (pdl_enter_prefetching).
+        W_EARLY (not with W_AHEAD or PREFETCH_W): the program's first weight tile is loaded into registers before the
+        wait, so that it streams while the kernel before still runs (no kernel of a step writes weights; x, which
+        the kernel before writes, is read only after the wait); its step runs first, then the loop."""
         pid_n = tl.program_id(0)  # (no memory is touched before the wait below)
         split = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,8 +154,24 @@ if HAS_TRITON:
         span = tl.maximum(k_end - k_start, 0) * w_bytes
         chunk = tl.minimum(prefetch_bytes, span) // PREFETCH_SPLIT // 16 * 16
         piece = tl.arange(0, PREFETCH_SPLIT)
-        pdl_enter_prefetching(USE_PDL, PREFETCH_W,
-                              w_ptr + rows[:, None] * stride_wn + k_start + piece[None, :] * (chunk // w_bytes), chunk)
+        if W_EARLY:
+            pdl_launch_dependents(USE_PDL)
+            kf = k_start + tl.arange(0, BLOCK_K)
+            if USE_DOT:  # (BN, BK)
+                wf_ptrs = w_ptr + rows[:, None] * stride_wn + kf[None, :]
+                wf_in = kf[None, :] < k_end
+            else:  # (BM, BN, BK), the FMA form's repeated addresses
+                wf_ptrs = w_ptr + rows[None, :, None] * stride_wn + 0 * tl.arange(0, BLOCK_M)[:, None, None] + \
+                    kf[None, None, :]
+                wf_in = kf[None, None, :] < k_end
+            if EVEN_K:
+                w_first = tl.load(wf_ptrs)
+            else:
+                w_first = tl.load(wf_ptrs, mask=wf_in, other=0.0)
+            pdl_wait(USE_PDL)
+        else:
+            pdl_enter_prefetching(USE_PDL, PREFETCH_W, w_ptr + rows[:, None] * stride_wn + k_start
+                                  + piece[None, :] * (chunk // w_bytes), chunk)
         m = tl.arange(0, BLOCK_M)
         kk = tl.arange(0, BLOCK_K)
         m_in = m[:, None] < M
@@ -144,29 +204,30 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if LATE_REDUCE:
             acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
+        else:
+            acc3 = acc  # unused (_fma_update passes it through)
         if W_AHEAD:  # FMA form: the first tile; each step then loads the next one before its products
             k3_first = (k_start + kk)[None, None, :]
             w3_next = tl.load(w_rows3 + k3_first, mask=k3_first < k_end, other=0.0)
-        for k0 in range(k_start, k_end, BLOCK_K):
+        loop_start = k_start
+        if W_EARLY:  # the tile loaded before the wait: its step, then the loop from the next one
+            if USE_DOT:
+                acc = _dot_update(acc, w_first, k_start + kk, k_end, x_rows, r_rows, nw_rows, rstd, m_in, K, EVEN_K,
+                                  SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, DOT_F32)
+            else:
+                acc, acc3 = _fma_update(acc, acc3, w_first, k_start + kk, k_end, x_rows, x_rows3, r_rows, nw_rows,
+                                        rstd, m_in, m_in3, K, EVEN_K, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL,
+                                        LATE_REDUCE)
+            loop_start = k_start + BLOCK_K
+        for k0 in range(loop_start, k_end, BLOCK_K):
             k = k0 + kk
             if USE_DOT:
                 if EVEN_K:  # every slice is whole BLOCK_Ks: unmasked, vectorizable loads of w
                     w = tl.load(w_rows + k[None, :])  # (BN, BK)
-                    x_mask = m_in
                 else:
                     w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_end, other=0.0)
-                    x_mask = m_in & (k[None, :] < k_end)
-                if SILU_INPUT:
-                    x = _silu_mul_load(x_rows + k[None, :], K, x_mask)  # (BM, BK)
-                elif NORM_INPUT:
-                    x = _normed_load(x_rows + k[None, :], r_rows + k[None, :], nw_rows + k[None, :], rstd, x_mask,
-                                     HAS_RESIDUAL)
-                else:
-                    x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)  # (BM, BK)
-                if DOT_F32:  # Triton's CPU interpreter computes bf16 dots wrongly (3.9); fp32 there
-                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-                else:
-                    acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+                acc = _dot_update(acc, w, k, k_end, x_rows, r_rows, nw_rows, rstd, m_in, K, EVEN_K, SILU_INPUT,
+                                  NORM_INPUT, HAS_RESIDUAL, DOT_F32)
             else:
                 k3 = k[None, None, :]
                 if W_AHEAD:  # this step's tile was loaded a step ago; the next one (masked past k_end) now
@@ -176,21 +237,8 @@ if HAS_TRITON:
                     w3 = tl.load(w_rows3 + k3)  # (BM, BN, BK)
                 else:
                     w3 = tl.load(w_rows3 + k3, mask=k3 < k_end, other=0.0)
-                x_mask = m_in if EVEN_K else m_in & (k[None, :] < k_end)
-                if SILU_INPUT:  # (BM, 1, BK), broadcast over BN in the product
-                    x3 = _silu_mul_load(x_rows + k[None, :], K, x_mask)[:, None, :]
-                elif NORM_INPUT:
-                    x3 = _normed_load(x_rows + k[None, :], r_rows + k[None, :], nw_rows + k[None, :], rstd, x_mask,
-                                      HAS_RESIDUAL)[:, None, :]
-                elif EVEN_K:
-                    x3 = tl.load(x_rows3 + k3, mask=m_in3, other=0.0)  # (BM, BN, BK)
-                else:
-                    x3 = tl.load(x_rows3 + k3, mask=m_in3 & (k3 < k_end), other=0.0)
-                prod = x3.to(tl.float32) * w3.to(tl.float32)
-                if LATE_REDUCE:
-                    acc3 += prod
-                else:
-                    acc += tl.sum(prod, axis=2)
+                acc, acc3 = _fma_update(acc, acc3, w3, k, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in,
+                                        m_in3, K, EVEN_K, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE)
         if LATE_REDUCE:
             acc = tl.sum(acc3, axis=2)
         if HAS_SCALE:
@@ -269,6 +317,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     even_k = k % (split_k * config.block_k) == 0
     pdl = launch_args(x.device)
     prefetch = prefetch_bytes_per_row(n, split_k, pdl)
+    w_ahead = config.w_ahead and not config.use_dot
+    early = W_EARLY_MODE == 2 or (W_EARLY_MODE == 1 and not silu_input)  # (silu: right after gate_up's GEMV)
     block_m = 16 if config.use_dot else max(1, triton.next_power_of_2(m))
     if split_k == 1:
         y = torch.empty((1, m, n), dtype=x.dtype, device=x.device)
@@ -283,9 +333,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         LATE_REDUCE=config.late_reduce and not config.use_dot, SILU_INPUT=silu_input, NORM_INPUT=norm is not None,
         HAS_RESIDUAL=res is not None, NORM_BLOCK=norm_block if norm is not None else 1,
         NORM_CHUNKS=triton.cdiv(k, norm_block) if norm is not None else 1, num_warps=config.num_warps,
-        num_stages=config.num_stages, W_AHEAD=config.w_ahead and not config.use_dot,
+        num_stages=config.num_stages, W_AHEAD=w_ahead,
         PREFETCH_W=prefetch > 0, PREFETCH_SPLIT=max(1, 32 * config.num_warps // config.block_n),
-        prefetch_bytes=prefetch, **pdl)
+        prefetch_bytes=prefetch, W_EARLY=early and not w_ahead and prefetch == 0, **pdl)
     if split_k == 1:
         return y[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -295,6 +345,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     return out
 
 
+# SHARDLLM_GEMV_W_EARLY: 1, each program of a GEMV loads its first weight tile before its PDL wait (not the fused
+# SiLU form, which follows gate_up's GEMV: there the kernel before is bandwidth-bound too); 2, every GEMV; 0 none
+W_EARLY_MODE = envs.SHARDLLM_GEMV_W_EARLY
 # SHARDLLM_GEMV_PDL_PREFETCH_MB: how much of a PDL-launched GEMV's weights its programs ask L2 for before they wait
 # on the kernel before (the first bytes of each row's K slice, spread evenly over the rows); 0: none.
 PREFETCH_BYTES = int(envs.SHARDLLM_GEMV_PDL_PREFETCH_MB * (1 << 20))

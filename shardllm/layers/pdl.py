@@ -35,7 +35,8 @@ except ImportError:  # no Triton, or one without the griddepcontrol intrinsics
     triton = tl = gdc_launch_dependents = gdc_wait = None
     HAS_GDC = False
 
-__all__ = ["ENABLED", "launch_args", "pdl_enter", "pdl_enter_prefetching", "supported"]
+__all__ = ["ENABLED", "launch_args", "pdl_enter", "pdl_enter_prefetching", "pdl_launch_dependents", "pdl_wait",
+           "supported"]
 
 ENABLED = envs.SHARDLLM_PDL
 _ON = {"USE_PDL": True, "launch_pdl": True}
@@ -78,6 +79,21 @@ def pdl_enter(USE_PDL: tl.constexpr):
     """A PDL kernel's first statement: let the next kernel be placed, then wait for the one before to finish."""
     if USE_PDL:
         gdc_launch_dependents()
+        gdc_wait()
+
+
+@_jit
+def pdl_launch_dependents(USE_PDL: tl.constexpr):
+    """pdl_enter's first half: let the next kernel be placed (then the caller may read memory no kernel of the step
+    writes, a layer's weights, before pdl_wait)."""
+    if USE_PDL:
+        gdc_launch_dependents()
+
+
+@_jit
+def pdl_wait(USE_PDL: tl.constexpr):
+    """pdl_enter's second half: wait for the kernel before to finish and its writes to be visible."""
+    if USE_PDL:
         gdc_wait()
 
 

@@ -114,6 +114,30 @@ def test_w_ahead_is_bit_equal_to_one_tile_at_a_time_cpu(fp8, m, n, k, cfg):
         assert torch.equal(gemv(x, w, s, ahead, norm=norm), gemv(x, w, s, cfg, norm=norm))
 
 
+def _w_early_equals_default(device: str, cases, monkeypatch) -> None:
+    for m, n, k, cfg in cases:
+        x, w, s = operands(m, n, k, True, device, seed=7)
+        gate_up = torch.randn(m, 2 * k).to(device, torch.bfloat16)
+        norm = gemv_mod.NormPrologue(None, (torch.rand(k) + 0.5).to(device, torch.bfloat16), 1e-6, None)
+        calls = [(x, w, s, cfg, {}), (gate_up, w, s, cfg, {"silu_input": True})]
+        if not cfg.use_dot and m <= 4:
+            calls.append((x, w, s, cfg, {"norm": norm}))
+        for mode in (1, 2):
+            for args in calls:
+                monkeypatch.setattr(gemv_mod, "W_EARLY_MODE", 0)
+                want = gemv(*args[:4], **args[4])
+                monkeypatch.setattr(gemv_mod, "W_EARLY_MODE", mode)
+                assert torch.equal(gemv(*args[:4], **args[4]), want), (mode, cfg, args[4].keys())
+
+
+@cpu
+def test_w_early_is_bit_equal_to_the_default_cpu(monkeypatch):
+    """SHARDLLM_GEMV_W_EARLY only moves the first weight tile's load before the PDL wait and runs its step first:
+    the same products in the same order, for both forms, whole and partial K slices, split-K, and the fused SiLU
+    and RMSNorm inputs."""
+    _w_early_equals_default("cpu", CPU_CASES, monkeypatch)
+
+
 def test_tables_take_an_optional_w_ahead_flag():
     table = load_table({"64x64": {"1": [0, 4, 512, 1, 4, 3, 1, 1], "2": [0, 4, 512, 1, 4, 3, 1]}})
     assert table_config(table, 64, 64, 1).w_ahead and not table_config(table, 64, 64, 2).w_ahead
@@ -203,6 +227,14 @@ def test_gemv_matches_reference_gpu(fp8, m, n, k, cfg):
         pytest.skip("the FMA form is for M <= 4")
     x, w, s = operands(m, n, k, fp8, "cuda")
     check(x, w, s, cfg)
+
+
+@gpu
+def test_w_early_is_bit_equal_to_the_default_gpu(monkeypatch):
+    """The same on CUDA, where the load is issued before griddepcontrol.wait (PDL on sm90+), at Llama-3-8B's batch-1
+    table shapes and a dot-form split-K one."""
+    cases = [(1, n, k, small_m_config(n, k, 1)) for n, k in ((6144, 4096), (4096, 4096), (28672, 4096))]
+    _w_early_equals_default("cuda", cases + [(2, 4096, 14336, GemvConfig(True, 32, 256, 4))], monkeypatch)
 
 
 def _graph_replay_matches(fn, x):

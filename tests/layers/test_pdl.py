@@ -76,11 +76,19 @@ def test_every_pdl_kernel_waits_before_it_touches_memory(kernel):
     if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):  # the docstring
         body = body[1:]
     if kernel is gemv._gemv_kernel:  # index arithmetic, then the wait with an L2 prefetch of its weights before it
-        first = next(i for i, st in enumerate(body) if ast.unparse(st).startswith("pdl_enter"))
+        # (or, W_EARLY, its first weight tile loaded between the signal and the wait: weights only)
+        first = next(i for i, st in enumerate(body) if isinstance(st, ast.If) and ast.unparse(st.test) == "W_EARLY")
         before = [ast.unparse(st) for st in body[:first]]
         assert before and all(isinstance(st, (ast.Assign, ast.AnnAssign)) for st in body[:first])
         assert not [t for t in before if "load" in t or "store" in t or "atomic" in t or "[" in t], before
-        call = ast.unparse(body[first])
+        early, (call,) = body[first].body, body[first].orelse
+        assert ast.unparse(early[0]) == "pdl_launch_dependents(USE_PDL)"
+        assert ast.unparse(early[-1]) == "pdl_wait(USE_PDL)"
+        between = "\n".join(ast.unparse(st) for st in early[1:-1])
+        assert "store" not in between and "atomic" not in between
+        assert between.count("tl.load(") == 2 and between.count("tl.load(wf_ptrs") == 2, between  # EVEN_K or not
+        assert "w_ptr" in between and not [p for p in ("x_ptr", "r_ptr", "nw_ptr", "s_ptr", "y_ptr") if p in between]
+        call = ast.unparse(call)
         assert call.startswith("pdl_enter_prefetching(USE_PDL, PREFETCH_W, w_ptr + ")
         assert not [w for w in ("load", "store", "atomic", "[:") if w in call.replace("[:, None]", "")], call
     else:
@@ -149,18 +157,24 @@ names = ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "M", "N", "K", "split_k", "stride_x
 types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16"] + ["i32"] * 8 + ["*bf16"] * 3 + ["fp32", "i32", "i32", "i32"]
 gemv_consts = dict(HAS_SCALE=True, USE_DOT=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, DOT_F32=False,
                    LATE_REDUCE=True, SILU_INPUT=False, NORM_INPUT=False, HAS_RESIDUAL=False, NORM_BLOCK=1,
-                   NORM_CHUNKS=1, W_AHEAD=True, PREFETCH_W=True, PREFETCH_SPLIT=32)
+                   NORM_CHUNKS=1, W_AHEAD=True, PREFETCH_W=True, PREFETCH_SPLIT=32, W_EARLY=False)
+# SHARDLLM_GEMV_W_EARLY: the first weight tile loaded between the signal and the wait (both forms)
+early = {**gemv_consts, "W_AHEAD": False, "PREFETCH_W": False, "W_EARLY": True}
+early_dot = {**early, "USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "LATE_REDUCE": False}
 out = {}
 kernels = {"silu_and_mul": silu, "silu_and_mul_rows": silu_rows, "silu_and_mul_quant": silu_quant,
            "silu_and_mul_quant_rows": silu_quant_rows,
-           "gemv": (gemv._gemv_kernel, dict(zip(names, types)), gemv_consts)}
+           "gemv": (gemv._gemv_kernel, dict(zip(names, types)), gemv_consts),
+           "gemv_w_early": (gemv._gemv_kernel, dict(zip(names, types)), early),
+           "gemv_w_early_dot": (gemv._gemv_kernel, dict(zip(names, types)), early_dot)}
 for name, (fn, sig, consts) in kernels.items():
     consts = {**consts, "USE_PDL": True}
     sig = {**sig, **{k: "constexpr" for k in consts}}
     ptx = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                          options={"num_warps": 4, "launch_pdl": True}).asm["ptx"]
-    out[name] = [ptx.find("griddepcontrol.launch_dependents"), ptx.find("griddepcontrol.wait"), ptx.find("ld.global"),
-                 ptx.find("cp.async.bulk.prefetch.L2")]
+    wait = ptx.find("griddepcontrol.wait")
+    out[name] = [ptx.find("griddepcontrol.launch_dependents"), wait, ptx.find("ld.global"),
+                 ptx.find("cp.async.bulk.prefetch.L2"), ptx[:wait].count("ld.global")]
 print(json.dumps(out))
 """
 
@@ -184,7 +198,12 @@ def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_load():
         if "ptxas" in r.stderr and ("not found" in r.stderr or "No such file" in r.stderr):
             pytest.skip(f"no ptxas here: {r.stderr.strip().splitlines()[-1:]}")
         raise AssertionError(r.stderr[-2000:])  # a kernel that does not compile for sm90 is a failure, not a skip
-    for name, (launch, wait, first_load, prefetch) in json.loads(r.stdout.strip().splitlines()[-1]).items():
+    found = json.loads(r.stdout.strip().splitlines()[-1])
+    for name, (launch, wait, first_load, prefetch, loads_before) in found.items():
+        if name.startswith("gemv_w_early"):  # loads (of the first weight tile: the AST test above says only w's)
+            # between the signal and the wait, no L2 prefetch
+            assert 0 <= launch < first_load < wait and loads_before >= 1 and prefetch < 0, (name, launch, wait)
+            continue
         assert 0 <= launch < wait < first_load, (name, launch, wait, first_load)
         if name == "gemv":  # the weights' L2 prefetch between the signal and the wait (pdl_enter_prefetching)
             assert launch < prefetch < wait, (launch, prefetch, wait)
