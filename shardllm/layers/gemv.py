@@ -154,6 +154,7 @@ if HAS_TRITON:
         span = tl.maximum(k_end - k_start, 0) * w_bytes
         chunk = tl.minimum(prefetch_bytes, span) // PREFETCH_SPLIT // 16 * 16
         piece = tl.arange(0, PREFETCH_SPLIT)
+        tl.static_assert(not (W_EARLY and (W_AHEAD or PREFETCH_W)), "W_EARLY excludes W_AHEAD and PREFETCH_W")
         if W_EARLY:
             pdl_launch_dependents(USE_PDL)
             kf = k_start + tl.arange(0, BLOCK_K)

@@ -115,27 +115,59 @@ def test_w_ahead_is_bit_equal_to_one_tile_at_a_time_cpu(fp8, m, n, k, cfg):
 
 
 def _w_early_equals_default(device: str, cases, monkeypatch) -> None:
+    """Each case at SHARDLLM_GEMV_W_EARLY 1 and 2 against 0, bit for bit, fp8 and bf16 weights (bf16 rows views of
+    a wider buffer whose columns past K are NaN: a read past a slice's end shows), plain, SiLU and norm (+
+    residual) inputs; the kernel's W_EARLY is spied on: on where the mode says, never with w_ahead."""
+    launched = []
+    real = gemv_mod._gemv_kernel
+    monkeypatch.setattr(gemv_mod, "_gemv_kernel", type("Spy", (), {"__getitem__": lambda self, grid: lambda *a, **kw: (
+        launched.append(kw["W_EARLY"]), real[grid](*a, **kw))})())
     for m, n, k, cfg in cases:
-        x, w, s = operands(m, n, k, True, device, seed=7)
-        gate_up = torch.randn(m, 2 * k).to(device, torch.bfloat16)
-        norm = gemv_mod.NormPrologue(None, (torch.rand(k) + 0.5).to(device, torch.bfloat16), 1e-6, None)
-        calls = [(x, w, s, cfg, {}), (gate_up, w, s, cfg, {"silu_input": True})]
-        if not cfg.use_dot and m <= 4:
-            calls.append((x, w, s, cfg, {"norm": norm}))
-        for mode in (1, 2):
-            for args in calls:
-                monkeypatch.setattr(gemv_mod, "W_EARLY_MODE", 0)
-                want = gemv(*args[:4], **args[4])
-                monkeypatch.setattr(gemv_mod, "W_EARLY_MODE", mode)
-                assert torch.equal(gemv(*args[:4], **args[4]), want), (mode, cfg, args[4].keys())
+        for fp8 in (True, False):
+            x, w, s = operands(m, n, k, fp8, device, seed=7)
+            if not fp8:
+                wide = torch.full((n, k + 40), float("nan"), dtype=w.dtype, device=device)
+                wide[:, :k] = w
+                w = wide[:, :k]
+            gate_up = torch.randn(m, 2 * k).to(device, torch.bfloat16)
+            nw = (torch.rand(k) + 0.5).to(device, torch.bfloat16)
+            res = torch.randn(m, k).to(device, torch.bfloat16)
+            calls = [({}, False), ({"silu_input": True}, True)]
+            if not cfg.use_dot and m <= 4:
+                calls += [({"norm": gemv_mod.NormPrologue(None, nw, 1e-6, None)}, False),
+                          ({"norm": "residual"}, False)]
+            for kw, silu in calls:
+                outs = []
+                for mode in ((0, 1, 2) if silu else (0, 2)):  # (1 and 2 differ only for the SiLU form)
+                    monkeypatch.setattr(gemv_mod, "W_EARLY_MODE", mode)
+                    args = dict(kw)
+                    r_out = torch.full_like(res, 7.0)
+                    if kw.get("norm") == "residual":
+                        args["norm"] = gemv_mod.NormPrologue(res, nw, 1e-6, r_out)
+                    launched.clear()
+                    y = gemv(gate_up if silu else x, w, s, cfg, **args)
+                    early = mode == 2 or (mode == 1 and not silu)
+                    assert launched == [early and not (cfg.w_ahead and not cfg.use_dot)], (mode, cfg, kw)
+                    outs.append((y, r_out))
+                assert torch.isfinite(outs[0][0].float()).all()
+                for y, r_out in outs[1:]:
+                    assert torch.equal(y, outs[0][0]) and torch.equal(r_out, outs[0][1]), (cfg, kw, fp8)
+
+
+# beside CPU_CASES: empty last K slices (K = 5 blocks over split 4: [0, 2), [2, 4), [4, 5), [5, 5) blocks), a last
+# slice shorter than a block, and a w_ahead config (W_EARLY stays off there)
+W_EARLY_CASES = CPU_CASES + [(1, 24, 160, GemvConfig(False, 8, 32, 4)), (3, 24, 153, GemvConfig(False, 8, 32, 4,
+                                                                                                 late_reduce=True)),
+                             (2, 40, 157, GemvConfig(True, 16, 32, 4)), (1, 24, 40, GemvConfig(False, 8, 32, 2)),
+                             (2, 24, 200, GemvConfig(False, 8, 64, 1, w_ahead=True))]
 
 
 @cpu
 def test_w_early_is_bit_equal_to_the_default_cpu(monkeypatch):
     """SHARDLLM_GEMV_W_EARLY only moves the first weight tile's load before the PDL wait and runs its step first:
-    the same products in the same order, for both forms, whole and partial K slices, split-K, and the fused SiLU
-    and RMSNorm inputs."""
-    _w_early_equals_default("cpu", CPU_CASES, monkeypatch)
+    the same products in the same order, for both forms, whole, partial and empty K slices, split-K, and the fused
+    SiLU and RMSNorm inputs."""
+    _w_early_equals_default("cpu", W_EARLY_CASES, monkeypatch)
 
 
 def test_tables_take_an_optional_w_ahead_flag():

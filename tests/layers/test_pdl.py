@@ -20,7 +20,8 @@ from tests.helpers import greedy_tokens_then_batch1  # noqa: E402
 
 KERNELS = [triton_ops._fused_rmsnorm_row_kernel, triton_ops._fused_silu_and_mul_kernel,
            triton_ops._fused_rotary_kernel, gemv._gemv_kernel, gemv._splitk_reduce_kernel, triton_paged._decode_kernel,
-           triton_paged._decode_reduce_kernel, triton_paged._write_kv_kernel, triton_decode_tma._decode_kernel_tma,
+           triton_paged._decode_reduce_kernel, triton_paged._write_kv_kernel, triton_paged._write_v_t_kernel,
+           triton_decode_tma._decode_kernel_tma,
            fp8_fused._rmsnorm_quant_fp8_kernel, fp8_fused._silu_and_mul_quant_fp8_kernel,
            fp8_triton._quant_per_token_kernel, moe_kernels._moe_combine_kernel, moe_kernels._moe_route_kernel,
            moe_kernels._moe_sort_kernel]
@@ -79,7 +80,8 @@ def test_every_pdl_kernel_waits_before_it_touches_memory(kernel):
         # (or, W_EARLY, its first weight tile loaded between the signal and the wait: weights only)
         first = next(i for i, st in enumerate(body) if isinstance(st, ast.If) and ast.unparse(st.test) == "W_EARLY")
         before = [ast.unparse(st) for st in body[:first]]
-        assert before and all(isinstance(st, (ast.Assign, ast.AnnAssign)) for st in body[:first])
+        assert before and all(isinstance(st, (ast.Assign, ast.AnnAssign)) or ast.unparse(st).startswith(
+            "tl.static_assert(") for st in body[:first])
         assert not [t for t in before if "load" in t or "store" in t or "atomic" in t or "[" in t], before
         early, (call,) = body[first].body, body[first].orelse
         assert ast.unparse(early[0]) == "pdl_launch_dependents(USE_PDL)"
@@ -161,8 +163,14 @@ gemv_consts = dict(HAS_SCALE=True, USE_DOT=False, EVEN_K=True, BLOCK_M=1, BLOCK_
 # SHARDLLM_GEMV_W_EARLY: the first weight tile loaded between the signal and the wait (both forms)
 early = {**gemv_consts, "W_AHEAD": False, "PREFETCH_W": False, "W_EARLY": True}
 early_dot = {**early, "USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "LATE_REDUCE": False}
+from shardllm.layers.attention import kv_write
+v_t_sig = {"v_ptr": "*bf16", "v_cache_ptr": "*fp8e4nv", "slot_mapping_ptr": "*i64", "v_scale_ptr": "*fp32",
+           "num_tokens": "i32", "stride_vn": "i32", "stride_vh": "i32", "stride_vcb": "i32", "stride_vch": "i32",
+           "stride_vcd": "i32"}
+v_t = (kv_write._write_v_t_kernel, v_t_sig, {"HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_SIZE": 64, "TOKENS": 32,
+                                             "KV_SCALED": True})
 out = {}
-kernels = {"silu_and_mul": silu, "silu_and_mul_rows": silu_rows, "silu_and_mul_quant": silu_quant,
+kernels = {"silu_and_mul": silu, "write_v_t": v_t, "silu_and_mul_rows": silu_rows, "silu_and_mul_quant": silu_quant,
            "silu_and_mul_quant_rows": silu_quant_rows,
            "gemv": (gemv._gemv_kernel, dict(zip(names, types)), gemv_consts),
            "gemv_w_early": (gemv._gemv_kernel, dict(zip(names, types)), early),

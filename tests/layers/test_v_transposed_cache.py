@@ -206,7 +206,7 @@ def check_write_v_transposed(scaled: bool, device: str, dtype: torch.dtype) -> N
     v = (torch.randn(45, nkv, d, generator=g) * 4).to(dtype)
     v[7, 1, 3], v[30, 0, 0] = float("nan"), float("inf")
     slots = torch.cat([torch.arange(2 * bs + 10, 2 * bs + 40), torch.tensor([-1]), torch.arange(bs, bs + 14)])
-    scale = torch.tensor(0.5) if scaled else None
+    scale = torch.tensor(0.37) if scaled else None  # not a power of two: div_rn's rounding, not a shift
     vt = torch.zeros(nb, nkv, d, bs, dtype=torch.float8_e4m3fn)
     v_dev, vt_dev = v.to(device), vt.to(device)
     triton_paged.write_v_transposed(v_dev, vt_dev.permute(0, 3, 1, 2), slots.to(device),
@@ -216,6 +216,26 @@ def check_write_v_transposed(scaled: bool, device: str, dtype: torch.dtype) -> N
     keep = slots >= 0
     want.view(-1, nkv, d).view(torch.uint8)[slots[keep]] = x[keep].to(torch.float8_e4m3fn).view(torch.uint8)
     assert torch.equal(vt_dev.cpu().view(torch.uint8), want.permute(0, 2, 3, 1).contiguous().view(torch.uint8))
+
+
+@cpu
+@pytest.mark.usefixtures("attention_kernels_on_cpu", "exact_fp8_casts")
+def test_a_failing_tiled_v_write_falls_back_to_the_row_store(monkeypatch, caplog):
+    """If the tiled write cannot launch, the step stores k and v a token a row (k not rotated twice), says so
+    once, and later steps take the row store; the result is the standard layout's."""
+    from shardllm.layers.attention import attention as attention_mod
+
+    monkeypatch.setattr(attention_mod, "V_T_TILED_WRITE", True)
+    monkeypatch.setattr(attention_mod, "_tiled_v_ok", [True])
+
+    def broken(*a, **k):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(triton_paged, "write_v_transposed", broken)
+    with caplog.at_level("WARNING"):
+        check_layouts(monkeypatch, "prefill", True, True, 64, "cpu", torch.float32, dict(atol=1e-4, rtol=1e-3))
+    assert "tiled V^T write failed" in caplog.text and attention_mod._tiled_v_ok == [False]
+    assert attention_mod._fused_rotary_ok == [True]  # the fused rotary kernel is not blamed
 
 
 @cpu

@@ -33,6 +33,7 @@ KV_SCALES_IN_KERNELS = envs.SHARDLLM_KV_SCALES_IN_KERNELS
 # SHARDLLM_KV_V_T_TILED_WRITE=1 (read at import): a transposed V cache takes a step's prompt chunks' v in
 # (D, tokens) tiles (kv_write.write_v_transposed), not one row a token from the fused rotary kernel
 V_T_TILED_WRITE = envs.SHARDLLM_KV_V_T_TILED_WRITE
+_tiled_v_ok = [True]  # cleared, for the process, if that write fails to launch (the row store instead)
 
 
 @dataclass
@@ -146,16 +147,22 @@ class Attention(nn.Module):
                        and _fused_rotary_ok[0])
         if fuse_rotary:  # rotary and the cache write of k and v in one launch
             paged = self.paged_caches()
-            tiled_v = V_T_TILED_WRITE and self.v_transposed and meta.max_query_len > 1
+            tiled_v = V_T_TILED_WRITE and _tiled_v_ok[0] and self.v_transposed and meta.max_query_len > 1
             try:
                 triton_ops.rotary_embedding_and_write_kv_(positions, q, k, v, rotary.cos_sin_cache, *paged,
                                                           meta.slot_mapping, **kv_scales, write_v=not tiled_v)
-                if tiled_v:  # prompt chunks: v in tiles of consecutive slots
-                    triton_paged.write_v_transposed(v, paged[1], meta.slot_mapping, kv_scales.get("v_scale"))
             except Exception as e:  # a Triton build that cannot compile it: the two kernels it replaces
                 logger.warning("fused rotary + KV write failed (%s: %s); using separate kernels",
                                type(e).__name__, e)
                 _fused_rotary_ok[0] = fuse_rotary = False
+            if fuse_rotary and tiled_v:  # prompt chunks: v in tiles of consecutive slots (k is written, rotated)
+                try:
+                    triton_paged.write_v_transposed(v, paged[1], meta.slot_mapping, kv_scales.get("v_scale"))
+                except Exception as e:  # the row store of k and v instead (k again: the same bytes)
+                    logger.warning("tiled V^T write failed (%s: %s); storing v a token a row",
+                                   type(e).__name__, e)
+                    _tiled_v_ok[0] = False
+                    triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping, **kv_scales)
         if rotary is not None and not fuse_rotary:
             q, k = rotary(positions, q, k)
         if kernels:
