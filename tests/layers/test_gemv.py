@@ -114,7 +114,7 @@ def test_w_ahead_is_bit_equal_to_one_tile_at_a_time_cpu(fp8, m, n, k, cfg):
         assert torch.equal(gemv(x, w, s, ahead, norm=norm), gemv(x, w, s, cfg, norm=norm))
 
 
-def _w_early_equals_default(device: str, cases, monkeypatch) -> None:
+def _w_early_equals_default(device: str, cases, monkeypatch, fp8_every: int = 1) -> None:
     """Each case at SHARDLLM_GEMV_W_EARLY 1 and 2 against 0, bit for bit, fp8 and bf16 weights (bf16 rows views of
     a wider buffer whose columns past K are NaN: a read past a slice's end shows), plain, SiLU and norm (+
     residual) inputs; the kernel's W_EARLY is spied on: on where the mode says, never with w_ahead."""
@@ -122,8 +122,8 @@ def _w_early_equals_default(device: str, cases, monkeypatch) -> None:
     real = gemv_mod._gemv_kernel
     monkeypatch.setattr(gemv_mod, "_gemv_kernel", type("Spy", (), {"__getitem__": lambda self, grid: lambda *a, **kw: (
         launched.append(kw["W_EARLY"]), real[grid](*a, **kw))})())
-    for m, n, k, cfg in cases:
-        for fp8 in (True, False):
+    for i, (m, n, k, cfg) in enumerate(cases):
+        for fp8 in ((True, False) if i % fp8_every == 0 else (False,)):  # bf16 rows NaN past K: every case
             x, w, s = operands(m, n, k, fp8, device, seed=7)
             if not fp8:
                 wide = torch.full((n, k + 40), float("nan"), dtype=w.dtype, device=device)
@@ -167,7 +167,7 @@ def test_w_early_is_bit_equal_to_the_default_cpu(monkeypatch):
     """SHARDLLM_GEMV_W_EARLY only moves the first weight tile's load before the PDL wait and runs its step first:
     the same products in the same order, for both forms, whole, partial and empty K slices, split-K, and the fused
     SiLU and RMSNorm inputs."""
-    _w_early_equals_default("cpu", W_EARLY_CASES, monkeypatch)
+    _w_early_equals_default("cpu", W_EARLY_CASES, monkeypatch, fp8_every=3)  # (fp8 on a third: CI time)
 
 
 def test_tables_take_an_optional_w_ahead_flag():
