@@ -75,14 +75,6 @@ def _jit(fn):
 
 
 @_jit
-def pdl_enter(USE_PDL: tl.constexpr):
-    """A PDL kernel's first statement: let the next kernel be placed, then wait for the one before to finish."""
-    if USE_PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-
-
-@_jit
 def pdl_launch_dependents(USE_PDL: tl.constexpr):
     """pdl_enter's first half: let the next kernel be placed (then the caller may read memory no kernel of the step
     writes, a layer's weights, before pdl_wait)."""
@@ -95,6 +87,13 @@ def pdl_wait(USE_PDL: tl.constexpr):
     """pdl_enter's second half: wait for the kernel before to finish and its writes to be visible."""
     if USE_PDL:
         gdc_wait()
+
+
+@_jit
+def pdl_enter(USE_PDL: tl.constexpr):
+    """A PDL kernel's first statement: let the next kernel be placed, then wait for the one before to finish."""
+    pdl_launch_dependents(USE_PDL)
+    pdl_wait(USE_PDL)
 
 
 @_jit
@@ -115,8 +114,7 @@ def pdl_enter_prefetching(USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, ptrs, n
     0: none), then waits for the kernel before to finish. The prefetch streams weights while the kernel before still
     runs (its tail, or all of it when it is one wave); nothing is read into registers before the wait. PREFETCH
     False: exactly pdl_enter (no prefetch compiled in)."""
-    if USE_PDL:
-        gdc_launch_dependents()
-        if PREFETCH:
-            _prefetch_l2(ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes)
-        gdc_wait()
+    pdl_launch_dependents(USE_PDL)
+    if USE_PDL and PREFETCH:
+        _prefetch_l2(ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes)
+    pdl_wait(USE_PDL)
