@@ -7,8 +7,8 @@ w (N, K) in e4m3 with per-channel fp32 scales, or in x's dtype with no scale. On
 Each program streams BLOCK_N weight rows over one of SPLIT_K slices of K (contiguous BLOCK_K-wide loads along K,
 fp32 accumulation). With SPLIT_K > 1 the fp32 partials (SPLIT_K, M, N) go to a buffer that one small kernel sums and
 casts (deterministic, no zeroed buffer, graph-capturable: the buffer is a torch.empty of the call).
-Which config runs for which (N, K, M) comes from per-shape tables filled from `benchmarks/gemv_sweep.py` on an H200;
-the torch reference is `gemv_reference`.
+Which config runs for which (N, K, M) comes from per-shape tables filled from `benchmarks/gemv_sweep.py` on an H200
+(gemv_tables.py); the torch reference is `gemv_reference`.
 
 The kernel can also form its input from the previous op's inputs as it loads it, so that op's kernel is not launched
 at decode: SiLU-and-mul from gate_up (silu_input; gemv_silu.py) and the residual add + RMSNorm (a NormPrologue, FMA
@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from shardllm import envs
+from shardllm.layers.gemv_tables import _BF16_SWEEP, _FP8_SWEEP
 from shardllm.layers.pdl import launch_args, pdl_enter, pdl_enter_prefetching, pdl_launch_dependents, pdl_wait
 from shardllm.layers.triton_ops import RMS_MAX_BLOCK
 
@@ -386,38 +387,9 @@ def load_table(table: dict) -> dict[tuple[int, int], dict[int, GemvConfig]]:
     return out
 
 
-_FP8_SWEEP = {
-    "6144x4096": {"1": [0, 4, 512, 1, 4, 3, 1], "2": [0, 4, 512, 1, 4, 3, 0]},
-    "4096x4096": {"1": [0, 4, 512, 1, 4, 3, 1], "2": [0, 16, 512, 1, 8, 3, 1]},
-    "28672x4096": {"1": [0, 8, 512, 1, 4, 3, 0], "2": [1, 32, 128, 1, 4, 4, 0]},
-    "4096x14336": {"1": [0, 16, 1024, 1, 8, 3, 1], "2": [1, 32, 256, 4, 4, 4, 0]},
-    "3072x4096": {"1": [0, 4, 1024, 1, 4, 3, 1], "2": [0, 4, 512, 1, 4, 3, 0]},
-    "4096x2048": {"1": [0, 4, 512, 1, 4, 3, 1], "2": [0, 4, 512, 1, 4, 3, 0]},
-    "14336x4096": {"1": [0, 4, 512, 1, 4, 3, 0], "2": [1, 32, 256, 2, 4, 4, 0]},
-    "4096x7168": {"1": [0, 16, 1024, 1, 8, 3, 1], "2": [0, 16, 512, 1, 8, 3, 1]},
-    # Llama-3-70B at tp 1 and 2, M = 1 (fourth session, `gemv_sweep.py --model llama-3-70b --dtypes fp8 --ms 1`)
-    "10240x8192": {"1": [0, 8, 512, 1, 4, 3, 0]},
-    "8192x8192": {"1": [0, 4, 512, 1, 4, 3, 0]},
-    "57344x8192": {"1": [0, 8, 512, 1, 4, 3, 0]},
-    "8192x28672": {"1": [0, 4, 512, 1, 4, 3, 0]},
-    "5120x8192": {"1": [0, 4, 512, 1, 4, 3, 1]},
-    "8192x4096": {"1": [0, 4, 512, 1, 4, 3, 0]},
-    "28672x8192": {"1": [0, 8, 512, 1, 4, 3, 0]},
-    "8192x14336": {"1": [0, 4, 512, 1, 4, 3, 0]},
-}
-_BF16_SWEEP = {
-    "4096x4096": {"1": [0, 4, 512, 1, 4, 3, 1], "2": [1, 32, 256, 1, 4, 4, 0]},
-    "128256x4096": {"1": [0, 16, 128, 1, 4, 3, 0], "2": [1, 64, 128, 1, 4, 4, 0]},
-    "3072x4096": {"1": [0, 4, 512, 1, 4, 3, 1]},
-    "4096x2048": {"1": [0, 4, 512, 1, 4, 3, 1]},
-    "14336x4096": {"1": [0, 8, 256, 1, 4, 3, 0]},
-    "4096x7168": {"1": [0, 4, 512, 1, 4, 3, 1]},
-    "64128x4096": {"1": [0, 16, 128, 1, 4, 3, 0]},
-}
-# The JSON tables `benchmarks/gemv_sweep.py` prints, pasted as they are: H200, 2026-11-30, `bash
-# benchmarks/device_gemv.sh` (docs/benchmarks.md; M = 1 and 2 measured, larger M ran out of the sweep's time). Where
-# an (N, K, M) has no entry FP8 falls back to fp8_triton.small_m_config's tl.dot configs and bf16 to cuBLAS (a bf16
-# entry means "beat cuBLAS by 3% or more there"). SHARDLLM_GEMV_TABLES=0 at start-up: both empty (A/B runs).
+# The tuned tables (gemv_tables.py: the sweep's JSON, H200). Where an (N, K, M) has no entry FP8 falls back to
+# fp8_triton.small_m_config's tl.dot configs and bf16 to cuBLAS (a bf16 entry means "beat cuBLAS by 3% or more
+# there"). SHARDLLM_GEMV_TABLES=0 at start-up: both empty (A/B runs).
 _TABLES_ON = envs.SHARDLLM_GEMV_TABLES
 FP8_GEMV_TABLE = load_table(_FP8_SWEEP if _TABLES_ON else {})
 BF16_GEMV_TABLE = load_table(_BF16_SWEEP if _TABLES_ON else {})
