@@ -168,10 +168,11 @@ _VARS = [
             "0: the decode path's Triton kernels launch without programmatic dependent launch (on by default on "
             "sm90+, layers/pdl.py; issues 13 and 15: batch-1 8B bf16 4.268 -> 4.210 ms, fp8 2.852 -> 2.814 ms on "
             "one H200, sixth session)"),
-    EnvVar("SHARDLLM_GEMV_W_EARLY", "int", "0", int, "import",
-           "1: each program of a batch-1 GEMV loads its first weight tile before its PDL wait, while the kernel "
-           "before (a norm, the attention) still runs, except the fused SiLU down GEMV; 2: every GEMV; 0: none "
-           "(layers/gemv.py; issue 13, batch-1 decode; not yet measured on a GPU)"),
+    EnvVar("SHARDLLM_GEMV_W_EARLY", "int", "2", int, "import",
+           "2 (default): each program of a batch-1 GEMV loads its first weight tile before its PDL wait, while "
+           "the kernel before (a norm, the attention) still runs; 1: not the fused SiLU down GEMV; 0: none "
+           "(layers/gemv.py; issue 13; 8B fp8 batch 1 on one H200, thirteenth session: 0 / 1 / 2 2.791 / 2.760 / "
+           "2.757 ms, then 2.790 / 2.764 / 2.760)"),
     EnvVar("SHARDLLM_GEMV_PDL_PREFETCH_MB", "float", "0", float, "import",
            "MiB of a PDL-launched GEMV's weights asked of L2 before it waits on the kernel before (layers/gemv.py, "
            "pdl.pdl_enter_prefetching; issues 13 and 15, batch-1 decode; 0: none; seventh session: 8B fp8 2.842 -> "
