@@ -25,6 +25,10 @@ nearest half their tokens, each half at least a quarter of them (`prefill_split`
 second part would attend to keys the first part writes in the same layer). There the all-reduces carry (tokens,
 hidden) activations of a 16k-token step: 256 MiB each for Llama-3-70B, 160 a step.
 
+Each kernel of a big decode batch fills the GPU, so two halves on two streams mostly take turns: cuBLAS's GEMMs
+launch one block per SM and hold it to the end. With SHARDLLM_TP_OVERLAP_SM_CARVEOUT=N the GEMMs issued inside the
+overlap target N fewer SMs (`sm_carveout`), which the other half's attention can take meanwhile.
+
 Switches: `SHARDLLM_TP_OVERLAP=1` (read at start-up) turns it on. Off by default: measured on two H200s, the decode
 split gains nothing (8B 20,845 against 20,759 tok/s, 70B fp8 6,422 against 6,471) and at tp 1 it loses 1-2%
 (docs/benchmarks.md, twelfth session); the prefill split is not yet measured.
@@ -47,6 +51,7 @@ MIN_TOKENS = envs.SHARDLLM_TP_OVERLAP_MIN_TOKENS  # below: latency-bound, no spl
 PREFILL = envs.SHARDLLM_TP_OVERLAP_PREFILL  # steps with prompt chunks too, split at a sequence boundary
 PREFILL_MIN_TOKENS = envs.SHARDLLM_TP_OVERLAP_PREFILL_MIN_TOKENS
 AT_TP1 = envs.SHARDLLM_TP_OVERLAP_AT_TP1  # also without tp: attention (memory-bound) beside GEMMs (compute-bound)
+SM_CARVEOUT = envs.SHARDLLM_TP_OVERLAP_SM_CARVEOUT  # SMs the overlap's cuBLAS GEMMs leave to the other half
 
 _streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 _suspended = False  # see suspended()
@@ -64,6 +69,33 @@ def suspended():
         yield
     finally:
         _suspended = before
+
+
+@contextlib.contextmanager
+def sm_carveout(n: int, device: torch.device):
+    """Inside: cuBLAS matmuls (torch.mm / addmm, torch._scaled_mm) issued, or captured into a CUDA graph, target
+    `n` fewer SMs than the GPU has (torch._C._set_sm_carveout_experimental, cuBLAS's SM count target; read when a
+    matmul is set up, so a captured graph keeps it). Restores the value before on exit. n <= 0: unchanged.
+
+    Raises ValueError for a carveout that leaves no SM (n >= the SM count of `device`, a CUDA device) or on a
+    torch without the setting."""
+    if n <= 0:
+        yield
+        return
+    if not hasattr(torch._C, "_set_sm_carveout_experimental"):
+        raise ValueError(f"SHARDLLM_TP_OVERLAP_SM_CARVEOUT={n} needs torch._C._set_sm_carveout_experimental "
+                         f"(torch {torch.__version__} lacks it): unset the variable")
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if n >= sms:
+            raise ValueError(f"SHARDLLM_TP_OVERLAP_SM_CARVEOUT={n} leaves the GEMMs no SM: use fewer than the "
+                             f"GPU's {sms}")
+    before = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(n)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(before)
 
 
 def active(tp_size: int) -> bool:
@@ -168,7 +200,7 @@ def run_layers(layers, positions: torch.Tensor, hidden_states: torch.Tensor, res
     def on(k: int):
         return torch.cuda.stream(streams[k]) if streams else contextlib.nullcontext()
 
-    with nccl_only():
+    with nccl_only(), sm_carveout(SM_CARVEOUT, hidden_states.device):
         for layer in layers:
             for k in (0, 1):
                 with on(k):

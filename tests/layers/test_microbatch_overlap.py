@@ -56,6 +56,57 @@ def test_overlapped_decode_equals_whole_batch(tiny_checkpoints, monkeypatch):
                 assert abs(x[t].logprob - y[t].logprob) < 1e-4
 
 
+def test_sm_carveout_holds_inside_the_overlap_only(tiny_checkpoints, monkeypatch):
+    """SHARDLLM_TP_OVERLAP_SM_CARVEOUT: every layer block of the two halves runs under the carveout (what cuBLAS
+    reads when a GEMM is set up), the steps outside the overlap (prefill) and after it do not, and the tokens stay
+    the whole batch's."""
+    from shardllm.models.llama import LlamaDecoderLayer
+
+    llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32")
+    try:
+        ref_tokens, _ = _run(llm)
+        seen = []
+        for name in ("attention_block", "mlp_block"):
+            real = getattr(LlamaDecoderLayer, name)
+            monkeypatch.setattr(LlamaDecoderLayer, name, lambda self, *a, _r=real, _n=name: (
+                seen.append((_n, a[-1].max_query_len if _n == "attention_block" else None,
+                             torch._C._get_sm_carveout_experimental())), _r(self, *a))[1])
+        monkeypatch.setattr(microbatch_overlap, "applies", lambda meta, n, tp: meta.max_query_len == 1 and n >= 2)
+        monkeypatch.setattr(microbatch_overlap, "SM_CARVEOUT", 8)
+        tokens, _ = _run(llm)
+    finally:
+        llm.shutdown()
+    assert tokens == ref_tokens
+    decode = [c for n, q, c in seen if n == "attention_block" and q == 1]
+    prefill = [c for n, q, c in seen if n == "attention_block" and q is not None and q > 1]
+    assert decode and set(decode) == {8} and prefill and set(prefill) == {None}
+    assert torch._C._get_sm_carveout_experimental() is None
+
+
+def test_sm_carveout_restores_and_rejects():
+    before = torch._C._get_sm_carveout_experimental()
+    with microbatch_overlap.sm_carveout(0, torch.device("cpu")):
+        assert torch._C._get_sm_carveout_experimental() == before
+    with microbatch_overlap.sm_carveout(4, torch.device("cpu")):
+        assert torch._C._get_sm_carveout_experimental() == 4
+        with pytest.raises(RuntimeError):
+            with microbatch_overlap.sm_carveout(6, torch.device("cpu")):
+                assert torch._C._get_sm_carveout_experimental() == 6
+                raise RuntimeError("inner")
+        assert torch._C._get_sm_carveout_experimental() == 4
+    assert torch._C._get_sm_carveout_experimental() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sm_carveout_leaving_no_sm_is_refused():
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    with pytest.raises(ValueError, match="leaves the GEMMs no SM"):
+        with microbatch_overlap.sm_carveout(sms, torch.device("cuda", 0)):
+            pass
+
+
 @pytest.mark.parametrize("arch,ep", [("llama", 1), ("mixtral", 2)], ids=["llama-tp2", "mixtral-tp2-ep2"])
 def test_tp2_overlap_equals_one_rank(tiny_checkpoints, monkeypatch, capfd, arch, ep):
     """Both splits on two gloo ranks; with Mixtral at ep 2 the halves' expert collectives interleave too."""
