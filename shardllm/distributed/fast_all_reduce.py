@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("nccl", "symm_mem")
-DEFAULT_MAX_BYTES = 8 << 20  # the buffer: the largest tensor the fast path takes (decode steps are far smaller)
+DEFAULT_MAX_BYTES = 8 << 20  # the buffer: the largest tensor the fast path takes (SHARDLLM_SYMM_MEM_MAX_MB)
 
 
 def one_shot_max_bytes(world_size: int) -> int:
@@ -74,21 +74,34 @@ class SymmMemAllReduce:
         return ops.two_shot_all_reduce_out(buf, "sum", self.group_name, torch.empty_like(x))
 
 
-def create(backend: str, group, device: torch.device, dtype: torch.dtype) -> SymmMemAllReduce | None:
+def create(backend: str, group, device: torch.device, dtype: torch.dtype,
+           max_bytes: int | None = None) -> SymmMemAllReduce | None:
     """The fast all-reduce the config asks for, or None for plain NCCL (every rank of `group` must call this).
+
+    max_bytes: the symmetric buffer's size in bytes, the largest tensor the fast path takes (default:
+    SHARDLLM_SYMM_MEM_MAX_MB, 8 MiB); every rank must pass the same. Raises ValueError for one under 1 MiB.
 
     'symm_mem' needs CUDA P2P between every pair of the group's GPUs. Where it cannot start on some rank, that
     rank says why, and all ranks agree (over NCCL) to use NCCL: a group never mixes the two.
     """
     if backend not in BACKENDS:
         raise ValueError(f"all_reduce must be one of {BACKENDS}, got {backend!r}")
-    if backend == "nccl" or device.type != "cuda":
+    if backend == "nccl":
+        return None
+    if max_bytes is None:
+        from shardllm import envs
+
+        max_bytes = int(envs.SHARDLLM_SYMM_MEM_MAX_MB * (1 << 20))
+    if max_bytes < (1 << 20):
+        raise ValueError(f"the symmetric all-reduce buffer needs at least 1 MiB, got {max_bytes} bytes: raise "
+                         "SHARDLLM_SYMM_MEM_MAX_MB")
+    if device.type != "cuda":
         return None
     import torch.distributed as dist
 
     fast = None
     try:
-        fast = SymmMemAllReduce(group, device, dtype)
+        fast = SymmMemAllReduce(group, device, dtype, max_bytes=max_bytes)
     except Exception as e:  # an old driver, no P2P between these GPUs, a PyTorch without the kernels
         logger.warning("symmetric-memory all-reduce unavailable (%s: %s); using NCCL", type(e).__name__, e)
     ok = torch.tensor([1 if fast is not None else 0], dtype=torch.int32, device=device)

@@ -135,6 +135,10 @@ _VARS = [
     EnvVar("SHARDLLM_PROFILE_STEPS", "str", "8:16", _text, "start-up",
            "the profiled window: '<first>:<count>' execute_model calls, or 'manual' (armed through the executor)"),
     EnvVar("SHARDLLM_PROFILE_TOP", "int", "15", int, "start-up", "kernels listed per step-profile summary"),
+    EnvVar("SHARDLLM_SYMM_MEM_MAX_MB", "float", "8", float, "start-up",
+           "with all_reduce='symm_mem': MiB of the symmetric buffer, the largest bf16 tensor the P2P all-reduce "
+           "takes (larger ones go to NCCL; a batch-1024 decode all-reduce of Llama-3-70B is 16 MiB; issue 13, "
+           "not yet measured above 8)"),
     _switch("SHARDLLM_PROFILE_SKIP_ALL_REDUCE", False, "import",
             "1: skip the tp all-reduce, WRONG TOKENS, profiling only: its share of a step is 1 - t(skipped) / t "
             "(benchmarks/device_x4.sh, docs/benchmarks.md)"),

@@ -22,6 +22,20 @@ def test_symm_mem_on_cpu_is_a_clear_error(tiny_checkpoints):
         LLM(tiny_checkpoints["llama"], device="cpu", all_reduce="ring", num_kv_blocks=16)
 
 
+def test_symm_mem_buffer_size_is_checked(monkeypatch):
+    from shardllm.distributed.fast_all_reduce import create
+
+    dev, bf16 = torch.device("cpu"), torch.bfloat16
+    with pytest.raises(ValueError, match="at least 1 MiB"):
+        create("symm_mem", None, dev, bf16, max_bytes=1000)
+    monkeypatch.setenv("SHARDLLM_SYMM_MEM_MAX_MB", "0.5")
+    with pytest.raises(ValueError, match="SHARDLLM_SYMM_MEM_MAX_MB"):
+        create("symm_mem", None, dev, bf16)
+    assert create("nccl", None, dev, bf16) is None  # NCCL never reads the buffer's size
+    monkeypatch.setenv("SHARDLLM_SYMM_MEM_MAX_MB", "32")
+    assert create("symm_mem", None, dev, bf16) is None  # (no symmetric memory on CPU: plain NCCL/gloo)
+
+
 def test_cli_accepts_all_reduce():
     from shardllm.entrypoints.cli import build_parser
 
@@ -68,6 +82,14 @@ WORKER = textwrap.dedent("""
             want = s * world * world * 0.25
             if not torch.allclose(y.float(), torch.full_like(y, want).float(), rtol=1e-2):
                 bad.append(("graph", str(dt), trial, y.flatten()[0].item(), want))
+    # a buffer past the 8 MiB default (SHARDLLM_SYMM_MEM_MAX_MB): a 16 MiB tensor (Llama-3-70B's batch-1024 decode)
+    big = create("symm_mem", group, dev, torch.bfloat16, max_bytes=32 << 20)
+    x = torch.randn(8 << 20, device=dev, dtype=torch.bfloat16, generator=torch.Generator(device=dev).manual_seed(rank))
+    ref = x.clone()
+    dist.all_reduce(ref, group=group)
+    out = big(x.clone())
+    if out is None or big.calls["two_shot"] != 1 or not torch.allclose(out.float(), ref.float(), atol=1e-2, rtol=1e-2):
+        bad.append(("16 MiB", None if out is None else (out.float() - ref.float()).abs().max().item(), big.calls))
     print("RESULT", rank, bad, {str(k): v.calls for k, v in fast.items()}, flush=True)
     dist.destroy_process_group()
 """)
