@@ -99,6 +99,13 @@ def _int_or_none(raw: str | None) -> int | None:
     return None if raw is None else int(raw)
 
 
+def _w_early_steps(raw: str | None) -> int:  # SHARDLLM_GEMV_W_EARLY_STEPS: the kernel unrolls 1, 2 or 4
+    v = int(raw)
+    if v not in (1, 2, 4):
+        raise ValueError("use 1, 2 or 4")
+    return v
+
+
 def _switch(name: str, on_by_default: bool, read_at: str, doc: str) -> EnvVar:
     """An A/B switch: 1 / true / yes / on or 0 / false / no / off (any case); unset or empty keeps the default, and
     any other text too (lenient: the engine runs on, `shardllm envs` shows it as invalid)."""
@@ -181,6 +188,9 @@ _VARS = [
            "the kernel before (a norm, the attention) still runs; 1: not the fused SiLU down GEMV; 0: none "
            "(layers/gemv.py; issue 13; 8B fp8 batch 1 on one H200, thirteenth session: 0 / 1 / 2 2.791 / 2.760 / "
            "2.757 ms, then 2.790 / 2.764 / 2.760)"),
+    EnvVar("SHARDLLM_GEMV_W_EARLY_STEPS", "int", "1", _w_early_steps, "import",
+           "with SHARDLLM_GEMV_W_EARLY: how many weight tiles (1, 2 or 4) each GEMV program loads before its PDL "
+           "wait, the first ones of its K slice (layers/gemv.py; issue 13, batch-1 decode; not yet measured above 1)"),
     EnvVar("SHARDLLM_GEMV_PDL_PREFETCH_MB", "float", "0", float, "import",
            "MiB of a PDL-launched GEMV's weights asked of L2 before it waits on the kernel before (layers/gemv.py, "
            "pdl.pdl_enter_prefetching; issues 13 and 15, batch-1 decode; 0: none; seventh session: 8B fp8 2.842 -> "
