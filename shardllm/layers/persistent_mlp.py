@@ -1,0 +1,238 @@
+"""A persistent decode MLP for batch 1 (issue 13's batch-1 floor; an experiment, not yet wired into the models).
+
+At batch 1 a Llama MLP is three launches: the residual add + RMSNorm, the gate_up GEMV, the fused SiLU-and-mul
+down GEMV (`gemv.gemv(..., silu_input=True)`). Each GEMV streams its weights at 74-86% of the copy bandwidth when
+timed alone (docs/benchmarks.md, eleventh session): every launch ramps up and drains, and a kernel cannot load the
+next one's weights. Here one launch does all three: `num_progs` programs, all resident at once, each
+
+    1. computes the norm's rstd of x (+ residual) (program 0 also stores x + residual),
+    2. runs gate_up's GEMV over its share of the row tiles (the normed input formed as it loads x),
+    3. loads its first down tile's first weight step, then waits at a grid barrier for every program's gate_up rows,
+    4. runs the down GEMV over its share of tiles (SiLU-and-mul formed as it loads gate_up's output).
+
+The barrier is a generation counter (int64, never reset, so a CUDA graph replays it as is): a program adds 1 and
+waits until the counter reaches the next multiple of num_progs. It needs every program resident at once, so
+num_progs is at most `max_resident_programs` (a smaller grid only means more tiles a program). On the CPU
+(Triton's interpreter runs programs one after another, and a barrier would wait forever) and for tests, the same
+kernel runs as two launches, gate_up then down (`barrier=False`), with the same per-tile math.
+
+Numerics are the unfused path's up to fp32 summation order: the rstd's sum of squares, as gemv_norm's fused form.
+Measured nowhere yet: `benchmarks/persistent_mlp.py` times it against the three launches (queued:
+benchmarks/device_s14_c.sh).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shardllm.layers.gemv import HAS_TRITON
+from shardllm.layers.triton_ops import RMS_MAX_BLOCK
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from shardllm.layers.gemv_steps import _fma_update
+    from shardllm.layers.pdl import launch_args, pdl_enter
+
+    @triton.jit
+    def _tile_gemv(acc, acc3, w_rows3, first_w3, HAS_FIRST: tl.constexpr, k_len, x_rows, x_rows3, r_rows, nw_rows,
+                   rstd, m_in, m_in3, K, BLOCK_K: tl.constexpr, SILU_INPUT: tl.constexpr,
+                   NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LATE_REDUCE: tl.constexpr):
+        """One row tile's products over K (a multiple of BLOCK_K); HAS_FIRST: the first step's weights are given."""
+        kk = tl.arange(0, BLOCK_K)
+        k_begin = 0
+        if HAS_FIRST:
+            acc, acc3 = _fma_update(acc, acc3, first_w3, kk, k_len, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in,
+                                    m_in3, K, True, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE)
+            k_begin = BLOCK_K
+        for k0 in range(k_begin, k_len, BLOCK_K):
+            k = k0 + kk
+            w3 = tl.load(w_rows3 + k[None, None, :])
+            acc, acc3 = _fma_update(acc, acc3, w3, k, k_len, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in, m_in3,
+                                    K, True, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE)
+        return acc, acc3
+
+    @triton.jit
+    def _persistent_mlp_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, wg_ptr, sg_ptr, gu_ptr, wd_ptr, sd_ptr, out_ptr,
+                               bar_ptr, H, INTER, eps, num_progs,
+                               PHASES: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N1: tl.constexpr,
+                               BLOCK_K1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr,
+                               LATE1: tl.constexpr, LATE2: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                               NORM_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr = False):
+        """PHASES 3: norm + gate_up, grid barrier, down (one launch); 1: norm + gate_up only; 2: down only.
+        x, r (1, H) bf16; nw (H,); wg (2 INTER, H) e4m3, sg (2 INTER,) fp32; gu (1, 2 INTER) bf16 (gate_up's
+        output); wd (H, INTER)
+        e4m3, sd (H,) fp32; out (1, H) bf16; bar: one int64 counter."""
+        pdl_enter(USE_PDL)
+        pid = tl.program_id(0)
+        m = tl.arange(0, 1)
+        m_in = m[:, None] < 1
+        if PHASES != 2:
+            # 1. the norm's rstd (the chunks of triton_ops' RMSNorm); program 0 stores x + residual
+            x_rows = x_ptr + m[:, None] * 0
+            r_rows = r_ptr + m[:, None] * 0
+            nw_rows = nw_ptr + 0 * m[:, None]
+            nb = tl.arange(0, NORM_BLOCK)
+            sum_sq = tl.zeros((1, NORM_BLOCK), tl.float32)
+            for c in range(NORM_CHUNKS):
+                offs = c * NORM_BLOCK + nb[None, :]
+                mask = m_in & (offs < H)
+                sq = tl.load(x_rows + offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_RESIDUAL:
+                    s = (sq + tl.load(r_rows + offs, mask=mask, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+                    tl.store(r_out_ptr + offs, s, mask=mask & (offs * 0 + pid == 0))
+                    sq = s.to(tl.float32)
+                sum_sq += sq * sq
+            rstd = tl.rsqrt(tl.sum(sum_sq, axis=1) / H + eps)[:, None]
+            # 2. gate_up over this program's row tiles
+            n_tiles1 = tl.cdiv(2 * INTER, BLOCK_N1)
+            for t in range(pid, n_tiles1, num_progs):
+                n = t * BLOCK_N1 + tl.arange(0, BLOCK_N1)
+                rows = tl.where(n < 2 * INTER, n, 0).to(tl.int64)
+                w_rows3 = wg_ptr + rows[None, :, None] * H
+                x_rows3 = x_ptr + 0 * n[None, :, None] + 0 * m[:, None, None]
+                m_in3 = (m[:, None, None] < 1) & (n[None, :, None] >= 0)
+                acc = tl.zeros((1, BLOCK_N1), tl.float32)
+                if LATE1:
+                    acc3 = tl.zeros((1, BLOCK_N1, BLOCK_K1), tl.float32)
+                else:
+                    acc3 = acc
+                acc, acc3 = _tile_gemv(acc, acc3, w_rows3, acc3, False, H, x_rows, x_rows3, r_rows, nw_rows, rstd,
+                                       m_in, m_in3, H, BLOCK_K1, False, True, HAS_RESIDUAL, LATE1)
+                if LATE1:
+                    acc = tl.sum(acc3, axis=2)
+                acc = acc * tl.load(sg_ptr + rows)[None, :]
+                tl.store(gu_ptr + n[None, :], acc.to(gu_ptr.dtype.element_ty), mask=(n < 2 * INTER)[None, :])
+        if PHASES != 1:
+            n_tiles2 = tl.cdiv(H, BLOCK_N2)
+            kk2 = tl.arange(0, BLOCK_K2)
+            # 3. the first down tile's first weight step, loaded before the barrier
+            n0 = pid * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+            rows0 = tl.where(n0 < H, n0, 0).to(tl.int64)
+            first_w3 = tl.load(wd_ptr + rows0[None, :, None] * INTER + 0 * m[:, None, None] + kk2[None, None, :])
+            if PHASES == 3:
+                tl.debug_barrier()  # every thread's gate_up stores issued before the program counts itself in
+                old = tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+                target = (old // num_progs + 1) * num_progs
+                while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
+                    pass
+            # 4. down over this program's row tiles, SiLU-and-mul formed from gate_up's output as it loads it
+            gu_rows = gu_ptr + m[:, None] * 0
+            for t in range(pid, n_tiles2, num_progs):
+                n = t * BLOCK_N2 + tl.arange(0, BLOCK_N2)
+                rows = tl.where(n < H, n, 0).to(tl.int64)
+                w_rows3 = wd_ptr + rows[None, :, None] * INTER + 0 * m[:, None, None]
+                m_in3 = (m[:, None, None] < 1) & (n[None, :, None] >= 0)
+                zero = tl.zeros((1, 1), tl.float32)
+                acc = tl.zeros((1, BLOCK_N2), tl.float32)
+                if LATE2:
+                    acc3 = tl.zeros((1, BLOCK_N2, BLOCK_K2), tl.float32)
+                else:
+                    acc3 = acc
+                if t == pid:  # the step whose weights came before the barrier, then the rest
+                    acc, acc3 = _tile_gemv(acc, acc3, w_rows3, first_w3, True, INTER, gu_rows, gu_rows, gu_rows,
+                                           gu_rows, zero, m_in, m_in3, INTER, BLOCK_K2, True, False, False, LATE2)
+                else:
+                    acc, acc3 = _tile_gemv(acc, acc3, w_rows3, first_w3, False, INTER, gu_rows, gu_rows, gu_rows,
+                                           gu_rows, zero, m_in, m_in3, INTER, BLOCK_K2, True, False, False, LATE2)
+                if LATE2:
+                    acc = tl.sum(acc3, axis=2)
+                acc = acc * tl.load(sd_ptr + rows)[None, :]
+                tl.store(out_ptr + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=(n < H)[None, :])
+
+
+_compiled: dict[tuple, int] = {}
+
+
+def max_resident_programs(device: torch.device, n_regs: int, shared: int, num_warps: int) -> int:
+    """How many programs of a kernel using `n_regs` registers a thread and `shared` bytes of shared memory, with
+    `num_warps` warps, fit on the GPU at once: SMs x min(threads, registers, shared memory, 32 blocks) per SM (the
+    CUDA occupancy limits; registers allocated per warp in units of 256)."""
+    p = torch.cuda.get_device_properties(device)
+    threads = 32 * num_warps
+    per_sm = [p.max_threads_per_multi_processor // threads, 32]
+    regs_warp = -(-max(n_regs, 1) * 32 // 256) * 256
+    per_sm.append(p.regs_per_multiprocessor // (regs_warp * num_warps))
+    if shared:
+        per_sm.append(p.shared_memory_per_multiprocessor // shared)
+    return p.multi_processor_count * max(min(per_sm), 0)
+
+
+def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                   w_gate_up: torch.Tensor, s_gate_up: torch.Tensor, w_down: torch.Tensor, s_down: torch.Tensor,
+                   barrier: torch.Tensor | None, tiles: tuple[int, int, int, int] = (8, 512, 16, 1024),
+                   late: tuple[bool, bool] = (False, True), num_warps: int = 4, num_progs: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down(silu_and_mul(gate_up(RMSNorm(x + residual)))), x + residual) for one row.
+
+    Args:
+        x, residual: (1, H) bf16 (residual None: x is the residual stream itself, as in a model's first layer).
+        norm_weight: (H,) bf16. w_gate_up: (2I, H) float8_e4m3fn, s_gate_up (2I,) fp32 per-channel scales;
+        w_down: (H, I) float8_e4m3fn, s_down (H,) fp32. H a multiple of tiles[1], I of tiles[3].
+        barrier: one int64 counter on x's device (torch.zeros(1, dtype=torch.int64)), kept by the caller across
+            calls (never reset); None: two launches instead of one (the CPU's and the tests' form).
+        tiles: (BLOCK_N, BLOCK_K) of gate_up's GEMV, then of down's (elements of fp8 weight; powers of two).
+        late: the FMA form's late reduction for each GEMV (gemv.GemvConfig.late_reduce).
+        num_progs: programs of the persistent launch (default: as many as fit on the GPU at once); capped at the
+            down GEMV's tile count (each program takes at least one). With `barrier` it must not exceed
+            max_resident_programs, or the barrier waits forever.
+    Returns (out (1, H), residual_out (1, H)), bf16. Raises ValueError on shapes or dtypes outside that.
+    """
+    if not HAS_TRITON:
+        raise ValueError("persistent_mlp needs Triton")
+    h, i2 = x.shape[-1], w_gate_up.shape[0]
+    i = i2 // 2
+    bn1, bk1, bn2, bk2 = tiles
+    if (x.shape != (1, h) or w_gate_up.shape != (2 * i, h) or w_down.shape != (h, i) or h % bk1 or i % bk2
+            or w_gate_up.dtype != torch.float8_e4m3fn or w_down.dtype != torch.float8_e4m3fn
+            or s_gate_up.shape != (2 * i,) or s_down.shape != (h,) or norm_weight.shape != (h,)):
+        raise ValueError(f"persistent_mlp: x (1, H) with H % {bk1} == 0, e4m3 w_gate_up (2I, H) and w_down (H, I) "
+                         f"with I % {bk2} == 0, per-channel scales; got x {tuple(x.shape)}, w_gate_up "
+                         f"{tuple(w_gate_up.shape)} {w_gate_up.dtype}, w_down {tuple(w_down.shape)} {w_down.dtype}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"persistent_mlp: residual {tuple(residual.shape)} must be x's shape {tuple(x.shape)}")
+    gu = torch.empty((1, 2 * i), dtype=x.dtype, device=x.device)
+    out = torch.empty_like(x)
+    r_out = torch.empty_like(x) if residual is not None else x
+    norm_block = min(triton.next_power_of_2(h), RMS_MAX_BLOCK)
+    n_tiles2 = triton.cdiv(h, bn2)
+    common = dict(HAS_RESIDUAL=residual is not None, BLOCK_N1=bn1, BLOCK_K1=bk1, BLOCK_N2=bn2, BLOCK_K2=bk2,
+                  LATE1=late[0], LATE2=late[1], NORM_BLOCK=norm_block, NORM_CHUNKS=triton.cdiv(h, norm_block),
+                  num_warps=num_warps)
+    args = [x, x if residual is None else residual, norm_weight, r_out, w_gate_up, s_gate_up, gu, w_down, s_down,
+            out]
+    if barrier is None:
+        dummy = torch.zeros(1, dtype=torch.int64, device=x.device)
+        grid1 = triton.cdiv(2 * i, bn1)
+        _persistent_mlp_kernel[(grid1,)](*args, dummy, h, i, eps, grid1, PHASES=1, **common)
+        _persistent_mlp_kernel[(n_tiles2,)](*args, dummy, h, i, eps, n_tiles2, PHASES=2, **common)
+        return out, r_out
+    if barrier.dtype != torch.int64 or barrier.numel() != 1 or barrier.device != x.device:
+        raise ValueError("persistent_mlp: barrier must be one int64 counter on x's device")
+    pdl = launch_args(x.device)
+    if num_progs is None:
+        key = (x.device.index, tuple(common.items()), tuple(pdl.items()))
+        if key not in _compiled:  # compile with one program (the barrier waits for itself alone), read its needs
+            k = _persistent_mlp_kernel[(1,)](*args, barrier, h, i, eps, 1, PHASES=3, **common, **pdl)
+            _compiled[key] = max_resident_programs(x.device, k.n_regs, k.metadata.shared, num_warps)
+        num_progs = _compiled[key]
+    num_progs = max(1, min(num_progs, n_tiles2))  # every program owns a first down tile
+    _persistent_mlp_kernel[(num_progs,)](*args, barrier, h, i, eps, num_progs, PHASES=3, **common, **pdl)
+    return out, r_out
+
+
+def reference_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  w_gate_up: torch.Tensor, s_gate_up: torch.Tensor, w_down: torch.Tensor, s_down: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused math in torch (fp32 products of the dequantized weights, the same roundings to x's dtype as the
+    engine's kernels: x + residual, the normed rows, gate_up's output, silu(gate), silu * up)."""
+    s = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    normed = (s.float() * torch.rsqrt(s.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = (norm_weight.float() * normed.float()).to(x.dtype)
+    gu = (normed.float() @ (w_gate_up.float() * s_gate_up[:, None]).t()).to(x.dtype)
+    i = gu.shape[-1] // 2
+    gate, up = gu[:, :i].float(), gu[:, i:].float()
+    act = ((gate / (1.0 + torch.exp(-gate))).to(x.dtype).float() * up).to(x.dtype)
+    out = (act.float() @ (w_down.float() * s_down[:, None]).t()).to(x.dtype)
+    return out, s
