@@ -202,6 +202,10 @@ _VARS = [
     _switch("SHARDLLM_GEMV_FUSED_SILU", True, "import",
             "0: SiLU-and-mul in a kernel of its own before the down projection's GEMV at batch 1, not inside it "
             "(layers/gemv_silu.py, issue 15; fused: batch-1 bf16 TPOT -2.5% on an H200)"),
+    _switch("SHARDLLM_PERSISTENT_MLP", False, "import",
+            "1: at batch 1 (tp 1, FP8 per-channel weights) a Llama MLP runs as one persistent launch, norm + gate_up "
+            "+ SiLU-down with a grid barrier (layers/persistent_mlp.py; issue 13, batch-1 decode; not yet measured "
+            "on a GPU)"),
     _switch("SHARDLLM_GEMV_FUSED_NORM", False, "import",
             "1: the residual add + RMSNorm before qkv / gate_up formed inside their decode GEMV at batch 1 "
             "(layers/gemv_norm.py, issue 15; not yet measured on a GPU)"),

@@ -19,14 +19,26 @@ kernel runs as two launches, gate_up then down (`barrier=False`), with the same 
 Numerics are the unfused path's up to fp32 summation order: the rstd's sum of squares, as gemv_norm's fused form.
 Measured nowhere yet: `benchmarks/persistent_mlp.py` times it against the three launches (queued:
 benchmarks/device_s14_c.sh).
+
+In the models (SHARDLLM_PERSISTENT_MLP=1, off): `maybe_run` takes a Llama decoder layer's MLP block (the
+post-attention norm, gate_up, SiLU, down) at one row, tp 1, with FP8 per-channel weights of shapes the tiles divide;
+anything else returns None and runs as before. A CUDA graph captures it only once its grid is known (the eager
+forward before each capture compiles it).
 """
 
 from __future__ import annotations
 
 import torch
 
+from shardllm import envs
 from shardllm.layers.gemv import HAS_TRITON
 from shardllm.layers.triton_ops import RMS_MAX_BLOCK
+
+ENABLED = envs.SHARDLLM_PERSISTENT_MLP
+# None: where the checks pass and ENABLED; True: also on the CPU (two launches in the interpreter; tests); False: off
+FORCE: bool | None = None
+TILES, LATE, NUM_WARPS = (8, 512, 16, 1024), (False, True), 4  # the engine's M = 1 configs for Llama-3-8B's GEMVs
+_barriers: dict[torch.device, torch.Tensor] = {}
 
 if HAS_TRITON:
     import triton
@@ -186,20 +198,18 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
     bn1, bk1, bn2, bk2 = tiles
     if (x.shape != (1, h) or w_gate_up.shape != (2 * i, h) or w_down.shape != (h, i) or h % bk1 or i % bk2
             or w_gate_up.dtype != torch.float8_e4m3fn or w_down.dtype != torch.float8_e4m3fn
-            or s_gate_up.shape != (2 * i,) or s_down.shape != (h,) or norm_weight.shape != (h,)):
+            or s_gate_up.shape != (2 * i,) or s_down.shape != (h,) or norm_weight.shape != (h,)
+            or not (w_gate_up.is_contiguous() and w_down.is_contiguous() and x.is_contiguous())):
         raise ValueError(f"persistent_mlp: x (1, H) with H % {bk1} == 0, e4m3 w_gate_up (2I, H) and w_down (H, I) "
-                         f"with I % {bk2} == 0, per-channel scales; got x {tuple(x.shape)}, w_gate_up "
+                         f"with I % {bk2} == 0 (all contiguous), per-channel scales; got x {tuple(x.shape)}, w_gate_up "
                          f"{tuple(w_gate_up.shape)} {w_gate_up.dtype}, w_down {tuple(w_down.shape)} {w_down.dtype}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"persistent_mlp: residual {tuple(residual.shape)} must be x's shape {tuple(x.shape)}")
     gu = torch.empty((1, 2 * i), dtype=x.dtype, device=x.device)
     out = torch.empty_like(x)
     r_out = torch.empty_like(x) if residual is not None else x
-    norm_block = min(triton.next_power_of_2(h), RMS_MAX_BLOCK)
     n_tiles2 = triton.cdiv(h, bn2)
-    common = dict(HAS_RESIDUAL=residual is not None, BLOCK_N1=bn1, BLOCK_K1=bk1, BLOCK_N2=bn2, BLOCK_K2=bk2,
-                  LATE1=late[0], LATE2=late[1], NORM_BLOCK=norm_block, NORM_CHUNKS=triton.cdiv(h, norm_block),
-                  num_warps=num_warps)
+    common = _consts(h, residual is not None, tiles, late, num_warps)
     args = [x, x if residual is None else residual, norm_weight, r_out, w_gate_up, s_gate_up, gu, w_down, s_down,
             out]
     if barrier is None:
@@ -212,7 +222,7 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
         raise ValueError("persistent_mlp: barrier must be one int64 counter on x's device")
     pdl = launch_args(x.device)
     if num_progs is None:
-        key = (x.device.index, tuple(common.items()), tuple(pdl.items()))
+        key = _key(x.device, common, pdl)
         if key not in _compiled:  # compile with one program (the barrier waits for itself alone), read its needs
             k = _persistent_mlp_kernel[(1,)](*args, barrier, h, i, eps, 1, PHASES=3, **common, **pdl)
             _compiled[key] = max_resident_programs(x.device, k.n_regs, k.metadata.shared, num_warps)
@@ -220,6 +230,60 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
     num_progs = max(1, min(num_progs, n_tiles2))  # every program owns a first down tile
     _persistent_mlp_kernel[(num_progs,)](*args, barrier, h, i, eps, num_progs, PHASES=3, **common, **pdl)
     return out, r_out
+
+
+def _consts(h: int, has_residual: bool, tiles: tuple[int, int, int, int], late: tuple[bool, bool],
+            num_warps: int) -> dict:
+    """The kernel's constexprs and num_warps for hidden size h."""
+    norm_block = min(triton.next_power_of_2(h), RMS_MAX_BLOCK)
+    return dict(HAS_RESIDUAL=has_residual, BLOCK_N1=tiles[0], BLOCK_K1=tiles[1], BLOCK_N2=tiles[2],
+                BLOCK_K2=tiles[3], LATE1=late[0], LATE2=late[1], NORM_BLOCK=norm_block,
+                NORM_CHUNKS=triton.cdiv(h, norm_block), num_warps=num_warps)
+
+
+def _key(device: torch.device, common: dict, pdl: dict) -> tuple:
+    return device.index, tuple(common.items()), tuple(pdl.items())
+
+
+def maybe_run(layer, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A Llama decoder layer's mlp_block (post_attention_layernorm, then the MLP) as one persistent launch:
+    (out (1, H), x + residual), or None where it does not apply (see the module's docstring)."""
+    if FORCE is False or not (ENABLED or FORCE) or not HAS_TRITON:
+        return None
+    if residual is None or x.dim() != 2 or x.shape[0] != 1 or x.dtype != torch.bfloat16 or residual.shape != x.shape:
+        return None
+    from shardllm.distributed.parallel_state import get_parallel_context
+    from shardllm.layers.activation import SiluAndMul
+    from shardllm.layers.gemv_silu import _linear_weights
+
+    mlp = getattr(layer, "mlp", None)
+    gate_up, down = getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)
+    if (gate_up is None or down is None or type(getattr(mlp, "act_fn", None)) is not SiluAndMul
+            or getattr(gate_up, "bias", None) is not None or getattr(down, "bias", None) is not None
+            or get_parallel_context().tp_size != 1):
+        return None
+    wg, wd = _linear_weights(gate_up, x.dtype), _linear_weights(down, x.dtype)
+    if wg is None or wd is None or wg[1] is None or wd[1] is None:
+        return None
+    h, inter = x.shape[1], wd[0].shape[1]
+    if (wg[0].shape != (2 * inter, h) or wd[0].shape != (h, inter) or h % TILES[1] or inter % TILES[3]
+            or not (wg[0].is_contiguous() and wd[0].is_contiguous() and x.is_contiguous())):
+        return None
+    norm = layer.post_attention_layernorm
+    barrier = None
+    if x.is_cuda:
+        from shardllm.layers.quantization.fp8_triton import triton_fp8_ok
+
+        if FORCE is not True and not triton_fp8_ok(x.device):
+            return None
+        if (torch.cuda.is_current_stream_capturing()
+                and _key(x.device, _consts(h, True, TILES, LATE, NUM_WARPS), launch_args(x.device)) not in _compiled):
+            return None  # its grid is read from a compile that launches: not inside a capture
+        barrier = _barriers.get(x.device)
+        if barrier is None:
+            barrier = _barriers[x.device] = torch.zeros(1, dtype=torch.int64, device=x.device)
+    return persistent_mlp(x, residual, norm.weight, norm.eps, wg[0], wg[1], wd[0], wd[1], barrier, TILES, LATE,
+                          NUM_WARPS)
 
 
 def reference_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,

@@ -62,6 +62,8 @@ def test_bad_shapes_are_refused():
         pm.persistent_mlp(x, r, nw, 1e-5, wg, sg, wd, sd, None, (8, 512, 16, 256))
     with pytest.raises(ValueError, match="e4m3"):
         pm.persistent_mlp(x, r, nw, 1e-5, wg.float(), sg, wd, sd, None, (8, 128, 16, 256))
+    with pytest.raises(ValueError, match="contiguous"):
+        pm.persistent_mlp(x, r, nw, 1e-5, wg.t().contiguous().t(), sg, wd, sd, None, (8, 128, 16, 256))
     with pytest.raises(ValueError, match="residual"):
         pm.persistent_mlp(x, r[:, :128], nw, 1e-5, wg, sg, wd, sd, None, (8, 128, 16, 256))
 
@@ -108,3 +110,45 @@ def test_one_launch_with_its_barrier_equals_two_launches_on_gpu(res):
         w2, w2_r = pm.persistent_mlp(x2, r, nw, 1e-5, wg, sg, wd, sd, None, tiles, late)
         assert torch.equal(g_out, w2) and torch.equal(g_r, w2_r), trial
     assert int(bar.item()) > calls
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 before triton's import")
+def test_llama_layers_take_it_at_one_row_only_cpu(tiny_checkpoints, monkeypatch):
+    """SHARDLLM_PERSISTENT_MLP (forced on the CPU, tiles the tiny model's sizes divide): a batch-1 decode step's
+    MLP blocks run it with the layer's own weights, norm and residual (its output close to the unfused block's:
+    FP8 activations there, bf16 here, and the interpreter's truncating bf16 rounding), prefill and batch-2 steps do
+    not, and generation goes on."""
+    from shardllm import LLM, SamplingParams
+
+    monkeypatch.setattr(pm, "TILES", (8, 32, 8, 64))
+    monkeypatch.setattr(pm, "FORCE", True)
+    seen = []
+    real = pm.maybe_run
+
+    def spy(layer, x, residual):
+        out = real(layer, x, residual)
+        seen.append(x.shape[0] if out is None else "fused")
+        if out is not None:
+            monkeypatch.setattr(pm, "FORCE", False)
+            normed, res = layer.post_attention_layernorm(x, residual)
+            ref = layer.mlp(normed)
+            monkeypatch.setattr(pm, "FORCE", True)
+            assert torch.allclose(out[1].float(), res.float(), rtol=2 ** -7, atol=0)
+            assert (out[0].float() - ref.float()).abs().max() <= 0.1 * ref.float().abs().max()
+        return out
+
+    monkeypatch.setattr(pm, "maybe_run", spy)
+    llm = LLM(tiny_checkpoints["llama"], device="cpu", dtype="bfloat16", quantization="fp8", num_kv_blocks=80,
+              block_size=4)
+    try:
+        greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        two = llm.generate([[5, 9, 13, 200], [7, 3]], greedy)
+        n_two = len(seen)
+        one = llm.generate([[5, 9, 13, 200]], greedy)
+    finally:
+        llm.shutdown()
+    layers = 2
+    assert "fused" not in seen[:n_two] and all(len(o.outputs[0].token_ids) == 4 for o in two)
+    assert seen[n_two:n_two + layers] == [4, 4]  # the prompt: 4 rows
+    assert seen[n_two + layers:] == ["fused"] * (3 * layers)  # 3 decode steps of 1 row, every layer
+    assert len(one[0].outputs[0].token_ids) == 4
