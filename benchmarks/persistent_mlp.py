@@ -14,9 +14,11 @@ the persistent rows first check that their output equals the two-launch form's. 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
+from gemv_sweep import timed  # (benchmarks/ is this script's first sys.path entry)
 
 from shardllm.layers import triton_ops
 from shardllm.layers.gemv import FP8_GEMV_TABLE, gemv, table_config
@@ -28,24 +30,9 @@ COPY_BW = 4.2e12
 MODELS = {"llama-3-8b": (4096, 14336), "llama-3-70b": (8192, 28672)}
 
 
-def graph_us(fn, layers: int, replays: int = 5) -> float:
-    """us per layer: a CUDA graph of fn(0) .. fn(layers - 1), replayed."""
-    for i in range(layers):
-        fn(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(layers):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (replays * layers) * 1e3
+def graph_us(fn, layers: int) -> float:
+    """us per layer: a CUDA graph of fn(0) .. fn(layers - 1), replayed (gemv_sweep.timed)."""
+    return timed([functools.partial(fn, i) for i in range(layers)], calls=layers, replays=5)
 
 
 def main() -> None:
