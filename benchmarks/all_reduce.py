@@ -33,8 +33,10 @@ def worker(rank: int, world: int, port: int, iters: int, sizes_kb: list[int] = S
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             device_id=dev)
     group = dist.group.WORLD
-    fast = create("symm_mem", group, dev, torch.bfloat16, max_bytes=max(max(sizes_kb) << 10, 8 << 20))
-    assert fast is not None, "symm_mem did not start"
+    symm = paths_wanted is None or bool({"one_shot", "two_shot", "auto"} & set(paths_wanted))
+    # the symmetric buffer only where a path uses it, sized to the largest tensor (NCCL rows need none)
+    fast = create("symm_mem", group, dev, torch.bfloat16, max_bytes=max(max(sizes_kb) << 10, 8 << 20)) if symm else None
+    assert fast is not None or not symm, "symm_mem did not start"
 
     def nccl(x):
         dist.all_reduce(x, group=group)

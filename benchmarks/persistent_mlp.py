@@ -68,12 +68,15 @@ def main() -> None:
                           "of_copy_bw": round(weight_bytes / us / 1e-6 / COPY_BW, 3), **kw}), flush=True)
 
     row("engine", graph_us(engine, a.layers), gate_up=str(cfg_gu), down=str(cfg_d))
+    from shardllm.layers import persistent_mlp as pm
+
     tiles = tuple(int(v) for v in a.tiles.split(","))
-    bar = torch.zeros(1, dtype=torch.int64, device=dev)
-    for warps in a.warps:
+    bar = pm.new_barrier(dev)
+    for warps, cooperative in [(w, True) for w in a.warps] + [(a.warps[0], False)]:
+        pm.COOPERATIVE = cooperative
         wg, sg, wd, sd = ws[0]
         want, _ = persistent_mlp(x, res, nw, 1e-5, wg, sg, wd, sd, None, tiles, num_warps=warps)
-        for progs in [None] + a.progs:
+        for progs in [None] + (a.progs if cooperative else []):
             try:
                 got, _ = persistent_mlp(x, res, nw, 1e-5, wg, sg, wd, sd, bar, tiles, num_warps=warps,
                                         num_progs=progs)
@@ -86,12 +89,10 @@ def main() -> None:
                                           num_progs=progs)
 
                 row("persistent", graph_us(fused, a.layers), warps=warps, progs=progs or "resident",
-                    equal_to_two_launches=same)
+                    cooperative=cooperative, equal_to_two_launches=same)
             except Exception as e:  # one variant failing says nothing of the others
-                print(json.dumps({"row": "persistent", "warps": warps, "progs": progs,
+                print(json.dumps({"row": "persistent", "warps": warps, "progs": progs, "cooperative": cooperative,
                                   "error": f"{type(e).__name__}: {str(e)[:200]}"}), flush=True)
-    from shardllm.layers import persistent_mlp as pm
-
     print(json.dumps({"resident_programs": sorted(pm._compiled.values()),
                       "sms": torch.cuda.get_device_properties(dev).multi_processor_count}))
 

@@ -15,6 +15,7 @@ def _silu_mul_load(ptrs, K, mask):
     act = (gate / (1.0 + tl.exp(-gate))).to(ptrs.dtype.element_ty).to(tl.float32)
     return (act * up).to(ptrs.dtype.element_ty)
 
+
 @triton.jit
 def _normed_load(x_ptrs, r_ptrs, nw_ptrs, rstd, mask, HAS_RESIDUAL: tl.constexpr):
     """round(nw * round(s * rstd)) in the activation dtype, s = x or round(x + residual): the values
@@ -26,6 +27,7 @@ def _normed_load(x_ptrs, r_ptrs, nw_ptrs, rstd, mask, HAS_RESIDUAL: tl.constexpr
     normed = (s * rstd).to(x_ptrs.dtype.element_ty).to(tl.float32)
     nw = tl.load(nw_ptrs, mask=mask, other=0.0).to(tl.float32)
     return (nw * normed).to(x_ptrs.dtype.element_ty)
+
 
 @triton.jit
 def _dot_update(acc, w, k, k_end, x_rows, r_rows, nw_rows, rstd, m_in, K, EVEN_K: tl.constexpr,
@@ -43,6 +45,7 @@ def _dot_update(acc, w, k, k_end, x_rows, r_rows, nw_rows, rstd, m_in, K, EVEN_K
     if DOT_F32:  # Triton's CPU interpreter computes bf16 dots wrongly (3.9); fp32 there
         return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
     return tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+
 
 @triton.jit
 def _fma_update(acc, acc3, w3, k, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in, m_in3, K,
@@ -67,6 +70,7 @@ def _fma_update(acc, acc3, w3, k, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd,
     else:
         acc += tl.sum(prod, axis=2)
     return acc, acc3
+
 
 @triton.jit
 def _early_step(acc, acc3, w, k, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in, m_in3, K,

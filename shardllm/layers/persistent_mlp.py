@@ -10,11 +10,15 @@ next one's weights. Here one launch does all three: `num_progs` programs, all re
     3. loads its first down tile's first weight step, then waits at a grid barrier for every program's gate_up rows,
     4. runs the down GEMV over its share of tiles (SiLU-and-mul formed as it loads gate_up's output).
 
-The barrier is a generation counter (int64, never reset, so a CUDA graph replays it as is): a program adds 1 and
-waits until the counter reaches the next multiple of num_progs. It needs every program resident at once, so
-num_progs is at most `max_resident_programs` (a smaller grid only means more tiles a program). On the CPU
-(Triton's interpreter runs programs one after another, and a barrier would wait forever) and for tests, the same
-kernel runs as two launches, gate_up then down (`barrier=False`), with the same per-tile math.
+The barrier is a sense-reversing one over two int64 words, (count, generation), both 0 at first: a program reads
+the generation, adds 1 to the count; the last to arrive sets the count back to 0 and adds 1 to the generation, the
+others wait for the generation to change. It leaves the words as it found them but for the generation, so any
+launch size may follow any other and a CUDA graph replays it as is. It needs every program resident at once:
+num_progs is at most `max_resident_programs` of the compiled binary, and where Triton can, the launch is
+cooperative (the driver refuses a grid that cannot be co-resident instead of letting it hang). On the CPU
+(Triton's interpreter runs programs one after another, so more than one program would wait forever) the kernel
+runs as two launches, gate_up then down (`barrier=None`), with the same per-tile math; one program can also run
+the one-launch form there, its barrier passing at once.
 
 Numerics are the unfused path's up to fp32 summation order: the rstd's sum of squares, as gemv_norm's fused form.
 Measured nowhere yet: `benchmarks/persistent_mlp.py` times it against the three launches (queued:
@@ -38,6 +42,7 @@ ENABLED = envs.SHARDLLM_PERSISTENT_MLP
 # None: where the checks pass and ENABLED; True: also on the CPU (two launches in the interpreter; tests); False: off
 FORCE: bool | None = None
 TILES, LATE, NUM_WARPS = (8, 512, 16, 1024), (False, True), 4  # the engine's M = 1 configs for Llama-3-8B's GEMVs
+COOPERATIVE = True  # a cooperative launch where Triton offers it (benchmarks/persistent_mlp.py times both)
 _barriers: dict[torch.device, torch.Tensor] = {}
 
 if HAS_TRITON:
@@ -65,7 +70,7 @@ if HAS_TRITON:
                                     K, True, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE)
         return acc, acc3
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_progs"])  # (the compile that sizes the grid runs at num_progs 1)
     def _persistent_mlp_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, wg_ptr, sg_ptr, gu_ptr, wd_ptr, sd_ptr, out_ptr,
                                bar_ptr, H, INTER, eps, num_progs,
                                PHASES: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N1: tl.constexpr,
@@ -75,7 +80,8 @@ if HAS_TRITON:
         """PHASES 3: norm + gate_up, grid barrier, down (one launch); 1: norm + gate_up only; 2: down only.
         x, r (1, H) bf16; nw (H,); wg (2 INTER, H) e4m3, sg (2 INTER,) fp32; gu (1, 2 INTER) bf16 (gate_up's
         output); wd (H, INTER)
-        e4m3, sd (H,) fp32; out (1, H) bf16; bar: one int64 counter."""
+        e4m3, sd (H,) fp32; out (1, H) bf16; bar: two int64 words (count, generation). num_progs: the launch's programs
+        (the tile loops' stride; 1 launch of PHASES 1 or 2 may use fewer programs than tiles too)."""
         pdl_enter(USE_PDL)
         pid = tl.program_id(0)
         m = tl.arange(0, 1)
@@ -123,12 +129,17 @@ if HAS_TRITON:
             n0 = pid * BLOCK_N2 + tl.arange(0, BLOCK_N2)
             rows0 = tl.where(n0 < H, n0, 0).to(tl.int64)
             first_w3 = tl.load(wd_ptr + rows0[None, :, None] * INTER + 0 * m[:, None, None] + kk2[None, None, :])
-            if PHASES == 3:
+            if PHASES == 3:  # (count, generation): see the module's docstring
                 tl.debug_barrier()  # every thread's gate_up stores issued before the program counts itself in
-                old = tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-                target = (old // num_progs + 1) * num_progs
-                while tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu") < target:
-                    pass
+                gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
+                arrived = tl.atomic_add(bar_ptr, 1, sem="acq_rel", scope="gpu")
+                if arrived == num_progs - 1:  # the last: reset the count, then open the barrier
+                    tl.atomic_xchg(bar_ptr, 0, sem="relaxed", scope="gpu")
+                    tl.atomic_add(bar_ptr + 1, 1, sem="release", scope="gpu")
+                else:
+                    while tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu") == gen:
+                        pass
+                tl.debug_barrier()
             # 4. down over this program's row tiles, SiLU-and-mul formed from gate_up's output as it loads it
             gu_rows = gu_ptr + m[:, None] * 0
             for t in range(pid, n_tiles2, num_progs):
@@ -159,16 +170,29 @@ _compiled: dict[tuple, int] = {}
 
 def max_resident_programs(device: torch.device, n_regs: int, shared: int, num_warps: int) -> int:
     """How many programs of a kernel using `n_regs` registers a thread and `shared` bytes of shared memory, with
-    `num_warps` warps, fit on the GPU at once: SMs x min(threads, registers, shared memory, 32 blocks) per SM (the
-    CUDA occupancy limits; registers allocated per warp in units of 256)."""
+    `num_warps` warps, fit on the GPU at once: SMs x min(threads, registers, shared memory, blocks) per SM, the
+    CUDA occupancy limits (CUDA C++ Programming Guide, compute capabilities table): registers allocated per warp in
+    units of 256, 1 KiB of shared memory reserved per block (sm80+), 32 blocks an SM on sm80 / sm90 / sm100, else
+    16 (the least of the others)."""
     p = torch.cuda.get_device_properties(device)
     threads = 32 * num_warps
-    per_sm = [p.max_threads_per_multi_processor // threads, 32]
+    per_sm = [p.max_threads_per_multi_processor // threads, 32 if (p.major, p.minor) in ((8, 0), (9, 0), (10, 0))
+              else 16]
     regs_warp = -(-max(n_regs, 1) * 32 // 256) * 256
     per_sm.append(p.regs_per_multiprocessor // (regs_warp * num_warps))
-    if shared:
-        per_sm.append(p.shared_memory_per_multiprocessor // shared)
+    per_sm.append(p.shared_memory_per_multiprocessor // (shared + (1024 if p.major >= 8 else 0) or 1))
     return p.multi_processor_count * max(min(per_sm), 0)
+
+
+def _cooperative() -> dict:
+    """launch_cooperative_grid=True where this Triton's CUDA backend has the option and COOPERATIVE, else nothing."""
+    if not COOPERATIVE:
+        return {}
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - no CUDA backend
+        return {}
+    return {"launch_cooperative_grid": True} if "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__ else {}
 
 
 def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -182,13 +206,13 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
         x, residual: (1, H) bf16 (residual None: x is the residual stream itself, as in a model's first layer).
         norm_weight: (H,) bf16. w_gate_up: (2I, H) float8_e4m3fn, s_gate_up (2I,) fp32 per-channel scales;
         w_down: (H, I) float8_e4m3fn, s_down (H,) fp32. H a multiple of tiles[1], I of tiles[3].
-        barrier: one int64 counter on x's device (torch.zeros(1, dtype=torch.int64)), kept by the caller across
-            calls (never reset); None: two launches instead of one (the CPU's and the tests' form).
+        barrier: two int64 words on x's device (`new_barrier`), kept by the caller across calls; None: two
+            launches instead of one (the CPU's form).
         tiles: (BLOCK_N, BLOCK_K) of gate_up's GEMV, then of down's (elements of fp8 weight; powers of two).
         late: the FMA form's late reduction for each GEMV (gemv.GemvConfig.late_reduce).
-        num_progs: programs of the persistent launch (default: as many as fit on the GPU at once); capped at the
-            down GEMV's tile count (each program takes at least one). With `barrier` it must not exceed
-            max_resident_programs, or the barrier waits forever.
+        num_progs: programs of the launch(es) (default: with `barrier`, as many as fit on the GPU at once, else one
+            a tile); capped at the down GEMV's tile count (each program takes at least one). With `barrier` and
+            more than one program, all must be resident at once (max_resident_programs; see the module).
     Returns (out (1, H), residual_out (1, H)), bf16. Raises ValueError on shapes or dtypes outside that.
     """
     if not HAS_TRITON:
@@ -213,23 +237,33 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
     args = [x, x if residual is None else residual, norm_weight, r_out, w_gate_up, s_gate_up, gu, w_down, s_down,
             out]
     if barrier is None:
-        dummy = torch.zeros(1, dtype=torch.int64, device=x.device)
-        grid1 = triton.cdiv(2 * i, bn1)
+        dummy = torch.zeros(2, dtype=torch.int64, device=x.device)
+        grid1 = min(triton.cdiv(2 * i, bn1), num_progs or 1 << 30)
+        grid2 = min(n_tiles2, num_progs or 1 << 30)
         _persistent_mlp_kernel[(grid1,)](*args, dummy, h, i, eps, grid1, PHASES=1, **common)
-        _persistent_mlp_kernel[(n_tiles2,)](*args, dummy, h, i, eps, n_tiles2, PHASES=2, **common)
+        _persistent_mlp_kernel[(grid2,)](*args, dummy, h, i, eps, grid2, PHASES=2, **common)
         return out, r_out
-    if barrier.dtype != torch.int64 or barrier.numel() != 1 or barrier.device != x.device:
-        raise ValueError("persistent_mlp: barrier must be one int64 counter on x's device")
-    pdl = launch_args(x.device)
+    if barrier.dtype != torch.int64 or barrier.shape != (2,) or barrier.device != x.device:
+        raise ValueError("persistent_mlp: barrier must be two int64 words on x's device (new_barrier)")
+    extra = {**launch_args(x.device), **(_cooperative() if x.is_cuda else {})}
     if num_progs is None:
-        key = _key(x.device, common, pdl)
-        if key not in _compiled:  # compile with one program (the barrier waits for itself alone), read its needs
-            k = _persistent_mlp_kernel[(1,)](*args, barrier, h, i, eps, 1, PHASES=3, **common, **pdl)
+        if not x.is_cuda:
+            raise ValueError("persistent_mlp: on the CPU, one program (num_progs=1) or barrier=None")
+        key = _key(x.device, common, extra)
+        if key not in _compiled:  # compiled, not launched: its registers and shared memory size the grid
+            k = _persistent_mlp_kernel.warmup(*args, barrier, h, i, eps, 1, PHASES=3, grid=(1,), **common, **extra)
+            if getattr(k, "n_regs", None) is None:
+                k._init_handles()
             _compiled[key] = max_resident_programs(x.device, k.n_regs, k.metadata.shared, num_warps)
         num_progs = _compiled[key]
     num_progs = max(1, min(num_progs, n_tiles2))  # every program owns a first down tile
-    _persistent_mlp_kernel[(num_progs,)](*args, barrier, h, i, eps, num_progs, PHASES=3, **common, **pdl)
+    _persistent_mlp_kernel[(num_progs,)](*args, barrier, h, i, eps, num_progs, PHASES=3, **common, **extra)
     return out, r_out
+
+
+def new_barrier(device: torch.device) -> torch.Tensor:
+    """The (count, generation) words persistent_mlp's barrier needs, zeroed; keep one per device and reuse it."""
+    return torch.zeros(2, dtype=torch.int64, device=device)
 
 
 def _consts(h: int, has_residual: bool, tiles: tuple[int, int, int, int], late: tuple[bool, bool],
@@ -276,12 +310,12 @@ def maybe_run(layer, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[to
 
         if FORCE is not True and not triton_fp8_ok(x.device):
             return None
-        if (torch.cuda.is_current_stream_capturing()
-                and _key(x.device, _consts(h, True, TILES, LATE, NUM_WARPS), launch_args(x.device)) not in _compiled):
-            return None  # its grid is read from a compile that launches: not inside a capture
+        key = _key(x.device, _consts(h, True, TILES, LATE, NUM_WARPS), {**launch_args(x.device), **_cooperative()})
+        if torch.cuda.is_current_stream_capturing() and key not in _compiled:
+            return None  # its grid is sized from a compile, which loads a module: not inside a capture
         barrier = _barriers.get(x.device)
         if barrier is None:
-            barrier = _barriers[x.device] = torch.zeros(1, dtype=torch.int64, device=x.device)
+            barrier = _barriers[x.device] = new_barrier(x.device)
     return persistent_mlp(x, residual, norm.weight, norm.eps, wg[0], wg[1], wd[0], wd[1], barrier, TILES, LATE,
                           NUM_WARPS)
 

@@ -80,6 +80,9 @@ def test_sm_carveout_holds_inside_the_overlap_only(tiny_checkpoints, monkeypatch
     decode = [c for n, q, c in seen if n == "attention_block" and q == 1]
     prefill = [c for n, q, c in seen if n == "attention_block" and q is not None and q > 1]
     assert decode and set(decode) == {8} and prefill and set(prefill) == {None}
+    # every block in between ran under it: the MLPs of split steps too (as many as their attention blocks)
+    mlp = [c for n, q, c in seen if n == "mlp_block"]
+    assert mlp.count(8) == len(decode) and set(mlp) <= {8, None}
     assert torch._C._get_sm_carveout_experimental() is None
 
 
