@@ -6,7 +6,9 @@ copy bandwidth (4.2 TB/s on an H200, docs/benchmarks.md).
     python benchmarks/persistent_mlp.py --progs 132 264 528 --warps 4 8
 
 The engine's path is what a decode step at batch 1 runs: the fused residual add + RMSNorm kernel, the gate_up
-GEMV, the SiLU-fused down GEMV, with the engine's tuned configs and PDL (on sm90+ unless SHARDLLM_PDL=0). Each time
+GEMV, the SiLU-fused down GEMV, with the engine's tuned configs and PDL (on sm90+ unless SHARDLLM_PDL=0); beside it
+the same with the norm folded into gate_up's GEMV (two launches), which tells the launch saved from the barrier's
+gain. Each time
 is one CUDA graph of `--layers` MLPs, each with its own weights (together past the L2, as in a model), replayed;
 the persistent rows first check that their output equals the two-launch form's. One JSON line per row.
 """
@@ -21,7 +23,7 @@ import torch
 from gemv_sweep import timed  # (benchmarks/ is this script's first sys.path entry)
 
 from shardllm.layers import triton_ops
-from shardllm.layers.gemv import FP8_GEMV_TABLE, gemv, table_config
+from shardllm.layers.gemv import FP8_GEMV_TABLE, GemvConfig, NormPrologue, gemv, table_config
 from shardllm.layers.gemv_silu import _fused_config
 from shardllm.layers.persistent_mlp import persistent_mlp
 from shardllm.layers.quantization.fp8_utils import quantize_per_row
@@ -68,6 +70,15 @@ def main() -> None:
                           "of_copy_bw": round(weight_bytes / us / 1e-6 / COPY_BW, 3), **kw}), flush=True)
 
     row("engine", graph_us(engine, a.layers), gate_up=str(cfg_gu), down=str(cfg_d))
+    r_out = torch.empty_like(x)
+
+    def engine_norm_fused(i):  # the norm folded into gate_up's GEMV (SHARDLLM_GEMV_FUSED_NORM's form): two launches
+        wg, sg, wd, sd = ws[i]
+        gu = gemv(x, wg, sg, cfg_norm, norm=NormPrologue(res, nw, 1e-5, r_out))
+        return gemv(gu, wd, sd, cfg_d, silu_input=True)
+
+    cfg_norm = cfg_gu if not cfg_gu.use_dot else GemvConfig(False, 8, 512, 1, 4, 3, False)
+    row("engine_norm_fused", graph_us(engine_norm_fused, a.layers), gate_up=str(cfg_norm))
     from shardllm.layers import persistent_mlp as pm
 
     tiles = tuple(int(v) for v in a.tiles.split(","))
