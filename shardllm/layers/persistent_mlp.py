@@ -79,9 +79,9 @@ if HAS_TRITON:
                                NORM_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr = False):
         """PHASES 3: norm + gate_up, grid barrier, down (one launch); 1: norm + gate_up only; 2: down only.
         x, r (1, H) bf16; nw (H,); wg (2 INTER, H) e4m3, sg (2 INTER,) fp32; gu (1, 2 INTER) bf16 (gate_up's
-        output); wd (H, INTER)
-        e4m3, sd (H,) fp32; out (1, H) bf16; bar: two int64 words (count, generation). num_progs: the launch's programs
-        (the tile loops' stride; 1 launch of PHASES 1 or 2 may use fewer programs than tiles too)."""
+        output); wd (H, INTER) e4m3, sd (H,) fp32; out (1, H) bf16; bar: two int64 words (count, generation).
+        num_progs: the launch's programs, the tile loops' stride (a launch of PHASES 1 or 2 may have fewer programs
+        than tiles too)."""
         pdl_enter(USE_PDL)
         pid = tl.program_id(0)
         m = tl.arange(0, 1)
