@@ -32,6 +32,8 @@ forward before each capture compiles it).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from shardllm import envs
@@ -44,6 +46,7 @@ FORCE: bool | None = None
 TILES, LATE, NUM_WARPS = (8, 512, 16, 1024), (False, True), 4  # the engine's M = 1 configs for Llama-3-8B's GEMVs
 COOPERATIVE = True  # a cooperative launch where Triton offers it (benchmarks/persistent_mlp.py times both)
 _barriers: dict[torch.device, torch.Tensor] = {}
+logger = logging.getLogger(__name__)
 
 if HAS_TRITON:
     import triton
@@ -246,6 +249,7 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
     if barrier.dtype != torch.int64 or barrier.shape != (2,) or barrier.device != x.device:
         raise ValueError("persistent_mlp: barrier must be two int64 words on x's device (new_barrier)")
     extra = {**launch_args(x.device), **(_cooperative() if x.is_cuda else {})}
+    requested = num_progs
     if num_progs is None:
         if not x.is_cuda:
             raise ValueError("persistent_mlp: on the CPU, one program (num_progs=1) or barrier=None")
@@ -257,7 +261,20 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
             _compiled[key] = max_resident_programs(x.device, k.n_regs, k.metadata.shared, num_warps)
         num_progs = _compiled[key]
     num_progs = max(1, min(num_progs, n_tiles2))  # every program owns a first down tile
-    _persistent_mlp_kernel[(num_progs,)](*args, barrier, h, i, eps, num_progs, PHASES=3, **common, **extra)
+    try:
+        _persistent_mlp_kernel[(num_progs,)](*args, barrier, h, i, eps, num_progs, PHASES=3, **common, **extra)
+    except RuntimeError as e:
+        # A driver that refuses the cooperative launch itself (with PDL, say; not inside a capture, which the
+        # eager forward before it has passed): launch plainly from now on. A grid too large to be co-resident is
+        # not retried: plainly, it would hang.
+        if (not extra.get("launch_cooperative_grid") or torch.cuda.is_current_stream_capturing()
+                or "TOO_LARGE" in str(e).upper().replace(" ", "_")):
+            raise
+        global COOPERATIVE
+        COOPERATIVE = False
+        logger.warning("persistent MLP: the cooperative launch failed (%s); launching without it", e)
+        return persistent_mlp(x, residual, norm_weight, eps, w_gate_up, s_gate_up, w_down, s_down, barrier, tiles,
+                              late, num_warps, requested)  # (None: sized and keyed for the plain launch)
     return out, r_out
 
 
