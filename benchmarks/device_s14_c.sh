@@ -24,5 +24,8 @@ for r in a b; do
   row 40 "b1_default_$r" ""
   row 40 "b1_persistent_mlp_$r" "SHARDLLM_PERSISTENT_MLP=1"
 done
+grep -h "persistent batch-1 MLP\|persistent MLP:" "$w"/err_b1_persistent_mlp_*.txt 2>/dev/null | sort | uniq -c \
+  | tee -a "$OUT/summary.txt"
+phase_rows
 say "total: $((SECONDS - t0)) s"; pack
 rm -rf "$w"

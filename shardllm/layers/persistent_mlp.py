@@ -33,6 +33,7 @@ forward before each capture compiles it).
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -47,6 +48,7 @@ TILES, LATE, NUM_WARPS = (8, 512, 16, 1024), (False, True), 4  # the engine's M 
 COOPERATIVE = True  # a cooperative launch where Triton offers it (benchmarks/persistent_mlp.py times both)
 _barriers: dict[torch.device, torch.Tensor] = {}
 logger = logging.getLogger(__name__)
+_announced = False
 
 if HAS_TRITON:
     import triton
@@ -333,8 +335,14 @@ def maybe_run(layer, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[to
         barrier = _barriers.get(x.device)
         if barrier is None:
             barrier = _barriers[x.device] = new_barrier(x.device)
-    return persistent_mlp(x, residual, norm.weight, norm.eps, wg[0], wg[1], wd[0], wd[1], barrier, TILES, LATE,
-                          NUM_WARPS)
+    out = persistent_mlp(x, residual, norm.weight, norm.eps, wg[0], wg[1], wd[0], wd[1], barrier, TILES, LATE,
+                         NUM_WARPS)
+    global _announced
+    if not _announced and x.is_cuda:  # once per process: that the switch took effect, and the grid it sized
+        _announced = True
+        print(f"shardllm: persistent batch-1 MLP on ({sorted(set(_compiled.values()))} programs a launch, "
+              f"cooperative={COOPERATIVE and bool(_cooperative())})", file=sys.stderr, flush=True)
+    return out
 
 
 def reference_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
