@@ -232,8 +232,10 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
         raise ValueError(f"persistent_mlp: x (1, H) with H % {bk1} == 0, e4m3 w_gate_up (2I, H) and w_down (H, I) "
                          f"with I % {bk2} == 0 (all contiguous), per-channel scales; got x {tuple(x.shape)}, w_gate_up "
                          f"{tuple(w_gate_up.shape)} {w_gate_up.dtype}, w_down {tuple(w_down.shape)} {w_down.dtype}")
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"persistent_mlp: residual {tuple(residual.shape)} must be x's shape {tuple(x.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or not residual.is_contiguous()):
+        raise ValueError(f"persistent_mlp: residual {tuple(residual.shape)} {residual.dtype} must be contiguous, of "
+                         f"x's shape {tuple(x.shape)} and dtype {x.dtype}")
     gu = torch.empty((1, 2 * i), dtype=x.dtype, device=x.device)
     out = torch.empty_like(x)
     r_out = torch.empty_like(x) if residual is not None else x
@@ -251,26 +253,22 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
     if barrier.dtype != torch.int64 or barrier.shape != (2,) or barrier.device != x.device:
         raise ValueError("persistent_mlp: barrier must be two int64 words on x's device (new_barrier)")
     extra = {**launch_args(x.device), **(_cooperative() if x.is_cuda else {})}
-    requested = num_progs
-    if num_progs is None:
-        if not x.is_cuda:
-            raise ValueError("persistent_mlp: on the CPU, one program (num_progs=1) or barrier=None")
-        key = _key(x.device, common, extra)
-        if key not in _compiled:  # compiled, not launched: its registers and shared memory size the grid
-            k = _persistent_mlp_kernel.warmup(*args, barrier, h, i, eps, 1, PHASES=3, grid=(1,), **common, **extra)
-            if getattr(k, "n_regs", None) is None:
-                k._init_handles()
-            _compiled[key] = max_resident_programs(x.device, k.n_regs, k.metadata.shared, num_warps)
-        num_progs = _compiled[key]
+    if x.is_cuda:
+        resident = _resident(x.device, args, barrier, h, i, eps, common, extra)
+        if num_progs is not None and min(num_progs, n_tiles2) > resident:
+            raise ValueError(f"persistent_mlp: num_progs={num_progs} programs cannot all be resident at once (at "
+                             f"most {resident} here): the barrier would wait forever")
+        requested, num_progs = num_progs, resident if num_progs is None else num_progs
+    elif num_progs != 1:
+        raise ValueError("persistent_mlp: on the CPU, one program (num_progs=1) or barrier=None")
     num_progs = max(1, min(num_progs, n_tiles2))  # every program owns a first down tile
     try:
         _persistent_mlp_kernel[(num_progs,)](*args, barrier, h, i, eps, num_progs, PHASES=3, **common, **extra)
     except RuntimeError as e:
         # A driver that refuses the cooperative launch itself (with PDL, say; not inside a capture, which the
-        # eager forward before it has passed): launch plainly from now on. A grid too large to be co-resident is
-        # not retried: plainly, it would hang.
-        if (not extra.get("launch_cooperative_grid") or torch.cuda.is_current_stream_capturing()
-                or "TOO_LARGE" in str(e).upper().replace(" ", "_")):
+        # eager forward before it has passed): launch plainly from now on. The grid was checked to be resident
+        # above, so the plain launch cannot wait forever.
+        if not extra.get("launch_cooperative_grid") or torch.cuda.is_current_stream_capturing():
             raise
         global COOPERATIVE
         COOPERATIVE = False
@@ -278,6 +276,18 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
         return persistent_mlp(x, residual, norm_weight, eps, w_gate_up, s_gate_up, w_down, s_down, barrier, tiles,
                               late, num_warps, requested)  # (None: sized and keyed for the plain launch)
     return out, r_out
+
+
+def _resident(device, args, barrier, h, i, eps, common, extra) -> int:
+    """max_resident_programs of the binary a launch with these constexprs and options runs, compiled (not
+    launched) once per key."""
+    key = _key(device, common, extra)
+    if key not in _compiled:
+        k = _persistent_mlp_kernel.warmup(*args, barrier, h, i, eps, 1, PHASES=3, grid=(1,), **common, **extra)
+        if getattr(k, "n_regs", None) is None:
+            k._init_handles()
+        _compiled[key] = max_resident_programs(device, k.n_regs, k.metadata.shared, common["num_warps"])
+    return _compiled[key]
 
 
 def new_barrier(device: torch.device) -> torch.Tensor:
@@ -304,6 +314,10 @@ def maybe_run(layer, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[to
     if FORCE is False or not (ENABLED or FORCE) or not HAS_TRITON:
         return None
     if residual is None or x.dim() != 2 or x.shape[0] != 1 or x.dtype != torch.bfloat16 or residual.shape != x.shape:
+        return None
+    from shardllm.layers import microbatch_overlap
+
+    if microbatch_overlap.running():  # two halves on two streams: two launches at once would share the barrier
         return None
     from shardllm.distributed.parallel_state import get_parallel_context
     from shardllm.layers.activation import SiluAndMul
@@ -340,8 +354,9 @@ def maybe_run(layer, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[to
     global _announced
     if not _announced and x.is_cuda:  # once per process: that the switch took effect, and the grid it sized
         _announced = True
-        print(f"shardllm: persistent batch-1 MLP on ({sorted(set(_compiled.values()))} programs a launch, "
-              f"cooperative={COOPERATIVE and bool(_cooperative())})", file=sys.stderr, flush=True)
+        grid = min(max(_compiled.values()), triton.cdiv(h, TILES[2]))
+        print(f"shardllm: persistent batch-1 MLP on ({grid} programs a launch, cooperative="
+              f"{COOPERATIVE and bool(_cooperative())})", file=sys.stderr, flush=True)
     return out
 
 

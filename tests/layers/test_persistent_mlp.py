@@ -118,6 +118,9 @@ def test_one_launch_with_its_barrier_equals_two_launches_on_gpu(res):
     assert torch.equal(want_r, eng_r)
     assert (want.float() - eng.float()).abs().max() <= 1e-2 * eng.float().abs().max()  # (rstd's sum order)
     bar = pm.new_barrier(x.device)
+    with pytest.raises(ValueError, match="cannot all be resident"):  # 1024 down tiles of 4 rows, 1024 programs
+        pm.persistent_mlp(x, r, nw, 1e-5, wg, sg, wd, sd, bar, (8, 512, 4, 1024), late, num_progs=1024)
+    assert bar.tolist() == [0, 0]  # refused before any launch
     for n, num_progs in enumerate((None, 7, 256, 1, None)):  # as many as fit, several tiles a program, one each
         out, r_out = pm.persistent_mlp(x, r, nw, 1e-5, wg, sg, wd, sd, bar, tiles, late, num_progs=num_progs)
         torch.cuda.synchronize()
@@ -176,3 +179,31 @@ def test_llama_layers_take_it_at_one_row_only_cpu(tiny_checkpoints, monkeypatch)
     assert seen[n_two:n_two + layers] == [4, 4]  # the prompt: 4 rows
     assert seen[n_two + layers:] == ["fused"] * (3 * layers)  # 3 decode steps of 1 row, every layer
     assert len(one[0].outputs[0].token_ids) == 4
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 before triton's import")
+def test_not_inside_the_two_micro_batch_overlap_cpu(tiny_checkpoints, monkeypatch):
+    """A batch-2 decode step split into two one-row halves (layers/microbatch_overlap.py, forced here) runs them on
+    two streams: the persistent MLP, whose barrier words serve one launch at a time, stays out of both halves."""
+    from shardllm import LLM, SamplingParams
+    from shardllm.layers import microbatch_overlap
+
+    monkeypatch.setattr(pm, "TILES", (8, 32, 8, 64))
+    monkeypatch.setattr(pm, "FORCE", True)
+    seen = []
+    real = pm.maybe_run
+    monkeypatch.setattr(pm, "maybe_run", lambda layer, x, r: seen.append((x.shape[0], microbatch_overlap.running()))
+                        or real(layer, x, r))
+    monkeypatch.setattr(microbatch_overlap, "applies", lambda meta, n, tp: meta.max_query_len == 1 and n >= 2)
+    llm = LLM(tiny_checkpoints["llama"], device="cpu", dtype="bfloat16", quantization="fp8", num_kv_blocks=80,
+              block_size=4)
+    fused = []
+    real_run = pm.persistent_mlp
+    monkeypatch.setattr(pm, "persistent_mlp", lambda *a, **k: fused.append(1) or real_run(*a, **k))
+    try:
+        out = llm.generate([[5, 9, 13, 200], [7, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    finally:
+        llm.shutdown()
+    assert (1, True) in seen  # one-row halves reached it, inside the overlap
+    assert not fused and all(len(o.outputs[0].token_ids) == 4 for o in out)
+    assert not microbatch_overlap.running()
