@@ -105,6 +105,17 @@ def running() -> bool:
     return _running
 
 
+@contextlib.contextmanager
+def _halves_running():
+    """Inside: running() is True (run_layers' interleaved halves)."""
+    global _running
+    _running = True
+    try:
+        yield
+    finally:
+        _running = False
+
+
 def active(tp_size: int) -> bool:
     """Whether large decode batches are split at this tp size (SHARDLLM_TP_OVERLAP; at tp 1 only with
     SHARDLLM_TP_OVERLAP_AT_TP1)."""
@@ -207,20 +218,15 @@ def run_layers(layers, positions: torch.Tensor, hidden_states: torch.Tensor, res
     def on(k: int):
         return torch.cuda.stream(streams[k]) if streams else contextlib.nullcontext()
 
-    global _running
-    _running = True
-    try:
-        with nccl_only(), sm_carveout(SM_CARVEOUT, hidden_states.device):
-            for layer in layers:
-                for k in (0, 1):
-                    with on(k):
-                        pos, h, r, mt = state[k]
-                        state[k][1], state[k][2] = layer.attention_block(pos, h, r, mt)
-                for k in (0, 1):
-                    with on(k):
-                        state[k][1], state[k][2] = layer.mlp_block(state[k][1], state[k][2])
-    finally:
-        _running = False
+    with nccl_only(), sm_carveout(SM_CARVEOUT, hidden_states.device), _halves_running():
+        for layer in layers:
+            for k in (0, 1):
+                with on(k):
+                    pos, h, r, mt = state[k]
+                    state[k][1], state[k][2] = layer.attention_block(pos, h, r, mt)
+            for k in (0, 1):
+                with on(k):
+                    state[k][1], state[k][2] = layer.mlp_block(state[k][1], state[k][2])
     if streams:
         for s in streams:
             main.wait_stream(s)
