@@ -4,6 +4,7 @@ copy bandwidth (4.2 TB/s on an H200, docs/benchmarks.md).
 
     python benchmarks/persistent_mlp.py                    # 8B: the engine's path, then the persistent kernel's
     python benchmarks/persistent_mlp.py --progs 132 264 528 --warps 4 8
+    python benchmarks/persistent_mlp.py --variants 8,512,8,1024:01:4:2:3 8,512,8,512:00:4:1:3
 
 The engine's path is what a decode step at batch 1 runs: the fused residual add + RMSNorm kernel, the gate_up
 GEMV, the SiLU-fused down GEMV, with the engine's tuned configs and PDL (on sm90+ unless SHARDLLM_PDL=0); beside it
@@ -44,6 +45,10 @@ def main() -> None:
     ap.add_argument("--progs", type=int, nargs="*", default=[], help="num_progs to try beside the default")
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--tiles", default="8,512,16,1024", help="gate_up BLOCK_N,BLOCK_K, down BLOCK_N,BLOCK_K")
+    ap.add_argument("--variants", nargs="*", default=[],
+                    help="persistent configs TILES:LATE:WARPS:AHEAD:STAGES, e.g. 8,512,8,1024:01:4:2:3 (LATE: "
+                         "gate_up's then down's late reduce, 0/1); default: --tiles, late 01, each of --warps, "
+                         "ahead 1, 3 stages, then the first without the cooperative launch")
     a = ap.parse_args()
     h, inter = MODELS[a.model]
     dev = torch.device("cuda")
@@ -81,31 +86,37 @@ def main() -> None:
     row("engine_norm_fused", graph_us(engine_norm_fused, a.layers), gate_up=str(cfg_norm))
     from shardllm.layers import persistent_mlp as pm
 
-    tiles = tuple(int(v) for v in a.tiles.split(","))
     bar = pm.new_barrier(dev)
-    for warps, cooperative in [(w, True) for w in a.warps] + [(a.warps[0], False)]:
-        pm.COOPERATIVE = cooperative
+    variants = [v.split(":") for v in a.variants] or [[a.tiles, "01", str(w), "1", "3"] for w in a.warps]
+    for n_v, (tiles_s, late_s, warps_s, ahead_s, stages_s) in enumerate(variants):
+        tiles = tuple(int(v) for v in tiles_s.split(","))
+        late = tuple(c == "1" for c in late_s)
+        warps, ahead, stages = int(warps_s), int(ahead_s), int(stages_s)
+        kw = dict(late=late, num_warps=warps, ahead=ahead, num_stages=stages)
         wg, sg, wd, sd = ws[0]
-        want, _ = persistent_mlp(x, res, nw, 1e-5, wg, sg, wd, sd, None, tiles, num_warps=warps)
-        for progs in [None] + (a.progs if cooperative else []):
-            try:
-                got, _ = persistent_mlp(x, res, nw, 1e-5, wg, sg, wd, sd, bar, tiles, num_warps=warps,
-                                        num_progs=progs)
-                torch.cuda.synchronize()
-                same = bool(torch.equal(got, want))
+        want, _ = persistent_mlp(x, res, nw, 1e-5, wg, sg, wd, sd, None, tiles, **kw)
+        coops = [True, False] if n_v == 0 and not a.variants else [True]
+        for cooperative in coops:
+            pm.COOPERATIVE = cooperative
+            for progs in [None] + (a.progs if cooperative else []):
+                desc = dict(tiles=tiles_s, late=late_s, warps=warps, ahead=ahead, stages=stages,
+                            progs=progs or "resident", cooperative=cooperative)
+                try:
+                    got, _ = persistent_mlp(x, res, nw, 1e-5, wg, sg, wd, sd, bar, tiles, num_progs=progs, **kw)
+                    torch.cuda.synchronize()
+                    same = bool(torch.equal(got, want))
 
-                def fused(i, warps=warps, progs=progs):
-                    wg, sg, wd, sd = ws[i]
-                    return persistent_mlp(x, res, nw, 1e-5, wg, sg, wd, sd, bar, tiles, num_warps=warps,
-                                          num_progs=progs)
+                    def fused(i, progs=progs, tiles=tiles, kw=kw):
+                        wg, sg, wd, sd = ws[i]
+                        return persistent_mlp(x, res, nw, 1e-5, wg, sg, wd, sd, bar, tiles, num_progs=progs, **kw)
 
-                row("persistent", graph_us(fused, a.layers), warps=warps, progs=progs or "resident",
-                    cooperative=cooperative, equal_to_two_launches=same)
-            except Exception as e:  # one variant failing says nothing of the others
-                print(json.dumps({"row": "persistent", "warps": warps, "progs": progs, "cooperative": cooperative,
-                                  "error": f"{type(e).__name__}: {str(e)[:200]}"}), flush=True)
-    print(json.dumps({"resident_programs": sorted(pm._compiled.values()),
-                      "sms": torch.cuda.get_device_properties(dev).multi_processor_count}))
+                    row("persistent", graph_us(fused, a.layers), **desc, equal_to_two_launches=same,
+                        resident=max(pm._compiled.values()))
+                except Exception as e:  # one variant failing says nothing of the others
+                    print(json.dumps({"row": "persistent", **desc, "error": f"{type(e).__name__}: {str(e)[:200]}"}),
+                          flush=True)
+            pm._compiled.clear()  # (the next variant's resident count alone)
+    print(json.dumps({"sms": torch.cuda.get_device_properties(dev).multi_processor_count}))
 
 
 if __name__ == "__main__":

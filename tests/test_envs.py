@@ -35,6 +35,7 @@ DEFAULTS = {
     "SHARDLLM_GEMV_W_EARLY_STEPS": 1,
     "SHARDLLM_GEMV_FUSED_SILU": True,
     "SHARDLLM_GEMV_FUSED_NORM": False, "SHARDLLM_PERSISTENT_MLP": False,
+    "SHARDLLM_PERSISTENT_MLP_CONFIG": None,
     "SHARDLLM_DECODE_ATTN_TUNED": True,
     "SHARDLLM_DECODE_CONFIGS": None, "SHARDLLM_PREFILL_CONFIG": None,
     "SHARDLLM_GRAPH_LM_HEAD": False, "SHARDLLM_KV_SCALES_IN_KERNELS": True,
@@ -121,6 +122,17 @@ def test_values_are_read_at_each_access(monkeypatch):
     monkeypatch.setenv("SHARDLLM_STEP_TIMEOUT", "2.5")
     assert envs.SHARDLLM_STEP_TIMEOUT == 2.5
     assert envs.get("SHARDLLM_PROFILE_TOP", {"SHARDLLM_PROFILE_TOP": "3"}) == 3  # a given mapping, not os.environ
+
+
+def test_persistent_mlp_config_parses_and_bad_text_keeps_the_default(monkeypatch):
+    monkeypatch.setenv("SHARDLLM_PERSISTENT_MLP_CONFIG", "8,512,8,1024:01:4:2:3")
+    assert envs.SHARDLLM_PERSISTENT_MLP_CONFIG == ((8, 512, 8, 1024), (False, True), 4, 2, 3)
+    for bad in ("8,512,8:01:4:2:3", "8,512,8,1000:01:4:2:3", "8,512,8,1024:2:4:2:3", "8,512,8,1024:01:3:2:3",
+                "8,512,8,1024:01:4:3:3"):
+        monkeypatch.setenv("SHARDLLM_PERSISTENT_MLP_CONFIG", bad)
+        assert envs.SHARDLLM_PERSISTENT_MLP_CONFIG is None  # lenient: the default, with a warning
+        with pytest.raises(ValueError, match="SHARDLLM_PERSISTENT_MLP_CONFIG"):
+            envs.ENV_VARS["SHARDLLM_PERSISTENT_MLP_CONFIG"].value(strict=True)
 
 
 def test_bad_values_and_unknown_names_fail_clearly(monkeypatch):

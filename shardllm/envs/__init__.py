@@ -106,6 +106,22 @@ def _w_early_steps(raw: str | None) -> int:  # SHARDLLM_GEMV_W_EARLY_STEPS: the 
     return v
 
 
+def _persistent_mlp_config(raw: str | None) -> tuple | None:
+    """SHARDLLM_PERSISTENT_MLP_CONFIG "BN1,BK1,BN2,BK2:LL:WARPS:AHEAD:STAGES" -> (tiles, late, warps, ahead, stages)."""
+    if not raw:
+        return None
+    parts = raw.split(":")
+    if len(parts) != 5 or len(parts[1]) != 2 or set(parts[1]) - {"0", "1"}:
+        raise ValueError("use BN1,BK1,BN2,BK2:LL:WARPS:AHEAD:STAGES, e.g. 8,512,8,1024:01:4:2:3")
+    tiles = tuple(int(v) for v in parts[0].split(","))
+    if len(tiles) != 4 or any(t <= 0 or t & (t - 1) for t in tiles):
+        raise ValueError("four tile sizes, powers of two")
+    warps, ahead, stages = int(parts[2]), int(parts[3]), int(parts[4])
+    if warps not in (1, 2, 4, 8, 16) or ahead not in (1, 2) or stages < 1:
+        raise ValueError("warps 1-16 (a power of two), ahead 1 or 2, stages >= 1")
+    return tiles, tuple(c == "1" for c in parts[1]), warps, ahead, stages
+
+
 def _switch(name: str, on_by_default: bool, read_at: str, doc: str) -> EnvVar:
     """An A/B switch: 1 / true / yes / on or 0 / false / no / off (any case); unset or empty keeps the default, and
     any other text too (lenient: the engine runs on, `shardllm envs` shows it as invalid)."""
@@ -206,6 +222,10 @@ _VARS = [
             "1: at batch 1 (tp 1, FP8 per-channel weights) a Llama MLP runs as one persistent launch, norm + gate_up "
             "+ SiLU-down with a grid barrier (layers/persistent_mlp.py; issue 13, batch-1 decode; not yet measured "
             "on a GPU)"),
+    EnvVar("SHARDLLM_PERSISTENT_MLP_CONFIG", "str", None, _persistent_mlp_config, "import",
+           "the persistent MLP's launch, BN1,BK1,BN2,BK2:LL:WARPS:AHEAD:STAGES (gate_up's then down's tile, their "
+           "late reduce 0/1, warps, weight steps loaded ahead, pipeline stages; default 8,512,16,1024:01:4:1:3): a "
+           "pick of benchmarks/persistent_mlp.py --variants tried end to end", lenient=True),
     _switch("SHARDLLM_GEMV_FUSED_NORM", False, "import",
             "1: the residual add + RMSNorm before qkv / gate_up formed inside their decode GEMV at batch 1 "
             "(layers/gemv_norm.py, issue 15; not yet measured on a GPU)"),

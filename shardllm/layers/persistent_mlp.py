@@ -45,6 +45,9 @@ ENABLED = envs.SHARDLLM_PERSISTENT_MLP
 # None: where the checks pass and ENABLED; True: also on the CPU (two launches in the interpreter; tests); False: off
 FORCE: bool | None = None
 TILES, LATE, NUM_WARPS = (8, 512, 16, 1024), (False, True), 4  # the engine's M = 1 configs for Llama-3-8B's GEMVs
+AHEAD, NUM_STAGES = 1, 3
+if envs.SHARDLLM_PERSISTENT_MLP_CONFIG:  # a sweep's pick (benchmarks/persistent_mlp.py --variants)
+    TILES, LATE, NUM_WARPS, AHEAD, NUM_STAGES = envs.SHARDLLM_PERSISTENT_MLP_CONFIG
 COOPERATIVE = True  # a cooperative launch where Triton offers it (benchmarks/persistent_mlp.py times both)
 _barriers: dict[torch.device, torch.Tensor] = {}
 logger = logging.getLogger(__name__)
@@ -58,22 +61,67 @@ if HAS_TRITON:
     from shardllm.layers.pdl import launch_args, pdl_enter
 
     @triton.jit
-    def _tile_gemv(acc, acc3, w_rows3, first_w3, HAS_FIRST: tl.constexpr, k_len, x_rows, x_rows3, r_rows, nw_rows,
-                   rstd, m_in, m_in3, K, BLOCK_K: tl.constexpr, SILU_INPUT: tl.constexpr,
-                   NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LATE_REDUCE: tl.constexpr):
-        """One row tile's products over K (a multiple of BLOCK_K); HAS_FIRST: the first step's weights are given."""
+    def _step_load(w_ptr, j, its, pid, num_progs, S, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The (1, BLOCK_N, BLOCK_K) weights of step j of this program's flat (tile, K step) loop: its tile pid +
+        (j // S) * num_progs, columns (j % S) * BLOCK_K on (rows past N read row 0, their outputs masked; a step
+        at or past `its` reads nothing, zeros)."""
+        n = (pid + (j // S) * num_progs) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.where(n < N, n, 0).to(tl.int64)
+        k = (j % S) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ptrs = w_ptr + rows[None, :, None] * K + k[None, None, :]
+        return tl.load(ptrs, mask=k[None, None, :] * 0 + j < its, other=0.0)
+
+    @triton.jit
+    def _prologue(w_ptr, pid, num_progs, its, S, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  AHEAD: tl.constexpr):
+        """The weights of a flat loop's first AHEAD steps (1 or 2)."""
+        w0 = _step_load(w_ptr, 0, its, pid, num_progs, S, N, K, BLOCK_N, BLOCK_K)
+        if AHEAD == 2:
+            w1 = _step_load(w_ptr, 1, its, pid, num_progs, S, N, K, BLOCK_N, BLOCK_K)
+        else:
+            w1 = w0
+        return w0, w1
+
+    @triton.jit
+    def _flat_gemv(w_ptr, s_ptr, y_ptr, w0, w1, pid, num_progs, its, S, N, K, x_rows, r_rows, nw_rows, rstd,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_INPUT: tl.constexpr,
+                   NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LATE_REDUCE: tl.constexpr,
+                   AHEAD: tl.constexpr):
+        """y[n] = s[n] * sum_k w[n, k] x[k] over this program's row tiles pid, pid + num_progs, .. as one flat loop
+        of `its` steps (S a tile), each loading the weights of the step AHEAD on (w0, w1: the prologue's) before
+        its products, so the loads run on across tile ends; a tile's products in the order of the engine's GEMV
+        (gemv_steps._fma_update), its output scaled and stored at its last step."""
+        m = tl.arange(0, 1)
+        nn = tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
-        k_begin = 0
-        if HAS_FIRST:
-            acc, acc3 = _fma_update(acc, acc3, first_w3, kk, k_len, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in,
-                                    m_in3, K, True, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE)
-            k_begin = BLOCK_K
-        for k0 in range(k_begin, k_len, BLOCK_K):
-            k = k0 + kk
-            w3 = tl.load(w_rows3 + k[None, None, :])
-            acc, acc3 = _fma_update(acc, acc3, w3, k, k_len, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in, m_in3,
-                                    K, True, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE)
-        return acc, acc3
+        m_in = m[:, None] < 1
+        m_in3 = (m[:, None, None] < 1) & (nn[None, :, None] >= 0)
+        acc = tl.zeros((1, BLOCK_N), tl.float32)
+        if LATE_REDUCE:
+            acc3 = tl.zeros((1, BLOCK_N, BLOCK_K), tl.float32)
+        else:
+            acc3 = acc
+        for j in range(0, its):
+            w_next = _step_load(w_ptr, j + AHEAD, its, pid, num_progs, S, N, K, BLOCK_N, BLOCK_K)
+            acc, acc3 = _fma_update(acc, acc3, w0, (j % S) * BLOCK_K + kk, K, x_rows, x_rows, r_rows, nw_rows, rstd,
+                                    m_in, m_in3, K, True, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE)
+            if j % S == S - 1:
+                n = (pid + (j // S) * num_progs) * BLOCK_N + nn
+                rows = tl.where(n < N, n, 0)
+                if LATE_REDUCE:
+                    out = tl.sum(acc3, axis=2)
+                else:
+                    out = acc
+                out = out * tl.load(s_ptr + rows)[None, :]
+                tl.store(y_ptr + n[None, :], out.to(y_ptr.dtype.element_ty), mask=(n < N)[None, :])
+                acc = acc * 0.0
+                acc3 = acc3 * 0.0
+            if AHEAD == 2:
+                w0 = w1
+                w1 = w_next
+            else:
+                w0 = w_next
+        return
 
     @triton.jit(do_not_specialize=["num_progs"])  # (the compile that sizes the grid runs at num_progs 1)
     def _persistent_mlp_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, wg_ptr, sg_ptr, gu_ptr, wd_ptr, sd_ptr, out_ptr,
@@ -81,17 +129,21 @@ if HAS_TRITON:
                                PHASES: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N1: tl.constexpr,
                                BLOCK_K1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr,
                                LATE1: tl.constexpr, LATE2: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                               NORM_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr = False):
+                               NORM_CHUNKS: tl.constexpr, AHEAD: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
         """PHASES 3: norm + gate_up, grid barrier, down (one launch); 1: norm + gate_up only; 2: down only.
         x, r (1, H) bf16; nw (H,); wg (2 INTER, H) e4m3, sg (2 INTER,) fp32; gu (1, 2 INTER) bf16 (gate_up's
         output); wd (H, INTER) e4m3, sd (H,) fp32; out (1, H) bf16; bar: two int64 words (count, generation).
         num_progs: the launch's programs, the tile loops' stride (a launch of PHASES 1 or 2 may have fewer programs
-        than tiles too)."""
-        pdl_enter(USE_PDL)
+        than tiles too). AHEAD: weight steps each loop loads ahead of its products (1 or 2)."""
         pid = tl.program_id(0)
         m = tl.arange(0, 1)
         m_in = m[:, None] < 1
         if PHASES != 2:
+            # gate_up's first steps' weights, before the wait for the previous kernel and the norm
+            S1 = H // BLOCK_K1
+            its1 = tl.cdiv(tl.maximum(tl.cdiv(2 * INTER, BLOCK_N1) - pid, 0), num_progs) * S1
+            w0, w1 = _prologue(wg_ptr, pid, num_progs, its1, S1, 2 * INTER, H, BLOCK_N1, BLOCK_K1, AHEAD)
+            pdl_enter(USE_PDL)
             # 1. the norm's rstd (the chunks of triton_ops' RMSNorm); program 0 stores x + residual
             x_rows = x_ptr + m[:, None] * 0
             r_rows = r_ptr + m[:, None] * 0
@@ -108,32 +160,16 @@ if HAS_TRITON:
                     sq = s.to(tl.float32)
                 sum_sq += sq * sq
             rstd = tl.rsqrt(tl.sum(sum_sq, axis=1) / H + eps)[:, None]
-            # 2. gate_up over this program's row tiles
-            n_tiles1 = tl.cdiv(2 * INTER, BLOCK_N1)
-            for t in range(pid, n_tiles1, num_progs):
-                n = t * BLOCK_N1 + tl.arange(0, BLOCK_N1)
-                rows = tl.where(n < 2 * INTER, n, 0).to(tl.int64)
-                w_rows3 = wg_ptr + rows[None, :, None] * H
-                x_rows3 = x_ptr + 0 * n[None, :, None] + 0 * m[:, None, None]
-                m_in3 = (m[:, None, None] < 1) & (n[None, :, None] >= 0)
-                acc = tl.zeros((1, BLOCK_N1), tl.float32)
-                if LATE1:
-                    acc3 = tl.zeros((1, BLOCK_N1, BLOCK_K1), tl.float32)
-                else:
-                    acc3 = acc
-                acc, acc3 = _tile_gemv(acc, acc3, w_rows3, acc3, False, H, x_rows, x_rows3, r_rows, nw_rows, rstd,
-                                       m_in, m_in3, H, BLOCK_K1, False, True, HAS_RESIDUAL, LATE1)
-                if LATE1:
-                    acc = tl.sum(acc3, axis=2)
-                acc = acc * tl.load(sg_ptr + rows)[None, :]
-                tl.store(gu_ptr + n[None, :], acc.to(gu_ptr.dtype.element_ty), mask=(n < 2 * INTER)[None, :])
+            # 2. gate_up over this program's row tiles, the normed input formed as it loads x
+            _flat_gemv(wg_ptr, sg_ptr, gu_ptr, w0, w1, pid, num_progs, its1, S1, 2 * INTER, H, x_rows, r_rows,
+                       nw_rows, rstd, BLOCK_N1, BLOCK_K1, False, True, HAS_RESIDUAL, LATE1, AHEAD)
+        else:
+            pdl_enter(USE_PDL)
         if PHASES != 1:
-            n_tiles2 = tl.cdiv(H, BLOCK_N2)
-            kk2 = tl.arange(0, BLOCK_K2)
-            # 3. the first down tile's first weight step, loaded before the barrier
-            n0 = pid * BLOCK_N2 + tl.arange(0, BLOCK_N2)
-            rows0 = tl.where(n0 < H, n0, 0).to(tl.int64)
-            first_w3 = tl.load(wd_ptr + rows0[None, :, None] * INTER + 0 * m[:, None, None] + kk2[None, None, :])
+            # 3. the down loop's first steps' weights, loaded before the barrier
+            S2 = INTER // BLOCK_K2
+            its2 = tl.cdiv(tl.maximum(tl.cdiv(H, BLOCK_N2) - pid, 0), num_progs) * S2
+            w0, w1 = _prologue(wd_ptr, pid, num_progs, its2, S2, H, INTER, BLOCK_N2, BLOCK_K2, AHEAD)
             if PHASES == 3:  # (count, generation): see the module's docstring
                 tl.debug_barrier()  # every thread's gate_up stores issued before the program counts itself in
                 gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
@@ -147,27 +183,9 @@ if HAS_TRITON:
                 tl.debug_barrier()
             # 4. down over this program's row tiles, SiLU-and-mul formed from gate_up's output as it loads it
             gu_rows = gu_ptr + m[:, None] * 0
-            for t in range(pid, n_tiles2, num_progs):
-                n = t * BLOCK_N2 + tl.arange(0, BLOCK_N2)
-                rows = tl.where(n < H, n, 0).to(tl.int64)
-                w_rows3 = wd_ptr + rows[None, :, None] * INTER + 0 * m[:, None, None]
-                m_in3 = (m[:, None, None] < 1) & (n[None, :, None] >= 0)
-                zero = tl.zeros((1, 1), tl.float32)
-                acc = tl.zeros((1, BLOCK_N2), tl.float32)
-                if LATE2:
-                    acc3 = tl.zeros((1, BLOCK_N2, BLOCK_K2), tl.float32)
-                else:
-                    acc3 = acc
-                if t == pid:  # the step whose weights came before the barrier, then the rest
-                    acc, acc3 = _tile_gemv(acc, acc3, w_rows3, first_w3, True, INTER, gu_rows, gu_rows, gu_rows,
-                                           gu_rows, zero, m_in, m_in3, INTER, BLOCK_K2, True, False, False, LATE2)
-                else:
-                    acc, acc3 = _tile_gemv(acc, acc3, w_rows3, first_w3, False, INTER, gu_rows, gu_rows, gu_rows,
-                                           gu_rows, zero, m_in, m_in3, INTER, BLOCK_K2, True, False, False, LATE2)
-                if LATE2:
-                    acc = tl.sum(acc3, axis=2)
-                acc = acc * tl.load(sd_ptr + rows)[None, :]
-                tl.store(out_ptr + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=(n < H)[None, :])
+            zero = tl.zeros((1, 1), tl.float32)
+            _flat_gemv(wd_ptr, sd_ptr, out_ptr, w0, w1, pid, num_progs, its2, S2, H, INTER, gu_rows, gu_rows,
+                       gu_rows, zero, BLOCK_N2, BLOCK_K2, True, False, False, LATE2, AHEAD)
 
 
 _compiled: dict[tuple, int] = {}
@@ -203,8 +221,8 @@ def _cooperative() -> dict:
 def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                    w_gate_up: torch.Tensor, s_gate_up: torch.Tensor, w_down: torch.Tensor, s_down: torch.Tensor,
                    barrier: torch.Tensor | None, tiles: tuple[int, int, int, int] = (8, 512, 16, 1024),
-                   late: tuple[bool, bool] = (False, True), num_warps: int = 4, num_progs: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   late: tuple[bool, bool] = (False, True), num_warps: int = 4, num_progs: int | None = None,
+                   ahead: int = 1, num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     """(down(silu_and_mul(gate_up(RMSNorm(x + residual)))), x + residual) for one row.
 
     Args:
@@ -218,6 +236,8 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
         num_progs: programs of the launch(es) (default: with `barrier`, as many as fit on the GPU at once, else one
             a tile); capped at the down GEMV's tile count (each program takes at least one). With `barrier` and
             more than one program, all must be resident at once (max_resident_programs; see the module).
+        ahead: weight steps each program loads ahead of its products (1 or 2: registers of 1 or 2 tiles).
+        num_stages: Triton's software pipelining stages of the loops.
     Returns (out (1, H), residual_out (1, H)), bf16. Raises ValueError on shapes or dtypes outside that.
     """
     if not HAS_TRITON:
@@ -240,7 +260,9 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
     out = torch.empty_like(x)
     r_out = torch.empty_like(x) if residual is not None else x
     n_tiles2 = triton.cdiv(h, bn2)
-    common = _consts(h, residual is not None, tiles, late, num_warps)
+    if ahead not in (1, 2):
+        raise ValueError(f"persistent_mlp: ahead={ahead}; use 1 or 2")
+    common = _consts(h, residual is not None, tiles, late, num_warps, ahead, num_stages)
     args = [x, x if residual is None else residual, norm_weight, r_out, w_gate_up, s_gate_up, gu, w_down, s_down,
             out]
     if barrier is None:
@@ -274,7 +296,7 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
         COOPERATIVE = False
         logger.warning("persistent MLP: the cooperative launch failed (%s); launching without it", e)
         return persistent_mlp(x, residual, norm_weight, eps, w_gate_up, s_gate_up, w_down, s_down, barrier, tiles,
-                              late, num_warps, requested)  # (None: sized and keyed for the plain launch)
+                              late, num_warps, requested, ahead, num_stages)  # (None: sized for the plain launch)
     return out, r_out
 
 
@@ -296,12 +318,12 @@ def new_barrier(device: torch.device) -> torch.Tensor:
 
 
 def _consts(h: int, has_residual: bool, tiles: tuple[int, int, int, int], late: tuple[bool, bool],
-            num_warps: int) -> dict:
-    """The kernel's constexprs and num_warps for hidden size h."""
+            num_warps: int, ahead: int = 1, num_stages: int = 3) -> dict:
+    """The kernel's constexprs, num_warps and num_stages for hidden size h."""
     norm_block = min(triton.next_power_of_2(h), RMS_MAX_BLOCK)
     return dict(HAS_RESIDUAL=has_residual, BLOCK_N1=tiles[0], BLOCK_K1=tiles[1], BLOCK_N2=tiles[2],
                 BLOCK_K2=tiles[3], LATE1=late[0], LATE2=late[1], NORM_BLOCK=norm_block,
-                NORM_CHUNKS=triton.cdiv(h, norm_block), num_warps=num_warps)
+                NORM_CHUNKS=triton.cdiv(h, norm_block), AHEAD=ahead, num_warps=num_warps, num_stages=num_stages)
 
 
 def _key(device: torch.device, common: dict, pdl: dict) -> tuple:
@@ -343,14 +365,15 @@ def maybe_run(layer, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[to
 
         if FORCE is not True and not triton_fp8_ok(x.device):
             return None
-        key = _key(x.device, _consts(h, True, TILES, LATE, NUM_WARPS), {**launch_args(x.device), **_cooperative()})
+        key = _key(x.device, _consts(h, True, TILES, LATE, NUM_WARPS, AHEAD, NUM_STAGES),
+                   {**launch_args(x.device), **_cooperative()})
         if torch.cuda.is_current_stream_capturing() and key not in _compiled:
             return None  # its grid is sized from a compile, which loads a module: not inside a capture
         barrier = _barriers.get(x.device)
         if barrier is None:
             barrier = _barriers[x.device] = new_barrier(x.device)
     out = persistent_mlp(x, residual, norm.weight, norm.eps, wg[0], wg[1], wd[0], wd[1], barrier, TILES, LATE,
-                         NUM_WARPS)
+                         NUM_WARPS, ahead=AHEAD, num_stages=NUM_STAGES)
     global _announced
     if not _announced and x.is_cuda:  # once per process: that the switch took effect, and the grid it sized
         _announced = True
