@@ -46,9 +46,10 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--tiles", default="8,512,16,1024", help="gate_up BLOCK_N,BLOCK_K, down BLOCK_N,BLOCK_K")
     ap.add_argument("--variants", nargs="*", default=[],
-                    help="persistent configs TILES:LATE:WARPS:AHEAD:STAGES, e.g. 8,512,8,1024:01:4:2:3 (LATE: "
-                         "gate_up's then down's late reduce, 0/1); default: --tiles, late 01, each of --warps, "
-                         "ahead 1, 3 stages, then the first without the cooperative launch")
+                    help="persistent configs TILES:LATE:WARPS:AHEAD:STAGES[:TMA], e.g. 8,512,8,1024:01:4:2:3 or "
+                         "32,256,32,256:00:4:1:6:1 (LATE: gate_up's then down's late reduce, 0/1; TMA 1: weights "
+                         "through TMA descriptors); default: --tiles, late 01, each of --warps, ahead 1, 3 stages, "
+                         "then the first without the cooperative launch")
     a = ap.parse_args()
     h, inter = MODELS[a.model]
     dev = torch.device("cuda")
@@ -88,18 +89,19 @@ def main() -> None:
 
     bar = pm.new_barrier(dev)
     variants = [v.split(":") for v in a.variants] or [[a.tiles, "01", str(w), "1", "3"] for w in a.warps]
-    for n_v, (tiles_s, late_s, warps_s, ahead_s, stages_s) in enumerate(variants):
+    for n_v, (tiles_s, late_s, warps_s, ahead_s, stages_s, *tma_s) in enumerate(variants):
         tiles = tuple(int(v) for v in tiles_s.split(","))
         late = tuple(c == "1" for c in late_s)
         warps, ahead, stages = int(warps_s), int(ahead_s), int(stages_s)
-        kw = dict(late=late, num_warps=warps, ahead=ahead, num_stages=stages)
+        tma = tma_s == ["1"]
+        kw = dict(late=late, num_warps=warps, ahead=ahead, num_stages=stages, tma=tma)
         wg, sg, wd, sd = ws[0]
         want, _ = persistent_mlp(x, res, nw, 1e-5, wg, sg, wd, sd, None, tiles, **kw)
         coops = [True, False] if n_v == 0 and not a.variants else [True]
         for cooperative in coops:
             pm.COOPERATIVE = cooperative
             for progs in [None] + (a.progs if cooperative else []):
-                desc = dict(tiles=tiles_s, late=late_s, warps=warps, ahead=ahead, stages=stages,
+                desc = dict(tiles=tiles_s, late=late_s, warps=warps, ahead=ahead, stages=stages, tma=int(tma),
                             progs=progs or "resident", cooperative=cooperative)
                 try:
                     got, _ = persistent_mlp(x, res, nw, 1e-5, wg, sg, wd, sd, bar, tiles, num_progs=progs, **kw)

@@ -72,7 +72,7 @@ if HAS_TRITON:
                      HAS_RESIDUAL: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1, NORM_CHUNKS: tl.constexpr = 1,
                      USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
                      PREFETCH_SPLIT: tl.constexpr = 1, prefetch_bytes=0, W_EARLY: tl.constexpr = False,
-                     W_EARLY_STEPS: tl.constexpr = 1):
+                     W_EARLY_STEPS: tl.constexpr = 1, LOOP_STAGES: tl.constexpr = None):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
         x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
         FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps).
@@ -83,7 +83,9 @@ if HAS_TRITON:
         W_EARLY (not with W_AHEAD or PREFETCH_W): the program's first weight tile is loaded into registers before the
         wait, so that it streams while the kernel before still runs (no kernel of a step writes weights; x, which
         the kernel before writes, is read only after the wait); its step runs first, then the loop. W_EARLY_STEPS
-        (1, 2 or 4) such tiles, the slice's first ones (masked past its end), each its own step, in order."""
+        (1, 2 or 4) such tiles, the slice's first ones (masked past its end), each its own step, in order.
+        LOOP_STAGES: the K loop's software pipelining stages, asked of Triton for this loop (tl.range's num_stages;
+        None: Triton's choice, which for the FMA form's loads is none: it pipelines loads that feed a dot)."""
         pid_n = tl.program_id(0)  # (no memory is touched before the wait below)
         split = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -179,7 +181,7 @@ if HAS_TRITON:
                                         r_rows, nw_rows, rstd, m_in, m_in3, K, False, SILU_INPUT, NORM_INPUT,
                                         HAS_RESIDUAL, LATE_REDUCE, USE_DOT, DOT_F32)
             loop_start = k_start + W_EARLY_STEPS * BLOCK_K
-        for k0 in range(loop_start, k_end, BLOCK_K):
+        for k0 in tl.range(loop_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
             k = k0 + kk
             if USE_DOT:
                 if EVEN_K:  # every slice is whole BLOCK_Ks: unmasked, vectorizable loads of w
@@ -296,6 +298,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         num_stages=config.num_stages, W_AHEAD=w_ahead,
         PREFETCH_W=prefetch > 0, PREFETCH_SPLIT=max(1, 32 * config.num_warps // config.block_n),
         prefetch_bytes=prefetch, W_EARLY=early and not w_ahead and prefetch == 0, W_EARLY_STEPS=W_EARLY_STEPS,
+        LOOP_STAGES=LOOP_STAGES,
         **pdl)
     if split_k == 1:
         return y[0]
@@ -310,6 +313,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
 # SiLU form, which follows gate_up's GEMV: there the kernel before is bandwidth-bound too); 2, every GEMV; 0 none
 W_EARLY_MODE = envs.SHARDLLM_GEMV_W_EARLY
 W_EARLY_STEPS = envs.SHARDLLM_GEMV_W_EARLY_STEPS  # how many weight tiles each program loads before its wait
+LOOP_STAGES = envs.SHARDLLM_GEMV_LOOP_STAGES or None  # the K loop's pipelining asked of Triton (None: its own)
 # SHARDLLM_GEMV_PDL_PREFETCH_MB: how much of a PDL-launched GEMV's weights its programs ask L2 for before they wait
 # on the kernel before (the first bytes of each row's K slice, spread evenly over the rows); 0: none.
 PREFETCH_BYTES = int(envs.SHARDLLM_GEMV_PDL_PREFETCH_MB * (1 << 20))

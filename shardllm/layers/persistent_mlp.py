@@ -45,9 +45,9 @@ ENABLED = envs.SHARDLLM_PERSISTENT_MLP
 # None: where the checks pass and ENABLED; True: also on the CPU (two launches in the interpreter; tests); False: off
 FORCE: bool | None = None
 TILES, LATE, NUM_WARPS = (8, 512, 16, 1024), (False, True), 4  # the engine's M = 1 configs for Llama-3-8B's GEMVs
-AHEAD, NUM_STAGES = 1, 3
+AHEAD, NUM_STAGES, TMA = 1, 3, False
 if envs.SHARDLLM_PERSISTENT_MLP_CONFIG:  # a sweep's pick (benchmarks/persistent_mlp.py --variants)
-    TILES, LATE, NUM_WARPS, AHEAD, NUM_STAGES = envs.SHARDLLM_PERSISTENT_MLP_CONFIG
+    TILES, LATE, NUM_WARPS, AHEAD, NUM_STAGES, TMA = envs.SHARDLLM_PERSISTENT_MLP_CONFIG
 COOPERATIVE = True  # a cooperative launch where Triton offers it (benchmarks/persistent_mlp.py times both)
 _barriers: dict[torch.device, torch.Tensor] = {}
 logger = logging.getLogger(__name__)
@@ -60,6 +60,11 @@ if HAS_TRITON:
     from shardllm.layers.gemv_steps import _fma_update
     from shardllm.layers.pdl import launch_args, pdl_enter
 
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - a Triton without host TMA descriptors
+        TensorDescriptor = None
+
     @triton.jit
     def _step_load(w_ptr, j, its, pid, num_progs, S, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """The (1, BLOCK_N, BLOCK_K) weights of step j of this program's flat (tile, K step) loop: its tile pid +
@@ -70,6 +75,13 @@ if HAS_TRITON:
         k = (j % S) * BLOCK_K + tl.arange(0, BLOCK_K)
         ptrs = w_ptr + rows[None, :, None] * K + k[None, None, :]
         return tl.load(ptrs, mask=k[None, None, :] * 0 + j < its, other=0.0)
+
+    @triton.jit
+    def _step_load_tma(w_desc, j, its, pid, num_progs, S, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """_step_load through a TMA descriptor over w (N, K), boxes (BLOCK_N, BLOCK_K): rows past N read zeros (the
+        box's out-of-bounds fill), and a step at or past `its` asks for a box wholly past N, which reads nothing."""
+        row0 = tl.where(j < its, (pid + (j // S) * num_progs) * BLOCK_N, N)
+        return w_desc.load([row0, (j % S) * BLOCK_K])[None, :, :]
 
     @triton.jit
     def _prologue(w_ptr, pid, num_progs, its, S, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -86,11 +98,13 @@ if HAS_TRITON:
     def _flat_gemv(w_ptr, s_ptr, y_ptr, w0, w1, pid, num_progs, its, S, N, K, x_rows, r_rows, nw_rows, rstd,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_INPUT: tl.constexpr,
                    NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, LATE_REDUCE: tl.constexpr,
-                   AHEAD: tl.constexpr):
+                   AHEAD: tl.constexpr, TMA: tl.constexpr, STAGES: tl.constexpr):
         """y[n] = s[n] * sum_k w[n, k] x[k] over this program's row tiles pid, pid + num_progs, .. as one flat loop
         of `its` steps (S a tile), each loading the weights of the step AHEAD on (w0, w1: the prologue's) before
-        its products, so the loads run on across tile ends; a tile's products in the order of the engine's GEMV
-        (gemv_steps._fma_update), its output scaled and stored at its last step."""
+        its products, so the loads run on across tile ends (TMA: w_ptr is a descriptor, each step's box loaded in
+        the step and Triton's pipeliner keeps num_stages - 1 ahead in shared memory; w0, w1 unused); a tile's
+        products in the order of the engine's GEMV (gemv_steps._fma_update), its output scaled and stored at its
+        last step."""
         m = tl.arange(0, 1)
         nn = tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
@@ -101,9 +115,13 @@ if HAS_TRITON:
             acc3 = tl.zeros((1, BLOCK_N, BLOCK_K), tl.float32)
         else:
             acc3 = acc
-        for j in range(0, its):
-            w_next = _step_load(w_ptr, j + AHEAD, its, pid, num_progs, S, N, K, BLOCK_N, BLOCK_K)
-            acc, acc3 = _fma_update(acc, acc3, w0, (j % S) * BLOCK_K + kk, K, x_rows, x_rows, r_rows, nw_rows, rstd,
+        for j in tl.range(0, its, num_stages=STAGES):
+            if TMA:
+                w = _step_load_tma(w_ptr, j, its, pid, num_progs, S, N, BLOCK_N, BLOCK_K)
+            else:
+                w = w0
+                w_next = _step_load(w_ptr, j + AHEAD, its, pid, num_progs, S, N, K, BLOCK_N, BLOCK_K)
+            acc, acc3 = _fma_update(acc, acc3, w, (j % S) * BLOCK_K + kk, K, x_rows, x_rows, r_rows, nw_rows, rstd,
                                     m_in, m_in3, K, True, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE)
             if j % S == S - 1:
                 n = (pid + (j // S) * num_progs) * BLOCK_N + nn
@@ -116,25 +134,28 @@ if HAS_TRITON:
                 tl.store(y_ptr + n[None, :], out.to(y_ptr.dtype.element_ty), mask=(n < N)[None, :])
                 acc = acc * 0.0
                 acc3 = acc3 * 0.0
-            if AHEAD == 2:
-                w0 = w1
-                w1 = w_next
-            else:
-                w0 = w_next
+            if not TMA:
+                if AHEAD == 2:
+                    w0 = w1
+                    w1 = w_next
+                else:
+                    w0 = w_next
         return
 
     @triton.jit(do_not_specialize=["num_progs"])  # (the compile that sizes the grid runs at num_progs 1)
     def _persistent_mlp_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, wg_ptr, sg_ptr, gu_ptr, wd_ptr, sd_ptr, out_ptr,
-                               bar_ptr, H, INTER, eps, num_progs,
+                               bar_ptr, wg_desc, wd_desc, H, INTER, eps, num_progs,
                                PHASES: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_N1: tl.constexpr,
                                BLOCK_K1: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr,
                                LATE1: tl.constexpr, LATE2: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                               NORM_CHUNKS: tl.constexpr, AHEAD: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
+                               NORM_CHUNKS: tl.constexpr, AHEAD: tl.constexpr = 1, TMA: tl.constexpr = False,
+                               LOOP_STAGES: tl.constexpr = 1, USE_PDL: tl.constexpr = False):
         """PHASES 3: norm + gate_up, grid barrier, down (one launch); 1: norm + gate_up only; 2: down only.
         x, r (1, H) bf16; nw (H,); wg (2 INTER, H) e4m3, sg (2 INTER,) fp32; gu (1, 2 INTER) bf16 (gate_up's
         output); wd (H, INTER) e4m3, sd (H,) fp32; out (1, H) bf16; bar: two int64 words (count, generation).
         num_progs: the launch's programs, the tile loops' stride (a launch of PHASES 1 or 2 may have fewer programs
-        than tiles too). AHEAD: weight steps each loop loads ahead of its products (1 or 2)."""
+        than tiles too). AHEAD: weight steps each loop loads ahead of its products (1 or 2). TMA: the weights read
+        through wg_desc / wd_desc (TMA descriptors, boxes (BLOCK_N, BLOCK_K)), pipelined by Triton, not AHEAD."""
         pid = tl.program_id(0)
         m = tl.arange(0, 1)
         m_in = m[:, None] < 1
@@ -142,7 +163,10 @@ if HAS_TRITON:
             # gate_up's first steps' weights, before the wait for the previous kernel and the norm
             S1 = H // BLOCK_K1
             its1 = tl.cdiv(tl.maximum(tl.cdiv(2 * INTER, BLOCK_N1) - pid, 0), num_progs) * S1
-            w0, w1 = _prologue(wg_ptr, pid, num_progs, its1, S1, 2 * INTER, H, BLOCK_N1, BLOCK_K1, AHEAD)
+            if TMA:
+                w0, w1 = wg_ptr, wg_ptr
+            else:
+                w0, w1 = _prologue(wg_ptr, pid, num_progs, its1, S1, 2 * INTER, H, BLOCK_N1, BLOCK_K1, AHEAD)
             pdl_enter(USE_PDL)
             # 1. the norm's rstd (the chunks of triton_ops' RMSNorm); program 0 stores x + residual
             x_rows = x_ptr + m[:, None] * 0
@@ -161,15 +185,19 @@ if HAS_TRITON:
                 sum_sq += sq * sq
             rstd = tl.rsqrt(tl.sum(sum_sq, axis=1) / H + eps)[:, None]
             # 2. gate_up over this program's row tiles, the normed input formed as it loads x
-            _flat_gemv(wg_ptr, sg_ptr, gu_ptr, w0, w1, pid, num_progs, its1, S1, 2 * INTER, H, x_rows, r_rows,
-                       nw_rows, rstd, BLOCK_N1, BLOCK_K1, False, True, HAS_RESIDUAL, LATE1, AHEAD)
+            _flat_gemv(wg_desc if TMA else wg_ptr, sg_ptr, gu_ptr, w0, w1, pid, num_progs, its1, S1, 2 * INTER, H,
+                       x_rows, r_rows, nw_rows, rstd, BLOCK_N1, BLOCK_K1, False, True, HAS_RESIDUAL, LATE1, AHEAD, TMA,
+                       LOOP_STAGES)
         else:
             pdl_enter(USE_PDL)
         if PHASES != 1:
             # 3. the down loop's first steps' weights, loaded before the barrier
             S2 = INTER // BLOCK_K2
             its2 = tl.cdiv(tl.maximum(tl.cdiv(H, BLOCK_N2) - pid, 0), num_progs) * S2
-            w0, w1 = _prologue(wd_ptr, pid, num_progs, its2, S2, H, INTER, BLOCK_N2, BLOCK_K2, AHEAD)
+            if TMA:
+                w0, w1 = wd_ptr, wd_ptr
+            else:
+                w0, w1 = _prologue(wd_ptr, pid, num_progs, its2, S2, H, INTER, BLOCK_N2, BLOCK_K2, AHEAD)
             if PHASES == 3:  # (count, generation): see the module's docstring
                 tl.debug_barrier()  # every thread's gate_up stores issued before the program counts itself in
                 gen = tl.atomic_add(bar_ptr + 1, 0, sem="acquire", scope="gpu")
@@ -184,8 +212,9 @@ if HAS_TRITON:
             # 4. down over this program's row tiles, SiLU-and-mul formed from gate_up's output as it loads it
             gu_rows = gu_ptr + m[:, None] * 0
             zero = tl.zeros((1, 1), tl.float32)
-            _flat_gemv(wd_ptr, sd_ptr, out_ptr, w0, w1, pid, num_progs, its2, S2, H, INTER, gu_rows, gu_rows,
-                       gu_rows, zero, BLOCK_N2, BLOCK_K2, True, False, False, LATE2, AHEAD)
+            _flat_gemv(wd_desc if TMA else wd_ptr, sd_ptr, out_ptr, w0, w1, pid, num_progs, its2, S2, H, INTER,
+                       gu_rows, gu_rows, gu_rows, zero, BLOCK_N2, BLOCK_K2, True, False, False, LATE2, AHEAD, TMA,
+                       LOOP_STAGES)
 
 
 _compiled: dict[tuple, int] = {}
@@ -222,7 +251,7 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
                    w_gate_up: torch.Tensor, s_gate_up: torch.Tensor, w_down: torch.Tensor, s_down: torch.Tensor,
                    barrier: torch.Tensor | None, tiles: tuple[int, int, int, int] = (8, 512, 16, 1024),
                    late: tuple[bool, bool] = (False, True), num_warps: int = 4, num_progs: int | None = None,
-                   ahead: int = 1, num_stages: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+                   ahead: int = 1, num_stages: int = 3, tma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(down(silu_and_mul(gate_up(RMSNorm(x + residual)))), x + residual) for one row.
 
     Args:
@@ -237,7 +266,11 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
             a tile); capped at the down GEMV's tile count (each program takes at least one). With `barrier` and
             more than one program, all must be resident at once (max_resident_programs; see the module).
         ahead: weight steps each program loads ahead of its products (1 or 2: registers of 1 or 2 tiles).
-        num_stages: Triton's software pipelining stages of the loops.
+        num_stages: Triton's software pipelining stages of the loops (of the TMA form's weight loads; the pointer
+            form's loads are not pipelined by Triton, only loaded `ahead`).
+        tma: the weights read through TMA descriptors (boxes (BLOCK_N, BLOCK_K), BLOCK_K <= 256; Hopper, or the
+            interpreter), num_stages - 1 boxes in flight in shared memory a program, instead of `ahead` in
+            registers.
     Returns (out (1, H), residual_out (1, H)), bf16. Raises ValueError on shapes or dtypes outside that.
     """
     if not HAS_TRITON:
@@ -262,21 +295,26 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
     n_tiles2 = triton.cdiv(h, bn2)
     if ahead not in (1, 2):
         raise ValueError(f"persistent_mlp: ahead={ahead}; use 1 or 2")
-    common = _consts(h, residual is not None, tiles, late, num_warps, ahead, num_stages)
+    if tma and (TensorDescriptor is None or max(tiles) > 256):
+        raise ValueError(f"persistent_mlp: tma needs Triton's TensorDescriptor and tiles of at most 256 (a TMA box's "
+                         f"limit); got tiles {tiles}")
+    common = _consts(h, residual is not None, tiles, late, num_warps, ahead, num_stages, tma)
+    descs = ((TensorDescriptor.from_tensor(w_gate_up, [bn1, bk1]), TensorDescriptor.from_tensor(w_down, [bn2, bk2]))
+             if tma else (w_gate_up, w_down))
     args = [x, x if residual is None else residual, norm_weight, r_out, w_gate_up, s_gate_up, gu, w_down, s_down,
             out]
     if barrier is None:
         dummy = torch.zeros(2, dtype=torch.int64, device=x.device)
         grid1 = min(triton.cdiv(2 * i, bn1), num_progs or 1 << 30)
         grid2 = min(n_tiles2, num_progs or 1 << 30)
-        _persistent_mlp_kernel[(grid1,)](*args, dummy, h, i, eps, grid1, PHASES=1, **common)
-        _persistent_mlp_kernel[(grid2,)](*args, dummy, h, i, eps, grid2, PHASES=2, **common)
+        _persistent_mlp_kernel[(grid1,)](*args, dummy, *descs, h, i, eps, grid1, PHASES=1, **common)
+        _persistent_mlp_kernel[(grid2,)](*args, dummy, *descs, h, i, eps, grid2, PHASES=2, **common)
         return out, r_out
     if barrier.dtype != torch.int64 or barrier.shape != (2,) or barrier.device != x.device:
         raise ValueError("persistent_mlp: barrier must be two int64 words on x's device (new_barrier)")
     extra = {**launch_args(x.device), **(_cooperative() if x.is_cuda else {})}
     if x.is_cuda:
-        resident = _resident(x.device, args, barrier, h, i, eps, common, extra)
+        resident = _resident(x.device, [*args, barrier, *descs], h, i, eps, common, extra)
         if num_progs is not None and min(num_progs, n_tiles2) > resident:
             raise ValueError(f"persistent_mlp: num_progs={num_progs} programs cannot all be resident at once (at "
                              f"most {resident} here): the barrier would wait forever")
@@ -285,7 +323,8 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
         raise ValueError("persistent_mlp: on the CPU, one program (num_progs=1) or barrier=None")
     num_progs = max(1, min(num_progs, n_tiles2))  # every program owns a first down tile
     try:
-        _persistent_mlp_kernel[(num_progs,)](*args, barrier, h, i, eps, num_progs, PHASES=3, **common, **extra)
+        _persistent_mlp_kernel[(num_progs,)](*args, barrier, *descs, h, i, eps, num_progs, PHASES=3, **common,
+                                             **extra)
     except RuntimeError as e:
         # A driver that refuses the cooperative launch itself (with PDL, say; not inside a capture, which the
         # eager forward before it has passed): launch plainly from now on. The grid was checked to be resident
@@ -296,16 +335,16 @@ def persistent_mlp(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: 
         COOPERATIVE = False
         logger.warning("persistent MLP: the cooperative launch failed (%s); launching without it", e)
         return persistent_mlp(x, residual, norm_weight, eps, w_gate_up, s_gate_up, w_down, s_down, barrier, tiles,
-                              late, num_warps, requested, ahead, num_stages)  # (None: sized for the plain launch)
+                              late, num_warps, requested, ahead, num_stages, tma)  # (None: sized for the plain launch)
     return out, r_out
 
 
-def _resident(device, args, barrier, h, i, eps, common, extra) -> int:
+def _resident(device, args, h, i, eps, common, extra) -> int:
     """max_resident_programs of the binary a launch with these constexprs and options runs, compiled (not
     launched) once per key."""
     key = _key(device, common, extra)
     if key not in _compiled:
-        k = _persistent_mlp_kernel.warmup(*args, barrier, h, i, eps, 1, PHASES=3, grid=(1,), **common, **extra)
+        k = _persistent_mlp_kernel.warmup(*args, h, i, eps, 1, PHASES=3, grid=(1,), **common, **extra)
         if getattr(k, "n_regs", None) is None:
             k._init_handles()
         _compiled[key] = max_resident_programs(device, k.n_regs, k.metadata.shared, common["num_warps"])
@@ -318,12 +357,13 @@ def new_barrier(device: torch.device) -> torch.Tensor:
 
 
 def _consts(h: int, has_residual: bool, tiles: tuple[int, int, int, int], late: tuple[bool, bool],
-            num_warps: int, ahead: int = 1, num_stages: int = 3) -> dict:
+            num_warps: int, ahead: int = 1, num_stages: int = 3, tma: bool = False) -> dict:
     """The kernel's constexprs, num_warps and num_stages for hidden size h."""
     norm_block = min(triton.next_power_of_2(h), RMS_MAX_BLOCK)
     return dict(HAS_RESIDUAL=has_residual, BLOCK_N1=tiles[0], BLOCK_K1=tiles[1], BLOCK_N2=tiles[2],
                 BLOCK_K2=tiles[3], LATE1=late[0], LATE2=late[1], NORM_BLOCK=norm_block,
-                NORM_CHUNKS=triton.cdiv(h, norm_block), AHEAD=ahead, num_warps=num_warps, num_stages=num_stages)
+                NORM_CHUNKS=triton.cdiv(h, norm_block), AHEAD=ahead, TMA=tma, LOOP_STAGES=num_stages,
+                num_warps=num_warps, num_stages=num_stages)
 
 
 def _key(device: torch.device, common: dict, pdl: dict) -> tuple:
@@ -365,7 +405,7 @@ def maybe_run(layer, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[to
 
         if FORCE is not True and not triton_fp8_ok(x.device):
             return None
-        key = _key(x.device, _consts(h, True, TILES, LATE, NUM_WARPS, AHEAD, NUM_STAGES),
+        key = _key(x.device, _consts(h, True, TILES, LATE, NUM_WARPS, AHEAD, NUM_STAGES, TMA),
                    {**launch_args(x.device), **_cooperative()})
         if torch.cuda.is_current_stream_capturing() and key not in _compiled:
             return None  # its grid is sized from a compile, which loads a module: not inside a capture
@@ -373,7 +413,7 @@ def maybe_run(layer, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[to
         if barrier is None:
             barrier = _barriers[x.device] = new_barrier(x.device)
     out = persistent_mlp(x, residual, norm.weight, norm.eps, wg[0], wg[1], wd[0], wd[1], barrier, TILES, LATE,
-                         NUM_WARPS, ahead=AHEAD, num_stages=NUM_STAGES)
+                         NUM_WARPS, ahead=AHEAD, num_stages=NUM_STAGES, tma=TMA)
     global _announced
     if not _announced and x.is_cuda:  # once per process: that the switch took effect, and the grid it sized
         _announced = True

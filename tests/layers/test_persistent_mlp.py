@@ -60,14 +60,15 @@ def test_two_launch_form_equals_the_engine_gemvs_cpu(h, i, tiles, late, res):
 @pytest.mark.skipif(not INTERPRET, reason="CPU tensors need TRITON_INTERPRET=1 before triton's import")
 @pytest.mark.parametrize("h,i,tiles,late,res", CASES[:2] + CASES[3:])
 def test_fewer_programs_and_the_one_launch_form_cpu(h, i, tiles, late, res):
-    """Three programs looping over the tiles (the flat loops cross tile ends, loading 1 or 2 steps ahead), and
+    """Three programs looping over the tiles (the flat loops cross tile ends, loading 1 or 2 steps ahead, or
+    through TMA descriptors: rows past N and steps past a program's last are boxes out of bounds), and
     the one-launch form with its barrier at one program, equal the two-launch form; the barrier's count is back to 0
     and its generation counts the launches."""
     x, r, nw, wg, sg, wd, sd = operands(h, i, "cpu", res, seed=h + i)
     want, want_r = pm.persistent_mlp(x, r, nw, 1e-5, wg, sg, wd, sd, None, tiles, late)
-    for ahead in (1, 2):
-        out, r_out = pm.persistent_mlp(x, r, nw, 1e-5, wg, sg, wd, sd, None, tiles, late, num_progs=3, ahead=ahead)
-        assert torch.equal(out, want) and torch.equal(r_out, want_r)
+    for kw in (dict(ahead=1), dict(ahead=2), dict(tma=True, num_stages=4)):
+        out, r_out = pm.persistent_mlp(x, r, nw, 1e-5, wg, sg, wd, sd, None, tiles, late, num_progs=3, **kw)
+        assert torch.equal(out, want) and torch.equal(r_out, want_r), kw
     bar = pm.new_barrier(torch.device("cpu"))
     for n in (1, 2):
         out, r_out = pm.persistent_mlp(x, r, nw, 1e-5, wg, sg, wd, sd, bar, tiles, late, num_progs=1, ahead=n)
@@ -89,6 +90,8 @@ def test_bad_shapes_are_refused():
         pm.persistent_mlp(x, r, nw, 1e-5, wg, sg, wd, sd, pm.new_barrier(torch.device("cpu")), (8, 128, 16, 256))
     with pytest.raises(ValueError, match="ahead=3; use 1 or 2"):
         pm.persistent_mlp(x, r, nw, 1e-5, wg, sg, wd, sd, None, (8, 128, 16, 256), ahead=3)
+    with pytest.raises(ValueError, match="at most 256"):
+        pm.persistent_mlp(x, r, nw, 1e-5, wg, sg, wd, sd, None, (8, 128, 16, 512), tma=True)
     with pytest.raises(ValueError, match="residual"):
         pm.persistent_mlp(x, r[:, :128], nw, 1e-5, wg, sg, wd, sd, None, (8, 128, 16, 256))
 
