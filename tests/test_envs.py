@@ -32,10 +32,8 @@ DEFAULTS = {
     "SHARDLLM_TP_OVERLAP_MIN_TOKENS": 64, "SHARDLLM_TP_OVERLAP_SM_CARVEOUT": 0, "SHARDLLM_SYMM_MEM_MAX_MB": 8.0,
     "SHARDLLM_GEMV_TABLES": True, "SHARDLLM_GEMV_NEAREST_SHAPE": True,
     "SHARDLLM_PDL": True, "SHARDLLM_GEMV_PDL_PREFETCH_MB": 0.0, "SHARDLLM_GEMV_W_EARLY": 2,
-    "SHARDLLM_GEMV_W_EARLY_STEPS": 1, "SHARDLLM_GEMV_LOOP_STAGES": 0,
     "SHARDLLM_GEMV_FUSED_SILU": True,
-    "SHARDLLM_GEMV_FUSED_NORM": False, "SHARDLLM_PERSISTENT_MLP": False,
-    "SHARDLLM_PERSISTENT_MLP_CONFIG": None,
+    "SHARDLLM_GEMV_FUSED_NORM": False,
     "SHARDLLM_DECODE_ATTN_TUNED": True,
     "SHARDLLM_DECODE_CONFIGS": None, "SHARDLLM_PREFILL_CONFIG": None,
     "SHARDLLM_GRAPH_LM_HEAD": False, "SHARDLLM_KV_SCALES_IN_KERNELS": True,
@@ -122,19 +120,6 @@ def test_values_are_read_at_each_access(monkeypatch):
     monkeypatch.setenv("SHARDLLM_STEP_TIMEOUT", "2.5")
     assert envs.SHARDLLM_STEP_TIMEOUT == 2.5
     assert envs.get("SHARDLLM_PROFILE_TOP", {"SHARDLLM_PROFILE_TOP": "3"}) == 3  # a given mapping, not os.environ
-
-
-def test_persistent_mlp_config_parses_and_bad_text_keeps_the_default(monkeypatch):
-    monkeypatch.setenv("SHARDLLM_PERSISTENT_MLP_CONFIG", "8,512,8,1024:01:4:2:3")
-    assert envs.SHARDLLM_PERSISTENT_MLP_CONFIG == ((8, 512, 8, 1024), (False, True), 4, 2, 3, False)
-    monkeypatch.setenv("SHARDLLM_PERSISTENT_MLP_CONFIG", "32,256,32,256:00:4:1:6:1")
-    assert envs.SHARDLLM_PERSISTENT_MLP_CONFIG == ((32, 256, 32, 256), (False, False), 4, 1, 6, True)
-    for bad in ("8,512,8:01:4:2:3", "8,512,8,1000:01:4:2:3", "8,512,8,1024:2:4:2:3", "8,512,8,1024:01:3:2:3",
-                "8,512,8,1024:01:4:3:3", "8,512,8,1024:01:4:1:3:2"):
-        monkeypatch.setenv("SHARDLLM_PERSISTENT_MLP_CONFIG", bad)
-        assert envs.SHARDLLM_PERSISTENT_MLP_CONFIG is None  # lenient: the default, with a warning
-        with pytest.raises(ValueError, match="SHARDLLM_PERSISTENT_MLP_CONFIG"):
-            envs.ENV_VARS["SHARDLLM_PERSISTENT_MLP_CONFIG"].value(strict=True)
 
 
 def test_bad_values_and_unknown_names_fail_clearly(monkeypatch):

@@ -99,31 +99,6 @@ def _int_or_none(raw: str | None) -> int | None:
     return None if raw is None else int(raw)
 
 
-def _w_early_steps(raw: str | None) -> int:  # SHARDLLM_GEMV_W_EARLY_STEPS: the kernel unrolls 1, 2 or 4
-    v = int(raw)
-    if v not in (1, 2, 4):
-        raise ValueError("use 1, 2 or 4")
-    return v
-
-
-def _persistent_mlp_config(raw: str | None) -> tuple | None:
-    """SHARDLLM_PERSISTENT_MLP_CONFIG "BN1,BK1,BN2,BK2:LL:WARPS:AHEAD:STAGES[:TMA]" -> (tiles, late, warps, ahead,
-    stages, tma)."""
-    if not raw:
-        return None
-    parts = raw.split(":")
-    if len(parts) not in (5, 6) or len(parts[1]) != 2 or set(parts[1]) - {"0", "1"} or parts[5:] not in ([], ["0"],
-                                                                                                       ["1"]):
-        raise ValueError("use BN1,BK1,BN2,BK2:LL:WARPS:AHEAD:STAGES[:TMA], e.g. 8,512,8,1024:01:4:2:3")
-    tiles = tuple(int(v) for v in parts[0].split(","))
-    if len(tiles) != 4 or any(t <= 0 or t & (t - 1) for t in tiles):
-        raise ValueError("four tile sizes, powers of two")
-    warps, ahead, stages = int(parts[2]), int(parts[3]), int(parts[4])
-    if warps not in (1, 2, 4, 8, 16) or ahead not in (1, 2) or stages < 1:
-        raise ValueError("warps 1-16 (a power of two), ahead 1 or 2, stages >= 1")
-    return tiles, tuple(c == "1" for c in parts[1]), warps, ahead, stages, parts[5:] == ["1"]
-
-
 def _switch(name: str, on_by_default: bool, read_at: str, doc: str) -> EnvVar:
     """An A/B switch: 1 / true / yes / on or 0 / false / no / off (any case); unset or empty keeps the default, and
     any other text too (lenient: the engine runs on, `shardllm envs` shows it as invalid)."""
@@ -206,13 +181,6 @@ _VARS = [
            "the kernel before (a norm, the attention) still runs; 1: not the fused SiLU down GEMV; 0: none "
            "(layers/gemv.py; issue 13; 8B fp8 batch 1 on one H200, thirteenth session: 0 / 1 / 2 2.791 / 2.760 / "
            "2.757 ms, then 2.790 / 2.764 / 2.760)"),
-    EnvVar("SHARDLLM_GEMV_W_EARLY_STEPS", "int", "1", _w_early_steps, "import",
-           "with SHARDLLM_GEMV_W_EARLY: how many weight tiles (1, 2 or 4) each GEMV program loads before its PDL "
-           "wait, the first ones of its K slice (layers/gemv.py; issue 13, batch-1 decode; not yet measured above 1)"),
-    EnvVar("SHARDLLM_GEMV_LOOP_STAGES", "int", "0", int, "import",
-           "N > 0: each Triton GEMV's K loop asks Triton for N pipelining stages (tl.range's num_stages; layers/"
-           "gemv.py; issue 13, batch-1 decode): without it Triton pipelines no load of the FMA form, which feeds no "
-           "dot (sm90 compiles, Triton 3.6 and 3.9); 0: Triton's own choice", lenient=True),
     EnvVar("SHARDLLM_GEMV_PDL_PREFETCH_MB", "float", "0", float, "import",
            "MiB of a PDL-launched GEMV's weights asked of L2 before it waits on the kernel before (layers/gemv.py, "
            "pdl.pdl_enter_prefetching; issues 13 and 15, batch-1 decode; 0: none; seventh session: 8B fp8 2.842 -> "
@@ -224,14 +192,6 @@ _VARS = [
     _switch("SHARDLLM_GEMV_FUSED_SILU", True, "import",
             "0: SiLU-and-mul in a kernel of its own before the down projection's GEMV at batch 1, not inside it "
             "(layers/gemv_silu.py, issue 15; fused: batch-1 bf16 TPOT -2.5% on an H200)"),
-    _switch("SHARDLLM_PERSISTENT_MLP", False, "import",
-            "1: at batch 1 (tp 1, FP8 per-channel weights) a Llama MLP runs as one persistent launch, norm + gate_up "
-            "+ SiLU-down with a grid barrier (layers/persistent_mlp.py; issue 13, batch-1 decode; not yet measured "
-            "on a GPU)"),
-    EnvVar("SHARDLLM_PERSISTENT_MLP_CONFIG", "str", None, _persistent_mlp_config, "import",
-           "the persistent MLP's launch, BN1,BK1,BN2,BK2:LL:WARPS:AHEAD:STAGES[:TMA] (gate_up's then down's tile, "
-           "their late reduce 0/1, warps, weight steps loaded ahead, pipeline stages, TMA 0/1; default "
-           "8,512,16,1024:01:4:1:3): a pick of benchmarks/persistent_mlp.py --variants tried end to end", lenient=True),
     _switch("SHARDLLM_GEMV_FUSED_NORM", False, "import",
             "1: the residual add + RMSNorm before qkv / gate_up formed inside their decode GEMV at batch 1 "
             "(layers/gemv_norm.py, issue 15; not yet measured on a GPU)"),

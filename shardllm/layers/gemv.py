@@ -71,8 +71,7 @@ if HAS_TRITON:
                      SILU_INPUT: tl.constexpr = False, NORM_INPUT: tl.constexpr = False,
                      HAS_RESIDUAL: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1, NORM_CHUNKS: tl.constexpr = 1,
                      USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
-                     PREFETCH_SPLIT: tl.constexpr = 1, prefetch_bytes=0, W_EARLY: tl.constexpr = False,
-                     W_EARLY_STEPS: tl.constexpr = 1, LOOP_STAGES: tl.constexpr = None):
+                     PREFETCH_SPLIT: tl.constexpr = 1, prefetch_bytes=0, W_EARLY: tl.constexpr = False):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
         x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
         FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps).
@@ -82,10 +81,11 @@ if HAS_TRITON:
         first prefetch_bytes of its K slice are prefetched into L2 before the wait (pdl_enter_prefetching).
         W_EARLY (not with W_AHEAD or PREFETCH_W): the program's first weight tile is loaded into registers before the
         wait, so that it streams while the kernel before still runs (no kernel of a step writes weights; x, which
-        the kernel before writes, is read only after the wait); its step runs first, then the loop. W_EARLY_STEPS
-        (1, 2 or 4) such tiles, the slice's first ones (masked past its end), each its own step, in order.
-        LOOP_STAGES: the K loop's software pipelining stages, asked of Triton for this loop (tl.range's num_stages;
-        None: Triton's choice, which for the FMA form's loads is none: it pipelines loads that feed a dot)."""
+        the kernel before writes, is read only after the wait); its step runs first, then the loop (2 or 4 such
+        tiles measured slower at batch 1 on an H200: docs/benchmarks.md, fourteenth session).
+        The K loop is not software-pipelined: Triton pipelines loads that feed a dot, and asking it to stage the FMA
+        form's loads too (tl.range's num_stages) halved this kernel's speed on an H200 (same section): shared-memory
+        stages cost the occupancy that hides the loads' latency here."""
         pid_n = tl.program_id(0)  # (no memory is touched before the wait below)
         split = tl.program_id(1)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -101,7 +101,6 @@ if HAS_TRITON:
         chunk = tl.minimum(prefetch_bytes, span) // PREFETCH_SPLIT // 16 * 16
         piece = tl.arange(0, PREFETCH_SPLIT)
         tl.static_assert(not (W_EARLY and (W_AHEAD or PREFETCH_W)), "W_EARLY excludes W_AHEAD and PREFETCH_W")
-        tl.static_assert(W_EARLY_STEPS == 1 or W_EARLY_STEPS == 2 or W_EARLY_STEPS == 4, "W_EARLY_STEPS: 1, 2 or 4")
         if W_EARLY:
             pdl_launch_dependents(USE_PDL)
             kf = k_start + tl.arange(0, BLOCK_K)
@@ -116,13 +115,6 @@ if HAS_TRITON:
                 w_first = tl.load(wf_ptrs)
             else:
                 w_first = tl.load(wf_ptrs, mask=wf_k < k_end, other=0.0)
-            # the next tiles: the slice may hold fewer, so always masked (the masked ones are zeros, and so are
-            # their steps' x loads: nothing past the slice is read, and adding those zero products changes nothing)
-            if W_EARLY_STEPS >= 2:
-                w_early1 = tl.load(wf_ptrs + BLOCK_K, mask=wf_k + BLOCK_K < k_end, other=0.0)
-            if W_EARLY_STEPS >= 4:
-                w_early2 = tl.load(wf_ptrs + 2 * BLOCK_K, mask=wf_k + 2 * BLOCK_K < k_end, other=0.0)
-                w_early3 = tl.load(wf_ptrs + 3 * BLOCK_K, mask=wf_k + 3 * BLOCK_K < k_end, other=0.0)
             pdl_wait(USE_PDL)
         else:
             pdl_enter_prefetching(USE_PDL, PREFETCH_W, w_ptr + rows[:, None] * stride_wn + k_start
@@ -165,23 +157,12 @@ if HAS_TRITON:
             k3_first = (k_start + kk)[None, None, :]
             w3_next = tl.load(w_rows3 + k3_first, mask=k3_first < k_end, other=0.0)
         loop_start = k_start
-        if W_EARLY:  # the tiles loaded before the wait: their steps, then the loop from the next one
+        if W_EARLY:  # the tile loaded before the wait: its step, then the loop from the next one
             acc, acc3 = _early_step(acc, acc3, w_first, k_start + kk, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd,
                                     m_in, m_in3, K, EVEN_K, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE,
                                     USE_DOT, DOT_F32)
-            if W_EARLY_STEPS >= 2:
-                acc, acc3 = _early_step(acc, acc3, w_early1, k_start + BLOCK_K + kk, k_end, x_rows, x_rows3, r_rows,
-                                        nw_rows, rstd, m_in, m_in3, K, False, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL,
-                                        LATE_REDUCE, USE_DOT, DOT_F32)
-            if W_EARLY_STEPS >= 4:
-                acc, acc3 = _early_step(acc, acc3, w_early2, k_start + 2 * BLOCK_K + kk, k_end, x_rows, x_rows3,
-                                        r_rows, nw_rows, rstd, m_in, m_in3, K, False, SILU_INPUT, NORM_INPUT,
-                                        HAS_RESIDUAL, LATE_REDUCE, USE_DOT, DOT_F32)
-                acc, acc3 = _early_step(acc, acc3, w_early3, k_start + 3 * BLOCK_K + kk, k_end, x_rows, x_rows3,
-                                        r_rows, nw_rows, rstd, m_in, m_in3, K, False, SILU_INPUT, NORM_INPUT,
-                                        HAS_RESIDUAL, LATE_REDUCE, USE_DOT, DOT_F32)
-            loop_start = k_start + W_EARLY_STEPS * BLOCK_K
-        for k0 in tl.range(loop_start, k_end, BLOCK_K, num_stages=LOOP_STAGES):
+            loop_start = k_start + BLOCK_K
+        for k0 in range(loop_start, k_end, BLOCK_K):
             k = k0 + kk
             if USE_DOT:
                 if EVEN_K:  # every slice is whole BLOCK_Ks: unmasked, vectorizable loads of w
@@ -297,9 +278,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         NORM_CHUNKS=triton.cdiv(k, norm_block) if norm is not None else 1, num_warps=config.num_warps,
         num_stages=config.num_stages, W_AHEAD=w_ahead,
         PREFETCH_W=prefetch > 0, PREFETCH_SPLIT=max(1, 32 * config.num_warps // config.block_n),
-        prefetch_bytes=prefetch, W_EARLY=early and not w_ahead and prefetch == 0, W_EARLY_STEPS=W_EARLY_STEPS,
-        LOOP_STAGES=LOOP_STAGES,
-        **pdl)
+        prefetch_bytes=prefetch, W_EARLY=early and not w_ahead and prefetch == 0, **pdl)
     if split_k == 1:
         return y[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -312,8 +291,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
 # SHARDLLM_GEMV_W_EARLY: 1, each program of a GEMV loads its first weight tile before its PDL wait (not the fused
 # SiLU form, which follows gate_up's GEMV: there the kernel before is bandwidth-bound too); 2, every GEMV; 0 none
 W_EARLY_MODE = envs.SHARDLLM_GEMV_W_EARLY
-W_EARLY_STEPS = envs.SHARDLLM_GEMV_W_EARLY_STEPS  # how many weight tiles each program loads before its wait
-LOOP_STAGES = envs.SHARDLLM_GEMV_LOOP_STAGES or None  # the K loop's pipelining asked of Triton (None: its own)
 # SHARDLLM_GEMV_PDL_PREFETCH_MB: how much of a PDL-launched GEMV's weights its programs ask L2 for before they wait
 # on the kernel before (the first bytes of each row's K slice, spread evenly over the rows); 0: none.
 PREFETCH_BYTES = int(envs.SHARDLLM_GEMV_PDL_PREFETCH_MB * (1 << 20))

@@ -57,7 +57,6 @@ _streams: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
 _suspended = False  # see suspended()
 _announced = False
 _announced_prefill = False
-_running = False  # inside run_layers (see running())
 
 
 @contextlib.contextmanager
@@ -97,23 +96,6 @@ def sm_carveout(n: int, device: torch.device):
         yield
     finally:
         torch._C._set_sm_carveout_experimental(before)
-
-
-def running() -> bool:
-    """Whether the layers now running are one half of a split step (run_layers): kernels that keep state across
-    the GPU for one launch at a time (layers/persistent_mlp.py's barrier) must not run there."""
-    return _running
-
-
-@contextlib.contextmanager
-def _halves_running():
-    """Inside: running() is True (run_layers' interleaved halves)."""
-    global _running
-    _running = True
-    try:
-        yield
-    finally:
-        _running = False
 
 
 def active(tp_size: int) -> bool:
@@ -218,7 +200,7 @@ def run_layers(layers, positions: torch.Tensor, hidden_states: torch.Tensor, res
     def on(k: int):
         return torch.cuda.stream(streams[k]) if streams else contextlib.nullcontext()
 
-    with nccl_only(), sm_carveout(SM_CARVEOUT, hidden_states.device), _halves_running():
+    with nccl_only(), sm_carveout(SM_CARVEOUT, hidden_states.device):
         for layer in layers:
             for k in (0, 1):
                 with on(k):

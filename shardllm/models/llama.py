@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from shardllm.distributed.parallel_state import get_parallel_context
-from shardllm.layers import microbatch_overlap, persistent_mlp
+from shardllm.layers import microbatch_overlap
 from shardllm.layers.activation import SiluAndMul
 from shardllm.layers.attention import Attention, AttentionMetadata
 from shardllm.layers.layernorm import RMSNorm
@@ -88,9 +88,6 @@ class LlamaDecoderLayer(nn.Module):
 
     def mlp_block(self, hidden_states, residual):
         """The layer's second half, ending in the MLP output (down_proj's all-reduce under tp)."""
-        fused = persistent_mlp.maybe_run(self, hidden_states, residual)  # batch 1, SHARDLLM_PERSISTENT_MLP=1
-        if fused is not None:
-            return fused
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 

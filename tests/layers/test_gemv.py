@@ -115,14 +115,13 @@ def test_w_ahead_is_bit_equal_to_one_tile_at_a_time_cpu(fp8, m, n, k, cfg):
 
 
 def _w_early_equals_default(device: str, cases, monkeypatch, fp8_every: int = 1) -> None:
-    """Each case at SHARDLLM_GEMV_W_EARLY 1 and 2 (2 with 1, 2 and 4 early tiles: SHARDLLM_GEMV_W_EARLY_STEPS)
-    against 0, bit for bit, fp8 and bf16 weights (bf16 rows views of a wider buffer whose columns past K are NaN: a
-    read past a slice's end shows), plain, SiLU and norm (+ residual) inputs; the kernel's W_EARLY and
-    W_EARLY_STEPS are spied on: on where the mode says, never with w_ahead."""
+    """Each case at SHARDLLM_GEMV_W_EARLY 1 and 2 against 0, bit for bit, fp8 and bf16 weights (bf16 rows views of
+    a wider buffer whose columns past K are NaN: a read past a slice's end shows), plain, SiLU and norm (+
+    residual) inputs; the kernel's W_EARLY is spied on: on where the mode says, never with w_ahead."""
     launched = []
     real = gemv_mod._gemv_kernel
     monkeypatch.setattr(gemv_mod, "_gemv_kernel", type("Spy", (), {"__getitem__": lambda self, grid: lambda *a, **kw: (
-        launched.append((kw["W_EARLY"], kw["W_EARLY_STEPS"])), real[grid](*a, **kw))})())
+        launched.append(kw["W_EARLY"]), real[grid](*a, **kw))})())
     for i, (m, n, k, cfg) in enumerate(cases):
         for fp8 in ((True, False) if i % fp8_every == 0 else (False,)):  # bf16 rows NaN past K: every case
             x, w, s = operands(m, n, k, fp8, device, seed=7)
@@ -139,10 +138,8 @@ def _w_early_equals_default(device: str, cases, monkeypatch, fp8_every: int = 1)
                           ({"norm": "residual"}, False)]
             for kw, silu in calls:
                 outs = []
-                modes = ((0, 1), (1, 1), (2, 1), (2, 2), (2, 4))  # (mode, early tiles)
-                for mode, steps in modes if silu else modes[:1] + modes[2:]:  # (1 and 2 differ only for SiLU)
+                for mode in ((0, 1, 2) if silu else (0, 2)):  # (1 and 2 differ only for the SiLU form)
                     monkeypatch.setattr(gemv_mod, "W_EARLY_MODE", mode)
-                    monkeypatch.setattr(gemv_mod, "W_EARLY_STEPS", steps)
                     args = dict(kw)
                     r_out = torch.full_like(res, 7.0)
                     if kw.get("norm") == "residual":
@@ -150,7 +147,7 @@ def _w_early_equals_default(device: str, cases, monkeypatch, fp8_every: int = 1)
                     launched.clear()
                     y = gemv(gate_up if silu else x, w, s, cfg, **args)
                     early = mode == 2 or (mode == 1 and not silu)
-                    assert launched == [(early and not (cfg.w_ahead and not cfg.use_dot), steps)], (mode, cfg, kw)
+                    assert launched == [early and not (cfg.w_ahead and not cfg.use_dot)], (mode, cfg, kw)
                     outs.append((y, r_out))
                 assert torch.isfinite(outs[0][0].float()).all()
                 for y, r_out in outs[1:]:
