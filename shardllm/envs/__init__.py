@@ -212,6 +212,10 @@ _VARS = [
     _switch("SHARDLLM_MIXED_STEP_DECODE_KERNEL", True, "import",
             "0: a step mixing decodes with prefill chunks runs all its rows in the prefill attention kernel instead "
             "of its leading decodes in the decode kernel (issue 13, the 1000/1000 prefill phase)"),
+    _switch("SHARDLLM_FLASH_PREFILL", False, "import",
+            "1: prompt chunks without cached context attend through torch's FlashAttention-2 varlen kernel over "
+            "the step's own k, v instead of the Triton prefill kernel over the cache (layers/attention/"
+            "flash_prefill.py; issue 13, the 1000/1000 prefill phase; CUDA sm80+, bf16 / fp16)"),
     _switch("SHARDLLM_KV_SCALES_IN_KERNELS", True, "import",
             "0: FP8 k/v scales applied by four torch ops around the Triton attention instead of inside it "
             "(issue 13, benchmarks/device_kv_scales.sh)"),

@@ -135,19 +135,25 @@ def prefill_split(meta: AttentionMetadata, num_tokens: int, tp_size: int) -> int
 
 def split_step_meta(meta: AttentionMetadata, k: int) -> tuple[int, AttentionMetadata, AttentionMetadata]:
     """A step's metadata for sequences [0, k) and [k, B), split on the host (meta.host_query_start_loc): (the first
-    half's token count t, its metadata, the second's). Each half keeps its own leading decodes (num_decodes) and the
-    longest chunk it holds (max_query_len); max_seq_len stays the step's (an upper bound)."""
+    half's token count t, its metadata, the second's). Each half keeps its own leading decodes (num_decodes), the
+    longest chunk it holds (max_query_len) and the first of its sequences from which on none has cached context
+    (fresh_from); max_seq_len stays the step's (an upper bound)."""
     host = np.asarray(meta.host_query_start_loc)
     t, qsl, nd = int(host[k]), meta.query_start_loc, meta.num_decodes
 
-    def part(seqs: slice, rows: slice, q: torch.Tensor, hq: np.ndarray, decodes: int) -> AttentionMetadata:
+    def part(seqs: slice, rows: slice, q: torch.Tensor, hq: np.ndarray, decodes: int, fresh: int | None
+             ) -> AttentionMetadata:
         longest = int(np.diff(hq).max())
         return AttentionMetadata(meta.slot_mapping[rows], q, meta.seq_lens[seqs], meta.block_tables[seqs],
                                  max_query_len=longest, max_seq_len=meta.max_seq_len, block_size=meta.block_size,
-                                 num_decodes=decodes if longest > 1 else 0, host_query_start_loc=hq)
+                                 num_decodes=decodes if longest > 1 else 0, host_query_start_loc=hq,
+                                 fresh_from=fresh if longest > 1 else None)
 
-    return t, part(slice(0, k), slice(0, t), qsl[: k + 1], host[: k + 1], min(nd, k)), \
-        part(slice(k, None), slice(t, None), qsl[k:] - t, host[k:] - t, max(nd - k, 0))
+    ff = meta.fresh_from
+    return t, part(slice(0, k), slice(0, t), qsl[: k + 1], host[: k + 1], min(nd, k), None if ff is None else
+                   min(ff, k)), \
+        part(slice(k, None), slice(t, None), qsl[k:] - t, host[k:] - t, max(nd - k, 0), None if ff is None else
+             max(ff - k, 0))
 
 
 def split_decode_meta(meta: AttentionMetadata, m: int) -> tuple[AttentionMetadata, AttentionMetadata]:

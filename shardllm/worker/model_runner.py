@@ -287,12 +287,14 @@ class ModelRunner(KernelWarmUp):
             for k, i in enumerate(sample_rows):  # row k of this step's sampled tokens
                 self._sampled_at[so.scheduled[i].req_id] = (self._step, k)
         max_query_len = int(q_lens.max())
+        with_context = np.flatnonzero(starts > 0)  # decodes and later chunks: their attention reads the cache
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=i32[0], seq_lens=i32[1],
             block_tables=i32[2].view(n_seqs, max_blocks), max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()), block_size=bs,
             num_decodes=int(np.argmax(q_lens != 1)) if max_query_len > 1 else 0,  # the leading one-token rows
-            host_query_start_loc=qsl)
+            host_query_start_loc=qsl,
+            fresh_from=(int(with_context[-1]) + 1 if len(with_context) else 0) if max_query_len > 1 else None)
         return StepInputs(ids, pos, meta, logits_idx, [so.scheduled[i].req_id for i in sample_rows])
 
     def _tokens_of_step(self, step: int) -> torch.Tensor:

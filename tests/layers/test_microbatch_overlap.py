@@ -168,10 +168,11 @@ def test_tp1_split_only_with_its_switch(monkeypatch):
 
 
 def _step_meta(q_lens, starts, nd=None):
-    """A step's metadata as the runner builds it (host query_start_loc too), 4-token pages."""
+    """A step's metadata as the runner builds it (host query_start_loc and fresh_from too), 4-token pages."""
     import numpy as np
 
     q_lens, starts = np.array(q_lens), np.array(starts)
+    with_context = np.flatnonzero(starts > 0)
     qsl = np.concatenate([[0], np.cumsum(q_lens)])
     seq_lens = starts + q_lens
     n, b = int(qsl[-1]), len(q_lens)
@@ -180,7 +181,9 @@ def _step_meta(q_lens, starts, nd=None):
                              torch.tensor(seq_lens, dtype=torch.int32), tables, max_query_len=int(q_lens.max()),
                              max_seq_len=int(seq_lens.max()), block_size=4,
                              num_decodes=(int(np.argmax(q_lens != 1)) if q_lens.max() > 1 else 0) if nd is None
-                             else nd, host_query_start_loc=qsl)
+                             else nd, host_query_start_loc=qsl,
+                             fresh_from=(int(with_context[-1]) + 1 if len(with_context) else 0) if q_lens.max() > 1
+                             else None)
 
 
 def test_prefill_split_picks_the_boundary_nearest_half_and_keeps_chunks_whole(monkeypatch):
@@ -217,8 +220,14 @@ def test_split_step_meta_halves():
     assert a.seq_lens.tolist() == [11, 4, 8, 6, 25] and b.seq_lens.tolist() == [9, 6]
     assert torch.equal(b.block_tables, meta.block_tables[5:])
     assert (a.num_decodes, a.max_query_len, b.num_decodes, b.max_query_len) == (3, 6, 0, 9)
+    assert meta.fresh_from == 7 and (a.fresh_from, b.fresh_from) == (5, 2)  # the last sequence (start 2) has context
     t, a, b = microbatch_overlap.split_step_meta(meta, 2)  # decodes on both sides
     assert (t, a.num_decodes, a.max_query_len, b.num_decodes, b.max_query_len) == (2, 0, 1, 1, 9)
+    assert (a.fresh_from, b.fresh_from) == (None, 5)  # a: decodes only
+    meta = _step_meta([1, 1, 6, 5, 9, 4], [10, 3, 7, 0, 0, 0])  # fresh from sequence 3 on
+    for k, want in ((1, (None, 2)), (3, (3, 0)), (4, (3, 0)), (5, (3, 0))):
+        t, a, b = microbatch_overlap.split_step_meta(meta, k)
+        assert (a.fresh_from, b.fresh_from) == want, k
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])

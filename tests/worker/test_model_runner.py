@@ -32,6 +32,15 @@ def test_prepare_inputs_positions_slots_and_sequence_starts(runner):
     assert x.meta.block_tables.tolist() == [[7, 3], [2, 0], [4, 6]]
     # only requests whose chunk reaches the end of their tokens sample, from their last token
     assert x.logits_indices.tolist() == [2, 3] and x.sample_req_ids == ["a", "b"]
+    assert x.meta.fresh_from == 3  # "c" (start 2) is the last with cached context: none after it
+    starts = {"a": 5, "b": 0, "c": 0}
+    so = SchedulerOutput(scheduled=[ScheduledRequest(r, [1] * n, starts[r], [1, 2], True)
+                                    for r, n in (("a", 1), ("b", 3), ("c", 2))])
+    assert runner.prepare_inputs(so).meta.fresh_from == 1  # a decode, then two prompts from their start
+    so = SchedulerOutput(scheduled=[ScheduledRequest("b", [1, 2], 0, [1], True)])
+    assert runner.prepare_inputs(so).meta.fresh_from == 0
+    so = SchedulerOutput(scheduled=[ScheduledRequest("a", [1], 5, [7, 3], True)])
+    assert runner.prepare_inputs(so).meta.fresh_from is None  # decodes only
 
 
 def test_reference_attention_mask_is_causal_with_cached_context(runner):

@@ -18,7 +18,7 @@ from torch import nn
 
 from shardllm import envs
 from shardllm.layers import triton_ops
-from shardllm.layers.attention import triton_paged
+from shardllm.layers.attention import flash_prefill, triton_paged
 from shardllm.layers.quantization.kv_cache import calibrate_kv_scales_
 from shardllm.layers.rotary import RotaryEmbedding
 
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # to the prefill kernel (the previous behaviour, for A/B runs) instead of its leading decodes to the decode kernel
 MIXED_STEP_DECODE_KERNEL = envs.SHARDLLM_MIXED_STEP_DECODE_KERNEL
 _fused_rotary_ok = [True]  # cleared, for the process, if the fused rotary + KV-write kernel fails to launch
+_flash_ok = [True]  # cleared, for the process, if flash_prefill's kernel fails
 # SHARDLLM_KV_SCALES_IN_KERNELS=0 (read at import): the Triton path applies FP8 k/v scales in four torch ops, as
 # the torch reference does, instead of inside the kernels (the previous behaviour, for A/B runs)
 KV_SCALES_IN_KERNELS = envs.SHARDLLM_KV_SCALES_IN_KERNELS
@@ -51,6 +52,10 @@ class AttentionMetadata:
     # query_start_loc on the host ((B + 1,) ints), where the step's builder has it (the runner's prepare_inputs):
     # lets the host split a step at a sequence boundary without reading the device (layers/microbatch_overlap.py)
     host_query_start_loc: object = None
+    # The first sequence from which on no sequence has cached context (each one's chunk starts its prompt), counted
+    # on the host by the step's builder; None: unknown. Those sequences may attend over the step's own k, v
+    # (flash_prefill) instead of the cache.
+    fresh_from: int | None = None
     # Per-step tensors of the torch reference, built once and shared by all layers.
     _ref: dict = field(default_factory=dict, repr=False)
     _chunks_qsl: list = field(default_factory=list, repr=False)  # see chunks_query_start_loc
@@ -170,7 +175,16 @@ class Attention(nn.Module):
             if not fuse_rotary:
                 triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping, **kv_scales)  # one launch for k, v
             nd = meta.num_decodes if MIXED_STEP_DECODE_KERNEL else 0
-            if meta.max_query_len == 1:  # decode only: split over the KV length, graph-capturable
+            ff, out = _flash_from(meta, nd, q, k), None
+            if ff is not None:  # sequences [ff, B) through FlashAttention over their own k, v; the others as below
+                try:
+                    out = self._with_flash_prefill(q, k, v, paged, meta, nd, ff, softmax_scale, kv_scales)
+                except RuntimeError as e:  # a torch whose kernel refuses these: the Triton kernels, from now on
+                    logger.warning("FlashAttention prefill failed (%s); using the Triton prefill kernel", e)
+                    _flash_ok[0] = False
+            if out is not None:
+                pass
+            elif meta.max_query_len == 1:  # decode only: split over the KV length, graph-capturable
                 out = triton_paged.paged_decode_attention(q, *paged, meta.block_tables, meta.seq_lens,
                                                           softmax_scale, **kv_scales)
             elif 0 < nd < meta.seq_lens.shape[0]:  # a mixed step: its leading decodes, then its chunks
@@ -197,6 +211,42 @@ class Attention(nn.Module):
         if scale_ops:
             out = out * self.v_scale
         return out.reshape(n, self.num_heads * self.head_dim)
+
+    def _with_flash_prefill(self, q, k, v, paged, meta: AttentionMetadata, nd: int, ff: int, softmax_scale: float,
+                            kv_scales: dict) -> torch.Tensor:
+        """The Triton branch's attention with sequences [ff, B) (no cached context) through flash_prefill over
+        their own k, v: rows of sequences [0, nd) to the decode kernel, [nd, ff) to the prefill kernel over the
+        cache, as forward's other cases do. (N, nh, D)."""
+        host = meta.host_query_start_loc
+        r_nd, r_ff = int(host[nd]), int(host[ff])
+        cu = meta.query_start_loc[ff:] - r_ff
+        longest = int((host[ff + 1:] - host[ff:-1]).max())
+        fresh = flash_prefill.flash_prefill(q[r_ff:], k[r_ff:], v[r_ff:], cu, longest, softmax_scale)
+        if r_ff == 0:
+            return fresh
+        out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
+        out[r_ff:] = fresh
+        if nd:
+            triton_paged.paged_decode_attention(q[:nd], *paged, meta.block_tables[:nd], meta.seq_lens[:nd],
+                                                softmax_scale, out=out[:nd], **kv_scales)
+        if ff > nd:
+            longest = int((host[nd + 1:ff + 1] - host[nd:ff]).max())
+            triton_paged.paged_prefill_attention(q[r_nd:r_ff], *paged, meta.query_start_loc[nd:ff + 1] - r_nd,
+                                                 meta.seq_lens[nd:ff], meta.block_tables[nd:ff], longest,
+                                                 softmax_scale, out=out[r_nd:r_ff], **kv_scales)
+        return out
+
+
+def _flash_from(meta: AttentionMetadata, nd: int, q: torch.Tensor, k: torch.Tensor) -> int | None:
+    """The first sequence of a step's FlashAttention part (flash_prefill), or None where that part is empty or
+    unknown, the step holds only decodes, or flash_prefill is not available here."""
+    ff = meta.fresh_from
+    if ff is None or meta.max_query_len == 1 or meta.host_query_start_loc is None:
+        return None
+    ff = max(ff, nd)
+    if ff >= len(meta.host_query_start_loc) - 1 or not _flash_ok[0] or not flash_prefill.available(q, k):
+        return None
+    return ff
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
