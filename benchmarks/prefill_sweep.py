@@ -13,6 +13,7 @@ selects it. On an H200 (eleventh session's profile) the default launch took
 42-48 ms of a ~250 ms 16k-token prefill step of Llama-3-8B fp8 (32 layers): about 1.3-1.5 ms a layer.
 
     python benchmarks/prefill_sweep.py [--cases 16x1000 128x128 32x512 2x4096+4096] [--budget_s 120] [--configs JSON]
+    python benchmarks/prefill_sweep.py --cases 16x1000 --configs '[{}]' --flash   # beside torch's FlashAttention-2
     TRITON_INTERPRET=1 python benchmarks/prefill_sweep.py --smoke   # CPU: a tiny case, exercises the code only
 """
 
@@ -111,6 +112,20 @@ def timed(fn, device: str) -> float:
     return start.elapsed_time(end) * 1e3 / 50
 
 
+def flash_row(name: str, num_seqs: int, q_len: int, flops: float, device: str) -> dict:
+    """One JSON row: flash_prefill.flash_prefill on num_seqs fresh prompts of q_len tokens (bf16 q, k, v)."""
+    from shardllm.layers.attention import flash_prefill
+
+    g = torch.Generator().manual_seed(q_len)
+    q = torch.randn(num_seqs * q_len, NH, D, generator=g).to(device, torch.bfloat16)
+    k, v = (torch.randn(num_seqs * q_len, NKV, D, generator=g).to(device, torch.bfloat16) for _ in range(2))
+    cu = (torch.arange(num_seqs + 1, dtype=torch.int32) * q_len).to(device)
+    us = timed(lambda: flash_prefill.flash_prefill(q, k, v, cu, q_len, D ** -0.5), device)
+    row = dict(case=name, layout="flash (bf16 k, v of the step)", us=round(us, 1), tflop_s=round(flops / us / 1e6, 1))
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", nargs="+", default=["16x1000", "128x128"],
@@ -118,6 +133,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--layouts", nargs="+", default=["vt", "standard"], choices=["vt", "standard"])
     ap.add_argument("--budget_s", type=float, default=120, help="stop starting configs after this many seconds")
     ap.add_argument("--configs", default=None, help="a JSON list of PrefillConfig field dicts instead of the grid")
+    ap.add_argument("--flash", action="store_true",
+                    help="also time torch's FlashAttention-2 varlen kernel on fresh-prompt cases "
+                         "(SHARDLLM_FLASH_PREFILL's path: q, k, v bf16 as the step computed them, no cache read)")
     ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: a tiny case, 2 configs")
     a = ap.parse_args(argv)
     device = "cpu" if a.smoke else "cuda"
@@ -170,6 +188,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     best.setdefault(key, {})["engine_us"] = row["us"]
                 if row["max_diff"] < 2e-2 and row["us"] < best.get(key, {}).get("us", float("inf")):
                     best.setdefault(key, {}).update(us=row["us"], config=cfg)
+        if a.flash and not ctx:  # the same fresh prompts through FlashAttention over their own bf16 k, v
+            rows.append(flash_row(name, num_seqs, q_len, flops, device))
     for (case, layout), b in best.items():
         changed = {k: v for k, v in b["config"]._asdict().items() if v != PrefillConfig._field_defaults[k]}
         print(f"{case} {layout}: PrefillConfig() {b.get('default_us')} us, the engine's default (prefill_config) "

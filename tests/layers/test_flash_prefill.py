@@ -113,10 +113,45 @@ def test_a_flash_kernel_that_fails_falls_back_to_the_triton_kernels_cpu(monkeypa
         raise RuntimeError("FlashAttention only supports ...")
 
     monkeypatch.setattr(flash_prefill, "flash_prefill", refuses)
-    monkeypatch.setattr(attention_mod, "_flash_ok", [True])
+    monkeypatch.setattr(attention_mod, "_flash_ok", [True, False])
     q_lens, seq_lens, nd, ff = CASES[0]
     ref = run(q_lens, seq_lens, nd, ff, "cpu", torch.float32, use_triton=False)
     for _ in range(2):
         out = run(q_lens, seq_lens, nd, ff, "cpu", torch.float32)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert tries == [1] and "FlashAttention prefill failed" in caplog.text  # tried once, then not again
+
+
+def test_a_model_takes_flash_attention_for_fresh_prompts_with_the_same_tokens(tiny_checkpoints, monkeypatch, capsys):
+    """End to end under the interpreter (16-token steps: chunked prompts, continuation chunks and decodes mixed):
+    every step that starts a prompt sends it to FlashAttention (here its torch stand-in), and the tokens and
+    logprobs are those of the run without it."""
+    from shardllm import LLM, SamplingParams
+    from shardllm.layers.attention import triton_paged as tp
+
+    if not tp.HAS_TRITON:
+        pytest.skip("no Triton")
+    from shardllm.layers.attention import attention as attention_mod
+
+    monkeypatch.setattr(Attention, "uses_triton_kernels", lambda self, q: self.use_triton)
+    monkeypatch.setattr(attention_mod, "_flash_ok", [True, False])
+    greedy = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([9, 14, 5, 11, 7])]
+    llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32",
+              max_num_tokens=16, enable_prefix_caching=False)
+    try:
+        want = llm.generate(prompts, greedy)
+        seen = []
+        monkeypatch.setattr(flash_prefill, "available", lambda q, k: True)
+        monkeypatch.setattr(flash_prefill, "flash_prefill",
+                            lambda q, k, v, cu, n, s: seen.append(len(cu) - 1) or varlen_reference(q, k, v, cu, n, s))
+        got = llm.generate(prompts, greedy)
+    finally:
+        llm.shutdown()
+    layers = llm.config.model_config.hf_config.num_hidden_layers
+    assert sum(seen) == len(prompts) * layers  # each prompt's first chunk, once a layer
+    assert "shardllm: FlashAttention prefill took" in capsys.readouterr().err
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for x, y in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            assert x.keys() == y.keys() and all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)

@@ -10,6 +10,7 @@ KV sits in the blocks block_tables[b]. The torch reference below is the oracle f
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 # to the prefill kernel (the previous behaviour, for A/B runs) instead of its leading decodes to the decode kernel
 MIXED_STEP_DECODE_KERNEL = envs.SHARDLLM_MIXED_STEP_DECODE_KERNEL
 _fused_rotary_ok = [True]  # cleared, for the process, if the fused rotary + KV-write kernel fails to launch
-_flash_ok = [True]  # cleared, for the process, if flash_prefill's kernel fails
+_flash_ok = [True, False]  # [0] cleared, for the process, if flash_prefill's kernel fails; [1] announced
 # SHARDLLM_KV_SCALES_IN_KERNELS=0 (read at import): the Triton path applies FP8 k/v scales in four torch ops, as
 # the torch reference does, instead of inside the kernels (the previous behaviour, for A/B runs)
 KV_SCALES_IN_KERNELS = envs.SHARDLLM_KV_SCALES_IN_KERNELS
@@ -222,6 +223,10 @@ class Attention(nn.Module):
         cu = meta.query_start_loc[ff:] - r_ff
         longest = int((host[ff + 1:] - host[ff:-1]).max())
         fresh = flash_prefill.flash_prefill(q[r_ff:], k[r_ff:], v[r_ff:], cu, longest, softmax_scale)
+        if not _flash_ok[1]:  # once per process: that the switch took effect
+            _flash_ok[1] = True
+            print(f"shardllm: FlashAttention prefill took {len(host) - 1 - ff} of a step's {len(host) - 1} sequences "
+                  f"({len(q) - r_ff} of {len(q)} tokens)", file=sys.stderr, flush=True)
         if r_ff == 0:
             return fresh
         out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
