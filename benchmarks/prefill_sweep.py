@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "(SHARDLLM_FLASH_PREFILL's path: q, k, v bf16 as the step computed them, no cache read)")
     ap.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1: a tiny case, 2 configs")
     a = ap.parse_args(argv)
+    if a.flash and a.smoke:
+        ap.error("--flash needs CUDA (torch's FlashAttention kernel): not with --smoke")
     device = "cpu" if a.smoke else "cuda"
     grid = [parse_prefill_config(json.dumps(c)) for c in json.loads(a.configs)] if a.configs else GRID
     if grid[0] != PrefillConfig():

@@ -150,10 +150,9 @@ def split_step_meta(meta: AttentionMetadata, k: int) -> tuple[int, AttentionMeta
                                  fresh_from=fresh if longest > 1 else None)
 
     ff = meta.fresh_from
-    return t, part(slice(0, k), slice(0, t), qsl[: k + 1], host[: k + 1], min(nd, k), None if ff is None else
-                   min(ff, k)), \
-        part(slice(k, None), slice(t, None), qsl[k:] - t, host[k:] - t, max(nd - k, 0), None if ff is None else
-             max(ff - k, 0))
+    ff_a, ff_b = (None, None) if ff is None else (min(ff, k), max(ff - k, 0))
+    return t, part(slice(0, k), slice(0, t), qsl[: k + 1], host[: k + 1], min(nd, k), ff_a), \
+        part(slice(k, None), slice(t, None), qsl[k:] - t, host[k:] - t, max(nd - k, 0), ff_b)
 
 
 def split_decode_meta(meta: AttentionMetadata, m: int) -> tuple[AttentionMetadata, AttentionMetadata]:

@@ -20,11 +20,13 @@ from tests.layers.test_fused_ops import cpu, gpu  # noqa: E402
 from tests.layers.test_triton_attention import make_case  # noqa: E402
 
 # (q_lens, seq_lens, num_decodes, fresh_from): two decodes, a chunk over cached context, three prompts from their
-# first token; the same without the decodes and the chunk; decodes then prompts only
+# first token; the same without the decodes and the chunk; decodes then prompts only; a chunk then prompts; a
+# one-token prompt among the leading one-token rows (fresh from it on, but the decode kernel takes it)
 CASES = [([1, 1, 6, 5, 12, 9], [37, 16, 29, 5, 12, 9], 2, 3),
          ([6, 5, 12], [6, 5, 12], 0, 0),
          ([1, 1, 7, 3], [20, 9, 7, 3], 2, 2),
-         ([6, 5, 9], [30, 5, 9], 0, 1)]
+         ([6, 5, 9], [30, 5, 9], 0, 1),
+         ([1, 1, 6, 4], [20, 1, 6, 4], 2, 1)]
 
 
 def varlen_reference(q, k, v, cu_seqlens, max_len, scale):
@@ -52,7 +54,11 @@ def run(q_lens, seq_lens, nd, ff, device, dtype, use_triton=True):
     return attn(q.reshape(q.shape[0], -1), k, v, meta)
 
 
-def check(monkeypatch, device, dtype, tol):
+def check(monkeypatch, device, dtype, tol, mixed=True):
+    """mixed False: SHARDLLM_MIXED_STEP_DECODE_KERNEL off, leading decodes in the prefill kernel's part."""
+    from shardllm.layers.attention import attention as attention_mod
+
+    monkeypatch.setattr(attention_mod, "MIXED_STEP_DECODE_KERNEL", mixed)
     calls = spy(monkeypatch, (triton_paged, "paged_decode_attention"), (triton_paged, "paged_prefill_attention"),
                 (flash_prefill, "flash_prefill"))
     for q_lens, seq_lens, nd, ff in CASES:
@@ -63,9 +69,10 @@ def check(monkeypatch, device, dtype, tol):
         calls.clear()
         out = run(q_lens, seq_lens, nd, ff, device, dtype)
         want = {"flash_prefill": 1}
+        nd = nd if mixed else 0
         if nd:
             want["paged_decode_attention"] = 1
-        if ff > nd:
+        if max(ff, nd) > nd:
             want["paged_prefill_attention"] = 1
         assert calls == want, (q_lens, calls)
         torch.testing.assert_close(out.float(), ref.float(), **tol)
@@ -80,8 +87,9 @@ def flash_on_cpu(monkeypatch):
 
 
 @cpu
-def test_fresh_prompts_go_to_flash_attention_and_the_rest_to_the_kernels_cpu(monkeypatch, flash_on_cpu):
-    check(monkeypatch, "cpu", torch.float32, dict(atol=2e-5, rtol=1e-4))
+@pytest.mark.parametrize("mixed", [True, False])
+def test_fresh_prompts_go_to_flash_attention_and_the_rest_to_the_kernels_cpu(monkeypatch, flash_on_cpu, mixed):
+    check(monkeypatch, "cpu", torch.float32, dict(atol=2e-5, rtol=1e-4), mixed)
 
 
 def test_available_says_no_off_the_gpu_or_when_switched_off(monkeypatch):
@@ -113,7 +121,7 @@ def test_a_flash_kernel_that_fails_falls_back_to_the_triton_kernels_cpu(monkeypa
         raise RuntimeError("FlashAttention only supports ...")
 
     monkeypatch.setattr(flash_prefill, "flash_prefill", refuses)
-    monkeypatch.setattr(attention_mod, "_flash_ok", [True, False])
+    monkeypatch.setattr(attention_mod, "_flash_ok", [True])
     q_lens, seq_lens, nd, ff = CASES[0]
     ref = run(q_lens, seq_lens, nd, ff, "cpu", torch.float32, use_triton=False)
     for _ in range(2):
@@ -122,6 +130,7 @@ def test_a_flash_kernel_that_fails_falls_back_to_the_triton_kernels_cpu(monkeypa
     assert tries == [1] and "FlashAttention prefill failed" in caplog.text  # tried once, then not again
 
 
+@cpu
 def test_a_model_takes_flash_attention_for_fresh_prompts_with_the_same_tokens(tiny_checkpoints, monkeypatch, capsys):
     """End to end under the interpreter (16-token steps: chunked prompts, continuation chunks and decodes mixed):
     every step that starts a prompt sends it to FlashAttention (here its torch stand-in), and the tokens and
@@ -134,7 +143,7 @@ def test_a_model_takes_flash_attention_for_fresh_prompts_with_the_same_tokens(ti
     from shardllm.layers.attention import attention as attention_mod
 
     monkeypatch.setattr(Attention, "uses_triton_kernels", lambda self, q: self.use_triton)
-    monkeypatch.setattr(attention_mod, "_flash_ok", [True, False])
+    monkeypatch.setattr(attention_mod, "_flash_announced", False)
     greedy = SamplingParams(max_tokens=6, temperature=0, logprobs=2)
     prompts = [[(7 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([9, 14, 5, 11, 7])]
     llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=200, block_size=4, dtype="float32",

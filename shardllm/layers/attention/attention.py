@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 # to the prefill kernel (the previous behaviour, for A/B runs) instead of its leading decodes to the decode kernel
 MIXED_STEP_DECODE_KERNEL = envs.SHARDLLM_MIXED_STEP_DECODE_KERNEL
 _fused_rotary_ok = [True]  # cleared, for the process, if the fused rotary + KV-write kernel fails to launch
-_flash_ok = [True, False]  # [0] cleared, for the process, if flash_prefill's kernel fails; [1] announced
+_flash_ok = [True]  # cleared, for the process, if flash_prefill's kernel fails
+_flash_announced = False
 # SHARDLLM_KV_SCALES_IN_KERNELS=0 (read at import): the Triton path applies FP8 k/v scales in four torch ops, as
 # the torch reference does, instead of inside the kernels (the previous behaviour, for A/B runs)
 KV_SCALES_IN_KERNELS = envs.SHARDLLM_KV_SCALES_IN_KERNELS
@@ -176,15 +177,10 @@ class Attention(nn.Module):
             if not fuse_rotary:
                 triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping, **kv_scales)  # one launch for k, v
             nd = meta.num_decodes if MIXED_STEP_DECODE_KERNEL else 0
-            ff, out = _flash_from(meta, nd, q, k), None
-            if ff is not None:  # sequences [ff, B) through FlashAttention over their own k, v; the others as below
-                try:
-                    out = self._with_flash_prefill(q, k, v, paged, meta, nd, ff, softmax_scale, kv_scales)
-                except RuntimeError as e:  # a torch whose kernel refuses these: the Triton kernels, from now on
-                    logger.warning("FlashAttention prefill failed (%s); using the Triton prefill kernel", e)
-                    _flash_ok[0] = False
-            if out is not None:
-                pass
+            ff = _flash_from(meta, nd, q, k)
+            fresh = None if ff is None else _flash_part(q, k, v, meta, ff, softmax_scale)
+            if fresh is not None:  # sequences [ff, B) took FlashAttention over their own k, v; the others here
+                out = self._around_flash_part(fresh, q, paged, meta, nd, ff, softmax_scale, kv_scales)
             elif meta.max_query_len == 1:  # decode only: split over the KV length, graph-capturable
                 out = triton_paged.paged_decode_attention(q, *paged, meta.block_tables, meta.seq_lens,
                                                           softmax_scale, **kv_scales)
@@ -213,20 +209,13 @@ class Attention(nn.Module):
             out = out * self.v_scale
         return out.reshape(n, self.num_heads * self.head_dim)
 
-    def _with_flash_prefill(self, q, k, v, paged, meta: AttentionMetadata, nd: int, ff: int, softmax_scale: float,
-                            kv_scales: dict) -> torch.Tensor:
-        """The Triton branch's attention with sequences [ff, B) (no cached context) through flash_prefill over
-        their own k, v: rows of sequences [0, nd) to the decode kernel, [nd, ff) to the prefill kernel over the
-        cache, as forward's other cases do. (N, nh, D)."""
+    def _around_flash_part(self, fresh: torch.Tensor, q: torch.Tensor, paged: tuple, meta: AttentionMetadata,
+                           nd: int, ff: int, softmax_scale: float, kv_scales: dict) -> torch.Tensor:
+        """The step's attention output (N, nh, D) around `fresh`, the rows of sequences [ff, B) from _flash_part:
+        rows of sequences [0, nd) from the decode kernel, of [nd, ff) from the prefill kernel over the cache, as
+        forward's other cases run them."""
         host = meta.host_query_start_loc
         r_nd, r_ff = int(host[nd]), int(host[ff])
-        cu = meta.query_start_loc[ff:] - r_ff
-        longest = int((host[ff + 1:] - host[ff:-1]).max())
-        fresh = flash_prefill.flash_prefill(q[r_ff:], k[r_ff:], v[r_ff:], cu, longest, softmax_scale)
-        if not _flash_ok[1]:  # once per process: that the switch took effect
-            _flash_ok[1] = True
-            print(f"shardllm: FlashAttention prefill took {len(host) - 1 - ff} of a step's {len(host) - 1} sequences "
-                  f"({len(q) - r_ff} of {len(q)} tokens)", file=sys.stderr, flush=True)
         if r_ff == 0:
             return fresh
         out = torch.empty(q.shape[0], self.num_heads, self.head_dim, dtype=q.dtype, device=q.device)
@@ -240,6 +229,29 @@ class Attention(nn.Module):
                                                  meta.seq_lens[nd:ff], meta.block_tables[nd:ff], longest,
                                                  softmax_scale, out=out[r_nd:r_ff], **kv_scales)
         return out
+
+
+def _flash_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, ff: int,
+                softmax_scale: float) -> torch.Tensor | None:
+    """Attention of the rows of sequences [ff, B) over their own k, v through flash_prefill: (rows, nh, D), or None
+    if its kernel raises RuntimeError (a torch that refuses these shapes), which turns it off for the process with a
+    warning. q (N, nh, D), k, v (N, nkv, D), rotated."""
+    global _flash_announced
+    host = meta.host_query_start_loc
+    r_ff = int(host[ff])
+    longest = int((host[ff + 1:] - host[ff:-1]).max())
+    try:
+        fresh = flash_prefill.flash_prefill(q[r_ff:], k[r_ff:], v[r_ff:], meta.query_start_loc[ff:] - r_ff, longest,
+                                            softmax_scale)
+    except RuntimeError as e:
+        logger.warning("FlashAttention prefill failed (%s); using the Triton prefill kernel", e)
+        _flash_ok[0] = False
+        return None
+    if not _flash_announced:  # once per process: that the switch took effect
+        _flash_announced = True
+        print(f"shardllm: FlashAttention prefill took {len(host) - 1 - ff} of a step's {len(host) - 1} sequences "
+              f"({q.shape[0] - r_ff} of {q.shape[0]} tokens)", file=sys.stderr, flush=True)
+    return fresh
 
 
 def _flash_from(meta: AttentionMetadata, nd: int, q: torch.Tensor, k: torch.Tensor) -> int | None:

@@ -5,7 +5,10 @@ need not read them back from the paged cache. For those sequences the Triton pat
 FlashAttention-2's variable-length causal kernel, which torch builds for CUDA sm80+ (`aten::_flash_attention_forward`,
 the kernel behind `F.scaled_dot_product_attention`'s flash backend; GQA native: k, v keep their nkv heads). The
 rows of sequences that do have cached context (a later chunk of a long prompt, a prefix-cache hit) still take the
-Triton prefill kernel over the cache, and leading decodes the decode kernel (attention.Attention.forward).
+Triton prefill kernel over the cache, and leading decodes the decode kernel (attention.Attention.forward). The
+FlashAttention part is the step's tail of sequences without context (AttentionMetadata.fresh_from): the scheduler
+puts decodes, then continuation chunks, then new prompts, except with a pipeline and async scheduling, whose
+in-flight continuation chunks come after the new prompts (the tail is then empty and the step runs as before).
 
 Numerics: with a bf16 / fp16 cache the cache holds exactly these k, v, so the result is the paged kernel's up to
 summation order. With an FP8 cache the fresh chunks attend to unquantized k, v (as TensorRT-LLM's context phase
@@ -16,6 +19,8 @@ kernel (docs/benchmarks.md, twelfth session's profile).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -33,9 +38,12 @@ def available(q: torch.Tensor, k: torch.Tensor) -> bool:
     d = q.shape[-1]
     if d % 8 or d > 256 or q.shape[1] % k.shape[1]:
         return False
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
-        return False
-    return hasattr(torch.ops.aten, "_flash_attention_forward")
+    return _sm80(q.device.index if q.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm80(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0) and hasattr(torch.ops.aten, "_flash_attention_forward")
 
 
 def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
