@@ -142,8 +142,11 @@ class Scheduler:
                     chosen.append((req, num_new))
                     budget -= num_new
 
-        # one-token rows first (stable): a step that mixes them with longer chunks runs them in the decode kernel
-        chosen.sort(key=lambda c: c[1] > 1)
+        # one-token rows first (stable): a step that mixes them with longer chunks runs them in the decode kernel;
+        # then chunks over cached context, then prompts from their start (with a pipeline's async scheduling an
+        # in-flight request's chunk is chosen after new prompts): the step's tail without context may attend over
+        # its own k, v (AttentionMetadata.fresh_from, layers/attention/flash_prefill.py)
+        chosen.sort(key=lambda c: (c[1] > 1, c[0].num_computed_tokens == 0))
         for req, num_new in chosen:
             if req.request_id not in self._sent:
                 self._sent.add(req.request_id)

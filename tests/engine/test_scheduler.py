@@ -155,6 +155,18 @@ def test_each_pipeline_microbatch_holds_max_num_seqs():
     assert len(s.running) == 4 and [r.request_id for r in s.waiting] == ["4"]
 
 
+def test_a_step_orders_decodes_then_chunks_over_context_then_new_prompts():
+    """With a pipeline's async scheduling, an in-flight request's next chunk is chosen after the new prompts, but
+    the step lists it before them: a step's prompts from their start are its tail (AttentionMetadata.fresh_from)."""
+    s = Scheduler(SchedulerConfig(8, 24, 128, True, num_microbatches=2, async_scheduling=True), KVCacheManager(64, 4))
+    for r, n, f in (("a", 40, 1), ("b", 3, 100), ("c", 3, 200), ("d", 3, 300)):
+        s.add_request(req(r, n, first=f))
+    assert [(x.req_id, x.num_computed_tokens) for x in s.schedule().scheduled] == [("a", 0)]
+    assert [x.req_id for x in s.schedule().scheduled] == ["b", "c"]
+    third = s.schedule().scheduled  # d chosen first (not in flight), then a's next chunk ahead
+    assert [(x.req_id, x.num_computed_tokens, len(x.token_ids)) for x in third] == [("a", 24, 16), ("d", 0, 3)]
+
+
 def test_shared_running_cap_when_asked():
     """max_num_running_seqs (SHARDLLM_PP_SHARED_MAX_SEQS=1: the earlier behaviour) caps all batches together."""
     cfg = SchedulerConfig(2, 64, 128, True, num_microbatches=2, max_num_running_seqs=2)

@@ -7,8 +7,7 @@ the kernel behind `F.scaled_dot_product_attention`'s flash backend; GQA native: 
 rows of sequences that do have cached context (a later chunk of a long prompt, a prefix-cache hit) still take the
 Triton prefill kernel over the cache, and leading decodes the decode kernel (attention.Attention.forward). The
 FlashAttention part is the step's tail of sequences without context (AttentionMetadata.fresh_from): the scheduler
-puts decodes, then continuation chunks, then new prompts, except with a pipeline and async scheduling, whose
-in-flight continuation chunks come after the new prompts (the tail is then empty and the step runs as before).
+lists a step's decodes, then its chunks over cached context, then its prompts from their start.
 
 Numerics: with a bf16 / fp16 cache the cache holds exactly these k, v, so the result is the paged kernel's up to
 summation order. With an FP8 cache the fresh chunks attend to unquantized k, v (as TensorRT-LLM's context phase
