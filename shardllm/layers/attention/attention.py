@@ -60,15 +60,21 @@ class AttentionMetadata:
     fresh_from: int | None = None
     # Per-step tensors of the torch reference, built once and shared by all layers.
     _ref: dict = field(default_factory=dict, repr=False)
-    _chunks_qsl: list = field(default_factory=list, repr=False)  # see chunks_query_start_loc
+    _qsl_from: dict = field(default_factory=dict, repr=False)  # see query_start_loc_from
+
+    def query_start_loc_from(self, b: int, first_row: int) -> torch.Tensor:
+        """(B - b + 1,) int32: query_start_loc of sequences [b, B) counted from their first row (first_row:
+        query_start_loc[b], which the caller knows on the host); computed once a step for each b, shared by the
+        layers."""
+        got = self._qsl_from.get(b)
+        if got is None:
+            got = self._qsl_from[b] = self.query_start_loc[b:] - first_row
+        return got
 
     def chunks_query_start_loc(self) -> torch.Tensor:
-        """(B - num_decodes + 1,) int32: query_start_loc of the sequences after the leading decodes, counted from
-        their first row (query_start_loc[num_decodes:] - num_decodes); computed once a step."""
-        if not self._chunks_qsl:
-            nd = self.num_decodes
-            self._chunks_qsl.append(self.query_start_loc[nd:] - nd)
-        return self._chunks_qsl[0]
+        """(B - num_decodes + 1,) int32: query_start_loc of the sequences after the leading decodes (one row
+        each), counted from their first row (query_start_loc[num_decodes:] - num_decodes); computed once a step."""
+        return self.query_start_loc_from(self.num_decodes, self.num_decodes)
 
     def reference_indices(self) -> dict:
         if self._ref:
@@ -225,7 +231,8 @@ class Attention(nn.Module):
                                                 softmax_scale, out=out[:nd], **kv_scales)
         if ff > nd:
             longest = int((host[nd + 1:ff + 1] - host[nd:ff]).max())
-            triton_paged.paged_prefill_attention(q[r_nd:r_ff], *paged, meta.query_start_loc[nd:ff + 1] - r_nd,
+            qsl = meta.query_start_loc_from(nd, r_nd)[:ff - nd + 1]  # sequences [nd, ff)
+            triton_paged.paged_prefill_attention(q[r_nd:r_ff], *paged, qsl,
                                                  meta.seq_lens[nd:ff], meta.block_tables[nd:ff], longest,
                                                  softmax_scale, out=out[r_nd:r_ff], **kv_scales)
         return out
@@ -241,8 +248,8 @@ def _flash_part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attenti
     r_ff = int(host[ff])
     longest = int((host[ff + 1:] - host[ff:-1]).max())
     try:
-        fresh = flash_prefill.flash_prefill(q[r_ff:], k[r_ff:], v[r_ff:], meta.query_start_loc[ff:] - r_ff, longest,
-                                            softmax_scale)
+        fresh = flash_prefill.flash_prefill(q[r_ff:], k[r_ff:], v[r_ff:], meta.query_start_loc_from(ff, r_ff),
+                                            longest, softmax_scale)
     except RuntimeError as e:
         logger.warning("FlashAttention prefill failed (%s); using the Triton prefill kernel", e)
         _flash_ok[0] = False
