@@ -156,7 +156,8 @@ _VARS = [
             "(issue 15; 20,845 against 20,759 tok/s: no gain, off)"),
     _switch("SHARDLLM_TP_OVERLAP_AT_TP1", False, "import",
             "1: with SHARDLLM_TP_OVERLAP=1, the two micro-batches also at tp 1: one half's decode attention "
-            "(memory-bound) beside the other half's GEMMs (compute-bound; issue 13, 500 x 1000/1000)"),
+            "(memory-bound) beside the other half's GEMMs (compute-bound; issue 13, 500 x 1000/1000; measured slower "
+            "on an H200 with and without an SM carveout: layers/microbatch_overlap.py)"),
     _switch("SHARDLLM_TP_OVERLAP_PREFILL", False, "import",
             "1: with SHARDLLM_TP_OVERLAP=1, steps with prompt chunks run as two micro-batches too, split at the "
             "sequence boundary nearest half the tokens (issue 13: 70B tp 2, 256 MiB all-reduces in each prefill step)"),

@@ -29,7 +29,9 @@ Each kernel of a big decode batch fills the GPU, so two halves on two streams mo
 launch one block per SM and hold it to the end. With SHARDLLM_TP_OVERLAP_SM_CARVEOUT=N the GEMMs issued inside the
 overlap target N fewer SMs (`sm_carveout`), which the other half's attention can take meanwhile. Measured at tp 1
 (one H200, 8B fp8 1000/1000, fourteenth session): no carveout rescued the overlap (17,391-17,444 tok/s against
-the unsplit default's 17,719); at tp 2 it is not yet measured.
+the unsplit default's 17,719); at tp 2 it is not yet measured. Nor does giving the attention a part of the SMs
+(fifteenth session, a persistent attention grid, code at 45ff49b): the decode attention reaches its 3.8 TB/s only
+with most SMs busy, so two halves split that way took 0.635 ms a layer against the unsplit step's 0.586.
 
 Switches: `SHARDLLM_TP_OVERLAP=1` (read at start-up) turns it on. Off by default: measured on two H200s, the decode
 split gains nothing (8B 20,845 against 20,759 tok/s, 70B fp8 6,422 against 6,471) and at tp 1 it loses 1-2%

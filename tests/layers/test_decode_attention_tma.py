@@ -390,24 +390,3 @@ def test_pointer_kernel_tiles_smaller_than_a_page(monkeypatch, cfg):
     ref = reference(q, *deq, meta)
     assert (got.float() - ref).abs().max() < 1e-2 * ref.abs().max()
     assert got[2].abs().max() == 0
-
-
-@cpu
-@pytest.mark.parametrize("vt", [False, True], ids=["standard_v", "transposed_v"])
-def test_a_persistent_grid_gives_the_same_attention(tma_launches, monkeypatch, vt):
-    """programs=P: a (P,) grid whose programs loop over the (sequence, kv head, partition) items (fewer programs than
-    items, one, and more than items) equals the one-program-an-item launch bit for bit, over an FP8 cache with
-    scales, a padding row of length 0, one and two partitions; P < 1 is refused."""
-    monkeypatch.setenv("SHARDLLM_FP8_ATTN_F16_DOT", "1")
-    q, kc8, vc8, meta, ks, vs, _ = fp8_case(torch.float8_e4m3fn, [1] * 4, [150, 33, 0, 70], True, seed=21)
-    kw = dict(k_scale=ks, v_scale=vs, config=DecodeConfig(tma=True, num_warps=2, num_stages=3, prefetch_pages=True))
-    if vt:
-        vc8, kw["v_transposed"] = vc8.permute(0, 2, 3, 1).contiguous(), True
-    for num_splits in (1, 2):
-        plain = run_decode(q, kc8, vc8, meta, num_splits=num_splits, **kw)
-        for programs in (3, 1, 64):
-            got = run_decode(q, kc8, vc8, meta, num_splits=num_splits, programs=programs, **kw)
-            assert torch.equal(got, plain), (num_splits, programs)
-    assert [g for g in tma_launches if len(g) == 1] == [(3,), (1,), (64,)] * 2
-    with pytest.raises(ValueError, match="programs"):
-        run_decode(q, kc8, vc8, meta, programs=0, **kw)

@@ -87,15 +87,26 @@ def _two_page_step(q, k0, v0, k1, v1, tok0, end, m, l_sum, acc, qk_scale,
     return m_new, l_sum, acc
 
 
-@_jit
-def _tma_item(
-    b, kvh, split, nkv, q_ptr, k_desc, v_desc, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+@_jit(do_not_specialize=["num_seqs", "stride_bt"])
+def _decode_kernel_tma(
+    q_ptr, k_desc, v_desc, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
-    F16_DOT: tl.constexpr, PAGE_CHUNK: tl.constexpr, PREFETCH: tl.constexpr, V_T: tl.constexpr,
+    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
+    V_T: tl.constexpr = False,
 ):
-    """One (sequence b, kv head kvh, partition split) of _decode_kernel_tma; nkv: the kv heads."""
+    """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
+    BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math; with PAGE_CHUNK, two pages share one
+    softmax update), so partitions start on tile boundaries and a page needs one block-table entry. PREFETCH (without
+    PAGE_CHUNK): each tile's page id is loaded an iteration ahead, so no load of the iteration feeds its TMA
+    coordinate and Triton's pipeliner keeps num_stages - 1 tiles in flight (one without: benchmarks/kernel_ir.py).
+    V_T (one page a tile, no PAGE_CHUNK): v_desc is over a V cache stored (num_blocks, nkv, D, BLOCK_SIZE), boxes
+    (D, BLOCK_SIZE) (descriptor_vt), read by _page_step's V_T form."""
+    pdl_enter(USE_PDL)
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     split_len = _split_len(seq_len, NUM_SPLITS, BLOCK_SIZE * PAGES)
     start = split * split_len
@@ -142,7 +153,7 @@ def _tma_item(
             row0 = tl.load(table + tok0 // BLOCK_SIZE) * BLOCK_SIZE  # the page's first row of the (nb x bs) view
         k0 = k_desc.load([row0, kvh, 0]).reshape(BLOCK_SIZE, HEAD_DIM)
         if V_T:  # rows (page x nkv + kvh) x D .. + D of the (nb x nkv x D, bs) view
-            vt = v_desc.load([(row0 // BLOCK_SIZE * nkv + kvh) * HEAD_DIM, 0])
+            vt = v_desc.load([(row0 // BLOCK_SIZE * tl.num_programs(1) + kvh) * HEAD_DIM, 0])
             m, l_sum, acc = _page_step(q, k0, vt, tok0, end, m, l_sum, acc, qk_scale, BLOCK_SIZE, DOT_PRECISION,
                                        F16_DOT, V_T=True)
         else:
@@ -158,42 +169,6 @@ def _tma_item(
                                            DOT_PRECISION, F16_DOT)
     _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
                   num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
-
-
-@_jit(do_not_specialize=["num_seqs", "stride_bt"])
-def _decode_kernel_tma(
-    q_ptr, k_desc, v_desc, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    k_scale_ptr, v_scale_ptr, qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
-    F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
-    V_T: tl.constexpr = False, PERSISTENT: tl.constexpr = False,
-):
-    """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
-    BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math; with PAGE_CHUNK, two pages share one
-    softmax update), so partitions start on tile boundaries and a page needs one block-table entry. PREFETCH (without
-    PAGE_CHUNK): each tile's page id is loaded an iteration ahead, so no load of the iteration feeds its TMA
-    coordinate and Triton's pipeliner keeps num_stages - 1 tiles in flight (one without: benchmarks/kernel_ir.py).
-    V_T (one page a tile, no PAGE_CHUNK): v_desc is over a V cache stored (num_blocks, nkv, D, BLOCK_SIZE), boxes
-    (D, BLOCK_SIZE) (descriptor_vt), read by _page_step's V_T form.
-    PERSISTENT: a grid of (P,) programs, each looping over the (sequence, kv head, partition) items w = pid, pid + P,
-    ... (w = (b x nkv + kvh) x NUM_SPLITS + split), so the kernel holds at most P programs' SMs however big the
-    batch: its grid can be sized to part of the GPU while another stream's GEMMs hold the rest."""
-    pdl_enter(USE_PDL)
-    if PERSISTENT:
-        nkv = num_heads // GROUP
-        for w in range(tl.program_id(0), num_seqs * nkv * NUM_SPLITS, tl.num_programs(0)):
-            _tma_item(w // (nkv * NUM_SPLITS), w // NUM_SPLITS % nkv, w % NUM_SPLITS, nkv, q_ptr, k_desc, v_desc,
-                      block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, k_scale_ptr, v_scale_ptr,
-                      qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh, GROUP,
-                      GROUP_PAD, HEAD_DIM, BLOCK_SIZE, PAGES, NUM_SPLITS, DOT_PRECISION, KV_SCALED, F16_DOT,
-                      PAGE_CHUNK, PREFETCH, V_T)
-    else:
-        _tma_item(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(1), q_ptr, k_desc, v_desc,
-                  block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr, k_scale_ptr, v_scale_ptr,
-                  qk_scale, num_heads, num_seqs, stride_qb, stride_qh, stride_bt, stride_ob, stride_oh, GROUP,
-                  GROUP_PAD, HEAD_DIM, BLOCK_SIZE, PAGES, NUM_SPLITS, DOT_PRECISION, KV_SCALED, F16_DOT,
-                  PAGE_CHUNK, PREFETCH, V_T)
 
 
 def _nvidia_sm90(device: torch.device) -> bool:

@@ -248,8 +248,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None, num_splits: int | None = None,
                            config: DecodeConfig | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None, v_transposed: bool = False,
-                           programs: int | None = None) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, v_transposed: bool = False) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context (this token's k/v already written).
 
     Args:
@@ -266,9 +265,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             its (.., D) view instead, Attention.paged_caches, which is detected); only the TMA kernel reads it this
             way (a tma config, one page a tile, no page_chunk), and slots past a sequence's end must hold finite
             values (they are not masked: triton_decode_tma._page_step with V_T).
-        programs: where the TMA kernel runs, a persistent grid of this many programs that loop over the (sequence,
-            kv head, partition) items (triton_decode_tma's PERSISTENT), so the launch holds at most that many
-            programs' SMs; None: one program an item. Ignored by the pointer kernel.
     Returns:
         (B, nh, D), `out` if given.
     Raises:
@@ -287,8 +283,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
     group = num_heads // num_kv_heads
-    if programs is not None and programs < 1:
-        raise ValueError(f"programs={programs}: use a positive program count, or None")
     if config is not None:
         config.validate()  # the table's entries are validated once, at lookup
     cfg = decode_config(num_seqs, head_dim, k_cache.dtype, block_size) if config is None else config
@@ -319,16 +313,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if use_vt or (cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache)):
         pages = 2 if cfg.block_n == 2 * block_size else 1  # whole pages: block_n picks 1 or 2
         block_n = pages * block_size  # the reduce's partition unit
-        grid = (num_seqs, num_kv_heads, num_splits) if programs is None else (programs,)
-        _decode_kernel_tma[grid](
+        _decode_kernel_tma[(num_seqs, num_kv_heads, num_splits)](
             q, descriptor(k_cache), descriptor_vt(v_phys) if use_vt else descriptor(v_cache), block_tables,
             seq_lens, out, part_acc, part_ml, k_scale,
             v_scale, scale * _LOG2E, num_heads, num_seqs, q.stride(0), q.stride(1), block_tables.stride(0),
             out.stride(0), out.stride(1), GROUP=group, GROUP_PAD=_pow2(group, 16), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, PAGES=pages, NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
             KV_SCALED=kv_scaled, F16_DOT=_f16_dot(q.dtype, k_cache.dtype, tma=True), PAGE_CHUNK=cfg.page_chunk,
-            PREFETCH=cfg.prefetch_pages, V_T=use_vt, PERSISTENT=programs is not None, num_warps=cfg.num_warps,
-            **extra)
+            PREFETCH=cfg.prefetch_pages, V_T=use_vt, num_warps=cfg.num_warps, **extra)
     else:
         _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
             q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_ml, k_scale, v_scale,
