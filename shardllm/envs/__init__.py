@@ -187,6 +187,11 @@ _VARS = [
            "MiB of a PDL-launched GEMV's weights asked of L2 before it waits on the kernel before (layers/gemv.py, "
            "pdl.pdl_enter_prefetching; issues 13 and 15, batch-1 decode; 0: none; seventh session: 8B fp8 2.842 -> "
            "3.008 ms, off)"),
+    EnvVar("SHARDLLM_GEMV_CONFIGS", "str", None, _text, "import",
+           "JSON {\"fp8\" | \"bf16\" | \"fp8_silu\" | \"bf16_silu\": {\"NxK\": {\"M\": [use_dot, block_n, block_k, "
+           "split_k, num_warps, num_stages, late_reduce, w_ahead]}}} merged over the decode GEMV's tuned tables "
+           "(gemv_tables.py; _silu: gemv_silu.FUSED_SILU_TABLES), entry by entry: a sweep's configs tried end to "
+           "end without an edit (benchmarks/cuda_gemv_probe.py, the device scripts)"),
     _switch("SHARDLLM_GEMV_NEAREST_SHAPE", True, "per call",
             "0: an FP8 GEMV shape without a tuned entry, and the fused SiLU down GEMV's, take the generic tl.dot "
             "config, not the nearest tuned shape's (gemv.nearest_config; A/B only: Llama-3-70B batch 1 was "

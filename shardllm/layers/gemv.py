@@ -19,6 +19,7 @@ the plain form's barriers (252 -> 254 registers at 16 x 1024, 8 warps), the norm
 
 from __future__ import annotations
 
+import json
 import math
 from typing import NamedTuple
 
@@ -332,8 +333,44 @@ def load_table(table: dict) -> dict[tuple[int, int], dict[int, GemvConfig]]:
 # fp8_triton.small_m_config's tl.dot configs and bf16 to cuBLAS (a bf16 entry means "beat cuBLAS by 3% or more
 # there"). SHARDLLM_GEMV_TABLES=0 at start-up: both empty (A/B runs).
 _TABLES_ON = envs.SHARDLLM_GEMV_TABLES
-FP8_GEMV_TABLE = load_table(_FP8_SWEEP if _TABLES_ON else {})
-BF16_GEMV_TABLE = load_table(_BF16_SWEEP if _TABLES_ON else {})
+TABLE_KINDS = ("fp8", "bf16", "fp8_silu", "bf16_silu")
+
+
+def env_table_overrides(text: str | None) -> dict[str, dict]:
+    """SHARDLLM_GEMV_CONFIGS parsed: {kind: table in load_table's JSON format}, kinds from TABLE_KINDS ({} unset).
+
+    Raises ValueError, naming the fix, for text that is not JSON, a kind not in TABLE_KINDS, or an entry that
+    load_table cannot read."""
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"SHARDLLM_GEMV_CONFIGS is not JSON ({e}): give e.g. "
+                         '{"fp8": {"4096x4096": {"1": [0, 1, 2048, 1, 2, 3, 0]}}}') from e
+    if not isinstance(raw, dict) or not set(raw) <= set(TABLE_KINDS):
+        raise ValueError(f"SHARDLLM_GEMV_CONFIGS: keys must be among {TABLE_KINDS}, got "
+                         f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
+    for kind, table in raw.items():
+        try:
+            load_table(table)
+        except (AttributeError, TypeError, ValueError, IndexError) as e:
+            raise ValueError(f"SHARDLLM_GEMV_CONFIGS[{kind!r}]: entries are {{\"NxK\": {{\"M\": [use_dot, block_n, "
+                             f"block_k, split_k, num_warps, num_stages(, late_reduce, w_ahead)]}}}} ({e})") from e
+    return raw
+
+
+def merged_table(base: dict, kind: str) -> dict[tuple[int, int], dict[int, GemvConfig]]:
+    """load_table(base) with SHARDLLM_GEMV_CONFIGS[kind]'s entries in place of those (shape, M) entries."""
+    table = load_table(base)
+    for shape, by_m in load_table(_ENV_OVERRIDES.get(kind, {})).items():
+        table[shape] = {**table.get(shape, {}), **by_m}
+    return table
+
+
+_ENV_OVERRIDES = env_table_overrides(envs.SHARDLLM_GEMV_CONFIGS)
+FP8_GEMV_TABLE = merged_table(_FP8_SWEEP if _TABLES_ON else {}, "fp8")
+BF16_GEMV_TABLE = merged_table(_BF16_SWEEP if _TABLES_ON else {}, "bf16")
 
 
 def table_config(table: dict[tuple[int, int], dict[int, GemvConfig]], n: int, k: int, m: int) -> GemvConfig | None:

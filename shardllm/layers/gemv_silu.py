@@ -33,7 +33,14 @@ from torch import nn
 from shardllm import envs
 from shardllm.layers import gemv as gemv_mod
 from shardllm.layers import triton_ops
-from shardllm.layers.gemv import HAS_TRITON, DeferredGemvInput, GemvConfig, load_table, nearest_config, table_config
+from shardllm.layers.gemv import (
+    HAS_TRITON,
+    DeferredGemvInput,
+    GemvConfig,
+    merged_table,
+    nearest_config,
+    table_config,
+)
 
 __all__ = ["FUSED_SILU_MAX_M", "GemvSiluTarget", "SiluAndMulInput", "link_gemv_silu", "silu_gemv"]
 
@@ -48,11 +55,12 @@ FUSED_SILU_MAX_M = 1  # rows up to which the down projection takes gate_up (batc
 # tp 1, M = 1, 19.97 -> 19.26 us; bf16's best at M = 1 was _DEFAULT_CONFIG (its M = 2 entries are not kept: M = 2
 # is not fused).
 FUSED_SILU_TABLES: dict[str, dict] = {
-    "fp8": load_table({"4096x14336": {"1": [0, 8, 1024, 1, 4, 3, 1]}, "4096x7168": {"1": [0, 8, 1024, 1, 4, 3, 1]},
+    "fp8": merged_table({"4096x14336": {"1": [0, 8, 1024, 1, 4, 3, 1]}, "4096x7168": {"1": [0, 8, 1024, 1, 4, 3, 1]},
                        # Llama-3-70B down at tp 1 / 2: the config its batch-1 rows ran with (13.40 ms at tp 2);
                        # the plain GEMV's best there (block_n 4) recomputes the activation 4x as often
-                       "8192x28672": {"1": [0, 16, 1024, 1, 8, 3, 1]}, "8192x14336": {"1": [0, 16, 1024, 1, 8, 3, 1]}}),
-    "bf16": load_table({}),
+                       "8192x28672": {"1": [0, 16, 1024, 1, 8, 3, 1]}, "8192x14336": {"1": [0, 16, 1024, 1, 8, 3, 1]}},
+                      "fp8_silu"),
+    "bf16": merged_table({}, "bf16_silu"),  # (both: SHARDLLM_GEMV_CONFIGS' entries over them)
 }
 # The FMA form with the late reduction: the config the bf16 sweep picked at M = 1 for o (4096 x 4096) and for down
 # at tp 2 (4096 x 7168) on an H200 (gemv._BF16_SWEEP).
