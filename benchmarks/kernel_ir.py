@@ -48,9 +48,16 @@ DEFAULT_NUM_STAGES = 3  # Triton's on NVIDIA GPUs
 NH, NKV, D, BS = 32, 8, 128, 16
 
 
-def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: int = BS, v_transposed: bool = False):
+NEW_KV_PTRS = {"k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "pos_ptr": "*i64", "cs_ptr": "*fp32", "slot_ptr": "*i64"}
+NEW_KV_STRIDES = ["stride_cs", "stride_kn", "stride_kh", "stride_vn", "stride_vh", "stride_kcb", "stride_kcs",
+                  "stride_kch", "stride_vcb", "stride_vcs", "stride_vch", "stride_vcd"]
+
+
+def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: int = BS, v_transposed: bool = False,
+                   new_kv: bool = False):
     """The compiled kernel (triton CompiledKernel) of the decode launch `cfg` over a `cache` ("bf16" / "fp8") of
-    `block_size`-token pages (v_transposed: V stored (num_blocks, nkv, D, block_size), the TMA kernel's V_T)."""
+    `block_size`-token pages (v_transposed: V stored (num_blocks, nkv, D, block_size), the TMA kernel's V_T;
+    new_kv: the TMA kernel with the rotary and the KV write fused in, NEW_KV)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -69,7 +76,13 @@ def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: in
                       PAGES=2 if cfg.block_n == 2 * block_size else 1,
                       NUM_SPLITS=1, DOT_PRECISION="tf32", KV_SCALED=fp8, F16_DOT=fp8, USE_PDL=False,
                       PAGE_CHUNK=cfg.page_chunk, PREFETCH=cfg.prefetch_pages,
-                      V_T=v_transposed)
+                      V_T=v_transposed, NEW_KV=new_kv, FINITE_V=new_kv and v_transposed)
+        if new_kv:
+            sig.update({**NEW_KV_PTRS, "k_cache_ptr": f"*{ty}", "v_cache_ptr": f"*{ty}"})
+            sig.update({name: "i32" for name in NEW_KV_STRIDES})
+        else:  # the arguments' defaults, as a launch without them passes
+            consts.update({n: None for n in (*NEW_KV_PTRS, "k_cache_ptr", "v_cache_ptr")})
+            consts.update({n: 0 for n in NEW_KV_STRIDES})
     else:
         fn = triton_paged._decode_kernel
         sig = {**head, "k_cache_ptr": f"*{ty}", "v_cache_ptr": f"*{ty}"}
@@ -91,7 +104,7 @@ def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: in
         raise SystemExit(f"kernel_ir.py: no type for {fn.__name__}'s arguments {missing}: add them here")
     sig = {n: sig[n] for n in fn.arg_names if n in sig}  # the kernel's order: attrs below are positional
     attrs = {(i,): [["tt.divisibility", 16]] for i, (name, t) in enumerate(sig.items())
-             if t.startswith("*") or name.startswith("stride")}
+             if t != "constexpr" and (t.startswith("*") or name.startswith("stride"))}
     options = {"num_warps": cfg.num_warps, **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}
     return triton.compile(ASTSource(fn, sig, consts, attrs=attrs), target=GPUTarget("cuda", arch, 32),
                           options=options)
@@ -141,6 +154,8 @@ def main() -> None:
     ap.add_argument("--block_size", type=int, default=16, help="tokens a KV page (the FP8 cache's GPU default: 64)")
     ap.add_argument("--v_transposed", action="store_true",
                     help="the TMA kernel over a V cache stored (num_blocks, nkv, D, block_size)")
+    ap.add_argument("--new_kv", action="store_true",
+                    help="the TMA kernel with the rotary and the KV write fused in (NEW_KV, decode_fused_rotary)")
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10 (90: H100 / H200)")
     ap.add_argument("--dump", default=None, help="also write the TTGIR and PTX into this folder")
     a = ap.parse_args()
@@ -160,7 +175,7 @@ def main() -> None:
                          f"test extras (`make test` installs them)") from None
     if a.v_transposed and not cfg.tma:
         ap.error("--v_transposed: the TMA kernel's (a config with tma: true)")
-    kernel = compile_decode(a.cache, cfg, a.arch, a.block_size, a.v_transposed)
+    kernel = compile_decode(a.cache, cfg, a.arch, a.block_size, a.v_transposed, a.new_kv)
     print(json.dumps({"triton": triton.__version__, "cache": a.cache, "arch": a.arch, "config": fields,
                       "block_size": a.block_size, "v_transposed": a.v_transposed,
                       "num_stages": cfg.num_stages or DEFAULT_NUM_STAGES, **summarize(kernel)}))

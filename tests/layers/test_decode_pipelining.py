@@ -23,7 +23,8 @@ from shardllm.layers.attention.decode_configs import DecodeConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def compiled(cache: str, cfg: DecodeConfig, block_size: int = 16, v_transposed: bool = False) -> dict:
+def compiled(cache: str, cfg: DecodeConfig, block_size: int = 16, v_transposed: bool = False,
+             new_kv: bool = False) -> dict:
     """kernel_ir.py's JSON line for this launch."""
     """benchmarks/kernel_ir.py in a process of its own: the tests run Triton's interpreter (TRITON_INTERPRET=1),
     whose kernels cannot be compiled."""
@@ -31,7 +32,8 @@ def compiled(cache: str, cfg: DecodeConfig, block_size: int = 16, v_transposed: 
     env["PYTHONPATH"] = str(ROOT)
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if v != getattr(DecodeConfig(), k)}
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_ir.py"), "--cache", cache, "--config",
-                        json.dumps(fields), "--block_size", str(block_size)] + ["--v_transposed"] * v_transposed,
+                        json.dumps(fields), "--block_size", str(block_size)] + ["--v_transposed"] * v_transposed
+                       + ["--new_kv"] * new_kv,
                        capture_output=True, text=True, env=env, timeout=240)
     if r.returncode != 0:
         tail = r.stderr.strip().splitlines()[-1:]
@@ -73,3 +75,13 @@ def test_the_pointer_kernel_pipelines_its_tiles_only_with_page_ids_a_tile_ahead(
     that uses them and one tile is in flight (the fp8 batch-1 entry, {"block_n": 32}, is such a launch)."""
     assert tiles_in_flight("fp8", DecodeConfig(block_n=32, early_v=True, prefetch_pages=True, num_stages=4)) == 3
     assert tiles_in_flight("fp8", DecodeConfig(block_n=32, num_stages=4)) == 1
+
+
+def test_the_fused_rotary_and_kv_write_compile_for_sm90_at_the_same_pipeline_depth():
+    """SHARDLLM_DECODE_FUSED_ROTARY's kernel (NEW_KV) at the engine's FP8 launch: it compiles for sm90, keeps the
+    page loop's two pages in flight and adds no shared memory (142 against 128 registers with Triton 3.9)."""
+    cfg = DecodeConfig(tma=True, num_warps=2, num_stages=3, prefetch_pages=True)
+    plain, fused = compiled("fp8", cfg, 64, v_transposed=True), compiled("fp8", cfg, 64, v_transposed=True,
+                                                                          new_kv=True)
+    assert fused["tiles_in_flight"] == plain["tiles_in_flight"] == 2
+    assert fused["shared_bytes"] == plain["shared_bytes"] and fused["registers"] <= 168

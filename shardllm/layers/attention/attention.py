@@ -37,6 +37,10 @@ KV_SCALES_IN_KERNELS = envs.SHARDLLM_KV_SCALES_IN_KERNELS
 # (D, tokens) tiles (kv_write.write_v_transposed), not one row a token from the fused rotary kernel
 V_T_TILED_WRITE = envs.SHARDLLM_KV_V_T_TILED_WRITE
 _tiled_v_ok = [True]  # cleared, for the process, if that write fails to launch (the row store instead)
+# SHARDLLM_DECODE_FUSED_ROTARY=1 (read at import): decode-only steps rotate q and k and write k, v inside the TMA
+# decode kernel (triton_paged.NewKV), one launch a layer fewer
+DECODE_FUSED_ROTARY = envs.SHARDLLM_DECODE_FUSED_ROTARY
+_fused_decode_ok = [True]  # cleared, for the process, if that kernel fails to launch (the two launches instead)
 
 
 @dataclass
@@ -158,6 +162,18 @@ class Attention(nn.Module):
             k, v, q = k / self.k_scale, v / self.v_scale, q * self.k_scale
         fuse_rotary = (kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
                        and _fused_rotary_ok[0])
+        fused_decode = (fuse_rotary and DECODE_FUSED_ROTARY and _fused_decode_ok[0] and meta.max_query_len == 1
+                        and not scale_ops and triton_paged.decode_takes_new_kv(q, *self.paged_caches()))
+        if fused_decode:  # rotary, the cache write and the attention in one launch
+            try:
+                out = triton_paged.paged_decode_attention(
+                    q, *self.paged_caches(), meta.block_tables, meta.seq_lens, softmax_scale, **kv_scales,
+                    new_kv=triton_paged.NewKV(k, v, positions, rotary.cos_sin_cache, meta.slot_mapping))
+                return out.view(n, self.num_heads * self.head_dim)
+            except Exception as e:  # a Triton build that cannot compile it: the two launches it replaces
+                logger.warning("decode attention with the fused rotary + KV write failed (%s: %s); using separate "
+                               "kernels", type(e).__name__, e)
+                _fused_decode_ok[0] = False
         if fuse_rotary:  # rotary and the cache write of k and v in one launch
             paged = self.paged_caches()
             tiled_v = V_T_TILED_WRITE and _tiled_v_ok[0] and self.v_transposed and meta.max_query_len > 1

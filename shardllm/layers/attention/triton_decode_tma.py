@@ -18,6 +18,7 @@ import torch
 
 from shardllm.layers.attention.triton_paged import HAS_TRITON, _decode_store, _jit, _split_len, tl
 from shardllm.layers.pdl import pdl_enter
+from shardllm.layers.triton_ops import finite_or_zero
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -87,6 +88,62 @@ def _two_page_step(q, k0, v0, k1, v1, tok0, end, m, l_sum, acc, qk_scale,
     return m_new, l_sum, acc
 
 
+@_jit
+def _neox_rotated(ptr, row, heads, pos, cs_ptr, stride_cs, HEAD_DIM: tl.constexpr):
+    """Rows `row + heads x 1` (heads: a column of offsets) of D elements, neox-rotated by the cos/sin row of `pos`
+    (cos in [0, D/2), sin in [D/2, D)), in fp32 and rounded to the rows' dtype: what triton_ops' fused rotary kernel
+    stores in place (the same products and differences, element by element)."""
+    half: tl.constexpr = HEAD_DIM // 2
+    d = tl.arange(0, HEAD_DIM)
+    x = tl.load(ptr + row + heads + d[None, :]).to(tl.float32)
+    xp = tl.load(ptr + row + heads + ((d + half) % HEAD_DIM)[None, :]).to(tl.float32)
+    cos = tl.load(cs_ptr + pos * stride_cs + d % half).to(tl.float32)[None, :]
+    sin = tl.load(cs_ptr + pos * stride_cs + half + d % half).to(tl.float32)[None, :]
+    first = (d < half)[None, :]
+    return tl.where(first, x * cos - xp * sin, x * cos + xp * sin).to(ptr.dtype.element_ty)
+
+
+@_jit
+def _new_token_step(q, b, kvh, k_new_ptr, v_new_ptr, pos, cs_ptr, stride_cs, stride_kn, stride_kh, stride_vn,
+                    stride_vh, slot_ptr, k_cache_ptr, v_cache_ptr, stride_kcb, stride_kcs, stride_kch, stride_vcb,
+                    stride_vcs, stride_vch, stride_vcd, k_scale_ptr, v_scale_ptr, m, l_sum, acc, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_SCALED: tl.constexpr,
+                    F16_DOT: tl.constexpr, FINITE_V: tl.constexpr):
+    """The step's own token of sequence b, kv head kvh (NEW_KV): its k rotated, k and v stored into its cache slot
+    (slot < 0: not stored) as triton_ops' fused rotary + KV write stores them (k / k_scale, v / v_scale rounded
+    once to the cache dtype; FINITE_V: a non-finite v as 0), and the stored values' score and value folded into the
+    online softmax (m, l_sum, acc) as _page_step folds a cache tile's."""
+    d = tl.arange(0, HEAD_DIM)
+    k = _neox_rotated(k_new_ptr, b.to(tl.int64) * stride_kn, tl.zeros([1, 1], tl.int64) + kvh * stride_kh, pos,
+                      cs_ptr, stride_cs, HEAD_DIM)  # (1, D)
+    v = tl.load(v_new_ptr + b.to(tl.int64) * stride_vn + kvh * stride_vh + d)[None, :]
+    if FINITE_V:
+        v = finite_or_zero(v)
+    if KV_SCALED:
+        k = tl.div_rn(k.to(tl.float32), tl.load(k_scale_ptr)).to(k_cache_ptr.dtype.element_ty)
+        v = tl.div_rn(v.to(tl.float32), tl.load(v_scale_ptr)).to(v_cache_ptr.dtype.element_ty)
+    else:
+        k = k.to(k_cache_ptr.dtype.element_ty)
+        v = v.to(v_cache_ptr.dtype.element_ty)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    page = slot // BLOCK_SIZE
+    in_page = slot % BLOCK_SIZE
+    ok = (d * 0 + slot >= 0)[None, :]  # a vector test, for the interpreter (as kv_write's)
+    tl.store(k_cache_ptr + page * stride_kcb + in_page * stride_kcs + kvh * stride_kch + d[None, :], k, mask=ok)
+    tl.store(v_cache_ptr + page * stride_vcb + in_page * stride_vcs + kvh * stride_vch + d[None, :] * stride_vcd, v,
+             mask=ok)
+    s = tl.sum(q.to(tl.float32) * k.to(q.dtype).to(tl.float32), 1)  # (G,): the tile's dot, fp32 sums
+    if not F16_DOT:
+        s = s * qk_scale
+    m_new = tl.maximum(m, s)
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new)
+    l_sum = l_sum * alpha + p
+    pv = p.to(q.dtype).to(tl.float32)[:, None] * v.to(q.dtype).to(tl.float32)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_sum, acc
+
+
 @_jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _decode_kernel_tma(
     q_ptr, k_desc, v_desc, block_tables_ptr, seq_lens_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
@@ -94,7 +151,10 @@ def _decode_kernel_tma(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGES: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_SCALED: tl.constexpr,
     F16_DOT: tl.constexpr, USE_PDL: tl.constexpr = False, PAGE_CHUNK: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
-    V_T: tl.constexpr = False,
+    V_T: tl.constexpr = False, NEW_KV: tl.constexpr = False, k_new_ptr=None, v_new_ptr=None, pos_ptr=None,
+    cs_ptr=None, stride_cs=0, stride_kn=0, stride_kh=0, stride_vn=0, stride_vh=0, slot_ptr=None, k_cache_ptr=None,
+    v_cache_ptr=None, stride_kcb=0, stride_kcs=0, stride_kch=0, stride_vcb=0, stride_vcs=0, stride_vch=0,
+    stride_vcd=0, FINITE_V: tl.constexpr = False,
 ):
     """One program per (sequence, kv head, partition), as _decode_kernel; a tile is PAGES whole pages (1 or 2:
     BLOCK_N = PAGES x BLOCK_SIZE, their loads issued before either's math; with PAGE_CHUNK, two pages share one
@@ -102,7 +162,13 @@ def _decode_kernel_tma(
     PAGE_CHUNK): each tile's page id is loaded an iteration ahead, so no load of the iteration feeds its TMA
     coordinate and Triton's pipeliner keeps num_stages - 1 tiles in flight (one without: benchmarks/kernel_ir.py).
     V_T (one page a tile, no PAGE_CHUNK): v_desc is over a V cache stored (num_blocks, nkv, D, BLOCK_SIZE), boxes
-    (D, BLOCK_SIZE) (descriptor_vt), read by _page_step's V_T form."""
+    (D, BLOCK_SIZE) (descriptor_vt), read by _page_step's V_T form.
+    NEW_KV (rotary and the KV write fused in, TensorRT-LLM's masked-attention design): q_ptr holds q before its
+    rotation; each program rotates its GROUP rows (by pos_ptr[b], cos/sin rows of cs_ptr), and the program whose
+    partition holds the sequence's last position takes that token from k_new_ptr / v_new_ptr (rotating k) instead
+    of the cache, stores it into the cache (slot_ptr[b]; k_cache_ptr / v_cache_ptr with the (num_blocks,
+    block_size, nkv, D) view's strides) after its page loop, and folds it in (_new_token_step); the page loop ends
+    before that position (its slot, masked, may hold the previous step's bytes)."""
     pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -117,7 +183,17 @@ def _decode_kernel_tma(
     head = kvh * GROUP + g
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=g_mask[:, None], other=0.0)
+    if NEW_KV:
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        heads = tl.where(g_mask, head, kvh * GROUP)[:, None] * stride_qh  # padding rows: a real row, unused
+        q = _neox_rotated(q_ptr, b.to(tl.int64) * stride_qb, heads, pos, cs_ptr, stride_cs, HEAD_DIM)
+        q = tl.where(g_mask[:, None], q, 0.0)
+        new_at = seq_len - 1
+        new_here = (start <= new_at) & (new_at < end)
+        end = tl.minimum(end, new_at)  # the page loop stops before the step's own token
+    else:
+        q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + d[None, :], mask=g_mask[:, None],
+                    other=0.0)
     if KV_SCALED:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
     if F16_DOT:
@@ -167,6 +243,13 @@ def _decode_kernel_tma(
             if PAGES == 2:
                 m, l_sum, acc = _page_step(q, k1, v1, tok0 + BLOCK_SIZE, end, m, l_sum, acc, qk_scale, BLOCK_SIZE,
                                            DOT_PRECISION, F16_DOT)
+    if NEW_KV:
+        if new_here:
+            m, l_sum, acc = _new_token_step(q, b, kvh, k_new_ptr, v_new_ptr, pos, cs_ptr, stride_cs, stride_kn,
+                                            stride_kh, stride_vn, stride_vh, slot_ptr, k_cache_ptr, v_cache_ptr,
+                                            stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+                                            stride_vcd, k_scale_ptr, v_scale_ptr, m, l_sum, acc, qk_scale, HEAD_DIM,
+                                            BLOCK_SIZE, KV_SCALED, F16_DOT, FINITE_V)
     _decode_store(acc, m, l_sum, b, split, head, g_mask, d, d_mask, out_ptr, part_acc_ptr, part_ml_ptr, v_scale_ptr,
                   num_heads, num_seqs, stride_ob, stride_oh, HEAD_DIM, NUM_SPLITS, KV_SCALED)
 

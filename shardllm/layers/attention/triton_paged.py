@@ -8,6 +8,7 @@ Triton is optional: without it this module still imports and HAS_TRITON is False
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -244,11 +245,49 @@ def _vt_launch(cfg: DecodeConfig, block_size: int) -> bool:
     return cfg.tma and cfg.page_chunk == 0 and cfg.block_n in (None, block_size)
 
 
+class NewKV(NamedTuple):
+    """A decode step's own tokens for paged_decode_attention to rotate, store and attend to (new_kv): k, v (B, nkv,
+    D) as the qkv projection gives them (k not yet rotated; last dim contiguous), positions (B,) int, cos_sin_cache
+    (max_position, D) (RotaryEmbedding's: cos in [0, D/2), sin in [D/2, D); neox rotation), slot_mapping (B,) int
+    (a token's cache slot; < 0: not stored)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+def _decode_plan(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, config: DecodeConfig | None
+                 ) -> tuple[DecodeConfig, torch.Tensor | None, bool, bool]:
+    """(config, the transposed V cache's own tensor or None, V read transposed, the TMA kernel runs) of a call;
+    v_cache is the (num_blocks, block_size, nkv, D) view."""
+    v_phys = _transposed_v(v_cache)
+    block_size = k_cache.shape[1]
+    cfg = decode_config(q.shape[0], q.shape[2], k_cache.dtype, block_size) if config is None else config
+    if (v_phys is not None and config is None and not _vt_launch(cfg, block_size)
+            and vt_supported(q, k_cache, v_phys)):  # a transposed V cache: always the TMA kernel's V_T path (the
+        cfg = dataclasses.replace(VT_DEFAULT, num_splits=cfg.num_splits)  # pointer kernel would read it by bytes)
+    use_vt = v_phys is not None and _vt_launch(cfg, block_size) and vt_supported(q, k_cache, v_phys)
+    use_tma = use_vt or (cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache))
+    return cfg, v_phys, use_vt, use_tma
+
+
+def decode_takes_new_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether paged_decode_attention(q, k_cache, v_cache, ...) with its default launch can take new_kv: the TMA
+    kernel runs it (an sm90+ GPU or the interpreter, the page sizes it tiles), the cache's head_dim is even, and q is
+    16-bit or fp32 (the rotation rounds to q's dtype). v_cache: the (num_blocks, block_size, nkv, D) view."""
+    if not HAS_TRITON or q.shape[0] == 0 or q.shape[2] % 2:
+        return False
+    return _decode_plan(q, k_cache, v_cache, None)[3]
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            out: torch.Tensor | None = None, num_splits: int | None = None,
                            config: DecodeConfig | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None, v_transposed: bool = False) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, v_transposed: bool = False,
+                           new_kv: NewKV | None = None) -> torch.Tensor:
     """Attention of one new token per sequence over its paged context (this token's k/v already written).
 
     Args:
@@ -265,6 +304,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             its (.., D) view instead, Attention.paged_caches, which is detected); only the TMA kernel reads it this
             way (a tma config, one page a tile, no page_chunk), and slots past a sequence's end must hold finite
             values (they are not masked: triton_decode_tma._page_step with V_T).
+        new_kv: rotary and the KV write fused in (TMA kernel only; decode_takes_new_kv says where): q is given
+            before its rotation, and each sequence's last position (seq_lens - 1) comes from new_kv, not the cache:
+            its k rotated, k and v stored into its slot as triton_ops.rotary_embedding_and_write_kv_ stores them (k
+            / k_scale, v / v_scale) and attended to. q and new_kv.k are not modified.
     Returns:
         (B, nh, D), `out` if given.
     Raises:
@@ -278,17 +321,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                              f"{(nb, nkv, d, bs)} tensor, got {tuple(v_cache.shape)}")
         v_cache = v_cache.permute(0, 3, 1, 2)
     _check_cache(k_cache, v_cache)
-    v_phys = _transposed_v(v_cache)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert q.stride(-1) == 1 and num_heads % num_kv_heads == 0
     group = num_heads // num_kv_heads
     if config is not None:
         config.validate()  # the table's entries are validated once, at lookup
-    cfg = decode_config(num_seqs, head_dim, k_cache.dtype, block_size) if config is None else config
-    if (v_phys is not None and config is None and not _vt_launch(cfg, block_size)
-            and vt_supported(q, k_cache, v_phys)):  # a transposed V cache: always the TMA kernel's V_T path (the
-        cfg = dataclasses.replace(VT_DEFAULT, num_splits=cfg.num_splits)  # pointer kernel would read it by bytes)
+    cfg, v_phys, use_vt, use_tma = _decode_plan(q, k_cache, v_cache, config)
     k_scale, v_scale, kv_scaled = kv_scale_args(k_scale, v_scale, seq_lens)
     if num_splits is None:
         num_splits = cfg.num_splits or default_num_splits(num_seqs, num_kv_heads, q.device)
@@ -305,12 +344,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     pdl = launch_args(q.device)  # {} off sm90+ or with SHARDLLM_PDL=0
     extra = {**pdl, **({} if cfg.num_stages is None else {"num_stages": cfg.num_stages})}
     f16_dot = cfg.use_dot and _f16_dot(q.dtype, k_cache.dtype)
-    use_vt = v_phys is not None and _vt_launch(cfg, block_size) and vt_supported(q, k_cache, v_phys)
     if v_transposed and not use_vt:
         raise ValueError(f"v_transposed: the TMA kernel reads it only with tma=True, page_chunk=0 and one page a "
                          f"tile (got {cfg}), on an sm90+ GPU or the interpreter, from a contiguous (num_blocks, nkv, "
                          f"D, block_size) V cache of K's dtype (got {tuple(v_cache.shape)}, {v_cache.dtype})")
-    if use_vt or (cfg.tma and tma_supported(q, k_cache) and tma_supported(q, v_cache)):
+    if new_kv is not None and not use_tma:
+        raise ValueError(f"new_kv: only the TMA decode kernel fuses the rotary and the KV write (this call's launch "
+                         f"{cfg} takes the pointer kernel); check decode_takes_new_kv first")
+    if use_tma:
+        if new_kv is not None:
+            extra.update(_new_kv_args(new_kv, q, k_cache, v_cache))
         pages = 2 if cfg.block_n == 2 * block_size else 1  # whole pages: block_n picks 1 or 2
         block_n = pages * block_size  # the reduce's partition unit
         _decode_kernel_tma[(num_seqs, num_kv_heads, num_splits)](
@@ -336,6 +379,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             part_acc, part_ml, seq_lens, out, num_heads, num_seqs, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=4, **pdl)
     return out
+
+
+def _new_kv_args(new_kv: NewKV, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> dict:
+    """The TMA kernel's NEW_KV arguments; v_cache: the (num_blocks, block_size, nkv, D) view (a transposed V
+    cache's too: its D stride is block_size, and its stores make a non-finite v 0, as the KV writers do)."""
+    k, v, positions, cs, slots = new_kv
+    b, nkv, d = q.shape[0], k_cache.shape[2], q.shape[2]
+    if (k.shape != (b, nkv, d) or v.shape != k.shape or k.stride(-1) != 1 or v.stride(-1) != 1 or k.dtype != q.dtype
+            or v.dtype != q.dtype or positions.shape != (b,) or slots.shape != (b,) or cs.dim() != 2
+            or cs.shape[1] != d or cs.stride(-1) != 1 or d % 2):
+        raise ValueError(f"new_kv: k, v ({b}, {nkv}, {d}) in q's dtype {q.dtype} with contiguous rows, positions and "
+                         f"slot_mapping ({b},), cos_sin_cache (max_position, {d}), an even head_dim; got k "
+                         f"{tuple(k.shape)} {k.dtype}, v {tuple(v.shape)}, positions {tuple(positions.shape)}, "
+                         f"slot_mapping {tuple(slots.shape)}, cos_sin_cache {tuple(cs.shape)}")
+    return dict(NEW_KV=True, k_new_ptr=k, v_new_ptr=v, pos_ptr=positions, cs_ptr=cs, stride_cs=cs.stride(0),
+                stride_kn=k.stride(0), stride_kh=k.stride(1), stride_vn=v.stride(0), stride_vh=v.stride(1),
+                slot_ptr=slots, k_cache_ptr=k_cache, v_cache_ptr=v_cache, stride_kcb=k_cache.stride(0),
+                stride_kcs=k_cache.stride(1), stride_kch=k_cache.stride(2), stride_vcb=v_cache.stride(0),
+                stride_vcs=v_cache.stride(1), stride_vch=v_cache.stride(2), stride_vcd=v_cache.stride(3),
+                FINITE_V=v_cache.stride(-1) != 1)
 
 
 # the TMA decode kernel and the KV write reuse this module's helpers: imported last, once they exist
