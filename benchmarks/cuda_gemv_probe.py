@@ -147,7 +147,8 @@ def triton_configs(k: int) -> list[GemvConfig]:
 def silu_sweep(n: int = 4096, k: int = 14336) -> None:
     """The fused SiLU down GEMV (gemv(..., silu_input=True), the engine's batch-1 down projection: its input is
     silu(gate) * up formed in registers, recomputed by every program) at the engine's config and over
-    silu_configs(); the best as a SHARDLLM_GEMV_CONFIGS line {"fp8_silu": ...}."""
+    silu_configs(); the best as the fused table's entry (SHARDLLM_GEMV_CONFIGS_SILU=, what device_s17_b.sh reads)
+    and as a whole SHARDLLM_GEMV_CONFIGS value (SHARDLLM_GEMV_CONFIGS=)."""
     from shardllm.layers.gemv_silu import FUSED_SILU_TABLES
 
     dev = torch.device("cuda")
@@ -172,7 +173,10 @@ def silu_sweep(n: int = 4096, k: int = 14336) -> None:
         if err < 1e-2:
             best = min(best, (t, [int(v) for v in c]))
     print(json.dumps({"best_silu": best[1], "us": round(best[0], 2)}))
-    print("SHARDLLM_GEMV_CONFIGS_SILU=" + json.dumps({f"{n}x{k}": {"1": best[1]}}, separators=(",", ":")))
+    if best[1] is not None:  # the fused table's entry, and a SHARDLLM_GEMV_CONFIGS value holding only it
+        entry = {f"{n}x{k}": {"1": best[1]}}
+        print("SHARDLLM_GEMV_CONFIGS_SILU=" + json.dumps(entry, separators=(",", ":")))
+        print("SHARDLLM_GEMV_CONFIGS=" + json.dumps({"fp8_silu": entry}, separators=(",", ":")))
 
 
 def silu_configs() -> list[GemvConfig]:
@@ -222,7 +226,8 @@ def main() -> None:
             except Exception as e:  # a config Triton cannot compile (registers, shared memory)
                 print(json.dumps({"shape": name, "config": list(c), "error": str(e)[:200]}))
                 continue
-            best = min(best, (t, list(c)))
+            if t < best[0]:
+                best = (t, list(c))
         sums["triton_best"] += best[0]
         best_cfgs[name] = best[1]
         del ws

@@ -80,6 +80,9 @@ def compile_decode(cache: str, cfg: DecodeConfig, arch: int = 90, block_size: in
         if new_kv:
             sig.update({**NEW_KV_PTRS, "k_cache_ptr": f"*{ty}", "v_cache_ptr": f"*{ty}"})
             sig.update({name: "i32" for name in NEW_KV_STRIDES})
+            one = "stride_vcs" if v_transposed else "stride_vcd"  # 1 at run time, which Triton specializes
+            del sig[one]
+            consts[one] = 1
         else:  # the arguments' defaults, as a launch without them passes
             consts.update({n: None for n in (*NEW_KV_PTRS, "k_cache_ptr", "v_cache_ptr")})
             consts.update({n: 0 for n in NEW_KV_STRIDES})
@@ -175,9 +178,11 @@ def main() -> None:
                          f"test extras (`make test` installs them)") from None
     if a.v_transposed and not cfg.tma:
         ap.error("--v_transposed: the TMA kernel's (a config with tma: true)")
+    if a.new_kv and not cfg.tma:
+        ap.error("--new_kv is the TMA kernel's (NEW_KV): give a config with \"tma\": true")
     kernel = compile_decode(a.cache, cfg, a.arch, a.block_size, a.v_transposed, a.new_kv)
     print(json.dumps({"triton": triton.__version__, "cache": a.cache, "arch": a.arch, "config": fields,
-                      "block_size": a.block_size, "v_transposed": a.v_transposed,
+                      "block_size": a.block_size, "v_transposed": a.v_transposed, "new_kv": a.new_kv,
                       "num_stages": cfg.num_stages or DEFAULT_NUM_STAGES, **summarize(kernel)}))
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)

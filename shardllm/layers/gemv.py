@@ -353,6 +353,10 @@ def env_table_overrides(text: str | None) -> dict[str, dict]:
                          f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
     for kind, table in raw.items():
         try:
+            for shape, by_m in table.items():
+                for mm, c in by_m.items():
+                    if int(mm) not in M_BUCKETS or not 6 <= len(c) <= 8 or not all(isinstance(v, int) for v in c):
+                        raise ValueError(f"{shape}/{mm}: M must be one of {M_BUCKETS} and the config 6 to 8 ints")
             load_table(table)
         except (AttributeError, TypeError, ValueError, IndexError) as e:
             raise ValueError(f"SHARDLLM_GEMV_CONFIGS[{kind!r}]: entries are {{\"NxK\": {{\"M\": [use_dot, block_n, "
@@ -361,7 +365,8 @@ def env_table_overrides(text: str | None) -> dict[str, dict]:
 
 
 def merged_table(base: dict, kind: str) -> dict[tuple[int, int], dict[int, GemvConfig]]:
-    """load_table(base) with SHARDLLM_GEMV_CONFIGS[kind]'s entries in place of those (shape, M) entries."""
+    """load_table(base) with SHARDLLM_GEMV_CONFIGS[kind]'s entries in place of those (shape, M) entries (also over
+    the empty tables of SHARDLLM_GEMV_TABLES=0; an added shape is also a nearest_config candidate)."""
     table = load_table(base)
     for shape, by_m in load_table(_ENV_OVERRIDES.get(kind, {})).items():
         table[shape] = {**table.get(shape, {}), **by_m}

@@ -130,6 +130,20 @@ def _fused_silu_and_mul_kernel(x_ptr, out_ptr, d, stride_xn, stride_on, BLOCK: t
 
 
 @_jit
+def neox_first(x1, x2, cos, sin):
+    """The first half of a neox rotation, x1 cos - x2 sin, as one fused multiply-add over the rounded x2 sin: the
+    form the compiler contracted it to on sm90, written out so that every kernel rotating a head (this module's,
+    triton_decode_tma's NEW_KV) rounds it alike wherever it compiles."""
+    return tl.fma(x1, cos, -(x2 * sin))
+
+
+@_jit
+def neox_second(x1, x2, cos, sin):
+    """The second half, x2 cos + x1 sin, as fma(x1, sin, rounded x2 cos) (see neox_first)."""
+    return tl.fma(x1, sin, x2 * cos)
+
+
+@_jit
 def _rotate_heads_inplace(ptr, row_off, stride_h, num_heads, cos, sin,
                           HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
     """Rotates heads [0, num_heads) of one token, (HEADS_PAD, HALF_PAD) tiles of both halves, in place.
@@ -142,8 +156,8 @@ def _rotate_heads_inplace(ptr, row_off, stride_h, num_heads, cos, sin,
     p1 = ptr + row_off + h[:, None] * stride_h + j[None, :]
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    y1 = (x1 * cos - x2 * sin).to(ptr.dtype.element_ty)
-    y2 = (x2 * cos + x1 * sin).to(ptr.dtype.element_ty)
+    y1 = neox_first(x1, x2, cos, sin).to(ptr.dtype.element_ty)
+    y2 = neox_second(x1, x2, cos, sin).to(ptr.dtype.element_ty)
     tl.store(p1, y1, mask=mask)
     tl.store(p1 + HALF, y2, mask=mask)
     return y1, y2
@@ -228,8 +242,8 @@ def _write_rotated_kv(n, k1, k2, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_p
 if HAS_TRITON and hasattr(_fused_rmsnorm_row_kernel, "rewrite"):  # the interpreter (TRITON_INTERPRET=1)
     # It reads a kernel's source from this file at its first launch, by line number: an edit of the file since
     # the import (a long test run beside an editor) then yields the wrong function, KeyError: '<kernel name>'.
-    for _kernel in (_fused_rmsnorm_row_kernel, _fused_silu_and_mul_kernel, _rotate_heads_inplace,
-                    _fused_rotary_kernel, _write_rotated_kv, finite_or_zero):
+    for _kernel in (_fused_rmsnorm_row_kernel, _fused_silu_and_mul_kernel, neox_first, neox_second,
+                    _rotate_heads_inplace, _fused_rotary_kernel, _write_rotated_kv, finite_or_zero):
         _kernel.rewrite()
 
 

@@ -32,7 +32,7 @@ def _step(q, kc, vc, meta, seed, device="cpu"):
     return k, v, positions, rotary.cos_sin_cache
 
 
-def _both(q, kc, vc, meta, new, num_splits, v_t=False, **kv):
+def _both(q, kc, vc, meta, new, num_splits, v_t=False, config=TMA, **kv):
     """(unfused out, fused out, caches after each): the two-launch path and the fused one from equal caches."""
     k, v, positions, cs = new
     kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
@@ -41,10 +41,10 @@ def _both(q, kc, vc, meta, new, num_splits, v_t=False, **kv):
     q1, k1 = q.clone(), k.clone()
     triton_ops.rotary_embedding_and_write_kv_(positions, q1, k1, v, cs, kc1, view(vc1), meta.slot_mapping, **kv)
     ref = paged_decode_attention(q1, kc1, view(vc1), meta.block_tables, meta.seq_lens, q.shape[-1] ** -0.5,
-                                 num_splits=num_splits, config=TMA, **kv)
+                                 num_splits=num_splits, config=config, **kv)
     q2, k2 = q.clone(), k.clone()
     got = paged_decode_attention(q2, kc2, view(vc2), meta.block_tables, meta.seq_lens, q.shape[-1] ** -0.5,
-                                 num_splits=num_splits, config=TMA, new_kv=NewKV(k2, v, positions, cs,
+                                 num_splits=num_splits, config=config, new_kv=NewKV(k2, v, positions, cs,
                                                                                   meta.slot_mapping), **kv)
     assert torch.equal(q2, q) and torch.equal(k2, k)  # the fused call rotates in registers only
     return ref, got, (kc1, vc1), (kc2, vc2)
@@ -55,18 +55,24 @@ def _same_bytes(a, b):
 
 
 @cpu
+@pytest.mark.parametrize("config", [TMA, DecodeConfig(tma=True), DecodeConfig(tma=True, page_chunk=2),
+                                    DecodeConfig(tma=True, block_n=32), DecodeConfig(tma=True, block_n=32,
+                                                                                     page_chunk=4)],
+                         ids=["prefetch", "plain", "page_chunk", "two_pages", "two_pages_chunked"])
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_fused_equals_rotary_write_then_decode_fp32(num_splits):
-    lens = [150, 33, 0, 1, 64]  # a padding row (length 0, slot -1), a sequence of only its new token
-    q, kc, vc, meta = make_case([1] * 5, lens, 2, 4, 64, seed=31)
+def test_fused_equals_rotary_write_then_decode_fp32(num_splits, config):
+    """Every page loop of the TMA kernel (page ids ahead, plain, in chunks, two pages a tile with one or two softmax
+    updates), lengths ending mid-page and on a page's last slot (16, 17, 32 at 16-token pages)."""
+    lens = [150, 33, 0, 1, 64, 16, 17, 32]  # a padding row (length 0, slot -1), a sequence of only its new token
+    q, kc, vc, meta = make_case([1] * len(lens), lens, 2, 3, 64, seed=31)  # GROUP 3: padding rows in GROUP_PAD
     meta.slot_mapping[2] = -1
     new = _step(q, kc, vc, meta, seed=32)
-    ref, got, c1, c2 = _both(q, kc, vc, meta, new, num_splits)
+    ref, got, c1, c2 = _both(q, kc, vc, meta, new, num_splits, config=config)
     assert _same_bytes(c1[0], c2[0]) and _same_bytes(c1[1], c2[1])
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     assert got[2].abs().max() == 0
     # the one-token sequence attends to its own v only
-    torch.testing.assert_close(got[3], new[1][3].repeat_interleave(4, 0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[3], new[1][3].repeat_interleave(3, 0), atol=1e-6, rtol=1e-5)
 
 
 @cpu
@@ -100,7 +106,24 @@ def test_new_kv_needs_the_tma_kernel_and_matching_shapes():
         paged_decode_attention(*args, config=DecodeConfig(), new_kv=NewKV(k, v, positions, cs, meta.slot_mapping))
     with pytest.raises(ValueError, match="new_kv: k, v"):
         paged_decode_attention(*args, config=TMA, new_kv=NewKV(k[:1], v, positions, cs, meta.slot_mapping))
-    assert triton_paged.decode_takes_new_kv(q, kc, vc) == triton_paged._decode_plan(q, kc, vc, None)[3]
+    assert not triton_paged.decode_takes_new_kv(q, kc, vc)  # fp32's default launch: the pointer kernel
+    vt = vc.permute(0, 2, 3, 1).contiguous()  # a transposed V is always read by the TMA kernel
+    assert triton_paged.decode_takes_new_kv(q, kc, vt.permute(0, 3, 1, 2))
+
+
+@gpu
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("batch", [1, 256])
+def test_gpu_fused_over_a_bf16_cache_in_the_tables_launches(batch):
+    """A bf16 cache at 16-token pages, standard V: the table's launch (TMA, page ids in chunks at 256) and a plain
+    TMA one, against the two launches on the GPU (bit-equal caches: the rotations are the same fused multiply-adds)."""
+    lens = [int(x) for x in torch.randint(1, 700, (batch,), generator=torch.Generator().manual_seed(batch))]
+    q, kc, vc, meta = make_case([1] * batch, lens, 8, 4, 128, torch.bfloat16, "cuda", seed=batch)
+    new = _step(q, kc, vc, meta, seed=batch + 2, device="cuda")
+    for config in (DecodeConfig(tma=True, num_warps=2, num_stages=3, page_chunk=16), DecodeConfig(tma=True)):
+        ref, got, c1, c2 = _both(q, kc, vc, meta, new, None, config=config)
+        assert _same_bytes(c1[0], c2[0]) and _same_bytes(c1[1], c2[1])
+        assert (got.float() - ref.float()).abs().max() < 1e-2 * ref.float().abs().max()
 
 
 @gpu
@@ -210,3 +233,30 @@ def test_a_failing_fused_decode_falls_back_to_the_two_launches(tiny_checkpoints,
         llm.shutdown()
     assert tries == [1] and "fused rotary + KV write failed" in caplog.text  # tried once, then not again
     assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+
+
+@cpu
+def test_the_warm_up_compiles_the_plain_launch_mixed_steps_take(tiny_checkpoints, monkeypatch):
+    """With the switch on, the start-up warm-up runs each decode size with the plain launch (a mixed step's decodes
+    take it; the CUDA-graph buckets ran only the fused one) and, without graphs, with the fused one too."""
+    from shardllm import LLM
+    from shardllm.layers.attention import Attention
+    from shardllm.layers.attention import attention as attention_mod
+
+    monkeypatch.setattr(Attention, "uses_triton_kernels", lambda self, q: self.use_triton)
+    monkeypatch.setattr(RotaryEmbedding, "uses_kernel", lambda self, q: True)
+    monkeypatch.setattr(triton_paged, "decode_config", lambda *a, **k: TMA)
+    llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=40, block_size=16, dtype="float32",
+              max_batch_size=4)
+    try:
+        runner = llm.engine.executor.worker.model_runner
+        decode, seen = triton_paged.paged_decode_attention, []
+        monkeypatch.setattr(triton_paged, "paged_decode_attention",
+                            lambda *a, **k: seen.append(k.get("new_kv") is not None) or decode(*a, **k))
+        monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", True)
+        sizes, _ = runner.warm_up_kernels()
+    finally:
+        llm.shutdown()
+    layers = llm.config.model_config.hf_config.num_hidden_layers
+    assert sizes and seen.count(False) == seen.count(True) == len(sizes) * layers
+    assert attention_mod.DECODE_FUSED_ROTARY  # restored after the plain runs

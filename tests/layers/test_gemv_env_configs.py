@@ -25,6 +25,10 @@ def test_unset_or_empty_changes_nothing():
     ("[1, 2]", "keys must be among"),
     ('{"fp8": {"4096x4096": {"1": [0, 4]}}}', r"SHARDLLM_GEMV_CONFIGS\['fp8'\]"),
     ('{"fp8": {"4096by4096": {"1": [0, 4, 512, 1, 4, 3]}}}', r"SHARDLLM_GEMV_CONFIGS\['fp8'\]"),
+    ('{"fp8": {"4096x4096": {"3": [0, 4, 512, 1, 4, 3]}}}', "M must be one of"),  # never looked up
+    ('{"bf16": {"4096x4096": {"1": [0, 4, 512, 1, 4]}}}', "6 to 8 ints"),
+    ('{"fp8_silu": {"4096x4096": {"1": [0, 4, 512, 1, 4, 3, 0, 0, 1]}}}', "6 to 8 ints"),
+    ('{"bf16_silu": {"4096x4096": {"1": [0, 4, 512.5, 1, 4, 3]}}}', "6 to 8 ints"),
 ])
 def test_bad_values_are_refused_naming_the_format(text, match):
     with pytest.raises(ValueError, match=match):

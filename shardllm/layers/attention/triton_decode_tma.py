@@ -18,7 +18,7 @@ import torch
 
 from shardllm.layers.attention.triton_paged import HAS_TRITON, _decode_store, _jit, _split_len, tl
 from shardllm.layers.pdl import pdl_enter
-from shardllm.layers.triton_ops import finite_or_zero
+from shardllm.layers.triton_ops import finite_or_zero, neox_first, neox_second
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -92,15 +92,15 @@ def _two_page_step(q, k0, v0, k1, v1, tok0, end, m, l_sum, acc, qk_scale,
 def _neox_rotated(ptr, row, heads, pos, cs_ptr, stride_cs, HEAD_DIM: tl.constexpr):
     """Rows `row + heads x 1` (heads: a column of offsets) of D elements, neox-rotated by the cos/sin row of `pos`
     (cos in [0, D/2), sin in [D/2, D)), in fp32 and rounded to the rows' dtype: what triton_ops' fused rotary kernel
-    stores in place (the same products and differences, element by element)."""
+    stores in place (the same fused multiply-adds, triton_ops.neox_first / neox_second, element by element)."""
     half: tl.constexpr = HEAD_DIM // 2
     d = tl.arange(0, HEAD_DIM)
     x = tl.load(ptr + row + heads + d[None, :]).to(tl.float32)
     xp = tl.load(ptr + row + heads + ((d + half) % HEAD_DIM)[None, :]).to(tl.float32)
     cos = tl.load(cs_ptr + pos * stride_cs + d % half).to(tl.float32)[None, :]
     sin = tl.load(cs_ptr + pos * stride_cs + half + d % half).to(tl.float32)[None, :]
-    first = (d < half)[None, :]
-    return tl.where(first, x * cos - xp * sin, x * cos + xp * sin).to(ptr.dtype.element_ty)
+    first = (d < half)[None, :]  # there x is x1 and xp x2; past it x is x2 and xp x1
+    return tl.where(first, neox_first(x, xp, cos, sin), neox_second(xp, x, cos, sin)).to(ptr.dtype.element_ty)
 
 
 @_jit
