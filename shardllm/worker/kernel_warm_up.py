@@ -79,13 +79,14 @@ class KernelWarmUp:
         fused = attention_mod.DECODE_FUSED_ROTARY
         with microbatch_overlap.suspended():  # the variants of whole batches, as mixed steps run them
             decode = self.warm_up_decode_sizes()
-            for n in decode:
-                attention_mod.DECODE_FUSED_ROTARY = False  # the plain launch, as a mixed step's decodes take it
-                try:
+            attention_mod.DECODE_FUSED_ROTARY = False  # the plain launch, as a mixed step's decodes take it
+            try:
+                for n in decode:
                     self._dummy_forward(n, decode=True)
-                finally:
-                    attention_mod.DECODE_FUSED_ROTARY = fused
-                if fused and self.graph_runner is None:  # eager decode-only steps take the fused launch too
+            finally:
+                attention_mod.DECODE_FUSED_ROTARY = fused
+            if fused and self.graph_runner is None:  # eager decode-only steps take the fused launch too
+                for n in decode:
                     self._dummy_forward(n, decode=True)
         tiles = self.warm_up_prefill_tiles()
         # the sampler's greedy arg-max of small batches (layers/argmax.py), else compiled at the first greedy step

@@ -79,6 +79,13 @@ class PendingOutput:
                                  prompt_logprobs=self.prompt_logprobs)
 
 
+def _fresh_from(starts: np.ndarray) -> int:
+    """AttentionMetadata.fresh_from of a step whose sequences start at context positions `starts`: the first
+    sequence after the last one with cached context (a decode, a later chunk), whose attention reads the cache."""
+    with_context = np.flatnonzero(starts > 0)
+    return int(with_context[-1]) + 1 if len(with_context) else 0
+
+
 def is_ready(out: PendingOutput | ModelRunnerOutput | None) -> bool:
     return not isinstance(out, PendingOutput) or out.ready()
 
@@ -287,14 +294,13 @@ class ModelRunner(KernelWarmUp):
             for k, i in enumerate(sample_rows):  # row k of this step's sampled tokens
                 self._sampled_at[so.scheduled[i].req_id] = (self._step, k)
         max_query_len = int(q_lens.max())
-        with_context = np.flatnonzero(starts > 0)  # decodes and later chunks: their attention reads the cache
         meta = AttentionMetadata(
             slot_mapping=slots, query_start_loc=i32[0], seq_lens=i32[1],
             block_tables=i32[2].view(n_seqs, max_blocks), max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()), block_size=bs,
             num_decodes=int(np.argmax(q_lens != 1)) if max_query_len > 1 else 0,  # the leading one-token rows
             host_query_start_loc=qsl,
-            fresh_from=(int(with_context[-1]) + 1 if len(with_context) else 0) if max_query_len > 1 else None)
+            fresh_from=_fresh_from(starts) if max_query_len > 1 else None)
         return StepInputs(ids, pos, meta, logits_idx, [so.scheduled[i].req_id for i in sample_rows])
 
     def _tokens_of_step(self, step: int) -> torch.Tensor:

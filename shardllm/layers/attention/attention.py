@@ -160,14 +160,15 @@ class Attention(nn.Module):
         kv_scales = {"k_scale": self.k_scale, "v_scale": self.v_scale} if scaled and not scale_ops else {}
         if scale_ops:
             k, v, q = k / self.k_scale, v / self.v_scale, q * self.k_scale
+        paged = self.paged_caches() if kernels else None  # (num_blocks, block_size, nkv, D) each
         fuse_rotary = (kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
                        and _fused_rotary_ok[0])
         fused_decode = (fuse_rotary and DECODE_FUSED_ROTARY and _fused_decode_ok[0] and meta.max_query_len == 1
-                        and not scale_ops and triton_paged.decode_takes_new_kv(q, *self.paged_caches()))
+                        and not scale_ops and triton_paged.decode_takes_new_kv(q, *paged))
         if fused_decode:  # rotary, the cache write and the attention in one launch
             try:
                 out = triton_paged.paged_decode_attention(
-                    q, *self.paged_caches(), meta.block_tables, meta.seq_lens, softmax_scale, **kv_scales,
+                    q, *paged, meta.block_tables, meta.seq_lens, softmax_scale, **kv_scales,
                     new_kv=triton_paged.NewKV(k, v, positions, rotary.cos_sin_cache, meta.slot_mapping))
                 return out.view(n, self.num_heads * self.head_dim)
             except Exception as e:  # a Triton build that cannot compile it: the two launches it replaces
@@ -175,7 +176,6 @@ class Attention(nn.Module):
                                "kernels", type(e).__name__, e)
                 _fused_decode_ok[0] = False
         if fuse_rotary:  # rotary and the cache write of k and v in one launch
-            paged = self.paged_caches()
             tiled_v = V_T_TILED_WRITE and _tiled_v_ok[0] and self.v_transposed and meta.max_query_len > 1
             try:
                 triton_ops.rotary_embedding_and_write_kv_(positions, q, k, v, rotary.cos_sin_cache, *paged,
@@ -195,7 +195,6 @@ class Attention(nn.Module):
         if rotary is not None and not fuse_rotary:
             q, k = rotary(positions, q, k)
         if kernels:
-            paged = self.paged_caches()  # (num_blocks, block_size, nkv, D) each
             if not fuse_rotary:
                 triton_paged.write_kv_cache(k, v, *paged, meta.slot_mapping, **kv_scales)  # one launch for k, v
             nd = meta.num_decodes if MIXED_STEP_DECODE_KERNEL else 0
