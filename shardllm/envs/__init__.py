@@ -189,13 +189,15 @@ _VARS = [
            "3.008 ms, off)"),
     EnvVar("SHARDLLM_GEMV_CONFIGS", "str", None, _text, "import",
            "JSON {\"fp8\" | \"bf16\" | \"fp8_silu\" | \"bf16_silu\": {\"NxK\": {\"M\": [use_dot, block_n, block_k, "
-           "split_k, num_warps, num_stages, late_reduce, w_ahead]}}} merged over the decode GEMV's tuned tables "
+           "split_k, num_warps, num_stages(, late_reduce, w_ahead)]}}} (M: 1, 2, 4, 8 or 16) merged over the batch-1 "
+           "decode GEMV's tuned tables "
            "(gemv_tables.py; _silu: gemv_silu.FUSED_SILU_TABLES), entry by entry: a sweep's configs tried end to "
            "end without an edit (benchmarks/cuda_gemv_probe.py, the device scripts)"),
     _switch("SHARDLLM_DECODE_FUSED_ROTARY", False, "import",
             "1: decode-only steps rotate q, k and write k, v into the paged cache inside the TMA decode attention "
-            "kernel (TensorRT-LLM's masked-attention design; triton_paged.NewKV), one launch a layer fewer "
-            "(issue 13; not yet measured on a GPU)"),
+            "kernel (TensorRT-LLM's masked-attention design; triton_paged.NewKV), one launch a layer fewer; only "
+            "where that kernel runs (sm90+ GPUs: always over an FP8 cache, at the table's TMA launches over bf16), "
+            "no effect elsewhere (issue 13; not yet measured on a GPU)"),
     _switch("SHARDLLM_GEMV_NEAREST_SHAPE", True, "per call",
             "0: an FP8 GEMV shape without a tuned entry, and the fused SiLU down GEMV's, take the generic tl.dot "
             "config, not the nearest tuned shape's (gemv.nearest_config; A/B only: Llama-3-70B batch 1 was "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import NamedTuple
 
 import torch
@@ -353,14 +354,23 @@ def env_table_overrides(text: str | None) -> dict[str, dict]:
                          f"{sorted(raw) if isinstance(raw, dict) else type(raw).__name__}")
     for kind, table in raw.items():
         try:
+            if not isinstance(table, dict):
+                raise ValueError(f"a table is an object of shapes, got {type(table).__name__}")
             for shape, by_m in table.items():
+                if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", shape) or not isinstance(by_m, dict):
+                    raise ValueError(f"{shape!r}: keys are \"NxK\" (e.g. \"4096x4096\"), each an object of M keys")
                 for mm, c in by_m.items():
-                    if int(mm) not in M_BUCKETS or not 6 <= len(c) <= 8 or not all(isinstance(v, int) for v in c):
-                        raise ValueError(f"{shape}/{mm}: M must be one of {M_BUCKETS} and the config 6 to 8 ints")
+                    if not mm.isdigit() or int(mm) not in M_BUCKETS:
+                        raise ValueError(f"{shape}/{mm}: M must be one of {M_BUCKETS}")
+                    if not isinstance(c, list) or not 6 <= len(c) <= 8 or not all(isinstance(v, int) for v in c):
+                        raise ValueError(f"{shape}/{mm}: the config is a list of 6 to 8 ints, got {c!r}")
+                    if min(c[1:6]) < 1:
+                        raise ValueError(f"{shape}/{mm}: block_n, block_k, split_k, num_warps and num_stages must be "
+                                         f"positive, got {c[1:6]}")
             load_table(table)
         except (AttributeError, TypeError, ValueError, IndexError) as e:
-            raise ValueError(f"SHARDLLM_GEMV_CONFIGS[{kind!r}]: entries are {{\"NxK\": {{\"M\": [use_dot, block_n, "
-                             f"block_k, split_k, num_warps, num_stages(, late_reduce, w_ahead)]}}}} ({e})") from e
+            raise ValueError(f"SHARDLLM_GEMV_CONFIGS[{kind!r}]: {e}; entries are {{\"NxK\": {{\"M\": [use_dot, "
+                             f"block_n, block_k, split_k, num_warps, num_stages(, late_reduce, w_ahead)]}}}}") from e
     return raw
 
 

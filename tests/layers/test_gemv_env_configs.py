@@ -29,6 +29,10 @@ def test_unset_or_empty_changes_nothing():
     ('{"bf16": {"4096x4096": {"1": [0, 4, 512, 1, 4]}}}', "6 to 8 ints"),
     ('{"fp8_silu": {"4096x4096": {"1": [0, 4, 512, 1, 4, 3, 0, 0, 1]}}}', "6 to 8 ints"),
     ('{"bf16_silu": {"4096x4096": {"1": [0, 4, 512.5, 1, 4, 3]}}}', "6 to 8 ints"),
+    ('{"fp8": {"4096": {"1": [0, 4, 512, 1, 4, 3]}}}', "keys are \"NxK\""),
+    ('{"fp8": {"4096x4096": [0, 4, 512, 1, 4, 3]}}', "keys are \"NxK\""),
+    ('{"fp8": [1]}', "an object of shapes"),
+    ('{"fp8": {"4096x4096": {"1": [1, -64, 128, 1, 4, 3]}}}', "must be positive"),
 ])
 def test_bad_values_are_refused_naming_the_format(text, match):
     with pytest.raises(ValueError, match=match):
