@@ -76,17 +76,18 @@ class KernelWarmUp:
         from shardllm.layers.attention import attention as attention_mod
 
         t = time.perf_counter()
-        fused = attention_mod.DECODE_FUSED_ROTARY
+        fused = attention_mod.DECODE_FUSED_ROTARY  # decode-only steps of at most this many rows: the fused launch
         with microbatch_overlap.suspended():  # the variants of whole batches, as mixed steps run them
             decode = self.warm_up_decode_sizes()
-            attention_mod.DECODE_FUSED_ROTARY = False  # the plain launch, as a mixed step's decodes take it
+            attention_mod.DECODE_FUSED_ROTARY = 0  # the plain launch, as a mixed step's decodes take it
             try:
                 for n in decode:
                     self._dummy_forward(n, decode=True)
             finally:
                 attention_mod.DECODE_FUSED_ROTARY = fused
-            if fused and self.graph_runner is None:  # eager decode-only steps take the fused launch too
-                for n in decode:
+            if fused and self.graph_runner is None:  # eager decode-only steps up to `fused` rows: the fused launch
+                for n in decode_warm_up_sizes(self.model, [], min(fused, self.config.scheduler_config.max_num_seqs),
+                                              self.block_size, self.device):
                     self._dummy_forward(n, decode=True)
         tiles = self.warm_up_prefill_tiles()
         # the sampler's greedy arg-max of small batches (layers/argmax.py), else compiled at the first greedy step
@@ -100,18 +101,19 @@ class KernelWarmUp:
 
     def warm_up_decode_sizes(self) -> list[int]:
         """The decode batch sizes to run once (decode_warm_up_sizes): every decode variant up to
-        max_num_seqs without CUDA graphs (each decode step runs eagerly); with them, those no bucket ran whole (every
-        variant with SHARDLLM_DECODE_FUSED_ROTARY, whose buckets ran the fused launch), and only when mixed steps run
-        their decodes eagerly (SHARDLLM_MIXED_STEP_DECODE_KERNEL)."""
+        max_num_seqs without CUDA graphs (each decode step runs eagerly); with them, those no bucket ran whole (a
+        bucket of at most SHARDLLM_DECODE_FUSED_ROTARY rows ran only the fused launch), and only when mixed steps
+        run their decodes eagerly (SHARDLLM_MIXED_STEP_DECODE_KERNEL)."""
         from shardllm.layers.attention import attention as attention_mod
 
         g = self.graph_runner
         if g is not None and not attention_mod.MIXED_STEP_DECODE_KERNEL:
             return []
         halves = microbatch_overlap.active(get_parallel_context().tp_size)  # the overlap split large buckets
-        # with SHARDLLM_DECODE_FUSED_ROTARY the buckets compiled the fused launch, not the plain one mixed steps take
-        whole = [] if g is None or attention_mod.DECODE_FUSED_ROTARY else [
-            b for b in g.buckets if not (halves and b >= microbatch_overlap.MIN_TOKENS)]
+        # buckets of at most SHARDLLM_DECODE_FUSED_ROTARY rows compiled the fused launch, not the plain one mixed
+        # steps take
+        whole = [] if g is None else [b for b in g.buckets if b > attention_mod.DECODE_FUSED_ROTARY
+                                      and not (halves and b >= microbatch_overlap.MIN_TOKENS)]
         return decode_warm_up_sizes(self.model, whole, self.config.scheduler_config.max_num_seqs, self.block_size,
                                     self.device)
 

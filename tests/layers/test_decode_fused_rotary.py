@@ -158,10 +158,12 @@ def test_gpu_fused_equals_rotary_write_then_decode(batch):
 
 
 @cpu
-def test_a_model_with_the_fused_decode_gives_the_same_tokens(tiny_checkpoints, monkeypatch):
+@pytest.mark.parametrize("max_rows", [3, 2])
+def test_a_model_with_the_fused_decode_gives_the_same_tokens(tiny_checkpoints, monkeypatch, max_rows):
     """End to end under the interpreter, the TMA launch for every decode (as on an H200): with
-    SHARDLLM_DECODE_FUSED_ROTARY's path every decode-only step's layers take NewKV (and the separate rotary + KV
-    write does not run for them), and the greedy tokens and logprobs are those of the two-launch path."""
+    SHARDLLM_DECODE_FUSED_ROTARY at 3 every decode-only step's layers (3 rows) take NewKV (and the separate rotary +
+    KV write does not run for them); at 2 none does. The greedy tokens and logprobs are those of the two-launch
+    path."""
     from shardllm import LLM, SamplingParams
     from shardllm.layers.attention import Attention
     from shardllm.layers.attention import attention as attention_mod
@@ -190,13 +192,14 @@ def test_a_model_with_the_fused_decode_gives_the_same_tokens(tiny_checkpoints, m
         want = llm.generate(prompts, greedy)
         assert calls["fused"] == 0
         writes_before = calls["rotary_write"]
-        monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", True)
+        monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", max_rows)
         got = llm.generate(prompts, greedy)
     finally:
         llm.shutdown()
     layers = llm.config.model_config.hf_config.num_hidden_layers
-    assert calls["fused"] == 4 * layers  # the four decode-only steps after the prompts' step
-    assert calls["rotary_write"] - writes_before == layers  # only the prompts' step wrote separately
+    fused_steps = 4 if max_rows >= 3 else 0  # the four decode-only steps after the prompts' step, of 3 rows each
+    assert calls["fused"] == fused_steps * layers
+    assert calls["rotary_write"] - writes_before == (5 - fused_steps) * layers  # the prompts' step and plain ones
     for g, w in zip(got, want):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
         for x, y in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
@@ -226,7 +229,7 @@ def test_a_failing_fused_decode_falls_back_to_the_two_launches(tiny_checkpoints,
               enable_prefix_caching=False)
     try:
         want = llm.generate([[5, 6, 7, 8]], greedy)
-        monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", True)
+        monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", 1)
         monkeypatch.setattr(triton_paged, "paged_decode_attention", refusing)
         got = llm.generate([[5, 6, 7, 8]], greedy)
     finally:
@@ -236,9 +239,11 @@ def test_a_failing_fused_decode_falls_back_to_the_two_launches(tiny_checkpoints,
 
 
 @cpu
-def test_the_warm_up_compiles_the_plain_launch_mixed_steps_take(tiny_checkpoints, monkeypatch):
-    """With the switch on, the start-up warm-up runs each decode size with the plain launch (a mixed step's decodes
-    take it; the CUDA-graph buckets ran only the fused one) and, without graphs, with the fused one too."""
+@pytest.mark.parametrize("max_rows", [4, 1])
+def test_the_warm_up_compiles_the_plain_launch_mixed_steps_take(tiny_checkpoints, monkeypatch, max_rows):
+    """With SHARDLLM_DECODE_FUSED_ROTARY on, the start-up warm-up runs each decode size with the plain launch (a
+    mixed step's decodes take it; the CUDA-graph buckets of at most that many rows ran only the fused one) and,
+    without graphs, the sizes up to it with the fused one too."""
     from shardllm import LLM
     from shardllm.layers.attention import Attention
     from shardllm.layers.attention import attention as attention_mod
@@ -252,11 +257,16 @@ def test_the_warm_up_compiles_the_plain_launch_mixed_steps_take(tiny_checkpoints
         runner = llm.engine.executor.worker.model_runner
         decode, seen = triton_paged.paged_decode_attention, []
         monkeypatch.setattr(triton_paged, "paged_decode_attention",
-                            lambda *a, **k: seen.append(k.get("new_kv") is not None) or decode(*a, **k))
-        monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", True)
+                            lambda *a, **k: seen.append((a[0].shape[0], k.get("new_kv") is not None))
+                            or decode(*a, **k))
+        monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", max_rows)
         sizes, _ = runner.warm_up_kernels()
     finally:
         llm.shutdown()
     layers = llm.config.model_config.hf_config.num_hidden_layers
-    assert sizes and seen.count(False) == seen.count(True) == len(sizes) * layers
-    assert attention_mod.DECODE_FUSED_ROTARY  # restored after the plain runs
+    plain = [n for n, fused in seen if not fused]
+    fused = [n for n, f in seen if f]
+    assert sizes and sorted(plain) == sorted(sizes * layers)
+    assert fused and max(fused) <= max_rows and set(fused) == {n for n in sizes if n <= max_rows}
+    assert len(fused) == len(set(fused)) * layers
+    assert attention_mod.DECODE_FUSED_ROTARY == max_rows  # restored after the plain runs

@@ -37,8 +37,9 @@ KV_SCALES_IN_KERNELS = envs.SHARDLLM_KV_SCALES_IN_KERNELS
 # (D, tokens) tiles (kv_write.write_v_transposed), not one row a token from the fused rotary kernel
 V_T_TILED_WRITE = envs.SHARDLLM_KV_V_T_TILED_WRITE
 _tiled_v_ok = [True]  # cleared, for the process, if that write fails to launch (the row store instead)
-# SHARDLLM_DECODE_FUSED_ROTARY=1 (read at import): decode-only steps rotate q and k and write k, v inside the TMA
-# decode kernel (triton_paged.NewKV), one launch a layer fewer
+# SHARDLLM_DECODE_FUSED_ROTARY=N (read at import): decode-only steps of at most N rows rotate q and k and write k, v
+# inside the TMA decode kernel (triton_paged.NewKV), one launch a layer fewer (0: none). Larger steps keep the two
+# launches: the fused kernel's longer prologue delays every program of a many-wave grid (envs' measurements).
 DECODE_FUSED_ROTARY = envs.SHARDLLM_DECODE_FUSED_ROTARY
 _fused_decode_ok = [True]  # cleared, for the process, if that kernel fails to launch (the two launches instead)
 
@@ -163,7 +164,7 @@ class Attention(nn.Module):
         paged = self.paged_caches() if kernels else None  # (num_blocks, block_size, nkv, D) each
         fuse_rotary = (kernels and isinstance(rotary, RotaryEmbedding) and rotary.uses_kernel(q)
                        and _fused_rotary_ok[0])
-        fused_decode = (fuse_rotary and DECODE_FUSED_ROTARY and _fused_decode_ok[0] and meta.max_query_len == 1
+        fused_decode = (fuse_rotary and n <= DECODE_FUSED_ROTARY and _fused_decode_ok[0] and meta.max_query_len == 1
                         and not scale_ops and triton_paged.decode_takes_new_kv(q, *paged))
         if fused_decode:  # rotary, the cache write and the attention in one launch
             try:
