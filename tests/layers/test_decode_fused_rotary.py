@@ -158,7 +158,7 @@ def test_gpu_fused_equals_rotary_write_then_decode(batch):
 
 
 @cpu
-@pytest.mark.parametrize("max_rows", [3, 2])
+@pytest.mark.parametrize("max_rows", [3, 2])  # the default (128) covers every step here, like 3
 def test_a_model_with_the_fused_decode_gives_the_same_tokens(tiny_checkpoints, monkeypatch, max_rows):
     """End to end under the interpreter, the TMA launch for every decode (as on an H200): with
     SHARDLLM_DECODE_FUSED_ROTARY at 3 every decode-only step's layers (3 rows) take NewKV (and the separate rotary +
@@ -184,6 +184,7 @@ def test_a_model_with_the_fused_decode_gives_the_same_tokens(tiny_checkpoints, m
 
     monkeypatch.setattr(triton_paged, "paged_decode_attention", counting_decode)
     monkeypatch.setattr(triton_ops, "rotary_embedding_and_write_kv_", counting_write)
+    monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", 0)  # the two-launch path first
     greedy = SamplingParams(max_tokens=5, temperature=0, logprobs=2)
     prompts = [[(5 * i + j) % 250 + 3 for j in range(n)] for i, n in enumerate([9, 20, 1])]
     llm = LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=40, block_size=16, dtype="float32",
@@ -216,6 +217,7 @@ def test_a_failing_fused_decode_falls_back_to_the_two_launches(tiny_checkpoints,
     monkeypatch.setattr(RotaryEmbedding, "uses_kernel", lambda self, q: True)
     monkeypatch.setattr(triton_paged, "decode_config", lambda *a, **k: TMA)
     monkeypatch.setattr(attention_mod, "_fused_decode_ok", [True])
+    monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", 0)  # the two-launch path first
     decode, tries = triton_paged.paged_decode_attention, []
 
     def refusing(*a, **k):

@@ -84,6 +84,7 @@ def test_runner_warms_decodes_eagerly_without_graphs_and_with_them_only_for_mixe
         eager = runner.warm_up_decode_sizes()
         assert eager and eager[0] == 1 and eager == sorted(eager)
         monkeypatch.setattr(runner, "graph_runner", SimpleNamespace(buckets=batch_buckets(16)))
+        monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", 0)  # every bucket ran the plain launch
         graphed = runner.warm_up_decode_sizes()
         assert set(graphed) < set(eager) or not graphed  # the buckets ran the rest
         monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", 10 ** 6)  # every bucket ran the fused launch only
@@ -94,6 +95,7 @@ def test_runner_warms_decodes_eagerly_without_graphs_and_with_them_only_for_mixe
         assert below == decode_warm_up_sizes(runner.model, [b for b in batch_buckets(16) if b > 4], 16,
                                              runner.block_size, runner.device)
         monkeypatch.setattr(attention_mod, "DECODE_FUSED_ROTARY", 0)
+        assert runner.warm_up_decode_sizes() == graphed
         monkeypatch.setattr(attention_mod, "MIXED_STEP_DECODE_KERNEL", False)  # with graphs, eager decodes: mixed only
         assert runner.warm_up_decode_sizes() == []
         caches = [c.clone() for c in runner.kv_caches]
