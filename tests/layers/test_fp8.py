@@ -263,3 +263,60 @@ def test_experts_are_ignored_under_either_spelling(pattern):
     assert root.model.mlp.quant_method is not None
     prepare_quantized_model(root, cfg)
     assert root.model.mlp.quant_method is None
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_rowwise_product_through_the_per_tensor_recipe_equals_the_rowwise_one(out_dtype):
+    """scaled_mm_rowwise_by_tensorwise (unit-scale per-tensor GEMM into fp32, then both scales) gives the row-wise
+    recipe's product up to the summation order's rounding."""
+    from shardllm.layers.quantization.fp8_utils import scaled_mm_rowwise, scaled_mm_rowwise_by_tensorwise
+
+    torch.manual_seed(3)
+    x = torch.randn(33, 64) * torch.logspace(-2, 1, 33)[:, None]
+    xq, xs = quantize_per_row(x)
+    wq, ws = quantize_per_row(torch.randn(48, 64) * 0.1)
+    want = scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), out_dtype)  # the emulated row-wise _scaled_mm
+    got = scaled_mm_rowwise_by_tensorwise(xq, wq, xs, ws.view(1, -1), out_dtype)
+    assert got.dtype == out_dtype and got.shape == (33, 48)
+    tol = 1e-5 if out_dtype == torch.float32 else 2**-8  # fp32: summation order; bf16: one rounding step
+    assert float((got.float() - want.float()).abs().max()) <= tol * float(want.float().abs().max())
+    twin = dequantize(xq, xs) @ dequantize(wq, ws).t()
+    assert torch.allclose(got.float(), twin, rtol=1e-2, atol=1e-3 * float(twin.abs().max()))
+
+
+def test_row_col_scale_kernel_equals_torch_under_the_interpreter():
+    """fp8_triton.scale_rows_cols (the epilogue of the per-tensor route on a GPU) over a ragged last column tile:
+    bit-equal to (acc * x_scale * w_scale) in fp32; in bf16 within one ulp (the interpreter's cast to bf16 does not
+    round to nearest; the GPU test checks bit-equality there)."""
+    from shardllm.layers.quantization.fp8_triton import HAS_TRITON, scale_rows_cols
+
+    if not HAS_TRITON:
+        pytest.skip("needs triton (its interpreter on CPU)")
+    torch.manual_seed(4)
+    acc = torch.randn(5, 1500) * 1e4
+    xs, ws = torch.rand(5, 1) * 1e-2 + 1e-4, torch.rand(1, 1500) * 1e-3 + 1e-5
+    got = scale_rows_cols(acc, xs, ws, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, acc * xs * ws)
+    got = scale_rows_cols(acc, xs, ws, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), acc * xs * ws, rtol=2**-7, atol=0)
+    wide = torch.randn(3, 1500 + 64)[:, :1500]  # rows with a gap: acc's row stride is honoured
+    assert torch.equal(scale_rows_cols(wide, xs[:3], ws, torch.float32), wide * xs[:3] * ws)
+
+
+def test_the_rowwise_gemm_takes_the_per_tensor_route_up_to_its_row_limit(monkeypatch):
+    """SHARDLLM_FP8_SMALL_M_TENSORWISE (fp8_utils.SMALL_M_TENSORWISE): GEMMs of at most that many rows take
+    scaled_mm_rowwise_by_tensorwise where the device has the fp32-output per-tensor recipe; larger ones, and 0,
+    the row-wise recipe."""
+    from shardllm.layers.quantization import fp8_utils
+
+    assert "tensorwise_f32" in fp8_recipes(torch.device("cpu"))
+    taken, route = [], fp8_utils.scaled_mm_rowwise_by_tensorwise
+    monkeypatch.setattr(fp8_utils, "scaled_mm_rowwise_by_tensorwise",
+                        lambda xq, *a, **k: taken.append(xq.shape[0]) or route(xq, *a, **k))
+    wq, ws = quantize_per_row(torch.randn(16, 32))
+    for limit, m in [(8, 8), (8, 9), (0, 1)]:
+        monkeypatch.setattr(fp8_utils, "SMALL_M_TENSORWISE", limit)
+        xq, xs = quantize_per_row(torch.randn(m, 32))
+        y = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.float32)
+        assert torch.allclose(y, dequantize(xq, xs) @ dequantize(wq, ws).t(), rtol=1e-5, atol=1e-5)
+    assert taken == [8]

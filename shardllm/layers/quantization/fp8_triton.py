@@ -20,7 +20,8 @@ from shardllm.layers.gemv import FP8_GEMV_TABLE, GEMV_MAX_M, GemvConfig, gemv, n
 from shardllm.layers.pdl import launch_args, pdl_enter
 from shardllm.layers.quantization.fp8_utils import FP8_MAX, MIN_SCALE
 
-__all__ = ["GEMV_MAX_M", "fp8_small_m_linear", "quantize_per_token_triton", "small_m_config", "triton_fp8_ok"]
+__all__ = ["GEMV_MAX_M", "fp8_small_m_linear", "quantize_per_token_triton", "scale_rows_cols", "small_m_config",
+           "triton_fp8_ok"]
 
 if HAS_TRITON:
 
@@ -40,6 +41,29 @@ if HAS_TRITON:
             x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
             q = tl.clamp(x / scale, -FP8_MAX_C, FP8_MAX_C)
             tl.store(q_ptr + row * stride_q + k0 + cols, q.to(q_ptr.dtype.element_ty), mask=k0 + cols < K)
+
+
+    @triton.jit
+    def _scale_rows_cols_kernel(acc_ptr, xs_ptr, ws_ptr, y_ptr, N, stride_a, stride_y, BLOCK_N: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        acc = tl.load(acc_ptr + row * stride_a + cols, mask=mask, other=0.0)
+        y = acc * tl.load(xs_ptr + row) * tl.load(ws_ptr + cols, mask=mask, other=0.0)  # (acc * xs) * ws, as torch
+        tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_rows_cols(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """(acc * x_scale * w_scale).to(out_dtype) in one launch: acc (M, N) fp32 with unit stride along N, x_scale
+    (M, 1) and w_scale (1, N) or (N,) fp32, contiguous. The row-wise scales of an FP8 GEMM run unscaled
+    (fp8_utils.scaled_mm_rowwise_by_tensorwise)."""
+    m, n = acc.shape
+    y = torch.empty((m, n), dtype=out_dtype, device=acc.device)
+    block = 1024
+    _scale_rows_cols_kernel[(m, triton.cdiv(n, block))](acc, x_scale, w_scale, y, n, acc.stride(0), y.stride(0),
+                                                         BLOCK_N=block, num_warps=4)
+    return y
 
 
 def small_m_config(n: int, k: int, m: int = 1) -> GemvConfig:

@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 # 1-6%): large K stays exact. End to end, 1000 x 128/128 fp8 + fp8 KV out tok/s, exact -> this default: 8B 27,976 ->
 # 29,373, 70B on one H200 3,611 -> 3,845 (docs/benchmarks.md, tenth session).
 FAST_ACCUM_MAX_K = envs.SHARDLLM_FP8_FAST_ACCUM_MAX_K
+# Row-wise GEMMs of at most this many rows (SHARDLLM_FP8_SMALL_M_TENSORWISE; 0: none) run as cuBLAS's per-tensor
+# kernel with unit scales into fp32, then one launch applying the row and column scales
+# (scaled_mm_rowwise_by_tensorwise): at M = 64 the row-wise kernel took twice the per-tensor one's time for N = 4096
+# (o 17.1 against 7.8 us, down 45.7 against 20.4; H200, tenth session, `benchmarks/fp8_gemm.py --recipes`).
+SMALL_M_TENSORWISE = envs.SHARDLLM_FP8_SMALL_M_TENSORWISE
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -88,6 +93,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | No
 
 # ---- GEMM backends ---------------------------------------------------------------------------------------------
 _PROBED: dict[tuple, frozenset] = {}
+_UNIT_SCALE: dict[tuple, torch.Tensor] = {}  # () fp32 1.0 on each probed device
 
 
 def fp8_recipes(device: torch.device) -> frozenset:
@@ -112,13 +118,15 @@ def fp8_recipes(device: torch.device) -> frozenset:
         "rowwise": (torch.ones(m, 1, device=device), torch.ones(1, n, device=device)),
         "block": (torch.ones(k // 128, m, device=device).t(), torch.ones(n // 128, k // 128, device=device).t()),
     }
+    trials["tensorwise_f32"] = trials["tensorwise"]  # the per-tensor recipe into fp32 (_UNIT_SCALE's use)
     for name, (sa, sb) in trials.items():
         try:
-            y = torch._scaled_mm(a, b.t(), sa, sb, out_dtype=out_dtype)
+            y = torch._scaled_mm(a, b.t(), sa, sb, out_dtype=torch.float32 if name.endswith("f32") else out_dtype)
             if float(y[0, 0]) == float(k):
                 ok.add(name)
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
             logger.debug("_scaled_mm %s recipe unavailable on %s: %s", name, device, e)
+    _UNIT_SCALE[key] = trials["tensorwise"][0]  # made here, eagerly: a CUDA graph's capture cannot make it
     _PROBED[key] = frozenset(ok)
     logger.info("FP8 GEMM recipes on %s: %s", device, sorted(ok) or "none")
     return _PROBED[key]
@@ -165,11 +173,38 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
     """
     if w_f32 is not None:
         return ((x_q.float() @ w_f32.t()) * x_scale * w_scale).to(out_dtype)
-    if "rowwise" in fp8_recipes(x_q.device):
+    recipes = fp8_recipes(x_q.device)
+    if x_q.shape[0] <= SMALL_M_TENSORWISE and "tensorwise_f32" in recipes:
+        return scaled_mm_rowwise_by_tensorwise(x_q, w_q, x_scale, w_scale, out_dtype,
+                                               use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K)
+    if "rowwise" in recipes:
         return torch._scaled_mm(x_q, w_q.t(), x_scale, w_scale, out_dtype=out_dtype,
                                  use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K)
     y = torch.mm(x_q.to(out_dtype), w_q.to(out_dtype).t()).float()
     return (y * x_scale * w_scale).to(out_dtype)
+
+
+def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor,
+                                    w_scale: torch.Tensor, out_dtype: torch.dtype,
+                                    use_fast_accum: bool = False) -> torch.Tensor:
+    """scaled_mm_rowwise's product in two launches: torch._scaled_mm's per-tensor recipe with unit scales into fp32
+    (the exact integer-grid product of the e4m3 values, accumulated as the tensor cores do), then (acc * x_scale *
+    w_scale).to(out_dtype) (fp8_triton.scale_rows_cols on a GPU with Triton, torch ops elsewhere). Shapes as
+    scaled_mm_rowwise's; needs the "tensorwise_f32" recipe (fp8_recipes). The extra rounding against the fused
+    row-wise kernel is the fp32 accumulator's, not a bf16 one: the results agree to out_dtype's last bit or so."""
+    key = (x_q.device.type, x_q.device.index)
+    if key not in _UNIT_SCALE:
+        fp8_recipes(x_q.device)
+    one = _UNIT_SCALE.get(key)
+    if one is None:  # a GPU without FP8 GEMMs: its probe stops before the trials
+        raise ValueError(f"{x_q.device} has no FP8 GEMM (compute capability >= 8.9 needed): use bf16 weights")
+    acc = torch._scaled_mm(x_q, w_q.t(), one, one, out_dtype=torch.float32, use_fast_accum=use_fast_accum)
+    if acc.is_cuda:
+        from shardllm.layers.quantization.fp8_triton import HAS_TRITON, scale_rows_cols
+
+        if HAS_TRITON:
+            return scale_rows_cols(acc, x_scale.contiguous(), w_scale.contiguous(), out_dtype)
+    return (acc * x_scale * w_scale).to(out_dtype)
 
 
 _BLOCK_OK = [True]  # cleared for the process when cuBLAS refuses a block-scaled shape the probe did not try
