@@ -23,6 +23,7 @@ from shardllm.layers.quantization.fp8_utils import (
     quantize_per_row,
     quantize_per_tensor,
     scaled_mm_rowwise,
+    scaled_mm_rowwise_by_tensorwise,
 )
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
@@ -71,6 +72,15 @@ def recipe_rows(ms: list[int], dev: torch.device) -> None:
                     row[key + "_us"] = round(us, 1)
                     row[key + "_tflops"] = round(2 * m * n * k / (us * 1e-6) / 1e12)
                     row[key + "_rel_err"] = f"{err:.1e}"
+            wsr = ws.view(1, -1)
+            for fast in (False, True):  # the row-wise product through the per-tensor kernel + scale epilogue
+                def tw_fn(xq=xq, wq=wq, xs=xs, wsr=wsr, fast=fast):
+                    return scaled_mm_rowwise_by_tensorwise(xq, wq, xs, wsr, torch.bfloat16, use_fast_accum=fast)
+
+                key = "rowwise_by_tw" + ("_fast" if fast else "")
+                us = timed(tw_fn)
+                row[key + "_us"] = round(us, 1)
+                row[key + "_rel_err"] = f"{float((tw_fn().float() - twin_row).abs().max() / twin_row.abs().max()):.1e}"
             print(json.dumps(row), flush=True)
 
 
@@ -79,7 +89,8 @@ def main() -> None:
     ap.add_argument("--ms", type=int, nargs="+", default=[1, 8, 16, 32, 128, 512, 4096])
     ap.add_argument("--sweep_small_m", action="store_true", help="time every small-M kernel config at M=1")
     ap.add_argument("--recipes", action="store_true",
-                    help="per shape and M: bf16, _scaled_mm row-wise and per-tensor, each with and without "
+                    help="per shape and M: bf16, _scaled_mm row-wise and per-tensor and the row-wise product through "
+                         "the per-tensor kernel (fp8_utils.scaled_mm_rowwise_by_tensorwise), each with and without "
                          "use_fast_accum: us, TFLOP/s and the max error against the dequantized twin")
     a = ap.parse_args()
     dev = torch.device("cuda")
