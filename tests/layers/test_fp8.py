@@ -303,20 +303,21 @@ def test_row_col_scale_kernel_equals_torch_under_the_interpreter():
     assert torch.equal(scale_rows_cols(wide, xs[:3], ws, torch.float32), wide * xs[:3] * ws)
 
 
-def test_the_rowwise_gemm_takes_the_per_tensor_route_up_to_its_row_limit(monkeypatch):
-    """SHARDLLM_FP8_SMALL_M_TENSORWISE (fp8_utils.SMALL_M_TENSORWISE): GEMMs of at most that many rows take
-    scaled_mm_rowwise_by_tensorwise where the device has the fp32-output per-tensor recipe; larger ones, and 0,
-    the row-wise recipe."""
+def test_the_rowwise_gemm_takes_the_per_tensor_route_up_to_its_output_limit(monkeypatch):
+    """SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT (fp8_utils.TENSORWISE_MAX_OUTPUT): GEMMs with N <= TENSORWISE_MAX_N and at
+    most that many output elements take scaled_mm_rowwise_by_tensorwise where the device has the fp32-output
+    per-tensor recipe; larger ones, a wider N, and 0, the row-wise recipe."""
     from shardllm.layers.quantization import fp8_utils
 
     assert "tensorwise_f32" in fp8_recipes(torch.device("cpu"))
     taken, route = [], fp8_utils.scaled_mm_rowwise_by_tensorwise
     monkeypatch.setattr(fp8_utils, "scaled_mm_rowwise_by_tensorwise",
-                        lambda xq, *a, **k: taken.append(xq.shape[0]) or route(xq, *a, **k))
-    wq, ws = quantize_per_row(torch.randn(16, 32))
-    for limit, m in [(8, 8), (8, 9), (0, 1)]:
-        monkeypatch.setattr(fp8_utils, "SMALL_M_TENSORWISE", limit)
+                        lambda xq, wq, *a, **k: taken.append(xq.shape[0] * wq.shape[0]) or route(xq, wq, *a, **k))
+    monkeypatch.setattr(fp8_utils, "TENSORWISE_MAX_N", 16)
+    for limit, m, n in [(128, 8, 16), (128, 9, 16), (0, 1, 16), (1 << 20, 1, 17)]:
+        monkeypatch.setattr(fp8_utils, "TENSORWISE_MAX_OUTPUT", limit)
+        wq, ws = quantize_per_row(torch.randn(n, 32))
         xq, xs = quantize_per_row(torch.randn(m, 32))
         y = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.float32)
         assert torch.allclose(y, dequantize(xq, xs) @ dequantize(wq, ws).t(), rtol=1e-5, atol=1e-5)
-    assert taken == [8]
+    assert taken == [128]  # 8 x 16 only: 9 x 16 > 128, the limit 0, N = 17 > TENSORWISE_MAX_N

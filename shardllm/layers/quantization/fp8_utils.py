@@ -23,11 +23,16 @@ logger = logging.getLogger(__name__)
 # 1-6%): large K stays exact. End to end, 1000 x 128/128 fp8 + fp8 KV out tok/s, exact -> this default: 8B 27,976 ->
 # 29,373, 70B on one H200 3,611 -> 3,845 (docs/benchmarks.md, tenth session).
 FAST_ACCUM_MAX_K = envs.SHARDLLM_FP8_FAST_ACCUM_MAX_K
-# Row-wise GEMMs of at most this many rows (SHARDLLM_FP8_SMALL_M_TENSORWISE; 0: none) run as cuBLAS's per-tensor
-# kernel with unit scales into fp32, then one launch applying the row and column scales
-# (scaled_mm_rowwise_by_tensorwise): at M = 64 the row-wise kernel took twice the per-tensor one's time for N = 4096
-# (o 17.1 against 7.8 us, down 45.7 against 20.4; H200, tenth session, `benchmarks/fp8_gemm.py --recipes`).
-SMALL_M_TENSORWISE = envs.SHARDLLM_FP8_SMALL_M_TENSORWISE
+# Row-wise GEMMs with N <= TENSORWISE_MAX_N and at most TENSORWISE_MAX_OUTPUT output elements (M x N;
+# SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT, 0: none) run as cuBLAS's per-tensor kernel with unit scales into fp32, then one
+# launch applying the row and column scales (scaled_mm_rowwise_by_tensorwise). cuBLAS's row-wise kernel is slow
+# for few rows and a narrow N (H200, sixteenth session, `benchmarks/fp8_gemm.py --recipes --ms 32 64 128 256 512`,
+# fast accumulation, us, row-wise -> this route: o 4096x4096 M 64 13.1 -> 8.8, M 256 13.5 -> 11.9, M 512 14.3 ->
+# 18.7; down 4096x14336 M 64 38.2 -> 20.9, M 256 37.4 -> 29.8, M 512 42.3 -> 46.1; qkv 6144x4096 M 128 13.3 ->
+# 10.3, M 256 14.0 -> 15.2; gate_up 28672x4096 M 32 36.6 -> 37.7): the fp32 output's traffic wins back the gain
+# past ~2^20 elements, and a wide N is served well by the row-wise kernel.
+TENSORWISE_MAX_OUTPUT = envs.SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT
+TENSORWISE_MAX_N = 8192
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -167,14 +172,17 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
                       out_dtype: torch.dtype, w_f32: torch.Tensor | None = None) -> torch.Tensor:
     """x_q (M, K), w_q (N, K) e4m3fn; x_scale (M, 1), w_scale (1, N) fp32 -> (M, N) out_dtype.
 
-    torch._scaled_mm's row-wise recipe where the device has it (fast accumulation up to K = FAST_ACCUM_MAX_K); else
-    the same product unfused (fp8 x fp8 in fp32, then both scales): what a build without the recipe, or a pre-Hopper
-    GPU, can run. `w_f32`: w_q already in fp32 (the CPU path, `cpu_weight_f32`).
+    torch._scaled_mm's row-wise recipe where the device has it (fast accumulation up to K = FAST_ACCUM_MAX_K), or,
+    for N <= TENSORWISE_MAX_N and M x N <= TENSORWISE_MAX_OUTPUT, its per-tensor one and a scale epilogue
+    (scaled_mm_rowwise_by_tensorwise: faster there); else the same product unfused (fp8 x fp8 in fp32, then both
+    scales): what a build without the recipe, or a pre-Hopper GPU, can run. `w_f32`: w_q already in fp32 (the CPU
+    path, `cpu_weight_f32`).
     """
     if w_f32 is not None:
         return ((x_q.float() @ w_f32.t()) * x_scale * w_scale).to(out_dtype)
     recipes = fp8_recipes(x_q.device)
-    if x_q.shape[0] <= SMALL_M_TENSORWISE and "tensorwise_f32" in recipes:
+    n = w_q.shape[0]
+    if n <= TENSORWISE_MAX_N and x_q.shape[0] * n <= TENSORWISE_MAX_OUTPUT and "tensorwise_f32" in recipes:
         return scaled_mm_rowwise_by_tensorwise(x_q, w_q, x_scale, w_scale, out_dtype,
                                                use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K)
     if "rowwise" in recipes:
