@@ -17,7 +17,7 @@ export CUDA_VISIBLE_DEVICES=${GPU:-0}
 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/layers/test_decode_fused_rotary.py \
   tests/layers/test_decode_attention_tma.py tests/layers/test_v_transposed_cache.py \
   tests/layers/test_attention_rotary.py 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
-F="SHARDLLM_DECODE_FUSED_ROTARY=1"
+F="SHARDLLM_DECODE_FUSED_ROTARY=4096"  # every decode-only step (it ran as the switch =1, before it became a row bound)
 MODEL_FLAGS="--model llama-3-8b --dtype fp8 --kv_cache_dtype fp8 --batch_size 1 --num_requests 2 --input_len 128 --output_len 128"
 N="SHARDLLM_GEMV_FUSED_NORM=1"  # last measured in the seventh session, before the early weight tile (W_EARLY)
 for r in a b; do

@@ -159,3 +159,19 @@ def test_cli_prints_the_table_with_current_values_and_hides_the_api_key(monkeypa
     assert only_set == {"SHARDLLM_API_KEY", "SHARDLLM_GEMV_TABLES", "SHARDLLM_PROFILE_TOP"}
     assert "none set" not in envs.table(only_set=True)
     assert "(none set: every variable has its default" in envs.table(environ={}, only_set=True)
+
+
+@pytest.mark.parametrize("name,default", [("SHARDLLM_DECODE_FUSED_ROTARY", 128),
+                                          ("SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT", 1 << 20)])
+def test_int_bounds_read_words_empty_and_bad_values(name, default):
+    """The bounds whose 0 turns a feature off: unset / empty / on give the default, off / false give 0, digits the
+    number; a negative or non-numeric value is invalid (the default with a warning, and flagged in the table)."""
+    var = envs.ENV_VARS[name]
+    cases = {None: default, "": default, "on": default, "TRUE": default, "off": 0, "false": 0, "0": 0, "1": 1,
+             " 64 ": 64}
+    for raw, want in cases.items():
+        assert var.value({} if raw is None else {name: raw}) == want, raw
+    for bad in ("-5", "abc", "1.5"):
+        with pytest.raises(ValueError, match=name):
+            var.value({name: bad}, strict=True)
+        assert var.value({name: bad}) == default

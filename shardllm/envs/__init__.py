@@ -99,11 +99,20 @@ def _int_or_none(raw: str | None) -> int | None:
     return None if raw is None else int(raw)
 
 
-def _non_negative_int(raw: str | None) -> int:
-    n = int(raw or 0)
-    if n < 0:
-        raise ValueError("must be 0 or more")
-    return n
+def _bound(default: int) -> Callable[[str | None], int]:
+    """A parser for a non-negative int bound whose 0 turns a feature off: unset, empty, or on / true / yes give
+    `default`; off / false / no give 0; other text must be an int >= 0 (ValueError otherwise; "1" is 1)."""
+    def parse(raw: str | None) -> int:
+        text = (raw or "").strip().lower()
+        if not text or text in ("true", "yes", "on"):
+            return default
+        if text in ("false", "no", "off"):
+            return 0
+        n = int(text)
+        if n < 0:
+            raise ValueError("must be 0 or more")
+        return n
+    return parse
 
 
 def _switch(name: str, on_by_default: bool, read_at: str, doc: str) -> EnvVar:
@@ -200,14 +209,15 @@ _VARS = [
            "decode GEMV's tuned tables "
            "(gemv_tables.py; _silu: gemv_silu.FUSED_SILU_TABLES), entry by entry: a sweep's configs tried end to "
            "end without an edit (benchmarks/cuda_gemv_probe.py, the device scripts)"),
-    EnvVar("SHARDLLM_DECODE_FUSED_ROTARY", "int", "128", _non_negative_int, "import",
-           "the largest decode-only step (rows; with CUDA graphs, the bucket) whose layers rotate q, k and write k, "
+    EnvVar("SHARDLLM_DECODE_FUSED_ROTARY", "int", "128", _bound(128), "import",
+           "the largest decode-only step (rows; with CUDA graphs, the bucket; with SHARDLLM_TP_OVERLAP, each half) "
+           "whose layers rotate q, k and write k, "
            "v into the paged cache inside the TMA decode attention kernel (TensorRT-LLM's masked-attention design; "
            "triton_paged.NewKV), one launch a layer fewer; 0: none. Only where that kernel runs (sm90+ GPUs: always "
            "over an FP8 cache, at the table's TMA launches over bf16), no effect elsewhere (issue 13; 8B fp8 + fp8 "
            "KV on one H200, sixteenth session, 1000-token prompts: decode TPOT -2.8 / -2.2 / -3.3 / -4.5 / -3.1 / "
            "-3.5 / -1.0 / +0.7% at 1 / 4 / 8 / 16 / 32 / 64 / 128 / 256 rows; on every step of 500 x 1000/1000 "
-           "-0.5% out tok/s)",
+           "-0.5% out tok/s); off / false / no: 0",
            lenient=True),
     _switch("SHARDLLM_GEMV_NEAREST_SHAPE", True, "per call",
             "0: an FP8 GEMV shape without a tuned entry, and the fused SiLU down GEMV's, take the generic tl.dot "
@@ -251,12 +261,13 @@ _VARS = [
            "use_fast_accum; 0: none), whose error grows with K; larger K keeps fp32 accumulation (issue 13, "
            "fp8_gemm.py --recipes)",
            lenient=True),
-    EnvVar("SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT", "int", "1048576", _non_negative_int, "import",
-           "row-wise FP8 GEMMs (per-token activations, per-channel weights) with N <= 8192 and at most this many "
-           "output elements (M x N) run as cuBLAS's per-tensor kernel with unit scales into fp32 plus one launch "
-           "applying both scales (fp8_utils.scaled_mm_rowwise_by_tensorwise); 0: none (issue 13; H200, sixteenth "
-           "session, Llama-3-8B shapes, us: o 4096x4096 M 64 13.1 -> 8.8, down 4096x14336 M 64 38.2 -> 20.9, M 256 "
-           "37.4 -> 29.8, qkv M 128 13.3 -> 10.3; losing past 2^20 elements and for gate_up's N = 28672)",
+    EnvVar("SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT", "int", "1048576", _bound(1 << 20), "import",
+           "row-wise scaled FP8 GEMMs (a scale per token or per tensor, per output channel) with N <= 8192 and at "
+           "most this many output elements (M x N) run as cuBLAS's per-tensor kernel with unit scales into fp32 "
+           "plus one Triton launch applying both scales (fp8_utils.scaled_mm_rowwise_by_tensorwise; where the FP8 "
+           "Triton kernels pass their start-up probe); 0 / off: none (issue 13; H200, sixteenth session, Llama-3-8B "
+           "shapes, us: o 4096x4096 M 64 13.1 -> 8.8, down 4096x14336 M 64 38.2 -> 20.9, M 256 37.4 -> 29.8, qkv "
+           "M 128 13.3 -> 10.3; losing past 2^20 elements and for gate_up's N = 28672)",
            lenient=True),
     _switch("SHARDLLM_KV_V_TRANSPOSED", True, "start-up",
             "0: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, block_size, nkv, D) like K instead of "

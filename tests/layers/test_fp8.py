@@ -266,11 +266,13 @@ def test_experts_are_ignored_under_either_spelling(pattern):
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_rowwise_product_through_the_per_tensor_recipe_equals_the_rowwise_one(out_dtype):
+def test_rowwise_product_through_the_per_tensor_recipe_equals_the_rowwise_one(monkeypatch, out_dtype):
     """scaled_mm_rowwise_by_tensorwise (unit-scale per-tensor GEMM into fp32, then both scales) gives the row-wise
     recipe's product up to the summation order's rounding."""
+    from shardllm.layers.quantization import fp8_utils
     from shardllm.layers.quantization.fp8_utils import scaled_mm_rowwise, scaled_mm_rowwise_by_tensorwise
 
+    monkeypatch.setattr(fp8_utils, "TENSORWISE_MAX_OUTPUT", 0)  # `want` from the row-wise recipe, not the route
     torch.manual_seed(3)
     x = torch.randn(33, 64) * torch.logspace(-2, 1, 33)[:, None]
     xq, xs = quantize_per_row(x)
@@ -301,6 +303,10 @@ def test_row_col_scale_kernel_equals_torch_under_the_interpreter():
     assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), acc * xs * ws, rtol=2**-7, atol=0)
     wide = torch.randn(3, 1500 + 64)[:, :1500]  # rows with a gap: acc's row stride is honoured
     assert torch.equal(scale_rows_cols(wide, xs[:3], ws, torch.float32), wide * xs[:3] * ws)
+    for args in [(acc.t().contiguous().t(), xs, ws), (acc, xs[:1], ws), (acc, xs, ws[:, :10]),
+                 (acc.double(), xs, ws)]:  # a column stride, scales of the wrong size, an fp64 acc
+        with pytest.raises(ValueError, match="scale_rows_cols"):
+            scale_rows_cols(*args, torch.bfloat16)
 
 
 def test_the_rowwise_gemm_takes_the_per_tensor_route_up_to_its_output_limit(monkeypatch):
@@ -314,10 +320,10 @@ def test_the_rowwise_gemm_takes_the_per_tensor_route_up_to_its_output_limit(monk
     monkeypatch.setattr(fp8_utils, "scaled_mm_rowwise_by_tensorwise",
                         lambda xq, wq, *a, **k: taken.append(xq.shape[0] * wq.shape[0]) or route(xq, wq, *a, **k))
     monkeypatch.setattr(fp8_utils, "TENSORWISE_MAX_N", 16)
-    for limit, m, n in [(128, 8, 16), (128, 9, 16), (0, 1, 16), (1 << 20, 1, 17)]:
+    for limit, m, n in [(128, 8, 16), (128, 9, 16), (0, 1, 16), (0, 0, 16), (1 << 20, 1, 17)]:
         monkeypatch.setattr(fp8_utils, "TENSORWISE_MAX_OUTPUT", limit)
         wq, ws = quantize_per_row(torch.randn(n, 32))
         xq, xs = quantize_per_row(torch.randn(m, 32))
         y = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.float32)
         assert torch.allclose(y, dequantize(xq, xs) @ dequantize(wq, ws).t(), rtol=1e-5, atol=1e-5)
-    assert taken == [128]  # 8 x 16 only: 9 x 16 > 128, the limit 0, N = 17 > TENSORWISE_MAX_N
+    assert taken == [128]  # 8 x 16 only: 9 x 16 > 128, the limit 0 (even for 0 rows), N = 17 > TENSORWISE_MAX_N

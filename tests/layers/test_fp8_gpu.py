@@ -52,14 +52,16 @@ def test_online_linear_on_gpu_equals_its_dequantized_twin(m):
     assert float((y - twin).abs().max()) <= 1e-2 * float(twin.abs().max())
 
 
+@pytest.mark.parametrize("route", [0, 1 << 20], ids=["rowwise-kernel", "per-tensor-route"])
 @pytest.mark.parametrize("k", [4096, 14336])  # Llama-3-8B's qkv / o / gate_up, and its down proj
-def test_rowwise_gemm_fast_accumulation_up_to_max_k_stays_near_its_twin(monkeypatch, k):
+def test_rowwise_gemm_fast_accumulation_up_to_max_k_stays_near_its_twin(monkeypatch, k, route):
     """SHARDLLM_FP8_FAST_ACCUM_MAX_K (fp8_utils.FAST_ACCUM_MAX_K, default 8192): K = 4096 accumulates fast, K = 14336
     exactly; each within its bound of the fp32 product of the dequantized operands (max error over the output's max:
     1% fast, 0.5% exact; measured 0.5-0.7% and 0.2-0.3%), and on Hopper the setting reaches torch (0 gives another
     result)."""
     from shardllm.layers.quantization import fp8_utils
 
+    monkeypatch.setattr(fp8_utils, "TENSORWISE_MAX_OUTPUT", route)  # 512 x 1024 outputs: the route at 2^20
     torch.manual_seed(2)
     dev = torch.device("cuda")
     x, w = torch.randn(512, k, device=dev), torch.randn(1024, k, device=dev) * 0.02

@@ -57,8 +57,13 @@ def scale_rows_cols(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Ten
                     out_dtype: torch.dtype) -> torch.Tensor:
     """(acc * x_scale * w_scale).to(out_dtype) in one launch: acc (M, N) fp32 with unit stride along N, x_scale
     (M, 1) and w_scale (1, N) or (N,) fp32, contiguous. The row-wise scales of an FP8 GEMM run unscaled
-    (fp8_utils.scaled_mm_rowwise_by_tensorwise)."""
+    (fp8_utils.scaled_mm_rowwise_by_tensorwise). ValueError for other layouts or scale sizes."""
     m, n = acc.shape
+    if (acc.dtype != torch.float32 or (n > 1 and acc.stride(1) != 1) or x_scale.numel() != m
+            or w_scale.numel() != n or not x_scale.is_contiguous() or not w_scale.is_contiguous()):
+        raise ValueError(f"scale_rows_cols: acc (M, N) fp32 with unit column stride, x_scale of M and w_scale of N "
+                         f"contiguous fp32 values; got acc {tuple(acc.shape)} {acc.dtype} strides {acc.stride()}, "
+                         f"x_scale {tuple(x_scale.shape)}, w_scale {tuple(w_scale.shape)}")
     y = torch.empty((m, n), dtype=out_dtype, device=acc.device)
     block = 1024
     _scale_rows_cols_kernel[(m, triton.cdiv(n, block))](acc, x_scale, w_scale, y, n, acc.stride(0), y.stride(0),

@@ -102,7 +102,8 @@ _UNIT_SCALE: dict[tuple, torch.Tensor] = {}  # () fp32 1.0 on each probed device
 
 
 def fp8_recipes(device: torch.device) -> frozenset:
-    """Which torch._scaled_mm recipes run on `device`: a subset of {"tensorwise", "rowwise", "block"}.
+    """Which torch._scaled_mm recipes run on `device`: a subset of {"tensorwise", "tensorwise_f32", "rowwise",
+    "block"} ("tensorwise_f32": the per-tensor recipe with an fp32 output, scaled_mm_rowwise_by_tensorwise's).
 
     Probed once per device with tiny calls (rowwise and block need cuBLASLt/CUTLASS support that depends on
     the GPU and the build); the CPU's emulated _scaled_mm does tensorwise and rowwise.
@@ -182,7 +183,8 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
         return ((x_q.float() @ w_f32.t()) * x_scale * w_scale).to(out_dtype)
     recipes = fp8_recipes(x_q.device)
     n = w_q.shape[0]
-    if n <= TENSORWISE_MAX_N and x_q.shape[0] * n <= TENSORWISE_MAX_OUTPUT and "tensorwise_f32" in recipes:
+    if (TENSORWISE_MAX_OUTPUT > 0 and n <= TENSORWISE_MAX_N and x_q.shape[0] * n <= TENSORWISE_MAX_OUTPUT
+            and "tensorwise_f32" in recipes and _epilogue_kernel_ok(x_q.device)):
         return scaled_mm_rowwise_by_tensorwise(x_q, w_q, x_scale, w_scale, out_dtype,
                                                use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K)
     if "rowwise" in recipes:
@@ -207,12 +209,21 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
     if one is None:  # a GPU without FP8 GEMMs: its probe stops before the trials
         raise ValueError(f"{x_q.device} has no FP8 GEMM (compute capability >= 8.9 needed): use bf16 weights")
     acc = torch._scaled_mm(x_q, w_q.t(), one, one, out_dtype=torch.float32, use_fast_accum=use_fast_accum)
-    if acc.is_cuda:
-        from shardllm.layers.quantization.fp8_triton import HAS_TRITON, scale_rows_cols
+    if acc.is_cuda and _epilogue_kernel_ok(acc.device):
+        from shardllm.layers.quantization.fp8_triton import scale_rows_cols
 
-        if HAS_TRITON:
-            return scale_rows_cols(acc, x_scale.contiguous(), w_scale.contiguous(), out_dtype)
+        return scale_rows_cols(acc, x_scale.contiguous(), w_scale.contiguous(), out_dtype)
     return (acc * x_scale * w_scale).to(out_dtype)
+
+
+def _epilogue_kernel_ok(device: torch.device) -> bool:
+    """Off CUDA, True (the torch epilogue); on CUDA, whether the FP8 Triton kernels passed their start-up probe
+    (fp8_triton.triton_fp8_ok, cached): without them the row-wise recipe stays faster than a torch epilogue."""
+    if device.type != "cuda":
+        return True
+    from shardllm.layers.quantization.fp8_triton import triton_fp8_ok
+
+    return triton_fp8_ok(device)
 
 
 _BLOCK_OK = [True]  # cleared for the process when cuBLAS refuses a block-scaled shape the probe did not try
