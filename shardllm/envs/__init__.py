@@ -110,7 +110,7 @@ def _bound(default: int) -> Callable[[str | None], int]:
             return 0
         n = int(text)
         if n < 0:
-            raise ValueError("must be 0 or more")
+            raise ValueError("must be an int >= 0")
         return n
     return parse
 
@@ -211,13 +211,12 @@ _VARS = [
            "end without an edit (benchmarks/cuda_gemv_probe.py, the device scripts)"),
     EnvVar("SHARDLLM_DECODE_FUSED_ROTARY", "int", "128", _bound(128), "import",
            "the largest decode-only step (rows; with CUDA graphs, the bucket; with SHARDLLM_TP_OVERLAP, each half) "
-           "whose layers rotate q, k and write k, "
-           "v into the paged cache inside the TMA decode attention kernel (TensorRT-LLM's masked-attention design; "
-           "triton_paged.NewKV), one launch a layer fewer; 0: none. Only where that kernel runs (sm90+ GPUs: always "
-           "over an FP8 cache, at the table's TMA launches over bf16), no effect elsewhere (issue 13; 8B fp8 + fp8 "
-           "KV on one H200, sixteenth session, 1000-token prompts: decode TPOT -2.8 / -2.2 / -3.3 / -4.5 / -3.1 / "
-           "-3.5 / -1.0 / +0.7% at 1 / 4 / 8 / 16 / 32 / 64 / 128 / 256 rows; on every step of 500 x 1000/1000 "
-           "-0.5% out tok/s); off / false / no: 0",
+           "whose layers rotate q, k and write k, v into the paged cache inside the TMA decode attention kernel "
+           "(TensorRT-LLM's masked-attention design; triton_paged.NewKV), one launch a layer fewer; 0 / off: never. "
+           "Only where that kernel runs (sm90+ GPUs: always over an FP8 cache, over bf16 at decode_configs' TMA "
+           "launches), no effect elsewhere (issue 13; 8B fp8 + fp8 KV on one H200, sixteenth session, 1000-token "
+           "prompts: decode TPOT -2.8 / -2.2 / -3.3 / -4.5 / -3.1 / -3.5 / -1.0 / +0.7% at 1 / 4 / 8 / 16 / 32 / 64 "
+           "/ 128 / 256 rows; on every step, 500 x 1000/1000 out tok/s 0.5% lower)",
            lenient=True),
     _switch("SHARDLLM_GEMV_NEAREST_SHAPE", True, "per call",
             "0: an FP8 GEMV shape without a tuned entry, and the fused SiLU down GEMV's, take the generic tl.dot "
