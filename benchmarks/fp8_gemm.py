@@ -73,11 +73,13 @@ def recipe_rows(ms: list[int], dev: torch.device) -> None:
                     row[key + "_tflops"] = round(2 * m * n * k / (us * 1e-6) / 1e12)
                     row[key + "_rel_err"] = f"{err:.1e}"
             wsr = ws.view(1, -1)
-            for fast in (False, True):  # the row-wise product through the per-tensor kernel + scale epilogue
-                def tw_fn(xq=xq, wq=wq, xs=xs, wsr=wsr, fast=fast):
-                    return scaled_mm_rowwise_by_tensorwise(xq, wq, xs, wsr, torch.bfloat16, use_fast_accum=fast)
+            # the row-wise product through the per-tensor kernel + scale epilogue (fp32 product, or bf16 in place)
+            for fast, fp32 in ((False, True), (True, True), (True, False)):
+                def tw_fn(xq=xq, wq=wq, xs=xs, wsr=wsr, fast=fast, fp32=fp32):
+                    return scaled_mm_rowwise_by_tensorwise(xq, wq, xs, wsr, torch.bfloat16, use_fast_accum=fast,
+                                                           fp32_product=fp32)
 
-                key = "rowwise_by_tw" + ("_fast" if fast else "")
+                key = "rowwise_by_tw" + ("" if fp32 else "_bf16") + ("_fast" if fast else "")
                 us = timed(tw_fn)
                 row[key + "_us"] = round(us, 1)
                 row[key + "_rel_err"] = f"{float((tw_fn().float() - twin_row).abs().max() / twin_row.abs().max()):.1e}"

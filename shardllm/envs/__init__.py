@@ -268,6 +268,10 @@ _VARS = [
            "shapes, us: o 4096x4096 M 64 13.1 -> 8.8, down 4096x14336 M 64 38.2 -> 20.9, M 256 37.4 -> 29.8, qkv "
            "M 128 13.3 -> 10.3; losing past 2^20 elements and for gate_up's N = 28672)",
            lenient=True),
+    _switch("SHARDLLM_FP8_TENSORWISE_FP32", True, "import",
+            "0: SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT's route writes its unscaled product in the output dtype (bf16) "
+            "and scales it in place, not through an fp32 intermediate: half the intermediate's bytes, one rounding "
+            "more (at most 1 ulp of the output); for an A/B on a GPU (not yet measured)"),
     _switch("SHARDLLM_KV_V_TRANSPOSED", True, "start-up",
             "0: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, block_size, nkv, D) like K instead of "
             "(num_blocks, nkv, D, block_size), the layout the TMA decode kernel reads without a shared-memory copy "

@@ -265,8 +265,9 @@ def test_experts_are_ignored_under_either_spelling(pattern):
     assert root.model.mlp.quant_method is None
 
 
+@pytest.mark.parametrize("fp32_product", [True, False], ids=["fp32-product", "product-in-out-dtype"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_rowwise_product_through_the_per_tensor_recipe_equals_the_rowwise_one(monkeypatch, out_dtype):
+def test_rowwise_product_through_the_per_tensor_recipe_equals_the_rowwise_one(monkeypatch, out_dtype, fp32_product):
     """scaled_mm_rowwise_by_tensorwise (unit-scale per-tensor GEMM into fp32, then both scales) gives the row-wise
     recipe's product up to the summation order's rounding."""
     from shardllm.layers.quantization import fp8_utils
@@ -278,9 +279,10 @@ def test_rowwise_product_through_the_per_tensor_recipe_equals_the_rowwise_one(mo
     xq, xs = quantize_per_row(x)
     wq, ws = quantize_per_row(torch.randn(48, 64) * 0.1)
     want = scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), out_dtype)  # the emulated row-wise _scaled_mm
-    got = scaled_mm_rowwise_by_tensorwise(xq, wq, xs, ws.view(1, -1), out_dtype)
+    got = scaled_mm_rowwise_by_tensorwise(xq, wq, xs, ws.view(1, -1), out_dtype, fp32_product=fp32_product)
     assert got.dtype == out_dtype and got.shape == (33, 48)
-    tol = 1e-5 if out_dtype == torch.float32 else 2**-8  # fp32: summation order; bf16: one rounding step
+    # fp32: the summation order; bf16: one rounding step, two with the product rounded to bf16 first
+    tol = 1e-5 if out_dtype == torch.float32 else 2**-8 if fp32_product else 2**-7
     assert float((got.float() - want.float()).abs().max()) <= tol * float(want.float().abs().max())
     twin = dequantize(xq, xs) @ dequantize(wq, ws).t()
     assert torch.allclose(got.float(), twin, rtol=1e-2, atol=1e-3 * float(twin.abs().max()))
@@ -307,6 +309,12 @@ def test_row_col_scale_kernel_equals_torch_under_the_interpreter():
                  (acc.double(), xs, ws)]:  # a column stride, scales of the wrong size, an fp64 acc
         with pytest.raises(ValueError, match="scale_rows_cols"):
             scale_rows_cols(*args, torch.bfloat16)
+    with pytest.raises(ValueError, match="in_place"):  # in place keeps acc's dtype
+        scale_rows_cols(acc, xs, ws, torch.bfloat16, in_place=True)
+    product = (acc / 64).to(torch.bfloat16)  # a bf16 product, scaled where it lies
+    want = product.float() * xs * ws
+    got = scale_rows_cols(product, xs, ws, torch.bfloat16, in_place=True)
+    assert got.data_ptr() == product.data_ptr() and torch.allclose(got.float(), want, rtol=2**-7, atol=0)
 
 
 def test_the_rowwise_gemm_takes_the_per_tensor_route_up_to_its_output_limit(monkeypatch):

@@ -48,23 +48,27 @@ if HAS_TRITON:
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = cols < N
-        acc = tl.load(acc_ptr + row * stride_a + cols, mask=mask, other=0.0)
+        acc = tl.load(acc_ptr + row * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
         y = acc * tl.load(xs_ptr + row) * tl.load(ws_ptr + cols, mask=mask, other=0.0)  # (acc * xs) * ws, as torch
         tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def scale_rows_cols(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                    out_dtype: torch.dtype) -> torch.Tensor:
-    """(acc * x_scale * w_scale).to(out_dtype) in one launch: acc (M, N) fp32 with unit stride along N, x_scale
-    (M, 1) and w_scale (1, N) or (N,) fp32, contiguous. The row-wise scales of an FP8 GEMM run unscaled
-    (fp8_utils.scaled_mm_rowwise_by_tensorwise). ValueError for other layouts or scale sizes."""
+def scale_rows_cols(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
+                    in_place: bool = False) -> torch.Tensor:
+    """(acc.float() * x_scale * w_scale).to(out_dtype) in one launch: acc (M, N) fp32, bf16 or fp16 with unit
+    stride along N, x_scale (M, 1) and w_scale (1, N) or (N,) fp32, contiguous. `in_place`: written into acc
+    (out_dtype must be acc's; each element is read before it is written, by the same thread). The row-wise scales
+    of an FP8 GEMM run unscaled (fp8_utils.scaled_mm_rowwise_by_tensorwise). ValueError for other layouts, dtypes
+    or scale sizes."""
     m, n = acc.shape
-    if (acc.dtype != torch.float32 or (n > 1 and acc.stride(1) != 1) or x_scale.numel() != m
-            or w_scale.numel() != n or not x_scale.is_contiguous() or not w_scale.is_contiguous()):
-        raise ValueError(f"scale_rows_cols: acc (M, N) fp32 with unit column stride, x_scale of M and w_scale of N "
-                         f"contiguous fp32 values; got acc {tuple(acc.shape)} {acc.dtype} strides {acc.stride()}, "
-                         f"x_scale {tuple(x_scale.shape)}, w_scale {tuple(w_scale.shape)}")
-    y = torch.empty((m, n), dtype=out_dtype, device=acc.device)
+    if (acc.dtype not in (torch.float32, torch.bfloat16, torch.float16) or (n > 1 and acc.stride(1) != 1)
+            or x_scale.numel() != m or w_scale.numel() != n or not x_scale.is_contiguous()
+            or not w_scale.is_contiguous() or (in_place and out_dtype != acc.dtype)):
+        raise ValueError(f"scale_rows_cols: acc (M, N) fp32 / bf16 / fp16 with unit column stride (out_dtype its "
+                         f"own in place), x_scale of M and w_scale of N contiguous fp32 values; got acc "
+                         f"{tuple(acc.shape)} {acc.dtype} strides {acc.stride()}, out_dtype {out_dtype}, "
+                         f"in_place {in_place}, x_scale {tuple(x_scale.shape)}, w_scale {tuple(w_scale.shape)}")
+    y = acc if in_place else torch.empty((m, n), dtype=out_dtype, device=acc.device)
     block = 1024
     _scale_rows_cols_kernel[(m, triton.cdiv(n, block))](acc, x_scale, w_scale, y, n, acc.stride(0), y.stride(0),
                                                          BLOCK_N=block, num_warps=4)

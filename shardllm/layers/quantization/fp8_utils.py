@@ -32,6 +32,9 @@ FAST_ACCUM_MAX_K = envs.SHARDLLM_FP8_FAST_ACCUM_MAX_K
 # 10.3, M 256 14.0 -> 15.2; gate_up 28672x4096 M 32 36.6 -> 37.7): the fp32 output's traffic wins back the gain
 # past ~2^20 elements, and a wide N is served well by the row-wise kernel.
 TENSORWISE_MAX_OUTPUT = envs.SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT
+# SHARDLLM_FP8_TENSORWISE_FP32=0: that route's unscaled product goes out in the output dtype (bf16), scaled in place
+# (half the intermediate's traffic, one more rounding); measured only with fp32 so far
+TENSORWISE_FP32 = envs.SHARDLLM_FP8_TENSORWISE_FP32
 TENSORWISE_MAX_N = 8192
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -195,25 +198,32 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
 
 
 def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor,
-                                    w_scale: torch.Tensor, out_dtype: torch.dtype,
-                                    use_fast_accum: bool = False) -> torch.Tensor:
-    """scaled_mm_rowwise's product in two launches: torch._scaled_mm's per-tensor recipe with unit scales into fp32
-    (the exact integer-grid product of the e4m3 values, accumulated as the tensor cores do), then (acc * x_scale *
-    w_scale).to(out_dtype) (fp8_triton.scale_rows_cols on a GPU with Triton, torch ops elsewhere). Shapes as
-    scaled_mm_rowwise's; needs the "tensorwise_f32" recipe (fp8_recipes). The extra rounding against the fused
-    row-wise kernel is the fp32 accumulator's, not a bf16 one: the results agree to out_dtype's last bit or so."""
+                                    w_scale: torch.Tensor, out_dtype: torch.dtype, use_fast_accum: bool = False,
+                                    fp32_product: bool | None = None) -> torch.Tensor:
+    """scaled_mm_rowwise's product in two launches: torch._scaled_mm's per-tensor recipe with unit scales (the
+    integer-grid product of the e4m3 values, accumulated as the tensor cores do) into fp32, then (product *
+    x_scale * w_scale).to(out_dtype) (fp8_triton.scale_rows_cols on a GPU with Triton, torch ops elsewhere). Shapes
+    as scaled_mm_rowwise's; needs the "tensorwise_f32" recipe (fp8_recipes). The results agree with the fused
+    row-wise kernel's to out_dtype's last bit or so.
+    fp32_product False (default TENSORWISE_FP32, SHARDLLM_FP8_TENSORWISE_FP32): the product goes out in out_dtype
+    and is scaled in place: half the intermediate's bytes for bf16, one rounding more (|error| <= 1 ulp of
+    out_dtype more: the unscaled product, |x| <= 448^2 K, is far inside bf16's range). ValueError on a device
+    without FP8 GEMMs."""
     key = (x_q.device.type, x_q.device.index)
     if key not in _UNIT_SCALE:
         fp8_recipes(x_q.device)
     one = _UNIT_SCALE.get(key)
     if one is None:  # a GPU without FP8 GEMMs: its probe stops before the trials
         raise ValueError(f"{x_q.device} has no FP8 GEMM (compute capability >= 8.9 needed): use bf16 weights")
-    acc = torch._scaled_mm(x_q, w_q.t(), one, one, out_dtype=torch.float32, use_fast_accum=use_fast_accum)
+    fp32 = TENSORWISE_FP32 if fp32_product is None else fp32_product
+    inter = torch.float32 if fp32 else out_dtype
+    acc = torch._scaled_mm(x_q, w_q.t(), one, one, out_dtype=inter, use_fast_accum=use_fast_accum)
     if acc.is_cuda and _epilogue_kernel_ok(acc.device):
         from shardllm.layers.quantization.fp8_triton import scale_rows_cols
 
-        return scale_rows_cols(acc, x_scale.contiguous(), w_scale.contiguous(), out_dtype)
-    return (acc * x_scale * w_scale).to(out_dtype)
+        return scale_rows_cols(acc, x_scale.contiguous(), w_scale.contiguous(), out_dtype,
+                               in_place=inter == out_dtype)
+    return (acc.float() * x_scale * w_scale).to(out_dtype)
 
 
 def _epilogue_kernel_ok(device: torch.device) -> bool:

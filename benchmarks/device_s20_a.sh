@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Queued by the sixteenth session (one H200, about 6 minutes): the per-tensor route of few-row FP8 GEMMs, on by
+# default since that session (SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT = 2^20 output elements, N <= 8192) from kernel
+# timings alone, and its bf16-product variant (SHARDLLM_FP8_TENSORWISE_FP32=0, off). 1. The FP8 GPU tests (the
+# route's own, and the fast-accumulation test on both paths). 2. `fp8_gemm.py --recipes` at M = 64-1024: does the
+# bf16 product widen where the route wins? 3. 8B fp8 + fp8 KV, B requests of 1000 prompt and 256 output tokens at
+# batch size B = 64 and 256: the route off, the default, and the bf16 product. Keep the default if batch 64 gains
+# and batch 256 does not lose in this call; else set it to 0 (envs and fp8_utils).
+#     LIMIT_S=330 bash benchmarks/device_s20_a.sh
+set -u
+. benchmarks/device_rows.sh
+device_start 330
+export CUDA_VISIBLE_DEVICES=${GPU:-0}
+timeout 45 python -m pytest -q -p no:cacheprovider -m gpu tests/layers/test_fp8_gpu.py -k "not tiny and not experts" \
+  2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+timeout 60 python benchmarks/fp8_gemm.py --recipes --ms 64 256 512 1024 > "$w/recipes.jsonl" 2> "$w/recipes_err.txt"
+python - "$w/recipes.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+for l in open(sys.argv[1]):
+    if l.startswith("{"):
+        r = json.loads(l)
+        print(f'{r["layer"]:<8} M {r["m"]:>4}  rowwise_fast {r["rowwise_fast_us"]:>7} rowwise {r["rowwise_us"]:>7}  '
+              f'route_fast {r["rowwise_by_tw_fast_us"]:>7} route {r["rowwise_by_tw_us"]:>7} route_bf16_fast '
+              f'{r["rowwise_by_tw_bf16_fast_us"]:>7}  tensorwise_fast {r["tensorwise_fast_us"]:>7}  err '
+              f'{r["rowwise_fast_rel_err"]} / {r["rowwise_by_tw_fast_rel_err"]} / {r["rowwise_by_tw_bf16_fast_rel_err"]}')
+PY
+for B in 64 256; do
+  MODEL_FLAGS="--model llama-3-8b --dtype fp8 --kv_cache_dtype fp8 --batch_size $B --num_requests $B --input_len 1000 --output_len 256"
+  row 75 "b${B}_off" "SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT=0"  # the first row meets a cold Triton cache
+  row 40 "b${B}_default" ""
+  row 40 "b${B}_bf16_product" "SHARDLLM_FP8_TENSORWISE_FP32=0"
+done
+phase_rows
+say "total: $((SECONDS - t0)) s"; pack
+rm -rf "$w"
