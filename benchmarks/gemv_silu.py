@@ -8,9 +8,7 @@ benchmarks/gemv_sweep.py), so no call reads its weight from L2. Per row: us of s
 pair, of the fused kernel with the config the engine picks (gemv_silu._fused_config), the best of a small grid of
 fused configs (--budget_s shared by the rows), the speed-up, the share of 4.2 TB/s copy bandwidth (weight bytes), and
 whether fused equals silu_and_mul then the GEMV with the same config bit for bit. Ends with the JSON that
-gemv_silu.FUSED_SILU_TABLES takes (the grid's best where it beat the engine's pick by 2% or more). Then the residual
-add + RMSNorm before qkv / gate_up at M = 1: the pair against the norm-fused GEMV (gemv_norm.py, opt-in), and the
-most that folding could save (the pair against the linear alone).
+gemv_silu.FUSED_SILU_TABLES takes (the grid's best where it beat the engine's pick by 2% or more).
 
     python benchmarks/gemv_silu.py [--budget_s 60] [--ms 1 2] [--tp 1 2]
 """
@@ -27,8 +25,7 @@ import torch
 from gemv_sweep import COPY_BW, L2_BYTES, MODELS, timed  # benchmarks/ is sys.path[0] when run as a script
 
 from shardllm.layers import triton_ops
-from shardllm.layers.gemv import GemvConfig, NormPrologue, gemv, maybe_small_m_linear_bf16
-from shardllm.layers.gemv_norm import RmsNormInput, _norm_config, norm_gemv
+from shardllm.layers.gemv import GemvConfig, gemv, maybe_small_m_linear_bf16
 from shardllm.layers.gemv_silu import SiluAndMulInput, _fused_config, silu_gemv
 from shardllm.layers.quantization.fp8_triton import fp8_small_m_linear
 from shardllm.layers.quantization.fp8_utils import quantize_per_row
@@ -61,34 +58,6 @@ def unfused_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> 
         return fp8_small_m_linear(x, w, s)
     y = maybe_small_m_linear_bf16(x, w, None)
     return torch.nn.functional.linear(x, w) if y is None else y
-
-
-def norm_prologue(dtypes: list[str], tps: list[int]) -> None:
-    """The residual add + RMSNorm folded into the qkv / gate_up GEMV at M = 1 (gemv_norm.py, opt-in): the pair
-    (triton_ops.fused_add_rms_norm, then the linear's small-M path) against the norm-fused GEMV with the config the
-    engine would pick, and against the linear alone (the most folding could save), with the largest difference of
-    the outputs relative to the largest output (the rstd's reduction tree differs) and whether x + residual is exact."""
-    print(f"{'dtype':5s} {'tp':>2s} {'linear':8s} {'add+norm+linear us':>18s} {'fused us':>9s} {'x':>6s} "
-          f"{'linear us':>10s} {'bound us':>9s} {'rel diff':>9s} res exact", flush=True)
-    x, res = torch.randn(2, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    nw = torch.rand(HIDDEN, device="cuda", dtype=torch.bfloat16) + 0.5
-    for dtype, tp in itertools.product(dtypes, tps):
-        for name, n in (("qkv", (32 + 2 * 8) * 128 // tp), ("gate_up", 2 * INTER // tp)):
-            ws = weights(n, HIDDEN, dtype == "fp8")
-            t_pair = timed([lambda w=w: unfused_linear(triton_ops.fused_add_rms_norm(x, res, nw, 1e-5)[0], *w)
-                            for w in ws])
-            t_lin = timed([lambda w=w: unfused_linear(x, *w) for w in ws])
-            res_out = torch.empty_like(x)
-            deferred = RmsNormInput(x, NormPrologue(res, nw, 1e-5, res_out))
-            t_fused = timed([lambda w=w, d=deferred: norm_gemv(d, *w, None) for w in ws])
-            y = norm_gemv(deferred, *ws[0], None).float()
-            normed, res_ref = triton_ops.fused_add_rms_norm(x, res, nw, 1e-5)
-            y_ref = gemv(normed, *ws[0], _norm_config(ws[0][0], 1)).float()
-            rel = float((y - y_ref).abs().max() / y_ref.abs().max())
-            print(f"{dtype:5s} {tp:2d} {name:8s} {t_pair:18.2f} {t_fused:9.2f} {t_pair / t_fused:5.2f}x {t_lin:10.2f} "
-                  f"{t_pair - t_lin:9.2f} {rel:9.2e} {torch.equal(res_out, res_ref)}", flush=True)
-            del ws
-            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -145,7 +114,6 @@ def main() -> None:
                       f"{best[0]:9.2f} {str([int(v) for v in best[1]]):30s} {exact}", flush=True)
             del ws
             torch.cuda.empty_cache()
-        norm_prologue(a.dtypes, a.tp)
     except KeyboardInterrupt:
         print("stopped (timeout)", flush=True)
     print("FUSED_SILU_TABLES", json.dumps(tables))

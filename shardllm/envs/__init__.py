@@ -225,9 +225,6 @@ _VARS = [
     _switch("SHARDLLM_GEMV_FUSED_SILU", True, "import",
             "0: SiLU-and-mul in a kernel of its own before the down projection's GEMV at batch 1, not inside it "
             "(layers/gemv_silu.py, issue 15; fused: batch-1 bf16 TPOT -2.5% on an H200)"),
-    _switch("SHARDLLM_GEMV_FUSED_NORM", False, "import",
-            "1: the residual add + RMSNorm before qkv / gate_up formed inside their decode GEMV at batch 1 "
-            "(layers/gemv_norm.py, issue 15; not yet measured on a GPU)"),
     _switch("SHARDLLM_DECODE_ATTN_TUNED", True, "per call",
             "0: decode attention ignores decode_configs.DECODE_CONFIGS (the original launch; benchmarks/device_ab.sh)"),
     EnvVar("SHARDLLM_DECODE_CONFIGS", "str", None, _text, "import",

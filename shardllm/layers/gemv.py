@@ -11,10 +11,8 @@ Which config runs for which (N, K, M) comes from per-shape tables filled from `b
 (gemv_tables.py); the torch reference is `gemv_reference`.
 
 The kernel can also form its input from the previous op's inputs as it loads it, so that op's kernel is not launched
-at decode: SiLU-and-mul from gate_up (silu_input; gemv_silu.py) and the residual add + RMSNorm (a NormPrologue, FMA
-form; gemv_norm.py). Compiled for sm_90a with Triton 3.9 (ptxas 13.4 -v, on the CPU): no spills; the SiLU form keeps
-the plain form's barriers (252 -> 254 registers at 16 x 1024, 8 warps), the norm form adds the prologue's reduction
-(40 -> 80 registers at 4 x 512, 4 warps).
+at decode: SiLU-and-mul from gate_up (silu_input; gemv_silu.py). Compiled for sm_90a with Triton 3.9 (ptxas 13.4 -v,
+on the CPU): no spills; the SiLU form keeps the plain form's barriers (252 -> 254 registers at 16 x 1024, 8 warps).
 """
 
 from __future__ import annotations
@@ -29,7 +27,6 @@ import torch
 from shardllm import envs
 from shardllm.layers.gemv_tables import _BF16_SWEEP, _FP8_SWEEP
 from shardllm.layers.pdl import launch_args, pdl_enter, pdl_enter_prefetching, pdl_launch_dependents, pdl_wait
-from shardllm.layers.triton_ops import RMS_MAX_BLOCK
 
 try:
     import triton
@@ -67,20 +64,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, split_k, stride_xm, stride_wn, stride_ym, stride_ys,
-                     r_ptr, nw_ptr, r_out_ptr, eps, stride_rm, stride_rom,
                      HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, LATE_REDUCE: tl.constexpr,
-                     SILU_INPUT: tl.constexpr = False, NORM_INPUT: tl.constexpr = False,
-                     HAS_RESIDUAL: tl.constexpr = False, NORM_BLOCK: tl.constexpr = 1, NORM_CHUNKS: tl.constexpr = 1,
-                     USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False, PREFETCH_W: tl.constexpr = False,
-                     PREFETCH_SPLIT: tl.constexpr = 1, prefetch_bytes=0, W_EARLY: tl.constexpr = False):
+                     SILU_INPUT: tl.constexpr = False, USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False,
+                     PREFETCH_W: tl.constexpr = False, PREFETCH_SPLIT: tl.constexpr = 1, prefetch_bytes=0,
+                     W_EARLY: tl.constexpr = False):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
         x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
         FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps).
-        NORM_INPUT: x = RMSNorm(x (+ r)) with weight nw: every program first sums the squares of its whole rows (in
-        NORM_CHUNKS chunks of NORM_BLOCK, as triton_ops' RMSNorm does; L1/L2 hits after the first program), program
-        (0, 0) also stores round(x + r) to r_out; then each step normalizes the x it loads. With USE_PDL, each row's
-        first prefetch_bytes of its K slice are prefetched into L2 before the wait (pdl_enter_prefetching).
+        With USE_PDL, each row's first prefetch_bytes of its K slice are prefetched into L2 before the wait
+        (pdl_enter_prefetching).
         W_EARLY (not with W_AHEAD or PREFETCH_W): the program's first weight tile is loaded into registers before the
         wait, so that it streams while the kernel before still runs (no kernel of a step writes weights; x, which
         the kernel before writes, is read only after the wait); its step runs first, then the loop (2 or 4 such
@@ -132,24 +125,6 @@ if HAS_TRITON:
         w_rows3 = w_ptr + rows[None, :, None] * stride_wn + 0 * m[:, None, None]  # (BM, BN, 1)
         x_rows3 = x_ptr + m[:, None, None] * stride_xm + 0 * n[None, :, None]  # (BM, BN, 1)
         m_in3 = (m[:, None, None] < M) & (n[None, :, None] >= 0)  # (BM, BN, 1)
-        r_rows = r_ptr + m[:, None] * stride_rm  # (BM, 1)
-        nw_rows = nw_ptr + 0 * m[:, None]  # (BM, 1)
-        rstd = tl.zeros((BLOCK_M, 1), tl.float32)
-        if NORM_INPUT:
-            nb = tl.arange(0, NORM_BLOCK)
-            sum_sq = tl.zeros((BLOCK_M, NORM_BLOCK), tl.float32)
-            for c in range(NORM_CHUNKS):
-                offs = c * NORM_BLOCK + nb[None, :]
-                mask = m_in & (offs < K)
-                sq = tl.load(x_rows + offs, mask=mask, other=0.0).to(tl.float32)
-                if HAS_RESIDUAL:
-                    sq_rounded = (sq + tl.load(r_rows + offs, mask=mask, other=0.0).to(tl.float32)).to(
-                        x_ptr.dtype.element_ty)
-                    first = offs * 0 + pid_n + split == 0  # program (0, 0) stores x + r
-                    tl.store(r_out_ptr + m[:, None] * stride_rom + offs, sq_rounded, mask=mask & first)
-                    sq = sq_rounded.to(tl.float32)
-                sum_sq += sq * sq
-            rstd = tl.rsqrt(tl.sum(sum_sq, axis=1) / K + eps)[:, None]  # (BM, 1)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         if LATE_REDUCE:
             acc3 = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), tl.float32)
@@ -160,9 +135,8 @@ if HAS_TRITON:
             w3_next = tl.load(w_rows3 + k3_first, mask=k3_first < k_end, other=0.0)
         loop_start = k_start
         if W_EARLY:  # the tile loaded before the wait: its step, then the loop from the next one
-            acc, acc3 = _early_step(acc, acc3, w_first, k_start + kk, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd,
-                                    m_in, m_in3, K, EVEN_K, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE,
-                                    USE_DOT, DOT_F32)
+            acc, acc3 = _early_step(acc, acc3, w_first, k_start + kk, k_end, x_rows, x_rows3, m_in, m_in3, K,
+                                    EVEN_K, SILU_INPUT, LATE_REDUCE, USE_DOT, DOT_F32)
             loop_start = k_start + BLOCK_K
         for k0 in range(loop_start, k_end, BLOCK_K):
             k = k0 + kk
@@ -171,8 +145,7 @@ if HAS_TRITON:
                     w = tl.load(w_rows + k[None, :])  # (BN, BK)
                 else:
                     w = tl.load(w_rows + k[None, :], mask=k[None, :] < k_end, other=0.0)
-                acc = _dot_update(acc, w, k, k_end, x_rows, r_rows, nw_rows, rstd, m_in, K, EVEN_K, SILU_INPUT,
-                                  NORM_INPUT, HAS_RESIDUAL, DOT_F32)
+                acc = _dot_update(acc, w, k, k_end, x_rows, m_in, K, EVEN_K, SILU_INPUT, DOT_F32)
             else:
                 k3 = k[None, None, :]
                 if W_AHEAD:  # this step's tile was loaded a step ago; the next one (masked past k_end) now
@@ -182,8 +155,8 @@ if HAS_TRITON:
                     w3 = tl.load(w_rows3 + k3)  # (BM, BN, BK)
                 else:
                     w3 = tl.load(w_rows3 + k3, mask=k3 < k_end, other=0.0)
-                acc, acc3 = _fma_update(acc, acc3, w3, k, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in,
-                                        m_in3, K, EVEN_K, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE)
+                acc, acc3 = _fma_update(acc, acc3, w3, k, k_end, x_rows, x_rows3, m_in, m_in3, K, EVEN_K, SILU_INPUT,
+                                        LATE_REDUCE)
         if LATE_REDUCE:
             acc = tl.sum(acc3, axis=2)
         if HAS_SCALE:
@@ -205,8 +178,8 @@ if HAS_TRITON:
 
 class DeferredGemvInput:
     """An activation not computed yet, which the linear it feeds forms inside its small-M GEMV (SiLU-and-mul in
-    gemv_silu.py, RMSNorm in gemv_norm.py): a producer returns one instead of a tensor, and the linear's method calls
-    `gemv(w, w_scale, bias)` -> y (M, N) in the activation's dtype."""
+    gemv_silu.py): a producer returns one instead of a tensor, and the linear's method calls `gemv(w, w_scale, bias)`
+    -> y (M, N) in the activation's dtype."""
 
     __slots__ = ()
 
@@ -214,29 +187,14 @@ class DeferredGemvInput:
         raise NotImplementedError
 
 
-class NormPrologue(NamedTuple):
-    """RMSNorm applied to a GEMV's input rows as the kernel loads them: x -> weight * norm(x (+ residual)), with
-    x + residual rounded to x's dtype and written to residual_out (as triton_ops.fused_add_rms_norm returns it).
-    residual, residual_out: (M, K) of x's dtype with contiguous rows, or both None; weight (K,) of x's dtype;
-    residual_out must not alias residual or x (other programs still read them while one writes it)."""
-
-    residual: torch.Tensor | None
-    weight: torch.Tensor
-    eps: float
-    residual_out: torch.Tensor | None
-
-
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config: GemvConfig,
-         silu_input: bool = False, norm: NormPrologue | None = None) -> torch.Tensor:
+         silu_input: bool = False) -> torch.Tensor:
     """y (M, N) in x's dtype = x @ (w * w_scale[:, None])^T (no scale: x @ w^T).
 
     Args:
         x: (M, K) bf16/fp16, M <= GEMV_MAX_M, contiguous rows. With silu_input, gate_up (M, 2K) instead, and the
             GEMV's input is silu(x[:, :K]) * x[:, K:], formed in registers with the same fp32 math and roundings
             to x's dtype as `triton_ops.silu_and_mul` (so the result equals silu_and_mul then this GEMV).
-            With norm (FMA-form configs only), the input is RMSNorm(x (+ norm.residual)) (see NormPrologue),
-            computed as triton_ops' RMSNorm kernel computes it except for the order of the sum of squares' fp32
-            additions (the same chunks, but a reduction tree of this config's warps).
         w: (N, K) float8_e4m3fn (with w_scale) or x's dtype (w_scale None), contiguous rows.
         w_scale: (N,) fp32 per-channel scales, or None.
         config: the kernel config; split_k is capped at K's BLOCK_K count (slices are whole BLOCK_Ks, so the last
@@ -249,14 +207,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     n = w.shape[0]
     assert m <= GEMV_MAX_M and w.shape[1] == k and x.stride(1) == 1 and w.stride(1) == 1
     assert not silu_input or x.shape[1] == 2 * k
-    res = res_out = nw = None
-    if norm is not None:
-        assert not silu_input and not config.use_dot  # the tl.dot form's 16 padded rows would hold 16 full rows
-        nw, res, res_out = norm.weight, norm.residual, norm.residual_out
-        assert nw.shape == (k,) and nw.stride(0) == 1 and nw.dtype == x.dtype and (res is None) == (res_out is None)
-        for t in (res, res_out):
-            assert t is None or (t.shape == x.shape and t.stride(1) == 1 and t.dtype == x.dtype)
-    norm_block = min(triton.next_power_of_2(k), RMS_MAX_BLOCK)  # as triton_ops' RMSNorm: the same chunks
     assert (w_scale is None) == (w.dtype == x.dtype)
     split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
     even_k = k % (split_k * config.block_k) == 0
@@ -271,13 +221,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         y = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, w, w if w_scale is None else w_scale, y, m, n, k, split_k, x.stride(0), w.stride(0), y.stride(1),
-        y.stride(0), x if res is None else res, x if nw is None else nw, x if res_out is None else res_out,
-        0.0 if norm is None else float(norm.eps), 0 if res is None else res.stride(0),
-        0 if res_out is None else res_out.stride(0), HAS_SCALE=w_scale is not None, USE_DOT=config.use_dot,
-        EVEN_K=even_k, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_F32=not x.is_cuda,
-        LATE_REDUCE=config.late_reduce and not config.use_dot, SILU_INPUT=silu_input, NORM_INPUT=norm is not None,
-        HAS_RESIDUAL=res is not None, NORM_BLOCK=norm_block if norm is not None else 1,
-        NORM_CHUNKS=triton.cdiv(k, norm_block) if norm is not None else 1, num_warps=config.num_warps,
+        y.stride(0), HAS_SCALE=w_scale is not None, USE_DOT=config.use_dot, EVEN_K=even_k, BLOCK_M=block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_F32=not x.is_cuda,
+        LATE_REDUCE=config.late_reduce and not config.use_dot, SILU_INPUT=silu_input, num_warps=config.num_warps,
         num_stages=config.num_stages, W_AHEAD=w_ahead,
         PREFETCH_W=prefetch > 0, PREFETCH_SPLIT=max(1, 32 * config.num_warps // config.block_n),
         prefetch_bytes=prefetch, W_EARLY=early and not w_ahead and prefetch == 0, **pdl)

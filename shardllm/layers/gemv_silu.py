@@ -170,9 +170,9 @@ _PROBED: dict[tuple, bool] = {}  # (kind, device, N, K, weight dtype, activation
 
 
 def probe_once(key: tuple, check: Callable[[], bool], what: str, reference: str, w: torch.Tensor) -> bool:
-    """`check()` once per key, for the fused GEMVs' load-time probes (here and gemv_norm.py): False where it
-    returns False or raises (a Triton that cannot compile the kernel), with a warning naming `what` and the
-    `reference` it disagrees with; the weight w shows its shape and dtype there."""
+    """`check()` once per key, for the fused GEMV's load-time probes: False where it returns False or raises (a
+    Triton that cannot compile the kernel), with a warning naming `what` and the `reference` it disagrees with; the
+    weight w shows its shape and dtype there."""
     if key not in _PROBED:
         import logging
 

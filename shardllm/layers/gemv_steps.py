@@ -1,6 +1,6 @@
-"""The GEMV kernel's per-step helpers (`gemv._gemv_kernel`): the loads that form its input from the previous op's
-(SiLU-and-mul from gate_up, RMSNorm with an optional residual add) and one K step of either form, given its weight
-tile. Triton inlines them into the kernel."""
+"""The GEMV kernel's per-step helpers (`gemv._gemv_kernel`): the load that forms its input from the previous op's
+(SiLU-and-mul from gate_up) and one K step of either form, given its weight tile. Triton inlines them into the
+kernel."""
 
 import triton
 import triton.language as tl
@@ -17,29 +17,12 @@ def _silu_mul_load(ptrs, K, mask):
 
 
 @triton.jit
-def _normed_load(x_ptrs, r_ptrs, nw_ptrs, rstd, mask, HAS_RESIDUAL: tl.constexpr):
-    """round(nw * round(s * rstd)) in the activation dtype, s = x or round(x + residual): the values
-    triton_ops._fused_rmsnorm_row_kernel stores, given its rstd."""
-    s = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
-        s = (s + r).to(x_ptrs.dtype.element_ty).to(tl.float32)
-    normed = (s * rstd).to(x_ptrs.dtype.element_ty).to(tl.float32)
-    nw = tl.load(nw_ptrs, mask=mask, other=0.0).to(tl.float32)
-    return (nw * normed).to(x_ptrs.dtype.element_ty)
-
-
-@triton.jit
-def _dot_update(acc, w, k, k_end, x_rows, r_rows, nw_rows, rstd, m_in, K, EVEN_K: tl.constexpr,
-                SILU_INPUT: tl.constexpr, NORM_INPUT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+def _dot_update(acc, w, k, k_end, x_rows, m_in, K, EVEN_K: tl.constexpr, SILU_INPUT: tl.constexpr,
                 DOT_F32: tl.constexpr):
     """The tl.dot form's step at columns k given its (BN, BK) weight tile w: acc + x[:, k] @ w^T."""
     x_mask = m_in if EVEN_K else m_in & (k[None, :] < k_end)
     if SILU_INPUT:
         x = _silu_mul_load(x_rows + k[None, :], K, x_mask)  # (BM, BK)
-    elif NORM_INPUT:
-        x = _normed_load(x_rows + k[None, :], r_rows + k[None, :], nw_rows + k[None, :], rstd, x_mask,
-                         HAS_RESIDUAL)
     else:
         x = tl.load(x_rows + k[None, :], mask=x_mask, other=0.0)  # (BM, BK)
     if DOT_F32:  # Triton's CPU interpreter computes bf16 dots wrongly (3.9); fp32 there
@@ -48,18 +31,14 @@ def _dot_update(acc, w, k, k_end, x_rows, r_rows, nw_rows, rstd, m_in, K, EVEN_K
 
 
 @triton.jit
-def _fma_update(acc, acc3, w3, k, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in, m_in3, K,
-                EVEN_K: tl.constexpr, SILU_INPUT: tl.constexpr, NORM_INPUT: tl.constexpr,
-                HAS_RESIDUAL: tl.constexpr, LATE_REDUCE: tl.constexpr):
+def _fma_update(acc, acc3, w3, k, k_end, x_rows, x_rows3, m_in, m_in3, K, EVEN_K: tl.constexpr,
+                SILU_INPUT: tl.constexpr, LATE_REDUCE: tl.constexpr):
     """The FMA form's step at columns k given its (BM, BN, BK) weight tile w3: (acc, acc3) after its products
     (acc3: the late-reduce accumulator, else passed through)."""
     k3 = k[None, None, :]
     x_mask = m_in if EVEN_K else m_in & (k[None, :] < k_end)
     if SILU_INPUT:  # (BM, 1, BK), broadcast over BN in the product
         x3 = _silu_mul_load(x_rows + k[None, :], K, x_mask)[:, None, :]
-    elif NORM_INPUT:
-        x3 = _normed_load(x_rows + k[None, :], r_rows + k[None, :], nw_rows + k[None, :], rstd, x_mask,
-                          HAS_RESIDUAL)[:, None, :]
     elif EVEN_K:
         x3 = tl.load(x_rows3 + k3, mask=m_in3, other=0.0)  # (BM, BN, BK)
     else:
@@ -73,15 +52,12 @@ def _fma_update(acc, acc3, w3, k, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd,
 
 
 @triton.jit
-def _early_step(acc, acc3, w, k, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in, m_in3, K,
-                EVEN_K: tl.constexpr, SILU_INPUT: tl.constexpr, NORM_INPUT: tl.constexpr,
-                HAS_RESIDUAL: tl.constexpr, LATE_REDUCE: tl.constexpr, USE_DOT: tl.constexpr,
-                DOT_F32: tl.constexpr):
+def _early_step(acc, acc3, w, k, k_end, x_rows, x_rows3, m_in, m_in3, K, EVEN_K: tl.constexpr,
+                SILU_INPUT: tl.constexpr, LATE_REDUCE: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr):
     """The step of a weight tile loaded before the PDL wait (W_EARLY), in either form: (acc, acc3) after it."""
     if USE_DOT:
-        acc = _dot_update(acc, w, k, k_end, x_rows, r_rows, nw_rows, rstd, m_in, K, EVEN_K, SILU_INPUT,
-                          NORM_INPUT, HAS_RESIDUAL, DOT_F32)
+        acc = _dot_update(acc, w, k, k_end, x_rows, m_in, K, EVEN_K, SILU_INPUT, DOT_F32)
     else:
-        acc, acc3 = _fma_update(acc, acc3, w, k, k_end, x_rows, x_rows3, r_rows, nw_rows, rstd, m_in, m_in3, K,
-                                EVEN_K, SILU_INPUT, NORM_INPUT, HAS_RESIDUAL, LATE_REDUCE)
+        acc, acc3 = _fma_update(acc, acc3, w, k, k_end, x_rows, x_rows3, m_in, m_in3, K, EVEN_K, SILU_INPUT,
+                                LATE_REDUCE)
     return acc, acc3

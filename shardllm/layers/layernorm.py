@@ -14,7 +14,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.quant_target = None  # the FP8 linear this norm feeds, if it takes e4m3 input (fp8_fused.link_act_quant)
-        self.gemv_target = None  # the linear this norm feeds, if its GEMV can normalize (gemv_norm.link_gemv_norm)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -26,10 +25,6 @@ class RMSNorm(nn.Module):
         FP8 linear, the normed rows may come back quantized (a QuantizedActivation, fp8_fused.py)."""
         if self.quant_target is not None:
             out = self.quant_target.maybe_rms_norm(x, residual, self.weight, self.eps)
-            if out is not None:
-                return out
-        if self.gemv_target is not None:  # M = 1: maybe the norm deferred into the linear's GEMV (gemv_norm.py)
-            out = self.gemv_target.maybe_defer(x, residual, self.weight, self.eps)
             if out is not None:
                 return out
         if triton_ops.use_triton(x):

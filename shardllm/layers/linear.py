@@ -43,7 +43,7 @@ class UnquantizedLinearMethod:
         pass
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(x, DeferredGemvInput):  # SiLU-and-mul / RMSNorm formed in the GEMV (gemv_silu/_norm.py)
+        if isinstance(x, DeferredGemvInput):  # SiLU-and-mul formed in the GEMV (gemv_silu.py)
             return x.gemv(layer.weight, None, bias)
         y = maybe_small_m_linear_bf16(x, layer.weight, bias)  # decode GEMV where its table beats cuBLAS, else None
         return F.linear(x, layer.weight, bias) if y is None else y

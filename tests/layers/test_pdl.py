@@ -89,7 +89,7 @@ def test_every_pdl_kernel_waits_before_it_touches_memory(kernel):
         between = "\n".join(ast.unparse(st) for st in early[1:-1])
         assert "store" not in between and "atomic" not in between
         assert between.count("tl.load(") == 2 and between.count("tl.load(wf_ptrs") == 2, between  # EVEN_K or not
-        assert "w_ptr" in between and not [p for p in ("x_ptr", "r_ptr", "nw_ptr", "s_ptr", "y_ptr") if p in between]
+        assert "w_ptr" in between and not [p for p in ("x_ptr", "s_ptr", "y_ptr") if p in between]
         call = ast.unparse(call)
         assert call.startswith("pdl_enter_prefetching(USE_PDL, PREFETCH_W, w_ptr + ")
         assert not [w for w in ("load", "store", "atomic", "[:") if w in call.replace("[:, None]", "")], call
@@ -155,11 +155,11 @@ silu_quant = (fp8_fused._silu_and_mul_quant_fp8_kernel, quant_sig, {**quant_cons
 silu_quant_rows = (fp8_fused._silu_and_mul_quant_fp8_kernel, {**quant_sig, "rows_ptr": "*i32"},
                    {**quant_consts, "HAS_ROWS": True})
 names = ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "M", "N", "K", "split_k", "stride_xm", "stride_wn", "stride_ym",
-         "stride_ys", "r_ptr", "nw_ptr", "r_out_ptr", "eps", "stride_rm", "stride_rom", "prefetch_bytes"]
-types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16"] + ["i32"] * 8 + ["*bf16"] * 3 + ["fp32", "i32", "i32", "i32"]
+         "stride_ys", "prefetch_bytes"]
+types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16"] + ["i32"] * 9
 gemv_consts = dict(HAS_SCALE=True, USE_DOT=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, DOT_F32=False,
-                   LATE_REDUCE=True, SILU_INPUT=False, NORM_INPUT=False, HAS_RESIDUAL=False, NORM_BLOCK=1,
-                   NORM_CHUNKS=1, W_AHEAD=True, PREFETCH_W=True, PREFETCH_SPLIT=32, W_EARLY=False)
+                   LATE_REDUCE=True, SILU_INPUT=False, W_AHEAD=True, PREFETCH_W=True, PREFETCH_SPLIT=32,
+                   W_EARLY=False)
 # SHARDLLM_GEMV_W_EARLY: the first weight tile loaded between the signal and the wait (both forms)
 early = {**gemv_consts, "W_AHEAD": False, "PREFETCH_W": False, "W_EARLY": True}
 early_dot = {**early, "USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "LATE_REDUCE": False}

@@ -165,11 +165,9 @@ def process_weights_after_loading(model: nn.Module) -> None:
     from shardllm.layers.quantization.fp8_fused import link_act_quant
 
     link_act_quant(model)  # norms / activations before FP8 linears quantize their output (fp8_fused.py)
-    from shardllm.layers.gemv_norm import link_gemv_norm
     from shardllm.layers.gemv_silu import link_gemv_silu
 
     link_gemv_silu(model)  # SiLU-and-mul folded into the down projection's GEMV at M = 1 (gemv_silu.py)
-    link_gemv_norm(model)  # opt-in: add + RMSNorm folded into the qkv / gate_up GEMV at M = 1 (gemv_norm.py)
 
 
 def drop_unused_scales(weights, cfg: QuantizationConfig):

@@ -120,7 +120,7 @@ class Fp8LinearMethod:
             y = scaled_mm_rowwise(x.data, layer.weight, x.scale, layer.weight_scale.view(1, -1), x.dtype,
                                   cpu_weight_f32(layer, layer.weight))  # (M, N)
             return y if bias is None else y + bias
-        if isinstance(x, DeferredGemvInput):  # SiLU-and-mul / RMSNorm formed in the GEMV (gemv_silu/_norm.py)
+        if isinstance(x, DeferredGemvInput):  # SiLU-and-mul formed in the GEMV (gemv_silu.py)
             return x.gemv(layer.weight, layer.weight_scale.view(-1), bias)
         if self.weight_only:
             return F.linear(x, (layer.weight.to(x.dtype) * layer.weight_scale.to(x.dtype)[:, None]), bias)
