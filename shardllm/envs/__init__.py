@@ -199,10 +199,6 @@ _VARS = [
            "the kernel before (a norm, the attention) still runs; 1: not the fused SiLU down GEMV; 0: none "
            "(layers/gemv.py; issue 13; 8B fp8 batch 1 on one H200, thirteenth session: 0 / 1 / 2 2.791 / 2.760 / "
            "2.757 ms, then 2.790 / 2.764 / 2.760)"),
-    EnvVar("SHARDLLM_GEMV_PDL_PREFETCH_MB", "float", "0", float, "import",
-           "MiB of a PDL-launched GEMV's weights asked of L2 before it waits on the kernel before (layers/gemv.py, "
-           "pdl.pdl_enter_prefetching; issues 13 and 15, batch-1 decode; 0: none; seventh session: 8B fp8 2.842 -> "
-           "3.008 ms, off)"),
     EnvVar("SHARDLLM_GEMV_CONFIGS", "str", None, _text, "import",
            "JSON {\"fp8\" | \"bf16\" | \"fp8_silu\" | \"bf16_silu\": {\"NxK\": {\"M\": [use_dot, block_n, block_k, "
            "split_k, num_warps, num_stages(, late_reduce, w_ahead)]}}} (M: 1, 2, 4, 8 or 16) merged over the batch-1 "

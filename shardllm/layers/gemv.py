@@ -26,7 +26,7 @@ import torch
 
 from shardllm import envs
 from shardllm.layers.gemv_tables import _BF16_SWEEP, _FP8_SWEEP
-from shardllm.layers.pdl import launch_args, pdl_enter, pdl_enter_prefetching, pdl_launch_dependents, pdl_wait
+from shardllm.layers.pdl import launch_args, pdl_enter, pdl_launch_dependents, pdl_wait
 
 try:
     import triton
@@ -67,14 +67,11 @@ if HAS_TRITON:
                      HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr, LATE_REDUCE: tl.constexpr,
                      SILU_INPUT: tl.constexpr = False, USE_PDL: tl.constexpr = False, W_AHEAD: tl.constexpr = False,
-                     PREFETCH_W: tl.constexpr = False, PREFETCH_SPLIT: tl.constexpr = 1, prefetch_bytes=0,
                      W_EARLY: tl.constexpr = False):
         """Program (n tile, k slice): y[slice, :M, tile] = x[:, slice] @ (w[tile, slice] * s[tile])^T. SILU_INPUT:
         x_ptr holds gate_up (M, 2K) and x = silu(gate) * up is formed from it, once per (BLOCK_M, BLOCK_K) step (the
         FMA form then broadcasts it over BLOCK_N: recomputing it per repeated address would cost BLOCK_N exps).
-        With USE_PDL, each row's first prefetch_bytes of its K slice are prefetched into L2 before the wait
-        (pdl_enter_prefetching).
-        W_EARLY (not with W_AHEAD or PREFETCH_W): the program's first weight tile is loaded into registers before the
+        W_EARLY (not with W_AHEAD): the program's first weight tile is loaded into registers before the
         wait, so that it streams while the kernel before still runs (no kernel of a step writes weights; x, which
         the kernel before writes, is read only after the wait); its step runs first, then the loop (2 or 4 such
         tiles measured slower at batch 1 on an H200: docs/benchmarks.md, fourteenth session).
@@ -89,13 +86,7 @@ if HAS_TRITON:
         k_per_split = tl.cdiv(tl.cdiv(K, split_k), BLOCK_K) * BLOCK_K
         k_start = split * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
-        w_bytes: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth // 8
-        # each row's prefetch in PREFETCH_SPLIT pieces: BLOCK_N x PREFETCH_SPLIT = the program's threads, one each;
-        # a slice past K (split_k x BLOCK_K rounding can leave the last ones empty) asks for nothing
-        span = tl.maximum(k_end - k_start, 0) * w_bytes
-        chunk = tl.minimum(prefetch_bytes, span) // PREFETCH_SPLIT // 16 * 16
-        piece = tl.arange(0, PREFETCH_SPLIT)
-        tl.static_assert(not (W_EARLY and (W_AHEAD or PREFETCH_W)), "W_EARLY excludes W_AHEAD and PREFETCH_W")
+        tl.static_assert(not (W_EARLY and W_AHEAD), "W_EARLY excludes W_AHEAD")
         if W_EARLY:
             pdl_launch_dependents(USE_PDL)
             kf = k_start + tl.arange(0, BLOCK_K)
@@ -112,8 +103,7 @@ if HAS_TRITON:
                 w_first = tl.load(wf_ptrs, mask=wf_k < k_end, other=0.0)
             pdl_wait(USE_PDL)
         else:
-            pdl_enter_prefetching(USE_PDL, PREFETCH_W, w_ptr + rows[:, None] * stride_wn + k_start
-                                  + piece[None, :] * (chunk // w_bytes), chunk)
+            pdl_enter(USE_PDL)
         m = tl.arange(0, BLOCK_M)
         kk = tl.arange(0, BLOCK_K)
         m_in = m[:, None] < M
@@ -211,7 +201,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
     even_k = k % (split_k * config.block_k) == 0
     pdl = launch_args(x.device)
-    prefetch = prefetch_bytes_per_row(n, split_k, pdl)
     w_ahead = config.w_ahead and not config.use_dot
     early = W_EARLY_MODE == 2 or (W_EARLY_MODE == 1 and not silu_input)  # (silu: right after gate_up's GEMV)
     block_m = 16 if config.use_dot else max(1, triton.next_power_of_2(m))
@@ -224,9 +213,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         y.stride(0), HAS_SCALE=w_scale is not None, USE_DOT=config.use_dot, EVEN_K=even_k, BLOCK_M=block_m,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_F32=not x.is_cuda,
         LATE_REDUCE=config.late_reduce and not config.use_dot, SILU_INPUT=silu_input, num_warps=config.num_warps,
-        num_stages=config.num_stages, W_AHEAD=w_ahead,
-        PREFETCH_W=prefetch > 0, PREFETCH_SPLIT=max(1, 32 * config.num_warps // config.block_n),
-        prefetch_bytes=prefetch, W_EARLY=early and not w_ahead and prefetch == 0, **pdl)
+        num_stages=config.num_stages, W_AHEAD=w_ahead, W_EARLY=early and not w_ahead, **pdl)
     if split_k == 1:
         return y[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -239,19 +226,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
 # SHARDLLM_GEMV_W_EARLY: 1, each program of a GEMV loads its first weight tile before its PDL wait (not the fused
 # SiLU form, which follows gate_up's GEMV: there the kernel before is bandwidth-bound too); 2, every GEMV; 0 none
 W_EARLY_MODE = envs.SHARDLLM_GEMV_W_EARLY
-# SHARDLLM_GEMV_PDL_PREFETCH_MB: how much of a PDL-launched GEMV's weights its programs ask L2 for before they wait
-# on the kernel before (the first bytes of each row's K slice, spread evenly over the rows); 0: none.
-PREFETCH_BYTES = int(envs.SHARDLLM_GEMV_PDL_PREFETCH_MB * (1 << 20))
-
-
-def prefetch_bytes_per_row(n: int, split_k: int, pdl: dict, budget: int | None = None) -> int:
-    """Bytes of each of the n weight rows' K slices (split_k a row) prefetched before the PDL wait: budget (default
-    PREFETCH_BYTES) over n x split_k, a multiple of 16; 0 without PDL (`pdl`: launch_args' keywords), with no
-    budget or at a budget under 16 bytes a slice (the kernel also caps it at the slice's bytes)."""
-    budget = PREFETCH_BYTES if budget is None else budget
-    if not pdl or budget <= 0 or n <= 0:
-        return 0
-    return budget // (n * split_k) // 16 * 16
 
 
 def gemv_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:

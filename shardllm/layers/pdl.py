@@ -35,8 +35,7 @@ except ImportError:  # no Triton, or one without the griddepcontrol intrinsics
     triton = tl = gdc_launch_dependents = gdc_wait = None
     HAS_GDC = False
 
-__all__ = ["ENABLED", "launch_args", "pdl_enter", "pdl_enter_prefetching", "pdl_launch_dependents", "pdl_wait",
-           "supported"]
+__all__ = ["ENABLED", "launch_args", "pdl_enter", "pdl_launch_dependents", "pdl_wait", "supported"]
 
 ENABLED = envs.SHARDLLM_PDL
 _ON = {"USE_PDL": True, "launch_pdl": True}
@@ -93,28 +92,4 @@ def pdl_wait(USE_PDL: tl.constexpr):
 def pdl_enter(USE_PDL: tl.constexpr):
     """A PDL kernel's first statement: let the next kernel be placed, then wait for the one before to finish."""
     pdl_launch_dependents(USE_PDL)
-    pdl_wait(USE_PDL)
-
-
-@_jit
-def _prefetch_l2(ptrs, nbytes):
-    """One bulk L2 prefetch (sm90's cp.async.bulk.prefetch.L2) of nbytes (int32, same shape as ptrs) at each pointer;
-    skipped where the address is not 16-byte aligned or nbytes < 16, negative included (nbytes must be a multiple of
-    16). A hint: it neither faults on an unmapped line the hardware declines nor changes any value."""
-    tl.inline_asm_elementwise(
-        "{\n.reg .pred p;\n.reg .b64 lo;\nand.b64 lo, $1, 15;\nsetp.eq.u64 p, lo, 0;\n"
-        "setp.ge.and.s32 p, $2, 16, p;\n@p cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;\n}",
-        "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@_jit
-def pdl_enter_prefetching(USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, ptrs, nbytes):
-    """pdl_enter for a kernel whose first reads include memory no kernel of the step writes (a layer's weights): it
-    lets the next kernel be placed, asks L2 for nbytes at each of `ptrs` (see _prefetch_l2; nbytes an int32 scalar,
-    0: none), then waits for the kernel before to finish. The prefetch streams weights while the kernel before still
-    runs (its tail, or all of it when it is one wave); nothing is read into registers before the wait. PREFETCH
-    False: exactly pdl_enter (no prefetch compiled in)."""
-    pdl_launch_dependents(USE_PDL)
-    if USE_PDL and PREFETCH:
-        _prefetch_l2(ptrs, tl.zeros(ptrs.shape, tl.int32) + nbytes)
     pdl_wait(USE_PDL)

@@ -76,8 +76,8 @@ def test_every_pdl_kernel_waits_before_it_touches_memory(kernel):
     body = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0].body
     if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):  # the docstring
         body = body[1:]
-    if kernel is gemv._gemv_kernel:  # index arithmetic, then the wait with an L2 prefetch of its weights before it
-        # (or, W_EARLY, its first weight tile loaded between the signal and the wait: weights only)
+    if kernel is gemv._gemv_kernel:  # index arithmetic, then the wait (or, W_EARLY, its first weight tile loaded
+        # between the signal and the wait: weights only)
         first = next(i for i, st in enumerate(body) if isinstance(st, ast.If) and ast.unparse(st.test) == "W_EARLY")
         before = [ast.unparse(st) for st in body[:first]]
         assert before and all(isinstance(st, (ast.Assign, ast.AnnAssign)) or ast.unparse(st).startswith(
@@ -90,22 +90,9 @@ def test_every_pdl_kernel_waits_before_it_touches_memory(kernel):
         assert "store" not in between and "atomic" not in between
         assert between.count("tl.load(") == 2 and between.count("tl.load(wf_ptrs") == 2, between  # EVEN_K or not
         assert "w_ptr" in between and not [p for p in ("x_ptr", "s_ptr", "y_ptr") if p in between]
-        call = ast.unparse(call)
-        assert call.startswith("pdl_enter_prefetching(USE_PDL, PREFETCH_W, w_ptr + ")
-        assert not [w for w in ("load", "store", "atomic", "[:") if w in call.replace("[:, None]", "")], call
+        assert ast.unparse(call) == "pdl_enter(USE_PDL)"
     else:
         assert ast.unparse(body[0]) == "pdl_enter(USE_PDL)"
-
-
-def test_prefetch_budget_per_row():
-    on = {"USE_PDL": True, "launch_pdl": True}
-    assert gemv.prefetch_bytes_per_row(4096, 1, on, budget=16 << 20) == 4096  # o_proj: all of K in fp8
-    assert gemv.prefetch_bytes_per_row(28672, 1, on, budget=16 << 20) == 576  # (16 MiB / 28672) // 16 * 16
-    assert gemv.prefetch_bytes_per_row(4096, 2, on, budget=16 << 20) == 2048  # per K slice
-    assert gemv.prefetch_bytes_per_row(4096, 1, {}, budget=16 << 20) == 0  # no PDL: nothing overlaps
-    assert gemv.prefetch_bytes_per_row(4096, 1, on, budget=0) == 0
-    assert gemv.prefetch_bytes_per_row(1 << 20, 1, on, budget=1 << 20) == 0  # under 16 bytes a row
-    assert gemv.PREFETCH_BYTES == 0  # SHARDLLM_GEMV_PDL_PREFETCH_MB unset: off until measured
 
 
 def _tiny_llama_tokens(path: str, on: bool, monkeypatch, **llm_kwargs) -> list:
@@ -155,13 +142,12 @@ silu_quant = (fp8_fused._silu_and_mul_quant_fp8_kernel, quant_sig, {**quant_cons
 silu_quant_rows = (fp8_fused._silu_and_mul_quant_fp8_kernel, {**quant_sig, "rows_ptr": "*i32"},
                    {**quant_consts, "HAS_ROWS": True})
 names = ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "M", "N", "K", "split_k", "stride_xm", "stride_wn", "stride_ym",
-         "stride_ys", "prefetch_bytes"]
-types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16"] + ["i32"] * 9
+         "stride_ys"]
+types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16"] + ["i32"] * 8
 gemv_consts = dict(HAS_SCALE=True, USE_DOT=False, EVEN_K=True, BLOCK_M=1, BLOCK_N=4, BLOCK_K=512, DOT_F32=False,
-                   LATE_REDUCE=True, SILU_INPUT=False, W_AHEAD=True, PREFETCH_W=True, PREFETCH_SPLIT=32,
-                   W_EARLY=False)
+                   LATE_REDUCE=True, SILU_INPUT=False, W_AHEAD=True, W_EARLY=False)
 # SHARDLLM_GEMV_W_EARLY: the first weight tile loaded between the signal and the wait (both forms)
-early = {**gemv_consts, "W_AHEAD": False, "PREFETCH_W": False, "W_EARLY": True}
+early = {**gemv_consts, "W_AHEAD": False, "W_EARLY": True}
 early_dot = {**early, "USE_DOT": True, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "LATE_REDUCE": False}
 from shardllm.layers.attention import kv_write
 v_t_sig = {"v_ptr": "*bf16", "v_cache_ptr": "*fp8e4nv", "slot_mapping_ptr": "*i64", "v_scale_ptr": "*fp32",
@@ -182,16 +168,16 @@ for name, (fn, sig, consts) in kernels.items():
                          options={"num_warps": 4, "launch_pdl": True}).asm["ptx"]
     wait = ptx.find("griddepcontrol.wait")
     out[name] = [ptx.find("griddepcontrol.launch_dependents"), wait, ptx.find("ld.global"),
-                 ptx.find("cp.async.bulk.prefetch.L2"), ptx[:wait].count("ld.global")]
+                 ptx[:wait].count("ld.global")]
 print(json.dumps(out))
 """
 
 
 def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_load():
     """Compiled for an H100 / H200 on this machine (a process without TRITON_INTERPRET): with USE_PDL the PTX
-    signals the next kernel and waits for the previous one before its first global load (the GEMV's weight
-    prefetch into L2 in between, which ptxas must accept); the SiLU kernels compile
-    with and without the MoE layer's row limit (rows_ptr None is what a launch without it specializes to)."""
+    signals the next kernel and waits for the previous one before its first global load (the W_EARLY GEMV's first
+    weight tile in between); the SiLU kernels compile with and without the MoE layer's row limit (rows_ptr None is
+    what a launch without it specializes to)."""
     import json
     import os
     import subprocess
@@ -207,44 +193,10 @@ def test_pdl_kernels_compile_for_sm90_with_the_wait_before_every_load():
             pytest.skip(f"no ptxas here: {r.stderr.strip().splitlines()[-1:]}")
         raise AssertionError(r.stderr[-2000:])  # a kernel that does not compile for sm90 is a failure, not a skip
     found = json.loads(r.stdout.strip().splitlines()[-1])
-    for name, (launch, wait, first_load, prefetch, loads_before) in found.items():
+    for name, (launch, wait, first_load, loads_before) in found.items():
         if name.startswith("gemv_w_early"):  # loads (of the first weight tile: the AST test above says only w's)
-            # between the signal and the wait, no L2 prefetch
-            assert 0 <= launch < first_load < wait and loads_before >= 1 and prefetch < 0, (name, launch, wait)
+            # between the signal and the wait
+            assert 0 <= launch < first_load < wait and loads_before >= 1, (name, launch, wait)
             continue
         assert 0 <= launch < wait < first_load, (name, launch, wait, first_load)
-        if name == "gemv":  # the weights' L2 prefetch between the signal and the wait (pdl_enter_prefetching)
-            assert launch < prefetch < wait, (launch, prefetch, wait)
 
-
-@pytest.mark.gpu
-@pytest.mark.timeout(120)
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
-                    reason="needs a GPU with PDL (sm90+)")
-@pytest.mark.parametrize("fp8", [True, False], ids=["e4m3", "bf16"])
-def test_gpu_gemv_with_the_weight_prefetch_equals_without(monkeypatch, fp8):
-    """SHARDLLM_GEMV_PDL_PREFETCH_MB's L2 prefetch before the wait is a hint: bit-equal outputs with and without it,
-    eager and in a CUDA graph, with every row's whole K slice asked for and with a part of each."""
-    from tests.layers.test_gemv import operands
-
-    if not pdl.supported(torch.cuda.current_device()):
-        pytest.skip("this Triton has no launch_pdl")
-    monkeypatch.setattr(pdl, "ENABLED", True)
-    # split_k 4 at K = 1280 with 256-wide blocks: slices of 512, the last one empty (starts past K)
-    cases = [(1, 4096, 4096, gemv.GemvConfig(False, 4, 512, 1, 4, 3, True)),
-             (2, 1000, 1536, gemv.GemvConfig(False, 4, 512, 1, 4, 3, True)),
-             (2, 4096, 1280, gemv.GemvConfig(True, 32, 256, 4, 4, 4))]
-    for m, n, k, cfg in cases:
-        x, w, s = operands(m, n, k, fp8, "cuda", seed=n)
-        monkeypatch.setattr(gemv, "PREFETCH_BYTES", 0)
-        want = gemv.gemv(x, w, s, cfg)
-        for budget in (64 << 20, 4 << 20):  # whole slices; 32-byte pieces of 1 KiB a row at n = 4096
-            monkeypatch.setattr(gemv, "PREFETCH_BYTES", budget)
-            assert gemv.prefetch_bytes_per_row(n, cfg.split_k, pdl.launch_args(x.device)) > 0
-            assert torch.equal(gemv.gemv(x, w, s, cfg), want)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                y = gemv.gemv(x, w, s, cfg)
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(y, want)
