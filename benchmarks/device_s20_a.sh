@@ -2,8 +2,9 @@
 # Queued by the sixteenth session (one H200, about 6 minutes): the per-tensor route of few-row FP8 GEMMs, on by
 # default since that session (SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT = 2^20 output elements, N <= 8192) from kernel
 # timings alone, and its bf16-product variant (SHARDLLM_FP8_TENSORWISE_FP32=0, off). 1. The FP8 GPU tests (the
-# route's own, and the fast-accumulation test on both paths). 2. `fp8_gemm.py --recipes` at M = 64-1024: does the
-# bf16 product widen where the route wins? 3. 8B fp8 + fp8 KV, B requests of 1000 prompt and 256 output tokens at
+# route's own, and the fast-accumulation test on both paths). 2. `fp8_gemm.py --recipes` at M = 16-1024: does the
+# bf16 product widen where the route wins? At M = 16, is the small-M GEMV (the engine's up to 16 rows) still faster
+# than the route (else GEMV_MAX_M should come down)? 3. 8B fp8 + fp8 KV, B requests of 1000 prompt and 256 output tokens at
 # batch size B = 64 and 256: the route off, the default, and the bf16 product. Keep the default if batch 64 gains
 # and batch 256 does not lose in this call; else set it to 0 (envs and fp8_utils).
 #     LIMIT_S=330 bash benchmarks/device_s20_a.sh
@@ -13,7 +14,7 @@ device_start 330
 export CUDA_VISIBLE_DEVICES=${GPU:-0}
 timeout 45 python -m pytest -q -p no:cacheprovider -m gpu tests/layers/test_fp8_gpu.py -k "not tiny and not experts" \
   2>&1 | tail -3 | tee -a "$OUT/summary.txt"
-timeout 60 python benchmarks/fp8_gemm.py --recipes --ms 64 256 512 1024 > "$w/recipes.jsonl" 2> "$w/recipes_err.txt"
+timeout 75 python benchmarks/fp8_gemm.py --recipes --ms 16 32 64 256 512 1024 > "$w/recipes.jsonl" 2> "$w/recipes_err.txt"
 python - "$w/recipes.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
 import json, sys
 for l in open(sys.argv[1]):
@@ -21,7 +22,8 @@ for l in open(sys.argv[1]):
         r = json.loads(l)
         print(f'{r["layer"]:<8} M {r["m"]:>4}  rowwise_fast {r["rowwise_fast_us"]:>7} rowwise {r["rowwise_us"]:>7}  '
               f'route_fast {r["rowwise_by_tw_fast_us"]:>7} route {r["rowwise_by_tw_us"]:>7} route_bf16_fast '
-              f'{r["rowwise_by_tw_bf16_fast_us"]:>7}  tensorwise_fast {r["tensorwise_fast_us"]:>7}  err '
+              f'{r["rowwise_by_tw_bf16_fast_us"]:>7}  tensorwise_fast {r["tensorwise_fast_us"]:>7}  gemv '
+              f'{r.get("gemv_us", "-"):>7}  err '
               f'{r["rowwise_fast_rel_err"]} / {r["rowwise_by_tw_fast_rel_err"]} / {r["rowwise_by_tw_bf16_fast_rel_err"]}')
 PY
 for B in 64 256; do

@@ -83,6 +83,8 @@ def recipe_rows(ms: list[int], dev: torch.device) -> None:
                 us = timed(tw_fn)
                 row[key + "_us"] = round(us, 1)
                 row[key + "_rel_err"] = f"{float((tw_fn().float() - twin_row).abs().max() / twin_row.abs().max()):.1e}"
+            if m <= GEMV_MAX_M and triton_fp8_ok(dev):  # what the engine runs at these M: the weight-streaming GEMV
+                row["gemv_us"] = round(timed(lambda x=x, wq=wq, ws=ws: fp8_small_m_linear(x, wq, ws.view(-1))), 1)
             print(json.dumps(row), flush=True)
 
 
@@ -93,7 +95,8 @@ def main() -> None:
     ap.add_argument("--recipes", action="store_true",
                     help="per shape and M: bf16, _scaled_mm row-wise and per-tensor and the row-wise product through "
                          "the per-tensor kernel (fp8_utils.scaled_mm_rowwise_by_tensorwise), each with and without "
-                         "use_fast_accum: us, TFLOP/s and the max error against the dequantized twin")
+                         "use_fast_accum: us, TFLOP/s and the max error against the dequantized twin; at M <= "
+                         "GEMV_MAX_M also the small-M GEMV the engine runs there")
     a = ap.parse_args()
     dev = torch.device("cuda")
     print("recipes", sorted(fp8_recipes(dev)), torch.cuda.get_device_name(), torch.__version__)
