@@ -3,9 +3,9 @@
 # default since that session (SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT = 2^20 output elements, N <= 8192) from kernel
 # timings alone, and its bf16-product variant (SHARDLLM_FP8_TENSORWISE_FP32=0, off). 1. The FP8 GPU tests (the
 # route's own, and the fast-accumulation test on both paths). 2. `fp8_gemm.py --recipes` at M = 16-1024: does the
-# bf16 product widen where the route wins? At M = 16, is the small-M GEMV (the engine's up to 16 rows) still faster
-# than the route (else GEMV_MAX_M should come down)? 3. 8B fp8 + fp8 KV, B requests of 1000 prompt and 256 output tokens at
-# batch size B = 64 and 256: the route off, the default, and the bf16 product. Keep the default if batch 64 gains
+# bf16 product widen where the route wins? At M = 16, is the small-M GEMV (the engine's up to 16 rows) still
+# faster than the route (else GEMV_MAX_M should come down)? 3. 8B fp8 + fp8 KV, B requests of 1000 prompt and 256
+# output tokens at batch size B = 64 and 256: the route off, the default, and the bf16 product. Keep the default if batch 64 gains
 # and batch 256 does not lose in this call; else set it to 0 (envs and fp8_utils).
 #     LIMIT_S=330 bash benchmarks/device_s20_a.sh
 set -u
