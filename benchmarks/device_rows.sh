@@ -11,6 +11,8 @@
 #   row TIMEOUT NAME ENVS ..  b with T=TIMEOUT, then pack, if the time left (limit - (SECONDS - t0)) covers TIMEOUT;
 #                             else a line saying it was skipped (needs limit and t0)
 #   left                      the seconds left: limit - (SECONDS - t0)
+#   recipe_table FILE         `fp8_gemm.py --recipes` JSON lines in FILE, one summary line each (every *_us timing,
+#                             then the *_rel_err errors), into the summary
 #   phase_rows                the rows so far, one line each: out tok/s, elapsed, prefill phase (ttft max) and
 #                             decode-phase TPOT, into the summary
 #   device_start LIMIT        a script's start: the device's environment (NVLink multicast off, PYTHONPATH=.), OUT and
@@ -24,6 +26,17 @@ for l in open(sys.argv[1]):
         print(f'{r["row"]:<24} {r["output_tok_s"]:>9,.0f} tok/s  elapsed {r["elapsed_s"]:6.2f} s  prefill phase '
               f'{r.get("ttft_ms_max", 0) / 1e3:5.2f} s  decode-phase TPOT {r.get("decode_phase_tpot_ms")} ms  '
               f'steps {r.get("steps")}')
+PY
+}
+recipe_table() {
+  python - "$1" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+for l in open(sys.argv[1]):
+    if l.startswith("{"):
+        r = json.loads(l)
+        us = "  ".join(f"{k[:-3]} {v}" for k, v in r.items() if k.endswith("_us"))
+        err = " / ".join(f"{k[:-8]} {v}" for k, v in r.items() if k.endswith("_rel_err"))
+        print(f'{r["layer"]:<8} M {r["m"]:>4}  {us}  err: {err}')
 PY
 }
 pack() { tar -czf "$OUT/results.tgz" -C "$w" . 2>/dev/null; }

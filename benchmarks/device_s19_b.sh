@@ -13,15 +13,7 @@ export CUDA_VISIBLE_DEVICES=${GPU:-0}
 timeout 60 python -m pytest -q -p no:cacheprovider -m gpu tests/layers/test_fp8_gpu.py -k "per_tensor or probe" 2>&1 \
   | tail -3 | tee -a "$OUT/summary.txt"
 timeout 60 python benchmarks/fp8_gemm.py --recipes --ms 32 64 128 256 512 > "$w/recipes.jsonl" 2> "$w/recipes_err.txt"
-python - "$w/recipes.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
-import json, sys
-for l in open(sys.argv[1]):
-    if l.startswith("{"):
-        r = json.loads(l)
-        print(f'{r["layer"]:<8} M {r["m"]:>4}  rowwise_fast {r["rowwise_fast_us"]:>7} rowwise {r["rowwise_us"]:>7}  '
-              f'by_tw_fast {r["rowwise_by_tw_fast_us"]:>7} by_tw {r["rowwise_by_tw_us"]:>7}  tensorwise_fast '
-              f'{r["tensorwise_fast_us"]:>7}  bf16 {r["bf16_us"]:>7}  err {r["rowwise_fast_rel_err"]} / {r["rowwise_by_tw_fast_rel_err"]}')
-PY
+recipe_table "$w/recipes.jsonl"
 for B in 64 256; do
   MODEL_FLAGS="--model llama-3-8b --dtype fp8 --kv_cache_dtype fp8 --batch_size $B --num_requests $B --input_len 1000 --output_len 256"
   row 75 "b${B}_off" "SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT=0"  # the first row meets a cold Triton cache

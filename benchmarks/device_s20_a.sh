@@ -15,17 +15,7 @@ export CUDA_VISIBLE_DEVICES=${GPU:-0}
 timeout 45 python -m pytest -q -p no:cacheprovider -m gpu tests/layers/test_fp8_gpu.py -k "not tiny and not experts" \
   2>&1 | tail -3 | tee -a "$OUT/summary.txt"
 timeout 75 python benchmarks/fp8_gemm.py --recipes --ms 16 32 64 256 512 1024 > "$w/recipes.jsonl" 2> "$w/recipes_err.txt"
-python - "$w/recipes.jsonl" <<'PY' | tee -a "$OUT/summary.txt"
-import json, sys
-for l in open(sys.argv[1]):
-    if l.startswith("{"):
-        r = json.loads(l)
-        print(f'{r["layer"]:<8} M {r["m"]:>4}  rowwise_fast {r["rowwise_fast_us"]:>7} rowwise {r["rowwise_us"]:>7}  '
-              f'route_fast {r["rowwise_by_tw_fast_us"]:>7} route {r["rowwise_by_tw_us"]:>7} route_bf16_fast '
-              f'{r["rowwise_by_tw_bf16_fast_us"]:>7}  tensorwise_fast {r["tensorwise_fast_us"]:>7}  gemv '
-              f'{r.get("gemv_us", "-"):>7}  err '
-              f'{r["rowwise_fast_rel_err"]} / {r["rowwise_by_tw_fast_rel_err"]} / {r["rowwise_by_tw_bf16_fast_rel_err"]}')
-PY
+recipe_table "$w/recipes.jsonl"
 for B in 64 256; do
   MODEL_FLAGS="--model llama-3-8b --dtype fp8 --kv_cache_dtype fp8 --batch_size $B --num_requests $B --input_len 1000 --output_len 256"
   row 75 "b${B}_off" "SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT=0"  # the first row meets a cold Triton cache

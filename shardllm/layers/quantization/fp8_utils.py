@@ -226,14 +226,24 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
     return (acc.float() * x_scale * w_scale).to(out_dtype)
 
 
+_EPILOGUE_OK: dict[tuple, bool] = {}
+
+
 def _epilogue_kernel_ok(device: torch.device) -> bool:
     """Off CUDA, True (the torch epilogue); on CUDA, whether the FP8 Triton kernels passed their start-up probe
-    (fp8_triton.triton_fp8_ok, cached): without them the row-wise recipe stays faster than a torch epilogue."""
-    if device.type != "cuda":
-        return True
-    from shardllm.layers.quantization.fp8_triton import triton_fp8_ok
+    (fp8_triton.triton_fp8_ok): without them the row-wise recipe stays faster than a torch epilogue. A dict lookup
+    after the first call a device (each routed GEMM asks twice: scaled_mm_rowwise, then the route's epilogue)."""
+    key = (device.type, device.index)
+    ok = _EPILOGUE_OK.get(key)
+    if ok is None:
+        if device.type != "cuda":
+            ok = True
+        else:
+            from shardllm.layers.quantization.fp8_triton import triton_fp8_ok
 
-    return triton_fp8_ok(device)
+            ok = triton_fp8_ok(device)
+        _EPILOGUE_OK[key] = ok
+    return ok
 
 
 _BLOCK_OK = [True]  # cleared for the process when cuBLAS refuses a block-scaled shape the probe did not try
