@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from shardllm.layers.quantization.fp8_triton import (
+    FP8_GEMV_MAX_M,
     GEMV_MAX_M,
     fp8_small_m_linear,
     quantize_per_token_triton,
@@ -83,8 +84,10 @@ def recipe_rows(ms: list[int], dev: torch.device) -> None:
                 us = timed(tw_fn)
                 row[key + "_us"] = round(us, 1)
                 row[key + "_rel_err"] = f"{float((tw_fn().float() - twin_row).abs().max() / twin_row.abs().max()):.1e}"
-            if m <= GEMV_MAX_M and triton_fp8_ok(dev):  # what the engine runs at these M: the weight-streaming GEMV
+            if m <= GEMV_MAX_M and triton_fp8_ok(dev):  # the weight-streaming GEMV (the engine's up to
+                # SHARDLLM_FP8_GEMV_MAX_M rows), and the per-token quantization the GEMM routes need before them
                 row["gemv_us"] = round(timed(lambda x=x, wq=wq, ws=ws: fp8_small_m_linear(x, wq, ws.view(-1))), 1)
+                row["quant_us"] = round(timed(lambda x=x: quantize_per_token_triton(x)), 1)
             print(json.dumps(row), flush=True)
 
 
@@ -134,7 +137,7 @@ def main() -> None:
             row = {}
             if triton_fp8_ok(dev):
                 def kernels_fn(x=x, wq=wq, ws=ws, wsr=wsr):
-                    if x.shape[0] <= GEMV_MAX_M:
+                    if x.shape[0] <= FP8_GEMV_MAX_M:
                         return fp8_small_m_linear(x, wq, ws.view(-1))
                     q, s = quantize_per_token_triton(x)
                     return scaled_mm_rowwise(q, wq, s, wsr, torch.bfloat16)

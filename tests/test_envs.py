@@ -40,6 +40,7 @@ DEFAULTS = {
     "SHARDLLM_MIXED_STEP_DECODE_KERNEL": True, "SHARDLLM_FLASH_PREFILL": False, "SHARDLLM_KERNEL_WARM_UP": True,
     "SHARDLLM_FP8_ATTN_F16_DOT": True, "SHARDLLM_FP8_FAST_ACCUM_MAX_K": 8192,
     "SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT": 1 << 20, "SHARDLLM_FP8_TENSORWISE_FP32": True,
+    "SHARDLLM_FP8_TENSORWISE_MAX_N": 8192, "SHARDLLM_FP8_GEMV_MAX_M": 16,
     "SHARDLLM_FP8_FUSED_ACT_QUANT": True, "SHARDLLM_FP8_BLOCK_MOE_TRITON": False, "SHARDLLM_KV_V_TRANSPOSED": True,
     "SHARDLLM_TRITON_ARGMAX": True,
     "SHARDLLM_MOE_FUSED_GLUE": True,
@@ -161,16 +162,27 @@ def test_cli_prints_the_table_with_current_values_and_hides_the_api_key(monkeypa
 
 
 @pytest.mark.parametrize("name,default", [("SHARDLLM_DECODE_FUSED_ROTARY", 128),
-                                          ("SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT", 1 << 20)])
+                                          ("SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT", 1 << 20),
+                                          ("SHARDLLM_FP8_TENSORWISE_MAX_N", 8192), ("SHARDLLM_FP8_GEMV_MAX_M", 16)])
 def test_int_bounds_read_words_empty_and_bad_values(name, default):
     """The bounds whose 0 turns a feature off: unset / empty / on give the default, off / false give 0, digits the
     number; a negative or non-numeric value is invalid (the default with a warning, and flagged in the table)."""
     var = envs.ENV_VARS[name]
+    half = default // 2
     cases = {None: default, "": default, "on": default, "TRUE": default, "off": 0, "false": 0, "0": 0, "1": 1,
-             " 64 ": 64}
+             f" {half} ": half}
     for raw, want in cases.items():
         assert var.value({} if raw is None else {name: raw}) == want, raw
     for bad in ("-5", "abc", "1.5"):
         with pytest.raises(ValueError, match=name):
             var.value({name: bad}, strict=True)
         assert var.value({name: bad}) == default
+
+
+def test_fp8_gemv_rows_bound_is_capped_at_the_kernels_rows():
+    """SHARDLLM_FP8_GEMV_MAX_M above the GEMV's 16 rows is invalid, with the range in the message."""
+    var = envs.ENV_VARS["SHARDLLM_FP8_GEMV_MAX_M"]
+    assert var.value({"SHARDLLM_FP8_GEMV_MAX_M": "16"}) == 16
+    with pytest.raises(ValueError, match=r"0\.\.16"):
+        var.value({"SHARDLLM_FP8_GEMV_MAX_M": "17"}, strict=True)
+    assert var.value({"SHARDLLM_FP8_GEMV_MAX_M": "17"}) == 16

@@ -115,6 +115,18 @@ def _bound(default: int) -> Callable[[str | None], int]:
     return parse
 
 
+def _bound_at_most(default: int, most: int) -> Callable[[str | None], int]:
+    """_bound(default) whose value must also be <= `most` (ValueError naming it otherwise)."""
+    parse = _bound(default)
+
+    def parse_capped(raw: str | None) -> int:
+        n = parse(raw)
+        if n > most:
+            raise ValueError(f"must be an int in 0..{most}")
+        return n
+    return parse_capped
+
+
 def _switch(name: str, on_by_default: bool, read_at: str, doc: str) -> EnvVar:
     """An A/B switch: 1 / true / yes / on or 0 / false / no / off (any case); unset or empty keeps the default, and
     any other text too (lenient: the engine runs on, `shardllm envs` shows it as invalid)."""
@@ -260,6 +272,16 @@ _VARS = [
            "Triton kernels pass their start-up probe); 0 / off: none (issue 13; H200, sixteenth session, Llama-3-8B "
            "shapes, us: o 4096x4096 M 64 13.1 -> 8.8, down 4096x14336 M 64 38.2 -> 20.9, M 256 37.4 -> 29.8, qkv "
            "M 128 13.3 -> 10.3; losing past 2^20 elements and for gate_up's N = 28672)",
+           lenient=True),
+    EnvVar("SHARDLLM_FP8_TENSORWISE_MAX_N", "int", "8192", _bound(8192), "import",
+           "the widest N (output features of this rank) that SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT's route takes; 0 / "
+           "off: any N (issue 13: gate_up's N = 28672 won at 16-32 rows with the bf16 product, lost with fp32 at "
+           "64+, fp8_gemm.py --recipes, seventeenth session)",
+           lenient=True),
+    EnvVar("SHARDLLM_FP8_GEMV_MAX_M", "int", "16", _bound_at_most(16, 16), "import",
+           "rows up to which an FP8 linear (per-channel weights, dynamic activations) streams its weights through "
+           "the small-M GEMV with unquantized activations (layers/gemv.py); more rows quantize per token and take "
+           "the FP8 GEMM (fp8_utils.scaled_mm_rowwise); 0: the GEMM from 1 row; at most 16 (issue 13)",
            lenient=True),
     _switch("SHARDLLM_FP8_TENSORWISE_FP32", True, "import",
             "0: SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT's route writes its unscaled product in the output dtype (bf16) "

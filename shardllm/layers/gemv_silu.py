@@ -151,6 +151,11 @@ class GemvSiluTarget:
         weights = _linear_weights(self.linear, x.dtype)
         if weights is None or x.shape[1] != 2 * weights[0].shape[1]:
             return False
+        if weights[1] is not None:  # FP8: only at rows the linear serves by the GEMV (else its FP8 GEMM's)
+            from shardllm.layers.quantization.fp8_triton import FP8_GEMV_MAX_M
+
+            if x.shape[0] > FP8_GEMV_MAX_M:
+                return False
         if FORCE is True:
             return True
         if not (x.is_cuda and triton_ops.use_triton(x)):  # the unfused path's silu_and_mul kernel runs there too

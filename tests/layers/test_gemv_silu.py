@@ -148,6 +148,11 @@ def test_mlp_defers_silu_into_the_down_gemv_up_to_its_max_m_cpu(monkeypatch, fp8
             w_scale = mlp.down_proj.weight_scale.view(-1) if fp8 else None
             assert torch.equal(y, silu_gemv(deferred, mlp.down_proj.weight, w_scale, None))
             assert deferred.shape == (m, 96) and deferred.dtype == torch.bfloat16
+    from shardllm.layers.quantization import fp8_triton
+
+    monkeypatch.setattr(fp8_triton, "FP8_GEMV_MAX_M", 0)  # SHARDLLM_FP8_GEMV_MAX_M=0: FP8 takes its GEMM from 1 row
+    gate_up = mlp.gate_up_proj(torch.randn(1, 32, dtype=torch.bfloat16))
+    assert isinstance(mlp.act_fn(gate_up), SiluAndMulInput) != fp8  # bf16 weights still defer
 
 
 @cpu

@@ -22,7 +22,7 @@ from shardllm.layers.gemv import DeferredGemvInput
 from shardllm.layers.quantization import QuantizationConfig
 from shardllm.layers.quantization.fp8_fused import QuantizedActivation
 from shardllm.layers.quantization.fp8_triton import (
-    GEMV_MAX_M,
+    FP8_GEMV_MAX_M,
     fp8_small_m_linear,
     quantize_per_token_triton,
     triton_fp8_ok,
@@ -116,7 +116,7 @@ class Fp8LinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(x, QuantizedActivation):  # quantized by the kernel before (M > GEMV_MAX_M rows)
+        if isinstance(x, QuantizedActivation):  # quantized by the kernel before (M > FP8_GEMV_MAX_M rows)
             y = scaled_mm_rowwise(x.data, layer.weight, x.scale, layer.weight_scale.view(1, -1), x.dtype,
                                   cpu_weight_f32(layer, layer.weight))  # (M, N)
             return y if bias is None else y + bias
@@ -130,7 +130,7 @@ class Fp8LinearMethod:
         if self.static_input:
             x_scale = layer.input_scale.expand(x2.shape[0], 1).contiguous()
             x_q = quantize_with_scale(x2, layer.input_scale)
-        elif kernels and x2.shape[0] <= GEMV_MAX_M:  # decode: stream the FP8 weights, activations unquantized
+        elif kernels and x2.shape[0] <= FP8_GEMV_MAX_M:  # decode: stream the FP8 weights, activations unquantized
             y = fp8_small_m_linear(x2.contiguous(), layer.weight, layer.weight_scale)
             if bias is not None:
                 y = y + bias

@@ -16,12 +16,18 @@ try:
 except ImportError:  # pragma: no cover - CPU images without triton use the torch path
     HAS_TRITON = False
 
+from shardllm import envs
 from shardllm.layers.gemv import FP8_GEMV_TABLE, GEMV_MAX_M, GemvConfig, gemv, nearest_config
 from shardllm.layers.pdl import launch_args, pdl_enter
 from shardllm.layers.quantization.fp8_utils import FP8_MAX, MIN_SCALE
 
-__all__ = ["GEMV_MAX_M", "fp8_small_m_linear", "quantize_per_token_triton", "scale_rows_cols", "small_m_config",
-           "triton_fp8_ok"]
+__all__ = ["FP8_GEMV_MAX_M", "GEMV_MAX_M", "fp8_small_m_linear", "quantize_per_token_triton", "scale_rows_cols",
+           "small_m_config", "triton_fp8_ok"]
+
+# Rows up to which an FP8 linear takes the weight-streaming GEMV (unquantized activations) instead of per-token
+# quantization and the FP8 GEMM (SHARDLLM_FP8_GEMV_MAX_M, <= GEMV_MAX_M; 0: the GEMM from one row). The FP8 linear
+# and the fused norm / activation quantizers (fp8_fused.py) read this one value, so they agree on every M.
+FP8_GEMV_MAX_M = envs.SHARDLLM_FP8_GEMV_MAX_M
 
 if HAS_TRITON:
 

@@ -35,7 +35,7 @@ TENSORWISE_MAX_OUTPUT = envs.SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT
 # SHARDLLM_FP8_TENSORWISE_FP32=0: that route's unscaled product goes out in the output dtype (bf16), scaled in place
 # (half the intermediate's traffic, one more rounding); measured only with fp32 so far
 TENSORWISE_FP32 = envs.SHARDLLM_FP8_TENSORWISE_FP32
-TENSORWISE_MAX_N = 8192
+TENSORWISE_MAX_N = envs.SHARDLLM_FP8_TENSORWISE_MAX_N  # 0: any N
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -177,7 +177,7 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
     """x_q (M, K), w_q (N, K) e4m3fn; x_scale (M, 1), w_scale (1, N) fp32 -> (M, N) out_dtype.
 
     torch._scaled_mm's row-wise recipe where the device has it (fast accumulation up to K = FAST_ACCUM_MAX_K), or,
-    for N <= TENSORWISE_MAX_N and M x N <= TENSORWISE_MAX_OUTPUT, its per-tensor one and a scale epilogue
+    for N <= TENSORWISE_MAX_N (0: any) and M x N <= TENSORWISE_MAX_OUTPUT, its per-tensor one and a scale epilogue
     (scaled_mm_rowwise_by_tensorwise: faster there); else the same product unfused (fp8 x fp8 in fp32, then both
     scales): what a build without the recipe, or a pre-Hopper GPU, can run. `w_f32`: w_q already in fp32 (the CPU
     path, `cpu_weight_f32`).
@@ -186,7 +186,8 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
         return ((x_q.float() @ w_f32.t()) * x_scale * w_scale).to(out_dtype)
     recipes = fp8_recipes(x_q.device)
     n = w_q.shape[0]
-    if (TENSORWISE_MAX_OUTPUT > 0 and n <= TENSORWISE_MAX_N and x_q.shape[0] * n <= TENSORWISE_MAX_OUTPUT
+    if (TENSORWISE_MAX_OUTPUT > 0 and (n <= TENSORWISE_MAX_N or not TENSORWISE_MAX_N)
+            and x_q.shape[0] * n <= TENSORWISE_MAX_OUTPUT
             and "tensorwise_f32" in recipes and _epilogue_kernel_ok(x_q.device)):
         return scaled_mm_rowwise_by_tensorwise(x_q, w_q, x_scale, w_scale, out_dtype,
                                                use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K)
