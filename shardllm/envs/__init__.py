@@ -266,27 +266,25 @@ _VARS = [
            "fp8_gemm.py --recipes)",
            lenient=True),
     EnvVar("SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT", "int", "1048576", _bound(1 << 20), "import",
-           "row-wise scaled FP8 GEMMs (a scale per token or per tensor, per output channel) with N <= 8192 and at "
-           "most this many output elements (M x N) run as cuBLAS's per-tensor kernel with unit scales into fp32 "
-           "plus one Triton launch applying both scales (fp8_utils.scaled_mm_rowwise_by_tensorwise; where the FP8 "
-           "Triton kernels pass their start-up probe); 0 / off: none (issue 13; H200, sixteenth session, Llama-3-8B "
-           "shapes, us: o 4096x4096 M 64 13.1 -> 8.8, down 4096x14336 M 64 38.2 -> 20.9, M 256 37.4 -> 29.8, qkv "
-           "M 128 13.3 -> 10.3; losing past 2^20 elements and for gate_up's N = 28672)",
+           "row-wise scaled FP8 GEMMs (a scale per token or per tensor, per output channel) with at most this many "
+           "output elements (M x N) run as cuBLAS's per-tensor kernel with unit scales plus one Triton launch "
+           "applying both scales (fp8_utils.scaled_mm_rowwise_by_tensorwise; where the FP8 Triton kernels pass "
+           "their start-up probe); 0 / off: none (issue 13; H200, sixteenth / seventeenth sessions, Llama-3-8B "
+           "shapes, us: o 4096x4096 M 64 13.1 -> 8.5, down 4096x14336 M 64 38.2 -> 20.4, M 256 37.4 -> 29.1, qkv "
+           "M 128 13.3 -> 10.3, gate_up 28672x4096 M 16 36.5 -> 33.0; losing past ~2^20 elements)",
            lenient=True),
-    EnvVar("SHARDLLM_FP8_TENSORWISE_MAX_N", "int", "8192", _bound(8192), "import",
-           "the widest N (output features of this rank) that SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT's route takes; 0 / "
-           "off: any N (issue 13: gate_up's N = 28672 won at 16-32 rows with the bf16 product, lost with fp32 at "
-           "64+, fp8_gemm.py --recipes, seventeenth session)",
-           lenient=True),
-    EnvVar("SHARDLLM_FP8_GEMV_MAX_M", "int", "16", _bound_at_most(16, 16), "import",
+    EnvVar("SHARDLLM_FP8_GEMV_MAX_M", "int", "1", _bound_at_most(1, 16), "import",
            "rows up to which an FP8 linear (per-channel weights, dynamic activations) streams its weights through "
            "the small-M GEMV with unquantized activations (layers/gemv.py); more rows quantize per token and take "
-           "the FP8 GEMM (fp8_utils.scaled_mm_rowwise); 0: the GEMM from 1 row; at most 16 (issue 13)",
+           "the FP8 GEMM (fp8_utils.scaled_mm_rowwise); 0: the GEMM from 1 row; at most 16 (issue 13; H200, "
+           "seventeenth session, Llama-3-8B fp8 decode TPOT at 1 / 4 / 8 / 16 rows, GEMV -> GEMM: 2.824 -> 3.231, "
+           "4.433 -> 3.327, 4.416 -> 3.525, 4.593 -> 3.736 ms)",
            lenient=True),
-    _switch("SHARDLLM_FP8_TENSORWISE_FP32", True, "import",
-            "0: SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT's route writes its unscaled product in the output dtype (bf16) "
-            "and scales it in place, not through an fp32 intermediate: half the intermediate's bytes, one rounding "
-            "more (at most 1 ulp of the output); for an A/B on a GPU (not yet measured)"),
+    _switch("SHARDLLM_FP8_TENSORWISE_FP32", False, "import",
+            "1: SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT's route writes its unscaled product in fp32 and scales it into "
+            "the output dtype, instead of writing it in the output dtype (bf16) and scaling it in place: twice the "
+            "intermediate's bytes, one rounding fewer (at most 1 ulp of the output; issue 13, H200, seventeenth "
+            "session: bf16 in place 1-3% faster at 8-64 rows)"),
     _switch("SHARDLLM_KV_V_TRANSPOSED", True, "start-up",
             "0: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, block_size, nkv, D) like K instead of "
             "(num_blocks, nkv, D, block_size), the layout the TMA decode kernel reads without a shared-memory copy "

@@ -266,10 +266,11 @@ def test_experts_are_ignored_under_either_spelling(pattern):
 
 
 @pytest.mark.parametrize("fp32_product", [True, False], ids=["fp32-product", "product-in-out-dtype"])
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rowwise_product_through_the_per_tensor_recipe_equals_the_rowwise_one(monkeypatch, out_dtype, fp32_product):
-    """scaled_mm_rowwise_by_tensorwise (unit-scale per-tensor GEMM into fp32, then both scales) gives the row-wise
-    recipe's product up to the summation order's rounding."""
+    """scaled_mm_rowwise_by_tensorwise (unit-scale per-tensor GEMM, then both scales) gives the row-wise recipe's
+    product up to the summation order's rounding; an fp16 output never overflows on its unscaled product (up to
+    448^2 K: here ~10^6, past fp16's 65504)."""
     from shardllm.layers.quantization import fp8_utils
     from shardllm.layers.quantization.fp8_utils import scaled_mm_rowwise, scaled_mm_rowwise_by_tensorwise
 
@@ -278,11 +279,13 @@ def test_rowwise_product_through_the_per_tensor_recipe_equals_the_rowwise_one(mo
     x = torch.randn(33, 64) * torch.logspace(-2, 1, 33)[:, None]
     xq, xs = quantize_per_row(x)
     wq, ws = quantize_per_row(torch.randn(48, 64) * 0.1)
+    xq[0], wq[0] = 448.0, 448.0  # an unscaled product of 448^2 x 64 in row 0, column 0
     want = scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), out_dtype)  # the emulated row-wise _scaled_mm
     got = scaled_mm_rowwise_by_tensorwise(xq, wq, xs, ws.view(1, -1), out_dtype, fp32_product=fp32_product)
     assert got.dtype == out_dtype and got.shape == (33, 48)
     # fp32: the summation order; bf16: one rounding step, two with the product rounded to bf16 first
-    tol = 1e-5 if out_dtype == torch.float32 else 2**-8 if fp32_product else 2**-7
+    tol = 1e-5 if out_dtype == torch.float32 else 2**-7 if out_dtype == torch.bfloat16 and not fp32_product else 2**-8
+    assert torch.isfinite(got).all()
     assert float((got.float() - want.float()).abs().max()) <= tol * float(want.float().abs().max())
     twin = dequantize(xq, xs) @ dequantize(wq, ws).t()
     assert torch.allclose(got.float(), twin, rtol=1e-2, atol=1e-3 * float(twin.abs().max()))
@@ -318,20 +321,19 @@ def test_row_col_scale_kernel_equals_torch_under_the_interpreter():
 
 
 def test_the_rowwise_gemm_takes_the_per_tensor_route_up_to_its_output_limit(monkeypatch):
-    """SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT (fp8_utils.TENSORWISE_MAX_OUTPUT): GEMMs with N <= TENSORWISE_MAX_N and at
-    most that many output elements take scaled_mm_rowwise_by_tensorwise where the device has the fp32-output
-    per-tensor recipe; larger ones, a wider N, and 0, the row-wise recipe."""
+    """SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT (fp8_utils.TENSORWISE_MAX_OUTPUT): GEMMs with at most that many output
+    elements (any N) take scaled_mm_rowwise_by_tensorwise where the device has the fp32-output per-tensor recipe;
+    larger ones, and 0, the row-wise recipe."""
     from shardllm.layers.quantization import fp8_utils
 
     assert "tensorwise_f32" in fp8_recipes(torch.device("cpu"))
     taken, route = [], fp8_utils.scaled_mm_rowwise_by_tensorwise
     monkeypatch.setattr(fp8_utils, "scaled_mm_rowwise_by_tensorwise",
                         lambda xq, wq, *a, **k: taken.append(xq.shape[0] * wq.shape[0]) or route(xq, wq, *a, **k))
-    monkeypatch.setattr(fp8_utils, "TENSORWISE_MAX_N", 16)
-    for limit, m, n in [(128, 8, 16), (128, 9, 16), (0, 1, 16), (0, 0, 16), (1 << 20, 1, 17)]:
+    for limit, m, n in [(128, 8, 16), (128, 9, 16), (0, 1, 16), (0, 0, 16), (1 << 20, 1, 28672)]:
         monkeypatch.setattr(fp8_utils, "TENSORWISE_MAX_OUTPUT", limit)
         wq, ws = quantize_per_row(torch.randn(n, 32))
         xq, xs = quantize_per_row(torch.randn(m, 32))
         y = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.float32)
         assert torch.allclose(y, dequantize(xq, xs) @ dequantize(wq, ws).t(), rtol=1e-5, atol=1e-5)
-    assert taken == [128]  # 8 x 16 only: 9 x 16 > 128, the limit 0 (even for 0 rows), N = 17 > TENSORWISE_MAX_N
+    assert taken == [128, 28672]  # not 9 x 16 > 128, nor at the limit 0 (even for 0 rows); a wide N within it

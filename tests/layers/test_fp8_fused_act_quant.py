@@ -114,12 +114,14 @@ def test_hook_quantizes_only_where_the_linear_would_quantize_per_token(monkeypat
     y = linear(out)  # the FP8 linear takes it: equals the linear on the unquantized rows (same quantization)
     monkeypatch.setattr(fp8, "quantize_per_row", quantize_per_token_triton)
     assert torch.equal(y, linear(triton_ops.silu_and_mul(x)))
-    assert isinstance(act(x[:16]), torch.Tensor)  # M <= 16: the GEMV takes unquantized rows
-    monkeypatch.setattr(fp8_fused, "FP8_GEMV_MAX_M", 4)  # SHARDLLM_FP8_GEMV_MAX_M=4: the GEMM from 5 rows
+    # SHARDLLM_FP8_GEMV_MAX_M (1): up to it the GEMV takes unquantized rows, past it the GEMM quantized ones
+    assert isinstance(act(x[:1]), torch.Tensor) and isinstance(act(x[:2]), QuantizedActivation)
+    monkeypatch.setattr(fp8_fused, "FP8_GEMV_MAX_M", 4)
     assert isinstance(act(x[:4]), torch.Tensor) and isinstance(act(x[:5]), QuantizedActivation)
     monkeypatch.setattr(fp8_fused, "FP8_GEMV_MAX_M", 0)  # 0: from one row
     assert isinstance(act(x[:1]), QuantizedActivation)
     monkeypatch.setattr(fp8_fused, "FP8_GEMV_MAX_M", 16)
+    assert isinstance(act(x[:16]), torch.Tensor)
     norm = RMSNorm(64, 1e-5, dtype=torch.bfloat16)
     norm.quant_target = fp8_fused.ActQuantTarget(linear)
     h, r = torch.randn(2, 17, 64).to(torch.bfloat16)

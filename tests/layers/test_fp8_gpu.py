@@ -30,7 +30,7 @@ def test_probe_finds_rowwise_and_the_triton_kernels_agree():
     assert triton_fp8_ok(dev)
 
 
-@pytest.mark.parametrize("m", [1, 7, 16, 17, 300])  # the Triton small-M path, its edge, and the cuBLAS path
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 300])  # the GEMV (1 row by default), the FP8 GEMM past it
 def test_online_linear_on_gpu_equals_its_dequantized_twin(m):
     torch.manual_seed(0)
     dev = torch.device("cuda")

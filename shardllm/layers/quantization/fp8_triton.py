@@ -1,6 +1,6 @@
 """Triton kernels of the FP8 linear: per-token activation quantization in one launch, and the small-M GEMV that
-streams e4m3 weights (dequantized in registers; the kernel family is shardllm/layers/gemv.py) for decode, where
-cuBLAS's FP8 GEMM plus a separate activation quantization lose to bf16 (benchmarks/fp8_gemm.py, H200). The torch
+streams e4m3 weights (dequantized in registers; the kernel family is shardllm/layers/gemv.py) for batch-1 decode,
+where cuBLAS's FP8 GEMM plus the activation quantization lose to it (benchmarks/fp8_gemm.py, H200). The torch
 functions in fp8_utils are their references.
 """
 
@@ -25,8 +25,11 @@ __all__ = ["FP8_GEMV_MAX_M", "GEMV_MAX_M", "fp8_small_m_linear", "quantize_per_t
            "small_m_config", "triton_fp8_ok"]
 
 # Rows up to which an FP8 linear takes the weight-streaming GEMV (unquantized activations) instead of per-token
-# quantization and the FP8 GEMM (SHARDLLM_FP8_GEMV_MAX_M, <= GEMV_MAX_M; 0: the GEMM from one row). The FP8 linear
-# and the fused norm / activation quantizers (fp8_fused.py) read this one value, so they agree on every M.
+# quantization and the FP8 GEMM (SHARDLLM_FP8_GEMV_MAX_M, default 1, <= GEMV_MAX_M; 0: the GEMM from one row). The
+# FP8 linear, the fused norm / activation quantizers (fp8_fused.py) and the fused SiLU GEMV (gemv_silu.py) read this
+# one value, so they agree on every M. H200, seventeenth session (`fp8_gemm.py --recipes --ms 1 2 4 8 16`, us, GEMV
+# -> per-tensor route + its per-token quantization): M 1 qkv 8.0 -> 12.4, gate_up 32.1 -> 34.7; M 2 qkv 13.2 ->
+# 12.3, gate_up 51.1 -> 36.6, down 25.0 -> 24.9; M 16 qkv 21.7 -> 10.8, o 14.1 -> 9.9, gate_up 44.0 -> 35.2.
 FP8_GEMV_MAX_M = envs.SHARDLLM_FP8_GEMV_MAX_M
 
 if HAS_TRITON:

@@ -23,19 +23,19 @@ logger = logging.getLogger(__name__)
 # 1-6%): large K stays exact. End to end, 1000 x 128/128 fp8 + fp8 KV out tok/s, exact -> this default: 8B 27,976 ->
 # 29,373, 70B on one H200 3,611 -> 3,845 (docs/benchmarks.md, tenth session).
 FAST_ACCUM_MAX_K = envs.SHARDLLM_FP8_FAST_ACCUM_MAX_K
-# Row-wise GEMMs with N <= TENSORWISE_MAX_N and at most TENSORWISE_MAX_OUTPUT output elements (M x N;
-# SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT, 0: none) run as cuBLAS's per-tensor kernel with unit scales into fp32, then one
-# launch applying the row and column scales (scaled_mm_rowwise_by_tensorwise). cuBLAS's row-wise kernel is slow
-# for few rows and a narrow N (H200, sixteenth session, `benchmarks/fp8_gemm.py --recipes --ms 32 64 128 256 512`,
-# fast accumulation, us, row-wise -> this route: o 4096x4096 M 64 13.1 -> 8.8, M 256 13.5 -> 11.9, M 512 14.3 ->
-# 18.7; down 4096x14336 M 64 38.2 -> 20.9, M 256 37.4 -> 29.8, M 512 42.3 -> 46.1; qkv 6144x4096 M 128 13.3 ->
-# 10.3, M 256 14.0 -> 15.2; gate_up 28672x4096 M 32 36.6 -> 37.7): the fp32 output's traffic wins back the gain
-# past ~2^20 elements, and a wide N is served well by the row-wise kernel.
+# Row-wise GEMMs with at most TENSORWISE_MAX_OUTPUT output elements (M x N; SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT, 0:
+# none) run as cuBLAS's per-tensor kernel with unit scales, then one launch applying the row and column scales
+# (scaled_mm_rowwise_by_tensorwise). cuBLAS's row-wise kernel is slow for few rows (H200, `benchmarks/fp8_gemm.py
+# --recipes`, fast accumulation where the engine uses it, us, row-wise -> this route with the bf16 product: o
+# 4096x4096 M 16 13.1 -> 7.3, M 64 13.0 -> 8.5, M 256 13.4 -> 11.4, M 512 14.5 -> 17.0; down 4096x14336 M 64 37.4
+# -> 20.4, M 256 37.5 -> 29.1; qkv 6144x4096 M 64 13.3 -> 9.4, M 256 13.8 -> 14.6; gate_up 28672x4096 M 16 36.5 ->
+# 33.0, M 64 38.0 -> 35.6, M 256 50.4 -> 56.4; seventeenth session): the output's traffic takes the gain back past
+# ~2^20 elements.
 TENSORWISE_MAX_OUTPUT = envs.SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT
-# SHARDLLM_FP8_TENSORWISE_FP32=0: that route's unscaled product goes out in the output dtype (bf16), scaled in place
-# (half the intermediate's traffic, one more rounding); measured only with fp32 so far
+# That route's unscaled product goes out in the output dtype (bf16) and is scaled in place: half an fp32
+# intermediate's traffic, one more rounding; 1-3% faster end to end at 8-64 rows (seventeenth session).
+# SHARDLLM_FP8_TENSORWISE_FP32=1: through fp32.
 TENSORWISE_FP32 = envs.SHARDLLM_FP8_TENSORWISE_FP32
-TENSORWISE_MAX_N = envs.SHARDLLM_FP8_TENSORWISE_MAX_N  # 0: any N
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
@@ -177,7 +177,7 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
     """x_q (M, K), w_q (N, K) e4m3fn; x_scale (M, 1), w_scale (1, N) fp32 -> (M, N) out_dtype.
 
     torch._scaled_mm's row-wise recipe where the device has it (fast accumulation up to K = FAST_ACCUM_MAX_K), or,
-    for N <= TENSORWISE_MAX_N (0: any) and M x N <= TENSORWISE_MAX_OUTPUT, its per-tensor one and a scale epilogue
+    for M x N <= TENSORWISE_MAX_OUTPUT, its per-tensor one and a scale epilogue
     (scaled_mm_rowwise_by_tensorwise: faster there); else the same product unfused (fp8 x fp8 in fp32, then both
     scales): what a build without the recipe, or a pre-Hopper GPU, can run. `w_f32`: w_q already in fp32 (the CPU
     path, `cpu_weight_f32`).
@@ -186,8 +186,7 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
         return ((x_q.float() @ w_f32.t()) * x_scale * w_scale).to(out_dtype)
     recipes = fp8_recipes(x_q.device)
     n = w_q.shape[0]
-    if (TENSORWISE_MAX_OUTPUT > 0 and (n <= TENSORWISE_MAX_N or not TENSORWISE_MAX_N)
-            and x_q.shape[0] * n <= TENSORWISE_MAX_OUTPUT
+    if (TENSORWISE_MAX_OUTPUT > 0 and x_q.shape[0] * n <= TENSORWISE_MAX_OUTPUT
             and "tensorwise_f32" in recipes and _epilogue_kernel_ok(x_q.device)):
         return scaled_mm_rowwise_by_tensorwise(x_q, w_q, x_scale, w_scale, out_dtype,
                                                use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K)
@@ -206,10 +205,10 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
     x_scale * w_scale).to(out_dtype) (fp8_triton.scale_rows_cols on a GPU with Triton, torch ops elsewhere). Shapes
     as scaled_mm_rowwise's; needs the "tensorwise_f32" recipe (fp8_recipes). The results agree with the fused
     row-wise kernel's to out_dtype's last bit or so.
-    fp32_product False (default TENSORWISE_FP32, SHARDLLM_FP8_TENSORWISE_FP32): the product goes out in out_dtype
-    and is scaled in place: half the intermediate's bytes for bf16, one rounding more (|error| <= 1 ulp of
-    out_dtype more: the unscaled product, |x| <= 448^2 K, is far inside bf16's range). ValueError on a device
-    without FP8 GEMMs."""
+    fp32_product False (the default, TENSORWISE_FP32; SHARDLLM_FP8_TENSORWISE_FP32=1 sets it): a bf16 out_dtype's
+    product goes out in bf16 and is scaled in place: half the intermediate's bytes, one rounding more (|error| <= 1
+    ulp of bf16 more: the unscaled product, |x| <= 448^2 K, is far inside bf16's range, not fp16's: fp16 and fp32
+    outputs always take the fp32 product). ValueError on a device without FP8 GEMMs."""
     key = (x_q.device.type, x_q.device.index)
     if key not in _UNIT_SCALE:
         fp8_recipes(x_q.device)
@@ -217,7 +216,8 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
     if one is None:  # a GPU without FP8 GEMMs: its probe stops before the trials
         raise ValueError(f"{x_q.device} has no FP8 GEMM (compute capability >= 8.9 needed): use bf16 weights")
     fp32 = TENSORWISE_FP32 if fp32_product is None else fp32_product
-    inter = torch.float32 if fp32 else out_dtype
+    # fp16 always through fp32: the unscaled product reaches 448^2 K, past fp16's 65504
+    inter = out_dtype if not fp32 and out_dtype == torch.bfloat16 else torch.float32
     acc = torch._scaled_mm(x_q, w_q.t(), one, one, out_dtype=inter, use_fast_accum=use_fast_accum)
     if acc.is_cuda and _epilogue_kernel_ok(acc.device):
         from shardllm.layers.quantization.fp8_triton import scale_rows_cols
