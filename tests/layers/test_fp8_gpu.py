@@ -73,7 +73,9 @@ def test_rowwise_gemm_fast_accumulation_up_to_max_k_stays_near_its_twin(monkeypa
     monkeypatch.setattr(fp8_utils, "FAST_ACCUM_MAX_K", 8192)
     y = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.bfloat16).float()
     fast = k <= 8192
-    assert float((y - twin).abs().max()) <= (1e-2 if fast else 5e-3) * float(twin.abs().max())
+    # the route's bf16 product (fp8_utils.TENSORWISE_FP32 False) rounds once more: up to 2^-9 of the output
+    bound = (1e-2 if fast else 5e-3) + (2**-9 if route and not fp8_utils.TENSORWISE_FP32 else 0)
+    assert float((y - twin).abs().max()) <= bound * float(twin.abs().max())
     monkeypatch.setattr(fp8_utils, "FAST_ACCUM_MAX_K", 0)
     exact = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.bfloat16).float()
     assert float((exact - twin).abs().max()) <= 5e-3 * float(twin.abs().max())

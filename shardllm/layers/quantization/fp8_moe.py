@@ -128,7 +128,8 @@ class Fp8MoEMethod:
                 holder.input_scale = nn.Parameter(holder.input_scale.data.max().reshape(()), requires_grad=False)
 
     def _linear(self, holder: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) through expert e's weight of `holder`: (M, N) in x's dtype."""
+        """x (M, K) through expert e's weight of `holder`: (M, N) in x's dtype (the oracle's: a per-tensor route's
+        product in fp32, one rounding of the output, as the grouped GEMMs round)."""
         w, scale = holder.weight[e], getattr(holder, self.scale_name)[e]
         if self.weight_only:
             return F.linear(x, dequantize(w, scale if self.block else scale[:, None], self.block).to(x.dtype))
@@ -140,7 +141,8 @@ class Fp8MoEMethod:
         else:
             x_q, x_scale = quantize_per_row(x)
         w_f32 = cpu_weight_f32(holder, holder.weight)
-        return scaled_mm_rowwise(x_q, w, x_scale, scale.view(1, -1), x.dtype, None if w_f32 is None else w_f32[e])
+        return scaled_mm_rowwise(x_q, w, x_scale, scale.view(1, -1), x.dtype, None if w_f32 is None else w_f32[e],
+                                 fp32_product=True)
 
     def apply(self, moe: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:

@@ -173,14 +173,15 @@ def cpu_weight_f32(owner: torch.nn.Module, w_q: torch.Tensor) -> torch.Tensor | 
 
 
 def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
-                      out_dtype: torch.dtype, w_f32: torch.Tensor | None = None) -> torch.Tensor:
+                      out_dtype: torch.dtype, w_f32: torch.Tensor | None = None,
+                      fp32_product: bool | None = None) -> torch.Tensor:
     """x_q (M, K), w_q (N, K) e4m3fn; x_scale (M, 1), w_scale (1, N) fp32 -> (M, N) out_dtype.
 
     torch._scaled_mm's row-wise recipe where the device has it (fast accumulation up to K = FAST_ACCUM_MAX_K), or,
     for M x N <= TENSORWISE_MAX_OUTPUT, its per-tensor one and a scale epilogue
     (scaled_mm_rowwise_by_tensorwise: faster there); else the same product unfused (fp8 x fp8 in fp32, then both
     scales): what a build without the recipe, or a pre-Hopper GPU, can run. `w_f32`: w_q already in fp32 (the CPU
-    path, `cpu_weight_f32`).
+    path, `cpu_weight_f32`). `fp32_product`: the per-tensor route's (None: TENSORWISE_FP32; True for test oracles).
     """
     if w_f32 is not None:
         return ((x_q.float() @ w_f32.t()) * x_scale * w_scale).to(out_dtype)
@@ -189,7 +190,8 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
     if (TENSORWISE_MAX_OUTPUT > 0 and x_q.shape[0] * n <= TENSORWISE_MAX_OUTPUT
             and "tensorwise_f32" in recipes and _epilogue_kernel_ok(x_q.device)):
         return scaled_mm_rowwise_by_tensorwise(x_q, w_q, x_scale, w_scale, out_dtype,
-                                               use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K)
+                                               use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K,
+                                               fp32_product=fp32_product)
     if "rowwise" in recipes:
         return torch._scaled_mm(x_q, w_q.t(), x_scale, w_scale, out_dtype=out_dtype,
                                  use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K)
