@@ -74,11 +74,11 @@ def test_rowwise_gemm_fast_accumulation_up_to_max_k_stays_near_its_twin(monkeypa
     y = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.bfloat16).float()
     fast = k <= 8192
     # the route's bf16 product (fp8_utils.TENSORWISE_FP32 False) rounds once more: up to 2^-9 of the output
-    bound = (1e-2 if fast else 5e-3) + (2**-9 if route and not fp8_utils.TENSORWISE_FP32 else 0)
-    assert float((y - twin).abs().max()) <= bound * float(twin.abs().max())
+    extra = 2**-9 if route and not fp8_utils.TENSORWISE_FP32 else 0
+    assert float((y - twin).abs().max()) <= ((1e-2 if fast else 5e-3) + extra) * float(twin.abs().max())
     monkeypatch.setattr(fp8_utils, "FAST_ACCUM_MAX_K", 0)
     exact = fp8_utils.scaled_mm_rowwise(xq, wq, xs, ws.view(1, -1), torch.bfloat16).float()
-    assert float((exact - twin).abs().max()) <= 5e-3 * float(twin.abs().max())
+    assert float((exact - twin).abs().max()) <= (5e-3 + extra) * float(twin.abs().max())
     if torch.cuda.get_device_capability()[0] == 9:  # Hopper: fast accumulation changes bits (measured on an H200)
         assert torch.equal(y, exact) != fast
 
@@ -205,6 +205,7 @@ def test_online_linear_below_the_gemv_bound_takes_the_fp8_gemm_and_equals_its_tw
     from shardllm.layers.quantization import fp8, fp8_utils
 
     monkeypatch.setattr(fp8, "FP8_GEMV_MAX_M", 0)
+    monkeypatch.setattr(fp8_utils, "TENSORWISE_MAX_OUTPUT", 1 << 20)  # whatever the environment says
     monkeypatch.setattr(fp8, "fp8_small_m_linear", lambda *a, **k: pytest.fail("the GEMV ran"))
     taken, route = [], fp8_utils.scaled_mm_rowwise_by_tensorwise
     monkeypatch.setattr(fp8_utils, "scaled_mm_rowwise_by_tensorwise",
