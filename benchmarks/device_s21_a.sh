@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Seventeenth session (one H200, about 6 minutes; ran at a0e52b5, when SHARDLLM_FP8_TENSORWISE_MAX_N still existed). device_s20_a.sh's kernel table showed the small-M FP8 GEMV at
+# Seventeenth session (one H200, about 6 minutes; ran at a0e52b5, while SHARDLLM_FP8_TENSORWISE_MAX_N existed).
+# device_s20_a.sh's kernel table showed the small-M FP8 GEMV at
 # M = 16 slower than cuBLAS's per-tensor route in every Llama-3-8B shape (qkv 21.3 vs 8.8 us, o 13.6 vs 7.4,
 # gate_up 43.2 vs 34.2, down 25.6 vs 21.7), and batch 4-16 decode steps cost 1.6-1.9 ms more than batch 1's.
 # Here: where the GEMV should stop (SHARDLLM_FP8_GEMV_MAX_M, new; default 16). 1. The FP8 GPU tests (a new one: the

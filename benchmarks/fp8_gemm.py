@@ -99,7 +99,8 @@ def main() -> None:
                     help="per shape and M: bf16, _scaled_mm row-wise and per-tensor and the row-wise product through "
                          "the per-tensor kernel (fp8_utils.scaled_mm_rowwise_by_tensorwise), each with and without "
                          "use_fast_accum: us, TFLOP/s and the max error against the dequantized twin; at M <= "
-                         "GEMV_MAX_M also the small-M GEMV the engine runs there")
+                         "GEMV_MAX_M (16) also the small-M GEMV (the engine's up to SHARDLLM_FP8_GEMV_MAX_M rows) "
+                         "and the per-token quantization the GEMMs need (quant_us)")
     a = ap.parse_args()
     dev = torch.device("cuda")
     print("recipes", sorted(fp8_recipes(dev)), torch.cuda.get_device_name(), torch.__version__)

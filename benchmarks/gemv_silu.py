@@ -1,6 +1,8 @@
 """SiLU-and-mul folded into the down projection's GEMV (shardllm/layers/gemv_silu.py) against the unfused pair the
 engine runs without it (triton_ops.silu_and_mul, then the down linear's small-M path: FP8 the GEMV with
-small_m_config's config, bf16 the GEMV where BF16_GEMV_TABLE has an entry, else cuBLAS), on one CUDA card.
+small_m_config's config, bf16 the GEMV where BF16_GEMV_TABLE has an entry, else cuBLAS), on one CUDA card. (FP8 at
+M > SHARDLLM_FP8_GEMV_MAX_M, default 1, the engine quantizes and takes the FP8 GEMM instead: the M = 2 FP8 rows time
+the GEMV pair as it was.)
 
 Llama-3-8B down projections: N 4096, K 14336 (tp 1) and 7168 (tp 2), M 1 and 2, e4m3 and bf16 weights. Each time is
 one CUDA graph of 20 calls replayed, the calls cycling over copies of the weight that together exceed the L2 (as
@@ -53,7 +55,7 @@ def weights(n: int, k: int, fp8: bool) -> list[tuple[torch.Tensor, torch.Tensor 
 
 
 def unfused_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-    """The down linear's small-M path as the engine runs it on a plain tensor."""
+    """The down linear's small-M GEMV path on a plain tensor (FP8: the engine's up to SHARDLLM_FP8_GEMV_MAX_M rows)."""
     if s is not None:
         return fp8_small_m_linear(x, w, s)
     y = maybe_small_m_linear_bf16(x, w, None)

@@ -122,7 +122,7 @@ def _bound_at_most(default: int, most: int) -> Callable[[str | None], int]:
     def parse_capped(raw: str | None) -> int:
         n = parse(raw)
         if n > most:
-            raise ValueError(f"must be an int in 0..{most}")
+            raise ValueError(f"out of range: 0..{most}")
         return n
     return parse_capped
 
@@ -269,9 +269,9 @@ _VARS = [
            "row-wise scaled FP8 GEMMs (a scale per token or per tensor, per output channel) with at most this many "
            "output elements (M x N) run as cuBLAS's per-tensor kernel with unit scales plus one Triton launch "
            "applying both scales (fp8_utils.scaled_mm_rowwise_by_tensorwise; where the FP8 Triton kernels pass "
-           "their start-up probe); 0 / off: none (issue 13; H200, sixteenth / seventeenth sessions, Llama-3-8B "
-           "shapes, us: o 4096x4096 M 64 13.1 -> 8.5, down 4096x14336 M 64 38.2 -> 20.4, M 256 37.4 -> 29.1, qkv "
-           "M 128 13.3 -> 10.3, gate_up 28672x4096 M 16 36.5 -> 33.0; losing past ~2^20 elements)",
+           "their start-up probe); 0 / off: none (issue 13; H200, seventeenth session, Llama-3-8B shapes, us: o "
+           "4096x4096 M 64 13.0 -> 8.5, down 4096x14336 M 64 36.7 -> 21.1, M 256 37.4 -> 31.5, qkv M 64 13.3 -> "
+           "9.4, gate_up 28672x4096 M 16 36.2 -> 34.2; losing past ~2^20 elements; fp8_utils.py has the table)",
            lenient=True),
     EnvVar("SHARDLLM_FP8_GEMV_MAX_M", "int", "1", _bound_at_most(1, 16), "import",
            "rows up to which an FP8 linear (per-channel weights, dynamic activations) streams its weights through "
@@ -282,9 +282,10 @@ _VARS = [
            lenient=True),
     _switch("SHARDLLM_FP8_TENSORWISE_FP32", False, "import",
             "1: SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT's route writes its unscaled product in fp32 and scales it into "
-            "the output dtype, instead of writing it in the output dtype (bf16) and scaling it in place: twice the "
-            "intermediate's bytes, one rounding fewer (at most 1 ulp of the output; issue 13, H200, seventeenth "
-            "session: bf16 in place 1-3% faster at 8-64 rows)"),
+            "the output dtype, instead of writing it in bf16 and scaling it in place (bf16 models; fp16 ones always "
+            "take fp32): twice the intermediate's bytes, one rounding fewer (at most 1 ulp of the output; issue 13, "
+            "H200, seventeenth session: bf16 in place about 1% faster decode at 8-64 rows, within noise on the "
+            "throughput runs)"),
     _switch("SHARDLLM_KV_V_TRANSPOSED", True, "start-up",
             "0: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, block_size, nkv, D) like K instead of "
             "(num_blocks, nkv, D, block_size), the layout the TMA decode kernel reads without a shared-memory copy "

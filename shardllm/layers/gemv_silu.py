@@ -6,8 +6,8 @@ How it is wired: after loading, `link_gemv_silu(model)` gives each SiluAndMul na
 `GemvSiluTarget` for its linear when that linear's method is one the GEMV serves (unquantized, or FP8 with
 per-channel weight scales and dynamic activations). SiluAndMul.forward then asks the target first; where the fused
 GEMV applies it returns a `SiluAndMulInput` (gate_up, deferred) instead of a tensor, which that linear's `apply`
-hands to `silu_gemv` (through gemv.DeferredGemvInput). Everywhere else (M > FUSED_SILU_MAX_M, CPU, torch attention
-backend, a failed kernel probe) nothing changes.
+hands to `silu_gemv` (through gemv.DeferredGemvInput). Everywhere else (M > FUSED_SILU_MAX_M, FP8 above
+SHARDLLM_FP8_GEMV_MAX_M, CPU, torch attention backend, a failed kernel probe) nothing changes.
 
 Numerics: the activation is computed with triton_ops.silu_and_mul's fp32 expression and roundings and the GEMV is
 the same kernel, so at one config the output is bit-equal to silu_and_mul then the GEMV (tests/layers/
@@ -128,7 +128,10 @@ def _linear_weights(linear: nn.Module, dtype: torch.dtype | None = None
         return None
     if type(method) is UnquantizedLinearMethod:
         return (w, None) if dtype is None or w.dtype == dtype else None
-    if type(method) is Fp8LinearMethod and not method.weight_only and not method.static_input:
+    from shardllm.layers.quantization import fp8_triton
+
+    if (type(method) is Fp8LinearMethod and not method.weight_only and not method.static_input
+            and fp8_triton.FP8_GEMV_MAX_M > 0):  # SHARDLLM_FP8_GEMV_MAX_M=0: FP8 rows never take the GEMV
         scale = getattr(linear, "weight_scale", None)
         if w.dtype == torch.float8_e4m3fn and scale is not None and scale.numel() == w.shape[0]:
             return w, scale.view(-1)
@@ -152,9 +155,9 @@ class GemvSiluTarget:
         if weights is None or x.shape[1] != 2 * weights[0].shape[1]:
             return False
         if weights[1] is not None:  # FP8: only at rows the linear serves by the GEMV (else its FP8 GEMM's)
-            from shardllm.layers.quantization.fp8_triton import FP8_GEMV_MAX_M
+            from shardllm.layers.quantization import fp8_triton
 
-            if x.shape[0] > FP8_GEMV_MAX_M:
+            if x.shape[0] > fp8_triton.FP8_GEMV_MAX_M:
                 return False
         if FORCE is True:
             return True

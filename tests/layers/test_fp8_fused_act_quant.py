@@ -15,7 +15,13 @@ from shardllm.layers import triton_ops  # noqa: E402
 from shardllm.layers.activation import SiluAndMul  # noqa: E402
 from shardllm.layers.layernorm import RMSNorm  # noqa: E402
 from shardllm.layers.linear import RowParallelLinear  # noqa: E402
-from shardllm.layers.quantization import QuantizationConfig, fp8, fp8_fused, quant_config_scope  # noqa: E402
+from shardllm.layers.quantization import (  # noqa: E402
+    QuantizationConfig,
+    fp8,
+    fp8_fused,
+    fp8_triton,
+    quant_config_scope,
+)
 from shardllm.layers.quantization.fp8_fused import QuantizedActivation  # noqa: E402
 from shardllm.layers.quantization.fp8_triton import quantize_per_token_triton  # noqa: E402
 from shardllm.layers.quantization.fp8_utils import MIN_SCALE  # noqa: E402
@@ -105,6 +111,7 @@ def _fp8_linear(input_size: int, output_size: int, cfg: QuantizationConfig | Non
 def test_hook_quantizes_only_where_the_linear_would_quantize_per_token(monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setattr(fp8_fused, "FORCE", True)
+    monkeypatch.setattr(fp8_triton, "FP8_GEMV_MAX_M", 1)  # the default, whatever the environment says
     linear = _fp8_linear(64, 32)
     act = SiluAndMul()
     act.quant_target = fp8_fused.ActQuantTarget(linear)
@@ -114,14 +121,13 @@ def test_hook_quantizes_only_where_the_linear_would_quantize_per_token(monkeypat
     y = linear(out)  # the FP8 linear takes it: equals the linear on the unquantized rows (same quantization)
     monkeypatch.setattr(fp8, "quantize_per_row", quantize_per_token_triton)
     assert torch.equal(y, linear(triton_ops.silu_and_mul(x)))
-    # SHARDLLM_FP8_GEMV_MAX_M (1): up to it the GEMV takes unquantized rows, past it the GEMM quantized ones
-    assert isinstance(act(x[:1]), torch.Tensor) and isinstance(act(x[:2]), QuantizedActivation)
-    monkeypatch.setattr(fp8_fused, "FP8_GEMV_MAX_M", 4)
-    assert isinstance(act(x[:4]), torch.Tensor) and isinstance(act(x[:5]), QuantizedActivation)
-    monkeypatch.setattr(fp8_fused, "FP8_GEMV_MAX_M", 0)  # 0: from one row
-    assert isinstance(act(x[:1]), QuantizedActivation)
-    monkeypatch.setattr(fp8_fused, "FP8_GEMV_MAX_M", 16)
-    assert isinstance(act(x[:16]), torch.Tensor)
+    # SHARDLLM_FP8_GEMV_MAX_M (fp8_triton's, 1 by default): up to it the GEMV takes unquantized rows, past it the
+    # GEMM quantized ones
+    for bound, m_gemv in [(0, 0), (4, 4), (16, 16), (1, 1)]:
+        monkeypatch.setattr(fp8_triton, "FP8_GEMV_MAX_M", bound)
+        if m_gemv:
+            assert isinstance(act(x[:m_gemv]), torch.Tensor), bound
+        assert isinstance(act(x[:m_gemv + 1]), QuantizedActivation), bound
     norm = RMSNorm(64, 1e-5, dtype=torch.bfloat16)
     norm.quant_target = fp8_fused.ActQuantTarget(linear)
     h, r = torch.randn(2, 17, 64).to(torch.bfloat16)

@@ -43,14 +43,21 @@ def test_online_linear_on_gpu_equals_its_dequantized_twin(m):
     x = torch.randn(m, 1024, device=dev).to(torch.bfloat16)
     wq, ws = quantize_per_row(torch.cat([w_gate, w_up]))
     w_deq = dequantize(wq, ws)
-    from shardllm.layers.quantization import fp8
+    from shardllm.layers.quantization import fp8, fp8_triton
 
-    if m <= fp8.FP8_GEMV_MAX_M:  # weight-streaming (SHARDLLM_FP8_GEMV_MAX_M, 16): activations unquantized
+    gemv = m <= fp8_triton.FP8_GEMV_MAX_M  # weight-streaming (SHARDLLM_FP8_GEMV_MAX_M, 1): activations unquantized
+    if gemv:
         twin = x.float() @ w_deq.t()
     else:
         xq, xs = quantize_per_row(x)
         twin = dequantize(xq, xs) @ w_deq.t()
-    y = layer(x).float()
+    calls, real = [], fp8.fp8_small_m_linear
+    fp8.fp8_small_m_linear = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        y = layer(x).float()
+    finally:
+        fp8.fp8_small_m_linear = real
+    assert calls == ([1] if gemv else [])
     assert float((y - twin).abs().max()) <= 1e-2 * float(twin.abs().max())
 
 
@@ -201,12 +208,11 @@ def test_online_linear_with_the_per_tensor_route_equals_its_twin(monkeypatch, m)
 @pytest.mark.parametrize("m", [1, 7, 16])
 def test_online_linear_below_the_gemv_bound_takes_the_fp8_gemm_and_equals_its_twin(monkeypatch, m):
     """SHARDLLM_FP8_GEMV_MAX_M=0: every row count quantizes per token and takes the FP8 GEMM (here through the
-    per-tensor route), equal to the W8A8 twin; the GEMV is never called."""
-    from shardllm.layers.quantization import fp8, fp8_utils
+    per-tensor route), equal to the W8A8 twin; the GEMV is never called (counted in the test it runs)."""
+    from shardllm.layers.quantization import fp8_triton, fp8_utils
 
-    monkeypatch.setattr(fp8, "FP8_GEMV_MAX_M", 0)
+    monkeypatch.setattr(fp8_triton, "FP8_GEMV_MAX_M", 0)
     monkeypatch.setattr(fp8_utils, "TENSORWISE_MAX_OUTPUT", 1 << 20)  # whatever the environment says
-    monkeypatch.setattr(fp8, "fp8_small_m_linear", lambda *a, **k: pytest.fail("the GEMV ran"))
     taken, route = [], fp8_utils.scaled_mm_rowwise_by_tensorwise
     monkeypatch.setattr(fp8_utils, "scaled_mm_rowwise_by_tensorwise",
                         lambda xq, *a, **k: taken.append(xq.shape[0]) or route(xq, *a, **k))

@@ -90,7 +90,10 @@ def _build_llama(cfg: QuantizationConfig | None, intermediate_size: int = 96):
     return model, gemv_silu.link_gemv_silu(model)
 
 
-def test_only_linears_the_gemv_serves_are_linked():
+def test_only_linears_the_gemv_serves_are_linked(monkeypatch):
+    from shardllm.layers.quantization import fp8_triton
+
+    monkeypatch.setattr(fp8_triton, "FP8_GEMV_MAX_M", 1)  # the default, whatever the environment says
     model, linked = _build_llama(None)
     assert linked == 2  # one act_fn -> down_proj per layer
     mlp = model.model.layers[0].mlp
@@ -101,6 +104,8 @@ def test_only_linears_the_gemv_serves_are_linked():
                                            activation_scheme="static"))[1] == 0
     assert _build_llama(QuantizationConfig(source="fp8", weight_strategy="block", is_checkpoint_fp8=True,
                                            weight_block_size=(16, 16), weight_scale_name="weight_scale_inv"))[1] == 0
+    monkeypatch.setattr(fp8_triton, "FP8_GEMV_MAX_M", 0)  # FP8 rows never take the GEMV: not linked, bf16 still
+    assert _build_llama(QuantizationConfig())[1] == 0 and _build_llama(None)[1] == 2
 
 
 def _mlp_with_weights(fp8: bool, device: str):
@@ -122,6 +127,9 @@ def _mlp_with_weights(fp8: bool, device: str):
 @cpu
 @pytest.mark.parametrize("fp8", [True, False], ids=["e4m3", "bf16"])
 def test_mlp_defers_silu_into_the_down_gemv_up_to_its_max_m_cpu(monkeypatch, fp8):
+    from shardllm.layers.quantization import fp8_triton
+
+    monkeypatch.setattr(fp8_triton, "FP8_GEMV_MAX_M", 1)  # the default, whatever the environment says
     mlp = _mlp_with_weights(fp8, "cpu")
     monkeypatch.setattr(triton_ops, "USE_TRITON", True)  # the kernels, interpreted
     monkeypatch.setattr(gemv_silu, "FORCE", True)
@@ -148,8 +156,6 @@ def test_mlp_defers_silu_into_the_down_gemv_up_to_its_max_m_cpu(monkeypatch, fp8
             w_scale = mlp.down_proj.weight_scale.view(-1) if fp8 else None
             assert torch.equal(y, silu_gemv(deferred, mlp.down_proj.weight, w_scale, None))
             assert deferred.shape == (m, 96) and deferred.dtype == torch.bfloat16
-    from shardllm.layers.quantization import fp8_triton
-
     monkeypatch.setattr(fp8_triton, "FP8_GEMV_MAX_M", 0)  # SHARDLLM_FP8_GEMV_MAX_M=0: FP8 takes its GEMM from 1 row
     gate_up = mlp.gate_up_proj(torch.randn(1, 32, dtype=torch.bfloat16))
     assert isinstance(mlp.act_fn(gate_up), SiluAndMulInput) != fp8  # bf16 weights still defer

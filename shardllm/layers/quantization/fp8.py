@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardllm.layers.gemv import DeferredGemvInput
-from shardllm.layers.quantization import QuantizationConfig
+from shardllm.layers.quantization import QuantizationConfig, fp8_triton
 from shardllm.layers.quantization.fp8_fused import QuantizedActivation
 from shardllm.layers.quantization.fp8_triton import (
-    FP8_GEMV_MAX_M,
     fp8_small_m_linear,
     quantize_per_token_triton,
     triton_fp8_ok,
@@ -130,7 +129,7 @@ class Fp8LinearMethod:
         if self.static_input:
             x_scale = layer.input_scale.expand(x2.shape[0], 1).contiguous()
             x_q = quantize_with_scale(x2, layer.input_scale)
-        elif kernels and x2.shape[0] <= FP8_GEMV_MAX_M:  # decode: stream the FP8 weights, activations unquantized
+        elif kernels and x2.shape[0] <= fp8_triton.FP8_GEMV_MAX_M:  # decode: the GEMV, activations unquantized
             y = fp8_small_m_linear(x2.contiguous(), layer.weight, layer.weight_scale)
             if bias is not None:
                 y = y + bias

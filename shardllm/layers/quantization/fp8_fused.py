@@ -28,7 +28,8 @@ from torch import nn
 from shardllm import envs
 from shardllm.layers import triton_ops
 from shardllm.layers.pdl import launch_args, pdl_enter
-from shardllm.layers.quantization.fp8_triton import FP8_GEMV_MAX_M, HAS_TRITON, triton_fp8_ok
+from shardllm.layers.quantization import fp8_triton
+from shardllm.layers.quantization.fp8_triton import HAS_TRITON, triton_fp8_ok
 from shardllm.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX, MIN_SCALE
 from shardllm.layers.triton_ops import _jit, _pow2
 
@@ -256,7 +257,8 @@ def _fused_applies(x: torch.Tensor) -> bool:
     """Host checks on shapes, dtypes and cached probes only (graph-capturable)."""
     if not ENABLED or FORCE is False or not HAS_TRITON:
         return False
-    if x.dim() != 2 or x.shape[0] <= FP8_GEMV_MAX_M or x.dtype not in (torch.bfloat16, torch.float16):
+    if (x.dim() != 2 or x.shape[0] <= fp8_triton.FP8_GEMV_MAX_M
+            or x.dtype not in (torch.bfloat16, torch.float16)):
         return False  # small M: the linear's weight-streaming GEMV takes the unquantized rows
     # on CUDA also where the unfused kernels would run (attention_backend="torch" turns triton_ops off)
     return FORCE is True or (x.is_cuda and triton_ops.use_triton(x) and triton_fp8_ok(x.device))

@@ -27,9 +27,10 @@ __all__ = ["FP8_GEMV_MAX_M", "GEMV_MAX_M", "fp8_small_m_linear", "quantize_per_t
 # Rows up to which an FP8 linear takes the weight-streaming GEMV (unquantized activations) instead of per-token
 # quantization and the FP8 GEMM (SHARDLLM_FP8_GEMV_MAX_M, default 1, <= GEMV_MAX_M; 0: the GEMM from one row). The
 # FP8 linear, the fused norm / activation quantizers (fp8_fused.py) and the fused SiLU GEMV (gemv_silu.py) read this
-# one value, so they agree on every M. H200, seventeenth session (`fp8_gemm.py --recipes --ms 1 2 4 8 16`, us, GEMV
-# -> per-tensor route + its per-token quantization): M 1 qkv 8.0 -> 12.4, gate_up 32.1 -> 34.7; M 2 qkv 13.2 ->
-# 12.3, gate_up 51.1 -> 36.6, down 25.0 -> 24.9; M 16 qkv 21.7 -> 10.8, o 14.1 -> 9.9, gate_up 44.0 -> 35.2.
+# one attribute at each call, so they agree on every M (tests set it here). H200, seventeenth session (`fp8_gemm.py
+# --recipes --ms 1 2 4 8 16`, us, GEMV -> per-tensor route + its per-token quantization): M 1 qkv 8.0 -> 12.4,
+# gate_up 32.1 -> 34.7; M 2 qkv 13.2 -> 12.3, gate_up 51.1 -> 36.6, down 25.0 -> 24.9; M 16 qkv 21.7 -> 10.8, o
+# 14.1 -> 9.9, gate_up 44.0 -> 35.2.
 FP8_GEMV_MAX_M = envs.SHARDLLM_FP8_GEMV_MAX_M
 
 if HAS_TRITON:

@@ -25,16 +25,16 @@ logger = logging.getLogger(__name__)
 FAST_ACCUM_MAX_K = envs.SHARDLLM_FP8_FAST_ACCUM_MAX_K
 # Row-wise GEMMs with at most TENSORWISE_MAX_OUTPUT output elements (M x N; SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT, 0:
 # none) run as cuBLAS's per-tensor kernel with unit scales, then one launch applying the row and column scales
-# (scaled_mm_rowwise_by_tensorwise). cuBLAS's row-wise kernel is slow for few rows (H200, `benchmarks/fp8_gemm.py
-# --recipes`, fast accumulation where the engine uses it, us, row-wise -> this route with the bf16 product: o
-# 4096x4096 M 16 13.1 -> 7.3, M 64 13.0 -> 8.5, M 256 13.4 -> 11.4, M 512 14.5 -> 17.0; down 4096x14336 M 64 37.4
-# -> 20.4, M 256 37.5 -> 29.1; qkv 6144x4096 M 64 13.3 -> 9.4, M 256 13.8 -> 14.6; gate_up 28672x4096 M 16 36.5 ->
-# 33.0, M 64 38.0 -> 35.6, M 256 50.4 -> 56.4; seventeenth session): the output's traffic takes the gain back past
-# ~2^20 elements.
+# (scaled_mm_rowwise_by_tensorwise). cuBLAS's row-wise kernel is slow for few rows (H200, seventeenth session,
+# `benchmarks/fp8_gemm.py --recipes --ms 16 32 64 256 512 1024`, us, row-wise -> this route; fast accumulation and
+# the bf16 product: o 4096x4096 M 16 13.1 -> 7.3, M 64 13.0 -> 8.5, M 256 13.4 -> 11.4, M 512 14.5 -> 17.0; qkv
+# 6144x4096 M 64 13.3 -> 9.4, M 256 13.8 -> 14.6; gate_up 28672x4096 M 16 36.2 -> 34.2, M 64 38.0 -> 35.6, M 256
+# 50.4 -> 56.4; exact accumulation and the fp32 product: down 4096x14336 M 64 36.7 -> 21.1, M 256 37.4 -> 31.5): the
+# output's traffic takes the gain back past ~2^20 elements.
 TENSORWISE_MAX_OUTPUT = envs.SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT
-# That route's unscaled product goes out in the output dtype (bf16) and is scaled in place: half an fp32
-# intermediate's traffic, one more rounding; 1-3% faster end to end at 8-64 rows (seventeenth session).
-# SHARDLLM_FP8_TENSORWISE_FP32=1: through fp32.
+# That route's unscaled product goes out in bf16 for a bf16 output and is scaled in place: half an fp32
+# intermediate's traffic, one more rounding; about 1% faster decode at 8-64 rows, within noise on the throughput
+# runs (seventeenth session). SHARDLLM_FP8_TENSORWISE_FP32=1, and fp16 / fp32 outputs always: through fp32.
 TENSORWISE_FP32 = envs.SHARDLLM_FP8_TENSORWISE_FP32
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -188,7 +188,7 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
     recipes = fp8_recipes(x_q.device)
     n = w_q.shape[0]
     if (TENSORWISE_MAX_OUTPUT > 0 and x_q.shape[0] * n <= TENSORWISE_MAX_OUTPUT
-            and "tensorwise_f32" in recipes and _epilogue_kernel_ok(x_q.device)):
+            and _route_recipe(out_dtype, fp32_product) in recipes and _epilogue_kernel_ok(x_q.device)):
         return scaled_mm_rowwise_by_tensorwise(x_q, w_q, x_scale, w_scale, out_dtype,
                                                use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K,
                                                fp32_product=fp32_product)
@@ -203,10 +203,11 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
                                     w_scale: torch.Tensor, out_dtype: torch.dtype, use_fast_accum: bool = False,
                                     fp32_product: bool | None = None) -> torch.Tensor:
     """scaled_mm_rowwise's product in two launches: torch._scaled_mm's per-tensor recipe with unit scales (the
-    integer-grid product of the e4m3 values, accumulated as the tensor cores do) into fp32, then (product *
-    x_scale * w_scale).to(out_dtype) (fp8_triton.scale_rows_cols on a GPU with Triton, torch ops elsewhere). Shapes
-    as scaled_mm_rowwise's; needs the "tensorwise_f32" recipe (fp8_recipes). The results agree with the fused
-    row-wise kernel's to out_dtype's last bit or so.
+    integer-grid product of the e4m3 values, accumulated as the tensor cores do) into bf16 or fp32 (below), then
+    (product * x_scale * w_scale).to(out_dtype) (fp8_triton.scale_rows_cols on a GPU with Triton, torch ops
+    elsewhere). Shapes as scaled_mm_rowwise's; needs the per-tensor recipe of that product dtype ("tensorwise" /
+    "tensorwise_f32", fp8_recipes). The results agree with the fused row-wise kernel's to out_dtype's last bit or
+    so (two bits with the bf16 product).
     fp32_product False (the default, TENSORWISE_FP32; SHARDLLM_FP8_TENSORWISE_FP32=1 sets it): a bf16 out_dtype's
     product goes out in bf16 and is scaled in place: half the intermediate's bytes, one rounding more (|error| <= 1
     ulp of bf16 more: the unscaled product, |x| <= 448^2 K, is far inside bf16's range, not fp16's: fp16 and fp32
@@ -217,9 +218,7 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
     one = _UNIT_SCALE.get(key)
     if one is None:  # a GPU without FP8 GEMMs: its probe stops before the trials
         raise ValueError(f"{x_q.device} has no FP8 GEMM (compute capability >= 8.9 needed): use bf16 weights")
-    fp32 = TENSORWISE_FP32 if fp32_product is None else fp32_product
-    # fp16 always through fp32: the unscaled product reaches 448^2 K, past fp16's 65504
-    inter = out_dtype if not fp32 and out_dtype == torch.bfloat16 else torch.float32
+    inter = _route_product_dtype(out_dtype, fp32_product)
     acc = torch._scaled_mm(x_q, w_q.t(), one, one, out_dtype=inter, use_fast_accum=use_fast_accum)
     if acc.is_cuda and _epilogue_kernel_ok(acc.device):
         from shardllm.layers.quantization.fp8_triton import scale_rows_cols
@@ -227,6 +226,19 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
         return scale_rows_cols(acc, x_scale.contiguous(), w_scale.contiguous(), out_dtype,
                                in_place=inter == out_dtype)
     return (acc.float() * x_scale * w_scale).to(out_dtype)
+
+
+def _route_product_dtype(out_dtype: torch.dtype, fp32_product: bool | None) -> torch.dtype:
+    """The dtype of scaled_mm_rowwise_by_tensorwise's unscaled product: bf16 for a bf16 output unless fp32 is asked
+    (fp32_product, else TENSORWISE_FP32); fp32 otherwise (an fp16 one too: the product reaches 448^2 K, past fp16's
+    65504)."""
+    fp32 = TENSORWISE_FP32 if fp32_product is None else fp32_product
+    return out_dtype if not fp32 and out_dtype == torch.bfloat16 else torch.float32
+
+
+def _route_recipe(out_dtype: torch.dtype, fp32_product: bool | None) -> str:
+    """The fp8_recipes entry the per-tensor route needs for that product dtype."""
+    return "tensorwise_f32" if _route_product_dtype(out_dtype, fp32_product) == torch.float32 else "tensorwise"
 
 
 _EPILOGUE_OK: dict[tuple, bool] = {}
