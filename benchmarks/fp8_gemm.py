@@ -27,7 +27,12 @@ from shardllm.layers.quantization.fp8_utils import (
     scaled_mm_rowwise_by_tensorwise,
 )
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+# (N, K) of each linear, per rank: Llama-3-8B at tp 1 (the default) and Llama-3-70B at tp 2 (--shapes)
+SHAPE_SETS = {
+    "llama-3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
+    "llama-3-70b-tp2": {"qkv": (5120, 8192), "o": (8192, 4096), "gate_up": (28672, 8192), "down": (8192, 14336)},
+}
+SHAPES = dict(SHAPE_SETS["llama-3-8b"])
 
 
 def timed(fn, iters: int = 50) -> float:
@@ -101,7 +106,11 @@ def main() -> None:
                          "use_fast_accum: us, TFLOP/s and the max error against the dequantized twin; at M <= "
                          "GEMV_MAX_M (16) also the small-M GEMV (the engine's up to SHARDLLM_FP8_GEMV_MAX_M rows) "
                          "and the per-token quantization the GEMMs need (quant_us)")
+    ap.add_argument("--shapes", choices=sorted(SHAPE_SETS), default="llama-3-8b",
+                    help="the linears' per-rank (N, K) to time (default: Llama-3-8B at tp 1)")
     a = ap.parse_args()
+    SHAPES.clear()
+    SHAPES.update(SHAPE_SETS[a.shapes])
     dev = torch.device("cuda")
     print("recipes", sorted(fp8_recipes(dev)), torch.cuda.get_device_name(), torch.__version__)
     if a.recipes:
