@@ -71,7 +71,7 @@ class RemoteServer:
                 out[(s.name, labels)] = s.value
         return out
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60, keep_log: bool = False) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -80,7 +80,7 @@ class RemoteServer:
                 self.proc.kill()
                 self.proc.wait()
                 raise AssertionError(f"server ignored signal {sig} for {timeout} s:\n{self.log_tail()}") from None
-        if self.proc.returncode == 0:
+        if self.proc.returncode == 0 and not keep_log:
             os.unlink(self.log.name)  # kept when something went wrong
         return self.proc.returncode
 
@@ -98,9 +98,14 @@ def wait_idle(server: RemoteServer, timeout: float = 30) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server():
-    """One server per test module; its shutdown on SIGTERM must exit 0."""
+def server(request):
+    """One server per test module; its shutdown on SIGTERM must exit 0. Its log is kept (the path printed) when a
+    test of the module failed, so a failure's server side can be read after the run."""
+    failed_before = request.session.testsfailed
     srv = RemoteServer()
     yield srv
-    rc = srv.stop(signal.SIGTERM)
+    keep = request.session.testsfailed > failed_before
+    rc = srv.stop(signal.SIGTERM, keep_log=keep)
+    if keep:
+        print(f"\n[server log kept: {srv.log.name}]")
     assert rc == 0, f"server exited {rc} on SIGTERM:\n{srv.log_tail()}"
