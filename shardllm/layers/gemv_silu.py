@@ -41,6 +41,7 @@ from shardllm.layers.gemv import (
     nearest_config,
     table_config,
 )
+from shardllm.layers.quantization import fp8_triton
 
 __all__ = ["FUSED_SILU_MAX_M", "GemvSiluTarget", "SiluAndMulInput", "link_gemv_silu", "silu_gemv"]
 
@@ -96,9 +97,7 @@ def _fused_config(w: torch.Tensor, m: int) -> GemvConfig:
     fp8 = w.dtype == torch.float8_e4m3fn
     config = nearest_config(FUSED_SILU_TABLES["fp8" if fp8 else "bf16"], n, k, m)
     if config is None and fp8:
-        from shardllm.layers.quantization.fp8_triton import small_m_config
-
-        config = small_m_config(n, k, m)
+        config = fp8_triton.small_m_config(n, k, m)
     return config or table_config(gemv_mod.BF16_GEMV_TABLE, n, k, m) or _DEFAULT_CONFIG
 
 
@@ -128,8 +127,6 @@ def _linear_weights(linear: nn.Module, dtype: torch.dtype | None = None
         return None
     if type(method) is UnquantizedLinearMethod:
         return (w, None) if dtype is None or w.dtype == dtype else None
-    from shardllm.layers.quantization import fp8_triton
-
     if (type(method) is Fp8LinearMethod and not method.weight_only and not method.static_input
             and fp8_triton.FP8_GEMV_MAX_M > 0):  # SHARDLLM_FP8_GEMV_MAX_M=0: FP8 rows never take the GEMV
         scale = getattr(linear, "weight_scale", None)
@@ -154,20 +151,15 @@ class GemvSiluTarget:
         weights = _linear_weights(self.linear, x.dtype)
         if weights is None or x.shape[1] != 2 * weights[0].shape[1]:
             return False
-        if weights[1] is not None:  # FP8: only at rows the linear serves by the GEMV (else its FP8 GEMM's)
-            from shardllm.layers.quantization import fp8_triton
-
-            if x.shape[0] > fp8_triton.FP8_GEMV_MAX_M:
-                return False
+        if weights[1] is not None and x.shape[0] > fp8_triton.FP8_GEMV_MAX_M:  # FP8 rows past it: the FP8 GEMM's
+            return False
         if FORCE is True:
             return True
         if not (x.is_cuda and triton_ops.use_triton(x)):  # the unfused path's silu_and_mul kernel runs there too
             return False
         if weights[1] is None:
             return gemv_mod.gemv_ok(x.device)
-        from shardllm.layers.quantization.fp8_triton import triton_fp8_ok
-
-        return triton_fp8_ok(x.device)
+        return fp8_triton.triton_fp8_ok(x.device)
 
     def maybe_defer(self, x: torch.Tensor) -> SiluAndMulInput | None:
         """SiluAndMulInput(x) where the linear's fused GEMV applies to gate_up x (M, 2I), else None."""
