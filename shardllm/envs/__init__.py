@@ -286,6 +286,11 @@ _VARS = [
             "take fp32): twice the intermediate's bytes, one rounding fewer (at most 1 ulp of the output; issue 13, "
             "H200, seventeenth session: bf16 in place about 1% faster decode at 8-64 rows, within noise on the "
             "throughput runs)"),
+    _switch("SHARDLLM_FP8_DEFER_SCALE", True, "import",
+            "0: an FP8 linear whose output feeds a fused RMSNorm / SiLU-and-mul quantizer (o, gate_up, down at tp 1; "
+            "gate_up at any tp) scales its per-tensor route's product in a launch of its own, instead of leaving "
+            "the token and channel scales to the quantizer, which applies them as it loads the product "
+            "(fp8_fused.link_deferred_scale; bit-identical values, one launch a linear fewer; issue 13)"),
     _switch("SHARDLLM_KV_V_TRANSPOSED", True, "start-up",
             "0: an FP8 KV cache on an sm90+ GPU stores V (num_blocks, block_size, nkv, D) like K instead of "
             "(num_blocks, nkv, D, block_size), the layout the TMA decode kernel reads without a shared-memory copy "

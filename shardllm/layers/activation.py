@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardllm.layers import triton_ops
+from shardllm.layers.quantization.fp8_utils import ScaledProduct
 
 
 class SiluAndMul(nn.Module):
@@ -22,6 +23,8 @@ class SiluAndMul(nn.Module):
             out = self.quant_target.maybe_silu_and_mul(x)
             if out is not None:
                 return out
+        if isinstance(x, ScaledProduct):  # gate_up's product whose scales were left to this activation
+            x = x.value()
         if self.gemv_target is not None:  # M = 1: maybe gate_up deferred into the linear's GEMV (gemv_silu.py)
             deferred = self.gemv_target.maybe_defer(x)
             if deferred is not None:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from shardllm.layers import triton_ops
+from shardllm.layers.quantization.fp8_utils import ScaledProduct
 
 
 class RMSNorm(nn.Module):
@@ -22,11 +23,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x: (N, H), or (N, heads, D) with any row strides (q/k norm); the Triton kernels on CUDA. Feeding an
-        FP8 linear, the normed rows may come back quantized (a QuantizedActivation, fp8_fused.py)."""
+        FP8 linear, the normed rows may come back quantized (a QuantizedActivation, fp8_fused.py). x may be a
+        ScaledProduct (fp8_utils; from an FP8 linear linked by fp8_fused.link_deferred_scale)."""
         if self.quant_target is not None:
             out = self.quant_target.maybe_rms_norm(x, residual, self.weight, self.eps)
             if out is not None:
                 return out
+        if isinstance(x, ScaledProduct):  # an FP8 linear's product whose scales were left to this norm
+            x = x.value()
         if triton_ops.use_triton(x):
             if residual is None:
                 return triton_ops.rms_norm(x, self.weight, self.eps)

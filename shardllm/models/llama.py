@@ -101,6 +101,10 @@ class LlamaForCausalLM(nn.Module):
     # per decoder layer, {producer: the linear it feeds}: FP8 linears take their input quantized by the producer
     fp8_act_quant_inputs = {"input_layernorm": "self_attn.qkv_proj", "post_attention_layernorm": "mlp.gate_up_proj",
                             "mlp.act_fn": "mlp.down_proj"}
+    # {FP8 linear: the module its output goes to}, "next:" the next decoder layer's: those quantizers apply the
+    # linear's route scales as they load its product (fp8_fused.link_deferred_scale)
+    fp8_scale_readers = {"self_attn.o_proj": "post_attention_layernorm", "mlp.gate_up_proj": "mlp.act_fn",
+                         "mlp.down_proj": "next:input_layernorm"}
 
     def __init__(self, config, max_model_len: int):
         super().__init__()

@@ -162,9 +162,10 @@ def process_weights_after_loading(model: nn.Module) -> None:
         method = getattr(m, "quant_method", None)
         if method is not None and hasattr(method, "process_weights_after_loading"):
             method.process_weights_after_loading(m)
-    from shardllm.layers.quantization.fp8_fused import link_act_quant
+    from shardllm.layers.quantization.fp8_fused import link_act_quant, link_deferred_scale
 
     link_act_quant(model)  # norms / activations before FP8 linears quantize their output (fp8_fused.py)
+    link_deferred_scale(model)  # ... and apply the scales of the FP8 linear before them (fp8_fused.py)
     from shardllm.layers.gemv_silu import link_gemv_silu
 
     link_gemv_silu(model)  # SiLU-and-mul folded into the down projection's GEMV at M = 1 (gemv_silu.py)

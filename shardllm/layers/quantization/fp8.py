@@ -28,6 +28,7 @@ from shardllm.layers.quantization.fp8_triton import (
 )
 from shardllm.layers.quantization.fp8_utils import (
     FP8_DTYPE,
+    ScaledProduct,
     cpu_weight_f32,
     quantize_per_row,
     quantize_with_scale,
@@ -115,9 +116,12 @@ class Fp8LinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
               bias: torch.Tensor | None) -> torch.Tensor:
+        # a linear whose output's reader applies the route's scales itself (fp8_fused.link_deferred_scale) may
+        # return a ScaledProduct: (M, N) rows, no bias
+        defer = bias is None and getattr(layer, "defer_scale", False)
         if isinstance(x, QuantizedActivation):  # quantized by the kernel before (M > FP8_GEMV_MAX_M rows)
             y = scaled_mm_rowwise(x.data, layer.weight, x.scale, layer.weight_scale.view(1, -1), x.dtype,
-                                  cpu_weight_f32(layer, layer.weight))  # (M, N)
+                                  cpu_weight_f32(layer, layer.weight), defer=defer)  # (M, N)
             return y if bias is None else y + bias
         if isinstance(x, DeferredGemvInput):  # SiLU-and-mul formed in the GEMV (gemv_silu.py)
             return x.gemv(layer.weight, layer.weight_scale.view(-1), bias)
@@ -139,7 +143,9 @@ class Fp8LinearMethod:
         else:
             x_q, x_scale = quantize_per_row(x2)  # per token, (M, 1)
         y = scaled_mm_rowwise(x_q, layer.weight, x_scale, layer.weight_scale.view(1, -1), x.dtype,
-                              cpu_weight_f32(layer, layer.weight))  # (M, N)
+                              cpu_weight_f32(layer, layer.weight), defer=defer and x.dim() == 2)  # (M, N)
+        if isinstance(y, ScaledProduct):
+            return y
         if bias is not None:
             y = y + bias
         return y.view(*shape[:-1], y.shape[-1])

@@ -30,7 +30,7 @@ from shardllm.layers import triton_ops
 from shardllm.layers.pdl import launch_args, pdl_enter
 from shardllm.layers.quantization import fp8_triton
 from shardllm.layers.quantization.fp8_triton import HAS_TRITON, triton_fp8_ok
-from shardllm.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX, MIN_SCALE
+from shardllm.layers.quantization.fp8_utils import FP8_DTYPE, FP8_MAX, MIN_SCALE, ScaledProduct
 from shardllm.layers.triton_ops import _jit, _pow2
 
 if HAS_TRITON:
@@ -39,9 +39,11 @@ if HAS_TRITON:
 else:  # pragma: no cover - the kernels below only parse (their annotations are strings)
     triton = tl = None
 
-__all__ = ["ActQuantTarget", "QuantizedActivation", "link_act_quant", "rms_norm_quant", "silu_and_mul_quant"]
+__all__ = ["ActQuantTarget", "QuantizedActivation", "link_act_quant", "link_deferred_scale", "rms_norm_quant",
+           "silu_and_mul_quant"]
 
 ENABLED = envs.SHARDLLM_FP8_FUSED_ACT_QUANT
+DEFER_SCALE = envs.SHARDLLM_FP8_DEFER_SCALE  # link_deferred_scale's switch (read at import)
 # None: the fused kernels where the device checks pass (CUDA, the FP8 Triton probe); True / False force them on
 # (tests on CPU, which need TRITON_INTERPRET=1) / off.
 FORCE: bool | None = None
@@ -68,10 +70,22 @@ class QuantizedActivation(NamedTuple):
 
 
 @_jit
-def _normed_row_chunk(x_row, res_row, w_ptr, offs, mask, rstd, HAS_RESIDUAL: tl.constexpr):
+def _load_x(x_row, offs, mask, xs, ws_ptr, HAS_XSCALE: tl.constexpr):
+    """Columns `offs` of one input row in fp32. HAS_XSCALE: the row is an FP8 GEMM's unscaled product (a
+    fp8_utils.ScaledProduct) and the value is round((p * xs) * ws[offs]) to its dtype, what
+    fp8_triton.scale_rows_cols stores (xs: the row's scale, ws_ptr: the channel scales)."""
+    x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_XSCALE:
+        x = (x * xs * tl.load(ws_ptr + offs, mask=mask, other=0.0)).to(x_row.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@_jit
+def _normed_row_chunk(x_row, res_row, w_ptr, offs, mask, rstd, HAS_RESIDUAL: tl.constexpr, xs, ws_ptr,
+                      HAS_XSCALE: tl.constexpr):
     """w * round(s * rstd), rounded to x's dtype and returned in fp32, for columns `offs` of one row (s = x, or
-    round(x + residual)): the values triton_ops._fused_rmsnorm_row_kernel stores."""
-    s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+    round(x + residual); x as _load_x gives it): the values triton_ops._fused_rmsnorm_row_kernel stores."""
+    s = _load_x(x_row, offs, mask, xs, ws_ptr, HAS_XSCALE)
     if HAS_RESIDUAL:
         r = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
         s = (s + r).to(x_row.dtype.element_ty).to(tl.float32)
@@ -84,20 +98,25 @@ def _normed_row_chunk(x_row, res_row, w_ptr, offs, mask, rstd, HAS_RESIDUAL: tl.
 def _rmsnorm_quant_fp8_kernel(
     x_ptr, res_ptr, w_ptr, q_ptr, s_ptr, res_out_ptr, eps, hidden, stride_xn, stride_rn, stride_qn, stride_ron,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, FP8_MAX_C: tl.constexpr,
-    MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False,
+    MIN_SCALE_C: tl.constexpr, USE_PDL: tl.constexpr = False, xs_ptr=None, ws_ptr=None,
+    HAS_XSCALE: tl.constexpr = False,
 ):
     """One program per token: y = RMSNorm(x (+ residual)) as the unfused kernel rounds it, then its e4m3 row and
     scale. With HAS_RESIDUAL, round(x + residual) is stored to res_out. Rows wider than BLOCK: three passes
-    (sum of squares and res_out; amax; quantize), each recomputing y from the inputs."""
+    (sum of squares and res_out; amax; quantize), each recomputing y from the inputs. HAS_XSCALE: x is an FP8
+    GEMM's unscaled product, scaled as it is loaded by xs_ptr[row] and ws_ptr[col] (_load_x)."""
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
+    xs = 1.0
+    if HAS_XSCALE:
+        xs = tl.load(xs_ptr + row)
     x_row = x_ptr + row * stride_xn
     res_row = res_ptr + row * stride_rn
     q_row = q_ptr + row * stride_qn
     cols = tl.arange(0, BLOCK)
     if NUM_CHUNKS == 1:
         mask = cols < hidden
-        s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        s = _load_x(x_row, cols, mask, xs, ws_ptr, HAS_XSCALE)
         if HAS_RESIDUAL:
             r = tl.load(res_row + cols, mask=mask, other=0.0).to(tl.float32)
             s_rounded = (s + r).to(res_out_ptr.dtype.element_ty)
@@ -116,7 +135,7 @@ def _rmsnorm_quant_fp8_kernel(
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
             mask = offs < hidden
-            s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            s = _load_x(x_row, offs, mask, xs, ws_ptr, HAS_XSCALE)
             if HAS_RESIDUAL:
                 r = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
                 s_rounded = (s + r).to(res_out_ptr.dtype.element_ty)
@@ -127,23 +146,25 @@ def _rmsnorm_quant_fp8_kernel(
         amax = tl.zeros([BLOCK], tl.float32)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
-            y = _normed_row_chunk(x_row, res_row, w_ptr, offs, offs < hidden, rstd, HAS_RESIDUAL)
+            y = _normed_row_chunk(x_row, res_row, w_ptr, offs, offs < hidden, rstd, HAS_RESIDUAL, xs, ws_ptr,
+                                  HAS_XSCALE)
             amax = tl.maximum(amax, tl.abs(y))
         scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_C, MIN_SCALE_C)
         tl.store(s_ptr + row, scale)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
             mask = offs < hidden
-            y = _normed_row_chunk(x_row, res_row, w_ptr, offs, mask, rstd, HAS_RESIDUAL)
+            y = _normed_row_chunk(x_row, res_row, w_ptr, offs, mask, rstd, HAS_RESIDUAL, xs, ws_ptr, HAS_XSCALE)
             q = tl.clamp(y / scale, -FP8_MAX_C, FP8_MAX_C)
             tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
-def _silu_mul_row_chunk(x_row, d, offs, mask):
-    """round(round(silu(gate)) * up) in fp32 for columns `offs` of one row: triton_ops' silu_and_mul values."""
-    gate = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_row + d + offs, mask=mask, other=0.0).to(tl.float32)
+def _silu_mul_row_chunk(x_row, d, offs, mask, xs, ws_ptr, HAS_XSCALE: tl.constexpr):
+    """round(round(silu(gate)) * up) in fp32 for columns `offs` of one row: triton_ops' silu_and_mul values (gate
+    and up as _load_x gives them)."""
+    gate = _load_x(x_row, offs, mask, xs, ws_ptr, HAS_XSCALE)
+    up = _load_x(x_row, d + offs, mask, xs, ws_ptr, HAS_XSCALE)
     act = (gate / (1.0 + tl.exp(-gate))).to(x_row.dtype.element_ty).to(tl.float32)
     return (act * up).to(x_row.dtype.element_ty).to(tl.float32)
 
@@ -151,21 +172,25 @@ def _silu_mul_row_chunk(x_row, d, offs, mask):
 @_jit
 def _silu_and_mul_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, d, stride_xn, stride_qn, BLOCK: tl.constexpr,
                                    NUM_CHUNKS: tl.constexpr, FP8_MAX_C: tl.constexpr, MIN_SCALE_C: tl.constexpr,
-                                   USE_PDL: tl.constexpr = False, rows_ptr=None, HAS_ROWS: tl.constexpr = False):
+                                   USE_PDL: tl.constexpr = False, rows_ptr=None, HAS_ROWS: tl.constexpr = False,
+                                   xs_ptr=None, ws_ptr=None, HAS_XSCALE: tl.constexpr = False):
     """One program per token: y = silu(gate) * up over its d outputs, then its e4m3 row and scale. Rows wider
     than BLOCK: two passes (amax; quantize), the second recomputing y from the inputs. HAS_ROWS: rows at or past
-    the int32 at rows_ptr are skipped (left unwritten)."""
+    the int32 at rows_ptr are skipped (left unwritten). HAS_XSCALE: x is an FP8 GEMM's unscaled product (_load_x)."""
     pdl_enter(USE_PDL)
     if HAS_ROWS:
         if tl.program_id(0) >= tl.load(rows_ptr):
             return
     row = tl.program_id(0).to(tl.int64)
+    xs = 1.0
+    if HAS_XSCALE:
+        xs = tl.load(xs_ptr + row)
     x_row = x_ptr + row * stride_xn
     q_row = q_ptr + row * stride_qn
     cols = tl.arange(0, BLOCK)
     if NUM_CHUNKS == 1:
         mask = cols < d
-        y = _silu_mul_row_chunk(x_row, d, cols, mask)
+        y = _silu_mul_row_chunk(x_row, d, cols, mask, xs, ws_ptr, HAS_XSCALE)
         scale = tl.maximum(tl.max(tl.abs(y), 0) / FP8_MAX_C, MIN_SCALE_C)
         tl.store(s_ptr + row, scale)
         q = tl.clamp(y / scale, -FP8_MAX_C, FP8_MAX_C)
@@ -174,18 +199,19 @@ def _silu_and_mul_quant_fp8_kernel(x_ptr, q_ptr, s_ptr, d, stride_xn, stride_qn,
         amax = tl.zeros([BLOCK], tl.float32)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
-            amax = tl.maximum(amax, tl.abs(_silu_mul_row_chunk(x_row, d, offs, offs < d)))
+            amax = tl.maximum(amax, tl.abs(_silu_mul_row_chunk(x_row, d, offs, offs < d, xs, ws_ptr, HAS_XSCALE)))
         scale = tl.maximum(tl.max(amax, 0) / FP8_MAX_C, MIN_SCALE_C)
         tl.store(s_ptr + row, scale)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
             mask = offs < d
-            q = tl.clamp(_silu_mul_row_chunk(x_row, d, offs, mask) / scale, -FP8_MAX_C, FP8_MAX_C)
+            y = _silu_mul_row_chunk(x_row, d, offs, mask, xs, ws_ptr, HAS_XSCALE)
+            q = tl.clamp(y / scale, -FP8_MAX_C, FP8_MAX_C)
             tl.store(q_row + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 if HAS_TRITON and hasattr(_rmsnorm_quant_fp8_kernel, "rewrite"):  # the interpreter: see the note in triton_ops
-    for _kernel in (_normed_row_chunk, _rmsnorm_quant_fp8_kernel, _silu_mul_row_chunk,
+    for _kernel in (_load_x, _normed_row_chunk, _rmsnorm_quant_fp8_kernel, _silu_mul_row_chunk,
                     _silu_and_mul_quant_fp8_kernel):
         _kernel.rewrite()
 
@@ -199,16 +225,20 @@ def _rows_2d(x: torch.Tensor, what: str) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                   scales: tuple[torch.Tensor, torch.Tensor] | None = None):
     """RMSNorm of x (+ residual), quantized per token to e4m3 in the same launch.
 
     x, residual (M, H) bf16/fp16 with a contiguous last dim, weight (H,) of x's dtype. Returns the
     QuantizedActivation (data (M, H) e4m3fn, scale (M, 1) fp32), and with a residual also x + residual (M, H) in
     x's dtype, as (QuantizedActivation, residual_out) like RMSNorm's. Bit-identical to
     `triton_ops.fused_add_rms_norm` / `rms_norm` followed by `quantize_per_token_triton`.
+    scales: (row (M, 1), col (H,)) contiguous fp32: x is an FP8 GEMM's unscaled product (ScaledProduct's fields)
+    and the result is that of its value(), with no launch of its own.
     """
     x = _rows_2d(x, "rms_norm_quant")
     m, hidden = x.shape
+    xs, ws = _check_scales(scales, m, hidden, "rms_norm_quant")
     assert weight.shape == (hidden,) and weight.stride(0) == 1 and weight.dtype == x.dtype
     q = torch.empty((m, hidden), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
@@ -223,20 +253,23 @@ def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         _rmsnorm_quant_fp8_kernel[(m,)](
             x, res, weight, q, s, res_o, eps, hidden, x.stride(0), res.stride(0), q.stride(0), res_o.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block, NUM_CHUNKS=triton.cdiv(hidden, block),
-            FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(max(block // 256, 1), 8), **launch_args(x.device))
+            FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(max(block // 256, 1), 8), xs_ptr=xs, ws_ptr=ws,
+            HAS_XSCALE=scales is not None, **launch_args(x.device))
     out = QuantizedActivation(q, s, x.dtype)
     return out if residual is None else (out, res_out)
 
 
 def silu_and_mul_quant(x: torch.Tensor, max_block: int = SILU_QUANT_MAX_BLOCK,
-                       num_rows: torch.Tensor | None = None) -> QuantizedActivation:
+                       num_rows: torch.Tensor | None = None,
+                       scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantizedActivation:
     """silu(x[:, :d]) * x[:, d:] for x (M, 2d) bf16/fp16, quantized per token to e4m3 in the same launch:
     data (M, d) e4m3fn, scale (M, 1) fp32, bit-identical to `triton_ops.silu_and_mul` followed by
     `quantize_per_token_triton`. max_block: outputs per chunk (rows wider take two passes over their inputs).
     num_rows: a one-element int32 tensor on x's device; rows at or past its value are left undefined (the MoE
-    layer's other ranks' rows: read on the GPU, no host sync)."""
+    layer's other ranks' rows: read on the GPU, no host sync). scales: (row (M, 1), col (2d,)) as rms_norm_quant's."""
     x = _rows_2d(x, "silu_and_mul_quant")
     m, two_d = x.shape
+    xs, ws = _check_scales(scales, m, two_d, "silu_and_mul_quant")
     assert two_d % 2 == 0
     d = two_d // 2
     q = torch.empty((m, d), dtype=FP8_DTYPE, device=x.device)
@@ -246,8 +279,21 @@ def silu_and_mul_quant(x: torch.Tensor, max_block: int = SILU_QUANT_MAX_BLOCK,
         _silu_and_mul_quant_fp8_kernel[(m,)](
             x, q, s, d, x.stride(0), q.stride(0), BLOCK=block, NUM_CHUNKS=triton.cdiv(d, block),
             FP8_MAX_C=FP8_MAX, MIN_SCALE_C=MIN_SCALE, num_warps=min(max(block // 512, 1), 16),
-            rows_ptr=num_rows, HAS_ROWS=num_rows is not None, **launch_args(x.device))
+            rows_ptr=num_rows, HAS_ROWS=num_rows is not None, xs_ptr=xs, ws_ptr=ws, HAS_XSCALE=scales is not None,
+            **launch_args(x.device))
     return QuantizedActivation(q, s, x.dtype)
+
+
+def _check_scales(scales: tuple[torch.Tensor, torch.Tensor] | None, m: int, n: int, what: str):
+    """(row, col) of a ScaledProduct's (M, N) product, checked: contiguous fp32 of M and N values, or (None, None)."""
+    if scales is None:
+        return None, None
+    xs, ws = scales
+    if (xs.numel() != m or ws.numel() != n or xs.dtype != torch.float32 or ws.dtype != torch.float32
+            or not xs.is_contiguous() or not ws.is_contiguous()):
+        raise ValueError(f"{what}: scales are (row (M, 1), col (N,)) contiguous fp32 for the ({m}, {n}) product, got "
+                         f"{tuple(xs.shape)} {xs.dtype}, {tuple(ws.shape)} {ws.dtype}")
+    return xs, ws
 
 
 # ---- the hook between a producer and its FP8 linear --------------------------------------------------------------
@@ -274,15 +320,27 @@ class ActQuantTarget:
     def _wants(self, x: torch.Tensor) -> bool:
         return getattr(self.linear.quant_method, "accepts_quantized_input", False) and _fused_applies(x)
 
-    def maybe_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
-        """`rms_norm_quant(x, residual, weight, eps)` where it applies, else None (the caller's own path)."""
-        if not self._wants(x) or weight.dtype != x.dtype or (residual is not None and residual.dtype != x.dtype):
+    def maybe_rms_norm(self, x: torch.Tensor | ScaledProduct, residual: torch.Tensor | None, weight: torch.Tensor,
+                       eps: float):
+        """`rms_norm_quant(x, residual, weight, eps)` where it applies, else None (the caller's own path). x may be
+        a ScaledProduct: its scales are applied as the kernel loads it."""
+        rows, scales = _unscaled(x)
+        if (not self._wants(rows) or weight.dtype != rows.dtype
+                or (residual is not None and residual.dtype != rows.dtype)):
             return None
-        return rms_norm_quant(x, residual, weight, eps)
+        return rms_norm_quant(rows, residual, weight, eps, scales=scales)
 
-    def maybe_silu_and_mul(self, x: torch.Tensor) -> QuantizedActivation | None:
-        """`silu_and_mul_quant(x)` where it applies, else None."""
-        return silu_and_mul_quant(x) if self._wants(x) else None
+    def maybe_silu_and_mul(self, x: torch.Tensor | ScaledProduct) -> QuantizedActivation | None:
+        """`silu_and_mul_quant(x)` where it applies, else None; x as maybe_rms_norm's."""
+        rows, scales = _unscaled(x)
+        return silu_and_mul_quant(rows, scales=scales) if self._wants(rows) else None
+
+
+def _unscaled(x: torch.Tensor | ScaledProduct) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(the rows a kernel loads, their (row, col) scales or None)."""
+    if isinstance(x, ScaledProduct):
+        return x.product, (x.row_scale, x.col_scale)
+    return x, None
 
 
 def link_act_quant(model: nn.Module) -> int:
@@ -296,5 +354,47 @@ def link_act_quant(model: nn.Module) -> int:
     for producer, linear in producer_linear_pairs(model):
         if hasattr(producer, "quant_target") and getattr(linear.quant_method, "accepts_quantized_input", False):
             producer.quant_target = ActQuantTarget(linear)
+            linked += 1
+    return linked
+
+
+def link_deferred_scale(model: nn.Module) -> int:
+    """Sets `defer_scale` on each FP8 linear of `model.fp8_scale_readers` ({linear: the module reading its output},
+    names relative to a decoder layer of `model.model.layers`; "next:NAME": NAME in the next decoder layer) whose
+    reader is a quantizer linked by link_act_quant (RMSNorm, SiluAndMul: they take a ScaledProduct), so that where
+    its GEMM takes the per-tensor route the scale launch is skipped and the reader applies the scales as it loads
+    the product. Not for a linear with a bias or another method than dynamic per-token FP8, a row-parallel one at
+    tp > 1 (its output is all-reduced first) or under the micro-batch overlap (which splits the rows between
+    layers), nor across a pipeline stage's end. Call after link_act_quant. Returns the number of linears set.
+
+    Switch: SHARDLLM_FP8_DEFER_SCALE=0 (read at import) sets none."""
+    from shardllm.distributed.parallel_state import get_parallel_context
+    from shardllm.layers import microbatch_overlap
+    from shardllm.layers.linear import RowParallelLinear
+
+    pairs = getattr(model, "fp8_scale_readers", None)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not DEFER_SCALE or not pairs or layers is None:
+        return 0
+    tp = get_parallel_context().tp_size
+    split_rows = microbatch_overlap.active(tp)
+    end = getattr(model, "end_layer", len(layers))
+    linked = 0
+    for i, layer in enumerate(layers):
+        for linear_name, reader_name in pairs.items():
+            nxt = reader_name.startswith("next:")
+            if nxt and i + 1 >= end:
+                continue  # the stage's (or model's) last layer: its output leaves the layer loop
+            try:
+                linear = layer.get_submodule(linear_name)
+                reader = (layers[i + 1] if nxt else layer).get_submodule(reader_name.removeprefix("next:"))
+            except AttributeError:  # a MoE layer's MLP, a stage's missing layer
+                continue
+            row_parallel = isinstance(linear, RowParallelLinear)
+            if (getattr(reader, "quant_target", None) is None or getattr(linear, "bias", None) is not None
+                    or not getattr(linear.quant_method, "accepts_quantized_input", False)
+                    or (row_parallel and (tp > 1 or split_rows)) or (nxt and split_rows)):
+                continue
+            linear.defer_scale = True
             linked += 1
     return linked

@@ -172,9 +172,43 @@ def cpu_weight_f32(owner: torch.nn.Module, w_q: torch.Tensor) -> torch.Tensor | 
     return cached
 
 
+class ScaledProduct:
+    """An FP8 GEMM's (M, N) output before its row-wise scales: its value is round((product * row_scale) *
+    col_scale) to product's dtype, what fp8_triton.scale_rows_cols stores. The per-tensor route returns one where
+    asked (scaled_mm_rowwise's `defer`) so that the kernel reading the output next applies the scales as it loads
+    it, one launch fewer (the RMSNorm / SiLU-and-mul quantizers of fp8_fused.py: `link_deferred_scale` says which
+    linears may defer); any other reader calls `value()`.
+
+    product: (M, N) bf16 with contiguous rows (the unscaled integer-grid product); row_scale: (M, 1) fp32, the
+    tokens' scales; col_scale: (N,) fp32, the weight's channel scales; both contiguous."""
+
+    __slots__ = ("product", "row_scale", "col_scale", "_scaled")
+
+    def __init__(self, product: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor):
+        self.product, self.row_scale, self.col_scale = product, row_scale, col_scale
+        self._scaled = False
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.product.shape
+
+    def value(self) -> torch.Tensor:
+        """The scaled (M, N) tensor, written into `product` in place on the first call (later calls return it)."""
+        if not self._scaled:
+            p = self.product
+            if p.is_cuda and _epilogue_kernel_ok(p.device):
+                from shardllm.layers.quantization.fp8_triton import scale_rows_cols
+
+                scale_rows_cols(p, self.row_scale, self.col_scale, p.dtype, in_place=True)
+            else:
+                p.copy_((p.float() * self.row_scale * self.col_scale).to(p.dtype))
+            self._scaled = True
+        return self.product
+
+
 def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
                       out_dtype: torch.dtype, w_f32: torch.Tensor | None = None,
-                      fp32_product: bool | None = None) -> torch.Tensor:
+                      fp32_product: bool | None = None, defer: bool = False) -> torch.Tensor | ScaledProduct:
     """x_q (M, K), w_q (N, K) e4m3fn; x_scale (M, 1), w_scale (1, N) fp32 -> (M, N) out_dtype.
 
     torch._scaled_mm's row-wise recipe where the device has it (fast accumulation up to K = FAST_ACCUM_MAX_K), or,
@@ -182,6 +216,8 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
     (scaled_mm_rowwise_by_tensorwise: faster there); else the same product unfused (fp8 x fp8 in fp32, then both
     scales): what a build without the recipe, or a pre-Hopper GPU, can run. `w_f32`: w_q already in fp32 (the CPU
     path, `cpu_weight_f32`). `fp32_product`: the per-tensor route's (None: TENSORWISE_FP32; True for test oracles).
+    `defer`: where the route runs with its product in out_dtype, a ScaledProduct instead of the tensor (the scales
+    not applied yet); elsewhere the tensor.
     """
     if w_f32 is not None:
         return ((x_q.float() @ w_f32.t()) * x_scale * w_scale).to(out_dtype)
@@ -191,7 +227,7 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
             and _route_recipe(out_dtype, fp32_product) in recipes and _epilogue_kernel_ok(x_q.device)):
         return scaled_mm_rowwise_by_tensorwise(x_q, w_q, x_scale, w_scale, out_dtype,
                                                use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K,
-                                               fp32_product=fp32_product)
+                                               fp32_product=fp32_product, defer=defer)
     if "rowwise" in recipes:
         return torch._scaled_mm(x_q, w_q.t(), x_scale, w_scale, out_dtype=out_dtype,
                                  use_fast_accum=x_q.shape[1] <= FAST_ACCUM_MAX_K)
@@ -201,7 +237,8 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
 
 def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor,
                                     w_scale: torch.Tensor, out_dtype: torch.dtype, use_fast_accum: bool = False,
-                                    fp32_product: bool | None = None) -> torch.Tensor:
+                                    fp32_product: bool | None = None, defer: bool = False
+                                    ) -> torch.Tensor | ScaledProduct:
     """scaled_mm_rowwise's product in two launches: torch._scaled_mm's per-tensor recipe with unit scales (the
     integer-grid product of the e4m3 values, accumulated as the tensor cores do) into bf16 or fp32 (below), then
     (product * x_scale * w_scale).to(out_dtype) (fp8_triton.scale_rows_cols on a GPU with Triton, torch ops
@@ -211,7 +248,8 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
     fp32_product False (the default, TENSORWISE_FP32; SHARDLLM_FP8_TENSORWISE_FP32=1 sets it): a bf16 out_dtype's
     product goes out in bf16 and is scaled in place: half the intermediate's bytes, one rounding more (|error| <= 1
     ulp of bf16 more: the unscaled product, |x| <= 448^2 K, is far inside bf16's range, not fp16's: fp16 and fp32
-    outputs always take the fp32 product). ValueError on a device without FP8 GEMMs."""
+    outputs always take the fp32 product). `defer` with that in-place form: the ScaledProduct (no second launch).
+    ValueError on a device without FP8 GEMMs."""
     key = (x_q.device.type, x_q.device.index)
     if key not in _UNIT_SCALE:
         fp8_recipes(x_q.device)
@@ -220,6 +258,8 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
         raise ValueError(f"{x_q.device} has no FP8 GEMM (compute capability >= 8.9 needed): use bf16 weights")
     inter = _route_product_dtype(out_dtype, fp32_product)
     acc = torch._scaled_mm(x_q, w_q.t(), one, one, out_dtype=inter, use_fast_accum=use_fast_accum)
+    if defer and inter == out_dtype:
+        return ScaledProduct(acc, x_scale.contiguous(), w_scale.contiguous().view(-1))
     if acc.is_cuda and _epilogue_kernel_ok(acc.device):
         from shardllm.layers.quantization.fp8_triton import scale_rows_cols
 
