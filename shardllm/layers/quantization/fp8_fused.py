@@ -16,6 +16,13 @@ small-M GEMV threshold, so the linear would quantize per token for cuBLAS's row-
 quantizes its own input shard either way, which is what SiLU-and-mul produces on that rank.
 
 Switch: `SHARDLLM_FP8_FUSED_ACT_QUANT=0` (read at import) restores the unfused path; on by default.
+
+The same kernels also take the linear before them (`link_deferred_scale`): where that FP8 linear's GEMM runs as
+cuBLAS's per-tensor kernel (fp8_utils' route, few rows) it returns its unscaled product as a `ScaledProduct`, and
+the quantizer applies the token and channel scales as it loads it, with fp8_triton.scale_rows_cols' expression
+and rounding: the same values, one launch fewer. Measured on an H200 (eighteenth session, docs/benchmarks.md):
+Llama-3-8B fp8 decode-phase TPOT at batch 2 / 8 / 16 / 64, 3.198 / 3.530 / 3.760 / 4.750 ms -> 3.174 / 3.474 /
+3.681 / 4.654 (`SHARDLLM_FP8_DEFER_SCALE=0` -> on, alternating).
 """
 
 from __future__ import annotations
