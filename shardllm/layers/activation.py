@@ -18,7 +18,7 @@ class SiluAndMul(nn.Module):
         self.quant_target = None  # the FP8 linear this feeds, if it takes e4m3 input (fp8_fused.link_act_quant)
         self.gemv_target = None  # the linear this feeds, if its GEMV can take gate_up (gemv_silu.link_gemv_silu)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | ScaledProduct) -> torch.Tensor:
         if self.quant_target is not None:  # feeding an FP8 linear: maybe quantized rows (fp8_fused.py)
             out = self.quant_target.maybe_silu_and_mul(x)
             if out is not None:

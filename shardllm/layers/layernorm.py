@@ -21,7 +21,7 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor | ScaledProduct, residual: torch.Tensor | None = None):
         """x: (N, H), or (N, heads, D) with any row strides (q/k norm); the Triton kernels on CUDA. Feeding an
         FP8 linear, the normed rows may come back quantized (a QuantizedActivation, fp8_fused.py). x may be a
         ScaledProduct (fp8_utils; from an FP8 linear linked by fp8_fused.link_deferred_scale)."""

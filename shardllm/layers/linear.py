@@ -18,6 +18,7 @@ from shardllm.distributed.communication import tp_all_reduce
 from shardllm.distributed.parallel_state import get_parallel_context
 from shardllm.layers.gemv import DeferredGemvInput, maybe_small_m_linear_bf16
 from shardllm.layers.quantization import get_linear_method
+from shardllm.layers.quantization.fp8_utils import ScaledProduct
 from shardllm.model_loader.weight_utils import copy_weight, narrow
 
 
@@ -89,7 +90,8 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, w: Any, shard_id: Any = None) -> None:
         self._load(param, w, 0, 0, 0, param.shape[0] if param.dim() else 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ScaledProduct:
+        """The method's product: a tensor, or a ScaledProduct where fp8_fused.link_deferred_scale set defer_scale."""
         return self.quant_method.apply(self, x, self.bias)
 
 
@@ -180,8 +182,8 @@ class RowParallelLinear(LinearBase):
         n = self.input_size
         self._load(param, w, 1, 0, self.tp_rank * n, n)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quant_method.apply(self, x, None)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | ScaledProduct:
+        y = self.quant_method.apply(self, x, None)  # a ScaledProduct only at tp 1 (link_deferred_scale)
         if self.reduce_results:
             y = tp_all_reduce(y)
         if self.bias is not None:

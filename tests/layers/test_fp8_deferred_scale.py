@@ -14,11 +14,22 @@ from shardllm.layers import microbatch_overlap, triton_ops  # noqa: E402
 from shardllm.layers.activation import SiluAndMul  # noqa: E402
 from shardllm.layers.layernorm import RMSNorm  # noqa: E402
 from shardllm.layers.linear import MergedColumnParallelLinear  # noqa: E402
-from shardllm.layers.quantization import QuantizationConfig, fp8_fused, fp8_triton, fp8_utils  # noqa: E402
-from shardllm.layers.quantization import quant_config_scope  # noqa: E402
+from shardllm.layers.quantization import (  # noqa: E402
+    QuantizationConfig,
+    fp8,
+    fp8_fused,
+    fp8_triton,
+    fp8_utils,
+    quant_config_scope,
+)
 from shardllm.layers.quantization.fp8_utils import ScaledProduct  # noqa: E402
-
-from tests.layers.test_fp8_fused_act_quant import INTERPRET, assert_same_quantization, cpu, gpu  # noqa: E402
+from tests.layers.test_fp8_fused_act_quant import (  # noqa: E402
+    INTERPRET,
+    assert_same_quantization,
+    cpu,
+    gpu,
+    greedy_tokens,
+)
 
 
 def _product(device: str, m: int, n: int, seed: int) -> ScaledProduct:
@@ -118,10 +129,7 @@ def test_linked_linear_hands_its_reader_the_product(monkeypatch):
     reader without a fused quantizer (RMSNorm here) takes value()."""
     monkeypatch.setattr(fp8_fused, "FORCE", True)
     monkeypatch.setattr(fp8_triton, "FP8_GEMV_MAX_M", 1)
-    monkeypatch.setattr(fp8_utils, "cpu_weight_f32", lambda owner, w: None)  # the GPU's route, not the fp32 matmul
-    from shardllm.layers.quantization import fp8
-
-    monkeypatch.setattr(fp8, "cpu_weight_f32", lambda owner, w: None)
+    monkeypatch.setattr(fp8, "cpu_weight_f32", lambda owner, w: None)  # the GPU's route, not the fp32 matmul
     if "tensorwise" not in fp8_utils.fp8_recipes(torch.device("cpu")):
         pytest.skip("this torch has no per-tensor FP8 GEMM on the CPU")
     torch.manual_seed(0)
@@ -148,18 +156,35 @@ def test_linked_linear_hands_its_reader_the_product(monkeypatch):
     one_row = fp8_fused.QuantizedActivation(x.data[:1], x.scale[:1], torch.bfloat16)
     act.quant_target = None  # no fused quantizer: the activation takes value() too
     assert torch.equal(act(gate_up(one_row)), act(gate_up.quant_method.apply(gate_up, one_row, None).value()))
+    act.quant_target = fp8_fused.ActQuantTarget(gate_up)
+    once = gate_up(x)
+    once.value()  # a reader before scaled it in place: the quantizer must not scale it again
+    got, ref = act(once), act(plain)  # (both scaled by the CPU route's torch epilogue)
+    assert torch.equal(got.data.view(torch.uint8), ref.data.view(torch.uint8)) and torch.equal(got.scale, ref.scale)
+    # unquantized input (o_proj's, from the attention): quantized by the method itself, deferred for (M, K) rows
+    # only; (B, T, K) rows come back as a tensor
+    h = torch.randn(5, 32).to(torch.bfloat16)
+    assert isinstance(gate_up(h), ScaledProduct) and torch.equal(gate_up(h).value(), gate_up(h[None])[0])
+    assert isinstance(gate_up(h[None]), torch.Tensor)
 
 
-def _tiny(cls_name: str = "llama", cfg: QuantizationConfig | None = QuantizationConfig(), **extra):
-    from transformers import LlamaConfig, MixtralConfig
+FP8 = QuantizationConfig()
+
+
+def _tiny(cls_name: str = "llama", cfg: QuantizationConfig | None = FP8, **extra):
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
     from shardllm.models.llama import LlamaForCausalLM
     from shardllm.models.mixtral import MixtralForCausalLM
+    from shardllm.models.qwen_moe import Qwen2MoeForCausalLM
 
     size = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                 num_key_value_heads=1, **extra)
     if cls_name == "mixtral":
         hf, cls = MixtralConfig(num_local_experts=2, **size), MixtralForCausalLM
+    elif cls_name == "qwen2_moe":  # a shared expert beside the experts: an act_fn, no dense gate_up / down
+        hf, cls = Qwen2MoeConfig(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=64, **size), Qwen2MoeForCausalLM
     else:
         hf, cls = LlamaConfig(**size), LlamaForCausalLM
     with quant_config_scope(cfg):
@@ -190,14 +215,21 @@ def test_which_linears_leave_their_scales_to_the_reader(monkeypatch):
     biased = _tiny(attention_bias=True)  # o_proj with a bias: added after the product, so no deferral
     fp8_fused.link_deferred_scale(biased)
     assert not any("o_proj" in n for n in _deferring(biased))
-    # Mixtral: its MLP is experts (no gate_up / down), and the post-attention norm feeds no dense FP8 linear
+    mlp_bias = _tiny(mlp_bias=True)  # gate_up and down with biases
+    fp8_fused.link_deferred_scale(mlp_bias)
+    assert _deferring(mlp_bias) == {f"model.layers.{i}.self_attn.o_proj" for i in range(3)}
+    # MoE: the MLP is experts (no dense gate_up / down), and the post-attention norm feeds no dense FP8 linear
     assert fp8_fused.link_deferred_scale(_tiny("mixtral")) == 0
+    assert fp8_fused.link_deferred_scale(_tiny("qwen2_moe")) == 0
     monkeypatch.setattr(microbatch_overlap, "ENABLED", True)  # the overlap splits rows between layers
     monkeypatch.setattr(microbatch_overlap, "AT_TP1", True)
     split = _tiny()
     fp8_fused.link_deferred_scale(split)
     assert _deferring(split) == {f"model.layers.{i}.mlp.gate_up_proj" for i in range(3)}
     monkeypatch.setattr(microbatch_overlap, "ENABLED", False)
+    monkeypatch.setattr(fp8_fused, "ENABLED", False)  # SHARDLLM_FP8_FUSED_ACT_QUANT=0: no reader takes one
+    assert fp8_fused.link_deferred_scale(_tiny()) == 0
+    monkeypatch.setattr(fp8_fused, "ENABLED", True)
     monkeypatch.setattr(fp8_fused, "DEFER_SCALE", False)  # SHARDLLM_FP8_DEFER_SCALE=0
     assert fp8_fused.link_deferred_scale(_tiny()) == 0
 
@@ -214,10 +246,48 @@ def test_row_parallel_linears_keep_their_scales_at_tp_2(monkeypatch):
     assert _deferring(model) == {f"model.layers.{i}.mlp.gate_up_proj" for i in range(3)}
 
 
+def _tiny_llama_tokens_cpu(path: str, defer: bool) -> tuple[list, int]:
+    """Greedy tokens of the tiny Llama in FP8 on the CPU, its linears through the GPU's per-tensor route (torch's
+    CPU recipe; the epilogue the interpreted scale kernel, whose bf16 rounding is the quantizers'), the fused
+    quantizers interpreted; and how many ScaledProducts the quantizers took."""
+    from shardllm import LLM
+
+    took = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fp8_fused, "DEFER_SCALE", defer)  # read when the weights are linked
+        llm = LLM(path, dtype="bfloat16", quantization="fp8", device="cpu", enforce_eager=True, num_kv_blocks=64,
+                  max_batch_size=32)
+        try:
+            mp.setattr(triton_ops, "USE_TRITON", True)
+            mp.setattr(fp8_fused, "FORCE", True)
+            mp.setattr(fp8, "quantize_per_row", lambda x: fp8_triton.quantize_per_token_triton(x.contiguous()))
+            mp.setattr(fp8, "cpu_weight_f32", lambda owner, w: None)
+            mp.setattr(fp8_utils, "apply_row_col_scales", lambda acc, xs, ws, dtype, in_place=False:
+                       fp8_triton.scale_rows_cols(acc, xs.contiguous(), ws.contiguous(), dtype, in_place=in_place))
+            for name in ("rms_norm_quant", "silu_and_mul_quant"):
+                fn = getattr(fp8_fused, name)
+                mp.setattr(fp8_fused, name, lambda *a, _fn=fn, **k: took.append(k.get("scales") is not None)
+                           or _fn(*a, **k))
+            tokens = greedy_tokens(llm, 3)
+        finally:
+            llm.shutdown()
+    return tokens, sum(took)
+
+
+@cpu
+def test_tiny_fp8_llama_tokens_equal_with_deferred_scales_on_and_off(tiny_checkpoints):
+    """The whole model: o into the post-attention norm, gate_up into SiLU-and-mul, down into the next layer's input
+    norm, in the prefill (21 rows) and the 3-row decode steps; the last layer's down feeds the final norm."""
+    on, took_on = _tiny_llama_tokens_cpu(tiny_checkpoints["llama"], True)
+    off, took_off = _tiny_llama_tokens_cpu(tiny_checkpoints["llama"], False)
+    assert on == off
+    assert took_on > 0 and took_off == 0
+
+
 def _tiny_llama_tokens(path: str, defer: bool, n: int) -> tuple[list, int]:
     """Greedy tokens of the tiny Llama in FP8 (n sequences) with SHARDLLM_FP8_DEFER_SCALE on or off, and how many
     scale launches its linears made (captured once per CUDA graph)."""
-    from shardllm import LLM, SamplingParams
+    from shardllm import LLM
 
     calls = []
     with pytest.MonkeyPatch.context() as mp:
@@ -226,9 +296,7 @@ def _tiny_llama_tokens(path: str, defer: bool, n: int) -> tuple[list, int]:
         mp.setattr(fp8_fused, "DEFER_SCALE", defer)
         llm = LLM(path, dtype="fp8", num_kv_blocks=64, max_batch_size=32)
         try:
-            prompts = [[1 + (7 * i + j) % 300 for j in range(6 + i % 5)] for i in range(n)]
-            sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-            tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+            tokens = greedy_tokens(llm, n, max_tokens=4)
         finally:
             llm.shutdown()
     return tokens, len(calls)

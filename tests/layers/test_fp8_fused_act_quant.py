@@ -174,7 +174,7 @@ def test_only_dynamic_per_token_fp8_linears_are_linked():
 
 def _tiny_llama_tokens(path: str, fused: bool, **llm_kwargs) -> tuple[list, int]:
     """Greedy tokens of the tiny Llama in FP8 with the fused path on or off, and how many fused launches ran."""
-    from shardllm import LLM, SamplingParams
+    from shardllm import LLM
 
     n = llm_kwargs.pop("n", 3)
     calls = []
@@ -190,12 +190,19 @@ def _tiny_llama_tokens(path: str, fused: bool, **llm_kwargs) -> tuple[list, int]
                 mp.setattr(fp8_fused, "FORCE", True)
                 # the unfused path quantizes with the same Triton kernel (the interpreter's e4m3 cast isn't torch's)
                 mp.setattr(fp8, "quantize_per_row", lambda x: quantize_per_token_triton(x.contiguous()))
-            prompts = [[1 + (7 * i + j) % 300 for j in range(6 + i % 5)] for i in range(n)]
-            sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-            tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+            tokens = greedy_tokens(llm, n)
         finally:
             llm.shutdown()
     return tokens, len(calls)
+
+
+def greedy_tokens(llm, n: int, max_tokens: int = 3) -> list:
+    """The greedy tokens `llm` gives n short prompts of 6-10 tokens (ids under 300)."""
+    from shardllm import SamplingParams
+
+    prompts = [[1 + (7 * i + j) % 300 for j in range(6 + i % 5)] for i in range(n)]
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
 
 
 @cpu

@@ -115,7 +115,7 @@ class Fp8LinearMethod:
         self.weight_only = self.weight_only or weight_only_fallback(layer.weight.device, self.cfg)
 
     def apply(self, layer: nn.Module, x: torch.Tensor | QuantizedActivation,
-              bias: torch.Tensor | None) -> torch.Tensor:
+              bias: torch.Tensor | None) -> torch.Tensor | ScaledProduct:
         # a linear whose output's reader applies the route's scales itself (fp8_fused.link_deferred_scale) may
         # return a ScaledProduct: (M, N) rows, no bias
         defer = bias is None and getattr(layer, "defer_scale", False)

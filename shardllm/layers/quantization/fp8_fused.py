@@ -241,7 +241,7 @@ def rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     x's dtype, as (QuantizedActivation, residual_out) like RMSNorm's. Bit-identical to
     `triton_ops.fused_add_rms_norm` / `rms_norm` followed by `quantize_per_token_triton`.
     scales: (row (M, 1), col (H,)) contiguous fp32: x is an FP8 GEMM's unscaled product (ScaledProduct's fields)
-    and the result is that of its value(), with no launch of its own.
+    and the result is that of its value(), with no launch of its own; ValueError for other sizes or dtypes.
     """
     x = _rows_2d(x, "rms_norm_quant")
     m, hidden = x.shape
@@ -273,7 +273,8 @@ def silu_and_mul_quant(x: torch.Tensor, max_block: int = SILU_QUANT_MAX_BLOCK,
     data (M, d) e4m3fn, scale (M, 1) fp32, bit-identical to `triton_ops.silu_and_mul` followed by
     `quantize_per_token_triton`. max_block: outputs per chunk (rows wider take two passes over their inputs).
     num_rows: a one-element int32 tensor on x's device; rows at or past its value are left undefined (the MoE
-    layer's other ranks' rows: read on the GPU, no host sync). scales: (row (M, 1), col (2d,)) as rms_norm_quant's."""
+    layer's other ranks' rows: read on the GPU, no host sync). scales: (row (M, 1), col (2d,)) as rms_norm_quant's
+    (ValueError likewise)."""
     x = _rows_2d(x, "silu_and_mul_quant")
     m, two_d = x.shape
     xs, ws = _check_scales(scales, m, two_d, "silu_and_mul_quant")
@@ -291,7 +292,8 @@ def silu_and_mul_quant(x: torch.Tensor, max_block: int = SILU_QUANT_MAX_BLOCK,
     return QuantizedActivation(q, s, x.dtype)
 
 
-def _check_scales(scales: tuple[torch.Tensor, torch.Tensor] | None, m: int, n: int, what: str):
+def _check_scales(scales: tuple[torch.Tensor, torch.Tensor] | None, m: int, n: int,
+                  what: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(row, col) of a ScaledProduct's (M, N) product, checked: contiguous fp32 of M and N values, or (None, None)."""
     if scales is None:
         return None, None
@@ -344,9 +346,9 @@ class ActQuantTarget:
 
 
 def _unscaled(x: torch.Tensor | ScaledProduct) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """(the rows a kernel loads, their (row, col) scales or None)."""
+    """(the rows a kernel loads, their (row, col) scales or None: a ScaledProduct's once value() has run)."""
     if isinstance(x, ScaledProduct):
-        return x.product, (x.row_scale, x.col_scale)
+        return x.product, None if x.scaled else (x.row_scale, x.col_scale)
     return x, None
 
 
@@ -371,17 +373,19 @@ def link_deferred_scale(model: nn.Module) -> int:
     reader is a quantizer linked by link_act_quant (RMSNorm, SiluAndMul: they take a ScaledProduct), so that where
     its GEMM takes the per-tensor route the scale launch is skipped and the reader applies the scales as it loads
     the product. Not for a linear with a bias or another method than dynamic per-token FP8, a row-parallel one at
-    tp > 1 (its output is all-reduced first) or under the micro-batch overlap (which splits the rows between
-    layers), nor across a pipeline stage's end. Call after link_act_quant. Returns the number of linears set.
+    tp > 1 (its output is all-reduced first), nor across a pipeline stage's end. Under the micro-batch overlap
+    (SHARDLLM_TP_OVERLAP) only gate_up: o and down could defer there too (each half runs its layers in order) but
+    are kept out, not measured. Call after link_act_quant. Returns the number of linears set.
 
-    Switch: SHARDLLM_FP8_DEFER_SCALE=0 (read at import) sets none."""
+    Switch: SHARDLLM_FP8_DEFER_SCALE=0 (read at import) sets none; so does SHARDLLM_FP8_FUSED_ACT_QUANT=0 (no
+    quantizer would take the product)."""
     from shardllm.distributed.parallel_state import get_parallel_context
     from shardllm.layers import microbatch_overlap
     from shardllm.layers.linear import RowParallelLinear
 
     pairs = getattr(model, "fp8_scale_readers", None)
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if not DEFER_SCALE or not pairs or layers is None:
+    if not DEFER_SCALE or not ENABLED or not pairs or layers is None:
         return 0
     tp = get_parallel_context().tp_size
     split_rows = microbatch_overlap.active(tp)

@@ -192,18 +192,30 @@ class ScaledProduct:
     def shape(self) -> torch.Size:
         return self.product.shape
 
+    @property
+    def scaled(self) -> bool:
+        """Whether value() has run: `product` then holds the scaled values (a reader must not scale them again)."""
+        return self._scaled
+
     def value(self) -> torch.Tensor:
         """The scaled (M, N) tensor, written into `product` in place on the first call (later calls return it)."""
         if not self._scaled:
-            p = self.product
-            if p.is_cuda and _epilogue_kernel_ok(p.device):
-                from shardllm.layers.quantization.fp8_triton import scale_rows_cols
-
-                scale_rows_cols(p, self.row_scale, self.col_scale, p.dtype, in_place=True)
-            else:
-                p.copy_((p.float() * self.row_scale * self.col_scale).to(p.dtype))
+            apply_row_col_scales(self.product, self.row_scale, self.col_scale, self.product.dtype, in_place=True)
             self._scaled = True
         return self.product
+
+
+def apply_row_col_scales(acc: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
+                         in_place: bool = False) -> torch.Tensor:
+    """(acc.float() * x_scale * w_scale).to(out_dtype): the per-tensor route's epilogue (acc (M, N), x_scale
+    (M, 1), w_scale (1, N) or (N,) fp32). fp8_triton.scale_rows_cols (one launch) on a GPU whose FP8 Triton kernels
+    passed their probe, torch ops elsewhere; `in_place` (out_dtype acc's): written into acc."""
+    if acc.is_cuda and _epilogue_kernel_ok(acc.device):
+        from shardllm.layers.quantization.fp8_triton import scale_rows_cols
+
+        return scale_rows_cols(acc, x_scale.contiguous(), w_scale.contiguous(), out_dtype, in_place=in_place)
+    y = (acc.float() * x_scale * w_scale.reshape(1, -1)).to(out_dtype)
+    return acc.copy_(y) if in_place else y
 
 
 def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -248,8 +260,8 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
     fp32_product False (the default, TENSORWISE_FP32; SHARDLLM_FP8_TENSORWISE_FP32=1 sets it): a bf16 out_dtype's
     product goes out in bf16 and is scaled in place: half the intermediate's bytes, one rounding more (|error| <= 1
     ulp of bf16 more: the unscaled product, |x| <= 448^2 K, is far inside bf16's range, not fp16's: fp16 and fp32
-    outputs always take the fp32 product). `defer` with that in-place form: the ScaledProduct (no second launch).
-    ValueError on a device without FP8 GEMMs."""
+    outputs always take the fp32 product). `defer` with that bf16 in-place form: the ScaledProduct instead (no
+    second launch); with the fp32 product, the tensor. ValueError on a device without FP8 GEMMs."""
     key = (x_q.device.type, x_q.device.index)
     if key not in _UNIT_SCALE:
         fp8_recipes(x_q.device)
@@ -258,14 +270,9 @@ def scaled_mm_rowwise_by_tensorwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scal
         raise ValueError(f"{x_q.device} has no FP8 GEMM (compute capability >= 8.9 needed): use bf16 weights")
     inter = _route_product_dtype(out_dtype, fp32_product)
     acc = torch._scaled_mm(x_q, w_q.t(), one, one, out_dtype=inter, use_fast_accum=use_fast_accum)
-    if defer and inter == out_dtype:
+    if defer and inter == out_dtype == torch.bfloat16:
         return ScaledProduct(acc, x_scale.contiguous(), w_scale.contiguous().view(-1))
-    if acc.is_cuda and _epilogue_kernel_ok(acc.device):
-        from shardllm.layers.quantization.fp8_triton import scale_rows_cols
-
-        return scale_rows_cols(acc, x_scale.contiguous(), w_scale.contiguous(), out_dtype,
-                               in_place=inter == out_dtype)
-    return (acc.float() * x_scale * w_scale).to(out_dtype)
+    return apply_row_col_scales(acc, x_scale, w_scale, out_dtype, in_place=inter == out_dtype)
 
 
 def _route_product_dtype(out_dtype: torch.dtype, fp32_product: bool | None) -> torch.dtype:
