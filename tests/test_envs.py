@@ -97,10 +97,13 @@ def test_a_bad_switch_is_logged_once_and_shown_invalid(monkeypatch, caplog, caps
     assert [r.getMessage() for r in caplog.records].count(
         "SHARDLLM_TP_OVERLAP='enabled' is not a valid bool (expected one of 1, true, yes, on or 0, false, no, off): "
         "fix or unset it; using the default") == 1
-    assert cli.main(["envs", "--set"]) == 0
-    out = capsys.readouterr().out
-    row = next(line.split() for line in out.splitlines() if line.startswith("SHARDLLM_TP_OVERLAP "))
-    assert row[1:5] == ["bool", "off", "invalid", "*"] and "'enabled' is not a valid bool" in out
+    assert cli.main(["envs", "--set"]) == 1  # exit status 1: a start script's check fails
+    captured = capsys.readouterr()
+    row = next(line.split() for line in captured.out.splitlines() if line.startswith("SHARDLLM_TP_OVERLAP "))
+    assert row[1:5] == ["bool", "off", "invalid", "*"] and "'enabled' is not a valid bool" in captured.out
+    assert "invalid: SHARDLLM_TP_OVERLAP (the engine uses each one's default" in captured.err
+    monkeypatch.setenv("SHARDLLM_TP_OVERLAP", "on")
+    assert cli.main(["envs", "--set"]) == 0 and envs.invalid_names() == []
 
 
 def test_envs_into_a_closed_pipe_ends_quietly():
@@ -144,7 +147,7 @@ def test_cli_prints_the_table_with_current_values_and_hides_the_api_key(monkeypa
     monkeypatch.setenv("SHARDLLM_GEMV_TABLES", "0")
     monkeypatch.setenv("SHARDLLM_PROFILE_TOP", "many")
     monkeypatch.setenv("SHARDLLM_GEMV_TABLE", "0")  # a typo
-    assert cli.main(["envs"]) == 0
+    assert cli.main(["envs"]) == 1  # SHARDLLM_PROFILE_TOP's value is invalid
     out = capsys.readouterr().out
     assert "sk-do-not-print" not in out
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("SHARDLLM_")}
@@ -154,7 +157,7 @@ def test_cli_prints_the_table_with_current_values_and_hides_the_api_key(monkeypa
     assert rows["SHARDLLM_INIT_TIMEOUT"] == ["float", "1800.0", "1800.0", "import"]
     assert rows["SHARDLLM_PROFILE_TOP"][2:4] == ["invalid", "*"] and "'many' is not a valid int" in out
     assert "(a typo? nothing reads them): SHARDLLM_GEMV_TABLE" in out
-    assert cli.main(["envs", "--set"]) == 0
+    assert cli.main(["envs", "--set"]) == 1
     only_set = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("SHARDLLM_")}
     assert only_set == {"SHARDLLM_API_KEY", "SHARDLLM_GEMV_TABLES", "SHARDLLM_PROFILE_TOP"}
     assert "none set" not in envs.table(only_set=True)

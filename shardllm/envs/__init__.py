@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -394,4 +395,20 @@ def main(argv: list[str] | None = None) -> int:
         print(table(only_set=a.only_set), flush=True)
     except BrokenPipeError:  # `shardllm envs | head`: the reader left; no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    return 0
+    bad = invalid_names()
+    if bad:  # exit status 1, so that a start script can check the environment before it starts the server
+        print(f"invalid: {', '.join(bad)} (the engine uses each one's default; fix or unset them)", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def invalid_names(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The registered variables set in `environ` (default os.environ) to a value that does not parse."""
+    environ = os.environ if environ is None else environ
+    bad = []
+    for v in _VARS:
+        if v.name in environ:
+            try:
+                v.value(environ, strict=True)
+            except ValueError:
+                bad.append(v.name)
+    return bad
