@@ -136,11 +136,21 @@ silu_rows = (triton_ops._fused_silu_and_mul_kernel, {**silu_sig, "rows_ptr": "*i
                                                                                        "HAS_ROWS": True})
 quant_sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "d": "i32", "stride_xn": "i32",
              "stride_qn": "i32"}
-quant_consts = {"BLOCK": 1024, "NUM_CHUNKS": 1, "FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12}
+quant_consts = {"BLOCK": 1024, "NUM_CHUNKS": 1, "FP8_MAX_C": 448.0, "MIN_SCALE_C": 1e-12, "xs_ptr": None,
+                "ws_ptr": None, "HAS_XSCALE": False}
 silu_quant = (fp8_fused._silu_and_mul_quant_fp8_kernel, quant_sig, {**quant_consts, "rows_ptr": None,
                                                                     "HAS_ROWS": False})
 silu_quant_rows = (fp8_fused._silu_and_mul_quant_fp8_kernel, {**quant_sig, "rows_ptr": "*i32"},
                    {**quant_consts, "HAS_ROWS": True})
+# an FP8 linear's unscaled product and its scales in place of the activation (fp8_fused.link_deferred_scale)
+scaled = {k: v for k, v in quant_consts.items() if k not in ("xs_ptr", "ws_ptr", "HAS_XSCALE")}
+silu_quant_scaled = (fp8_fused._silu_and_mul_quant_fp8_kernel, {**quant_sig, "xs_ptr": "*fp32", "ws_ptr": "*fp32"},
+                     {**scaled, "rows_ptr": None, "HAS_ROWS": False, "HAS_XSCALE": True})
+norm_sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+            "res_out_ptr": "*bf16", "eps": "fp32", "hidden": "i32", "stride_xn": "i32", "stride_rn": "i32",
+            "stride_qn": "i32", "stride_ron": "i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32"}
+norm_quant_scaled = (fp8_fused._rmsnorm_quant_fp8_kernel, norm_sig, {**scaled, "HAS_RESIDUAL": True,
+                                                                     "HAS_XSCALE": True})
 names = ["x_ptr", "w_ptr", "s_ptr", "y_ptr", "M", "N", "K", "split_k", "stride_xm", "stride_wn", "stride_ym",
          "stride_ys"]
 types = ["*bf16", "*fp8e4nv", "*fp32", "*bf16"] + ["i32"] * 8
@@ -157,7 +167,8 @@ v_t = (kv_write._write_v_t_kernel, v_t_sig, {"HEAD_DIM": 128, "HEAD_DIM_PAD": 12
                                              "KV_SCALED": True})
 out = {}
 kernels = {"silu_and_mul": silu, "write_v_t": v_t, "silu_and_mul_rows": silu_rows, "silu_and_mul_quant": silu_quant,
-           "silu_and_mul_quant_rows": silu_quant_rows,
+           "silu_and_mul_quant_rows": silu_quant_rows, "silu_and_mul_quant_scaled": silu_quant_scaled,
+           "rmsnorm_quant_scaled": norm_quant_scaled,
            "gemv": (gemv._gemv_kernel, dict(zip(names, types)), gemv_consts),
            "gemv_w_early": (gemv._gemv_kernel, dict(zip(names, types)), early),
            "gemv_w_early_dot": (gemv._gemv_kernel, dict(zip(names, types)), early_dot)}
