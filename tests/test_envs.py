@@ -101,7 +101,13 @@ def test_a_bad_switch_is_logged_once_and_shown_invalid(monkeypatch, caplog, caps
     captured = capsys.readouterr()
     row = next(line.split() for line in captured.out.splitlines() if line.startswith("SHARDLLM_TP_OVERLAP "))
     assert row[1:5] == ["bool", "off", "invalid", "*"] and "'enabled' is not a valid bool" in captured.out
-    assert "invalid: SHARDLLM_TP_OVERLAP (the engine uses each one's default" in captured.err
+    assert "invalid: SHARDLLM_TP_OVERLAP (the engine uses the default" in captured.err
+    monkeypatch.setenv("SHARDLLM_STEP_TIMEOUT", "soon")  # not lenient: an error where it is read
+    assert cli.main(["envs", "--set"]) == 1
+    err = capsys.readouterr().err
+    assert "invalid: SHARDLLM_STEP_TIMEOUT (an error where the engine reads it" in err
+    assert "SHARDLLM_TP_OVERLAP (the engine uses the default" in err
+    monkeypatch.delenv("SHARDLLM_STEP_TIMEOUT")
     monkeypatch.setenv("SHARDLLM_TP_OVERLAP", "on")
     assert cli.main(["envs", "--set"]) == 0 and envs.invalid_names() == []
 
@@ -166,7 +172,8 @@ def test_cli_prints_the_table_with_current_values_and_hides_the_api_key(monkeypa
 
 @pytest.mark.parametrize("name,default", [("SHARDLLM_DECODE_FUSED_ROTARY", 128),
                                           ("SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT", 1 << 20),
-                                          ("SHARDLLM_FP8_GEMV_MAX_M", 1)])
+                                          ("SHARDLLM_FP8_GEMV_MAX_M", 1),
+                                          ("SHARDLLM_FP8_FAST_ACCUM_MAX_K", 8192)])
 def test_int_bounds_read_words_empty_and_bad_values(name, default):
     """The bounds whose 0 turns a feature off: unset / empty / on give the default, off / false give 0, digits the
     number; a negative or non-numeric value is invalid (the default with a warning, and flagged in the table)."""

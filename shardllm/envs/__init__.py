@@ -261,9 +261,9 @@ _VARS = [
     _switch("SHARDLLM_FP8_ATTN_F16_DOT", True, "per call",
             "0: the pointer attention kernels widen an FP8 cache to bf16 for their dots instead of fp16 (issue 13; "
             "fp16 is 8-11% faster on an H200; the TMA kernel always takes fp16)"),
-    EnvVar("SHARDLLM_FP8_FAST_ACCUM_MAX_K", "int", "8192", int, "import",
+    EnvVar("SHARDLLM_FP8_FAST_ACCUM_MAX_K", "int", "8192", _bound(8192), "import",
            "row-wise FP8 GEMMs whose K is at most this accumulate in the tensor cores' fast mode (torch._scaled_mm "
-           "use_fast_accum; 0: none), whose error grows with K; larger K keeps fp32 accumulation (issue 13, "
+           "use_fast_accum; 0 / off: none), whose error grows with K; larger K keeps fp32 accumulation (issue 13, "
            "fp8_gemm.py --recipes)",
            lenient=True),
     EnvVar("SHARDLLM_FP8_TENSORWISE_MAX_OUTPUT", "int", "1048576", _bound(1 << 20), "import",
@@ -396,8 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `shardllm envs | head`: the reader left; no traceback, and none at exit either
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     bad = invalid_names()
-    if bad:  # exit status 1, so that a start script can check the environment before it starts the server
-        print(f"invalid: {', '.join(bad)} (the engine uses each one's default; fix or unset them)", file=sys.stderr)
+    lenient = [n for n in bad if ENV_VARS[n].lenient]
+    strict = [n for n in bad if not ENV_VARS[n].lenient]
+    if lenient:  # exit status 1, so that a start script can check the environment before it starts the server
+        print(f"invalid: {', '.join(lenient)} (the engine uses the default, with a warning; fix or unset)",
+              file=sys.stderr)
+    if strict:
+        print(f"invalid: {', '.join(strict)} (an error where the engine reads it; fix or unset)", file=sys.stderr)
     return 1 if bad else 0
 
 
