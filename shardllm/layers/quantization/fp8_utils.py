@@ -228,8 +228,8 @@ def scaled_mm_rowwise(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tenso
     (scaled_mm_rowwise_by_tensorwise: faster there); else the same product unfused (fp8 x fp8 in fp32, then both
     scales): what a build without the recipe, or a pre-Hopper GPU, can run. `w_f32`: w_q already in fp32 (the CPU
     path, `cpu_weight_f32`). `fp32_product`: the per-tensor route's (None: TENSORWISE_FP32; True for test oracles).
-    `defer`: where the route runs with its product in out_dtype, a ScaledProduct instead of the tensor (the scales
-    not applied yet); elsewhere the tensor.
+    `defer`: where the route runs with its bf16 product scaled in place (a bf16 out_dtype, no fp32_product), a
+    ScaledProduct instead of the tensor (the scales not applied yet); elsewhere the tensor.
     """
     if w_f32 is not None:
         return ((x_q.float() @ w_f32.t()) * x_scale * w_scale).to(out_dtype)
