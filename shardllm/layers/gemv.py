@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from shardllm import envs
+from shardllm.layers import cuda_gemv
 from shardllm.layers.gemv_tables import _BF16_SWEEP, _FP8_SWEEP
 from shardllm.layers.pdl import launch_args, pdl_enter, pdl_launch_dependents, pdl_wait
 
@@ -198,6 +199,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     assert m <= GEMV_MAX_M and w.shape[1] == k and x.stride(1) == 1 and w.stride(1) == 1
     assert not silu_input or x.shape[1] == 2 * k
     assert (w_scale is None) == (w.dtype == x.dtype)
+    if m == 1 and cuda_gemv.ENABLED and cuda_gemv.usable(x, w, w_scale, silu_input):  # SHARDLLM_CUDA_GEMV=1
+        y = cuda_gemv.gemv_fp8(x, w, w_scale, silu_input, pdl=bool(launch_args(x.device)))
+        if y is not None:
+            return y
     split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
     even_k = k % (split_k * config.block_k) == 0
     pdl = launch_args(x.device)
