@@ -6,7 +6,9 @@ L2, so every call streams from HBM; launches with PDL as the engine makes them (
 one JSON line a (shape, kernel, plan): us a call, TB/s over the weight bytes, the largest error against the fp32
 reference relative to its largest value.
 
-    python benchmarks/cuda_gemv_bench.py [--stages 4 8] [--blocks_per_sm 1 2]
+    python benchmarks/cuda_gemv_bench.py [--variants reg:1 reg:2 tma:4:2]
+
+A variant is KERNEL:BLOCKS_PER_SM for the register-streaming kernel, tma:STAGES:BLOCKS_PER_SM for the ring.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def graph_us(fn, reps: int = 10) -> float:
     return e0.elapsed_time(e1) * 1e3 / (reps * 20)
 
 
-def run_shape(name: str, n: int, k: int, silu: bool, stages_list, bps_list, sms: int, pdl: bool,
+def run_shape(name: str, n: int, k: int, silu: bool, variants: list[str], sms: int, pdl: bool,
               sums: dict[str, float]) -> None:
     dev = torch.device("cuda")
     copies = 3 * L2_BYTES // (n * k) + 2
@@ -70,33 +72,32 @@ def run_shape(name: str, n: int, k: int, silu: bool, stages_list, bps_list, sms:
     print(json.dumps({"shape": name, "kernel": "triton", "us": round(t, 2), "tb_s": round(n * k / t / 1e6, 3),
                       "rel_err": e}), flush=True)
     sums["triton"] = sums.get("triton", 0.0) + (0 if name == "down" else t)
-    for stages in stages_list:
-        for bps in bps_list:
-            p = cuda_gemv.plan(n, k, sms, stages, bps)
-            cuda_gemv._plan_for = lambda index, nn, kk, p=p: p  # this plan
-            try:
-                t = graph_us(lambda: [cuda_gemv.gemv_fp8(x, q, s, silu, pdl) for q, s in calls])
-                e = err(cuda_gemv.gemv_fp8(x, *ws[0], silu, pdl))
-            except Exception as ex:  # a plan that cannot launch (shared memory)
-                print(json.dumps({"shape": name, "plan": list(p), "error": str(ex)[:300]}), flush=True)
-                continue
-            key = f"cuda s{stages} b{bps}"
-            print(json.dumps({"shape": name, "kernel": key, "plan": list(p), "us": round(t, 2),
-                              "tb_s": round(n * k / t / 1e6, 3), "rel_err": e}), flush=True)
-            sums[key] = sums.get(key, 0.0) + (0 if name == "down" else t)
+    for key in variants:
+        kernel, *nums = key.split(":")
+        stages, bps = (int(nums[0]), int(nums[1])) if kernel == "tma" else (0, int(nums[0]))
+        p = cuda_gemv.plan(n, k, sms, stages, bps, kernel)
+        cuda_gemv._plan_for = lambda index, nn, kk, p=p: p  # this plan
+        try:
+            t = graph_us(lambda: [cuda_gemv.gemv_fp8(x, q, s, silu, pdl) for q, s in calls])
+            e = err(cuda_gemv.gemv_fp8(x, *ws[0], silu, pdl))
+        except Exception as ex:  # a plan that cannot launch (shared memory)
+            print(json.dumps({"shape": name, "plan": list(p), "error": str(ex)[:300]}), flush=True)
+            continue
+        print(json.dumps({"shape": name, "kernel": key, "plan": list(p), "us": round(t, 2),
+                          "tb_s": round(n * k / t / 1e6, 3), "rel_err": e}), flush=True)
+        sums[key] = sums.get(key, 0.0) + (0 if name == "down" else t)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--stages", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--blocks_per_sm", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--variants", nargs="+", default=["reg:1", "reg:2", "reg:3", "tma:4:2"])
     args = ap.parse_args()
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     pdl = bool(launch_args(dev))
     sums: dict[str, float] = {}
     for name, (n, k, silu) in SHAPES.items():
-        run_shape(name, n, k, silu, args.stages, args.blocks_per_sm, sms, pdl, sums)
+        run_shape(name, n, k, silu, args.variants, sms, pdl, sums)
     print(json.dumps({"layer_us (qkv + o + gate_up + down_silu)": {k: round(v, 2) for k, v in sums.items()},
                       "pdl": pdl}))
 

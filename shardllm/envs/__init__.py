@@ -88,6 +88,13 @@ def _text(raw: str | None) -> str | None:
     return raw
 
 
+def _cuda_gemv_kernel(raw: str | None) -> str:
+    text = (raw or "reg").strip().lower()
+    if text not in ("reg", "tma"):
+        raise ValueError("expected reg or tma")
+    return text
+
+
 def _text_or_none(raw: str | None) -> str | None:  # an empty value counts as unset
     return raw or None
 
@@ -217,6 +224,9 @@ _VARS = [
             "(NVRTC-compiled at first use; weights streamed into shared memory by bulk copies issued before the "
             "PDL wait) instead of the Triton GEMV, where the GPU is sm90+ and the shape fits (layers/cuda_gemv.py; "
             "issue 13)"),
+    EnvVar("SHARDLLM_CUDA_GEMV_KERNEL", "str", "reg", _cuda_gemv_kernel, "import",
+           "the CUDA GEMV's form: reg (weights streamed through registers, the first piece loaded before the PDL "
+           "wait) or tma (bulk copies into a shared-memory ring, issued before the wait)"),
     EnvVar("SHARDLLM_CUDA_GEMV_STAGES", "int", "4", _bound_at_most(4, 16), "import",
            "shared-memory stages of the CUDA GEMV's ring (each about 16 KiB; capped to fit 200 KiB; at least 2)"),
     EnvVar("SHARDLLM_CUDA_GEMV_BLOCKS_PER_SM", "int", "1", _bound_at_most(1, 4), "import",

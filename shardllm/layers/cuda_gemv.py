@@ -38,31 +38,52 @@ log = logging.getLogger(__name__)
 ENABLED = envs.SHARDLLM_CUDA_GEMV
 WARPS = 8  # the kernel's WARPS (8 warps, 256 threads a block)
 STAGE_TARGET = 16384  # bytes a stage aims at (RS rows of K bytes)
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "fp8_gemv_tma.cu")
+SOURCES = {name: os.path.join(os.path.dirname(__file__), "csrc", f"fp8_gemv_{name}.cu") for name in ("tma", "reg")}
 
 
 class CudaGemvPlan(NamedTuple):
-    """One launch: rows a stage (rs), 16-byte chunks a lane may take (nc), stages in the ring, blocks, shared
-    memory bytes (the ring, its mbarriers and the reduction scratch)."""
+    """One launch. kernel "tma" (csrc/fp8_gemv_tma.cu): rows a stage (rs), 16-byte chunks a lane may take (nc),
+    stages in the ring; kernel "reg" (csrc/fp8_gemv_reg.cu): 16-byte chunks a lane a piece (u), rs 1 where every
+    piece is whole (the kernel's EVEN: no guards), else 0. Both: blocks, and dynamic shared memory bytes."""
 
     rs: int
     nc: int
     stages: int
     grid: int
     smem: int
+    kernel: str = "tma"
+    u: int = 0
+
+    def defines(self, silu: bool) -> dict[str, int]:
+        if self.kernel == "reg":
+            return {"U": self.u, "EVEN": int(self.rs), "SILU": int(silu), "WARPS": WARPS}
+        return {"RS": self.rs, "NC": self.nc, "STAGES": self.stages, "SILU": int(silu)}
 
 
-def plan(n: int, k: int, num_sms: int, stages: int | None = None, blocks_per_sm: int | None = None
-         ) -> CudaGemvPlan | None:
+def plan(n: int, k: int, num_sms: int, stages: int | None = None, blocks_per_sm: int | None = None,
+         kernel: str | None = None) -> CudaGemvPlan | None:
     """The launch for an (N, K) e4m3 weight on a GPU of `num_sms` SMs, or None where the kernel does not take the
-    shape. RS is the power of two <= 8 with RS * K nearest STAGE_TARGET from below (at least 1); a row's K splits
-    over 8 / RS warps, so K must be a multiple of 16 * 8 / RS and N of RS; a lane takes at most 8 chunks of 16
-    bytes (K <= 4096 * RS). stages (default SHARDLLM_CUDA_GEMV_STAGES) is capped so the ring fits 200 KiB; the grid
-    is num_sms * blocks_per_sm (default SHARDLLM_CUDA_GEMV_BLOCKS_PER_SM) blocks, at most one per RS-row group."""
+    shape (kernel default: SHARDLLM_CUDA_GEMV_KERNEL).
+
+    "reg": K a multiple of 16; a piece is U chunks a lane: where K is a multiple of 512, the largest U of 8..4
+    dividing K / 512 (rs = 1 marks that even plan: no guards), else min(8, the chunks a lane in a row); grid
+    num_sms * blocks_per_sm blocks of 8 warps, at most one warp a row.
+    "tma": RS is the power of two <= 8 with RS * K nearest STAGE_TARGET from below (at least 1); a row's K splits over 8 / RS warps, so K must be a multiple of 16 * 8 / RS
+    and N of RS; a lane takes at most 8 chunks of 16 bytes (K <= 4096 * RS); stages (default
+    SHARDLLM_CUDA_GEMV_STAGES) capped so the ring fits 200 KiB; at most one block per RS-row group."""
     if n <= 0 or k <= 0 or num_sms <= 0:
         return None
+    kernel = envs.SHARDLLM_CUDA_GEMV_KERNEL if kernel is None else kernel
     stages = envs.SHARDLLM_CUDA_GEMV_STAGES if stages is None else stages
     blocks_per_sm = envs.SHARDLLM_CUDA_GEMV_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
+    if kernel == "reg":
+        if k % 16:
+            return None
+        u = next((u for u in (8, 7, 6, 5, 4) if k % 512 == 0 and (k // 512) % u == 0), 0)
+        even = int(u > 0)
+        u = u or min(8, -(-k // 512))
+        grid = max(1, min(num_sms * blocks_per_sm, -(-n // WARPS)))
+        return CudaGemvPlan(even, 0, 0, grid, 2 * k + 4 * WARPS, "reg", u)
     rs = 8
     while rs > 1 and rs * k > STAGE_TARGET:
         rs //= 2
@@ -114,22 +135,24 @@ def _nvrtc() -> ctypes.CDLL | None:
     return _load_first(names, ["nvidia/*/lib/libnvrtc.so*"])
 
 
-def compile_source(arch: str, defines: dict[str, int], ptxas_verbose: bool = False) -> tuple[bytes, str]:
-    """(cubin, log) of csrc/fp8_gemv_tma.cu for `arch` (e.g. "sm_90a") with -D defines. Needs no GPU.
+def compile_source(arch: str, defines: dict[str, int], ptxas_verbose: bool = False, kernel: str = "tma"
+                   ) -> tuple[bytes, str]:
+    """(cubin, log) of csrc/fp8_gemv_{kernel}.cu for `arch` (e.g. "sm_90a") with -D defines. Needs no GPU.
 
     Raises RuntimeError naming the log where NVRTC is missing or the compile fails."""
     lib = _nvrtc()
     if lib is None:
         raise RuntimeError("NVRTC not found (libnvrtc.so of a CUDA build of torch, or pip install "
                            "nvidia-cuda-nvrtc-cu12)")
-    with open(SOURCE, "rb") as f:
+    source = SOURCES[kernel]
+    with open(source, "rb") as f:
         src = f.read()
     opts = [f"--gpu-architecture={arch}", "-default-device", "-std=c++17"]
     opts += [f"-D{k}={v}" for k, v in sorted(defines.items())]
     if ptxas_verbose:
         opts.append("--ptxas-options=-v")
     prog = ctypes.c_void_p()
-    _rtc(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"fp8_gemv_tma.cu", 0, None, None))
+    _rtc(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(source).encode(), 0, None, None))
     try:
         arr = (ctypes.c_char_p * len(opts))(*(o.encode() for o in opts))
         res = lib.nvrtcCompileProgram(prog, len(opts), arr)
@@ -139,7 +162,7 @@ def compile_source(arch: str, defines: dict[str, int], ptxas_verbose: bool = Fal
         lib.nvrtcGetProgramLog(prog, buf)
         text = buf.value.decode(errors="replace")
         if res != 0:
-            raise RuntimeError(f"NVRTC could not compile {SOURCE} for {arch} with {defines}:\n{text}")
+            raise RuntimeError(f"NVRTC could not compile {source} for {arch} with {defines}:\n{text}")
         _rtc(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
         cubin = ctypes.create_string_buffer(size.value)
         _rtc(lib, lib.nvrtcGetCUBIN(prog, cubin))
@@ -190,14 +213,15 @@ def _drv(res: int, what: str) -> None:
 def _kernel(device_index: int, p: CudaGemvPlan, silu: bool) -> ctypes.c_void_p:
     """The loaded kernel for a plan on one device (compiled and loaded once per process)."""
     major, minor = torch.cuda.get_device_capability(device_index)
-    cubin, _ = compile_source(f"sm_{major}{minor}a" if major == 9 else f"sm_{major}{minor}",
-                              {"RS": p.rs, "NC": p.nc, "STAGES": p.stages, "SILU": int(silu)})
+    cubin, _ = compile_source(f"sm_{major}{minor}a" if major == 9 else f"sm_{major}{minor}", p.defines(silu),
+                              kernel=p.kernel)
     lib = _cuda()
     with torch.cuda.device(device_index):
         torch.cuda.current_stream(device_index)  # the primary context is current on this thread
         module, fn = ctypes.c_void_p(), ctypes.c_void_p()
         _drv(lib.cuModuleLoadData(ctypes.byref(module), ctypes.c_char_p(cubin)), "cuModuleLoadData")
-        _drv(lib.cuModuleGetFunction(ctypes.byref(fn), module, b"shardllm_fp8_gemv_tma"), "cuModuleGetFunction")
+        _drv(lib.cuModuleGetFunction(ctypes.byref(fn), module, f"shardllm_fp8_gemv_{p.kernel}".encode()),
+             "cuModuleGetFunction")
         _drv(lib.cuFuncSetAttribute(fn, _MAX_DYNAMIC_SHARED, p.smem), "cuFuncSetAttribute")
     return fn
 

@@ -16,8 +16,8 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 @pytest.mark.parametrize("n,k,rs,nc", [(6144, 4096, 4, 4), (4096, 14336, 1, 4), (10240, 8192, 2, 4),
                                        (8192, 28672, 1, 8), (64, 128, 8, 4), (96, 1024, 8, 4)])
-def test_plan_fills_stages_of_whole_rows(n, k, rs, nc):
-    p = plan(n, k, 132, stages=4, blocks_per_sm=1)
+def test_tma_plan_fills_stages_of_whole_rows(n, k, rs, nc):
+    p = plan(n, k, 132, stages=4, blocks_per_sm=1, kernel="tma")
     assert (p.rs, p.nc) == (rs, nc)
     assert p.rs * k <= cuda_gemv.STAGE_TARGET or p.rs == 1
     assert p.grid == min(132, n // rs)
@@ -25,16 +25,27 @@ def test_plan_fills_stages_of_whole_rows(n, k, rs, nc):
 
 
 @pytest.mark.parametrize("n,k", [(102, 4096), (4096, 4100), (4096, 4096 * 9), (0, 4096), (4096, 8)])
-def test_plan_refuses_shapes_the_kernel_does_not_take(n, k):
+def test_tma_plan_refuses_shapes_the_kernel_does_not_take(n, k):
     """N not a multiple of the stage's rows, K not a multiple of a warp slice's 16-byte chunks, a slice past 8
     chunks a lane, empty or too-narrow weights."""
-    assert plan(n, k, 132, stages=4, blocks_per_sm=1) is None
+    assert plan(n, k, 132, stages=4, blocks_per_sm=1, kernel="tma") is None
 
 
-def test_plan_caps_stages_to_fit_and_grid_to_groups():
-    p = plan(8192, 28672, 132, stages=16, blocks_per_sm=2)
+def test_tma_plan_caps_stages_to_fit_and_grid_to_groups():
+    p = plan(8192, 28672, 132, stages=16, blocks_per_sm=2, kernel="tma")
     assert p.stages * p.rs * 28672 <= 200 * 1024 and p.stages >= 2
-    assert plan(16, 4096, 132, stages=4, blocks_per_sm=1).grid == 4  # 4 groups of 4 rows: 4 blocks
+    assert plan(16, 4096, 132, stages=4, blocks_per_sm=1, kernel="tma").grid == 4  # 4 groups of 4 rows: 4 blocks
+
+
+@pytest.mark.parametrize("n,k,u,even,grid", [(6144, 4096, 8, 1, 264), (4096, 14336, 7, 1, 264),
+                                             (8192, 28672, 8, 1, 264), (100, 4096, 8, 1, 13), (128, 64, 1, 0, 16),
+                                             (96, 1040, 3, 0, 12)])
+def test_reg_plan_takes_whole_pieces_where_it_can(n, k, u, even, grid):
+    """Pieces of U chunks a lane: the largest U of 8..4 dividing K / 512, else guarded pieces; at most one warp a
+    row (8 warps a block); dynamic shared memory holds x (2 bytes an element) and the 8 warps' maxima."""
+    p = plan(n, k, 132, blocks_per_sm=2, kernel="reg")
+    assert (p.kernel, p.u, p.rs, p.grid, p.smem) == ("reg", u, even, grid, 2 * k + 32)
+    assert plan(n, k + 8, 132, blocks_per_sm=2, kernel="reg") is None  # K not a multiple of 16
 
 
 def test_cpu_tensors_never_take_the_kernel(monkeypatch):
@@ -49,14 +60,14 @@ def _nvrtc_or_skip():
         pytest.skip("NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
 
 
+@pytest.mark.parametrize("kernel", ["reg", "tma"])
 @pytest.mark.parametrize("silu", [False, True])
-@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (8192, 28672)])
-def test_kernel_compiles_for_sm90a_without_spills(n, k, silu):
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (8192, 28672), (128, 64)])
+def test_kernel_compiles_for_sm90a_without_spills(n, k, silu, kernel):
     """NVRTC, ptxas -v: the kernel of each plan builds for sm_90a, with no local-memory spills."""
     _nvrtc_or_skip()
-    p = plan(n, k, 132, stages=4, blocks_per_sm=1)
-    cubin, log = cuda_gemv.compile_source("sm_90a", {"RS": p.rs, "NC": p.nc, "STAGES": p.stages, "SILU": int(silu)},
-                                          ptxas_verbose=True)
+    p = plan(n, k, 132, stages=4, blocks_per_sm=2, kernel=kernel)
+    cubin, log = cuda_gemv.compile_source("sm_90a", p.defines(silu), ptxas_verbose=True, kernel=kernel)
     assert cubin[:4] == b"\x7fELF"
     assert "0 bytes spill stores" in log and "0 bytes spill loads" in log, log
 
@@ -87,11 +98,12 @@ def _silu_input(gate_up: torch.Tensor) -> torch.Tensor:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (1024, 8192),
-                                 (8192, 28672), (96, 1024), (40, 128)])
-@pytest.mark.parametrize("stages,bps", [(4, 1), (2, 2), (8, 1)])
-def test_gpu_kernel_matches_the_fp32_reference(monkeypatch, n, k, silu, stages, bps):
+                                 (8192, 28672), (96, 1024), (40, 128), (24, 1040)])
+@pytest.mark.parametrize("kernel,stages,bps", [("reg", 0, 1), ("reg", 0, 2), ("tma", 4, 1), ("tma", 2, 2),
+                                               ("tma", 8, 1)])
+def test_gpu_kernel_matches_the_fp32_reference(monkeypatch, n, k, silu, kernel, stages, bps):
     monkeypatch.setattr(cuda_gemv, "ENABLED", True)
-    p = plan(n, k, torch.cuda.get_device_properties(0).multi_processor_count, stages, bps)
+    p = plan(n, k, torch.cuda.get_device_properties(0).multi_processor_count, stages, bps, kernel)
     monkeypatch.setattr(cuda_gemv, "_plan_for", lambda index, nn, kk: p)
     q, s = _weights(n, k)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -161,7 +173,7 @@ def test_gpu_kernels_in_a_cuda_graph_under_pdl(monkeypatch):
 @pytest.mark.timeout(60)
 def test_gpu_gemv_dispatch_falls_back_where_the_kernel_cannot_run(monkeypatch):
     """gemv.gemv takes the CUDA kernel for one bf16 row of a shape the plan takes, the Triton kernel otherwise (2
-    rows, a shape off the plan): all within the reference's tolerance."""
+    rows, K not a multiple of 16): all within the reference's tolerance."""
     from shardllm.layers import gemv as gemv_mod
     from shardllm.layers.quantization.fp8_triton import small_m_config
 
@@ -169,7 +181,7 @@ def test_gpu_gemv_dispatch_falls_back_where_the_kernel_cannot_run(monkeypatch):
     calls = []
     fn = cuda_gemv.gemv_fp8
     monkeypatch.setattr(cuda_gemv, "gemv_fp8", lambda *a, **kw: calls.append(a[1].shape) or fn(*a, **kw))
-    for m, n, k in [(1, 4096, 4096), (2, 4096, 4096), (1, 100, 4096)]:
+    for m, n, k in [(1, 4096, 4096), (2, 4096, 4096), (1, 100, 4104)]:
         q, s = _weights(n, k)
         x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
         y = gemv_mod.gemv(x, q, s, small_m_config(n, k, m))
