@@ -70,7 +70,8 @@ def plan(n: int, k: int, num_sms: int, stages: int | None = None, blocks_per_sm:
     num_sms * blocks_per_sm blocks of 8 warps, at most one warp a row.
     "tma": RS is the power of two <= 8 with RS * K nearest STAGE_TARGET from below (at least 1); a row's K splits
     over 8 / RS warps, so K must be a multiple of 16 * 8 / RS and N of RS; a lane takes at most 8 chunks of 16 bytes
-    (K <= 4096 * RS); stages (default SHARDLLM_CUDA_GEMV_STAGES) capped so the ring fits 200 KiB; at most one block per RS-row group."""
+    (K <= 4096 * RS); stages (default SHARDLLM_CUDA_GEMV_STAGES) capped so the ring fits 200 KiB; at most one block per
+    RS-row group."""
     if n <= 0 or k <= 0 or num_sms <= 0:
         return None
     kernel = envs.SHARDLLM_CUDA_GEMV_KERNEL if kernel is None else kernel
