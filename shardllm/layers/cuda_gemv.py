@@ -56,7 +56,7 @@ class CudaGemvPlan(NamedTuple):
 
     def defines(self, silu: bool) -> dict[str, int]:
         if self.kernel == "reg":
-            return {"U": self.u, "EVEN": int(self.rs), "SILU": int(silu), "WARPS": WARPS}
+            return {"U": self.u, "EVEN": int(self.rs), "WARPS": WARPS}  # (no SILU form: `usable` refuses it)
         return {"RS": self.rs, "NC": self.nc, "STAGES": self.stages, "SILU": int(silu)}
 
 
@@ -67,7 +67,7 @@ def plan(n: int, k: int, num_sms: int, stages: int | None = None, blocks_per_sm:
 
     "reg": K a multiple of 16; a piece is U chunks a lane: where K is a multiple of 512, the largest U of 8..4
     dividing K / 512 (rs = 1 marks that even plan: no guards), else min(8, the chunks a lane in a row); grid
-    num_sms * blocks_per_sm blocks of 8 warps, at most one warp a row.
+    num_sms * blocks_per_sm blocks of 8 warps, at most one warp a row; no shared memory, no fused SiLU form.
     "tma": RS is the power of two <= 8 with RS * K nearest STAGE_TARGET from below (at least 1); a row's K splits
     over 8 / RS warps, so K must be a multiple of 16 * 8 / RS and N of RS; a lane takes at most 8 chunks of 16 bytes
     (K <= 4096 * RS); stages (default SHARDLLM_CUDA_GEMV_STAGES) capped so the ring fits 200 KiB; at most one block per
@@ -84,7 +84,7 @@ def plan(n: int, k: int, num_sms: int, stages: int | None = None, blocks_per_sm:
         even = int(u > 0)
         u = u or min(8, -(-k // 512))
         grid = max(1, min(num_sms * blocks_per_sm, -(-n // WARPS)))
-        return CudaGemvPlan(even, 0, 0, grid, 2 * k + 4 * WARPS, "reg", u)
+        return CudaGemvPlan(even, 0, 0, grid, 0, "reg", u)
     rs = 8
     while rs > 1 and rs * k > STAGE_TARGET:
         rs //= 2
@@ -239,7 +239,8 @@ _FAILED: set[tuple] = set()
 
 def usable(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, silu_input: bool) -> bool:
     """Whether gemv_fp8 takes this call: the switch on, one bf16 row on an sm90+ GPU, e4m3 w with fp32 per-channel
-    scales, contiguous and 16-byte aligned operands, a shape `plan` takes, and no earlier failure for it."""
+    scales, contiguous and 16-byte aligned operands, a shape `plan` takes (the fused SiLU input only with the "tma"
+    kernel), and no earlier failure for it."""
     if not ENABLED or not x.is_cuda or x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] != 1:
         return False
     if w.dtype != torch.float8_e4m3fn or w_scale is None or w_scale.dtype != torch.float32:
@@ -254,7 +255,8 @@ def usable(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, silu_
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if torch.cuda.get_device_capability(index)[0] < 9:
         return False
-    return _plan_for(index, n, k) is not None and (index, n, k, silu_input) not in _FAILED
+    p = _plan_for(index, n, k)
+    return p is not None and not (silu_input and p.kernel == "reg") and (index, n, k, silu_input) not in _FAILED
 
 
 @functools.cache

@@ -42,9 +42,9 @@ def test_tma_plan_caps_stages_to_fit_and_grid_to_groups():
                                              (96, 1040, 3, 0, 12)])
 def test_reg_plan_takes_whole_pieces_where_it_can(n, k, u, even, grid):
     """Pieces of U chunks a lane: the largest U of 8..4 dividing K / 512, else guarded pieces; at most one warp a
-    row (8 warps a block); dynamic shared memory holds x (2 bytes an element) and the 8 warps' maxima."""
+    row (8 warps a block); no shared memory."""
     p = plan(n, k, 132, blocks_per_sm=2, kernel="reg")
-    assert (p.kernel, p.u, p.rs, p.grid, p.smem) == ("reg", u, even, grid, 2 * k + 32)
+    assert (p.kernel, p.u, p.rs, p.grid, p.smem) == ("reg", u, even, grid, 0)
     assert plan(n, k + 8, 132, blocks_per_sm=2, kernel="reg") is None  # K not a multiple of 16
 
 
@@ -60,8 +60,7 @@ def _nvrtc_or_skip():
         pytest.skip("NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
 
 
-@pytest.mark.parametrize("kernel", ["reg", "tma"])
-@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("kernel,silu", [("reg", False), ("tma", False), ("tma", True)])
 @pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (8192, 28672), (128, 64)])
 def test_kernel_compiles_for_sm90a_without_spills(n, k, silu, kernel):
     """NVRTC, ptxas -v: the kernel of each plan builds for sm_90a, with no local-memory spills."""
@@ -102,6 +101,8 @@ def _silu_input(gate_up: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kernel,stages,bps", [("reg", 0, 1), ("reg", 0, 2), ("tma", 4, 1), ("tma", 2, 2),
                                                ("tma", 8, 1)])
 def test_gpu_kernel_matches_the_fp32_reference(monkeypatch, n, k, silu, kernel, stages, bps):
+    if silu and kernel == "reg":
+        pytest.skip("the register form has no fused SiLU input")
     monkeypatch.setattr(cuda_gemv, "ENABLED", True)
     p = plan(n, k, torch.cuda.get_device_properties(0).multi_processor_count, stages, bps, kernel)
     monkeypatch.setattr(cuda_gemv, "_plan_for", lambda index, nn, kk: p)
@@ -206,7 +207,8 @@ def test_gpu_tiny_fp8_llama_tokens_with_the_cuda_gemv(tiny_checkpoints, monkeypa
             mp.setattr(cuda_gemv, "gemv_fp8", lambda *a, **kw: calls.append(1) or fn(*a, **kw))
             llm = LLM(tiny_checkpoints["llama"], dtype="fp8", num_kv_blocks=64, max_batch_size=8)
             try:
-                out = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=12))
+                sp = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+                out = llm.generate([[1, 17, 42, 99, 7, 230]], sp, use_tqdm=False)
             finally:
                 llm.shutdown()
         assert bool(calls) == enabled
