@@ -76,6 +76,8 @@ def run_shape(name: str, n: int, k: int, silu: bool, variants: list[str], sms: i
         kernel, *nums = key.split(":")
         stages, bps = (int(nums[0]), int(nums[1])) if kernel == "tma" else (0, int(nums[0]))
         p = cuda_gemv.plan(n, k, sms, stages, bps, kernel)
+        if silu and kernel == "reg":  # no fused SiLU form
+            continue
         cuda_gemv._plan_for = lambda index, nn, kk, p=p: p  # this plan
         try:
             t = graph_us(lambda: [cuda_gemv.gemv_fp8(x, q, s, silu, pdl) for q, s in calls])
