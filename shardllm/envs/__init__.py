@@ -229,7 +229,7 @@ _VARS = [
            "wait) or tma (bulk copies into a shared-memory ring, issued before the wait)"),
     EnvVar("SHARDLLM_CUDA_GEMV_STAGES", "int", "4", _bound_at_most(4, 16), "import",
            "shared-memory stages of the CUDA GEMV's ring (each about 16 KiB; capped to fit 200 KiB; at least 2)"),
-    EnvVar("SHARDLLM_CUDA_GEMV_BLOCKS_PER_SM", "int", "1", _bound_at_most(1, 4), "import",
+    EnvVar("SHARDLLM_CUDA_GEMV_BLOCKS_PER_SM", "int", "1", _bound_at_most(1, 32), "import",
            "blocks of the CUDA GEMV per SM (its grid is SMs x this)"),
     EnvVar("SHARDLLM_GEMV_CONFIGS", "str", None, _text, "import",
            "JSON {\"fp8\" | \"bf16\" | \"fp8_silu\" | \"bf16_silu\": {\"NxK\": {\"M\": [use_dot, block_n, block_k, "
