@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (The CUDA GEMV these calls measured was removed after them; its code, with this script's, is at commit 86ce489.)
 # Nineteenth session (one H200, about 9 minutes). The batch-1 FP8 GEMV in CUDA (layers/cuda_gemv.py: NVRTC-compiled,
 # weights streamed into shared memory by bulk copies issued before the PDL wait; SHARDLLM_CUDA_GEMV, off by
 # default). 1. Its GPU tests. 2. Kernel by kernel against the Triton GEMV (benchmarks/cuda_gemv_bench.py). 3.

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (The CUDA GEMV these calls measured was removed after them; its code, with this script's, is at commit 86ce489.)
 # Nineteenth session, call 2 (one H200, about 8 minutes). The CUDA GEMV's register-streaming form (csrc/
 # fp8_gemv_reg.cu: a warp streams its rows through registers, first piece loaded before the PDL wait) beside the
 # shared-memory ring of call 1. 1. GPU tests. 2. Kernel by kernel, PDL on and off. 3. 8B fp8 + fp8 KV batch 1

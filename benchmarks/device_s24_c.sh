@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (The CUDA GEMV these calls measured was removed after them; its code, with this script's, is at commit 86ce489.)
 # Nineteenth session, call 4 (one H200, about 6 minutes). Why the CUDA GEMV's register form, faster than the Triton
 # GEMV kernel by kernel under PDL (o, gate_up), loses end to end: 8B fp8 + fp8 KV batch 1 128/128 TPOT, Triton
 # against the register form at 4 / 8 / 16 blocks an SM (more, shorter-lived blocks), with PDL and without

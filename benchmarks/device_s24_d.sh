@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (The CUDA GEMV these calls measured was removed after them; its code, with this script's, is at commit 86ce489.)
 # Nineteenth session, call 5 (one H200, about 4 minutes). The register form with the fused SiLU down GEMV kept on
 # Triton (its bit-equality probe now compares Triton with Triton), at 4 / 16 / 32 blocks an SM (16: about one row a
 # warp, as the CUDA probe of the fourteenth session); kernels (PDL on and off), then 8B fp8 + fp8 KV batch 1 128/128

@@ -88,13 +88,6 @@ def _text(raw: str | None) -> str | None:
     return raw
 
 
-def _cuda_gemv_kernel(raw: str | None) -> str:
-    text = (raw or "reg").strip().lower()
-    if text not in ("reg", "tma"):
-        raise ValueError("expected reg or tma")
-    return text
-
-
 def _text_or_none(raw: str | None) -> str | None:  # an empty value counts as unset
     return raw or None
 
@@ -219,18 +212,6 @@ _VARS = [
            "the kernel before (a norm, the attention) still runs; 1: not the fused SiLU down GEMV; 0: none "
            "(layers/gemv.py; issue 13; 8B fp8 batch 1 on one H200, thirteenth session: 0 / 1 / 2 2.791 / 2.760 / "
            "2.757 ms, then 2.790 / 2.764 / 2.760)"),
-    _switch("SHARDLLM_CUDA_GEMV", False, "import",
-            "1: batch-1 FP8 GEMVs (bf16 input, e4m3 weights) run the CUDA kernel of layers/csrc/fp8_gemv_tma.cu "
-            "(NVRTC-compiled at first use; weights streamed into shared memory by bulk copies issued before the "
-            "PDL wait) instead of the Triton GEMV, where the GPU is sm90+ and the shape fits (layers/cuda_gemv.py; "
-            "issue 13)"),
-    EnvVar("SHARDLLM_CUDA_GEMV_KERNEL", "str", "reg", _cuda_gemv_kernel, "import",
-           "the CUDA GEMV's form: reg (weights streamed through registers, the first piece loaded before the PDL "
-           "wait) or tma (bulk copies into a shared-memory ring, issued before the wait)"),
-    EnvVar("SHARDLLM_CUDA_GEMV_STAGES", "int", "4", _bound_at_most(4, 16), "import",
-           "shared-memory stages of the CUDA GEMV's ring (each about 16 KiB; capped to fit 200 KiB; at least 2)"),
-    EnvVar("SHARDLLM_CUDA_GEMV_BLOCKS_PER_SM", "int", "1", _bound_at_most(1, 32), "import",
-           "blocks of the CUDA GEMV per SM (its grid is SMs x this)"),
     EnvVar("SHARDLLM_GEMV_CONFIGS", "str", None, _text, "import",
            "JSON {\"fp8\" | \"bf16\" | \"fp8_silu\" | \"bf16_silu\": {\"NxK\": {\"M\": [use_dot, block_n, block_k, "
            "split_k, num_warps, num_stages(, late_reduce, w_ahead)]}}} (M: 1, 2, 4, 8 or 16) merged over the batch-1 "

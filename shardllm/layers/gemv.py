@@ -25,7 +25,6 @@ from typing import NamedTuple
 import torch
 
 from shardllm import envs
-from shardllm.layers import cuda_gemv
 from shardllm.layers.gemv_tables import _BF16_SWEEP, _FP8_SWEEP
 from shardllm.layers.pdl import launch_args, pdl_enter, pdl_launch_dependents, pdl_wait
 
@@ -179,7 +178,7 @@ class DeferredGemvInput:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config: GemvConfig,
-         silu_input: bool = False, cuda: bool = True) -> torch.Tensor:
+         silu_input: bool = False) -> torch.Tensor:
     """y (M, N) in x's dtype = x @ (w * w_scale[:, None])^T (no scale: x @ w^T).
 
     Args:
@@ -190,8 +189,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
         w_scale: (N,) fp32 per-channel scales, or None.
         config: the kernel config; split_k is capped at K's BLOCK_K count (slices are whole BLOCK_Ks, so the last
             ones may still be empty: their partials are zeros).
-        cuda: where SHARDLLM_CUDA_GEMV is on, one FP8 row may run the CUDA kernel (cuda_gemv.py) instead; False
-            keeps the Triton kernel (the fused SiLU GEMV's bit-equality probe compares Triton with Triton).
     Raises AssertionError on shapes outside that contract (callers check M and strides first).
     """
     m, k = x.shape
@@ -201,10 +198,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None, config:
     assert m <= GEMV_MAX_M and w.shape[1] == k and x.stride(1) == 1 and w.stride(1) == 1
     assert not silu_input or x.shape[1] == 2 * k
     assert (w_scale is None) == (w.dtype == x.dtype)
-    if cuda and m == 1 and cuda_gemv.ENABLED and cuda_gemv.usable(x, w, w_scale, silu_input):  # SHARDLLM_CUDA_GEMV=1
-        y = cuda_gemv.gemv_fp8(x, w, w_scale, silu_input, pdl=bool(launch_args(x.device)))
-        if y is not None:
-            return y
     split_k = max(1, min(config.split_k, triton.cdiv(k, config.block_k)))
     even_k = k % (split_k * config.block_k) == 0
     pdl = launch_args(x.device)

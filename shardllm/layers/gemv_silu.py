@@ -102,14 +102,14 @@ def _fused_config(w: torch.Tensor, m: int) -> GemvConfig:
 
 
 def silu_gemv(x: SiluAndMulInput, w: torch.Tensor, w_scale: torch.Tensor | None, bias: torch.Tensor | None,
-              config: GemvConfig | None = None, cuda: bool = True) -> torch.Tensor:
+              config: GemvConfig | None = None) -> torch.Tensor:
     """y (M, N) in x's dtype = (silu(gate) * up) @ (w * w_scale[:, None])^T (+ bias) in one GEMV launch (two with
     split-K). x: gate_up (M, 2K) bf16/fp16 (the engine defers M <= FUSED_SILU_MAX_M); w (N, K) e4m3 with w_scale (N,)
     fp32, or x's dtype with None; config None: `_fused_config`'s."""
     gate_up = x.gate_up.reshape(-1, x.gate_up.shape[-1])
     if gate_up.stride(-1) != 1 or gate_up.stride(0) != gate_up.shape[1]:
         gate_up = gate_up.contiguous()
-    y = gemv_mod.gemv(gate_up, w, w_scale, config or _fused_config(w, gate_up.shape[0]), silu_input=True, cuda=cuda)
+    y = gemv_mod.gemv(gate_up, w, w_scale, config or _fused_config(w, gate_up.shape[0]), silu_input=True)
     if bias is not None:
         y = y + bias
     return y.view(*x.gate_up.shape[:-1], y.shape[-1])
@@ -202,9 +202,8 @@ def fused_gemv_ok(w: torch.Tensor, w_scale: torch.Tensor | None, dtype: torch.dt
         for m in range(1, FUSED_SILU_MAX_M + 1):
             gate_up = (torch.randn(m, 2 * w.shape[1], device=w.device, generator=g) * 2).to(dtype)
             config = _fused_config(w, m)
-            fused = silu_gemv(SiluAndMulInput(gate_up), w, w_scale, None, config, cuda=False)
-            ok = ok and torch.equal(fused, gemv_mod.gemv(triton_ops.silu_and_mul(gate_up), w, w_scale, config,
-                                                         cuda=False))
+            fused = silu_gemv(SiluAndMulInput(gate_up), w, w_scale, None, config)
+            ok = ok and torch.equal(fused, gemv_mod.gemv(triton_ops.silu_and_mul(gate_up), w, w_scale, config))
         return ok
 
     return probe_once(("silu", w.device.index, *w.shape, w.dtype, dtype), check, "fused SiLU GEMV",
