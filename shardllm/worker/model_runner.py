@@ -15,7 +15,7 @@ from shardllm.distributed.communication import pp_recv, pp_send
 from shardllm.distributed.parallel_state import get_parallel_context
 from shardllm.layers import microbatch_overlap
 from shardllm.layers.attention import Attention, AttentionMetadata
-from shardllm.layers.quantization.kv_cache import kv_cache_torch_dtype, set_kv_scale_calibration
+from shardllm.layers.quantization.kv_cache import kv_cache_torch_dtype, layers_to_calibrate, set_kv_scale_calibration
 from shardllm.model_loader.loader import load_model
 from shardllm.sampling_params import SamplingParams
 from shardllm.step_io import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
@@ -103,11 +103,18 @@ class ModelRunner(KernelWarmUp):
         self.model = load_model(self.model_config, device, show_progress=get_parallel_context().is_driver)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.kv_cache_dtype = kv_cache_torch_dtype(config.cache_config.kv_cache_dtype, self.model_config.dtype)
-        # an FP8 cache without checkpoint k/v scales computes them on the first step (quantization/kv_cache.py)
-        self._calibrate_kv = self.kv_cache_dtype.itemsize == 1 and not getattr(self.model, "num_kv_scales_loaded", 0)
+        # an FP8 cache computes the k/v scales the checkpoint lacks on the first step (quantization/kv_cache.py)
+        self._calibrate_layers = layers_to_calibrate(self.attn_layers) if self.kv_cache_dtype.itemsize == 1 else []
+        self._calibrate_kv = bool(self._calibrate_layers)
         if self._calibrate_kv and get_parallel_context().is_driver:
-            logger.info("kv_cache_dtype=%s without k/v scales in the checkpoint: each layer's scales are computed "
-                        "from the first step's k and v", config.cache_config.kv_cache_dtype)
+            if len(self._calibrate_layers) == len(self.attn_layers):
+                logger.info("kv_cache_dtype=%s without k/v scales in the checkpoint: each layer's scales are "
+                            "computed from the first step's k and v", config.cache_config.kv_cache_dtype)
+            else:
+                logger.warning("kv_cache_dtype=%s: the checkpoint gives k/v scales for some attention layers but not "
+                               "k and v of %d of these %d: the missing ones are computed from the first step's k "
+                               "and v", config.cache_config.kv_cache_dtype, len(self._calibrate_layers),
+                               len(self.attn_layers))
         for a in self.attn_layers:
             a.use_triton = config.attention_backend != "torch"
         from shardllm.layers import triton_ops
@@ -450,10 +457,10 @@ class ModelRunner(KernelWarmUp):
             hidden = graph_out.hidden
         else:
             if calibrate:
-                set_kv_scale_calibration(self.attn_layers, True)
+                set_kv_scale_calibration(self._calibrate_layers, True)
                 with microbatch_overlap.suspended():  # scales from the whole batch, not from each half
                     hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
-                set_kv_scale_calibration(self.attn_layers, False)
+                set_kv_scale_calibration(self._calibrate_layers, False)
             else:
                 hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
         overlap = self.config.scheduler_config.async_scheduling

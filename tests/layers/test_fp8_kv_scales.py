@@ -61,7 +61,8 @@ def _generate(path, kv, calibrate=True, **kw) -> dict:
         if runner is None:
             return {"tokens": [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]}
         scales = lambda: [(float(a.k_scale), float(a.v_scale)) for a in runner.attn_layers]  # noqa: E731
-        run = {"before": scales(), "ptrs": [a.k_scale.data_ptr() for a in runner.attn_layers]}
+        run = {"before": scales(), "ptrs": [a.k_scale.data_ptr() for a in runner.attn_layers],
+               "calibrate_first_step": runner._calibrate_kv}
         run["tokens"] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
         run["scales"], run["cache_amax"] = scales(), [float(c.float().abs().max()) for c in runner.kv_caches]
         llm.generate([[p * 3 % 300 for p in PROMPTS[2]]], GREEDY, use_tqdm=False)  # a later step, other values
@@ -134,3 +135,113 @@ def test_gpu_kernels_and_graphs_read_the_computed_scales(big_kv_checkpoint):
             llm.shutdown()
     assert out["fp8", False] == out["fp8", True]
     assert _same(out["auto", True][:3], out["fp8", True][:3]) >= 0.75 * 3 * 8
+
+
+# ---- checkpoint k/v scales ---------------------------------------------------------------------------------------
+ATTN = "model.layers.3.self_attn"
+
+
+@pytest.mark.parametrize("name,target", [
+    (f"{ATTN}.k_proj.output_scale", (ATTN, ("k",))),  # older compressed-tensors
+    (f"{ATTN}.v_proj.output_scale", (ATTN, ("v",))),
+    (f"{ATTN}.attn.k_scale", (ATTN, ("k",))),  # our own module path
+    (f"{ATTN}.attn.kv_scale", (ATTN, ("k", "v"))),
+    (f"{ATTN}.attn.k_proj.k_scale", (ATTN, ("k",))),
+    (f"{ATTN}.o_proj.output_scale", None),  # an output scale of another projection is no KV-cache scale
+    (f"{ATTN}.q_proj.output_scale", None),
+    (f"{ATTN}.k_proj.output_scale.weight", None),
+])
+def test_more_kv_scale_names(name, target):
+    """The names test_fp8_kv_cache.py's test_kv_scale_names does not list (kv_cache.py's docstring lists all)."""
+    from shardllm.layers.quantization.kv_cache import kv_scale_target
+
+    assert kv_scale_target(name) == target
+
+
+# Per layer, none a power of two: first-step calibration (calibrated_scale) only ever gives powers of two.
+CKPT_SCALES = [(3.0, 6.0), (5.0, 2.5)]
+SCALE_NAMES = {  # producer -> (k name, v name) under a layer's attention prefix
+    "compressed-tensors": ("k_scale", "v_scale"),  # also vLLM's
+    "compressed-tensors-old": ("k_proj.output_scale", "v_proj.output_scale"),
+    "shardllm": ("attn.k_scale", "attn.v_scale"),
+}
+
+
+def _with_kv_scales(src: str, dst, names: tuple[str, str], scales=CKPT_SCALES, shape=()) -> str:
+    """`src`'s checkpoint with a k and a v scale for every layer under `names`, written to `dst`."""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(os.path.join(src, "model.safetensors"))
+    assert not any(n.endswith("_scale") for n in t)  # the source has none of its own
+    for i, (k, v) in enumerate(scales):
+        t[f"model.layers.{i}.self_attn.{names[0]}"] = torch.full(shape, k)
+        t[f"model.layers.{i}.self_attn.{names[1]}"] = torch.full(shape, v)
+    save_file(t, os.path.join(str(dst), "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["num_hidden_layers"] == len(scales)
+    with open(os.path.join(str(dst), "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return str(dst)
+
+
+@pytest.mark.parametrize("shape", [(), (1,)])  # a 0-dim scale, and compressed-tensors' (1,)
+@pytest.mark.parametrize("producer", list(SCALE_NAMES))
+def test_checkpoint_kv_scales_load_into_every_layer(tiny_checkpoints, tmp_path, producer, shape):
+    path = _with_kv_scales(tiny_checkpoints["llama"], tmp_path, SCALE_NAMES[producer], shape=shape)
+    llm = LLM(path, device="cpu", num_kv_blocks=100, block_size=4, kv_cache_dtype="fp8")
+    try:
+        runner = llm.engine.executor.worker.model_runner
+        assert [(float(a.k_scale), float(a.v_scale)) for a in runner.attn_layers] == CKPT_SCALES
+        assert runner.model.num_kv_scales_loaded == len(CKPT_SCALES)
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def big_kv_with_scales(big_kv_checkpoint, tmp_path_factory):
+    return _with_kv_scales(big_kv_checkpoint, tmp_path_factory.mktemp("big_kv_scaled"),
+                           SCALE_NAMES["compressed-tensors"])
+
+
+def _pow2(x: float) -> bool:
+    return x > 0 and float(torch.tensor(x).log2()).is_integer()
+
+
+def test_checkpoint_kv_scales_survive_the_first_step(big_kv_with_scales, runs):
+    """Checkpoint scales turn the first step's computation off: after generating (the first step and later ones)
+    every layer still holds the checkpoint's values, in the same tensors. The same weights without scales
+    (runs["fp8"]) get computed ones, powers of two, on their first step."""
+    run = _generate(big_kv_with_scales, "fp8")
+    assert not run["calibrate_first_step"]
+    assert run["before"] == CKPT_SCALES
+    assert run["scales"] == CKPT_SCALES and run["scales_later"] == CKPT_SCALES
+    assert run["ptrs_later"] == run["ptrs"] and not any(run["flags_later"])
+    assert all(len(t) == GREEDY.max_tokens for t in run["tokens"])
+    # the contrast: no checkpoint scales -> computed on the first step, unlike the checkpoint's
+    plain = runs["fp8"]
+    assert plain["calibrate_first_step"] and plain["before"] == [(1.0, 1.0)] * len(CKPT_SCALES)
+    assert all(_pow2(s) and s >= 2.0 for pair in plain["scales"] for s in pair)
+    assert all(a != b for p, q in zip(plain["scales"], CKPT_SCALES) for a, b in zip(p, q))
+
+
+def test_scales_the_checkpoint_lacks_are_computed_and_the_others_kept(big_kv_checkpoint, tmp_path, caplog):
+    """A checkpoint with both scales for layer 0 and only k's for layer 1: the first step computes layer 1's v
+    scale (a power of two, |v| ~1,000 here) and keeps the three it gave; one warning says how many layers lack
+    one. (Before, any loaded scale turned the computation off everywhere, leaving layer 1's v at 1.0.)"""
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(os.path.join(big_kv_checkpoint, "model.safetensors"))
+    t["model.layers.0.self_attn.k_scale"], t["model.layers.0.self_attn.v_scale"] = torch.tensor(3.0), torch.tensor(6.0)
+    t["model.layers.1.self_attn.k_scale"] = torch.tensor(5.0)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(open(os.path.join(big_kv_checkpoint, "config.json")).read())
+    with caplog.at_level("WARNING", logger="shardllm.worker.model_runner"):
+        run = _generate(str(tmp_path), "fp8")
+    assert run["calibrate_first_step"]
+    assert run["before"] == [(3.0, 6.0), (5.0, 1.0)]
+    (k0, v0), (k1, v1) = run["scales"]
+    assert (k0, v0, k1) == (3.0, 6.0, 5.0)
+    assert _pow2(v1) and v1 >= 2.0
+    assert run["scales_later"] == run["scales"] and not any(run["flags_later"])
+    assert sum("not k and v of 1 of these 2" in r.getMessage() for r in caplog.records) == 1

@@ -71,16 +71,22 @@ def detect_quantization(hf_config: Any, path: str | None, requested: str | None)
 def _hf_fp8(d: dict) -> QuantizationConfig:
     fmt = str(d.get("fmt", "e4m3")).lower()
     if fmt not in ("e4m3", "float8_e4m3fn"):
-        raise ValueError(f"FP8 checkpoint format {fmt!r} is not supported: e4m3 weights only")
+        raise ValueError(f"FP8 checkpoint format {fmt!r} is not supported: e4m3 weights only (re-export the "
+                         "checkpoint in float8_e4m3fn, or load a bf16 checkpoint with dtype='fp8')")
     ignore = tuple(d.get("modules_to_not_convert") or d.get("ignored_layers") or ())
     block = d.get("weight_block_size")
+    scheme = str(d.get("activation_scheme", "dynamic"))
+    if scheme not in ("static", "dynamic"):
+        raise ValueError(f"activation_scheme {scheme!r} is not supported: set quantization_config's "
+                         "activation_scheme to 'static' (with input_scale tensors) or 'dynamic'")
     if block:
+        if scheme != "dynamic":  # block-scaled weights take per-token-group activation scales, computed per step
+            raise ValueError("a block-scaled FP8 checkpoint (weight_block_size) with activation_scheme 'static' is "
+                             "not supported: block recipes quantize activations dynamically; set "
+                             "activation_scheme to 'dynamic' (static input_scale tensors would go unused)")
         return QuantizationConfig(source="fp8", weight_strategy="block", is_checkpoint_fp8=True,
                                   activation_scheme="dynamic", weight_block_size=tuple(int(b) for b in block),
                                   ignore=ignore, weight_scale_name="weight_scale_inv")
-    scheme = str(d.get("activation_scheme", "dynamic"))
-    if scheme not in ("static", "dynamic"):
-        raise ValueError(f"activation_scheme {scheme!r} is not supported: static or dynamic")
     return QuantizationConfig(source="fp8", weight_strategy="tensor", is_checkpoint_fp8=True,
                               activation_scheme=scheme, ignore=ignore)
 
@@ -91,10 +97,14 @@ def _compressed_tensors(d: dict) -> QuantizationConfig:
         raise ValueError(f"compressed-tensors format {fmt!r} is not supported: float-quantized FP8 only")
     groups = list((d.get("config_groups") or {}).values())
     if not groups:
-        raise ValueError("compressed-tensors config has no config_groups")
+        raise ValueError("the compressed-tensors quantization_config has no config_groups, so nothing says how the "
+                         "weights are quantized: add a config_groups entry (weights: float, 8 bits) or load a "
+                         "bf16 checkpoint with dtype='fp8'")
     schemes = {json.dumps({k: g.get(k) for k in ("weights", "input_activations")}, sort_keys=True) for g in groups}
     if len(schemes) > 1:
-        raise ValueError("compressed-tensors configs with several different config_groups are not supported")
+        raise ValueError("compressed-tensors configs with several different config_groups (mixed schemes) are not "
+                         "supported: one FP8 scheme for every targeted layer; re-export with a single scheme, or "
+                         "load a bf16 checkpoint with dtype='fp8'")
     wts, acts = groups[0].get("weights") or {}, groups[0].get("input_activations") or None
     if wts.get("type") != "float" or wts.get("num_bits") != 8:
         raise ValueError(f"compressed-tensors weights {wts.get('type')}/{wts.get('num_bits')} bits are not supported: "
@@ -104,7 +114,9 @@ def _compressed_tensors(d: dict) -> QuantizationConfig:
         raise ValueError(f"compressed-tensors weight strategy {strategy!r} is not supported: tensor, channel or block")
     scheme = "dynamic" if acts is None or acts.get("dynamic", True) else "static"
     if scheme == "static" and acts.get("strategy", "tensor") != "tensor":
-        raise ValueError("static compressed-tensors activation scales must be per tensor")
+        raise ValueError(f"static compressed-tensors activation scales must be per tensor, got strategy "
+                         f"{acts.get('strategy')!r}: re-export with input_activations strategy 'tensor', or with "
+                         "dynamic per-token activations (dynamic: true, strategy 'token')")
     block = tuple(wts.get("block_structure") or (128, 128)) if strategy == "block" else None
     return QuantizationConfig(source="compressed-tensors", weight_strategy=strategy, is_checkpoint_fp8=True,
                               activation_scheme=scheme, weight_block_size=block,

@@ -74,19 +74,26 @@ def split_kv_scales(weights, scales: dict[str, dict[str, float]]):
 
 
 def apply_kv_scales(model: nn.Module, scales: dict[str, dict[str, float]]) -> int:
-    """Give each Attention its checkpoint k/v scales (written into its k_scale / v_scale tensors); returns how
-    many layers got one."""
+    """Give each Attention its checkpoint k/v scales (written into its k_scale / v_scale tensors) and record which
+    of the two came from the checkpoint (`kv_scales_from_checkpoint`: (k, v) bools; the first step computes the
+    others, calibrate_kv_scales_); returns how many layers got at least one."""
     from shardllm.layers.attention import Attention
 
     found = 0
     for name, m in model.named_modules():
         if isinstance(m, Attention):
-            s = scales.get(name.rsplit(".", 1)[0]) if "." in name else None
-            if s:
-                m.k_scale.fill_(s.get("k", 1.0))
-                m.v_scale.fill_(s.get("v", 1.0))
-                found += 1
+            s = (scales.get(name.rsplit(".", 1)[0]) if "." in name else None) or {}
+            for kv in s:
+                getattr(m, f"{kv}_scale").fill_(s[kv])
+            m.kv_scales_from_checkpoint = ("k" in s, "v" in s)
+            found += bool(s)
     return found
+
+
+def layers_to_calibrate(attn_layers: list[nn.Module]) -> list[nn.Module]:
+    """The Attention layers whose k or v scale the checkpoint did not give (all of them without checkpoint
+    scales): an FP8 cache computes those on the first step."""
+    return [a for a in attn_layers if not all(getattr(a, "kv_scales_from_checkpoint", (False, False)))]
 
 
 def calibrated_scale(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
@@ -100,7 +107,8 @@ def calibrated_scale(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor
 
 def calibrate_kv_scales_(attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
     """Set attn.k_scale / v_scale in place from this step's k (N, nkv, D) and v, the amax taken over the tp group
-    (every rank runs the step: a collective in the layer's forward, like a row-parallel all-reduce)."""
+    (every rank runs the step: a collective in the layer's forward, like a row-parallel all-reduce); a scale the
+    checkpoint gave (attn.kv_scales_from_checkpoint) is kept."""
     from shardllm.distributed.parallel_state import get_parallel_context
 
     amax = torch.stack([k.detach().abs().amax(), v.detach().abs().amax()]).float()  # (2,)
@@ -110,8 +118,11 @@ def calibrate_kv_scales_(attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> N
 
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=ctx.tp_group)
     fp8 = attn.kv_cache.dtype
-    attn.k_scale.copy_(calibrated_scale(amax[0], fp8))
-    attn.v_scale.copy_(calibrated_scale(amax[1], fp8))
+    from_checkpoint = getattr(attn, "kv_scales_from_checkpoint", (False, False))  # those stay as loaded
+    if not from_checkpoint[0]:
+        attn.k_scale.copy_(calibrated_scale(amax[0], fp8))
+    if not from_checkpoint[1]:
+        attn.v_scale.copy_(calibrated_scale(amax[1], fp8))
 
 
 def set_kv_scale_calibration(attn_layers: list[nn.Module], on: bool) -> None:
