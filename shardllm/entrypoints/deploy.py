@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import re
 import shlex
 import sys
@@ -17,7 +18,13 @@ from typing import Any
 
 import yaml
 
-from shardllm.config import ParallelConfig, _executor_backend, check_num_workers, check_settings_without_model
+from shardllm.config import (
+    ParallelConfig,
+    _executor_backend,
+    check_num_workers,
+    check_settings_without_model,
+    valid_tp_sizes,
+)
 from shardllm.deploy.kubernetes import CONFIG_MOUNT, DeploySpec, render
 from shardllm.entrypoints.cli import build_parser, resolve_settings
 
@@ -138,6 +145,7 @@ def build_spec(argv: list[str]) -> DeploySpec:
                                 engine.get("ray_address"))
     check_num_workers(ParallelConfig(tp, pp, distributed_executor_backend=backend,
                                      num_workers=engine.get("num_workers")))
+    check_tp_against_local_model(engine.get("model"), tp)
     num_workers = engine.get("num_workers") or 1
     settings = {**engine, **{k: v for k, v in server.items() if k not in NOT_RENDERED}}
     serve_args, no_flag = settings_to_args(settings)
@@ -153,6 +161,26 @@ def build_spec(argv: list[str]) -> DeploySpec:
         cache_size=opts.cache_size, shm_size=opts.shm_size, service_monitor=opts.service_monitor,
         ray_operator=opts.ray_operator, ray_token_secret=opts.ray_token_secret, config_yaml=config_yaml,
         cpu_only=engine.get("device") == "cpu")
+
+
+def check_tp_against_local_model(model: str | None, tp: int) -> None:
+    """serve's attention-head check of --tp_size where the model's config is on this machine: the embedded default
+    (None, its name or "default"), a checkpoint directory, a GGUF file or a shipped config name. A Hugging Face
+    repo id is not fetched here; the pod's `shardllm serve` checks it at start. Raises ValueError naming the valid
+    sizes, as serve does."""
+    from shardllm.entrypoints.plan import load_config
+    from shardllm.model_loader.default_model import DEFAULT_MODEL_NAME
+    from shardllm.model_loader.resolve import shipped_config_name
+
+    model = model or DEFAULT_MODEL_NAME
+    if not (model in (DEFAULT_MODEL_NAME, "default") or os.path.exists(model) or shipped_config_name(model)):
+        return
+    hf = load_config(model)
+    valid = valid_tp_sizes(hf)
+    if tp not in valid:
+        kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {hf.num_attention_heads} attention "
+                         f"heads ({kv} kv heads): valid sizes are {valid}")
 
 
 class _Dumper(yaml.SafeDumper):

@@ -334,7 +334,7 @@ def test_num_workers_must_divide_world_size(capsys):
     assert rc == 1 and "num_workers=3 nodes do not divide tp_size=8 x pp_size=2 = 16 ranks" in err
 
 
-KUBERAY_TWO = ["-tp", "2", "--num_workers", "2", "--ray_operator", "kuberay", "--replicas", "2"]
+KUBERAY_TWO = ["llama-3-8b", "-tp", "2", "--num_workers", "2", "--ray_operator", "kuberay", "--replicas", "2"]
 
 
 @pytest.mark.parametrize("bad,fix", [(["--name", "My_Server"], "DNS label"), (["--host", "127.0.0.1"], "leave --host"),
@@ -388,3 +388,18 @@ def test_cpu_device_asks_for_no_gpu():
     (pod,) = server_pods(docs)
     assert "resources" not in pod["containers"][0]
     assert [e for d in docs for e in manifest_errors(d)] == []
+
+
+def test_a_tp_size_the_local_models_heads_refuse_fails_with_serves_message(capsys):
+    """Where the model's config is on this machine (a shipped config name here; also the embedded default, a
+    directory or a GGUF file), a --tp_size that does not split its attention heads is refused with the message
+    serve's engine config gives; a Hugging Face repo id is left to the pod (its config is not fetched here)."""
+    from shardllm.config import EngineConfig
+
+    with pytest.raises(ValueError) as serve_error:
+        EngineConfig.create("llama-3-70b", load_format="dummy", device="cpu", tensor_parallel_size=3)
+    assert main(["kubernetes", "llama-3-70b", "--tp_size", "3"]) == 1
+    assert str(serve_error.value) in capsys.readouterr().err
+    assert main(["kubernetes", "llama-3-70b", "--tp_size", "4"]) == 0
+    capsys.readouterr()
+    assert main(["kubernetes", "some-org/some-model", "--tp_size", "3"]) == 0
