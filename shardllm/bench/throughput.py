@@ -170,7 +170,8 @@ def run(a: argparse.Namespace) -> dict:
         "async_scheduling": llm.config.scheduler_config.async_scheduling,
         "cuda_graphs": llm.config.device == "cuda" and not llm.config.enforce_eager,
         "attention_backend": llm.config.attention_backend,
-        "all_reduce": llm.config.parallel_config.all_reduce,
+        # the tp all-reduce: the setting on GPUs; gloo's on the CPU whatever the setting (its only backend there)
+        "all_reduce": llm.config.parallel_config.all_reduce if llm.config.device == "cuda" else "gloo",
     }
     ex = eng.executor
     if hasattr(ex, "plan_send_s") and ex.num_steps:

@@ -26,6 +26,7 @@ def test_bench_counts_and_fields(tiny_checkpoints, capsys):
     assert res["ttft_ms_max"] > res["ttft_ms_p50"] > 0
     assert res["decode_phase_tpot_ms"] > 0
     assert res["async_scheduling"] is True and res["cuda_graphs"] is False
+    assert res["all_reduce"] == "gloo"  # a CPU run: gloo whatever the all_reduce setting says
     assert "roofline_ms_per_token" not in res  # the roofline is a GPU measure
 
 
