@@ -61,8 +61,8 @@ REFUSALS = {
     "hf-fmt-e5m2": (_with(HF_FP8, "fmt", "e5m2"), r"FP8 checkpoint format 'e5m2' is not supported: e4m3 weights only"),
     # HF "fp8" per tensor: an activation scheme other than static / dynamic
     "hf-activation-scheme": (_with(HF_FP8, "activation_scheme", "per_token"),
-                             r"activation_scheme 'per_token' is not supported: set quantization_config's activation_scheme to "
-                             r"'static' \(with input_scale tensors\) or 'dynamic'"),
+                             r"activation_scheme 'per_token' is not supported: set quantization_config's "
+                             r"activation_scheme to 'static' \(with input_scale tensors\) or 'dynamic'"),
     # HF "fp8" with 128x128 weight blocks: activations are quantized per step, so a static scheme (input_scale
     # tensors that would go unused) and an unknown scheme are refused, as on the per-tensor path
     "hf-block-static": (_with(HF_FP8, "weight_block_size", [128, 128]),
