@@ -366,20 +366,27 @@ def _check_expert_parallel(pc: ParallelConfig, mc: ModelConfig) -> None:
                          f"its intermediate size {inter}: raise expert_parallel_size or lower tensor_parallel_size")
 
 
-def _check_parallel(pc: ParallelConfig, mc: ModelConfig, device: str) -> None:
-    tp = pc.tensor_parallel_size
-    valid = valid_tp_sizes(mc.hf_config)
+def check_tp_splits_heads(tp: int, hf_config) -> None:
+    """ValueError naming the valid sizes where tensor_parallel_size `tp` does not split the model's attention heads
+    (valid_tp_sizes); serve's engine config and `shardllm deploy` give the same message."""
+    valid = valid_tp_sizes(hf_config)
     if tp not in valid:
-        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {mc.hf_config.num_attention_heads} "
-                         f"attention heads ({mc.total_num_kv_heads} kv heads): valid sizes are {valid}")
+        kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {hf_config.num_attention_heads} "
+                         f"attention heads ({kv} kv heads): valid sizes are {valid}")
+
+
+def _check_parallel(pc: ParallelConfig, mc: ModelConfig, device: str) -> None:
+    check_tp_splits_heads(pc.tensor_parallel_size, mc.hf_config)
     pp_layer_split(mc.num_layers, pc.pipeline_parallel_size, pc.pp_partition)  # ValueError: more stages than layers
     _check_expert_parallel(pc, mc)
     check_num_workers(pc)
     if device == "cuda" and pc.distributed_executor_backend != "ray":  # Ray's GPUs may be on other nodes
         visible = torch.cuda.device_count()
         if pc.world_size > visible:
-            raise ValueError(f"{visible} GPUs visible, tp_size={tp} x pp_size={pc.pipeline_parallel_size} needs "
-                             f"{pc.world_size}: lower tp_size or set CUDA_VISIBLE_DEVICES")
+            raise ValueError(f"{visible} GPUs visible, tp_size={pc.tensor_parallel_size} x "
+                             f"pp_size={pc.pipeline_parallel_size} needs {pc.world_size}: lower tp_size or set "
+                             "CUDA_VISIBLE_DEVICES")
     if pc.distributed_executor_backend == "uni" and pc.world_size > 1:
         raise ValueError("distributed_executor_backend='uni' runs one rank: use 'mp' for several")
 

