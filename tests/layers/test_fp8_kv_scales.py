@@ -267,3 +267,29 @@ def test_partial_scales_at_tp2_give_one_ranks_tokens(big_kv_checkpoint, tmp_path
         assert _generate(path, "fp8", tensor_parallel_size=2)["tokens"] == one
     finally:
         torch.set_num_threads(threads)
+
+
+def test_scales_under_no_attention_layer_are_reported(tiny_checkpoints, tmp_path, caplog):
+    """Names the scale pattern accepts but whose module is no attention layer's (a projection's v_scale, an MLP's
+    kv_scale) have no reader: one warning names them; the layers keep their own scales."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_checkpoints["llama"]
+    t = load_file(os.path.join(src, "model.safetensors"))
+    t["model.layers.0.self_attn.k_scale"], t["model.layers.0.self_attn.v_scale"] = torch.tensor(3.0), torch.tensor(6.0)
+    t["model.layers.1.self_attn.k_proj.v_scale"] = torch.tensor(7.0)
+    t["model.layers.1.mlp.kv_scale"] = torch.tensor(9.0)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        (tmp_path / "config.json").write_text(f.read())
+    with caplog.at_level("WARNING", logger="shardllm.layers.quantization.kv_cache"):
+        llm = LLM(str(tmp_path), device="cpu", num_kv_blocks=100, block_size=4, kv_cache_dtype="fp8")
+    try:
+        runner = llm.engine.executor.worker.model_runner
+        assert [(float(a.k_scale), float(a.v_scale)) for a in runner.attn_layers] == [(3.0, 6.0), (1.0, 1.0)]
+    finally:
+        llm.shutdown()
+    msgs = [r.getMessage() for r in caplog.records if "match no attention layer" in r.getMessage()]
+    assert len(msgs) == 1
+    assert "model.layers.1.mlp" in msgs[0] and "model.layers.1.self_attn.k_proj" in msgs[0]
+    assert "layers.0" not in msgs[0]

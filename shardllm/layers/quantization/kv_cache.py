@@ -79,14 +79,23 @@ def apply_kv_scales(model: nn.Module, scales: dict[str, dict[str, float]]) -> in
     others, calibrate_kv_scales_); returns how many layers got at least one."""
     from shardllm.layers.attention import Attention
 
-    found = 0
+    found, parents = 0, set()
     for name, m in model.named_modules():
         if isinstance(m, Attention):
-            s = (scales.get(name.rsplit(".", 1)[0]) if "." in name else None) or {}
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            parents.add(parent.rsplit(".", 1)[-1])
+            s = scales.get(parent) or {}
             for kv in s:
                 getattr(m, f"{kv}_scale").fill_(s[kv])
             m.kv_scales_from_checkpoint = ("k" in s, "v" in s)
             found += bool(s)
+    # a scale under a module that is no attention layer's (e.g. "...k_proj.v_scale", "...mlp.kv_scale") has no
+    # reader: say so (another pipeline stage's layers end in the same module name, and are not reported)
+    stray = sorted(p for p in scales if parents and p.rsplit(".", 1)[-1] not in parents)
+    if stray:
+        logger.warning("checkpoint KV-cache scales under %s match no attention layer and are ignored (expected "
+                       "under %s)", ", ".join(stray[:4]) + (" ..." if len(stray) > 4 else ""),
+                       " / ".join(sorted(parents)))
     return found
 
 
