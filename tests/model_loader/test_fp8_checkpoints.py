@@ -228,9 +228,11 @@ def test_tp2_equals_the_twin(checkpoints, tokens, fmt):
     assert tokens(dst, weight_only=True, tensor_parallel_size=2) == tokens(twin)
 
 
-@pytest.mark.parametrize("fmt", SHARDED_FORMATS)
+@pytest.mark.parametrize("fmt", [f for f in SHARDED_FORMATS if f not in STATIC_FORMATS])
 def test_pp2_equals_the_twin(checkpoints, tokens, fmt):
-    """Two stages of one layer each: each stage loads only its layers' weights and scales."""
+    """Two stages of one layer each: each stage loads only its layers' weights and scales. (The static formats'
+    pipeline split is the next test's: W8A8 at pp = 2 equal to one rank, which the wrong layer's weight or input
+    scale on a stage would break; one pp engine per format keeps the suite's time.)"""
     dst, twin = checkpoints("llama", fmt)
     assert tokens(dst, weight_only=True, pipeline_parallel_size=2) == tokens(twin)
 
