@@ -119,6 +119,7 @@ class Attention(nn.Module):
         self.register_buffer("k_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones((), dtype=torch.float32), persistent=False)
         self.calibrate_kv_scales = False  # the runner sets it for the first step of an FP8 cache without scales
+        self.kv_scales_from_checkpoint = (False, False)  # (k, v) given by the checkpoint (kv_cache.apply_kv_scales)
         # V stored (num_blocks, nkv, D, block_size) in kv_cache[1]'s memory (SHARDLLM_KV_V_TRANSPOSED; the runner
         # sets it where the Triton kernels run): the TMA decode kernel then reads a V page as it reads K's
         self.v_transposed = False

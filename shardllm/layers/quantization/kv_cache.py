@@ -102,7 +102,7 @@ def apply_kv_scales(model: nn.Module, scales: dict[str, dict[str, float]]) -> in
 def layers_to_calibrate(attn_layers: list[nn.Module]) -> list[nn.Module]:
     """The Attention layers whose k or v scale the checkpoint did not give (all of them without checkpoint
     scales): an FP8 cache computes those on the first step."""
-    return [a for a in attn_layers if not all(getattr(a, "kv_scales_from_checkpoint", (False, False)))]
+    return [a for a in attn_layers if not all(a.kv_scales_from_checkpoint)]
 
 
 def calibrated_scale(amax: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
@@ -127,10 +127,9 @@ def calibrate_kv_scales_(attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> N
 
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=ctx.tp_group)
     fp8 = attn.kv_cache.dtype
-    from_checkpoint = getattr(attn, "kv_scales_from_checkpoint", (False, False))  # those stay as loaded
-    if not from_checkpoint[0]:
+    if not attn.kv_scales_from_checkpoint[0]:  # a scale the checkpoint gave stays as loaded
         attn.k_scale.copy_(calibrated_scale(amax[0], fp8))
-    if not from_checkpoint[1]:
+    if not attn.kv_scales_from_checkpoint[1]:
         attn.v_scale.copy_(calibrated_scale(amax[1], fp8))
 
 
