@@ -24,8 +24,12 @@ install: $(VENV)/.installed
 serve: $(VENV)/.installed-server
 	$(VENV)/bin/shardllm serve $(ARGS)
 
+# The suite in TEST_WORKERS pytest-xdist processes, one test file each at a time (a file's module fixtures, servers
+# and engines are set up once), torch one intra-op thread a process: on 2 cores this is ~0.65x the serial time
+# (serial: 2 threads a process contend with the tests' own worker processes). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check shardllm tests benchmarks
