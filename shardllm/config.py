@@ -328,11 +328,37 @@ def _model_max_len(hf_config) -> int:
     return int(n)
 
 
-def valid_tp_sizes(hf_config) -> list[int]:
-    """tp sizes that split the attention heads evenly (kv heads split, or replicated a whole number of times)."""
+def tp_split_problem(tp: int, hf_config) -> str | None:
+    """Why tensor_parallel_size `tp` cannot split the model, as the end of a sentence "tensor_parallel_size=N ...";
+    None where it can. Every dimension the tp group splits is checked: the attention heads (the kv heads split,
+    or are replicated a whole number of times), the dense MLP's intermediate size, a shared expert's, and the routed
+    experts' (split over tp / ep ranks: some expert_parallel_size dividing tp and the experts must make it divide;
+    `_check_expert_parallel` checks the one chosen). The vocabulary is padded to a multiple of tp (never a
+    problem)."""
     heads = hf_config.num_attention_heads
     kv = getattr(hf_config, "num_key_value_heads", None) or heads
-    return [t for t in range(1, heads + 1) if heads % t == 0 and (kv % t == 0 if t < kv else t % kv == 0)]
+    if tp < 1 or heads % tp:
+        return f"does not divide the model's {heads} attention heads"
+    if (kv % tp if tp < kv else tp % kv):
+        return (f"does not split the model's {kv} kv heads evenly, nor replicate them a whole number of times "
+                f"({heads} attention heads)")
+    experts = num_experts(hf_config)
+    if not experts:
+        inter = int(hf_config.intermediate_size)
+        return None if inter % tp == 0 else f"does not divide the model's MLP intermediate size {inter}"
+    shared = int(getattr(hf_config, "shared_expert_intermediate_size", 0) or 0)
+    if shared % tp:
+        return f"does not divide the model's shared-expert intermediate size {shared}"
+    inter = moe_intermediate_size(hf_config)
+    if not any(tp % ep == 0 and experts % ep == 0 and inter % (tp // ep) == 0 for ep in range(1, tp + 1)):
+        return (f"splits the model's experts (intermediate size {inter}, {experts} experts) at no "
+                "expert_parallel_size")
+    return None
+
+
+def valid_tp_sizes(hf_config) -> list[int]:
+    """tp sizes that split the model (tp_split_problem is None), ascending; at most the attention heads."""
+    return [t for t in range(1, hf_config.num_attention_heads + 1) if tp_split_problem(t, hf_config) is None]
 
 
 def num_experts(hf_config) -> int:
@@ -366,18 +392,16 @@ def _check_expert_parallel(pc: ParallelConfig, mc: ModelConfig) -> None:
                          f"its intermediate size {inter}: raise expert_parallel_size or lower tensor_parallel_size")
 
 
-def check_tp_splits_heads(tp: int, hf_config) -> None:
-    """ValueError naming the valid sizes where tensor_parallel_size `tp` does not split the model's attention heads
-    (valid_tp_sizes); serve's engine config and `shardllm deploy` give the same message."""
-    valid = valid_tp_sizes(hf_config)
-    if tp not in valid:
-        kv = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
-        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {hf_config.num_attention_heads} "
-                         f"attention heads ({kv} kv heads): valid sizes are {valid}")
+def check_tp_size(tp: int, hf_config) -> None:
+    """ValueError naming the dimension and the valid sizes where tensor_parallel_size `tp` does not split the model
+    (tp_split_problem); serve's engine config, `shardllm plan` and `shardllm deploy` give the same message."""
+    problem = tp_split_problem(tp, hf_config)
+    if problem:
+        raise ValueError(f"tensor_parallel_size={tp} {problem}: valid sizes are {valid_tp_sizes(hf_config)}")
 
 
 def _check_parallel(pc: ParallelConfig, mc: ModelConfig, device: str) -> None:
-    check_tp_splits_heads(pc.tensor_parallel_size, mc.hf_config)
+    check_tp_size(pc.tensor_parallel_size, mc.hf_config)
     pp_layer_split(mc.num_layers, pc.pipeline_parallel_size, pc.pp_partition)  # ValueError: more stages than layers
     _check_expert_parallel(pc, mc)
     check_num_workers(pc)

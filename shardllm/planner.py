@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from shardllm.config import KV_CACHE_DTYPES, default_block_size, moe_intermediate_size, num_experts, valid_tp_sizes
+from shardllm.config import (
+    KV_CACHE_DTYPES,
+    check_tp_size,
+    default_block_size,
+    moe_intermediate_size,
+    num_experts,
+    valid_tp_sizes,
+)
 from shardllm.distributed.parallel_state import pp_layer_split
 from shardllm.model_loader.size import layer_shapes
 
@@ -174,10 +181,7 @@ def estimate(hf_config, tp: int = 1, pp: int = 1, *, weight_dtype: str = "bf16",
     c = hf_config
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight dtype must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}")
-    valid = valid_tp_sizes(c)
-    if tp not in valid:
-        raise ValueError(f"tensor_parallel_size={tp} must divide the {c.num_attention_heads} attention heads, and "
-                         f"the kv heads must split evenly or be replicated a whole number of times: use one of {valid}")
+    check_tp_size(tp, c)
     wbytes, abytes = WEIGHT_DTYPES[weight_dtype], (4 if weight_dtype in ("fp32", "float32") else 2)
     kv_elem = kv_bytes_per_element(kv_cache_dtype, abytes)
     if block_size is None:

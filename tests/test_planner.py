@@ -80,7 +80,7 @@ def test_pp_split_and_embeddings():
 
 
 def test_validation_errors_name_the_rule():
-    with pytest.raises(ValueError, match=r"divide the 32 attention heads.*\[1, 2, 4, 8, 16, 32\]"):
+    with pytest.raises(ValueError, match=r"divide the model's 32 attention heads.*\[1, 2, 4, 8, 16, 32\]"):
         estimate(L8, 3, 1)
     with pytest.raises(ValueError, match="pipeline_parallel_size=33 exceeds the model's 32 layers"):
         estimate(L8, 1, 33)
@@ -408,3 +408,47 @@ def test_decode_read_bytes_count_what_a_batch_one_step_reads():
     tied = load_shipped_config("llama-3-8b")
     tied.tie_word_embeddings = True  # a tied table is the LM head: read once, whole
     assert decode_read_bytes(tied, 2, 2) == decode_read_bytes(L8, 2, 2)
+
+
+def _config(arch: str, **overrides):
+    import transformers
+
+    cfg_name, _, extra = ARCH_CONFIGS[arch]
+    return getattr(transformers, cfg_name)(**{**TINY, **extra, **overrides})
+
+
+@pytest.mark.parametrize("arch, overrides, tp, problem", [
+    ("llama", dict(num_attention_heads=6, num_key_value_heads=6, hidden_size=96), 4, "6 attention heads"),
+    ("llama", dict(num_attention_heads=8, num_key_value_heads=4, intermediate_size=96), 8, None),  # kv replicated
+    ("llama", dict(num_attention_heads=12, num_key_value_heads=4, hidden_size=96), 6, "4 kv heads"),
+    ("llama", dict(num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536, hidden_size=576), 9,
+     "MLP intermediate size 1536"),  # the default model's shape
+    ("llama", dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=130), 4, "intermediate size 130"),
+    ("qwen2_moe", dict(shared_expert_intermediate_size=50), 4, "shared-expert intermediate size 50"),
+    ("qwen2_moe", dict(shared_expert_intermediate_size=48, moe_intermediate_size=30), 4, None),  # ep 2: 30 / 2
+    ("mixtral", dict(num_local_experts=3, intermediate_size=30), 4, "at no expert_parallel_size"),
+    ("mixtral", dict(num_local_experts=4, intermediate_size=30), 4, None),  # ep 4 or 2
+])
+def test_tp_split_problem_names_the_dimension_that_does_not_split(arch, overrides, tp, problem):
+    """Every dimension the tp group splits is checked, not the heads alone: a tp the heads take but the MLP does
+    not (the default model at tp 9) used to pass the check and fail in the workers."""
+    from shardllm.config import check_tp_size, tp_split_problem, valid_tp_sizes
+
+    c = _config(arch, **overrides)
+    got = tp_split_problem(tp, c)
+    if problem is None:
+        assert got is None and tp in valid_tp_sizes(c)
+        check_tp_size(tp, c)
+    else:
+        assert problem in got and tp not in valid_tp_sizes(c)
+        with pytest.raises(ValueError, match=rf"tensor_parallel_size={tp} .*{problem}.*valid sizes are"):
+            check_tp_size(tp, c)
+
+
+def test_plan_offers_no_layout_the_mlp_refuses():
+    """`shardllm plan` lists only tp sizes that split the whole model (the heads alone would allow tp 9 here)."""
+    c = _config("llama", num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536, hidden_size=576)
+    tps = {cand.tensor_parallel_size for cand in plan(c, gpus_per_node=9).candidates}
+    assert 3 in tps and 9 not in tps
+    with pytest.raises(ValueError, match="MLP intermediate size 1536"):
+        estimate(c, 9, 1)

@@ -23,7 +23,7 @@ from shardllm.config import (
     _executor_backend,
     check_num_workers,
     check_settings_without_model,
-    check_tp_splits_heads,
+    check_tp_size,
 )
 from shardllm.deploy.kubernetes import CONFIG_MOUNT, DeploySpec, render
 from shardllm.entrypoints.cli import build_parser, resolve_settings
@@ -185,11 +185,11 @@ def local_model_config(model: str | None):
 
 
 def check_tp_against_local_model(model: str | None, tp: int) -> None:
-    """serve's attention-head check of --tp_size (config.check_tp_splits_heads, the same ValueError) where the
+    """serve's check of --tp_size against the model's dimensions (config.check_tp_size, the same ValueError) where the
     model's config is on this machine (`local_model_config`); nothing is fetched from the network."""
     hf = local_model_config(model)
     if hf is not None:
-        check_tp_splits_heads(tp, hf)
+        check_tp_size(tp, hf)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -418,7 +418,9 @@ def test_the_local_head_check_reads_only_what_is_on_this_machine(tiny_checkpoint
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
     assert main(["kubernetes", "--tp_size", "2"]) == 1  # the default model: 9 heads
-    assert "valid sizes are [1, 3, 9]" in capsys.readouterr().err
+    assert "valid sizes are [1, 3]" in capsys.readouterr().err
+    assert main(["kubernetes", "--tp_size", "9"]) == 1  # 9 heads, but an MLP 1536 wide
+    assert "MLP intermediate size 1536: valid sizes are [1, 3]" in capsys.readouterr().err
     assert main(["kubernetes", tiny_checkpoints["llama"], "--tp_size", "3"]) == 1  # 4 heads, 2 kv heads
     assert "valid sizes are [1, 2, 4]" in capsys.readouterr().err
     no_config = tmp_path / "gguf_only"

@@ -152,8 +152,9 @@ def test_prompt_logprobs_equal_tp1(pool):
             assert max(abs(ge[t].logprob - re_[t].logprob) for t in re_) <= LOGPROB_ATOL
 
 
-@pytest.mark.parametrize("model, tp, valid", [(None, 2, "[1, 3, 9]"), ("llama", 3, "[1, 2, 4]")])
-def test_tp_that_does_not_divide_the_heads_fails_at_start(tiny_checkpoints, model, tp, valid):
+@pytest.mark.parametrize("model, tp, valid", [(None, 2, "[1, 3]"), (None, 9, "[1, 3]"), ("llama", 3, "[1, 2, 4]")])
+def test_tp_that_does_not_split_the_model_fails_at_start(tiny_checkpoints, model, tp, valid):
+    """The default model's 9 heads take tp 9, but its MLP (1536 wide) does not: refused before any worker starts."""
     path = tiny_checkpoints[model] if model else None
     before = set(_worker_pids_alive())
     words = rf"tensor_parallel_size={tp} does not divide .*: valid sizes are {re.escape(valid)}"
