@@ -269,7 +269,9 @@ def run_sweep_cli(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         rows = run_sweep(a)
     except ValueError as e:
         ap.error(str(e))
-    if a.plot:
+    if a.plot and not any(r["status"] == "ok" for r in rows):
+        print(f"plot: {a.plot} not written: no layout ran", file=sys.stderr)
+    elif a.plot:
         from shardllm.bench.plot import plot_scaling
 
         plot_scaling(rows, a.plot)

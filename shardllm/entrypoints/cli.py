@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                       (("--api_key",), dict(help="require 'Authorization: Bearer KEY' on /v1/* "
                                                  "(or set SHARDLLM_API_KEY)")),
                       (("--shutdown_timeout",), dict(type=float, help="seconds running requests get to "
-                                                                      "finish on SIGTERM (default 30)")),
+                                                                      "finish on SIGTERM or SIGINT (Ctrl-C; default "
+                                                                      "30)")),
                       (("--api_key_file",), dict(metavar="PATH", help="read the API key from this file (keeps it "
                                                                       "out of `ps`)")),
                       (("--max_request_body_bytes",), dict(type=int, metavar="N", help="larger bodies get 413 "

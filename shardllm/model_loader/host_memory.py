@@ -8,8 +8,10 @@ What a load keeps in host memory, path by path (model_loader/loader.py):
 - on GPUs, dummy weights: made on the GPU. Nothing to check.
 - pickle checkpoints (`.bin`) are never loaded.
 - on CPU (`device="cpu"`), every format: the weights are host memory, and so is each rank's KV cache
-  (`cpu_kv_cache_gb`, or `num_kv_blocks` blocks). A model larger than the memory left is killed part-way through
-  its load by the kernel (or swaps for hours); this check fails first.
+  (`cpu_kv_cache_gb`, or `num_kv_blocks` blocks). FP8 linears on CPU also keep a float32 copy of their weights
+  from their first call (the reference path: `fp8_utils.cpu_weight_f32`), 5 bytes a parameter in all. A model
+  larger than the memory left is killed part-way through its load by the kernel (or swaps for hours); this check
+  fails first.
 Available memory is psutil's `available` (Linux: MemAvailable) plus free swap. A machine whose memory grows as it
 is used (a balloon) can report less than it will give.
 """
@@ -19,19 +21,28 @@ from __future__ import annotations
 GiB = 1 << 30
 
 
+FP8_CPU_BYTES = 1 + 4  # an FP8 linear's parameter on CPU: the e4m3 weight and its float32 copy (cpu_weight_f32)
+
+
 def host_memory_needed(config) -> tuple[int, int]:
     """(weights, KV cache) in bytes that the ranks on this host hold in host memory: (0, 0) off CPU and under Ray
-    (whose ranks may be on other hosts)."""
+    (whose ranks may be on other hosts). Weights: every parameter in the model's dtype, or with FP8 the decoder
+    layers' Linears at FP8_CPU_BYTES and the rest (embeddings, LM head, norms) in the model's dtype."""
     import torch
 
-    from shardllm.model_loader.size import weight_bytes
+    from shardllm.model_loader.size import count_parameters, linear_parameters
     from shardllm.planner import kv_bytes_per_element
 
     mc, pc, cc = config.model_config, config.parallel_config, config.cache_config
     if config.device != "cpu" or pc.distributed_executor_backend == "ray":
         return 0, 0
     act = torch.empty((), dtype=mc.dtype).element_size()
-    weights = weight_bytes(mc.hf_config, 1 if mc.quantization is not None else act)  # FP8 linears: 1 byte
+    total = count_parameters(mc.hf_config)
+    if mc.quantization is not None:
+        linear = linear_parameters(mc.hf_config)
+        weights = linear * FP8_CPU_BYTES + (total - linear) * act
+    else:
+        weights = total * act
     if cc.num_blocks is None:
         kv = int(cc.cpu_kv_cache_gb * GiB) * pc.world_size
     else:  # each rank holds num_blocks blocks of its share of the layers and kv heads
@@ -65,9 +76,15 @@ def check_host_memory(config) -> None:
     if weights + kv <= available:
         return
     mc = config.model_config
+    dtype = str(mc.dtype).removeprefix("torch.")
+    if mc.quantization is not None:
+        held = (f"FP8 linears with the float32 copy the CPU path keeps of each ({FP8_CPU_BYTES} bytes a parameter), "
+                f"the rest in {dtype}")
+        smaller = "use a smaller model, or bfloat16 weights (dtype='bfloat16': FP8 on CPU takes more)"
+    else:
+        held = f"in {dtype}"
+        smaller = "use a smaller model or dtype (bfloat16 halves float32)"
     raise ValueError(
         f"{mc.model} on CPU needs about {(weights + kv) / GiB:.1f} GiB of host memory (weights "
-        f"{weights / GiB:.1f} GiB in {str(mc.dtype).removeprefix('torch.')}, KV cache {kv / GiB:.1f} GiB), but this "
-        f"host has {available / GiB:.1f} GiB available (RAM and swap): run it on GPUs (device='cuda'), use a "
-        "smaller model or dtype (bfloat16 halves float32; dtype='fp8' quantizes the linears), or lower "
-        "cpu_kv_cache_gb")
+        f"{weights / GiB:.1f} GiB {held}, KV cache {kv / GiB:.1f} GiB), but this host has {available / GiB:.1f} GiB "
+        f"available (RAM and swap): run it on GPUs (device='cuda'), {smaller}, or lower cpu_kv_cache_gb")

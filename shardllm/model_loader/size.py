@@ -62,6 +62,11 @@ def count_parameters(hf_config) -> int:
     return total + embed + c.hidden_size
 
 
+def linear_parameters(hf_config) -> int:
+    """Parameters of the decoder layers' Linears (the weights FP8 quantizes; experts stacked), whole model."""
+    return sum(n * k for i in range(hf_config.num_hidden_layers) for n, k in layer_shapes(hf_config, i)[0])
+
+
 def weight_bytes(hf_config, bytes_per_param: float) -> int:
     return int(count_parameters(hf_config) * bytes_per_param)
 

@@ -53,11 +53,15 @@ def test_sweep_tp_pp_with_an_oom_layout(tiny_checkpoints, tmp_path, capsys):
     assert table[2].split()[-1] == "100%" and table[3].split()[-1] == f"{pp2['efficiency']:.0%}"
 
 
-def test_a_layout_past_its_timeout_is_stopped_and_reported(tiny_checkpoints, capsys):
+def test_a_layout_past_its_timeout_is_stopped_and_reported(tiny_checkpoints, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "none.png"
     rc = cli.main(["bench", "--model", tiny_checkpoints["llama"], "--device", "cpu", "--input_len", "5",
-                   "--output_len", "7", "--sweep", "tp=2", "--layout_timeout", "0.5", "--json"])
-    [row] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+                   "--output_len", "7", "--sweep", "tp=2", "--layout_timeout", "0.5", "--json", "--plot", str(png)])
+    out = capsys.readouterr()
+    [row] = json.loads(out.out.strip().splitlines()[-1])["rows"]
     assert rc == 1 and row["status"] == "timeout" and "--layout_timeout" in row["error"] and row["efficiency"] is None
+    assert not png.exists() and "not written: no layout ran" in out.err  # no plot of nothing
 
 
 def test_sweep_bad_input_is_a_clear_error(tiny_checkpoints, capsys):

@@ -44,6 +44,21 @@ def test_what_counts_and_where(monkeypatch):
     fp8 = EngineConfig.create("llama-3-8b", load_format="dummy", device="cpu", dtype="fp8", num_kv_blocks=10,
                               block_size=16, tensor_parallel_size=2)
     weights, kv = host_memory_needed(fp8)
-    assert 8.0e9 < weights < 8.1e9  # 1 byte per parameter, both ranks
+    # both ranks: the 32 layers' Linears (qkv 6144 x 4096, o 4096 x 4096, gate_up 28672 x 4096, down 4096 x 14336)
+    # in e4m3 plus the float32 copy the CPU path keeps (1 + 4 bytes); embedding, LM head and norms in fp32
+    linears = 32 * (6144 * 4096 + 4096 * 4096 + 28672 * 4096 + 4096 * 14336)
+    assert weights == linears * 5 + (2 * 128256 * 4096 + 2 * 4096 * 32 + 4096) * 4
     # 10 blocks of 16 tokens per rank, each rank half the 8 kv heads, K and V in the activations' fp32 (on CPU)
     assert fp8.model_config.dtype.itemsize == 4 and kv == 10 * 16 * 2 * 32 * 8 * 128 * 4
+
+
+def test_an_fp8_model_too_large_for_the_host_says_what_fp8_holds_on_cpu(monkeypatch):
+    """FP8 on CPU keeps a float32 copy of each FP8 weight: the check counts it (an 8B model passed it and was then
+    OOM-killed at its first step), and its message does not suggest dtype='fp8' to a model already in FP8."""
+    small_host(monkeypatch, 20 * GiB)  # holds Llama-3-8B in bf16 (15 GiB), not in FP8 on CPU (36 GiB)
+    check_host_memory(EngineConfig.create("llama-3-8b", load_format="dummy", device="cpu", dtype="bf16"))
+    fp8 = EngineConfig.create("llama-3-8b", load_format="dummy", device="cpu", dtype="fp8")
+    with pytest.raises(ValueError) as e:
+        check_host_memory(fp8)
+    message = str(e.value)
+    assert "float32 copy" in message and "dtype='bfloat16'" in message and "dtype='fp8'" not in message
