@@ -333,7 +333,7 @@ def tp_split_problem(tp: int, hf_config) -> str | None:
     None where it can. Every dimension the tp group splits is checked: the attention heads (the kv heads split,
     or are replicated a whole number of times), the dense MLP's intermediate size, a shared expert's, and the routed
     experts' (split over tp / ep ranks: some expert_parallel_size dividing tp and the experts must make it divide;
-    `_check_expert_parallel` checks the one chosen). The vocabulary is padded to a multiple of tp (never a
+    `check_expert_parallel` checks the one chosen). The vocabulary is padded to a multiple of tp (never a
     problem)."""
     heads = hf_config.num_attention_heads
     kv = getattr(hf_config, "num_key_value_heads", None) or heads
@@ -370,14 +370,16 @@ def moe_intermediate_size(hf_config) -> int:
     return int(getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size)
 
 
-def _check_expert_parallel(pc: ParallelConfig, mc: ModelConfig) -> None:
-    """EP is carved out of the tp group: ep x moe_tp = tp, ep dividing the experts, moe_tp the expert width."""
-    tp, ep, experts = pc.tensor_parallel_size, pc.expert_parallel_size, num_experts(mc.hf_config)
+def check_expert_parallel(tp: int, ep: int, hf_config) -> None:
+    """EP is carved out of the tp group: ep x moe_tp = tp, ep dividing the experts, moe_tp the expert width.
+    ValueError naming the fix otherwise (serve's engine config and `shardllm deploy`)."""
+    experts = num_experts(hf_config)
     if experts == 0:
         if ep == 1:
             return
+        arch = (getattr(hf_config, "architectures", None) or [getattr(hf_config, "model_type", "the model")])[0]
         raise ValueError(f"expert_parallel_size={ep} applies to mixture-of-experts models only and "
-                         f"{mc.architecture} is dense: use expert_parallel_size=1 (tensor_parallel_size splits it)")
+                         f"{arch} is dense: use expert_parallel_size=1 (tensor_parallel_size splits it)")
     valid = [e for e in range(1, tp + 1) if tp % e == 0 and experts % e == 0]
     if tp % ep:
         raise ValueError(f"expert_parallel_size={ep} does not divide tensor_parallel_size={tp}: expert "
@@ -386,7 +388,7 @@ def _check_expert_parallel(pc: ParallelConfig, mc: ModelConfig) -> None:
     if experts % ep:
         raise ValueError(f"expert_parallel_size={ep} does not divide the model's {experts} experts: "
                          f"use an ep_size in {valid}")
-    inter = moe_intermediate_size(mc.hf_config)
+    inter = moe_intermediate_size(hf_config)
     if inter % (tp // ep):
         raise ValueError(f"each expert is split over tp_size / ep_size = {tp // ep} ranks, which does not divide "
                          f"its intermediate size {inter}: raise expert_parallel_size or lower tensor_parallel_size")
@@ -403,7 +405,7 @@ def check_tp_size(tp: int, hf_config) -> None:
 def _check_parallel(pc: ParallelConfig, mc: ModelConfig, device: str) -> None:
     check_tp_size(pc.tensor_parallel_size, mc.hf_config)
     pp_layer_split(mc.num_layers, pc.pipeline_parallel_size, pc.pp_partition)  # ValueError: more stages than layers
-    _check_expert_parallel(pc, mc)
+    check_expert_parallel(pc.tensor_parallel_size, pc.expert_parallel_size, mc.hf_config)
     check_num_workers(pc)
     if device == "cuda" and pc.distributed_executor_backend != "ray":  # Ray's GPUs may be on other nodes
         visible = torch.cuda.device_count()

@@ -21,6 +21,7 @@ import yaml
 from shardllm.config import (
     ParallelConfig,
     _executor_backend,
+    check_expert_parallel,
     check_num_workers,
     check_settings_without_model,
     check_tp_size,
@@ -145,7 +146,7 @@ def build_spec(argv: list[str]) -> DeploySpec:
                                 engine.get("ray_address"))
     check_num_workers(ParallelConfig(tp, pp, distributed_executor_backend=backend,
                                      num_workers=engine.get("num_workers")))
-    check_tp_against_local_model(engine.get("model"), tp)
+    check_tp_against_local_model(engine.get("model"), tp, int(engine.get("expert_parallel_size") or 1))
     num_workers = engine.get("num_workers") or 1
     settings = {**engine, **{k: v for k, v in server.items() if k not in NOT_RENDERED}}
     serve_args, no_flag = settings_to_args(settings)
@@ -184,12 +185,14 @@ def local_model_config(model: str | None):
         return None
 
 
-def check_tp_against_local_model(model: str | None, tp: int) -> None:
-    """serve's check of --tp_size against the model's dimensions (config.check_tp_size, the same ValueError) where the
-    model's config is on this machine (`local_model_config`); nothing is fetched from the network."""
+def check_tp_against_local_model(model: str | None, tp: int, ep: int = 1) -> None:
+    """serve's checks of --tp_size and --ep_size against the model's dimensions (config.check_tp_size,
+    config.check_expert_parallel: the same ValueErrors) where the model's config is on this machine
+    (`local_model_config`); nothing is fetched from the network."""
     hf = local_model_config(model)
     if hf is not None:
         check_tp_size(tp, hf)
+        check_expert_parallel(tp, ep, hf)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -9,7 +9,8 @@ What a load keeps in host memory, path by path (model_loader/loader.py):
 - pickle checkpoints (`.bin`) are never loaded.
 - on CPU (`device="cpu"`), every format: the weights are host memory, and so is each rank's KV cache
   (`cpu_kv_cache_gb`, or `num_kv_blocks` blocks). FP8 linears on CPU also keep a float32 copy of their weights
-  from their first call (the reference path: `fp8_utils.cpu_weight_f32`), 5 bytes a parameter in all. A model
+  from their first call (the reference path: `fp8_utils.cpu_weight_f32`; MoE experts `fp8_moe`'s dequantized
+  copy), 5 bytes a parameter in all; block-scaled dense linears dequantize per call and keep none. A model
   larger than the memory left is killed part-way through its load by the kernel (or swaps for hours); this check
   fails first.
 Available memory is psutil's `available` (Linux: MemAvailable) plus free swap. A machine whose memory grows as it
@@ -27,7 +28,8 @@ FP8_CPU_BYTES = 1 + 4  # an FP8 linear's parameter on CPU: the e4m3 weight and i
 def host_memory_needed(config) -> tuple[int, int]:
     """(weights, KV cache) in bytes that the ranks on this host hold in host memory: (0, 0) off CPU and under Ray
     (whose ranks may be on other hosts). Weights: every parameter in the model's dtype, or with FP8 the decoder
-    layers' Linears at FP8_CPU_BYTES and the rest (embeddings, LM head, norms) in the model's dtype."""
+    layers' Linears at FP8_CPU_BYTES (block-scaled dense ones at 1) and the rest (embeddings, LM head, norms, routers)
+    in the model's dtype."""
     import torch
 
     from shardllm.model_loader.size import count_parameters, linear_parameters
@@ -39,8 +41,9 @@ def host_memory_needed(config) -> tuple[int, int]:
     act = torch.empty((), dtype=mc.dtype).element_size()
     total = count_parameters(mc.hf_config)
     if mc.quantization is not None:
-        linear = linear_parameters(mc.hf_config)
-        weights = linear * FP8_CPU_BYTES + (total - linear) * act
+        dense, routed = linear_parameters(mc.hf_config)
+        dense_bytes = 1 if mc.quantization.weight_strategy == "block" else FP8_CPU_BYTES  # fp8_block: no copy kept
+        weights = dense * dense_bytes + routed * FP8_CPU_BYTES + (total - dense - routed) * act
     else:
         weights = total * act
     if cc.num_blocks is None:
@@ -80,7 +83,9 @@ def check_host_memory(config) -> None:
     if mc.quantization is not None:
         held = (f"FP8 linears with the float32 copy the CPU path keeps of each ({FP8_CPU_BYTES} bytes a parameter), "
                 f"the rest in {dtype}")
-        smaller = "use a smaller model, or bfloat16 weights (dtype='bfloat16': FP8 on CPU takes more)"
+        smaller = ("use a smaller model, or a bf16 checkpoint of it (FP8 on CPU takes more)"
+                   if mc.quantization.is_checkpoint_fp8 else
+                   "use a smaller model, or bfloat16 weights (dtype='bfloat16': FP8 on CPU takes more)")
     else:
         held = f"in {dtype}"
         smaller = "use a smaller model or dtype (bfloat16 halves float32)"

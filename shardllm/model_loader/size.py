@@ -62,9 +62,18 @@ def count_parameters(hf_config) -> int:
     return total + embed + c.hidden_size
 
 
-def linear_parameters(hf_config) -> int:
-    """Parameters of the decoder layers' Linears (the weights FP8 quantizes; experts stacked), whole model."""
-    return sum(n * k for i in range(hf_config.num_hidden_layers) for n, k in layer_shapes(hf_config, i)[0])
+def linear_parameters(hf_config) -> tuple[int, int]:
+    """Parameters of the decoder layers' Linears (the weights FP8 quantizes), whole model: (dense Linears, the
+    routed experts' stacked gate_up and down). A shared expert counts as dense."""
+    c, dense, routed = hf_config, 0, 0
+    moe = bool(num_experts(c))
+    for i in range(c.num_hidden_layers):
+        for j, (n, k) in enumerate(layer_shapes(c, i)[0]):
+            if moe and _is_moe_layer(c, i) and j in (2, 3):  # layer_shapes' order: qkv, o, experts, shared
+                routed += n * k
+            else:
+                dense += n * k
+    return dense, routed
 
 
 def weight_bytes(hf_config, bytes_per_param: float) -> int:

@@ -435,3 +435,15 @@ def test_the_local_head_check_reads_only_what_is_on_this_machine(tiny_checkpoint
     assert main(["kubernetes", "--tp_size", "1"]) == 0
     assert main(["kubernetes", "--tp_size", "2"]) == 0  # unknowable here: the pod refuses it
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["mixtral-8x7b", "--tp_size", "2", "--ep_size", "3"],
+     "expert_parallel_size=3 does not divide tensor_parallel_size=2"),
+    (["llama-3-8b", "--tp_size", "2", "--ep_size", "2"], "applies to mixture-of-experts models only"),
+])
+def test_an_ep_size_the_local_model_refuses_fails_with_serves_message(args, message, capsys):
+    """deploy runs serve's expert-parallel check too (the pod's serve would refuse the layout at start)."""
+    assert main(["kubernetes", *args]) == 1
+    assert message in capsys.readouterr().err
+    assert main(["kubernetes", "mixtral-8x7b", "--tp_size", "2", "--ep_size", "2"]) == 0

@@ -62,3 +62,49 @@ def test_an_fp8_model_too_large_for_the_host_says_what_fp8_holds_on_cpu(monkeypa
         check_host_memory(fp8)
     message = str(e.value)
     assert "float32 copy" in message and "dtype='bfloat16'" in message and "dtype='fp8'" not in message
+
+
+def _fp8_checkpoint_config(tmp_path, block: bool) -> EngineConfig:
+    """An FP8 checkpoint's config.json (Llama-3-8B's shape, HF "fp8" quantization_config, block-scaled or per
+    tensor): all the check reads; no weights needed."""
+    import json
+
+    from shardllm.model_loader.resolve import load_shipped_config
+
+    cfg = load_shipped_config("llama-3-8b").to_dict()
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  **({"weight_block_size": [128, 128]} if block else {})}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return EngineConfig.create(str(tmp_path), load_format="dummy", device="cpu", num_kv_blocks=1, block_size=16)
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_fp8_checkpoints_count_what_their_cpu_path_keeps(tmp_path, monkeypatch, block):
+    """Block-scaled dense linears dequantize per call on CPU (1 byte a parameter held), per-tensor / per-channel ones
+    keep a float32 copy (5); a checkpoint already in FP8 is told to use a bf16 checkpoint, not dtype='bfloat16'
+    (which would not change its format)."""
+    config = _fp8_checkpoint_config(tmp_path, block)
+    assert config.model_config.quantization.is_checkpoint_fp8
+    weights, _ = host_memory_needed(config)
+    linears = 32 * (6144 * 4096 + 4096 * 4096 + 28672 * 4096 + 4096 * 14336)
+    rest = (2 * 128256 * 4096 + 2 * 4096 * 32 + 4096) * config.model_config.dtype.itemsize
+    assert weights == linears * (1 if block else 5) + rest
+    small_host(monkeypatch, 1 << 30)
+    with pytest.raises(ValueError, match="a bf16 checkpoint of it") as e:
+        check_host_memory(config)
+    assert "dtype='bfloat16'" not in str(e.value) and "dtype='fp8'" not in str(e.value)
+
+
+def test_mixtral_experts_keep_their_dequantized_copy_on_cpu():
+    """Routed experts keep fp8_moe's dequantized float32 copy on CPU whatever the scale layout: 5 bytes a
+    parameter; the router and the rest in the model's dtype."""
+    from shardllm.model_loader.size import count_parameters, linear_parameters
+
+    config = EngineConfig.create("mixtral-8x7b", load_format="dummy", device="cpu", dtype="fp8", num_kv_blocks=1,
+                                 block_size=16, tensor_parallel_size=2)
+    c = config.model_config.hf_config
+    dense, routed = linear_parameters(c)
+    assert routed == 32 * 8 * (2 * 14336 * 4096 + 4096 * 14336)  # 32 layers x 8 experts x (gate_up + down)
+    assert dense == 32 * (6144 * 4096 + 4096 * 4096)  # qkv (32 + 2 x 8 heads of 128) and o
+    weights, _ = host_memory_needed(config)
+    assert weights == (dense + routed) * 5 + (count_parameters(c) - dense - routed) * 4
