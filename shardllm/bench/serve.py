@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
 def fetch_model(base_url: str, api_key: str | None) -> str:
     """The first model of GET /v1/models; raises ValueError when the server cannot be reached or answers
     otherwise than an OpenAI server would."""
+    return fetch_models(base_url, api_key)[0]
+
+
+def fetch_models(base_url: str, api_key: str | None) -> list[str]:
+    """The model ids of GET /v1/models (at least one); raises ValueError as `fetch_model`."""
     import httpx
 
     url = base_url.rstrip("/") + "/v1/models"
@@ -250,10 +255,27 @@ def fetch_model(base_url: str, api_key: str | None) -> str:
     if r.status_code == 401:
         raise ValueError(f"{url} answered 401: give the server's key with --api_key")
     try:
-        return r.json()["data"][0]["id"]
-    except (ValueError, KeyError, IndexError, TypeError):
+        ids = [m["id"] for m in r.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        ids = []
+    if not ids:
         raise ValueError(f"{url} answered HTTP {r.status_code} without a model list: is --url an "
-                         "OpenAI-compatible server? (or name the model with --model)") from None
+                         "OpenAI-compatible server? (or name the model with --model)")
+    return ids
+
+
+def _unserved_model(a: argparse.Namespace) -> str | None:
+    """Where --model was given and the server answers a model list without it, that (a tokenizer not found for a
+    wrong name is the symptom, not the cause); else None."""
+    if not a.model:
+        return None
+    try:
+        served = fetch_models(a.url, a.api_key)
+    except ValueError:
+        return None
+    if a.model in served:
+        return None
+    return f"--model {a.model!r}: the server at {a.url} serves {served}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             specs = load_sharegpt(a.dataset, a.num_prompts, a.output_len, a.tokenizer or model, a.seed)
     except ValueError as e:
-        ap.error(str(e))
+        ap.error(_unserved_model(a) or str(e))
     results, duration = asyncio.run(run_benchmark(
         a.url, model, specs, a.request_rate, a.max_concurrency, a.ignore_eos, a.seed, a.api_key,
         a.request_timeout, progress=not a.disable_tqdm))

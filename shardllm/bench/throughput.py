@@ -165,11 +165,13 @@ def run(a: argparse.Namespace) -> dict:
         "ttft_ms_max": round(max(ttft) * 1e3, 2), "decode_phase_tpot_ms": decode_phase_tpot_ms(outs),
         "weights_gib_per_rank": [round(m["weights"] / 2**30, 2) for m in mem_before],
         "kv_cache_gib_per_rank": [round(m["kv_cache"] / 2**30, 2) for m in mem_before],
-        "peak_gib_per_rank": [round(m.get("peak", 0) / 2**30, 2) for m in mem],
+        "peak_gib_per_rank": [round(m["peak"] / 2**30, 2) if "peak" in m else None for m in mem],  # None: CPU
         "kv_blocks": eng.num_blocks, "block_size": llm.config.cache_config.block_size,
         "async_scheduling": llm.config.scheduler_config.async_scheduling,
         "cuda_graphs": llm.config.device == "cuda" and not llm.config.enforce_eager,
-        "attention_backend": llm.config.attention_backend,
+        # the backend that ran: auto is Triton on CUDA and torch elsewhere
+        "attention_backend": ("triton" if llm.config.device == "cuda" and llm.config.attention_backend != "torch"
+                              else "torch"),
         # the tp all-reduce: the setting on GPUs; gloo's on the CPU whatever the setting (its only backend there)
         "all_reduce": llm.config.parallel_config.all_reduce if llm.config.device == "cuda" else "gloo",
     }

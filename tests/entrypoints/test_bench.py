@@ -27,6 +27,8 @@ def test_bench_counts_and_fields(tiny_checkpoints, capsys):
     assert res["decode_phase_tpot_ms"] > 0
     assert res["async_scheduling"] is True and res["cuda_graphs"] is False
     assert res["all_reduce"] == "gloo"  # a CPU run: gloo whatever the all_reduce setting says
+    assert res["attention_backend"] == "torch"  # what ran (auto: torch off CUDA), not the setting
+    assert res["peak_gib_per_rank"] == [None]  # no device peak on CPU (not 0.0)
     assert "roofline_ms_per_token" not in res  # the roofline is a GPU measure
 
 

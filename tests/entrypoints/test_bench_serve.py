@@ -54,6 +54,11 @@ def test_rejected_requests_are_failed_not_a_crash(server, tmp_path, capsys):
     assert res["total_output_tokens"] == 2 * 4
     [(message, count)] = res["errors"].items()
     assert count == 1 and message.startswith("HTTP 400") and "maximum context length" in message
+    # a model the server does not serve: named with what it serves (not as a tokenizer not found)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "serve", "--url", server.base_url, "--model", "no-such-model", "--num_prompts", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--model 'no-such-model': the server at" in err and "serves [" in err, err
     # every request rejected: still a report, exit code 1
     rc, res = bench_serve(capsys, "--url", server.base_url, "--num_prompts", "3", "--input_len", str(MAX_SEQ_LEN),
                           "--output_len", "4")
