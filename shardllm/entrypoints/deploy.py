@@ -110,7 +110,9 @@ def settings_to_args(settings: dict[str, Any]) -> tuple[list[str], dict[str, Any
 def build_spec(argv: list[str]) -> DeploySpec:
     """Parse `kubernetes MODEL [flags]`; serve's parser exits 2 on a flag serve rejects, ValueError otherwise."""
     opts, rest = build_deploy_parser().parse_known_args(argv)
-    args = build_parser().parse_args(["serve", *rest])  # serve's own checks and messages
+    args, unknown = build_parser().parse_known_args(["serve", *rest])  # serve's own checks and messages
+    if unknown:  # deploy's usage, not the top-level one (both parsers' flags are taken)
+        build_deploy_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
     if "api_key_file" in vars(args):  # a path on this machine, not in the pod: the server would fail at start
         raise ValueError("--api_key_file names a file on this machine, which the pod does not have: put the key "
                          "in a Secret and pass --api_key_secret NAME[:KEY]")

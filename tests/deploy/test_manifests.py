@@ -447,3 +447,12 @@ def test_an_ep_size_the_local_model_refuses_fails_with_serves_message(args, mess
     assert main(["kubernetes", *args]) == 1
     assert message in capsys.readouterr().err
     assert main(["kubernetes", "mixtral-8x7b", "--tp_size", "2", "--ep_size", "2"]) == 0
+
+
+def test_an_unknown_flag_gets_deploys_usage(capsys):
+    """A flag neither deploy nor serve takes: deploy's usage line and error (it printed the top-level one)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["kubernetes", "--tp_size", "3", "--bogus"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "shardllm deploy: error: unrecognized arguments: --bogus" in err
+    assert "usage: shardllm deploy" in err
