@@ -11,10 +11,10 @@ attention saved nothing (o's GEMV is 7.4 us cold, 6.4 us with its weight already
 
 How it is used: `link_l2_prefetch(model)` (after loading) gives each RMSNorm feeding a linear whose batch-1 GEMV
 streams a 2-D weight (bf16, or FP8 per channel: gemv_silu's `_linear_weights`) that weight as `l2_prefetch`; the
-norm's kernel, at one row on an sm90+ GPU, splits the first `SHARDLLM_L2_PREFETCH_MB` of it over its programs and
-issues the prefetches after its PDL wait. Nothing else changes: a prefetch moves no data the kernel reads, so the
-outputs are bit-identical with it on or off. Off the GPU, on older GPUs, or with SHARDLLM_L2_PREFETCH_MB=0, no
-link is made and the kernel compiles without it.
+norm's kernel, at one row on an sm90+ GPU, launches one program an SM (the row's and ones that only prefetch),
+splits the first `SHARDLLM_L2_PREFETCH_MB` of it over them and issues the prefetches after its PDL wait. Nothing
+else changes: a prefetch moves no data the kernel reads, so the outputs are bit-identical with it on or off. Off the
+GPU, on older GPUs, or with SHARDLLM_L2_PREFETCH_MB=0, no link is made and the kernel compiles without it.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ except ImportError:  # CPU-only installs without Triton
     triton = tl = None
 
 __all__ = ["CHUNK", "MAX_BYTES", "L2Prefetch", "launch_args", "link_l2_prefetch", "prefetch_l2", "prefetch_ranges",
-           "supported"]
+           "programs", "supported"]
 
 MAX_BYTES = int(envs.SHARDLLM_L2_PREFETCH_MB * 2 ** 20)  # read at import; 0: off
-CHUNK = 65536  # bytes a prefetch instruction (the probe: 16 and 64 KiB within 1%)
+CHUNK = 16384  # bytes a prefetch instruction (the probe: 16 and 64 KiB within 1%; 4 MB over 132 programs: 2 each)
 
 
 @functools.cache
@@ -70,13 +70,23 @@ class L2Prefetch:
         return dict(pf_ptr=self.weight, pf_bytes=self.nbytes, PF_CHUNK=CHUNK, PF_NCHUNK=nchunk)
 
 
-def launch_args(target: L2Prefetch | None, x: torch.Tensor, programs: int) -> dict:
-    """The norm kernel's prefetch arguments for input rows x (N, H): the target's at one row on a supported GPU,
-    else {} (the kernel's defaults: no prefetch)."""
+@functools.cache
+def programs(device_index: int) -> int:
+    """Programs a prefetching launch spreads its requests over: one an SM. A program lasts until its bulk requests
+    are served, and one SM's requests are served at a fraction of HBM's rate (twenty-first session: a one-program
+    norm asking for 4 MB took ~15 us, the same spread over 132 programs ~2 us)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_args(target: L2Prefetch | None, x: torch.Tensor, rows: int) -> tuple[int, dict]:
+    """(grid size, the norm kernel's prefetch arguments) for input rows x (N, H) normalised by `rows` programs: at
+    one row on a supported GPU, a grid of one program an SM (at least `rows`; those past `rows` only prefetch,
+    pf_rows) and the target's arguments; else (rows, {}) (the kernel's defaults: no prefetch)."""
     if (target is None or target.nbytes == 0 or x.shape[0] != 1 or not x.is_cuda
             or not supported(x.device.index or 0)):
-        return {}
-    return target.launch_args(programs)
+        return rows, {}
+    grid = max(rows, programs(x.device.index or 0))
+    return grid, {**target.launch_args(grid), "pf_rows": rows}
 
 
 if tl is not None:

@@ -63,25 +63,29 @@ def _fused_rmsnorm_row_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, hidden, heads,
     stride_xn, stride_xh, stride_rn, stride_on, stride_oh, stride_ron,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr = False,
-    pf_ptr=None, pf_bytes=0, PF_CHUNK: tl.constexpr = 0, PF_NCHUNK: tl.constexpr = 1,
+    pf_ptr=None, pf_bytes=0, pf_rows=0, PF_CHUNK: tl.constexpr = 0, PF_NCHUNK: tl.constexpr = 1,
 ):
     """One program per row (token, or token x head): out = w * round(norm(s)), s = x (+ residual).
 
     With HAS_RESIDUAL, s is rounded to its dtype and stored to res_out first, as torch's `x + residual`.
     Rows wider than BLOCK take two passes; the second recomputes s from the inputs (never rereads res_out).
-    With PF_CHUNK > 0 (sm90+), the programs first ask L2 for pf_bytes bytes at pf_ptr (l2_prefetch.py).
+    With PF_CHUNK > 0 (sm90+): the grid's programs share a request to L2 for pf_bytes bytes at pf_ptr
+    (l2_prefetch.py), and programs at or past pf_rows (the rows) only do that.
     """
     pdl_enter(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
     if PF_CHUNK > 0:
         prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0), tl.num_programs(0), PF_CHUNK, PF_NCHUNK)
-    row = tl.program_id(0).to(tl.int64)
+        limit = tl.where(row < pf_rows, hidden, 0)  # the columns this program touches: none past the rows
+    else:
+        limit = hidden
     n = row // heads
     h = row % heads
     x_row = x_ptr + n * stride_xn + h * stride_xh
     o_row = out_ptr + n * stride_on + h * stride_oh
     cols = tl.arange(0, BLOCK)
     if NUM_CHUNKS == 1:
-        mask = cols < hidden
+        mask = cols < limit
         s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + n * stride_rn + cols, mask=mask, other=0.0).to(tl.float32)
@@ -96,7 +100,7 @@ def _fused_rmsnorm_row_kernel(
         sum_sq = tl.zeros([BLOCK], tl.float32)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
-            mask = offs < hidden
+            mask = offs < limit
             s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 r = tl.load(res_ptr + n * stride_rn + offs, mask=mask, other=0.0).to(tl.float32)
@@ -107,7 +111,7 @@ def _fused_rmsnorm_row_kernel(
         rstd = tl.rsqrt(tl.sum(sum_sq, 0) / hidden + eps)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
-            mask = offs < hidden
+            mask = offs < limit
             s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 r = tl.load(res_ptr + n * stride_rn + offs, mask=mask, other=0.0).to(tl.float32)
@@ -290,11 +294,11 @@ def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
         res_o, _, sron, _ = _rows(res_out.view(-1, hidden))
     o, _, son, soh = _rows(out if residual is None else out.view(-1, hidden))
     block = min(_pow2(hidden), RMS_MAX_BLOCK)
-    _fused_rmsnorm_row_kernel[(xr.shape[0] * heads,)](
+    grid, pf = l2_prefetch.launch_args(prefetch, xr, xr.shape[0] * heads)
+    _fused_rmsnorm_row_kernel[(grid,)](
         xr, res, weight, o, res_o, eps, hidden, heads, sxn, sxh, srn, son, soh, sron,
         HAS_RESIDUAL=residual is not None, BLOCK=block, NUM_CHUNKS=triton.cdiv(hidden, block),
-        num_warps=min(max(block // 256, 1), 8), **launch_args(x.device),
-        **l2_prefetch.launch_args(prefetch, xr, xr.shape[0] * heads))
+        num_warps=min(max(block // 256, 1), 8), **launch_args(x.device), **pf)
     return out, res_out
 
 

@@ -66,10 +66,10 @@ def test_prefetch_sizes_and_bad_weights():
 
 
 def test_launches_ask_for_it_only_at_one_row_on_sm90(monkeypatch):
-    target = l2_prefetch.L2Prefetch(torch.zeros(1 << 20, dtype=torch.uint8), 1 << 20)
+    target = l2_prefetch.L2Prefetch(torch.zeros(4 << 20, dtype=torch.uint8), 4 << 20)
     one = torch.zeros(1, 64)
-    assert l2_prefetch.launch_args(target, one, 1) == {}  # CPU rows
-    assert l2_prefetch.launch_args(None, one, 1) == {}
+    assert l2_prefetch.launch_args(target, one, 1) == (1, {})  # CPU rows
+    assert l2_prefetch.launch_args(None, one, 1) == (1, {})
 
     class Rows:  # CUDA rows without a GPU: the hardware boundary
         is_cuda = True
@@ -79,12 +79,47 @@ def test_launches_ask_for_it_only_at_one_row_on_sm90(monkeypatch):
             self.shape = (n, 64)
 
     monkeypatch.setattr(l2_prefetch, "supported", lambda index: True)
-    args = l2_prefetch.launch_args(target, Rows(1), 1)
-    assert args["pf_bytes"] == 1 << 20 and args["PF_CHUNK"] == l2_prefetch.CHUNK and args["PF_NCHUNK"] == 16
-    assert l2_prefetch.launch_args(target, Rows(2), 2) == {}  # batch 2 and up: not measured, not asked
-    assert l2_prefetch.launch_args(l2_prefetch.L2Prefetch(torch.zeros(64, dtype=torch.uint8), 0), Rows(1), 1) == {}
+    monkeypatch.setattr(l2_prefetch, "programs", lambda index: 132)  # an H200's SMs
+    grid, args = l2_prefetch.launch_args(target, Rows(1), 1)
+    assert grid == 132 and args["pf_rows"] == 1  # one program an SM; all but the row's only prefetch
+    assert args["pf_bytes"] == 4 << 20 and args["PF_CHUNK"] == l2_prefetch.CHUNK
+    assert grid * args["PF_NCHUNK"] * args["PF_CHUNK"] >= 4 << 20
+    assert l2_prefetch.launch_args(target, Rows(1), 8)[0] == 132  # q/k-norm-like rows x heads: still one an SM
+    assert l2_prefetch.launch_args(target, Rows(1), 200)[0] == 200
+    assert l2_prefetch.launch_args(target, Rows(2), 2) == (2, {})  # batch 2 and up: not measured, not asked
+    empty = l2_prefetch.L2Prefetch(torch.zeros(64, dtype=torch.uint8), 0)
+    assert l2_prefetch.launch_args(empty, Rows(1), 1) == (1, {})
     monkeypatch.setattr(l2_prefetch, "supported", lambda index: False)  # before sm90
-    assert l2_prefetch.launch_args(target, Rows(1), 1) == {}
+    assert l2_prefetch.launch_args(target, Rows(1), 1) == (1, {})
+
+
+@triton.jit
+def _no_prefetch(base_ptr, nbytes, pid, nprog, CHUNK: tl.constexpr, NCHUNK: tl.constexpr):
+    pass
+
+
+@cpu
+@pytest.mark.parametrize("hidden, block", [(64, 64), (96, 32)], ids=["one-pass", "chunked"])
+def test_norm_programs_past_the_rows_only_prefetch(monkeypatch, hidden, block):
+    """The norm kernel at a prefetching launch's grid (more programs than rows): the row's output and residual sum
+    equal the plain launch's, and the programs past pf_rows write nothing (canary rows keep their NaNs). The PTX
+    request itself is replaced by a no-op here (the interpreter runs no inline PTX); the sm90 compile test below
+    checks it is issued."""
+    monkeypatch.setattr(triton_ops, "prefetch_l2", _no_prefetch)
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(8, hidden, generator=g) for _ in range(2))
+    w = torch.randn(hidden, generator=g)
+    outs = []
+    for pf in (None, dict(pf_ptr=torch.zeros(64, dtype=torch.uint8), pf_bytes=64, pf_rows=1, PF_CHUNK=16,
+                          PF_NCHUNK=1)):
+        out, res_out = torch.full((8, hidden), float("nan")), torch.full((8, hidden), float("nan"))
+        triton_ops._fused_rmsnorm_row_kernel[(8 if pf else 1,)](
+            x, r, w, out, res_out, 1e-6, hidden, 1, x.stride(0), 0, r.stride(0), out.stride(0), 0, res_out.stride(0),
+            HAS_RESIDUAL=True, BLOCK=block, NUM_CHUNKS=triton.cdiv(hidden, block), **(pf or {}))
+        outs.append((out, res_out))
+    (out0, res0), (out1, res1) = outs
+    assert torch.equal(out0[0], out1[0]) and torch.equal(res0[0], res1[0]) and not out1[0].isnan().any()
+    assert out1[1:].isnan().all() and res1[1:].isnan().all()
 
 
 def test_supported_needs_sm90(monkeypatch):
@@ -143,13 +178,14 @@ sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16
        "eps": "fp32", "hidden": "i32", "heads": "i32", "stride_xn": "i32", "stride_xh": "i32", "stride_rn": "i32",
        "stride_on": "i32", "stride_oh": "i32", "stride_ron": "i32"}
 out = {}
-for name, pf in (("off", {"PF_CHUNK": 0, "PF_NCHUNK": 1}), ("on", {"PF_CHUNK": 65536, "PF_NCHUNK": 16})):
+for name, pf in (("off", {"PF_CHUNK": 0, "PF_NCHUNK": 1}), ("on", {"PF_CHUNK": 16384, "PF_NCHUNK": 2})):
     consts = {"HAS_RESIDUAL": True, "BLOCK": 4096, "NUM_CHUNKS": 1, "USE_PDL": True, **pf}
     on = pf["PF_CHUNK"] > 0
-    s = {**sig, **({"pf_ptr": "*u8", "pf_bytes": "i32"} if on else {}), **{k: "constexpr" for k in consts}}
+    s = {**sig, **({"pf_ptr": "*u8", "pf_bytes": "i32", "pf_rows": "i32"} if on else {}),
+         **{k: "constexpr" for k in consts}}
     if not on:
         consts.update(pf_ptr=None)  # what a launch without the arguments passes: pf_bytes stays an int
-        s.update(pf_ptr="constexpr", pf_bytes="i32")
+        s.update(pf_ptr="constexpr", pf_bytes="i32", pf_rows="i32")
     ptx = triton.compile(ASTSource(triton_ops._fused_rmsnorm_row_kernel, s, consts), target=GPUTarget("cuda", 90, 32),
                          options={"num_warps": 8, "launch_pdl": True}).asm["ptx"]
     out[name] = [ptx.find("griddepcontrol.wait"), ptx.find("cp.async.bulk.prefetch.L2.global"),
@@ -193,7 +229,7 @@ def test_gpu_norm_outputs_equal_with_the_prefetch(residual):
     w = torch.randn(4096, device="cuda", generator=g).to(torch.bfloat16)
     weight = torch.randn(6144, 4096, device="cuda", generator=g).to(torch.float8_e4m3fn)
     target = l2_prefetch.L2Prefetch(weight, 4 << 20)
-    assert l2_prefetch.launch_args(target, x, 1)["pf_bytes"] == 4 << 20
+    assert l2_prefetch.launch_args(target, x, 1)[1]["pf_bytes"] == 4 << 20
     if residual:
         on, off = (triton_ops.fused_add_rms_norm(x, r, w, 1e-5, p) for p in (target, None))
         assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
