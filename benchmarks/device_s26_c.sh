@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Twenty-first session (one H200, about 9 minutes): the L2 prefetch from the norms (layers/l2_prefetch.py) on a
-# GPU: its gpu tests, then batch-1 rows (8B, 128/128) at SHARDLLM_L2_PREFETCH_MB 0 / 4 / 8, alternating, fp8 + fp8
+# GPU: its gpu tests, then batch-1 rows (8B, 128/128) at SHARDLLM_L2_PREFETCH_MB 0 / 4 / 8 (/ 2), alternating, fp8 + fp8
 # KV and bf16.
 #     LIMIT_S=560 bash benchmarks/device_s26_c.sh
 set -u
@@ -17,6 +17,7 @@ row 70 "fp8_pf8" "SHARDLLM_L2_PREFETCH_MB=8"
 row 70 "fp8_pf0b" "SHARDLLM_L2_PREFETCH_MB=0"
 row 70 "fp8_pf4b" ""
 row 70 "fp8_pf8b" "SHARDLLM_L2_PREFETCH_MB=8"
+row 70 "fp8_pf2" "SHARDLLM_L2_PREFETCH_MB=2"
 MODEL_FLAGS="--model llama-3-8b --dtype bfloat16 $B1"
 row 70 "bf16_pf0" "SHARDLLM_L2_PREFETCH_MB=0"
 row 70 "bf16_pf4" ""
