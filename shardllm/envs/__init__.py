@@ -216,6 +216,8 @@ _VARS = [
            "MB of the next batch-1 GEMV's weight each RMSNorm asks L2 for (sm90+, layers/l2_prefetch.py); 0: none "
            "(issues 13 and 15; benchmarks/l2_prefetch_probe.py, one H200, twenty-first session: 4-8 MB a norm saved "
            "27-38 us of a 2.5 ms 8B FP8 GEMV chain)"),
+    _switch("SHARDLLM_L2_PREFETCH_EARLY", False, "import",
+            "1: the norms' L2 prefetch requests go out before their PDL wait (during the GEMV before), not after"),
     EnvVar("SHARDLLM_GEMV_CONFIGS", "str", None, _text, "import",
            "JSON {\"fp8\" | \"bf16\" | \"fp8_silu\" | \"bf16_silu\": {\"NxK\": {\"M\": [use_dot, block_n, block_k, "
            "split_k, num_warps, num_stages(, late_reduce, w_ahead)]}}} (M: 1, 2, 4, 8 or 16) merged over the batch-1 "

@@ -36,6 +36,7 @@ __all__ = ["CHUNK", "MAX_BYTES", "L2Prefetch", "launch_args", "link_l2_prefetch"
            "programs", "supported"]
 
 MAX_BYTES = int(envs.SHARDLLM_L2_PREFETCH_MB * 2 ** 20)  # read at import; 0: off
+EARLY = envs.SHARDLLM_L2_PREFETCH_EARLY  # the requests before the norm's PDL wait, not after
 CHUNK = 16384  # bytes a prefetch instruction (the probe: 16 and 64 KiB within 1%; 4 MB over 132 programs: 2 each)
 
 
@@ -86,7 +87,7 @@ def launch_args(target: L2Prefetch | None, x: torch.Tensor, rows: int) -> tuple[
             or not supported(x.device.index or 0)):
         return rows, {}
     grid = max(rows, programs(x.device.index or 0))
-    return grid, {**target.launch_args(grid), "pf_rows": rows}
+    return grid, {**target.launch_args(grid), "pf_rows": rows, "PF_EARLY": EARLY}
 
 
 if tl is not None:

@@ -64,6 +64,7 @@ def _fused_rmsnorm_row_kernel(
     stride_xn, stride_xh, stride_rn, stride_on, stride_oh, stride_ron,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr = False,
     pf_ptr=None, pf_bytes=0, pf_rows=0, PF_CHUNK: tl.constexpr = 0, PF_NCHUNK: tl.constexpr = 1,
+    PF_EARLY: tl.constexpr = False,
 ):
     """One program per row (token, or token x head): out = w * round(norm(s)), s = x (+ residual).
 
@@ -72,10 +73,13 @@ def _fused_rmsnorm_row_kernel(
     With PF_CHUNK > 0 (sm90+): the grid's programs share a request to L2 for pf_bytes bytes at pf_ptr
     (l2_prefetch.py), and programs at or past pf_rows (the rows) only do that.
     """
+    if PF_EARLY:  # weights only, before the wait for the kernel before
+        prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0), tl.num_programs(0), PF_CHUNK, PF_NCHUNK)
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     if PF_CHUNK > 0:
-        prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0), tl.num_programs(0), PF_CHUNK, PF_NCHUNK)
+        if not PF_EARLY:
+            prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0), tl.num_programs(0), PF_CHUNK, PF_NCHUNK)
         limit = tl.where(row < pf_rows, hidden, 0)  # the columns this program touches: none past the rows
     else:
         limit = hidden
