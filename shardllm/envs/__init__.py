@@ -212,12 +212,6 @@ _VARS = [
            "the kernel before (a norm, the attention) still runs; 1: not the fused SiLU down GEMV; 0: none "
            "(layers/gemv.py; issue 13; 8B fp8 batch 1 on one H200, thirteenth session: 0 / 1 / 2 2.791 / 2.760 / "
            "2.757 ms, then 2.790 / 2.764 / 2.760)"),
-    EnvVar("SHARDLLM_L2_PREFETCH_MB", "float", "4", float, "import",
-           "MB of the next batch-1 GEMV's weight each RMSNorm asks L2 for (sm90+, layers/l2_prefetch.py); 0: none "
-           "(issues 13 and 15; benchmarks/l2_prefetch_probe.py, one H200, twenty-first session: 4-8 MB a norm saved "
-           "27-38 us of a 2.5 ms 8B FP8 GEMV chain)"),
-    _switch("SHARDLLM_L2_PREFETCH_EARLY", False, "import",
-            "1: the norms' L2 prefetch requests go out before their PDL wait (during the GEMV before), not after"),
     EnvVar("SHARDLLM_GEMV_CONFIGS", "str", None, _text, "import",
            "JSON {\"fp8\" | \"bf16\" | \"fp8_silu\" | \"bf16_silu\": {\"NxK\": {\"M\": [use_dot, block_n, block_k, "
            "split_k, num_warps, num_stages(, late_reduce, w_ahead)]}}} (M: 1, 2, 4, 8 or 16) merged over the batch-1 "

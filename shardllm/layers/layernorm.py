@@ -15,7 +15,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.quant_target = None  # the FP8 linear this norm feeds, if it takes e4m3 input (fp8_fused.link_act_quant)
-        self.l2_prefetch = None  # the next GEMV's weight, prefetched into L2 at one row (l2_prefetch.py)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -34,8 +33,8 @@ class RMSNorm(nn.Module):
             x = x.value()
         if triton_ops.use_triton(x):
             if residual is None:
-                return triton_ops.rms_norm(x, self.weight, self.eps, self.l2_prefetch)
-            return triton_ops.fused_add_rms_norm(x, residual, self.weight, self.eps, self.l2_prefetch)
+                return triton_ops.rms_norm(x, self.weight, self.eps)
+            return triton_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

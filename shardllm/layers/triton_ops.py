@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from shardllm.layers import l2_prefetch
-from shardllm.layers.l2_prefetch import prefetch_l2
 from shardllm.layers.pdl import launch_args, pdl_enter
 
 try:
@@ -63,33 +61,21 @@ def _fused_rmsnorm_row_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, hidden, heads,
     stride_xn, stride_xh, stride_rn, stride_on, stride_oh, stride_ron,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, NUM_CHUNKS: tl.constexpr, USE_PDL: tl.constexpr = False,
-    pf_ptr=None, pf_bytes=0, pf_rows=0, PF_CHUNK: tl.constexpr = 0, PF_NCHUNK: tl.constexpr = 1,
-    PF_EARLY: tl.constexpr = False,
 ):
     """One program per row (token, or token x head): out = w * round(norm(s)), s = x (+ residual).
 
     With HAS_RESIDUAL, s is rounded to its dtype and stored to res_out first, as torch's `x + residual`.
     Rows wider than BLOCK take two passes; the second recomputes s from the inputs (never rereads res_out).
-    With PF_CHUNK > 0 (sm90+): the grid's programs share a request to L2 for pf_bytes bytes at pf_ptr
-    (l2_prefetch.py), and programs at or past pf_rows (the rows) only do that.
     """
-    if PF_EARLY:  # weights only, before the wait for the kernel before
-        prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0), tl.num_programs(0), PF_CHUNK, PF_NCHUNK)
     pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
-    if PF_CHUNK > 0:
-        if not PF_EARLY:
-            prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0), tl.num_programs(0), PF_CHUNK, PF_NCHUNK)
-        limit = tl.where(row < pf_rows, hidden, 0)  # the columns this program touches: none past the rows
-    else:
-        limit = hidden
     n = row // heads
     h = row % heads
     x_row = x_ptr + n * stride_xn + h * stride_xh
     o_row = out_ptr + n * stride_on + h * stride_oh
     cols = tl.arange(0, BLOCK)
     if NUM_CHUNKS == 1:
-        mask = cols < limit
+        mask = cols < hidden
         s = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RESIDUAL:
             r = tl.load(res_ptr + n * stride_rn + cols, mask=mask, other=0.0).to(tl.float32)
@@ -104,7 +90,7 @@ def _fused_rmsnorm_row_kernel(
         sum_sq = tl.zeros([BLOCK], tl.float32)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
-            mask = offs < limit
+            mask = offs < hidden
             s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 r = tl.load(res_ptr + n * stride_rn + offs, mask=mask, other=0.0).to(tl.float32)
@@ -115,7 +101,7 @@ def _fused_rmsnorm_row_kernel(
         rstd = tl.rsqrt(tl.sum(sum_sq, 0) / hidden + eps)
         for c in range(NUM_CHUNKS):
             offs = c * BLOCK + cols
-            mask = offs < limit
+            mask = offs < hidden
             s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 r = tl.load(res_ptr + n * stride_rn + offs, mask=mask, other=0.0).to(tl.float32)
@@ -279,8 +265,8 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x, 1, x.stride(0), 0
 
 
-def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-              prefetch: l2_prefetch.L2Prefetch | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     hidden = x.shape[-1]
     assert weight.shape == (hidden,) and weight.stride(0) == 1
     sum_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
@@ -298,26 +284,22 @@ def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
         res_o, _, sron, _ = _rows(res_out.view(-1, hidden))
     o, _, son, soh = _rows(out if residual is None else out.view(-1, hidden))
     block = min(_pow2(hidden), RMS_MAX_BLOCK)
-    grid, pf = l2_prefetch.launch_args(prefetch, xr, xr.shape[0] * heads)
-    _fused_rmsnorm_row_kernel[(grid,)](
+    _fused_rmsnorm_row_kernel[(xr.shape[0] * heads,)](
         xr, res, weight, o, res_o, eps, hidden, heads, sxn, sxh, srn, son, soh, sron,
         HAS_RESIDUAL=residual is not None, BLOCK=block, NUM_CHUNKS=triton.cdiv(hidden, block),
-        num_warps=min(max(block // 256, 1), 8), **launch_args(x.device), **pf)
+        num_warps=min(max(block // 256, 1), 8), **launch_args(x.device))
     return out, res_out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             prefetch: l2_prefetch.L2Prefetch | None = None) -> torch.Tensor:
-    """RMSNorm over the last dim of x (N, H) or (N, heads, D), any row strides; a new contiguous tensor.
-    prefetch: the next GEMV's weight, asked of L2 at one row on sm90+ (l2_prefetch.py; no effect on the values)."""
-    return _rms_norm(x, None, weight, eps, prefetch)[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim of x (N, H) or (N, heads, D), any row strides; a new contiguous tensor."""
+    return _rms_norm(x, None, weight, eps)[0]
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                       prefetch: l2_prefetch.L2Prefetch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one launch, out of place; x, residual (N, H); prefetch as
-    rms_norm's."""
-    return _rms_norm(x, residual, weight, eps, prefetch)  # type: ignore[return-value]
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one launch, out of place; x, residual (N, H)."""
+    return _rms_norm(x, residual, weight, eps)  # type: ignore[return-value]
 
 
 def silu_and_mul(x: torch.Tensor, num_rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -169,9 +169,6 @@ def process_weights_after_loading(model: nn.Module) -> None:
     from shardllm.layers.gemv_silu import link_gemv_silu
 
     link_gemv_silu(model)  # SiLU-and-mul folded into the down projection's GEMV at M = 1 (gemv_silu.py)
-    from shardllm.layers.l2_prefetch import link_l2_prefetch
-
-    link_l2_prefetch(model)  # norms ask L2 for the next GEMV's first weight rows at M = 1 (l2_prefetch.py)
 
 
 def drop_unused_scales(weights, cfg: QuantizationConfig):
