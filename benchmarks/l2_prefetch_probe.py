@@ -16,7 +16,10 @@ SiLU down), 32 layers with their own weights (7 GB, far past L2), captured in on
     fused PF    the gap stand-ins issue the prefetches themselves (what fusing into attention / RMSNorm would do)
     kernel PF   a separate prefetch launch before each gap (what a side kernel costs)
 
-One JSON line a row: us a step, and the saving against base measured alternately in the same process.
+One JSON line a row: us a step, and the saving against base measured alternately in the same process. Measured in
+the twenty-first session (docs/benchmarks.md): the norms' 4-8 MB saved 27-38 us of ~2,500 here, o's prefetch
+nothing (`--o_rows`: o's GEMV 7.4 us cold, 6.4 us with its weight in L2); built into the engine's RMSNorm the
+prefetch made batch 1 slower (2.747 -> 2.786 ms at 4 MB) and was removed.
 
     python benchmarks/l2_prefetch_probe.py
     python benchmarks/l2_prefetch_probe.py --pf_mb 0,4,8,12 --att_us 8 --norm_us 2
