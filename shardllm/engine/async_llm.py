@@ -41,6 +41,15 @@ def failure_summary(e: BaseException) -> str:
     return f"{head} ({lines[-1]})" if len(lines) > 1 else head
 
 
+class PromptTooLongError(ValueError):
+    """A prompt's text is longer (`chars`) than any text that fits the context can be (`max_chars`)."""
+
+    def __init__(self, chars: int, max_chars: int):
+        super().__init__(f"the prompt is {chars} characters, more than the {max_chars} any prompt that fits the "
+                         "context can have")
+        self.chars, self.max_chars = chars, max_chars
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread stopped (an exception in a step, or shutdown); no request can run."""
 
@@ -128,8 +137,11 @@ class AsyncLLM:
         """The prompt's token ids, as the engine would make them (safe to call beside the engine thread)."""
         return self.engine.tokenize(text)
 
-    def apply_chat_template(self, messages: list[dict], chat_template: str | None = None) -> list[int]:
-        """Render a conversation with the model's chat template and tokenize it (no special tokens added)."""
+    def apply_chat_template(self, messages: list[dict], chat_template: str | None = None,
+                            max_chars: int | None = None) -> list[int]:
+        """Render a conversation with the model's chat template and tokenize it (no special tokens added).
+        max_chars: a rendered text longer than this raises PromptTooLongError before it is tokenized (the server's
+        bound: such a text cannot fit the context)."""
         tok = self.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer, so it cannot chat: use completions with token ids")
@@ -137,6 +149,8 @@ class AsyncLLM:
             raise ValueError("this model's tokenizer has no chat template: use completions instead")
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                        chat_template=chat_template)
+        if max_chars is not None and len(text) > max_chars:
+            raise PromptTooLongError(len(text), max_chars)
         return tok.encode(text, add_special_tokens=False)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,

@@ -80,10 +80,18 @@ def num_held_back(text: str, stops: list[str]) -> int:
     """
     hold = 0
     for s in stops:
-        for n in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:n]):
-                hold = n
+        m = min(len(s) - 1, len(text))
+        if m <= hold:
+            continue
+        tail = text[len(text) - m:]
+        # the longest n in (hold, m] with tail[m - n:] == s[:n]: such a tail starts with s[0], so only the places
+        # of s[0] in the tail are tried, from the left (the longest first), each a C-level comparison
+        i = tail.find(s[0])
+        while i != -1 and m - i > hold:
+            if s.startswith(tail[i:]):
+                hold = m - i
                 break
+            i = tail.find(s[0], i + 1)
     return hold
 
 

@@ -47,6 +47,20 @@ def test_num_held_back():
     assert num_held_back("", ["x"]) == 0
 
 
+def test_num_held_back_equals_its_definition():
+    """Random texts and stop strings over a small alphabet (many partial matches): the longest tail of the text
+    that is a proper prefix of a stop string, as the definition's brute force finds it."""
+    def definition(text, stops):
+        return max([n for s in stops for n in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:n])],
+                   default=0)
+
+    rng = random.Random(0)
+    for _ in range(20000):
+        text = "".join(rng.choice("ab") for _ in range(rng.randint(0, 12)))
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 3))]
+        assert num_held_back(text, stops) == definition(text, stops), (text, stops)
+
+
 @pytest.mark.parametrize("stops, new_chars, text, stop", [
     (["BC", "AB"], 3, "xyz", "AB"),  # both in one step's new text "ABC": the one that ends first
     (["ABC", "B"], 3, "xyzA", "B"),

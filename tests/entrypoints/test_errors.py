@@ -77,6 +77,23 @@ BAD = [
     ("completions", completion(max_tokens=MAX_SEQ_LEN), 400, "max_tokens", "context_length_exceeded"),
     ("completions", completion(model="gpt-9"), 404, "model", "model_not_found"),
     ("chat/completions", chat(model="gpt-9"), 404, "model", "model_not_found"),
+    # lone UTF-16 surrogates: valid JSON escapes, not text (the echoed model name once made a 500)
+    ("completions", b'{"model": "\\ud800", "prompt": "x"}', 400, "model", "invalid_json"),
+    ("completions", f'{{"model": "{MODEL}", "prompt": "\\ud800"}}'.encode(), 400, "prompt", "invalid_json"),
+    ("chat/completions", f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi"}}], '
+                         '"\\udfff": 1}'.encode(), 400, None, "invalid_json"),
+    ("completions", b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, None, "invalid_json"),
+    ("completions", completion(logit_bias={"9" * 5000: 1}), 400, "logit_bias", None),
+    ("completions", completion(stop=[f"s{i}" for i in range(17)]), 400, "stop", None),
+    ("chat/completions", chat(stop="x" * 257), 400, "stop", None),
+    ("completions", completion(stop_token_ids=list(range(1025))), 400, "stop_token_ids", None),
+    ("completions", completion(stream_options={"include_usage": True}), 400, "stream_options", None),
+    ("chat/completions", chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi",
+                                                                      "cache_control": {}}]}]), 400, "messages", None),
+    # longer than any prompt that fits the context: refused before tokenizing (a message in characters)
+    ("completions", completion(prompt="a" * 400_000), 400, "prompt", "context_length_exceeded"),
+    ("chat/completions", chat(messages=[{"role": "user", "content": "a" * 400_000}]), 400, "messages",
+     "context_length_exceeded"),
 ]
 
 
@@ -117,6 +134,25 @@ def test_null_fields_take_their_defaults(server):
 def test_unknown_route_and_method(server):
     assert_error_shape(httpx.get(server.url("/v1/nothing"), headers=AUTH), 404)
     assert_error_shape(httpx.get(server.url("/v1/completions"), headers=AUTH), 405)
+    # a trailing slash is another path: no redirect (which came before the key check and echoed the Host)
+    assert_error_shape(_post(server, "completions/", completion()), 404)
+    assert_error_shape(_post(server, "completions/", completion(), headers={}), 401)
+    for path in ("/docs", "/redoc", "/openapi.json"):  # not served: they would sit outside the key
+        assert_error_shape(httpx.get(server.url(path)), 404)
+
+
+def test_head_probes(server):
+    for path in ("/health", "/version", "/metrics"):
+        r = httpx.head(server.url(path))
+        assert r.status_code == 200 and r.content == b"", path
+    assert httpx.head(server.url("/v1/models"), headers=AUTH).status_code == 200
+    assert httpx.head(server.url("/v1/models")).status_code == 401
+
+
+def test_huge_prompt_is_refused_by_its_length_in_characters(server):
+    r = _post(server, "completions", completion(prompt="a" * 400_000))
+    assert_error_shape(r, 400, "prompt", "context_length_exceeded")
+    assert "characters" in r.json()["error"]["message"]  # the bound's message: not tokenized
 
 
 def test_api_key(server):

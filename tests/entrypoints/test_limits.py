@@ -234,25 +234,31 @@ def test_client_disconnect_is_a_brief_info_line(server):
     assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
 
 
-def test_health_answers_while_a_huge_message_is_tokenized(server):
+def test_health_answers_while_huge_messages_are_tokenized(server):
+    """Eight messages each just under the length the server refuses untokenized (validation.max_prompt_chars:
+    about 166,000 characters at this context) but far past the context: tokenized one after another in the
+    tokenizer's thread, then refused by their token count, while /health keeps answering."""
     words = ["alpha", "river", "seven", "blue", "house"]
     rng = random.Random(0)
-    content = " ".join(rng.choice(words) for _ in range((MAX_BODY - 2000) // 6))
-    done = threading.Event()
-    result = {}
+    content = " ".join(rng.choice(words) for _ in range(150_000 // 6))
+    results = []
 
     def big():
-        result["r"] = post(server, chat(messages=[{"role": "user", "content": content}]), "chat/completions")
-        done.set()
+        results.append(post(server, chat(messages=[{"role": "user", "content": content}]), "chat/completions"))
 
-    threading.Thread(target=big, daemon=True).start()
+    threads = [threading.Thread(target=big, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
     answered = 0
-    while not done.is_set():
-        if httpx.get(server.url("/health"), timeout=30).status_code == 200 and not done.is_set():
+    while any(t.is_alive() for t in threads):
+        if httpx.get(server.url("/health"), timeout=30).status_code == 200 and any(t.is_alive() for t in threads):
             answered += 1
         time.sleep(0.05)
-    assert_error(result["r"], 400, code="context_length_exceeded")  # tokenized, then refused: it was all read
-    assert answered >= 2  # /health kept answering while the message was tokenized
+    assert len(results) == 8
+    for r in results:  # tokenized, then refused by the token count: it was all read
+        assert_error(r, 400, code="context_length_exceeded")
+        assert "tokens" in r.json()["error"]["message"] and "characters" not in r.json()["error"]["message"]
+    assert answered >= 2  # /health kept answering while the messages were tokenized
 
 
 # ---- item 13: the API key from a file; unknown /v1 paths ask for it before saying 404 --------------------------

@@ -3,6 +3,7 @@ engine 500, a dead engine 503, a client that went away 499 (logged as one line),
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import Request
@@ -35,17 +36,25 @@ def stream_error(e: Exception) -> dict:
     return error_body(f"internal error: {e!r}", "server_error")
 
 
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: a message that quotes the client's input stays encodable whatever it holds
+    (Starlette's JSONResponse writes UTF-8, which a lone surrogate cannot be)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 async def api_error_response(request: Request, e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status_code)
+    return ErrorResponse(e.body(), status_code=e.status_code)
 
 
 async def http_error_response(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
-                        headers=getattr(e, "headers", None))
+    return ErrorResponse(error_body(str(e.detail), "invalid_request_error"), status_code=e.status_code,
+                         headers=getattr(e, "headers", None))
 
 
 async def request_validation_response(request: Request, e: RequestValidationError) -> JSONResponse:
-    return JSONResponse(error_body(str(e.errors()[:1])), status_code=400)
+    return ErrorResponse(error_body(str(e.errors()[:1])), status_code=400)
 
 
 def internal_errors(handler):

@@ -127,7 +127,8 @@ class _SamplingFields(_Strict):
             return None
         out = {}
         for key, bias in self.logit_bias.items():
-            if not (key.isascii() and key.isdigit()) or (vocab_size is not None and int(key) >= vocab_size):
+            if (not (key.isascii() and key.isdigit()) or len(key) > 19  # int() of 4,301+ digits raises
+                    or (vocab_size is not None and int(key) >= vocab_size)):
                 raise APIError(f"logit_bias keys must be token ids in [0, {vocab_size or 'vocab size'}), got {key!r}",
                                param="logit_bias")
             if not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX:
@@ -147,6 +148,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(_Strict):
+    model_config = ConfigDict(strict=True, extra="forbid")  # a key we would drop is refused, as at the top level
     type: Literal["text"]
     text: str
 

@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shardllm import __version__
-from shardllm.engine.async_llm import AsyncLLM, failure_summary
+from shardllm.engine.async_llm import AsyncLLM, PromptTooLongError, failure_summary
 from shardllm.engine.detokenizer import TokenBytes
 from shardllm.entrypoints.openai import validation
 from shardllm.entrypoints.openai.errors import (
@@ -73,6 +73,7 @@ class OpenAIServer:
         self.api_key = api_key or None
         self.created = int(time.time())
         self.vocab_size = llm.config.model_config.hf_config.vocab_size
+        self.max_prompt_chars = validation.max_prompt_chars(llm.tokenizer, llm.max_model_len)
         self.gpu_monitor = GPUMonitor.for_engine(llm.config)  # NVML polled in a thread from start-up to shutdown
         self.registry = make_registry(lambda: llm.snapshot, llm.latency, served_model_name, self.gpu_monitor)
         self.app = self._build_app()
@@ -90,16 +91,20 @@ class OpenAIServer:
             logger.info("stopping the engine")
             await asyncio.to_thread(self.llm.shutdown)
 
-        app = FastAPI(title="shardllm", version=__version__, lifespan=lifespan)
+        # No /docs, /redoc or /openapi.json (they would sit outside the API key; docs/openai_api.md is the
+        # reference); no redirect of a trailing slash (a 307 echoing the client's Host, before the key check)
+        app = FastAPI(title="shardllm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                      openapi_url=None, redirect_slashes=False)
         app.add_exception_handler(APIError, api_error_response)
         app.add_exception_handler(StarletteHTTPException, self._http_error)
         app.add_exception_handler(RequestValidationError, request_validation_response)
-        app.add_api_route("/health", self.health, methods=["GET"])
-        app.add_api_route("/version", self.version, methods=["GET"])
-        app.add_api_route("/metrics", self.metrics, methods=["GET"])
+        get = ["GET", "HEAD"]  # HEAD: load balancers' probes
+        app.add_api_route("/health", self.health, methods=get)
+        app.add_api_route("/version", self.version, methods=get)
+        app.add_api_route("/metrics", self.metrics, methods=get)
         v1 = APIRouter(prefix="/v1", dependencies=[Depends(self._check_api_key)])
-        v1.add_api_route("/models", self.list_models, methods=["GET"])
-        v1.add_api_route("/models/{model:path}", self.get_model, methods=["GET"])
+        v1.add_api_route("/models", self.list_models, methods=get)
+        v1.add_api_route("/models/{model:path}", self.get_model, methods=get)
         v1.add_api_route("/completions", internal_errors(self.completions), methods=["POST"])
         v1.add_api_route("/chat/completions", internal_errors(self.chat_completions), methods=["POST"])
         app.include_router(v1)
@@ -173,6 +178,9 @@ class OpenAIServer:
         except ValidationError as e:
             raise validation_error(e, data) from None
         self._check_model(req.model)
+        if req.stream_options is not None and not req.stream:
+            raise APIError("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+        validation.check_stop(req.stop, req.stop_token_ids)
         req.token_logit_bias(self.vocab_size)  # token ids of this vocabulary, checked before anything runs
         if not self.llm.is_healthy:
             raise APIError(self._unhealthy_message(), 503, type="service_unavailable")
@@ -195,6 +203,19 @@ class OpenAIServer:
                            param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
+    def _too_long(self, chars: int, param: str) -> APIError:
+        max_len = self.llm.max_model_len
+        what = "the messages make" if param == "messages" else f"the {param} has"
+        return APIError(f"This model's maximum context length is {max_len} tokens, but {what} {chars} characters, "
+                        f"more than any text of {max_len} tokens can have ({self.max_prompt_chars}): shorten it.",
+                        param=param, code="context_length_exceeded")
+
+    def _check_prompt_chars(self, prompt) -> None:
+        """Refuse, before tokenizing, a text prompt longer than any prompt that fits the context can be."""
+        for p in validation.split_prompts(prompt):
+            if isinstance(p, str) and self.max_prompt_chars is not None and len(p) > self.max_prompt_chars:
+                raise self._too_long(len(p), "prompt")
+
     def _prompt_ids(self, prompt) -> list[tuple[str | None, list[int]]]:
         prompts = validation.split_prompts(prompt)
         if not prompts:
@@ -204,8 +225,8 @@ class OpenAIServer:
             if isinstance(p, str):
                 try:
                     ids = self.llm.tokenize(p)
-                except ValueError as e:
-                    raise APIError(str(e), param="prompt") from None
+                except (ValueError, TypeError) as e:
+                    raise APIError(f"the prompt could not be tokenized: {e}", param="prompt") from None
                 result.append((p, ids))
             else:
                 bad = [t for t in p if not 0 <= t < self.vocab_size]
@@ -225,6 +246,7 @@ class OpenAIServer:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError("'best_of' other than n is not supported.", param="best_of")
         validation.check_num_seqs(len(validation.split_prompts(req.prompt)), req.n, self.max_seqs_per_request)
+        self._check_prompt_chars(req.prompt)
         prompts = await self._off_loop(self._prompt_ids, req.prompt)
         params = [req.sampling_params(self._check_length(len(ids), req.max_tokens, "prompt"), req.logprobs)
                   for _, ids in prompts]
@@ -238,20 +260,28 @@ class OpenAIServer:
         if req.stream:
             return self._sse(self._stream_completion(req, rid, gens, echo, num_prompt_tokens), sub_ids)
         finals = await self._collect(request, gens)
-        choices, num_completion_tokens = [], 0
-        for p_idx, out in enumerate(finals):
-            for o in out.outputs:
-                num_completion_tokens += len(o.token_ids)
-                lp = None
-                if req.logprobs is not None:
-                    builder = CompletionLogprobs(req.logprobs, self._token_bytes)
-                    parts = [self._echo_logprobs(builder, out)] if req.echo else []
-                    lp = join_completion_logprobs([*parts, builder.add(o.token_ids, o.logprobs or [])])
-                choices.append({"index": p_idx * req.n + o.index, "text": echo[p_idx] + o.text, "logprobs": lp,
-                                "finish_reason": o.finish_reason})
-        return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                             "model": self.model_name, "choices": choices,
-                             "usage": usage(num_prompt_tokens, num_completion_tokens)})
+
+        def body() -> dict:
+            choices, num_completion_tokens = [], 0
+            for p_idx, out in enumerate(finals):
+                for o in out.outputs:
+                    num_completion_tokens += len(o.token_ids)
+                    lp = None
+                    if req.logprobs is not None:
+                        builder = CompletionLogprobs(req.logprobs, self._token_bytes)
+                        parts = [self._echo_logprobs(builder, out)] if req.echo else []
+                        lp = join_completion_logprobs([*parts, builder.add(o.token_ids, o.logprobs or [])])
+                    choices.append({"index": p_idx * req.n + o.index, "text": echo[p_idx] + o.text, "logprobs": lp,
+                                    "finish_reason": o.finish_reason})
+            return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": self.model_name,
+                    "choices": choices, "usage": usage(num_prompt_tokens, num_completion_tokens)}
+
+        return await self._json_off_loop(body)
+
+    async def _json_off_loop(self, body) -> Response:
+        """The JSON response of `body()`, built and encoded in the tokenizer's thread (logprobs decode tokens
+        there), not on the event loop: echo + logprobs at n = 128 is tens of MB, seconds of work."""
+        return Response(await self._off_loop(lambda: _json_bytes(body())), media_type="application/json")
 
     @property
     def _token_bytes(self) -> TokenBytes | None:
@@ -330,7 +360,10 @@ class OpenAIServer:
             raise APIError("'top_logprobs' needs 'logprobs' set to true.", param="top_logprobs")
         validation.check_num_seqs(1, req.n, self.max_seqs_per_request)
         try:
-            ids = await self._off_loop(self.llm.apply_chat_template, [m.template_dict() for m in req.messages])
+            ids = await self._off_loop(self.llm.apply_chat_template, [m.template_dict() for m in req.messages],
+                                       None, self.max_prompt_chars)
+        except PromptTooLongError as e:
+            raise self._too_long(e.chars, "messages") from None
         except ValueError as e:
             raise APIError(str(e), param="messages") from None
         except Exception as e:  # a template that raises on these messages (jinja's TemplateError and kin)
@@ -344,13 +377,16 @@ class OpenAIServer:
         if req.stream:
             return self._sse(self._stream_chat(req, rid, gen, len(ids)), [rid])
         (out,) = await self._collect(request, [gen])
-        # `refusal` is required (nullable) on the message and on logprobs in OpenAI's schema
-        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text, "refusal": None},
-                    "logprobs": chat_logprobs(o, 0, len(o.token_ids), k, self._token_bytes) if k is not None
-                    else None, "finish_reason": o.finish_reason} for o in out.outputs]
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()),
-                             "model": self.model_name, "choices": choices,
-                             "usage": usage(len(ids), sum(len(o.token_ids) for o in out.outputs))})
+
+        def body() -> dict:
+            # `refusal` is required (nullable) on the message and on logprobs in OpenAI's schema
+            choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text, "refusal": None},
+                        "logprobs": chat_logprobs(o, 0, len(o.token_ids), k, self._token_bytes) if k is not None
+                        else None, "finish_reason": o.finish_reason} for o in out.outputs]
+            return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.model_name,
+                    "choices": choices, "usage": usage(len(ids), sum(len(o.token_ids) for o in out.outputs))}
+
+        return await self._json_off_loop(body)
 
     async def _stream_chat(self, req: ChatCompletionRequest, rid: str, gen, num_prompt_tokens: int
                            ) -> AsyncIterator[str]:
@@ -481,6 +517,11 @@ async def _merge(gens: list) -> AsyncIterator[tuple[int, RequestOutput]]:
     finally:
         for t in tasks:
             t.cancel()
+
+
+def _json_bytes(obj: dict) -> bytes:
+    """As Starlette's JSONResponse encodes a body."""
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
 
 
 def _sse_event(obj: dict) -> str:
