@@ -6,6 +6,8 @@ resolves the model, and fails with a ValueError that says what to change.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,22 +151,43 @@ def check_engine_settings(*, tensor_parallel_size: int | str = 1, pipeline_paral
                           expert_parallel_size: int = 1, max_batch_size: int | None = None,
                           max_num_tokens: int | None = None, block_size: int | None = None,
                           kv_cache_free_gpu_memory_fraction: float = 0.9, dtype: str = "auto",
-                          kv_cache_dtype: str = "auto", quantization: str | None = None) -> None:
-    """The checks of `EngineConfig.create` that need no model (sizes, dtypes, quantization), for callers that
-    validate settings without loading one (`shardllm deploy`). Raises ValueError naming the fix."""
+                          kv_cache_dtype: str = "auto", quantization: str | None = None,
+                          num_kv_blocks: int | None = None, cpu_kv_cache_gb: float = 1.0, seed: int = 0,
+                          enable_prefix_caching: bool = True, enforce_eager: bool = False,
+                          trust_remote_code: bool = False, async_scheduling: bool | None = None,
+                          tokenizer: str | None = None, pp_partition: list[int] | None = None) -> None:
+    """The checks of `EngineConfig.create` that need no model (sizes, types, dtypes, quantization), for callers
+    that validate settings without loading one (`shardllm deploy`). Raises ValueError naming the fix (TypeError
+    for a flag that is not a bool, a tokenizer that is not a path, a pp_partition that is not a list of ints)."""
     from shardllm.layers.quantization.formats import check_quantization_method
 
     for name, v in [("tensor_parallel_size", 1 if tensor_parallel_size == "auto" else tensor_parallel_size),
                     ("pipeline_parallel_size", pipeline_parallel_size),
                     ("expert_parallel_size", expert_parallel_size), ("max_batch_size", max_batch_size),
-                    ("max_num_tokens", max_num_tokens), ("block_size", block_size)]:
-        if v is None and name in ("max_batch_size", "max_num_tokens", "block_size"):  # None: the defaults decide
-            continue
+                    ("max_num_tokens", max_num_tokens), ("block_size", block_size), ("num_kv_blocks", num_kv_blocks)]:
+        if v is None and name in ("max_batch_size", "max_num_tokens", "block_size", "num_kv_blocks"):
+            continue  # None: the defaults decide
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    for name, v in [("kv_cache_free_gpu_memory_fraction", kv_cache_free_gpu_memory_fraction),
+                    ("cpu_kv_cache_gb", cpu_kv_cache_gb)]:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
     if not 0.0 < kv_cache_free_gpu_memory_fraction <= 1.0:
         raise ValueError("kv_cache_free_gpu_memory_fraction must be in (0, 1], got "
                          f"{kv_cache_free_gpu_memory_fraction}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    for name, v in [("enable_prefix_caching", enable_prefix_caching), ("enforce_eager", enforce_eager),
+                    ("trust_remote_code", trust_remote_code), ("async_scheduling", async_scheduling)]:
+        if not isinstance(v, bool) and not (v is None and name == "async_scheduling"):
+            raise TypeError(f"{name} must be True or False, got {v!r}")
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(f"tokenizer must be a path or a Hugging Face repo id (a string), got {tokenizer!r}")
+    if pp_partition is not None and (not isinstance(pp_partition, (list, tuple)) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in pp_partition)):
+        raise TypeError(f"pp_partition must be a list of layer counts, one a stage (e.g. [40, 40]), got "
+                        f"{pp_partition!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}: choose one of {sorted(_DTYPES)}")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -218,7 +241,11 @@ class EngineConfig:
                               expert_parallel_size=expert_parallel_size, max_batch_size=max_batch_size,
                               max_num_tokens=max_num_tokens, block_size=block_size,
                               kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction, dtype=dtype,
-                              kv_cache_dtype=kv_cache_dtype, quantization=quantization)
+                              kv_cache_dtype=kv_cache_dtype, quantization=quantization, num_kv_blocks=num_kv_blocks,
+                              cpu_kv_cache_gb=cpu_kv_cache_gb, seed=seed, enable_prefix_caching=enable_prefix_caching,
+                              enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
+                              async_scheduling=async_scheduling, tokenizer=tokenizer, pp_partition=pp_partition)
+        tokenizer = os.fspath(tokenizer) if tokenizer is not None else None
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device not in ("cuda", "cpu"):

@@ -66,19 +66,31 @@ class LLM:
             enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, **kwargs)
         self.engine = LLMEngine(self.config)
         self._next_id = 0
+        self._shut_down = False
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None
                  = None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in the prompts' order."""
+        """Generate for every prompt; outputs come back in the prompts' order.
+
+        prompts: a string, a list of token ids, a dict {"prompt": str} or {"prompt_token_ids": [...]} (vLLM's
+        TextPrompt / TokensPrompt), or a list of any of these. Raises TypeError / ValueError naming what is wrong;
+        if a step fails (or is interrupted) this call's requests are aborted and the error raised, and the LLM
+        serves the next call."""
+        self._check_open()
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         else:
+            if not isinstance(sampling_params, (list, tuple)) or not all(
+                    isinstance(p, SamplingParams) for p in sampling_params):
+                raise TypeError(f"sampling_params must be a SamplingParams or a list of them (one a prompt), got "
+                                f"{_short(sampling_params)}" + (": build one with SamplingParams(**d)"
+                                                                if isinstance(sampling_params, dict) else ""))
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts: "
@@ -96,19 +108,32 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True, chat_template: str | None = None
              ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them, then generate.
+
+        A message is a dict with a 'role' (one of CHAT_ROLES) and a 'content': a string, a list of
+        {"type": "text", "text": ...} parts (joined, as the server does), or absent / None (empty). Raises
+        TypeError / ValueError naming the message and the fix, ValueError if the template fails on them."""
+        self._check_open()
         tok = self.engine.tokenizer
         if tok is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model has none")
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TypeError(f"messages must be a non-empty list of message dicts, or a list of such lists, got "
+                            f"{_short(messages)}" + (": wrap the message in a list" if isinstance(messages, dict)
+                                                     else ""))
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TypeError(f"chat_template must be a Jinja template string, got {_short(chat_template)}")
+        convs = [messages] if isinstance(messages[0], dict) else messages
         prompts = []
         for conv in convs:
-            for m in conv:  # the roles the server's API takes (entrypoints/openai/protocol.py)
-                if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-                    raise ValueError(f"chat message {m!r}: each message is a dict whose 'role' is one of "
-                                     f"{list(CHAT_ROLES)}")
-            ids = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                          chat_template=chat_template)
+            if not isinstance(conv, (list, tuple)) or not conv:
+                raise TypeError(f"a conversation must be a non-empty list of message dicts, got {_short(conv)}")
+            conv = [_chat_message(m) for m in conv]
+            try:
+                ids = tok.apply_chat_template(conv, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                              chat_template=chat_template)
+            except Exception as e:  # jinja's TemplateError and kin: the template cannot render these messages
+                raise ValueError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             prompts.append(list(ids))
@@ -128,12 +153,20 @@ class LLM:
                         done[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
+        except BaseException:  # an error in a step, or Ctrl-C: this call's requests end, the engine serves on
+            self.engine.abort_all_after_failure()
+            raise
         finally:
             if bar is not None:
                 bar.close()
         return [done[i] for i in ids]
 
+    def _check_open(self) -> None:
+        if self._shut_down:
+            raise RuntimeError("this LLM was shut down (LLM.shutdown()): create a new LLM to generate again")
+
     def shutdown(self) -> None:
+        self._shut_down = True
         self.engine.shutdown()
 
 
@@ -143,13 +176,45 @@ VLLM_ARG_NAMES = {"max_model_len": "max_seq_len", "max_num_seqs": "max_batch_siz
                   "max_num_batched_tokens": "max_num_tokens"}
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _chat_message(m: Any) -> dict:
+    """A chat message checked and with its content made a string (text parts joined; absent or None: "")."""
+    # the roles the server's API takes (entrypoints/openai/protocol.py)
+    if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+        raise ValueError(f"chat message {_short(m)}: each message is a dict whose 'role' is one of {list(CHAT_ROLES)}")
+    content = m.get("content")
+    if isinstance(content, (list, tuple)):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                   for p in content):
+            raise TypeError(f"chat message content {_short(content)}: a list of content parts must hold "
+                            "{'type': 'text', 'text': str} parts only")
+        content = "".join(p["text"] for p in content)
+    elif content is None:
+        content = ""
+    elif not isinstance(content, str):
+        raise TypeError(f"chat message content must be a string or a list of text parts, got {_short(content)}")
+    return {**m, "content": content}
+
+
+def _as_prompt(p: Any) -> Prompt:
+    if isinstance(p, dict):
+        keys = set(p) & {"prompt", "prompt_token_ids"}
+        if len(keys) != 1:
+            raise TypeError(f"a prompt dict holds 'prompt' (a string) or 'prompt_token_ids' (a list of ints), got "
+                            f"keys {sorted(p)}")
+        return p[keys.pop()]
+    return p
+
+
 def _as_prompt_list(prompts) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    if isinstance(prompts, dict):
-        return [prompts["prompt_token_ids"]]
+    if isinstance(prompts, (str, dict)):
+        return [_as_prompt(prompts)]
     if isinstance(prompts, (list, tuple)):
         if prompts and all(isinstance(t, int) for t in prompts):
             return [list(prompts)]
-        return [p["prompt_token_ids"] if isinstance(p, dict) else p for p in prompts]
+        return [_as_prompt(p) for p in prompts]
     raise TypeError(f"prompts must be a string, a list of token ids, or a list of either; got {type(prompts)}")

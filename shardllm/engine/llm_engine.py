@@ -149,6 +149,10 @@ class LLMEngine:
         bad = [t for t in params.logit_bias or () if t >= vocab]
         if bad:
             raise ValueError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab}): give token ids of "
+                             "this model")
         max_len = self.config.scheduler_config.max_model_len
         if len(token_ids) >= max_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens but max_seq_len is {max_len}: shorten the "
@@ -180,6 +184,19 @@ class LLMEngine:
                 if not req.is_finished:
                     self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
                     self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
+
+    def abort_all_after_failure(self) -> None:
+        """After `step` raised or was interrupted (KeyboardInterrupt): collect and drop the batches still in flight
+        (what the workers owe for them; their errors ignored) and abort every unfinished request, so that the
+        workers forget them at the next step and the engine serves new requests (a request left behind would be
+        scheduled with tokens of a step that never finished)."""
+        while self._in_flight:
+            self._in_flight.popleft()
+            try:
+                self.executor.collect()
+            except Exception:  # noqa: BLE001 - the failure being recovered from, or one like it
+                pass
+        self.abort_request(list(self._parents))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._in_flight)

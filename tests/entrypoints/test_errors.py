@@ -87,6 +87,7 @@ BAD = [
     ("completions", completion(stop=[f"s{i}" for i in range(17)]), 400, "stop", None),
     ("chat/completions", chat(stop="x" * 257), 400, "stop", None),
     ("completions", completion(stop_token_ids=list(range(1025))), 400, "stop_token_ids", None),
+    ("completions", completion(stop_token_ids=[10**12]), 400, "stop_token_ids", None),
     ("completions", completion(stream_options={"include_usage": True}), 400, "stream_options", None),
     ("chat/completions", chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi",
                                                                       "cache_control": {}}]}]), 400, "messages", None),

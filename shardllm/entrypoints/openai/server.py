@@ -180,7 +180,7 @@ class OpenAIServer:
         self._check_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise APIError("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
-        validation.check_stop(req.stop, req.stop_token_ids)
+        validation.check_stop(req.stop, req.stop_token_ids, self.vocab_size)
         req.token_logit_bias(self.vocab_size)  # token ids of this vocabulary, checked before anything runs
         if not self.llm.is_healthy:
             raise APIError(self._unhealthy_message(), 503, type="service_unavailable")

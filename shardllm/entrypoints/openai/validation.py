@@ -81,8 +81,10 @@ def _surrogate(path: tuple, key: str | None = None) -> APIError:
                     param=str(path[0]) if path else None, code="invalid_json")
 
 
-def check_stop(stop: str | list[str] | None, stop_token_ids: list[int] | None) -> None:
-    """Stop strings and stop token ids within this server's bounds (MAX_STOP_*); APIError (400) naming them."""
+def check_stop(stop: str | list[str] | None, stop_token_ids: list[int] | None, vocab_size: int | None = None
+               ) -> None:
+    """Stop strings and stop token ids within this server's bounds (MAX_STOP_*), the ids within the vocabulary if
+    given; APIError (400) naming them."""
     stops = [stop] if isinstance(stop, str) else stop or []
     if len(stops) > MAX_STOP_STRINGS:
         raise APIError(f"'stop' holds {len(stops)} strings; this server takes at most {MAX_STOP_STRINGS}.",
@@ -94,6 +96,10 @@ def check_stop(stop: str | list[str] | None, stop_token_ids: list[int] | None) -
     if stop_token_ids and len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise APIError(f"'stop_token_ids' holds {len(stop_token_ids)} ids; this server takes at most "
                        f"{MAX_STOP_TOKEN_IDS}.", param="stop_token_ids")
+    bad = [t for t in stop_token_ids or () if vocab_size is not None and t >= vocab_size]
+    if bad:
+        raise APIError(f"'stop_token_ids' {bad[:5]} are outside the vocabulary [0, {vocab_size}).",
+                       param="stop_token_ids")
 
 
 def check_supported_fields(data: dict[str, Any], model_cls) -> None:
