@@ -195,3 +195,37 @@ def test_fp8_gemv_rows_bound_is_capped_at_the_kernels_rows():
     with pytest.raises(ValueError, match=r"0\.\.16"):
         var.value({"SHARDLLM_FP8_GEMV_MAX_M": "17"}, strict=True)
     assert var.value({"SHARDLLM_FP8_GEMV_MAX_M": "17"}) == 1  # the default, with a warning
+
+
+@pytest.mark.parametrize("name, bad, good", [
+    ("SHARDLLM_STEP_TIMEOUT", ("0", "-5", "nan", "inf"), ("0.5", "60")),
+    ("SHARDLLM_INIT_TIMEOUT", ("0", "-1", "inf"), ("1800",)),
+    ("SHARDLLM_RAY_PG_TIMEOUT", ("0", "-120", "nan"), ("120",)),
+    ("SHARDLLM_NUM_NODES", ("0", "-2"), ("1", "4")),
+    ("SHARDLLM_PROFILE_TOP", ("0", "-3"), ("1", "15")),
+    ("SHARDLLM_SYMM_MEM_MAX_MB", ("0", "-8", "0.5", "inf", "nan"), ("1", "8", "32")),
+    ("SHARDLLM_TP_OVERLAP_MIN_TOKENS", ("0", "1", "-64"), ("2", "64")),
+    ("SHARDLLM_TP_OVERLAP_PREFILL_MIN_TOKENS", ("0", "-1"), ("2", "2048")),
+    ("SHARDLLM_TP_OVERLAP_SM_CARVEOUT", ("-1",), ("0", "16")),
+    ("SHARDLLM_GEMV_W_EARLY", ("-1", "3"), ("0", "1", "2")),
+])
+def test_numeric_variables_have_bounds(name, bad, good, monkeypatch, capsys):
+    """A timeout of 0 s, a negative size or count, a mode out of its range is invalid where the variable is read
+    (naming it and the range) and in `shardllm envs` (exit status 1), not accepted and failing later (a
+    SHARDLLM_STEP_TIMEOUT of 0 failed the first step with "worker rank 0 did not answer within 0s")."""
+    var = envs.ENV_VARS[name]
+    assert not var.lenient  # an error where it is read, as for text that is no number
+    for raw in bad:
+        with pytest.raises(ValueError, match=rf"{name}='{re.escape(raw)}' is not a valid {var.type} \(must be "):
+            var.value({name: raw})
+        monkeypatch.setenv(name, raw)
+        assert envs.invalid_names() == [name]
+        assert cli.main(["envs", "--set"]) == 1
+        assert f"invalid: {name} (an error where the engine reads it" in capsys.readouterr().err
+    for raw in good:
+        assert var.value({name: raw}) == (float if var.type == "float" else int)(raw)
+    assert var.value({}) == DEFAULTS[name]
+
+
+def test_an_unset_node_count_stays_unset():
+    assert envs.ENV_VARS["SHARDLLM_NUM_NODES"].value({}) is None

@@ -452,3 +452,58 @@ def test_plan_offers_no_layout_the_mlp_refuses():
     assert 3 in tps and 9 not in tps
     with pytest.raises(ValueError, match="MLP intermediate size 1536"):
         estimate(c, 9, 1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpu_memory_gib", "inf"], "argument --gpu_memory_gib/--gpu-memory-gib: expected a finite number, got 'inf'"),
+    (["--gpu_memory_gib", "nan"], "argument --gpu_memory_gib/--gpu-memory-gib: expected a finite number, got 'nan'"),
+    (["--max_seq_len", "0"], "argument --max_seq_len/--max-seq-len: must be an integer >= 2, got 0"),
+    (["--max_seq_len", "1"], "argument --max_seq_len/--max-seq-len: must be an integer >= 2, got 1"),
+    (["--output_len", "0"], "argument --output_len/--output-len: must be an integer >= 1, got 0"),
+    (["--input_len=-1"], "argument --input_len/--input-len: must be an integer >= 1, got -1"),
+    (["--input_len", "0"], "argument --input_len/--input-len: must be an integer >= 1, got 0"),
+    (["--max_batch_size", "0"], "argument --max_batch_size/--max-batch-size: must be an integer >= 1, got 0"),
+    (["--kv_cache_free_gpu_memory_fraction", "5"], "argument --kv_cache_free_gpu_memory_fraction/"
+     "--kv-cache-free-gpu-memory-fraction: must be in (0, 1], got 5"),
+    (["--kv_cache_free_gpu_memory_fraction", "0"], "must be in (0, 1], got 0"),
+    (["--kv_cache_free_gpu_memory_fraction", "nan"], "expected a finite number, got 'nan'"),
+])
+def test_plan_flags_out_of_range_are_usage_errors(flags, message, capsys):
+    """inf GiB was an OverflowError traceback, nan an error without the flag's name; 0 for the lengths and the
+    batch silently meant "the default"; a KV share of 5 planned, one of 0 said "nothing fits"."""
+    from shardllm.entrypoints.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "llama-3-70b", "--gpus", "4", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("shardllm plan: error: argument --") and message in last, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gpus_per_node", "0"], "--gpus / --gpus_per_node must be >= 1, got 0"),  # not "--gpus 4" instead
+    (["--gpus_per_node", "0", "--nodes", "2"], "--gpus / --gpus_per_node must be >= 1, got 0"),
+    (["--gpu_memory_gib", "1e300"], "--gpu_memory_gib must be at most 1048576 (GiB of one GPU)"),
+    (["--max_seq_len", "100000"], "max_seq_len=100000 exceeds the model's context of 8192 tokens: lower "
+                                  "--max_seq_len to at most 8192"),
+    (["--input_len", "8000", "--output_len", "500"], "--input_len + --output_len = 8500 tokens exceed the model's "
+                                                     "context of 8192 tokens"),
+    (["--max_seq_len", "1000", "--input_len", "1000", "--output_len", "1"],
+     "--input_len + --output_len = 1001 tokens exceed --max_seq_len 1000"),
+])
+def test_plan_values_the_model_or_layout_refuse_exit_1_with_the_fix(flags, message, capsys):
+    from shardllm.entrypoints.cli import main
+
+    assert main(["plan", "llama-3-70b", "--gpus", "4", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("shardllm plan: error: ") and message in err and "Traceback" not in err, err
+
+
+def test_plan_takes_the_smallest_valid_lengths(capsys):
+    from shardllm.entrypoints.cli import main
+
+    assert main(["plan", "llama-3-8b", "--gpus", "1", "--max_seq_len", "2", "--input_len", "1", "--output_len", "1",
+                 "--max_batch_size", "1", "--kv_cache_free_gpu_memory_fraction", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["max_seq_len"] == 2 and out["max_batch_size"] == 1

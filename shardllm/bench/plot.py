@@ -20,6 +20,26 @@ def require_matplotlib() -> None:
         raise ImportError("--plot needs matplotlib: pip install 'shardllm[plot]'") from None
 
 
+def check_plot_path(path: str, flag: str = "--plot") -> None:
+    """ValueError naming `flag` where `path` cannot be written (its directory missing or not writable, a directory
+    itself, a file type matplotlib does not write): checked before a benchmark runs, not after it. Needs
+    matplotlib (require_matplotlib)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory: give a file name, e.g. {os.path.join(path, 'scaling.png')}")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{flag} {path}: the directory {directory} does not exist: create it or choose another path")
+    if not os.access(directory, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path}: not writable (permission denied): choose another path")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if ext and ext not in supported:
+        raise ValueError(f"{flag} {path}: matplotlib does not write .{ext} files: use .png, .pdf or .svg "
+                         f"(or {', '.join('.' + e for e in sorted(supported) if e not in ('png', 'pdf', 'svg'))})")
+
+
 def parallel_kind(row: dict[str, Any]) -> str:
     """"tp", "pp", "tp pp", "tp ep", ...: the sizes above 1; "" for one GPU."""
     return " ".join(k for k in ("tp", "pp", "ep") if row[k] > 1)
@@ -117,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         require_matplotlib()
+        check_plot_path(a.output, "-o")
         rows = [r for p in a.files for r in load_rows(p)]
     except (ImportError, ValueError, OSError, KeyError) as e:
         ap.error(str(e))

@@ -211,6 +211,8 @@ def _rate(v: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shardllm.entrypoints.arg_types import positive_float
+
     ap = argparse.ArgumentParser(prog="shardllm bench serve", description="Load-test an OpenAI-compatible "
                                  "server: request throughput, output tok/s, TTFT / TPOT / ITL / E2E percentiles.")
     ap.add_argument("--url", "--base_url", dest="url", default="http://127.0.0.1:8000",
@@ -230,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ignore_eos", action=argparse.BooleanOptionalAction, default=True,
                     help="generate exactly the output length (default on)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--request_timeout", type=float, default=3600.0, help="seconds per request")
+    ap.add_argument("--request_timeout", type=positive_float, default=3600.0, metavar="S",
+                    help="seconds per request")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     ap.add_argument("--disable_tqdm", action="store_true", help="no progress bar")
     return ap

@@ -258,12 +258,13 @@ def run_sweep_cli(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         layouts = parse_sweep(a.sweep)
     except ValueError as e:
         ap.error(str(e))
-    if a.plot:
-        from shardllm.bench.plot import require_matplotlib
+    if a.plot:  # matplotlib and a writable path, before the layouts run
+        from shardllm.bench.plot import check_plot_path, require_matplotlib
 
         try:
             require_matplotlib()
-        except ImportError as e:
+            check_plot_path(a.plot)
+        except (ImportError, ValueError) as e:
             ap.error(str(e))
     try:
         rows = run_sweep(a)

@@ -22,12 +22,14 @@ import torch
 
 def _adder(ap: argparse.ArgumentParser):
     """ap.add_argument where each --snake_case flag also answers to --kebab-case (the CLI's `_names`)."""
-    from shardllm.entrypoints.cli import _names
+    from shardllm.entrypoints.arg_types import _names
 
     return lambda *names, **kw: ap.add_argument(*_names(*names), **kw)
 
 
 def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    from shardllm.entrypoints.arg_types import add_vllm_hints, fraction, int_at_least, positive_float
+
     add = _adder(ap)
     add("--model", default=None, help="checkpoint dir, .gguf file, Hugging Face repo id or shipped config "
         "(llama-3-8b, with --load_format dummy); default: the embedded SmolLM2-135M-Instruct")
@@ -44,12 +46,12 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
         help="default: the engine's (1024 on a GPU of >= 70 GiB except A100s, else 256)")
     add("--max_num_tokens", "--max-num-batched-tokens", type=int, default=None,
         help="default: the engine's (16384 on a GPU of >= 70 GiB except A100s, else 8192)")
-    add("--max_seq_len", "--max-model-len", type=int, default=None,
-        help="longest prompt + output (default: the model's context)")
+    add("--max_seq_len", "--max-model-len", type=int_at_least(2), default=None, metavar="N",
+        help="longest prompt + output (default: input_len + output_len + 8)")
     add("--block_size", type=int, default=None,
         help="tokens per KV cache block (default: the engine's: 16, 64 with an e4m3 FP8 cache on sm90+)")
-    add("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9,
-        help="share of free GPU memory for the KV cache")
+    add("--kv_cache_free_gpu_memory_fraction", type=fraction, default=0.9, metavar="F",
+        help="share of free GPU memory for the KV cache, in (0, 1]")
     add("--device", default="auto", help="auto | cuda | cpu")
     add("--enforce_eager", action="store_true",
         help="no CUDA graphs")
@@ -58,7 +60,9 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     add("--attention_backend", default="auto", choices=("auto", "torch", "triton"),
         help="attention kernels (auto: Triton on GPUs)")
     add("--all_reduce", default="nccl", choices=("nccl", "symm_mem"), help="tensor-parallel all-reduce")
-    add("--cpu_kv_cache_gb", type=float, default=None, help="KV cache size per rank on CPU, in GiB")
+    add("--cpu_kv_cache_gb", type=positive_float, default=None, metavar="F",
+        help="KV cache size per rank on CPU, in GiB")
+    add_vllm_hints(ap)
 
 
 def engine_kwargs(a: argparse.Namespace) -> dict:
@@ -201,6 +205,8 @@ def run(a: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shardllm.entrypoints.arg_types import positive_float
+
     ap = argparse.ArgumentParser(
         prog="shardllm bench", allow_abbrev=False,
         description="shardllm offline throughput benchmark: one layout, or a sweep of layouts (--sweep) with a "
@@ -224,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="layouts to run one after the other, each in its own engine (see below)")
     add("--plot", default=None, metavar="FILE.png",
         help="draw output tok/s and scaling efficiency against GPUs (needs matplotlib)")
-    add("--layout_timeout", type=float, default=3600.0,
+    add("--layout_timeout", type=positive_float, default=3600.0, metavar="S",
         help="seconds one layout of a sweep may take before it is stopped (its row says timeout)")
     return ap
 
@@ -235,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("input_len", "output_len", "num_requests"):
         if getattr(a, name) < 1:
             ap.error(f"--{name} must be at least 1, got {getattr(a, name)}")
+    if a.batch_size < 0:
+        ap.error(f"--batch_size must be at least 1 (or 0: no cap), got {a.batch_size}")
+    if a.max_seq_len is not None and a.input_len + a.output_len > a.max_seq_len:
+        ap.error(f"--input_len + --output_len = {a.input_len + a.output_len} tokens exceed --max_seq_len "
+                 f"{a.max_seq_len}: raise --max_seq_len or leave it out (input_len + output_len + 8)")
     if a.sweep or a.plot:
         from shardllm.bench.sweep import run_sweep_cli
 

@@ -9,11 +9,24 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import math
 import signal
 import sys
 from typing import Any
 
 from shardllm import envs
+from shardllm.entrypoints.arg_types import (
+    VLLM_HINTS,
+    _layer_counts,
+    _names,
+    add_vllm_hints,
+    finite_float,
+    fraction,
+    int_at_least,
+    non_negative_float,
+    positive_float,
+    vllm_hint,
+)
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Operator limits of the server (run_server's keyword arguments), passed on when given.
@@ -32,16 +45,6 @@ SERVER_DEFAULTS = {"host": "localhost", "port": 8000, "log_level": "info", "shut
 # The deployment guide's short names, accepted in YAML too.
 YAML_SYNONYMS = {"tp_size": "tensor_parallel_size", "pp_size": "pipeline_parallel_size",
                  "ep_size": "expert_parallel_size"}
-
-
-def _names(*names: str) -> list[str]:
-    """Each --snake_case flag also answers to --kebab-case."""
-    out = []
-    for n in names:
-        out.append(n)
-        if n.startswith("--") and "_" in n and n.replace("_", "-") not in names:
-            out.append(n.replace("_", "-"))
-    return out
 
 
 def _int_or_auto(v: str) -> int | str:
@@ -106,20 +109,22 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="pipeline parallel size (stages)")
     add("--ep_size", "--expert-parallel-size", "-ep", dest="expert_parallel_size", type=int,
         help="expert parallel size (MoE; divides tp_size)")
-    add("--pp_partition", dest="pp_partition", type=lambda v: [int(x) for x in v.split(",")], metavar="N,N,...",
+    add("--pp_partition", dest="pp_partition", type=_layer_counts, metavar="N,N,...",
         help="layers per pipeline stage, e.g. 40,40 (default: even split)")
     add("--max_batch_size", "--max-num-seqs", dest="max_batch_size", type=int,
         help="most sequences in a step (default: 1024 on a GPU of 70 GiB or more, not A100s; else 256)")
     add("--max_num_tokens", "--max-num-batched-tokens", dest="max_num_tokens", type=int,
         help="token budget of one step (default: serve 8192; generate 16384 on a GPU of 70 GiB or more, "
              "not A100s, else 8192)")
-    add("--max_seq_len", "--max-model-len", dest="max_seq_len", type=int, help="longest prompt + output")
+    add("--max_seq_len", "--max-model-len", dest="max_seq_len", type=int_at_least(2), metavar="N",
+        help="longest prompt + output")
     add("--dtype", help="auto | bfloat16 (bf16) | float16 (fp16) | float32 | fp8 (FP8 linears, = --quantization fp8)")
     add("--quantization", dest="quantization", help="fp8: FP8 weights and activations for every linear but "
         "the LM head (FP8 checkpoints are detected without it)")
     add("--kv_cache_dtype", help="auto | fp8 | fp8_e4m3 | fp8_e5m2 (FP8: twice a bf16 cache's tokens per GiB)")
-    add("--kv_cache_free_gpu_memory_fraction", type=float, help="share of free GPU memory for the KV cache")
-    add("--cpu_kv_cache_gb", type=float, help="KV cache size on CPU, in GiB")
+    add("--kv_cache_free_gpu_memory_fraction", type=fraction, metavar="F",
+        help="share of free GPU memory for the KV cache, in (0, 1]")
+    add("--cpu_kv_cache_gb", type=positive_float, metavar="F", help="KV cache size on CPU, in GiB")
     add("--device", choices=("auto", "cuda", "cpu"), help="where to run (auto: cuda when there is a GPU)")
     add("--load_format", help="auto | safetensors | gguf | dummy")
     add("--tokenizer", help="tokenizer path or repo id, when not the model's")
@@ -139,6 +144,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     add("--ray_address", help="the Ray cluster to attach to (default $RAY_ADDRESS, else a local one)")
     add("--trust_remote_code", action="store_const", const=True, help="allow model code from the hub")
     add("--log_level", choices=LOG_LEVELS, help="logging level (default info)")
+    add_vllm_hints(g)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,19 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
                       (("--served_model_name",), dict(help="the model's name in the API (default: MODEL)")),
                       (("--api_key",), dict(help="require 'Authorization: Bearer KEY' on /v1/* "
                                                  "(or set SHARDLLM_API_KEY)")),
-                      (("--shutdown_timeout",), dict(type=float, help="seconds running requests get to "
-                                                                      "finish on SIGTERM or SIGINT (Ctrl-C; default "
-                                                                      "30)")),
+                      (("--shutdown_timeout",), dict(type=non_negative_float, metavar="S",
+                                                     help="seconds running requests get to finish on SIGTERM or "
+                                                          "SIGINT (Ctrl-C; default 30)")),
                       (("--api_key_file",), dict(metavar="PATH", help="read the API key from this file (keeps it "
                                                                       "out of `ps`)")),
                       (("--max_request_body_bytes",), dict(type=int, metavar="N", help="larger bodies get 413 "
                                                                                        "(default 4 MiB)")),
                       (("--max_seqs_per_request",), dict(type=int, metavar="N", help="most sequences (prompts x n) "
                                                                                      "in one request (default 256)")),
-                      (("--timeout_keep_alive",), dict(type=float, metavar="S", help="close a connection idle "
-                                                                                     "this long (default 5)")),
-                      (("--request_read_timeout",), dict(type=float, metavar="S", help="close a connection whose "
-                                                         "request has not fully arrived in this time (default 30)"))]:
+                      (("--timeout_keep_alive",), dict(type=finite_float, metavar="S", help="close a connection "
+                                                       "idle this long (default 5)")),
+                      (("--request_read_timeout",), dict(type=finite_float, metavar="S", help="close a connection "
+                                                         "whose request has not fully arrived in this time (default "
+                                                         "30)"))]:
         g.add_argument(*_names(*names), default=argparse.SUPPRESS, **kw)
 
     gen = sub.add_parser("generate", help="generate text offline and print it", allow_abbrev=False,
@@ -176,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = gen.add_argument_group("sampling")
     g.add_argument("-p", "--prompt", action="append", default=[], help="a prompt (repeat for several)")
     g.add_argument(*_names("--max_tokens"), type=int, default=64, help="most tokens to generate (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
-    g.add_argument(*_names("--top_p"), type=float, default=1.0, help="nucleus sampling mass (default 1: all)")
+    g.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="F",
+                   help="sampling temperature (default 0: greedy)")
+    g.add_argument(*_names("--top_p"), type=fraction, default=1.0, metavar="F",
+                   help="nucleus sampling mass, in (0, 1] (default 1: all)")
     g.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     for name, text in OWN_FLAG_COMMANDS.items():  # for --help only: main() runs them before this parser
         if name not in sub.choices:
@@ -205,6 +214,9 @@ def load_yaml_config(path: str, allowed: set[str]) -> dict[str, Any]:
         raise ValueError(f"--config {path} must be a mapping of LLM arguments, got {type(data).__name__}")
     data = {YAML_SYNONYMS.get(k, k): v for k, v in data.items()}
     unknown = sorted(set(data) - allowed)
+    for key in unknown:
+        if key in VLLM_HINTS:
+            raise ValueError(f"{path}: {vllm_hint(key, prefix='')}")
     if unknown:
         raise ValueError(f"unknown keys {unknown} in {path}: use the LLM argument names {sorted(allowed)}")
     return data
@@ -232,11 +244,24 @@ def resolve_settings(args: argparse.Namespace, server: bool) -> tuple[dict[str, 
         rest["api_key"] = envs.SHARDLLM_API_KEY
     for k in LIMIT_KEYS:  # checked before the model loads
         v = rest.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
-                              or (k.startswith("max_") and not isinstance(v, int))):
+        if v is not None and (not _is_number(v) or not v > 0 or (k.startswith("max_") and not isinstance(v, int))):
             kind = "an integer >= 1" if k.startswith("max_") else "a number of seconds > 0"
             raise ValueError(f"{k} must be {kind}, got {v!r}")
+    v = rest.get("shutdown_timeout")
+    if server and not (_is_number(v) and v >= 0):
+        raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, got {v!r}")
+    v = engine.get("max_seq_len")  # EngineConfig.create's rule, before a port is bound or a manifest written
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 2):
+        raise ValueError(f"max_seq_len must be an integer >= 2, got {v!r}")
+    v = engine.get("cpu_kv_cache_gb")  # as the flag's type, for a --config file's value
+    if v is not None and not (_is_number(v) and v > 0):
+        raise ValueError(f"cpu_kv_cache_gb must be a finite number > 0 (GiB), got {v!r}")
     return engine, rest
+
+
+def _is_number(v: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def read_api_key_file(path: str) -> str:
@@ -260,6 +285,14 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _engine_failed(e: Exception, what: str, log_level_flag: bool = True) -> int:
+    """An engine that failed to start or to run for another reason than a setting (a worker that died or did not
+    answer, out of memory, a bug): its message on one line, the traceback at debug level (--log_level debug)."""
+    logging.getLogger(__name__).debug("%s", what, exc_info=e)
+    hint = " (--log_level debug logs the traceback)" if log_level_flag else ""
+    return _fail(f"{what}: {type(e).__name__}: {e}{hint}")
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -270,7 +303,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         engine_kwargs, opts = resolve_settings(args, server=True)
         check_settings_without_model(engine_kwargs)  # a bad setting is named before the port is checked
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         return _fail(str(e))
     _setup_logging(opts["log_level"])
     try:
@@ -299,6 +332,8 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
     except KeyboardInterrupt:
         logging.getLogger(__name__).info("interrupted while loading the model")
         return 0
+    except Exception as e:  # a worker that died or hung (WorkerError), CUDA out of memory, ...
+        return _engine_failed(e, "the engine failed to start")
     finally:
         signal.signal(signal.SIGTERM, previous)
     limits = {k: opts[k] for k in LIMIT_KEYS if k in opts}
@@ -332,6 +367,8 @@ def generate(args: argparse.Namespace) -> int:
         llm = LLM(**engine_kwargs)
     except (ValueError, TypeError, NotImplementedError) as e:
         return _fail(str(e))
+    except Exception as e:  # a worker that died or hung (WorkerError), out of memory, ...
+        return _engine_failed(e, "the engine failed to start")
     try:
         if args.chat:
             outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=False)
@@ -339,6 +376,8 @@ def generate(args: argparse.Namespace) -> int:
             outs = llm.generate(prompts, params, use_tqdm=False)
     except (ValueError, TypeError) as e:
         return _fail(str(e))
+    except Exception as e:  # a worker that died or did not answer in SHARDLLM_STEP_TIMEOUT s, ...
+        return _engine_failed(e, "generation failed")
     finally:
         llm.shutdown()
     for prompt, out in zip(prompts, outs):
@@ -355,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             return bench_main(argv[1:])
         except (ValueError, TypeError, NotImplementedError) as e:  # a flag the engine refuses: its message
             return _fail(str(e))
+        except Exception as e:  # the engine failed: a worker that died or hung (WorkerError), out of memory, ...
+            return _engine_failed(e, "the benchmark failed", log_level_flag=False)
     if argv[:1] in (["plan"], ["doctor"]):  # operator tools with their own flags: no engine, no model load
         from shardllm.entrypoints import doctor, plan
 

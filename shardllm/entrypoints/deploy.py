@@ -26,10 +26,16 @@ from shardllm.config import (
     check_settings_without_model,
     check_tp_size,
 )
-from shardllm.deploy.kubernetes import CONFIG_MOUNT, DeploySpec, render
+from shardllm.deploy.kubernetes import CONFIG_MOUNT, STARTUP_PERIOD_S, DeploySpec, render
 from shardllm.entrypoints.cli import build_parser, resolve_settings
 
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+# Kubernetes' names: a namespace is an RFC 1123 label (63 characters at most), a Secret or a claim an RFC 1123
+# subdomain (253 at most), a key of a Secret letters, digits, '-', '_' and '.'; a size a quantity (500Gi, 16G, 1e9).
+RFC1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+RFC1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]*)?|\.[0-9]+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|[eE][-+]?[0-9]+)?$")
 # Server settings that do not travel as flags: the pod binds 0.0.0.0 through SHARDLLM_HOST, and an API key
 # comes from a Secret (--api_key_secret), never from the manifest's text.
 NOT_RENDERED = ("host", "api_key")
@@ -66,7 +72,8 @@ def build_deploy_parser() -> argparse.ArgumentParser:
     k.add_argument("--cache_size", default="500Gi", help="size of a rendered cache claim (default %(default)s)")
     k.add_argument("--shm_size", default="16Gi", help="size of /dev/shm, a RAM emptyDir (default %(default)s)")
     k.add_argument("--startup_timeout", type=int, default=1800, metavar="S",
-                   help="seconds the pod gets to load the model before the kubelet restarts it (default 1800)")
+                   help=f"seconds the pod gets to load the model before the kubelet restarts it (default 1800; "
+                        f"at least {STARTUP_PERIOD_S}, the startup probe's period)")
     k.add_argument("--service_monitor", action="store_true", help="add a Prometheus Operator ServiceMonitor")
     k.add_argument("--ray_operator", choices=("lws", "kuberay"), default="lws",
                    help="multi-node only: a LeaderWorkerSet (default) or a KubeRay RayCluster")
@@ -131,6 +138,7 @@ def build_spec(argv: list[str]) -> DeploySpec:
                          "digits and '-', starting with a letter (pod names add suffixes to it)")
     if opts.replicas < 1:
         raise ValueError(f"--replicas must be >= 1, got {opts.replicas}")
+    check_kubernetes_values(opts)
     if server.get("host") not in (None, "localhost", *ALL_ADDRESSES) and "host" in vars(args):
         raise ValueError(f"--host {server['host']} would hide the server from its probes and Service: "
                          "leave --host out (the pod binds 0.0.0.0)")
@@ -148,7 +156,9 @@ def build_spec(argv: list[str]) -> DeploySpec:
                                 engine.get("ray_address"))
     check_num_workers(ParallelConfig(tp, pp, distributed_executor_backend=backend,
                                      num_workers=engine.get("num_workers")))
-    check_tp_against_local_model(engine.get("model"), tp, int(engine.get("expert_parallel_size") or 1))
+    check_model_name(engine.get("model"), engine.get("load_format", "auto"))
+    check_against_local_model(engine.get("model"), tp, int(engine.get("expert_parallel_size") or 1), pp,
+                              engine.get("pp_partition"), engine.get("max_seq_len"))
     num_workers = engine.get("num_workers") or 1
     settings = {**engine, **{k: v for k, v in server.items() if k not in NOT_RENDERED}}
     serve_args, no_flag = settings_to_args(settings)
@@ -164,6 +174,57 @@ def build_spec(argv: list[str]) -> DeploySpec:
         cache_size=opts.cache_size, shm_size=opts.shm_size, service_monitor=opts.service_monitor,
         ray_operator=opts.ray_operator, ray_token_secret=opts.ray_token_secret, config_yaml=config_yaml,
         cpu_only=engine.get("device") == "cpu")
+
+
+def check_kubernetes_values(opts: argparse.Namespace) -> None:
+    """The deploy flags that become Kubernetes fields: names, Secret references, sizes and the startup timeout,
+    each as the API server (or the kubelet) would take it. ValueError naming the flag and the fix."""
+    if opts.namespace is not None and (not RFC1123_LABEL.match(opts.namespace) or len(opts.namespace) > 63):
+        raise ValueError(f"--namespace {opts.namespace!r} must be a Kubernetes namespace name: at most 63 lowercase "
+                         "letters, digits and '-', starting and ending with a letter or digit")
+    if opts.cache_pvc is not None and not _subdomain(opts.cache_pvc):
+        raise ValueError(f"--cache_pvc {opts.cache_pvc!r} must be the name of a PersistentVolumeClaim: lowercase "
+                         "letters, digits, '-' and '.', starting and ending with a letter or digit")
+    for flag, ref in (("--hf_token_secret", opts.hf_token_secret), ("--api_key_secret", opts.api_key_secret),
+                      ("--ray_token_secret", opts.ray_token_secret)):
+        if ref is None:
+            continue
+        name, _, key = ref.partition(":")
+        if not _subdomain(name):
+            raise ValueError(f"{flag} {ref!r}: {name!r} is not a Secret name: give NAME or NAME:KEY, NAME of "
+                             "lowercase letters, digits, '-' and '.', starting and ending with a letter or digit")
+        if key and (not SECRET_KEY.match(key) or len(key) > 253):
+            raise ValueError(f"{flag} {ref!r}: {key!r} is not a key of a Secret: letters, digits, '-', '_' and '.'")
+    for flag, size in (("--cache_size", opts.cache_size), ("--shm_size", opts.shm_size)):
+        m = QUANTITY.match(size)
+        if not m or not float(m["number"]) > 0:
+            raise ValueError(f"{flag} {size!r} must be a Kubernetes quantity above 0, a number with "
+                             "an optional unit such as 500Gi, 16Gi or 100G")
+    if opts.startup_timeout < STARTUP_PERIOD_S:
+        raise ValueError(f"--startup_timeout must be at least {STARTUP_PERIOD_S} s (the startup probe's period), "
+                         f"got {opts.startup_timeout}: give the seconds the pod may take to load the model")
+
+
+def _subdomain(name: str) -> bool:
+    return bool(RFC1123_SUBDOMAIN.match(name)) and len(name) <= 253
+
+
+def check_model_name(model: str | None, load_format: str) -> None:
+    """serve's refusals of MODEL and --load_format that need neither the network nor the pod's files
+    (model_loader.resolve.resolve_model, whose ValueError this is): a name without '/' that is no path is a shipped
+    config only with --load_format dummy (`serve llama-3-70b` is an unknown model). Repo ids, paths (in the pod)
+    and the embedded default are left to the pod."""
+    from shardllm.model_loader.default_model import DEFAULT_MODEL_NAME
+    from shardllm.model_loader.resolve import LOAD_FORMATS, resolve_model
+
+    if load_format not in LOAD_FORMATS:  # resolve_model's first check and message
+        raise ValueError(f"unknown load_format {load_format!r}: choose one of {list(LOAD_FORMATS)}")
+    if model is None or model in ("default", DEFAULT_MODEL_NAME):
+        return
+    if isinstance(model, str) and model and ("/" in model or model.endswith(".gguf") or model.startswith((".", "~"))
+                                             or os.path.exists(model)):
+        return
+    resolve_model(model, load_format)  # a shipped config's name with dummy (read from the package), else an error
 
 
 def local_model_config(model: str | None):
@@ -187,14 +248,29 @@ def local_model_config(model: str | None):
         return None
 
 
-def check_tp_against_local_model(model: str | None, tp: int, ep: int = 1) -> None:
-    """serve's checks of --tp_size and --ep_size against the model's dimensions (config.check_tp_size,
-    config.check_expert_parallel: the same ValueErrors) where the model's config is on this machine
-    (`local_model_config`); nothing is fetched from the network."""
+def check_against_local_model(model: str | None, tp: int, ep: int = 1, pp: int = 1,
+                              pp_partition: list[int] | None = None, max_seq_len: int | None = None) -> None:
+    """serve's checks against the model's dimensions, with its messages, where the model's config is on this machine
+    (`local_model_config`; nothing is fetched from the network): --tp_size and --ep_size (config.check_tp_size,
+    config.check_expert_parallel), --pp_size and --pp_partition (parallel_state.pp_layer_split: one count a stage,
+    summing to the model's layers), --max_seq_len (at most the model's context). Without the config, the
+    partition's stage count and sizes only."""
+    from shardllm.config import _model_max_len
+    from shardllm.distributed.parallel_state import pp_layer_split
+
     hf = local_model_config(model)
-    if hf is not None:
-        check_tp_size(tp, hf)
-        check_expert_parallel(tp, ep, hf)
+    if hf is None:
+        if pp_partition and (len(pp_partition) != pp or min(pp_partition) < 1):
+            raise ValueError(f"pp_partition={list(pp_partition)} must give {pp} stages (pp_size) of at least 1 "
+                             "layer each, summing to the model's layers")
+        return
+    check_tp_size(tp, hf)
+    check_expert_parallel(tp, ep, hf)
+    pp_layer_split(hf.num_hidden_layers, pp, pp_partition)
+    model_max = _model_max_len(hf)
+    if max_seq_len is not None and max_seq_len > model_max:  # EngineConfig.create's message
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {model_max} tokens: "
+                         f"lower max_seq_len to at most {model_max}")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -238,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         sys.stdout.write(render_yaml(argv))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a --config value of the wrong type (check_engine_settings)
         print(f"shardllm deploy: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -13,11 +13,12 @@ import json
 import os
 import sys
 
-from shardllm.config import large_gpu
-from shardllm.entrypoints.cli import _names
+from shardllm.config import _model_max_len, large_gpu
+from shardllm.entrypoints.arg_types import _names, finite_float, fraction, int_at_least
 from shardllm.planner import KV_DTYPES, WEIGHT_DTYPES, GiB, Plan, check_gpu_name, gpu_spec, plan
 
 EXIT_NO_FIT = 3  # the plan was made and no layout fits (1: bad input, no plan; 2: argparse's usage error)
+MAX_GPU_MEMORY_GIB = 1 << 20  # 1 PiB: far past any GPU, short of the float overflow of the roofline's figures
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,18 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("--gpus", type=int, help="GPUs on one node (default: the local GPUs, through NVML)")
     add("--gpus_per_node", type=int, help="GPUs per node, with --nodes")
     add("--nodes", type=int, default=1, help="nodes (pipeline stages go across them)")
-    add("--gpu_memory_gib", type=float, help="memory of one GPU in GiB (default: the local GPUs', else 80)")
+    add("--gpu_memory_gib", type=finite_float, metavar="GIB",
+        help="memory of one GPU in GiB (default: the local GPUs', else 80)")
     add("--gpu", help="GPU model for the bandwidth figures: H100, H200, A100; any other name is an error "
                       "(default: the local GPUs', else from the memory size)")
     add("--dtype", default="bf16", choices=sorted(WEIGHT_DTYPES), help="weight dtype (fp8: online W8A8)")
     add("--kv_cache_dtype", default="auto", type=str.lower, choices=KV_DTYPES,
         help="KV cache dtype, serve's names (auto: the activations' dtype)")
-    add("--max_seq_len", type=int, help="longest prompt + output (default: the model's context)")
-    add("--input_len", type=int, help="typical prompt tokens, for the throughput estimate")
-    add("--output_len", type=int, help="typical output tokens, for the throughput estimate")
-    add("--max_batch_size", type=int, help="most sequences in a step (default: serve's for that GPU: 1024 at "
-                                           ">= 70 GiB except A100s, else 256)")
-    add("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9, help="as for `serve`")
+    add("--max_seq_len", type=int_at_least(2), metavar="N",
+        help="longest prompt + output, >= 2 as for `serve` (default: the model's context)")
+    add("--input_len", type=int_at_least(1), metavar="N", help="typical prompt tokens, for the throughput estimate")
+    add("--output_len", type=int_at_least(1), metavar="N", help="typical output tokens, for the throughput estimate")
+    add("--max_batch_size", type=int_at_least(1), metavar="N",
+        help="most sequences in a step (default: serve's for that GPU: 1024 at >= 70 GiB except A100s, else 256)")
+    add("--kv_cache_free_gpu_memory_fraction", type=fraction, default=0.9, metavar="F",
+        help="as for `serve`: in (0, 1] (default 0.9)")
     add("--topology", choices=("nvlink", "pcie"), help="GPU interconnect (default: the local GPUs', else nvlink)")
     add("--json", action="store_true", help="print the plan as JSON")
     return p
@@ -84,6 +88,22 @@ def load_config(model: str):
             raise ValueError(f"cannot find the config of {model!r} in the Hugging Face cache nor download it: {e}") \
                 from None
     return AutoConfig.from_pretrained(os.path.dirname(path))
+
+
+def check_lengths(args: argparse.Namespace, hf_config) -> None:
+    """serve's limit on --max_seq_len (the model's context), and requests of --input_len + --output_len tokens that
+    fit in it (a longer request is one serve refuses: its throughput is no estimate). ValueError naming the fix."""
+    model_max = _model_max_len(hf_config)
+    if args.max_seq_len is not None and args.max_seq_len > model_max:  # config.EngineConfig.create's message
+        raise ValueError(f"max_seq_len={args.max_seq_len} exceeds the model's context of {model_max} tokens: "
+                         f"lower --max_seq_len to at most {model_max}")
+    request = (args.input_len or 0) + (args.output_len or 0)
+    if args.max_seq_len is not None and request > args.max_seq_len:
+        raise ValueError(f"--input_len + --output_len = {request} tokens exceed --max_seq_len {args.max_seq_len}: "
+                         f"shorten them or raise --max_seq_len (at most the model's {model_max})")
+    if request > model_max:
+        raise ValueError(f"--input_len + --output_len = {request} tokens exceed the model's context of {model_max} "
+                         "tokens: shorten them")
 
 
 def local_gpus() -> dict:
@@ -193,15 +213,20 @@ def main(argv: list[str]) -> int:
     try:
         hf_config = load_config(args.model)
         name = check_gpu_name(args.gpu) if args.gpu is not None else None
-        gpn, nodes, topology = args.gpus_per_node or args.gpus, args.nodes, args.topology
+        check_lengths(args, hf_config)
+        if args.gpu_memory_gib is not None and args.gpu_memory_gib < 1:
+            raise ValueError(f"--gpu_memory_gib must be at least 1 (GiB of one GPU), got {args.gpu_memory_gib}")
+        if args.gpu_memory_gib is not None and args.gpu_memory_gib > MAX_GPU_MEMORY_GIB:  # overflows the estimates
+            raise ValueError(f"--gpu_memory_gib must be at most {MAX_GPU_MEMORY_GIB} (GiB of one GPU), got "
+                             f"{args.gpu_memory_gib}")
+        gpn = args.gpus_per_node if args.gpus_per_node is not None else args.gpus  # 0 is refused, not "unset"
+        nodes, topology = args.nodes, args.topology
         memory = int(args.gpu_memory_gib * GiB) if args.gpu_memory_gib else None
         if gpn is None:
             local = local_gpus()
             gpn, nodes, name = local["count"], 1, name or local["name"]
             memory = memory or local["memory_bytes"]
             topology = topology or local["topology"]
-        if args.gpu_memory_gib is not None and args.gpu_memory_gib < 1:
-            raise ValueError(f"--gpu_memory_gib must be at least 1 (GiB of one GPU), got {args.gpu_memory_gib}")
         if gpn < 1:
             raise ValueError(f"--gpus / --gpus_per_node must be >= 1, got {gpn}")
         if nodes < 1:

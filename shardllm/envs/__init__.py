@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -96,8 +97,25 @@ def _names(raw: str | None) -> tuple[str, ...]:  # "A, B,," -> ("A", "B")
     return tuple(n.strip() for n in (raw or "").split(",") if n.strip())
 
 
-def _int_or_none(raw: str | None) -> int | None:
-    return None if raw is None else int(raw)
+def _number(kind: Callable[[str], Any], least: float, most: float | None = None, above: bool = False,
+            optional: bool = False) -> Callable[[str | None], Any]:
+    """A parser for an int or float (`kind`) of at least `least` (more than it with `above`) and at most `most`; a
+    float must be finite; ValueError naming the range otherwise (a timeout of 0 s or a size of -1 fails where it is
+    used, later and less clearly). `optional`: unset stays None."""
+    bound = (f"{'a finite number' if kind is float else 'an integer'} {'>' if above else '>='} {least}"
+             + ("" if most is None else f" and <= {most}"))
+
+    def parse(raw: str | None) -> Any:
+        if raw is None and optional:
+            return None
+        n = kind(raw)
+        if not math.isfinite(n) or not (n > least if above else n >= least) or (most is not None and n > most):
+            raise ValueError(f"must be {bound}")
+        return n
+    return parse
+
+
+_seconds = _number(float, 0, above=True)  # a timeout: finite, > 0
 
 
 def _bound(default: int) -> Callable[[str | None], int]:
@@ -144,17 +162,17 @@ _VARS = [
     EnvVar("SHARDLLM_API_KEY", "str", None, _text_or_none, "start-up",
            "the key /v1/* requires when neither --api_key nor --api_key_file is given (docs/openai_api.md)",
            secret=True),
-    EnvVar("SHARDLLM_INIT_TIMEOUT", "float", "1800", float, "import",
+    EnvVar("SHARDLLM_INIT_TIMEOUT", "float", "1800", _seconds, "import",
            "seconds the executor waits for the workers to start, load and size the KV cache before failing the engine"),
-    EnvVar("SHARDLLM_STEP_TIMEOUT", "float", "60", float, "import",
+    EnvVar("SHARDLLM_STEP_TIMEOUT", "float", "60", _seconds, "import",
            "seconds a worker may take on one call (a step) before the executor fails the engine (docs/parallelism.md)"),
-    EnvVar("SHARDLLM_RAY_PG_TIMEOUT", "float", "120", float, "import",
+    EnvVar("SHARDLLM_RAY_PG_TIMEOUT", "float", "120", _seconds, "import",
            "seconds Ray may take to reserve the workers' GPUs (placement group) before start-up fails "
            "(docs/deployment.md)"),
     EnvVar("SHARDLLM_RAY_ENV_VARS", "list", None, _names, "start-up",
            "more variable names (comma-separated) the Ray workers get from the driver, beside SHARDLLM_*, NCCL_*, "
            "... (docs/deployment.md)"),
-    EnvVar("SHARDLLM_NUM_NODES", "int", None, _int_or_none, "in the pod",
+    EnvVar("SHARDLLM_NUM_NODES", "int", None, _number(int, 1, optional=True), "in the pod",
            "set by `shardllm deploy --ray_operator kuberay` in the head pod: its script waits for this many Ray "
            "nodes before serving (deploy/multinode.py)"),
     # Profiling
@@ -163,8 +181,9 @@ _VARS = [
            "benchmarks/profile_decode.py)"),
     EnvVar("SHARDLLM_PROFILE_STEPS", "str", "8:16", _text, "start-up",
            "the profiled window: '<first>:<count>' execute_model calls, or 'manual' (armed through the executor)"),
-    EnvVar("SHARDLLM_PROFILE_TOP", "int", "15", int, "start-up", "kernels listed per step-profile summary"),
-    EnvVar("SHARDLLM_SYMM_MEM_MAX_MB", "float", "8", float, "start-up",
+    EnvVar("SHARDLLM_PROFILE_TOP", "int", "15", _number(int, 1), "start-up",
+           "kernels listed per step-profile summary"),
+    EnvVar("SHARDLLM_SYMM_MEM_MAX_MB", "float", "8", _number(float, 1), "start-up",
            "with all_reduce='symm_mem': MiB of the symmetric buffer, the largest bf16 tensor the P2P all-reduce "
            "takes (larger ones go to NCCL; a batch-1024 decode all-reduce of Llama-3-70B is 16 MiB; issue 13, "
            "not yet measured above 8)"),
@@ -190,12 +209,12 @@ _VARS = [
     _switch("SHARDLLM_TP_OVERLAP_PREFILL", False, "import",
             "1: with SHARDLLM_TP_OVERLAP=1, steps with prompt chunks run as two micro-batches too, split at the "
             "sequence boundary nearest half the tokens (issue 13: 70B tp 2, 256 MiB all-reduces in each prefill step)"),
-    EnvVar("SHARDLLM_TP_OVERLAP_PREFILL_MIN_TOKENS", "int", "2048", int, "import",
+    EnvVar("SHARDLLM_TP_OVERLAP_PREFILL_MIN_TOKENS", "int", "2048", _number(int, 2), "import",
            "with SHARDLLM_TP_OVERLAP_PREFILL=1: the fewest tokens a step needs to be split (each half gets at least "
            "a quarter of them)"),
-    EnvVar("SHARDLLM_TP_OVERLAP_MIN_TOKENS", "int", "64", int, "import",
+    EnvVar("SHARDLLM_TP_OVERLAP_MIN_TOKENS", "int", "64", _number(int, 2), "import",
            "with SHARDLLM_TP_OVERLAP=1: the fewest decode rows that are split (below: latency-bound)"),
-    EnvVar("SHARDLLM_TP_OVERLAP_SM_CARVEOUT", "int", "0", int, "import",
+    EnvVar("SHARDLLM_TP_OVERLAP_SM_CARVEOUT", "int", "0", _number(int, 0), "import",
            "with SHARDLLM_TP_OVERLAP=1: SMs that the cuBLAS GEMMs of the two micro-batches leave free, so the other "
            "half's kernels (the decode attention, memory-bound) run beside them instead of after them (cuBLAS's SM "
            "count target, torch._C._set_sm_carveout_experimental); 0: none (issue 13; one H200, 8B fp8 1000/1000 "
@@ -207,7 +226,7 @@ _VARS = [
             "0: the decode path's Triton kernels launch without programmatic dependent launch (on by default on "
             "sm90+, layers/pdl.py; issues 13 and 15: batch-1 8B bf16 4.268 -> 4.210 ms, fp8 2.852 -> 2.814 ms on "
             "one H200, sixth session)"),
-    EnvVar("SHARDLLM_GEMV_W_EARLY", "int", "2", int, "import",
+    EnvVar("SHARDLLM_GEMV_W_EARLY", "int", "2", _number(int, 0, 2), "import",
            "2 (default): each program of a batch-1 GEMV loads its first weight tile before its PDL wait, while "
            "the kernel before (a norm, the attention) still runs; 1: not the fused SiLU down GEMV; 0: none "
            "(layers/gemv.py; issue 13; 8B fp8 batch 1 on one H200, thirteenth session: 0 / 1 / 2 2.791 / 2.760 / "

@@ -30,10 +30,10 @@ FLAG_SETS = [
       "--shutdown_timeout", "90", "--name", "llama8b"], 4, 1),
     (["kubernetes", "llama-3-405b", "--tp_size", "8", "--pp_size", "2", "--num_workers", "2", "--dtype", "bf16",
       "--load_format", "dummy", "--service_monitor", "--ray_token_secret", "ray-token"], 16, 2),
-    (["kubernetes", "mixtral-8x22b", "--tp_size", "8", "--ep_size", "4", "--num_workers", "4", "--replicas", "2",
-      "--cache_pvc", "models"], 8, 4),
-    (["kubernetes", "llama-3-405b", "--tp_size", "8", "--pp_size", "2", "--num_workers", "2",
-      "--ray_operator", "kuberay", "--cache_pvc", "models-rwx"], 16, 2),
+    (["kubernetes", "mixtral-8x22b", "--load_format", "dummy", "--tp_size", "8", "--ep_size", "4", "--num_workers",
+      "4", "--replicas", "2", "--cache_pvc", "models"], 8, 4),
+    (["kubernetes", "llama-3-405b", "--load_format", "dummy", "--tp_size", "8", "--pp_size", "2", "--num_workers",
+      "2", "--ray_operator", "kuberay", "--cache_pvc", "models-rwx"], 16, 2),
 ]
 IDS = ["default", "70b-tp4", "tp2-pp2-x3", "405b-lws", "moe-lws-x2", "405b-kuberay"]
 
@@ -223,7 +223,7 @@ def test_config_file_keys_travel_as_flags_or_configmap(tmp_path, monkeypatch):
     monkeypatch.delenv("SHARDLLM_HOST", raising=False)
     cfg = tmp_path / "settings.yaml"
     cfg.write_text("tp_size: 2\nmax_batch_size: 64\nnum_kv_blocks: 100\nattention_backend: torch\n")
-    argv = ["kubernetes", "llama-3-8b", "--config", str(cfg), "--max_batch_size", "32"]
+    argv = ["kubernetes", "llama-3-8b", "--load_format", "dummy", "--config", str(cfg), "--max_batch_size", "32"]
     docs = list(yaml.safe_load_all(render_yaml(argv)))
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
     (pod,) = server_pods(docs)
@@ -329,12 +329,14 @@ def test_bad_num_workers_fails_with_the_engine_configs_message(capsys):
 
 
 def test_num_workers_must_divide_world_size(capsys):
-    rc = main(["kubernetes", "llama-3-405b", "--tp_size", "8", "--pp_size", "2", "--num_workers", "3"])
+    rc = main(["kubernetes", "llama-3-405b", "--load_format", "dummy", "--tp_size", "8", "--pp_size", "2",
+               "--num_workers", "3"])
     err = capsys.readouterr().err
     assert rc == 1 and "num_workers=3 nodes do not divide tp_size=8 x pp_size=2 = 16 ranks" in err
 
 
-KUBERAY_TWO = ["llama-3-8b", "-tp", "2", "--num_workers", "2", "--ray_operator", "kuberay", "--replicas", "2"]
+KUBERAY_TWO = ["llama-3-8b", "--load_format", "dummy", "-tp", "2", "--num_workers", "2", "--ray_operator", "kuberay",
+               "--replicas", "2"]
 
 
 @pytest.mark.parametrize("bad,fix", [(["--name", "My_Server"], "DNS label"), (["--host", "127.0.0.1"], "leave --host"),
@@ -398,9 +400,9 @@ def test_a_tp_size_the_local_models_heads_refuse_fails_with_serves_message(capsy
 
     with pytest.raises(ValueError) as serve_error:
         EngineConfig.create("llama-3-70b", load_format="dummy", device="cpu", tensor_parallel_size=3)
-    assert main(["kubernetes", "llama-3-70b", "--tp_size", "3"]) == 1
+    assert main(["kubernetes", "llama-3-70b", "--load_format", "dummy", "--tp_size", "3"]) == 1
     assert str(serve_error.value) in capsys.readouterr().err
-    assert main(["kubernetes", "llama-3-70b", "--tp_size", "4"]) == 0
+    assert main(["kubernetes", "llama-3-70b", "--load_format", "dummy", "--tp_size", "4"]) == 0
     capsys.readouterr()
     assert main(["kubernetes", "some-org/some-model", "--tp_size", "3"]) == 0
 
@@ -444,9 +446,9 @@ def test_the_local_head_check_reads_only_what_is_on_this_machine(tiny_checkpoint
 ])
 def test_an_ep_size_the_local_model_refuses_fails_with_serves_message(args, message, capsys):
     """deploy runs serve's expert-parallel check too (the pod's serve would refuse the layout at start)."""
-    assert main(["kubernetes", *args]) == 1
+    assert main(["kubernetes", *args, "--load_format", "dummy"]) == 1
     assert message in capsys.readouterr().err
-    assert main(["kubernetes", "mixtral-8x7b", "--tp_size", "2", "--ep_size", "2"]) == 0
+    assert main(["kubernetes", "mixtral-8x7b", "--load_format", "dummy", "--tp_size", "2", "--ep_size", "2"]) == 0
 
 
 def test_an_unknown_flag_gets_deploys_usage(capsys):
