@@ -7,10 +7,12 @@ resolves the model, and fails with a ValueError that says what to change.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from shardllm import envs
@@ -157,8 +159,9 @@ def check_engine_settings(*, tensor_parallel_size: int | str = 1, pipeline_paral
                           trust_remote_code: bool = False, async_scheduling: bool | None = None,
                           tokenizer: str | None = None, pp_partition: list[int] | None = None) -> None:
     """The checks of `EngineConfig.create` that need no model (sizes, types, dtypes, quantization), for callers
-    that validate settings without loading one (`shardllm deploy`). Raises ValueError naming the fix (TypeError
-    for a flag that is not a bool, a tokenizer that is not a path, a pp_partition that is not a list of ints)."""
+    that validate settings without loading one (`shardllm deploy`). Raises ValueError naming the fix for a size,
+    number or name out of range or of the wrong type, TypeError for a flag that is not a bool, a tokenizer that is
+    not a path, a pp_partition that is not a list of ints. numpy scalars count as numbers and bools."""
     from shardllm.layers.quantization.formats import check_quantization_method
 
     for name, v in [("tensor_parallel_size", 1 if tensor_parallel_size == "auto" else tensor_parallel_size),
@@ -170,17 +173,20 @@ def check_engine_settings(*, tensor_parallel_size: int | str = 1, pipeline_paral
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     for name, v in [("kv_cache_free_gpu_memory_fraction", kv_cache_free_gpu_memory_fraction),
-                    ("cpu_kv_cache_gb", cpu_kv_cache_gb)]:
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                    ("cpu_kv_cache_gb", cpu_kv_cache_gb)]:  # numpy numbers are numbers.Real too
+        if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_)) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
     if not 0.0 < kv_cache_free_gpu_memory_fraction <= 1.0:
         raise ValueError("kv_cache_free_gpu_memory_fraction must be in (0, 1], got "
                          f"{kv_cache_free_gpu_memory_fraction}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
+    if not cpu_kv_cache_gb > 0:
+        raise ValueError(f"cpu_kv_cache_gb must be > 0 (GiB of KV cache on CPU), got {cpu_kv_cache_gb}")
+    if (not isinstance(seed, numbers.Integral) or isinstance(seed, (bool, np.bool_))
+            or not -2**63 <= int(seed) < 2**64):
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
     for name, v in [("enable_prefix_caching", enable_prefix_caching), ("enforce_eager", enforce_eager),
                     ("trust_remote_code", trust_remote_code), ("async_scheduling", async_scheduling)]:
-        if not isinstance(v, bool) and not (v is None and name == "async_scheduling"):
+        if not isinstance(v, (bool, np.bool_)) and not (v is None and name == "async_scheduling"):
             raise TypeError(f"{name} must be True or False, got {v!r}")
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         raise TypeError(f"tokenizer must be a path or a Hugging Face repo id (a string), got {tokenizer!r}")

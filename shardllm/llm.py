@@ -35,6 +35,8 @@ class LLM:
         load_format: auto | safetensors | gguf | dummy.
     """
 
+    _shut_down = False  # shutdown() sets it (a class default: an LLM made without __init__ has it too)
+
     def __init__(self, model: str | None = None, dtype: str = "auto", tensor_parallel_size: int | str = 1,
                  pipeline_parallel_size: int = 1, expert_parallel_size: int = 1, max_batch_size: int | None = None,
                  max_num_tokens: int | None = None, max_seq_len: int | None = None,
@@ -66,7 +68,6 @@ class LLM:
             enforce_eager=enforce_eager, trust_remote_code=trust_remote_code, **kwargs)
         self.engine = LLMEngine(self.config)
         self._next_id = 0
-        self._shut_down = False
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -181,6 +182,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def join_text_parts(texts: list[str]) -> str:
+    """A message's text content parts as the one string its chat template gets: joined by newlines, as vLLM joins
+    them (the server's messages and LLM.chat's alike)."""
+    return "\n".join(texts)
+
+
 def _chat_message(m: Any) -> dict:
     """A chat message checked and with its content made a string (text parts joined; absent or None: "")."""
     # the roles the server's API takes (entrypoints/openai/protocol.py)
@@ -192,7 +199,7 @@ def _chat_message(m: Any) -> dict:
                    for p in content):
             raise TypeError(f"chat message content {_short(content)}: a list of content parts must hold "
                             "{'type': 'text', 'text': str} parts only")
-        content = "".join(p["text"] for p in content)
+        content = join_text_parts([p["text"] for p in content])
     elif content is None:
         content = ""
     elif not isinstance(content, str):
@@ -202,11 +209,12 @@ def _chat_message(m: Any) -> dict:
 
 def _as_prompt(p: Any) -> Prompt:
     if isinstance(p, dict):
-        keys = set(p) & {"prompt", "prompt_token_ids"}
-        if len(keys) != 1:
-            raise TypeError(f"a prompt dict holds 'prompt' (a string) or 'prompt_token_ids' (a list of ints), got "
-                            f"keys {sorted(p)}")
-        return p[keys.pop()]
+        if "prompt_token_ids" in p:  # with both, the ids win (vLLM's rule)
+            return p["prompt_token_ids"]
+        if "prompt" in p:
+            return p["prompt"]
+        raise TypeError(f"a prompt dict holds 'prompt' (a string) or 'prompt_token_ids' (a list of ints), got keys "
+                        f"{sorted(p)}")
     return p
 
 

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 # A seed is a signed 64-bit integer, as in vLLM (torch.Generator.manual_seed takes no more).
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 LOGIT_BIAS_MAX = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
@@ -70,7 +72,8 @@ class SamplingParams:
 
     def _check_types(self) -> None:
         """TypeError, naming the field and what it takes, for a value of the wrong type, before any range check
-        compares it (a bool is no number here: True would mean 1, silently); numpy scalars become Python's."""
+        compares it (a bool is no number here: True would mean 1, silently); numpy integers become ints, numpy
+        bools bools (numpy floats stay as they are: they compare and compute as floats)."""
         for name, rule in _INTEGER_RULES.items():
             value = getattr(self, name)
             if value is not None or name not in _OPTIONAL_INTEGERS:
@@ -78,8 +81,11 @@ class SamplingParams:
         for name in _NUMBER_FIELDS:
             setattr(self, name, _number(name, getattr(self, name)))
         for name in _FLAG_FIELDS:
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {_show(getattr(self, name))}")
+            value = getattr(self, name)
+            if isinstance(value, np.bool_):  # np.True_: a bool
+                setattr(self, name, value := bool(value))
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {_show(value)}")
         stop = [self.stop] if isinstance(self.stop, str) else _items("stop", self.stop, "a string or a list of strings")
         for s in stop:
             if not isinstance(s, str):
@@ -170,9 +176,11 @@ class SamplingParams:
 
 
 def _show(value: Any) -> str:
-    """The type and value of a bad input, for a message."""
+    """The type (module-qualified outside the builtins: numpy.bool is not bool) and value of a bad input."""
     text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+    kind = type(value).__name__ if type(value).__module__ == "builtins" else \
+        f"{type(value).__module__}.{type(value).__name__}"
+    return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
 def _integer(name: str, value: Any, rule: str, where: str = "") -> int:

@@ -198,8 +198,8 @@ def test_fp8_gemv_rows_bound_is_capped_at_the_kernels_rows():
 
 
 @pytest.mark.parametrize("name, bad, good", [
-    ("SHARDLLM_STEP_TIMEOUT", ("0", "-5", "nan", "inf"), ("0.5", "60")),
-    ("SHARDLLM_INIT_TIMEOUT", ("0", "-1", "inf"), ("1800",)),
+    ("SHARDLLM_STEP_TIMEOUT", ("0", "-5", "nan", "-inf"), ("0.5", "60", "inf")),  # inf: no limit (debugging)
+    ("SHARDLLM_INIT_TIMEOUT", ("0", "-1", "nan"), ("1800", "inf")),
     ("SHARDLLM_RAY_PG_TIMEOUT", ("0", "-120", "nan"), ("120",)),
     ("SHARDLLM_NUM_NODES", ("0", "-2"), ("1", "4")),
     ("SHARDLLM_PROFILE_TOP", ("0", "-3"), ("1", "15")),

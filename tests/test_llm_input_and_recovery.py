@@ -27,6 +27,13 @@ def llm(path):
     llm.shutdown()
 
 
+@pytest.fixture(scope="module")
+def llm_sync(path):
+    llm = LLM(path, tokenizer=default_model_path(), async_scheduling=False, **ARGS)
+    yield llm
+    llm.shutdown()
+
+
 def _tokens(outs) -> list:
     return [o.outputs[0].token_ids for o in outs]
 
@@ -34,7 +41,11 @@ def _tokens(outs) -> list:
 @pytest.mark.timeout(120)  # without the recovery the next call hangs
 @pytest.mark.parametrize("error", [RuntimeError("a worker failed"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
 @pytest.mark.parametrize("after", [0, 2], ids=["first-step", "third-step"])
-def test_a_failed_step_leaves_the_engine_serving(llm, monkeypatch, error, after):
+@pytest.mark.parametrize("engine", ["llm", "llm_sync"], ids=["async-scheduling", "synchronous"])
+def test_a_failed_step_leaves_the_engine_serving(request, monkeypatch, error, after, engine):
+    """The failure comes before the real collect, so the worker's result is still owed (as when Ctrl-C lands while
+    a multi-rank driver waits on its socket): the recovery collects it."""
+    llm = request.getfixturevalue(engine)
     ref = _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
     collect, calls = llm.engine.executor.collect, []
 
@@ -49,6 +60,7 @@ def test_a_failed_step_leaves_the_engine_serving(llm, monkeypatch, error, after)
         llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     monkeypatch.setattr(llm.engine.executor, "collect", collect)
     assert not llm.engine.has_unfinished_requests()
+    assert not llm.engine.executor._pending  # every result the worker owed was collected (none left one behind)
     assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == ref
     assert _tokens(llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)) == ref[:1]
 
@@ -58,6 +70,8 @@ def test_prompt_dicts_as_vllm_takes_them(llm):
     outs = llm.generate([{"prompt": "hello there"}, {"prompt_token_ids": PROMPTS[0]}], GREEDY, use_tqdm=False)
     assert _tokens(outs) == ref
     assert _tokens(llm.generate({"prompt": "hello there"}, GREEDY, use_tqdm=False)) == ref[:1]
+    both = {"prompt": "ignored", "prompt_token_ids": PROMPTS[0]}  # the ids win, as in vLLM
+    assert _tokens(llm.generate(both, GREEDY, use_tqdm=False)) == ref[1:]
     with pytest.raises(TypeError, match="'prompt' .* or 'prompt_token_ids'"):
         llm.generate({"text": "hi"}, GREEDY)
 
@@ -71,8 +85,8 @@ def test_sampling_params_of_the_wrong_type(llm, params, match):
 
 
 def test_chat_message_shapes(llm):
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
-    as_text = [{"role": "user", "content": "Hi there"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}]
+    as_text = [{"role": "user", "content": "Hi\nthere"}]  # parts joined by newlines, as vLLM joins them
     assert _tokens(llm.chat(parts, GREEDY, use_tqdm=False)) == _tokens(llm.chat(as_text, GREEDY, use_tqdm=False))
     llm.chat([{"role": "system"}, {"role": "user", "content": None}], GREEDY, use_tqdm=False)  # content: ""
     for bad, exc, match in [(None, TypeError, "non-empty list"), ({"role": "user", "content": "hi"}, TypeError,
@@ -92,6 +106,7 @@ def test_chat_message_shapes(llm):
     (dict(seed="abc"), ValueError, "seed must be an integer"),
     (dict(seed=1.5), ValueError, "seed must be an integer"),
     (dict(seed=2**70), ValueError, "seed must be an integer"),
+    (dict(cpu_kv_cache_gb=0), ValueError, "cpu_kv_cache_gb must be > 0"),
     (dict(kv_cache_free_gpu_memory_fraction="0.5"), ValueError, "kv_cache_free_gpu_memory_fraction must be a"),
     (dict(cpu_kv_cache_gb=float("inf")), ValueError, "cpu_kv_cache_gb must be a finite"),
     (dict(cpu_kv_cache_gb="1"), ValueError, "cpu_kv_cache_gb must be a finite"),
@@ -106,6 +121,14 @@ def test_chat_message_shapes(llm):
 def test_engine_settings_of_the_wrong_type(path, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         LLM(path, **{**ARGS, "num_kv_blocks": kwargs.pop("num_kv_blocks", 64), **kwargs})
+
+
+def test_numpy_settings_are_numbers(path):
+    import numpy as np
+
+    llm = LLM(path, **{**ARGS, "seed": np.int64(3), "kv_cache_free_gpu_memory_fraction": np.float32(0.5),
+                       "enforce_eager": np.False_})
+    llm.shutdown()
 
 
 def test_a_shut_down_llm_says_so(path):

@@ -42,12 +42,13 @@ def failure_summary(e: BaseException) -> str:
 
 
 class PromptTooLongError(ValueError):
-    """A prompt's text is longer (`chars`) than any text that fits the context can be (`max_chars`)."""
+    """A prompt of `chars` characters whose first `head_chars` alone make `head_tokens` tokens, more than the
+    context holds (the rest was not tokenized)."""
 
-    def __init__(self, chars: int, max_chars: int):
-        super().__init__(f"the prompt is {chars} characters, more than the {max_chars} any prompt that fits the "
-                         "context can have")
-        self.chars, self.max_chars = chars, max_chars
+    def __init__(self, chars: int, head_chars: int, head_tokens: int):
+        super().__init__(f"the prompt is {chars} characters, and its first {head_chars} alone make {head_tokens} "
+                         "tokens")
+        self.chars, self.head_chars, self.head_tokens = chars, head_chars, head_tokens
 
 
 class EngineDeadError(RuntimeError):
@@ -140,8 +141,8 @@ class AsyncLLM:
     def apply_chat_template(self, messages: list[dict], chat_template: str | None = None,
                             max_chars: int | None = None) -> list[int]:
         """Render a conversation with the model's chat template and tokenize it (no special tokens added).
-        max_chars: a rendered text longer than this raises PromptTooLongError before it is tokenized (the server's
-        bound: such a text cannot fit the context)."""
+        max_chars: a rendered text longer than this is tokenized up to it first, and if that part alone makes more
+        than max_model_len tokens, PromptTooLongError is raised without tokenizing the rest (the server's bound)."""
         tok = self.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer, so it cannot chat: use completions with token ids")
@@ -150,7 +151,9 @@ class AsyncLLM:
         text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
                                        chat_template=chat_template)
         if max_chars is not None and len(text) > max_chars:
-            raise PromptTooLongError(len(text), max_chars)
+            head = len(tok.encode(text[:max_chars], add_special_tokens=False))
+            if head > self.max_model_len:
+                raise PromptTooLongError(len(text), max_chars, head)
         return tok.encode(text, add_special_tokens=False)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams,

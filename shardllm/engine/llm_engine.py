@@ -85,6 +85,7 @@ class LLMEngine:
         # scheduling keeps one more, so that the host schedules and sends step k+1 (and digests step k's tokens)
         # while the devices run step k
         self._max_in_flight = sc.num_microbatches + bool(sc.async_scheduling)
+        self._owed_after_failure = False  # abort_all_after_failure's collection was interrupted: finish it first
         self._counter = 0
         freeze_startup_objects()
 
@@ -186,17 +187,25 @@ class LLMEngine:
                     self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
 
     def abort_all_after_failure(self) -> None:
-        """After `step` raised or was interrupted (KeyboardInterrupt): collect and drop the batches still in flight
-        (what the workers owe for them; their errors ignored) and abort every unfinished request, so that the
-        workers forget them at the next step and the engine serves new requests (a request left behind would be
-        scheduled with tokens of a step that never finished)."""
+        """After `step` raised or was interrupted (KeyboardInterrupt): abort every unfinished request, forget the
+        prefix cache's hashes (a dropped step may not have written blocks already hashed), then collect and drop
+        the batches still in flight (what the workers owe for them, their errors ignored), so that the workers
+        forget the requests at the next step and the engine serves new ones (a request left behind would be
+        scheduled with tokens of a step that never finished). A second interrupt during the collection leaves the
+        rest of it to the next `step`. A dead executor stays dead: the next step raises its error."""
+        self.abort_request(list(self._parents))
+        self.scheduler.kv.reset_prefix_cache()
+        self._owed_after_failure = True
+        self._drain_in_flight()
+        self._owed_after_failure = False
+
+    def _drain_in_flight(self) -> None:
         while self._in_flight:
-            self._in_flight.popleft()
             try:
                 self.executor.collect()
             except Exception:  # noqa: BLE001 - the failure being recovered from, or one like it
                 pass
-        self.abort_request(list(self._parents))
+            self._in_flight.popleft()  # only once collected: an interrupt above leaves it owed, for the next step
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
@@ -210,6 +219,9 @@ class LLMEngine:
         collects the oldest batch when the pipeline is full or nothing new can start. With one batch in flight that
         is submit-then-collect.
         """
+        if self._owed_after_failure:  # a recovery whose collection was interrupted: finish it first
+            self._drain_in_flight()
+            self._owed_after_failure = False
         if len(self._in_flight) < self._max_in_flight:
             so = self.scheduler.schedule()
             self.stats.preemptions += so.num_preempted
@@ -226,8 +238,9 @@ class LLMEngine:
                     return []
         if not self._in_flight:
             return []
-        so = self._in_flight.popleft()
+        so = self._in_flight[0]
         ro = self.executor.collect()
+        self._in_flight.popleft()  # only once collected: a failure or interrupt above leaves it owed (the recovery)
         self.stats.steps += 1
         updated = self.scheduler.update_from_output(so, ro)
         now = time.time()

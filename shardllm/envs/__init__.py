@@ -98,24 +98,26 @@ def _names(raw: str | None) -> tuple[str, ...]:  # "A, B,," -> ("A", "B")
 
 
 def _number(kind: Callable[[str], Any], least: float, most: float | None = None, above: bool = False,
-            optional: bool = False) -> Callable[[str | None], Any]:
+            optional: bool = False, infinite: bool = False) -> Callable[[str | None], Any]:
     """A parser for an int or float (`kind`) of at least `least` (more than it with `above`) and at most `most`; a
-    float must be finite; ValueError naming the range otherwise (a timeout of 0 s or a size of -1 fails where it is
-    used, later and less clearly). `optional`: unset stays None."""
-    bound = (f"{'a finite number' if kind is float else 'an integer'} {'>' if above else '>='} {least}"
-             + ("" if most is None else f" and <= {most}"))
+    float must be finite unless `infinite` (inf: no limit); ValueError naming the range otherwise (a timeout of 0 s
+    or a size of -1 fails where it is used, later and less clearly). `optional`: unset stays None."""
+    bound = (f"{'a finite number' if kind is float and not infinite else 'a number' if kind is float else 'an integer'}"
+             f" {'>' if above else '>='} {least}" + ("" if most is None else f" and <= {most}")
+             + (" (inf: no limit)" if infinite else ""))
 
     def parse(raw: str | None) -> Any:
         if raw is None and optional:
             return None
         n = kind(raw)
-        if not math.isfinite(n) or not (n > least if above else n >= least) or (most is not None and n > most):
+        if (math.isnan(n) or (math.isinf(n) and not (infinite and n > 0)) or not (n > least if above else n >= least)
+                or (most is not None and n > most)):
             raise ValueError(f"must be {bound}")
         return n
     return parse
 
 
-_seconds = _number(float, 0, above=True)  # a timeout: finite, > 0
+_seconds = _number(float, 0, above=True, infinite=True)  # a timeout: > 0, inf for none
 
 
 def _bound(default: int) -> Callable[[str | None], int]:

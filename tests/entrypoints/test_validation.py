@@ -68,20 +68,21 @@ class _Vocab:
 
 
 def test_prompt_chars_bound_from_the_longest_spelling():
-    assert validation.max_prompt_chars(_Vocab({"a": 0, "hello": 1, "\u2581the": 2}), 100) == 2 * 100 * 5
+    assert validation.max_prompt_chars(_Vocab({"a": 0, "hello": 1, "\u2581the": 2}), 100) == 100 * 5
     assert validation.max_prompt_chars(_Vocab({}), 100) is None
     assert validation.max_prompt_chars(object(), 100) is None
 
 
 def test_prompt_chars_bound_holds_for_the_default_tokenizer():
-    """No text the real tokenizer encodes into at most T tokens is longer than the bound for T: random mixes of
-    words, spaces, digits, punctuation, emoji and CJK, and long runs of one character (the longest tokens)."""
+    """For the default model's tokenizer the head the server tokenizes first is long enough: no text of T tokens
+    is longer than the bound for T (random mixes of words, spaces, digits, punctuation, emoji and CJK, and long
+    runs of one character: the longest tokens), so a prompt that fits is never refused by its head."""
     pytest.importorskip("gguf")
     from shardllm.engine.detokenizer import load_tokenizer
     from shardllm.model_loader.default_model import default_model_path
 
     tok = load_tokenizer(default_model_path())
-    per_token = validation.max_prompt_chars(tok, 1) / 2  # L: the longest spelling, in characters
+    per_token = validation.max_prompt_chars(tok, 1)  # L: the longest spelling, in characters
     assert per_token >= 1
     rng = random.Random(0)
     pieces = ["the", " ", "  ", "\n", "0123", "-", "=", "\t", "日本語", "\U0001F600", "é", "supercalifragilistic"]

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shardllm.llm import CHAT_ROLES
+from shardllm.llm import CHAT_ROLES, join_text_parts
 from shardllm.sampling_params import LOGIT_BIAS_MAX, SEED_MAX, SEED_MIN, SamplingParams
 
 
@@ -148,8 +148,7 @@ class CompletionRequest(_SamplingFields):
 
 
 class TextPart(_Strict):
-    model_config = ConfigDict(strict=True, extra="forbid")  # a key we would drop is refused, as at the top level
-    type: Literal["text"]
+    type: Literal["text"]  # other keys of a part (cache_control, ...) are ignored, as vLLM does
     text: str
 
 
@@ -161,7 +160,7 @@ class ChatMessage(BaseModel):
     def template_dict(self) -> dict:
         d = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
-            d["content"] = "".join(p.text for p in self.content)
+            d["content"] = join_text_parts([p.text for p in self.content])
         d.setdefault("content", "")
         return d
 

@@ -203,18 +203,11 @@ class OpenAIServer:
                            param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def _too_long(self, chars: int, param: str) -> APIError:
+    def _too_long(self, e: PromptTooLongError, param: str) -> APIError:
         max_len = self.llm.max_model_len
-        what = "the messages make" if param == "messages" else f"the {param} has"
-        return APIError(f"This model's maximum context length is {max_len} tokens, but {what} {chars} characters, "
-                        f"more than any text of {max_len} tokens can have ({self.max_prompt_chars}): shorten it.",
-                        param=param, code="context_length_exceeded")
-
-    def _check_prompt_chars(self, prompt) -> None:
-        """Refuse, before tokenizing, a text prompt longer than any prompt that fits the context can be."""
-        for p in validation.split_prompts(prompt):
-            if isinstance(p, str) and self.max_prompt_chars is not None and len(p) > self.max_prompt_chars:
-                raise self._too_long(len(p), "prompt")
+        return APIError(f"This model's maximum context length is {max_len} tokens, but the {param} "
+                        f"({e.chars} characters) has more: its first {e.head_chars} characters alone make "
+                        f"{e.head_tokens} tokens. Shorten it.", param=param, code="context_length_exceeded")
 
     def _prompt_ids(self, prompt) -> list[tuple[str | None, list[int]]]:
         prompts = validation.split_prompts(prompt)
@@ -223,7 +216,12 @@ class OpenAIServer:
         result = []
         for p in prompts:
             if isinstance(p, str):
+                cut = self.max_prompt_chars
                 try:
+                    if cut is not None and len(p) > cut:  # the head first: past the context, the rest is not read
+                        head = len(self.llm.tokenize(p[:cut]))
+                        if head > self.llm.max_model_len:
+                            raise self._too_long(PromptTooLongError(len(p), cut, head), "prompt")
                     ids = self.llm.tokenize(p)
                 except (ValueError, TypeError) as e:
                     raise APIError(f"the prompt could not be tokenized: {e}", param="prompt") from None
@@ -246,7 +244,6 @@ class OpenAIServer:
         if req.best_of is not None and req.best_of != req.n:
             raise APIError("'best_of' other than n is not supported.", param="best_of")
         validation.check_num_seqs(len(validation.split_prompts(req.prompt)), req.n, self.max_seqs_per_request)
-        self._check_prompt_chars(req.prompt)
         prompts = await self._off_loop(self._prompt_ids, req.prompt)
         params = [req.sampling_params(self._check_length(len(ids), req.max_tokens, "prompt"), req.logprobs)
                   for _, ids in prompts]
@@ -363,7 +360,7 @@ class OpenAIServer:
             ids = await self._off_loop(self.llm.apply_chat_template, [m.template_dict() for m in req.messages],
                                        None, self.max_prompt_chars)
         except PromptTooLongError as e:
-            raise self._too_long(e.chars, "messages") from None
+            raise self._too_long(e, "messages") from None
         except ValueError as e:
             raise APIError(str(e), param="messages") from None
         except Exception as e:  # a template that raises on these messages (jinja's TemplateError and kin)

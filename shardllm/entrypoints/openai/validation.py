@@ -13,7 +13,7 @@ DEFAULT_MAX_SEQS_PER_REQUEST = 256  # prompts x n of one request
 SUPPORTED_FIELDS_DOC = "docs/openai_api.md"
 # Stop conditions are checked for every sequence at every step on the engine thread, so their size is bounded:
 # OpenAI allows 4 stop strings, TGI 4 by default; vLLM sets no bound.
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 
@@ -120,14 +120,16 @@ def check_supported_fields(data: dict[str, Any], model_cls) -> None:
 
 
 def max_prompt_chars(tokenizer, max_model_len: int) -> int | None:
-    """The most characters a prompt that fits `max_model_len` tokens can have, or None (no vocabulary to read).
+    """How much of a long prompt the server tokenizes first: max_model_len x L characters, L the longest vocabulary
+    entry's own spelling in characters, or None (no vocabulary to read).
 
-    A token covers at most L characters of text, L the longest vocabulary entry's own spelling in characters: that
-    spelling is never shorter than the text it stands for (byte-level BPE spells each byte as one character, and a
-    character is at least one byte; SentencePiece spells a space as U+2581 and a fallback byte as `<0xNN>`; a special
-    token is its text). So a prompt of more than max_model_len x L characters has more than max_model_len tokens.
-    Twice that is the bound returned, a margin for tokenizers whose normalizer drops characters. The server refuses
-    longer prompts before tokenizing them (a multi-megabyte body would otherwise hold the tokenizer thread for
+    Most tokenizers' tokens cover at most L characters of text (byte-level BPE spells each byte as one character, and
+    a character is at least one byte; SentencePiece spells a space as U+2581 and a fallback byte as `<0xNN>`), so a
+    longer prompt usually has more than max_model_len tokens; but normalizers that collapse whitespace and special
+    tokens that absorb it break that rule. So a prompt longer than this is not refused by its length: its first
+    max_model_len x L characters are tokenized, and only if they alone make more than max_model_len tokens is it
+    refused (the whole has as many, but for a token merged across the cut: still as many as the context, which
+    admits fewer), without tokenizing the rest (a multi-megabyte body would otherwise hold the tokenizer thread for
     seconds)."""
     get_vocab = getattr(tokenizer, "get_vocab", None)
     try:
@@ -136,8 +138,7 @@ def max_prompt_chars(tokenizer, max_model_len: int) -> int | None:
         vocab = None
     if not vocab:
         return None
-    longest = max(len(t) for t in vocab)
-    return 2 * max_model_len * max(longest, 1)
+    return max_model_len * max(max(len(t) for t in vocab), 1)
 
 
 def check_num_seqs(num_prompts: int, n: int, max_seqs: int) -> None:
