@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -49,6 +48,7 @@ from shardllm.entrypoints.openai.protocol import (
     usage,
     validation_error,
 )
+from shardllm.entrypoints.openai.streaming import json_bytes, merge, sse_event, wait_disconnect
 from shardllm.metrics.gpu_monitor import GPUMonitor
 from shardllm.metrics.prometheus import make_registry, render
 from shardllm.outputs import RequestOutput
@@ -278,7 +278,7 @@ class OpenAIServer:
     async def _json_off_loop(self, body) -> Response:
         """The JSON response of `body()`, built and encoded in the tokenizer's thread (logprobs decode tokens
         there), not on the event loop: echo + logprobs at n = 128 is tens of MB, seconds of work."""
-        return Response(await self._off_loop(lambda: _json_bytes(body())), media_type="application/json")
+        return Response(await self._off_loop(lambda: json_bytes(body())), media_type="application/json")
 
     @property
     def _token_bytes(self) -> TokenBytes | None:
@@ -313,10 +313,10 @@ class OpenAIServer:
                  "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
             if include_usage:
                 c["usage"] = None
-            return _sse_event(c)
+            return sse_event(c)
 
         try:
-            async for p_idx, out in _merge(gens):
+            async for p_idx, out in merge(gens):
                 for o in out.outputs:
                     key = p_idx * req.n + o.index
                     if key in done:
@@ -343,11 +343,11 @@ class OpenAIServer:
                         done.add(key)
                         num_completion_tokens += len(o.token_ids)
             if include_usage:
-                yield _sse_event({"id": rid, "object": "text_completion", "created": created,
+                yield sse_event({"id": rid, "object": "text_completion", "created": created,
                                   "model": self.model_name, "choices": [],
                                   "usage": usage(num_prompt_tokens, num_completion_tokens)})
         except Exception as e:
-            yield _sse_event(stream_error(e))
+            yield sse_event(stream_error(e))
         yield "data: [DONE]\n\n"
 
     # ---- chat ----------------------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ class OpenAIServer:
                               "finish_reason": finish_reason}]}
             if include_usage:
                 c["usage"] = None
-            return _sse_event(c)
+            return sse_event(c)
 
         try:
             for i in range(req.n):
@@ -421,11 +421,11 @@ class OpenAIServer:
                         done.add(i)
                         num_completion_tokens += len(o.token_ids)
             if include_usage:
-                yield _sse_event({"id": rid, "object": "chat.completion.chunk", "created": created,
+                yield sse_event({"id": rid, "object": "chat.completion.chunk", "created": created,
                                   "model": self.model_name, "choices": [],
                                   "usage": usage(num_prompt_tokens, num_completion_tokens)})
         except Exception as e:
-            yield _sse_event(stream_error(e))
+            yield sse_event(stream_error(e))
         yield "data: [DONE]\n\n"
 
     async def _off_loop(self, fn, *args):
@@ -461,7 +461,7 @@ class OpenAIServer:
             return final
 
         tasks = [asyncio.ensure_future(last(g)) for g in gens]
-        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        watcher = asyncio.ensure_future(wait_disconnect(request))
         try:
             pending = set(tasks)
             while pending:
@@ -477,49 +477,3 @@ class OpenAIServer:
             watcher.cancel()
             for t in tasks:
                 t.cancel()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _merge(gens: list) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(index of the generator, output) from several generators as they come."""
-    if len(gens) == 1:
-        async for out in gens[0]:
-            yield 0, out
-        return
-    q: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, gen) -> None:
-        try:
-            async for out in gen:
-                q.put_nowait((i, out))
-            q.put_nowait((i, None))
-        except Exception as e:
-            q.put_nowait((i, e))
-
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        remaining = len(gens)
-        while remaining:
-            i, item = await q.get()
-            if isinstance(item, Exception):
-                raise item
-            if item is None:
-                remaining -= 1
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-def _json_bytes(obj: dict) -> bytes:
-    """As Starlette's JSONResponse encodes a body."""
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode("utf-8")
-
-
-def _sse_event(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
