@@ -272,14 +272,7 @@ class EngineConfig:
         if device == "cpu" and torch_dtype == torch.float16:
             raise ValueError("fp16 is not supported on CPU: use dtype='float32' or 'bfloat16'")
 
-        model_max = _model_max_len(hf_config)
-        if max_seq_len is None:
-            max_seq_len = model_max
-        elif not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise ValueError(f"max_seq_len must be an integer >= 2, got {max_seq_len!r}")
-        elif max_seq_len > model_max:
-            raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {model_max} tokens: "
-                             f"lower max_seq_len to at most {model_max}")
+        max_seq_len = check_max_seq_len(max_seq_len, hf_config)
 
         model_config = ModelConfig(
             model=resolved.name, hf_config=hf_config, dtype=torch_dtype, load_format=resolved.load_format,
@@ -351,6 +344,24 @@ def default_batch_limits(device: str, max_batch_size: int | None = None,
 def large_gpu(name: str | None, memory_bytes: int) -> bool:
     """Whether a GPU gets the larger default step limits: at least 70 GiB and not an A100 (vLLM's rule)."""
     return memory_bytes >= 70 * 2**30 and "a100" not in (name or "").lower()
+
+
+def check_max_seq_len(max_seq_len: int | None, hf_config=None, flag: str = "max_seq_len") -> int | None:
+    """max_seq_len checked (an integer >= 2, within the model's context when `hf_config` is given: its
+    max_position_embeddings, capped at a sliding window) and returned; None gives the model's context (None without a
+    config). The one rule of serve, `plan` and `deploy`; ValueError naming `flag` and the fix."""
+    if max_seq_len is not None and (not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool)
+                                    or max_seq_len < 2):
+        raise ValueError(f"{flag} must be an integer >= 2, got {max_seq_len!r}")
+    if hf_config is None:
+        return max_seq_len
+    model_max = _model_max_len(hf_config)
+    if max_seq_len is None:
+        return model_max
+    if max_seq_len > model_max:
+        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {model_max} tokens: lower "
+                         f"{flag} to at most {model_max}")
+    return max_seq_len
 
 
 def _model_max_len(hf_config) -> int:

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from shardllm.config import (
     KV_CACHE_DTYPES,
+    _model_max_len,
     check_tp_size,
     default_block_size,
     moe_intermediate_size,
@@ -186,7 +187,7 @@ def estimate(hf_config, tp: int = 1, pp: int = 1, *, weight_dtype: str = "bf16",
     kv_elem = kv_bytes_per_element(kv_cache_dtype, abytes)
     if block_size is None:
         block_size = default_block_size(kv_cache_dtype, "cuda")
-    max_seq_len = max_seq_len or getattr(c, "max_position_embeddings", None) or 4096
+    max_seq_len = max_seq_len or _model_max_len(c)  # serve's default: the context, capped at a sliding window
     heads = c.num_attention_heads
     kv_heads = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
@@ -321,7 +322,7 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
     c = hf_config
     total = gpus_per_node * nodes
     spec = gpu_spec(gpu_name, gpu_memory_bytes)
-    max_seq_len = max_seq_len or getattr(c, "max_position_embeddings", None) or 4096
+    max_seq_len = max_seq_len or _model_max_len(c)
     seq = (input_len or 0) + (output_len or 0) or max_seq_len
     context = (input_len or 0) + (output_len or 0) // 2 or max_seq_len // 2
     cands = []

@@ -255,7 +255,7 @@ def check_against_local_model(model: str | None, tp: int, ep: int = 1, pp: int =
     config.check_expert_parallel), --pp_size and --pp_partition (parallel_state.pp_layer_split: one count a stage,
     summing to the model's layers), --max_seq_len (at most the model's context). Without the config, the
     partition's stage count and sizes only."""
-    from shardllm.config import _model_max_len
+    from shardllm.config import check_max_seq_len
     from shardllm.distributed.parallel_state import pp_layer_split
 
     hf = local_model_config(model)
@@ -267,10 +267,7 @@ def check_against_local_model(model: str | None, tp: int, ep: int = 1, pp: int =
     check_tp_size(tp, hf)
     check_expert_parallel(tp, ep, hf)
     pp_layer_split(hf.num_hidden_layers, pp, pp_partition)
-    model_max = _model_max_len(hf)
-    if max_seq_len is not None and max_seq_len > model_max:  # EngineConfig.create's message
-        raise ValueError(f"max_seq_len={max_seq_len} exceeds the model's context of {model_max} tokens: "
-                         f"lower max_seq_len to at most {model_max}")
+    check_max_seq_len(max_seq_len, hf)  # serve's rule and message
 
 
 class _Dumper(yaml.SafeDumper):

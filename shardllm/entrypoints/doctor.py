@@ -317,10 +317,12 @@ def format_report(findings: list[Finding]) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from shardllm.entrypoints.arg_types import positive_float
+
     p = argparse.ArgumentParser(prog="shardllm doctor", allow_abbrev=False,
                                 description="Check this host's GPUs and, with --url, a running server's metrics.")
     p.add_argument("--url", help="a running server, e.g. http://localhost:8000 (reads its /metrics twice)")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes (rates)")
+    p.add_argument("--interval", type=positive_float, default=2.0, help="seconds between the two scrapes (rates)")
     p.add_argument("--json", action="store_true", help="print the findings as JSON")
     args = p.parse_args(argv)
     try:

@@ -21,6 +21,18 @@ DEFAULT_PORT = 8000
 _WILDCARDS = {"", "0.0.0.0", "::", "localhost"}  # bound on every address (or loopback): ask loopback
 
 
+def _seconds(v: str) -> float:
+    """argparse type: a finite number of seconds > 0 (arg_types.positive_float's rule; this file imports
+    nothing of the package)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if not 0 < x < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {v}")
+    return x
+
+
 def serve_args(argv: list[str]) -> list[str] | None:
     """The arguments after `serve` when `argv` runs the server (`shardllm-serve ...`, `shardllm serve ...`,
     `python -m shardllm.entrypoints.cli serve ...`), else None."""
@@ -108,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="healthcheck.py",
                                 description="Exit 0 when the running shardllm server's /health answers 200.")
     p.add_argument("--pid", type=int, default=1, help="the server's process, or one above it (default 1)")
-    p.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for /health")
+    p.add_argument("--timeout", type=_seconds, default=4.0, help="seconds to wait for /health")
     a = p.parse_args(argv)
     found = find_server(a.pid)
     if found is None:

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from shardllm.config import _model_max_len, large_gpu
+from shardllm.config import check_max_seq_len, large_gpu
 from shardllm.entrypoints.arg_types import _names, finite_float, fraction, int_at_least
 from shardllm.planner import KV_DTYPES, WEIGHT_DTYPES, GiB, Plan, check_gpu_name, gpu_spec, plan
 
@@ -93,10 +93,8 @@ def load_config(model: str):
 def check_lengths(args: argparse.Namespace, hf_config) -> None:
     """serve's limit on --max_seq_len (the model's context), and requests of --input_len + --output_len tokens that
     fit in it (a longer request is one serve refuses: its throughput is no estimate). ValueError naming the fix."""
-    model_max = _model_max_len(hf_config)
-    if args.max_seq_len is not None and args.max_seq_len > model_max:  # config.EngineConfig.create's message
-        raise ValueError(f"max_seq_len={args.max_seq_len} exceeds the model's context of {model_max} tokens: "
-                         f"lower --max_seq_len to at most {model_max}")
+    check_max_seq_len(args.max_seq_len, hf_config, "--max_seq_len")  # serve's rule and message
+    model_max = check_max_seq_len(None, hf_config)  # the model's context (capped at a sliding window)
     request = (args.input_len or 0) + (args.output_len or 0)
     if args.max_seq_len is not None and request > args.max_seq_len:
         raise ValueError(f"--input_len + --output_len = {request} tokens exceed --max_seq_len {args.max_seq_len}: "
