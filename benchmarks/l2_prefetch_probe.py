@@ -33,6 +33,7 @@ import json
 import torch
 import triton
 import triton.language as tl
+from megakernel_probe import time_us  # benchmarks/ (this script's folder): the same CUDA-event timer
 
 from shardllm.layers.pdl import launch_args, pdl_enter
 
@@ -204,18 +205,6 @@ def o_rows(layers: list[dict], sms: int, att_ns: int, reps: int) -> None:
                     "o after pf64": round(t["gap pf64 + o"] - t["gap"], 2),
                     "o after load": round(t["gap load + o"] - t["gap load"], 2)})
         print(json.dumps({"row": "o alone, us a call", "round": r, "cfg": str(cfg), **out}), flush=True)
-
-
-def time_us(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(reps):
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    return e0.elapsed_time(e1) * 1e3 / reps
 
 
 def main() -> None:

@@ -70,3 +70,16 @@ def greedy_tokens_then_batch1(path: str, num_prompts: int, max_tokens: int, **ll
     finally:
         llm.shutdown()
     return tokens
+
+
+def cli_usage_error(argv: list[str], capsys) -> str:
+    """argparse's error for `shardllm ARGV` (exit status 2, no traceback): its last line."""
+    import pytest
+
+    from shardllm.entrypoints import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]

@@ -250,9 +250,9 @@ def resolve_settings(args: argparse.Namespace, server: bool) -> tuple[dict[str, 
     v = rest.get("shutdown_timeout")
     if server and not (_is_number(v) and v >= 0):
         raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, got {v!r}")
-    v = engine.get("max_seq_len")  # EngineConfig.create's rule, before a port is bound or a manifest written
-    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 2):
-        raise ValueError(f"max_seq_len must be an integer >= 2, got {v!r}")
+    from shardllm.config import check_max_seq_len
+
+    check_max_seq_len(engine.get("max_seq_len"))  # EngineConfig.create's rule, before a port is bound or a manifest
     v = engine.get("cpu_kv_cache_gb")  # as the flag's type, for a --config file's value
     if v is not None and not (_is_number(v) and v > 0):
         raise ValueError(f"cpu_kv_cache_gb must be a finite number > 0 (GiB), got {v!r}")

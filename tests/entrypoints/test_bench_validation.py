@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shardllm.entrypoints import cli
+from tests.helpers import cli_usage_error as usage_error
 
 BASE = ["bench", "--device", "cpu", "--num_requests", "1", "--input_len", "4", "--output_len", "2"]
 
@@ -20,14 +20,6 @@ def nothing_runs(monkeypatch):
 
     monkeypatch.setattr(sweep, "run_sweep", ran)
     monkeypatch.setattr(throughput, "run", ran)
-
-
-def usage_error(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err
-    return err.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("plot, message", [

@@ -14,15 +14,7 @@ import pytest
 
 from shardllm.entrypoints import cli
 from shardllm.executor.multiproc import WorkerError
-
-
-def usage_error(argv: list[str], capsys) -> str:
-    """argparse's error for `shardllm ARGV` (exit status 2): its last line."""
-    with pytest.raises(SystemExit) as e:
-        cli.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "Traceback" not in err, err
-    return err.strip().splitlines()[-1]
+from tests.helpers import cli_usage_error as usage_error
 
 
 @pytest.mark.parametrize("command", [["serve"], ["generate", "-p", "hi"], ["bench"]])
