@@ -204,9 +204,9 @@ class OpenAIServer:
         return max_tokens
 
     def _too_long(self, e: PromptTooLongError, param: str) -> APIError:
-        max_len = self.llm.max_model_len
+        max_len, verb = self.llm.max_model_len, "have" if param == "messages" else "has"
         return APIError(f"This model's maximum context length is {max_len} tokens, but the {param} "
-                        f"({e.chars} characters) has more: its first {e.head_chars} characters alone make "
+                        f"({e.chars} characters) {verb} more: its first {e.head_chars} characters alone make "
                         f"{e.head_tokens} tokens. Shorten it.", param=param, code="context_length_exceeded")
 
     def _prompt_ids(self, prompt) -> list[tuple[str | None, list[int]]]:
