@@ -136,7 +136,11 @@ def test_unknown_route_and_method(server):
     assert_error_shape(httpx.get(server.url("/v1/nothing"), headers=AUTH), 404)
     assert_error_shape(httpx.get(server.url("/v1/completions"), headers=AUTH), 405)
     # a trailing slash is another path: no redirect (which came before the key check and echoed the Host)
-    assert_error_shape(_post(server, "completions/", completion()), 404)
+    r = _post(server, "completions/", completion())
+    assert_error_shape(r, 404)
+    assert "'/v1/completions' is (without the trailing slash)" in r.json()["error"]["message"]
+    r = httpx.get(server.url("/v1/nothing"), headers=AUTH)
+    assert "/v1/chat/completions" in r.json()["error"]["message"] and "/health" in r.json()["error"]["message"]
     assert_error_shape(_post(server, "completions/", completion(), headers={}), 401)
     for path in ("/docs", "/redoc", "/openapi.json"):  # not served: they would sit outside the key
         assert_error_shape(httpx.get(server.url(path)), 404)

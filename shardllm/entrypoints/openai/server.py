@@ -121,7 +121,17 @@ class OpenAIServer:
                 await self._check_api_key(request)
             except APIError as auth:
                 return await api_error_response(request, auth)
+        if e.status_code == 404:
+            e = StarletteHTTPException(404, self._not_found_message(request.url.path))
         return await http_error_response(request, e)
+
+    def _not_found_message(self, path: str) -> str:
+        """The 404's message: the path without its trailing slash where that is a route, else the routes."""
+        routes = ("/health", "/version", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+        path = path if len(path) <= 200 else path[:200] + "..."
+        if path.endswith("/") and path.rstrip("/") in routes:
+            return f"Not Found: {path!r} is not a route; {path.rstrip('/')!r} is (without the trailing slash)."
+        return f"Not Found: {path!r} is not a route. Routes: {', '.join(routes)}."
 
     async def _check_api_key(self, request: Request) -> None:
         if self.api_key is None:
