@@ -7,7 +7,7 @@ source installed beside it (the standard library, then torch, transformers, ...)
 --load_format dummy --tokenizer DIR` detokenizes every output token as a real server does. It is not Llama-3's
 tokenizer: its ids mean other strings; only its size and its kind match. Writes DIR/tokenizer.json and
 DIR/tokenizer_config.json (~10 MB; generated, never committed). Usage: python benchmarks/make_bench_tokenizer.py DIR
-[--vocab_size 128256] [--max_mb 40]
+[--vocab_size 128256] [--max_mb 150]
 """
 
 from __future__ import annotations
