@@ -29,23 +29,24 @@ WEIGHT_DTYPES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "auto": 2, "
 @dataclass(frozen=True)
 class GPUSpec:
     """Figures from NVIDIA's datasheets (SXM parts): memory in bytes, HBM and per-direction NVLink bandwidth in
-    bytes/s."""
+    bytes/s; `fp8`: FP8 tensor cores (compute capability >= 8.9), without which serve refuses dtype fp8."""
 
     name: str
     memory_bytes: int
     hbm_bytes_per_s: float
     nvlink_bytes_per_s: float
+    fp8: bool = True
 
 
 GPU_SPECS = {
-    "A100": GPUSpec("A100", 80 * GiB, 2.039e12, 300e9),
+    "A100": GPUSpec("A100", 80 * GiB, 2.039e12, 300e9, fp8=False),  # sm_80
     "H100": GPUSpec("H100", 80 * GiB, 3.35e12, 450e9),
     "H200": GPUSpec("H200", 141 * 10**9, 4.8e12, 450e9),
 }
 PCIE_BYTES_PER_S = 64e9  # PCIe 5.0 x16, one direction (the note's AIConfigurator h100_sxm figure)
 INTER_NODE_BYTES_PER_S = 50e9  # 400 Gb/s InfiniBand NDR per GPU [ours: a typical HGX fabric]
-# Decode reaches ~70% of HBM peak: the README's 4.6 ms/token for Llama-3-8B bf16 on one H200 is
-# 16.06 GB / 4.6 ms = 3.5 TB/s of 4.8 TB/s.
+# Decode reaches ~70% of HBM peak: the README's 4.32 ms/token for Llama-3-8B bf16 on one H200 reads the weights but
+# the input embedding, 15.0 GB / 4.32 ms = 3.5 TB/s of 4.8 TB/s (72%).
 HBM_EFFICIENCY = 0.7
 ALL_REDUCE_LATENCY_S = {"nvlink": 10e-6, "pcie": 30e-6}  # per small all-reduce [ours: NCCL ring, few GPUs]
 P2P_LATENCY_S = 10e-6
@@ -69,7 +70,7 @@ def gpu_spec(name: str | None = None, memory_bytes: int | None = None) -> GPUSpe
     for key, spec in GPU_SPECS.items():
         if name and key in name.upper():
             return spec if memory_bytes is None else GPUSpec(key, memory_bytes, spec.hbm_bytes_per_s,
-                                                              spec.nvlink_bytes_per_s)
+                                                              spec.nvlink_bytes_per_s, spec.fp8)
     if memory_bytes is None:
         return GPU_SPECS["H100"]
     base = GPU_SPECS["H200"] if memory_bytes > 100 * GiB else GPU_SPECS["H100"]
@@ -285,6 +286,7 @@ class Plan:
     num_experts: int = 0  # routed experts of a MoE model (0: dense)
     context_len: int = 0  # the average context (tokens) the throughput columns assumed
     gpu_named: bool = True  # False: no GPU name was given, `gpu` is the default assumed for gpu_memory_bytes
+    gpu_fp8: bool = True  # the GPUs have FP8 tensor cores: --dtype fp8 is a fix the plan may offer
 
     @property
     def recommended(self) -> Candidate | None:
@@ -305,7 +307,8 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
          kv_cache_dtype: str = "auto", max_seq_len: int | None = None, input_len: int | None = None,
          output_len: int | None = None, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
          kv_cache_free_gpu_memory_fraction: float = 0.9, min_kv_share: float = MIN_KV_SHARE,
-         pipeline_parallel_size: int | None = None, block_size: int | None = None) -> Plan:
+         pipeline_parallel_size: int | None = None, block_size: int | None = None,
+         gpu_fp8: bool | None = None) -> Plan:
     """Every tp x pp x replicas layout of nodes x gpus_per_node GPUs, those that fit first.
 
     Rules (the guide's best practices, TensorRT-LLM's and vLLM's sharding advice): tp stays inside a node;
@@ -313,7 +316,11 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
     of each GPU and one max_seq_len request; among those that fit, the fewest GPUs per replica (whose replica
     count uses every GPU) wins, then more tp and less pp with NVLink, more pp and less tp over PCIe.
     `pipeline_parallel_size` fixes pp (for tensor_parallel_size="auto"); `block_size`: tokens per KV block (None: the
-    engine's GPU default, see estimate).
+    engine's GPU default, see estimate); `gpu_fp8`: whether the GPUs have FP8 tensor cores (None: as GPU_SPECS says
+    of `gpu_name`).
+
+    Raises:
+        ValueError: a bad topology or GPU count; weight_dtype fp8 on GPUs without FP8 tensor cores, as serve refuses.
     """
     if topology not in ("nvlink", "pcie"):
         raise ValueError(f"topology must be 'nvlink' or 'pcie', got {topology!r}")
@@ -322,6 +329,10 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
     c = hf_config
     total = gpus_per_node * nodes
     spec = gpu_spec(gpu_name, gpu_memory_bytes)
+    gpu_fp8 = spec.fp8 if gpu_fp8 is None else gpu_fp8
+    if weight_dtype == "fp8" and not gpu_fp8:  # serve's refusal (layers/quantization/formats.py check_fp8_device)
+        raise ValueError(f"--dtype fp8 needs GPUs with FP8 tensor cores (compute capability >= 8.9: Ada, Hopper or "
+                         f"later) and the {spec.name} has none: serve refuses it there; plan with --dtype bf16")
     max_seq_len = max_seq_len or _model_max_len(c)
     seq = (input_len or 0) + (output_len or 0) or max_seq_len
     context = (input_len or 0) + (output_len or 0) // 2 or max_seq_len // 2
@@ -329,7 +340,9 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
     for tp in valid_tp_sizes(c):
         if tp > total:
             break
-        pps = [pipeline_parallel_size] if pipeline_parallel_size else range(1, total // tp + 1)
+        # pp beyond the layers is no layout: the bound keeps a huge GPU count from looping for minutes
+        pps = [pipeline_parallel_size] if pipeline_parallel_size else range(1, min(total // tp,
+                                                                                   c.num_hidden_layers) + 1)
         for pp in pps:
             size = tp * pp
             if size > total or pp > c.num_hidden_layers:
@@ -355,7 +368,7 @@ def plan(hf_config, *, model: str = "", gpus_per_node: int, nodes: int = 1, gpu_
     cands.sort(key=rank)
     return Plan(model, total, gpus_per_node, nodes, spec.name, spec.memory_bytes, topology, weight_dtype,
                 kv_cache_dtype, max_seq_len, cands, max_batch_size=max_num_seqs, context_len=context,
-                num_experts=num_experts(c) or 0, gpu_named=gpu_name is not None)
+                num_experts=num_experts(c) or 0, gpu_named=gpu_name is not None, gpu_fp8=gpu_fp8)
 
 
 def _fill(cand: Candidate, est: LayoutEstimate, c, spec: GPUSpec, topology: str, seq: int, context: int,

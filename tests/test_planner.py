@@ -467,6 +467,7 @@ def test_plan_offers_no_layout_the_mlp_refuses():
      "--kv-cache-free-gpu-memory-fraction: must be in (0, 1], got 5"),
     (["--kv_cache_free_gpu_memory_fraction", "0"], "must be in (0, 1], got 0"),
     (["--kv_cache_free_gpu_memory_fraction", "nan"], "expected a finite number, got 'nan'"),
+    (["--gpus_per_node", "8"], "argument --gpus_per_node/--gpus-per-node: not allowed with argument --gpus"),
 ])
 def test_plan_flags_out_of_range_are_usage_errors(flags, message, capsys):
     """inf GiB was an OverflowError traceback, nan an error without the flag's name; 0 for the lengths and the
@@ -482,8 +483,6 @@ def test_plan_flags_out_of_range_are_usage_errors(flags, message, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--gpus_per_node", "0"], "--gpus / --gpus_per_node must be >= 1, got 0"),  # not "--gpus 4" instead
-    (["--gpus_per_node", "0", "--nodes", "2"], "--gpus / --gpus_per_node must be >= 1, got 0"),
     (["--gpu_memory_gib", "1e300"], "--gpu_memory_gib must be at most 1048576 (GiB of one GPU)"),
     (["--max_seq_len", "100000"], "max_seq_len=100000 exceeds the model's context of 8192 tokens: lower "
                                   "--max_seq_len to at most 8192"),
@@ -507,3 +506,66 @@ def test_plan_takes_the_smallest_valid_lengths(capsys):
                  "--max_batch_size", "1", "--kv_cache_free_gpu_memory_fraction", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["max_seq_len"] == 2 and out["max_batch_size"] == 1
+
+
+@pytest.mark.parametrize("flags", [["--gpus_per_node", "0"], ["--gpus_per_node", "0", "--nodes", "2"], ["--gpus", "0"]])
+def test_a_gpu_count_of_zero_is_refused_not_taken_for_unset(flags, capsys):
+    from shardllm.entrypoints.cli import main
+
+    assert main(["plan", "llama-3-70b", *flags]) == 1
+    assert capsys.readouterr().err.rstrip().endswith("--gpus / --gpus_per_node must be >= 1, got 0")
+
+
+def test_plan_refuses_fp8_weights_on_gpus_without_fp8_tensor_cores(monkeypatch, capsys):
+    """serve refuses dtype fp8 below compute capability 8.9 (A100s): plan recommended such layouts (70B fp8 on 4
+    A100s: tp 2), and offered --dtype fp8 as the fix when nothing fit on A100s."""
+    import sys
+
+    from shardllm.entrypoints.cli import main
+    from tests.metrics.fake_nvml import FakeGPU, FakeNVML
+
+    assert main(["plan", "llama-3-70b", "--gpus", "4", "--gpu", "A100", "--dtype", "fp8"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("shardllm plan: error: --dtype fp8 needs GPUs with FP8 tensor cores")
+    assert "A100" in err and "--dtype bf16" in err
+    assert main(["plan", "llama-3-70b", "--gpus", "4", "--gpu", "H100", "--dtype", "fp8"]) == 0  # Hopper: planned
+    capsys.readouterr()
+    assert main(["plan", "llama-3-70b", "--gpus", "2", "--gpu", "A100"]) == 3  # no fit: fp8 is no fix there
+    err = capsys.readouterr().err
+    assert "--dtype fp8" not in err and err.rstrip().endswith("use --kv_cache_dtype fp8, a lower --max_seq_len or "
+                                                              "more GPUs")
+    # local GPUs: NVML's compute capability decides, whatever the name (a V100 is planned with H100 bandwidth)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpus = [FakeGPU(f"GPU-{i}", f"0:{i}", name="Tesla V100-SXM2-32GB", total=32 * GiB, compute_capability=(7, 0))
+            for i in range(2)]
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(gpus))
+    assert main(["plan", "llama-3-8b", "--dtype", "fp8"]) == 1
+    assert "FP8 tensor cores" in capsys.readouterr().err
+    assert main(["plan", "llama-3-8b"]) == 0
+
+
+@pytest.mark.timeout(10)
+def test_a_huge_gpu_count_is_planned_at_once():
+    """pp was tried up to the GPU count (10**7 GPUs: 40 s; 10**9: hours), though pp beyond the layers is no layout."""
+    p = plan(L8, gpus_per_node=10**9)
+    assert layout(p) == (1, 1, 10**9, 10**9)
+    assert max(c.pipeline_parallel_size for c in p.candidates) == L8.num_hidden_layers
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(monkeypatch):
+    """`shardllm plan ... --json | head -1`: the JSON of a large plan (260 KB for 405B on 32 GPUs) overflows the pipe
+    after head has gone, and the write raised BrokenPipeError, a traceback on stderr."""
+    import os
+    import sys
+
+    from shardllm.entrypoints import plan as plan_cli
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone: writes to the pipe fail with EPIPE
+    stdout = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        assert plan_cli.main(["llama-3-8b", "--gpus", "8", "--json"]) == 0
+    finally:
+        monkeypatch.undo()
+        stdout.close()

@@ -182,6 +182,10 @@ def check_kubernetes_values(opts: argparse.Namespace) -> None:
     if opts.namespace is not None and (not RFC1123_LABEL.match(opts.namespace) or len(opts.namespace) > 63):
         raise ValueError(f"--namespace {opts.namespace!r} must be a Kubernetes namespace name: at most 63 lowercase "
                          "letters, digits and '-', starting and ending with a letter or digit")
+    if not opts.image or opts.image != opts.image.strip() or any(ch.isspace() for ch in opts.image):
+        # the API server takes such a Deployment, but every pod it makes is refused (an empty image) or never pulled
+        raise ValueError(f"--image {opts.image!r} must be an image reference without spaces, e.g. "
+                         "registry.example.com/shardllm:0.1.0")
     if opts.cache_pvc is not None and not _subdomain(opts.cache_pvc):
         raise ValueError(f"--cache_pvc {opts.cache_pvc!r} must be the name of a PersistentVolumeClaim: lowercase "
                          "letters, digits, '-' and '.', starting and ending with a letter or digit")

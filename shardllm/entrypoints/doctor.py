@@ -179,10 +179,15 @@ def check_infiniband(root: str = "/sys/class/infiniband") -> list[Finding]:
 
 
 # ---- a running server ----------------------------------------------------------------------------------------------
+def fetch(url: str, timeout: float = 10.0) -> str:
+    """The text of a server's /metrics (`url` is the server's address)."""
+    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as r:
+        return r.read().decode(errors="replace")
+
+
 def scrape(url: str, timeout: float = 10.0) -> dict[str, list[tuple[dict, float]]]:
     """A server's /metrics, parsed."""
-    with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as r:
-        return parse_metrics(r.read().decode())
+    return parse_metrics(fetch(url, timeout))
 
 
 def parse_metrics(text: str) -> dict[str, list[tuple[dict, float]]]:
@@ -284,19 +289,32 @@ def run_checks(url: str | None = None, interval: float = 2.0) -> list[Finding]:
 def _check_server(url: str, interval: float) -> list[Finding]:
     if "://" not in url and re.match(r"^[\w.-]+:\d+(/.*)?$", url):  # host:port, as curl takes it
         url = "http://" + url
+    url = url.rstrip("/")
+    if url.endswith("/metrics"):  # the scrape URL itself, as a Prometheus job names it
+        url = url[:-len("/metrics")]
     try:
-        before = scrape(url)
+        first = fetch(url)
         time.sleep(interval)
-        after = scrape(url)
-    except ImportError:
-        return [Finding("problem", "server", "prometheus-client is not installed", "needed to read /metrics",
-                        "pip install 'shardllm[server]'")]
+        second = fetch(url)
     except OSError as e:
         return [Finding("problem", "server", f"cannot read {url}/metrics: {e}", "the server is down or unreachable",
                         "check the URL and that `shardllm serve` runs")]
     except ValueError as e:  # not a URL urllib can open
         return [Finding("problem", "server", f"--url {url!r} is not a URL: {e}", "nothing was checked",
                         "give the server's address, e.g. --url http://127.0.0.1:8000")]
+    try:
+        before, after = parse_metrics(first), parse_metrics(second)
+    except ImportError:
+        return [Finding("problem", "server", "prometheus-client is not installed", "needed to read /metrics",
+                        "pip install 'shardllm[server]'")]
+    except ValueError as e:  # an answer, but not Prometheus text: another service on that address
+        return [Finding("problem", "server", f"{url}/metrics is not Prometheus text ({e}): {first[:80]!r}",
+                        "something other than `shardllm serve` answers there; nothing was checked",
+                        "give the address `shardllm serve` listens on (its --host and --port)")]
+    if not any(name.startswith("shardllm_") for name in after):
+        return [Finding("problem", "server", f"{url}/metrics has no shardllm_ metrics, only {len(after)} other "
+                        "series", "another exporter or server answers there; nothing was checked",
+                        "give the address `shardllm serve` listens on (its --host and --port)")]
     found = diagnose_metrics(before, after, interval)
     if not any(f.severity in ("warning", "problem") for f in found):
         found.append(Finding("ok", "server", f"{url}: no common issue in /metrics"))

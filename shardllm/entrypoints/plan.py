@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "default).")
     p.add_argument("model", help="checkpoint dir, Hugging Face repo id, or a shipped config (llama-3-70b, ...)")
     add = lambda *names, **kw: p.add_argument(*_names(*names), **kw)  # noqa: E731 - --snake_case and --kebab-case
-    add("--gpus", type=int, help="GPUs on one node (default: the local GPUs, through NVML)")
-    add("--gpus_per_node", type=int, help="GPUs per node, with --nodes")
+    gpus = p.add_mutually_exclusive_group()  # two names of one number: both given, one would be dropped silently
+    gpus.add_argument(*_names("--gpus"), type=int, help="GPUs on one node (default: the local GPUs, through NVML)")
+    gpus.add_argument(*_names("--gpus_per_node"), type=int, help="GPUs per node, with --nodes")
     add("--nodes", type=int, default=1, help="nodes (pipeline stages go across them)")
     add("--gpu_memory_gib", type=finite_float, metavar="GIB",
         help="memory of one GPU in GiB (default: the local GPUs', else 80)")
@@ -105,7 +106,8 @@ def check_lengths(args: argparse.Namespace, hf_config) -> None:
 
 
 def local_gpus() -> dict:
-    """{"count", "memory_bytes", "name", "topology"} of this host's visible GPUs, from NVML."""
+    """{"count", "memory_bytes", "name", "topology", "fp8"} of this host's visible GPUs, from NVML (fp8: every one has
+    FP8 tensor cores, compute capability >= 8.9, or NVML does not say)."""
     from shardllm.metrics.gpu_monitor import inspect_host
 
     host = inspect_host()
@@ -114,8 +116,9 @@ def local_gpus() -> dict:
                          "(and --gpu_memory_gib M) to plan for another machine")
     gpus = host["gpus"]
     nvlink = all(p["nvlink"] for p in host["pairs"])
+    caps = [tuple(int(x) for x in g["compute_capability"].split(".")) for g in gpus if g.get("compute_capability")]
     return {"count": len(gpus), "memory_bytes": min(g["memory_total"] or 0 for g in gpus), "name": gpus[0]["name"],
-            "topology": "nvlink" if nvlink else "pcie"}
+            "topology": "nvlink" if nvlink else "pcie", "fp8": not caps or min(caps) >= (8, 9)}
 
 
 def no_fit_message(p: Plan) -> str:
@@ -128,7 +131,7 @@ def no_fit_message(p: Plan) -> str:
     closest = (f" (closest: tp {near.tensor_parallel_size} x pp {near.pipeline_parallel_size}: {near.reason})"
                if near is not None else "")
     weights_short = near is None or near.kv_budget_bytes_per_gpu <= 0  # the weights alone do not fit
-    fixes = [] if p.weight_dtype == "fp8" else ["--dtype fp8"]
+    fixes = [] if p.weight_dtype == "fp8" or not p.gpu_fp8 else ["--dtype fp8"]  # serve refuses fp8 without FP8 cores
     if not weights_short:  # the KV cache is what is short: what shrinks it helps too
         fixes += ([] if p.kv_cache_dtype.startswith("fp8") else ["--kv_cache_dtype fp8"]) + ["a lower --max_seq_len"]
     fixes.append("more GPUs" if p.nodes == 1 else "more nodes")
@@ -206,6 +209,17 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
+def _print(text: str) -> None:
+    """print `text`; a reader that stopped early (`| head`, `| jq` failing) ends the output quietly, not with a
+    BrokenPipeError traceback: stdout then points at /dev/null, so the interpreter's last flush is quiet too."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -218,13 +232,14 @@ def main(argv: list[str]) -> int:
             raise ValueError(f"--gpu_memory_gib must be at most {MAX_GPU_MEMORY_GIB} (GiB of one GPU), got "
                              f"{args.gpu_memory_gib}")
         gpn = args.gpus_per_node if args.gpus_per_node is not None else args.gpus  # 0 is refused, not "unset"
-        nodes, topology = args.nodes, args.topology
+        nodes, topology, gpu_fp8 = args.nodes, args.topology, None
         memory = int(args.gpu_memory_gib * GiB) if args.gpu_memory_gib else None
         if gpn is None:
             local = local_gpus()
             gpn, nodes, name = local["count"], 1, name or local["name"]
             memory = memory or local["memory_bytes"]
             topology = topology or local["topology"]
+            gpu_fp8 = None if args.gpu is not None else local["fp8"]
         if gpn < 1:
             raise ValueError(f"--gpus / --gpus_per_node must be >= 1, got {gpn}")
         if nodes < 1:
@@ -236,11 +251,11 @@ def main(argv: list[str]) -> int:
                       topology=topology or "nvlink", weight_dtype=args.dtype,
                       kv_cache_dtype=args.kv_cache_dtype, max_seq_len=args.max_seq_len, input_len=args.input_len,
                       output_len=args.output_len, max_num_seqs=max_num_seqs,
-                      kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
+                      kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction, gpu_fp8=gpu_fp8)
     except ValueError as e:
         print(f"shardllm plan: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    _print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     if result.recommended is None:  # the table (or JSON) above says why each layout failed
         print(f"shardllm plan: error: {no_fit_message(result)}", file=sys.stderr)
         return EXIT_NO_FIT

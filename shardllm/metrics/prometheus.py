@@ -47,8 +47,9 @@ class EngineCollector(Collector):
         s = self._get_snapshot()
         yield self._gauge("engine_healthy", "1 while the engine is serving, 0 after it failed or stopped.",
                           1.0 if s.is_healthy else 0.0)
-        yield self._gauge("num_requests_running", "Requests in the running batch.", s.num_requests_running)
-        yield self._gauge("num_requests_waiting", "Requests waiting to be scheduled (preempted ones included).",
+        yield self._gauge("num_requests_running", "Sequences in the running batch (a request with n > 1 counts n).",
+                          s.num_requests_running)
+        yield self._gauge("num_requests_waiting", "Sequences waiting to be scheduled (preempted ones included).",
                           s.num_requests_waiting)
         yield self._gauge("kv_cache_usage_ratio", "Fraction of KV cache blocks held by requests (0 to 1).",
                           s.kv_cache_usage)
@@ -59,7 +60,7 @@ class EngineCollector(Collector):
         yield self._counter("prompt_tokens", "Prompt tokens of sequences that produced a first token.",
                             s.prompt_tokens)
         yield self._counter("generation_tokens", "Tokens generated.", s.generation_tokens)
-        yield self._counter("num_preemptions", "Requests preempted because the KV cache ran out.",
+        yield self._counter("num_preemptions", "Sequences preempted because the KV cache ran out.",
                             s.preemptions)
         yield self._counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                             s.prefix_cache_queries)
@@ -67,7 +68,7 @@ class EngineCollector(Collector):
                             s.prefix_cache_hits)
 
         names = list(self._labels)
-        finished = CounterMetricFamily(PREFIX + "request_success", "Requests finished, by finish reason.",
+        finished = CounterMetricFamily(PREFIX + "request_success", "Sequences finished, by finish reason.",
                                        labels=[*names, "finish_reason"])
         for reason in sorted(set(FINISH_REASONS) | set(s.finished)):
             finished.add_metric([*self._labels.values(), reason], s.finished.get(reason, 0))

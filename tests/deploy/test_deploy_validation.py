@@ -49,6 +49,10 @@ def deploy_error(argv: list[str], capsys) -> str:
     (["--pp_size", "2", "--pp_partition", "80"], "pp_partition=[80] must give 2 stages"),
     (["--pp_size", "81"], "pipeline_parallel_size=81 exceeds the model's 80 layers"),
     (["--max_seq_len", "100000"], "max_seq_len=100000 exceeds the model's context of 8192 tokens"),
+    # a Deployment the API server takes, but whose pods are refused (no image) or never pulled
+    (["--image", ""], "--image '' must be an image reference without spaces"),
+    (["--image", "shardllm :0.1.0"], "--image 'shardllm :0.1.0' must be an image reference without spaces"),
+    (["--image", " shardllm:0.1.0"], "must be an image reference without spaces"),
 ])
 def test_values_that_would_fail_in_the_cluster_are_refused(flags, message, capsys):
     assert message in deploy_error([*L70, *flags], capsys)

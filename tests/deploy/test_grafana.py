@@ -110,3 +110,37 @@ def test_every_queried_gpu_metric_is_exported_by_the_gpu_monitor(monkeypatch):
     exprs = [e for e in queries(json.loads(DASHBOARD.read_text())) if is_gpu_query(e)]
     assert len(exprs) >= 4
     assert unserved(exprs, served_labels(text)) == []
+
+
+def _unit_of(panel: dict, ref_id: str) -> str | None:
+    """The unit Grafana shows a target in: an override for its refId, else the panel's default."""
+    unit = panel["fieldConfig"]["defaults"].get("unit")
+    for o in panel["fieldConfig"].get("overrides", []):
+        if o["matcher"] == {"id": "byFrameRefID", "options": ref_id}:
+            unit = next((p["value"] for p in o["properties"] if p["id"] == "unit"), unit)
+    return unit
+
+
+def expected_units(expr: str) -> set[str] | None:
+    """Grafana units that show a query of `expr`'s metric in the unit its name ends with; None: a plain count."""
+    name = re.sub(r"_(bucket|total)$", "", METRIC.findall(expr)[0])
+    if name.endswith("_bytes"):
+        return {"Bps", "binBps"} if "rate(" in expr else {"bytes", "decbytes"}
+    for suffix, units in (("_seconds", {"s"}), ("_watts", {"watt"}), ("_celsius", {"celsius"}),
+                          ("_percent", {"percent"}), ("_ratio", {"percentunit"})):
+        if name.endswith(suffix):
+            return units
+    return None
+
+
+def test_every_query_is_shown_in_its_metrics_unit():
+    """The power panel drew the hottest GPU's temperature in watts (its default unit, no override for it)."""
+    d = json.loads(DASHBOARD.read_text())
+    wrong = []
+    for p in d["panels"]:
+        for t in p["targets"]:
+            units = expected_units(t["expr"])
+            if units is not None and _unit_of(p, t["refId"]) not in units:
+                wrong.append(f"{p['title']} / {t['legendFormat']}: {_unit_of(p, t['refId'])}, not {sorted(units)}")
+    assert wrong == []
+    assert expected_units("max(shardllm_gpu_temperature_celsius)") == {"celsius"}  # the check can fail

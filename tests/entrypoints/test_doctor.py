@@ -171,3 +171,52 @@ def test_doctor_bad_flag_is_a_usage_error(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+@pytest.fixture
+def other_service():
+    """A real HTTP server on loopback that is not shardllm: GET /<page>/metrics answers PAGES[page]."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    pages = {"/html/metrics": b"<html><body>{ not metrics }</body></html>",
+             "/exporter/metrics": b"# TYPE node_load1 gauge\nnode_load1 0.5\n"}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pages.get(self.path)
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(body or b"not found")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+@pytest.mark.parametrize("page, seen", [
+    ("html", "/html/metrics is not Prometheus text"),
+    ("exporter", "/exporter/metrics has no shardllm_ metrics, only 1 other series"),
+])
+def test_doctor_tells_another_service_from_a_server(other_service, page, seen, capsys):
+    """Another service on the address was "not a URL" (an HTML page) or passed as healthy (another exporter's
+    metrics: "no common issue", exit 0)."""
+    assert main(["doctor", "--url", f"{other_service}/{page}", "--interval", "0.01", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    (server,) = [f for f in report["findings"] if f["check"] == "server"]
+    assert server["severity"] == "problem" and seen in server["seen"] and "not a URL" not in server["seen"]
+    assert not report["healthy"]
+
+
+def test_doctor_takes_the_metrics_url_itself(server, capsys):
+    """--url http://host:port/metrics (a Prometheus target's URL) reads that page, not /metrics/metrics (a 404)."""
+    assert main(["doctor", "--url", server.url("/metrics"), "--interval", "0.1"]) == 0
+    assert f"{server.base_url}: no common issue" in capsys.readouterr().out
