@@ -24,7 +24,7 @@ from shardllm.engine.scheduler import Scheduler
 from shardllm.engine.startup_summary import log_startup_summary
 from shardllm.executor.base import Executor
 from shardllm.model_loader.host_memory import check_host_memory
-from shardllm.outputs import CompletionOutput, LogprobsSnapshot, RequestOutput
+from shardllm.outputs import CompletionOutput, LogprobsSnapshot, RequestMetrics, RequestOutput
 from shardllm.sampling_params import SamplingParams
 from shardllm.utils import freeze_startup_objects
 
@@ -55,6 +55,18 @@ class EngineStats:
     preemptions: int = 0
     steps: int = 0
     max_in_flight: int = 0  # most batches in the pipeline at once
+
+
+def _parent_metrics(children: list[Request]) -> RequestMetrics:
+    """The timestamps of a request with n > 1 sequences: scheduled and first token at its earliest child's, finished
+    at its last child's (each child keeps its own; the first child's alone would end the request when it ends)."""
+    def first(times):
+        return min((t for t in times if t is not None), default=None)
+
+    ms = [c.metrics for c in children]
+    done = [m.finished_time for m in ms]
+    return RequestMetrics(ms[0].arrival_time, first(m.first_scheduled_time for m in ms),
+                          first(m.first_token_time for m in ms), None if None in done else max(done))
 
 
 class LLMEngine:
@@ -172,7 +184,7 @@ class LLMEngine:
                              prompt_logprobs=params.prompt_logprobs if i == 0 else None)  # the prompt's, once
             rid = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(rid, token_ids, p, arrival_time, prompt=text, parent_id=request_id, index=i)
-            init_offsets(req)
+            init_offsets(req, self.tokenizer)
             children.append(req)
         self._parents[request_id] = children
         for req in children:
@@ -309,7 +321,7 @@ class LLMEngine:
         outs = [CompletionOutput(c.index, visible_text(c), c.output_token_ids, c.status.finish_reason,
                                  c.stop_reason, _logprobs_out(c), c.error)
                 for c in children]
-        metrics = first.metrics
+        metrics = first.metrics if len(children) == 1 else _parent_metrics(children)
         return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outs, finished, metrics,
                              first.num_cached_tokens, make_prompt_logprobs(self.tokenizer, first))
 
