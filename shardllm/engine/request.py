@@ -67,6 +67,8 @@ class Request:
         self.output_text = ""
         self.prefix_offset = 0
         self.read_offset = 0
+        self.decode_stream = None  # (tokenizers' DecodeStream, its Tokenizer) where the tokenizer allows
+        self.stream_fed = 0  # tokens fed to decode_stream
         self.logprobs: list[dict[int, Logprob]] | None = [] if sampling_params.logprobs is not None else None
         # prompt_logprobs: per prompt position, (logprob, top k) as the workers send it (None: the first, or not
         # computed yet); the engine turns it into RequestOutput.prompt_logprobs
