@@ -24,13 +24,14 @@ def bench_serve(capsys, *args) -> tuple[int, dict]:
     return rc, json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("rate", ["20", "inf"])
-def test_completes_n_requests_and_counts_match_the_server(server, capsys, rate):
+@pytest.mark.parametrize("rate,clients", [("20", 1), ("inf", 1), ("20", 2)])
+def test_completes_n_requests_and_counts_match_the_server(server, capsys, rate, clients):
     before = wait_idle(server)
     rc, res = bench_serve(capsys, "--url", server.base_url, "--num_prompts", "6", "--input_len", "12",
-                          "--output_len", "5", "--request_rate", rate)
+                          "--output_len", "5", "--request_rate", rate, "--num_clients", str(clients))
     after = wait_idle(server)
     assert rc == 0 and res["completed"] == 6 and res["failed"] == 0 and res["errors"] == {}
+    assert res["num_clients"] == clients
     assert res["model"] == "SmolLM2-135M-Instruct" and res["request_rate"] == (float(rate) if rate != "inf" else "inf")
     # exact lengths (token-id prompts, ignore_eos), as the server counted them
     assert res["token_counts_from"] == "usage"
@@ -73,6 +74,8 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
              (["--url", "127.0.0.1:8000"], "give a base URL such as http://127.0.0.1:8000"),
              (["--request_rate", "0"], "--request_rate: must be > 0 or inf"),
              (["--num_prompts", "0"], "--num_prompts must be at least 1"),
+             (["--num_clients", "0"], "--num_clients must be at least 1"),
+             (["--num_clients", "3", "--num_prompts", "2"], "--num_clients 3 is more than --num_prompts 2"),
              (["--url", url, "--model", "m", "--dataset", str(tmp_path / "missing.json")], "No such file"),
              (["--url", url, "--model", "m", "--dataset", str(bad), "--output_len", "4"],
               "no conversation with two turns found")]
