@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -67,6 +68,17 @@ def env_to_copy(environ: dict[str, str] | None = None) -> dict[str, str]:
 def sorted_gpu_ids(ids) -> list[int]:
     """Ray's accelerator ids as ints in numeric order (as strings, "10" would sort before "2")."""
     return sorted(int(i) for i in ids)
+
+
+def describe_error(e: BaseException | None) -> str:
+    """One line for a log or an HTTP error. Ray's actor errors have an empty repr and a str of a dozen lines:
+    keep its first sentence and the worker's exit detail."""
+    text = " ".join(str(e).split())
+    if not text:
+        return repr(e)
+    first = text.split(". ", 1)[0].rstrip(".")
+    detail = re.search(r"Worker exit detail: (.+?)\.(?: |$)", text)
+    return f"{type(e).__name__}: {first}" + (f" ({detail.group(1)})" if detail else "")
 
 
 @dataclass(frozen=True)
@@ -189,7 +201,7 @@ class RayExecutor(MultiprocExecutor):
         self._init_messaging()
         ray = self._ray = _import_ray()
         t0 = time.monotonic()
-        self._started_ray = connect(pc.ray_address)
+        self._started_ray = connect(pc.ray_address, pc.num_workers)
         on_gpu = self.config.device == "cuda"
         key = "GPU" if on_gpu else "CPU"
         self._pg, self._own_pg = self._placement_group(key)
@@ -272,10 +284,13 @@ class RayExecutor(MultiprocExecutor):
         else:
             bundles, strategy = [{key: 1}] * self.world_size, "PACK"
         pg = placement_group(bundles, strategy=strategy)
-        if not pg.wait(PG_TIMEOUT_S):
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(pg)
+        try:
+            ready = _wait_placement_group(ray, pg, PG_TIMEOUT_S)
+        except BaseException:  # Ctrl-C (the slices let it through): a pending group would take the units later
+            _remove_placement_group(pg)
+            raise
+        if not ready:
+            _remove_placement_group(pg)
             raise ValueError(f"Ray could not reserve {bundles} ({strategy}) within {PG_TIMEOUT_S:.0f}s: "
                              f"{cluster_summary(ray, key)}. Free the {key}s other jobs hold, add nodes, or lower "
                              "tp_size/pp_size (`ray status` shows the cluster; SHARDLLM_RAY_PG_TIMEOUT sets the wait)")
@@ -287,7 +302,8 @@ class RayExecutor(MultiprocExecutor):
             nodes = {p.node_id for p in self.placement[start:start + tp]}
             if len(nodes) > 1:
                 logger.warning("ray: the tp group of ranks %d-%d spans %d nodes (all-reduce over the network): "
-                               "give each node a multiple of tp_size=%d GPUs", start, start + tp - 1, len(nodes), tp)
+                               "give each node a multiple of tp_size=%d %ss", start, start + tp - 1, len(nodes), tp,
+                               "GPU" if self.config.device == "cuda" else "CPU")
 
     def _ray_get(self, refs, timeout: float, what: str):
         ray = self._ray
@@ -317,7 +333,8 @@ class RayExecutor(MultiprocExecutor):
             t.join(0.2)
             for p in self.procs:
                 if p.poll() is not None:
-                    raise WorkerError(f"ray: the actor of rank {p.rank} ended before connecting: {p.error!r}")
+                    raise WorkerError(f"ray: the actor of rank {p.rank} ended before connecting: "
+                                      f"{describe_error(p.error)}")
             if time.monotonic() > deadline:
                 raise WorkerError(f"ray: {len(conns)} of {self.world_size} workers connected within {timeout:.0f}s")
         if errors:
@@ -339,7 +356,7 @@ class RayExecutor(MultiprocExecutor):
                 p = refs[ready[0]]
                 p.poll()
                 reason = (f"ray: the actor of rank {p.rank} on node {self.placement[p.rank].node_ip} ended: "
-                          f"{p.error!r}" if p.error else f"ray: the worker loop of rank {p.rank} ended")
+                          f"{describe_error(p.error)}" if p.error else f"ray: the worker loop of rank {p.rank} ended")
                 if self.dead is None:
                     self.dead = reason
                 logger.error("%s; stopping the other workers", reason)
@@ -372,22 +389,44 @@ class RayExecutor(MultiprocExecutor):
             self._listener.close()
             self._listener = None
         if self._pg is not None and self._own_pg:
-            from ray.util.placement_group import remove_placement_group
-
-            try:
-                remove_placement_group(self._pg)
-            except Exception:  # noqa: BLE001 - Ray is gone
-                pass
+            _remove_placement_group(self._pg)
         self._pg = None
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
         self._started_ray = False
 
 
-def connect(address: str | None) -> bool:
+PG_WAIT_SLICE_S = 0.5  # one wait on a placement group: a signal (Ctrl-C) is handled between two
+
+
+def _wait_placement_group(ray, pg, timeout: float) -> bool:
+    """Whether `pg` is placed within `timeout` s. Not pg.wait(timeout): that blocks in Ray's C++ client and
+    holds back Ctrl-C (KeyboardInterrupt) until it returns, up to the whole SHARDLLM_RAY_PG_TIMEOUT."""
+    ref = pg.ready()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        ready, _ = ray.wait([ref], timeout=max(0.0, min(PG_WAIT_SLICE_S, left)))
+        if ready:
+            return True
+        if left <= PG_WAIT_SLICE_S:
+            return False
+
+
+def _remove_placement_group(pg) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    try:
+        remove_placement_group(pg)
+    except Exception:  # noqa: BLE001 - Ray is gone, or the group already is
+        pass
+
+
+def connect(address: str | None, num_workers: int | None = None) -> bool:
     """Attach to a Ray cluster: `address`, else $RAY_ADDRESS, else one this process already joined, else the
-    latest local `ray start` cluster, else a new local one. Returns whether this call joined or started it
-    (then shutdown leaves it). An address that does not answer fails within CONNECT_TIMEOUT_S."""
+    latest local `ray start` cluster, else a new local one (not with num_workers > 1: other nodes cannot join
+    it). Returns whether this call joined or started it (then shutdown leaves it). An address that does not
+    answer as a Ray GCS fails within CONNECT_TIMEOUT_S, before Ray's own retries (minutes) begin."""
     ray = _import_ray()
     if ray.is_initialized():
         return False
@@ -397,32 +436,107 @@ def connect(address: str | None) -> bool:
         if address.startswith("ray://"):
             raise ValueError(f"ray_address={address!r}: Ray Client addresses are not supported; run shardllm on "
                              "a node of the cluster with the GCS address (head:6379)")
-        _check_reachable(address)
-        ray.init(address=address, **kwargs)
-        return True
+        _check_gcs(address)
+        return _join(ray, address, kwargs)
     if address == "local":
         ray.init(**kwargs)
         return True
     try:
-        ray.init(address="auto", **kwargs)
-    except ConnectionError:
-        if address == "auto":
-            raise ValueError("ray_address='auto' but no Ray cluster runs on this node: start one with "
-                             "`ray start --head --port=6379`, or set RAY_ADDRESS=<head>:6379") from None
-        logger.info("ray: no cluster found; starting a local one")
-        ray.init(**kwargs)
+        recorded = _local_cluster_address()
+    except LookupError:  # this Ray has no such helper: let ray.init look (it retries a dead address for minutes)
+        try:
+            ray.init(address="auto", **kwargs)
+            return True
+        except ConnectionError:
+            recorded = None
+    if recorded is not None:
+        _check_gcs(recorded, recorded=True)
+        # "auto", not the address: only then does Ray turn on token auth from this node's ~/.ray/auth_token
+        return _join(ray, "auto", kwargs, shown=recorded)
+    if address == "auto":
+        raise ValueError("ray_address='auto' but no Ray cluster runs on this node: start one with "
+                         "`ray start --head --port=6379`, or set RAY_ADDRESS=<head>:6379")
+    if num_workers and num_workers > 1:
+        raise ValueError(f"num_workers={num_workers} spreads the ranks over {num_workers} Ray nodes, but no Ray "
+                         "cluster runs on this node and neither --ray_address nor RAY_ADDRESS names one: start the "
+                         "head here with `ray start --head --port=6379`, join the other nodes with "
+                         "`ray start --address=<this node's IP>:6379`, then start shardllm again")
+    logger.info("ray: no cluster found; starting a local one")
+    ray.init(**kwargs)
     return True
 
 
-def _check_reachable(address: str) -> None:
+def _join(ray, address: str, kwargs: dict, shown: str | None = None) -> bool:
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as e:  # not a GCS, or token auth refused us (Ray gives up after about 20 s)
+        raise ValueError(
+            f"could not join the Ray cluster at {shown or address}: {e}. Check that it is the head's GCS address "
+            "(`ray status` on the head), and, if the cluster uses token auth (`ray start` logged 'Token "
+            "authentication is enabled'), set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or "
+            "~/.ray/auth_token) here: Ray sends this node's token only to a cluster it found itself") from None
+    return True
+
+
+def _local_cluster_address() -> str | None:
+    """The cluster `ray.init(address="auto")` would join: the one the latest `ray start` recorded on this node
+    (ray_current_cluster in Ray's temp dir), else a GCS process running here; None when there is none.
+    LookupError when this Ray version lacks the (internal) helper."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        raise LookupError("ray._private.services.canonicalize_bootstrap_address") from None
+    try:
+        return canonicalize_bootstrap_address("auto")
+    except ConnectionError:
+        return None
+
+
+# An HTTP/2 client's connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers with its
+# own SETTINGS frame (type 4); the dashboard or any HTTP/1 service answers otherwise or not at all.
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _check_gcs(address: str, recorded: bool = False) -> None:
+    """ValueError, within about CONNECT_TIMEOUT_S, unless `address` is HOST:PORT and a gRPC server (a Ray GCS)
+    answers there. ray.init itself retries an address that is not a GCS for minutes."""
+    where = (f"the Ray cluster recorded on this node ({address}, by the latest `ray start`)" if recorded
+             else f"the Ray cluster at {address}")
+    if address.startswith(("http://", "https://")):
+        raise ValueError(f"ray_address / RAY_ADDRESS={address!r} is an HTTP address (Ray's dashboard and job API, "
+                         "port 8265): shardllm joins the cluster through the head's GCS address, HOST:6379, the one "
+                         "`ray start --address=` takes")
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"ray_address / RAY_ADDRESS={address!r} is not HOST:PORT (e.g. 10.0.0.1:6379)")
+    fix = ("its head is gone: run `ray stop --force` on this node (it clears the record), then "
+           "`ray start --head --port=6379`, or name a live cluster with --ray_address / RAY_ADDRESS" if recorded
+           else f"start the head with `ray start --head --port={port}` there, or fix --ray_address / RAY_ADDRESS")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S)
     except OSError as e:
-        raise ValueError(f"cannot reach the Ray cluster at {address} ({e.strerror or e}): start the head with "
-                         f"`ray start --head --port={port}` there, or fix --ray_address / RAY_ADDRESS") from None
+        raise ValueError(f"cannot reach {where} ({e.strerror or e}): {fix}") from None
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        sock.close()
+        return  # TLS comes first there: the preface below would not be understood
+    head = b""
+    with sock:
+        try:
+            sock.sendall(_H2_PREFACE)
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except OSError:  # a timeout, a reset: not a GCS either way
+            pass
+    if len(head) < 9 or head[3] != 4:
+        what = "it speaks another protocol" if head else f"it did not answer within {CONNECT_TIMEOUT_S:g} s"
+        if recorded:
+            raise ValueError(f"{where} does not answer as a Ray GCS ({what}; a GCS speaks gRPC): {fix}")
+        raise ValueError(f"{address} accepts connections but is not a Ray cluster's GCS ({what}, a GCS speaks "
+                         "gRPC): give the head's GCS address, the port of `ray start --head --port=PORT` (6379 by "
+                         "default), not the dashboard's (8265) or another service's")
 
 
 def cluster_summary(ray, key: str) -> str:
