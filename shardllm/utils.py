@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import atexit
 import gc
+import os
+import sys
 
 
 def freeze_startup_objects() -> None:
@@ -18,6 +20,19 @@ def freeze_startup_objects() -> None:
 
 
 _unfreeze_registered = False
+
+
+def print_output(text: str, end: str = "\n") -> None:
+    """Write a command's output to stdout. A reader that stopped early (`shardllm plan --json | head -1`) ends it
+    quietly instead of with a BrokenPipeError traceback: stdout then points at /dev/null, so that the interpreter's
+    last flush at exit is quiet too."""
+    try:
+        sys.stdout.write(text + end)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def release_memory() -> None:

@@ -552,20 +552,24 @@ def test_a_huge_gpu_count_is_planned_at_once():
     assert max(c.pipeline_parallel_size for c in p.candidates) == L8.num_hidden_layers
 
 
-def test_a_reader_that_stops_early_gets_no_traceback(monkeypatch):
+@pytest.mark.parametrize("argv", [["plan", "llama-3-8b", "--gpus", "8", "--json"], ["envs"],
+                                  ["deploy", "kubernetes", "llama-3-8b", "--load_format", "dummy"]],
+                         ids=["plan", "envs", "deploy"])
+def test_a_reader_that_stops_early_gets_no_traceback(monkeypatch, argv):
     """`shardllm plan ... --json | head -1`: the JSON of a large plan (260 KB for 405B on 32 GPUs) overflows the pipe
-    after head has gone, and the write raised BrokenPipeError, a traceback on stderr."""
+    after head has gone, and the write raised BrokenPipeError, a traceback on stderr; the other commands that print
+    a document (envs, deploy) share the same output helper (utils.print_output)."""
     import os
     import sys
 
-    from shardllm.entrypoints import plan as plan_cli
+    from shardllm.entrypoints import cli
 
     read, write = os.pipe()
     os.close(read)  # the reader has gone: writes to the pipe fail with EPIPE
     stdout = os.fdopen(write, "w")
     monkeypatch.setattr(sys, "stdout", stdout)
     try:
-        assert plan_cli.main(["llama-3-8b", "--gpus", "8", "--json"]) == 0
+        assert cli.main(argv) == 0
     finally:
         monkeypatch.undo()
         stdout.close()

@@ -28,6 +28,7 @@ from shardllm.config import (
 )
 from shardllm.deploy.kubernetes import CONFIG_MOUNT, STARTUP_PERIOD_S, DeploySpec, render
 from shardllm.entrypoints.cli import build_parser, resolve_settings
+from shardllm.utils import print_output
 
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 # Kubernetes' names: a namespace is an RFC 1123 label (63 characters at most), a Secret or a claim an RFC 1123
@@ -314,8 +315,9 @@ def render_yaml(argv: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        sys.stdout.write(render_yaml(argv))
+        manifests = render_yaml(argv)
     except (ValueError, TypeError) as e:  # TypeError: a --config value of the wrong type (check_engine_settings)
         print(f"shardllm deploy: error: {e}", file=sys.stderr)
         return 1
+    print_output(manifests, end="")
     return 0

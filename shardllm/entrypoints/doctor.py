@@ -348,10 +348,10 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # import failures and the like: still a report, never a traceback
         findings = [Finding("problem", "doctor", f"{type(e).__name__}: {e}")]
     healthy = not any(f.severity == "problem" for f in findings)
-    if args.json:
-        print(json.dumps({"healthy": healthy, "findings": [asdict(f) for f in findings]}, indent=2))
-    else:
-        print(format_report(findings))
+    from shardllm.utils import print_output
+
+    print_output(json.dumps({"healthy": healthy, "findings": [asdict(f) for f in findings]}, indent=2) if args.json
+                 else format_report(findings))
     return 0 if healthy else 1
 
 

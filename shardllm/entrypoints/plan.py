@@ -16,6 +16,7 @@ import sys
 from shardllm.config import check_max_seq_len, large_gpu
 from shardllm.entrypoints.arg_types import _names, finite_float, fraction, int_at_least
 from shardllm.planner import KV_DTYPES, WEIGHT_DTYPES, GiB, Plan, check_gpu_name, gpu_spec, plan
+from shardllm.utils import print_output
 
 EXIT_NO_FIT = 3  # the plan was made and no layout fits (1: bad input, no plan; 2: argparse's usage error)
 MAX_GPU_MEMORY_GIB = 1 << 20  # 1 PiB: far past any GPU, short of the float overflow of the roofline's figures
@@ -209,17 +210,6 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def _print(text: str) -> None:
-    """print `text`; a reader that stopped early (`| head`, `| jq` failing) ends the output quietly, not with a
-    BrokenPipeError traceback: stdout then points at /dev/null, so the interpreter's last flush is quiet too."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -255,7 +245,7 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"shardllm plan: error: {e}", file=sys.stderr)
         return 1
-    _print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    print_output(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
     if result.recommended is None:  # the table (or JSON) above says why each layout failed
         print(f"shardllm plan: error: {no_fit_message(result)}", file=sys.stderr)
         return EXIT_NO_FIT

@@ -415,10 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "'in the pod': read by the Kubernetes manifests), what it is for.")
     p.add_argument("--set", dest="only_set", action="store_true", help="only the variables set in this environment")
     a = p.parse_args(argv)
-    try:
-        print(table(only_set=a.only_set), flush=True)
-    except BrokenPipeError:  # `shardllm envs | head`: the reader left; no traceback, and none at exit either
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    from shardllm.utils import print_output
+
+    print_output(table(only_set=a.only_set))  # `shardllm envs | head`: no traceback
     bad = invalid_names()
     lenient = [n for n in bad if ENV_VARS[n].lenient]
     strict = [n for n in bad if not ENV_VARS[n].lenient]
