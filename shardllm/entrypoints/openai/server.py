@@ -48,7 +48,7 @@ from shardllm.entrypoints.openai.protocol import (
     usage,
     validation_error,
 )
-from shardllm.entrypoints.openai.streaming import json_bytes, merge, sse_event, wait_disconnect
+from shardllm.entrypoints.openai.streaming import chunk_encoder, json_bytes, merge, sse_event, wait_disconnect
 from shardllm.metrics.gpu_monitor import GPUMonitor
 from shardllm.metrics.prometheus import make_registry, render
 from shardllm.outputs import RequestOutput
@@ -318,12 +318,11 @@ class OpenAIServer:
         done: set[int] = set()
         num_completion_tokens = 0
 
+        encode = chunk_encoder({"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                                "choices": None, **({"usage": None} if include_usage else {})})
+
         def chunk(index: int, text: str, logprobs, finish_reason) -> str:
-            c = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                 "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
-            if include_usage:
-                c["usage"] = None
-            return sse_event(c)
+            return encode({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
 
         try:
             async for p_idx, out in merge(gens):
@@ -404,13 +403,12 @@ class OpenAIServer:
         done: set[int] = set()
         num_completion_tokens = 0
 
+        encode = chunk_encoder({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                "model": self.model_name, "choices": None,
+                                **({"usage": None} if include_usage else {})})
+
         def chunk(index: int, delta: dict, logprobs, finish_reason) -> str:
-            c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                 "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                              "finish_reason": finish_reason}]}
-            if include_usage:
-                c["usage"] = None
-            return sse_event(c)
+            return encode({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
 
         try:
             for i in range(req.n):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 
@@ -56,3 +57,14 @@ def json_bytes(obj: dict) -> bytes:
 
 def sse_event(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def chunk_encoder(envelope: dict) -> Callable[[dict], str]:
+    """The SSE events of one stream's chunks: `envelope` is a chunk's constant part (id, object, created, model,
+    usage), and the returned function takes the chunk's one choice and gives the same string as
+    `sse_event({**envelope, "choices": [choice]})`, with the envelope encoded once per stream instead of once per
+    token (a streamed token's JSON was a tenth of the server's GIL time at GPU rates)."""
+    marker = uuid.uuid4().hex
+    head, tail = json.dumps({**envelope, "choices": [marker]}, ensure_ascii=False).split(f'"{marker}"')
+    head, tail = "data: " + head, tail + "\n\n"
+    return lambda choice: head + json.dumps(choice, ensure_ascii=False) + tail
