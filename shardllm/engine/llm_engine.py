@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shardllm.config import EngineConfig
@@ -223,8 +224,10 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     # ---- one step ------------------------------------------------------------------------------------------
-    def step(self, final_only: bool = False) -> list[RequestOutput]:
-        """Advance by one batch; return the outputs of the requests that progressed (final_only: that ended).
+    def step(self, final_only: bool = False, skip: Callable[[str], bool] | None = None) -> list[RequestOutput]:
+        """Advance by one batch; return the outputs of the requests that progressed (final_only: that ended; `skip`:
+        not those of the unfinished requests whose id it says true of: AsyncLLM's consumers that have not read the
+        last one yet, since each output carries the whole text so far and a lagging reader skips to the newest).
 
         With pipeline parallelism up to pp + 1 batches are in flight (synchronous: num_microbatches = pp + 1; async
         scheduling: pp and its one more): a step submits a new batch when one can be formed and a slot is free, and
@@ -271,6 +274,8 @@ class LLMEngine:
         self.stats.generation_tokens += len(updated)
         if final_only:
             parents = {p: None for p in parents if all(c.is_finished for c in self._parents.get(p, ()))}
+        elif skip is not None:
+            parents = {p: None for p in parents if not skip(p) or all(c.is_finished for c in self._parents.get(p, ()))}
         return [out for pid in parents if (out := self._make_output(pid)) is not None]
 
     def _process_token(self, req: Request, now: float) -> None:

@@ -57,6 +57,35 @@ def test_generate_streams_to_a_finished_output(llm):
     assert wait_until(lambda: llm.latency.e2e_request_latency.snapshot()[2] >= 1)
 
 
+def test_a_lagging_reader_costs_no_outputs_and_loses_no_text(llm, monkeypatch):
+    """The engine builds no output for a request whose reader has not taken the last one (each carries the whole
+    text so far): a reader that pauses gets the same tokens and text, and the engine built a few outputs for it,
+    not one a step; a reader that keeps up gets about one a step."""
+    built: dict[str, int] = {}
+    make_output = llm.engine._make_output
+
+    def counting(parent_id):
+        built[parent_id] = built.get(parent_id, 0) + 1
+        return make_output(parent_id)
+
+    monkeypatch.setattr(llm.engine, "_make_output", counting)
+
+    async def read(rid: str, pause: float) -> list:
+        outs = []
+        async for out in llm.generate([5, 6, 7], greedy(24), rid):
+            outs.append(out)
+            if len(outs) == 1:
+                await asyncio.sleep(pause)  # the loop runs on: the engine's outputs reach the queue unread
+        return outs
+
+    fast = asyncio.run(asyncio.wait_for(read("keeps-up", 0.0), TIMEOUT))
+    slow = asyncio.run(asyncio.wait_for(read("pauses", 1.0), TIMEOUT))
+    assert slow[-1].outputs[0].token_ids == fast[-1].outputs[0].token_ids and len(fast[-1].outputs[0].token_ids) == 24
+    assert slow[-1].outputs[0].text == fast[-1].outputs[0].text and slow[-1].finished
+    assert len(fast) >= 12 and built["keeps-up"] >= len(fast)  # one a step, but for a step the reader fell behind
+    assert built["pauses"] <= 6, built
+
+
 def test_concurrent_requests_match_one_at_a_time(llm):
     prompts = [[10 + i, 20 + i, 30 + i] for i in range(6)]
     alone = [asyncio.run(collect(llm, p, greedy(8), f"alone-{i}"))[-1] for i, p in enumerate(prompts)]
@@ -134,11 +163,11 @@ def test_engine_failure_fails_every_request_and_marks_unhealthy(checkpoint):
         real_step = llm.engine.step
         calls = []
 
-        def failing_step():
+        def failing_step(**kwargs):
             calls.append(1)
             if len(calls) > 3:
                 raise RuntimeError("boom")
-            return real_step()
+            return real_step(**kwargs)
 
         llm.engine.step = failing_step
 
@@ -190,7 +219,7 @@ def test_server_answers_503_once_the_engine_died(checkpoint):
                 "prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
             assert (await client.get("/health")).status_code == 200
 
-            def boom():
+            def boom(**kwargs):
                 raise RuntimeError("device lost")
 
             llm.engine.step = boom
