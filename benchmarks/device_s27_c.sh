@@ -5,6 +5,7 @@
 # `bench` offline; the Python detokenizer (SHARDLLM_DECODE_STREAM=0) with 8 clients; one 8-client run under the
 # stack sampler.
 #     run(command="LIMIT_S=480 bash benchmarks/device_s27_c.sh", carry=[".whl_serve", ".bench_tokenizer"])
+# Call 5 (after the chunk-envelope and lagging-reader changes): OFFLINE=0 ROWS=short LIMIT_S=100 bash ...
 set -u
 . benchmarks/device_rows.sh
 device_start 480
@@ -67,9 +68,10 @@ serve_row() {  # NAME "ENV" "WRAPPER FLAGS" RUNS...: start, warm, each run (CLIE
   done
   kill -INT $pid; wait $pid; pack
 }
-serve_row stream "" "" "1:$N:128:128" "4:$N:128:128" "8:$N:128:128" "8:$((N / 2)):1000:1000"
-serve_row py_detok "SHARDLLM_DECODE_STREAM=0" "" "8:$N:128:128"
-serve_row sampled "" "--sample_out $w/stacks.txt --sample_ms 2" "8:$N:128:128"
+# ROWS=short (call 5): only the default server with 8 clients at 128/128
+serve_row stream "" "" $([ "${ROWS:-}" = short ] && echo "8:$N:128:128" || echo "1:$N:128:128 4:$N:128:128 8:$N:128:128 8:$((N / 2)):1000:1000")
+[ "${ROWS:-}" = short ] || serve_row py_detok "SHARDLLM_DECODE_STREAM=0" "" "8:$N:128:128"
+[ "${ROWS:-}" = short ] || serve_row sampled "" "--sample_out $w/stacks.txt --sample_ms 2" "8:$N:128:128"
 [ -f "$w/stacks.txt" ] && cp "$w/stacks.txt" "$OUT/stacks.txt"
 phase_rows
 say "total: $((SECONDS - t0)) s"; pack
