@@ -82,6 +82,23 @@ def alive(pid: int) -> bool:
         return False
 
 
+class RayModuleLock:
+    """One Ray test module at a time across the suite's processes (pytest-xdist gives each file to one process, and
+    two Ray clusters at once on a 2-core machine starved each other's workers past their timeouts): an exclusive
+    flock, taken before a module starts its cluster and released after it stopped."""
+
+    PATH = os.path.join(tempfile.gettempdir(), "shardllm-ray-tests.lock")
+
+    def __enter__(self):
+        self._f = open(self.PATH, "w")
+        fcntl.flock(self._f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self._f, fcntl.LOCK_UN)
+        self._f.close()
+
+
 def wait_until(cond, timeout: float, interval: float = 0.2) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -104,6 +121,7 @@ def ray_cluster():
     mp.setenv("RAY_TMPDIR", tmp)
     mp.setenv("HOME", tmp)  # Ray writes ~/.ray
     mp.delenv("RAY_ADDRESS", raising=False)
+    lock = RayModuleLock().__enter__()
     netns = LoopbackNetns()
     cluster = None
     try:
@@ -122,6 +140,7 @@ def ray_cluster():
         mp.undo()
         left = wait_until(lambda: not ray_processes(tmp), 10) or ray_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.__exit__()
         assert left is True, f"Ray processes left running: {left}"
 
 

@@ -24,7 +24,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from shardllm import LLM  # noqa: E402
-from tests.executor.test_ray import LoopbackNetns, ray_processes, wait_until  # noqa: E402
+from tests.executor.test_ray import LoopbackNetns, RayModuleLock, ray_processes, wait_until  # noqa: E402
 
 # A node without a running GCS process: Ray's "auto" looks at the processes of the machine (another test's
 # cluster, in another network namespace, would be found) before the address `ray start` recorded.
@@ -45,6 +45,7 @@ def loopback():
     mp.setenv("RAY_TMPDIR", tmp)
     mp.setenv("HOME", tmp)  # Ray writes ~/.ray
     mp.delenv("RAY_ADDRESS", raising=False)
+    lock = RayModuleLock().__enter__()  # not beside test_ray.py's cluster (see RayModuleLock)
     netns = LoopbackNetns()
     try:
         yield tmp
@@ -53,6 +54,7 @@ def loopback():
         mp.undo()
         left = wait_until(lambda: not ray_processes(tmp), 10) or ray_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        lock.__exit__()
         assert left is True, f"Ray processes left running: {left}"
 
 
