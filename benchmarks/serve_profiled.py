@@ -60,6 +60,12 @@ class StackSampler:
                 last_write = time.monotonic()
 
     def write(self) -> None:
+        try:
+            self._write()
+        except RuntimeError:  # the sampler thread changed a table meanwhile (at exit): the last periodic copy stays
+            pass
+
+    def _write(self) -> None:
         lines = []
         for name, n in self.samples.most_common():
             lines.append(f"== thread {name}: {n} samples")

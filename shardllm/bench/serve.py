@@ -21,6 +21,7 @@ import asyncio
 import json
 import math
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -63,12 +64,15 @@ def _error_message(status: int, body: bytes) -> str:
         return f"HTTP {status}: {body[:200].decode(errors='replace')}"
 
 
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
 async def _sse_lines(resp):
     """The lines of a streamed body as bytes (split here: httpx's text and line decoders cost more than the rest of
     an event's handling)."""
     tail = b""
-    async for chunk in resp.aiter_bytes():
-        *lines, tail = (tail + chunk).split(b"\n")
+    async for chunk in resp.aiter_bytes():  # SSE ends lines with CRLF, LF or CR (a CRLF split over two chunks
+        *lines, tail = _EOL.split(tail + chunk)  # gives one more empty line: ignored, as blank lines are)
         for line in lines:
             yield line
     if tail:
@@ -161,38 +165,66 @@ async def run_benchmark(base_url: str, model: str, specs: list[RequestSpec], req
     return list(results), duration
 
 
-def _client_process(start_at: float, kwargs: dict) -> tuple[list[RequestResult], float, float]:
-    """One client process of --num_clients: waits for `start_at` (a time.time(), one for all), runs its requests;
-    returns their results and the time.time() of its start and of its last answer (a late process counts from its
-    own start: the run's duration is from the earliest start)."""
-    time.sleep(max(0.0, start_at - time.time()))
-    start = time.time()
-    results, duration = asyncio.run(run_benchmark(**kwargs))
-    return results, start, start + duration
+def _client_process(index: int, ready, results, kwargs: dict) -> None:
+    """One client process of --num_clients: imports what a run needs, waits at `ready` (a Barrier of every client
+    and the parent) so that all start together, runs its requests, and puts (index, results, time.time() at its
+    start and at its last answer) or (index, error text) on `results`."""
+    try:
+        import httpx  # noqa: F401 - before the barrier: imports are start-up, not the run
+        import tqdm  # noqa: F401
+
+        ready.wait()
+        part, duration = asyncio.run(run_benchmark(**kwargs))
+        end = time.time()
+        results.put((index, part, end - duration, end))  # its start: after its HTTP client was made, as with one
+    except BaseException as e:  # noqa: BLE001 - the parent reports it
+        results.put((index, f"{type(e).__name__}: {e}"))
 
 
 def run_clients(num_clients: int, specs: list[RequestSpec], request_rate: float, seed: int = 0,
                 max_concurrency: int | None = None, **kwargs) -> tuple[list[RequestResult], float]:
-    """run_benchmark over `num_clients` processes (spawned): request i goes to process i mod num_clients at its own
-    Poisson send time, every process counting from one start; returns (results in spec order, duration in s from
-    the first process's start to the last answer of any). max_concurrency is split evenly (rounded up)."""
+    """run_benchmark over `num_clients` spawned processes: request i goes to process i mod num_clients at its own
+    Poisson send time, all processes starting together once each is ready; returns (results in spec order,
+    duration in s from the first process's start to the last answer of any). max_concurrency is split into
+    shares that add up to it. Raises RuntimeError when a client process fails."""
     if num_clients == 1:
         return asyncio.run(run_benchmark(specs=specs, request_rate=request_rate, seed=seed,
                                          max_concurrency=max_concurrency, **kwargs))
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    import queue
 
+    ctx = multiprocessing.get_context("spawn")
+    ready, out = ctx.Barrier(num_clients + 1), ctx.Queue()
     sends = arrival_times(len(specs), request_rate, seed)
-    share = -(-max_concurrency // num_clients) if max_concurrency else None
-    start_at = time.time() + 3.0 + 0.2 * num_clients  # after the processes' start-up (their imports)
-    jobs = [dict(kwargs, specs=specs[i::num_clients], sends=sends[i::num_clients], request_rate=request_rate,
-                 seed=seed, max_concurrency=share, progress=False) for i in range(num_clients)]
-    with ProcessPoolExecutor(num_clients, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = list(pool.map(_client_process, [start_at] * num_clients, jobs))
+    procs = []
+    for i in range(num_clients):
+        share = max_concurrency // num_clients + (i < max_concurrency % num_clients) if max_concurrency else None
+        job = dict(kwargs, specs=specs[i::num_clients], sends=sends[i::num_clients], request_rate=request_rate,
+                   seed=seed, max_concurrency=share, progress=False)
+        procs.append(ctx.Process(target=_client_process, args=(i, ready, out, job), daemon=True))
+        procs[-1].start()
+    try:
+        ready.wait(timeout=300)
+        done: dict[int, tuple] = {}
+        while len(done) < num_clients:
+            try:
+                item = out.get(timeout=5)
+            except queue.Empty:
+                if any(not p.is_alive() and p.exitcode not in (0, None) for p in procs):
+                    raise RuntimeError("a client process died") from None
+                continue
+            if len(item) == 2:
+                raise RuntimeError(f"client process {item[0]} failed: {item[1]}")
+            done[item[0]] = item[1:]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
     results: list[RequestResult] = [None] * len(specs)  # type: ignore[list-item]
-    for i, (part, _, _) in enumerate(done):
+    for i, (part, _, _) in done.items():
         results[i::num_clients] = part
-    return results, max(end for _, _, end in done) - min(start for _, start, _ in done)
+    return results, max(end for _, _, end in done.values()) - min(start for _, start, _ in done.values())
 
 
 def _stats(name: str, xs: list[float]) -> dict[str, float]:
@@ -346,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("bench serve needs httpx: pip install 'shardllm[bench]'")
     if a.num_clients > a.num_prompts:
         ap.error(f"--num_clients {a.num_clients} is more than --num_prompts {a.num_prompts}")
+    if a.max_concurrency is not None and a.num_clients > a.max_concurrency:
+        ap.error(f"--num_clients {a.num_clients} is more than --max_concurrency {a.max_concurrency} (each client "
+                 "process holds a share of it)")
     if not a.url.startswith(("http://", "https://")):
         ap.error(f"--url {a.url!r}: give a base URL such as http://127.0.0.1:8000")
     try:

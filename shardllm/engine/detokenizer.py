@@ -40,13 +40,33 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False):
         raise ValueError(f"cannot load the tokenizer from {path!r}: {e}") from e
 
 
+_PROBE_TEXT = "hello , world . don 't stop ; it 's ok ! yes ?"  # what a space clean-up would change
+
+
 def _stream_backend(tokenizer):
     """The `tokenizers.Tokenizer` a DecodeStream may decode with for `tokenizer`, or None: not a fast tokenizer, or
-    one whose decode cleans up spaces afterwards (DecodeStream does not), or SHARDLLM_DECODE_STREAM=0."""
-    if DecodeStream is None or not envs.SHARDLLM_DECODE_STREAM or getattr(tokenizer, "clean_up_tokenization_spaces",
-                                                                          False):
+    one whose own decode differs from its backend's (a space clean-up, which transformers applies or not by version
+    and model kind even where the config asks for it, or a tokenizer class with its own decoding), or
+    SHARDLLM_DECODE_STREAM=0. Probed once per tokenizer: both decodes of a text that a clean-up would change."""
+    if DecodeStream is None or not envs.SHARDLLM_DECODE_STREAM:
         return None
-    return getattr(tokenizer, "backend_tokenizer", None)
+    cached = getattr(tokenizer, "_shardllm_stream_backend", False)
+    if cached is not False:
+        return cached
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        try:
+            ids = tokenizer.encode(_PROBE_TEXT, add_special_tokens=False)
+            if any(tokenizer.decode(ids, skip_special_tokens=skip) != backend.decode(ids, skip_special_tokens=skip)
+                   for skip in (True, False)):
+                backend = None
+        except Exception:  # a tokenizer that cannot run the probe keeps the Python form
+            backend = None
+    try:
+        tokenizer._shardllm_stream_backend = backend
+    except AttributeError:
+        pass
+    return backend
 
 
 def init_offsets(req: Request, tokenizer=None) -> None:
@@ -54,9 +74,10 @@ def init_offsets(req: Request, tokenizer=None) -> None:
     prompt's last tokens."""
     req.read_offset = req.num_prompt_tokens
     req.prefix_offset = max(req.num_prompt_tokens - _CONTEXT_TOKENS, 0)
-    backend = _stream_backend(tokenizer) if tokenizer is not None else None
+    backend = (_stream_backend(tokenizer) if tokenizer is not None and req.sampling_params.detokenize else None)
     req.decode_stream = None
-    if backend is not None:
+    if backend is not None and not tokenizer.decode(req.token_ids[req.prefix_offset:req.read_offset]).endswith(
+            "\ufffd"):  # a token-id prompt that ends inside a character: the Python form, which drops that part
         stream = DecodeStream(skip_special_tokens=req.sampling_params.skip_special_tokens)
         try:
             for t in req.token_ids[req.prefix_offset:req.read_offset]:

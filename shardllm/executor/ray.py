@@ -73,6 +73,8 @@ def sorted_gpu_ids(ids) -> list[int]:
 def describe_error(e: BaseException | None) -> str:
     """One line for a log or an HTTP error. Ray's actor errors have an empty repr and a str of a dozen lines:
     keep its first sentence and the worker's exit detail."""
+    if e is None:
+        return "no error"
     text = " ".join(str(e).split())
     if not text:
         return repr(e)

@@ -117,10 +117,27 @@ def test_byte_level_text_equals_decoding_the_output(tokenizers):
     assert stream is not None and text == tok.decode(ids[3:])
 
 
-def test_python_form_where_the_tokenizer_cleans_up_spaces(tokenizers, monkeypatch):
+def test_python_form_where_the_tokenizers_decode_differs_from_its_backend(tokenizers, monkeypatch):
+    """A tokenizer whose decode cleans up spaces (or decodes its own way) keeps the Python form; the probe runs once
+    per tokenizer; the switch turns the stream off."""
     tok = tokenizers["byte_level"]
-    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", True)
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **kw: decode(ids, **kw).replace(" .", ".").replace(" ,", ","))
+    monkeypatch.setattr(tok, "_shardllm_stream_backend", False, raising=False)  # not probed yet
     assert _run(tok, [10, 11], [12, 13], True, [1], stream=True)[1] is None
-    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", False)
+    assert tok._shardllm_stream_backend is None  # the probe's answer, kept
+    monkeypatch.setattr(tok, "decode", decode)
+    monkeypatch.setattr(tok, "_shardllm_stream_backend", False)
+    assert _run(tok, [10, 11], [12, 13], True, [1], stream=True)[1] is not None  # the real decode agrees
     monkeypatch.setattr(detokenizer.envs, "SHARDLLM_DECODE_STREAM", False)  # the switch
     assert _run(tok, [10, 11], [12, 13], True, [1], stream=True)[1] is None
+
+
+def test_a_prompt_ending_inside_a_character_keeps_the_python_form(tokenizers):
+    """Token-id prompts may end inside a character: the Python form (which drops that part) decodes the request."""
+    tok = tokenizers["byte_level"]
+    ids = tok.encode("Say 😀 and ✓ now", add_special_tokens=False)
+    cut = next(c for c in range(1, len(ids)) if tok.decode(ids[:c]).endswith("\ufffd"))
+    ref, _ = _run(tok, ids[:cut], ids[cut:], True, [1], stream=False)
+    got, stream = _run(tok, ids[:cut], ids[cut:], True, [1], stream=True)
+    assert stream is None and got == ref
