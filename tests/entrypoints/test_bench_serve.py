@@ -76,6 +76,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
              (["--num_prompts", "0"], "--num_prompts must be at least 1"),
              (["--num_clients", "0"], "--num_clients must be at least 1"),
              (["--num_clients", "3", "--num_prompts", "2"], "--num_clients 3 is more than --num_prompts 2"),
+             (["--num_clients", "3", "--max_concurrency", "2"], "--num_clients 3 is more than --max_concurrency 2"),
              (["--url", url, "--model", "m", "--dataset", str(tmp_path / "missing.json")], "No such file"),
              (["--url", url, "--model", "m", "--dataset", str(bad), "--output_len", "4"],
               "no conversation with two turns found")]
