@@ -111,7 +111,7 @@ def connect_in_subprocess(args: str, env: dict[str, str] | None = None, timeout:
     not be reached. Returns the outcome and the seconds it took."""
     code = NO_LOCAL_GCS + (
         "import json, ray\n"
-        "import shardllm.executor.ray as r\n"
+        "import shardllm.executor.ray_connect as r\n"
         "r.CONNECT_TIMEOUT_S = 2.0\n"
         "def no_init(*a, **k): raise AssertionError(f'ray.init{a}{k} was called')\n"
         + ("" if join else "ray.init = no_init\n") +
