@@ -23,7 +23,6 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from shardllm import LLM  # noqa: E402
 from tests.executor.test_ray import LoopbackNetns, RayModuleLock, ray_processes, wait_until  # noqa: E402
 
 # A node without a running GCS process: Ray's "auto" looks at the processes of the machine (another test's
@@ -196,44 +195,6 @@ def test_num_workers_without_a_cluster_does_not_start_a_private_one(loopback, ti
     assert "starting a local one" not in r.stderr and "Traceback" not in r.stderr
     assert not os.path.exists(tmp_path / "ray" / "session_latest"), "a local Ray cluster was started"
     assert time.monotonic() - t < 60
-
-
-def test_ctrl_c_while_waiting_for_resources_stops_at_once_and_frees_the_group(ray_cluster, tiny_checkpoints,
-                                                                             monkeypatch):
-    """Another job holds the CPUs: Ctrl-C during the wait for them used to be held back until the wait ended
-    (SHARDLLM_RAY_PG_TIMEOUT, 120 s by default), and the pending placement group stayed, to take the CPUs once
-    they were free, for as long as the process lived."""
-    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
-
-    import shardllm.executor.ray as rayexec
-
-    monkeypatch.setattr(rayexec, "PG_TIMEOUT_S", 30.0)
-    other = placement_group([{"CPU": 2}])  # another job's: all the cluster's CPUs
-    assert other.wait(30)
-
-    def pending() -> list[str]:
-        return [k for k, v in placement_group_table().items() if v["state"] == "PENDING"]
-
-    def interrupt_once_waiting() -> None:
-        if wait_until(lambda: bool(pending()), 60, 0.1):
-            time.sleep(0.5)
-            sent.append(time.monotonic())
-            os.kill(os.getpid(), signal.SIGINT)
-
-    sent: list[float] = []
-    threading.Thread(target=interrupt_once_waiting, daemon=True).start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            LLM(tiny_checkpoints["llama"], device="cpu", num_kv_blocks=100, block_size=4, tensor_parallel_size=2,
-                distributed_executor_backend="ray")
-        stopped = time.monotonic()
-        assert sent, "the engine never waited for its placement group"
-        assert stopped - sent[0] < 5, f"Ctrl-C took {stopped - sent[0]:.1f} s"
-        assert wait_until(lambda: not pending(), 10), "the interrupted engine left its placement group pending"
-        assert placement_group_table(other)["state"] == "CREATED"
-    finally:
-        remove_placement_group(other)
-    assert not ray_processes("ray::RayWorker")
 
 
 def test_a_dead_actor_is_described_in_one_line(ray_cluster):
