@@ -132,8 +132,10 @@ def test_block_moe_loop_equals_the_grouped_path_with_the_cublas_recipe(cublas):
         weights, ids = select_experts(moe.gate(x), moe.top_k, moe.renormalize)
         ref = method.apply_reference(moe, x, weights, ids).float()
         got = method.apply_grouped(moe, x, weights, ids).float()
-        # the same products in another order (on the old code: 15% of the max at n = 1, as on the H200)
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+        # the same products in another order, each rounded to bf16: at most one bf16 step apart (2^-7 of the value;
+        # which elements round apart depends on the CPU's matmul kernels). The old code was 15% of the max off at
+        # n = 1, as on the H200
+        torch.testing.assert_close(got, ref, rtol=2 ** -7, atol=1e-5 * float(ref.abs().max()))
     assert set(cublas.calls) == {"v1", "v2"}  # w13 (K = 512) by v1, w2 (K = 384) by v2
 
 
