@@ -22,7 +22,7 @@ if [ "${OFFLINE:-1}" = 1 ]; then
   row 150 offline_128 "" --num_requests "$N128" --input_len 128 --output_len 128
   row 150 offline_1k "" --num_requests "$N1K" --input_len 1000 --output_len "$OUT1K"
 fi
-cpu_s() { ps -o times= -p "$1" 2>/dev/null | tr -d ' '; }
+. benchmarks/serve_rows.sh  # cpu_s
 bench_serve() {  # NAME PID FLAGS...: one `bench serve` run, its JSON line into rows.jsonl with CPU seconds
   local name=$1 pid=$2; shift 2
   local s0; s0=$(cpu_s "$pid"); local c0=$SECONDS

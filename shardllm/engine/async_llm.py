@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardllm.config import EngineConfig
-from shardllm.engine.llm_engine import LLMEngine
+from shardllm.engine.llm_engine import LLMEngine, tokenize
 from shardllm.metrics import EngineSnapshot, LatencyHistograms
 from shardllm.outputs import RequestOutput
 from shardllm.sampling_params import SamplingParams
@@ -81,47 +81,44 @@ class _Stop:
     pass
 
 
-class AsyncLLM:
-    """Runs an LLMEngine in a background thread; `generate` streams one request's outputs to asyncio.
+class AsyncFrontEnd:
+    """What the server sees of an engine driven from asyncio: `generate` streams a request's outputs, `abort`,
+    `shutdown`, the gauges (`snapshot`, `latency`), `tokenize` and the chat template. Two engines implement the
+    rest: AsyncLLM (the engine in a thread of this process) and ProcessAsyncLLM (in a process of its own,
+    engine/async_mp.py). A request's queue carries items with `.finished` that `_output` turns into a
+    RequestOutput, or an exception to raise."""
 
-    Args:
-        engine: a built LLMEngine; the AsyncLLM owns it from now on (only its thread may touch it).
-        idle_wait_s: how long the idle engine thread sleeps on its inbox before refreshing the snapshot.
-    """
+    config: EngineConfig
+    tokenizer: Any
 
-    def __init__(self, engine: LLMEngine, idle_wait_s: float = 1.0):
-        self.engine = engine
-        self.config = engine.config
-        self.tokenizer = engine.tokenizer
+    def __init__(self):
         self.latency = LatencyHistograms()
-        self.snapshot = EngineSnapshot(num_kv_blocks=engine.num_blocks,
-                                       kv_cache_capacity_tokens=engine.kv_cache_manager.capacity_tokens)
-        self._idle_wait_s = idle_wait_s
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}  # touched by the event loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
         self._stopping = False
-        self._memory: tuple[int, ...] = ()
-        self._memory_time = 0.0
-        self._thread = threading.Thread(target=self._run, name="shardllm-engine", daemon=True)
-        self._thread.start()
 
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> AsyncLLM:
-        return cls(LLMEngine(config))
+    # ---- what the engines provide --------------------------------------------------------------------------
+    def _send_add(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        raise NotImplementedError
 
-    @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> AsyncLLM:
-        """Build from the `LLM` arguments (see EngineConfig.create)."""
-        return cls.from_config(EngineConfig.create(**kwargs))
+    def _send_abort(self, request_ids: list[str]) -> None:
+        raise NotImplementedError
 
-    # ---- front end (event loop) ----------------------------------------------------------------------------
+    def _output(self, item) -> RequestOutput:
+        return item
+
     @property
     def is_healthy(self) -> bool:
-        return (self._error is None and not self._stopping and self._thread.is_alive()
-                and getattr(self.engine.executor, "dead", None) is None)
+        raise NotImplementedError
 
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        raise NotImplementedError
+
+    def _running(self) -> bool:
+        raise NotImplementedError
+
+    # ---- front end (event loop) ----------------------------------------------------------------------------
     @property
     def error(self) -> BaseException | None:
         return self._error
@@ -136,7 +133,7 @@ class AsyncLLM:
 
     def tokenize(self, text: str) -> list[int]:
         """The prompt's token ids, as the engine would make them (safe to call beside the engine thread)."""
-        return self.engine.tokenize(text)
+        return tokenize(self.tokenizer, text)
 
     def apply_chat_template(self, messages: list[dict], chat_template: str | None = None,
                             max_chars: int | None = None) -> list[int]:
@@ -175,7 +172,11 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
-        self._inbox.put(_Add(request_id, prompt, params, time.time()))
+        try:
+            self._send_add(request_id, prompt, params)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
         done = False
         try:
             while True:
@@ -186,26 +187,98 @@ class AsyncLLM:
                     done = True  # the engine has already dropped it (add failed, or the engine died)
                     raise item
                 done = item.finished
-                yield item
+                yield self._output(item)
                 if done:
                     return
         finally:
             self._streams.pop(request_id, None)
             if not done:
-                self._inbox.put(_Abort([request_id]))
+                self._send_abort([request_id])
 
     def abort(self, request_id: str, reason: str = "the request was aborted") -> None:
         """Abort a request; a consumer still waiting on it gets RequestAbortedError(reason). A no-op for
         requests that finished."""
         q = self._streams.pop(request_id, None)
         if q is not None:
-            self._inbox.put(_Abort([request_id]))
+            self._send_abort([request_id])
             q.put_nowait(RequestAbortedError(reason))
 
     def abort_all(self, reason: str) -> None:
         """Abort every request in flight (the end of a graceful shutdown's grace period)."""
         for request_id in list(self._streams):
             self.abort(request_id, reason)
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError(f"the engine failed and is not serving: {failure_summary(self._error)} (details in "
+                                  "the server log)") from self._error
+        if self._stopping or not self._running():
+            raise EngineDeadError("the engine is shutting down")
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        q = self._streams.get(request_id)
+        if q is not None:
+            q.put_nowait(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for q in self._streams.values():
+            q.put_nowait(exc)
+
+    def _post(self, fn, *args) -> None:
+        """Run fn(*args) on the event loop (from another thread)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            pass
+
+
+class AsyncLLM(AsyncFrontEnd):
+    """Runs an LLMEngine in a background thread; `generate` streams one request's outputs to asyncio.
+
+    Args:
+        engine: a built LLMEngine; the AsyncLLM owns it from now on (only its thread may touch it).
+        idle_wait_s: how long the idle engine thread sleeps on its inbox before refreshing the snapshot.
+    """
+
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 1.0):
+        super().__init__()
+        self.engine = engine
+        self.config = engine.config
+        self.tokenizer = engine.tokenizer
+        self.snapshot = EngineSnapshot(num_kv_blocks=engine.num_blocks,
+                                       kv_cache_capacity_tokens=engine.kv_cache_manager.capacity_tokens)
+        self._idle_wait_s = idle_wait_s
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._memory: tuple[int, ...] = ()
+        self._memory_time = 0.0
+        self._thread = threading.Thread(target=self._run, name="shardllm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncLLM:
+        return cls(LLMEngine(config))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> AsyncLLM:
+        """Build from the `LLM` arguments (see EngineConfig.create)."""
+        return cls.from_config(EngineConfig.create(**kwargs))
+
+    @property
+    def is_healthy(self) -> bool:
+        return (self._error is None and not self._stopping and self._thread.is_alive()
+                and getattr(self.engine.executor, "dead", None) is None)
+
+    def _send_add(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        self._inbox.put(_Add(request_id, prompt, params, time.time()))
+
+    def _send_abort(self, request_ids: list[str]) -> None:
+        self._inbox.put(_Abort(request_ids))
+
+    def _running(self) -> bool:
+        return self._thread.is_alive()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Abort what is still running, stop the engine thread and free the devices. Blocking."""
@@ -215,13 +288,6 @@ class AsyncLLM:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 logger.error("the engine thread did not stop within %s s", timeout)
-
-    def _check_alive(self) -> None:
-        if self._error is not None:
-            raise EngineDeadError(f"the engine failed and is not serving: {failure_summary(self._error)} (details in "
-                                  "the server log)") from self._error
-        if self._stopping or not self._thread.is_alive():
-            raise EngineDeadError("the engine is shutting down")
 
     # ---- delivery (event loop side of call_soon_threadsafe) ------------------------------------------------
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
@@ -234,24 +300,6 @@ class AsyncLLM:
                 q.put_nowait(out)
             elif not out.finished:  # nobody listens any more: do not spend steps on it
                 self._inbox.put(_Abort([out.request_id]))
-
-    def _fail(self, request_id: str, exc: BaseException) -> None:
-        q = self._streams.get(request_id)
-        if q is not None:
-            q.put_nowait(exc)
-
-    def _fail_all(self, exc: BaseException) -> None:
-        for q in self._streams.values():
-            q.put_nowait(exc)
-
-    def _post(self, fn, *args) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        try:
-            loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the loop is closed: nobody is left to tell
-            pass
 
     # ---- engine thread -------------------------------------------------------------------------------------
     def _reader_behind(self, request_id: str) -> bool:

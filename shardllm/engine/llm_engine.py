@@ -70,6 +70,14 @@ def _parent_metrics(children: list[Request]) -> RequestMetrics:
                           first(m.first_token_time for m in ms), None if None in done else max(done))
 
 
+def tokenize(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids with the tokenizer's special tokens (BOS). ValueError without a tokenizer."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer (dummy weights from a shipped config): "
+                         "pass prompts as lists of token ids")
+    return tokenizer.encode(prompt, add_special_tokens=True)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -134,10 +142,7 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer (dummy weights from a shipped config): "
-                             "pass prompts as lists of token ids")
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return tokenize(self.tokenizer, prompt)
 
     def add_request(self, request_id: str | None, prompt: str | list[int] | None,
                     params: SamplingParams | None = None, arrival_time: float | None = None) -> str:
@@ -228,6 +233,13 @@ class LLMEngine:
         """Advance by one batch; return the outputs of the requests that progressed (final_only: that ended; `skip`:
         not those of the unfinished requests whose id it says true of: AsyncLLM's consumers that have not read the
         last one yet, since each output carries the whole text so far and a lagging reader skips to the newest).
+        The batching is `step_progressed`'s."""
+        return [out for pid in self.step_progressed(final_only, skip) if (out := self._make_output(pid)) is not None]
+
+    def step_progressed(self, final_only: bool = False, skip: Callable[[str], bool] | None = None) -> list[str]:
+        """Advance by one batch; return the ids of the requests that progressed (as `step` filters them), whose
+        sequences `sequences_of` gives; the caller builds what it sends from them and calls `release` for each
+        finished one (`step` does both through RequestOutputs; the engine process sends deltas, core_proc.py).
 
         With pipeline parallelism up to pp + 1 batches are in flight (synchronous: num_microbatches = pp + 1; async
         scheduling: pp and its one more): a step submits a new batch when one can be formed and a slot is free, and
@@ -276,7 +288,15 @@ class LLMEngine:
             parents = {p: None for p in parents if all(c.is_finished for c in self._parents.get(p, ()))}
         elif skip is not None:
             parents = {p: None for p in parents if not skip(p) or all(c.is_finished for c in self._parents.get(p, ()))}
-        return [out for pid in parents if (out := self._make_output(pid)) is not None]
+        return list(parents)
+
+    def sequences_of(self, parent_id: str) -> list[Request] | None:
+        """The sequences (n of them) of request `parent_id`, None once released or aborted."""
+        return self._parents.get(parent_id)
+
+    def release(self, parent_id: str) -> None:
+        """Forget a finished request (its output has been taken)."""
+        self._parents.pop(parent_id, None)
 
     def _process_token(self, req: Request, now: float) -> None:
         if req.metrics.first_token_time is None:

@@ -326,7 +326,10 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:  # the server's step budget unless given: shorter prefill chunks between decode steps than LLM()'s 16384
         # on large GPUs (vLLM's server default is 8192 too)
-        llm = AsyncLLM.from_kwargs(**{"max_num_tokens": 8192, **engine_kwargs})
+        engine_cls = AsyncLLM
+        if envs.SHARDLLM_ENGINE_PROCESS:
+            from shardllm.engine.async_mp import ProcessAsyncLLM as engine_cls
+        llm = engine_cls.from_kwargs(**{"max_num_tokens": 8192, **engine_kwargs})
     except (ValueError, TypeError, NotImplementedError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

@@ -136,11 +136,13 @@ def test_generate_reports_a_worker_that_fails_mid_run_and_shuts_the_engine_down(
 def test_serve_reports_an_engine_that_fails_to_start_in_one_line(monkeypatch, capsys):
     pytest.importorskip("fastapi")
     from shardllm.engine.async_llm import AsyncLLM
+    from shardllm.engine.async_mp import ProcessAsyncLLM
 
     def fail(**kwargs):
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setattr(AsyncLLM, "from_kwargs", staticmethod(fail))
+    monkeypatch.setattr(ProcessAsyncLLM, "from_kwargs", staticmethod(fail))  # SHARDLLM_ENGINE_PROCESS=1's
     assert cli.main(["serve", "--host", "127.0.0.1", "--port", str(_free_port()), "--log_level", "warning"]) == 1
     err = capsys.readouterr().err
     assert ("shardllm: error: the engine failed to start: RuntimeError: CUDA error: out of memory" in err

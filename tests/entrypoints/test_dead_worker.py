@@ -26,7 +26,7 @@ def tp_server():
 
 
 def _workers(server: RemoteServer) -> list[psutil.Process]:
-    children = psutil.Process(server.proc.pid).children()
+    children = psutil.Process(server.proc.pid).children(recursive=True)  # SHARDLLM_ENGINE_PROCESS=1: grandchildren
     return [p for p in children if "shardllm.executor.multiproc" in " ".join(p.cmdline())]
 
 

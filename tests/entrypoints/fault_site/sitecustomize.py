@@ -6,7 +6,7 @@ import dataclasses
 from shardllm.engine import async_llm
 
 FAULT_MAX_TOKENS = 7
-_generate = async_llm.AsyncLLM.generate
+_generate = async_llm.AsyncFrontEnd.generate
 
 
 def explode_after_two(output_ids, logits):
@@ -21,4 +21,4 @@ def _generate_with_fault(self, prompt, params, *args, **kwargs):
     return _generate(self, prompt, params, *args, **kwargs)
 
 
-async_llm.AsyncLLM.generate = _generate_with_fault
+async_llm.AsyncFrontEnd.generate = _generate_with_fault

@@ -1,0 +1,276 @@
+"""ProcessAsyncLLM: the server's engine in a process of its own (engine/core_proc.py), driven from asyncio.
+
+    event loop (HTTP)                              reader thread               engine process
+    generate() ── ("add", ...) ──────────────────────────────────────Pipe──>  add_request, step
+    per-request queue <── _apply (call_soon_threadsafe) <── recv() <──Pipe──  ("step", deltas, snapshot)
+
+The front end keeps each request's text, tokens and logprobs so far and applies a step's deltas to them on the
+event loop; a request's queue holds its state object (once: a reader that lags takes the newest state) and the
+reader builds the RequestOutput when it takes it. Same surface as AsyncLLM (AsyncFrontEnd); `SHARDLLM_ENGINE_PROCESS=1`
+makes `shardllm serve` use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import queue
+import threading
+import time
+from typing import Any
+
+from shardllm.config import EngineConfig
+from shardllm.engine.async_llm import AsyncFrontEnd, EngineDeadError, RequestFailedError, failure_summary
+from shardllm.engine.core_proc import RequestDelta, engine_core_main
+from shardllm.engine.detokenizer import load_tokenizer
+from shardllm.engine.llm_engine import tokenize
+from shardllm.metrics import EngineSnapshot
+from shardllm.outputs import CompletionOutput, Logprob, LogprobsSnapshot, RequestOutput
+from shardllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class _Seq:
+    __slots__ = ("index", "text", "token_ids", "finish_reason", "stop_reason", "logprobs", "error")
+
+    def __init__(self, index: int, want_logprobs: bool):
+        self.index, self.text, self.token_ids = index, "", []
+        self.finish_reason = self.stop_reason = self.error = None
+        self.logprobs: list | None = [] if want_logprobs else None
+
+
+class _State:
+    """A request's outputs so far, on the front end (event loop only)."""
+
+    __slots__ = ("request_id", "prompt", "prompt_token_ids", "seqs", "finished", "metrics", "num_cached_tokens",
+                 "prompt_logprobs")
+
+    def __init__(self, request_id: str, prompt, params: SamplingParams):
+        self.request_id = request_id
+        self.prompt = prompt if isinstance(prompt, str) else None
+        self.prompt_token_ids = None if isinstance(prompt, str) else list(prompt)
+        self.seqs = [_Seq(i, params.logprobs is not None) for i in range(params.n)]
+        self.finished = False
+        self.metrics = None
+        self.num_cached_tokens = 0
+        self.prompt_logprobs = None
+
+
+def apply_delta(st: _State, d: RequestDelta, tokenizer) -> None:
+    """Add a step's RequestDelta to the request's state (Logprob objects that decode with `tokenizer` when read)."""
+    for sd in d.seqs:
+        s = st.seqs[sd.index]
+        s.text = sd.text if sd.reset else s.text + sd.text
+        if sd.token_ids:
+            s.token_ids.extend(sd.token_ids)
+        s.finish_reason, s.stop_reason, s.error = sd.finish_reason, sd.stop_reason, sd.error
+        if sd.logprobs and s.logprobs is not None:
+            s.logprobs.extend({t: Logprob(v, tokenizer=tokenizer, token_id=t) for t, v in e.items()}
+                              for e in sd.logprobs)
+    if d.prompt_logprobs is not None:
+        st.prompt_logprobs = [None if e is None else {t: Logprob(v, tokenizer=tokenizer, token_id=t)
+                                                      for t, v in e.items()} for e in d.prompt_logprobs]
+    st.metrics, st.num_cached_tokens, st.finished = d.metrics, d.num_cached_tokens, d.finished
+
+
+def build_output(st: _State, tokenizer) -> RequestOutput:
+    """The request's RequestOutput now: token ids copied, a running request's logprobs a snapshot (no copy), as
+    LLMEngine's outputs are. A text prompt's ids are tokenized here once (the server sends ids)."""
+    outs = []
+    for s in st.seqs:
+        lps = s.logprobs
+        if lps is not None and not st.finished:
+            lps = LogprobsSnapshot(lps)
+        outs.append(CompletionOutput(s.index, s.text, list(s.token_ids), s.finish_reason, s.stop_reason, lps,
+                                     s.error))
+    if st.prompt_token_ids is None and st.prompt is not None:
+        st.prompt_token_ids = tokenize(tokenizer, st.prompt)
+    return RequestOutput(st.request_id, st.prompt, st.prompt_token_ids or [], outs, st.finished, st.metrics,
+                         st.num_cached_tokens, st.prompt_logprobs)
+
+
+class ProcessAsyncLLM(AsyncFrontEnd):
+    """Runs an LLMEngine in a spawned process; `generate` streams one request's outputs to asyncio.
+
+    Args:
+        config: the engine's configuration (pickled to the engine process).
+        idle_wait_s: how long the idle engine process waits for a command before refreshing its gauges.
+        start_timeout_s: how long to wait for the engine to load (None: as long as it takes).
+    Raises what the engine raises when it cannot start (ValueError for a setting, a WorkerError, ...), and
+    EngineDeadError if the engine process ends without a word.
+    """
+
+    def __init__(self, config: EngineConfig, idle_wait_s: float = 1.0, start_timeout_s: float | None = None):
+        super().__init__()
+        self.config = config
+        mc = config.model_config
+        self.tokenizer = load_tokenizer(mc.tokenizer_path, mc.trust_remote_code)
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe(duplex=True)
+        root = logging.getLogger()
+        fmt = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
+        self._proc = ctx.Process(target=engine_core_main, name="shardllm-engine",
+                                 args=(child, config, idle_wait_s, root.level, fmt))
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # pickled commands, sent by the sender thread
+        self._states: dict[str, _State] = {}
+        self._stopped = threading.Event()
+        self._proc.start()
+        child.close()
+        try:
+            info = self._wait_ready(start_timeout_s)
+        except BaseException:
+            self._kill()
+            raise
+        self.snapshot = EngineSnapshot(num_kv_blocks=info["num_blocks"],
+                                       kv_cache_capacity_tokens=info["capacity_tokens"])
+        self._reader = threading.Thread(target=self._read, name="shardllm-engine-reader", daemon=True)
+        self._reader.start()
+        threading.Thread(target=self._write, name="shardllm-engine-sender", daemon=True).start()
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> ProcessAsyncLLM:
+        """Build from the `LLM` arguments (see EngineConfig.create)."""
+        return cls(EngineConfig.create(**kwargs))
+
+    def _wait_ready(self, timeout: float | None) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._conn.poll(0.5):
+            if not self._proc.is_alive():
+                raise EngineDeadError(f"the engine process exited while starting (exit code {self._proc.exitcode}; "
+                                      "its log is above)")
+            if deadline is not None and time.monotonic() > deadline:
+                raise EngineDeadError(f"the engine did not start within {timeout} s")
+        msg = self._conn.recv()
+        if msg[0] == "failed":
+            raise msg[1]
+        if msg[0] != "ready":
+            raise EngineDeadError(f"the engine process said {msg[0]!r} before it was ready")
+        return msg[1]
+
+    # ---- AsyncFrontEnd -------------------------------------------------------------------------------------
+    @property
+    def is_healthy(self) -> bool:
+        return self._error is None and not self._stopping and self._proc.is_alive()
+
+    def _running(self) -> bool:
+        return self._proc.is_alive() and not self._stopped.is_set()
+
+    def _send(self, msg: tuple) -> None:
+        """Queue a command for the engine process (pickled here; the sender thread writes it, so that the event loop
+        never waits on a full pipe while the engine runs a long step)."""
+        self._outbox.put(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _write(self) -> None:
+        while True:
+            data = self._outbox.get()
+            if data is None:
+                return
+            try:
+                self._conn.send_bytes(data)
+            except (OSError, ValueError):  # the engine process is gone: the reader reports it
+                return
+
+    def _send_add(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        try:
+            self._send(("add", request_id, prompt, params, time.time()))
+        except (pickle.PicklingError, TypeError, AttributeError) as e:  # a logits processor defined in a function
+            raise ValueError(f"the request cannot be sent to the engine process ({e}): pass picklable "
+                             "SamplingParams (module-level logits processors) or serve with "
+                             "SHARDLLM_ENGINE_PROCESS=0") from None
+        self._states[request_id] = _State(request_id, prompt, params)
+
+    def _send_abort(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._states.pop(rid, None)
+        self._send(("abort", request_ids))
+
+    def _output(self, st: _State) -> RequestOutput:
+        return build_output(st, self.tokenizer)
+
+    def shutdown(self, timeout: float | None = 30.0) -> None:
+        """Abort what is still running, stop the engine process and free the devices. Blocking."""
+        self._stopping = True
+        if self._proc.is_alive():
+            self._send(("stop",))
+            self._outbox.put(None)
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                logger.error("the engine process did not stop within %s s; killing it", timeout)
+        self._kill()
+
+    def _kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+
+    # ---- reader thread -------------------------------------------------------------------------------------
+    def _read(self) -> None:
+        conn = self._conn
+        error: BaseException | None = None
+        try:
+            while True:
+                msg = conn.recv()
+                kind = msg[0]
+                if kind == "step":
+                    if msg[2] is not None:
+                        self.snapshot = msg[2]
+                    if msg[1]:
+                        self._post(self._apply, msg[1])
+                elif kind == "reject":
+                    self._post(self._reject, msg[1], msg[2])
+                elif kind == "dead":
+                    error = msg[1]
+                    break
+        except (EOFError, OSError):
+            if not self._stopping:
+                self._proc.join(5)
+                error = EngineDeadError(f"the engine process exited (exit code {self._proc.exitcode}; its log is "
+                                        "above)")
+        except BaseException as e:  # noqa: BLE001 - a message that does not unpickle, ...
+            logger.exception("reading the engine process's messages failed")
+            error = e
+        if error is not None:
+            self._error = error
+            reason = f"the engine failed: {failure_summary(error)} (details in the server log)"
+        else:
+            reason = "the server is shutting down"
+        self._stopped.set()
+        self._post(self._fail_all, EngineDeadError(reason))
+
+    # ---- event loop ----------------------------------------------------------------------------------------
+    def _reject(self, request_id: str, exc: BaseException) -> None:
+        self._states.pop(request_id, None)
+        self._fail(request_id, exc)
+
+    def _apply(self, deltas: list[RequestDelta]) -> None:
+        tok = self.tokenizer
+        gone = []
+        for d in deltas:
+            st = self._states.get(d.request_id)
+            if st is None:
+                if not d.finished:  # nobody listens any more: do not spend steps on it
+                    gone.append(d.request_id)
+                continue
+            apply_delta(st, d, tok)
+            q = self._streams.get(d.request_id)
+            if d.finished:
+                self._states.pop(d.request_id, None)
+                self.latency.observe(self._output(st))
+                failed = [s.error for s in st.seqs if s.finish_reason == "error"]
+                if failed and q is not None:
+                    q.put_nowait(RequestFailedError(f"the request failed in the engine: {failed[0]}"))
+                    continue
+            if q is not None and q.empty():
+                q.put_nowait(st)
+        if gone:
+            self._send(("abort", gone))
+
+

@@ -1,0 +1,197 @@
+"""ProcessAsyncLLM (the engine in a spawned process, SHARDLLM_ENGINE_PROCESS=1) on a tiny random checkpoint:
+streaming, the same tokens as the in-thread engine, cancellation frees blocks, bad input fails one request only, a
+request that cannot be pickled is refused with the fix, an engine that cannot start raises its error, a killed or
+failing engine fails every request and marks the front end unhealthy, shutdown ends the process."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+import threading
+
+import pytest
+
+from shardllm.config import EngineConfig
+from shardllm.engine import core_proc
+from shardllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
+from shardllm.engine.async_mp import ProcessAsyncLLM
+from shardllm.engine.llm_engine import LLMEngine
+from shardllm.sampling_params import SamplingParams
+from tests.conftest import write_tiny_checkpoint
+from tests.entrypoints.test_async_llm import collect, greedy, wait_until
+
+TIMEOUT = 60
+KWARGS = dict(device="cpu", num_kv_blocks=64, max_seq_len=256)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def llm(checkpoint):
+    llm = ProcessAsyncLLM.from_kwargs(model=checkpoint, **KWARGS)
+    yield llm
+    llm.shutdown()
+    assert llm._proc.exitcode == 0
+
+
+def test_streams_the_in_thread_engines_tokens(llm, checkpoint):
+    prompts = [[10 + i, 20 + i, 30 + i] for i in range(6)]
+
+    async def together(engine):
+        return await asyncio.gather(*(collect(engine, p, greedy(12), f"t-{i}") for i, p in enumerate(prompts)))
+
+    got = asyncio.run(asyncio.wait_for(together(llm), TIMEOUT))
+    ref_llm = AsyncLLM.from_kwargs(model=checkpoint, **KWARGS)
+    try:
+        ref = asyncio.run(asyncio.wait_for(together(ref_llm), TIMEOUT))
+    finally:
+        ref_llm.shutdown()
+    assert [o[-1].outputs[0].token_ids for o in got] == [o[-1].outputs[0].token_ids for o in ref]
+    for outs in got:
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        lengths = [len(o.outputs[0].token_ids) for o in outs]
+        assert lengths == sorted(lengths) and lengths[-1] == 12 and outs[-1].outputs[0].finish_reason == "length"
+        assert outs[-1].prompt_token_ids == prompts[got.index(outs)]
+    assert wait_until(lambda: llm.latency.e2e_request_latency.snapshot()[2] >= 6)
+    assert wait_until(lambda: llm.snapshot.generation_tokens >= 72)  # the engine process's counters
+
+
+def test_cancel_aborts_and_frees_blocks(llm):
+    aborted_before = llm.snapshot.finished.get("abort", 0)
+
+    async def cancel_after_two():
+        seen = []
+
+        async def consume():
+            async for out in llm.generate([1, 2, 3], greedy(200), "long"):
+                seen.append(out)
+
+        task = asyncio.ensure_future(consume())
+        while len(seen) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return len(seen)
+
+    assert asyncio.run(asyncio.wait_for(cancel_after_two(), TIMEOUT)) < 200
+    assert wait_until(lambda: llm.snapshot.finished.get("abort", 0) == aborted_before + 1)
+    s = llm.snapshot
+    assert s.num_requests_running == 0 and s.num_requests_waiting == 0 and s.kv_cache_usage == 0
+
+
+def test_abort_wakes_a_waiting_consumer(llm):
+    async def run():
+        gen = llm.generate([3, 4], greedy(200), "to-abort")
+        await gen.__anext__()
+        llm.abort("to-abort", "stop it")
+        with pytest.raises(RequestAbortedError, match="stop it"):
+            async for _ in gen:
+                pass
+
+    asyncio.run(asyncio.wait_for(run(), TIMEOUT))
+    assert wait_until(lambda: llm.snapshot.kv_cache_usage == 0 and llm.snapshot.num_requests_running == 0)
+
+
+def test_bad_input_fails_only_that_request(llm):
+    async def run():
+        bad = collect(llm, [1, 10**6], greedy(4), "bad")
+        good = collect(llm, [1, 2], greedy(4), "good")
+        return await asyncio.gather(bad, good, return_exceptions=True)
+
+    bad, good = asyncio.run(asyncio.wait_for(run(), TIMEOUT))
+    assert isinstance(bad, ValueError) and "vocabulary" in str(bad)
+    assert good[-1].finished and llm.is_healthy
+
+
+def test_a_request_that_does_not_pickle_is_refused_with_the_fix(llm):
+    params = SamplingParams(max_tokens=4, logits_processors=[lambda ids, logits: logits])
+    with pytest.raises(ValueError, match="SHARDLLM_ENGINE_PROCESS=0"):
+        asyncio.run(asyncio.wait_for(collect(llm, [1, 2], params, "lambda"), TIMEOUT))
+    assert llm.num_requests_in_flight == 0
+    assert asyncio.run(asyncio.wait_for(collect(llm, [1, 2], greedy(3), "after-lambda"), TIMEOUT))[-1].finished
+
+
+def test_an_engine_that_cannot_start_raises_its_error(checkpoint):
+    children_before = set(multiprocessing.active_children())
+    with pytest.raises(ValueError, match="the KV cache holds .* tokens but max_seq_len is 256"):
+        ProcessAsyncLLM.from_kwargs(model=checkpoint, device="cpu", num_kv_blocks=4, max_seq_len=256)
+    assert set(multiprocessing.active_children()) <= children_before  # the engine process has ended
+
+
+def test_a_killed_engine_fails_every_request_and_marks_unhealthy(checkpoint):
+    llm = ProcessAsyncLLM.from_kwargs(model=checkpoint, **KWARGS)
+    try:
+        async def run():
+            gens = [llm.generate([1, 2, 3 + i], greedy(200), f"k{i}") for i in range(3)]
+            for g in gens:
+                await g.__anext__()
+            os.kill(llm._proc.pid, signal.SIGKILL)
+
+            async def drain(g):
+                async for _ in g:
+                    pass
+
+            return await asyncio.gather(*(drain(g) for g in gens), return_exceptions=True)
+
+        results = asyncio.run(asyncio.wait_for(run(), TIMEOUT))
+        assert all(isinstance(r, EngineDeadError) and "engine process exited" in str(r) for r in results), results
+        assert not llm.is_healthy and llm.error is not None
+        with pytest.raises(EngineDeadError, match="not serving"):
+            asyncio.run(asyncio.wait_for(collect(llm, [1], greedy(2), "after"), TIMEOUT))
+    finally:
+        llm.shutdown()
+
+
+def test_shutdown_fails_requests_in_flight_and_ends_the_process(checkpoint):
+    llm = ProcessAsyncLLM.from_kwargs(model=checkpoint, **KWARGS)
+
+    async def run():
+        gen = llm.generate([1, 2], greedy(200), "x")
+        await gen.__anext__()
+        await asyncio.to_thread(llm.shutdown)
+        with pytest.raises(EngineDeadError, match="shutting down"):
+            async for _ in gen:
+                pass
+
+    asyncio.run(asyncio.wait_for(run(), TIMEOUT))
+    assert not llm.is_healthy and llm._proc.exitcode == 0
+
+
+def test_a_failing_step_sends_unhealthy_gauges_then_the_error(checkpoint, monkeypatch):
+    """The engine process's loop (run here in a thread, on a pipe): a step that raises aborts what runs, sends
+    gauges marked unhealthy, then ("dead", error), and shuts the engine down."""
+    real = LLMEngine.step_progressed
+    calls = []
+
+    def failing(self, *a, **kw):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("boom")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(LLMEngine, "step_progressed", failing)
+    front, child = multiprocessing.Pipe()
+    config = EngineConfig.create(model=checkpoint, **KWARGS)
+    t = threading.Thread(target=core_proc.engine_core_main, args=(child, config, 0.05, 30, None))
+    t.start()
+    try:
+        assert front.poll(TIMEOUT) and front.recv()[0] == "ready"
+        front.send(("add", "a", [1, 2, 3], greedy(50), 0.0))
+        msgs = []
+        while not msgs or msgs[-1][0] != "dead":
+            assert front.poll(TIMEOUT)
+            msgs.append(front.recv())
+        t.join(TIMEOUT)
+        assert not t.is_alive()
+    finally:
+        front.close()
+    steps = [m for m in msgs if m[0] == "step"]
+    assert str(msgs[-1][1]) == "boom" and msgs[-2][0] == "step" and msgs[-2][2].is_healthy is False
+    assert msgs[-2][2].num_requests_running == 0  # aborted before the gauges were sent
+    assert sum(len(m[1]) for m in steps) >= 2  # the steps before the failure delivered tokens
