@@ -6,8 +6,8 @@
 
 The front end keeps each request's text, tokens and logprobs so far and applies a step's deltas to them on the
 event loop; a request's queue holds its state object (once: a reader that lags takes the newest state) and the
-reader builds the RequestOutput when it takes it. Same surface as AsyncLLM (AsyncFrontEnd); `SHARDLLM_ENGINE_PROCESS=1`
-makes `shardllm serve` use it.
+reader builds the RequestOutput when it takes it. Same surface as AsyncLLM (AsyncFrontEnd); `shardllm serve` uses it
+unless SHARDLLM_ENGINE_PROCESS=0.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The engine process: an LLMEngine stepping in a process of its own, for the server (`SHARDLLM_ENGINE_PROCESS=1`).
+"""The engine process: an LLMEngine stepping in a process of its own, for the server (SHARDLLM_ENGINE_PROCESS, on).
 
 In one process the HTTP front end and the engine's step share one GIL; at the GPU's rate the server spent ~44% of
 it on streamed responses and ~37% in the engine (twenty-second session's profile, docs/benchmarks.md), and

@@ -227,9 +227,10 @@ _VARS = [
     _switch("SHARDLLM_DECODE_STREAM", True, "import",
             "0: output text is decoded in Python (two tokenizer decodes a token) even for a fast tokenizer, not by "
             "tokenizers' DecodeStream (engine/detokenizer.py; the server's A/B, benchmarks/device_s27_a.sh)"),
-    _switch("SHARDLLM_ENGINE_PROCESS", False, "start-up",
-            "1: `shardllm serve` steps the engine in a process of its own (engine/core_proc.py), the HTTP front end "
-            "in the server's (the server had a third of the offline rate on one GIL, twenty-second session)"),
+    _switch("SHARDLLM_ENGINE_PROCESS", True, "start-up",
+            "0: `shardllm serve` steps the engine in a thread of the server's process, not in a process of its own "
+            "(engine/core_proc.py; on one GIL the server had 9,425 out tok/s, 20,099 with the engine process: 8B "
+            "fp8, one H200, 1000 x 128/128, twenty-third session)"),
     _switch("SHARDLLM_PDL", True, "import",
             "0: the decode path's Triton kernels launch without programmatic dependent launch (on by default on "
             "sm90+, layers/pdl.py; issues 13 and 15: batch-1 8B bf16 4.268 -> 4.210 ms, fp8 2.852 -> 2.814 ms on "

@@ -195,3 +195,47 @@ def test_a_failing_step_sends_unhealthy_gauges_then_the_error(checkpoint, monkey
     assert str(msgs[-1][1]) == "boom" and msgs[-2][0] == "step" and msgs[-2][2].is_healthy is False
     assert msgs[-2][2].num_requests_running == 0  # aborted before the gauges were sent
     assert sum(len(m[1]) for m in steps) >= 2  # the steps before the failure delivered tokens
+
+
+def _greedy_texts(server, model: str) -> tuple[str, str]:
+    import json
+
+    import httpx
+
+    body = {"model": model, "prompt": list(range(100, 140)), "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    whole = httpx.post(server.url("/v1/completions"), json=body, timeout=120).json()["choices"][0]["text"]
+    with httpx.stream("POST", server.url("/v1/completions"), json={**body, "stream": True}, timeout=120) as r:
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    return whole, "".join(c["choices"][0]["text"] for c in chunks)
+
+
+def test_both_server_forms_give_the_same_text_and_a_killed_server_leaves_no_engine(tmp_path):
+    """`shardllm serve` with the engine process (the default) and with SHARDLLM_ENGINE_PROCESS=0: the same greedy
+    text, streamed and not; SIGKILL of the server's process ends its engine process too (its pipe closes)."""
+    pytest.importorskip("fastapi")
+    import psutil
+
+    from shardllm.model_loader.default_model import default_model_path
+    from tests.entrypoints.conftest import RemoteServer
+    from tests.helpers import write_text_checkpoint
+
+    path = write_text_checkpoint(str(tmp_path / "llama"), max_position_embeddings=1024)
+    texts = {}
+    for form, env in (("thread", {"SHARDLLM_ENGINE_PROCESS": "0"}), ("process", {})):
+        server = RemoteServer([path, "--tokenizer", default_model_path()], env=env)
+        try:
+            texts[form] = _greedy_texts(server, path)
+            children = psutil.Process(server.proc.pid).children()
+            engines = [p for p in children if "multiprocessing.spawn" in " ".join(p.cmdline())]
+            assert len(engines) == (form == "process"), [p.cmdline() for p in children]
+            if form == "process":
+                server.proc.kill()
+                server.proc.wait(30)
+                gone, alive = psutil.wait_procs(engines, timeout=30)
+                assert not alive, "the engine process outlived its server"
+        finally:
+            if server.proc.poll() is None:
+                assert server.stop() == 0, server.log_tail()
+    whole, streamed = texts["process"]
+    assert whole == streamed and len(whole) > 10
+    assert texts["thread"] == texts["process"]
