@@ -12,10 +12,12 @@ unless SHARDLLM_ENGINE_PROCESS=0.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import pickle
 import queue
+import signal
 import threading
 import time
 from typing import Any
@@ -44,11 +46,11 @@ class _Seq:
 class _State:
     """A request's outputs so far, on the front end (event loop only)."""
 
-    __slots__ = ("request_id", "prompt", "prompt_token_ids", "seqs", "finished", "metrics", "num_cached_tokens",
+    __slots__ = ("request_id", "seq", "prompt", "prompt_token_ids", "seqs", "finished", "metrics", "num_cached_tokens",
                  "prompt_logprobs")
 
-    def __init__(self, request_id: str, prompt, params: SamplingParams):
-        self.request_id = request_id
+    def __init__(self, request_id: str, prompt, params: SamplingParams, seq: int = 0):
+        self.request_id, self.seq = request_id, seq
         self.prompt = prompt if isinstance(prompt, str) else None
         self.prompt_token_ids = None if isinstance(prompt, str) else list(prompt)
         self.seqs = [_Seq(i, params.logprobs is not None) for i in range(params.n)]
@@ -116,7 +118,9 @@ class ProcessAsyncLLM(AsyncFrontEnd):
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # pickled commands, sent by the sender thread
         self._states: dict[str, _State] = {}
         self._stopped = threading.Event()
-        self._proc.start()
+        self._add_seq = 0
+        self._reader = self._sender = None
+        self._start_ignoring_sigint()
         child.close()
         try:
             info = self._wait_ready(start_timeout_s)
@@ -127,7 +131,20 @@ class ProcessAsyncLLM(AsyncFrontEnd):
                                        kv_cache_capacity_tokens=info["capacity_tokens"])
         self._reader = threading.Thread(target=self._read, name="shardllm-engine-reader", daemon=True)
         self._reader.start()
-        threading.Thread(target=self._write, name="shardllm-engine-sender", daemon=True).start()
+        self._sender = threading.Thread(target=self._write, name="shardllm-engine-sender", daemon=True)
+        self._sender.start()
+
+    def _start_ignoring_sigint(self) -> None:
+        """Start the engine process with SIGINT ignored from its first instruction (an ignored signal stays
+        ignored across exec): a terminal's Ctrl-C reaches the whole process group, and the engine must not die
+        of it while it imports (the server stops it)."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            self._proc.start()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ProcessAsyncLLM:
@@ -136,13 +153,17 @@ class ProcessAsyncLLM(AsyncFrontEnd):
 
     def _wait_ready(self, timeout: float | None) -> dict:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._conn.poll(0.5):
-            if not self._proc.is_alive():
-                raise EngineDeadError(f"the engine process exited while starting (exit code {self._proc.exitcode}; "
-                                      "its log is above)")
-            if deadline is not None and time.monotonic() > deadline:
-                raise EngineDeadError(f"the engine did not start within {timeout} s")
-        msg = self._conn.recv()
+        try:
+            while not self._conn.poll(0.5):
+                if not self._proc.is_alive():
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise EngineDeadError(f"the engine did not start within {timeout} s")
+            msg = self._conn.recv()
+        except (EOFError, OSError):  # it ended without a word (killed, out of host memory, ...)
+            self._proc.join(5)
+            raise EngineDeadError(f"the engine process exited while starting (exit code {self._proc.exitcode}; its "
+                                  "log is above)") from None
         if msg[0] == "failed":
             raise msg[1]
         if msg[0] != "ready":
@@ -176,12 +197,14 @@ class ProcessAsyncLLM(AsyncFrontEnd):
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         try:
-            self._send(("add", request_id, prompt, params, time.time()))
+            payload = pickle.dumps((prompt, params, time.time()), protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as e:  # a logits processor defined in a function
             raise ValueError(f"the request cannot be sent to the engine process ({e}): pass picklable "
                              "SamplingParams (module-level logits processors) or serve with "
                              "SHARDLLM_ENGINE_PROCESS=0") from None
-        self._states[request_id] = _State(request_id, prompt, params)
+        self._add_seq += 1
+        self._send(("add", request_id, self._add_seq, payload))
+        self._states[request_id] = _State(request_id, prompt, params, self._add_seq)
 
     def _send_abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -206,6 +229,10 @@ class ProcessAsyncLLM(AsyncFrontEnd):
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
+        self._outbox.put(None)
+        for t in (self._reader, self._sender):  # the reader sees the pipe's end once the process has exited
+            if t is not None and t is not threading.current_thread():
+                t.join(5)
         try:
             self._conn.close()
         except OSError:
@@ -225,7 +252,7 @@ class ProcessAsyncLLM(AsyncFrontEnd):
                     if msg[1]:
                         self._post(self._apply, msg[1])
                 elif kind == "reject":
-                    self._post(self._reject, msg[1], msg[2])
+                    self._post(self._reject, msg[1], msg[2], msg[3])
                 elif kind == "dead":
                     error = msg[1]
                     break
@@ -242,31 +269,48 @@ class ProcessAsyncLLM(AsyncFrontEnd):
             reason = f"the engine failed: {failure_summary(error)} (details in the server log)"
         else:
             reason = "the server is shutting down"
+        # the gauges of an engine that has stopped (a killed one sent none): nothing runs, nothing is held
+        self.snapshot = dataclasses.replace(self.snapshot, is_healthy=False, num_requests_running=0,
+                                            num_requests_waiting=0, kv_cache_usage=0.0)
         self._stopped.set()
-        self._post(self._fail_all, EngineDeadError(reason))
+        self._post(self._end, EngineDeadError(reason))
 
     # ---- event loop ----------------------------------------------------------------------------------------
-    def _reject(self, request_id: str, exc: BaseException) -> None:
-        self._states.pop(request_id, None)
-        self._fail(request_id, exc)
+    def _end(self, exc: BaseException) -> None:
+        self._states.clear()
+        self._fail_all(exc)
+
+    def _reject(self, request_id: str, seq: int, exc: BaseException) -> None:
+        st = self._states.get(request_id)
+        if st is not None and st.seq == seq:
+            del self._states[request_id]
+            self._fail(request_id, exc)
 
     def _apply(self, deltas: list[RequestDelta]) -> None:
         tok = self.tokenizer
         gone = []
         for d in deltas:
             st = self._states.get(d.request_id)
-            if st is None:
-                if not d.finished:  # nobody listens any more: do not spend steps on it
+            if st is None or st.seq != d.seq:  # aborted (or an earlier use of a reused id): nobody listens
+                if st is None and not d.finished:  # do not spend steps on it
                     gone.append(d.request_id)
                 continue
-            apply_delta(st, d, tok)
             q = self._streams.get(d.request_id)
+            try:
+                apply_delta(st, d, tok)
+            except Exception as e:  # noqa: BLE001 - this request fails; the others' deltas still apply
+                logger.exception("request %s: applying its output failed", d.request_id)
+                self._states.pop(d.request_id, None)
+                gone.append(d.request_id)
+                if q is not None:
+                    _replace(q, RequestFailedError(f"the request failed in the server: {e!r}"))
+                continue
             if d.finished:
                 self._states.pop(d.request_id, None)
                 self.latency.observe(self._output(st))
                 failed = [s.error for s in st.seqs if s.finish_reason == "error"]
-                if failed and q is not None:
-                    q.put_nowait(RequestFailedError(f"the request failed in the engine: {failed[0]}"))
+                if failed and q is not None:  # raised, not delivered as a finished output
+                    _replace(q, RequestFailedError(f"the request failed in the engine: {failed[0]}"))
                     continue
             if q is not None and q.empty():
                 q.put_nowait(st)
@@ -274,3 +318,9 @@ class ProcessAsyncLLM(AsyncFrontEnd):
             self._send(("abort", gone))
 
 
+def _replace(q, exc: BaseException) -> None:
+    """Put `exc` in a request's queue in place of the state it may still hold (a reader that lags would otherwise
+    take that state, finished, and never see the error)."""
+    while not q.empty():
+        q.get_nowait()
+    q.put_nowait(exc)

@@ -6,11 +6,11 @@ delivered a third of the offline rate. Here the engine (scheduler, executor, det
 the front end (engine/async_mp.py) only HTTP: vLLM V1's split of API server and EngineCore.
 
     front end                                   engine process (this module)
-    ("add", id, prompt, params, t) ─────Pipe──> add_request
-    ("abort", [ids]) / ("stop",)   ─────Pipe──> abort_request / shut down
+    ("add", id, seq, payload)      ─────Pipe──> add_request (payload: the pickled prompt, params, arrival time)
+    ("abort", [ids]) / ("stop",)   ─────Pipe──> abort_request / abort all, last gauges, shut down
                                    <────Pipe─── ("ready", info) | ("failed", error)     once, at start
                                    <────Pipe─── ("step", [RequestDelta], EngineSnapshot | None)   a step
-                                   <────Pipe─── ("reject", id, error)   add_request refused it
+                                   <────Pipe─── ("reject", id, seq, error)   add_request refused it
                                    <────Pipe─── ("dead", error)   a step failed: the engine has stopped
 
 A step sends what each request gained since its last message, not its whole text (an output per request per step
@@ -65,6 +65,7 @@ class RequestDelta:
     num_cached_tokens: int
     seqs: list[SeqDelta]
     prompt_logprobs: list[dict[int, float] | None] | None = None  # once, in the first delta that has them
+    seq: int | None = None  # the front end's number of this use of request_id (a reused id's old deltas are dropped)
 
 
 def portable_error(e: BaseException) -> BaseException:
@@ -146,6 +147,7 @@ class _Core:
         self.expert_load: dict = {}
         self.memory_time = 0.0
         self.snapshot_time = 0.0
+        self.seqs: dict[str, int] = {}  # request id -> the front end's number for this use of the id
 
     def snapshot(self, healthy: bool = True) -> EngineSnapshot:
         now = time.monotonic()
@@ -159,34 +161,53 @@ class _Core:
         self.snapshot_time = now
         return _snapshot(self.engine, self.memory, self.expert_load, healthy)
 
-    def apply_commands(self, block: bool) -> bool:
-        """Apply the front end's commands (waiting up to idle_wait_s for one when `block`). False: stop (asked,
-        or the front end is gone)."""
-        conn, engine = self.conn, self.engine
+    def send(self, msg: tuple) -> None:
         try:
-            ready = conn.poll(self.idle_wait_s if block else 0)
-            while ready:
-                cmd = conn.recv()
-                kind = cmd[0]
-                if kind == "add":
-                    _, rid, prompt, params, arrival = cmd
-                    try:
-                        engine.add_request(rid, prompt, params, arrival)
-                    except Exception as e:  # bad input: this request only
-                        conn.send(("reject", rid, portable_error(e)))
-                elif kind == "abort":
-                    engine.abort_request(cmd[1])
-                elif kind == "stop":
-                    return False
-                ready = conn.poll(0)
-        except (EOFError, OSError):
-            logger.info("the front end is gone; stopping the engine")
-            return False
+            self.conn.send(msg)
+        except (OSError, EOFError) as e:  # BrokenPipe, ConnectionReset: the front end is gone
+            raise _FrontEndGone from e
+
+    def recv(self):
+        """The next command: ("add", id, seq, payload) with payload the pickled (prompt, params, arrival), so that
+        one that does not unpickle here is this request's error, not the engine's; ("abort", ids); ("stop",)."""
+        try:
+            return self.conn.recv()
+        except (OSError, EOFError) as e:
+            raise _FrontEndGone from e
+
+    def apply_commands(self, block: bool) -> bool:
+        """Apply the front end's commands (waiting up to idle_wait_s for one when `block`). False: asked to stop."""
+        engine = self.engine
+        try:
+            ready = self.conn.poll(self.idle_wait_s if block else 0)
+        except (OSError, EOFError) as e:
+            raise _FrontEndGone from e
+        while ready:
+            cmd = self.recv()
+            kind = cmd[0]
+            if kind == "add":
+                _, rid, seq, payload = cmd
+                try:
+                    prompt, params, arrival = pickle.loads(payload)
+                    engine.add_request(rid, prompt, params, arrival)
+                    self.seqs[rid] = seq
+                except Exception as e:  # bad input: this request only
+                    self.send(("reject", rid, seq, portable_error(e)))
+            elif kind == "abort":
+                engine.abort_request(cmd[1])
+                for rid in cmd[1]:
+                    self.seqs.pop(rid, None)
+            elif kind == "stop":
+                return False
+            try:
+                ready = self.conn.poll(0)
+            except (OSError, EOFError) as e:
+                raise _FrontEndGone from e
         return True
 
     def run(self) -> None:
-        engine, conn = self.engine, self.conn
-        conn.send(("step", [], self.snapshot()))
+        engine = self.engine
+        self.send(("step", [], self.snapshot()))
         while True:
             busy = engine.has_unfinished_requests()
             if not self.apply_commands(block=not busy):
@@ -198,20 +219,42 @@ class _Core:
                 for pid in engine.step_progressed():
                     d = make_delta(engine, pid)
                     if d is not None:
+                        d.seq = self.seqs.pop(pid, None) if d.finished else self.seqs.get(pid)
                         deltas.append(d)
                         ended |= d.finished
             snap = None
             if ended or not engine.has_unfinished_requests() or time.monotonic() - self.snapshot_time >= _SNAPSHOT_S:
                 snap = self.snapshot()
             if deltas or snap is not None:
-                conn.send(("step", deltas, snap))
+                self.send(("step", deltas, snap))
+
+    def abort_all(self) -> None:
+        """Abort every unfinished request (the engine stops), so that the last gauges count them."""
+        engine = self.engine
+        ids = {r.parent_id for r in (*engine.scheduler.running, *engine.scheduler.waiting)}
+        if ids:
+            logger.info("aborting %d unfinished requests", len(ids))
+            engine.abort_request(list(ids))
+
+
+class _FrontEndGone(Exception):
+    """The pipe to the front end broke (its process ended): the engine stops."""
+
+
+def _ignore_sigterm(signum, frame) -> None:
+    """The engine process's SIGTERM handler: none. A SIGTERM to the whole process group or cgroup (systemd,
+    `timeout`, `kill -TERM -PGID`) must leave the engine running while the server drains; the server stops it
+    (a "stop" command, or its pipe's end). A handler, not SIG_IGN, so that the workers it spawns keep the default."""
 
 
 def engine_core_main(conn, config: EngineConfig, idle_wait_s: float, log_level: int, log_format: str | None) -> None:
     """The engine process's entry point (multiprocessing spawn): build the engine, say ready (or why not), step
-    until told to stop or the front end is gone, then shut the engine down."""
+    until told to stop or the front end is gone, then abort what runs, send the last gauges and shut the engine
+    down. SIGINT is ignored (inherited from the front end's start, so from the interpreter's first instruction: a
+    terminal's Ctrl-C reaches the whole process group) and SIGTERM is handled by doing nothing."""
     if threading.current_thread() is threading.main_thread():  # (a test runs it in a thread)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _ignore_sigterm)
     if log_format is not None:
         logging.basicConfig(level=log_level, format=log_format)
     try:
@@ -225,23 +268,21 @@ def engine_core_main(conn, config: EngineConfig, idle_wait_s: float, log_level: 
         return
     core = _Core(engine, conn, idle_wait_s)
     try:
-        conn.send(("ready", {"num_blocks": engine.num_blocks,
+        core.send(("ready", {"num_blocks": engine.num_blocks,
                              "capacity_tokens": engine.kv_cache_manager.capacity_tokens}))
         core.run()
-    except (BrokenPipeError, EOFError, ConnectionResetError):
+        core.abort_all()  # asked to stop
+        core.send(("step", [], core.snapshot(healthy=False)))
+    except _FrontEndGone:
         logger.info("the front end is gone; stopping the engine")
     except BaseException as e:  # noqa: BLE001 - any failure of a step ends the engine
         logger.exception("engine step failed; failing every request in flight")
         try:
-            ids = {r.parent_id for r in (*engine.scheduler.running, *engine.scheduler.waiting)}
-            engine.abort_request(list(ids))
-            conn.send(("step", [], core.snapshot(healthy=False)))
+            core.abort_all()
+            core.send(("step", [], core.snapshot(healthy=False)))
+            core.send(("dead", portable_error(e)))
         except Exception:
-            logger.debug("cleaning up the engine failed", exc_info=True)
-        try:
-            conn.send(("dead", portable_error(e)))
-        except OSError:
-            pass
+            logger.debug("telling the front end failed", exc_info=True)
     finally:
         try:
             engine.shutdown()

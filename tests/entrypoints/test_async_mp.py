@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import pickle
 import signal
 import threading
 
@@ -15,9 +16,11 @@ import pytest
 
 from shardllm.config import EngineConfig
 from shardllm.engine import core_proc
-from shardllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
+from shardllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError, RequestFailedError
 from shardllm.engine.async_mp import ProcessAsyncLLM
+from shardllm.engine.core_proc import RequestDelta, SeqDelta
 from shardllm.engine.llm_engine import LLMEngine
+from shardllm.outputs import RequestMetrics
 from shardllm.sampling_params import SamplingParams
 from tests.conftest import write_tiny_checkpoint
 from tests.entrypoints.test_async_llm import collect, greedy, wait_until
@@ -142,6 +145,8 @@ def test_a_killed_engine_fails_every_request_and_marks_unhealthy(checkpoint):
         results = asyncio.run(asyncio.wait_for(run(), TIMEOUT))
         assert all(isinstance(r, EngineDeadError) and "engine process exited" in str(r) for r in results), results
         assert not llm.is_healthy and llm.error is not None
+        s = llm.snapshot  # a killed engine sent no last gauges: they say so anyway
+        assert not s.is_healthy and s.num_requests_running == 0 and s.kv_cache_usage == 0
         with pytest.raises(EngineDeadError, match="not serving"):
             asyncio.run(asyncio.wait_for(collect(llm, [1], greedy(2), "after"), TIMEOUT))
     finally:
@@ -161,6 +166,8 @@ def test_shutdown_fails_requests_in_flight_and_ends_the_process(checkpoint):
 
     asyncio.run(asyncio.wait_for(run(), TIMEOUT))
     assert not llm.is_healthy and llm._proc.exitcode == 0
+    s = llm.snapshot  # the engine aborted what ran and sent its last gauges before it ended
+    assert s.finished.get("abort") == 1 and not s.is_healthy and s.num_requests_running == 0
 
 
 def test_a_failing_step_sends_unhealthy_gauges_then_the_error(checkpoint, monkeypatch):
@@ -182,7 +189,7 @@ def test_a_failing_step_sends_unhealthy_gauges_then_the_error(checkpoint, monkey
     t.start()
     try:
         assert front.poll(TIMEOUT) and front.recv()[0] == "ready"
-        front.send(("add", "a", [1, 2, 3], greedy(50), 0.0))
+        front.send(("add", "a", 1, pickle.dumps(([1, 2, 3], greedy(50), 0.0))))
         msgs = []
         while not msgs or msgs[-1][0] != "dead":
             assert front.poll(TIMEOUT)
@@ -239,3 +246,63 @@ def test_both_server_forms_give_the_same_text_and_a_killed_server_leaves_no_engi
     whole, streamed = texts["process"]
     assert whole == streamed and len(whole) > 10
     assert texts["thread"] == texts["process"]
+
+
+def explode_after_two(output_ids, logits):
+    """A module-level logits processor (it pickles by name) that fails its request at the third token."""
+    if len(output_ids) >= 2:
+        raise RuntimeError("logits processor exploded")
+    return logits
+
+
+def test_a_request_that_fails_is_raised_even_to_a_reader_that_lags(llm):
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logits_processors=[explode_after_two])
+
+    async def run():
+        gen = llm.generate([1, 2, 3], params, "fails")
+        first = await gen.__anext__()
+        await asyncio.sleep(1.0)  # the engine goes on: the failure arrives while the reader holds back
+        with pytest.raises(RequestFailedError, match="logits processor exploded"):
+            async for _ in gen:
+                pass
+        return first
+
+    assert not asyncio.run(asyncio.wait_for(run(), TIMEOUT)).finished
+    assert asyncio.run(asyncio.wait_for(collect(llm, [1, 2], greedy(3), "after-fail"), TIMEOUT))[-1].finished
+
+
+def test_deltas_of_an_earlier_use_of_an_id_and_a_bad_delta_spoil_nothing_else(llm):
+    """_apply on the event loop: a delta numbered for an earlier use of a reused id is dropped; a delta that cannot
+    apply fails its request alone, and the other requests' deltas in the same message still land."""
+    from shardllm.engine.async_mp import _State
+
+    def delta(rid, seq, index, text, finish=None):
+        return RequestDelta(rid, finish is not None, RequestMetrics(0.0), 0,
+                            [SeqDelta(index, text, False, [7], finish, None, None, None)], seq=seq)
+
+    async def run():
+        queues = {rid: asyncio.Queue() for rid in ("x", "bad", "ok")}
+        llm._streams.update(queues)
+        for rid, seq in (("x", 5), ("bad", 6), ("ok", 7)):
+            llm._states[rid] = _State(rid, [1], greedy(4), seq)
+        try:
+            llm._apply([delta("x", 4, 0, "OLD"), delta("bad", 6, 3, "?"), delta("ok", 7, 0, "fine", "length")])
+            assert llm._states["x"].seqs[0].text == "" and queues["x"].empty()
+            assert isinstance(queues["bad"].get_nowait(), RequestFailedError) and "bad" not in llm._states
+            out = llm._output(queues["ok"].get_nowait())
+            assert out.finished and out.outputs[0].text == "fine" and "ok" not in llm._states
+        finally:
+            for rid in queues:
+                llm._streams.pop(rid, None)
+                llm._states.pop(rid, None)
+
+    asyncio.run(asyncio.wait_for(run(), TIMEOUT))
+
+
+def test_the_engine_process_outlasts_a_sigterm_to_its_group(llm):
+    """systemd's control-group stop and `kill -TERM -PGID` reach the engine too: it must go on serving while the
+    server drains (the server stops it)."""
+    os.kill(llm._proc.pid, signal.SIGTERM)
+    outs = asyncio.run(asyncio.wait_for(collect(llm, [4, 5], greedy(6), "after-term"), TIMEOUT))
+    assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 6
+    assert llm._proc.is_alive() and llm.is_healthy
