@@ -162,8 +162,7 @@ class ProcessAsyncLLM(AsyncFrontEnd):
             msg = self._conn.recv()
         except (EOFError, OSError):  # it ended without a word (killed, out of host memory, ...)
             self._proc.join(5)
-            raise EngineDeadError(f"the engine process exited while starting (exit code {self._proc.exitcode}; its "
-                                  "log is above)") from None
+            raise EngineDeadError(f"the engine process exited while starting ({_how(self._proc.exitcode)})") from None
         if msg[0] == "failed":
             raise msg[1]
         if msg[0] != "ready":
@@ -259,8 +258,7 @@ class ProcessAsyncLLM(AsyncFrontEnd):
         except (EOFError, OSError):
             if not self._stopping:
                 self._proc.join(5)
-                error = EngineDeadError(f"the engine process exited (exit code {self._proc.exitcode}; its log is "
-                                        "above)")
+                error = EngineDeadError(f"the engine process exited ({_how(self._proc.exitcode)})")
         except BaseException as e:  # noqa: BLE001 - a message that does not unpickle, ...
             logger.exception("reading the engine process's messages failed")
             error = e
@@ -316,6 +314,16 @@ class ProcessAsyncLLM(AsyncFrontEnd):
                 q.put_nowait(st)
         if gone:
             self._send(("abort", gone))
+
+
+def _how(exitcode: int | None) -> str:
+    """How a process ended, for a message: "killed by SIGKILL", "exit code 1"."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 def _replace(q, exc: BaseException) -> None:

@@ -22,6 +22,7 @@ stops it) and ends when the front end's end of the pipe closes.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import signal
 import threading
@@ -241,6 +242,26 @@ class _FrontEndGone(Exception):
     """The pipe to the front end broke (its process ended): the engine stops."""
 
 
+def _name_process(name: bytes) -> None:
+    """The process's short name (what `top` and `ps -e` show; Linux prctl(PR_SET_NAME), 15 bytes); elsewhere, none."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # 15: PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _exit_if_orphaned(parent: int, loaded: threading.Event) -> None:
+    """While the model loads (minutes for a large one) the engine reads no pipe: if the server's process ends then
+    (SIGKILL, a crash), end this one at once rather than hold the GPUs until the load is done. Once loaded, the
+    pipe's end says it."""
+    while not loaded.wait(0.5):
+        if os.getppid() != parent:
+            logger.warning("the server's process ended while the model loaded; stopping the engine")
+            os._exit(1)
+
+
 def _ignore_sigterm(signum, frame) -> None:
     """The engine process's SIGTERM handler: none. A SIGTERM to the whole process group or cgroup (systemd,
     `timeout`, `kill -TERM -PGID`) must leave the engine running while the server drains; the server stops it
@@ -255,10 +276,15 @@ def engine_core_main(conn, config: EngineConfig, idle_wait_s: float, log_level: 
     if threading.current_thread() is threading.main_thread():  # (a test runs it in a thread)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _ignore_sigterm)
+        _name_process(b"shardllm-engine")
     if log_format is not None:
         logging.basicConfig(level=log_level, format=log_format)
+    loaded = threading.Event()
+    threading.Thread(target=_exit_if_orphaned, args=(os.getppid(), loaded), name="shardllm-orphan-watch",
+                     daemon=True).start()
     try:
         engine = LLMEngine(config)
+        loaded.set()
     except BaseException as e:  # noqa: BLE001 - every failure to start goes back to the front end
         logger.debug("the engine failed to start", exc_info=True)
         try:

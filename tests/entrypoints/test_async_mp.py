@@ -143,7 +143,8 @@ def test_a_killed_engine_fails_every_request_and_marks_unhealthy(checkpoint):
             return await asyncio.gather(*(drain(g) for g in gens), return_exceptions=True)
 
         results = asyncio.run(asyncio.wait_for(run(), TIMEOUT))
-        assert all(isinstance(r, EngineDeadError) and "engine process exited" in str(r) for r in results), results
+        assert all(isinstance(r, EngineDeadError) and "engine process exited (killed by SIGKILL)" in str(r)
+                   for r in results), results
         assert not llm.is_healthy and llm.error is not None
         s = llm.snapshot  # a killed engine sent no last gauges: they say so anyway
         assert not s.is_healthy and s.num_requests_running == 0 and s.kv_cache_usage == 0
@@ -235,6 +236,7 @@ def test_both_server_forms_give_the_same_text_and_a_killed_server_leaves_no_engi
             children = psutil.Process(server.proc.pid).children()
             engines = [p for p in children if "multiprocessing.spawn" in " ".join(p.cmdline())]
             assert len(engines) == (form == "process"), [p.cmdline() for p in children]
+            assert all(p.name() == "shardllm-engine" for p in engines)  # as `top` and `ps -e` show it
             if form == "process":
                 server.proc.kill()
                 server.proc.wait(30)
@@ -306,3 +308,37 @@ def test_the_engine_process_outlasts_a_sigterm_to_its_group(llm):
     outs = asyncio.run(asyncio.wait_for(collect(llm, [4, 5], greedy(6), "after-term"), TIMEOUT))
     assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 6
     assert llm._proc.is_alive() and llm.is_healthy
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing, os, sys, threading, time
+from shardllm.engine.core_proc import _exit_if_orphaned
+
+def child():
+    _exit_if_orphaned(os.getppid(), threading.Event())  # a model that never finishes loading
+
+if __name__ == "__main__":
+    p = multiprocessing.get_context("spawn").Process(target=child)
+    p.start()
+    print(p.pid, flush=True)
+    time.sleep(3)  # the child's watch has started
+    os._exit(0)  # the server's process ends without a word (as SIGKILL)
+"""
+
+
+def test_an_engine_still_loading_ends_when_its_server_process_does(tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    pid = int(out.stdout.split()[0])
+    try:
+        psutil.Process(pid).wait(15)
+    except psutil.NoSuchProcess:
+        pass
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "still running"
