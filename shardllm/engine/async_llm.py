@@ -333,7 +333,7 @@ class AsyncLLM(AsyncFrontEnd):
                   if self._error is not None
                   else "the server is shutting down")
         try:  # gauges first, so that a client told of the failure sees it in the metrics too
-            self._abort_all()
+            self.engine.abort_unfinished()
             self._publish()
         except Exception:
             logger.exception("cleaning up the engine failed")
@@ -364,13 +364,6 @@ class AsyncLLM(AsyncFrontEnd):
             elif isinstance(cmd, _Stop):
                 return False
         return True
-
-    def _abort_all(self) -> None:
-        engine = self.engine
-        ids = {r.parent_id for r in (*engine.scheduler.running, *engine.scheduler.waiting)}
-        if ids:
-            logger.info("aborting %d unfinished requests", len(ids))
-            engine.abort_request(list(ids))
 
     def _publish(self) -> None:
         engine = self.engine

@@ -229,15 +229,6 @@ class _Core:
             if deltas or snap is not None:
                 self.send(("step", deltas, snap))
 
-    def abort_all(self) -> None:
-        """Abort every unfinished request (the engine stops), so that the last gauges count them."""
-        engine = self.engine
-        ids = {r.parent_id for r in (*engine.scheduler.running, *engine.scheduler.waiting)}
-        if ids:
-            logger.info("aborting %d unfinished requests", len(ids))
-            engine.abort_request(list(ids))
-
-
 class _FrontEndGone(Exception):
     """The pipe to the front end broke (its process ended): the engine stops."""
 
@@ -297,14 +288,14 @@ def engine_core_main(conn, config: EngineConfig, idle_wait_s: float, log_level: 
         core.send(("ready", {"num_blocks": engine.num_blocks,
                              "capacity_tokens": engine.kv_cache_manager.capacity_tokens}))
         core.run()
-        core.abort_all()  # asked to stop
+        engine.abort_unfinished()  # asked to stop
         core.send(("step", [], core.snapshot(healthy=False)))
     except _FrontEndGone:
         logger.info("the front end is gone; stopping the engine")
     except BaseException as e:  # noqa: BLE001 - any failure of a step ends the engine
         logger.exception("engine step failed; failing every request in flight")
         try:
-            core.abort_all()
+            engine.abort_unfinished()
             core.send(("step", [], core.snapshot(healthy=False)))
             core.send(("dead", portable_error(e)))
         except Exception:

@@ -204,6 +204,14 @@ class LLMEngine:
                     self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ABORTED)
                     self.stats.finished["abort"] = self.stats.finished.get("abort", 0) + 1
 
+    def abort_unfinished(self) -> None:
+        """Abort every request that runs or waits (the engine stops), logged once, so that the last gauges count
+        them."""
+        ids = {r.parent_id for r in (*self.scheduler.running, *self.scheduler.waiting)}
+        if ids:
+            logger.info("aborting %d unfinished requests", len(ids))
+            self.abort_request(list(ids))
+
     def abort_all_after_failure(self) -> None:
         """After `step` raised or was interrupted (KeyboardInterrupt): abort every unfinished request, forget the
         prefix cache's hashes (a dropped step may not have written blocks already hashed), then collect and drop

@@ -184,9 +184,8 @@ def test_engine_failure_fails_every_request_and_marks_unhealthy(checkpoint):
         llm.shutdown()
 
 
-def test_shutdown_fails_requests_in_flight(checkpoint):
-    llm = make_llm(checkpoint)
-
+def shut_down_with_a_request_in_flight(llm) -> None:
+    """Shut `llm` down while a request runs: its reader gets EngineDeadError("... shutting down")."""
     async def run():
         gen = llm.generate([1, 2], greedy(200), "x")
         await gen.__anext__()
@@ -197,6 +196,10 @@ def test_shutdown_fails_requests_in_flight(checkpoint):
 
     asyncio.run(asyncio.wait_for(run(), TIMEOUT))
     assert not llm.is_healthy
+
+
+def test_shutdown_fails_requests_in_flight(checkpoint):
+    shut_down_with_a_request_in_flight(make_llm(checkpoint))
 
 
 def test_server_answers_503_once_the_engine_died(checkpoint):

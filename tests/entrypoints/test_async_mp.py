@@ -16,14 +16,23 @@ import pytest
 
 from shardllm.config import EngineConfig
 from shardllm.engine import core_proc
-from shardllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError, RequestFailedError
+from shardllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from shardllm.engine.async_mp import ProcessAsyncLLM
 from shardllm.engine.core_proc import RequestDelta, SeqDelta
 from shardllm.engine.llm_engine import LLMEngine
 from shardllm.outputs import RequestMetrics
 from shardllm.sampling_params import SamplingParams
 from tests.conftest import write_tiny_checkpoint
-from tests.entrypoints.test_async_llm import collect, greedy, wait_until
+from tests.entrypoints.test_async_llm import (  # noqa: F401 - these tests run here too, on this module's `llm`
+    collect,
+    greedy,
+    shut_down_with_a_request_in_flight,
+    test_abort_wakes_a_waiting_consumer,
+    test_bad_input_fails_only_that_request,
+    test_cancel_aborts_and_frees_blocks,
+    test_duplicate_request_id_is_refused,
+    wait_until,
+)
 
 TIMEOUT = 60
 KWARGS = dict(device="cpu", num_kv_blocks=64, max_seq_len=256)
@@ -62,54 +71,6 @@ def test_streams_the_in_thread_engines_tokens(llm, checkpoint):
         assert outs[-1].prompt_token_ids == prompts[got.index(outs)]
     assert wait_until(lambda: llm.latency.e2e_request_latency.snapshot()[2] >= 6)
     assert wait_until(lambda: llm.snapshot.generation_tokens >= 72)  # the engine process's counters
-
-
-def test_cancel_aborts_and_frees_blocks(llm):
-    aborted_before = llm.snapshot.finished.get("abort", 0)
-
-    async def cancel_after_two():
-        seen = []
-
-        async def consume():
-            async for out in llm.generate([1, 2, 3], greedy(200), "long"):
-                seen.append(out)
-
-        task = asyncio.ensure_future(consume())
-        while len(seen) < 2:
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        return len(seen)
-
-    assert asyncio.run(asyncio.wait_for(cancel_after_two(), TIMEOUT)) < 200
-    assert wait_until(lambda: llm.snapshot.finished.get("abort", 0) == aborted_before + 1)
-    s = llm.snapshot
-    assert s.num_requests_running == 0 and s.num_requests_waiting == 0 and s.kv_cache_usage == 0
-
-
-def test_abort_wakes_a_waiting_consumer(llm):
-    async def run():
-        gen = llm.generate([3, 4], greedy(200), "to-abort")
-        await gen.__anext__()
-        llm.abort("to-abort", "stop it")
-        with pytest.raises(RequestAbortedError, match="stop it"):
-            async for _ in gen:
-                pass
-
-    asyncio.run(asyncio.wait_for(run(), TIMEOUT))
-    assert wait_until(lambda: llm.snapshot.kv_cache_usage == 0 and llm.snapshot.num_requests_running == 0)
-
-
-def test_bad_input_fails_only_that_request(llm):
-    async def run():
-        bad = collect(llm, [1, 10**6], greedy(4), "bad")
-        good = collect(llm, [1, 2], greedy(4), "good")
-        return await asyncio.gather(bad, good, return_exceptions=True)
-
-    bad, good = asyncio.run(asyncio.wait_for(run(), TIMEOUT))
-    assert isinstance(bad, ValueError) and "vocabulary" in str(bad)
-    assert good[-1].finished and llm.is_healthy
 
 
 def test_a_request_that_does_not_pickle_is_refused_with_the_fix(llm):
@@ -156,17 +117,8 @@ def test_a_killed_engine_fails_every_request_and_marks_unhealthy(checkpoint):
 
 def test_shutdown_fails_requests_in_flight_and_ends_the_process(checkpoint):
     llm = ProcessAsyncLLM.from_kwargs(model=checkpoint, **KWARGS)
-
-    async def run():
-        gen = llm.generate([1, 2], greedy(200), "x")
-        await gen.__anext__()
-        await asyncio.to_thread(llm.shutdown)
-        with pytest.raises(EngineDeadError, match="shutting down"):
-            async for _ in gen:
-                pass
-
-    asyncio.run(asyncio.wait_for(run(), TIMEOUT))
-    assert not llm.is_healthy and llm._proc.exitcode == 0
+    shut_down_with_a_request_in_flight(llm)
+    assert llm._proc.exitcode == 0
     s = llm.snapshot  # the engine aborted what ran and sent its last gauges before it ended
     assert s.finished.get("abort") == 1 and not s.is_healthy and s.num_requests_running == 0
 
