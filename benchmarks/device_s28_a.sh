@@ -7,6 +7,7 @@
 #     bash benchmarks/pack_serve_wheels.sh   (here, first)
 #     run(command="LIMIT_S=560 bash benchmarks/device_s28_a.sh", carry=[".whl_serve", ".bench_tokenizer"])
 # CPU dry run (PATH=.venv/bin:$PATH): SERVE_MODEL= TOK= N=24 LONG=0 bash benchmarks/device_s28_a.sh
+# Call 5 (the final code, the engine process alone, 128/128): FORMS=process LONG=0 LIMIT_S=280 bash ...
 set -u
 . benchmarks/device_rows.sh
 . benchmarks/serve_rows.sh
@@ -47,9 +48,10 @@ serve_row() {  # NAME "ENV" RUNS...: start, greedy, warm, each run (CLIENTS:N:IN
   serve_down
 }
 SHORT="8:$N:128:128"; LONG_RUN=$([ "${LONG:-1}" = 1 ] && echo "8:$((N / 2)):1000:1000")
-serve_row process "SHARDLLM_ENGINE_PROCESS=1" $SHORT $LONG_RUN
-serve_row thread "" $SHORT $LONG_RUN
-if cmp -s "$w/greedy_process.txt" "$w/greedy_thread.txt"; then say "greedy text: equal ($(wc -c < "$w/greedy_thread.txt") bytes)"
+[[ "${FORMS:-process thread}" == *process* ]] && serve_row process "SHARDLLM_ENGINE_PROCESS=1" $SHORT $LONG_RUN
+[[ "${FORMS:-process thread}" == *thread* ]] && serve_row thread "SHARDLLM_ENGINE_PROCESS=0" $SHORT $LONG_RUN
+if [ ! -f "$w/greedy_process.txt" ] || [ ! -f "$w/greedy_thread.txt" ]; then say "greedy text: one form only"
+elif cmp -s "$w/greedy_process.txt" "$w/greedy_thread.txt"; then say "greedy text: equal ($(wc -c < "$w/greedy_thread.txt") bytes)"
 else say "greedy text: DIFFERENT: $(head -c 300 "$w/greedy_process.txt") | $(head -c 300 "$w/greedy_thread.txt")"; fi
 say "total: $((SECONDS - t0)) s"; pack
 rm -rf "$w"
