@@ -229,6 +229,7 @@ class _Core:
             if deltas or snap is not None:
                 self.send(("step", deltas, snap))
 
+
 class _FrontEndGone(Exception):
     """The pipe to the front end broke (its process ended): the engine stops."""
 
