@@ -7,7 +7,7 @@ Sources of each formula are named where it is used; "[ours]" marks our own estim
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from shardllm.config import (
     KV_CACHE_DTYPES,
@@ -19,7 +19,7 @@ from shardllm.config import (
     valid_tp_sizes,
 )
 from shardllm.distributed.parallel_state import pp_layer_split
-from shardllm.model_loader.size import layer_shapes
+from shardllm.model_loader.size import active_linears, layer_shapes
 
 GiB = 1 << 30
 KV_DTYPES = KV_CACHE_DTYPES  # the engine's (serve's) names exactly: auto is the activation dtype
@@ -29,17 +29,20 @@ WEIGHT_DTYPES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "auto": 2, "
 @dataclass(frozen=True)
 class GPUSpec:
     """Figures from NVIDIA's datasheets (SXM parts): memory in bytes, HBM and per-direction NVLink bandwidth in
-    bytes/s; `fp8`: FP8 tensor cores (compute capability >= 8.9), without which serve refuses dtype fp8."""
+    bytes/s; `fp8`: FP8 tensor cores (compute capability >= 8.9), without which serve refuses dtype fp8;
+    dense (not sparse) tensor-core peaks in FLOP/s, bf16 and fp8."""
 
     name: str
     memory_bytes: int
     hbm_bytes_per_s: float
     nvlink_bytes_per_s: float
     fp8: bool = True
+    bf16_flops: float = 989.4e12
+    fp8_flops: float = 1978.9e12
 
 
 GPU_SPECS = {
-    "A100": GPUSpec("A100", 80 * GiB, 2.039e12, 300e9, fp8=False),  # sm_80
+    "A100": GPUSpec("A100", 80 * GiB, 2.039e12, 300e9, fp8=False, bf16_flops=312e12, fp8_flops=0.0),  # sm_80
     "H100": GPUSpec("H100", 80 * GiB, 3.35e12, 450e9),
     "H200": GPUSpec("H200", 141 * 10**9, 4.8e12, 450e9),
 }
@@ -48,6 +51,10 @@ INTER_NODE_BYTES_PER_S = 50e9  # 400 Gb/s InfiniBand NDR per GPU [ours: a typica
 # Decode reaches ~70% of HBM peak: the README's 4.32 ms/token for Llama-3-8B bf16 on one H200 reads the weights but
 # the input embedding, 15.0 GB / 4.32 ms = 3.5 TB/s of 4.8 TB/s (72%).
 HBM_EFFICIENCY = 0.7
+# Large-batch GEMMs reach ~75% of the dense tensor-core peak: on one H200, Llama-3-8B fp8 at batch 1024 ran its FP8
+# GEMMs (1024 tokens x 15.0 GFLOP) in 10.45 ms of a 20.66 ms decode step, 74% of 1,979 TFLOP/s, and Llama-3-70B fp8
+# its in 92.8 ms, 78% (docs/benchmarks.md, batch-1024 decode-step profiles).
+MATMUL_EFFICIENCY = 0.75
 ALL_REDUCE_LATENCY_S = {"nvlink": 10e-6, "pcie": 30e-6}  # per small all-reduce [ours: NCCL ring, few GPUs]
 P2P_LATENCY_S = 10e-6
 # Non-torch memory the engine does not see as free: CUDA context and cuBLAS workspace [ours, ~0.6 GiB on
@@ -69,12 +76,11 @@ def gpu_spec(name: str | None = None, memory_bytes: int | None = None) -> GPUSpe
     memory; `check_gpu_name` refuses such a name where a user typed it."""
     for key, spec in GPU_SPECS.items():
         if name and key in name.upper():
-            return spec if memory_bytes is None else GPUSpec(key, memory_bytes, spec.hbm_bytes_per_s,
-                                                              spec.nvlink_bytes_per_s, spec.fp8)
+            return spec if memory_bytes is None else replace(spec, memory_bytes=memory_bytes)
     if memory_bytes is None:
         return GPU_SPECS["H100"]
     base = GPU_SPECS["H200"] if memory_bytes > 100 * GiB else GPU_SPECS["H100"]
-    return GPUSpec(name or base.name, memory_bytes, base.hbm_bytes_per_s, base.nvlink_bytes_per_s)
+    return replace(base, name=name or base.name, memory_bytes=memory_bytes)
 
 
 def check_gpu_name(name: str) -> str:
@@ -114,6 +120,7 @@ class StageEstimate:
     kv_tokens: int  # capacity in tokens, whole blocks, less the one block the engine keeps aside
     decode_weights: int  # `weights` less the input embedding (a token reads one row): what a decode step reads,
     # every expert of an MoE layer included (a batch's tokens route to most of them; batch 1 reads fewer)
+    decode_flops_per_token: int = 0  # 2 x the multiply-adds of its Linears for one token (MoE: top_k experts)
 
 
 @dataclass
@@ -123,6 +130,7 @@ class LayoutEstimate:
     stages: list[StageEstimate]
     gpu_memory_bytes: int
     max_seq_len: int
+    weight_dtype: str = "bf16"
 
     @property
     def kv_tokens(self) -> int:
@@ -150,6 +158,11 @@ def _layer_weight_bytes(c, i: int, tp: int, weight_bytes: int) -> int:
     in the activation dtype (2 bytes)."""
     linears, other = layer_shapes(c, i, tp)
     return sum(_linear_bytes(n, k, weight_bytes) for n, k in linears) + 2 * other
+
+
+def _layer_flops(c, i: int, tp: int) -> int:
+    """2 x the multiply-adds of decoder layer i's Linears for one token on one tp rank (MoE: its top_k experts)."""
+    return int(sum(2 * n * k * share for n, k, share in active_linears(c, i, tp)))
 
 
 def _activation_bytes(c, tp: int, num_tokens: int, max_num_seqs: int, act_bytes: int) -> int:
@@ -213,9 +226,12 @@ def estimate(hf_config, tp: int = 1, pp: int = 1, *, weight_dtype: str = "bf16",
         overhead = CONTEXT_BYTES + nccl + (PP_BUFFER_BYTES if pp > 1 else 0)
         budget = int((gpu_memory_bytes - weights - overhead) * kv_cache_free_gpu_memory_fraction - activations)
         blocks = max(budget, 0) // (kv_per_token * block_size)
+        flops = sum(_layer_flops(c, i, tp) for i in range(start - n, start))
+        if s == pp - 1:
+            flops += 2 * vocab_rank * c.hidden_size  # LM head
         stages.append(StageEstimate(s, n, weights, kv_per_token, activations, overhead, budget,
-                                    max(blocks - 1, 0) * block_size, weights - unread))
-    return LayoutEstimate(tp, pp, stages, gpu_memory_bytes, max_seq_len)
+                                    max(blocks - 1, 0) * block_size, weights - unread, flops))
+    return LayoutEstimate(tp, pp, stages, gpu_memory_bytes, max_seq_len, weight_dtype)
 
 
 def decode_tokens_per_s(est: LayoutEstimate, c, spec: GPUSpec, topology: str, batch: int, context_len: int,
@@ -224,15 +240,20 @@ def decode_tokens_per_s(est: LayoutEstimate, c, spec: GPUSpec, topology: str, ba
 
     A decode step reads each stage's weights once (all but the input embedding, of which a token reads one row) and
     every sequence's KV; with pp micro-batches in flight the stages overlap, so one round of `batch` tokens costs
-    pp x (weights read) + batch x (KV read), at
-    HBM_EFFICIENCY of peak. TP adds two all-reduces per layer of batch x hidden x 2 bytes (ring: 2(tp-1)/tp of
-    the bytes over the link), PP one send per stage boundary.
+    max(pp x (weights read), the GEMMs' FLOPs) + batch x (KV read): reads at HBM_EFFICIENCY of the HBM peak, the
+    Linears' 2 x multiply-adds of `batch` tokens at MATMUL_EFFICIENCY of the dense tensor-core peak of the weights'
+    dtype (the GEMMs are bound by one or the other; attention reads the KV after them). TP adds two all-reduces per
+    layer of batch x hidden x 2 bytes (ring: 2(tp-1)/tp of the bytes over the link), PP one send per stage
+    boundary. No prefill: a workload's prompts take more (1000 x 128/128: the 8B figure below is ~2.5x the measured
+    end-to-end 28,500-29,900 tok/s, where this formula without its compute term gave 164,000).
     """
     bw = spec.hbm_bytes_per_s * HBM_EFFICIENCY
     w = max(s.decode_weights for s in est.stages)
     kv = max(s.kv_bytes_per_token for s in est.stages)
+    flops = max(s.decode_flops_per_token for s in est.stages)
+    peak = spec.fp8_flops if est.weight_dtype == "fp8" and spec.fp8_flops else spec.bf16_flops
     tp, pp = est.tensor_parallel_size, est.pipeline_parallel_size
-    t = (pp * w + batch * context_len * kv) / bw
+    t = max(pp * w / bw, batch * flops / (peak * MATMUL_EFFICIENCY)) + batch * context_len * kv / bw
     msg = batch * c.hidden_size * 2
     if tp > 1:
         link = spec.nvlink_bytes_per_s if topology == "nvlink" else PCIE_BYTES_PER_S

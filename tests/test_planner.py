@@ -132,6 +132,29 @@ def test_decode_estimate_is_the_weight_roofline_at_batch_one():
     assert best.throughput_tok_s > 50 * best.decode_tok_s_batch1  # batching amortises the weight reads
 
 
+def test_large_batches_are_bound_by_the_gemms_flops():
+    """At batch 1024 Llama-3-8B's GEMMs take longer at 75% of the tensor cores' peak than their weight reads:
+    2 x (Linear parameters + LM head) FLOPs a token, at the FP8 peak with fp8 weights and the bf16 peak (half)
+    with bf16 ones; the KV reads come on top. A MoE layer's FLOPs count top_k of its experts."""
+    from shardllm.model_loader.size import linear_parameters
+    from shardllm.planner import GPU_SPECS, decode_tokens_per_s, estimate
+
+    h200 = GPU_SPECS["H200"]
+    dense, _ = linear_parameters(L8)
+    flops = 2 * (dense + L8.vocab_size * L8.hidden_size)
+    for dtype, peak in (("fp8", 1978.9e12), ("bf16", 989.4e12)):
+        est = estimate(L8, 1, 1, weight_dtype=dtype, kv_cache_dtype="fp8", gpu_memory_bytes=141 * 10**9)
+        assert est.stages[0].decode_flops_per_token == flops
+        kv = est.stages[0].kv_bytes_per_token
+        step = 1024 * flops / (peak * 0.75) + 1024 * 192 * kv / (4.8e12 * 0.7)
+        assert decode_tokens_per_s(est, L8, h200, "nvlink", 1024, 192) == pytest.approx(1024 / step, rel=1e-6)
+    mixtral = load_shipped_config("mixtral-8x7b")
+    m = estimate(mixtral, 1, 1, gpu_memory_bytes=141 * 10**9).stages[0]
+    experts = mixtral.num_hidden_layers * 2 * 3 * mixtral.hidden_size * mixtral.intermediate_size  # top 2 of 8
+    assert m.decode_flops_per_token == pytest.approx(
+        2 * (linear_parameters(mixtral)[0] + experts + mixtral.vocab_size * mixtral.hidden_size), rel=1e-9)
+
+
 def test_auto_tensor_parallel_size():
     assert auto_tensor_parallel_size(L70, 4, 80 * GiB) == 4
     assert auto_tensor_parallel_size(L70, 4, 80 * GiB, weight_dtype="fp8") == 2
@@ -162,7 +185,8 @@ def test_plan_names_a_faster_layout_than_the_one_it_recommends(capsys):
     assert "tp 4 x pp 1 x 1 replica," in hint and "4096-token context" in hint
     assert main(["plan", "llama-3-70b", "--gpus", "4", "--dtype", "fp8", "--gpu", "H100", "--input_len", "128",
                  "--output_len", "128"]) == 0
-    assert "more throughput by the roofline" not in capsys.readouterr().out  # short requests: replicas win
+    out = capsys.readouterr().out  # short requests: replicas win (tp 4's one replica is not named)
+    assert "tp 4 x pp 1 x 1 replica," not in out and "recommended: tp 2 x pp 1 x 2 replicas" in out
 
 
 def test_plan_names_the_expert_parallel_choice_for_moe_models_at_tp(capsys):

@@ -205,8 +205,9 @@ def format_plan(p: Plan) -> str:
                      f"{c.kv_tokens:>10} {c.max_concurrency:>9.1f} {c.decode_tok_s_batch1:>10.0f} "
                      f"{c.throughput_tok_s:>10.0f}  {c.reason}")
     lines.append(f"tok/s: a decode roofline at an average context of {p.context_len} tokens (weights and KV read at "
-                 f"70% of HBM peak, plus all-reduce and send times; 'max': all replicas together, at the concurrency "
-                 f"the KV cache holds), to compare layouts, not a measurement")
+                 f"70% of HBM peak, GEMMs at 75% of the tensor cores' peak, plus all-reduce and send times; no "
+                 f"prefill; 'max': all replicas together, at the concurrency the KV cache holds), to compare layouts, "
+                 f"not a measurement")
     return "\n".join(lines)
 
 

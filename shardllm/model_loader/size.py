@@ -62,6 +62,16 @@ def count_parameters(hf_config) -> int:
     return total + embed + c.hidden_size
 
 
+def active_linears(hf_config, i: int, tp: int = 1) -> list[tuple[int, int, float]]:
+    """Decoder layer i's Linears on one of `tp` ranks as (rows, cols, share): the share of them one token uses, an
+    MoE layer's routed experts num_experts_per_tok / num_experts, every other Linear 1."""
+    c = hf_config
+    experts, top_k = num_experts(c), getattr(c, "num_experts_per_tok", None) or 1
+    moe = bool(experts) and _is_moe_layer(c, i)
+    return [(n, k, top_k / experts if moe and j in (2, 3) else 1.0)  # layer_shapes' order: qkv, o, experts, shared
+            for j, (n, k) in enumerate(layer_shapes(c, i, tp)[0])]
+
+
 def linear_parameters(hf_config) -> tuple[int, int]:
     """Parameters of the decoder layers' Linears (the weights FP8 quantizes), whole model: (dense Linears, the
     routed experts' stacked gate_up and down). A shared expert counts as dense."""
@@ -91,13 +101,9 @@ def decode_read_bytes(hf_config, linear_bytes: int, dense_bytes: int) -> int:
     its 16.06 GB of parameters: the 1.05 GB embedding is not read), 8.04 GB in fp8.
     """
     c = hf_config
-    experts, top_k = num_experts(c), getattr(c, "num_experts_per_tok", None) or 1
     total = 0
     for i in range(c.num_hidden_layers):
-        linears, other = layer_shapes(c, i)
-        moe = bool(experts) and _is_moe_layer(c, i)
-        for j, (n, k) in enumerate(linears):
-            share = top_k / experts if moe and j in (2, 3) else 1.0  # gate_up, down of the stacked experts
+        for n, k, share in active_linears(c, i):
             total += share * (n * k * linear_bytes + (4 * n if linear_bytes == 1 else 0))
-        total += other * dense_bytes
+        total += layer_shapes(c, i)[1] * dense_bytes
     return int(total + (c.vocab_size * c.hidden_size + c.hidden_size) * dense_bytes)
