@@ -7,6 +7,7 @@ use 127.0.0.1), with RAY_AUTH_MODE=disabled and Ray's temp dir and HOME in a tem
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -108,14 +109,14 @@ def wait_until(cond, timeout: float, interval: float = 0.2) -> bool:
     return cond()
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """Two Ray nodes (2 CPUs each) on loopback; this process is the driver. Everything stops at the end."""
-    from ray.cluster_utils import Cluster
-
+@contextlib.contextmanager
+def ray_sandbox(prefix: str):
+    """This thread (and what it starts) in a loopback-only network namespace, with Ray's temp dir and HOME in a
+    fresh folder (yielded), RAY_ADDRESS unset, and no other module's Ray cluster running (RayModuleLock). On exit:
+    every Ray process under the folder has ended (asserted, after up to 10 s), the folder is removed."""
     if os.geteuid() != 0:
         pytest.skip("the Ray tests make a loopback-only network namespace, which needs root")
-    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live below it
+    tmp = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths live below it
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "disabled")
     mp.setenv("RAY_TMPDIR", tmp)
@@ -123,25 +124,36 @@ def ray_cluster():
     mp.delenv("RAY_ADDRESS", raising=False)
     lock = RayModuleLock().__enter__()
     netns = LoopbackNetns()
-    cluster = None
     try:
-        node = dict(num_cpus=2, object_store_memory=100 * 2**20, node_ip_address="127.0.0.1")
-        cluster = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, **node))
-        cluster.add_node(**node)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="warning")
-        yield cluster
+        yield tmp
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
         netns.leave()
         mp.undo()
         left = wait_until(lambda: not ray_processes(tmp), 10) or ray_processes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
         lock.__exit__()
         assert left is True, f"Ray processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes (2 CPUs each) on loopback; this process is the driver. Everything stops at the end."""
+    from ray.cluster_utils import Cluster
+
+    with ray_sandbox("ray"):
+        cluster = None
+        try:
+            node = dict(num_cpus=2, object_store_memory=100 * 2**20, node_ip_address="127.0.0.1")
+            cluster = Cluster(initialize_head=True, head_node_args=dict(include_dashboard=False, **node))
+            cluster.add_node(**node)
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, logging_level="warning")
+            yield cluster
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            if cluster is not None:
+                cluster.shutdown()
 
 
 @pytest.fixture(scope="module")

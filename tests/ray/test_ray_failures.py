@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -23,7 +21,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from tests.executor.test_ray import LoopbackNetns, RayModuleLock, ray_processes, wait_until  # noqa: E402
+from tests.executor.test_ray import ray_sandbox  # noqa: E402
 
 # A node without a running GCS process: Ray's "auto" looks at the processes of the machine (another test's
 # cluster, in another network namespace, would be found) before the address `ray start` recorded.
@@ -36,25 +34,8 @@ NO_LOCAL_GCS = ("import ray._private.services as s\n"
 @pytest.fixture(scope="module")
 def loopback():
     """This thread (and what it starts) in a loopback-only network namespace, Ray's temp dir and HOME apart."""
-    if os.geteuid() != 0:
-        pytest.skip("the Ray tests make a loopback-only network namespace, which needs root")
-    tmp = tempfile.mkdtemp(prefix="rayf", dir="/tmp")  # short: Ray's socket paths live below it
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_AUTH_MODE", "disabled")
-    mp.setenv("RAY_TMPDIR", tmp)
-    mp.setenv("HOME", tmp)  # Ray writes ~/.ray
-    mp.delenv("RAY_ADDRESS", raising=False)
-    lock = RayModuleLock().__enter__()  # not beside test_ray.py's cluster (see RayModuleLock)
-    netns = LoopbackNetns()
-    try:
+    with ray_sandbox("rayf") as tmp:  # not beside test_ray.py's cluster (see RayModuleLock)
         yield tmp
-    finally:
-        netns.leave()
-        mp.undo()
-        left = wait_until(lambda: not ray_processes(tmp), 10) or ray_processes(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        lock.__exit__()
-        assert left is True, f"Ray processes left running: {left}"
 
 
 @pytest.fixture(scope="module")
