@@ -44,6 +44,18 @@ def test_completes_n_requests_and_counts_match_the_server(server, capsys, rate, 
     assert res["mean_ttft_ms"] <= res["mean_e2el_ms"]  # each request's first token comes before its end
 
 
+def test_client_processes_results_come_back_in_request_order(server):
+    """--num_clients: request i goes to client i mod N; each client's results land back at their requests' places
+    (requests of different lengths, so that a result at another request's place shows)."""
+    from shardllm.bench.datasets import RequestSpec
+    from shardllm.bench.serve import run_clients
+
+    specs = [RequestSpec(list(range(100, 104 + i)), 4 + i, 2 + i % 4) for i in range(7)]
+    results, duration = run_clients(3, specs, float("inf"), base_url=server.base_url, model="SmolLM2-135M-Instruct")
+    assert duration > 0 and all(r.ok for r in results)
+    assert [(r.prompt_tokens, r.output_tokens) for r in results] == [(s.prompt_len, s.output_len) for s in specs]
+
+
 def test_rejected_requests_are_failed_not_a_crash(server, tmp_path, capsys):
     conversations = [{"conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": "ok"}]}
                      for text in ("What is 2 + 2?", "word " * (MAX_SEQ_LEN + 50), "Name a color.")]
