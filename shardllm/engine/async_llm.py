@@ -27,8 +27,6 @@ from shardllm.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_MEMORY_POLL_S = 1.0  # how often the snapshot re-reads device memory (a call into every worker)
-
 
 def failure_summary(e: BaseException) -> str:
     """One line for clients about why the engine failed: the error's first line and, for a worker's error that
@@ -252,8 +250,6 @@ class AsyncLLM(AsyncFrontEnd):
                                        kv_cache_capacity_tokens=engine.kv_cache_manager.capacity_tokens)
         self._idle_wait_s = idle_wait_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._memory: tuple[int, ...] = ()
-        self._memory_time = 0.0
         self._thread = threading.Thread(target=self._run, name="shardllm-engine", daemon=True)
         self._thread.start()
 
@@ -366,23 +362,5 @@ class AsyncLLM(AsyncFrontEnd):
         return True
 
     def _publish(self) -> None:
-        engine = self.engine
-        now = time.monotonic()
-        if now - self._memory_time >= _MEMORY_POLL_S and self._error is None:
-            try:
-                self._memory = tuple(engine.memory_in_use())
-                self._expert_load = engine.executor.expert_load()
-            except Exception:
-                logger.debug("memory_in_use failed", exc_info=True)
-            self._memory_time = now
-        stats, kv = engine.stats, engine.kv_cache_manager
-        self.snapshot = EngineSnapshot(
-            num_requests_running=len(engine.scheduler.running),
-            num_requests_waiting=len(engine.scheduler.waiting),
-            kv_cache_usage=kv.usage, num_kv_blocks=kv.num_blocks, prompt_tokens=stats.prompt_tokens,
-            kv_cache_capacity_tokens=kv.capacity_tokens,
-            generation_tokens=stats.generation_tokens, finished=dict(stats.finished),
-            preemptions=stats.preemptions, prefix_cache_queries=kv.prefix_queries,
-            prefix_cache_hits=kv.prefix_hits, memory_in_use=self._memory,
-            expert_load=getattr(self, "_expert_load", {}),
-            is_healthy=self._error is None and not self._stopping)
+        self.snapshot = self.engine.snapshot(healthy=self._error is None and not self._stopping,
+                                             poll_memory=self._error is None)

@@ -38,7 +38,6 @@ from shardllm.outputs import RequestMetrics
 logger = logging.getLogger(__name__)
 
 _SNAPSHOT_S = 0.05  # a busy engine sends its gauges at most this often (and with every step where a request ends)
-_MEMORY_POLL_S = 1.0  # device memory is read this often (a call into every worker), as AsyncLLM does
 
 
 @dataclass
@@ -131,36 +130,15 @@ def make_delta(engine, parent_id: str) -> RequestDelta | None:
     return RequestDelta(parent_id, finished, metrics, first.num_cached_tokens, seqs, prompt_lps)
 
 
-def _snapshot(engine, memory: tuple, expert_load: dict, healthy: bool) -> EngineSnapshot:
-    stats, kv = engine.stats, engine.kv_cache_manager
-    return EngineSnapshot(
-        num_requests_running=len(engine.scheduler.running), num_requests_waiting=len(engine.scheduler.waiting),
-        kv_cache_usage=kv.usage, num_kv_blocks=kv.num_blocks, prompt_tokens=stats.prompt_tokens,
-        kv_cache_capacity_tokens=kv.capacity_tokens, generation_tokens=stats.generation_tokens,
-        finished=dict(stats.finished), preemptions=stats.preemptions, prefix_cache_queries=kv.prefix_queries,
-        prefix_cache_hits=kv.prefix_hits, memory_in_use=memory, expert_load=expert_load, is_healthy=healthy)
-
-
 class _Core:
     def __init__(self, engine, conn, idle_wait_s: float):
         self.engine, self.conn, self.idle_wait_s = engine, conn, idle_wait_s
-        self.memory: tuple = ()
-        self.expert_load: dict = {}
-        self.memory_time = 0.0
         self.snapshot_time = 0.0
         self.seqs: dict[str, int] = {}  # request id -> the front end's number for this use of the id
 
     def snapshot(self, healthy: bool = True) -> EngineSnapshot:
-        now = time.monotonic()
-        if now - self.memory_time >= _MEMORY_POLL_S and healthy:
-            try:
-                self.memory = tuple(self.engine.memory_in_use())
-                self.expert_load = self.engine.executor.expert_load()
-            except Exception:
-                logger.debug("memory_in_use failed", exc_info=True)
-            self.memory_time = now
-        self.snapshot_time = now
-        return _snapshot(self.engine, self.memory, self.expert_load, healthy)
+        self.snapshot_time = time.monotonic()
+        return self.engine.snapshot(healthy, poll_memory=healthy)
 
     def send(self, msg: tuple) -> None:
         try:

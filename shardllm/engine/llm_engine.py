@@ -24,12 +24,15 @@ from shardllm.engine.request import Request, RequestStatus
 from shardllm.engine.scheduler import Scheduler
 from shardllm.engine.startup_summary import log_startup_summary
 from shardllm.executor.base import Executor
+from shardllm.metrics import EngineSnapshot
 from shardllm.model_loader.host_memory import check_host_memory
 from shardllm.outputs import CompletionOutput, LogprobsSnapshot, RequestMetrics, RequestOutput
 from shardllm.sampling_params import SamplingParams
 from shardllm.utils import freeze_startup_objects
 
 logger = logging.getLogger(__name__)
+
+_MEMORY_POLL_S = 1.0  # how often a snapshot re-reads device memory and expert load (a call into every worker)
 
 
 def _logprobs_out(req: Request) -> list | LogprobsSnapshot | None:
@@ -108,6 +111,9 @@ class LLMEngine:
         self._max_in_flight = sc.num_microbatches + bool(sc.async_scheduling)
         self._owed_after_failure = False  # abort_all_after_failure's collection was interrupted: finish it first
         self._counter = 0
+        self._memory: tuple[int, ...] = ()
+        self._expert_load: dict = {}
+        self._memory_time = 0.0
         freeze_startup_objects()
 
     @classmethod
@@ -357,6 +363,27 @@ class LLMEngine:
         metrics = first.metrics if len(children) == 1 else _parent_metrics(children)
         return RequestOutput(parent_id, first.prompt, first.prompt_token_ids, outs, finished, metrics,
                              first.num_cached_tokens, make_prompt_logprobs(self.tokenizer, first))
+
+    def snapshot(self, healthy: bool = True, poll_memory: bool = True) -> EngineSnapshot:
+        """The engine's gauges and counters now, for /metrics (EngineSnapshot). Device memory per rank and the MoE
+        expert load are re-read at most every _MEMORY_POLL_S and only when `poll_memory` (not from a failed
+        engine's workers); otherwise the last values."""
+        now = time.monotonic()
+        if poll_memory and now - self._memory_time >= _MEMORY_POLL_S:
+            try:
+                self._memory = tuple(self.memory_in_use())
+                self._expert_load = self.executor.expert_load()
+            except Exception:
+                logger.debug("memory_in_use failed", exc_info=True)
+            self._memory_time = now
+        stats, kv = self.stats, self.kv_cache_manager
+        return EngineSnapshot(
+            num_requests_running=len(self.scheduler.running), num_requests_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=kv.usage, num_kv_blocks=kv.num_blocks, prompt_tokens=stats.prompt_tokens,
+            kv_cache_capacity_tokens=kv.capacity_tokens, generation_tokens=stats.generation_tokens,
+            finished=dict(stats.finished), preemptions=stats.preemptions, prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits, memory_in_use=self._memory, expert_load=self._expert_load,
+            is_healthy=healthy)
 
     def memory_in_use(self) -> list[int]:
         return self.executor.memory_in_use()
