@@ -104,29 +104,59 @@ class ProcessAsyncLLM(AsyncFrontEnd):
     EngineDeadError if the engine process ends without a word.
     """
 
-    def __init__(self, config: EngineConfig, idle_wait_s: float = 1.0, start_timeout_s: float | None = None):
-        super().__init__()
-        self.config = config
-        mc = config.model_config
-        self.tokenizer = load_tokenizer(mc.tokenizer_path, mc.trust_remote_code)
+    def __init__(self, config: EngineConfig, idle_wait_s: float = 1.0, start_timeout_s: float | None = None,
+                 api_server_count: int = 1):
+        if not isinstance(api_server_count, int) or api_server_count < 1:
+            raise ValueError(f"api_server_count must be an integer >= 1, got {api_server_count!r}")
         ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe(duplex=True)
+        pipes = [ctx.Pipe(duplex=True) for _ in range(api_server_count)]
+        self._init_front_end(config, pipes[0][0], None)
+        # the other API servers' ends (entrypoints/openai/api_servers.py hands each to its process)
+        self.api_server_conns = [ours for ours, _ in pipes[1:]]
+        children = [theirs for _, theirs in pipes]
         root = logging.getLogger()
         fmt = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
         self._proc = ctx.Process(target=engine_core_main, name="shardllm-engine",
-                                 args=(child, config, idle_wait_s, root.level, fmt))
+                                 args=(children if api_server_count > 1 else children[0], config, idle_wait_s,
+                                       root.level, fmt))
+        self._start_ignoring_sigint()
+        for child in children:
+            child.close()
+        try:
+            self.engine_info = self._wait_ready(start_timeout_s)
+        except BaseException:
+            for c in self.api_server_conns:
+                c.close()
+            self._kill()
+            raise
+        self._start_threads()
+
+    @classmethod
+    def attach(cls, conn, config: EngineConfig, engine_info: dict) -> ProcessAsyncLLM:
+        """A front end of an engine process another process started (an API server of `--api_server_count`):
+        `conn` is one of that ProcessAsyncLLM's `api_server_conns`, `engine_info` its `engine_info`. Its shutdown
+        detaches from the engine (its running requests are aborted) and leaves the engine running."""
+        self = cls.__new__(cls)
+        self._init_front_end(config, conn, engine_info)
+        self._start_threads()
+        self._send(("hello",))
+        return self
+
+    def _init_front_end(self, config: EngineConfig, conn, engine_info: dict | None) -> None:
+        AsyncFrontEnd.__init__(self)
+        self.config = config
+        mc = config.model_config
+        self.tokenizer = load_tokenizer(mc.tokenizer_path, mc.trust_remote_code)
+        self._conn, self._proc, self.engine_info = conn, None, engine_info
+        self.api_server_conns = []
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # pickled commands, sent by the sender thread
         self._states: dict[str, _State] = {}
         self._stopped = threading.Event()
         self._add_seq = 0
         self._reader = self._sender = None
-        self._start_ignoring_sigint()
-        child.close()
-        try:
-            info = self._wait_ready(start_timeout_s)
-        except BaseException:
-            self._kill()
-            raise
+
+    def _start_threads(self) -> None:
+        info = self.engine_info
         self.snapshot = EngineSnapshot(num_kv_blocks=info["num_blocks"],
                                        kv_cache_capacity_tokens=info["capacity_tokens"])
         self._reader = threading.Thread(target=self._read, name="shardllm-engine-reader", daemon=True)
@@ -171,11 +201,19 @@ class ProcessAsyncLLM(AsyncFrontEnd):
 
     # ---- AsyncFrontEnd -------------------------------------------------------------------------------------
     @property
+    def attached(self) -> bool:
+        """True for an API server attached to another process's engine (`attach`): its shutdown only detaches."""
+        return self._proc is None
+
+    def _engine_alive(self) -> bool:
+        return self._proc.is_alive() if self._proc is not None else not self._stopped.is_set()
+
+    @property
     def is_healthy(self) -> bool:
-        return self._error is None and not self._stopping and self._proc.is_alive()
+        return self._error is None and not self._stopping and self._engine_alive()
 
     def _running(self) -> bool:
-        return self._proc.is_alive() and not self._stopped.is_set()
+        return self._engine_alive() and not self._stopped.is_set()
 
     def _send(self, msg: tuple) -> None:
         """Queue a command for the engine process (pickled here; the sender thread writes it, so that the event loop
@@ -214,8 +252,12 @@ class ProcessAsyncLLM(AsyncFrontEnd):
         return build_output(st, self.tokenizer)
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
-        """Abort what is still running, stop the engine process and free the devices. Blocking."""
+        """Abort what is still running, stop the engine process and free the devices (an attached API server:
+        detach, leaving the engine to the others). Blocking."""
         self._stopping = True
+        if self._proc is None:
+            self._detach(timeout)
+            return
         if self._proc.is_alive():
             self._send(("stop",))
             self._outbox.put(None)
@@ -223,6 +265,18 @@ class ProcessAsyncLLM(AsyncFrontEnd):
             if self._proc.is_alive():
                 logger.error("the engine process did not stop within %s s; killing it", timeout)
         self._kill()
+
+    def _detach(self, timeout: float | None) -> None:
+        if not self._stopped.is_set():
+            self._send(("detach",))  # the engine aborts this front end's requests and closes its end: the reader ends
+        self._outbox.put(None)
+        for t in (self._sender, self._reader):
+            if t is not None and t is not threading.current_thread():
+                t.join(5 if timeout is None else min(timeout, 5))
+        try:
+            self._conn.close()
+        except OSError:
+            pass
 
     def _kill(self) -> None:
         if self._proc.is_alive():
@@ -248,6 +302,8 @@ class ProcessAsyncLLM(AsyncFrontEnd):
                 if kind == "step":
                     if msg[2] is not None:
                         self.snapshot = msg[2]
+                    if msg[3] is not None:  # the engine keeps the latency histograms (of every API server)
+                        self.latency.load(msg[3])
                     if msg[1]:
                         self._post(self._apply, msg[1])
                 elif kind == "reject":
@@ -257,8 +313,11 @@ class ProcessAsyncLLM(AsyncFrontEnd):
                     break
         except (EOFError, OSError):
             if not self._stopping:
-                self._proc.join(5)
-                error = EngineDeadError(f"the engine process exited ({_how(self._proc.exitcode)})")
+                how = "its pipe ended"
+                if self._proc is not None:
+                    self._proc.join(5)
+                    how = _how(self._proc.exitcode)
+                error = EngineDeadError(f"the engine process exited ({how})")
         except BaseException as e:  # noqa: BLE001 - a message that does not unpickle, ...
             logger.exception("reading the engine process's messages failed")
             error = e
@@ -305,7 +364,6 @@ class ProcessAsyncLLM(AsyncFrontEnd):
                 continue
             if d.finished:
                 self._states.pop(d.request_id, None)
-                self.latency.observe(self._output(st))
                 failed = [s.error for s in st.seqs if s.finish_reason == "error"]
                 if failed and q is not None:  # raised, not delivered as a finished output
                     _replace(q, RequestFailedError(f"the request failed in the engine: {failed[0]}"))

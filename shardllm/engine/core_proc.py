@@ -9,7 +9,8 @@ the front end (engine/async_mp.py) only HTTP: vLLM V1's split of API server and 
     ("add", id, seq, payload)      ─────Pipe──> add_request (payload: the pickled prompt, params, arrival time)
     ("abort", [ids]) / ("stop",)   ─────Pipe──> abort_request / abort all, last gauges, shut down
                                    <────Pipe─── ("ready", info) | ("failed", error)     once, at start
-                                   <────Pipe─── ("step", [RequestDelta], EngineSnapshot | None)   a step
+                                   <────Pipe─── ("step", [RequestDelta], EngineSnapshot | None,
+                                                 LatencyHistograms.state() | None)   a step
                                    <────Pipe─── ("reject", id, seq, error)   add_request refused it
                                    <────Pipe─── ("dead", error)   a step failed: the engine has stopped
 
@@ -17,11 +18,17 @@ A step sends what each request gained since its last message, not its whole text
 carrying everything so far is O(tokens^2) to pickle): a RequestDelta per request that progressed, a SeqDelta per
 sequence. The engine process ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the front end
 stops it) and ends when the front end's end of the pipe closes.
+
+Several API servers (`shardllm serve --api_server_count N`, vLLM's --api-server-count): the engine has a pipe to
+each; the server's main process is the first (its "stop" or its pipe's end stops the engine), each other one says
+("hello",) when it listens and ("detach",) when it stops. A request's deltas go to the API server that added it;
+the gauges and the latency histograms (kept here, so every API server's /metrics counts every request) go to all.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing.connection as mp_connection
 import os
 import pickle
 import signal
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 from shardllm.config import EngineConfig
 from shardllm.engine.detokenizer import make_prompt_logprobs, visible_text
 from shardllm.engine.llm_engine import LLMEngine, _parent_metrics
-from shardllm.metrics import EngineSnapshot
+from shardllm.metrics import EngineSnapshot, LatencyHistograms
 from shardllm.outputs import RequestMetrics
 
 logger = logging.getLogger(__name__)
@@ -66,6 +73,7 @@ class RequestDelta:
     seqs: list[SeqDelta]
     prompt_logprobs: list[dict[int, float] | None] | None = None  # once, in the first delta that has them
     seq: int | None = None  # the front end's number of this use of request_id (a reused id's old deltas are dropped)
+    num_output_tokens: int = 0  # when finished: its longest sequence's output tokens (for the TPOT histogram)
 
 
 def portable_error(e: BaseException) -> BaseException:
@@ -125,87 +133,150 @@ def make_delta(engine, parent_id: str) -> RequestDelta | None:
             prompt_lps = [None if d is None else {t: lp.logprob for t, lp in d.items()} for d in built]
             sent0.prompt_logprobs = True
     metrics = first.metrics if len(children) == 1 else _parent_metrics(children)
+    num_tokens = 0
     if finished:
+        num_tokens = max(c.num_output_tokens for c in children)
         engine.release(parent_id)
-    return RequestDelta(parent_id, finished, metrics, first.num_cached_tokens, seqs, prompt_lps)
+    return RequestDelta(parent_id, finished, metrics, first.num_cached_tokens, seqs, prompt_lps,
+                        num_output_tokens=num_tokens)
 
 
 class _Core:
-    def __init__(self, engine, conn, idle_wait_s: float):
-        self.engine, self.conn, self.idle_wait_s = engine, conn, idle_wait_s
+    """The engine's loop over its front ends' pipes: `conns[0]` is the server's main process (its pipe's end, or a
+    "stop", ends the engine); the others are API servers (`--api_server_count`) that say "hello" when they start
+    listening and "detach" when they stop (or whose pipe ends): their running requests are then aborted."""
+
+    def __init__(self, engine, conns, idle_wait_s: float):
+        self.engine, self.idle_wait_s = engine, idle_wait_s
+        self.conns = list(conns)
+        self.index = {id(c): i for i, c in enumerate(self.conns)}
+        self.live = [0]  # front ends that are sent steps, in order
+        self.pending = set(range(1, len(self.conns)))  # API servers not attached yet (sent nothing)
         self.snapshot_time = 0.0
         self.seqs: dict[str, int] = {}  # request id -> the front end's number for this use of the id
+        self.owner: dict[str, int] = {}  # request id -> the front end that added it
+        self.latency = LatencyHistograms()  # every front end's requests: each API server shows the same /metrics
 
     def snapshot(self, healthy: bool = True) -> EngineSnapshot:
         self.snapshot_time = time.monotonic()
         return self.engine.snapshot(healthy, poll_memory=healthy)
 
-    def send(self, msg: tuple) -> None:
+    def send(self, msg: tuple, i: int = 0) -> None:
         try:
-            self.conn.send(msg)
+            self.conns[i].send(msg)
         except (OSError, EOFError) as e:  # BrokenPipe, ConnectionReset: the front end is gone
-            raise _FrontEndGone from e
+            if i == 0:
+                raise _FrontEndGone from e
+            self.drop(i)
 
-    def recv(self):
-        """The next command: ("add", id, seq, payload) with payload the pickled (prompt, params, arrival), so that
-        one that does not unpickle here is this request's error, not the engine's; ("abort", ids); ("stop",)."""
+    def broadcast(self, msg: tuple) -> None:
+        for i in list(self.live):
+            self.send(msg, i)
+
+    def drop(self, i: int) -> None:
+        """API server `i` is gone (detached, or its pipe ended): abort its requests, forget its pipe."""
+        if i in self.live:
+            self.live.remove(i)
+        self.pending.discard(i)
+        ids = [rid for rid, owner in self.owner.items() if owner == i]
+        if ids:
+            self.engine.abort_request(ids)
+        for rid in ids:
+            self.owner.pop(rid, None)
+            self.seqs.pop(rid, None)
         try:
-            return self.conn.recv()
-        except (OSError, EOFError) as e:
-            raise _FrontEndGone from e
+            self.conns[i].close()
+        except OSError:
+            pass
+        logger.info("API server %d detached (%d requests of its aborted)", i, len(ids))
 
     def apply_commands(self, block: bool) -> bool:
-        """Apply the front end's commands (waiting up to idle_wait_s for one when `block`). False: asked to stop."""
-        engine = self.engine
+        """Apply the front ends' commands (waiting up to idle_wait_s for one when `block`). False: asked to stop.
+        A command: ("add", id, seq, payload) with payload the pickled (prompt, params, arrival), so that one that
+        does not unpickle here is this request's error, not the engine's; ("abort", ids); ("hello",);
+        ("detach",); ("stop",)."""
+        watched = [self.conns[i] for i in (*self.live, *sorted(self.pending))]
         try:
-            ready = self.conn.poll(self.idle_wait_s if block else 0)
+            ready = mp_connection.wait(watched, self.idle_wait_s if block else 0)
         except (OSError, EOFError) as e:
             raise _FrontEndGone from e
-        while ready:
-            cmd = self.recv()
-            kind = cmd[0]
-            if kind == "add":
-                _, rid, seq, payload = cmd
-                try:
-                    prompt, params, arrival = pickle.loads(payload)
-                    engine.add_request(rid, prompt, params, arrival)
-                    self.seqs[rid] = seq
-                except Exception as e:  # bad input: this request only
-                    self.send(("reject", rid, seq, portable_error(e)))
-            elif kind == "abort":
-                engine.abort_request(cmd[1])
-                for rid in cmd[1]:
-                    self.seqs.pop(rid, None)
-            elif kind == "stop":
-                return False
+        for conn in ready:
+            i = self.index[id(conn)]
             try:
-                ready = self.conn.poll(0)
-            except (OSError, EOFError) as e:
-                raise _FrontEndGone from e
+                while True:
+                    if not self.apply(self.recv_from(i), i):
+                        return False
+                    if i not in self.live or not conn.poll(0):
+                        break
+            except _FrontEndGone:
+                if i == 0:
+                    raise
+                self.drop(i)
+        return True
+
+    def recv_from(self, i: int):
+        try:
+            return self.conns[i].recv()
+        except (OSError, EOFError) as e:
+            raise _FrontEndGone from e
+
+    def apply(self, cmd: tuple, i: int) -> bool:
+        engine = self.engine
+        kind = cmd[0]
+        if kind == "add":
+            _, rid, seq, payload = cmd
+            try:
+                prompt, params, arrival = pickle.loads(payload)
+                engine.add_request(rid, prompt, params, arrival)
+                self.seqs[rid], self.owner[rid] = seq, i
+            except Exception as e:  # bad input (a duplicate id too): this request only
+                self.send(("reject", rid, seq, portable_error(e)), i)
+        elif kind == "abort":
+            mine = [rid for rid in cmd[1] if self.owner.get(rid, 0) == i]
+            engine.abort_request(mine)
+            for rid in mine:
+                self.seqs.pop(rid, None)
+                self.owner.pop(rid, None)
+        elif kind == "hello" and i in self.pending:
+            self.pending.discard(i)
+            self.live.append(i)
+            self.send(("step", [], self.snapshot(), self.latency.state()), i)
+        elif kind == "detach" and i != 0:
+            self.drop(i)
+        elif kind == "stop":
+            return False
         return True
 
     def run(self) -> None:
         engine = self.engine
-        self.send(("step", [], self.snapshot()))
+        self.broadcast(("step", [], self.snapshot(), self.latency.state()))
         while True:
             busy = engine.has_unfinished_requests()
             if not self.apply_commands(block=not busy):
                 break
             engine.executor.check_health()  # a worker that died while idle is noticed within idle_wait_s
-            deltas = []
+            deltas: dict[int, list[RequestDelta]] = {}
             ended = False
             if engine.has_unfinished_requests():
                 for pid in engine.step_progressed():
                     d = make_delta(engine, pid)
-                    if d is not None:
-                        d.seq = self.seqs.pop(pid, None) if d.finished else self.seqs.get(pid)
-                        deltas.append(d)
-                        ended |= d.finished
+                    if d is None:
+                        continue
+                    if d.finished:
+                        d.seq, owner = self.seqs.pop(pid, None), self.owner.pop(pid, 0)
+                        self.latency.observe_metrics(d.metrics, d.num_output_tokens)
+                        ended = True
+                    else:
+                        d.seq, owner = self.seqs.get(pid), self.owner.get(pid, 0)
+                    deltas.setdefault(owner, []).append(d)
             snap = None
             if ended or not engine.has_unfinished_requests() or time.monotonic() - self.snapshot_time >= _SNAPSHOT_S:
                 snap = self.snapshot()
-            if deltas or snap is not None:
-                self.send(("step", deltas, snap))
+            latency = self.latency.state() if ended else None
+            for i in list(self.live):
+                mine = deltas.get(i)
+                if mine or snap is not None:
+                    self.send(("step", mine or [], snap, latency), i)
 
 
 class _FrontEndGone(Exception):
@@ -242,7 +313,10 @@ def engine_core_main(conn, config: EngineConfig, idle_wait_s: float, log_level: 
     """The engine process's entry point (multiprocessing spawn): build the engine, say ready (or why not), step
     until told to stop or the front end is gone, then abort what runs, send the last gauges and shut the engine
     down. SIGINT is ignored (inherited from the front end's start, so from the interpreter's first instruction: a
-    terminal's Ctrl-C reaches the whole process group) and SIGTERM is handled by doing nothing."""
+    terminal's Ctrl-C reaches the whole process group) and SIGTERM is handled by doing nothing. `conn`: the pipe
+    to the server's process, or a list of pipes (the server's first, then one per other API server)."""
+    conns = list(conn) if isinstance(conn, (list, tuple)) else [conn]
+    conn = conns[0]
     if threading.current_thread() is threading.main_thread():  # (a test runs it in a thread)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _ignore_sigterm)
@@ -262,21 +336,21 @@ def engine_core_main(conn, config: EngineConfig, idle_wait_s: float, log_level: 
         except OSError:
             pass
         return
-    core = _Core(engine, conn, idle_wait_s)
+    core = _Core(engine, conns, idle_wait_s)
     try:
         core.send(("ready", {"num_blocks": engine.num_blocks,
                              "capacity_tokens": engine.kv_cache_manager.capacity_tokens}))
         core.run()
         engine.abort_unfinished()  # asked to stop
-        core.send(("step", [], core.snapshot(healthy=False)))
+        core.broadcast(("step", [], core.snapshot(healthy=False), None))
     except _FrontEndGone:
         logger.info("the front end is gone; stopping the engine")
     except BaseException as e:  # noqa: BLE001 - any failure of a step ends the engine
         logger.exception("engine step failed; failing every request in flight")
         try:
             engine.abort_unfinished()
-            core.send(("step", [], core.snapshot(healthy=False)))
-            core.send(("dead", portable_error(e)))
+            core.broadcast(("step", [], core.snapshot(healthy=False), None))
+            core.broadcast(("dead", portable_error(e)))
         except Exception:
             logger.debug("telling the front end failed", exc_info=True)
     finally:
@@ -284,7 +358,8 @@ def engine_core_main(conn, config: EngineConfig, idle_wait_s: float, log_level: 
             engine.shutdown()
         except Exception:
             logger.exception("engine shutdown failed")
-        try:
-            conn.close()
-        except OSError:
-            pass
+        for c in conns:
+            try:
+                c.close()
+            except OSError:
+                pass

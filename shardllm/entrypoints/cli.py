@@ -32,7 +32,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # Operator limits of the server (run_server's keyword arguments), passed on when given.
 LIMIT_KEYS = ("max_request_body_bytes", "max_seqs_per_request", "timeout_keep_alive", "request_read_timeout")
 SERVER_KEYS = ("host", "port", "served_model_name", "api_key", "log_level", "shutdown_timeout", "api_key_file",
-               *LIMIT_KEYS)
+               "api_server_count", *LIMIT_KEYS)
 # Commands with flags of their own, dispatched in main() before argparse; listed in `shardllm --help`.
 OWN_FLAG_COMMANDS = {
     "bench": "offline throughput benchmark, layout sweeps, `bench serve` load generator (shardllm bench --help)",
@@ -41,7 +41,8 @@ OWN_FLAG_COMMANDS = {
     "deploy": "print Kubernetes manifests that run `shardllm serve` (shardllm deploy --help)",
     "envs": "the SHARDLLM_* environment variables: default, current value, what each is for (shardllm envs --help)",
 }
-SERVER_DEFAULTS = {"host": "localhost", "port": 8000, "log_level": "info", "shutdown_timeout": 30.0}
+SERVER_DEFAULTS = {"host": "localhost", "port": 8000, "log_level": "info", "shutdown_timeout": 30.0,
+                   "api_server_count": 1}
 # The deployment guide's short names, accepted in YAML too.
 YAML_SYNONYMS = {"tp_size": "tensor_parallel_size", "pp_size": "pipeline_parallel_size",
                  "ep_size": "expert_parallel_size"}
@@ -66,16 +67,20 @@ def _port(v: str) -> int:
     return port
 
 
-def check_bind(host: str, port: int):
+def check_bind(host: str, port: int, reuse_port: bool = False):
     """Bind (host, port) before the model loads, so that a bad address or a port in use fails in a second rather
     than after minutes of loading, and keep it: the server listens on this socket. (Binding and releasing left the
     port free while the engine started, and the engine's own ephemeral listeners, such as the rendezvous store,
-    could take it.) Returns the bound socket.socket; raises ValueError naming the fix."""
+    could take it.) `reuse_port`: SO_REUSEPORT, so that several API servers bind the same address (each process
+    its own socket; the kernel spreads connections over them). Returns the bound socket.socket; raises ValueError
+    naming the fix."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except socket.gaierror as e:
@@ -164,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                       (("--shutdown_timeout",), dict(type=non_negative_float, metavar="S",
                                                      help="seconds running requests get to finish on SIGTERM or "
                                                           "SIGINT (Ctrl-C; default 30)")),
+                      (("--api_server_count",), dict(type=int, metavar="N", help="HTTP processes sharing the "
+                                                     "engine (default 1; at high token rates one process's core is "
+                                                     "the bound)")),
                       (("--api_key_file",), dict(metavar="PATH", help="read the API key from this file (keeps it "
                                                                       "out of `ps`)")),
                       (("--max_request_body_bytes",), dict(type=int, metavar="N", help="larger bodies get 413 "
@@ -250,6 +258,12 @@ def resolve_settings(args: argparse.Namespace, server: bool) -> tuple[dict[str, 
     v = rest.get("shutdown_timeout")
     if server and not (_is_number(v) and v >= 0):
         raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, got {v!r}")
+    v = rest.get("api_server_count")
+    if server and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise ValueError(f"api_server_count must be an integer >= 1, got {v!r}")
+    if server and v > 1 and not envs.SHARDLLM_ENGINE_PROCESS:
+        raise ValueError(f"api_server_count {v} needs the engine in a process of its own: unset "
+                         "SHARDLLM_ENGINE_PROCESS=0, or serve with --api_server_count 1")
     from shardllm.config import check_max_seq_len
 
     check_max_seq_len(engine.get("max_seq_len"))  # EngineConfig.create's rule, before a port is bound or a manifest
@@ -307,7 +321,7 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(e))
     _setup_logging(opts["log_level"])
     try:
-        sock = check_bind(opts["host"], opts["port"])
+        sock = check_bind(opts["host"], opts["port"], reuse_port=opts["api_server_count"] > 1)
     except ValueError as e:
         return _fail(str(e))
     try:
@@ -326,10 +340,14 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:  # the server's step budget unless given: shorter prefill chunks between decode steps than LLM()'s 16384
         # on large GPUs (vLLM's server default is 8192 too)
-        engine_cls = AsyncLLM
+        engine_kwargs = {"max_num_tokens": 8192, **engine_kwargs}
         if envs.SHARDLLM_ENGINE_PROCESS:
-            from shardllm.engine.async_mp import ProcessAsyncLLM as engine_cls
-        llm = engine_cls.from_kwargs(**{"max_num_tokens": 8192, **engine_kwargs})
+            from shardllm.config import EngineConfig
+            from shardllm.engine.async_mp import ProcessAsyncLLM
+
+            llm = ProcessAsyncLLM(EngineConfig.create(**engine_kwargs), api_server_count=opts["api_server_count"])
+        else:
+            llm = AsyncLLM.from_kwargs(**engine_kwargs)
     except (ValueError, TypeError, NotImplementedError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -339,13 +357,25 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
         return _engine_failed(e, "the engine failed to start")
     finally:
         signal.signal(signal.SIGTERM, previous)
-    limits = {k: opts[k] for k in LIMIT_KEYS if k in opts}
+    server_kwargs = dict(served_model_name=opts.get("served_model_name"), api_key=opts["api_key"],
+                         log_level=opts["log_level"], shutdown_timeout=opts["shutdown_timeout"],
+                         **{k: opts[k] for k in LIMIT_KEYS if k in opts})
+    more = {}
     try:
-        return run_server(llm, host=opts["host"], port=opts["port"], sock=sock,
-                          served_model_name=opts.get("served_model_name"),
-                          api_key=opts["api_key"], log_level=opts["log_level"],
-                          shutdown_timeout=opts["shutdown_timeout"], **limits)
+        if opts["api_server_count"] > 1:  # API servers 1..N-1 in processes of their own; this one is 0
+            from shardllm.entrypoints.openai.api_servers import APIServers, log_prefix
+
+            more = dict(log_prefix=log_prefix(0),
+                        api_servers=APIServers(llm, opts["host"], sock.getsockname()[1], server_kwargs))
+            for handler in logging.getLogger().handlers:  # (after the others took the format unprefixed)
+                if handler.formatter is not None:
+                    handler.setFormatter(logging.Formatter(
+                        handler.formatter._fmt.replace("%(message)s", log_prefix(0) + "%(message)s", 1)))
+        return run_server(llm, host=opts["host"], port=opts["port"], sock=sock, **server_kwargs, **more)
     except ValueError as e:  # a limit out of range
+        if "api_servers" in more:
+            more["api_servers"].terminate()
+            more["api_servers"].wait(10)
         llm.shutdown()
         return _fail(str(e))
 

@@ -9,7 +9,7 @@ import threading
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
-from shardllm.outputs import RequestOutput
+from shardllm.outputs import RequestMetrics, RequestOutput
 
 # Seconds. Wide on purpose: the same engine runs a 135M model on a laptop CPU and a 405B model on GPUs.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -56,6 +56,19 @@ class Histogram:
             self._counts[i] += 1
             self._sum += value
 
+    def state(self) -> tuple[list[int], float]:
+        """(per-bucket counts, the +Inf one last; sum): what `load` takes, to copy a histogram between processes."""
+        with self._lock:
+            return list(self._counts), self._sum
+
+    def load(self, state: tuple[list[int], float]) -> None:
+        """Take another histogram's `state()` (same buckets) in place of this one's counts."""
+        counts, total = state
+        if len(counts) != len(self._counts):
+            raise ValueError(f"a histogram state of {len(counts)} buckets for one of {len(self._counts)}")
+        with self._lock:
+            self._counts, self._sum = list(counts), float(total)
+
     def snapshot(self) -> tuple[list[tuple[float, int]], float, int]:
         """([(upper bound, cumulative count)] ending with +Inf, sum, count)."""
         with self._lock:
@@ -77,7 +90,10 @@ class LatencyHistograms:
         self.request_queue_time = Histogram(QUEUE_BUCKETS)
 
     def observe(self, out: RequestOutput) -> None:
-        m = out.metrics
+        self.observe_metrics(out.metrics, max((len(o.token_ids) for o in out.outputs), default=0))
+
+    def observe_metrics(self, m: RequestMetrics, num_tokens: int) -> None:
+        """A finished request's times (`num_tokens`: its longest sequence's output tokens, for the TPOT)."""
         if m.first_scheduled_time is not None:
             self.request_queue_time.observe(max(m.first_scheduled_time - m.arrival_time, 0.0))
         if m.first_token_time is None:
@@ -87,6 +103,17 @@ class LatencyHistograms:
         if finished is None:
             return
         self.e2e_request_latency.observe(max(finished - m.arrival_time, 0.0))
-        num_tokens = max((len(o.token_ids) for o in out.outputs), default=0)
         if num_tokens > 1:
             self.time_per_output_token.observe(max(finished - m.first_token_time, 0.0) / (num_tokens - 1))
+
+    def _all(self) -> tuple[Histogram, ...]:
+        return (self.time_to_first_token, self.time_per_output_token, self.e2e_request_latency,
+                self.request_queue_time)
+
+    def state(self) -> tuple:
+        """Every histogram's state (picklable): the engine process sends it, each API server `load`s it."""
+        return tuple(h.state() for h in self._all())
+
+    def load(self, state: tuple) -> None:
+        for h, st in zip(self._all(), state, strict=True):
+            h.load(st)

@@ -11,6 +11,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 
 import pytest
 
@@ -203,7 +204,11 @@ def test_both_server_forms_give_the_same_text_and_a_killed_server_leaves_no_engi
 
 
 def explode_after_two(output_ids, logits):
-    """A module-level logits processor (it pickles by name) that fails its request at the third token."""
+    """A module-level logits processor (it pickles by name) that fails its request at the third token. The second
+    waits 0.3 s, so that the test's reader has taken the first output before the failure comes (on a loaded
+    machine the engine could otherwise fail the request before the event loop woke)."""
+    if len(output_ids) == 1:
+        time.sleep(0.3)
     if len(output_ids) >= 2:
         raise RuntimeError("logits processor exploded")
     return logits

@@ -52,9 +52,10 @@ class GracefulUvicornServer(uvicorn.Server):
     """uvicorn, with a grace period: on the first SIGINT/SIGTERM it stops accepting at once, and what is
     still running `grace_s` later is aborted, so that every stream ends with an error event and [DONE]."""
 
-    def __init__(self, config: uvicorn.Config, on_grace_end, grace_s: float):
+    def __init__(self, config: uvicorn.Config, on_grace_end, grace_s: float, on_signal=None):
         super().__init__(config)
         self._on_grace_end, self._grace_s = on_grace_end, grace_s
+        self._on_signal = on_signal  # called (in the signal handler) on the first SIGINT/SIGTERM
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets=None) -> None:
@@ -78,6 +79,8 @@ class GracefulUvicornServer(uvicorn.Server):
         if not self.should_exit and self._loop is not None:
             logger.info("signal %d: shutting down (running requests get %.0f s)", sig, self._grace_s)
             self._loop.call_soon_threadsafe(self._loop.call_later, self._grace_s, self._on_grace_end)
+            if self._on_signal is not None:
+                self._on_signal()
         super().handle_exit(sig, frame)
 
     @contextlib.contextmanager

@@ -66,6 +66,7 @@ class OpenAIServer:
         self.llm = llm
         self.max_seqs_per_request = max_seqs_per_request
         self.on_engine_dead = None  # run_server: stop uvicorn; the process then exits EXIT_ENGINE_DEAD
+        self.before_engine_stop = None  # run_server: with several API servers, stop and wait for the others
         self.engine_died = False
         # tokenization and chat templates run off the event loop, in one thread (a tokenizer is not re-entrant)
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="shardllm-tokenize")
@@ -88,8 +89,7 @@ class OpenAIServer:
             watchdog.cancel()
             self.gpu_monitor.stop()
             self._tokenize_pool.shutdown(wait=False)
-            logger.info("stopping the engine")
-            await asyncio.to_thread(self.llm.shutdown)
+            await asyncio.to_thread(self._stop_engine)
 
         # No /docs, /redoc or /openapi.json (they would sit outside the API key; docs/openai_api.md is the
         # reference); no redirect of a trailing slash (a 307 echoing the client's Host, before the key check)
@@ -109,6 +109,12 @@ class OpenAIServer:
         v1.add_api_route("/chat/completions", internal_errors(self.chat_completions), methods=["POST"])
         app.include_router(v1)
         return app
+
+    def _stop_engine(self) -> None:
+        if self.before_engine_stop is not None:
+            self.before_engine_stop()
+        logger.info("detaching from the engine" if getattr(self.llm, "attached", False) else "stopping the engine")
+        self.llm.shutdown()
 
     def _engine_dead(self) -> None:
         self.engine_died = True
