@@ -22,10 +22,11 @@ import threading
 import time
 from typing import Any
 
+from shardllm import envs
 from shardllm.config import EngineConfig
 from shardllm.engine.async_llm import AsyncFrontEnd, EngineDeadError, RequestFailedError, failure_summary
 from shardllm.engine.core_proc import RequestDelta, engine_core_main
-from shardllm.engine.detokenizer import load_tokenizer
+from shardllm.engine.detokenizer import IncrementalText, load_tokenizer
 from shardllm.engine.llm_engine import tokenize
 from shardllm.metrics import EngineSnapshot
 from shardllm.outputs import CompletionOutput, Logprob, LogprobsSnapshot, RequestOutput
@@ -35,12 +36,13 @@ logger = logging.getLogger(__name__)
 
 
 class _Seq:
-    __slots__ = ("index", "text", "token_ids", "finish_reason", "stop_reason", "logprobs", "error")
+    __slots__ = ("index", "text", "token_ids", "finish_reason", "stop_reason", "logprobs", "error", "detok")
 
-    def __init__(self, index: int, want_logprobs: bool):
+    def __init__(self, index: int, want_logprobs: bool, detok: IncrementalText | None = None):
         self.index, self.text, self.token_ids = index, "", []
         self.finish_reason = self.stop_reason = self.error = None
         self.logprobs: list | None = [] if want_logprobs else None
+        self.detok = detok  # this side makes the text from the token ids (the engine sends none)
 
 
 class _State:
@@ -49,11 +51,14 @@ class _State:
     __slots__ = ("request_id", "seq", "prompt", "prompt_token_ids", "seqs", "finished", "metrics", "num_cached_tokens",
                  "prompt_logprobs")
 
-    def __init__(self, request_id: str, prompt, params: SamplingParams, seq: int = 0):
+    def __init__(self, request_id: str, prompt, params: SamplingParams, seq: int = 0, tokenizer=None):
+        """`tokenizer`: detokenize here (the request was sent with detokenize=False; see `detokenize_here`)."""
         self.request_id, self.seq = request_id, seq
         self.prompt = prompt if isinstance(prompt, str) else None
         self.prompt_token_ids = None if isinstance(prompt, str) else list(prompt)
-        self.seqs = [_Seq(i, params.logprobs is not None) for i in range(params.n)]
+        self.seqs = [_Seq(i, params.logprobs is not None,
+                          None if tokenizer is None else IncrementalText(self.prompt_token_ids, params, tokenizer))
+                     for i in range(params.n)]
         self.finished = False
         self.metrics = None
         self.num_cached_tokens = 0
@@ -64,7 +69,11 @@ def apply_delta(st: _State, d: RequestDelta, tokenizer) -> None:
     """Add a step's RequestDelta to the request's state (Logprob objects that decode with `tokenizer` when read)."""
     for sd in d.seqs:
         s = st.seqs[sd.index]
-        s.text = sd.text if sd.reset else s.text + sd.text
+        if s.detok is not None:
+            if sd.token_ids:
+                s.text += s.detok.add(tokenizer, sd.token_ids)
+        else:
+            s.text = sd.text if sd.reset else s.text + sd.text
         if sd.token_ids:
             s.token_ids.extend(sd.token_ids)
         s.finish_reason, s.stop_reason, s.error = sd.finish_reason, sd.stop_reason, sd.error
@@ -75,6 +84,22 @@ def apply_delta(st: _State, d: RequestDelta, tokenizer) -> None:
         st.prompt_logprobs = [None if e is None else {t: Logprob(v, tokenizer=tokenizer, token_id=t)
                                                       for t, v in e.items()} for e in d.prompt_logprobs]
     st.metrics, st.num_cached_tokens, st.finished = d.metrics, d.num_cached_tokens, d.finished
+
+
+def apply_step_delta(st: _State, d: tuple, tokenizer) -> None:
+    """Add make_step_delta's (id, seq, text, token ids) to a request's state (its one sequence)."""
+    s = st.seqs[0]
+    ids = d[3]
+    s.text += s.detok.add(tokenizer, ids) if s.detok is not None else d[2]
+    s.token_ids.extend(ids)
+
+
+def detokenize_here(prompt, params: SamplingParams, tokenizer) -> bool:
+    """Whether the front end makes this request's text (from the token ids the engine sends) rather than the
+    engine: a token-id prompt without stop strings (a stop string ends the request in the engine, which needs the
+    text there). Moves the per-token detokenization off the engine process, the bound at GPU rates."""
+    return (tokenizer is not None and params.detokenize and not params.stop and not isinstance(prompt, str)
+            and envs.SHARDLLM_FRONTEND_DETOKENIZE)
 
 
 def build_output(st: _State, tokenizer) -> RequestOutput:
@@ -177,9 +202,9 @@ class ProcessAsyncLLM(AsyncFrontEnd):
                 signal.signal(signal.SIGINT, previous)
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> ProcessAsyncLLM:
+    def from_kwargs(cls, api_server_count: int = 1, **kwargs: Any) -> ProcessAsyncLLM:
         """Build from the `LLM` arguments (see EngineConfig.create)."""
-        return cls(EngineConfig.create(**kwargs))
+        return cls(EngineConfig.create(**kwargs), api_server_count=api_server_count)
 
     def _wait_ready(self, timeout: float | None) -> dict:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -233,15 +258,17 @@ class ProcessAsyncLLM(AsyncFrontEnd):
     def _send_add(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        here = detokenize_here(prompt, params, self.tokenizer)
         try:
-            payload = pickle.dumps((prompt, params, time.time()), protocol=pickle.HIGHEST_PROTOCOL)
+            sent = params.clone(detokenize=False) if here else params
+            payload = pickle.dumps((prompt, sent, time.time()), protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, TypeError, AttributeError) as e:  # a logits processor defined in a function
             raise ValueError(f"the request cannot be sent to the engine process ({e}): pass picklable "
                              "SamplingParams (module-level logits processors) or serve with "
                              "SHARDLLM_ENGINE_PROCESS=0") from None
         self._add_seq += 1
         self._send(("add", request_id, self._add_seq, payload))
-        self._states[request_id] = _State(request_id, prompt, params, self._add_seq)
+        self._states[request_id] = _State(request_id, prompt, params, self._add_seq, self.tokenizer if here else None)
 
     def _send_abort(self, request_ids: list[str]) -> None:
         for rid in request_ids:
@@ -343,10 +370,26 @@ class ProcessAsyncLLM(AsyncFrontEnd):
             del self._states[request_id]
             self._fail(request_id, exc)
 
-    def _apply(self, deltas: list[RequestDelta]) -> None:
+    def _apply(self, deltas: list[RequestDelta | tuple]) -> None:
         tok = self.tokenizer
         gone = []
         for d in deltas:
+            if type(d) is tuple:  # make_step_delta's: (id, seq, text, token ids) of a running single sequence
+                rid, seq, text, ids = d
+                st = self._states.get(rid)
+                if st is None or st.seq != seq:
+                    if st is None:
+                        gone.append(rid)
+                    continue
+                try:
+                    apply_step_delta(st, d, tok)
+                except Exception as e:  # noqa: BLE001 - this request fails; the others' deltas still apply
+                    self._apply_failed(rid, e, gone)
+                    continue
+                q = self._streams.get(rid)
+                if q is not None and q.empty():
+                    q.put_nowait(st)
+                continue
             st = self._states.get(d.request_id)
             if st is None or st.seq != d.seq:  # aborted (or an earlier use of a reused id): nobody listens
                 if st is None and not d.finished:  # do not spend steps on it
@@ -356,11 +399,7 @@ class ProcessAsyncLLM(AsyncFrontEnd):
             try:
                 apply_delta(st, d, tok)
             except Exception as e:  # noqa: BLE001 - this request fails; the others' deltas still apply
-                logger.exception("request %s: applying its output failed", d.request_id)
-                self._states.pop(d.request_id, None)
-                gone.append(d.request_id)
-                if q is not None:
-                    _replace(q, RequestFailedError(f"the request failed in the server: {e!r}"))
+                self._apply_failed(d.request_id, e, gone)
                 continue
             if d.finished:
                 self._states.pop(d.request_id, None)
@@ -372,6 +411,14 @@ class ProcessAsyncLLM(AsyncFrontEnd):
                 q.put_nowait(st)
         if gone:
             self._send(("abort", gone))
+
+    def _apply_failed(self, request_id: str, e: Exception, gone: list[str]) -> None:
+        logger.exception("request %s: applying its output failed", request_id)
+        self._states.pop(request_id, None)
+        gone.append(request_id)
+        q = self._streams.get(request_id)
+        if q is not None:
+            _replace(q, RequestFailedError(f"the request failed in the server: {e!r}"))
 
 
 def _how(exitcode: int | None) -> str:

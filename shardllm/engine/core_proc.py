@@ -16,7 +16,8 @@ the front end (engine/async_mp.py) only HTTP: vLLM V1's split of API server and 
 
 A step sends what each request gained since its last message, not its whole text (an output per request per step
 carrying everything so far is O(tokens^2) to pickle): a RequestDelta per request that progressed, a SeqDelta per
-sequence. The engine process ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the front end
+sequence; the common case (one sequence, no logprobs, neither its first nor its last delta) a plain tuple
+(make_step_delta). The engine process ignores SIGINT (a terminal's Ctrl-C reaches the whole process group; the front end
 stops it) and ends when the front end's end of the pipe closes.
 
 Several API servers (`shardllm serve --api_server_count N`, vLLM's --api-server-count): the engine has a pipe to
@@ -39,11 +40,13 @@ from dataclasses import dataclass
 from shardllm.config import EngineConfig
 from shardllm.engine.detokenizer import make_prompt_logprobs, visible_text
 from shardllm.engine.llm_engine import LLMEngine, _parent_metrics
+from shardllm.engine.request import RequestStatus
 from shardllm.metrics import EngineSnapshot, LatencyHistograms
 from shardllm.outputs import RequestMetrics
 
 logger = logging.getLogger(__name__)
 
+_RUNNING, _WAITING, _PREEMPTED = RequestStatus.RUNNING, RequestStatus.WAITING, RequestStatus.PREEMPTED
 _SNAPSHOT_S = 0.05  # a busy engine sends its gauges at most this often (and with every step where a request ends)
 
 
@@ -97,6 +100,30 @@ class _Sent:
     def __init__(self):
         self.text = self.tokens = self.logprobs = 0
         self.prompt_logprobs = False
+
+
+def make_step_delta(engine, parent_id: str, seq: int | None) -> tuple | None:
+    """The common step's delta, as a plain tuple (a tenth of the time of a RequestDelta to build and pickle, for
+    ~1,000 running requests a step): (request id, seq, text to append, new token ids) for a running request of one
+    sequence without logprobs whose first delta was sent and whose visible text did not shrink; None otherwise
+    (make_delta's RequestDelta then)."""
+    children = engine.sequences_of(parent_id)
+    if not children or len(children) != 1:
+        return None
+    c = children[0]
+    sent = c.__dict__.get("_sent")
+    status = c.status  # (identity tests: an Enum's hash is a Python-level call)
+    if (sent is None or c.logprobs is not None
+            or not (status is _RUNNING or status is _WAITING or status is _PREEMPTED)
+            or (c.prompt_logprobs is not None and not sent.prompt_logprobs)):
+        return None
+    text = visible_text(c) if c.sampling_params.stop else c.output_text
+    if len(text) < sent.text:
+        return None
+    ids, start = c.token_ids, c.num_prompt_tokens + sent.tokens
+    delta_text = text[sent.text:] if len(text) > sent.text else ""
+    sent.text, sent.tokens = len(text), len(ids) - c.num_prompt_tokens
+    return (parent_id, seq, delta_text, ids[start:])
 
 
 def make_delta(engine, parent_id: str) -> RequestDelta | None:
@@ -255,10 +282,14 @@ class _Core:
             if not self.apply_commands(block=not busy):
                 break
             engine.executor.check_health()  # a worker that died while idle is noticed within idle_wait_s
-            deltas: dict[int, list[RequestDelta]] = {}
+            deltas: dict[int, list[RequestDelta | tuple]] = {}
             ended = False
             if engine.has_unfinished_requests():
                 for pid in engine.step_progressed():
+                    fast = make_step_delta(engine, pid, self.seqs.get(pid))
+                    if fast is not None:
+                        deltas.setdefault(self.owner.get(pid, 0), []).append(fast)
+                        continue
                     d = make_delta(engine, pid)
                     if d is None:
                         continue

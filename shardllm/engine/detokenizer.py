@@ -129,6 +129,34 @@ def _python_delta(tokenizer, req: Request) -> str:
     return ""
 
 
+class IncrementalText:
+    """One sequence's text, detokenized where it is read rather than in the engine: the server's API process
+    (engine/async_mp.py) for requests without stop strings, so that the engine process, the serving bound at GPU
+    rates, spends no time on text, and several API servers share the work. The same steps as the engine's
+    (`init_offsets`, `detokenize_incrementally`) on the attributes of a Request they read; so the same text.
+
+    Args:
+        prompt_ids: the prompt's token ids (the first output token's leading space depends on its last ones).
+        params: the request's SamplingParams (`skip_special_tokens`).
+        tokenizer: the model's tokenizer.
+    """
+
+    __slots__ = ("token_ids", "num_prompt_tokens", "sampling_params", "read_offset", "prefix_offset",
+                 "decode_stream", "stream_fed", "output_text")
+
+    def __init__(self, prompt_ids: list[int], params, tokenizer):
+        self.token_ids = list(prompt_ids[-(_CONTEXT_TOKENS + 1):])  # (a DecodeStream needs no more than these)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.sampling_params = params
+        self.output_text = ""
+        init_offsets(self, tokenizer)
+
+    def add(self, tokenizer, new_ids: list[int]) -> str:
+        """Take the sequence's new token ids; return the text they add (str, possibly empty)."""
+        self.token_ids.extend(new_ids)
+        return detokenize_incrementally(tokenizer, self)
+
+
 def find_stop_string(req: Request, new_chars: int) -> str | None:
     """If a stop string ends in the newest `new_chars` characters, cut the text before it; return the string.
 

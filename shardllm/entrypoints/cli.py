@@ -342,10 +342,9 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
         # on large GPUs (vLLM's server default is 8192 too)
         engine_kwargs = {"max_num_tokens": 8192, **engine_kwargs}
         if envs.SHARDLLM_ENGINE_PROCESS:
-            from shardllm.config import EngineConfig
             from shardllm.engine.async_mp import ProcessAsyncLLM
 
-            llm = ProcessAsyncLLM(EngineConfig.create(**engine_kwargs), api_server_count=opts["api_server_count"])
+            llm = ProcessAsyncLLM.from_kwargs(api_server_count=opts["api_server_count"], **engine_kwargs)
         else:
             llm = AsyncLLM.from_kwargs(**engine_kwargs)
     except (ValueError, TypeError, NotImplementedError) as e:

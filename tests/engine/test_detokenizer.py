@@ -141,3 +141,32 @@ def test_a_prompt_ending_inside_a_character_keeps_the_python_form(tokenizers):
     ref, _ = _run(tok, ids[:cut], ids[cut:], True, [1], stream=False)
     got, stream = _run(tok, ids[:cut], ids[cut:], True, [1], stream=True)
     assert stream is None and got == ref
+
+
+@pytest.mark.parametrize("name", ["byte_level", "sentencepiece"])
+def test_incremental_text_on_the_front_end_equals_the_engines_text(tokenizers, name):
+    """IncrementalText (the server's API process makes the text of a request without stop strings) keeps only the
+    prompt's last tokens, yet gives the engine's text (the Request form above, whole prompt), in every burst."""
+    from shardllm.engine.detokenizer import IncrementalText
+
+    tok = tokenizers[name]
+    rng = random.Random(1)
+    checked = 0
+    # (and a SentencePiece output that starts with a word: its space shows only after a prompt)
+    extra = [([258, 262], [263, 258, 262, 259, 263])] if name == "sentencepiece" else []
+    for prompt, output in [*_cases(tok, name, rng), *extra]:
+        prompt = [*(rng.randrange(len(tok)) for _ in range(8)), *prompt]  # longer than the context kept
+        for skip in (True, False):
+            params = SamplingParams(skip_special_tokens=skip)
+            for burst in ([1], [2, 5]):
+                ref, _ = _run(tok, prompt, output, skip, burst, stream=True)
+                text = IncrementalText(prompt, params, tok)
+                assert len(text.token_ids) <= 6
+                pieces, i, k = [], 0, 0
+                while i < len(output):
+                    n = burst[k % len(burst)]
+                    pieces.append(text.add(tok, output[i:i + n]))
+                    i, k = i + n, k + 1
+                assert "".join(pieces) == ref, (name, prompt, output, skip, burst)
+                checked += 1
+    assert checked >= 12

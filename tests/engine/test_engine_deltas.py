@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from shardllm.engine.async_mp import _State, apply_delta, build_output
-from shardllm.engine.core_proc import SeqDelta, make_delta
+from shardllm.engine.async_mp import _State, apply_delta, apply_step_delta, build_output, detokenize_here
+from shardllm.engine.core_proc import SeqDelta, make_delta, make_step_delta
 from shardllm.engine.llm_engine import LLMEngine
 from shardllm.model_loader.default_model import default_model_path
 from shardllm.sampling_params import SamplingParams
@@ -49,20 +49,40 @@ REQUESTS = [
 ]
 
 
-def test_rebuilt_outputs_equal_the_engines_step_for_step(checkpoint):
+@pytest.mark.parametrize("frontend_detokenize", [True, False])
+def test_rebuilt_outputs_equal_the_engines_step_for_step(checkpoint, frontend_detokenize, monkeypatch):
+    """As the engine process and the front end run (`_Core.run`, `ProcessAsyncLLM._apply`): a running request's
+    plain-tuple delta where make_step_delta gives one, else make_delta's; with frontend_detokenize the requests
+    without stop strings go to the engine with detokenize=False and the front end makes their text."""
+    monkeypatch.setenv("SHARDLLM_FRONTEND_DETOKENIZE", "1" if frontend_detokenize else "0")
     ref, sent = make_engine(checkpoint), make_engine(checkpoint)
     try:
-        states = {}
+        states, here = {}, set()
         for rid, prompt, params in REQUESTS:
             ref.add_request(rid, prompt, params, arrival_time=0.0)
-            sent.add_request(rid, prompt, params, arrival_time=0.0)
-            states[rid] = _State(rid, prompt, params)
-        steps = finished = 0
+            if detokenize_here(prompt, params, sent.tokenizer):
+                here.add(rid)
+                sent.add_request(rid, prompt, params.clone(detokenize=False), arrival_time=0.0)
+                states[rid] = _State(rid, prompt, params, tokenizer=sent.tokenizer)
+            else:
+                sent.add_request(rid, prompt, params, arrival_time=0.0)
+                states[rid] = _State(rid, prompt, params)
+        assert here == ({"plain", "n2", "echo"} if frontend_detokenize else set())
+        steps = finished = fast = 0
         carried_prompt_logprobs = held_back = 0
         while ref.has_unfinished_requests():
             want = {out.request_id: as_tuple(out) for out in ref.step()}
             got = {}
             for pid in sent.step_progressed():
+                tup = make_step_delta(sent, pid, 0)
+                if tup is not None:
+                    assert tup[0] == pid and (tup[2] == "" or pid not in here)  # the engine made no text
+                    apply_step_delta(states[pid], tup, sent.tokenizer)
+                    if pid == "held":
+                        held_back += len(states[pid].seqs[0].text) < len(sent.sequences_of(pid)[0].output_text)
+                    got[pid] = as_tuple(build_output(states[pid], sent.tokenizer))
+                    fast += 1
+                    continue
                 d = make_delta(sent, pid)
                 carried_prompt_logprobs += d.prompt_logprobs is not None
                 if pid == "held" and not d.finished:
@@ -75,6 +95,7 @@ def test_rebuilt_outputs_equal_the_engines_step_for_step(checkpoint):
             assert got == want, f"step {steps}"
             steps += 1
         assert finished == len(REQUESTS) and not sent.has_unfinished_requests() and steps >= 20
+        assert fast >= 30  # most steps of "plain", "stop" and "held" took the tuple
         assert carried_prompt_logprobs == 1  # sent once, not every step
         assert held_back > 0  # some steps held back a tail that could still become a stop string
         assert all(sent.sequences_of(rid) is None for rid, _, _ in REQUESTS)  # released once finished

@@ -59,8 +59,8 @@ def test_two_front_ends_share_one_engine(checkpoint):
             last = await gen.__anext__()  # running in the engine now
             with pytest.raises(ValueError, match="already in use"):
                 await collect(other, [8, 9], greedy(4), "dup")
-            async for last in gen:
-                pass
+            async for out in gen:
+                last = out
             return last
 
         last = asyncio.run(asyncio.wait_for(same_id(), TIMEOUT))

@@ -27,14 +27,15 @@ def test_engine_and_server_flags():
                              "--kv_cache_free_gpu_memory_fraction", "0.5", "--device", "cpu",
                              "--cpu_kv_cache_gb", "0.5", "--no-enable_prefix_caching", "--async_scheduling",
                              "--enforce_eager", "--host", "0.0.0.0",
-                             "--port", "9001", "--served_model_name", "m", "--api_key", "k", "--log_level", "debug"])
+                             "--port", "9001", "--served_model_name", "m", "--api_key", "k", "--log_level", "debug",
+                             "--api-server-count", "3"])
     assert engine == {"model": "some/model", "pipeline_parallel_size": 2, "expert_parallel_size": 2,
                       "max_batch_size": 8, "max_num_tokens": 512, "max_seq_len": 1024, "dtype": "bf16",
                       "kv_cache_free_gpu_memory_fraction": 0.5, "device": "cpu", "cpu_kv_cache_gb": 0.5,
                       "enable_prefix_caching": False, "async_scheduling": True, "enforce_eager": True}
     assert settings(["serve", "--no-async_scheduling"])[0] == {"async_scheduling": False}
     assert opts == {"host": "0.0.0.0", "port": 9001, "served_model_name": "m", "api_key": "k",
-                    "log_level": "debug", "shutdown_timeout": 30.0}
+                    "log_level": "debug", "shutdown_timeout": 30.0, "api_server_count": 3}
 
 
 def test_defaults_without_flags(monkeypatch):
@@ -42,7 +43,7 @@ def test_defaults_without_flags(monkeypatch):
     engine, opts = settings(["serve"])
     assert engine == {}  # no model: the embedded default
     assert opts == {"host": "localhost", "port": 8000, "log_level": "info", "shutdown_timeout": 30.0,
-                    "api_key": None}
+                    "api_key": None, "api_server_count": 1}
 
 
 def test_config_yaml_under_flags(tmp_path):
