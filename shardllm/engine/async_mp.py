@@ -94,12 +94,20 @@ def apply_step_delta(st: _State, d: tuple, tokenizer) -> None:
     s.token_ids.extend(ids)
 
 
-def detokenize_here(prompt, params: SamplingParams, tokenizer) -> bool:
+def frontend_detokenize(api_server_count: int) -> bool:
+    """Whether the API servers make the text of requests without stop strings: SHARDLLM_FRONTEND_DETOKENIZE, else
+    with several API servers only (one API server that detokenizes too becomes the bound: 8B fp8 on one H200 at
+    128/128, 16,181 out tok/s against 21,472 with the engine detokenizing; two API servers 24,628)."""
+    value = envs.SHARDLLM_FRONTEND_DETOKENIZE
+    return api_server_count > 1 if value is None else value
+
+
+def detokenize_here(prompt, params: SamplingParams, tokenizer, enabled: bool = True) -> bool:
     """Whether the front end makes this request's text (from the token ids the engine sends) rather than the
-    engine: a token-id prompt without stop strings (a stop string ends the request in the engine, which needs the
-    text there). Moves the per-token detokenization off the engine process, the bound at GPU rates."""
-    return (tokenizer is not None and params.detokenize and not params.stop and not isinstance(prompt, str)
-            and envs.SHARDLLM_FRONTEND_DETOKENIZE)
+    engine: `enabled` (frontend_detokenize), a token-id prompt without stop strings (a stop string ends the request
+    in the engine, which needs the text there). Moves the per-token detokenization off the engine process."""
+    return (enabled and tokenizer is not None and params.detokenize and not params.stop
+            and not isinstance(prompt, str))
 
 
 def build_output(st: _State, tokenizer) -> RequestOutput:
@@ -148,7 +156,8 @@ class ProcessAsyncLLM(AsyncFrontEnd):
         for child in children:
             child.close()
         try:
-            self.engine_info = self._wait_ready(start_timeout_s)
+            self.engine_info = {**self._wait_ready(start_timeout_s),
+                                "frontend_detokenize": frontend_detokenize(api_server_count)}
         except BaseException:
             for c in self.api_server_conns:
                 c.close()
@@ -258,7 +267,7 @@ class ProcessAsyncLLM(AsyncFrontEnd):
     def _send_add(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        here = detokenize_here(prompt, params, self.tokenizer)
+        here = detokenize_here(prompt, params, self.tokenizer, self.engine_info["frontend_detokenize"])
         try:
             sent = params.clone(detokenize=False) if here else params
             payload = pickle.dumps((prompt, sent, time.time()), protocol=pickle.HIGHEST_PROTOCOL)

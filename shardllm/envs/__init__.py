@@ -231,10 +231,11 @@ _VARS = [
             "0: `shardllm serve` steps the engine in a thread of the server's process, not in a process of its own "
             "(engine/core_proc.py; on one GIL the server had 9,425 out tok/s, 20,099 with the engine process: 8B "
             "fp8, one H200, 1000 x 128/128; docs/benchmarks.md, 2026-12-02)"),
-    _switch("SHARDLLM_FRONTEND_DETOKENIZE", True, "start-up",
-            "0: the server's engine process makes every request's text; by default a request without stop strings "
-            "is detokenized in the API server process that streams it (engine/async_mp.py, detokenize_here), off "
-            "the engine's loop, the serving bound at GPU rates (twenty-fourth session, docs/benchmarks.md)"),
+    EnvVar("SHARDLLM_FRONTEND_DETOKENIZE", "bool", None, _bool_or_none, "start-up",
+           "1: a request without stop strings is detokenized in the API server process that streams it, not in the "
+           "engine process (engine/async_mp.py, detokenize_here); 0: the engine makes every text; unset: 1 with "
+           "--api_server_count > 1 (8B fp8 one H200 128/128, 1 / 2 API servers: 21,472 / 16,181 with 1 API "
+           "server, 24,628 with 2; docs/benchmarks.md, twenty-fourth session)"),
     _switch("SHARDLLM_PDL", True, "import",
             "0: the decode path's Triton kernels launch without programmatic dependent launch (on by default on "
             "sm90+, layers/pdl.py; issues 13 and 15: batch-1 8B bf16 4.268 -> 4.210 ms, fp8 2.852 -> 2.814 ms on "

@@ -50,17 +50,16 @@ REQUESTS = [
 
 
 @pytest.mark.parametrize("frontend_detokenize", [True, False])
-def test_rebuilt_outputs_equal_the_engines_step_for_step(checkpoint, frontend_detokenize, monkeypatch):
+def test_rebuilt_outputs_equal_the_engines_step_for_step(checkpoint, frontend_detokenize):
     """As the engine process and the front end run (`_Core.run`, `ProcessAsyncLLM._apply`): a running request's
     plain-tuple delta where make_step_delta gives one, else make_delta's; with frontend_detokenize the requests
     without stop strings go to the engine with detokenize=False and the front end makes their text."""
-    monkeypatch.setenv("SHARDLLM_FRONTEND_DETOKENIZE", "1" if frontend_detokenize else "0")
     ref, sent = make_engine(checkpoint), make_engine(checkpoint)
     try:
         states, here = {}, set()
         for rid, prompt, params in REQUESTS:
             ref.add_request(rid, prompt, params, arrival_time=0.0)
-            if detokenize_here(prompt, params, sent.tokenizer):
+            if detokenize_here(prompt, params, sent.tokenizer, frontend_detokenize):
                 here.add(rid)
                 sent.add_request(rid, prompt, params.clone(detokenize=False), arrival_time=0.0)
                 states[rid] = _State(rid, prompt, params, tokenizer=sent.tokenizer)
@@ -125,3 +124,14 @@ def test_a_delta_that_resets_the_text_replaces_it():
     apply_delta(st, delta("Help", True, [], "stop"), None)
     out = build_output(st, None)
     assert out.outputs[0].text == "Help" and out.outputs[0].token_ids == [3, 4] and out.finished
+
+
+def test_frontend_detokenize_is_on_with_several_api_servers_unless_set(monkeypatch):
+    from shardllm.engine.async_mp import frontend_detokenize
+
+    monkeypatch.delenv("SHARDLLM_FRONTEND_DETOKENIZE", raising=False)
+    assert [frontend_detokenize(n) for n in (1, 2, 4)] == [False, True, True]
+    monkeypatch.setenv("SHARDLLM_FRONTEND_DETOKENIZE", "1")
+    assert frontend_detokenize(1) and frontend_detokenize(2)
+    monkeypatch.setenv("SHARDLLM_FRONTEND_DETOKENIZE", "0")
+    assert not frontend_detokenize(1) and not frontend_detokenize(2)
