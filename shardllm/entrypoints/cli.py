@@ -41,8 +41,7 @@ OWN_FLAG_COMMANDS = {
     "deploy": "print Kubernetes manifests that run `shardllm serve` (shardllm deploy --help)",
     "envs": "the SHARDLLM_* environment variables: default, current value, what each is for (shardllm envs --help)",
 }
-SERVER_DEFAULTS = {"host": "localhost", "port": 8000, "log_level": "info", "shutdown_timeout": 30.0,
-                   "api_server_count": 1}
+SERVER_DEFAULTS = {"host": "localhost", "port": 8000, "log_level": "info", "shutdown_timeout": 30.0}
 # The deployment guide's short names, accepted in YAML too.
 YAML_SYNONYMS = {"tp_size": "tensor_parallel_size", "pp_size": "pipeline_parallel_size",
                  "ep_size": "expert_parallel_size"}
@@ -258,7 +257,7 @@ def resolve_settings(args: argparse.Namespace, server: bool) -> tuple[dict[str, 
     v = rest.get("shutdown_timeout")
     if server and not (_is_number(v) and v >= 0):
         raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, got {v!r}")
-    v = rest.get("api_server_count")
+    v = rest.get("api_server_count", 1)  # (not in SERVER_DEFAULTS: `deploy` writes the flags that were given)
     if server and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
         raise ValueError(f"api_server_count must be an integer >= 1, got {v!r}")
     if server and v > 1 and not envs.SHARDLLM_ENGINE_PROCESS:
@@ -321,7 +320,7 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(str(e))
     _setup_logging(opts["log_level"])
     try:
-        sock = check_bind(opts["host"], opts["port"], reuse_port=opts["api_server_count"] > 1)
+        sock = check_bind(opts["host"], opts["port"], reuse_port=opts.get("api_server_count", 1) > 1)
     except ValueError as e:
         return _fail(str(e))
     try:
@@ -344,7 +343,8 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
         if envs.SHARDLLM_ENGINE_PROCESS:
             from shardllm.engine.async_mp import ProcessAsyncLLM
 
-            llm = ProcessAsyncLLM.from_kwargs(api_server_count=opts["api_server_count"], **engine_kwargs)
+            llm = ProcessAsyncLLM.from_kwargs(api_server_count=opts.get("api_server_count", 1),
+                                              **engine_kwargs)
         else:
             llm = AsyncLLM.from_kwargs(**engine_kwargs)
     except (ValueError, TypeError, NotImplementedError) as e:
@@ -361,7 +361,7 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
                          **{k: opts[k] for k in LIMIT_KEYS if k in opts})
     more = {}
     try:
-        if opts["api_server_count"] > 1:  # API servers 1..N-1 in processes of their own; this one is 0
+        if opts.get("api_server_count", 1) > 1:  # API servers 1..N-1 in processes of their own; this one is 0
             from shardllm.entrypoints.openai.api_servers import APIServers, log_prefix
 
             more = dict(log_prefix=log_prefix(0),

@@ -43,7 +43,7 @@ def test_defaults_without_flags(monkeypatch):
     engine, opts = settings(["serve"])
     assert engine == {}  # no model: the embedded default
     assert opts == {"host": "localhost", "port": 8000, "log_level": "info", "shutdown_timeout": 30.0,
-                    "api_key": None, "api_server_count": 1}
+                    "api_key": None}
 
 
 def test_config_yaml_under_flags(tmp_path):
