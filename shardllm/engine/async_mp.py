@@ -315,6 +315,9 @@ class ProcessAsyncLLM(AsyncFrontEnd):
             pass
 
     def _kill(self) -> None:
+        for c in self.api_server_conns:  # (not handed to an API server's process)
+            c.close()
+        self.api_server_conns = []
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
@@ -349,7 +352,7 @@ class ProcessAsyncLLM(AsyncFrontEnd):
                     break
         except (EOFError, OSError):
             if not self._stopping:
-                how = "its pipe ended"
+                how = "its pipe ended: it, or the server's main process, is gone"
                 if self._proc is not None:
                     self._proc.join(5)
                     how = _how(self._proc.exitcode)

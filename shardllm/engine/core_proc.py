@@ -32,6 +32,7 @@ import logging
 import multiprocessing.connection as mp_connection
 import os
 import pickle
+import queue
 import signal
 import threading
 import time
@@ -48,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 _RUNNING, _WAITING, _PREEMPTED = RequestStatus.RUNNING, RequestStatus.WAITING, RequestStatus.PREEMPTED
 _SNAPSHOT_S = 0.05  # a busy engine sends its gauges at most this often (and with every step where a request ends)
+# An API server that takes none of the engine's messages for this long is detached (its requests aborted; it then
+# sees its pipe end and exits, and the server's main process stops the whole server).
+API_SERVER_STALL_S = 30.0
 
 
 @dataclass
@@ -173,9 +177,11 @@ class _Core:
     "stop", ends the engine); the others are API servers (`--api_server_count`) that say "hello" when they start
     listening and "detach" when they stop (or whose pipe ends): their running requests are then aborted."""
 
-    def __init__(self, engine, conns, idle_wait_s: float):
-        self.engine, self.idle_wait_s = engine, idle_wait_s
+    def __init__(self, engine, conns, idle_wait_s: float, stall_s: float = API_SERVER_STALL_S):
+        self.engine, self.idle_wait_s, self.stall_s = engine, idle_wait_s, stall_s
         self.conns = list(conns)
+        # API servers 1.. get their messages through a thread each: one that stops reading must not stop the engine
+        self.outboxes = {i: _Outbox(c, i) for i, c in enumerate(self.conns) if i > 0}
         self.index = {id(c): i for i, c in enumerate(self.conns)}
         self.live = [0]  # front ends that are sent steps, in order
         self.pending = set(range(1, len(self.conns)))  # API servers not attached yet (sent nothing)
@@ -189,12 +195,28 @@ class _Core:
         return self.engine.snapshot(healthy, poll_memory=healthy)
 
     def send(self, msg: tuple, i: int = 0) -> None:
+        if i > 0:
+            self.outboxes[i].put(msg)
+            return
         try:
             self.conns[i].send(msg)
         except (OSError, EOFError) as e:  # BrokenPipe, ConnectionReset: the front end is gone
-            if i == 0:
-                raise _FrontEndGone from e
-            self.drop(i)
+            raise _FrontEndGone from e
+
+    def check_api_servers(self) -> None:
+        """Detach an API server whose pipe broke, or that has not taken a message for stall_s seconds (stopped, or
+        starved: its messages would pile up here without end)."""
+        now = time.monotonic()
+        for i in list(self.live):
+            box = self.outboxes.get(i)
+            if box is None:
+                continue
+            since = box.blocked_since
+            if box.broken or (since is not None and now - since > self.stall_s):
+                if not box.broken:
+                    logger.error("API server %d has not read the engine's messages for %.0f s: detaching it", i,
+                                 now - since)
+                self.drop(i)
 
     def broadcast(self, msg: tuple) -> None:
         for i in list(self.live):
@@ -211,10 +233,9 @@ class _Core:
         for rid in ids:
             self.owner.pop(rid, None)
             self.seqs.pop(rid, None)
-        try:
-            self.conns[i].close()
-        except OSError:
-            pass
+        box = self.outboxes.get(i)
+        if box is not None:
+            box.close()  # (its thread closes the pipe)
         logger.info("API server %d detached (%d requests of its aborted)", i, len(ids))
 
     def apply_commands(self, block: bool) -> bool:
@@ -270,7 +291,7 @@ class _Core:
             self.send(("step", [], self.snapshot(), self.latency.state()), i)
         elif kind == "detach" and i != 0:
             self.drop(i)
-        elif kind == "stop":
+        elif kind == "stop" and i == 0:
             return False
         return True
 
@@ -281,6 +302,8 @@ class _Core:
             busy = engine.has_unfinished_requests()
             if not self.apply_commands(block=not busy):
                 break
+            if self.outboxes:
+                self.check_api_servers()
             engine.executor.check_health()  # a worker that died while idle is noticed within idle_wait_s
             deltas: dict[int, list[RequestDelta | tuple]] = {}
             ended = False
@@ -308,6 +331,44 @@ class _Core:
                 mine = deltas.get(i)
                 if mine or snap is not None:
                     self.send(("step", mine or [], snap, latency), i)
+
+
+class _Outbox:
+    """Messages to one API server (not the main process's), written by a thread of their own: the engine's loop
+    never waits on that pipe. `blocked_since`: when the message being written started (None between messages)."""
+
+    def __init__(self, conn, index: int):
+        self.conn, self.broken, self.blocked_since = conn, False, None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._write, name=f"shardllm-api-{index}-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, msg: tuple) -> None:
+        if not self.broken:
+            if self.blocked_since is None:
+                self.blocked_since = time.monotonic()  # (cleared when the thread has written it: it is taking them)
+            self.queue.put(msg)
+
+    def _write(self) -> None:
+        while True:
+            msg = self.queue.get()
+            if msg is None:
+                break
+            try:
+                self.conn.send(msg)
+            except (OSError, EOFError, ValueError):  # the API server is gone (or its pipe closed here)
+                self.broken = True
+                break
+            if self.queue.empty():
+                self.blocked_since = None
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.broken = True
+        self.queue.put(None)
 
 
 class _FrontEndGone(Exception):
@@ -389,8 +450,11 @@ def engine_core_main(conn, config: EngineConfig, idle_wait_s: float, log_level: 
             engine.shutdown()
         except Exception:
             logger.exception("engine shutdown failed")
-        for c in conns:
-            try:
-                c.close()
-            except OSError:
-                pass
+        for box in core.outboxes.values():
+            box.close()  # after what is queued: the last gauges, a "dead"
+        for box in core.outboxes.values():
+            box.thread.join(2)
+        try:
+            conn.close()
+        except OSError:
+            pass

@@ -66,16 +66,18 @@ def _port(v: str) -> int:
     return port
 
 
-def check_bind(host: str, port: int, reuse_port: bool = False):
+def check_bind(host: str, port: int, reuse_port: bool = False, join: bool = False):
     """Bind (host, port) before the model loads, so that a bad address or a port in use fails in a second rather
     than after minutes of loading, and keep it: the server listens on this socket. (Binding and releasing left the
     port free while the engine started, and the engine's own ephemeral listeners, such as the rendezvous store,
     could take it.) `reuse_port`: SO_REUSEPORT, so that several API servers bind the same address (each process
-    its own socket; the kernel spreads connections over them). Returns the bound socket.socket; raises ValueError
-    naming the fix."""
+    its own socket; the kernel spreads connections over them); the address must still be free, unless `join` (the
+    other API servers joining the first). Returns the bound socket.socket; raises ValueError naming the fix."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    if reuse_port and not join:  # a port another server listens on, with SO_REUSEPORT or not, is refused
+        check_bind(host, port).close()
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
     if reuse_port:
@@ -360,6 +362,13 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
                          log_level=opts["log_level"], shutdown_timeout=opts["shutdown_timeout"],
                          **{k: opts[k] for k in LIMIT_KEYS if k in opts})
     more = {}
+
+    def stop_all() -> None:
+        if "api_servers" in more:
+            more["api_servers"].terminate()
+            more["api_servers"].wait(10)
+        llm.shutdown()
+
     try:
         if opts.get("api_server_count", 1) > 1:  # API servers 1..N-1 in processes of their own; this one is 0
             from shardllm.entrypoints.openai.api_servers import APIServers, log_prefix
@@ -372,11 +381,11 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
                         handler.formatter._fmt.replace("%(message)s", log_prefix(0) + "%(message)s", 1)))
         return run_server(llm, host=opts["host"], port=opts["port"], sock=sock, **server_kwargs, **more)
     except ValueError as e:  # a limit out of range
-        if "api_servers" in more:
-            more["api_servers"].terminate()
-            more["api_servers"].wait(10)
-        llm.shutdown()
+        stop_all()
         return _fail(str(e))
+    except BaseException:  # Ctrl-C before uvicorn took the signals, a failure to start the others, ...: nothing
+        stop_all()  # may be left running (the engine would wait on its pipe, and this process's exit on it)
+        raise
 
 
 def generate(args: argparse.Namespace) -> int:

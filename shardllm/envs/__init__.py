@@ -234,8 +234,9 @@ _VARS = [
     EnvVar("SHARDLLM_FRONTEND_DETOKENIZE", "bool", None, _bool_or_none, "start-up",
            "1: a request without stop strings is detokenized in the API server process that streams it, not in the "
            "engine process (engine/async_mp.py, detokenize_here); 0: the engine makes every text; unset: 1 with "
-           "--api_server_count > 1 (8B fp8 one H200 128/128, 1 / 2 API servers: 21,472 / 16,181 with 1 API "
-           "server, 24,628 with 2; docs/benchmarks.md, twenty-fourth session)"),
+           "--api_server_count > 1 (8B fp8, one H200, 1000 x 128/128: one API server 21,472 out tok/s with the "
+           "engine detokenizing, 16,181 detokenizing itself; two API servers detokenizing 24,628; "
+           "docs/benchmarks.md, twenty-fourth session)"),
     _switch("SHARDLLM_PDL", True, "import",
             "0: the decode path's Triton kernels launch without programmatic dependent launch (on by default on "
             "sm90+, layers/pdl.py; issues 13 and 15: batch-1 8B bf16 4.268 -> 4.210 ms, fp8 2.852 -> 2.814 ms on "

@@ -132,7 +132,7 @@ def api_server_main(index: int, conn, config, engine_info: dict, host: str, port
     from shardllm.entrypoints.openai.run import run_server
 
     try:
-        sock = check_bind(host, port, reuse_port=True)
+        sock = check_bind(host, port, reuse_port=True, join=True)
     except ValueError as e:
         logger.error("%s", e)
         sys.exit(1)

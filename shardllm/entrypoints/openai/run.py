@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 import uvicorn
 
@@ -58,10 +59,14 @@ def run_server(llm: AsyncLLM, *, host: str = "localhost", port: int = 8000, sock
             api_servers.terminate()
             api_servers.wait(shutdown_timeout + 10)
 
-        def on_death(message: str) -> None:
+        def on_death(message: str) -> None:  # (in the watch thread)
             logger.error("%s: the server stops and exits with code %d, to be restarted", message, EXIT_ENGINE_DEAD)
             others_died.append(message)
-            uv.should_exit = True
+            loop = uv._loop
+            if loop is None:
+                uv.should_exit = True
+            else:  # as on SIGTERM: the others are told, running streams get their grace period and an end event
+                loop.call_soon_threadsafe(uv.handle_exit, signal.SIGTERM, None)
 
         server.before_engine_stop = stop_others
         api_servers.watch(on_death)
