@@ -147,11 +147,9 @@ class ProcessAsyncLLM(AsyncFrontEnd):
         # the other API servers' ends (entrypoints/openai/api_servers.py hands each to its process)
         self.api_server_conns = [ours for ours, _ in pipes[1:]]
         children = [theirs for _, theirs in pipes]
-        root = logging.getLogger()
-        fmt = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
         self._proc = ctx.Process(target=engine_core_main, name="shardllm-engine",
                                  args=(children if api_server_count > 1 else children[0], config, idle_wait_s,
-                                       root.level, fmt))
+                                       logging.getLogger().level, root_log_format()))
         self._start_ignoring_sigint()
         for child in children:
             child.close()
@@ -226,7 +224,8 @@ class ProcessAsyncLLM(AsyncFrontEnd):
             msg = self._conn.recv()
         except (EOFError, OSError):  # it ended without a word (killed, out of host memory, ...)
             self._proc.join(5)
-            raise EngineDeadError(f"the engine process exited while starting ({_how(self._proc.exitcode)})") from None
+            how = how_ended(self._proc.exitcode)
+            raise EngineDeadError(f"the engine process exited while starting ({how})") from None
         if msg[0] == "failed":
             raise msg[1]
         if msg[0] != "ready":
@@ -355,7 +354,7 @@ class ProcessAsyncLLM(AsyncFrontEnd):
                 how = "its pipe ended: it, or the server's main process, is gone"
                 if self._proc is not None:
                     self._proc.join(5)
-                    how = _how(self._proc.exitcode)
+                    how = how_ended(self._proc.exitcode)
                 error = EngineDeadError(f"the engine process exited ({how})")
         except BaseException as e:  # noqa: BLE001 - a message that does not unpickle, ...
             logger.exception("reading the engine process's messages failed")
@@ -433,7 +432,13 @@ class ProcessAsyncLLM(AsyncFrontEnd):
             _replace(q, RequestFailedError(f"the request failed in the server: {e!r}"))
 
 
-def _how(exitcode: int | None) -> str:
+def root_log_format() -> str | None:
+    """The format of the root logger's first handler (what a spawned process of the server logs with), if any."""
+    root = logging.getLogger()
+    return root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
+
+
+def how_ended(exitcode: int | None) -> str:
     """How a process ended, for a message: "killed by SIGKILL", "exit code 1"."""
     if exitcode is not None and exitcode < 0:
         try:

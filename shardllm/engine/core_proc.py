@@ -375,7 +375,7 @@ class _FrontEndGone(Exception):
     """The pipe to the front end broke (its process ended): the engine stops."""
 
 
-def _name_process(name: bytes) -> None:
+def name_process(name: bytes) -> None:
     """The process's short name (what `top` and `ps -e` show; Linux prctl(PR_SET_NAME), 15 bytes); elsewhere, none."""
     try:
         import ctypes
@@ -412,7 +412,7 @@ def engine_core_main(conn, config: EngineConfig, idle_wait_s: float, log_level: 
     if threading.current_thread() is threading.main_thread():  # (a test runs it in a thread)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _ignore_sigterm)
-        _name_process(b"shardllm-engine")
+        name_process(b"shardllm-engine")
     if log_format is not None:
         logging.basicConfig(level=log_level, format=log_format)
     loaded = threading.Event()

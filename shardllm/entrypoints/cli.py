@@ -332,6 +332,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
+    api_server_count = opts.get("api_server_count", 1)  # (not a server default: `deploy` writes only flags given)
     try:
         from shardllm.engine.async_llm import AsyncLLM
         from shardllm.entrypoints.openai.run import run_server
@@ -345,8 +346,7 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
         if envs.SHARDLLM_ENGINE_PROCESS:
             from shardllm.engine.async_mp import ProcessAsyncLLM
 
-            llm = ProcessAsyncLLM.from_kwargs(api_server_count=opts.get("api_server_count", 1),
-                                              **engine_kwargs)
+            llm = ProcessAsyncLLM.from_kwargs(api_server_count=api_server_count, **engine_kwargs)
         else:
             llm = AsyncLLM.from_kwargs(**engine_kwargs)
     except (ValueError, TypeError, NotImplementedError) as e:
@@ -370,15 +370,12 @@ def _serve_on(sock, engine_kwargs: dict, opts: dict) -> int:
         llm.shutdown()
 
     try:
-        if opts.get("api_server_count", 1) > 1:  # API servers 1..N-1 in processes of their own; this one is 0
-            from shardllm.entrypoints.openai.api_servers import APIServers, log_prefix
+        if api_server_count > 1:  # API servers 1..N-1 in processes of their own; this one is 0
+            from shardllm.entrypoints.openai.api_servers import APIServers, log_prefix, prefix_log_lines
 
             more = dict(log_prefix=log_prefix(0),
                         api_servers=APIServers(llm, opts["host"], sock.getsockname()[1], server_kwargs))
-            for handler in logging.getLogger().handlers:  # (after the others took the format unprefixed)
-                if handler.formatter is not None:
-                    handler.setFormatter(logging.Formatter(
-                        handler.formatter._fmt.replace("%(message)s", log_prefix(0) + "%(message)s", 1)))
+            prefix_log_lines(log_prefix(0))  # (after the others took the format unprefixed)
         return run_server(llm, host=opts["host"], port=opts["port"], sock=sock, **server_kwargs, **more)
     except ValueError as e:  # a limit out of range
         stop_all()

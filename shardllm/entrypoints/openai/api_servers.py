@@ -33,6 +33,8 @@ import signal
 import threading
 import time
 
+from shardllm.engine.async_mp import how_ended, root_log_format
+
 logger = logging.getLogger(__name__)
 
 _WATCH_INTERVAL_S = 0.5
@@ -41,6 +43,14 @@ _WATCH_INTERVAL_S = 0.5
 def log_prefix(index: int) -> str:
     """What each log line of API server `index` starts with (when there are several)."""
     return f"[api_server {index}] "
+
+
+def prefix_log_lines(prefix: str) -> None:
+    """Start every line of this process's root handlers with `prefix` (after their time and level)."""
+    for handler in logging.getLogger().handlers:
+        if handler.formatter is not None:
+            handler.setFormatter(logging.Formatter(handler.formatter._fmt.replace("%(message)s",
+                                                                                  prefix + "%(message)s", 1)))
 
 
 def uvicorn_log_config(prefix: str) -> dict:
@@ -67,13 +77,12 @@ class APIServers:
 
     def __init__(self, llm, host: str, port: int, server_kwargs: dict):
         ctx = multiprocessing.get_context("spawn")
-        root = logging.getLogger()
-        fmt = root.handlers[0].formatter._fmt if root.handlers and root.handlers[0].formatter else None
+        level, fmt = logging.getLogger().level, root_log_format()
         self.processes: list = []
         self.stopping = False
         for i, conn in enumerate(llm.api_server_conns, start=1):
             p = ctx.Process(target=api_server_main, name=f"shardllm-api-{i}", daemon=True,
-                            args=(i, conn, llm.config, llm.engine_info, host, port, server_kwargs, root.level, fmt))
+                            args=(i, conn, llm.config, llm.engine_info, host, port, server_kwargs, level, fmt))
             p.start()
             conn.close()  # its process has it now: the engine sees this pipe end when that process ends
             self.processes.append(p)
@@ -106,9 +115,7 @@ class APIServers:
             while not self.stopping:
                 for p in self.processes:
                     if p.exitcode is not None and not self.stopping:
-                        from shardllm.engine.async_mp import _how
-
-                        on_death(f"API server {p.name} exited ({_how(p.exitcode)})")
+                        on_death(f"API server {p.name} exited ({how_ended(p.exitcode)})")
                         return
                 time.sleep(_WATCH_INTERVAL_S)
 
@@ -121,12 +128,13 @@ def api_server_main(index: int, conn, config, engine_info: dict, host: str, port
     SO_REUSEPORT and serve until SIGINT / SIGTERM (exit code 0) or the engine's end (exit code 1)."""
     import sys
 
-    from shardllm.engine.core_proc import _name_process
+    from shardllm.engine.core_proc import name_process
 
-    _name_process(f"shardllm-api-{index}".encode())
+    name_process(f"shardllm-api-{index}".encode())
     prefix = log_prefix(index)
     if log_format is not None:
-        logging.basicConfig(level=log_level, format=log_format.replace("%(message)s", prefix + "%(message)s", 1))
+        logging.basicConfig(level=log_level, format=log_format)
+        prefix_log_lines(prefix)
     from shardllm.engine.async_mp import ProcessAsyncLLM
     from shardllm.entrypoints.cli import check_bind
     from shardllm.entrypoints.openai.run import run_server
